@@ -1,0 +1,30 @@
+# Two entry points: `make demo` runs the whole stack, `make test` runs every check CI runs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test venv mosquitto lint typecheck
+
+$(BIN)/torpor: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/torpor
+
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v mosquitto >/dev/null 2>&1 || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy --strict gateway tools
+
+demo: venv mosquitto
+	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/torpor demo
+
+test: venv mosquitto lint
+	$(BIN)/torpor proto check
+	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/pytest -n 2 -q

@@ -1,0 +1,3 @@
+"""Shared pytest setup: the MicroPython harness and fixtures used across the tree."""
+
+pytest_plugins = ["tests.mpharness"]

@@ -1,0 +1,13 @@
+"""`torpor bench ...`: benchmarks that print figures against a baseline from the same run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="run a benchmark and print its figures")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    from tools.bench import protocol
+
+    protocol.register(bsub)
