@@ -1,0 +1,374 @@
+# The sim board: the Board API on the MicroPython unix port, so the real firmware runs on a PC.
+# Flash is littlefs on an image file, RTC memory and the battery live in files of the node
+# directory, time is a virtual clock the supervisor (tools/sim/node.py) advances across sleeps.
+import json
+import math
+import os
+import sys
+import time as _time
+
+import simflash
+from micropython import const
+
+NAME = "sim"
+FS_ROOT = "/flash"
+
+# Boot causes: the protocol's boot_cause enum, identical in every board module.
+POWER_ON = const(0)
+TIMER = const(1)
+WATCHDOG = const(2)
+CRASH = const(3)
+SOFT_RESET = const(4)
+EXTERNAL_RESET = const(5)
+BROWNOUT = const(6)
+
+# Process exit codes the supervisor understands (documented in boards/README.md).
+EXIT_DEEP_SLEEP = const(75)
+EXIT_SOFT_RESET = const(76)
+
+# Lines on stdout starting with this marker are for the supervisor, not the node log.
+CONTROL = "\x00sim:"
+
+RTC_MEMORY_SIZE = const(2048)
+DIR_ENV = "TORPOR_SIM_DIR"
+
+_DAY_MS = const(86400000)
+
+_dir = None
+_dir_override = None
+_cfg = None
+_state = None
+_t0_ticks = 0
+_bdev = None
+_radio = False
+_led = False
+_battery = None
+_clock_offset_ms = 0
+_wdt_ms = 0
+
+
+def _path(name):
+    return _dir + "/" + name
+
+
+def _read_json(name, default):
+    try:
+        with open(_path(name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def _write_json(name, obj):
+    # Write then rename, so a power cut leaves the old or the new file, never half of one.
+    tmp = _path(name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj))
+    os.rename(tmp, _path(name))
+
+
+def _load():
+    # Read the node directory once per process; the supervisor writes sim.json and state.json.
+    global _dir, _cfg, _state, _t0_ticks, _clock_offset_ms
+    if _cfg is not None:
+        return
+    _t0_ticks = _time.ticks_ms()
+    _dir = (_dir_override or os.getenv(DIR_ENV) or ".").rstrip("/") or "/"
+    _cfg = _read_json("sim.json", {})
+    _state = _read_json("state.json", None)
+    if _state is None:
+        # No supervisor: start the virtual clock at the host's wall clock, as a cold boot.
+        _state = {"vt_ms": int(_time.time()) * 1000, "cause": POWER_ON, "runs": 0}
+    _clock_offset_ms = _read_json("clock.json", {}).get("offset_ms", 0)
+
+
+def configure(node_dir):
+    """Use node_dir as the node directory (instead of $TORPOR_SIM_DIR); call before init()."""
+    global _cfg, _dir_override
+    _dir_override = node_dir
+    _cfg = None
+    _load()
+
+
+def _seed():
+    _load()
+    return _cfg.get("seed", 1)
+
+
+def virtual_ms():
+    """The simulated true time in unix milliseconds (the node's own clock is time())."""
+    _load()
+    return _state["vt_ms"] + _time.ticks_diff(_time.ticks_ms(), _t0_ticks)
+
+
+# ---- identity, boot ----
+
+def init():
+    global _bdev
+    _load()
+    if _bdev is None:
+        _bdev = simflash.mount(
+            _path("flash.img"),
+            FS_ROOT,
+            _cfg.get("block_size", 4096),
+            _cfg.get("block_count", 512),
+        )
+    _battery_account()
+
+
+def unique_id():
+    _load()
+    uid = _cfg.get("unique_id")
+    if uid:
+        return bytes.fromhex(uid)
+    h = _mix(_seed(), 0x5EED)
+    return bytes((0x02, 0x54, (h >> 24) & 0xFF, (h >> 16) & 0xFF, (h >> 8) & 0xFF, h & 0xFF))
+
+
+def boot_cause():
+    _load()
+    return _state.get("cause", POWER_ON)
+
+
+def reset_cause():
+    return boot_cause()
+
+
+def wake_cause():
+    return boot_cause()
+
+
+def flash_block_device():
+    return _bdev
+
+
+# ---- deterministic signals ----
+
+def _mix(a, b):
+    # 32-bit integer hash: the same inputs give the same output on every run and host.
+    h = (a * 0x9E3779B1 + b * 0x85EBCA77 + 0x165667B1) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    h ^= h >> 12
+    h = (h * 0x297A2D39) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h
+
+
+def _lattice(seed, octave, i):
+    # A value in [-1, 1] for lattice point i of one noise octave.
+    return _mix(_mix(seed, octave), i & 0xFFFFFFFF) / 2147483647.5 - 1.0
+
+
+def _noise(seed, t_ms, period_ms, octave):
+    # Smooth value noise: cosine-free smoothstep interpolation between lattice points.
+    x = t_ms // period_ms
+    f = (t_ms % period_ms) / period_ms
+    f = f * f * (3.0 - 2.0 * f)
+    a = _lattice(seed, octave, x)
+    return a + (_lattice(seed, octave, x + 1) - a) * f
+
+
+def _walk(seed, t_ms):
+    # Noise octaves tuned so consecutive minutes differ by about 0.05 degC, like a random walk
+    # that stays bounded: (period, amplitude in centi-degC).
+    return (
+        _noise(seed, t_ms, 60000, 1) * 3
+        + _noise(seed, t_ms, 600000, 2) * 12
+        + _noise(seed, t_ms, 3600000, 3) * 40
+        + _noise(seed, t_ms, 21600000, 4) * 80
+    )
+
+
+def read_sensors():
+    """(temperature in 0.01 degC, relative humidity in 0.01 %) from the virtual time."""
+    seed = _seed()
+    t = virtual_ms()
+    base = 1500 + _mix(seed, 11) % 1000  # 15.00 .. 24.99 degC site average
+    swing = 300 + _mix(seed, 12) % 400  # 3 .. 7 degC half-amplitude
+    # Warmest at 15:00 local, with a per-node phase of up to an hour.
+    phase = (t - 15 * 3600000 + _mix(seed, 13) % 3600000) % _DAY_MS
+    diurnal = math.sin(6.283185307179586 * phase / _DAY_MS + 1.5707963267948966)
+    temp = int(base + swing * diurnal + _walk(seed, t))
+    hum = int(5500 - 2.5 * (temp - base) + _walk(seed + 7, t) * 2)
+    temp = max(-4000, min(8500, temp))
+    hum = max(500, min(9900, hum))
+    return temp, hum
+
+
+def rssi():
+    """Synthetic RSSI in dBm while the radio is up; 0 when it is down."""
+    if not _radio:
+        return 0
+    seed = _seed()
+    base = -50 - _mix(seed, 21) % 30
+    return int(base + _noise(seed, virtual_ms(), 60000, 22) * 4)
+
+
+# ---- battery model ----
+
+_CURVE = ((0, 3000), (5, 3300), (10, 3500), (20, 3620), (50, 3750), (80, 3950), (100, 4200))
+
+
+def _battery_account():
+    # Charge the time since the last update at the current of the state the node was in.
+    global _battery
+    _load()
+    now = virtual_ms()
+    if _battery is None:
+        cap = _cfg.get("capacity_mah", 2000) * 1000.0
+        start = _cfg.get("battery_start_pct", 100)
+        _battery = _read_json(
+            "battery.json", {"used_uah": cap * (100 - start) / 100.0, "vt_ms": now, "mode": "awake"}
+        )
+    b = _battery
+    dt_h = max(0, now - b["vt_ms"]) / 3600000.0
+    if b["mode"] == "sleep":
+        ua = _cfg.get("sleep_ua", 10)
+    else:
+        ua = _cfg.get("awake_ma", 40) * 1000
+        if b["mode"] == "radio":
+            ua += _cfg.get("radio_ma", 90) * 1000
+    b["used_uah"] += ua * dt_h
+    b["vt_ms"] = now
+    b["mode"] = "radio" if _radio else "awake"
+    _write_json("battery.json", b)
+
+
+def battery_used_uah():
+    """Charge drawn so far in micro-amp-hours (sim only: for tests and benchmarks)."""
+    _battery_account()
+    return _battery["used_uah"]
+
+
+def battery_mv():
+    _battery_account()
+    cap = _cfg.get("capacity_mah", 2000) * 1000.0
+    pct = max(0.0, 100.0 * (1.0 - _battery["used_uah"] / cap))
+    lo = _CURVE[0]
+    for hi in _CURVE:
+        if pct <= hi[0]:
+            if hi[0] == lo[0]:
+                return hi[1]
+            return int(lo[1] + (hi[1] - lo[1]) * (pct - lo[0]) / (hi[0] - lo[0]))
+        lo = hi
+    return _CURVE[-1][1]
+
+
+# ---- radio ----
+
+def radio_up(ssid, password, deadline_ms):
+    """Join the network within deadline_ms; the sim's network is the host's."""
+    global _radio
+    _load()
+    radio = _cfg.get("radio", {})
+    _battery_account()
+    _radio = True
+    _battery_account()
+    wait = min(deadline_ms, radio.get("connect_ms", 0))
+    if not radio.get("available", True):
+        wait = deadline_ms
+    if wait > 0:
+        _time.sleep_ms(wait)
+    if not radio.get("available", True):
+        radio_down()
+        return False
+    return True
+
+
+def radio_down():
+    global _radio
+    if _radio:
+        _battery_account()
+        _radio = False
+        _battery_account()
+
+
+# ---- sleep, RTC memory, clock ----
+
+def _control(line):
+    sys.stdout.write(CONTROL + line + "\n")
+
+
+def deep_sleep(ms):
+    """End this run; the supervisor restarts the node after ms of virtual time, RAM lost."""
+    global _radio
+    _radio = False
+    _battery_account()
+    _battery["mode"] = "sleep"
+    _write_json("battery.json", _battery)
+    _control("sleep %d" % ms)
+    # SystemExit skips `except Exception`; the supervisor also kills a process that lingers.
+    sys.exit(EXIT_DEEP_SLEEP)
+
+
+def rtc_memory():
+    _load()
+    try:
+        with open(_path("rtc.bin"), "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def rtc_memory_write(data):
+    if len(data) > RTC_MEMORY_SIZE:
+        raise ValueError("RTC memory holds %d bytes" % RTC_MEMORY_SIZE)
+    _load()
+    tmp = _path("rtc.bin.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.rename(tmp, _path("rtc.bin"))
+
+
+def time_ms():
+    """The node's wall clock in unix milliseconds (virtual time plus set_time's correction)."""
+    return virtual_ms() + _clock_offset_ms
+
+
+def time():
+    return (time_ms() // 1000) & 0xFFFFFFFF
+
+
+def set_time(seconds):
+    global _clock_offset_ms
+    _clock_offset_ms = seconds * 1000 - virtual_ms()
+    _write_json("clock.json", {"offset_ms": _clock_offset_ms})
+
+
+# ---- LED, button, watchdog, reset ----
+
+def led(on):
+    global _led
+    _led = bool(on)
+
+
+def led_state():
+    return _led
+
+
+def button():
+    """True while the file `button` exists in the node directory."""
+    _load()
+    try:
+        os.stat(_path("button"))
+        return True
+    except OSError:
+        return False
+
+
+def watchdog_start(timeout_ms):
+    """The supervisor ends the process (exit kind `watchdog`) if not fed within timeout_ms."""
+    global _wdt_ms
+    _wdt_ms = timeout_ms
+    _control("wdt %d" % timeout_ms)
+
+
+def watchdog_feed():
+    if _wdt_ms:
+        _control("feed")
+
+
+def reset():
+    _control("reset")
+    sys.exit(EXIT_SOFT_RESET)
