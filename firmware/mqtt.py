@@ -1,0 +1,640 @@
+# MQTT 3.1.1 client for the node: plain TCP or TLS with a client certificate, every
+# read and write bounded by a deadline so a dead network costs the caller's budget, no more.
+#
+# Deadlines are absolute `time.ticks_ms()` values (see `deadline(ms)`), so one budget can
+# span a whole wake: connect, burst, downlink, disconnect.
+#
+# Sockets are non-blocking and waits go through select.poll on the stream the bytes come
+# from (the TLS object when TLS is on, so data mbedtls already buffered is seen). With TLS
+# the raw TCP socket is wrapped in a small counting stream so `bytes_in`/`bytes_out` are
+# the bytes on the wire, TLS records and handshake included.
+import errno
+import io
+import select
+import socket
+import time
+
+from micropython import const
+
+try:
+    import tls
+except ImportError:  # a port built without TLS can still use plain TCP
+    tls = None
+
+# Packet types (upper nibble of the fixed header).
+_CONNECT = const(0x10)
+_CONNACK = const(0x20)
+_PUBLISH = const(0x30)
+_PUBACK = const(0x40)
+_SUBSCRIBE = const(0x82)  # SUBSCRIBE carries the mandatory flags 0b0010
+_SUBACK = const(0x90)
+_PINGREQ = const(0xC0)
+_PINGRESP = const(0xD0)
+_DISCONNECT = const(0xE0)
+
+_POLLIN = const(0x0001)
+_POLLOUT = const(0x0004)
+_POLLERR = const(0x0008)
+_POLLHUP = const(0x0010)
+_STREAM_POLL = const(3)  # stream ioctl request numbers shared by the ports
+_STREAM_CLOSE = const(4)
+
+_DEFAULT_WRITE_MS = const(10000)
+_MAX_INFLIGHT = const(32)
+_MAX_INBOX = const(8)
+
+# MQTTError codes. 1..5 are CONNACK return codes, 0x80 a refused subscription;
+# negative codes are failures on this side of the wire.
+TIMEOUT = const(-1)
+CLOSED = const(-2)
+NETWORK = const(-3)
+TLS_FAILED = const(-4)
+PROTOCOL = const(-5)
+TOO_BIG = const(-6)
+NOT_CONNECTED = const(-7)
+SUB_REFUSED = const(0x80)
+
+_CONNACK_NAMES = (
+    "accepted",
+    "unacceptable protocol version",
+    "identifier rejected",
+    "server unavailable",
+    "bad user name or password",
+    "not authorized",
+)
+
+
+class MQTTError(OSError):
+    """A transport failure: `code` (see the module constants) and a readable `reason`."""
+
+    def __init__(self, code, reason):
+        super().__init__("MQTT error %d: %s" % (code, reason))
+        self.code = code
+        self.reason = reason
+
+
+def deadline(ms):
+    """The deadline `ms` milliseconds from now, as the methods below take it."""
+    return time.ticks_add(time.ticks_ms(), ms)
+
+
+def make_tls_context(cert_der, key_der, ca_der):
+    """A client TLS context: our certificate and key, the fleet CA, peer verified."""
+    if tls is None:
+        raise MQTTError(TLS_FAILED, "this firmware has no tls module")
+    ctx = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT)
+    ctx.load_cert_chain(cert_der, key_der)
+    # The port's SSLContext takes cadata positionally only.
+    ctx.load_verify_locations(ca_der)
+    ctx.verify_mode = tls.CERT_REQUIRED
+    return ctx
+
+
+class _Wire(io.IOBase):
+    # The raw TCP socket as a stream that counts bytes. mbedtls reads and writes through
+    # it; an OSError is kept and reported as end of stream, because an exception must not
+    # unwind through mbedtls' own C frames.
+    def __init__(self, sock, owner):
+        self.sock = sock
+        self.owner = owner
+        self.err = None
+        self.poller = select.poll()
+        self.poller.register(sock, _POLLIN | _POLLOUT)
+
+    def readinto(self, buf):
+        try:
+            n = self.sock.readinto(buf)
+        except OSError as e:
+            if e.errno == errno.EAGAIN:
+                return None
+            self.err = e
+            return 0
+        if n:
+            self.owner.bytes_in += n
+        return n
+
+    def write(self, buf):
+        try:
+            n = self.sock.write(buf)
+        except OSError as e:
+            if e.errno == errno.EAGAIN:
+                return None
+            self.err = e
+            return 0
+        if n:
+            self.owner.bytes_out += n
+        return n
+
+    def ioctl(self, req, arg):
+        if req == _STREAM_POLL:
+            ev = 0
+            for _, e in self.poller.poll(0):
+                ev |= e
+            return ev & (arg | _POLLERR | _POLLHUP)
+        if req == _STREAM_CLOSE:
+            self.sock.close()
+            return 0
+        return 0
+
+
+class MQTTClient:
+    def __init__(
+        self,
+        client_id,
+        host,
+        port,
+        *,
+        ssl=None,
+        server_hostname=None,
+        keepalive=60,
+        clean_session=True,
+        max_packet=4096,
+    ):
+        self.client_id = client_id
+        self.host = host
+        self.port = port
+        self.ssl = ssl
+        # The name checked against the broker's certificate; the host by default.
+        self.server_hostname = server_hostname or host
+        self.keepalive = keepalive
+        self.clean_session = clean_session
+        self.max_packet = max_packet
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self.dropped = 0  # QoS 1 messages left unacknowledged because the inbox was full
+        self._sock = None  # what MQTT bytes go through: TLS object or raw socket
+        self._raw = None
+        self._wire = None
+        self._poll = select.poll()
+        self._hdr = bytearray(8)
+        self._hmv = memoryview(self._hdr)
+        self._rbuf = bytearray(max_packet)
+        self._rmv = memoryview(self._rbuf)
+        self._tbuf = bytearray(max_packet)
+        self._tmv = memoryview(self._tbuf)
+        self._pid = 0
+        self._pending = []  # packet ids of QoS 1 publishes awaiting PUBACK
+        self._inbox = []  # (topic, payload) received while waiting for something else
+        self._suback = -1  # granted QoS of the awaited SUBACK, -1 while none arrived
+        self._sub_pid = 0
+        self._pingresp = False
+        self._last_tx = 0
+
+    # ---- connection ---------------------------------------------------------------
+
+    def connect(self, deadline_ms, will=None):
+        """Open TCP (+TLS) and MQTT; `will` is (topic, payload[, qos[, retain]]).
+
+        Returns the broker's session-present flag. The whole handshake, TLS included,
+        ends by `deadline_ms` or raises MQTTError(TIMEOUT).
+        """
+        self.close()
+        try:
+            self._open(deadline_ms)
+            return self._handshake(deadline_ms, will)
+        except BaseException:
+            self.close()
+            raise
+
+    def _handshake(self, deadline_ms, will):
+        # CONNECT/CONNACK on an open stream.
+        self._pending = []
+        self._inbox = []
+        try:
+            n = self._connect_packet(will)
+            self._write(self._tmv, n, deadline_ms)
+            t, ln = self._read_packet(deadline_ms, False)
+            if t != _CONNACK:
+                raise MQTTError(PROTOCOL, "expected CONNACK, got packet type 0x%02x" % t)
+            if ln != 2:
+                raise MQTTError(PROTOCOL, "CONNACK of length %d" % ln)
+            rc = self._rbuf[1]
+            if rc:
+                name = _CONNACK_NAMES[rc] if rc < len(_CONNACK_NAMES) else "unknown"
+                raise MQTTError(rc, "broker refused the connection: " + name)
+            return bool(self._rbuf[0] & 1)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, deadline_ms):
+        # Name resolution cannot be bounded on the ports; use an address or a fast resolver.
+        addr = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0][-1]
+        raw = socket.socket()
+        self._raw = raw
+        raw.setblocking(False)
+        try:
+            raw.connect(addr)
+        except OSError as e:
+            if e.errno != errno.EINPROGRESS:
+                raise self._net_error(e)
+        self._poll.register(raw, _POLLOUT)
+        ev = self._wait_raw(deadline_ms, "TCP connect")
+        self._poll.unregister(raw)
+        if ev & (_POLLERR | _POLLHUP):
+            raise MQTTError(NETWORK, "TCP connect to %s:%d refused or reset" % (self.host, self.port))
+        if self.ssl is None:
+            self._attach(raw)
+            return
+        self._wire = _Wire(raw, self)
+        try:
+            # The handshake runs inside the first write, under the caller's deadline.
+            self._sock = self.ssl.wrap_socket(
+                self._wire, server_hostname=self.server_hostname, do_handshake_on_connect=False
+            )
+        except OSError as e:
+            raise self._net_error(e)
+        self._poll.register(self._sock, _POLLIN)
+
+    def _attach(self, sock):
+        # Use an already connected, non-blocking plain socket.
+        self._raw = sock
+        self._sock = sock
+        self._wire = None
+        self._poll.register(sock, _POLLIN)
+
+    def _wait_raw(self, deadline_ms, what):
+        while True:
+            rem = time.ticks_diff(deadline_ms, time.ticks_ms())
+            if rem <= 0:
+                raise MQTTError(TIMEOUT, what + " timed out")
+            for _, ev in self._poll.poll(rem):
+                return ev
+
+    def disconnect(self):
+        """Planned end (sleep): DISCONNECT, so the broker drops the Will, then close."""
+        if self._sock is not None:
+            try:
+                self._hdr[0] = _DISCONNECT
+                self._hdr[1] = 0
+                self._write(self._hmv, 2, deadline(2000))
+            except OSError:
+                pass
+        self.close()
+
+    def close(self):
+        """Drop the connection without DISCONNECT, as a crash would: the Will fires."""
+        for s in (self._sock, self._raw):
+            if s is not None:
+                try:
+                    self._poll.unregister(s)
+                except (OSError, KeyError, ValueError):
+                    pass
+                try:
+                    s.close()
+                except OSError:
+                    pass
+        self._sock = None
+        self._raw = None
+        self._wire = None
+
+    def is_connected(self):
+        return self._sock is not None
+
+    # ---- operations ---------------------------------------------------------------
+
+    def publish(self, topic, payload, qos=0, retain=False, deadline_ms=None):
+        """Send a PUBLISH; returns its packet id for QoS 1 (PUBACK awaited later), else 0."""
+        if qos not in (0, 1):
+            raise ValueError("qos must be 0 or 1")
+        if deadline_ms is None:
+            deadline_ms = deadline(_DEFAULT_WRITE_MS)
+        self._check()
+        pid = 0
+        if qos:
+            while len(self._pending) >= _MAX_INFLIGHT:
+                self._process(deadline_ms, True, "PUBACK (in-flight window full)")
+            pid = self._next_pid()
+        topic = memoryview(topic)
+        payload = memoryview(payload)
+        tl = len(topic)
+        pl = len(payload)
+        rem = 2 + tl + (2 if qos else 0) + pl
+        b = self._tbuf
+        b[0] = _PUBLISH | (qos << 1) | (1 if retain else 0)
+        i = self._put_len(b, 1, rem)
+        b[i] = tl >> 8
+        b[i + 1] = tl & 0xFF
+        i += 2
+        # One write per packet when it fits, so TLS sends one record, not three.
+        if i + rem - 2 <= len(b):
+            b[i : i + tl] = topic
+            i += tl
+            if qos:
+                b[i] = pid >> 8
+                b[i + 1] = pid & 0xFF
+                i += 2
+            b[i : i + pl] = payload
+            self._write(self._tmv, i + pl, deadline_ms)
+        else:
+            self._write(self._tmv, i, deadline_ms)
+            self._write(topic, tl, deadline_ms)
+            if qos:
+                self._hdr[0] = pid >> 8
+                self._hdr[1] = pid & 0xFF
+                self._write(self._hmv, 2, deadline_ms)
+            self._write(payload, pl, deadline_ms)
+        if qos:
+            self._pending.append(pid)
+        return pid
+
+    def pending(self):
+        """How many QoS 1 publishes still wait for their PUBACK."""
+        return len(self._pending)
+
+    def wait_pubacks(self, deadline_ms):
+        """Return once every QoS 1 publish sent so far is acknowledged."""
+        while self._pending:
+            self._check()
+            self._process(deadline_ms, True, "%d PUBACK(s)" % len(self._pending))
+
+    def subscribe(self, topic, qos, deadline_ms):
+        """SUBSCRIBE and wait for the SUBACK; returns the granted QoS."""
+        if qos not in (0, 1):
+            raise ValueError("qos must be 0 or 1")
+        self._check()
+        pid = self._next_pid()
+        tv = memoryview(topic)
+        tl = len(tv)
+        b = self._tbuf
+        b[0] = _SUBSCRIBE
+        i = self._put_len(b, 1, 2 + 2 + tl + 1)
+        if i + 5 + tl > len(b):
+            raise MQTTError(TOO_BIG, "topic longer than the packet buffer")
+        b[i] = pid >> 8
+        b[i + 1] = pid & 0xFF
+        b[i + 2] = tl >> 8
+        b[i + 3] = tl & 0xFF
+        i += 4
+        b[i : i + tl] = tv
+        i += tl
+        b[i] = qos
+        self._sub_pid = pid
+        self._suback = -1
+        self._write(self._tmv, i + 1, deadline_ms)
+        while self._suback < 0:
+            self._process(deadline_ms, True, "SUBACK")
+        self._sub_pid = 0
+        if self._suback == SUB_REFUSED:
+            raise MQTTError(SUB_REFUSED, "broker refused the subscription to %s" % topic)
+        return self._suback
+
+    def wait_msg(self, deadline_ms):
+        """The next (topic str, payload bytes) from the broker, or None at the deadline.
+
+        PUBACKs and PINGRESPs that arrive meanwhile are handled here; a PINGREQ goes out
+        when nothing was sent for half the keepalive.
+        """
+        while True:
+            if self._inbox:
+                return self._inbox.pop(0)
+            self._check()
+            if self.keepalive and time.ticks_diff(time.ticks_ms(), self._last_tx) >= self.keepalive * 500:
+                self._send_pingreq(deadline_ms)
+            if not self._process(deadline_ms, False, None):
+                return None
+
+    def ping(self, deadline_ms):
+        """PINGREQ and wait for the PINGRESP."""
+        self._check()
+        self._pingresp = False
+        self._send_pingreq(deadline_ms)
+        while not self._pingresp:
+            self._process(deadline_ms, True, "PINGRESP")
+
+    # ---- internals ----------------------------------------------------------------
+
+    def _check(self):
+        if self._sock is None:
+            raise MQTTError(NOT_CONNECTED, "not connected")
+
+    def _send_pingreq(self, deadline_ms):
+        self._hdr[0] = _PINGREQ
+        self._hdr[1] = 0
+        self._write(self._hmv, 2, deadline_ms)
+
+    def _next_pid(self):
+        while True:
+            self._pid = self._pid + 1 if self._pid < 0xFFFF else 1
+            if self._pid not in self._pending:
+                return self._pid
+
+    @staticmethod
+    def _put_len(b, i, n):
+        while True:
+            d = n & 0x7F
+            n >>= 7
+            if n:
+                b[i] = d | 0x80
+                i += 1
+            else:
+                b[i] = d
+                return i + 1
+
+    def _connect_packet(self, will):
+        b = self._tbuf
+        cid = self.client_id
+        flags = 0x02 if self.clean_session else 0
+        rem = 10 + 2 + len(memoryview(cid))
+        if will is not None:
+            wt, wp = will[0], will[1]
+            wq = will[2] if len(will) > 2 else 0
+            wr = will[3] if len(will) > 3 else False
+            if wq not in (0, 1):
+                raise ValueError("will qos must be 0 or 1")
+            flags |= 0x04 | (wq << 3) | (0x20 if wr else 0)
+            rem += 2 + len(memoryview(wt)) + 2 + len(memoryview(wp))
+        if rem + 5 > len(b):
+            raise MQTTError(TOO_BIG, "CONNECT larger than the packet buffer")
+        b[0] = _CONNECT
+        i = self._put_len(b, 1, rem)
+        b[i : i + 7] = b"\x00\x04MQTT\x04"
+        b[i + 7] = flags
+        b[i + 8] = self.keepalive >> 8
+        b[i + 9] = self.keepalive & 0xFF
+        i = self._put_str(b, i + 10, cid)
+        if will is not None:
+            i = self._put_str(b, i, wt)
+            i = self._put_str(b, i, wp)
+        return i
+
+    @staticmethod
+    def _put_str(b, i, s):
+        s = memoryview(s)
+        n = len(s)
+        b[i] = n >> 8
+        b[i + 1] = n & 0xFF
+        b[i + 2 : i + 2 + n] = s
+        return i + 2 + n
+
+    def _process(self, deadline_ms, must, what):
+        # Read and handle one packet. At the deadline with no packet started: raise
+        # TIMEOUT naming `what` when `must`, else return False. True when a PUBLISH was
+        # queued in the inbox.
+        t, ln = self._read_packet(deadline_ms, True)
+        if t < 0:
+            if must:
+                # At a packet boundary: the connection stays usable.
+                raise MQTTError(TIMEOUT, "timed out waiting for " + what)
+            return False
+        b = self._rbuf
+        kind = t & 0xF0
+        if kind == _PUBLISH:
+            return self._on_publish(t, ln, deadline_ms)
+        if kind == _PUBACK:
+            if ln != 2:
+                self._fail(PROTOCOL, "PUBACK of length %d" % ln)
+            pid = (b[0] << 8) | b[1]
+            if pid in self._pending:
+                self._pending.remove(pid)
+        elif kind == _SUBACK:
+            if ln != 3:
+                self._fail(PROTOCOL, "SUBACK of length %d" % ln)
+            if ((b[0] << 8) | b[1]) == self._sub_pid:
+                self._suback = b[2]
+        elif kind == _PINGRESP:
+            self._pingresp = True
+        else:
+            self._fail(PROTOCOL, "unexpected packet type 0x%02x" % t)
+        return False
+
+    def _on_publish(self, t, ln, deadline_ms):
+        b = self._rbuf
+        qos = (t >> 1) & 3
+        if qos > 1:
+            self._fail(PROTOCOL, "QoS %d PUBLISH, we never subscribe above QoS 1" % qos)
+        tl = (b[0] << 8) | b[1]
+        i = 2 + tl
+        if i + (2 if qos else 0) > ln:
+            self._fail(PROTOCOL, "PUBLISH shorter than its topic")
+        pid = 0
+        if qos:
+            pid = (b[i] << 8) | b[i + 1]
+            i += 2
+        if len(self._inbox) >= _MAX_INBOX:
+            # Not acknowledged means not received: a persistent session redelivers it.
+            self.dropped += 1
+            return False
+        self._inbox.append((str(self._rmv[2 : 2 + tl], "utf-8"), bytes(self._rmv[i:ln])))
+        if qos:
+            self._hdr[0] = _PUBACK
+            self._hdr[1] = 2
+            self._hdr[2] = pid >> 8
+            self._hdr[3] = pid & 0xFF
+            self._write(self._hmv, 4, deadline_ms)
+        return True
+
+    def _fail(self, code, reason):
+        self.close()
+        raise MQTTError(code, reason)
+
+    def _read_packet(self, deadline_ms, soft):
+        # One whole packet: (type byte, length) with the body in self._rbuf. With `soft`,
+        # a deadline before the first byte returns (-1, 0); once a packet has started,
+        # a timeout leaves the stream out of step, so the connection is closed.
+        if not self._read(self._hmv[0:1], deadline_ms, soft):
+            return -1, 0
+        t = self._hdr[0]
+        n = 0
+        shift = 0
+        while True:
+            self._read(self._hmv[1:2], deadline_ms, False)
+            d = self._hdr[1]
+            n |= (d & 0x7F) << shift
+            if not d & 0x80:
+                break
+            shift += 7
+            if shift > 21:
+                self._fail(PROTOCOL, "malformed remaining length")
+        if n > self.max_packet:
+            self._fail(TOO_BIG, "incoming packet of %d bytes exceeds max_packet %d" % (n, self.max_packet))
+        if n:
+            self._read(self._rmv[0:n], deadline_ms, False)
+        return t, n
+
+    def _read(self, mv, deadline_ms, soft):
+        # Fill `mv` completely. Returns False only when `soft` and nothing was read by
+        # the deadline; raises MQTTError otherwise.
+        want = len(mv)
+        got = 0
+        while got < want:
+            try:
+                n = self._sock.readinto(mv[got:])
+            except ValueError as e:
+                # mbedtls reports a certificate that fails verification this way.
+                self.close()
+                raise MQTTError(TLS_FAILED, "TLS: %s" % str(e).strip())
+            except OSError as e:
+                if e.errno == errno.EAGAIN:
+                    n = None
+                else:
+                    self.close()
+                    raise self._net_error(e)
+            if n is None:
+                rem = time.ticks_diff(deadline_ms, time.ticks_ms())
+                if rem <= 0:
+                    if soft and got == 0:
+                        return False
+                    self.close()
+                    raise MQTTError(TIMEOUT, "read timed out mid-packet")
+                self._poll.poll(rem)
+                continue
+            if n == 0:
+                err = self._wire.err if self._wire is not None else None
+                self.close()
+                if err is not None:
+                    raise self._net_error(err)
+                raise MQTTError(CLOSED, "broker closed the connection")
+            if self._wire is None:
+                self.bytes_in += n
+            got += n
+        return True
+
+    def _write(self, mv, n, deadline_ms):
+        sent = 0
+        pm = self._poll
+        while sent < n:
+            try:
+                w = self._sock.write(mv[sent:n])
+            except ValueError as e:
+                # mbedtls reports a certificate that fails verification this way.
+                self.close()
+                raise MQTTError(TLS_FAILED, "TLS: %s" % str(e).strip())
+            except OSError as e:
+                if e.errno == errno.EAGAIN:
+                    w = None
+                else:
+                    self.close()
+                    raise self._net_error(e)
+            if w is None:
+                rem = time.ticks_diff(deadline_ms, time.ticks_ms())
+                if rem <= 0:
+                    self.close()
+                    raise MQTTError(TIMEOUT, "write timed out")
+                pm.modify(self._sock, _POLLOUT)
+                pm.poll(rem)
+                pm.modify(self._sock, _POLLIN)
+                continue
+            if w == 0:
+                err = self._wire.err if self._wire is not None else None
+                self.close()
+                if err is not None:
+                    raise self._net_error(err)
+                raise MQTTError(CLOSED, "connection closed while writing")
+            if self._wire is None:
+                self.bytes_out += w
+            sent += w
+        self._last_tx = time.ticks_ms()
+
+    def _net_error(self, e):
+        if isinstance(e, MQTTError):
+            return e
+        a = e.args
+        # mbedtls failures carry a negative code and the mbedtls error name.
+        if a and isinstance(a[0], int) and a[0] < 0:
+            return MQTTError(TLS_FAILED, "TLS: %s" % (a[1] if len(a) > 1 else a[0]))
+        if self._wire is not None and self._wire.err is not None:
+            e = self._wire.err
+        code = e.errno if isinstance(e.errno, int) else 0
+        name = errno.errorcode.get(code, str(code)) if hasattr(errno, "errorcode") else str(code)
+        return MQTTError(NETWORK, "socket error %s talking to %s:%d" % (name, self.host, self.port))
