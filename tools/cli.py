@@ -15,6 +15,8 @@ from collections.abc import Sequence
 COMMAND_GROUPS: tuple[str, ...] = (
     "tools.proto.cli",
     "tools.bench.cli",
+    "tools.sim.cli",
+    "gateway.pki_cli",
 )
 
 

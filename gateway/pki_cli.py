@@ -1,0 +1,166 @@
+"""`torpor pki ...`: create the fleet CA, issue, rotate, revoke and list certificates."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from gateway.errors import GatewayError, PkiError
+from gateway.pki import DEFAULT_GATEWAY_CN, DEVICE_DAYS, DeviceCredentials, Pki
+
+
+def register(sub: Any) -> None:
+    pki = sub.add_parser("pki", help="fleet CA: issue, rotate, revoke and list certificates")
+    psub = pki.add_subparsers(dest="pki_command", metavar="ACTION", required=True)
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = psub.add_parser(name, help=help, description=help)
+        p.add_argument("--dir", default="var/pki", help="PKI directory (default: var/pki)")
+        p.add_argument("--ca-key-dir", default=None,
+                       help="directory holding ca.key when it is kept offline (default: --dir)")
+        return p
+
+    p = action("init", "create the fleet CA (ECDSA P-256) and an empty CRL")
+    p.set_defaults(func=_init)
+
+    p = action("server", "issue the broker's server certificate")
+    p.add_argument("--san", default="localhost,127.0.0.1,::1",
+                   help="comma-separated DNS names and IP addresses nodes connect to")
+    p.set_defaults(func=_server)
+
+    p = action("gateway", "issue the gateway service's client certificate")
+    p.add_argument("--cn", default=DEFAULT_GATEWAY_CN, help="its broker username")
+    p.set_defaults(func=_gateway)
+
+    p = action("device", "issue a device certificate (CN = device id), PEM and DER")
+    p.add_argument("device_id")
+    p.add_argument("--days", type=int, default=DEVICE_DAYS, help="validity in days")
+    p.set_defaults(func=_device)
+
+    p = action("rotate", "issue a new certificate for a device; the old one stays valid until revoked")
+    p.add_argument("device_id")
+    p.add_argument("--days", type=int, default=DEVICE_DAYS, help="validity in days")
+    p.set_defaults(func=_rotate)
+
+    p = action("revoke", "revoke a device (all its certificates) or one serial; rewrite the CRL")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("device_id", nargs="?")
+    target.add_argument("--serial", help="hexadecimal serial of one certificate")
+    p.set_defaults(func=_revoke)
+
+    p = action("crl", "re-issue the CRL (it expires after a year; the broker then refuses everyone)")
+    p.set_defaults(func=_crl)
+
+    p = action("list", "list every certificate issued")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_list)
+
+
+def _pki(args: argparse.Namespace) -> Pki:
+    return Pki(args.dir, args.ca_key_dir)
+
+
+def _fail(exc: GatewayError) -> int:
+    import sys
+
+    print(f"torpor: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _init(args: argparse.Namespace) -> int:
+    try:
+        path = _pki(args).init_ca()
+    except GatewayError as exc:
+        return _fail(exc)
+    print(f"created CA {path}")
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    try:
+        creds = _pki(args).issue_server(args.san.split(","))
+    except GatewayError as exc:
+        return _fail(exc)
+    print(f"issued server certificate {creds.cert_pem} (serial {creds.serial:x})")
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    try:
+        creds = _pki(args).issue_gateway(args.cn)
+    except GatewayError as exc:
+        return _fail(exc)
+    print(f"issued gateway certificate {creds.cert_pem} for {creds.cn} (serial {creds.serial:x})")
+    return 0
+
+
+def _show_device(creds: DeviceCredentials) -> None:
+    print(f"issued certificate {creds.serial:x} for {creds.device_id}, valid until "
+          f"{creds.not_after:%Y-%m-%d}")
+    for label, path in (("cert", creds.cert_der), ("key", creds.key_der), ("ca", creds.ca_der)):
+        print(f"  {label:4} {path}")
+
+
+def _device(args: argparse.Namespace) -> int:
+    try:
+        _show_device(_pki(args).issue_device(args.device_id, args.days))
+    except GatewayError as exc:
+        return _fail(exc)
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    try:
+        _show_device(_pki(args).rotate(args.device_id, args.days))
+    except GatewayError as exc:
+        return _fail(exc)
+    print("revoke the old certificate once the node uses the new one: "
+          "`torpor pki revoke --serial <old serial>`")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    try:
+        if args.serial is not None:
+            try:
+                target: str | int = int(args.serial, 16)
+            except ValueError:
+                raise PkiError(f"--serial {args.serial!r} is not a hexadecimal number") from None
+        else:
+            target = args.device_id
+        pki = _pki(args)
+        serials = pki.revoke(target)
+    except GatewayError as exc:
+        return _fail(exc)
+    for serial in serials:
+        print(f"revoked {serial:x}")
+    if not serials:
+        print("already revoked")
+    print(f"wrote {pki.crl_path}; reload the broker (SIGHUP / `systemctl reload mosquitto`) "
+          "so it refuses new connections")
+    return 0
+
+
+def _crl(args: argparse.Namespace) -> int:
+    try:
+        path = _pki(args).write_crl()
+    except GatewayError as exc:
+        return _fail(exc)
+    print(f"wrote {path}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    try:
+        records = _pki(args).list()
+    except GatewayError as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps([r.to_json() for r in records], indent=1))
+        return 0
+    print(f"{'SERIAL':<42} {'KIND':<8} {'CN':<32} {'NOT AFTER':<10} REVOKED")
+    for r in records:
+        revoked = f"{r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "-"
+        print(f"{r.serial_hex:<42} {r.kind:<8} {r.cn:<32} {r.not_after:%Y-%m-%d} {revoked}")
+    return 0
