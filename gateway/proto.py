@@ -1,0 +1,1334 @@
+"""Torpor wire protocol codec for CPython (the gateway and tools).
+
+Generated from shared/protocol/torpor.toml by `torpor proto gen`: generated, do not edit.
+"""
+
+# ruff: noqa
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from itertools import accumulate
+from typing import Any, Callable, ClassVar, TypeVar
+
+Buffer = bytes | bytearray | memoryview
+_E = TypeVar("_E", bound=IntEnum)
+
+MAJOR = 1
+MINOR = 0
+VERSION_BYTE = 0x10
+HEADER_SIZE = 6
+MAX_FRAME = 4096
+_U32 = struct.Struct('<I')
+_RANGES: dict[str, tuple[int, int]] = {
+    'u8': (0, 255),
+    'i8': (-128, 127),
+    'u16': (0, 65535),
+    'i16': (-32768, 32767),
+    'u32': (0, 4294967295),
+    'i32': (-2147483648, 2147483647),
+}
+
+
+class ProtocolError(ValueError):
+    """A frame could not be decoded or encoded; names the frame and the byte offset."""
+
+    def __init__(self, frame: str, offset: int, reason: str) -> None:
+        super().__init__(f"{frame} at byte {offset}: {reason}")
+        self.frame = frame
+        self.offset = offset
+        self.reason = reason
+
+
+_HDR = struct.Struct("<BBI")
+_ZZ = tuple((b >> 1) ^ -(b & 1) for b in range(128))
+
+
+def _header(buf: Buffer, n: int, ftype: int, name: str) -> tuple[int, int]:
+    if n < HEADER_SIZE:
+        raise ProtocolError(name, n, "truncated header")
+    if n > MAX_FRAME:
+        raise ProtocolError(name, MAX_FRAME, f"frame of {n} bytes exceeds the maximum {MAX_FRAME}")
+    ver, got, msg_id = _HDR.unpack_from(buf, 0)
+    if ver >> 4 != MAJOR:
+        raise ProtocolError(
+            name, 0, f"unsupported protocol version {ver >> 4}.{ver & 15} (this side speaks {MAJOR}.x)"
+        )
+    if got != ftype:
+        raise ProtocolError(name, 1, f"frame type {got} is not {name} ({ftype})")
+    return ver & 15, msg_id
+
+
+def _uvarint(buf: Buffer, off: int, n: int, name: str) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if off >= n:
+            raise ProtocolError(name, off, "truncated varint")
+        b = buf[off]
+        off += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            if b == 0 and shift:
+                raise ProtocolError(name, off - 1, "overlong varint")
+            break
+        shift += 7
+        if shift >= 35:
+            raise ProtocolError(name, off, "varint longer than 5 bytes")
+    if result > 0xFFFFFFFF:
+        raise ProtocolError(name, off, "varint exceeds 32 bits")
+    return result, off
+
+
+def _put_uvarint(out: bytearray, v: int) -> None:
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+
+
+def _zigzag_varints(out: bytearray, deltas: list[int]) -> None:
+    zz = [(d << 1) ^ (d >> 63) for d in deltas]
+    if not zz or max(zz) < 0x80:
+        out += bytes(zz)
+        return
+    for v in zz:
+        _put_uvarint(out, v)
+
+
+def _length(buf: Buffer, off: int, n: int, name: str, field: str, limit: int) -> tuple[int, int]:
+    ln, off = _uvarint(buf, off, n, name)
+    if ln > limit:
+        raise ProtocolError(name, off, f"{field}: length {ln} exceeds the maximum {limit}")
+    return ln, off
+
+
+def _need(off: int, size: int, n: int, name: str, field: str) -> None:
+    if off + size > n:
+        raise ProtocolError(name, n, f"{field}: truncated (needs {size} bytes at {off})")
+
+
+def _text(buf: Buffer, off: int, ln: int, name: str, field: str) -> str:
+    try:
+        return bytes(buf[off:off + ln]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(name, off, f"{field}: not UTF-8") from None
+
+
+def _put_text(out: bytearray, value: str, name: str, field: str, limit: int) -> None:
+    raw = value.encode("utf-8")
+    if len(raw) > limit:
+        raise ProtocolError(name, len(out), f"{field}: {len(raw)} bytes exceeds the maximum {limit}")
+    _put_uvarint(out, len(raw))
+    out += raw
+
+
+def _put_bytes(out: bytearray, value: Buffer, name: str, field: str, limit: int) -> None:
+    if len(value) > limit:
+        raise ProtocolError(name, len(out), f"{field}: {len(value)} bytes exceeds the maximum {limit}")
+    _put_uvarint(out, len(value))
+    out += value
+
+
+def _enum(cls: type[_E], value: int, name: str, off: int, field: str) -> _E:
+    try:
+        return cls(value)
+    except ValueError:
+        raise ProtocolError(name, off, f"{field}: {value} is not a {cls.__name__}") from None
+
+
+def _bool(value: int, name: str, off: int, field: str) -> bool:
+    if value > 1:
+        raise ProtocolError(name, off, f"{field}: {value} is not a bool (0 or 1)")
+    return value == 1
+
+
+def _fixed_tlv(s: struct.Struct, buf: Buffer, off: int, ln: int, name: str, field: str) -> int:
+    if ln != s.size:
+        raise ProtocolError(name, off, f"{field}: length {ln}, expected {s.size}")
+    return s.unpack_from(buf, off)[0]  # type: ignore[no-any-return]
+
+
+def _pack_error(name: str, out: bytearray, checks: tuple[tuple[str, str, object], ...]) -> ProtocolError:
+    for field, ftype, value in checks:
+        lo, hi = _RANGES.get(ftype, (None, None))
+        if lo is not None and hi is not None:
+            if not isinstance(value, int) or not lo <= value <= hi:
+                return ProtocolError(name, len(out), f"{field}: {value!r} does not fit {ftype}")
+        elif ftype == "f32":
+            try:
+                struct.pack("<f", value)
+            except (struct.error, OverflowError, TypeError):
+                return ProtocolError(name, len(out), f"{field}: {value!r} does not fit f32")
+    return ProtocolError(name, len(out), "a value does not fit its field")
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """Readings of one schema: timestamps (unix s) and one column per measurement."""
+
+    timestamps: tuple[int, ...]
+    columns: tuple[tuple[int, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.timestamps)
+
+    def rows(self) -> list[tuple[int, ...]]:
+        return list(zip(self.timestamps, *self.columns, strict=True))
+
+
+def _decode_series(
+    buf: Buffer, off: int, n: int, name: str, schema: int, interval: int, limit: int, minor: int
+) -> tuple[Series, int]:
+    info = _SCHEMAS.get(schema)
+    if info is None:
+        raise ProtocolError(name, off, f"unknown sensor schema {schema}")
+    first, ranges = info
+    ncols = len(ranges)
+    _need(off, 5 + first.size, n, name, "readings")
+    count = buf[off]
+    if count == 0 or count > limit:
+        raise ProtocolError(name, off, f"readings: count {count} outside 1..{limit}")
+    (t0,) = _U32.unpack_from(buf, off + 1)
+    row0 = first.unpack_from(buf, off + 5)
+    off += 5 + first.size
+    m = count - 1
+    nstreams = ncols + (1 if interval == 0 else 0)
+    rest = n - off
+    streams: list[list[int]] = []
+    if rest == m * nstreams or (minor > MINOR and rest > m * nstreams):
+        block = bytes(buf[off:off + m * nstreams])
+        if block and max(block) >= 0x80:
+            block = b""
+        if len(block) == m * nstreams:
+            get = _ZZ.__getitem__
+            streams = [list(map(get, block[i * m:(i + 1) * m])) for i in range(nstreams)]
+            off += m * nstreams
+    if not streams:
+        for _ in range(nstreams):
+            col = []
+            for _ in range(m):
+                v, off = _uvarint(buf, off, n, name)
+                col.append((v >> 1) ^ -(v & 1))
+            streams.append(col)
+    columns = []
+    for i, (lo, hi) in enumerate(ranges):
+        col_t = tuple(accumulate(streams[i], initial=row0[i]))
+        if min(col_t) < lo or max(col_t) > hi:
+            raise ProtocolError(name, off, f"readings: column {i} leaves its type's range")
+        columns.append(col_t)
+    if interval:
+        timestamps = tuple(range(t0, t0 + count * interval, interval))
+    else:
+        timestamps = tuple(accumulate(streams[ncols], initial=t0))
+    if timestamps[-1] > 0xFFFFFFFF or min(timestamps) < 0:
+        raise ProtocolError(name, off, "readings: timestamp leaves u32")
+    return Series(timestamps, tuple(columns)), off
+
+
+def _encode_series(
+    out: bytearray, name: str, schema: int, interval: int, series: Series, limit: int
+) -> None:
+    info = _SCHEMAS.get(schema)
+    if info is None:
+        raise ProtocolError(name, len(out), f"unknown sensor schema {schema}")
+    first, ranges = info
+    count = len(series.timestamps)
+    if not 1 <= count <= limit:
+        raise ProtocolError(name, len(out), f"readings: count {count} outside 1..{limit}")
+    if len(series.columns) != len(ranges) or any(len(c) != count for c in series.columns):
+        raise ProtocolError(name, len(out), "readings: columns do not match the schema")
+    ts = series.timestamps
+    if interval:
+        if ts[-1] - ts[0] != (count - 1) * interval or any(
+            b - a != interval for a, b in zip(ts, ts[1:])
+        ):
+            raise ProtocolError(name, len(out), "readings: timestamps are not `interval` apart")
+    for i, (lo, hi) in enumerate(ranges):
+        col = series.columns[i]
+        if min(col) < lo or max(col) > hi:
+            raise ProtocolError(name, len(out), f"readings: column {i} leaves its type's range")
+    if min(ts) < 0 or max(ts) > 0xFFFFFFFF:
+        raise ProtocolError(name, len(out), "readings: timestamp leaves u32")
+    out.append(count)
+    out += _U32.pack(ts[0])
+    out += first.pack(*(c[0] for c in series.columns))
+    for col in series.columns:
+        _zigzag_varints(out, [b - a for a, b in zip(col, col[1:])])
+    if not interval:
+        _zigzag_varints(out, [b - a for a, b in zip(ts, ts[1:])])
+
+
+def _tlv_head(buf: Buffer, off: int, n: int, name: str) -> tuple[int, int, int]:
+    tag = buf[off]
+    ln, voff = _uvarint(buf, off + 1, n, name)
+    if voff + ln > n:
+        raise ProtocolError(name, off, f"field tag {tag}: truncated (length {ln})")
+    return tag, voff, ln
+
+
+def _put_tlv(out: bytearray, tag: int, value: bytes) -> None:
+    out.append(tag)
+    _put_uvarint(out, len(value))
+    out += value
+
+
+class DeviceClass(IntEnum):
+    SENSOR = 0
+    ACTUATOR = 1
+    GATEWAY = 2
+    CONTROLLER = 3
+    MONITOR = 4
+
+
+class BootCause(IntEnum):
+    POWER_ON = 0
+    TIMER = 1
+    WATCHDOG = 2
+    CRASH = 3
+    SOFT_RESET = 4
+    EXTERNAL_RESET = 5
+    BROWNOUT = 6
+
+
+class CommandOp(IntEnum):
+    PING = 0
+    SET_INTERVAL = 1
+    SET_THRESHOLDS = 2
+    STAY_AWAKE = 3
+    REBOOT = 4
+    SYNC_TIME = 5
+
+
+class ResultStatus(IntEnum):
+    OK = 0
+    DUPLICATE = 1
+    ERROR = 2
+    UNKNOWN_OP = 3
+    BAD_ARGS = 4
+    EXPIRED = 5
+    REFUSED = 6
+
+
+class ConfigKey(IntEnum):
+    SAMPLE_INTERVAL_S = 1
+    SEND_EVERY = 2
+    SEND_MAX_AGE_S = 3
+    TEMP_HIGH = 4
+    TEMP_LOW = 5
+    HUMIDITY_HIGH = 6
+    AWAKE_WINDOW_MS = 7
+    LOW_BATTERY_MV = 8
+    ALIGN_S = 9
+    PRIORITY_ALARM = 10
+
+
+class OtaState(IntEnum):
+    IDLE = 0
+    DOWNLOADING = 1
+    VERIFYING = 2
+    TRIAL = 3
+    CONFIRMED = 4
+    REVERTED = 5
+    FAILED = 6
+    REFUSED = 7
+
+
+class OtaReason(IntEnum):
+    NONE = 0
+    BAD_SIGNATURE = 1
+    UNKNOWN_KEY = 2
+    BAD_HASH = 3
+    MISSING_FILE = 4
+    WRONG_BOARD = 5
+    DOWNGRADE = 6
+    TRUNCATED = 7
+    LOW_BATTERY = 8
+    HEALTH_CHECK = 9
+    CRASHED = 10
+    NO_SPACE = 11
+    BAD_MANIFEST = 12
+
+
+class ErrorCode(IntEnum):
+    MALFORMED = 1
+    UNKNOWN_FRAME = 2
+    UNSUPPORTED_VERSION = 3
+    TOO_LARGE = 4
+    RATE_LIMITED = 5
+    QUARANTINED = 6
+    INTERNAL = 7
+    NOT_PROVISIONED = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ClassLimits:
+    """Resource constraints of a device class (see the spec)."""
+    id: int
+    max_message: int
+    max_queue: int
+    max_downlink: int
+    wake_interval_s: int
+    heartbeat_s: int
+    budget_bytes_per_min: int
+    power_managed: bool
+
+
+DEVICE_CLASSES: dict[str, ClassLimits] = {
+    'sensor': ClassLimits(0, 1024, 4096, 32, 60, 3600, 2048, True),
+    'actuator': ClassLimits(1, 1024, 1024, 64, 30, 600, 8192, True),
+    'gateway': ClassLimits(2, 4096, 65535, 256, 10, 60, 65536, False),
+    'controller': ClassLimits(3, 2048, 8192, 128, 10, 300, 32768, False),
+    'monitor': ClassLimits(4, 512, 2048, 16, 300, 7200, 1024, True),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    name: str
+    type: str
+    unit: str
+    scale: float
+
+
+SCHEMAS: dict[int, tuple[str, tuple[Measurement, ...]]] = {
+    1: ('env3', (Measurement('temperature', 'i16', 'degC', 0.01), Measurement('humidity', 'u16', '%RH', 0.01), Measurement('battery', 'u16', 'mV', 1.0),)),
+}
+# schema id -> (struct of the first row, value ranges per column)
+_SCHEMAS: dict[int, tuple[struct.Struct, tuple[tuple[int, int], ...]]] = {
+    1: (struct.Struct('<hHH'), ((-32768, 32767), (0, 65535), (0, 65535),)),
+}
+# schema id -> layout of one reading in a node's flash queue (u32 time + values)
+RECORD_FORMATS: dict[int, str] = {
+    1: '<IhHH',
+}
+SCHEMA_ENV3 = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigEntry:
+    """one configuration value"""
+
+    key: ConfigKey
+    value: int
+
+_S_CONFIG_ENTRY = struct.Struct('<Bi')
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """HELLO (up): A node woke and reports its state; the gateway answers with ACK, queued downlink, SLEEP_NOW."""
+
+    FRAME_TYPE: ClassVar[int] = 1
+    MAX_SIZE: ClassVar[int] = 59
+    msg_id: int
+    fw_version: int
+    boot_cause: BootCause
+    battery_mv: int
+    rssi: int
+    free_mem: int
+    queue_depth: int
+    dropped: int
+    next_wake_s: int
+    awake_window_ms: int
+    time: int
+    device_class: DeviceClass
+    config_version: int = 0
+    ota_state: OtaState = OtaState.IDLE
+    ota_reason: OtaReason = OtaReason.NONE
+    safe_mode: bool = False
+    boots_without_send: int = 0
+    mcu_temp: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """BURST (up): Readings of one schema; the header's message id is the first reading's, the rest follow consecutively."""
+
+    FRAME_TYPE: ClassVar[int] = 2
+    MAX_SIZE: ClassVar[int] = 3576
+    msg_id: int
+    schema: int
+    interval: int
+    readings: Series
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """ACK (down): Readings committed by the gateway: every id <= cumulative, plus the selective ids above it."""
+
+    FRAME_TYPE: ClassVar[int] = 3
+    MAX_SIZE: ClassVar[int] = 276
+    msg_id: int
+    cumulative: int
+    selective: tuple[int, ...]
+    time: int = 0
+    pending: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """COMMAND (down): An operation for the node; idempotent by command id."""
+
+    FRAME_TYPE: ClassVar[int] = 4
+    MAX_SIZE: ClassVar[int] = 308
+    msg_id: int
+    command_id: int
+    op: CommandOp
+    args: tuple[int, ...]
+    priority: int
+    ttl_s: int
+    data: bytes = b''
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """COMMAND_RESULT (up): What the node did with a command; `duplicate` means it had already executed it."""
+
+    FRAME_TYPE: ClassVar[int] = 5
+    MAX_SIZE: ClassVar[int] = 103
+    msg_id: int
+    command_id: int
+    status: ResultStatus
+    code: int = 0
+    detail: str = ''
+    values: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowReport:
+    """SHADOW_REPORT (up): The configuration the node has applied."""
+
+    FRAME_TYPE: ClassVar[int] = 6
+    MAX_SIZE: ClassVar[int] = 91
+    msg_id: int
+    config_version: int
+    entries: tuple[ConfigEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowDelta:
+    """SHADOW_DELTA (down): Desired configuration values that differ from what the node reported."""
+
+    FRAME_TYPE: ClassVar[int] = 7
+    MAX_SIZE: ClassVar[int] = 91
+    msg_id: int
+    config_version: int
+    entries: tuple[ConfigEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OtaManifest:
+    """OTA_MANIFEST (down): A signed firmware manifest; chunks follow on this and later wakes."""
+
+    FRAME_TYPE: ClassVar[int] = 8
+    MAX_SIZE: ClassVar[int] = 2131
+    msg_id: int
+    version: int
+    total_size: int
+    chunk_size: int
+    manifest: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OtaChunk:
+    """OTA_CHUNK (down): One piece of a firmware image."""
+
+    FRAME_TYPE: ClassVar[int] = 9
+    MAX_SIZE: ClassVar[int] = 2062
+    msg_id: int
+    version: int
+    index: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OtaStatus:
+    """OTA_STATUS (up): Progress of an update on the node."""
+
+    FRAME_TYPE: ClassVar[int] = 10
+    MAX_SIZE: ClassVar[int] = 67
+    msg_id: int
+    version: int
+    state: OtaState
+    chunks: int
+    reason: OtaReason = OtaReason.NONE
+    detail: str = ''
+
+
+@dataclass(frozen=True, slots=True)
+class SleepNow:
+    """SLEEP_NOW (down): Nothing more this window; the node may sleep."""
+
+    FRAME_TYPE: ClassVar[int] = 11
+    MAX_SIZE: ClassVar[int] = 13
+    msg_id: int
+    sleep_s: int
+    pending: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """ERROR (both): A frame was refused."""
+
+    FRAME_TYPE: ClassVar[int] = 12
+    MAX_SIZE: ClassVar[int] = 78
+    msg_id: int
+    code: ErrorCode
+    ref: int
+    detail: str = ''
+
+
+Frame = Hello | Burst | Ack | Command | CommandResult | ShadowReport | ShadowDelta | OtaManifest | OtaChunk | OtaStatus | SleepNow | Error
+HELLO = 1
+BURST = 2
+ACK = 3
+COMMAND = 4
+COMMAND_RESULT = 5
+SHADOW_REPORT = 6
+SHADOW_DELTA = 7
+OTA_MANIFEST = 8
+OTA_CHUNK = 9
+OTA_STATUS = 10
+SLEEP_NOW = 11
+ERROR = 12
+
+
+_S_HELLO_0 = struct.Struct('<IBHbIHIIHIB')
+_S_HELLO_T12 = struct.Struct('<I')
+_S_HELLO_T13 = struct.Struct('<B')
+_S_HELLO_T14 = struct.Struct('<B')
+_S_HELLO_T15 = struct.Struct('<B')
+_S_HELLO_T16 = struct.Struct('<B')
+_S_HELLO_T17 = struct.Struct('<f')
+
+
+def decode_hello(buf: Buffer) -> Hello:
+    """Decode a HELLO frame."""
+    n = len(buf)
+    minor, msg_id = _header(buf, n, 1, "HELLO")
+    off = 6
+    if off + 29 > n:
+        raise ProtocolError("HELLO", n, f"truncated (needs 29 bytes of fields at {off})")
+    v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class = _S_HELLO_0.unpack_from(buf, off)
+    v_boot_cause = _enum(BootCause, v_boot_cause, "HELLO", off + 4, "boot_cause")
+    v_device_class = _enum(DeviceClass, v_device_class, "HELLO", off + 28, "device_class")
+    off += 29
+    v_config_version = 0
+    v_ota_state = OtaState.IDLE
+    v_ota_reason = OtaReason.NONE
+    v_safe_mode = False
+    v_boots_without_send = 0
+    v_mcu_temp = 0.0
+    last = 0
+    while off < n:
+        tag, voff, tl = _tlv_head(buf, off, n, "HELLO")
+        if tag <= last:
+            raise ProtocolError("HELLO", off, f"field tag {tag} repeated or out of order")
+        last = tag
+        if tag == 12:
+            x = _fixed_tlv(_S_HELLO_T12, buf, voff, tl, "HELLO", "config_version")
+            v_config_version = x
+        elif tag == 13:
+            x = _fixed_tlv(_S_HELLO_T13, buf, voff, tl, "HELLO", "ota_state")
+            v_ota_state = _enum(OtaState, x, "HELLO", voff, "ota_state")
+        elif tag == 14:
+            x = _fixed_tlv(_S_HELLO_T14, buf, voff, tl, "HELLO", "ota_reason")
+            v_ota_reason = _enum(OtaReason, x, "HELLO", voff, "ota_reason")
+        elif tag == 15:
+            x = _fixed_tlv(_S_HELLO_T15, buf, voff, tl, "HELLO", "safe_mode")
+            v_safe_mode = _bool(x, "HELLO", voff, "safe_mode")
+        elif tag == 16:
+            x = _fixed_tlv(_S_HELLO_T16, buf, voff, tl, "HELLO", "boots_without_send")
+            v_boots_without_send = x
+        elif tag == 17:
+            x = _fixed_tlv(_S_HELLO_T17, buf, voff, tl, "HELLO", "mcu_temp")
+            v_mcu_temp = x
+        elif minor <= MINOR:
+            raise ProtocolError("HELLO", off, f"unknown field tag {tag}")
+        off = voff + tl
+    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp)
+
+
+def encode_hello(f: Hello) -> bytes:
+    """Encode a HELLO frame."""
+    out = bytearray()
+    try:
+        out += _HDR.pack(VERSION_BYTE, 1, f.msg_id)
+    except (struct.error, TypeError):
+        raise ProtocolError("HELLO", 2, f"msg_id: {f.msg_id!r} does not fit u32") from None
+    if f.boot_cause not in BootCause._value2member_map_:
+        raise ProtocolError("HELLO", len(out), f"boot_cause: {f.boot_cause!r} is not a BootCause")
+    if f.device_class not in DeviceClass._value2member_map_:
+        raise ProtocolError("HELLO", len(out), f"device_class: {f.device_class!r} is not a DeviceClass")
+    try:
+        out += _S_HELLO_0.pack(f.fw_version, f.boot_cause, f.battery_mv, f.rssi, f.free_mem, f.queue_depth, f.dropped, f.next_wake_s, f.awake_window_ms, f.time, f.device_class)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("HELLO", out, (("fw_version", "u32", f.fw_version), ("boot_cause", "enum", f.boot_cause), ("battery_mv", "u16", f.battery_mv), ("rssi", "i8", f.rssi), ("free_mem", "u32", f.free_mem), ("queue_depth", "u16", f.queue_depth), ("dropped", "u32", f.dropped), ("next_wake_s", "u32", f.next_wake_s), ("awake_window_ms", "u16", f.awake_window_ms), ("time", "u32", f.time), ("device_class", "enum", f.device_class),)) from None
+    if f.config_version != 0:
+        try:
+            _put_tlv(out, 12, _S_HELLO_T12.pack(f.config_version))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("config_version", "u32", f.config_version),)) from None
+    if f.ota_state != OtaState.IDLE:
+        if f.ota_state not in OtaState._value2member_map_:
+            raise ProtocolError("HELLO", len(out), f"ota_state: {f.ota_state!r} is not a OtaState")
+        try:
+            _put_tlv(out, 13, _S_HELLO_T13.pack(f.ota_state))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("ota_state", "enum", f.ota_state),)) from None
+    if f.ota_reason != OtaReason.NONE:
+        if f.ota_reason not in OtaReason._value2member_map_:
+            raise ProtocolError("HELLO", len(out), f"ota_reason: {f.ota_reason!r} is not a OtaReason")
+        try:
+            _put_tlv(out, 14, _S_HELLO_T14.pack(f.ota_reason))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("ota_reason", "enum", f.ota_reason),)) from None
+    if f.safe_mode != False:
+        try:
+            _put_tlv(out, 15, _S_HELLO_T15.pack(1 if f.safe_mode else 0))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("safe_mode", "bool", f.safe_mode),)) from None
+    if f.boots_without_send != 0:
+        try:
+            _put_tlv(out, 16, _S_HELLO_T16.pack(f.boots_without_send))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("boots_without_send", "u8", f.boots_without_send),)) from None
+    if f.mcu_temp != 0.0:
+        try:
+            _put_tlv(out, 17, _S_HELLO_T17.pack(f.mcu_temp))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("mcu_temp", "f32", f.mcu_temp),)) from None
+    return bytes(out)
+
+_S_BURST_0 = struct.Struct('<BH')
+
+
+def decode_burst(buf: Buffer) -> Burst:
+    """Decode a BURST frame."""
+    n = len(buf)
+    minor, msg_id = _header(buf, n, 2, "BURST")
+    off = 6
+    if off + 3 > n:
+        raise ProtocolError("BURST", n, f"truncated (needs 3 bytes of fields at {off})")
+    v_schema, v_interval = _S_BURST_0.unpack_from(buf, off)
+    off += 3
+    v_readings, off = _decode_series(buf, off, n, "BURST", v_schema, v_interval, 255, minor)
+    if off != n and minor <= MINOR:
+        raise ProtocolError("BURST", off, f"{n - off} trailing bytes")
+    return Burst(msg_id, v_schema, v_interval, v_readings)
+
+
+def encode_burst(f: Burst) -> bytes:
+    """Encode a BURST frame."""
+    out = bytearray()
+    try:
+        out += _HDR.pack(VERSION_BYTE, 2, f.msg_id)
+    except (struct.error, TypeError):
+        raise ProtocolError("BURST", 2, f"msg_id: {f.msg_id!r} does not fit u32") from None
+    try:
+        out += _S_BURST_0.pack(f.schema, f.interval)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("BURST", out, (("schema", "u8", f.schema), ("interval", "u16", f.interval),)) from None
+    _encode_series(out, "BURST", f.schema, f.interval, f.readings, 255)
+    return bytes(out)
+
+_S_ACK_0 = struct.Struct('<I')
+_S_ACK_T3 = struct.Struct('<I')
+_S_ACK_T4 = struct.Struct('<B')
+
+
+def decode_ack(buf: Buffer) -> Ack:
+    """Decode a ACK frame."""
+    n = len(buf)
+    minor, msg_id = _header(buf, n, 3, "ACK")
+    off = 6
+    if off + 4 > n:
+        raise ProtocolError("ACK", n, f"truncated (needs 4 bytes of fields at {off})")
+    v_cumulative, = _S_ACK_0.unpack_from(buf, off)
+    off += 4
+    cnt, off = _length(buf, off, n, "ACK", "selective", 64)
+    _need(off, cnt * 4, n, "ACK", "selective")
+    v_selective = struct.unpack_from(f"<{cnt}I", buf, off)
+    off += cnt * 4
+    v_time = 0
+    v_pending = 0
+    last = 0
+    while off < n:
+        tag, voff, tl = _tlv_head(buf, off, n, "ACK")
+        if tag <= last:
+            raise ProtocolError("ACK", off, f"field tag {tag} repeated or out of order")
+        last = tag
+        if tag == 3:
+            x = _fixed_tlv(_S_ACK_T3, buf, voff, tl, "ACK", "time")
+            v_time = x
+        elif tag == 4:
+            x = _fixed_tlv(_S_ACK_T4, buf, voff, tl, "ACK", "pending")
+            v_pending = x
+        elif minor <= MINOR:
+            raise ProtocolError("ACK", off, f"unknown field tag {tag}")
+        off = voff + tl
+    return Ack(msg_id, v_cumulative, v_selective, v_time, v_pending)
+
+
+def encode_ack(f: Ack) -> bytes:
+    """Encode a ACK frame."""
+    out = bytearray()
+    try:
+        out += _HDR.pack(VERSION_BYTE, 3, f.msg_id)
+    except (struct.error, TypeError):
+        raise ProtocolError("ACK", 2, f"msg_id: {f.msg_id!r} does not fit u32") from None
+    try:
+        out += _S_ACK_0.pack(f.cumulative)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("ACK", out, (("cumulative", "u32", f.cumulative),)) from None
+    if len(f.selective) > 64:
+        raise ProtocolError("ACK", len(out), "selective: more than 64 items")
+    _put_uvarint(out, len(f.selective))
+    try:
+        out += struct.pack(f"<{len(f.selective)}I", *f.selective)
+    except (struct.error, TypeError):
+        raise ProtocolError("ACK", len(out), "selective: an item does not fit u32") from None
+    if f.time != 0:
+        try:
+            _put_tlv(out, 3, _S_ACK_T3.pack(f.time))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("ACK", out, (("time", "u32", f.time),)) from None
+    if f.pending != 0:
+        try:
+            _put_tlv(out, 4, _S_ACK_T4.pack(f.pending))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("ACK", out, (("pending", "u8", f.pending),)) from None
+    return bytes(out)
+
+_S_COMMAND_0 = struct.Struct('<IB')
+_S_COMMAND_2 = struct.Struct('<BH')
+
+
+def decode_command(buf: Buffer) -> Command:
+    """Decode a COMMAND frame."""
+    n = len(buf)
+    minor, msg_id = _header(buf, n, 4, "COMMAND")
+    off = 6
+    if off + 5 > n:
+        raise ProtocolError("COMMAND", n, f"truncated (needs 5 bytes of fields at {off})")
+    v_command_id, v_op = _S_COMMAND_0.unpack_from(buf, off)
+    v_op = _enum(CommandOp, v_op, "COMMAND", off + 4, "op")
+    off += 5
+    cnt, off = _length(buf, off, n, "COMMAND", "args", 8)
+    _need(off, cnt * 4, n, "COMMAND", "args")
+    v_args = struct.unpack_from(f"<{cnt}i", buf, off)
+    off += cnt * 4
+    if off + 3 > n:
+        raise ProtocolError("COMMAND", n, f"truncated (needs 3 bytes of fields at {off})")
+    v_priority, v_ttl_s = _S_COMMAND_2.unpack_from(buf, off)
+    off += 3
+    v_data = b''
+    last = 0
+    while off < n:
+        tag, voff, tl = _tlv_head(buf, off, n, "COMMAND")
+        if tag <= last:
+            raise ProtocolError("COMMAND", off, f"field tag {tag} repeated or out of order")
+        last = tag
+        if tag == 6:
+            off = voff
+            ln, off = _length(buf, off, voff + tl, "COMMAND", "data", 256)
+            _need(off, ln, voff + tl, "COMMAND", "data")
+            v_data = bytes(buf[off:off + ln])
+            off += ln
+            if off != voff + tl:
+                raise ProtocolError("COMMAND", off, "data: length does not match its value")
+        elif minor <= MINOR:
+            raise ProtocolError("COMMAND", off, f"unknown field tag {tag}")
+        off = voff + tl
+    return Command(msg_id, v_command_id, v_op, v_args, v_priority, v_ttl_s, v_data)
+
+
+def encode_command(f: Command) -> bytes:
+    """Encode a COMMAND frame."""
+    out = bytearray()
+    try:
+        out += _HDR.pack(VERSION_BYTE, 4, f.msg_id)
+    except (struct.error, TypeError):
+        raise ProtocolError("COMMAND", 2, f"msg_id: {f.msg_id!r} does not fit u32") from None
+    if f.op not in CommandOp._value2member_map_:
+        raise ProtocolError("COMMAND", len(out), f"op: {f.op!r} is not a CommandOp")
+    try:
+        out += _S_COMMAND_0.pack(f.command_id, f.op)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("COMMAND", out, (("command_id", "u32", f.command_id), ("op", "enum", f.op),)) from None
+    if len(f.args) > 8:
+        raise ProtocolError("COMMAND", len(out), "args: more than 8 items")
+    _put_uvarint(out, len(f.args))
+    try:
+        out += struct.pack(f"<{len(f.args)}i", *f.args)
+    except (struct.error, TypeError):
+        raise ProtocolError("COMMAND", len(out), "args: an item does not fit i32") from None
+    try:
+        out += _S_COMMAND_2.pack(f.priority, f.ttl_s)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("COMMAND", out, (("priority", "u8", f.priority), ("ttl_s", "u16", f.ttl_s),)) from None
+    if f.data != b'':
+        tmp = bytearray()
+        _put_bytes(tmp, f.data, "COMMAND", "data", 256)
+        _put_tlv(out, 6, bytes(tmp))
+    return bytes(out)
+
+_S_COMMAND_RESULT_0 = struct.Struct('<IB')
+_S_COMMAND_RESULT_T3 = struct.Struct('<i')
+
+
+def decode_command_result(buf: Buffer) -> CommandResult:
+    """Decode a COMMAND_RESULT frame."""
+    n = len(buf)
+    minor, msg_id = _header(buf, n, 5, "COMMAND_RESULT")
+    off = 6
+    if off + 5 > n:
+        raise ProtocolError("COMMAND_RESULT", n, f"truncated (needs 5 bytes of fields at {off})")
+    v_command_id, v_status = _S_COMMAND_RESULT_0.unpack_from(buf, off)
+    v_status = _enum(ResultStatus, v_status, "COMMAND_RESULT", off + 4, "status")
+    off += 5
+    v_code = 0
+    v_detail = ''
+    v_values = ()
+    last = 0
+    while off < n:
+        tag, voff, tl = _tlv_head(buf, off, n, "COMMAND_RESULT")
+        if tag <= last:
+            raise ProtocolError("COMMAND_RESULT", off, f"field tag {tag} repeated or out of order")
+        last = tag
+        if tag == 3:
+            x = _fixed_tlv(_S_COMMAND_RESULT_T3, buf, voff, tl, "COMMAND_RESULT", "code")
+            v_code = x
+        elif tag == 4:
+            off = voff
+            ln, off = _length(buf, off, voff + tl, "COMMAND_RESULT", "detail", 48)
+            _need(off, ln, voff + tl, "COMMAND_RESULT", "detail")
+            v_detail = _text(buf, off, ln, "COMMAND_RESULT", "detail")
+            off += ln
+            if off != voff + tl:
+                raise ProtocolError("COMMAND_RESULT", off, "detail: length does not match its value")
+        elif tag == 5:
+            off = voff
+            cnt, off = _length(buf, off, voff + tl, "COMMAND_RESULT", "values", 8)
+            _need(off, cnt * 4, voff + tl, "COMMAND_RESULT", "values")
+            v_values = struct.unpack_from(f"<{cnt}i", buf, off)
+            off += cnt * 4
+            if off != voff + tl:
+                raise ProtocolError("COMMAND_RESULT", off, "values: length does not match its value")
+        elif minor <= MINOR:
+            raise ProtocolError("COMMAND_RESULT", off, f"unknown field tag {tag}")
+        off = voff + tl
+    return CommandResult(msg_id, v_command_id, v_status, v_code, v_detail, v_values)
+
+
+def encode_command_result(f: CommandResult) -> bytes:
+    """Encode a COMMAND_RESULT frame."""
+    out = bytearray()
+    try:
+        out += _HDR.pack(VERSION_BYTE, 5, f.msg_id)
+    except (struct.error, TypeError):
+        raise ProtocolError("COMMAND_RESULT", 2, f"msg_id: {f.msg_id!r} does not fit u32") from None
+    if f.status not in ResultStatus._value2member_map_:
+        raise ProtocolError("COMMAND_RESULT", len(out), f"status: {f.status!r} is not a ResultStatus")
+    try:
+        out += _S_COMMAND_RESULT_0.pack(f.command_id, f.status)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("COMMAND_RESULT", out, (("command_id", "u32", f.command_id), ("status", "enum", f.status),)) from None
+    if f.code != 0:
+        try:
+            _put_tlv(out, 3, _S_COMMAND_RESULT_T3.pack(f.code))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("COMMAND_RESULT", out, (("code", "i32", f.code),)) from None
+    if f.detail != '':
+        tmp = bytearray()
+        _put_text(tmp, f.detail, "COMMAND_RESULT", "detail", 48)
+        _put_tlv(out, 4, bytes(tmp))
+    if f.values != ():
+        tmp = bytearray()
+        if len(f.values) > 8:
+            raise ProtocolError("COMMAND_RESULT", len(tmp), "values: more than 8 items")
+        _put_uvarint(tmp, len(f.values))
+        try:
+            tmp += struct.pack(f"<{len(f.values)}i", *f.values)
+        except (struct.error, TypeError):
+            raise ProtocolError("COMMAND_RESULT", len(tmp), "values: an item does not fit i32") from None
+        _put_tlv(out, 5, bytes(tmp))
+    return bytes(out)
+
+_S_SHADOW_REPORT_0 = struct.Struct('<I')
+
+
+def decode_shadow_report(buf: Buffer) -> ShadowReport:
+    """Decode a SHADOW_REPORT frame."""
+    n = len(buf)
+    minor, msg_id = _header(buf, n, 6, "SHADOW_REPORT")
+    off = 6
+    if off + 4 > n:
+        raise ProtocolError("SHADOW_REPORT", n, f"truncated (needs 4 bytes of fields at {off})")
+    v_config_version, = _S_SHADOW_REPORT_0.unpack_from(buf, off)
+    off += 4
+    cnt, off = _length(buf, off, n, "SHADOW_REPORT", "entries", 16)
+    _need(off, cnt * 5, n, "SHADOW_REPORT", "entries")
+    v_entries = tuple(ConfigEntry(_enum(ConfigKey, r[0], "SHADOW_REPORT", off, "entries.key"), r[1]) for r in _S_CONFIG_ENTRY.iter_unpack(bytes(buf[off:off + cnt * 5])))
+    off += cnt * 5
+    if off != n and minor <= MINOR:
+        raise ProtocolError("SHADOW_REPORT", off, f"{n - off} trailing bytes")
+    return ShadowReport(msg_id, v_config_version, v_entries)
+
+
+def encode_shadow_report(f: ShadowReport) -> bytes:
+    """Encode a SHADOW_REPORT frame."""
+    out = bytearray()
+    try:
+        out += _HDR.pack(VERSION_BYTE, 6, f.msg_id)
+    except (struct.error, TypeError):
+        raise ProtocolError("SHADOW_REPORT", 2, f"msg_id: {f.msg_id!r} does not fit u32") from None
+    try:
+        out += _S_SHADOW_REPORT_0.pack(f.config_version)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("SHADOW_REPORT", out, (("config_version", "u32", f.config_version),)) from None
+    if len(f.entries) > 16:
+        raise ProtocolError("SHADOW_REPORT", len(out), "entries: more than 16 items")
+    _put_uvarint(out, len(f.entries))
+    for e in f.entries:
+        if e.key not in ConfigKey._value2member_map_:
+            raise ProtocolError("SHADOW_REPORT", len(out), f"entries.key: {e.key!r} is not a ConfigKey")
+        try:
+            out += _S_CONFIG_ENTRY.pack(e.key, e.value)
+        except (struct.error, TypeError):
+            raise _pack_error("SHADOW_REPORT", out, (("entries.key", "enum", e.key), ("entries.value", "i32", e.value),)) from None
+    return bytes(out)
+
+_S_SHADOW_DELTA_0 = struct.Struct('<I')
+
+
+def decode_shadow_delta(buf: Buffer) -> ShadowDelta:
+    """Decode a SHADOW_DELTA frame."""
+    n = len(buf)
+    minor, msg_id = _header(buf, n, 7, "SHADOW_DELTA")
+    off = 6
+    if off + 4 > n:
+        raise ProtocolError("SHADOW_DELTA", n, f"truncated (needs 4 bytes of fields at {off})")
+    v_config_version, = _S_SHADOW_DELTA_0.unpack_from(buf, off)
+    off += 4
+    cnt, off = _length(buf, off, n, "SHADOW_DELTA", "entries", 16)
+    _need(off, cnt * 5, n, "SHADOW_DELTA", "entries")
+    v_entries = tuple(ConfigEntry(_enum(ConfigKey, r[0], "SHADOW_DELTA", off, "entries.key"), r[1]) for r in _S_CONFIG_ENTRY.iter_unpack(bytes(buf[off:off + cnt * 5])))
+    off += cnt * 5
+    if off != n and minor <= MINOR:
+        raise ProtocolError("SHADOW_DELTA", off, f"{n - off} trailing bytes")
+    return ShadowDelta(msg_id, v_config_version, v_entries)
+
+
+def encode_shadow_delta(f: ShadowDelta) -> bytes:
+    """Encode a SHADOW_DELTA frame."""
+    out = bytearray()
+    try:
+        out += _HDR.pack(VERSION_BYTE, 7, f.msg_id)
+    except (struct.error, TypeError):
+        raise ProtocolError("SHADOW_DELTA", 2, f"msg_id: {f.msg_id!r} does not fit u32") from None
+    try:
+        out += _S_SHADOW_DELTA_0.pack(f.config_version)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("SHADOW_DELTA", out, (("config_version", "u32", f.config_version),)) from None
+    if len(f.entries) > 16:
+        raise ProtocolError("SHADOW_DELTA", len(out), "entries: more than 16 items")
+    _put_uvarint(out, len(f.entries))
+    for e in f.entries:
+        if e.key not in ConfigKey._value2member_map_:
+            raise ProtocolError("SHADOW_DELTA", len(out), f"entries.key: {e.key!r} is not a ConfigKey")
+        try:
+            out += _S_CONFIG_ENTRY.pack(e.key, e.value)
+        except (struct.error, TypeError):
+            raise _pack_error("SHADOW_DELTA", out, (("entries.key", "enum", e.key), ("entries.value", "i32", e.value),)) from None
+    return bytes(out)
+
+_S_OTA_MANIFEST_0 = struct.Struct('<IIH')
+
+
+def decode_ota_manifest(buf: Buffer) -> OtaManifest:
+    """Decode a OTA_MANIFEST frame."""
+    n = len(buf)
+    minor, msg_id = _header(buf, n, 8, "OTA_MANIFEST")
+    off = 6
+    if off + 10 > n:
+        raise ProtocolError("OTA_MANIFEST", n, f"truncated (needs 10 bytes of fields at {off})")
+    v_version, v_total_size, v_chunk_size = _S_OTA_MANIFEST_0.unpack_from(buf, off)
+    off += 10
+    ln, off = _length(buf, off, n, "OTA_MANIFEST", "manifest", 2048)
+    _need(off, ln, n, "OTA_MANIFEST", "manifest")
+    v_manifest = bytes(buf[off:off + ln])
+    off += ln
+    ln, off = _length(buf, off, n, "OTA_MANIFEST", "signature", 64)
+    _need(off, ln, n, "OTA_MANIFEST", "signature")
+    v_signature = bytes(buf[off:off + ln])
+    off += ln
+    if off != n and minor <= MINOR:
+        raise ProtocolError("OTA_MANIFEST", off, f"{n - off} trailing bytes")
+    return OtaManifest(msg_id, v_version, v_total_size, v_chunk_size, v_manifest, v_signature)
+
+
+def encode_ota_manifest(f: OtaManifest) -> bytes:
+    """Encode a OTA_MANIFEST frame."""
+    out = bytearray()
+    try:
+        out += _HDR.pack(VERSION_BYTE, 8, f.msg_id)
+    except (struct.error, TypeError):
+        raise ProtocolError("OTA_MANIFEST", 2, f"msg_id: {f.msg_id!r} does not fit u32") from None
+    try:
+        out += _S_OTA_MANIFEST_0.pack(f.version, f.total_size, f.chunk_size)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("OTA_MANIFEST", out, (("version", "u32", f.version), ("total_size", "u32", f.total_size), ("chunk_size", "u16", f.chunk_size),)) from None
+    _put_bytes(out, f.manifest, "OTA_MANIFEST", "manifest", 2048)
+    _put_bytes(out, f.signature, "OTA_MANIFEST", "signature", 64)
+    return bytes(out)
+
+_S_OTA_CHUNK_0 = struct.Struct('<IH')
+
+
+def decode_ota_chunk(buf: Buffer) -> OtaChunk:
+    """Decode a OTA_CHUNK frame."""
+    n = len(buf)
+    minor, msg_id = _header(buf, n, 9, "OTA_CHUNK")
+    off = 6
+    if off + 6 > n:
+        raise ProtocolError("OTA_CHUNK", n, f"truncated (needs 6 bytes of fields at {off})")
+    v_version, v_index = _S_OTA_CHUNK_0.unpack_from(buf, off)
+    off += 6
+    ln, off = _length(buf, off, n, "OTA_CHUNK", "data", 2048)
+    _need(off, ln, n, "OTA_CHUNK", "data")
+    v_data = bytes(buf[off:off + ln])
+    off += ln
+    if off != n and minor <= MINOR:
+        raise ProtocolError("OTA_CHUNK", off, f"{n - off} trailing bytes")
+    return OtaChunk(msg_id, v_version, v_index, v_data)
+
+
+def encode_ota_chunk(f: OtaChunk) -> bytes:
+    """Encode a OTA_CHUNK frame."""
+    out = bytearray()
+    try:
+        out += _HDR.pack(VERSION_BYTE, 9, f.msg_id)
+    except (struct.error, TypeError):
+        raise ProtocolError("OTA_CHUNK", 2, f"msg_id: {f.msg_id!r} does not fit u32") from None
+    try:
+        out += _S_OTA_CHUNK_0.pack(f.version, f.index)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("OTA_CHUNK", out, (("version", "u32", f.version), ("index", "u16", f.index),)) from None
+    _put_bytes(out, f.data, "OTA_CHUNK", "data", 2048)
+    return bytes(out)
+
+_S_OTA_STATUS_0 = struct.Struct('<IBH')
+_S_OTA_STATUS_T4 = struct.Struct('<B')
+
+
+def decode_ota_status(buf: Buffer) -> OtaStatus:
+    """Decode a OTA_STATUS frame."""
+    n = len(buf)
+    minor, msg_id = _header(buf, n, 10, "OTA_STATUS")
+    off = 6
+    if off + 7 > n:
+        raise ProtocolError("OTA_STATUS", n, f"truncated (needs 7 bytes of fields at {off})")
+    v_version, v_state, v_chunks = _S_OTA_STATUS_0.unpack_from(buf, off)
+    v_state = _enum(OtaState, v_state, "OTA_STATUS", off + 4, "state")
+    off += 7
+    v_reason = OtaReason.NONE
+    v_detail = ''
+    last = 0
+    while off < n:
+        tag, voff, tl = _tlv_head(buf, off, n, "OTA_STATUS")
+        if tag <= last:
+            raise ProtocolError("OTA_STATUS", off, f"field tag {tag} repeated or out of order")
+        last = tag
+        if tag == 4:
+            x = _fixed_tlv(_S_OTA_STATUS_T4, buf, voff, tl, "OTA_STATUS", "reason")
+            v_reason = _enum(OtaReason, x, "OTA_STATUS", voff, "reason")
+        elif tag == 5:
+            off = voff
+            ln, off = _length(buf, off, voff + tl, "OTA_STATUS", "detail", 48)
+            _need(off, ln, voff + tl, "OTA_STATUS", "detail")
+            v_detail = _text(buf, off, ln, "OTA_STATUS", "detail")
+            off += ln
+            if off != voff + tl:
+                raise ProtocolError("OTA_STATUS", off, "detail: length does not match its value")
+        elif minor <= MINOR:
+            raise ProtocolError("OTA_STATUS", off, f"unknown field tag {tag}")
+        off = voff + tl
+    return OtaStatus(msg_id, v_version, v_state, v_chunks, v_reason, v_detail)
+
+
+def encode_ota_status(f: OtaStatus) -> bytes:
+    """Encode a OTA_STATUS frame."""
+    out = bytearray()
+    try:
+        out += _HDR.pack(VERSION_BYTE, 10, f.msg_id)
+    except (struct.error, TypeError):
+        raise ProtocolError("OTA_STATUS", 2, f"msg_id: {f.msg_id!r} does not fit u32") from None
+    if f.state not in OtaState._value2member_map_:
+        raise ProtocolError("OTA_STATUS", len(out), f"state: {f.state!r} is not a OtaState")
+    try:
+        out += _S_OTA_STATUS_0.pack(f.version, f.state, f.chunks)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("OTA_STATUS", out, (("version", "u32", f.version), ("state", "enum", f.state), ("chunks", "u16", f.chunks),)) from None
+    if f.reason != OtaReason.NONE:
+        if f.reason not in OtaReason._value2member_map_:
+            raise ProtocolError("OTA_STATUS", len(out), f"reason: {f.reason!r} is not a OtaReason")
+        try:
+            _put_tlv(out, 4, _S_OTA_STATUS_T4.pack(f.reason))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("OTA_STATUS", out, (("reason", "enum", f.reason),)) from None
+    if f.detail != '':
+        tmp = bytearray()
+        _put_text(tmp, f.detail, "OTA_STATUS", "detail", 48)
+        _put_tlv(out, 5, bytes(tmp))
+    return bytes(out)
+
+_S_SLEEP_NOW_0 = struct.Struct('<I')
+_S_SLEEP_NOW_T2 = struct.Struct('<B')
+
+
+def decode_sleep_now(buf: Buffer) -> SleepNow:
+    """Decode a SLEEP_NOW frame."""
+    n = len(buf)
+    minor, msg_id = _header(buf, n, 11, "SLEEP_NOW")
+    off = 6
+    if off + 4 > n:
+        raise ProtocolError("SLEEP_NOW", n, f"truncated (needs 4 bytes of fields at {off})")
+    v_sleep_s, = _S_SLEEP_NOW_0.unpack_from(buf, off)
+    off += 4
+    v_pending = 0
+    last = 0
+    while off < n:
+        tag, voff, tl = _tlv_head(buf, off, n, "SLEEP_NOW")
+        if tag <= last:
+            raise ProtocolError("SLEEP_NOW", off, f"field tag {tag} repeated or out of order")
+        last = tag
+        if tag == 2:
+            x = _fixed_tlv(_S_SLEEP_NOW_T2, buf, voff, tl, "SLEEP_NOW", "pending")
+            v_pending = x
+        elif minor <= MINOR:
+            raise ProtocolError("SLEEP_NOW", off, f"unknown field tag {tag}")
+        off = voff + tl
+    return SleepNow(msg_id, v_sleep_s, v_pending)
+
+
+def encode_sleep_now(f: SleepNow) -> bytes:
+    """Encode a SLEEP_NOW frame."""
+    out = bytearray()
+    try:
+        out += _HDR.pack(VERSION_BYTE, 11, f.msg_id)
+    except (struct.error, TypeError):
+        raise ProtocolError("SLEEP_NOW", 2, f"msg_id: {f.msg_id!r} does not fit u32") from None
+    try:
+        out += _S_SLEEP_NOW_0.pack(f.sleep_s)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("SLEEP_NOW", out, (("sleep_s", "u32", f.sleep_s),)) from None
+    if f.pending != 0:
+        try:
+            _put_tlv(out, 2, _S_SLEEP_NOW_T2.pack(f.pending))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("SLEEP_NOW", out, (("pending", "u8", f.pending),)) from None
+    return bytes(out)
+
+_S_ERROR_0 = struct.Struct('<BI')
+
+
+def decode_error(buf: Buffer) -> Error:
+    """Decode a ERROR frame."""
+    n = len(buf)
+    minor, msg_id = _header(buf, n, 12, "ERROR")
+    off = 6
+    if off + 5 > n:
+        raise ProtocolError("ERROR", n, f"truncated (needs 5 bytes of fields at {off})")
+    v_code, v_ref = _S_ERROR_0.unpack_from(buf, off)
+    v_code = _enum(ErrorCode, v_code, "ERROR", off + 0, "code")
+    off += 5
+    v_detail = ''
+    last = 0
+    while off < n:
+        tag, voff, tl = _tlv_head(buf, off, n, "ERROR")
+        if tag <= last:
+            raise ProtocolError("ERROR", off, f"field tag {tag} repeated or out of order")
+        last = tag
+        if tag == 3:
+            off = voff
+            ln, off = _length(buf, off, voff + tl, "ERROR", "detail", 64)
+            _need(off, ln, voff + tl, "ERROR", "detail")
+            v_detail = _text(buf, off, ln, "ERROR", "detail")
+            off += ln
+            if off != voff + tl:
+                raise ProtocolError("ERROR", off, "detail: length does not match its value")
+        elif minor <= MINOR:
+            raise ProtocolError("ERROR", off, f"unknown field tag {tag}")
+        off = voff + tl
+    return Error(msg_id, v_code, v_ref, v_detail)
+
+
+def encode_error(f: Error) -> bytes:
+    """Encode a ERROR frame."""
+    out = bytearray()
+    try:
+        out += _HDR.pack(VERSION_BYTE, 12, f.msg_id)
+    except (struct.error, TypeError):
+        raise ProtocolError("ERROR", 2, f"msg_id: {f.msg_id!r} does not fit u32") from None
+    if f.code not in ErrorCode._value2member_map_:
+        raise ProtocolError("ERROR", len(out), f"code: {f.code!r} is not a ErrorCode")
+    try:
+        out += _S_ERROR_0.pack(f.code, f.ref)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("ERROR", out, (("code", "enum", f.code), ("ref", "u32", f.ref),)) from None
+    if f.detail != '':
+        tmp = bytearray()
+        _put_text(tmp, f.detail, "ERROR", "detail", 64)
+        _put_tlv(out, 3, bytes(tmp))
+    return bytes(out)
+
+_DECODERS: dict[int, Callable[[Buffer], Frame]] = {
+    1: decode_hello,
+    2: decode_burst,
+    3: decode_ack,
+    4: decode_command,
+    5: decode_command_result,
+    6: decode_shadow_report,
+    7: decode_shadow_delta,
+    8: decode_ota_manifest,
+    9: decode_ota_chunk,
+    10: decode_ota_status,
+    11: decode_sleep_now,
+    12: decode_error,
+}
+_ENCODERS: dict[type, Callable[[Any], bytes]] = {
+    Hello: encode_hello,
+    Burst: encode_burst,
+    Ack: encode_ack,
+    Command: encode_command,
+    CommandResult: encode_command_result,
+    ShadowReport: encode_shadow_report,
+    ShadowDelta: encode_shadow_delta,
+    OtaManifest: encode_ota_manifest,
+    OtaChunk: encode_ota_chunk,
+    OtaStatus: encode_ota_status,
+    SleepNow: encode_sleep_now,
+    Error: encode_error,
+}
+
+
+def decode(buf: Buffer) -> Frame:
+    """Decode any frame; raises ProtocolError on anything but a valid frame."""
+    if len(buf) < 2:
+        raise ProtocolError("frame", len(buf), "truncated header")
+    fn = _DECODERS.get(buf[1])
+    if fn is None:
+        raise ProtocolError("frame", 1, f"unknown frame type {buf[1]}")
+    return fn(buf)
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode any frame dataclass."""
+    fn = _ENCODERS.get(type(frame))
+    if fn is None:
+        raise TypeError(f"not a frame: {frame!r}")
+    return fn(frame)

@@ -1,0 +1,114 @@
+"""Generate docs/protocol.md: the byte layout of every frame, from the spec."""
+
+from __future__ import annotations
+
+from tools.proto.spec import HEADER_SIZE, SCALARS, SPEC_REL, Field, Spec
+
+
+def _type(spec: Spec, f: Field) -> str:
+    if f.type == "enum":
+        return f"enum `{f.enum}` (u8)"
+    if f.type == "array":
+        return f"array of {f.of} (varint count, max {f.max})"
+    if f.type in ("bytes", "str"):
+        return f"{f.type} (varint length, max {f.max})"
+    if f.type == "series":
+        return f"series (max {f.max} readings)"
+    return f.type
+
+
+def generate(spec: Spec) -> str:
+    out: list[str] = []
+    p = out.append
+    p("# Torpor wire protocol")
+    p("")
+    p(f"Generated from `{SPEC_REL}` by `torpor proto gen`: generated, do not edit.")
+    p("")
+    p(f"Protocol version {spec.major}.{spec.minor}. Integers are little-endian. No frame exceeds "
+      f"{spec.max_frame} bytes; each device class has a smaller `max_message`.")
+    p("")
+    p("## Header (every frame)")
+    p("")
+    p("| offset | size | field | meaning |")
+    p("|---|---|---|---|")
+    p("| 0 | 1 | version | `major << 4 | minor`; a decoder refuses another major version |")
+    p("| 1 | 1 | frame type | see the frames below |")
+    p("| 2 | 4 | message id | u32; for BURST the first reading's id |")
+    p("")
+    p("## Encoding rules")
+    p("")
+    p("- Required fields follow the header in tag order: fixed-width scalars as they are, "
+      "`bytes`/`str` as an unsigned LEB128 varint length then the bytes (UTF-8 for `str`), "
+      "arrays as a varint count then the items, records as their fields in order.")
+    p("- Optional fields follow as `tag (u8) | varint length | value`, in increasing tag order, "
+      "and only when they differ from their default.")
+    p("- Evolution: a newer minor version may add optional fields; a decoder skips unknown tags "
+      "and trailing bytes only when the frame's minor version is newer than its own, and refuses "
+      "them otherwise (trailing garbage is an error).")
+    p("- Varints are at most 5 bytes and at most 32 bits; an overlong encoding is an error.")
+    p("- A series (BURST readings): `count (u8) | t0 (u32) | first reading's values (their fixed "
+      "types)`, then for each measurement the `count - 1` differences to the previous reading as "
+      "zigzag varints, column after column; when `interval` is 0 a last column holds the "
+      "differences between timestamps; otherwise reading *i* was taken at `t0 + i * interval`.")
+    p("")
+    p("## Device classes")
+    p("")
+    p("| class | id | max message | max flash queue | max downlink | wake s | heartbeat s | "
+      "budget B/min | power managed |")
+    p("|---|---|---|---|---|---|---|---|---|")
+    for c in spec.classes:
+        p(f"| {c.name} | {c.id} | {c.max_message} | {c.max_queue} | {c.max_downlink} | "
+          f"{c.wake_interval_s} | {c.heartbeat_s} | {c.budget_bytes_per_min} | "
+          f"{'yes' if c.power_managed else 'no'} |")
+    p("")
+    p("## Sensor schemas")
+    for s in spec.schemas:
+        p("")
+        p(f"### {s.name} (id {s.id})")
+        p("")
+        p(s.doc)
+        p("")
+        p("| column | type | unit | scale |")
+        p("|---|---|---|---|")
+        for m in s.measurements:
+            p(f"| {m.name} | {m.type} | {m.unit} | {m.scale:g} |")
+        p("")
+        p(f"Flash queue record: `{s.record_fmt}` ({s.record_size} bytes).")
+    p("")
+    p("## Enums")
+    for e in spec.enums:
+        p("")
+        p(f"- `{e.name}`: " + ", ".join(f"{k} = {v}" for k, v in e.values))
+    for r in spec.records:
+        p("")
+        p(f"## Record `{r.name}` ({r.size} bytes)")
+        p("")
+        p("| tag | field | type |")
+        p("|---|---|---|")
+        for f in r.fields:
+            p(f"| {f.tag} | {f.name} | {_type(spec, f)} |")
+    p("")
+    p("## Frames")
+    for fr in spec.frames:
+        p("")
+        p(f"### {fr.name} (type {fr.id}, {fr.direction})")
+        p("")
+        p(fr.doc)
+        p("")
+        p(f"Largest encoding: {spec.max_frame_size(fr)} bytes.")
+        p("")
+        p("| offset | tag | field | type | unit | notes |")
+        p("|---|---|---|---|---|---|")
+        off: int | None = HEADER_SIZE
+        for f in fr.fields:
+            if f.optional:
+                where = "opt"
+            else:
+                where = str(off) if off is not None else "var"
+            notes = f.doc
+            if f.optional:
+                notes = (notes + "; " if notes else "") + f"default {f.default!r}"
+            p(f"| {where} | {f.tag} | {f.name} | {_type(spec, f)} | {f.unit or ''} | {notes} |")
+            if off is not None and not f.optional:
+                off = off + SCALARS[f.type][1] if f.fixed else None
+    return "\n".join(out) + "\n"

@@ -1,0 +1,574 @@
+"""Generate firmware/proto.py: the MicroPython codec (no typing, const(), caller's buffers).
+
+Encoders write into a caller-provided bytearray/memoryview and return the length; a
+BURST is encoded straight from the flash queue's records without building lists.
+Decoders return tuples (indices are generated constants) and raise only ProtocolError.
+"""
+
+from __future__ import annotations
+
+from tools.proto.spec import (
+    HEADER_SIZE,
+    INT_RANGES,
+    SCALARS,
+    SPEC_REL,
+    Field,
+    Frame,
+    Spec,
+    varint_size,
+)
+
+PREAMBLE = '''\
+class ProtocolError(ValueError):
+    pass
+
+
+def _err(name, off, why):
+    return ProtocolError("%s at byte %d: %s" % (name, off, why))
+
+
+def _header(buf, n, ftype, name):
+    if n < HEADER_SIZE:
+        raise _err(name, n, "truncated header")
+    if n > MAX_FRAME:
+        raise _err(name, MAX_FRAME, "frame too large")
+    v = buf[0]
+    if v >> 4 != MAJOR:
+        raise _err(name, 0, "unsupported protocol version %d.%d" % (v >> 4, v & 15))
+    if buf[1] != ftype:
+        raise _err(name, 1, "frame type %d is not %s" % (buf[1], name))
+    return v & 15
+
+
+def _msg_id(buf):
+    return buf[2] | buf[3] << 8 | buf[4] << 16 | buf[5] << 24
+
+
+def _put_header(buf, ftype, msg_id):
+    buf[0] = VERSION_BYTE
+    buf[1] = ftype
+    buf[2] = msg_id & 0xFF
+    buf[3] = (msg_id >> 8) & 0xFF
+    buf[4] = (msg_id >> 16) & 0xFF
+    buf[5] = (msg_id >> 24) & 0xFF
+
+
+def _uv(buf, off, n, name):
+    # returns the value; the new offset is left in _pos[0] (no tuple per call)
+    r = 0
+    s = 0
+    while True:
+        if off >= n:
+            raise _err(name, off, "truncated varint")
+        b = buf[off]
+        off += 1
+        r |= (b & 0x7F) << s
+        if b < 0x80:
+            if b == 0 and s:
+                raise _err(name, off - 1, "overlong varint")
+            break
+        s += 7
+        if s >= 35:
+            raise _err(name, off, "varint longer than 5 bytes")
+    if r > 0xFFFFFFFF:
+        raise _err(name, off, "varint exceeds 32 bits")
+    _pos[0] = off
+    return r
+
+
+_pos = [0]
+
+
+def _put_uv(buf, off, v):
+    while v >= 0x80:
+        buf[off] = (v & 0x7F) | 0x80
+        v >>= 7
+        off += 1
+    buf[off] = v
+    return off + 1
+
+
+def _uv_size(v):
+    n = 1
+    while v >= 0x80:
+        v >>= 7
+        n += 1
+    return n
+
+
+def _need(off, size, n, name, field):
+    if off + size > n:
+        raise _err(name, n, field + ": truncated")
+
+
+def _length(buf, off, n, name, field, limit):
+    ln = _uv(buf, off, n, name)
+    if ln > limit:
+        raise _err(name, off, "%s: length %d exceeds the maximum %d" % (field, ln, limit))
+    return ln
+
+
+def _enum(v, valid, name, off, field):
+    if v not in valid:
+        raise _err(name, off, "%s: %d is not a valid value" % (field, v))
+    return v
+
+
+def _bool(v, name, off, field):
+    if v > 1:
+        raise _err(name, off, field + ": not a bool")
+    return v == 1
+
+
+def _text(buf, off, ln, name, field):
+    try:
+        return str(bytes(buf[off:off + ln]), "utf-8")
+    except Exception:
+        raise _err(name, off, field + ": not UTF-8")
+
+
+def _put_raw(buf, off, data, limit, name, field):
+    n = len(data)
+    if n > limit:
+        raise _err(name, off, "%s: %d bytes exceeds the maximum %d" % (field, n, limit))
+    off = _put_uv(buf, off, n)
+    buf[off:off + n] = data
+    return off + n
+
+
+def _fixed_tlv(fmt, size, buf, off, ln, name, field):
+    if ln != size:
+        raise _err(name, off, "%s: length %d, expected %d" % (field, ln, size))
+    return struct.unpack_from(fmt, buf, off)[0]
+
+
+def _put_zz(buf, off, d):
+    z = (d << 1) if d >= 0 else ((-d) << 1) - 1
+    while z >= 0x80:
+        buf[off] = (z & 0x7F) | 0x80
+        z >>= 7
+        off += 1
+    buf[off] = z
+    return off + 1
+
+
+def _rd(recs, p, width, signed):
+    if width == 1:
+        v = recs[p]
+    elif width == 2:
+        v = recs[p] | recs[p + 1] << 8
+    else:
+        v = recs[p] | recs[p + 1] << 8 | recs[p + 2] << 16 | recs[p + 3] << 24
+    if signed and v >= 1 << (8 * width - 1):
+        v -= 1 << (8 * width)
+    return v
+
+
+def _dt(recs, p, q):
+    # seconds between two u32 timestamps, from 16-bit halves so a 32-bit port needs no big int
+    return ((recs[q + 2] | recs[q + 3] << 8) - (recs[p + 2] | recs[p + 3] << 8)) * 65536 + (
+        (recs[q] | recs[q + 1] << 8) - (recs[p] | recs[p + 1] << 8))
+
+
+def _encode_series(buf, off, name, schema, interval, recs, count, limit):
+    cols = _SCHEMA_COLS.get(schema)
+    if cols is None:
+        raise _err(name, off, "unknown sensor schema %d" % schema)
+    if count < 1 or count > limit:
+        raise _err(name, off, "readings: count %d outside 1..%d" % (count, limit))
+    rs = cols[0]
+    regular = interval != 0
+    if regular:
+        p = 0
+        for _ in range(count - 1):
+            if _dt(recs, p, p + rs) != interval:
+                regular = False
+                break
+            p += rs
+    ipos = off - 2
+    if not regular:
+        buf[ipos] = 0
+        buf[ipos + 1] = 0
+    buf[off] = count
+    buf[off + 1:off + rs + 1] = recs[0:rs]
+    off += rs + 1
+    for i in range(1, len(cols)):
+        co, width, signed = cols[i]
+        prev = _rd(recs, co, width, signed)
+        p = co + rs
+        for _ in range(count - 1):
+            v = _rd(recs, p, width, signed)
+            off = _put_zz(buf, off, v - prev)
+            prev = v
+            p += rs
+    if not regular:
+        p = 0
+        for _ in range(count - 1):
+            off = _put_zz(buf, off, _dt(recs, p, p + rs))
+            p += rs
+    return off
+
+
+def _decode_series(buf, off, n, name, schema, interval, limit):
+    cols = _SCHEMA_COLS.get(schema)
+    if cols is None:
+        raise _err(name, off, "unknown sensor schema %d" % schema)
+    rs = cols[0]
+    _need(off, rs + 1, n, name, "readings")
+    count = buf[off]
+    if count < 1 or count > limit:
+        raise _err(name, off, "readings: count %d outside 1..%d" % (count, limit))
+    t0 = struct.unpack_from("<I", buf, off + 1)[0]
+    base = off + 1
+    off += rs + 1
+    columns = []
+    for i in range(1, len(cols)):
+        co, width, signed = cols[i]
+        v = _rd(buf, base + co, width, signed)
+        lo = -(1 << (8 * width - 1)) if signed else 0
+        hi = (1 << (8 * width - 1)) - 1 if signed else (1 << (8 * width)) - 1
+        col = [v]
+        for _ in range(count - 1):
+            z = _uv(buf, off, n, name)
+            off = _pos[0]
+            v += (z >> 1) ^ -(z & 1)
+            if v < lo or v > hi:
+                raise _err(name, off, "readings: value leaves its type's range")
+            col.append(v)
+        columns.append(col)
+    ts = [t0]
+    t = t0
+    for _ in range(count - 1):
+        if interval:
+            t += interval
+        else:
+            z = _uv(buf, off, n, name)
+            off = _pos[0]
+            t += (z >> 1) ^ -(z & 1)
+        if t < 0 or t > 0xFFFFFFFF:
+            raise _err(name, off, "readings: timestamp leaves u32")
+        ts.append(t)
+    _pos[0] = off
+    return (ts, columns)
+
+
+def _tlv(buf, off, n, name):
+    tag = buf[off]
+    ln = _uv(buf, off + 1, n, name)
+    if _pos[0] + ln > n:
+        raise _err(name, off, "field tag %d: truncated" % tag)
+    _pos[1] = tag
+    return ln
+'''
+
+
+def _c(name: str) -> str:
+    return name.upper()
+
+
+class _W:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, text: str = "", indent: int = 0) -> None:
+        self.lines.append(("    " * indent + text) if text else "")
+
+
+def _groups(fields: tuple[Field, ...]) -> list[list[Field] | Field]:
+    groups: list[list[Field] | Field] = []
+    for f in fields:
+        if f.fixed:
+            if groups and isinstance(groups[-1], list):
+                groups[-1].append(f)
+            else:
+                groups.append([f])
+        else:
+            groups.append(f)
+    return groups
+
+
+def _default(f: Field) -> str:
+    if f.type == "bool":
+        return "True" if f.default else "False"
+    if f.type == "array":
+        return "()"
+    if f.type == "bytes":
+        return repr(str(f.default).encode())
+    return repr(f.default)
+
+
+def generate(spec: Spec) -> str:
+    w = _W()
+    w("# Torpor wire protocol codec for MicroPython (the firmware).")
+    w(f"# Generated from {SPEC_REL} by `torpor proto gen`: generated, do not edit.")
+    w("# Encoders write into a caller's buffer (at least MAX_<FRAME> bytes) and return the length;")
+    w("# decoders return tuples indexed by the <FRAME>_<FIELD> constants and raise ProtocolError.")
+    w("from micropython import const")
+    w("import struct")
+    w()
+    w(f"MAJOR = const({spec.major})")
+    w(f"MINOR = const({spec.minor})")
+    w(f"VERSION_BYTE = const(0x{spec.version_byte:02X})")
+    w(f"HEADER_SIZE = const({HEADER_SIZE})")
+    w(f"MAX_FRAME = const({spec.max_frame})")
+    w()
+    w("# frame types and their largest encoding")
+    for fr in spec.frames:
+        w(f"{fr.name} = const({fr.id})")
+        w(f"MAX_{fr.name} = const({spec.max_frame_size(fr)})")
+    w()
+    for e in spec.enums:
+        w(f"# enum {e.name}")
+        for k, v in e.values:
+            w(f"{_c(e.name)}_{_c(k)} = const({v})")
+        w(f"_E_{_c(e.name)} = ({', '.join(str(v) for _, v in e.values)},)")
+    w()
+    w("# device class id -> (max_message, max_queue, max_downlink, wake_interval_s, heartbeat_s,")
+    w("#                     budget_bytes_per_min, power_managed)")
+    w("CLASS_LIMITS = {")
+    for c in spec.classes:
+        w(f"    {c.id}: ({c.max_message}, {c.max_queue}, {c.max_downlink}, {c.wake_interval_s}, "
+          f"{c.heartbeat_s}, {c.budget_bytes_per_min}, {c.power_managed}),")
+    w("}")
+    w()
+    w("# sensor schemas: a reading in the flash queue is RECORD_<SCHEMA> (u32 time, then values)")
+    for s in spec.schemas:
+        w(f"SCHEMA_{_c(s.name)} = const({s.id})")
+        w(f"RECORD_{_c(s.name)} = {s.record_fmt!r}")
+        w(f"RECORD_SIZE_{_c(s.name)} = const({s.record_size})")
+    w("# schema id -> (record size, (offset, width, signed) per value)")
+    w("_SCHEMA_COLS = {")
+    for s in spec.schemas:
+        cols = []
+        off = 4
+        for m in s.measurements:
+            size = SCALARS[m.type][1]
+            cols.append(f"({off}, {size}, {m.type.startswith('i')})")
+            off += size
+        w(f"    {s.id}: ({s.record_size}, {', '.join(cols)}),")
+    w("}")
+    w()
+    w("# indices into decoded tuples (0 is always the message id)")
+    for fr in spec.frames:
+        for i, f in enumerate(fr.fields, start=1):
+            w(f"{fr.name}_{_c(f.name)} = const({i})")
+    w()
+    w()
+    w(PREAMBLE.replace("_pos = [0]", "_pos = [0, 0]").rstrip("\n"))
+    for fr in spec.frames:
+        _gen_encode(w, spec, fr)
+        _gen_decode(w, spec, fr)
+    w()
+    w()
+    w("_DECODERS = {")
+    for fr in spec.frames:
+        w(f"    {fr.id}: decode_{fr.snake},")
+    w("}")
+    w()
+    w()
+    w("def decode(buf):")
+    w("# any frame -> (frame type, decoded tuple)", 1)
+    w("if len(buf) < 2:", 1)
+    w('raise _err("frame", len(buf), "truncated header")', 2)
+    w("fn = _DECODERS.get(buf[1])", 1)
+    w("if fn is None:", 1)
+    w('raise _err("frame", 1, "unknown frame type %d" % buf[1])', 2)
+    w("return buf[1], fn(buf)", 1)
+    return "\n".join(w.lines) + "\n"
+
+
+def _value_size_expr(spec: Spec, f: Field) -> str:
+    """MicroPython expression for the encoded size of a variable optional field's value."""
+    v = f.name
+    if f.type == "bytes":
+        return f"_uv_size(len({v})) + len({v})"
+    if f.type == "str":
+        return f"_uv_size(len({v}_b)) + len({v}_b)"
+    if f.type == "array":
+        assert f.of
+        size = SCALARS[f.of][1] if f.of in SCALARS else spec.record(f.of).size
+        return f"_uv_size(len({v})) + len({v}) * {size}"
+    raise AssertionError(f.type)
+
+
+def _encode_value(w: _W, spec: Spec, fr: Frame, f: Field, ind: int) -> None:
+    N = fr.name
+    v = f.name
+    if f.type == "bytes":
+        w(f'off = _put_raw(buf, off, {v}, {f.max}, "{N}", "{v}")', ind)
+    elif f.type == "str":
+        w(f'off = _put_raw(buf, off, {v}_b, {f.max}, "{N}", "{v}")', ind)
+    elif f.type == "array":
+        assert f.of
+        w(f"if len({v}) > {f.max}:", ind)
+        w(f'raise _err("{N}", off, "{v}: more than {f.max} items")', ind + 1)
+        w(f"off = _put_uv(buf, off, len({v}))", ind)
+        if f.of in SCALARS:
+            code, size = SCALARS[f.of]
+            w(f"for x in {v}:", ind)
+            w(f'struct.pack_into("<{code}", buf, off, x)', ind + 1)
+            w(f"off += {size}", ind + 1)
+        else:
+            rec = spec.record(f.of)
+            w(f"for x in {v}:", ind)
+            w(f'struct.pack_into("<{rec.fmt}", buf, off, *x)', ind + 1)
+            w(f"off += {rec.size}", ind + 1)
+    elif f.type == "series":
+        w(f'off = _encode_series(buf, off, "{N}", {f.schema_field}, {f.interval_field}, recs, count, {f.max})', ind)
+    else:
+        raise AssertionError(f.type)
+
+
+def _gen_encode(w: _W, spec: Spec, fr: Frame) -> None:
+    N = fr.name
+    params = ["buf", "msg_id"]
+    for f in fr.required:
+        params += ["recs", "count"] if f.type == "series" else [f.name]
+    params += [f"{f.name}={_default(f)}" for f in fr.optional]
+    w()
+    w()
+    w(f"def encode_{fr.snake}({', '.join(params)}):")
+    if any(f.type == "series" for f in fr.fields):
+        w("# recs: `count` readings in the schema's RECORD layout, oldest first", 1)
+    w(f"_put_header(buf, {N}, msg_id)", 1)
+    w(f"off = {HEADER_SIZE}", 1)
+    for f in fr.fields:
+        if f.type == "str":
+            w(f"{f.name}_b = {f.name}.encode()", 1)
+    for g in _groups(fr.required):
+        if isinstance(g, list):
+            fmt = "<" + "".join(SCALARS[f.type][0] for f in g)
+            size = sum(SCALARS[f.type][1] for f in g)
+            vals = ", ".join(f.name for f in g)
+            w(f'struct.pack_into("{fmt}", buf, off, {vals})', 1)
+            w(f"off += {size}", 1)
+        else:
+            _encode_value(w, spec, fr, g, 1)
+    for f in fr.optional:
+        if f.type == "array":
+            w(f"if len({f.name}):", 1)
+        else:
+            w(f"if {f.name} != {_default(f)}:", 1)
+        w(f"buf[off] = {f.tag}", 2)
+        if f.fixed:
+            code, size = SCALARS[f.type]
+            w(f"buf[off + 1] = {size}", 2)
+            w(f'struct.pack_into("<{code}", buf, off + 2, {f.name})', 2)
+            w(f"off += {2 + size}", 2)
+        else:
+            w(f"off = _put_uv(buf, off + 1, {_value_size_expr(spec, f)})", 2)
+            _encode_value(w, spec, fr, f, 2)
+    w("return off", 1)
+
+
+def _decode_value(w: _W, spec: Spec, fr: Frame, f: Field, ind: int, end: str) -> None:
+    N = fr.name
+    v = f.name
+    if f.type in ("bytes", "str"):
+        w(f'ln = _length(buf, off, {end}, "{N}", "{v}", {f.max})', ind)
+        w("off = _pos[0]", ind)
+        w(f'_need(off, ln, {end}, "{N}", "{v}")', ind)
+        if f.type == "bytes":
+            w(f"v_{v} = buf[off:off + ln]", ind)
+        else:
+            w(f'v_{v} = _text(buf, off, ln, "{N}", "{v}")', ind)
+        w("off += ln", ind)
+    elif f.type == "array":
+        assert f.of
+        w(f'cnt = _length(buf, off, {end}, "{N}", "{v}", {f.max})', ind)
+        w("off = _pos[0]", ind)
+        if f.of in SCALARS:
+            code, size = SCALARS[f.of]
+            w(f'_need(off, cnt * {size}, {end}, "{N}", "{v}")', ind)
+            w(f'v_{v} = [struct.unpack_from("<{code}", buf, off + {size} * i)[0] for i in range(cnt)]', ind)
+            w(f"off += cnt * {size}", ind)
+        else:
+            rec = spec.record(f.of)
+            w(f'_need(off, cnt * {rec.size}, {end}, "{N}", "{v}")', ind)
+            w(f"v_{v} = []", ind)
+            w("for i in range(cnt):", ind)
+            w(f'x = struct.unpack_from("<{rec.fmt}", buf, off)', ind + 1)
+            pos = 0
+            for j, rf in enumerate(rec.fields):
+                if rf.type == "enum":
+                    assert rf.enum
+                    w(f'_enum(x[{j}], _E_{_c(rf.enum)}, "{N}", off + {pos}, "{v}.{rf.name}")', ind + 1)
+                elif rf.type == "bool":
+                    w(f'_bool(x[{j}], "{N}", off + {pos}, "{v}.{rf.name}")', ind + 1)
+                pos += SCALARS[rf.type][1]
+            w(f"v_{v}.append(x)", ind + 1)
+            w(f"off += {rec.size}", ind + 1)
+    elif f.type == "series":
+        w(f'v_{v} = _decode_series(buf, off, {end}, "{N}", v_{f.schema_field}, v_{f.interval_field}, {f.max})', ind)
+        w("off = _pos[0]", ind)
+    else:
+        raise AssertionError(f.type)
+
+
+def _check_scalar(w: _W, fr: Frame, f: Field, ind: int, where: str) -> None:
+    N = fr.name
+    if f.type == "enum":
+        assert f.enum
+        w(f'_enum(v_{f.name}, _E_{_c(f.enum)}, "{N}", {where}, "{f.name}")', ind)
+    elif f.type == "bool":
+        w(f'v_{f.name} = _bool(v_{f.name}, "{N}", {where}, "{f.name}")', ind)
+
+
+def _gen_decode(w: _W, spec: Spec, fr: Frame) -> None:
+    N = fr.name
+    w()
+    w()
+    w(f"def decode_{fr.snake}(buf):")
+    w("n = len(buf)", 1)
+    w(f'minor = _header(buf, n, {N}, "{N}")', 1)
+    w("buf = memoryview(buf)", 1)
+    w(f"off = {HEADER_SIZE}", 1)
+    for g in _groups(fr.required):
+        if isinstance(g, list):
+            fmt = "<" + "".join(SCALARS[f.type][0] for f in g)
+            size = sum(SCALARS[f.type][1] for f in g)
+            w(f'_need(off, {size}, n, "{N}", "{g[0].name}")', 1)
+            names = ", ".join(f"v_{f.name}" for f in g) + ("," if len(g) == 1 else "")
+            w(f'{names} = struct.unpack_from("{fmt}", buf, off)', 1)
+            pos = 0
+            for f in g:
+                _check_scalar(w, fr, f, 1, f"off + {pos}")
+                pos += SCALARS[f.type][1]
+            w(f"off += {size}", 1)
+        else:
+            _decode_value(w, spec, fr, g, 1, "n")
+    for f in fr.optional:
+        w(f"v_{f.name} = {_default(f) if f.type != 'array' else '[]'}", 1)
+    if fr.optional:
+        w("last = 0", 1)
+        w("while off < n:", 1)
+        w(f'tl = _tlv(buf, off, n, "{N}")', 2)
+        w("tag = _pos[1]", 2)
+        w("voff = _pos[0]", 2)
+        w("if tag <= last:", 2)
+        w(f'raise _err("{N}", off, "field tag %d repeated or out of order" % tag)', 3)
+        w("last = tag", 2)
+        first = True
+        for f in fr.optional:
+            w(f"{'if' if first else 'elif'} tag == {f.tag}:", 2)
+            first = False
+            if f.fixed:
+                code, size = SCALARS[f.type]
+                w(f'v_{f.name} = _fixed_tlv("<{code}", {size}, buf, voff, tl, "{N}", "{f.name}")', 3)
+                _check_scalar(w, fr, f, 3, "voff")
+            else:
+                w("off = voff", 3)
+                _decode_value(w, spec, fr, f, 3, "voff + tl")
+                w("if off != voff + tl:", 3)
+                w(f'raise _err("{N}", off, "{f.name}: length does not match its value")', 4)
+        w("elif minor <= MINOR:", 2)
+        w(f'raise _err("{N}", off, "unknown field tag %d" % tag)', 3)
+        w("off = voff + tl", 2)
+    else:
+        w("if off != n and minor <= MINOR:", 1)
+        w(f'raise _err("{N}", off, "%d trailing bytes" % (n - off))', 2)
+    vals = ", ".join(["_msg_id(buf)"] + [f"v_{f.name}" for f in fr.fields])
+    w(f"return ({vals})", 1)
+
+
+__all__ = ["generate", "varint_size", "INT_RANGES"]

@@ -1,0 +1,683 @@
+"""Generate gateway/proto.py: the typed CPython codec (frozen dataclasses, struct decoding).
+
+Decoders raise only ProtocolError (frame name and byte offset in the message). A BURST
+decodes straight into columns; regular bursts whose deltas fit one byte each take a path
+with no Python-level loop per reading.
+"""
+
+from __future__ import annotations
+
+from tools.proto.spec import HEADER_SIZE, INT_RANGES, SCALARS, SPEC_REL, Field, Frame, Spec
+
+PREAMBLE = '''\
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from itertools import accumulate
+from typing import Any, Callable, ClassVar, TypeVar
+
+Buffer = bytes | bytearray | memoryview
+_E = TypeVar("_E", bound=IntEnum)
+
+
+class ProtocolError(ValueError):
+    """A frame could not be decoded or encoded; names the frame and the byte offset."""
+
+    def __init__(self, frame: str, offset: int, reason: str) -> None:
+        super().__init__(f"{frame} at byte {offset}: {reason}")
+        self.frame = frame
+        self.offset = offset
+        self.reason = reason
+
+
+_HDR = struct.Struct("<BBI")
+_ZZ = tuple((b >> 1) ^ -(b & 1) for b in range(128))
+
+
+def _header(buf: Buffer, n: int, ftype: int, name: str) -> tuple[int, int]:
+    if n < HEADER_SIZE:
+        raise ProtocolError(name, n, "truncated header")
+    if n > MAX_FRAME:
+        raise ProtocolError(name, MAX_FRAME, f"frame of {n} bytes exceeds the maximum {MAX_FRAME}")
+    ver, got, msg_id = _HDR.unpack_from(buf, 0)
+    if ver >> 4 != MAJOR:
+        raise ProtocolError(
+            name, 0, f"unsupported protocol version {ver >> 4}.{ver & 15} (this side speaks {MAJOR}.x)"
+        )
+    if got != ftype:
+        raise ProtocolError(name, 1, f"frame type {got} is not {name} ({ftype})")
+    return ver & 15, msg_id
+
+
+def _uvarint(buf: Buffer, off: int, n: int, name: str) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if off >= n:
+            raise ProtocolError(name, off, "truncated varint")
+        b = buf[off]
+        off += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            if b == 0 and shift:
+                raise ProtocolError(name, off - 1, "overlong varint")
+            break
+        shift += 7
+        if shift >= 35:
+            raise ProtocolError(name, off, "varint longer than 5 bytes")
+    if result > 0xFFFFFFFF:
+        raise ProtocolError(name, off, "varint exceeds 32 bits")
+    return result, off
+
+
+def _put_uvarint(out: bytearray, v: int) -> None:
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+
+
+def _zigzag_varints(out: bytearray, deltas: list[int]) -> None:
+    zz = [(d << 1) ^ (d >> 63) for d in deltas]
+    if not zz or max(zz) < 0x80:
+        out += bytes(zz)
+        return
+    for v in zz:
+        _put_uvarint(out, v)
+
+
+def _length(buf: Buffer, off: int, n: int, name: str, field: str, limit: int) -> tuple[int, int]:
+    ln, off = _uvarint(buf, off, n, name)
+    if ln > limit:
+        raise ProtocolError(name, off, f"{field}: length {ln} exceeds the maximum {limit}")
+    return ln, off
+
+
+def _need(off: int, size: int, n: int, name: str, field: str) -> None:
+    if off + size > n:
+        raise ProtocolError(name, n, f"{field}: truncated (needs {size} bytes at {off})")
+
+
+def _text(buf: Buffer, off: int, ln: int, name: str, field: str) -> str:
+    try:
+        return bytes(buf[off:off + ln]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(name, off, f"{field}: not UTF-8") from None
+
+
+def _put_text(out: bytearray, value: str, name: str, field: str, limit: int) -> None:
+    raw = value.encode("utf-8")
+    if len(raw) > limit:
+        raise ProtocolError(name, len(out), f"{field}: {len(raw)} bytes exceeds the maximum {limit}")
+    _put_uvarint(out, len(raw))
+    out += raw
+
+
+def _put_bytes(out: bytearray, value: Buffer, name: str, field: str, limit: int) -> None:
+    if len(value) > limit:
+        raise ProtocolError(name, len(out), f"{field}: {len(value)} bytes exceeds the maximum {limit}")
+    _put_uvarint(out, len(value))
+    out += value
+
+
+def _enum(cls: type[_E], value: int, name: str, off: int, field: str) -> _E:
+    try:
+        return cls(value)
+    except ValueError:
+        raise ProtocolError(name, off, f"{field}: {value} is not a {cls.__name__}") from None
+
+
+def _bool(value: int, name: str, off: int, field: str) -> bool:
+    if value > 1:
+        raise ProtocolError(name, off, f"{field}: {value} is not a bool (0 or 1)")
+    return value == 1
+
+
+def _fixed_tlv(s: struct.Struct, buf: Buffer, off: int, ln: int, name: str, field: str) -> int:
+    if ln != s.size:
+        raise ProtocolError(name, off, f"{field}: length {ln}, expected {s.size}")
+    return s.unpack_from(buf, off)[0]  # type: ignore[no-any-return]
+
+
+def _pack_error(name: str, out: bytearray, checks: tuple[tuple[str, str, object], ...]) -> ProtocolError:
+    for field, ftype, value in checks:
+        lo, hi = _RANGES.get(ftype, (None, None))
+        if lo is not None and hi is not None:
+            if not isinstance(value, int) or not lo <= value <= hi:
+                return ProtocolError(name, len(out), f"{field}: {value!r} does not fit {ftype}")
+        elif ftype == "f32":
+            try:
+                struct.pack("<f", value)
+            except (struct.error, OverflowError, TypeError):
+                return ProtocolError(name, len(out), f"{field}: {value!r} does not fit f32")
+    return ProtocolError(name, len(out), "a value does not fit its field")
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """Readings of one schema: timestamps (unix s) and one column per measurement."""
+
+    timestamps: tuple[int, ...]
+    columns: tuple[tuple[int, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.timestamps)
+
+    def rows(self) -> list[tuple[int, ...]]:
+        return list(zip(self.timestamps, *self.columns, strict=True))
+
+
+def _decode_series(
+    buf: Buffer, off: int, n: int, name: str, schema: int, interval: int, limit: int, minor: int
+) -> tuple[Series, int]:
+    info = _SCHEMAS.get(schema)
+    if info is None:
+        raise ProtocolError(name, off, f"unknown sensor schema {schema}")
+    first, ranges = info
+    ncols = len(ranges)
+    _need(off, 5 + first.size, n, name, "readings")
+    count = buf[off]
+    if count == 0 or count > limit:
+        raise ProtocolError(name, off, f"readings: count {count} outside 1..{limit}")
+    (t0,) = _U32.unpack_from(buf, off + 1)
+    row0 = first.unpack_from(buf, off + 5)
+    off += 5 + first.size
+    m = count - 1
+    nstreams = ncols + (1 if interval == 0 else 0)
+    rest = n - off
+    streams: list[list[int]] = []
+    if rest == m * nstreams or (minor > MINOR and rest > m * nstreams):
+        block = bytes(buf[off:off + m * nstreams])
+        if block and max(block) >= 0x80:
+            block = b""
+        if len(block) == m * nstreams:
+            get = _ZZ.__getitem__
+            streams = [list(map(get, block[i * m:(i + 1) * m])) for i in range(nstreams)]
+            off += m * nstreams
+    if not streams:
+        for _ in range(nstreams):
+            col = []
+            for _ in range(m):
+                v, off = _uvarint(buf, off, n, name)
+                col.append((v >> 1) ^ -(v & 1))
+            streams.append(col)
+    columns = []
+    for i, (lo, hi) in enumerate(ranges):
+        col_t = tuple(accumulate(streams[i], initial=row0[i]))
+        if min(col_t) < lo or max(col_t) > hi:
+            raise ProtocolError(name, off, f"readings: column {i} leaves its type's range")
+        columns.append(col_t)
+    if interval:
+        timestamps = tuple(range(t0, t0 + count * interval, interval))
+    else:
+        timestamps = tuple(accumulate(streams[ncols], initial=t0))
+    if timestamps[-1] > 0xFFFFFFFF or min(timestamps) < 0:
+        raise ProtocolError(name, off, "readings: timestamp leaves u32")
+    return Series(timestamps, tuple(columns)), off
+
+
+def _encode_series(
+    out: bytearray, name: str, schema: int, interval: int, series: Series, limit: int
+) -> None:
+    info = _SCHEMAS.get(schema)
+    if info is None:
+        raise ProtocolError(name, len(out), f"unknown sensor schema {schema}")
+    first, ranges = info
+    count = len(series.timestamps)
+    if not 1 <= count <= limit:
+        raise ProtocolError(name, len(out), f"readings: count {count} outside 1..{limit}")
+    if len(series.columns) != len(ranges) or any(len(c) != count for c in series.columns):
+        raise ProtocolError(name, len(out), "readings: columns do not match the schema")
+    ts = series.timestamps
+    if interval:
+        if ts[-1] - ts[0] != (count - 1) * interval or any(
+            b - a != interval for a, b in zip(ts, ts[1:])
+        ):
+            raise ProtocolError(name, len(out), "readings: timestamps are not `interval` apart")
+    for i, (lo, hi) in enumerate(ranges):
+        col = series.columns[i]
+        if min(col) < lo or max(col) > hi:
+            raise ProtocolError(name, len(out), f"readings: column {i} leaves its type's range")
+    if min(ts) < 0 or max(ts) > 0xFFFFFFFF:
+        raise ProtocolError(name, len(out), "readings: timestamp leaves u32")
+    out.append(count)
+    out += _U32.pack(ts[0])
+    out += first.pack(*(c[0] for c in series.columns))
+    for col in series.columns:
+        _zigzag_varints(out, [b - a for a, b in zip(col, col[1:])])
+    if not interval:
+        _zigzag_varints(out, [b - a for a, b in zip(ts, ts[1:])])
+
+
+def _tlv_head(buf: Buffer, off: int, n: int, name: str) -> tuple[int, int, int]:
+    tag = buf[off]
+    ln, voff = _uvarint(buf, off + 1, n, name)
+    if voff + ln > n:
+        raise ProtocolError(name, off, f"field tag {tag}: truncated (length {ln})")
+    return tag, voff, ln
+
+
+def _put_tlv(out: bytearray, tag: int, value: bytes) -> None:
+    out.append(tag)
+    _put_uvarint(out, len(value))
+    out += value
+'''
+
+
+def pascal(name: str) -> str:
+    return "".join(p.capitalize() for p in name.split("_"))
+
+
+def _py_type(spec: Spec, f: Field) -> str:
+    if f.type == "enum":
+        assert f.enum
+        return pascal(f.enum)
+    if f.type == "bool":
+        return "bool"
+    if f.type == "f32":
+        return "float"
+    if f.type in INT_RANGES:
+        return "int"
+    if f.type == "bytes":
+        return "bytes"
+    if f.type == "str":
+        return "str"
+    if f.type == "array":
+        assert f.of
+        inner = "int" if f.of in SCALARS else pascal(f.of)
+        return f"tuple[{inner}, ...]"
+    if f.type == "series":
+        return "Series"
+    raise AssertionError(f.type)
+
+
+def _default_literal(spec: Spec, f: Field) -> str:
+    if f.type == "enum":
+        assert f.enum
+        name = dict((v, k) for k, v in spec.enum(f.enum).values)[f.default]
+        return f"{pascal(f.enum)}.{name.upper()}"
+    if f.type == "array":
+        return "()"
+    if f.type == "bytes":
+        return repr(str(f.default).encode())
+    return repr(f.default)
+
+
+class _Lines:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, text: str = "", indent: int = 0) -> None:
+        self.lines.append(("    " * indent + text) if text else "")
+
+
+def _fixed_groups(fields: tuple[Field, ...]) -> list[list[Field] | Field]:
+    """Consecutive fixed-width fields become one struct; variable ones stand alone."""
+    groups: list[list[Field] | Field] = []
+    for f in fields:
+        if f.fixed:
+            if groups and isinstance(groups[-1], list):
+                groups[-1].append(f)
+            else:
+                groups.append([f])
+        else:
+            groups.append(f)
+    return groups
+
+
+def generate(spec: Spec) -> str:
+    w = _Lines()
+    w('"""Torpor wire protocol codec for CPython (the gateway and tools).')
+    w()
+    w(f"Generated from {SPEC_REL} by `torpor proto gen`: generated, do not edit.")
+    w('"""')
+    w()
+    w("# ruff: noqa")
+    w(PREAMBLE.rstrip("\n").split("\n\n\nclass ProtocolError")[0])
+    w()
+    w(f"MAJOR = {spec.major}")
+    w(f"MINOR = {spec.minor}")
+    w(f"VERSION_BYTE = 0x{spec.version_byte:02X}")
+    w(f"HEADER_SIZE = {HEADER_SIZE}")
+    w(f"MAX_FRAME = {spec.max_frame}")
+    w("_U32 = struct.Struct('<I')")
+    w("_RANGES: dict[str, tuple[int, int]] = {")
+    for t, (lo, hi) in INT_RANGES.items():
+        w(f"    {t!r}: ({lo}, {hi}),")
+    w("}")
+    w()
+    rest = "class ProtocolError" + PREAMBLE.split("\n\n\nclass ProtocolError", 1)[1]
+    w()
+    w(rest.rstrip("\n"))
+    w()
+
+    # enums
+    for e in spec.enums:
+        w()
+        w(f"class {pascal(e.name)}(IntEnum):")
+        for k, v in e.values:
+            w(f"{k.upper()} = {v}", 1)
+        w()
+    # device classes
+    w()
+    w("@dataclass(frozen=True, slots=True)")
+    w("class ClassLimits:")
+    w('"""Resource constraints of a device class (see the spec)."""', 1)
+    for name in ("id", "max_message", "max_queue", "max_downlink", "wake_interval_s",
+                 "heartbeat_s", "budget_bytes_per_min"):
+        w(f"{name}: int", 1)
+    w("power_managed: bool", 1)
+    w()
+    w()
+    w("DEVICE_CLASSES: dict[str, ClassLimits] = {")
+    for c in spec.classes:
+        w(f"    {c.name!r}: ClassLimits({c.id}, {c.max_message}, {c.max_queue}, {c.max_downlink}, "
+          f"{c.wake_interval_s}, {c.heartbeat_s}, {c.budget_bytes_per_min}, {c.power_managed}),")
+    w("}")
+    w()
+    # schemas
+    w()
+    w("@dataclass(frozen=True, slots=True)")
+    w("class Measurement:")
+    w("name: str", 1)
+    w("type: str", 1)
+    w("unit: str", 1)
+    w("scale: float", 1)
+    w()
+    w()
+    w("SCHEMAS: dict[int, tuple[str, tuple[Measurement, ...]]] = {")
+    for s in spec.schemas:
+        ms = ", ".join(f"Measurement({m.name!r}, {m.type!r}, {m.unit!r}, {m.scale!r})"
+                       for m in s.measurements)
+        w(f"    {s.id}: ({s.name!r}, ({ms},)),")
+    w("}")
+    w("# schema id -> (struct of the first row, value ranges per column)")
+    w("_SCHEMAS: dict[int, tuple[struct.Struct, tuple[tuple[int, int], ...]]] = {")
+    for s in spec.schemas:
+        fmt = "<" + "".join(SCALARS[m.type][0] for m in s.measurements)
+        ranges = ", ".join(f"({INT_RANGES[m.type][0]}, {INT_RANGES[m.type][1]})" for m in s.measurements)
+        w(f"    {s.id}: (struct.Struct({fmt!r}), ({ranges},)),")
+    w("}")
+    w("# schema id -> layout of one reading in a node's flash queue (u32 time + values)")
+    w("RECORD_FORMATS: dict[int, str] = {")
+    for s in spec.schemas:
+        w(f"    {s.id}: {s.record_fmt!r},")
+    w("}")
+    for s in spec.schemas:
+        w(f"SCHEMA_{s.name.upper()} = {s.id}")
+    w()
+
+    # records
+    for r in spec.records:
+        w()
+        w("@dataclass(frozen=True, slots=True)")
+        w(f"class {pascal(r.name)}:")
+        if r.doc:
+            w(f'"""{r.doc}"""', 1)
+            w()
+        for f in r.fields:
+            w(f"{f.name}: {_py_type(spec, f)}", 1)
+        w()
+        w(f"_S_{r.name.upper()} = struct.Struct({('<' + r.fmt)!r})")
+        w()
+
+    # frames: dataclasses
+    for fr in spec.frames:
+        w()
+        w("@dataclass(frozen=True, slots=True)")
+        w(f"class {fr.camel}:")
+        w(f'"""{fr.name} ({fr.direction}): {fr.doc}"""', 1)
+        w()
+        w(f"FRAME_TYPE: ClassVar[int] = {fr.id}", 1)
+        w(f"MAX_SIZE: ClassVar[int] = {spec.max_frame_size(fr)}", 1)
+        w("msg_id: int", 1)
+        for f in fr.fields:
+            t = _py_type(spec, f)
+            if f.optional:
+                w(f"{f.name}: {t} = {_default_literal(spec, f)}", 1)
+            else:
+                w(f"{f.name}: {t}", 1)
+        w()
+
+    w()
+    w("Frame = " + " | ".join(fr.camel for fr in spec.frames))
+    for fr in spec.frames:
+        w(f"{fr.name} = {fr.id}")
+    w()
+
+    for fr in spec.frames:
+        _gen_structs(w, spec, fr)
+        _gen_decode(w, spec, fr)
+        _gen_encode(w, spec, fr)
+
+    # dispatch
+    w()
+    w("_DECODERS: dict[int, Callable[[Buffer], Frame]] = {")
+    for fr in spec.frames:
+        w(f"    {fr.id}: decode_{fr.snake},")
+    w("}")
+    w("_ENCODERS: dict[type, Callable[[Any], bytes]] = {")
+    for fr in spec.frames:
+        w(f"    {fr.camel}: encode_{fr.snake},")
+    w("}")
+    w()
+    w()
+    w("def decode(buf: Buffer) -> Frame:")
+    w('"""Decode any frame; raises ProtocolError on anything but a valid frame."""', 1)
+    w("if len(buf) < 2:", 1)
+    w('raise ProtocolError("frame", len(buf), "truncated header")', 2)
+    w("fn = _DECODERS.get(buf[1])", 1)
+    w("if fn is None:", 1)
+    w('raise ProtocolError("frame", 1, f"unknown frame type {buf[1]}")', 2)
+    w("return fn(buf)", 1)
+    w()
+    w()
+    w("def encode(frame: Frame) -> bytes:")
+    w('"""Encode any frame dataclass."""', 1)
+    w("fn = _ENCODERS.get(type(frame))", 1)
+    w("if fn is None:", 1)
+    w('raise TypeError(f"not a frame: {frame!r}")', 2)
+    w("return fn(frame)", 1)
+    return "\n".join(w.lines) + "\n"
+
+
+def _gen_structs(w: _Lines, spec: Spec, fr: Frame) -> None:
+    w()
+    for i, g in enumerate(_fixed_groups(fr.required)):
+        if isinstance(g, list):
+            fmt = "<" + "".join(SCALARS[f.type][0] for f in g)
+            w(f"_S_{fr.name}_{i} = struct.Struct({fmt!r})")
+    for f in fr.optional:
+        if f.fixed:
+            w(f"_S_{fr.name}_T{f.tag} = struct.Struct({('<' + SCALARS[f.type][0])!r})")
+
+
+def _decode_value(w: _Lines, spec: Spec, fr: Frame, f: Field, ind: int, end: str) -> None:
+    """Emit code decoding a variable-size field at `off` into `v_<name>`; `end` bounds it."""
+    N = fr.name
+    if f.type in ("bytes", "str"):
+        w(f'ln, off = _length(buf, off, {end}, "{N}", "{f.name}", {f.max})', ind)
+        w(f'_need(off, ln, {end}, "{N}", "{f.name}")', ind)
+        if f.type == "bytes":
+            w(f"v_{f.name} = bytes(buf[off:off + ln])", ind)
+        else:
+            w(f'v_{f.name} = _text(buf, off, ln, "{N}", "{f.name}")', ind)
+        w("off += ln", ind)
+    elif f.type == "array":
+        assert f.of
+        w(f'cnt, off = _length(buf, off, {end}, "{N}", "{f.name}", {f.max})', ind)
+        if f.of in SCALARS:
+            code, size = SCALARS[f.of]
+            w(f'_need(off, cnt * {size}, {end}, "{N}", "{f.name}")', ind)
+            w(f'v_{f.name} = struct.unpack_from(f"<{{cnt}}{code}", buf, off)', ind)
+            w(f"off += cnt * {size}", ind)
+        else:
+            rec = spec.record(f.of)
+            w(f'_need(off, cnt * {rec.size}, {end}, "{N}", "{f.name}")', ind)
+            args = []
+            for j, rf in enumerate(rec.fields):
+                if rf.type == "enum":
+                    assert rf.enum
+                    args.append(f'_enum({pascal(rf.enum)}, r[{j}], "{N}", off, "{f.name}.{rf.name}")')
+                elif rf.type == "bool":
+                    args.append(f'_bool(r[{j}], "{N}", off, "{f.name}.{rf.name}")')
+                else:
+                    args.append(f"r[{j}]")
+            w(f"v_{f.name} = tuple({pascal(f.of)}({', '.join(args)}) "
+              f"for r in _S_{f.of.upper()}.iter_unpack(bytes(buf[off:off + cnt * {rec.size}])))", ind)
+            w(f"off += cnt * {rec.size}", ind)
+    elif f.type == "series":
+        w(f'v_{f.name}, off = _decode_series(buf, off, {end}, "{N}", v_{f.schema_field}, '
+          f"v_{f.interval_field}, {f.max}, minor)", ind)
+    else:
+        raise AssertionError(f.type)
+
+
+def _gen_decode(w: _Lines, spec: Spec, fr: Frame) -> None:
+    N = fr.name
+    w()
+    w()
+    w(f"def decode_{fr.snake}(buf: Buffer) -> {fr.camel}:")
+    w(f'"""Decode a {N} frame."""', 1)
+    w("n = len(buf)", 1)
+    w(f'minor, msg_id = _header(buf, n, {fr.id}, "{N}")', 1)
+    w(f"off = {HEADER_SIZE}", 1)
+    for i, g in enumerate(_fixed_groups(fr.required)):
+        if isinstance(g, list):
+            size = sum(SCALARS[f.type][1] for f in g)
+            names = ", ".join(f"v_{f.name}" for f in g) + ("," if len(g) == 1 else "")
+            w(f"if off + {size} > n:", 1)
+            w(f'raise ProtocolError("{N}", n, f"truncated (needs {size} bytes of fields at {{off}})")', 2)
+            w(f"{names} = _S_{N}_{i}.unpack_from(buf, off)", 1)
+            pos = 0
+            for f in g:
+                if f.type == "enum":
+                    assert f.enum
+                    w(f'v_{f.name} = _enum({pascal(f.enum)}, v_{f.name}, "{N}", off + {pos}, "{f.name}")', 1)
+                elif f.type == "bool":
+                    w(f'v_{f.name} = _bool(v_{f.name}, "{N}", off + {pos}, "{f.name}")', 1)
+                pos += SCALARS[f.type][1]
+            w(f"off += {size}", 1)
+        else:
+            _decode_value(w, spec, fr, g, 1, "n")
+    for f in fr.optional:
+        w(f"v_{f.name} = {_default_literal(spec, f)}", 1)
+    if fr.optional:
+        w("last = 0", 1)
+        w("while off < n:", 1)
+        w(f'tag, voff, tl = _tlv_head(buf, off, n, "{N}")', 2)
+        w("if tag <= last:", 2)
+        w(f'raise ProtocolError("{N}", off, f"field tag {{tag}} repeated or out of order")', 3)
+        w("last = tag", 2)
+        first = True
+        for f in fr.optional:
+            w(f"{'if' if first else 'elif'} tag == {f.tag}:", 2)
+            first = False
+            if f.fixed:
+                w(f'x = _fixed_tlv(_S_{N}_T{f.tag}, buf, voff, tl, "{N}", "{f.name}")', 3)
+                if f.type == "enum":
+                    assert f.enum
+                    w(f'v_{f.name} = _enum({pascal(f.enum)}, x, "{N}", voff, "{f.name}")', 3)
+                elif f.type == "bool":
+                    w(f'v_{f.name} = _bool(x, "{N}", voff, "{f.name}")', 3)
+                else:
+                    w(f"v_{f.name} = x", 3)
+            else:
+                w("off = voff", 3)
+                _decode_value(w, spec, fr, f, 3, "voff + tl")
+                w("if off != voff + tl:", 3)
+                w(f'raise ProtocolError("{N}", off, "{f.name}: length does not match its value")', 4)
+        w("elif minor <= MINOR:", 2)
+        w(f'raise ProtocolError("{N}", off, f"unknown field tag {{tag}}")', 3)
+        w("off = voff + tl", 2)
+    else:
+        w("if off != n and minor <= MINOR:", 1)
+        w(f'raise ProtocolError("{N}", off, f"{{n - off}} trailing bytes")', 2)
+    args = ", ".join(["msg_id"] + [f"v_{f.name}" for f in fr.fields])
+    w(f"return {fr.camel}({args})", 1)
+
+
+def _encode_value(w: _Lines, spec: Spec, fr: Frame, f: Field, ind: int, target: str) -> None:
+    N = fr.name
+    v = f"f.{f.name}"
+    if f.type == "bytes":
+        w(f'_put_bytes({target}, {v}, "{N}", "{f.name}", {f.max})', ind)
+    elif f.type == "str":
+        w(f'_put_text({target}, {v}, "{N}", "{f.name}", {f.max})', ind)
+    elif f.type == "array":
+        assert f.of
+        w(f"if len({v}) > {f.max}:", ind)
+        w(f'raise ProtocolError("{N}", len({target}), "{f.name}: more than {f.max} items")', ind + 1)
+        w(f"_put_uvarint({target}, len({v}))", ind)
+        if f.of in SCALARS:
+            code = SCALARS[f.of][0]
+            w("try:", ind)
+            w(f'{target} += struct.pack(f"<{{len({v})}}{code}", *{v})', ind + 1)
+            w("except (struct.error, TypeError):", ind)
+            w(f'raise ProtocolError("{N}", len({target}), "{f.name}: an item does not fit {f.of}") from None', ind + 1)
+        else:
+            rec = spec.record(f.of)
+            w(f"for e in {v}:", ind)
+            for rf in rec.fields:
+                if rf.type == "enum":
+                    assert rf.enum
+                    w(f"if e.{rf.name} not in {pascal(rf.enum)}._value2member_map_:", ind + 1)
+                    w(f'raise ProtocolError("{N}", len({target}), f"{f.name}.{rf.name}: {{e.{rf.name}!r}} is not a {pascal(rf.enum)}")', ind + 2)
+            vals = ", ".join(f"e.{rf.name}" for rf in rec.fields)
+            w("try:", ind + 1)
+            w(f"{target} += _S_{f.of.upper()}.pack({vals})", ind + 2)
+            w("except (struct.error, TypeError):", ind + 1)
+            checks = ", ".join(f'("{f.name}.{rf.name}", "{rf.type}", e.{rf.name})' for rf in rec.fields)
+            w(f'raise _pack_error("{N}", {target}, ({checks},)) from None', ind + 2)
+    elif f.type == "series":
+        w(f'_encode_series({target}, "{N}", f.{f.schema_field}, f.{f.interval_field}, {v}, {f.max})', ind)
+    else:
+        raise AssertionError(f.type)
+
+
+def _gen_encode(w: _Lines, spec: Spec, fr: Frame) -> None:
+    N = fr.name
+    w()
+    w()
+    w(f"def encode_{fr.snake}(f: {fr.camel}) -> bytes:")
+    w(f'"""Encode a {N} frame."""', 1)
+    w("out = bytearray()", 1)
+    w("try:", 1)
+    w(f"out += _HDR.pack(VERSION_BYTE, {fr.id}, f.msg_id)", 2)
+    w("except (struct.error, TypeError):", 1)
+    w(f'raise ProtocolError("{N}", 2, f"msg_id: {{f.msg_id!r}} does not fit u32") from None', 2)
+    for i, g in enumerate(_fixed_groups(fr.required)):
+        if isinstance(g, list):
+            for f in g:
+                if f.type == "enum":
+                    assert f.enum
+                    w(f"if f.{f.name} not in {pascal(f.enum)}._value2member_map_:", 1)
+                    w(f'raise ProtocolError("{N}", len(out), f"{f.name}: {{f.{f.name}!r}} is not a {pascal(f.enum)}")', 2)
+            vals = ", ".join(f"f.{f.name}" if f.type != "bool" else f"1 if f.{f.name} else 0" for f in g)
+            w("try:", 1)
+            w(f"out += _S_{N}_{i}.pack({vals})", 2)
+            w("except (struct.error, OverflowError, TypeError):", 1)
+            checks = ", ".join(f'("{f.name}", "{f.type}", f.{f.name})' for f in g)
+            w(f'raise _pack_error("{N}", out, ({checks},)) from None', 2)
+        else:
+            _encode_value(w, spec, fr, g, 1, "out")
+    for f in fr.optional:
+        default = _default_literal(spec, f)
+        w(f"if f.{f.name} != {default}:", 1)
+        if f.fixed:
+            if f.type == "enum":
+                assert f.enum
+                w(f"if f.{f.name} not in {pascal(f.enum)}._value2member_map_:", 2)
+                w(f'raise ProtocolError("{N}", len(out), f"{f.name}: {{f.{f.name}!r}} is not a {pascal(f.enum)}")', 3)
+            val = f"1 if f.{f.name} else 0" if f.type == "bool" else f"f.{f.name}"
+            w("try:", 2)
+            w(f"_put_tlv(out, {f.tag}, _S_{N}_T{f.tag}.pack({val}))", 3)
+            w("except (struct.error, OverflowError, TypeError):", 2)
+            w(f'raise _pack_error("{N}", out, (("{f.name}", "{f.type}", f.{f.name}),)) from None', 3)
+        else:
+            w("tmp = bytearray()", 2)
+            _encode_value(w, spec, fr, f, 2, "tmp")
+            w(f"_put_tlv(out, {f.tag}, bytes(tmp))", 2)
+    w("return bytes(out)", 1)
