@@ -180,20 +180,21 @@ def _walk(seed, t_ms):
     )
 
 
-def read_sensors():
-    """(temperature in 0.01 degC, relative humidity in 0.01 %) from the virtual time."""
-    seed = _seed()
-    t = virtual_ms()
+def sensors_at(seed, t_ms):
+    """The sensor signals of node `seed` at virtual unix time t_ms: (0.01 degC, 0.01 %RH)."""
     base = 1500 + _mix(seed, 11) % 1000  # 15.00 .. 24.99 degC site average
     swing = 300 + _mix(seed, 12) % 400  # 3 .. 7 degC half-amplitude
-    # Warmest at 15:00 local, with a per-node phase of up to an hour.
-    phase = (t - 15 * 3600000 + _mix(seed, 13) % 3600000) % _DAY_MS
-    diurnal = math.sin(6.283185307179586 * phase / _DAY_MS + 1.5707963267948966)
-    temp = int(base + swing * diurnal + _walk(seed, t))
-    hum = int(5500 - 2.5 * (temp - base) + _walk(seed + 7, t) * 2)
-    temp = max(-4000, min(8500, temp))
-    hum = max(500, min(9900, hum))
-    return temp, hum
+    # Warmest at 15:00 UTC, with a per-node phase of up to an hour.
+    phase = (t_ms - 15 * 3600000 + _mix(seed, 13) % 3600000) % _DAY_MS
+    diurnal = math.cos(6.283185307179586 * phase / _DAY_MS)
+    temp = int(base + swing * diurnal + _walk(seed, t_ms))
+    hum = int(5500 - 2.5 * (temp - base) + _walk(seed + 7, t_ms) * 2)
+    return max(-4000, min(8500, temp)), max(500, min(9900, hum))
+
+
+def read_sensors():
+    """(temperature in 0.01 degC, relative humidity in 0.01 %RH) at the virtual time."""
+    return sensors_at(_seed(), virtual_ms())
 
 
 def rssi():

@@ -305,7 +305,9 @@ class SimNode:
                     pending_cuts += 1
                 cut_after: float | None = None
                 if pending_cuts and cuts_done < power_cuts:
-                    window = (sum(awake_seen[-5:]) / len(awake_seen[-5:])) if awake_seen else DEFAULT_AWAKE_MS
+                    recent = awake_seen[-5:]
+                    # Somewhere inside the awake period, as far as earlier runs show it.
+                    window = 0.9 * sum(recent) / len(recent) if recent else DEFAULT_AWAKE_MS
                     cut_after = rng.uniform(0.0, max(window, 1.0)) / 1000.0
                 record, run_stopped = await self._one_run(logf, cut_after, wall_end)
                 records.append(record)
@@ -317,7 +319,8 @@ class SimNode:
                 if run_stopped:
                     stopped = True
                     break
-                if record.kind == "sleep" and record.sleep_ms and self.time_scale > 0:
+                last = i == cycles - 1
+                if record.kind == "sleep" and record.sleep_ms and self.time_scale > 0 and not last:
                     wait = record.sleep_ms / 1000.0 / self.time_scale
                     remaining = wall_end - time.monotonic()
                     if wait > remaining:
