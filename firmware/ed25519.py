@@ -1,17 +1,20 @@
 # Ed25519 signature verification (RFC 8032, section 5.1.7) in plain MicroPython, for the
 # bootloader's manifest check. Verify only: nodes never hold a signing key.
 #
-# Policy (what verify() accepts), chosen to fail closed and to agree with the signing
-# tools' own check (OpenSSL, through `cryptography`):
+# Policy (what verify() accepts): fail closed, and accept no honest signature that the
+# signing tools' own check (OpenSSL, through `cryptography`) would refuse:
 # - lengths must be exactly 32 (key) and 64 (signature) bytes;
 # - S must be canonical (S < L);
 # - A and R must be canonical encodings (y < p) of points on the curve; R is compared as
 #   bytes with the canonical encoding of [S]B - [k]A, so a non-canonical R never matches;
-# - a public key of small order (order 1, 2, 4 or 8) is rejected: such a key would accept
-#   signatures that prove nothing about the message;
-# - the equation is checked cofactorless, [S]B = R + [k]A, as OpenSSL and libsodium do: for
-#   every honestly made signature both forms agree, and the cofactorless form is the
-#   stricter one, so a manifest that verifies here verifies everywhere.
+# - a public key of small order (order 1, 2, 4 or 8) is rejected, which OpenSSL does not
+#   do: with such a key [k]A takes at most 8 values, so one R = [S]B made without any
+#   private key verifies for about one message in 8. The key is baked into the
+#   bootloader, so this guards against a provisioning mistake, not a live attacker;
+# - the equation is checked cofactorless, [S]B = R + [k]A, as OpenSSL and libsodium do.
+#   Every honestly made signature passes both forms; the cofactored form would also
+#   accept R with a small-order component, which OpenSSL refuses, and the host-side
+#   checks of a manifest and the bootloader must never disagree.
 # Arithmetic is on Python ints (the ports' arbitrary-precision ints) modulo p = 2^255 - 19,
 # points in extended coordinates (X:Y:Z:T), one double-scalar multiplication with signed
 # sliding windows (w-NAF) over both scalars, and one inversion at the end.
