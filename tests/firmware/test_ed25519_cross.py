@@ -171,3 +171,18 @@ def test_sha512_matches_hashlib_for_lengths_0_to_300(tmp_path: Path) -> None:
     for m, line in zip(msgs, lines, strict=True):
         want = hashlib.sha512(m).hexdigest()
         assert line.split() == [want, want], f"length {len(m)}"
+
+
+def test_benchmark_reports_every_figure() -> None:
+    # Figures only: wall-clock numbers never gate the suite.
+    from tools.bench.ed25519 import measure
+
+    figures = measure(rounds=1)
+    for key in (
+        "ed25519_verify_ms_unix",
+        "sha512_mb_per_s",
+        "baseline_openssl_verify_ms_cpython",
+        "baseline_hashlib_sha512_mb_per_s",
+        "ed25519_verify_ms_esp32_estimate",
+    ):
+        assert figures[key] > 0, key
