@@ -186,3 +186,21 @@ def test_benchmark_reports_every_figure() -> None:
         "ed25519_verify_ms_esp32_estimate",
     ):
         assert figures[key] > 0, key
+
+
+def test_verify_fits_a_64k_heap() -> None:
+    # The bootloader runs before the app, but on a port whose free heap may be small.
+    key = Ed25519PrivateKey.from_private_bytes(bytes(32))
+    msg = bytes(600)
+    sig = key.sign(msg)
+    code = (
+        "import gc\n"
+        "from ed25519 import verify\n"
+        f"print(verify(bytes.fromhex('{_raw(key).hex()}'), bytes(600), "
+        f"bytes.fromhex('{sig.hex()}')))\n"
+        "gc.collect()\n"
+        "print(gc.mem_free())\n"
+    )
+    proc = run_micropython(code, heapsize="64K", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split()[0] == "True"
