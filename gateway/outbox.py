@@ -1,0 +1,214 @@
+"""The upstream outbox: messages waiting for the upstream broker's PUBACK, in SQLite.
+
+Ingest adds items with `enqueue` inside the transaction that commits the readings, so a
+reading and its upstream copy are durable together; the relay reads them in order with
+`Outbox.peek` and deletes each only after the upstream broker acknowledged it. The outbox
+is bounded by item count and age; `enforce_bounds` drops past the bounds and counts what it
+dropped in persistent counters (see docs/upstream.md).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from gateway.errors import ConfigError
+
+COUNTER_NAMES: Final = ("enqueued", "delivered", "dropped_full", "dropped_age")
+DROP_POLICIES: Final = ("oldest", "newest")
+BUSY_TIMEOUT_S: Final = 10.0
+
+_SCHEMA: Final = (
+    # AUTOINCREMENT: ids never come back after the table empties, so order by id is the
+    # order of arrival and a reader's "after id N" cursor stays valid.
+    """CREATE TABLE IF NOT EXISTS outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        created REAL NOT NULL,
+        device TEXT NOT NULL,
+        kind TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created)",
+    """CREATE TABLE IF NOT EXISTS outbox_counters (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One upstream message: where it goes, its bytes, and whose it is (for logs and drops)."""
+
+    topic: str
+    payload: bytes
+    created: float  # unix seconds; the age bound counts from here
+    device: str
+    kind: str  # "readings" or an event kind ("hello", "revoked", ...)
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """An item as stored, with the id that orders it and that `Outbox.delete` takes."""
+
+    id: int
+    item: OutboxItem
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Persistent totals since the database was created."""
+
+    enqueued: int
+    delivered: int
+    dropped_full: int
+    dropped_age: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """What one `enforce_bounds` call dropped."""
+
+    age: int
+    full: int
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Create the outbox tables if missing; safe to run on every start."""
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    conn.executemany(
+        "INSERT OR IGNORE INTO outbox_counters (name, value) VALUES (?, 0)",
+        [(name,) for name in COUNTER_NAMES],
+    )
+    conn.commit()
+
+
+def enqueue(conn: sqlite3.Connection, items: Iterable[OutboxItem]) -> int:
+    """Add items in the caller's open transaction (no commit here); returns how many."""
+    rows = [(i.topic, bytes(i.payload), i.created, i.device, i.kind) for i in items]
+    if not rows:
+        return 0
+    conn.executemany(
+        "INSERT INTO outbox (topic, payload, created, device, kind) VALUES (?, ?, ?, ?, ?)", rows
+    )
+    _bump(conn, "enqueued", len(rows))
+    return len(rows)
+
+
+def _bump(conn: sqlite3.Connection, name: str, n: int) -> None:
+    if n:
+        conn.execute("UPDATE outbox_counters SET value = value + ? WHERE name = ?", (n, name))
+
+
+def connect(db_path: str | Path) -> sqlite3.Connection:
+    """A connection for the outbox's own use (the relay's), in WAL mode.
+
+    synchronous=NORMAL: a power cut may undo the last deletes, which only sends those
+    messages upstream once more (at-least-once); it never loses an enqueued item, whose
+    durability is decided by the connection that committed it.
+    """
+    conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+class Outbox:
+    """The outbox table seen by its reader: peek in order, delete after PUBACK, bounds."""
+
+    def __init__(
+        self,
+        db: sqlite3.Connection | str | Path,
+        *,
+        max_items: int = 100_000,
+        max_age_s: float = 7 * 86400.0,
+        drop_policy: str = "oldest",
+    ) -> None:
+        if max_items < 1:
+            raise ConfigError(f"upstream.outbox_max_items must be at least 1, not {max_items}")
+        if max_age_s <= 0:
+            raise ConfigError(f"upstream.outbox_max_age_s must be positive, not {max_age_s}")
+        policy = drop_policy.removeprefix("drop_")
+        if policy not in DROP_POLICIES:
+            raise ConfigError(
+                f"upstream.drop_policy must be one of {', '.join(DROP_POLICIES)}, not {drop_policy!r}"
+            )
+        self._own = not isinstance(db, sqlite3.Connection)
+        self.conn = connect(db) if not isinstance(db, sqlite3.Connection) else db
+        self.max_items = max_items
+        self.max_age_s = max_age_s
+        self.drop_policy = policy
+        migrate(self.conn)
+
+    def close(self) -> None:
+        if self._own:
+            self.conn.close()
+
+    def put(self, items: Iterable[OutboxItem]) -> int:
+        """`enqueue` in a transaction of its own (for callers with no readings to commit)."""
+        with self.conn:
+            return enqueue(self.conn, items)
+
+    def peek(self, n: int, after: int = 0) -> list[Queued]:
+        """Up to `n` items in arrival order, starting after id `after`; nothing is removed."""
+        rows = self.conn.execute(
+            "SELECT id, topic, payload, created, device, kind FROM outbox"
+            " WHERE id > ? ORDER BY id LIMIT ?",
+            (after, n),
+        ).fetchall()
+        self.conn.commit()  # end the read transaction so the WAL can be checkpointed
+        return [Queued(r[0], OutboxItem(r[1], bytes(r[2]), r[3], r[4], r[5])) for r in rows]
+
+    def delete(self, ids: Sequence[int]) -> int:
+        """Remove delivered items (after their PUBACK); returns how many were still there."""
+        if not ids:
+            return 0
+        with self.conn:
+            cur = self.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+            n = max(cur.rowcount, 0)
+            _bump(self.conn, "delivered", n)
+        return n
+
+    def depth(self) -> int:
+        (n,) = self.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        self.conn.commit()
+        return int(n)
+
+    def oldest(self) -> float | None:
+        """`created` of the oldest waiting item, or None when empty."""
+        row = self.conn.execute("SELECT MIN(created) FROM outbox").fetchone()
+        self.conn.commit()
+        return None if row[0] is None else float(row[0])
+
+    def counters(self) -> Counters:
+        rows = dict(self.conn.execute("SELECT name, value FROM outbox_counters").fetchall())
+        self.conn.commit()
+        return Counters(*(int(rows.get(name, 0)) for name in COUNTER_NAMES))
+
+    def enforce_bounds(self, now: float) -> Dropped:
+        """Drop items older than `max_age_s`, then the oldest (or newest, per the policy)
+        beyond `max_items`; both counted. One transaction."""
+        with self.conn:
+            cur = self.conn.execute(
+                "DELETE FROM outbox WHERE created < ?", (now - self.max_age_s,)
+            )
+            aged = max(cur.rowcount, 0)
+            _bump(self.conn, "dropped_age", aged)
+            (depth,) = self.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            excess = int(depth) - self.max_items
+            full = 0
+            if excess > 0:
+                order = "ASC" if self.drop_policy == "oldest" else "DESC"
+                cur = self.conn.execute(
+                    "DELETE FROM outbox WHERE id IN"
+                    f" (SELECT id FROM outbox ORDER BY id {order} LIMIT ?)",
+                    (excess,),
+                )
+                full = max(cur.rowcount, 0)
+                _bump(self.conn, "dropped_full", full)
+        return Dropped(aged, full)
