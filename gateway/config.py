@@ -1,0 +1,291 @@
+"""The gateway's configuration: one TOML file, defaults for everything, checked at start.
+
+Unknown keys and wrong types are errors naming the key (`[ingest] batch_max_ms: ...`).
+Relative paths are relative to the configuration file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "BrokerConfig", "ConfigError", "GatewayConfig", "GatewaySection", "IngestConfig",
+    "MqttConfig", "UpstreamConfig", "load_config", "parse_config",
+]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySection:
+    data_dir: str = "/var/lib/torpor"
+    db: str = ""  # default: <data_dir>/gateway.db
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    status_interval_s: float = 5.0
+    deadletter_max_rows: int = 100_000
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.db) if self.db else Path(self.data_dir) / "gateway.db"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    mode: Literal["supervised", "external"] = "supervised"
+    host: str = "127.0.0.1"
+    port: int = 8883
+    pki_dir: str = ""  # default: <data_dir>/pki
+    mosquitto: str = ""  # default: found on PATH or in /usr/sbin
+    config_dir: str = ""  # default: <data_dir>/broker (supervised mode writes mosquitto.conf)
+    user: str = ""  # user mosquitto drops to when started as root; default: the current user
+    max_queued_messages: int = 100_000
+    max_inflight_messages: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """The gateway's own MQTT client (defaults: the broker's address, the PKI's gateway
+    certificate)."""
+
+    host: str = ""
+    port: int = 0
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    client_id: str = "torpor-gateway"
+    keepalive: int = 30
+    connect_timeout_s: float = 10.0
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    batch_max_frames: int = 512
+    batch_max_ms: float = 5.0
+    malformed_threshold: int = 5
+    malformed_window_s: float = 60.0
+    rate_limit_frames_per_min: int = 600
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """Store-and-forward to an upstream broker (see gateway.relay)."""
+
+    enabled: bool = False
+    host: str = ""
+    port: int = 8883
+    tls: bool = True
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    username: str = ""
+    password: str = ""
+    client_id: str = "torpor-relay"
+    topic_readings: str = "torpor/{device}/readings"
+    topic_events: str = "torpor/{device}/events"
+    format: Literal["json", "senml-json", "senml-cbor"] = "json"
+    qos: int = 1
+    outbox_max_items: int = 1_000_000
+    outbox_max_age_s: float = 7 * 24 * 3600.0
+    drop_policy: Literal["oldest"] = "oldest"
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    gateway: GatewaySection = GatewaySection()
+    broker: BrokerConfig = BrokerConfig()
+    mqtt: MqttConfig = MqttConfig()
+    ingest: IngestConfig = IngestConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    source: str = ""  # the file it was read from
+
+    @property
+    def db_path(self) -> Path:
+        return self.gateway.db_path
+
+    @property
+    def pki_dir(self) -> Path:
+        return Path(self.broker.pki_dir) if self.broker.pki_dir else Path(self.gateway.data_dir) / "pki"
+
+    @property
+    def broker_config_dir(self) -> Path:
+        if self.broker.config_dir:
+            return Path(self.broker.config_dir)
+        return Path(self.gateway.data_dir) / "broker"
+
+    @property
+    def mqtt_host(self) -> str:
+        return self.mqtt.host or self.broker.host
+
+    @property
+    def mqtt_port(self) -> int:
+        return self.mqtt.port or self.broker.port
+
+    def mqtt_files(self) -> tuple[Path, Path, Path]:
+        """(cert, key, ca) of the gateway's client."""
+        pki = self.pki_dir
+        return (
+            Path(self.mqtt.cert) if self.mqtt.cert else pki / "gateway.pem",
+            Path(self.mqtt.key) if self.mqtt.key else pki / "gateway.key",
+            Path(self.mqtt.ca) if self.mqtt.ca else pki / "ca.pem",
+        )
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "gateway": GatewaySection,
+    "broker": BrokerConfig,
+    "mqtt": MqttConfig,
+    "ingest": IngestConfig,
+    "upstream": UpstreamConfig,
+}
+# Keys holding file or folder paths: resolved against the config file's folder.
+_PATH_KEYS = {
+    ("gateway", "data_dir"), ("gateway", "db"), ("broker", "pki_dir"), ("broker", "mosquitto"),
+    ("broker", "config_dir"), ("mqtt", "cert"), ("mqtt", "key"), ("mqtt", "ca"),
+    ("upstream", "ca"), ("upstream", "cert"), ("upstream", "key"),
+}
+# (section, key) -> smallest allowed value
+_MINIMA: dict[tuple[str, str], float] = {
+    ("gateway", "status_interval_s"): 0.1,
+    ("gateway", "deadletter_max_rows"): 1,
+    ("broker", "port"): 1,
+    ("mqtt", "port"): 0,
+    ("mqtt", "keepalive"): 5,
+    ("mqtt", "connect_timeout_s"): 0.1,
+    ("mqtt", "reconnect_min_s"): 0.0,
+    ("mqtt", "reconnect_max_s"): 0.0,
+    ("ingest", "batch_max_frames"): 1,
+    ("ingest", "batch_max_ms"): 0.0,
+    ("ingest", "malformed_threshold"): 1,
+    ("ingest", "malformed_window_s"): 0.001,
+    ("ingest", "rate_limit_frames_per_min"): 1,
+    ("upstream", "port"): 1,
+    ("upstream", "qos"): 0,
+    ("upstream", "outbox_max_items"): 1,
+    ("upstream", "outbox_max_age_s"): 1.0,
+    ("upstream", "reconnect_min_s"): 0.0,
+    ("upstream", "reconnect_max_s"): 0.0,
+}
+_MAXIMA: dict[tuple[str, str], float] = {
+    ("broker", "port"): 65535,
+    ("mqtt", "port"): 65535,
+    ("upstream", "port"): 65535,
+    ("upstream", "qos"): 1,
+}
+
+
+def _check(section: str, key: str, hint: Any, value: Any) -> Any:
+    where = f"[{section}] {key}"
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(
+                f"{where}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"
+            )
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    lo = _MINIMA.get((section, key))
+    hi = _MAXIMA.get((section, key))
+    if lo is not None and value < lo:
+        raise ConfigError(f"{where}: {value!r} is below the minimum {lo:g}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where}: {value!r} is above the maximum {hi:g}")
+    return value
+
+
+def parse_config(data: dict[str, Any], base: Path | None = None, source: str = "") -> GatewayConfig:
+    """Validate a parsed TOML document; `base` resolves relative paths."""
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        cls = _SECTIONS.get(name)
+        if cls is None:
+            raise ConfigError(f"[{name}]: unknown section (known: {', '.join(_SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{name}]: expected a table of keys, got {value!r}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, item in value.items():
+            if key not in known:
+                raise ConfigError(f"[{name}] {key}: unknown key (known: {', '.join(sorted(known))})")
+            item = _check(name, key, hints[key], item)
+            if (name, key) in _PATH_KEYS and item and base is not None:
+                item = str((base / Path(item).expanduser()).resolve())
+            kwargs[key] = item
+        sections[name] = cls(**kwargs)
+    cfg = GatewayConfig(**sections, source=source)
+    _cross_check(cfg)
+    return cfg
+
+
+def _cross_check(cfg: GatewayConfig) -> None:
+    if cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
+        raise ConfigError("[mqtt] reconnect_max_s: smaller than reconnect_min_s")
+    up = cfg.upstream
+    if up.reconnect_max_s < up.reconnect_min_s:
+        raise ConfigError("[upstream] reconnect_max_s: smaller than reconnect_min_s")
+    if up.enabled and not up.host:
+        raise ConfigError("[upstream] host: required when [upstream] enabled = true")
+    for key in ("topic_readings", "topic_events"):
+        topic = getattr(up, key)
+        if "{device}" not in topic:
+            raise ConfigError(f"[upstream] {key}: {topic!r} must contain {{device}}")
+        if "+" in topic or "#" in topic:
+            raise ConfigError(f"[upstream] {key}: {topic!r} must not contain MQTT wildcards")
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate the TOML file at `path`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the configuration {p}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse_config(data, base=p.resolve().parent, source=str(p))
+
+
+def example() -> str:
+    """A commented configuration with every default (`torpor gateway config-example`)."""
+    lines = ["# Torpor gateway configuration; every key is optional (defaults shown).", ""]
+    for name, cls in _SECTIONS.items():
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(cls):
+            value = f.default
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(value)
+            lines.append(f"# {f.name} = {text}")
+        lines.append("")
+    return "\n".join(lines)

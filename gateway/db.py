@@ -1,0 +1,162 @@
+"""The gateway's one SQLite database: WAL, durable commits, and each store's migrations.
+
+Every store module owns its tables and exposes `migrate(conn)`, which calls `apply()` with
+its ordered list of schema steps; `open_db()` runs every registered store's migration.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 5000
+
+# Store modules, each with `migrate(conn)`. A module that is not installed yet is skipped
+# so the stores can grow one at a time; order matters only for readability.
+STORE_MODULES: tuple[str, ...] = (
+    "gateway.registry",
+    "gateway.readings",
+    "gateway.deadletter",
+    "gateway.service",
+    "gateway.outbox",
+)
+
+_extra_stores: list[Callable[[sqlite3.Connection], None]] = []
+
+
+class DatabaseError(GatewayError):
+    """The database could not be opened or migrated."""
+
+
+def register_store(migrate: Callable[[sqlite3.Connection], None]) -> None:
+    """Add a store's `migrate(conn)` beyond STORE_MODULES (plugins, tests)."""
+    if migrate not in _extra_stores:
+        _extra_stores.append(migrate)
+
+
+def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection with the gateway's pragmas and explicit transactions (autocommit mode:
+    callers open them with `transaction()`)."""
+    path = Path(path)
+    try:
+        if readonly:
+            conn = sqlite3.connect(
+                f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                check_same_thread=False,
+            )
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        if not readonly:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise DatabaseError(f"{path}: the database refused WAL mode ({mode})")
+        # FULL: a commit is on disk before it returns, so an ACK sent after it is a promise.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"cannot open the database {path}: {exc}") from exc
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception."""
+    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _ensure_migrations_table(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " store TEXT PRIMARY KEY, version INTEGER NOT NULL, applied_at REAL NOT NULL)"
+    )
+
+
+def version(conn: sqlite3.Connection, store: str) -> int:
+    _ensure_migrations_table(conn)
+    row = conn.execute("SELECT version FROM schema_migrations WHERE store=?", (store,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def apply(conn: sqlite3.Connection, store: str, steps: Sequence[str]) -> int:
+    """Run the steps of `store` not yet applied (step i brings it to version i+1), each in
+    its own transaction with its version bump; returns the store's version."""
+    current = version(conn, store)
+    if current > len(steps):
+        raise DatabaseError(
+            f"the database has {store} schema version {current} but this gateway knows only "
+            f"{len(steps)}: it was written by a newer Torpor; upgrade the gateway"
+        )
+    for i in range(current, len(steps)):
+        with transaction(conn):
+            for statement in _split(steps[i]):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations(store, version, applied_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(store) DO UPDATE SET version=excluded.version, "
+                "applied_at=excluded.applied_at",
+                (store, i + 1, time.time()),
+            )
+        log.info("migrated store %s to version %d", store, i + 1)
+    return len(steps)
+
+
+def _split(script: str) -> list[str]:
+    """Split a script into statements (executescript would commit our transaction)."""
+    out: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out
+
+
+def migrate_all(conn: sqlite3.Connection) -> None:
+    _ensure_migrations_table(conn)
+    for name in STORE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        fn = getattr(module, "migrate", None)
+        if fn is not None:
+            fn(conn)
+    for fn in _extra_stores:
+        fn(conn)
+
+
+def open_db(path: str | Path) -> sqlite3.Connection:
+    """Open (creating if needed) and migrate the gateway database."""
+    conn = connect(path)
+    try:
+        migrate_all(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise DatabaseError(f"cannot migrate the database {path}: {exc}") from exc
+    return conn

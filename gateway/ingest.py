@@ -1,0 +1,428 @@
+"""Ingest: frames from `torpor/+/up` into SQLite, exactly once, then the answers.
+
+Frames are collected for a few milliseconds (or up to N), decoded, and committed in ONE
+transaction: readings, dedup state, upstream outbox items, registry updates, dead letters.
+Only after that commit are ACKs published, so an ACK always means "on disk". A frame is
+attributed to the device named by its topic, which the broker's ACL ties to the node's
+certificate; ids written inside frames are never trusted for identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+
+from gateway import db, deadletter, proto, readings, registry, topics
+from gateway.config import IngestConfig, UpstreamConfig
+
+log = logging.getLogger(__name__)
+
+# on_hello(device, hello) -> encoded frames to send between the ACK and SLEEP_NOW.
+HelloHook = Callable[[str, proto.Hello], list[bytes]]
+# Outgoing messages: (topic, payload).
+Outgoing = list[tuple[str, bytes]]
+
+_UP_TYPES = frozenset({
+    proto.HELLO, proto.BURST, proto.COMMAND_RESULT, proto.SHADOW_REPORT, proto.OTA_STATUS,
+})
+_DETAIL_MAX = 64
+STATUS_REFRESH_S = 0.5
+UNKNOWN_RECHECK_S = 1.0
+
+
+class DeviceLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Log records that concern a device carry `device_id` and name it in the message."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = dict(self.extra or {})
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+        return f"[{extra.get('device_id')}] {msg}", kwargs
+
+
+def device_log(device: str) -> DeviceLog:
+    return DeviceLog(log, {"device_id": device})
+
+
+def no_downlink(device: str, hello: proto.Hello) -> list[bytes]:
+    return []
+
+
+@dataclass(slots=True)
+class Metrics:
+    frames: int = 0
+    bursts: int = 0
+    hellos: int = 0
+    readings_stored: int = 0
+    readings_duplicate: int = 0
+    dead_letters: int = 0
+    quarantined: int = 0
+    batches: int = 0
+    commit_errors: int = 0
+    acks_sent: int = 0
+    publish_errors: int = 0
+    last_commit: float = 0.0
+    commit_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+@dataclass(slots=True)
+class _Guard:
+    """Per-device misbehaviour accounting: malformed frames in a window, a token bucket
+    for the frame rate."""
+
+    malformed: collections.deque[float]
+    tokens: float
+    refilled: float
+
+
+@dataclass(slots=True)
+class _Reply:
+    kind: int  # 0 burst ack, 1 hello, 2 error, 3 hook frames
+    device: str
+    index: int = 0  # into acks or hellos
+    frames: list[bytes] = field(default_factory=list)
+
+
+class Ingest:
+    """The ingest pipeline. `process(batch)` is the synchronous core (one transaction per
+    call, returns what to publish); `run(client)` drives it from an MQTT subscription."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        cfg: IngestConfig | None = None,
+        *,
+        upstream: UpstreamConfig | None = None,
+        on_hello: HelloHook = no_downlink,
+        on_committed: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.conn = conn
+        cfg = cfg or IngestConfig()
+        self.cfg = cfg
+        self.upstream = upstream if upstream is not None and upstream.enabled else None
+        self.on_hello = on_hello
+        self.on_committed = on_committed
+        self.clock = clock
+        self.metrics = Metrics()
+        self.states: dict[str, readings.DedupState] = readings.load_states(conn)
+        self._status: dict[str, str] = registry.statuses(conn)
+        self._unknown: dict[str, float] = {}
+        self._guards: dict[str, _Guard] = {}
+        self._data_version = self._read_data_version()
+        self._status_checked = time.monotonic()
+        self._rate = cfg.rate_limit_frames_per_min / 60.0
+        self._pending: list[tuple[str, bytes]] = []
+        self._have = asyncio.Event()
+        self._full = asyncio.Event()
+        self._accepting = True
+        self._publishing: set[asyncio.Task[None]] = set()
+        if self.upstream is not None:
+            from gateway import formats
+
+            formats.check_format(self.upstream.format)
+
+    # ------------------------------------------------------------ registry cache
+    def _read_data_version(self) -> int:
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def _refresh_statuses(self) -> None:
+        """Pick up other processes' changes (`torpor device add/release`)."""
+        mono = time.monotonic()
+        if mono - self._status_checked < STATUS_REFRESH_S:
+            return
+        self._status_checked = mono
+        version = self._read_data_version()
+        if version == self._data_version:
+            return
+        self._data_version = version
+        fresh = registry.statuses(self.conn)
+        for dev, status in fresh.items():
+            if self._status.get(dev) == registry.QUARANTINED and status in registry.SERVED:
+                self._guards.pop(dev, None)
+                device_log(dev).info("served again (%s)", status)
+        self._status = fresh
+        self._unknown.clear()
+
+    def _status_of(self, device: str, now: float) -> str | None:
+        status = self._status.get(device)
+        if status is not None:
+            return status
+        checked = self._unknown.get(device)
+        if checked is not None and now - checked < UNKNOWN_RECHECK_S:
+            return None
+        row = self.conn.execute("SELECT status FROM devices WHERE id=?", (device,)).fetchone()
+        if row is None:
+            self._unknown[device] = now
+            return None
+        self._status[device] = row[0]
+        return str(row[0])
+
+    def _guard(self, device: str, now: float) -> _Guard:
+        g = self._guards.get(device)
+        if g is None:
+            g = self._guards[device] = _Guard(
+                collections.deque(maxlen=self.cfg.malformed_threshold),
+                float(self.cfg.rate_limit_frames_per_min), now,
+            )
+        return g
+
+    # ------------------------------------------------------------ the core
+    def process(self, batch: Iterable[tuple[str, bytes]]) -> Outgoing:
+        """Decode, commit and answer one batch of (topic, payload). Nothing is answered
+        when the commit fails: the nodes keep their readings and send them again."""
+        now = self.clock()
+        self._refresh_statuses()
+        m = self.metrics
+        bursts: list[tuple[str, proto.Burst]] = []
+        hellos: list[tuple[str, proto.Hello]] = []
+        dead: list[deadletter.Row] = []
+        replies: list[_Reply] = []
+        seen: dict[str, float] = {}
+        quarantine: dict[str, str] = {}
+        for topic, payload in batch:
+            m.frames += 1
+            try:
+                device = topics.parse_up(topic)
+            except topics.TopicError as exc:
+                log.warning("frame on an unexpected topic: %s", exc)
+                dead.append(("", now, "bad_topic", topic[:200], bytes(payload)))
+                continue
+            status = self._status_of(device, now)
+            if status is None or status not in registry.SERVED:
+                reason = "not_provisioned" if status is None else status
+                dead.append((device, now, reason, "", bytes(payload)))
+                if status is None or status == registry.PROVISIONED:
+                    replies.append(_Reply(2, device, frames=[_error(
+                        proto.ErrorCode.NOT_PROVISIONED, _ref(payload), "not provisioned")]))
+                continue
+            g = self._guard(device, now)
+            g.tokens = min(float(self.cfg.rate_limit_frames_per_min),
+                           g.tokens + (now - g.refilled) * self._rate)
+            g.refilled = now
+            if g.tokens < 1.0:
+                reason = f"over {self.cfg.rate_limit_frames_per_min} frames/min"
+                self._quarantine(device, reason, quarantine)
+                dead.append((device, now, "rate_limited", reason, bytes(payload)))
+                replies.append(_Reply(2, device, frames=[_error(
+                    proto.ErrorCode.QUARANTINED, _ref(payload), "rate limited")]))
+                continue
+            g.tokens -= 1.0
+            seen[device] = now
+            problem = ""
+            frame: proto.Frame | None = None
+            try:
+                frame = proto.decode(payload)
+            except proto.ProtocolError as exc:
+                problem = str(exc)
+                code = (proto.ErrorCode.UNSUPPORTED_VERSION if "version" in exc.reason
+                        else proto.ErrorCode.TOO_LARGE if "exceeds the maximum" in exc.reason
+                        and exc.frame == "frame" else
+                        proto.ErrorCode.UNKNOWN_FRAME if "unknown frame type" in exc.reason
+                        else proto.ErrorCode.MALFORMED)
+            else:
+                if payload[1] not in _UP_TYPES:
+                    problem = f"{type(frame).__name__} is a gateway-to-node frame"
+                    code = proto.ErrorCode.UNKNOWN_FRAME
+            if problem:
+                dead.append((device, now, "malformed", problem[:500], bytes(payload)))
+                device_log(device).warning("malformed frame: %s", problem)
+                replies.append(_Reply(2, device, frames=[_error(code, _ref(payload), problem)]))
+                g.malformed.append(now)
+                if (len(g.malformed) >= self.cfg.malformed_threshold
+                        and now - g.malformed[0] <= self.cfg.malformed_window_s):
+                    self._quarantine(
+                        device, f"{len(g.malformed)} malformed frames in "
+                        f"{self.cfg.malformed_window_s:g}s", quarantine)
+                    replies.append(_Reply(2, device, frames=[_error(
+                        proto.ErrorCode.QUARANTINED, _ref(payload), "quarantined")]))
+                continue
+            if isinstance(frame, proto.Burst):
+                replies.append(_Reply(0, device, len(bursts)))
+                bursts.append((device, frame))
+            elif isinstance(frame, proto.Hello):
+                replies.append(_Reply(1, device, len(hellos)))
+                hellos.append((device, frame))
+            else:
+                # Up frames served by later modules (command results, shadow, OTA status).
+                dead.append((device, now, "unhandled", type(frame).__name__, bytes(payload)))
+                replies.append(_Reply(2, device, frames=[_error(
+                    proto.ErrorCode.UNKNOWN_FRAME, _ref(payload), "not served by this gateway")]))
+
+        t0 = time.perf_counter()
+        try:
+            with db.transaction(self.conn):
+                result = readings.commit_bursts(
+                    self.conn, bursts, self.states, now=now, in_transaction=True)
+                if self.upstream is not None and result.committed:
+                    self._enqueue_upstream(result.committed, now)
+                if hellos:
+                    registry.record_hellos(
+                        self.conn, [registry.hello_row(d, h, now) for d, h in hellos], now)
+                if seen:
+                    registry.touch_many(self.conn, [(t, d) for d, t in seen.items()])
+                if dead:
+                    deadletter.add_many(self.conn, dead)
+                for dev, reason in quarantine.items():
+                    registry.quarantine(self.conn, dev, reason, now=now)
+        except sqlite3.Error as exc:
+            m.commit_errors += 1
+            # Undo what this batch did to the caches; nodes resend what was not acked.
+            for dev in quarantine:
+                self._status[dev] = registry.ACTIVE
+            log.error("commit failed, nothing acknowledged (nodes will resend): %s", exc)
+            return []
+        result.apply()
+        m.commit_s += time.perf_counter() - t0
+        m.batches += 1
+        m.last_commit = now
+        m.bursts += len(bursts)
+        m.hellos += len(hellos)
+        m.dead_letters += len(dead)
+        m.quarantined += len(quarantine)
+        for ack in result.acks:
+            if ack.stored:
+                m.readings_stored += ack.stored
+        m.readings_duplicate += sum(len(b.readings) for _, b in bursts) - sum(
+            a.stored for a in result.acks)
+        for d, h in hellos:
+            if self._status.get(d) == registry.PROVISIONED:
+                self._status[d] = registry.ACTIVE
+                device_log(d).info("first HELLO: provisioned -> active (fw %d)", h.fw_version)
+        if self.on_committed is not None and result.committed:
+            self.on_committed()
+        return self._answers(replies, result.acks, hellos, now)
+
+    def _quarantine(self, device: str, reason: str, pending: dict[str, str]) -> None:
+        if device not in pending:
+            pending[device] = reason
+            self._status[device] = registry.QUARANTINED
+            device_log(device).warning("quarantined: %s", reason)
+
+    def _enqueue_upstream(self, committed: list[readings.Committed], now: float) -> None:
+        from gateway import formats, outbox
+
+        up = self.upstream
+        assert up is not None
+        outbox.enqueue(self.conn, [
+            formats.readings_item(
+                c.device, c.schema, c.series, topic_template=up.topic_readings,
+                fmt=up.format, created=now, msg_id=c.msg_id,
+            )
+            for c in committed
+        ])
+
+    def _answers(self, replies: list[_Reply], acks: list[readings.AckState],
+                 hellos: list[tuple[str, proto.Hello]], now: float) -> Outgoing:
+        out: Outgoing = []
+        for r in replies:
+            down = topics.down(r.device)
+            if r.kind == 0:
+                a = acks[r.index]
+                out.append((down, proto.encode_ack(
+                    proto.Ack(a.msg_id, a.cumulative, a.selective))))
+            elif r.kind == 1:
+                dev, hello = hellos[r.index]
+                try:
+                    extra = self.on_hello(dev, hello)
+                except Exception:
+                    device_log(dev).exception("downlink hook failed; sending no downlink")
+                    extra = []
+                st = self.states.get(dev) or readings.DedupState()
+                out.append((down, proto.encode_ack(proto.Ack(
+                    hello.msg_id, st.hwm, st.selective(), int(now) & 0xFFFFFFFF,
+                    min(len(extra), 255)))))
+                out.extend((down, f) for f in extra)
+                out.append((down, proto.encode_sleep_now(
+                    proto.SleepNow(hello.msg_id, hello.next_wake_s, 0))))
+            else:
+                out.extend((down, f) for f in r.frames)
+        return out
+
+    # ------------------------------------------------------------ MQTT
+    def offer(self, topic: str, payload: bytes) -> None:
+        """Queue one received frame for the next batch."""
+        if not self._accepting:
+            return
+        self._pending.append((topic, payload))
+        self._have.set()
+        if len(self._pending) >= self.cfg.batch_max_frames:
+            self._full.set()
+
+    async def run(self, client: aiomqtt.Client) -> None:
+        """Subscribe and ingest until cancelled; on cancel, commit and answer what was
+        already received, wait for those publishes, then re-raise."""
+        await client.subscribe(topics.UP_ALL, qos=1)
+        log.info("ingesting %s", topics.UP_ALL)
+        committer = asyncio.create_task(self._commit_loop(client), name="ingest-commit")
+        try:
+            async for message in client.messages:
+                payload = message.payload
+                if not isinstance(payload, bytes | bytearray):
+                    continue
+                self.offer(message.topic.value, bytes(payload))
+                if committer.done():
+                    committer.result()
+        finally:
+            self._accepting = False
+            committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await committer
+            await self.drain(client)
+
+    async def drain(self, client: aiomqtt.Client, timeout: float = 5.0) -> None:
+        """Commit what is pending, publish its answers and wait for the in-flight ones."""
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._publish(client, self.process(batch))
+        if self._publishing:
+            await asyncio.wait(self._publishing, timeout=timeout)
+
+    async def _commit_loop(self, client: aiomqtt.Client) -> None:
+        wait_s = self.cfg.batch_max_ms / 1000.0
+        while True:
+            await self._have.wait()
+            if len(self._pending) < self.cfg.batch_max_frames and wait_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), wait_s)
+            batch, self._pending = self._pending, []
+            self._have.clear()
+            self._full.clear()
+            if batch:
+                self._publish(client, self.process(batch))
+                await asyncio.sleep(0)
+
+    def _publish(self, client: aiomqtt.Client, out: Outgoing) -> None:
+        for topic, payload in out:
+            task = asyncio.create_task(self._publish_one(client, topic, payload))
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+
+    async def _publish_one(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+        try:
+            await client.publish(topic, payload, qos=1, timeout=10.0)
+            self.metrics.acks_sent += 1
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            # The node did not hear from us: it keeps its readings and sends them again.
+            self.metrics.publish_errors += 1
+            log.warning("could not publish to %s: %s", topic, exc)
+
+
+def _ref(payload: bytes) -> int:
+    return int.from_bytes(payload[2:6], "little") if len(payload) >= 6 else 0
+
+
+def _error(code: proto.ErrorCode, ref: int, detail: str) -> bytes:
+    text = detail.encode("utf-8")[:_DETAIL_MAX].decode("utf-8", "ignore")
+    return proto.encode_error(proto.Error(ref, code, ref, text))

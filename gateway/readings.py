@@ -1,0 +1,301 @@
+"""Readings and the per-device dedup state that makes ingest exactly-once.
+
+A BURST with header id M and n readings carries reading ids M..M+n-1. Per device the
+gateway keeps a high-water mark (every id <= hwm is committed) and the committed ranges
+above it (gaps come from readings a node dropped or sent out of order). Both are stored
+in the same transaction as the readings, so after a crash an id is either committed and
+known as such, or neither: a resent burst is then stored exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import repeat
+
+from gateway import db, proto
+
+log = logging.getLogger(__name__)
+
+STORE = "readings"
+MAX_VALUES = 8  # value columns v0..v7; every schema in the spec must fit
+MAX_SELECTIVE = 64  # the ACK frame's bound
+# Ranges kept above the hwm per device. Past it the oldest gap is given up (the node
+# dropped those readings long ago); the cost is one warning, never a duplicate.
+MAX_RANGES = 256
+
+_STEPS = (
+    f"""
+    CREATE TABLE readings (
+        device TEXT NOT NULL,
+        msg_id INTEGER NOT NULL,
+        ts INTEGER NOT NULL,
+        schema INTEGER NOT NULL,
+        {", ".join(f"v{i} INTEGER" for i in range(MAX_VALUES))}
+    );
+    CREATE TABLE dedup (
+        device TEXT PRIMARY KEY,
+        hwm INTEGER NOT NULL,
+        ranges TEXT NOT NULL DEFAULT '',
+        total INTEGER NOT NULL DEFAULT 0,
+        last_commit REAL
+    ) WITHOUT ROWID;
+    """,
+)
+
+_INSERT = {
+    w: f"INSERT INTO readings(device, msg_id, ts, schema, {', '.join(f'v{i}' for i in range(w))}) "
+    f"VALUES ({', '.join('?' * (w + 4))})"
+    for w in range(1, MAX_VALUES + 1)
+}
+_SAVE_STATE = (
+    "INSERT INTO dedup(device, hwm, ranges, total, last_commit) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT(device) DO UPDATE SET hwm=excluded.hwm, ranges=excluded.ranges, "
+    "total=excluded.total, last_commit=excluded.last_commit"
+)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    db.apply(conn, STORE, _STEPS)
+
+
+@dataclass(slots=True)
+class DedupState:
+    """Committed reading ids of one device: all ids <= hwm, plus `ranges` (sorted,
+    disjoint, inclusive, every lo > hwm + 1)."""
+
+    hwm: int = 0
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    total: int = 0
+
+    def copy(self) -> DedupState:
+        return DedupState(self.hwm, list(self.ranges), self.total)
+
+    def contains(self, i: int) -> bool:
+        if i <= self.hwm:
+            return True
+        return any(lo <= i <= hi for lo, hi in self.ranges)
+
+    def new_spans(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The parts of [lo, hi] not yet committed."""
+        if lo <= self.hwm:
+            lo = self.hwm + 1
+        out: list[tuple[int, int]] = []
+        for rlo, rhi in self.ranges:
+            if lo > hi:
+                break
+            if rhi < lo:
+                continue
+            if rlo > hi:
+                break
+            if rlo > lo:
+                out.append((lo, rlo - 1))
+            lo = rhi + 1
+        if lo <= hi:
+            out.append((lo, hi))
+        return out
+
+    def add(self, lo: int, hi: int) -> None:
+        """Mark [lo, hi] (not yet committed) as committed."""
+        self.total += hi - lo + 1
+        rs = self.ranges
+        rs.append((lo, hi))
+        rs.sort()
+        merged: list[tuple[int, int]] = []
+        for r in rs:
+            if merged and r[0] <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], r[1]))
+            else:
+                merged.append(r)
+        while merged and merged[0][0] <= self.hwm + 1:
+            self.hwm = max(self.hwm, merged.pop(0)[1])
+        while len(merged) > MAX_RANGES:
+            glo, ghi = merged.pop(0)
+            log.warning("giving up the gap %d..%d below committed ids (too many gaps)",
+                        self.hwm + 1, glo - 1)
+            self.hwm = ghi
+        self.ranges = merged
+
+    def selective(self, prefer: Sequence[tuple[int, int]] = ()) -> tuple[int, ...]:
+        """Up to 64 committed ids above the hwm, those in `prefer` (ranges) first."""
+        out: list[int] = []
+        seen: set[int] = set()
+        for lo, hi in list(prefer) + self.ranges:
+            for i in range(max(lo, self.hwm + 1), hi + 1):
+                if len(out) >= MAX_SELECTIVE:
+                    return tuple(sorted(out))
+                if i not in seen:
+                    seen.add(i)
+                    out.append(i)
+        return tuple(sorted(out))
+
+    def encode_ranges(self) -> str:
+        return ",".join(f"{lo}-{hi}" for lo, hi in self.ranges)
+
+    @staticmethod
+    def decode_ranges(text: str) -> list[tuple[int, int]]:
+        out = []
+        for part in filter(None, text.split(",")):
+            lo, _, hi = part.partition("-")
+            out.append((int(lo), int(hi)))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class AckState:
+    """What to acknowledge for one burst: ACK(cumulative, selective)."""
+
+    device: str
+    msg_id: int
+    cumulative: int
+    selective: tuple[int, ...]
+    stored: int  # readings of this burst stored now (0: a duplicate)
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """Readings of one burst stored in this transaction (for the upstream outbox)."""
+
+    device: str
+    msg_id: int  # the first stored reading's id
+    schema: int
+    series: proto.Series  # the stored readings only
+    rows: list[tuple[int, ...]]  # (device, msg_id, ts, schema, v0, ...)
+
+
+def load_states(conn: sqlite3.Connection) -> dict[str, DedupState]:
+    return {
+        dev: DedupState(int(hwm), DedupState.decode_ranges(ranges), int(total))
+        for dev, hwm, ranges, total in conn.execute("SELECT device, hwm, ranges, total FROM dedup")
+    }
+
+
+def load_state(conn: sqlite3.Connection, device: str) -> DedupState:
+    row = conn.execute("SELECT hwm, ranges, total FROM dedup WHERE device=?", (device,)).fetchone()
+    if row is None:
+        return DedupState()
+    return DedupState(int(row[0]), DedupState.decode_ranges(row[1]), int(row[2]))
+
+
+def _rows(device: str, burst: proto.Burst, spans: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+    series = burst.readings
+    first = burst.msg_id
+    n = len(series)
+    whole = zip(repeat(device), range(first, first + n), series.timestamps,
+                repeat(burst.schema), *series.columns, strict=False)
+    if len(spans) == 1 and spans[0] == (first, first + n - 1):
+        return list(whole)
+    keep = [False] * n
+    for lo, hi in spans:
+        for i in range(lo - first, hi - first + 1):
+            keep[i] = True
+    return [r for r, k in zip(whole, keep, strict=False) if k]
+
+
+@dataclass(slots=True)
+class CommitResult:
+    """commit_bursts' answer: one AckState per burst, what was stored, and the new dedup
+    states to publish into the caller's cache once the transaction has committed."""
+
+    acks: list[AckState]
+    committed: list[Committed]
+    _cache: dict[str, DedupState]
+    _new: dict[str, DedupState]
+
+    def apply(self) -> None:
+        self._cache.update(self._new)
+        self._new = {}
+
+
+def commit_bursts(
+    conn: sqlite3.Connection,
+    batch: Iterable[tuple[str, proto.Burst]],
+    states: dict[str, DedupState] | None = None,
+    *,
+    now: float = 0.0,
+    in_transaction: bool = False,
+) -> CommitResult:
+    """Store the new readings of `batch` (device, burst) and the dedup state; drop the
+    readings already committed.
+
+    `states` is the caller's cache (filled from the table on demand). With
+    `in_transaction` the caller has opened the transaction (to add its own writes, e.g.
+    the upstream outbox) and must call `result.apply()` after its COMMIT; otherwise this
+    function commits and applies."""
+    if states is None:
+        states = {}
+    work: dict[str, DedupState] = {}
+    acks: list[AckState] = []
+    committed: list[Committed] = []
+    by_width: dict[int, list[tuple[int, ...]]] = {}
+    for device, burst in batch:
+        st = work.get(device)
+        if st is None:
+            base = states.get(device)
+            if base is None:
+                base = load_state(conn, device)
+                states[device] = base
+            st = work[device] = base.copy()
+        n = len(burst.readings)
+        lo, hi = burst.msg_id, burst.msg_id + n - 1
+        spans = st.new_spans(lo, hi)
+        stored = 0
+        if spans:
+            rows = _rows(device, burst, spans)
+            stored = len(rows)
+            by_width.setdefault(len(burst.readings.columns), []).extend(rows)
+            if stored == n:
+                series = burst.readings
+            else:
+                cols = tuple(zip(*rows, strict=True))
+                series = proto.Series(cols[2], cols[4:])
+            committed.append(Committed(device, rows[0][1], burst.schema, series, rows))
+            for s_lo, s_hi in spans:
+                st.add(s_lo, s_hi)
+        acks.append(AckState(device, burst.msg_id, st.hwm, st.selective([(lo, hi)]), stored))
+    result = CommitResult(acks, committed, states, work)
+    if not committed:
+        return result
+
+    def write() -> None:
+        for width, rows in by_width.items():
+            conn.executemany(_INSERT[width], rows)
+        conn.executemany(
+            _SAVE_STATE,
+            [(d, s.hwm, s.encode_ranges(), s.total, now) for d, s in work.items()],
+        )
+
+    if in_transaction:
+        write()
+    else:
+        with db.transaction(conn):
+            write()
+        result.apply()
+    return result
+
+
+def stats(conn: sqlite3.Connection, device: str) -> tuple[int, int, int]:
+    """(hwm, committed ids above it, readings stored) of a device."""
+    st = load_state(conn, device)
+    return st.hwm, sum(hi - lo + 1 for lo, hi in st.ranges), st.total
+
+
+def total(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT coalesce(sum(total), 0) FROM dedup").fetchone()[0])
+
+
+def count_rows(conn: sqlite3.Connection, device: str | None = None) -> int:
+    if device is None:
+        return int(conn.execute("SELECT count(*) FROM readings").fetchone()[0])
+    return int(conn.execute("SELECT count(*) FROM readings WHERE device=?", (device,)).fetchone()[0])
+
+
+def fetch(conn: sqlite3.Connection, device: str, limit: int = 100) -> list[tuple[int, ...]]:
+    """The latest readings of a device: (msg_id, ts, schema, v0..)."""
+    return conn.execute(
+        "SELECT msg_id, ts, schema, " + ", ".join(f"v{i}" for i in range(MAX_VALUES))
+        + " FROM readings WHERE device=? ORDER BY rowid DESC LIMIT ?",
+        (device, limit),
+    ).fetchall()

@@ -1,0 +1,238 @@
+"""The device registry: who may talk to the gateway, in what state, and what it last said.
+
+A device is registered (`torpor device add`) as *provisioned*; its first HELLO makes it
+*active*; the gateway *quarantines* a misbehaving one and `torpor device release` brings it
+back; *revoked* and *decommissioned* devices are refused for good.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import db, proto
+from gateway.errors import GatewayError
+from gateway.pki import validate_device_id
+
+STORE = "registry"
+
+PROVISIONED = "provisioned"
+ACTIVE = "active"
+QUARANTINED = "quarantined"
+REVOKED = "revoked"
+DECOMMISSIONED = "decommissioned"
+STATUSES = (PROVISIONED, ACTIVE, QUARANTINED, REVOKED, DECOMMISSIONED)
+# States in which the gateway serves a device's frames.
+SERVED = frozenset({PROVISIONED, ACTIVE})
+CLASSES = tuple(proto.DEVICE_CLASSES)
+
+_HELLO_COLUMNS = (
+    "fw_version", "boot_cause", "battery_mv", "rssi", "free_mem", "queue_depth", "dropped",
+    "next_wake_s", "awake_window_ms", "node_time", "config_version", "ota_state",
+    "ota_reason", "safe_mode", "boots_without_send", "mcu_temp",
+)
+
+_STEPS = (
+    """
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        class TEXT NOT NULL,
+        cert_serial TEXT,
+        status TEXT NOT NULL,
+        status_reason TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        status_at REAL NOT NULL,
+        last_seen REAL,
+        last_hello_at REAL,
+        next_wake_at REAL,
+        awake_until REAL,
+        fw_version INTEGER,
+        boot_cause TEXT,
+        battery_mv INTEGER,
+        rssi INTEGER,
+        free_mem INTEGER,
+        queue_depth INTEGER,
+        dropped INTEGER,
+        next_wake_s INTEGER,
+        awake_window_ms INTEGER,
+        node_time INTEGER,
+        config_version INTEGER,
+        ota_state TEXT,
+        ota_reason TEXT,
+        safe_mode INTEGER,
+        boots_without_send INTEGER,
+        mcu_temp REAL
+    ) WITHOUT ROWID;
+    CREATE INDEX devices_status ON devices(status);
+    """,
+)
+
+
+class RegistryError(GatewayError):
+    """A registry operation was refused (unknown device, bad state change...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    id: str
+    device_class: str
+    cert_serial: str | None
+    status: str
+    status_reason: str
+    created_at: float
+    status_at: float
+    last_seen: float | None = None
+    last_hello_at: float | None = None
+    next_wake_at: float | None = None
+    awake_until: float | None = None
+    fw_version: int | None = None
+    boot_cause: str | None = None
+    battery_mv: int | None = None
+    rssi: int | None = None
+    free_mem: int | None = None
+    queue_depth: int | None = None
+    dropped: int | None = None
+    next_wake_s: int | None = None
+    awake_window_ms: int | None = None
+    node_time: int | None = None
+    config_version: int | None = None
+    ota_state: str | None = None
+    ota_reason: str | None = None
+    safe_mode: int | None = None
+    boots_without_send: int | None = None
+    mcu_temp: float | None = None
+
+    @property
+    def limits(self) -> proto.ClassLimits:
+        return proto.DEVICE_CLASSES[self.device_class]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+_SELECT = (
+    "SELECT id, class, cert_serial, status, status_reason, created_at, status_at, last_seen, "
+    "last_hello_at, next_wake_at, awake_until, " + ", ".join(_HELLO_COLUMNS) + " FROM devices"
+)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    db.apply(conn, STORE, _STEPS)
+
+
+def add(conn: sqlite3.Connection, device_id: str, device_class: str = "sensor",
+        cert_serial: str | None = None, *, now: float | None = None) -> Device:
+    """Register a device as provisioned."""
+    try:
+        validate_device_id(device_id)
+    except GatewayError as exc:
+        raise RegistryError(str(exc)) from None
+    if device_class not in proto.DEVICE_CLASSES:
+        raise RegistryError(
+            f"unknown device class {device_class!r}: one of {', '.join(CLASSES)}"
+        )
+    t = time.time() if now is None else now
+    try:
+        conn.execute(
+            "INSERT INTO devices(id, class, cert_serial, status, created_at, status_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (device_id, device_class, cert_serial, PROVISIONED, t, t),
+        )
+    except sqlite3.IntegrityError:
+        raise RegistryError(f"device {device_id!r} is already registered") from None
+    return get(conn, device_id)
+
+
+def find(conn: sqlite3.Connection, device_id: str) -> Device | None:
+    row = conn.execute(_SELECT + " WHERE id=?", (device_id,)).fetchone()
+    return Device(*row) if row else None
+
+
+def get(conn: sqlite3.Connection, device_id: str) -> Device:
+    dev = find(conn, device_id)
+    if dev is None:
+        raise RegistryError(f"no device {device_id!r} in the registry (see `torpor device list`)")
+    return dev
+
+
+def list_devices(conn: sqlite3.Connection, status: str | None = None) -> list[Device]:
+    if status is not None and status not in STATUSES:
+        raise RegistryError(f"unknown status {status!r}: one of {', '.join(STATUSES)}")
+    if status is None:
+        rows = conn.execute(_SELECT + " ORDER BY id").fetchall()
+    else:
+        rows = conn.execute(_SELECT + " WHERE status=? ORDER BY id", (status,)).fetchall()
+    return [Device(*r) for r in rows]
+
+
+def statuses(conn: sqlite3.Connection) -> dict[str, str]:
+    """device id -> status, for the ingest path's cache."""
+    return {r[0]: r[1] for r in conn.execute("SELECT id, status FROM devices")}
+
+
+def counts(conn: sqlite3.Connection) -> dict[str, int]:
+    return {r[0]: int(r[1]) for r in conn.execute("SELECT status, count(*) FROM devices GROUP BY status")}
+
+
+def set_status(conn: sqlite3.Connection, device_id: str, status: str, reason: str = "",
+               *, now: float | None = None) -> Device:
+    if status not in STATUSES:
+        raise RegistryError(f"unknown status {status!r}: one of {', '.join(STATUSES)}")
+    cur = conn.execute(
+        "UPDATE devices SET status=?, status_reason=?, status_at=? WHERE id=?",
+        (status, reason, time.time() if now is None else now, device_id),
+    )
+    if cur.rowcount == 0:
+        raise RegistryError(f"no device {device_id!r} in the registry (see `torpor device list`)")
+    return get(conn, device_id)
+
+
+def release(conn: sqlite3.Connection, device_id: str) -> Device:
+    """Quarantined -> active (the operator has looked at it)."""
+    dev = get(conn, device_id)
+    if dev.status != QUARANTINED:
+        raise RegistryError(f"device {device_id!r} is {dev.status}, not quarantined")
+    return set_status(conn, device_id, ACTIVE, "released by the operator")
+
+
+def quarantine(conn: sqlite3.Connection, device_id: str, reason: str,
+               *, now: float | None = None) -> None:
+    conn.execute(
+        "UPDATE devices SET status=?, status_reason=?, status_at=? WHERE id=? AND status IN (?, ?)",
+        (QUARANTINED, reason, time.time() if now is None else now, device_id, PROVISIONED, ACTIVE),
+    )
+
+
+def touch_many(conn: sqlite3.Connection, seen: Iterable[tuple[float, str]]) -> None:
+    """last_seen for (time, device) pairs, inside the caller's transaction."""
+    conn.executemany("UPDATE devices SET last_seen=? WHERE id=?", seen)
+
+
+def hello_row(device_id: str, hello: proto.Hello, now: float) -> tuple[Any, ...]:
+    return (
+        now, now, now + hello.next_wake_s, now + hello.awake_window_ms / 1000.0,
+        hello.fw_version, hello.boot_cause.name.lower(), hello.battery_mv, hello.rssi,
+        hello.free_mem, hello.queue_depth, hello.dropped, hello.next_wake_s,
+        hello.awake_window_ms, hello.time, hello.config_version, hello.ota_state.name.lower(),
+        hello.ota_reason.name.lower(), int(hello.safe_mode), hello.boots_without_send,
+        hello.mcu_temp, device_id,
+    )
+
+
+def record_hellos(conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]], now: float) -> None:
+    """Store the HELLO fields (rows from hello_row) and make provisioned devices active,
+    inside the caller's transaction. The awake window counts from the gateway's receipt."""
+    rows = list(rows)
+    conn.executemany(
+        "UPDATE devices SET last_seen=?, last_hello_at=?, next_wake_at=?, awake_until=?, "
+        + ", ".join(f"{c}=?" for c in _HELLO_COLUMNS) + " WHERE id=?",
+        rows,
+    )
+    conn.executemany(
+        "UPDATE devices SET status=?, status_reason='first HELLO', status_at=? "
+        "WHERE id=? AND status=?",
+        [(ACTIVE, now, r[-1], PROVISIONED) for r in rows],
+    )

@@ -1,0 +1,300 @@
+"""The gateway service: one supervisor, one task per concern.
+
+Concerns: the broker (when supervised), ingest, the upstream relay, and status. A task that
+fails is restarted with backoff; SIGTERM/SIGINT stop taking frames, finish the commit in
+flight, publish its answers, then stop the rest and close the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sqlite3
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from gateway import db, deadletter, readings, registry
+from gateway.config import GatewayConfig
+from gateway.errors import ConfigError, GatewayError
+from gateway.ingest import HelloHook, Ingest, no_downlink
+
+log = logging.getLogger(__name__)
+
+STORE = "service"
+_STEPS = (
+    """
+    CREATE TABLE gateway_status (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        pid INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        state TEXT NOT NULL,
+        interval_s REAL NOT NULL,
+        detail TEXT NOT NULL
+    );
+    """,
+)
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+HEALTHY_RUN_S = 30.0  # a task that ran this long starts its backoff afresh
+SEEN_RECENTLY_S = 600.0
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    db.apply(conn, STORE, _STEPS)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What `torpor gateway status` shows."""
+
+    running: bool
+    pid: int | None
+    state: str
+    started_at: float | None
+    updated_at: float | None
+    devices: dict[str, int]
+    seen_recently: int
+    last_seen: float | None
+    readings_total: int
+    readings_per_min: float
+    dead_letters: int
+    outbox_depth: int | None
+    detail: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_status(conn: sqlite3.Connection, now: float | None = None) -> Status:
+    """The gateway's state from the database alone (works while it runs or not)."""
+    now = time.time() if now is None else now
+    row = conn.execute(
+        "SELECT pid, started_at, updated_at, state, interval_s, detail FROM gateway_status"
+    ).fetchone()
+    running = False
+    detail: dict[str, Any] = {}
+    pid = started = updated = None
+    state = "never started"
+    if row is not None:
+        pid, started, updated, state, interval, text = row
+        detail = json.loads(text)
+        fresh = now - updated <= max(3 * interval, 5.0)
+        running = state == "running" and fresh and _pid_alive(int(pid))
+        if state == "running" and not running:
+            state = "stopped (not shut down cleanly)"
+    last_seen = conn.execute("SELECT max(last_seen) FROM devices").fetchone()[0]
+    seen = conn.execute(
+        "SELECT count(*) FROM devices WHERE last_seen >= ?", (now - SEEN_RECENTLY_S,)
+    ).fetchone()[0]
+    outbox_depth: int | None
+    try:
+        outbox_depth = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    except sqlite3.OperationalError:
+        outbox_depth = None
+    return Status(
+        running=running, pid=pid, state=state, started_at=started, updated_at=updated,
+        devices=registry.counts(conn), seen_recently=int(seen), last_seen=last_seen,
+        readings_total=readings.total(conn),
+        readings_per_min=float(detail.get("readings_per_min", 0.0)) if running else 0.0,
+        dead_letters=deadletter.count(conn), outbox_depth=outbox_depth, detail=detail,
+    )
+
+
+class Service:
+    """`Service(cfg).run()` runs the gateway until `stop()` or SIGTERM/SIGINT."""
+
+    def __init__(self, cfg: GatewayConfig, *, on_hello: HelloHook = no_downlink) -> None:
+        self.cfg = cfg
+        self.on_hello = on_hello
+        self.conn: sqlite3.Connection | None = None
+        self.ingest: Ingest | None = None
+        self.broker: Any = None
+        self.relay: Any = None
+        self.mqtt_connected = False
+        self.restarts: dict[str, int] = {}
+        self._stop = asyncio.Event()
+        self._started = time.time()
+        self._last_total = 0
+        self._last_t = time.monotonic()
+        self._rate = 0.0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------ supervisor
+    async def run(self) -> None:
+        cfg = self.cfg
+        self.conn = db.open_db(cfg.db_path)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        tasks: dict[str, asyncio.Task[None]] = {}
+        try:
+            if cfg.broker.mode == "supervised":
+                await self._start_broker()
+            self.ingest = Ingest(
+                self.conn, cfg.ingest, upstream=cfg.upstream, on_hello=self.on_hello,
+                on_committed=self._notify_relay,
+            )
+            self._write_status("running")
+            tasks["ingest"] = asyncio.create_task(self._supervise("ingest", self._ingest))
+            if cfg.upstream.enabled:
+                from gateway.relay import Relay
+
+                self.relay = Relay(cfg.db_path, cfg.upstream)
+                tasks["relay"] = asyncio.create_task(self._supervise("relay", self.relay.run))
+            tasks["status"] = asyncio.create_task(self._supervise("status", self._status_loop))
+            log.info("gateway running (database %s, pid %d)", cfg.db_path, os.getpid())
+            await self._stop.wait()
+            log.info("shutting down")
+        finally:
+            # Ingest first: it stops taking frames, commits and answers what it holds.
+            for name in ("ingest", "relay", "status"):
+                task = tasks.get(name)
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+            if self.broker is not None:
+                await self.broker.stop()
+            with contextlib.suppress(sqlite3.Error):
+                self._write_status("stopped")
+            self.conn.close()
+            log.info("gateway stopped")
+
+    async def _supervise(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        delay = BACKOFF_FIRST_S
+        while True:
+            started = time.monotonic()
+            try:
+                await body()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure of a concern is logged and retried
+                if time.monotonic() - started > HEALTHY_RUN_S:
+                    delay = BACKOFF_FIRST_S
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                if isinstance(exc, GatewayError | aiomqtt.MqttError | OSError):
+                    log.warning("%s failed: %s; restarting in %.1fs", name, exc, delay)
+                else:
+                    log.exception("%s crashed; restarting in %.1fs", name, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+
+    # ------------------------------------------------------------ concerns
+    async def _start_broker(self) -> None:
+        from gateway import broker as gwbroker
+        from gateway.pki import Pki
+
+        b = self.cfg.broker
+        settings = gwbroker.BrokerSettings(
+            host=b.host, port=b.port, user=b.user or None,
+            max_queued_messages=b.max_queued_messages,
+            max_inflight_messages=b.max_inflight_messages,
+        )
+        if b.mosquitto:
+            os.environ["PATH"] = f"{Path(b.mosquitto).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        self.broker = gwbroker.BrokerSupervisor(
+            Pki(self.cfg.pki_dir), self.cfg.broker_config_dir, settings)
+        await self.broker.start()
+
+    def _tls(self) -> ssl.SSLContext:
+        cert, key, ca = self.cfg.mqtt_files()
+        for label, path in (("cert", cert), ("key", key), ("ca", ca)):
+            if not path.exists():
+                raise ConfigError(
+                    f"[mqtt] {label}: {path} does not exist (issue it with `torpor pki gateway`)")
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+        ctx.load_cert_chain(str(cert), str(key))
+        return ctx
+
+    async def _ingest(self) -> None:
+        assert self.ingest is not None
+        m = self.cfg.mqtt
+        client = aiomqtt.Client(
+            self.cfg.mqtt_host, self.cfg.mqtt_port, identifier=m.client_id,
+            tls_context=self._tls(), keepalive=m.keepalive, timeout=m.connect_timeout_s,
+            # A persistent session: frames published while the gateway restarts wait in
+            # the broker instead of waiting for the nodes' next wake.
+            clean_session=False, max_inflight_messages=200,
+        )
+        async with client:
+            self.mqtt_connected = True
+            log.info("connected to the broker at %s:%d", self.cfg.mqtt_host, self.cfg.mqtt_port)
+            try:
+                await self.ingest.run(client)
+            finally:
+                self.mqtt_connected = False
+
+    def _notify_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.notify()
+
+    async def _status_loop(self) -> None:
+        interval = self.cfg.gateway.status_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            self._write_status("running")
+            assert self.conn is not None
+            with db.transaction(self.conn):
+                deadletter.prune(self.conn, self.cfg.gateway.deadletter_max_rows)
+
+    def _write_status(self, state: str) -> None:
+        assert self.conn is not None
+        now = time.time()
+        detail: dict[str, Any] = {"mqtt_connected": self.mqtt_connected,
+                                  "restarts": self.restarts, "config": self.cfg.source}
+        if self.ingest is not None:
+            stored = self.ingest.metrics.readings_stored
+            mono = time.monotonic()
+            span = mono - self._last_t
+            if span > 0.5:
+                self._rate = (stored - self._last_total) * 60.0 / span
+                self._last_total, self._last_t = stored, mono
+            detail["readings_per_min"] = round(self._rate, 1)
+            detail["ingest"] = self.ingest.metrics.as_dict()
+        if self.broker is not None:
+            detail["broker_pid"] = self.broker.pid
+            detail["broker_restarts"] = self.broker.restarts
+        if self.relay is not None:
+            detail["relay_connected"] = bool(self.relay.connected)
+        with db.transaction(self.conn):
+            self.conn.execute(
+                "INSERT INTO gateway_status(id, pid, started_at, updated_at, state, interval_s, "
+                "detail) VALUES (1, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "pid=excluded.pid, started_at=excluded.started_at, updated_at=excluded.updated_at,"
+                " state=excluded.state, interval_s=excluded.interval_s, detail=excluded.detail",
+                (os.getpid(), self._started, now, state, self.cfg.gateway.status_interval_s,
+                 json.dumps(detail, default=str)),
+            )
+
+
+def run(cfg: GatewayConfig, *, on_hello: HelloHook = no_downlink) -> None:
+    """Blocking entry point for `torpor gateway run`."""
+    asyncio.run(Service(cfg, on_hello=on_hello).run())
