@@ -134,7 +134,7 @@ RECORD_ENV3 = '<IhHH'
 RECORD_SIZE_ENV3 = const(10)
 # schema id -> (record size, (offset, width, signed) per value)
 _SCHEMA_COLS = {
-    1: (10, (4, 2, True), (6, 2, False), (8, 2, False)),
+    1: (10, ((4, 2, True), (6, 2, False), (8, 2, False),)),
 }
 
 # indices into decoded tuples (0 is always the message id)
@@ -349,12 +349,12 @@ def _dt(recs, p, q):
 
 
 def _encode_series(buf, off, name, schema, interval, recs, count, limit):
-    cols = _SCHEMA_COLS.get(schema)
-    if cols is None:
+    entry = _SCHEMA_COLS.get(schema)
+    if entry is None:
         raise _err(name, off, "unknown sensor schema %d" % schema)
     if count < 1 or count > limit:
         raise _err(name, off, "readings: count %d outside 1..%d" % (count, limit))
-    rs = cols[0]
+    rs, cols = entry
     regular = interval != 0
     if regular:
         p = 0
@@ -370,8 +370,7 @@ def _encode_series(buf, off, name, schema, interval, recs, count, limit):
     buf[off] = count
     buf[off + 1:off + rs + 1] = recs[0:rs]
     off += rs + 1
-    for i in range(1, len(cols)):
-        co, width, signed = cols[i]
+    for co, width, signed in cols:
         prev = _rd(recs, co, width, signed)
         p = co + rs
         for _ in range(count - 1):
@@ -388,10 +387,10 @@ def _encode_series(buf, off, name, schema, interval, recs, count, limit):
 
 
 def _decode_series(buf, off, n, name, schema, interval, limit):
-    cols = _SCHEMA_COLS.get(schema)
-    if cols is None:
+    entry = _SCHEMA_COLS.get(schema)
+    if entry is None:
         raise _err(name, off, "unknown sensor schema %d" % schema)
-    rs = cols[0]
+    rs, cols = entry
     _need(off, rs + 1, n, name, "readings")
     count = buf[off]
     if count < 1 or count > limit:
@@ -400,8 +399,7 @@ def _decode_series(buf, off, n, name, schema, interval, limit):
     base = off + 1
     off += rs + 1
     columns = []
-    for i in range(1, len(cols)):
-        co, width, signed = cols[i]
+    for co, width, signed in cols:
         v = _rd(buf, base + co, width, signed)
         lo = -(1 << (8 * width - 1)) if signed else 0
         hi = (1 << (8 * width - 1)) - 1 if signed else (1 << (8 * width)) - 1

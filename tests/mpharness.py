@@ -158,9 +158,21 @@ class MicroPythonFailure(Exception):
     pass
 
 
+def _is_mp(file_path: Path) -> bool:
+    return file_path.suffix == ".py" and file_path.name.startswith("mptest_")
+
+
 def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Collector | None:
-    if file_path.suffix == ".py" and file_path.name.startswith("mptest_"):
+    # Files named on the command line reach pytest_pycollect_makemodule instead.
+    if _is_mp(file_path) and not parent.session.isinitpath(file_path):
         return MicroPythonFile.from_parent(parent, path=file_path)
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    if _is_mp(module_path):
+        return MicroPythonFile.from_parent(parent, path=module_path)
     return None
 
 

@@ -171,12 +171,12 @@ def _dt(recs, p, q):
 
 
 def _encode_series(buf, off, name, schema, interval, recs, count, limit):
-    cols = _SCHEMA_COLS.get(schema)
-    if cols is None:
+    entry = _SCHEMA_COLS.get(schema)
+    if entry is None:
         raise _err(name, off, "unknown sensor schema %d" % schema)
     if count < 1 or count > limit:
         raise _err(name, off, "readings: count %d outside 1..%d" % (count, limit))
-    rs = cols[0]
+    rs, cols = entry
     regular = interval != 0
     if regular:
         p = 0
@@ -192,8 +192,7 @@ def _encode_series(buf, off, name, schema, interval, recs, count, limit):
     buf[off] = count
     buf[off + 1:off + rs + 1] = recs[0:rs]
     off += rs + 1
-    for i in range(1, len(cols)):
-        co, width, signed = cols[i]
+    for co, width, signed in cols:
         prev = _rd(recs, co, width, signed)
         p = co + rs
         for _ in range(count - 1):
@@ -210,10 +209,10 @@ def _encode_series(buf, off, name, schema, interval, recs, count, limit):
 
 
 def _decode_series(buf, off, n, name, schema, interval, limit):
-    cols = _SCHEMA_COLS.get(schema)
-    if cols is None:
+    entry = _SCHEMA_COLS.get(schema)
+    if entry is None:
         raise _err(name, off, "unknown sensor schema %d" % schema)
-    rs = cols[0]
+    rs, cols = entry
     _need(off, rs + 1, n, name, "readings")
     count = buf[off]
     if count < 1 or count > limit:
@@ -222,8 +221,7 @@ def _decode_series(buf, off, n, name, schema, interval, limit):
     base = off + 1
     off += rs + 1
     columns = []
-    for i in range(1, len(cols)):
-        co, width, signed = cols[i]
+    for co, width, signed in cols:
         v = _rd(buf, base + co, width, signed)
         lo = -(1 << (8 * width - 1)) if signed else 0
         hi = (1 << (8 * width - 1)) - 1 if signed else (1 << (8 * width)) - 1
@@ -345,7 +343,7 @@ def generate(spec: Spec) -> str:
             size = SCALARS[m.type][1]
             cols.append(f"({off}, {size}, {m.type.startswith('i')})")
             off += size
-        w(f"    {s.id}: ({s.record_size}, {', '.join(cols)}),")
+        w(f"    {s.id}: ({s.record_size}, ({', '.join(cols)},)),")
     w("}")
     w()
     w("# indices into decoded tuples (0 is always the message id)")
