@@ -1,0 +1,625 @@
+# Power-safe queue of readings on littlefs: fixed-size records in append-only segment files,
+# each under a 4-byte message id that never repeats, kept until the gateway acknowledges it.
+#
+# Files in the queue directory:
+#   s<first id, 8 hex>  segment: slots of [id u32 LE][priority u8][check u8][record]
+#   state               ack floor, selectively removed ids, id floor, drop counter;
+#                       replaced atomically (write state.new, rename over state)
+#   c<first id>         compaction in progress (renamed over its segment when complete)
+# littlefs makes each write visible only at flush/close, and rename atomic, so a power cut
+# leaves either the old or the new version of each file. Open still tolerates torn tails
+# and garbled slots (checked per slot) so a damaged file costs only the damaged readings.
+import os
+
+from micropython import const
+
+NPRIO = const(8)  # priorities 0 (dropped first) .. 7
+_HDR = const(6)
+_MAX_SET = const(48)  # removed ids above the floor kept in the state file
+_ST_HDR = const(20)
+_CHUNK = const(16)  # slots read per readinto()
+
+
+class FlashQueueError(Exception):
+    pass
+
+
+def _u32(b, o):
+    return b[o] | (b[o + 1] << 8) | (b[o + 2] << 16) | (b[o + 3] << 24)
+
+
+def _put32(b, o, v):
+    b[o] = v & 0xFF
+    b[o + 1] = (v >> 8) & 0xFF
+    b[o + 2] = (v >> 16) & 0xFF
+    b[o + 3] = (v >> 24) & 0xFF
+
+
+def _check(b, o, n):
+    # Sum of the slot's bytes except the check byte; 0xA5 start so blank (0xff/0x00) slots fail.
+    s = 0xA5
+    for i in range(o, o + n):
+        s += b[i]
+    return (s - b[o + 5]) & 0xFF
+
+
+class _Seg:
+    def __init__(self, first):
+        self.first = first
+        self.nslots = 0  # valid slots
+        self.nlive = 0  # valid slots not yet removed
+        self.maxid = first - 1
+        self.bad = 0  # torn or garbled slots: never append after them
+        self.closed = False
+
+
+class FlashQueue:
+    """FlashQueue(dir, record_size, max_records): see module comment for the layout.
+
+    append(record, priority=0) -> msg_id (0 if dropped on arrival); durable on return.
+    ack(cumulative_id, selective=()); read_into(buf, after_id=0) -> count (zero-allocation
+    read-out, slot layout as on flash); peek(n) -> [(id, prio, bytes)]; depth, dropped,
+    next_id, oldest_ts(), age(now); compact(); close().
+    """
+
+    def __init__(self, dir, record_size, max_records, seg_records=64, reserve_blocks=6):
+        if record_size < 1 or max_records < 1 or seg_records < 1:
+            raise ValueError("record_size, max_records and seg_records must be positive")
+        self.dir = dir.rstrip("/") or "/"
+        self.record_size = record_size
+        self.slot_size = record_size + _HDR
+        self.max_records = max_records
+        self.seg_records = seg_records
+        self.reserve_blocks = reserve_blocks
+        self._slot = bytearray(self.slot_size)
+        self._slot2 = bytearray(self.slot_size)
+        self._victim_prio = 0
+        self._ncompact = 0
+        self._chunk = bytearray(self.slot_size * _CHUNK)
+        self._cmv = memoryview(self._chunk)
+        self._st = bytearray(_ST_HDR + 4 * _MAX_SET + 4)
+        self._pstate = self.dir + "/state"
+        self._pstate_new = self.dir + "/state.new"
+        self._set = []
+        self._segs = []
+        self._plive = [0] * NPRIO
+        self._af = None
+        self._aseg = None
+        self.floor = 0
+        self.next_id = 1
+        self.dropped = 0
+        self.depth = 0
+        self.corrupt = 0
+        self.last_dropped = 0
+        self.notes = []
+        self._open()
+
+    # ---- paths and state -------------------------------------------------------------
+    def _spath(self, first, prefix="/s"):
+        return "%s%s%08x" % (self.dir, prefix, first)
+
+    def _read_state(self):
+        st = self._st
+        try:
+            with open(self._pstate, "rb") as f:
+                n = f.readinto(st)
+        except OSError:
+            self.notes.append("no state file")
+            return
+        if n < _ST_HDR + 4 or st[0:4] != b"TQS1":
+            self.notes.append("state file garbled")
+            return
+        k = st[16]
+        end = _ST_HDR + 4 * k
+        if k > _MAX_SET or n < end + 4 or _u32(st, end) != self._state_sum(end):
+            self.notes.append("state file garbled")
+            return
+        self.next_id = max(self.next_id, _u32(st, 4))
+        self.floor = _u32(st, 8)
+        self.dropped = _u32(st, 12)
+        for j in range(k):
+            self._set.append(_u32(st, _ST_HDR + 4 * j))
+
+    def _state_sum(self, end):
+        s = 0x5EED
+        st = self._st
+        for i in range(end):
+            s = (s * 31 + st[i]) & 0x3FFFFFFF
+        return s
+
+    def _write_state(self):
+        st = self._st
+        st[0:4] = b"TQS1"
+        _put32(st, 4, self.next_id)
+        _put32(st, 8, self.floor)
+        _put32(st, 12, self.dropped)
+        k = len(self._set)
+        st[16] = k
+        st[17] = st[18] = st[19] = 0
+        for j in range(k):
+            _put32(st, _ST_HDR + 4 * j, self._set[j])
+        end = _ST_HDR + 4 * k
+        _put32(st, end, self._state_sum(end))
+        with open(self._pstate_new, "wb") as f:
+            f.write(memoryview(st)[: end + 4])
+        os.rename(self._pstate_new, self._pstate)
+
+    # ---- scanning ----------------------------------------------------------------------
+    def _slots(self, seg):
+        # Yields the chunk offset of each valid slot of seg, in id order; counts bad ones.
+        ss = self.slot_size
+        ch = self._chunk
+        prev = seg.first - 1
+        seg.bad = 0
+        f = open(self._spath(seg.first), "rb")
+        try:
+            while True:
+                n = f.readinto(self._cmv)
+                if not n:
+                    break
+                whole = n - n % ss
+                p = 0
+                while p < whole:
+                    i = _u32(ch, p)
+                    if i > prev and ch[p + 4] < NPRIO and _check(ch, p, ss) == ch[p + 5]:
+                        prev = i
+                        yield p
+                    else:
+                        seg.bad += 1
+                    p += ss
+                if n < len(ch):
+                    if n != whole:
+                        seg.bad += 1
+                    break
+        finally:
+            f.close()
+
+    def _live(self, i):
+        return i > self.floor and i not in self._set
+
+    def _scan(self, seg):
+        ch = self._chunk
+        seg.nslots = seg.nlive = 0
+        for p in self._slots(seg):
+            i = _u32(ch, p)
+            seg.nslots += 1
+            seg.maxid = i
+            if self._live(i):
+                seg.nlive += 1
+                self._plive[ch[p + 4]] += 1
+        if seg.bad:
+            seg.closed = True
+
+    def _rescan(self):
+        pl = self._plive
+        for p in range(NPRIO):
+            pl[p] = 0
+        depth = corrupt = 0
+        for seg in self._segs:
+            self._scan(seg)
+            depth += seg.nlive
+            corrupt += seg.bad
+        self.depth = depth
+        self.corrupt = corrupt
+
+    def _open(self):
+        try:
+            os.mkdir(self.dir)
+        except OSError:
+            pass
+        firsts = []
+        for name in os.listdir(self.dir):
+            if name[0] == "c" or name == "state.new":
+                os.remove(self.dir + "/" + name)
+            elif name[0] == "s" and len(name) == 9:
+                try:
+                    firsts.append(int(name[1:], 16))
+                except ValueError:
+                    self.notes.append("ignored " + name)
+        firsts.sort()
+        self._read_state()
+        for first in firsts:
+            self._segs.append(_Seg(first))
+        self._rescan()
+        j = 1
+        while j < len(self._segs):
+            if self._segs[j].first <= self._segs[j - 1].maxid:
+                # merged into its predecessor before the cut: its live slots are there
+                self.notes.append("removed merged segment")
+                os.remove(self._spath(self._segs[j].first))
+                self._segs.pop(j)
+            else:
+                j += 1
+        top = self.floor
+        for i in self._set:
+            top = max(top, i)
+        for seg in self._segs:
+            top = max(top, seg.maxid)
+        self.next_id = max(self.next_id, top + 1)
+        self._prune_set()
+        self._rescan()
+        if self.corrupt:
+            self.notes.append("%d garbled slots skipped" % self.corrupt)
+        self._normalize()
+        self._reclaim(compact=False)
+        st = os.statvfs(self.dir)
+        if self.seg_records * self.slot_size > st[0]:
+            self.seg_records = max(1, st[0] // self.slot_size)
+        free = st[3] if st[3] <= st[2] else 0
+        # littlefs needs room for metadata pairs and copy-on-write on top of our files
+        self._seg_budget = max(2, len(self._segs) + (free - self.reserve_blocks) * 3 // 4)
+
+    # ---- removal -----------------------------------------------------------------------
+    def _normalize(self):
+        s = self._set
+        for i in range(len(s) - 1, -1, -1):
+            if s[i] <= self.floor:
+                s.pop(i)
+        while (self.floor + 1) in s:
+            self.floor += 1
+            s.remove(self.floor)
+
+    def _prune_set(self):
+        # Keep only set entries some segment still holds (compaction leaves stale ones).
+        s = self._set
+        if not s:
+            return
+        held = []
+        ch = self._chunk
+        for seg in self._segs:
+            for p in self._slots(seg):
+                i = _u32(ch, p)
+                if i in s:
+                    held.append(i)
+        self._set = held
+
+    def _delete_seg(self, seg):
+        if seg is self._aseg:
+            self._close_active()
+        os.remove(self._spath(seg.first))
+        self._segs.remove(seg)
+
+    def _close_active(self):
+        if self._af is not None:
+            self._af.close()
+            self._af = None
+        if self._aseg is not None:
+            self._aseg.closed = True
+            self._aseg = None
+
+    def _compact_seg(self, seg):
+        # Rewrite seg's live slots to c<first>, then rename over s<first>: atomic on littlefs.
+        ch = self._chunk
+        ss = self.slot_size
+        sl = self._slot
+        tmp = self._spath(seg.first, "/c")
+        self._ncompact += 1
+        # The newest segment keeps its highest slot even when removed: with the state file
+        # garbled, the highest id still on flash is what keeps ids from being reused.
+        keep_last = seg is self._segs[-1]
+        last = self._slot2
+        lastid = 0
+        kept = live = 0
+        maxid = seg.first - 1
+        with open(tmp, "wb") as out:
+            for p in self._slots(seg):
+                i = _u32(ch, p)
+                if self._live(i):
+                    for k in range(ss):
+                        sl[k] = ch[p + k]
+                    out.write(sl)
+                    kept += 1
+                    live += 1
+                    maxid = i
+                elif keep_last:
+                    for k in range(ss):
+                        last[k] = ch[p + k]
+                    lastid = i
+            if lastid > maxid:
+                out.write(last)
+                kept += 1
+                maxid = lastid
+        if kept:
+            os.rename(tmp, self._spath(seg.first))
+            s = self._set
+            for j in range(len(s) - 1, -1, -1):
+                if seg.first <= s[j] <= seg.maxid and s[j] != lastid:
+                    s.pop(j)
+            seg.nslots = kept
+            seg.nlive = live
+            seg.bad = 0
+            seg.maxid = maxid
+        else:
+            os.remove(tmp)
+            self._delete_seg(seg)
+
+    def _reclaim(self, compact=True):
+        # Whole segments go once nothing in them is live; compaction when it pays.
+        for seg in list(self._segs):
+            if seg.nlive == 0 and seg is not self._segs[-1]:
+                self._delete_seg(seg)
+        if not compact:
+            return
+        done = False
+        crowded = len(self._set) > _MAX_SET * 3 // 4
+        for seg in list(self._segs):
+            if seg is self._aseg or (seg is self._segs[-1] and not seg.closed):
+                continue
+            removed = seg.nslots - seg.nlive
+            if (removed and crowded) or (removed * 2 >= seg.nslots and removed >= 8) or seg.bad:
+                self._compact_seg(seg)
+                done = True
+        if done:
+            self._prune_set()
+            self._write_state()
+
+    def _remove(self, i):
+        # Mark one id removed (acked or dropped); False only if the set is full even after
+        # compacting every closed segment.
+        if i == self.floor + 1:
+            self.floor = i
+            self._normalize()
+            return True
+        if len(self._set) >= _MAX_SET:
+            self._write_state()
+            for seg in list(self._segs):
+                for j in self._set:
+                    if seg.first <= j <= seg.maxid:
+                        if seg is self._aseg:
+                            self._close_active()
+                        self._compact_seg(seg)
+                        break
+            self._prune_set()
+            self._write_state()
+            if len(self._set) >= _MAX_SET:
+                return False
+        self._set.append(i)
+        return True
+
+    def _victim(self, prio):
+        # Lowest priority first, then oldest. Returns (id, seg) or (0, None) to drop the new one.
+        minp = 0
+        while minp < NPRIO and self._plive[minp] == 0:
+            minp += 1
+        if minp >= NPRIO or prio < minp:
+            return 0, None
+        ch = self._chunk
+        for seg in self._segs:
+            if seg.nlive == 0:
+                continue
+            for p in self._slots(seg):
+                i = _u32(ch, p)
+                if ch[p + 4] == minp and self._live(i):
+                    self._victim_prio = minp
+                    return i, seg
+        return 0, None
+
+    def _drop_one(self, prio):
+        i, seg = self._victim(prio)
+        if not i:
+            return False
+        pr = self._victim_prio
+        ncompact = self._ncompact
+        if not self._remove(i):
+            return False
+        self.dropped += 1
+        self.last_dropped = i
+        self._write_state()
+        if ncompact != self._ncompact:
+            self._rescan()  # a compaction ran inside _remove
+            return True
+        seg.nlive -= 1
+        self.depth -= 1
+        self._plive[pr] -= 1
+        if seg.nlive == 0 and seg is not self._segs[-1]:
+            self._delete_seg(seg)
+        return True
+
+    def _flash_low(self):
+        # littlefs's free-block figure is an estimate that wraps when flash is nearly full,
+        # so the budget is counted in our own segments (one block each), fixed at open.
+        return len(self._segs) >= self._seg_budget
+
+    def _merge(self, a, b):
+        # Live slots of a then b into c<a>, renamed over s<a>, then s<b> goes. A cut before
+        # that delete leaves b inside a's id range, which open recognises and removes.
+        ch = self._chunk
+        ss = self.slot_size
+        sl = self._slot
+        tmp = self._spath(a.first, "/c")
+        self._ncompact += 1
+        kept = 0
+        maxid = a.first - 1
+        top = b.maxid
+        with open(tmp, "wb") as out:
+            for seg in (a, b):
+                for p in self._slots(seg):
+                    i = _u32(ch, p)
+                    if self._live(i):
+                        for k in range(ss):
+                            sl[k] = ch[p + k]
+                        out.write(sl)
+                        kept += 1
+                        maxid = i
+        if kept:
+            os.rename(tmp, self._spath(a.first))
+            a.nslots = a.nlive = kept
+            a.bad = 0
+            a.maxid = maxid
+        else:
+            os.remove(tmp)
+            self._delete_seg(a)
+        self._delete_seg(b)
+        s = self._set
+        for j in range(len(s) - 1, -1, -1):
+            if a.first <= s[j] <= top:
+                s.pop(j)
+
+    def _free_block(self):
+        # Under flash pressure: delete an empty segment or merge two neighbours that fit in one.
+        segs = self._segs
+        for j in range(len(segs) - 1):
+            a = segs[j]
+            if a.nlive == 0:
+                self._delete_seg(a)
+                return True
+            if j + 2 < len(segs):
+                b = segs[j + 1]
+                if (a.nslots + b.nslots > a.nlive + b.nlive and
+                        a.nlive + b.nlive <= self.seg_records):
+                    self._merge(a, b)
+                    return True
+        return False
+
+    # ---- public API --------------------------------------------------------------------
+    def append(self, record, priority=0):
+        if len(record) != self.record_size:
+            raise ValueError("record must be %d bytes" % self.record_size)
+        if not 0 <= priority < NPRIO:
+            raise ValueError("priority must be 0..%d" % (NPRIO - 1))
+        self.last_dropped = 0
+        if self.depth >= self.max_records and not self._make_room(priority):
+            return 0
+        if self._needs_new_seg():
+            # Flash grows only by whole segments: at the budget, drop readings (policy order)
+            # until a segment can be deleted or two merged.
+            tries = self.depth + 2
+            while self._flash_low():
+                tries -= 1
+                if tries < 0 or (not self._free_block() and not self._make_room(priority)):
+                    return 0
+        i = self.next_id
+        seg = self._aseg
+        if seg is None:
+            last = self._segs[-1] if self._segs else None
+            if last is not None and not last.closed and last.nslots < self.seg_records:
+                seg = last
+            else:
+                if last is not None:
+                    last.closed = True
+                seg = _Seg(i)
+                self._segs.append(seg)
+            self._aseg = seg
+        sl = self._slot
+        _put32(sl, 0, i)
+        sl[4] = priority
+        for k in range(self.record_size):
+            sl[_HDR + k] = record[k]
+        sl[5] = _check(sl, 0, self.slot_size)
+        try:
+            if self._af is None:
+                self._af = open(self._spath(seg.first), "ab")
+            self._af.write(sl)
+            self._af.flush()
+        except OSError:
+            self._close_active()
+            if seg.nslots == 0:
+                self._segs.remove(seg)
+            raise
+        self.next_id = i + 1
+        seg.nslots += 1
+        seg.nlive += 1
+        seg.maxid = i
+        self.depth += 1
+        self._plive[priority] += 1
+        if seg.nslots >= self.seg_records:
+            self._close_active()
+        return i
+
+    def _needs_new_seg(self):
+        if self._aseg is not None:
+            return False
+        last = self._segs[-1] if self._segs else None
+        return last is None or last.closed or last.nslots >= self.seg_records
+
+    def _make_room(self, prio):
+        if self._drop_one(prio):
+            return True
+        self.dropped += 1
+        self._write_state()
+        return False
+
+    def ack(self, cumulative_id, selective=()):
+        top = self.next_id - 1
+        if cumulative_id > top:
+            cumulative_id = top
+        changed = False
+        if cumulative_id > self.floor:
+            self.floor = cumulative_id
+            changed = True
+        for i in selective:
+            if self.floor < i <= top and i not in self._set:
+                if not self._remove(i):
+                    break
+                changed = True
+        if not changed:
+            return
+        self._normalize()
+        self._write_state()
+        self._rescan()
+        self._reclaim()
+
+    def compact(self):
+        # Compact every closed segment holding removed readings (and close the active one).
+        self._close_active()
+        for seg in list(self._segs):
+            if seg.nslots != seg.nlive or seg.bad:
+                self._compact_seg(seg)
+        self._prune_set()
+        self._write_state()
+        self._reclaim(compact=False)
+        self._rescan()
+
+    def read_into(self, buf, after_id=0):
+        """Fill buf with live slots ([id u32][prio u8][check u8][record]) with id > after_id,
+        in id order; returns the count. No allocation per reading."""
+        ss = self.slot_size
+        room = len(buf) // ss
+        n = 0
+        if room == 0:
+            return 0
+        ch = self._chunk
+        for seg in self._segs:
+            if seg.nlive == 0 or seg.maxid <= after_id:
+                continue
+            for p in self._slots(seg):
+                i = _u32(ch, p)
+                if i > after_id and self._live(i):
+                    o = n * ss
+                    for k in range(ss):
+                        buf[o + k] = ch[p + k]
+                    n += 1
+                    if n >= room:
+                        break
+            if n >= room:
+                break
+        return n
+
+    @staticmethod
+    def slot_id(buf, index, slot_size):
+        return _u32(buf, index * slot_size)
+
+    def peek(self, max_count):
+        # Convenience read-out that allocates; use read_into on the send path.
+        buf = bytearray(self.slot_size * max_count)
+        n = self.read_into(buf)
+        out = []
+        for j in range(n):
+            o = j * self.slot_size
+            out.append((_u32(buf, o), buf[o + 4], bytes(buf[o + _HDR : o + self.slot_size])))
+        return out
+
+    def oldest_ts(self):
+        """u32 timestamp in the first 4 bytes of the oldest live record, or None."""
+        if self.depth == 0 or self.record_size < 4:
+            return None
+        if self.read_into(self._slot) == 0:
+            return None
+        return _u32(self._slot, _HDR)
+
+    def age(self, now):
+        ts = self.oldest_ts()
+        return 0 if ts is None else max(0, now - ts)
+
+    def close(self):
+        self._close_active()
