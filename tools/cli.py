@@ -17,6 +17,7 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "tools.bench.cli",
     "tools.sim.cli",
     "gateway.pki_cli",
+    "gateway.cli",
 )
 
 

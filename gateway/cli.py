@@ -1,0 +1,249 @@
+"""`torpor gateway run|status|config-example` and `torpor device add|list|show|release`.
+
+Exit codes: 0 success, 1 the gateway is not running (`status`), 2 an error the operator can
+act on (bad configuration, unknown device...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway import config as gwconfig
+from gateway import db, deadletter, readings, registry
+from gateway.errors import GatewayError
+
+DEFAULT_CONFIG = "/etc/torpor/gateway.toml"
+CONFIG_ENV = "TORPOR_CONFIG"
+
+
+def register(sub: Any) -> None:
+    gw = sub.add_parser("gateway", help="run the gateway service or show its state")
+    gsub = gw.add_subparsers(dest="gateway_command", metavar="ACTION", required=True)
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", default=None,
+                       help=f"gateway TOML file (default: ${CONFIG_ENV} or {DEFAULT_CONFIG})")
+
+    p = gsub.add_parser("run", help="run the gateway until SIGTERM/SIGINT")
+    config_arg(p)
+    p.set_defaults(func=_run)
+    p = gsub.add_parser("status", help="state from the database: nodes, readings, dead letters")
+    config_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_status)
+    p = gsub.add_parser("config-example", help="print a configuration file with every default")
+    p.set_defaults(func=_example)
+
+    dev = sub.add_parser("device", help="the device registry: add, list, show, release")
+    dsub = dev.add_subparsers(dest="device_command", metavar="ACTION", required=True)
+    p = dsub.add_parser("add", help="register a device (provisioned until its first HELLO)")
+    config_arg(p)
+    p.add_argument("device_id")
+    p.add_argument("--class", dest="device_class", default="sensor",
+                   choices=registry.CLASSES, help="device class (default: sensor)")
+    p.add_argument("--issue-cert", action="store_true",
+                   help="also issue its certificate from the fleet CA in [broker] pki_dir")
+    p.set_defaults(func=_add)
+    p = dsub.add_parser("list", help="list devices")
+    config_arg(p)
+    p.add_argument("--status", choices=registry.STATUSES, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_list)
+    p = dsub.add_parser("show", help="one device: state, last HELLO, readings, dead letters")
+    config_arg(p)
+    p.add_argument("device_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_show)
+    p = dsub.add_parser("release", help="serve a quarantined device again")
+    config_arg(p)
+    p.add_argument("device_id")
+    p.set_defaults(func=_release)
+
+
+def _fail(message: str) -> int:
+    print(f"torpor: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _config(args: argparse.Namespace) -> gwconfig.GatewayConfig:
+    path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+    return gwconfig.load_config(path)
+
+
+def _open(args: argparse.Namespace) -> Any:
+    cfg = _config(args)
+    return cfg, db.open_db(cfg.db_path)
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    ago = time.time() - t
+    stamp = dt.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds")
+    if ago >= 0:
+        return f"{stamp} ({_span(ago)} ago)"
+    return f"{stamp} (in {_span(-ago)})"
+
+
+def _span(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f}s"
+    if s < 7200:
+        return f"{s / 60:.0f}min"
+    if s < 172800:
+        return f"{s / 3600:.1f}h"
+    return f"{s / 86400:.1f}d"
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        cfg = _config(args)
+    except GatewayError as exc:
+        return _fail(str(exc))
+    logging.basicConfig(
+        level=cfg.gateway.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from gateway import service
+
+    try:
+        service.run(cfg)
+    except GatewayError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from gateway import service
+
+    try:
+        cfg, conn = _open(args)
+        try:
+            st = service.read_status(conn)
+        finally:
+            conn.close()
+    except GatewayError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(st.as_dict(), indent=1, default=str))
+    else:
+        print(f"gateway:        {'running' if st.running else 'not running'} ({st.state}"
+              + (f", pid {st.pid}" if st.running else "") + ")")
+        print(f"database:       {cfg.db_path}")
+        if st.running:
+            print(f"mqtt:           {'connected' if st.detail.get('mqtt_connected') else 'disconnected'}")
+        devices = ", ".join(f"{k} {v}" for k, v in sorted(st.devices.items())) or "none"
+        print(f"devices:        {devices}")
+        print(f"seen (10 min):  {st.seen_recently}")
+        print(f"last seen:      {_when(st.last_seen)}")
+        print(f"readings:       {st.readings_total} stored, {st.readings_per_min:.0f}/min")
+        print(f"dead letters:   {st.dead_letters}")
+        print(f"outbox depth:   {'-' if st.outbox_depth is None else st.outbox_depth}")
+    return 0 if st.running else 1
+
+
+def _example(args: argparse.Namespace) -> int:
+    print(gwconfig.example())
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    try:
+        cfg, conn = _open(args)
+        try:
+            serial = None
+            if args.issue_cert:
+                from gateway.pki import Pki
+
+                creds = Pki(cfg.pki_dir).issue_device(args.device_id)
+                serial = format(creds.serial, "x")
+            dev = registry.add(conn, args.device_id, args.device_class, serial)
+        finally:
+            conn.close()
+    except GatewayError as exc:
+        return _fail(str(exc))
+    print(f"{dev.id}: {dev.status} ({dev.device_class})"
+          + (f", certificate {serial}" if serial else ""))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    try:
+        _cfg, conn = _open(args)
+        try:
+            devices = registry.list_devices(conn, args.status)
+        finally:
+            conn.close()
+    except GatewayError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps([d.as_dict() for d in devices], indent=1))
+        return 0
+    print(f"{'DEVICE':<24} {'CLASS':<10} {'STATUS':<14} {'FW':>6} {'BATT':>6}  LAST SEEN")
+    for d in devices:
+        print(f"{d.id:<24} {d.device_class:<10} {d.status:<14} "
+              f"{'-' if d.fw_version is None else d.fw_version:>6} "
+              f"{'-' if d.battery_mv is None else d.battery_mv:>6}  {_when(d.last_seen)}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    try:
+        _cfg, conn = _open(args)
+        try:
+            dev = registry.get(conn, args.device_id)
+            hwm, above, total = readings.stats(conn, dev.id)
+            letters = deadletter.list_recent(conn, dev.id, limit=5)
+            nletters = deadletter.count(conn, dev.id)
+        finally:
+            conn.close()
+    except GatewayError as exc:
+        return _fail(str(exc))
+    if args.json:
+        doc = dev.as_dict() | {"ack_cumulative": hwm, "committed_above": above,
+                               "readings": total, "dead_letters": nletters}
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(f"device:          {dev.id} ({dev.device_class})")
+    print(f"status:          {dev.status}" + (f" ({dev.status_reason})" if dev.status_reason else ""))
+    print(f"certificate:     {dev.cert_serial or '-'}")
+    print(f"last seen:       {_when(dev.last_seen)}")
+    print(f"last HELLO:      {_when(dev.last_hello_at)}")
+    print(f"next wake:       {_when(dev.next_wake_at)}")
+    print(f"awake until:     {_when(dev.awake_until)}")
+    print(f"firmware:        {'-' if dev.fw_version is None else dev.fw_version}")
+    print(f"battery:         {'-' if dev.battery_mv is None else f'{dev.battery_mv} mV'}")
+    print(f"rssi:            {'-' if dev.rssi is None else f'{dev.rssi} dBm'}")
+    print(f"boot cause:      {dev.boot_cause or '-'}")
+    print(f"queue / dropped: {dev.queue_depth if dev.queue_depth is not None else '-'} / "
+          f"{dev.dropped if dev.dropped is not None else '-'}")
+    print(f"readings:        {total} stored, acknowledged up to id {hwm} (+{above} above)")
+    print(f"dead letters:    {nletters}")
+    for letter in letters:
+        print(f"  {_when(letter.at)}  {letter.reason}: {letter.detail}")
+    return 0
+
+
+def _release(args: argparse.Namespace) -> int:
+    try:
+        _cfg, conn = _open(args)
+        try:
+            dev = registry.release(conn, args.device_id)
+        finally:
+            conn.close()
+    except GatewayError as exc:
+        return _fail(str(exc))
+    print(f"{dev.id}: {dev.status}")
+    return 0
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)

@@ -1,0 +1,54 @@
+"""The database: WAL, durable commits, migrations applied once and in order."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway import db
+
+
+def test_open_sets_wal_and_full_sync_and_migrates_every_store(tmp_path: Path) -> None:
+    conn = db.open_db(tmp_path / "g.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == db.BUSY_TIMEOUT_MS
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"devices", "readings", "dedup", "dead_letters", "gateway_status",
+            "schema_migrations"} <= tables
+    versions = dict(conn.execute("SELECT store, version FROM schema_migrations").fetchall())
+    assert versions["registry"] == 1 and versions["readings"] == 1
+    conn.close()
+    # Reopening applies nothing twice.
+    conn = db.open_db(tmp_path / "g.db")
+    assert dict(conn.execute("SELECT store, version FROM schema_migrations").fetchall()) == versions
+
+
+def test_apply_runs_missing_steps_only_and_refuses_a_newer_schema(tmp_path: Path) -> None:
+    conn = db.connect(tmp_path / "x.db")
+    assert db.apply(conn, "t", ["CREATE TABLE a(x);"]) == 1
+    assert db.apply(conn, "t", ["CREATE TABLE a(x);", "CREATE TABLE b(y); CREATE TABLE c(z);"]) == 2
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"a", "b", "c"} <= names
+    with pytest.raises(db.DatabaseError, match="newer Torpor"):
+        db.apply(conn, "t", ["CREATE TABLE a(x);"])
+
+
+def test_failed_step_rolls_back_with_its_version(tmp_path: Path) -> None:
+    conn = db.connect(tmp_path / "x.db")
+    with pytest.raises(sqlite3.OperationalError):
+        db.apply(conn, "t", ["CREATE TABLE a(x); CREATE TABLE a(x);"])
+    assert db.version(conn, "t") == 0
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name='a'").fetchone()[0] == 0
+
+
+def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
+    conn = db.connect(tmp_path / "x.db")
+    conn.execute("CREATE TABLE a(x)")
+    with pytest.raises(RuntimeError):
+        with db.transaction(conn):
+            conn.execute("INSERT INTO a VALUES (1)")
+            raise RuntimeError("boom")
+    assert conn.execute("SELECT count(*) FROM a").fetchone()[0] == 0
