@@ -3,7 +3,6 @@
 import gc
 import random
 import struct
-import time
 
 import mpunit
 import proto
