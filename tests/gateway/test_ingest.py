@@ -1,0 +1,226 @@
+"""Ingest end to end: a real Mosquitto, real device certificates, a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from gateway import db, deadletter, proto, readings, registry, topics
+from gateway.config import parse_config
+from gateway.pki import Pki
+from gateway.service import Service
+from tests.fixtures.broker import RunningBroker, mqtt_client
+
+
+def aio(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test body in its own event loop (bounded in time)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 60))
+
+    return run
+
+
+def burst(first: int, n: int = 64) -> bytes:
+    s = proto.Series(tuple(1_700_000_000 + 60 * i for i in range(n)),
+                     (tuple(range(n)), tuple(range(n)), (3000,) * n))
+    return proto.encode_burst(proto.Burst(first, proto.SCHEMA_ENV3, 60, s))
+
+
+HELLO = proto.encode_hello(proto.Hello(
+    7, 3, proto.BootCause.TIMER, 3300, -60, 40_000, 0, 0, 900, 800, 1_700_000_000,
+    proto.DeviceClass.SENSOR))
+
+
+def gateway_config(broker: RunningBroker, tmp: Path, **ingest: Any) -> Any:
+    assert broker.pki is not None
+    return parse_config({
+        "gateway": {"data_dir": str(tmp / "data"), "status_interval_s": 0.2},
+        "broker": {"mode": "external", "host": broker.host, "port": broker.port,
+                   "pki_dir": str(broker.pki.path)},
+        "ingest": {"batch_max_ms": 2, "malformed_threshold": 3, **ingest},
+    })
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: Any) -> AsyncIterator[Service]:
+    svc = Service(cfg)
+    task = asyncio.create_task(svc.run())
+    for _ in range(200):
+        if svc.mqtt_connected:
+            break
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)  # the subscription
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        await asyncio.wait_for(task, 10)
+
+
+class Node:
+    """A device: its own certificate, publishing up and reading its down topic."""
+
+    def __init__(self, broker: RunningBroker, pki: Pki, device: str) -> None:
+        self.device = device
+        self.client = mqtt_client(broker, pki.device_credentials(device))
+        self.down: asyncio.Queue[Any] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Node:
+        await self.client.__aenter__()
+        await self.client.subscribe(topics.down(self.device), qos=1)
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self.client.__aexit__(None, None, None)
+
+    async def _read(self) -> None:
+        async for m in self.client.messages:
+            assert isinstance(m.payload, bytes)
+            await self.down.put(proto.decode(m.payload))
+
+    async def send(self, payload: bytes, topic: str | None = None) -> None:
+        await self.client.publish(topic or topics.up(self.device), payload, qos=1)
+
+    async def recv(self, timeout: float = 5.0) -> Any:
+        return await asyncio.wait_for(self.down.get(), timeout)
+
+
+def provision(broker: RunningBroker, tmp: Path, *devices: str) -> Pki:
+    assert broker.pki is not None
+    conn = db.open_db(tmp / "data" / "gateway.db")
+    for d in devices:
+        broker.pki.issue_device(d)
+        registry.add(conn, d)
+    conn.close()
+    return broker.pki
+
+
+@aio
+async def test_burst_stored_once_acked_and_duplicates_reacked(broker: RunningBroker, tmp_path: Path) -> None:
+    pki = provision(broker, tmp_path, "n1")
+    cfg = gateway_config(broker, tmp_path)
+    async with running(cfg) as svc, Node(broker, pki, "n1") as node:
+        await node.send(HELLO)
+        ack, sleep = await node.recv(), await node.recv()
+        assert isinstance(ack, proto.Ack) and ack.cumulative == 0 and ack.time > 1_700_000_000
+        assert sleep == proto.SleepNow(7, 900, 0)
+        await node.send(burst(1))
+        assert await node.recv() == proto.Ack(1, 64, ())
+        await node.send(burst(1))  # the ack was lost: the node sends again
+        assert await node.recv() == proto.Ack(1, 64, ())
+        await node.send(burst(129))  # a gap: 65..128 still on the node
+        gap = await node.recv()
+        assert gap.cumulative == 64 and gap.selective == tuple(range(129, 193))
+        await node.send(burst(65))
+        assert await node.recv() == proto.Ack(65, 192, ())
+        assert svc.ingest is not None and svc.ingest.metrics.readings_duplicate == 64
+    conn = db.open_db(cfg.db_path)
+    assert sorted(r[0] for r in conn.execute("SELECT msg_id FROM readings")) == list(range(1, 193))
+    d = registry.get(conn, "n1")
+    assert d.status == "active" and d.fw_version == 3 and d.next_wake_s == 900
+    assert d.next_wake_at is not None and d.last_hello_at is not None
+    assert abs(d.next_wake_at - d.last_hello_at - 900) < 1e-6
+
+
+@aio
+async def test_unknown_device_and_other_devices_topic_are_refused(broker: RunningBroker, tmp_path: Path) -> None:
+    pki = provision(broker, tmp_path, "n1", "n2")
+    pki.issue_device("stranger")  # a valid certificate, not in the registry
+    cfg = gateway_config(broker, tmp_path)
+    async with running(cfg), Node(broker, pki, "n1") as n1, Node(broker, pki, "stranger") as s:
+        # The ACL drops a publish on another device's topic: nothing reaches the gateway.
+        await n1.send(burst(1), topic=topics.up("n2"))
+        await s.send(burst(1))
+        err = await s.recv()
+        assert isinstance(err, proto.Error) and err.code == proto.ErrorCode.NOT_PROVISIONED
+        await n1.send(burst(1))
+        assert (await n1.recv()).cumulative == 64
+    conn = db.open_db(cfg.db_path)
+    assert readings.count_rows(conn, "n2") == 0 and readings.count_rows(conn, "stranger") == 0
+    assert deadletter.count(conn, "stranger", "not_provisioned") == 1
+    assert deadletter.count(conn, "n2") == 0
+
+
+@aio
+async def test_malformed_frames_dead_letter_then_quarantine_then_release(broker: RunningBroker, tmp_path: Path) -> None:
+    pki = provision(broker, tmp_path, "n1")
+    cfg = gateway_config(broker, tmp_path)
+    async with running(cfg), Node(broker, pki, "n1") as node:
+        bad = [b"\x10\x02\x01\x00", b"\x20\x02\x01\x00\x00\x00\x01\x00", b"\x10\x63\x01\x00\x00\x00",
+               proto.encode_ack(proto.Ack(1, 1, ()))]
+        await node.send(bad[0])
+        e = await node.recv()
+        assert e.code == proto.ErrorCode.MALFORMED
+        await node.send(bad[1])
+        assert (await node.recv()).code == proto.ErrorCode.UNSUPPORTED_VERSION
+        await node.send(bad[2])  # third malformed frame within the window: quarantined
+        assert (await node.recv()).code == proto.ErrorCode.UNKNOWN_FRAME
+        assert (await node.recv()).code == proto.ErrorCode.QUARANTINED
+        await node.send(burst(1))  # not served any more: no ack
+        with pytest.raises(TimeoutError):
+            await node.recv(timeout=0.5)
+        conn = db.open_db(cfg.db_path)
+        assert registry.get(conn, "n1").status == "quarantined"
+        assert deadletter.count(conn, "n1", "malformed") == 3
+        assert deadletter.count(conn, "n1", "quarantined") == 1
+        raw = deadletter.list_recent(conn, "n1")[-1]
+        assert raw.raw == bad[0] and "truncated" in raw.detail
+        registry.release(conn, "n1")
+        await asyncio.sleep(0.8)  # the gateway notices the registry change
+        await node.send(bad[3])  # a down frame sent up is malformed too
+        assert (await node.recv()).code == proto.ErrorCode.UNKNOWN_FRAME
+        await node.send(burst(1))
+        assert await node.recv() == proto.Ack(1, 64, ())
+    assert readings.count_rows(conn, "n1") == 64
+
+
+@aio
+async def test_rate_limit_quarantines(broker: RunningBroker, tmp_path: Path) -> None:
+    pki = provision(broker, tmp_path, "n1")
+    cfg = gateway_config(broker, tmp_path, rate_limit_frames_per_min=5)
+    async with running(cfg), Node(broker, pki, "n1") as node:
+        for i in range(7):
+            await node.send(burst(1 + 64 * i))
+        got = [await node.recv() for _ in range(6)]
+        assert [type(g).__name__ for g in got] == ["Ack"] * 5 + ["Error"]
+        assert got[-1].code == proto.ErrorCode.QUARANTINED
+    conn = db.open_db(cfg.db_path)
+    assert registry.get(conn, "n1").status == "quarantined"
+    assert readings.count_rows(conn) == 5 * 64
+
+
+@aio
+async def test_many_devices_concurrently(broker: RunningBroker, tmp_path: Path) -> None:
+    names = [f"m{i}" for i in range(6)]
+    pki = provision(broker, tmp_path, *names)
+    cfg = gateway_config(broker, tmp_path, rate_limit_frames_per_min=10_000)
+    async with running(cfg), contextlib.AsyncExitStack() as stack:
+        nodes = [await stack.enter_async_context(Node(broker, pki, n)) for n in names]
+
+        async def one(node: Node) -> None:
+            for k in range(20):
+                await node.send(burst(1 + 64 * k))
+            acks = [await node.recv() for _ in range(20)]
+            assert acks[-1].cumulative == 20 * 64
+
+        await asyncio.gather(*(one(n) for n in nodes))
+    conn = db.open_db(cfg.db_path)
+    assert readings.count_rows(conn) == 6 * 20 * 64
+    assert aiomqtt  # the client library under test
