@@ -1,0 +1,431 @@
+# The wake cycle, one wake per boot: boot -> sample -> maybe send -> plan sleep -> sleep.
+# Each step is a method of Wake, called in that order by run(); docs/firmware.md tells the
+# story. Every blocking step runs under a deadline; whatever happens, the wake ends in
+# board.deep_sleep() (or board.reset() when a command asked for it).
+import gc
+import struct
+import sys
+import time
+
+import board
+import commands
+import config
+import flashq
+import log
+import proto
+import state
+from micropython import const
+
+RECORD_SIZE = proto.RECORD_SIZE_ENV3
+_SLOT = const(16)  # flash queue slot: [id u32][prio u8][check u8][record 10 bytes]
+_CHUNK_SLOTS = const(16)
+MAX_READINGS = const(255)  # a BURST series holds at most 255 readings
+MAX_BURSTS = const(8)  # per wake; more waits for the next wake (pending hint)
+PRIO_NORMAL = const(0)
+PRIO_ALARM = const(7)
+LOW_BATTERY_STRETCH = const(4)
+PENDING_WAKE_S = const(30)  # sleep at most this long when the gateway has more for us
+BACKOFF_BASE_S = const(30)
+BACKOFF_MAX_S = const(3600)
+CONFIG_ERROR_SLEEP_S = const(3600)
+_TOPIC_SLACK = const(96)  # MQTT header + topic on top of the frame
+
+STOP = const(1)
+
+# Preallocated once per boot: the frame buffer and the record buffers of the send path.
+_recs = bytearray(MAX_READINGS * RECORD_SIZE)
+_slots = bytearray(_CHUNK_SLOTS * _SLOT)
+_rec = bytearray(RECORD_SIZE)
+
+
+def _u32(b, o):
+    return b[o] | (b[o + 1] << 8) | (b[o + 2] << 16) | (b[o + 3] << 24)
+
+
+def _ms_since(t):
+    return time.ticks_diff(time.ticks_ms(), t)
+
+
+def _earlier(a, b):
+    return a if time.ticks_diff(a, b) <= 0 else b
+
+
+class Wake:
+    def __init__(self):
+        self.t0 = time.ticks_ms()
+        self.cfg = None
+        self.st = None
+        self.q = None
+        self.cause = 0
+        self.safe = False
+        self.now = 0  # unix s at boot
+        self.period = 60
+        self.mv = 0
+        self.alarm = False
+        self.sent = 0  # readings published this wake
+        self.sent_top = 0  # highest reading id published
+        self.acked = False
+        self.session_ok = False
+        self.sleep_req = 0
+        self.hint = 0
+        self.effects = commands.Effects()
+        self.frame = None
+        self.fmv = None
+        self.up_topic = None
+        # timings (ms) and wire figures for the "T" line
+        self.ms_boot = self.ms_sample = self.ms_connect = self.ms_publish = self.ms_wait = 0
+        self.bytes_out = self.bytes_in = 0
+        self.tls_alloc = 0
+        self.import_alloc = 0
+
+    # ---- boot ----------------------------------------------------------------------
+    def boot(self):
+        board.init()
+        self.cause = board.boot_cause()
+        self.cfg = cfg = config.Config(board.FS_ROOT)
+        self.st = st = state.State(board, board.FS_ROOT)
+        self.now = board.time()
+        st.boots_incomplete += 1
+        # The boots before this one all ended without a planned sleep: stop doing the
+        # work that may be crashing, and only listen for a fix.
+        self.safe = st.boots_incomplete > cfg.safe_mode_after
+        st.save_rtc()
+        self.mv = board.battery_mv()
+        self.period = cfg.sample_interval_s
+        if self.mv and self.mv < cfg.low_battery_mv:
+            self.period *= LOW_BATTERY_STRETCH
+        self.q = flashq.FlashQueue(board.FS_ROOT + "/queue", RECORD_SIZE, cfg.max_queue)
+        maxmsg = proto.CLASS_LIMITS[cfg.device_class][0]
+        self.frame = bytearray(maxmsg)
+        self.fmv = memoryview(self.frame)
+        self.up_topic = "torpor/%s/up" % cfg.device_id
+        self.ms_boot = _ms_since(self.t0)
+        log.info(
+            "boot cause=%d safe=%d incomplete=%d depth=%d mv=%d",
+            self.cause, self.safe, st.boots_incomplete, self.q.depth, self.mv,
+        )
+
+    # ---- sample --------------------------------------------------------------------
+    def _phase(self):
+        # align_s > 0: every node wakes on wall-clock multiples of the period (+ align_s);
+        # otherwise each node keeps its own phase from its id, so a fleet spreads its wakes.
+        if self.cfg.align_s:
+            return self.cfg.align_s % self.period
+        uid = board.unique_id()
+        h = 0
+        for b in uid:
+            h = (h * 131 + b) & 0xFFFFFF
+        return h % self.period
+
+    def slot(self, t):
+        """The sampling-grid point nearest to unix time t."""
+        p = self.period
+        ph = self._phase()
+        return ((t - ph + p // 2) // p) * p + ph
+
+    def sample(self):
+        t1 = time.ticks_ms()
+        cfg = self.cfg
+        temp, hum = board.read_sensors()
+        temp = max(-32768, min(32767, temp))
+        hum = max(0, min(65535, hum))
+        ts = self.slot(self.now)
+        struct.pack_into(proto.RECORD_ENV3, _rec, 0, ts, temp, hum, min(self.mv, 65535))
+        self.alarm = bool(cfg.priority_alarm) and (
+            temp > cfg.temp_high or temp < cfg.temp_low or (hum != 0xFFFF and hum > cfg.humidity_high)
+        )
+        i = self.q.append(_rec, PRIO_ALARM if self.alarm else PRIO_NORMAL)
+        if i:
+            # Printed only once the reading is durable in flash.
+            log.line("R id=%d t=%d temp=%d hum=%d mv=%d" % (i, ts, temp, hum, self.mv))
+        else:
+            log.warn("queue full: reading dropped (dropped=%d)", self.q.dropped)
+        self.ms_sample = _ms_since(t1)
+
+    # ---- decide --------------------------------------------------------------------
+    def send_due(self):
+        cfg = self.cfg
+        st = self.st
+        if self.safe:
+            return "safe"
+        if self.alarm:
+            return "alarm"
+        if st.fails and self.now < st.next_try:
+            return None
+        if st.pending_hint:
+            return "hint"
+        if st.results:
+            return "results"
+        if self.q.depth >= cfg.send_every:
+            return "count"
+        if self.q.depth and self.q.age(self.now) >= cfg.send_max_age_s:
+            return "age"
+        return None
+
+    # ---- send ----------------------------------------------------------------------
+    def send(self, why):
+        a = gc.mem_alloc()
+        import mqtt  # only wakes that send pay for the import
+
+        self.import_alloc = gc.mem_alloc() - a
+        cfg = self.cfg
+        st = self.st
+        t1 = time.ticks_ms()
+        budget = mqtt.deadline(cfg.awake_budget_ms)
+        client = None
+        self.session_ok = False
+        self.hint = 0
+        try:
+            if not board.radio_up(cfg.wifi_ssid, cfg.wifi_password, cfg.awake_budget_ms):
+                raise OSError("radio did not come up")
+            ctx = mqtt.make_tls_context(cfg.read_file("cert"), cfg.read_file("key"), cfg.read_file("ca"))
+            client = mqtt.MQTTClient(
+                cfg.device_id, cfg.broker_host, cfg.broker_port, ssl=ctx,
+                server_hostname=cfg.server_hostname or None, keepalive=cfg.keepalive_s,
+                # The gateway holds downlink for a sleeping node (it is the store), so the
+                # broker keeps no session: no stale frames of an earlier window arrive.
+                clean_session=True, max_packet=len(self.frame) + _TOPIC_SLACK,
+            )
+            a = gc.mem_alloc()
+            # A Will for crashes and lost links only: a planned sleep ends with DISCONNECT.
+            client.connect(budget, will=("torpor/%s/status" % cfg.device_id, b"lost", 1, False))
+            self.tls_alloc = gc.mem_alloc() - a
+            client.subscribe("torpor/%s/down" % cfg.device_id, 1, budget)
+            self.ms_connect = _ms_since(t1)
+            t2 = time.ticks_ms()
+            self._publish_hello(client, budget)
+            for r in st.results:
+                client.publish(self.up_topic, r, 1, False, budget)
+            if not self.safe:
+                self._publish_bursts(client, budget)
+            self.ms_publish = _ms_since(t2)
+            t3 = time.ticks_ms()
+            self._listen(client, budget)
+            client.wait_pubacks(budget)
+            # Every result, old or from this window, reached the broker.
+            st.results_delivered(len(st.results))
+            self.ms_wait = _ms_since(t3)
+            # Done when every published reading is acknowledged (or none was sent).
+            self.session_ok = self.q.floor >= self.sent_top or not self.sent
+            if not self.session_ok:
+                log.warn("no ACK for readings up to id %d", self.sent_top)
+        except OSError as e:
+            log.warn("send failed (%s): %s", why, e)
+        finally:
+            if client is not None:
+                client.disconnect()
+                self.bytes_out = client.bytes_out
+                self.bytes_in = client.bytes_in
+            board.radio_down()
+        if self.session_ok:
+            st.fails = 0
+            st.next_try = 0
+            st.boots_without_send = 0
+            st.pending_hint = self.hint
+        else:
+            st.fails += 1
+            back = BACKOFF_BASE_S << min(st.fails - 1, 7)
+            st.next_try = self.now + min(back, BACKOFF_MAX_S)
+            st.pending_hint = 0
+            log.info("retry after %d s (failures=%d)", st.next_try - self.now, st.fails)
+
+    def _publish_hello(self, client, budget):
+        cfg = self.cfg
+        st = self.st
+        n = proto.encode_hello(
+            self.frame, st.msg_id(), cfg.fw_version, self.cause, min(self.mv, 65535),
+            max(-128, min(127, board.rssi())), gc.mem_free(), min(self.q.depth, 65535),
+            self.q.dropped, self.plan_sleep() // 1000, cfg.awake_window_ms, board.time(),
+            cfg.device_class, cfg.version, 0, 0, self.safe, min(st.boots_without_send, 255),
+        )
+        client.publish(self.up_topic, self.fmv[:n], 1, False, budget)
+
+    def _fill(self, after):
+        # Copy the next run of consecutive reading ids (> after) into _recs.
+        q = self.q
+        first = 0
+        count = 0
+        cur = after
+        while count < MAX_READINGS:
+            k = q.read_into(_slots, cur)
+            if k == 0:
+                break
+            for j in range(k):
+                o = j * _SLOT
+                i = _u32(_slots, o)
+                if count and i != first + count:
+                    return first, count  # a gap: the next burst starts there
+                if not count:
+                    first = i
+                d = count * RECORD_SIZE
+                for b in range(RECORD_SIZE):
+                    _recs[d + b] = _slots[o + 6 + b]
+                count += 1
+                if count >= MAX_READINGS:
+                    break
+            cur = first + count - 1
+        return first, count
+
+    def _publish_bursts(self, client, budget):
+        after = 0
+        for _ in range(MAX_BURSTS):
+            first, count = self._fill(after)
+            if not count:
+                return
+            interval = self.period
+            if count > 1:
+                interval = _u32(_recs, RECORD_SIZE) - _u32(_recs, 0)
+            if not 0 < interval <= 0xFFFF:
+                interval = 0
+            n = 0
+            while count:
+                try:
+                    n = proto.encode_burst(self.frame, first, proto.SCHEMA_ENV3, interval, _recs, count)
+                    break
+                except IndexError:
+                    # Did not fit the class's max_message: fewer readings in this burst.
+                    count = count * 3 // 4
+            client.publish(self.up_topic, self.fmv[:n], 1, False, budget)
+            after = first + count - 1
+            self.sent += count
+            self.sent_top = after
+            self._drain(client)
+        # More than MAX_BURSTS worth queued: ask for an early wake.
+        if self._fill(after)[1]:
+            self.hint = 1
+
+    def _drain(self, client):
+        # Handle downlink that arrived while publishing, so the client's inbox never fills.
+        while True:
+            m = client.wait_msg(time.ticks_ms())
+            if m is None:
+                return
+            self._on_down(client, m[1])
+
+    def _listen(self, client, budget):
+        window = time.ticks_add(time.ticks_ms(), self.cfg.awake_window_ms)
+        while True:
+            end = _earlier(window, budget)
+            if self.effects.stay_awake_ms:
+                # stay_awake overrides the window and the budget: an operator asked for it.
+                end = time.ticks_add(time.ticks_ms(), self.effects.stay_awake_ms)
+                window = budget = end
+                self.effects.stay_awake_ms = 0
+            m = client.wait_msg(end)
+            if m is None:
+                # wait_msg also returns after a PUBACK or PINGRESP: only the deadline ends it.
+                if time.ticks_diff(end, time.ticks_ms()) <= 0:
+                    return
+                continue
+            if self._on_down(client, m[1]) == STOP:
+                return
+
+    def _on_down(self, client, payload):
+        try:
+            ftype, f = proto.decode(payload)
+        except proto.ProtocolError as e:
+            log.warn("bad downlink frame: %s", e)
+            return 0
+        if ftype == proto.ACK:
+            self.q.ack(f[proto.ACK_CUMULATIVE], f[proto.ACK_SELECTIVE])
+            if f[proto.ACK_PENDING]:
+                self.hint = 1
+            log.info("ack cumulative=%d depth=%d", f[proto.ACK_CUMULATIVE], self.q.depth)
+        elif ftype == proto.COMMAND:
+            n = commands.execute(f, self.cfg, self.st, board, self.effects, self.frame, self.st.msg_id())
+            log.info("command %d op=%d -> status=%d", f[proto.COMMAND_COMMAND_ID], f[proto.COMMAND_OP], self.frame[10])
+            client.publish(self.up_topic, self.fmv[:n], 1)
+        elif ftype == proto.SHADOW_DELTA:
+            entries = []
+            for key, value in f[proto.SHADOW_DELTA_ENTRIES]:
+                name = config.KEYS.get(key)
+                if name is not None:
+                    entries.append((name, value))
+            err = self.cfg.apply(entries, f[proto.SHADOW_DELTA_CONFIG_VERSION])
+            if err is not None:
+                log.warn("shadow delta refused: %s", err)
+            else:
+                self.period = self.cfg.sample_interval_s
+            n = proto.encode_shadow_report(self.frame, self.st.msg_id(), self.cfg.version, self.cfg.report())
+            client.publish(self.up_topic, self.fmv[:n], 1)
+        elif ftype == proto.SLEEP_NOW:
+            self.sleep_req = f[proto.SLEEP_NOW_SLEEP_S]
+            if f[proto.SLEEP_NOW_PENDING]:
+                self.hint = 1
+            return STOP
+        elif ftype == proto.ERROR:
+            log.warn("gateway error code=%d ref=%d %s", f[proto.ERROR_CODE], f[proto.ERROR_REF], f[proto.ERROR_DETAIL])
+        else:
+            log.info("downlink frame type %d not handled by the app", ftype)
+        return 0
+
+    # ---- plan sleep ----------------------------------------------------------------
+    def plan_sleep(self):
+        """Milliseconds to sleep: to the next grid point, or what the gateway asked."""
+        elapsed = _ms_since(self.t0)
+        now_ms = self.now * 1000 + elapsed
+        if self.sleep_req:
+            ms = self.sleep_req * 1000
+        else:
+            nxt = self.slot(self.now) + self.period
+            ms = nxt * 1000 - now_ms
+            while ms < 1000:
+                ms += self.period * 1000
+        if self.hint or (self.st is not None and self.st.pending_hint):
+            ms = min(ms, PENDING_WAKE_S * 1000)
+        return ms
+
+
+def _report(w, sleep_ms, a0):
+    log.line(
+        "T boot=%d sample=%d connect=%d publish=%d wait=%d total=%d bytes_out=%d bytes_in=%d "
+        "sent=%d depth=%d sleep=%d"
+        % (w.ms_boot, w.ms_sample, w.ms_connect, w.ms_publish, w.ms_wait, _ms_since(w.t0),
+           w.bytes_out, w.bytes_in, w.sent, w.q.depth if w.q else 0, sleep_ms)
+    )
+    # Bytes allocated during the wake (no collection runs in between on a roomy heap): the
+    # TLS handshake and a source import of mqtt are shown apart from the app's own.
+    alloc = gc.mem_alloc() - a0
+    app = alloc - w.tls_alloc - w.import_alloc
+    log.line(
+        "M alloc=%d tls=%d import=%d app=%d free=%d"
+        % (alloc, w.tls_alloc, w.import_alloc, app, gc.mem_free())
+    )
+
+
+def run():
+    gc.collect()
+    a0 = gc.mem_alloc()
+    w = Wake()
+    sleep_ms = CONFIG_ERROR_SLEEP_S * 1000
+    completed = False
+    try:
+        w.boot()
+        if not w.safe:
+            w.sample()
+        why = w.send_due()
+        if why:
+            w.send(why)
+        else:
+            w.st.boots_without_send += 1
+        sleep_ms = w.plan_sleep()
+        completed = True
+    except config.ConfigError as e:
+        log.error("%s", e)
+    except Exception as e:
+        log.error("wake failed: %r", e)
+        sys.print_exception(e)
+        if w.cfg is not None:
+            sleep_ms = w.cfg.sample_interval_s * 1000
+    _report(w, sleep_ms, a0)
+    st = w.st
+    if st is not None:
+        if completed:
+            st.boots_incomplete = 0
+        st.last_wake = w.now
+        st.save_rtc()
+    if w.q is not None:
+        w.q.close()
+    if w.effects.reboot:
+        board.reset()
+    board.deep_sleep(sleep_ms)

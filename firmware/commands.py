@@ -1,0 +1,81 @@
+# Downlink COMMAND execution: each op, idempotent by command id. A command that already ran
+# (its id is in state's executed list, which survives power cuts) is answered `duplicate`
+# and not run again. The result is made durable before it is sent, so a power cut between
+# running and reporting still reports it on the next wake.
+#
+# An op runs before its id is recorded, so a cut in between can run it once more on
+# redelivery; every op is therefore written to be harmless when repeated: set_* write the
+# same values, stay_awake and sync_time set absolute targets, reboot happens at the end
+# of the wake, after its result is recorded.
+import proto
+
+MAX_STAY_AWAKE_S = 600
+
+
+class Effects:
+    """What the wake cycle must do after the window because of commands."""
+
+    def __init__(self):
+        self.stay_awake_ms = 0
+        self.reboot = False
+
+
+def _result(buf, msg_id, command_id, status, code=0, detail="", values=()):
+    return proto.encode_command_result(buf, msg_id, command_id, status, code, detail, values)
+
+
+def execute(cmd, cfg, st, board, effects, buf, msg_id):
+    """Run decoded COMMAND `cmd`; encode its COMMAND_RESULT into buf; returns the length.
+
+    The result is recorded in `st` (durable) unless it is a duplicate report.
+    """
+    cid = cmd[proto.COMMAND_COMMAND_ID]
+    if st.was_executed(cid):
+        return _result(buf, msg_id, cid, proto.RESULT_STATUS_DUPLICATE)
+    op = cmd[proto.COMMAND_OP]
+    args = cmd[proto.COMMAND_ARGS]
+    status = proto.RESULT_STATUS_OK
+    detail = ""
+    values = ()
+    if op == proto.COMMAND_OP_PING:
+        values = (board.time(),)
+    elif op == proto.COMMAND_OP_SET_INTERVAL:
+        if len(args) != 1:
+            status, detail = proto.RESULT_STATUS_BAD_ARGS, "want 1 arg: seconds"
+        else:
+            err = cfg.apply((("sample_interval_s", args[0]),))
+            if err is not None:
+                status, detail = proto.RESULT_STATUS_BAD_ARGS, str(err)[:48]
+            else:
+                values = (cfg.sample_interval_s,)
+    elif op == proto.COMMAND_OP_SET_THRESHOLDS:
+        if not 2 <= len(args) <= 3:
+            status, detail = proto.RESULT_STATUS_BAD_ARGS, "want temp_low, temp_high[, hum_high]"
+        else:
+            entries = [("temp_low", args[0]), ("temp_high", args[1])]
+            if len(args) == 3:
+                entries.append(("humidity_high", args[2]))
+            err = cfg.apply(entries)
+            if err is not None:
+                status, detail = proto.RESULT_STATUS_BAD_ARGS, str(err)[:48]
+            else:
+                values = (cfg.temp_low, cfg.temp_high, cfg.humidity_high)
+    elif op == proto.COMMAND_OP_STAY_AWAKE:
+        if len(args) != 1 or not 0 <= args[0] <= MAX_STAY_AWAKE_S:
+            status, detail = proto.RESULT_STATUS_BAD_ARGS, "want 1 arg: 0..%d s" % MAX_STAY_AWAKE_S
+        else:
+            effects.stay_awake_ms = max(effects.stay_awake_ms, args[0] * 1000)
+            values = (args[0],)
+    elif op == proto.COMMAND_OP_REBOOT:
+        effects.reboot = True
+    elif op == proto.COMMAND_OP_SYNC_TIME:
+        if len(args) != 1 or args[0] < 0:
+            status, detail = proto.RESULT_STATUS_BAD_ARGS, "want 1 arg: unix seconds"
+        else:
+            board.set_time(args[0] & 0xFFFFFFFF)
+            values = (board.time(),)
+    else:
+        status = proto.RESULT_STATUS_UNKNOWN_OP
+    n = _result(buf, msg_id, cid, status, 0, detail, values)
+    st.record_result(cid, memoryview(buf)[:n])
+    return n

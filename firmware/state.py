@@ -1,0 +1,155 @@
+# Small persisted state of the wake cycle.
+#   RTC memory (kept across deep sleep, lost on power loss): per-wake counters and hints.
+#   state.bin on flash (survives power cuts): executed command ids, COMMAND_RESULT frames
+#   not yet delivered, and the high-water mark of the message ids of non-reading frames.
+import os
+import struct
+
+from micropython import const
+
+_RTC_MAGIC = const(0x54525331)  # "TRS1"
+_RTC_FMT = "<IBHBIBII"
+_RTC_SIZE = const(21)
+
+_FL_MAGIC = const(0x54534631)  # "TSF1"
+N_EXECUTED = const(16)  # command ids remembered for duplicate detection
+N_RESULTS = const(8)  # undelivered results kept (oldest dropped beyond)
+_RESULT_MAX = const(104)  # a COMMAND_RESULT frame is at most 103 bytes
+# Non-reading frames take ids from the top half of the u32 space, so they never meet the
+# flash queue's reading ids (which start at 1 and grow by one per reading).
+MSG_ID_BASE = const(0x80000000)
+_MSG_BLOCK = const(64)
+
+
+class State:
+    """Wake-cycle state. RTC fields are attributes; save_rtc() writes them back."""
+
+    def __init__(self, board, root):
+        self._board = board
+        self._path = root.rstrip("/") + "/state.bin"
+        # RTC fields
+        self.boots_incomplete = 0  # boots that did not reach a planned sleep
+        self.boots_without_send = 0  # wakes since the last delivered burst
+        self.fails = 0  # consecutive failed sends (backoff exponent)
+        self.next_try = 0  # unix s before which a failed send is not retried
+        self.pending_hint = 0  # the gateway said more downlink is waiting
+        self.last_wake = 0  # unix s of the previous wake
+        self.rtc_valid = False
+        # flash fields
+        self.executed = []
+        self.results = []
+        self._msg_hw = MSG_ID_BASE
+        self._msg_next = MSG_ID_BASE
+        self._load_rtc()
+        self._load_flash()
+
+    # ---- RTC memory ----
+    def _load_rtc(self):
+        raw = self._board.rtc_memory()
+        if len(raw) < _RTC_SIZE:
+            return
+        try:
+            v = struct.unpack_from(_RTC_FMT, raw, 0)
+        except ValueError:
+            return
+        if v[0] != _RTC_MAGIC:
+            return
+        (_, self.boots_incomplete, self.boots_without_send, self.fails, self.next_try,
+         self.pending_hint, self.last_wake, _) = v
+        self.rtc_valid = True
+
+    def save_rtc(self):
+        buf = bytearray(_RTC_SIZE)
+        struct.pack_into(
+            _RTC_FMT, buf, 0, _RTC_MAGIC, min(self.boots_incomplete, 255),
+            min(self.boots_without_send, 65535), min(self.fails, 255),
+            self.next_try & 0xFFFFFFFF, min(self.pending_hint, 255),
+            self.last_wake & 0xFFFFFFFF, 0,
+        )
+        self._board.rtc_memory_write(buf)
+
+    # ---- flash file ----
+    def _load_flash(self):
+        try:
+            with open(self._path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return
+        # [magic u32][msg_hw u32][n_exec u8][n_res u8][exec ids u32...][len u8 + frame]...[sum u32]
+        if len(data) < 14 or struct.unpack_from("<I", data, 0)[0] != _FL_MAGIC:
+            return
+        if struct.unpack_from("<I", data, len(data) - 4)[0] != _sum(data, len(data) - 4):
+            return
+        self._msg_hw = struct.unpack_from("<I", data, 4)[0]
+        self._msg_next = self._msg_hw
+        ne = data[8]
+        nr = data[9]
+        off = 10
+        for _ in range(ne):
+            self.executed.append(struct.unpack_from("<I", data, off)[0])
+            off += 4
+        for _ in range(nr):
+            ln = data[off]
+            self.results.append(bytes(data[off + 1 : off + 1 + ln]))
+            off += 1 + ln
+
+    def save(self):
+        size = 14 + 4 * len(self.executed)
+        for r in self.results:
+            size += 1 + len(r)
+        buf = bytearray(size)
+        struct.pack_into("<IIBB", buf, 0, _FL_MAGIC, self._msg_hw, len(self.executed), len(self.results))
+        off = 10
+        for cid in self.executed:
+            struct.pack_into("<I", buf, off, cid)
+            off += 4
+        for r in self.results:
+            buf[off] = len(r)
+            buf[off + 1 : off + 1 + len(r)] = r
+            off += 1 + len(r)
+        struct.pack_into("<I", buf, off, _sum(buf, off))
+        tmp = self._path + ".new"
+        with open(tmp, "wb") as f:
+            f.write(buf)
+        os.rename(tmp, self._path)
+
+    # ---- message ids of non-reading frames ----
+    def msg_id(self):
+        # Ids are reserved in blocks on flash before use, so a power cut never reuses one.
+        if self._msg_next >= self._msg_hw:
+            self._msg_hw = self._msg_next + _MSG_BLOCK
+            if self._msg_hw > 0xFFFFFFFF:
+                self._msg_next = MSG_ID_BASE
+                self._msg_hw = MSG_ID_BASE + _MSG_BLOCK
+            self.save()
+        i = self._msg_next
+        self._msg_next += 1
+        return i
+
+    # ---- commands ----
+    def was_executed(self, command_id):
+        return command_id in self.executed
+
+    def record_result(self, command_id, frame):
+        """Remember that command_id ran and keep its result until delivered; durable."""
+        if command_id not in self.executed:
+            self.executed.append(command_id)
+            if len(self.executed) > N_EXECUTED:
+                self.executed.pop(0)
+        self.results.append(bytes(frame))
+        if len(self.results) > N_RESULTS:
+            self.results.pop(0)
+        self.save()
+
+    def results_delivered(self, count):
+        """The first `count` pending results reached the broker."""
+        if count:
+            del self.results[:count]
+            self.save()
+
+
+def _sum(b, n):
+    s = 0x1234
+    for i in range(n):
+        s = (s * 31 + b[i]) & 0xFFFFFFFF
+    return s
