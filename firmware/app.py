@@ -192,6 +192,7 @@ class Wake:
             self.tls_alloc = gc.mem_alloc() - a
             client.subscribe("torpor/%s/down" % cfg.device_id, 1, budget)
             self.ms_connect = _ms_since(t1)
+            log.info("connected in %d ms", self.ms_connect)
             t2 = time.ticks_ms()
             self._publish_hello(client, budget)
             for r in st.results:
