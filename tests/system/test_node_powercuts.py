@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.broker import RunningBroker, make_pki
 from tests.firmware.test_node_cycle import (
     TestGateway,
     make_node,
@@ -22,6 +21,7 @@ from tests.firmware.test_node_cycle import (
     read_log,
     received_in_order,
 )
+from tests.fixtures.broker import RunningBroker, make_pki
 from tests.mpharness import micropython_binary
 
 pytestmark = [

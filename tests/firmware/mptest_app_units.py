@@ -1,0 +1,134 @@
+# Units of the wake cycle inside the unix port on the sim board: config validation and
+# atomic apply, persisted state (RTC memory and flash), idempotent commands, the sleep grid.
+import json
+import os
+import sys
+
+import mpunit
+import sim
+
+sys.modules["board"] = sim  # what lib/board.py does on a sim node
+
+import app  # noqa: E402
+import commands  # noqa: E402
+import config  # noqa: E402
+import proto  # noqa: E402
+import state  # noqa: E402
+
+BASE = {"device_id": "n1", "broker_host": "127.0.0.1"}
+
+
+def _node(cfg=None):
+    d = mpunit.tmpdir() + "/node"
+    os.mkdir(d)
+    with open(d + "/state.json", "w") as f:
+        f.write(json.dumps({"vt_ms": 1767225600000, "cause": sim.TIMER, "runs": 1}))
+    with open(d + "/sim.json", "w") as f:
+        f.write(json.dumps({"seed": 3, "block_count": 64}))
+    sim.configure(d)
+    sim.init()
+    if cfg is not None:
+        with open(sim.FS_ROOT + "/config.json", "w") as f:
+            f.write(json.dumps(cfg))
+    return d
+
+
+def _cfg(**over):
+    c = dict(BASE)
+    c.update(over)
+    return c
+
+
+def test_config_defaults_and_errors_name_the_key():
+    _node(_cfg())
+    c = config.Config(sim.FS_ROOT)
+    mpunit.eq(c.sample_interval_s, 60)
+    mpunit.eq(c.broker_port, 8883)
+    mpunit.eq(c.path("cert"), "/flash/certs/cert.der")
+    for bad, key in (
+        (_cfg(send_every=0), "send_every"),
+        (_cfg(sample_interval_s="60"), "sample_interval_s"),
+        (_cfg(colour=1), "colour"),
+        ({"broker_host": "h"}, "device_id"),
+        (_cfg(temp_low=100, temp_high=50), "temp_low"),
+    ):
+        with open(sim.FS_ROOT + "/config.json", "w") as f:
+            f.write(json.dumps(bad))
+        e = mpunit.raises(config.ConfigError, config.Config, sim.FS_ROOT)
+        mpunit.eq(e.key, key)
+
+
+def test_apply_is_all_or_nothing_and_survives_a_reboot():
+    _node(_cfg())
+    c = config.Config(sim.FS_ROOT)
+    err = c.apply((("send_every", 5), ("sample_interval_s", 0)), 3)
+    mpunit.eq(err.key, "sample_interval_s")
+    mpunit.eq(c.send_every, 10)
+    mpunit.eq(c.apply((("send_every", 5), ("temp_high", 3000)), 3), None)
+    c2 = config.Config(sim.FS_ROOT)
+    mpunit.eq((c2.send_every, c2.temp_high, c2.version), (5, 3000, 3))
+    mpunit.eq("applied.json.new" in os.listdir(sim.FS_ROOT), False)
+    rep = dict(c2.report())
+    mpunit.eq(rep[proto.CONFIG_KEY_SEND_EVERY], 5)
+
+
+def test_state_rtc_and_flash_round_trip():
+    _node(_cfg())
+    st = state.State(sim, sim.FS_ROOT)
+    mpunit.eq(st.rtc_valid, False)
+    st.boots_incomplete = 2
+    st.fails = 3
+    st.next_try = 1767225999
+    st.save_rtc()
+    first = st.msg_id()
+    mpunit.eq(first, state.MSG_ID_BASE)
+    st.record_result(77, b"\x10\x05abcd")
+    st2 = state.State(sim, sim.FS_ROOT)
+    mpunit.eq((st2.boots_incomplete, st2.fails, st2.next_try), (2, 3, 1767225999))
+    mpunit.eq(st2.was_executed(77), True)
+    mpunit.eq(st2.results, [b"\x10\x05abcd"])
+    # Ids are reserved in blocks before use: a reboot never hands out one twice.
+    mpunit.eq(st2.msg_id() > first, True)
+    st2.results_delivered(1)
+    mpunit.eq(state.State(sim, sim.FS_ROOT).results, [])
+
+
+def test_commands_are_idempotent_by_id():
+    _node(_cfg())
+    c = config.Config(sim.FS_ROOT)
+    st = state.State(sim, sim.FS_ROOT)
+    fx = commands.Effects()
+    buf = bytearray(128)
+    cmd = (1, 9, proto.COMMAND_OP_SET_INTERVAL, [300], 1, 60, b"")
+    n = commands.execute(cmd, c, st, sim, fx, buf, st.msg_id())
+    r = proto.decode(buf[:n])[1]
+    mpunit.eq((r[proto.COMMAND_RESULT_STATUS], r[proto.COMMAND_RESULT_VALUES]), (proto.RESULT_STATUS_OK, [300]))
+    n = commands.execute(cmd, c, st, sim, fx, buf, st.msg_id())
+    mpunit.eq(proto.decode(buf[:n])[1][proto.COMMAND_RESULT_STATUS], proto.RESULT_STATUS_DUPLICATE)
+    # Known after a "power cut": a fresh State reads the executed ids from flash.
+    st2 = state.State(sim, sim.FS_ROOT)
+    n = commands.execute(cmd, c, st2, sim, fx, buf, st2.msg_id())
+    mpunit.eq(proto.decode(buf[:n])[1][proto.COMMAND_RESULT_STATUS], proto.RESULT_STATUS_DUPLICATE)
+    n = commands.execute((1, 10, proto.COMMAND_OP_STAY_AWAKE, [5], 1, 60, b""), c, st, sim, fx, buf, 5)
+    mpunit.eq(fx.stay_awake_ms, 5000)
+    n = commands.execute((1, 11, proto.COMMAND_OP_REBOOT, [], 1, 60, b""), c, st, sim, fx, buf, 6)
+    mpunit.eq(fx.reboot, True)
+    n = commands.execute((1, 12, proto.COMMAND_OP_SET_THRESHOLDS, [1], 1, 60, b""), c, st, sim, fx, buf, 7)
+    mpunit.eq(proto.decode(buf[:n])[1][proto.COMMAND_RESULT_STATUS], proto.RESULT_STATUS_BAD_ARGS)
+
+
+def test_sleep_lands_on_the_grid_and_hints_shorten_it():
+    _node(_cfg(align_s=60))
+    w = app.Wake()
+    w.cfg = config.Config(sim.FS_ROOT)
+    w.period = 60
+    w.now = 1767225600 + 59  # woke a second early for the :01:00 slot
+    mpunit.eq(w.slot(w.now), 1767225660)
+    mpunit.eq(w.slot(1767225600 + 61), 1767225660)
+    ms = w.plan_sleep()
+    mpunit.eq(55000 < ms <= 61000, True)
+    w.hint = 1
+    mpunit.eq(w.plan_sleep(), app.PENDING_WAKE_S * 1000)
+    w.hint = 0
+    w.sleep_req = 600
+    mpunit.eq(w.plan_sleep(), 600000)
