@@ -28,6 +28,8 @@ STORE_MODULES: tuple[str, ...] = (
     "gateway.deadletter",
     "gateway.service",
     "gateway.outbox",
+    "gateway.queue",
+    "gateway.downlink",
 )
 
 _extra_stores: list[Callable[[sqlite3.Connection], None]] = []

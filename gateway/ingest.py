@@ -23,6 +23,7 @@ import aiomqtt
 
 from gateway import db, deadletter, proto, readings, registry, topics
 from gateway.config import IngestConfig, UpstreamConfig
+from gateway.downlink import Downlink, WakePlan
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Ingest:
         *,
         upstream: UpstreamConfig | None = None,
         on_hello: HelloHook = no_downlink,
+        downlink: Downlink | None = None,
         on_committed: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -113,6 +115,8 @@ class Ingest:
         self.cfg = cfg
         self.upstream = upstream if upstream is not None and upstream.enabled else None
         self.on_hello = on_hello
+        # Downlink to sleeping nodes: planned in the commit transaction (replaces on_hello).
+        self.downlink = downlink
         self.on_committed = on_committed
         self.clock = clock
         self.metrics = Metrics()
@@ -187,6 +191,8 @@ class Ingest:
         m = self.metrics
         bursts: list[tuple[str, proto.Burst]] = []
         hellos: list[tuple[str, proto.Hello]] = []
+        answers: list[tuple[str, proto.CommandResult | proto.ShadowReport]] = []
+        plans: list[WakePlan] = []
         dead: list[deadletter.Row] = []
         replies: list[_Reply] = []
         seen: dict[str, float] = {}
@@ -254,6 +260,9 @@ class Ingest:
             elif isinstance(frame, proto.Hello):
                 replies.append(_Reply(1, device, len(hellos)))
                 hellos.append((device, frame))
+            elif self.downlink is not None and isinstance(
+                    frame, proto.CommandResult | proto.ShadowReport):
+                answers.append((device, frame))
             else:
                 # Up frames served by later modules (command results, shadow, OTA status).
                 dead.append((device, now, "unhandled", type(frame).__name__, bytes(payload)))
@@ -267,6 +276,11 @@ class Ingest:
                     self.conn, bursts, self.states, now=now, in_transaction=True)
                 if self.upstream is not None and result.committed:
                     self._enqueue_upstream(result.committed, now)
+                if self.downlink is not None:
+                    if answers:
+                        self.downlink.handle_up(self.conn, answers, now)
+                    if hellos:
+                        plans = self.downlink.plan(self.conn, hellos, now)
                 if hellos:
                     registry.record_hellos(
                         self.conn, [registry.hello_row(d, h, now) for d, h in hellos], now)
@@ -302,7 +316,7 @@ class Ingest:
                 device_log(d).info("first HELLO: provisioned -> active (fw %d)", h.fw_version)
         if self.on_committed is not None and result.committed:
             self.on_committed()
-        return self._answers(replies, result.acks, hellos, now)
+        return self._answers(replies, result.acks, hellos, now, plans)
 
     def _quarantine(self, device: str, reason: str, pending: dict[str, str]) -> None:
         if device not in pending:
@@ -324,7 +338,8 @@ class Ingest:
         ])
 
     def _answers(self, replies: list[_Reply], acks: list[readings.AckState],
-                 hellos: list[tuple[str, proto.Hello]], now: float) -> Outgoing:
+                 hellos: list[tuple[str, proto.Hello]], now: float,
+                 plans: list[WakePlan]) -> Outgoing:
         out: Outgoing = []
         for r in replies:
             down = topics.down(r.device)
@@ -334,18 +349,22 @@ class Ingest:
                     proto.Ack(a.msg_id, a.cumulative, a.selective))))
             elif r.kind == 1:
                 dev, hello = hellos[r.index]
-                try:
-                    extra = self.on_hello(dev, hello)
-                except Exception:
-                    device_log(dev).exception("downlink hook failed; sending no downlink")
-                    extra = []
+                left = 0
+                if plans:
+                    extra, left = list(plans[r.index].frames), plans[r.index].left
+                else:
+                    try:
+                        extra = self.on_hello(dev, hello)
+                    except Exception:
+                        device_log(dev).exception("downlink hook failed; sending no downlink")
+                        extra = []
                 st = self.states.get(dev) or readings.DedupState()
                 out.append((down, proto.encode_ack(proto.Ack(
                     hello.msg_id, st.hwm, st.selective(), int(now) & 0xFFFFFFFF,
                     min(len(extra), 255)))))
                 out.extend((down, f) for f in extra)
                 out.append((down, proto.encode_sleep_now(
-                    proto.SleepNow(hello.msg_id, hello.next_wake_s, 0))))
+                    proto.SleepNow(hello.msg_id, hello.next_wake_s, min(left, 255)))))
             else:
                 out.extend((down, f) for f in r.frames)
         return out

@@ -25,6 +25,7 @@ import aiomqtt
 
 from gateway import db, deadletter, readings, registry
 from gateway.config import GatewayConfig
+from gateway.downlink import Downlink, DownlinkConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import HelloHook, Ingest, no_downlink
 
@@ -124,9 +125,12 @@ def read_status(conn: sqlite3.Connection, now: float | None = None) -> Status:
 class Service:
     """`Service(cfg).run()` runs the gateway until `stop()` or SIGTERM/SIGINT."""
 
-    def __init__(self, cfg: GatewayConfig, *, on_hello: HelloHook = no_downlink) -> None:
+    def __init__(self, cfg: GatewayConfig, *, on_hello: HelloHook = no_downlink,
+                 downlink: DownlinkConfig | None = None) -> None:
         self.cfg = cfg
         self.on_hello = on_hello
+        # Queued commands and configuration for sleeping nodes (gateway.downlink).
+        self.downlink = Downlink(downlink)
         self.conn: sqlite3.Connection | None = None
         self.ingest: Ingest | None = None
         self.broker: Any = None
@@ -156,7 +160,7 @@ class Service:
                 await self._start_broker()
             self.ingest = Ingest(
                 self.conn, cfg.ingest, upstream=cfg.upstream, on_hello=self.on_hello,
-                on_committed=self._notify_relay,
+                downlink=self.downlink, on_committed=self._notify_relay,
             )
             self._write_status("running")
             tasks["ingest"] = asyncio.create_task(self._supervise("ingest", self._ingest))
@@ -166,12 +170,15 @@ class Service:
                 self.relay = Relay(cfg.db_path, cfg.upstream)
                 tasks["relay"] = asyncio.create_task(self._supervise("relay", self.relay.run))
             tasks["status"] = asyncio.create_task(self._supervise("status", self._status_loop))
+            conn = self.conn
+            tasks["downlink"] = asyncio.create_task(
+                self._supervise("downlink", lambda: self.downlink.sweep_loop(conn)))
             log.info("gateway running (database %s, pid %d)", cfg.db_path, os.getpid())
             await self._stop.wait()
             log.info("shutting down")
         finally:
             # Ingest first: it stops taking frames, commits and answers what it holds.
-            for name in ("ingest", "relay", "status"):
+            for name in ("ingest", "relay", "status", "downlink"):
                 task = tasks.get(name)
                 if task is not None:
                     task.cancel()
@@ -279,6 +286,7 @@ class Service:
                 self._last_total, self._last_t = stored, mono
             detail["readings_per_min"] = round(self._rate, 1)
             detail["ingest"] = self.ingest.metrics.as_dict()
+            detail["downlink"] = self.downlink.metrics.as_dict()
         if self.broker is not None:
             detail["broker_pid"] = self.broker.pid
             detail["broker_restarts"] = self.broker.restarts

@@ -1,0 +1,298 @@
+"""Delivery to sleeping nodes: what to send in one wake, what the node's answers retire,
+and when each node is expected to listen next.
+
+`Downlink.plan()` runs inside ingest's commit transaction for each HELLO: it expires stale
+items, picks pending ones in priority order within the node's awake window, its class's
+max_message and its byte budget, marks them sent (attempts + 1) and returns the encoded
+frames, which ingest publishes after the ACK and before SLEEP_NOW. Because the marks are
+committed before anything is published, a gateway killed after sending still knows the
+item went out, and sends it again on the next wake (the node answers `duplicate`).
+`handle_up()` applies COMMAND_RESULT and SHADOW_REPORT frames in the same transaction.
+This module owns the `downlink_wakes` table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway import db, proto
+from gateway import queue as q
+
+log = logging.getLogger(__name__)
+
+STORE = "downlink"
+_STEPS = (
+    """
+    CREATE TABLE downlink_wakes (
+        device TEXT PRIMARY KEY,
+        wakes INTEGER NOT NULL DEFAULT 0,
+        missed_wakes INTEGER NOT NULL DEFAULT 0,
+        last_hello_at REAL,
+        expected_at REAL,
+        interval_s INTEGER,
+        window_ms INTEGER,
+        delivered_total INTEGER NOT NULL DEFAULT 0,
+        last_delivered INTEGER NOT NULL DEFAULT 0,
+        max_delivered INTEGER NOT NULL DEFAULT 0,
+        last_left INTEGER NOT NULL DEFAULT 0,
+        last_bytes INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    """,
+)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    db.apply(conn, STORE, _STEPS)
+
+
+@dataclass(frozen=True, slots=True)
+class DownlinkConfig:
+    """How delivery spends a node's wake."""
+
+    max_attempts: int = 5  # deliveries without a result before an item fails
+    frame_cost_ms: int = 150  # awake-window time one item costs the node: receive, run, answer
+    window_reserve_ms: int = 100  # kept for the ACK and SLEEP_NOW
+    grace_s: float = 30.0  # a HELLO later than the expected wake + this counts missed wakes
+    sweep_interval_s: float = 60.0  # how often expired items are marked expired
+
+
+@dataclass(frozen=True, slots=True)
+class WakePlan:
+    """The downlink of one wake: frames between ACK and SLEEP_NOW, items left queued."""
+
+    frames: tuple[bytes, ...] = ()
+    ids: tuple[int, ...] = ()
+    left: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(len(f) for f in self.frames)
+
+
+@dataclass(frozen=True, slots=True)
+class WakeStats:
+    device: str
+    wakes: int
+    missed_wakes: int
+    last_hello_at: float | None
+    expected_at: float | None
+    interval_s: int | None
+    window_ms: int | None
+    delivered_total: int
+    last_delivered: int
+    max_delivered: int
+    last_left: int
+    last_bytes: int
+
+    @property
+    def listen_window(self) -> tuple[float, float] | None:
+        """(from, until): when the node is next expected to listen for downlink."""
+        if self.expected_at is None:
+            return None
+        return self.expected_at, self.expected_at + (self.window_ms or 0) / 1000.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class Metrics:
+    plans: int = 0
+    frames: int = 0
+    bytes: int = 0
+    results: int = 0
+    repeats: int = 0
+    unknown_results: int = 0
+    reports: int = 0
+    expired: int = 0
+    failed: int = 0
+    errors: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+def wake_stats(conn: sqlite3.Connection, device: str) -> WakeStats | None:
+    row = conn.execute(
+        "SELECT device, wakes, missed_wakes, last_hello_at, expected_at, interval_s, window_ms,"
+        " delivered_total, last_delivered, max_delivered, last_left, last_bytes "
+        "FROM downlink_wakes WHERE device=?", (device,)).fetchone()
+    return WakeStats(*row) if row else None
+
+
+def missed_wakes(expected_at: float | None, interval_s: int | None, now: float,
+                 grace_s: float) -> int:
+    """Wakes the node was expected at (expected_at, + interval, ...) up to now - grace."""
+    if expected_at is None or not interval_s or now <= expected_at + grace_s:
+        return 0
+    return int((now - grace_s - expected_at) // interval_s) + 1
+
+
+def _encode(item: q.Item, conn: sqlite3.Connection, now: float) -> bytes:
+    if item.kind == proto.COMMAND:
+        assert item.op is not None
+        # ttl_s on the wire is what is left of it (0: none), capped to the field's u16.
+        ttl = 0 if item.expires_at is None else max(1, min(0xFFFF, int(item.expires_at - now)))
+        return proto.encode_command(proto.Command(
+            item.command_id, item.command_id, proto.CommandOp(item.op), item.args,
+            item.priority, ttl, item.data))
+    if item.kind == proto.SHADOW_DELTA:
+        assert item.config_version is not None
+        return proto.encode_shadow_delta(proto.ShadowDelta(
+            item.command_id, item.config_version, q.shadow_entries(conn, item.device)))
+    return item.data
+
+
+class Downlink:
+    """Plans each wake's downlink and applies the node's answers (see the module doc)."""
+
+    def __init__(self, cfg: DownlinkConfig | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg or DownlinkConfig()
+        self.clock = clock
+        self.metrics = Metrics()
+
+    # ------------------------------------------------------------ ingest hooks
+    def plan(self, conn: sqlite3.Connection, hellos: Sequence[tuple[str, proto.Hello]],
+             now: float) -> list[WakePlan]:
+        """One plan per HELLO, inside the caller's transaction. A failure for one device
+        is rolled back to its savepoint and gives it no downlink, never failing the batch."""
+        out: list[WakePlan] = []
+        for device, hello in hellos:
+            conn.execute("SAVEPOINT downlink_plan")
+            try:
+                plan = self.plan_one(conn, device, hello, now)
+            except Exception:  # never let one device's downlink fail the batch
+                conn.execute("ROLLBACK TO downlink_plan")
+                self.metrics.errors += 1
+                log.exception("[%s] downlink planning failed; no downlink this wake", device,
+                              extra={"device_id": device})
+                plan = WakePlan()
+            conn.execute("RELEASE downlink_plan")
+            out.append(plan)
+        return out
+
+    def plan_one(self, conn: sqlite3.Connection, device: str, hello: proto.Hello,
+                 now: float) -> WakePlan:
+        cfg = self.cfg
+        row = conn.execute("SELECT class FROM devices WHERE id=?", (device,)).fetchone()
+        limits = proto.DEVICE_CLASSES[row[0] if row else "sensor"]
+        self.metrics.plans += 1
+        self.metrics.expired += q.expire(conn, now, device)
+        # The node already runs this configuration (its report may have been lost).
+        q.record_report(conn, device, hello.config_version, (), now)
+        items = q.pending(conn, device)
+        interval = hello.next_wake_s or limits.wake_interval_s
+        budget = limits.budget_bytes_per_min * interval / 60.0
+        if hello.awake_window_ms <= 0:
+            room = 0
+        else:
+            room = max(1, (hello.awake_window_ms - cfg.window_reserve_ms) // cfg.frame_cost_ms)
+        frames: list[bytes] = []
+        ids: list[int] = []
+        spent = 0
+        left = 0
+        full = False
+        for it in items:
+            if it.attempts >= cfg.max_attempts:
+                q.retire(conn, device, it.command_id, q.FAILED, now, result="undelivered",
+                         detail=f"no answer after {it.attempts} deliveries")
+                self.metrics.failed += 1
+                log.warning("[%s] item %d (%s) failed: no answer after %d deliveries", device,
+                            it.command_id, it.what, it.attempts, extra={"device_id": device})
+                continue
+            frame = _encode(it, conn, now)
+            if len(frame) > limits.max_message:
+                q.retire(conn, device, it.command_id, q.FAILED, now, result="too_large",
+                         detail=f"{len(frame)} B > max_message {limits.max_message}")
+                self.metrics.failed += 1
+                continue
+            # Strict priority order: once one item does not fit, the rest wait too.
+            if full or len(frames) >= room or (frames and spent + len(frame) > budget):
+                full = True
+                left += 1
+                continue
+            frames.append(frame)
+            ids.append(it.command_id)
+            spent += len(frame)
+            kind = it.kind_name
+            self.metrics.by_kind[kind] = self.metrics.by_kind.get(kind, 0) + 1
+        q.mark_sent(conn, device, ids, now)
+        self._record_wake(conn, device, hello, now, len(frames), left, spent)
+        self.metrics.frames += len(frames)
+        self.metrics.bytes += spent
+        if frames:
+            log.info("[%s] delivering %d item(s), %d B, %d left", device, len(frames), spent,
+                     left, extra={"device_id": device})
+        return WakePlan(tuple(frames), tuple(ids), left)
+
+    def _record_wake(self, conn: sqlite3.Connection, device: str, hello: proto.Hello,
+                     now: float, delivered: int, left: int, spent: int) -> None:
+        prev = conn.execute(
+            "SELECT expected_at, interval_s FROM downlink_wakes WHERE device=?",
+            (device,)).fetchone()
+        missed = 0
+        if prev is not None:
+            missed = missed_wakes(prev[0], prev[1], now, self.cfg.grace_s)
+            if missed:
+                log.info("[%s] HELLO %.0fs after the expected wake: %d wake(s) missed", device,
+                         now - prev[0], missed, extra={"device_id": device})
+        conn.execute(
+            "INSERT INTO downlink_wakes(device, wakes, missed_wakes, last_hello_at, expected_at,"
+            " interval_s, window_ms, delivered_total, last_delivered, max_delivered, last_left,"
+            " last_bytes) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device) DO "
+            "UPDATE SET wakes=wakes+1, missed_wakes=missed_wakes+excluded.missed_wakes, "
+            "last_hello_at=excluded.last_hello_at, expected_at=excluded.expected_at, "
+            "interval_s=excluded.interval_s, window_ms=excluded.window_ms, "
+            "delivered_total=delivered_total+excluded.delivered_total, "
+            "last_delivered=excluded.last_delivered, "
+            "max_delivered=max(max_delivered, excluded.max_delivered), "
+            "last_left=excluded.last_left, last_bytes=excluded.last_bytes",
+            (device, missed, now, now + hello.next_wake_s if hello.next_wake_s else None,
+             hello.next_wake_s or None, hello.awake_window_ms, delivered, delivered, delivered,
+             left, spent))
+
+    def handle_up(self, conn: sqlite3.Connection,
+                  frames: Sequence[tuple[str, proto.CommandResult | proto.ShadowReport]],
+                  now: float) -> None:
+        """Apply the nodes' answers inside the caller's transaction. Repeats change nothing."""
+        for device, f in frames:
+            if isinstance(f, proto.CommandResult):
+                outcome = q.record_result(conn, device, f, now)
+                if outcome == "retired":
+                    self.metrics.results += 1
+                    log.info("[%s] command %d: %s%s", device, f.command_id,
+                             f.status.name.lower(), f" ({f.detail})" if f.detail else "",
+                             extra={"device_id": device})
+                elif outcome == "unknown":
+                    self.metrics.unknown_results += 1
+                    log.warning("[%s] result for unknown command id %d", device, f.command_id,
+                                extra={"device_id": device})
+                else:
+                    self.metrics.repeats += 1
+            else:
+                self.metrics.reports += 1
+                if q.record_report(conn, device, f.config_version, f.entries, now):
+                    log.info("[%s] configuration v%d applied", device, f.config_version,
+                             extra={"device_id": device})
+
+    # ------------------------------------------------------------ housekeeping
+    def sweep(self, conn: sqlite3.Connection, now: float | None = None) -> int:
+        """Mark every item past its TTL expired (its own transaction)."""
+        n = q.expire(conn, self.clock() if now is None else now)
+        self.metrics.expired += n
+        if n:
+            log.info("%d downlink item(s) expired", n)
+        return n
+
+    async def sweep_loop(self, conn: sqlite3.Connection) -> None:
+        while True:
+            self.sweep(conn)
+            await asyncio.sleep(self.cfg.sweep_interval_s)
