@@ -1,0 +1,404 @@
+"""The upstream relay: forwards the outbox to an upstream MQTT broker, store-and-forward.
+
+One task per connection reads the outbox in order, keeps several QoS 1 publishes in flight
+and deletes an item only after its PUBACK; a lost connection ends the session, and the next
+one (after a backoff) starts again from the oldest item still stored, so delivery upstream
+is at-least-once and in order. Bounds are enforced on a timer whether connected or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Protocol, TypeVar
+
+import aiomqtt
+
+from gateway.errors import ConfigError
+from gateway.formats import check_format
+from gateway.outbox import Counters, Outbox, Queued
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_INFLIGHT: Final = 32
+
+
+def _not_window_noise(record: logging.LogRecord) -> bool:
+    # aiomqtt warns on every publish while more than 10 are pending: that is the window
+    # working as intended, not news.
+    return "pending publish calls" not in str(record.msg)
+
+
+mqtt_log = log.getChild("mqtt")
+mqtt_log.addFilter(_not_window_noise)
+
+
+class UpstreamLike(Protocol):
+    """What the relay reads from the `[upstream]` configuration section."""
+
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def tls(self) -> bool: ...
+    @property
+    def ca(self) -> str | Path | None: ...
+    @property
+    def cert(self) -> str | Path | None: ...
+    @property
+    def key(self) -> str | Path | None: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def password(self) -> str | None: ...
+    @property
+    def client_id(self) -> str: ...
+    @property
+    def topic_readings(self) -> str: ...
+    @property
+    def topic_events(self) -> str: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def qos(self) -> int: ...
+    @property
+    def outbox_max_items(self) -> int: ...
+    @property
+    def outbox_max_age_s(self) -> float: ...
+    @property
+    def drop_policy(self) -> str: ...
+    @property
+    def reconnect_min_s(self) -> float: ...
+    @property
+    def reconnect_max_s(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """A plain `UpstreamLike` with the documented defaults (docs/upstream.md)."""
+
+    enabled: bool = False
+    host: str = "localhost"
+    port: int = 8883
+    tls: bool = True
+    ca: str | Path | None = None
+    cert: str | Path | None = None
+    key: str | Path | None = None
+    username: str | None = None
+    password: str | None = None
+    client_id: str = "torpor-gateway"
+    topic_readings: str = "torpor/{device}/readings/{kind}"
+    topic_events: str = "torpor/{device}/events/{kind}"
+    format: str = "json"
+    qos: int = 1
+    outbox_max_items: int = 100_000
+    outbox_max_age_s: float = 7 * 86400.0
+    drop_policy: str = "oldest"
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RelayStatus:
+    """A snapshot for the CLI and logs."""
+
+    connected: bool
+    relayed: int  # items acknowledged upstream and deleted by this relay since it started
+    pending: int  # items in the outbox now
+    oldest_age_s: float | None
+    last_error: str | None
+    reconnects: int
+    counters: Counters
+
+
+def validate(cfg: UpstreamLike) -> None:
+    """Refuse settings the relay cannot work with, naming the key."""
+    check_format(cfg.format)
+    if cfg.qos not in (0, 1, 2):
+        raise ConfigError(f"upstream.qos must be 0, 1 or 2, not {cfg.qos}")
+    if not 0 < cfg.port < 65536:
+        raise ConfigError(f"upstream.port must be 1..65535, not {cfg.port}")
+    if not 0 < cfg.reconnect_min_s <= cfg.reconnect_max_s:
+        raise ConfigError(
+            "upstream.reconnect_min_s must be positive and not above upstream.reconnect_max_s"
+        )
+    if (cfg.cert is None) != (cfg.key is None):
+        raise ConfigError("upstream.cert and upstream.key go together: set both or neither")
+    if cfg.cert is not None and not cfg.tls:
+        raise ConfigError("upstream.cert is set but upstream.tls is false")
+
+
+def tls_context(cfg: UpstreamLike) -> ssl.SSLContext | None:
+    if not cfg.tls:
+        return None
+    ctx = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca) if cfg.ca is not None else None
+    )
+    if cfg.cert is not None and cfg.key is not None:
+        ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
+    return ctx
+
+
+def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _expected(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_expected(e) for e in exc.exceptions)
+    return isinstance(exc, aiomqtt.MqttError | OSError | TimeoutError)
+
+
+class Relay:
+    """Forwards the outbox in `db_path` to the broker in `cfg` until cancelled."""
+
+    def __init__(
+        self,
+        db_path: str | Path,
+        cfg: UpstreamLike,
+        *,
+        inflight: int = DEFAULT_INFLIGHT,
+        batch: int = 256,
+        poll_s: float = 0.25,
+        flush_s: float = 0.05,
+        bounds_every_s: float = 1.0,
+        publish_timeout_s: float = 15.0,
+        keepalive_s: int = 30,
+    ) -> None:
+        validate(cfg)
+        self.db_path = Path(db_path)
+        self.cfg = cfg
+        self.inflight = max(1, inflight)
+        self.batch = max(self.inflight, batch)
+        self.poll_s = poll_s
+        self.flush_s = flush_s
+        self.bounds_every_s = bounds_every_s
+        self.publish_timeout_s = publish_timeout_s
+        self.keepalive_s = keepalive_s
+        self.connected = False
+        self.relayed = 0
+        self.reconnects = 0
+        self.connects = 0
+        self.last_error: str | None = None
+        self._outbox: Outbox | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._wake: asyncio.Event | None = None
+        self._acks: asyncio.Event | None = None
+
+    # ---------------------------------------------------------------- public
+
+    def notify(self) -> None:
+        """New items were committed: look now instead of at the next poll (loop thread)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def status(self) -> RelayStatus:
+        box = self._box()
+        depth, oldest, counters = await self._db(
+            lambda: (box.depth(), box.oldest(), box.counters())
+        )
+        return RelayStatus(
+            connected=self.connected,
+            relayed=self.relayed,
+            pending=depth,
+            oldest_age_s=None if oldest is None else max(0.0, time.time() - oldest),
+            last_error=self.last_error,
+            reconnects=self.reconnects,
+            counters=counters,
+        )
+
+    async def run(self) -> None:
+        """Relay until cancelled. Returns at once when the upstream is disabled."""
+        if not self.cfg.enabled:
+            log.info("upstream relay disabled")
+            return
+        self._wake = asyncio.Event()
+        self._acks = asyncio.Event()
+        # One thread owns the SQLite connection: a write waiting on the database lock must
+        # not stall the event loop that ingest commits from.
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="relay-db")
+        cfg = self.cfg
+        try:
+            self._outbox = await self._db(
+                lambda: Outbox(
+                    self.db_path,
+                    max_items=cfg.outbox_max_items,
+                    max_age_s=cfg.outbox_max_age_s,
+                    drop_policy=cfg.drop_policy,
+                )
+            )
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._bounds_loop(), name="relay-bounds")
+                tg.create_task(self._connection_loop(), name="relay-connection")
+        finally:
+            self.connected = False
+            box, self._outbox = self._outbox, None
+            pool, self._pool = self._pool, None
+            if box is not None:
+                pool.submit(box.close)
+            pool.shutdown(wait=True)
+
+    # ---------------------------------------------------------------- internals
+
+    def _box(self) -> Outbox:
+        if self._outbox is None:
+            raise RuntimeError("the relay is not running")
+        return self._outbox
+
+    async def _db(self, fn: Callable[..., T], *args: object) -> T:
+        assert self._pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _bounds_loop(self) -> None:
+        box = self._box()
+        while True:
+            dropped = await self._db(box.enforce_bounds, time.time())
+            if dropped.age or dropped.full:
+                log.warning(
+                    "upstream outbox: dropped %d items older than %ss and %d beyond %d items",
+                    dropped.age, box.max_age_s, dropped.full, box.max_items,
+                )
+            await asyncio.sleep(self.bounds_every_s)
+
+    async def _connection_loop(self) -> None:
+        cfg = self.cfg
+        delay = cfg.reconnect_min_s
+        while True:
+            connects = self.connects
+            try:
+                await self._session()
+            except Exception as exc:  # the relay outlives any one connection's failure
+                self.last_error = _describe(exc)
+                if not _expected(exc):
+                    log.error("upstream relay: unexpected failure", exc_info=exc)
+            if self.connects != connects:  # it was up: start the backoff over
+                delay = cfg.reconnect_min_s
+            log.warning(
+                "upstream %s:%d: %s; retrying in %.1fs", cfg.host, cfg.port, self.last_error, delay
+            )
+            # Jitter keeps a fleet of gateways from reconnecting in lockstep.
+            await asyncio.sleep(delay * random.uniform(0.9, 1.1))
+            delay = min(delay * 2, cfg.reconnect_max_s)
+            self.reconnects += 1
+
+    def _client(self) -> aiomqtt.Client:
+        cfg = self.cfg
+        return aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            username=cfg.username,
+            password=cfg.password,
+            identifier=cfg.client_id,
+            logger=mqtt_log,
+            # The outbox is the session state: nothing needs to survive in the broker.
+            clean_session=True,
+            keepalive=self.keepalive_s,
+            timeout=self.publish_timeout_s,
+            tls_context=tls_context(cfg),
+            max_inflight_messages=self.inflight,
+        )
+
+    async def _session(self) -> None:
+        # A fresh client per connection: paho would otherwise resend its own unacknowledged
+        # messages on reconnect, on top of the outbox replay.
+        acked: list[int] = []
+        client = self._client()
+        try:
+            await client.__aenter__()
+        except BaseException:
+            # A CONNECT that timed out leaves paho's socket open and watched: close it.
+            with contextlib.suppress(Exception):
+                client._client.disconnect()
+            raise
+        self.connected = True
+        self.connects += 1
+        self.last_error = None
+        log.info("upstream %s:%d connected", self.cfg.host, self.cfg.port)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watch(client))
+                tg.create_task(self._flush_loop(acked))
+                await self._pump(client, tg, acked)
+        finally:
+            self.connected = False
+            # PUBACKs that arrived before the connection dropped: delete those now so a
+            # replay does not send them again.
+            await self._flush(acked)
+            with contextlib.suppress(Exception):
+                await client.__aexit__(None, None, None)
+
+    @staticmethod
+    async def _watch(client: aiomqtt.Client) -> None:
+        # Nothing is subscribed: the iterator only ends, with MqttError, on disconnection.
+        async for _ in client.messages:
+            pass
+
+    async def _pump(
+        self, client: aiomqtt.Client, tg: asyncio.TaskGroup, acked: list[int]
+    ) -> None:
+        box = self._box()
+        wake = self._wake
+        assert wake is not None
+        window = asyncio.Semaphore(self.inflight)
+        after = 0  # the outbox is replayed from its oldest item on every connection
+        while True:
+            wake.clear()
+            items = await self._db(box.peek, self.batch, after)
+            if not items:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_s):
+                        await wake.wait()
+                continue
+            for q in items:
+                await window.acquire()
+                tg.create_task(self._publish(client, q, window, acked))
+                after = q.id
+
+    async def _publish(
+        self, client: aiomqtt.Client, q: Queued, window: asyncio.Semaphore, acked: list[int]
+    ) -> None:
+        try:
+            # With QoS 1 this returns only after the broker's PUBACK.
+            await client.publish(
+                q.item.topic, q.item.payload, qos=self.cfg.qos, timeout=self.publish_timeout_s
+            )
+        finally:
+            window.release()
+        acked.append(q.id)
+        if len(acked) >= self.inflight and self._acks is not None:
+            self._acks.set()
+
+    async def _flush_loop(self, acked: list[int]) -> None:
+        # Deletes go in batches (one transaction each) every `flush_s` or once a window's
+        # worth is acknowledged, so a crash resends at most about two windows.
+        acks = self._acks
+        assert acks is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.flush_s):
+                    await acks.wait()
+            acks.clear()
+            await self._flush(acked)
+
+    async def _flush(self, acked: list[int]) -> None:
+        if not acked:
+            return
+        ids = acked[:]
+        acked.clear()
+        box = self._box()
+        self.relayed += await self._db(box.delete, ids)
