@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config as gwconfig
-from gateway import db, deadletter, readings, registry
+from gateway import db, deadletter, downlink_cli, readings, registry
 from gateway.errors import GatewayError
 
 DEFAULT_CONFIG = "/etc/torpor/gateway.toml"
@@ -56,6 +56,7 @@ def register(sub: Any) -> None:
     config_arg(p)
     p.add_argument("--status", choices=registry.STATUSES, default=None)
     p.add_argument("--json", action="store_true")
+    downlink_cli.list_args(p)
     p.set_defaults(func=_list)
     p = dsub.add_parser("show", help="one device: state, last HELLO, readings, dead letters")
     config_arg(p)
@@ -66,6 +67,8 @@ def register(sub: Any) -> None:
     config_arg(p)
     p.add_argument("device_id")
     p.set_defaults(func=_release)
+    # Downlink to sleeping nodes: send, config, cancel (gateway/downlink_cli.py).
+    downlink_cli.register(dsub, config_arg)
 
 
 def _fail(message: str) -> int:
@@ -179,6 +182,8 @@ def _list(args: argparse.Namespace) -> int:
     try:
         _cfg, conn = _open(args)
         try:
+            if args.pending:
+                return downlink_cli.print_pending(conn, args.json)
             devices = registry.list_devices(conn, args.status)
         finally:
             conn.close()
@@ -203,13 +208,14 @@ def _show(args: argparse.Namespace) -> int:
             hwm, above, total = readings.stats(conn, dev.id)
             letters = deadletter.list_recent(conn, dev.id, limit=5)
             nletters = deadletter.count(conn, dev.id)
+            down = downlink_cli.gather(conn, dev.id)
         finally:
             conn.close()
     except GatewayError as exc:
         return _fail(str(exc))
     if args.json:
         doc = dev.as_dict() | {"ack_cumulative": hwm, "committed_above": above,
-                               "readings": total, "dead_letters": nletters}
+                               "readings": total, "dead_letters": nletters, "downlink": down}
         print(json.dumps(doc, indent=1))
         return 0
     print(f"device:          {dev.id} ({dev.device_class})")
@@ -229,6 +235,7 @@ def _show(args: argparse.Namespace) -> int:
     print(f"dead letters:    {nletters}")
     for letter in letters:
         print(f"  {_when(letter.at)}  {letter.reason}: {letter.detail}")
+    downlink_cli.print_show(down)
     return 0
 
 
