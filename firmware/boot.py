@@ -1,0 +1,101 @@
+# The bootloader: what a node runs first. It reads the state record, reverts a failed trial,
+# checks the image it is about to start and starts it: that slot's directory goes first on
+# sys.path and `main` is imported from it. docs/bootloader.md has the states and the
+# power-cut analysis. Checks per boot: the confirmed image gets its manifest signature and
+# file sizes checked; a trial image (first boots of a new version) gets every hash checked.
+import sys
+import time
+
+import board
+import bootstate
+import slots
+from micropython import const
+
+NO_IMAGE_SLEEP_MS = const(3600000)  # nothing verifiable to run: try again in an hour
+
+
+def _log(msg):
+    print("boot: " + msg)
+
+
+def _recover(root):
+    # No state record (never provisioned, or lost): take the newest slot that checks out
+    # completely and confirm it; its version becomes the floor.
+    best = None
+    for slot in ("a", "b"):
+        reason, m = slots.check(root, slot, True)
+        if not reason and (best is None or m["version"] > best[1]):
+            best = (slot, m["version"])
+    if best is None:
+        return None
+    st = bootstate.new(best[0], best[1])
+    bootstate.save(root, st)
+    _log("recovered state: slot %s v%d" % best)
+    return st
+
+
+def choose(root, cause):
+    """(slot, version, on_trial) to start, after applying the trial rules; None if none."""
+    st = bootstate.load(root)
+    if st is None:
+        st = _recover(root)
+        if st is None:
+            return None
+    if st["trial"]:
+        reason = bootstate.trial_verdict(st, cause)
+        if not reason:
+            reason, m = slots.check(root, st["trial"], True)
+            if not reason and m["version"] != st["tver"]:
+                reason = bootstate.BAD_MANIFEST
+        if reason:
+            _log("revert v%d in slot %s: reason %d" % (st["tver"], st["trial"], reason))
+            bootstate.revert(st, reason)
+            bootstate.save(root, st)
+        else:
+            # Counted before the trial image runs: a trial boot that never gets to confirm
+            # (reset, power cut, crash) is seen at the next boot.
+            bootstate.count_trial_boot(st)
+            bootstate.save(root, st)
+            return st["trial"], st["tver"], True
+    reason, m = slots.check(root, st["active"], False)
+    if reason or m["version"] != st["ver"]:
+        _log("confirmed slot %s does not check out: reason %d" % (st["active"], reason))
+        return None
+    return st["active"], st["ver"], False
+
+
+def _crashed(root, slot, exc):
+    # The trial image raised out of main: revert it now, then restart into the old image.
+    sys.print_exception(exc)
+    st = bootstate.load(root)
+    if st is not None and st["trial"] == slot:
+        bootstate.revert(st, bootstate.CRASHED)
+        bootstate.save(root, st)
+        _log("trial crashed, reverted")
+        board.reset()
+    raise exc
+
+
+def run():
+    t0 = time.ticks_ms()
+    board.init()
+    root = board.FS_ROOT
+    picked = choose(root, board.boot_cause())
+    if picked is None:
+        _log("no verified image")
+        board.deep_sleep(NO_IMAGE_SLEEP_MS)
+        return
+    slot, version, trial = picked
+    bootstate.booted = picked
+    sys.path.insert(0, slots.slot_dir(root, slot))
+    _log("slot %s v%d trial=%d ms=%d" % (slot, version, trial, time.ticks_diff(time.ticks_ms(), t0)))
+    if not trial:
+        import main  # noqa: F401
+        return
+    try:
+        import main  # noqa: F401,F811
+    except Exception as exc:
+        _crashed(root, slot, exc)
+
+
+run()

@@ -1,0 +1,170 @@
+# The bootloader's state record: which slot is confirmed, which one is on trial, the
+# anti-downgrade floor and the outcome the app reports next. One small JSON file, replaced
+# atomically (write boot/state.tmp, then rename over boot/state.json): after a power cut
+# the record is the old one or the new one, never a mix. docs/bootloader.md has the table.
+import json
+import os
+
+from micropython import const
+
+BOOTLOADER_VERSION = const(1)
+
+# Values of the protocol's ota_state and ota_reason enums (shared/protocol/torpor.toml).
+# The bootloader cannot import the generated proto.py (that lives in the image it checks);
+# a test keeps these equal to the spec.
+IDLE = const(0)
+TRIAL = const(3)
+CONFIRMED = const(4)
+REVERTED = const(5)
+
+NONE = const(0)
+BAD_SIGNATURE = const(1)
+UNKNOWN_KEY = const(2)
+BAD_HASH = const(3)
+MISSING_FILE = const(4)
+WRONG_BOARD = const(5)
+DOWNGRADE = const(6)
+TRUNCATED = const(7)
+HEALTH_CHECK = const(9)
+CRASHED = const(10)
+NO_SPACE = const(11)
+BAD_MANIFEST = const(12)
+
+# Boot causes of the Board API that mean "the trial image crashed or hung".
+_CAUSE_WATCHDOG = const(2)
+_CAUSE_CRASH = const(3)
+
+# (slot, version, on_trial) of the image the bootloader started in this process; None when
+# the firmware runs without the bootloader (tests, development from source).
+booted = None
+
+_KEYS = ("active", "ver", "floor", "trial", "tver", "tboots", "max", "ota", "reason", "rver", "seq")
+
+
+def boot_dir(root):
+    return root.rstrip("/") + "/boot"
+
+
+def new(slot, version):
+    """A record with `slot` confirmed at `version` (provisioning, or recovery)."""
+    return {
+        "active": slot,  # the confirmed slot: never written while it is referenced here
+        "ver": version,  # its version
+        "floor": version,  # anti-downgrade: highest version ever confirmed
+        "trial": "",  # slot on trial ("" = none)
+        "tver": 0,  # version on trial
+        "tboots": 0,  # trial boots started (counted before the trial image runs)
+        "max": 1,  # trial boots allowed before an unconfirmed trial is reverted
+        "ota": IDLE,  # outcome to report in the next HELLO (ota_state)
+        "reason": NONE,  # and its ota_reason
+        "rver": 0,  # version the outcome concerns
+        "seq": 0,  # bumped by every save
+    }
+
+
+def _valid(st):
+    if not isinstance(st, dict):
+        return False
+    for k in _KEYS:
+        if k not in st:
+            return False
+    if st["active"] not in ("a", "b") or st["trial"] not in ("", "a", "b"):
+        return False
+    if st["trial"] == st["active"]:
+        return False
+    for k in _KEYS[1:]:
+        if k != "trial" and not isinstance(st[k], int):
+            return False
+    return True
+
+
+def load(root):
+    """The record, or None when there is none (never provisioned) or it is unreadable."""
+    d = boot_dir(root)
+    try:
+        # A leftover temporary file is a save cut short: the record before it stands.
+        os.remove(d + "/state.tmp")
+    except OSError:
+        pass
+    try:
+        with open(d + "/state.json") as f:
+            st = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return st if _valid(st) else None
+
+
+def save(root, st):
+    d = boot_dir(root)
+    try:
+        os.mkdir(d)
+    except OSError:
+        pass
+    st["seq"] = st["seq"] + 1
+    tmp = d + "/state.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(st))
+    # littlefs renames atomically, replacing the old record in one metadata commit.
+    os.rename(tmp, d + "/state.json")
+
+
+# ---- transitions (pure: they change the dict; the caller saves it) ----
+
+def set_trial(st, slot, version, max_boots=1):
+    st["trial"] = slot
+    st["tver"] = version
+    st["tboots"] = 0
+    st["max"] = max_boots if max_boots > 0 else 1
+    st["ota"] = TRIAL
+    st["reason"] = NONE
+    st["rver"] = version
+
+
+def trial_verdict(st, cause):
+    """At boot with a trial pending: NONE if the trial image may start (again), else the
+    reason to revert it: it crashed or hung (a watchdog), or used its boots unconfirmed."""
+    if st["tboots"] > 0 and (cause == _CAUSE_CRASH or cause == _CAUSE_WATCHDOG):
+        return CRASHED
+    if st["tboots"] >= st["max"]:
+        return HEALTH_CHECK
+    return NONE
+
+
+def count_trial_boot(st):
+    st["tboots"] += 1
+
+
+def revert(st, reason):
+    st["rver"] = st["tver"]
+    st["trial"] = ""
+    st["tver"] = 0
+    st["tboots"] = 0
+    st["ota"] = REVERTED
+    st["reason"] = reason
+
+
+def confirm(st):
+    """The trial slot becomes the confirmed one; the floor rises to its version."""
+    if not st["trial"]:
+        return False
+    st["active"] = st["trial"]
+    st["ver"] = st["tver"]
+    if st["tver"] > st["floor"]:
+        st["floor"] = st["tver"]
+    st["rver"] = st["tver"]
+    st["trial"] = ""
+    st["tver"] = 0
+    st["tboots"] = 0
+    st["ota"] = CONFIRMED
+    st["reason"] = NONE
+    return True
+
+
+def clear_report(st):
+    st["ota"] = IDLE
+    st["reason"] = NONE
+    st["rver"] = 0
+
+
+def other(slot):
+    return "b" if slot == "a" else "a"
