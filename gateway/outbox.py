@@ -15,28 +15,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from gateway import db
 from gateway.errors import ConfigError
 
 COUNTER_NAMES: Final = ("enqueued", "delivered", "dropped_full", "dropped_age")
 DROP_POLICIES: Final = ("oldest", "newest")
-BUSY_TIMEOUT_S: Final = 10.0
 
-_SCHEMA: Final = (
+STORE: Final = "outbox"
+# Versioned steps (gateway.db.apply): step i brings the store to version i + 1.
+_STEPS: Final = (
     # AUTOINCREMENT: ids never come back after the table empties, so order by id is the
     # order of arrival and a reader's "after id N" cursor stays valid.
-    """CREATE TABLE IF NOT EXISTS outbox (
+    """
+    CREATE TABLE outbox (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         topic TEXT NOT NULL,
         payload BLOB NOT NULL,
         created REAL NOT NULL,
         device TEXT NOT NULL,
         kind TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created)",
-    """CREATE TABLE IF NOT EXISTS outbox_counters (
-        name TEXT PRIMARY KEY,
-        value INTEGER NOT NULL
-    ) WITHOUT ROWID""",
+    );
+    CREATE INDEX outbox_created ON outbox (created);
+    CREATE TABLE outbox_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO outbox_counters (name, value) VALUES
+        ('enqueued', 0), ('delivered', 0), ('dropped_full', 0), ('dropped_age', 0);
+    """,
 )
 
 
@@ -78,14 +81,8 @@ class Dropped:
 
 
 def migrate(conn: sqlite3.Connection) -> None:
-    """Create the outbox tables if missing; safe to run on every start."""
-    for statement in _SCHEMA:
-        conn.execute(statement)
-    conn.executemany(
-        "INSERT OR IGNORE INTO outbox_counters (name, value) VALUES (?, 0)",
-        [(name,) for name in COUNTER_NAMES],
-    )
-    conn.commit()
+    """Create or upgrade the outbox tables; safe to run on every start."""
+    db.apply(conn, STORE, _STEPS)
 
 
 def enqueue(conn: sqlite3.Connection, items: Iterable[OutboxItem]) -> int:
@@ -106,14 +103,12 @@ def _bump(conn: sqlite3.Connection, name: str, n: int) -> None:
 
 
 def connect(db_path: str | Path) -> sqlite3.Connection:
-    """A connection for the outbox's own use (the relay's), in WAL mode.
-
-    synchronous=NORMAL: a power cut may undo the last deletes, which only sends those
-    messages upstream once more (at-least-once); it never loses an enqueued item, whose
-    durability is decided by the connection that committed it.
-    """
-    conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
+    """A connection for the outbox's own use (the relay's): the gateway's pragmas, except
+    synchronous=NORMAL. A power cut may then undo the last deletes, which only sends those
+    messages upstream once more (at-least-once), and the relay's frequent small deletes
+    cost no fsync each on the SD card. Enqueued items are as durable as the connection
+    that committed them (ingest's, synchronous=FULL)."""
+    conn = db.connect(db_path)
     conn.execute("PRAGMA synchronous=NORMAL")
     return conn
 
@@ -151,7 +146,7 @@ class Outbox:
 
     def put(self, items: Iterable[OutboxItem]) -> int:
         """`enqueue` in a transaction of its own (for callers with no readings to commit)."""
-        with self.conn:
+        with db.transaction(self.conn):
             return enqueue(self.conn, items)
 
     def peek(self, n: int, after: int = 0) -> list[Queued]:
@@ -161,14 +156,13 @@ class Outbox:
             " WHERE id > ? ORDER BY id LIMIT ?",
             (after, n),
         ).fetchall()
-        self.conn.commit()  # end the read transaction so the WAL can be checkpointed
         return [Queued(r[0], OutboxItem(r[1], bytes(r[2]), r[3], r[4], r[5])) for r in rows]
 
     def delete(self, ids: Sequence[int]) -> int:
         """Remove delivered items (after their PUBACK); returns how many were still there."""
         if not ids:
             return 0
-        with self.conn:
+        with db.transaction(self.conn):
             cur = self.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
             n = max(cur.rowcount, 0)
             _bump(self.conn, "delivered", n)
@@ -176,24 +170,21 @@ class Outbox:
 
     def depth(self) -> int:
         (n,) = self.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
-        self.conn.commit()
         return int(n)
 
     def oldest(self) -> float | None:
         """`created` of the oldest waiting item, or None when empty."""
         row = self.conn.execute("SELECT MIN(created) FROM outbox").fetchone()
-        self.conn.commit()
         return None if row[0] is None else float(row[0])
 
     def counters(self) -> Counters:
         rows = dict(self.conn.execute("SELECT name, value FROM outbox_counters").fetchall())
-        self.conn.commit()
         return Counters(*(int(rows.get(name, 0)) for name in COUNTER_NAMES))
 
     def enforce_bounds(self, now: float) -> Dropped:
         """Drop items older than `max_age_s`, then the oldest (or newest, per the policy)
         beyond `max_items`; both counted. One transaction."""
-        with self.conn:
+        with db.transaction(self.conn):
             cur = self.conn.execute(
                 "DELETE FROM outbox WHERE created < ?", (now - self.max_age_s,)
             )

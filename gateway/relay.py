@@ -135,20 +135,33 @@ def validate(cfg: UpstreamLike) -> None:
         raise ConfigError(
             "upstream.reconnect_min_s must be positive and not above upstream.reconnect_max_s"
         )
-    if (cfg.cert is None) != (cfg.key is None):
+    if not cfg.host:
+        raise ConfigError("upstream.host is empty: name the upstream broker")
+    cert, key = _opt(cfg.cert), _opt(cfg.key)
+    if (cert is None) != (key is None):
         raise ConfigError("upstream.cert and upstream.key go together: set both or neither")
-    if cfg.cert is not None and not cfg.tls:
-        raise ConfigError("upstream.cert is set but upstream.tls is false")
+    if (cert is not None or _opt(cfg.ca) is not None) and not cfg.tls:
+        raise ConfigError("upstream.ca/cert are set but upstream.tls is false")
+    for name in ("ca", "cert", "key"):
+        path = _opt(getattr(cfg, name))
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"upstream.{name}: no file {path}")
+
+
+def _opt(value: str | Path | None) -> str | None:
+    """Unset is None or "" (the configuration file's empty default)."""
+    return str(value) if value not in (None, "") else None
 
 
 def tls_context(cfg: UpstreamLike) -> ssl.SSLContext | None:
+    """None for plain MQTT; else server verification against `ca` (or the system's trust
+    store when unset) and the client certificate when `cert`/`key` are set."""
     if not cfg.tls:
         return None
-    ctx = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca) if cfg.ca is not None else None
-    )
-    if cfg.cert is not None and cfg.key is not None:
-        ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=_opt(cfg.ca))
+    cert, key = _opt(cfg.cert), _opt(cfg.key)
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(cert, key)
     return ctx
 
 
@@ -180,7 +193,8 @@ class Relay:
         publish_timeout_s: float = 15.0,
         keepalive_s: int = 30,
     ) -> None:
-        validate(cfg)
+        if cfg.enabled:
+            validate(cfg)
         self.db_path = Path(db_path)
         self.cfg = cfg
         self.inflight = max(1, inflight)
@@ -301,8 +315,8 @@ class Relay:
         return aiomqtt.Client(
             cfg.host,
             cfg.port,
-            username=cfg.username,
-            password=cfg.password,
+            username=_opt(cfg.username),
+            password=_opt(cfg.password),
             identifier=cfg.client_id,
             logger=mqtt_log,
             # The outbox is the session state: nothing needs to survive in the broker.

@@ -9,13 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import db
 from gateway.errors import ConfigError
 from gateway.outbox import Counters, Dropped, Outbox, OutboxItem, enqueue, migrate
 
 
 def open_db(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA journal_mode=WAL")
+    """A connection like the gateway's (gateway.db: WAL, explicit transactions)."""
+    conn = db.connect(path)
     migrate(conn)
     return conn
 
@@ -25,21 +26,21 @@ def item(n: int, created: float = 1000.0, device: str = "node-1") -> OutboxItem:
 
 
 def test_enqueue_joins_the_callers_transaction(tmp_path: Path) -> None:
-    db = tmp_path / "gw.db"
-    ingest = open_db(db)
+    path = tmp_path / "gw.db"
+    ingest = open_db(path)
     ingest.execute("CREATE TABLE readings (v INTEGER)")
-    ingest.commit()
-    box = Outbox(db)
+    box = Outbox(path)
     # Rolled back with the readings: neither the item nor its counter survive.
-    ingest.execute("INSERT INTO readings VALUES (1)")
-    assert enqueue(ingest, [item(0)]) == 1
-    assert box.depth() == 0  # not committed yet: invisible to another connection
-    ingest.rollback()
+    with pytest.raises(RuntimeError), db.transaction(ingest):
+        ingest.execute("INSERT INTO readings VALUES (1)")
+        assert enqueue(ingest, [item(0)]) == 1
+        assert box.depth() == 0  # not committed yet: invisible to another connection
+        raise RuntimeError("crash before commit")
     assert box.depth() == 0 and box.counters().enqueued == 0
     # Committed with the readings: both visible.
-    ingest.execute("INSERT INTO readings VALUES (2)")
-    enqueue(ingest, [item(1), item(2)])
-    ingest.commit()
+    with db.transaction(ingest):
+        ingest.execute("INSERT INTO readings VALUES (2)")
+        enqueue(ingest, [item(1), item(2)])
     assert box.depth() == 2 and box.counters().enqueued == 2
     assert [q.item for q in box.peek(10)] == [item(1), item(2)]
     box.close()
@@ -47,11 +48,19 @@ def test_enqueue_joins_the_callers_transaction(tmp_path: Path) -> None:
 
 
 def test_enqueue_does_not_commit(tmp_path: Path) -> None:
-    conn = open_db(tmp_path / "gw.db")
+    conn = sqlite3.connect(tmp_path / "gw.db")  # Python's implicit transactions
+    migrate(conn)
     enqueue(conn, [item(0)])
     assert conn.in_transaction
     conn.rollback()
     assert Outbox(conn).depth() == 0
+
+
+def test_migrate_is_versioned_and_idempotent(tmp_path: Path) -> None:
+    conn = open_db(tmp_path / "gw.db")
+    migrate(conn)
+    assert db.version(conn, "outbox") == 1
+    assert Outbox(conn).counters() == Counters(0, 0, 0, 0)
 
 
 def test_peek_in_order_delete_after_ack(tmp_path: Path) -> None:

@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 
+from gateway.config import UpstreamConfig
+from gateway.errors import ConfigError
 from gateway.formats import readings_payload
 from gateway.outbox import Outbox, OutboxItem
 from gateway.proto import SCHEMA_ENV3, Series
@@ -347,6 +350,38 @@ def test_bounds_hold_while_upstream_is_unreachable(tmp_path: Path) -> None:
         assert kept == [b"%06d" % i for i in range(100, 150)]  # the newest 50
 
     asyncio.run(main())
+
+
+def test_runs_from_the_gateway_configuration(
+    broker_factory: Callable[..., RunningBroker], tmp_path: Path
+) -> None:
+    upstream = broker_factory(tls=False)
+    db = tmp_path / "gw.db"
+    fill(db, 20)
+    cfg = UpstreamConfig(enabled=True, host="127.0.0.1", port=upstream.port, tls=False)
+
+    async def main() -> None:
+        async with collector(upstream) as got:
+            relay = Relay(db, cfg)
+            async with running(relay):
+                await until(lambda: outbox_state(db)[0] == 0 and len(got) >= 20, 20, "delivery")
+        assert got == [b"%06d" % i for i in range(20)]
+
+    asyncio.run(main())
+
+
+def test_bad_settings_name_the_key(tmp_path: Path) -> None:
+    def bad(**kw: Any) -> str:
+        with pytest.raises(ConfigError) as err:
+            Relay(tmp_path / "gw.db", settings(port=1883, **kw))
+        return str(err.value)
+
+    assert "upstream.format" in bad(format="xml")
+    assert "upstream.qos" in bad(qos=3)
+    assert "upstream.host" in bad(host="")
+    assert "upstream.cert and upstream.key" in bad(tls=True, cert=str(tmp_path / "c.pem"))
+    assert "upstream.ca: no file" in bad(tls=True, ca=str(tmp_path / "missing.pem"))
+    assert "upstream.reconnect_min_s" in bad(reconnect_min_s=5.0, reconnect_max_s=1.0)
 
 
 def test_disabled_relay_returns_at_once(tmp_path: Path) -> None:
