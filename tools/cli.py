@@ -18,6 +18,7 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "tools.sim.cli",
     "gateway.pki_cli",
     "gateway.cli",
+    "tools.fw.cli",
 )
 
 
