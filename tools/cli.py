@@ -16,6 +16,7 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "tools.proto.cli",
     "tools.bench.cli",
     "tools.sim.cli",
+    "tools.flash",
     "gateway.pki_cli",
     "gateway.cli",
     "tools.fw.cli",
