@@ -532,3 +532,58 @@ def record_report(conn: sqlite3.Connection, device: str, version: int,
         "config_version<=?",
         (DONE, now, str(version), device, proto.SHADOW_DELTA, version))
     return cur.rowcount
+
+
+def enqueue_fleet(
+    conn: sqlite3.Connection, devices: Sequence[str], op: str | int | proto.CommandOp,
+    args: Sequence[int] = (), priority: int = DEFAULT_PRIORITY,
+    ttl_s: float | None = DEFAULT_TTL_S, *, now: float | None = None,
+) -> int:
+    """The same command for many devices in one transaction (a fleet-wide ping, a time
+    sync): a handful of statements whatever the count. All or nothing: a full queue or an
+    unknown device refuses the whole call. Returns how many items were queued."""
+    now = time.time() if now is None else now
+    cop = parse_op(op)
+    args = tuple(_check_i32(f"argument {i + 1}", a) for i, a in enumerate(args))
+    if len(args) > MAX_ARGS:
+        raise QueueError(f"{len(args)} arguments: a command carries at most {MAX_ARGS}")
+    _check_common(priority, ttl_s)
+    devs = list(dict.fromkeys(devices))
+    with _atomic(conn):
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS fleet_batch (device TEXT PRIMARY KEY)")
+        conn.execute("DELETE FROM fleet_batch")
+        conn.executemany("INSERT INTO fleet_batch VALUES (?)", ((d,) for d in devs))
+        rows = conn.execute(
+            "SELECT b.device, d.class, d.status, n.next_id, (SELECT count(*) FROM downlink_items i"
+            " WHERE i.device=b.device AND i.status IN ('queued', 'sent')) FROM fleet_batch b "
+            "LEFT JOIN devices d ON d.id=b.device LEFT JOIN downlink_nodes n ON n.device=b.device"
+        ).fetchall()
+        conn.execute("DELETE FROM fleet_batch")
+        first = max(1, int(now) % U32)
+        items = []
+        nodes = []
+        for device, cls, status, next_id, active in rows:
+            if cls is None:
+                raise QueueError(f"no device {device!r} in the registry")
+            if status in ("revoked", "decommissioned"):
+                raise QueueError(f"device {device!r} is {status}: it will not connect again")
+            limits = proto.DEVICE_CLASSES[cls]
+            if active >= limits.max_downlink:
+                raise QueueFull(f"the downlink queue of {device} is full: {active} items, the "
+                                f"bound for class {cls} is {limits.max_downlink}")
+            cid = int(next_id) if next_id is not None else first
+            if next_id is not None and conn.execute(
+                    "SELECT 1 FROM downlink_items WHERE device=? AND command_id=?",
+                    (device, cid)).fetchone():
+                cid = _alloc_id(conn, device, now)
+            items.append((device, cid, proto.COMMAND, int(cop), ",".join(map(str, args)), b"",
+                          None, priority, now, None if ttl_s is None else now + ttl_s, QUEUED))
+            nodes.append((device, cid % (U32 - 1) + 1))
+        conn.executemany(
+            "INSERT INTO downlink_nodes(device, next_id) VALUES (?, ?) ON CONFLICT(device) "
+            "DO UPDATE SET next_id=excluded.next_id", nodes)
+        conn.executemany(
+            "INSERT INTO downlink_items(device, command_id, kind, op, args, data, config_version,"
+            " priority, created_at, expires_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            items)
+    return len(items)

@@ -239,3 +239,19 @@ def test_queue_invariants(tmp_path_factory: pytest.TempPathFactory,
         assert all(i.attempts <= 3 for i in items)
         assert all(i.retired_at is None for i in items if i.status in q.ACTIVE)
     c.close()
+
+
+def test_enqueue_fleet_is_all_or_nothing(conn: sqlite3.Connection) -> None:
+    registry.add(conn, "n2", now=T0)
+    first = q.enqueue_command(conn, "n1", "ping", now=T0)
+    assert q.enqueue_fleet(conn, ["n1", "n2", "m1"], "sync_time", [int(T0)], now=T0) == 3
+    assert q.enqueue_fleet(conn, ["n1", "n2"], "ping", now=T0) == 2
+    ids = [i.command_id for i in q.pending(conn, "n1")]
+    assert len(set(ids)) == 3 and ids[0] == first
+    with pytest.raises(q.QueueError, match="no device 'zz'"):
+        q.enqueue_fleet(conn, ["n2", "zz"], "ping", now=T0)
+    for _ in range(15):
+        q.enqueue_command(conn, "m1", "ping", now=T0)
+    with pytest.raises(q.QueueFull, match="m1 is full"):
+        q.enqueue_fleet(conn, ["n2", "m1"], "ping", now=T0)
+    assert len(q.pending(conn, "n2")) == 2
