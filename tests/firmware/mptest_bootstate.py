@@ -1,0 +1,360 @@
+# The bootloader's state record and slot API on a real littlefs image (boards/simflash.py):
+# state transitions, atomic saves under torn writes, install/resume/confirm, and every
+# refusal reason, each leaving the running slot and the state record as they were.
+# The manifests below are signed with RFC 8032's public test keys 1 and 2 (section 7.1),
+# so anyone can re-create them with `cryptography`; only key 1 is trusted (fleet_keys).
+import os
+import sys
+
+import bootstate
+import mpunit
+import simflash
+import slots
+import trusted_keys
+import vfs
+
+MNT = "/flash"
+CS = 64  # chunk size
+
+K1_ID = '21fe31df'
+K1_PUB = b'\xd7Z\x98\x01\x82\xb1\n\xb7\xd5K\xfe\xd3\xc9d\x07:\x0e\xe1r\xf3\xda\xa6#%\xaf\x02\x1ah\xf7\x07Q\x1a'
+K2_ID = '39f713d0'
+
+FILES = {"app.mpy": bytes(range(256)) * 2 + b"tail", "main.mpy": b"print('image main')\n" * 7}
+
+V1 = (
+    b'{"board":"sim","display":"1","files":[{"path":"app.mpy","sha256":"0eab4186793e884baf23a388179b63638b6cbbec858076a086b7c358b8cd8613","size":516},{"path":"main.mpy","sha256":"366f53cab229571993f91294f08aa1eb95ec350e25cae06132b9682568d81324","size":140}],"key_id":"21fe31df","min_bootloader":1,"version":1}',
+    b'HMm\x9eYx\xc5\t\xac\xbf\xcd\xb2\xf1\x96f\xbb\xed1\x9eG\xf1C\xeb\xe9\xe9Ux\xd0:\xe1\xdc%\xf6\xe3\xe9\xdc\xdaW\x9f\x15\x81\x10`\xe5\xf7\x1dV\xe6\xe0gH\xde\xcex\xc9&\xacy\x89\x0bP\x8b\xd2\x02',
+)
+V2 = (
+    b'{"board":"sim","display":"2","files":[{"path":"app.mpy","sha256":"0eab4186793e884baf23a388179b63638b6cbbec858076a086b7c358b8cd8613","size":516},{"path":"main.mpy","sha256":"366f53cab229571993f91294f08aa1eb95ec350e25cae06132b9682568d81324","size":140}],"key_id":"21fe31df","min_bootloader":1,"version":2}',
+    b'\xb3\x02\x88c\xc07\x87bfGn\x9b?\xc3\x12\xfa\x1f\xf8)Q%\xe9\x84\xd1u\x1f\xf6H\xb5\xaa\xfb\xec\xeaH1\x0f\xfcl\xa6\xdc\xb4H\x9c\x94\xac\x021\xd7\xc1\x86\xdfF\x92\x03\x8c\x83\x90\xc2JF\xe1\x1cL\x0f',
+)
+V3 = (
+    b'{"board":"sim","display":"3","files":[{"path":"app.mpy","sha256":"0eab4186793e884baf23a388179b63638b6cbbec858076a086b7c358b8cd8613","size":516},{"path":"main.mpy","sha256":"366f53cab229571993f91294f08aa1eb95ec350e25cae06132b9682568d81324","size":140}],"key_id":"21fe31df","min_bootloader":1,"version":3}',
+    b'M+JF\xf78\xbfI\xbdt\x8f\xbf\x91\xfa\xbd\xd6\xb2v8\xbckH\xcd\xf1v\xda\xa0\xb6\xa4\xa1\x8c\x95\xf2\xc4\xf6\x8b\xaa:\xa7\xe7T\x14\x81\x8c\xb5\xc8\xcbA\xe2n\xa4O!\xca\xa8\xb4\xf8y@\n\xb6\xdc\xb6\x02',
+)
+V2_K2 = (
+    b'{"board":"sim","display":"2","files":[{"path":"app.mpy","sha256":"0eab4186793e884baf23a388179b63638b6cbbec858076a086b7c358b8cd8613","size":516},{"path":"main.mpy","sha256":"366f53cab229571993f91294f08aa1eb95ec350e25cae06132b9682568d81324","size":140}],"key_id":"39f713d0","min_bootloader":1,"version":2}',
+    b'\x98\xe4\xf8Wh\xedu\x06\n\x18\x0e\xad\xa9"K\xcf\xdfcj\xb5S\xb3p3\x06\xcf\xaf\xb7E\xfd\xba\x9a\x8c\xcb\xef\x7fa\xdf\\8\xcd\xc8B\xac\x8e\xb1\xcc`8\x13\xa6\x18\x8d\x8c\xa91\\L\xef\xaf\xce\xa2\xd5\x07',
+)
+V2_ESP32 = (
+    b'{"board":"esp32","display":"2","files":[{"path":"app.mpy","sha256":"0eab4186793e884baf23a388179b63638b6cbbec858076a086b7c358b8cd8613","size":516},{"path":"main.mpy","sha256":"366f53cab229571993f91294f08aa1eb95ec350e25cae06132b9682568d81324","size":140}],"key_id":"21fe31df","min_bootloader":1,"version":2}',
+    b'@\xf3\xc8W\t\xe7i\xca\xed=r\x81\xa8\x00\x1aI\x9ffp\xe6\xbd\x05\xea\xe7,\x8a\x19\n\x11\x9b\x17&\xe6J\x8c\x03\xcb\x14\xc3\x7f\xa67T\xb5F\xa2\x86j\x9acHUY\xa5\xd0\x9f\xb2V\x8f\x9e\x1c|\xab\x0b',
+)
+V2_MB9 = (
+    b'{"board":"sim","display":"2","files":[{"path":"app.mpy","sha256":"0eab4186793e884baf23a388179b63638b6cbbec858076a086b7c358b8cd8613","size":516},{"path":"main.mpy","sha256":"366f53cab229571993f91294f08aa1eb95ec350e25cae06132b9682568d81324","size":140}],"key_id":"21fe31df","min_bootloader":9,"version":2}',
+    b"'\x83W\x1e\x16\x90\xd4]IJ\x98\xe2\xb2\xb4\x90FjQ*\xbb4\xac\x8f\xa3\x8ae\x91d\xf1\xaf\xf1\xdb\xe1p\xffN\xcd\xacV\x89\xea\x144\xebh`a\xff\xdb\xb8\x85\xc7^\xd5=\xcf\x03;\xca\xcf\xf6\xe8\xa3\x04",
+)
+KEYLIST_K2 = (
+    b'{"key_id":"21fe31df","keys":{"39f713d0":"3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"},"seq":1}',
+    b'\xd7\xa9\xe66e\x068\xc04n6\x9f\xe8h\x9b\x8d\xb1\x12\x93nz\xde*9)\xd58u\x99\x1dk\x901kZ\x92du\x86r\x99Ko\xe7\xd6\xa8\x84\xc0\x08\xf2\x9e7a\xdf*\xc3i\xd9c\x0b\xea\xbf\xfc\x04',
+)
+KEYLIST_BY_K2 = (
+    b'{"key_id":"21fe31df","keys":{"21fe31df":"d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"},"seq":1}',
+    b"Rc\xfb|\xad\xda\xc6\x8fA\x12'\x10j\x93\xf4\xf7\x04\xb6\x7fHj\x1e\x97\xde\xaeN\xca\x06\xeb\xe0\x1f\x98\xbco\xd0\xc0\xce`\xb1t\xd6\x94~\xadK\x16]SA\x1dH\xfb\xfe\xba\xedl\xf4U/\xf2\xfa\xbf\xdc\t",
+)
+
+
+def stream():
+    # The OTA stream: the manifest's files (sorted by path) back to back.
+    return FILES["app.mpy"] + FILES["main.mpy"]
+
+
+def _rm(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def fresh(name="img.bin"):
+    try:
+        vfs.umount(MNT)
+    except OSError:
+        pass
+    tmp = mpunit.tmpdir()
+    _rm(tmp + "/" + name)
+    with open(tmp + "/fleet_keys.py", "w") as f:
+        f.write("KEYS = {%r: %r}\n" % (K1_ID, K1_PUB))
+    if tmp not in sys.path:
+        sys.path.insert(0, tmp)
+    bdev = simflash.mount(tmp + "/" + name, MNT, 4096, 64)
+    slots.configure(MNT, "sim")
+    bootstate.booted = None
+    return bdev
+
+
+def remount(name="img.bin"):
+    vfs.umount(MNT)
+    bdev = simflash.mount(mpunit.tmpdir() + "/" + name, MNT, 4096, 64)
+    slots.configure(MNT, "sim")
+    return bdev
+
+
+def provision(slot, signed):
+    # What `torpor fw install` does: the slot's files, then a confirmed state record.
+    d = MNT + "/slots"
+    for p in (d, d + "/" + slot):
+        try:
+            os.mkdir(p)
+        except OSError:
+            pass
+    d += "/" + slot
+    for n in FILES:
+        with open(d + "/" + n, "wb") as f:
+            f.write(FILES[n])
+    with open(d + "/manifest.json", "wb") as f:
+        f.write(signed[0])
+    with open(d + "/manifest.sig", "wb") as f:
+        f.write(signed[1])
+    import json
+
+    v = json.loads(signed[0])["version"]
+    bootstate.save(MNT, bootstate.new(slot, v))
+
+
+def download(signed, order=None, data=None):
+    got, n = slots.begin(signed[0], signed[1], CS)
+    s = data if data is not None else stream()
+    for i in order if order is not None else range(n):
+        slots.write_chunk(i, s[i * CS:(i + 1) * CS])
+    return n
+
+
+def snapshot():
+    # The running slot's bytes and the state record: what no refusal may change.
+    out = []
+    for n in sorted(os.listdir(MNT + "/slots/a")):
+        with open(MNT + "/slots/a/" + n, "rb") as f:
+            out.append((n, f.read()))
+    with open(MNT + "/boot/state.json") as f:
+        out.append(f.read())
+    return out
+
+
+def refused(reason, fn, *args):
+    e = mpunit.raises(slots.Refused, fn, *args)
+    mpunit.eq(e.reason, reason, "detail: %s" % e.detail)
+    return e
+
+
+# ---- tests ----
+
+def test_enums_match_the_protocol():
+    import proto
+
+    for name in ("IDLE", "TRIAL", "CONFIRMED", "REVERTED"):
+        mpunit.eq(getattr(bootstate, name), getattr(proto, "OTA_STATE_" + name))
+    for name in ("NONE", "BAD_SIGNATURE", "UNKNOWN_KEY", "BAD_HASH", "MISSING_FILE",
+                 "WRONG_BOARD", "DOWNGRADE", "TRUNCATED", "HEALTH_CHECK", "CRASHED",
+                 "NO_SPACE", "BAD_MANIFEST"):
+        mpunit.eq(getattr(bootstate, name), getattr(proto, "OTA_REASON_" + name), name)
+
+
+def test_state_transitions():
+    POWER_ON, WATCHDOG, CRASH, TIMER = 0, 2, 3, 1
+    st = bootstate.new("a", 1)
+    assert not bootstate.confirm(st)
+    bootstate.set_trial(st, "b", 2)
+    mpunit.eq((st["trial"], st["tver"], st["ota"]), ("b", 2, bootstate.TRIAL))
+    mpunit.eq(bootstate.trial_verdict(st, POWER_ON), bootstate.NONE)
+    # A crash cause before the first trial boot is the old image's, not the trial's.
+    mpunit.eq(bootstate.trial_verdict(st, CRASH), bootstate.NONE)
+    bootstate.count_trial_boot(st)
+    mpunit.eq(bootstate.trial_verdict(st, TIMER), bootstate.HEALTH_CHECK)
+    mpunit.eq(bootstate.trial_verdict(st, POWER_ON), bootstate.HEALTH_CHECK)
+    mpunit.eq(bootstate.trial_verdict(st, CRASH), bootstate.CRASHED)
+    mpunit.eq(bootstate.trial_verdict(st, WATCHDOG), bootstate.CRASHED)
+    r = dict(st)
+    bootstate.revert(r, bootstate.CRASHED)
+    mpunit.eq((r["active"], r["ver"], r["floor"], r["trial"]), ("a", 1, 1, ""))
+    mpunit.eq((r["ota"], r["reason"], r["rver"]), (bootstate.REVERTED, bootstate.CRASHED, 2))
+    bootstate.set_trial(st, "b", 2, 3)
+    bootstate.count_trial_boot(st)
+    bootstate.count_trial_boot(st)
+    mpunit.eq(bootstate.trial_verdict(st, POWER_ON), bootstate.NONE)
+    assert bootstate.confirm(st)
+    mpunit.eq((st["active"], st["ver"], st["floor"], st["trial"], st["ota"]), ("b", 2, 2, "", bootstate.CONFIRMED))
+    bootstate.clear_report(st)
+    mpunit.eq((st["ota"], st["reason"]), (bootstate.IDLE, bootstate.NONE))
+
+
+def test_state_record_survives_torn_saves():
+    fresh()
+    bootstate.save(MNT, bootstate.new("a", 1))
+    mpunit.eq(bootstate.load(MNT)["seq"], 1)
+    # A leftover temporary file (a save cut before its rename) is ignored and removed.
+    with open(MNT + "/boot/state.tmp", "w") as f:
+        f.write('{"active": "b"')
+    mpunit.eq(bootstate.load(MNT)["active"], "a")
+    assert "state.tmp" not in os.listdir(MNT + "/boot")
+    # Cut the flash at every write of a save in turn: after a remount the record is the
+    # old one or the new one, whole.
+    cuts = 0
+    for n in range(200):
+        st = bootstate.load(MNT)
+        old = st["seq"]
+        st["trial"] = "b" if st["trial"] == "" else ""
+        st["tver"] = 7 if st["trial"] else 0
+        bdev = remount()
+        bdev.tear_after(n, n + 1)
+        try:
+            bootstate.save(MNT, st)
+            done = True
+        except (simflash.PowerCut, OSError):
+            # littlefs may turn the cut into its own error code: only a cut may fail.
+            if not bdev.dead:
+                raise
+            done = False
+            cuts += 1
+        bdev.dead = True  # nothing after the cut reaches flash
+        remount()
+        got = bootstate.load(MNT)
+        assert got is not None, "record lost after a cut at write %d" % n
+        assert got["seq"] in (old, old + 1), (got["seq"], old)
+        if got["seq"] == old + 1:
+            mpunit.eq(got["trial"], st["trial"])
+        if done:
+            break
+    assert cuts >= 2, cuts
+    # An unreadable record reads as none: the bootloader then recovers from the slots.
+    with open(MNT + "/boot/state.json", "w") as f:
+        f.write("{not json")
+    mpunit.eq(bootstate.load(MNT), None)
+
+
+def test_install_confirm_and_resume():
+    fresh()
+    provision("a", V1)
+    got, n = slots.begin(V2[0], V2[1], CS)
+    mpunit.eq(got, 0)
+    s = stream()
+    mpunit.eq(n, (len(s) + CS - 1) // CS)
+    # Out of order, with a repeat, then a reboot half-way: the map in flash resumes it.
+    for i in range(n - 1, n // 2, -1):
+        slots.write_chunk(i, s[i * CS:(i + 1) * CS])
+    slots.write_chunk(n - 1, s[(n - 1) * CS:])
+    remount()
+    got, n2 = slots.begin(V2[0], V2[1], CS)
+    mpunit.eq((got, n2), (n - 1 - n // 2, n))
+    mpunit.eq(slots.missing(), 0)
+    for i in range(n // 2 + 1):
+        slots.write_chunk(i, s[i * CS:(i + 1) * CS])
+    mpunit.eq(slots.missing(), -1)
+    mpunit.eq(slots.finish(), 2)
+    mpunit.eq(slots.set_trial(), 2)
+    st = bootstate.load(MNT)
+    mpunit.eq((st["active"], st["trial"], st["tver"], st["ota"]), ("a", "b", 2, bootstate.TRIAL))
+    mpunit.eq(slots.status(), (bootstate.TRIAL, bootstate.NONE, 2))
+    # No second update while one is on trial; the trial slot is not written.
+    refused(bootstate.NONE, slots.begin, V3[0], V3[1], CS)
+    bootstate.booted = ("b", 2, True)
+    assert slots.confirm()
+    st = bootstate.load(MNT)
+    mpunit.eq((st["active"], st["ver"], st["floor"], st["trial"]), ("b", 2, 2, ""))
+    mpunit.eq(slots.status(), (bootstate.CONFIRMED, bootstate.NONE, 2))
+    slots.clear_report()
+    mpunit.eq(slots.status()[0], bootstate.IDLE)
+    assert not slots.confirm()
+    # The next update goes to slot a, the one not running.
+    download(V3)
+    mpunit.eq(slots.finish(), 3)
+    mpunit.eq(slots.set_trial(), 3)
+    mpunit.eq(bootstate.load(MNT)["trial"], "a")
+
+
+def test_refusals_leave_the_running_slot_alone():
+    fresh()
+    provision("a", V1)
+    before = snapshot()
+    bad_sig = bytearray(V2[1])
+    bad_sig[5] ^= 1
+    refused(bootstate.BAD_SIGNATURE, slots.begin, V2[0], bytes(bad_sig), CS)
+    bad_man = bytearray(V2[0])
+    bad_man[bad_man.find(b'"version":2')+10] = ord("9")
+    refused(bootstate.BAD_SIGNATURE, slots.begin, bytes(bad_man), V2[1], CS)
+    refused(bootstate.UNKNOWN_KEY, slots.begin, V2_K2[0], V2_K2[1], CS)
+    refused(bootstate.WRONG_BOARD, slots.begin, V2_ESP32[0], V2_ESP32[1], CS)
+    refused(bootstate.BAD_MANIFEST, slots.begin, V2_MB9[0], V2_MB9[1], CS)
+    refused(bootstate.BAD_MANIFEST, slots.begin, b"{}", V2[1], CS)
+    refused(bootstate.DOWNGRADE, slots.begin, V1[0], V1[1], CS)  # the running version again
+    mpunit.eq(snapshot(), before)
+    # Truncated chunk stream: a short chunk, an index past the end, a missing chunk.
+    n = (len(stream()) + CS - 1) // CS
+    slots.begin(V2[0], V2[1], CS)
+    refused(bootstate.TRUNCATED, slots.write_chunk, 0, stream()[:CS - 1])
+    refused(bootstate.TRUNCATED, slots.write_chunk, n, b"x")
+    download(V2, order=range(n - 1))
+    refused(bootstate.TRUNCATED, slots.finish)
+    refused(bootstate.BAD_HASH, slots.set_trial)  # main.mpy is short of its last chunk
+    # Tampered data: every chunk arrives, the hash does not match.
+    s = bytearray(stream())
+    s[100] ^= 0xFF
+    slots.configure(MNT, "sim")
+    _rm(MNT + "/slots/b/.chunks")
+    download(V2, data=bytes(s))
+    refused(bootstate.BAD_HASH, slots.finish)
+    refused(bootstate.BAD_HASH, slots.set_trial)
+    # A file that disappears between finish and set_trial.
+    slots.configure(MNT, "sim")
+    _rm(MNT + "/slots/b/.chunks")
+    download(V2)
+    mpunit.eq(slots.finish(), 2)
+    os.remove(MNT + "/slots/b/main.mpy")
+    slots.configure(MNT, "sim")
+    refused(bootstate.MISSING_FILE, slots.set_trial)
+    mpunit.eq(snapshot(), before)
+    mpunit.eq(slots.check(MNT, "a", True)[0], bootstate.NONE)
+    mpunit.eq(bootstate.load(MNT)["trial"], "")
+
+
+def test_replayed_older_manifest_after_an_update():
+    fresh()
+    provision("a", V1)
+    download(V3)
+    slots.finish()
+    slots.set_trial()
+    bootstate.booted = ("b", 3, True)
+    assert slots.confirm()
+    before = bootstate.load(MNT)
+    # v2 is newer than what ran before, but older than the floor (3): refused.
+    refused(bootstate.DOWNGRADE, slots.begin, V2[0], V2[1], CS)
+    refused(bootstate.DOWNGRADE, slots.begin, V3[0], V3[1], CS)
+    mpunit.eq(bootstate.load(MNT), before)
+
+
+def test_no_space():
+    fresh()
+    provision("a", V1)
+    # Fill the flash so that the image cannot fit next to the running one.
+    with open(MNT + "/fill", "wb") as f:
+        blk = b"\x00" * 4096
+        while os.statvfs(MNT)[3] > 6:
+            f.write(blk)
+            f.flush()
+    refused(bootstate.NO_SPACE, slots.begin, V2[0], V2[1], CS)
+    mpunit.eq(slots.check(MNT, "a", True)[0], bootstate.NONE)
+
+
+def test_key_list_update_adds_and_retires_keys():
+    fresh()
+    provision("a", V1)
+    mpunit.eq(list(trusted_keys.keys(MNT)), [K1_ID])
+    # A list naming key 1 as its signer but signed by key 2 (not trusted yet).
+    mpunit.eq(trusted_keys.update(MNT, KEYLIST_BY_K2[0], KEYLIST_BY_K2[1]), bootstate.BAD_SIGNATURE)
+    sig = bytearray(KEYLIST_K2[1])
+    sig[0] ^= 1
+    mpunit.eq(trusted_keys.update(MNT, KEYLIST_K2[0], bytes(sig)), bootstate.BAD_SIGNATURE)
+    mpunit.eq(trusted_keys.update(MNT, b"[1]", KEYLIST_K2[1]), bootstate.BAD_MANIFEST)
+    mpunit.eq(trusted_keys.update(MNT, KEYLIST_K2[0], KEYLIST_K2[1]), bootstate.NONE)
+    mpunit.eq(list(trusted_keys.keys(MNT)), [K2_ID])
+    # The same list again is refused: its signer is retired now (and its seq is not newer).
+    mpunit.eq(trusted_keys.update(MNT, KEYLIST_K2[0], KEYLIST_K2[1]), bootstate.UNKNOWN_KEY)
+    # Key 1 is retired: its manifests are refused; key 2's are taken.
+    refused(bootstate.UNKNOWN_KEY, slots.begin, V2[0], V2[1], CS)
+    download(V2_K2)
+    mpunit.eq(slots.finish(), 2)
+    # The running image (signed by the retired key) no longer checks out, by design: a
+    # rotation ships a re-signed image before retiring the old key (docs/bootloader.md).
+    mpunit.eq(slots.check(MNT, "a", False)[0], bootstate.UNKNOWN_KEY)
