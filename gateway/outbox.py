@@ -120,7 +120,7 @@ class Outbox:
         self,
         db: sqlite3.Connection | str | Path,
         *,
-        max_items: int = 100_000,
+        max_items: int = 1_000_000,
         max_age_s: float = 7 * 86400.0,
         drop_policy: str = "oldest",
     ) -> None:

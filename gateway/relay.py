@@ -99,15 +99,15 @@ class UpstreamSettings:
     key: str | Path | None = None
     username: str | None = None
     password: str | None = None
-    client_id: str = "torpor-gateway"
-    topic_readings: str = "torpor/{device}/readings/{kind}"
-    topic_events: str = "torpor/{device}/events/{kind}"
+    client_id: str = "torpor-relay"
+    topic_readings: str = "torpor/{device}/readings"
+    topic_events: str = "torpor/{device}/events"
     format: str = "json"
     qos: int = 1
-    outbox_max_items: int = 100_000
+    outbox_max_items: int = 1_000_000
     outbox_max_age_s: float = 7 * 86400.0
     drop_policy: str = "oldest"
-    reconnect_min_s: float = 1.0
+    reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
 
 
