@@ -1,0 +1,569 @@
+"""`torpor bench gateway`: end-to-end gateway figures against baselines from the same run.
+
+Everything runs on loopback and is started here in a temporary folder: a fleet PKI with
+one certificate per simulated node, Mosquitto with the gateway's rendered mutual-TLS
+configuration, a plain Mosquitto standing in for the upstream broker, and the gateway
+itself as a `torpor gateway run --config ...` process with the upstream relay on. The
+load comes from other processes (tools.bench.loadgen), one mTLS connection per node.
+
+Figures (docs/benchmarks.md says what each one means):
+- throughput: readings committed to SQLite AND acknowledged by the upstream broker (the
+  outbox drained) per second, against a bare aiomqtt subscriber counting the same frames;
+- latency at a fixed offered rate: publish -> ACK at the node, publish -> upstream copy;
+- wake sessions (connect, HELLO, BURST, ACK, SLEEP_NOW, disconnect) against bare mTLS
+  connect + CONNACK + disconnect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sqlite3
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tools.bench.loadgen import Identity, WorkerSpec, worker
+
+ROOT = Path(__file__).resolve().parents[2]
+READINGS_PER_BURST = 64
+WAKE_INTERVAL_S = 300.0
+START_TIMEOUT_S = 20.0
+_SPAWN = mp.get_context("spawn")
+
+TARGETS = {
+    "ingest_readings_per_s": ">= 100000",
+    "ratio_to_bare": ">= 0.5",
+    "latency_p99_ms": "< 10",
+    "session_ratio": ">= 0.6",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Scale:
+    devices: int = 200
+    frames_per_device: int = 40
+    window: int = 8
+    workers: int = 2
+    latency_devices: int = 50
+    latency_rate_readings_per_s: float = 5000.0
+    latency_duration_s: float = 5.0
+    session_concurrency: int = 8
+    session_duration_s: float = 4.0
+    phase_deadline_s: float = 120.0
+
+
+QUICK = Scale(devices=8, frames_per_device=6, workers=1, latency_devices=4,
+              latency_duration_s=1.0, session_concurrency=2, session_duration_s=0.8,
+              phase_deadline_s=30.0)
+
+
+class BenchError(Exception):
+    """The benchmark could not run (a part did not start, a phase did not finish)."""
+
+
+# --- processes we start -----------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Mosquitto:
+    """One mosquitto child: the gateway's mTLS configuration, or plain MQTT (upstream)."""
+
+    def __init__(self, folder: Path, pki: Any | None) -> None:
+        self.folder = folder
+        self.pki = pki
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = folder / "mosquitto.log"
+
+    def start(self) -> None:
+        from gateway import broker as gwbroker
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.pki is not None:
+            settings = gwbroker.BrokerSettings(host="127.0.0.1", port=self.port, dynsec_plugin=None)
+            conf = gwbroker.write_config(settings, self.pki, self.folder)
+        else:
+            conf = self.folder / "mosquitto.conf"
+            conf.write_text(
+                f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                "max_queued_messages 100000\nset_tcp_nodelay true\nlog_dest stderr\n"
+                "log_type error\nlog_type warning\n"
+            )
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([gwbroker.find_mosquitto(), "-c", str(conf)],
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
+            try:
+                if self._probe() == 0:
+                    return
+            except (OSError, ssl.SSLError, ConnectionError):
+                pass
+            time.sleep(0.05)
+        raise BenchError("mosquitto did not accept a connection in time")
+
+    def _probe(self) -> int:
+        import socket
+
+        from gateway import broker as gwbroker
+
+        if self.pki is not None:
+            return gwbroker.mqtt_probe("127.0.0.1", self.port,
+                                       gwbroker.client_ssl_context(self.pki), 2.0)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as s:
+            s.sendall(gwbroker._connect_packet(f"probe-{time.monotonic_ns()}"))
+            ack = s.recv(4)
+            return ack[3] if len(ack) == 4 else -1
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Gateway:
+    """`torpor gateway run --config` as a child process (optionally under cProfile)."""
+
+    def __init__(self, folder: Path, broker: Mosquitto, upstream: Mosquitto,
+                 profile: Path | None = None) -> None:
+        assert broker.pki is not None
+        self.folder = folder
+        self.db_path = folder / "data" / "gateway.db"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config = folder / "gateway.toml"
+        self.config.write_text(
+            f'[gateway]\ndata_dir = "{folder / "data"}"\nstatus_interval_s = 0.5\n'
+            'log_level = "warning"\n'
+            f'[broker]\nmode = "external"\nhost = "127.0.0.1"\nport = {broker.port}\n'
+            f'pki_dir = "{broker.pki.path}"\n'
+            # The benchmark's nodes send far faster than a real one may.
+            '[ingest]\nrate_limit_frames_per_min = 1000000\n'
+            f'[upstream]\nenabled = true\nhost = "127.0.0.1"\nport = {upstream.port}\n'
+            'tls = false\nclient_id = "torpor-bench-relay"\n'
+        )
+        self.profile = profile
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = folder / "gateway.log"
+
+    def start(self) -> None:
+        cmd = [sys.executable]
+        if self.profile is not None:
+            cmd += ["-m", "cProfile", "-o", str(self.profile)]
+        cmd += ["-m", "tools.cli", "gateway", "run", "--config", str(self.config)]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, cwd=ROOT,
+                                         stdin=subprocess.DEVNULL)
+        from gateway import db
+        from gateway.service import read_status
+
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the gateway exited: {self.log.read_text()[-2000:]}")
+            conn = db.connect(self.db_path, readonly=True)
+            try:
+                st = read_status(conn)
+                if st.running and st.detail.get("mqtt_connected") and st.detail.get("relay_connected"):
+                    return
+            except sqlite3.Error:
+                pass
+            finally:
+                conn.close()
+            time.sleep(0.05)
+        raise BenchError(f"the gateway did not come up: {self.log.read_text()[-2000:]}")
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Progress:
+    """Readings committed and outbox depth, read from the gateway's database."""
+
+    def __init__(self, db_path: Path) -> None:
+        from gateway import db
+
+        self.conn = db.connect(db_path, readonly=True)
+
+    def read(self) -> tuple[int, int]:
+        from gateway import readings
+
+        total = readings.total(self.conn)
+        depth = int(self.conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        return total, depth
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# --- the load processes -----------------------------------------------------------------
+
+def _run_workers(specs: list[WorkerSpec], deadline_s: float,
+                 extra: list[tuple[Any, ...]] | None = None,
+                 on_go: Any = None) -> tuple[list[dict[str, Any]], Any]:
+    """Start one process per spec (and `extra` (target, args) processes that put one
+    ready message and one result), wait until all are ready, start them together, and
+    collect their results. `on_go()` runs right after the start signal, in this process,
+    and its value is returned."""
+    ready = _SPAWN.Queue()
+    results = _SPAWN.Queue()
+    go = _SPAWN.Event()
+    procs = [_SPAWN.Process(target=worker, args=(s, ready, go, results), daemon=True)
+             for s in specs]
+    for target, *args in extra or []:
+        procs.append(_SPAWN.Process(target=target, args=(*args, ready, go, results), daemon=True))
+    for proc in procs:
+        proc.start()
+    try:
+        deadline = time.monotonic() + deadline_s
+        for _ in procs:
+            kind, detail = ready.get(timeout=max(0.1, deadline - time.monotonic()))
+            if kind != "ready":
+                raise BenchError(f"a load process failed to start: {detail}")
+        go.set()
+        observed = on_go() if on_go is not None else None
+        out = [results.get(timeout=max(0.1, deadline - time.monotonic())) for _ in procs]
+    except Exception as exc:
+        if isinstance(exc, BenchError):
+            raise
+        raise BenchError(f"load processes did not finish: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+    for r in out:
+        if "error" in r:
+            raise BenchError(f"a load process failed: {r['error']}")
+    return out, observed
+
+
+def bare_subscriber(host: str, port: int, ca: str, cert: str, key: str, expected: int,
+                    deadline_s: float, ready: Any, go: Any, results: Any) -> None:
+    """The baseline: an aiomqtt client with the gateway's identity and client settings
+    that subscribes to every node's up topic at QoS 1 and only counts frames."""
+    import aiomqtt
+
+    async def main() -> dict[str, Any]:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        ctx.load_cert_chain(cert, key)
+        async with aiomqtt.Client(host, port, identifier="torpor-bench-bare", tls_context=ctx,
+                                  keepalive=30, max_inflight_messages=200) as client:
+            await client.subscribe("torpor/+/up", qos=1)
+            ready.put(("ready", 1))
+            count = 0
+            last = 0.0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline_s):
+                    async for message in client.messages:
+                        if isinstance(message.payload, bytes | bytearray):
+                            count += 1
+                            last = time.monotonic()
+                            if count >= expected:
+                                break
+            return {"frames": count, "t_last": last}
+
+    try:
+        results.put(asyncio.run(main()))
+    except BaseException as exc:  # reported to the parent
+        ready.put(("error", f"{type(exc).__name__}: {exc}"))
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _split(items: list[Identity], n: int) -> list[tuple[Identity, ...]]:
+    n = max(1, min(n, len(items)))
+    return [tuple(items[k::n]) for k in range(n)]
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000, 2)
+
+
+# --- the benchmark ----------------------------------------------------------------------
+
+def measure(scale: Scale = Scale(), workdir: Path | None = None,
+            profile: Path | None = None) -> dict[str, Any]:
+    from gateway import db, registry
+    from gateway.pki import Pki
+
+    owned = workdir is None
+    tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-gw-")) if workdir is None else workdir
+    fig: dict[str, Any] = {}
+    broker: Mosquitto | None = None
+    upstream: Mosquitto | None = None
+    gw: Gateway | None = None
+    try:
+        t_setup = time.monotonic()
+        pki = Pki(tmp / "pki")
+        pki.init_ca()
+        pki.issue_server(["localhost", "127.0.0.1"])
+        pki.issue_gateway()
+        names = [f"bench-{i:04d}" for i in range(scale.devices)]
+        idents = []
+        for name in names:
+            creds = pki.issue_device(name)
+            idents.append(Identity(name, str(creds.cert_pem), str(creds.key_pem)))
+        broker = Mosquitto(tmp / "broker", pki)
+        broker.start()
+        upstream = Mosquitto(tmp / "upstream", None)
+        upstream.start()
+        gw = Gateway(tmp / "gateway", broker, upstream, profile)
+        conn = db.open_db(gw.db_path)
+        try:
+            for name in names:
+                registry.add(conn, name)
+        finally:
+            conn.close()
+        fig["setup_s"] = round(time.monotonic() - t_setup, 2)
+        ca = str(pki.ca_pem)
+        base = {"host": "127.0.0.1", "port": broker.port, "ca": ca,
+                "deadline_s": scale.phase_deadline_s}
+        shares = _split(idents, scale.workers)
+        expected_frames = scale.devices * scale.frames_per_device
+        fig["devices"] = scale.devices
+        fig["frames_per_run"] = expected_frames
+        fig["readings_per_frame"] = READINGS_PER_BURST
+
+        # 1. the bare subscriber, before the gateway ever connects (its persistent
+        #    session would otherwise queue these frames for it).
+        specs = [WorkerSpec("burst", devices=s, frames=scale.frames_per_device,
+                            window=scale.window, **base) for s in shares]  # type: ignore[arg-type]
+        gwc = pki.gateway
+        bare = (bare_subscriber, "127.0.0.1", broker.port, ca, str(gwc.cert_pem),
+                str(gwc.key_pem), expected_frames, scale.phase_deadline_s)
+        cpu0 = _cpu_s(broker.pid)
+        out, _ = _run_workers(specs, scale.phase_deadline_s + 10, extra=[bare])
+        # results come in finishing order; the subscriber's is the one with `t_last`
+        gens = [r for r in out if "t_last" not in r]
+        sub = next(r for r in out if "t_last" in r)
+        t0 = min(g["t_start"] for g in gens)
+        sent = sum(g["frames"] for g in gens)
+        if sub["frames"] < sent:
+            raise BenchError(f"the bare subscriber saw {sub['frames']} of {sent} frames")
+        fig["bare_subscriber_frames_per_s"] = round(sub["frames"] / (sub["t_last"] - t0), 1)
+        fig["loadgen_frames_per_s"] = round(
+            sent / (max(g["t_end"] for g in gens) - t0), 1)
+        fig["broker_cpu_s_bare"] = round(_cpu_s(broker.pid) - cpu0, 2)
+
+        # 2. the gateway: committed AND relayed upstream
+        gw.start()
+        progress = Progress(gw.db_path)
+        try:
+            before, _ = progress.read()
+            cpu_gw0, cpu_b0, cpu_u0 = _cpu_s(gw.pid), _cpu_s(broker.pid), _cpu_s(upstream.pid)
+            want = before + expected_frames * READINGS_PER_BURST
+
+            def watch() -> tuple[float, int, int]:
+                deadline = time.monotonic() + scale.phase_deadline_s
+                total, depth = before, 0
+                while time.monotonic() < deadline:
+                    total, depth = progress.read()
+                    if total >= want and depth == 0:
+                        return time.monotonic(), total, depth
+                    time.sleep(0.01)
+                return 0.0, total, depth
+
+            out, (t_done, total, depth) = _run_workers(specs, scale.phase_deadline_s + 10,
+                                                      on_go=watch)
+            sent = sum(g["frames"] for g in out)
+            if not t_done or sent != expected_frames:
+                raise BenchError(
+                    f"the gateway stored {total - before} of {sent * READINGS_PER_BURST} readings "
+                    f"(outbox depth {depth}) within {scale.phase_deadline_s:.0f}s")
+            t0 = min(g["t_start"] for g in out)
+            elapsed = t_done - t0
+            fig["ingest_frames_per_s"] = round(sent / elapsed, 1)
+            fig["ingest_readings_per_s"] = round(sent * READINGS_PER_BURST / elapsed)
+            fig["ratio_to_bare"] = round(
+                fig["ingest_frames_per_s"] / fig["bare_subscriber_frames_per_s"], 3)
+            fig["acks_at_nodes"] = sum(g["acks"] for g in out)
+            fig["gateway_cpu_s"] = round(_cpu_s(gw.pid) - cpu_gw0, 2)
+            fig["broker_cpu_s"] = round(_cpu_s(broker.pid) - cpu_b0, 2)
+            fig["upstream_broker_cpu_s"] = round(_cpu_s(upstream.pid) - cpu_u0, 2)
+            fig["ingest_elapsed_s"] = round(elapsed, 2)
+            next_id: dict[str, int] = {}
+            for g in out:
+                next_id.update(g["next_id"])
+
+            # 3. latency at a fixed offered rate
+            lat_devs = idents[:scale.latency_devices]
+            rate = scale.latency_rate_readings_per_s / READINGS_PER_BURST
+            spec = WorkerSpec("paced", devices=tuple(lat_devs), rate=rate,
+                              duration_s=scale.latency_duration_s, upstream_port=upstream.port,
+                              next_id={d.device: next_id[d.device] for d in lat_devs},
+                              **base)  # type: ignore[arg-type]
+            (lat,), _ = _run_workers([spec], scale.phase_deadline_s + 10)
+            next_id.update(lat["next_id"])
+            acks, ups = lat["ack_latency_s"], lat["upstream_latency_s"]
+            fig["latency_offered_readings_per_s"] = scale.latency_rate_readings_per_s
+            fig["latency_samples"] = len(acks)
+            fig["latency_frames_sent"] = lat["frames"]
+            fig["latency_p50_ms"] = _ms(_pct(acks, 0.5))
+            fig["latency_p99_ms"] = _ms(_pct(acks, 0.99))
+            fig["latency_max_ms"] = _ms(max(acks) if acks else None)
+            fig["upstream_latency_samples"] = len(ups)
+            fig["upstream_latency_p50_ms"] = _ms(_pct(ups, 0.5))
+            fig["upstream_latency_p99_ms"] = _ms(_pct(ups, 0.99))
+
+            # 4. wake sessions against bare handshakes, same concurrency and duration
+            per_worker = max(1, scale.session_concurrency // len(shares))
+            cpu_b0 = _cpu_s(broker.pid)
+            hs_specs = [WorkerSpec("handshake", devices=s, concurrency=per_worker,
+                                   duration_s=scale.session_duration_s, **base)  # type: ignore[arg-type]
+                        for s in shares]
+            hs, _ = _run_workers(hs_specs, scale.phase_deadline_s + 10)
+            cpu_hs = _cpu_s(broker.pid) - cpu_b0
+            n_hs = sum(r["count"] for r in hs)
+            fig["bare_handshakes_per_s"] = round(
+                n_hs / (max(r["t_end"] for r in hs) - min(r["t_start"] for r in hs)), 1)
+            fig["broker_cpu_ms_per_handshake"] = round(1000 * cpu_hs / n_hs, 2) if n_hs else None
+            se_specs = [WorkerSpec("session", devices=s, concurrency=per_worker,
+                                   duration_s=scale.session_duration_s,
+                                   next_id={d.device: next_id[d.device] for d in s},
+                                   **base)  # type: ignore[arg-type]
+                        for s in shares]
+            se, _ = _run_workers(se_specs, scale.phase_deadline_s + 10)
+            n_se = sum(r["count"] for r in se)
+            fig["sessions_per_s"] = round(
+                n_se / (max(r["t_end"] for r in se) - min(r["t_start"] for r in se)), 1)
+            fig["session_ratio"] = (round(fig["sessions_per_s"] / fig["bare_handshakes_per_s"], 3)
+                                    if fig["bare_handshakes_per_s"] else None)
+            durations = [d for r in se for d in r["durations_s"]]
+            fig["session_p50_ms"] = _ms(_pct(durations, 0.5))
+            fig["session_errors"] = sum(r["error_count"] for r in se) + sum(
+                r["error_count"] for r in hs)
+            errors = [e for r in se + hs for e in r["errors"]]
+            if errors:
+                fig["session_error_examples"] = errors[:3]
+            fig["nodes_per_gateway_at_5min_wake"] = int(fig["sessions_per_s"] * WAKE_INTERVAL_S)
+            fig["session_concurrency"] = per_worker * len(shares)
+        finally:
+            progress.close()
+    finally:
+        if gw is not None:
+            gw.stop()
+        for b in (broker, upstream):
+            if b is not None:
+                b.stop()
+        if owned:
+            shutil.rmtree(tmp, ignore_errors=True)
+    fig["cpus"] = os.cpu_count()
+    fig["targets"] = TARGETS
+    return fig
+
+
+# --- output -----------------------------------------------------------------------------
+
+SECTIONS = (
+    ("throughput (committed + relayed upstream)", (
+        "ingest_readings_per_s", "ingest_frames_per_s", "bare_subscriber_frames_per_s",
+        "ratio_to_bare", "loadgen_frames_per_s", "acks_at_nodes", "gateway_cpu_s", "broker_cpu_s",
+        "upstream_broker_cpu_s", "ingest_elapsed_s")),
+    ("latency at a fixed offered rate", (
+        "latency_offered_readings_per_s", "latency_samples", "latency_p50_ms", "latency_p99_ms",
+        "latency_max_ms", "upstream_latency_samples", "upstream_latency_p50_ms",
+        "upstream_latency_p99_ms")),
+    ("wake sessions", (
+        "sessions_per_s", "bare_handshakes_per_s", "session_ratio", "session_p50_ms",
+        "broker_cpu_ms_per_handshake", "session_concurrency", "session_errors",
+        "nodes_per_gateway_at_5min_wake")),
+    ("run", ("devices", "frames_per_run", "readings_per_frame", "cpus", "setup_s")),
+)
+
+
+def table(fig: dict[str, Any]) -> str:
+    lines = []
+    for title, keys in SECTIONS:
+        lines.append(f"{title}")
+        for key in keys:
+            if key in fig:
+                lines.append(f"  {key:36} {fig[key]!s:>12}  {fig['targets'].get(key, '')}")
+    hs = fig.get("nodes_per_gateway_at_5min_wake")
+    if hs is not None:
+        lines.append("")
+        lines.append(f"At one wake every {WAKE_INTERVAL_S / 60:.0f} minutes, {fig['sessions_per_s']} "
+                     f"sessions/s serve about {hs:,} nodes per gateway (broker TLS handshake CPU: "
+                     f"{fig.get('broker_cpu_ms_per_handshake')} ms each).")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    scale = QUICK if args.quick else Scale()
+    if args.devices:
+        scale = dataclasses.replace(scale, devices=args.devices,
+                                    latency_devices=min(scale.latency_devices, args.devices))
+    try:
+        fig = measure(scale, profile=Path(args.profile).resolve() if args.profile else None)
+    except BenchError as exc:
+        print(f"torpor: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(fig) if args.json else table(fig))
+    return 0
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "gateway", help="gateway throughput, latency and wake sessions against bare MQTT/TLS")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--quick", action="store_true", help="a tiny run (seconds), for smoke tests")
+    parser.add_argument("--devices", type=int, default=0, help="node identities (default 200)")
+    parser.add_argument("--profile", metavar="FILE", default=None,
+                        help="run the gateway under cProfile and write its stats to FILE")
+    parser.set_defaults(func=run)
