@@ -40,6 +40,10 @@ _STREAM_POLL = const(3)  # stream ioctl request numbers shared by the ports
 _STREAM_CLOSE = const(4)
 
 _DEFAULT_WRITE_MS = const(10000)
+# Longest single poll while the TLS handshake waits: mbedtls may want to read or to write,
+# and only the read side can be waited on without spinning, so the write side is retried
+# this often.
+_HS_POLL_MS = const(50)
 _MAX_INFLIGHT = const(32)
 _MAX_INBOX = const(8)
 
@@ -127,8 +131,10 @@ class _Wire(io.IOBase):
 
     def ioctl(self, req, arg):
         if req == _STREAM_POLL:
+            # ipoll reuses its result tuple: this runs on every poll of the TLS stream and
+            # must not allocate.
             ev = 0
-            for _, e in self.poller.poll(0):
+            for _, e in self.poller.ipoll(0):
                 ev |= e
             return ev & (arg | _POLLERR | _POLLHUP)
         if req == _STREAM_CLOSE:
@@ -179,6 +185,7 @@ class MQTTClient:
         self._sub_pid = 0
         self._pingresp = False
         self._last_tx = 0
+        self._hs = False  # the TLS handshake has not completed yet
 
     # ---- connection ---------------------------------------------------------------
 
@@ -237,6 +244,7 @@ class MQTTClient:
             self._attach(raw)
             return
         self._wire = _Wire(raw, self)
+        self._hs = True
         try:
             # The handshake runs inside the first write, under the caller's deadline.
             self._sock = self.ssl.wrap_socket(
@@ -258,7 +266,7 @@ class MQTTClient:
             rem = time.ticks_diff(deadline_ms, time.ticks_ms())
             if rem <= 0:
                 raise MQTTError(TIMEOUT, what + " timed out")
-            for _, ev in self._poll.poll(rem):
+            for _, ev in self._poll.ipoll(rem):
                 return ev
 
     def disconnect(self):
@@ -346,7 +354,7 @@ class MQTTClient:
         """Return once every QoS 1 publish sent so far is acknowledged."""
         while self._pending:
             self._check()
-            self._process(deadline_ms, True, "%d PUBACK(s)" % len(self._pending))
+            self._process(deadline_ms, True, "PUBACKs")
 
     def subscribe(self, topic, qos, deadline_ms):
         """SUBSCRIBE and wait for the SUBACK; returns the granted QoS."""
@@ -382,8 +390,9 @@ class MQTTClient:
     def wait_msg(self, deadline_ms):
         """The next (topic str, payload bytes) from the broker, or None at the deadline.
 
-        PUBACKs and PINGRESPs that arrive meanwhile are handled here; a PINGREQ goes out
-        when nothing was sent for half the keepalive.
+        PUBACKs and PINGRESPs that arrive meanwhile are handled here without returning; a
+        PINGREQ goes out when nothing was sent for half the keepalive. With a deadline of
+        now it returns what is already readable, then None.
         """
         while True:
             if self._inbox:
@@ -391,7 +400,9 @@ class MQTTClient:
             self._check()
             if self.keepalive and time.ticks_diff(time.ticks_ms(), self._last_tx) >= self.keepalive * 500:
                 self._send_pingreq(deadline_ms)
-            if not self._process(deadline_ms, False, None):
+            # A PUBACK or PINGRESP is handled and the wait goes on: only the deadline
+            # (with nothing left to read) returns None.
+            if self._process(deadline_ms, False, None) < 0:
                 return None
 
     def ping(self, deadline_ms):
@@ -469,14 +480,14 @@ class MQTTClient:
 
     def _process(self, deadline_ms, must, what):
         # Read and handle one packet. At the deadline with no packet started: raise
-        # TIMEOUT naming `what` when `must`, else return False. True when a PUBLISH was
-        # queued in the inbox.
+        # TIMEOUT naming `what` when `must`, else return -1. 1 when a PUBLISH was queued
+        # in the inbox, 0 for any other packet.
         t, ln = self._read_packet(deadline_ms, True)
         if t < 0:
             if must:
                 # At a packet boundary: the connection stays usable.
                 raise MQTTError(TIMEOUT, "timed out waiting for " + what)
-            return False
+            return -1
         b = self._rbuf
         kind = t & 0xF0
         if kind == _PUBLISH:
@@ -496,7 +507,7 @@ class MQTTClient:
             self._pingresp = True
         else:
             self._fail(PROTOCOL, "unexpected packet type 0x%02x" % t)
-        return False
+        return 0
 
     def _on_publish(self, t, ln, deadline_ms):
         b = self._rbuf
@@ -514,7 +525,7 @@ class MQTTClient:
         if len(self._inbox) >= _MAX_INBOX:
             # Not acknowledged means not received: a persistent session redelivers it.
             self.dropped += 1
-            return False
+            return 0
         self._inbox.append((str(self._rmv[2 : 2 + tl], "utf-8"), bytes(self._rmv[i:ln])))
         if qos:
             self._hdr[0] = _PUBACK
@@ -522,7 +533,7 @@ class MQTTClient:
             self._hdr[2] = pid >> 8
             self._hdr[3] = pid & 0xFF
             self._write(self._hmv, 4, deadline_ms)
-        return True
+        return 1
 
     def _fail(self, code, reason):
         self.close()
@@ -577,7 +588,7 @@ class MQTTClient:
                         return False
                     self.close()
                     raise MQTTError(TIMEOUT, "read timed out mid-packet")
-                self._poll.poll(rem)
+                self._wait(rem, _POLLIN)
                 continue
             if n == 0:
                 err = self._wire.err if self._wire is not None else None
@@ -592,7 +603,6 @@ class MQTTClient:
 
     def _write(self, mv, n, deadline_ms):
         sent = 0
-        pm = self._poll
         while sent < n:
             try:
                 w = self._sock.write(mv[sent:n])
@@ -611,9 +621,7 @@ class MQTTClient:
                 if rem <= 0:
                     self.close()
                     raise MQTTError(TIMEOUT, "write timed out")
-                pm.modify(self._sock, _POLLOUT)
-                pm.poll(rem)
-                pm.modify(self._sock, _POLLIN)
+                self._wait(rem, _POLLOUT)
                 continue
             if w == 0:
                 err = self._wire.err if self._wire is not None else None
@@ -623,8 +631,30 @@ class MQTTClient:
                 raise MQTTError(CLOSED, "connection closed while writing")
             if self._wire is None:
                 self.bytes_out += w
+            self._hs = False  # TLS wrote application data: the handshake is done
             sent += w
         self._last_tx = time.ticks_ms()
+
+    def _wait(self, rem, ev):
+        # Block until the stream can go on, without allocating (ipoll). While the TLS
+        # handshake runs, mbedtls reports "would block" through write() whether it waits
+        # to read or to write: wait for the peer's bytes on the raw socket, in short
+        # slices so a full send buffer is retried too. Polling the TLS stream for
+        # POLLOUT then would return at once and spin until the deadline.
+        pm = self._poll
+        w = self._wire
+        if self._hs and w is not None:
+            w.poller.modify(w.sock, _POLLIN)
+            for _ in w.poller.ipoll(min(rem, _HS_POLL_MS)):
+                break
+            w.poller.modify(w.sock, _POLLIN | _POLLOUT)
+            return
+        if ev != _POLLIN:
+            pm.modify(self._sock, ev)
+        for _ in pm.ipoll(rem):
+            break
+        if ev != _POLLIN:
+            pm.modify(self._sock, _POLLIN)
 
     def _net_error(self, e):
         if isinstance(e, MQTTError):

@@ -222,6 +222,40 @@ def test_wait_msg_returns_none_at_deadline_and_stays_connected():
     pr.close()
 
 
+def test_wait_msg_waits_past_a_puback_until_a_publish():
+    pr, _ = _connected()
+    pr.recv(20)
+    pid = pr.c.publish("u", b"x", qos=1)
+    pr.recv(8)
+    # A PUBACK alone does not end the wait: only a PUBLISH or the deadline does.
+    pr.send(bytes([0x40, 2, 0, pid]))
+    t0 = time.ticks_ms()
+    mpunit.eq(pr.c.wait_msg(mqtt.deadline(150)), None)
+    took = time.ticks_diff(time.ticks_ms(), t0)
+    if took < 140:
+        raise AssertionError("wait_msg returned after %d ms, before its 150 ms deadline" % took)
+    mpunit.eq(pr.c.pending(), 0)
+    pid = pr.c.publish("u", b"y", qos=1)
+    pr.recv(8)
+    pr.send(bytes([0x40, 2, 0, pid]) + b"\x30\x04\x00\x01dM")
+    mpunit.eq(pr.c.wait_msg(mqtt.deadline(1000)), ("d", b"M"))
+    mpunit.eq(pr.c.pending(), 0)
+    pr.close()
+
+
+def test_wait_msg_now_reads_everything_already_there():
+    pr, _ = _connected()
+    pr.recv(20)
+    pid = pr.c.publish("u", b"x", qos=1)
+    pr.recv(8)
+    pr.send(bytes([0x40, 2, 0, pid]) + b"\x30\x04\x00\x01dN")
+    time.sleep_ms(50)
+    # A deadline of now: the PUBACK is handled and the PUBLISH behind it still returned.
+    mpunit.eq(pr.c.wait_msg(time.ticks_ms()), ("d", b"N"))
+    mpunit.eq(pr.c.wait_msg(time.ticks_ms()), None)
+    pr.close()
+
+
 def test_missing_puback_times_out():
     pr, _ = _connected()
     pr.recv(20)

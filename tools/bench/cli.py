@@ -8,9 +8,10 @@ from typing import Any
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="run a benchmark and print its figures")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-    from tools.bench import downlink, protocol
+    from tools.bench import downlink, node, protocol
     from tools.bench import gateway as gateway_bench
 
     protocol.register(bsub)
     downlink.register(bsub)
     gateway_bench.register(bsub)
+    node.register(bsub)

