@@ -17,6 +17,7 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "tools.bench.cli",
     "tools.sim.cli",
     "tools.flash",
+    "tools.hil",
     "gateway.pki_cli",
     "gateway.cli",
     "tools.fw.cli",
