@@ -49,11 +49,16 @@ def series(draw: st.DrawFn, schema_id: int, interval: int, limit: int) -> p.Seri
     cols = []
     for m in measurements:
         lo, hi = INT_RANGES[m.type]
-        # mostly small steps (real sensors), sometimes anywhere in range
+        # mostly small steps (real sensors), sometimes a jump anywhere in range
         start = draw(st.integers(lo, hi))
+        steps = draw(st.lists(st.integers(-40, 40), min_size=n - 1, max_size=n - 1))
+        jumps = draw(st.lists(st.tuples(st.integers(0, max(0, n - 2)), st.integers(lo - hi, hi - lo)),
+                              max_size=3))
+        for i, jump in jumps:
+            if steps:
+                steps[i] = jump
         col = [start]
-        for _ in range(n - 1):
-            step = draw(st.one_of(st.integers(-40, 40), st.integers(lo - hi, hi - lo)))
+        for step in steps:
             col.append(min(hi, max(lo, col[-1] + step)))
         cols.append(tuple(col))
     return p.Series(ts, tuple(cols))

@@ -36,7 +36,7 @@ def test_random_bytes_raise_only_protocol_error(raw: bytes) -> None:
         assert p.decode(p.encode(frame)) == frame
 
 
-@settings(max_examples=6000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(any_frame, st.data())
 def test_mutated_frames_raise_only_protocol_error(frame, data) -> None:  # type: ignore[no-untyped-def]
     raw = bytearray(p.encode(frame))
