@@ -1,0 +1,759 @@
+"""A fleet of simulated nodes in one asyncio process: provisioning, wakes, drain, figures.
+
+Each node is a `SimNode` in `<dir>/<device id>/`; every wake is one `micropython` process
+running the real firmware. The fleet provisions the nodes (certificates from the fleet PKI,
+registration in the gateway's registry, config.json and DER files on each node's flash),
+staggers their first wakes so they spread over a sampling period, runs a bounded number of
+wakes, then lets every node that still holds readings wake once more with `send_every = 1`
+("drain"). Figures come from the node logs (`R` and `T` lines, see docs/firmware.md), from
+the process table (RSS of the running `micropython` processes) and from getrusage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import resource
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tools.sim.node import BOARDS_DIR, RunSummary, SimError, SimNode, micropython_binary
+
+log = logging.getLogger(__name__)
+
+R_LINE = re.compile(r"^R id=(\d+) ")
+T_LINE = re.compile(r"^T (.*)$")
+# A wake that ended in none of these is counted as an error (crash, hang, watchdog...).
+CLEAN_KINDS = frozenset({"sleep", "power_cut"})
+DRAIN_ROUNDS = 3
+# Real seconds a node stays off after a power cut or waits after a crash before it boots.
+OFF_AFTER_CUT_S = 0.5
+RESTART_AFTER_ERROR_S = 1.0
+# A wake in progress when the duration runs out is let finish, within this bound.
+WAKE_LIMIT_S = 120.0
+RSS_SAMPLE_S = 0.1
+
+# Runs inside the unix port: mounts each node's flash image in turn and writes files onto it
+# (written new then renamed, as flashing tools do). The job list comes as a JSON file.
+_FLASH_WRITER = """
+import json, os, vfs, simflash
+with open(%r) as f:
+    jobs = json.load(f)
+for img, bs, bc, files in jobs:
+    bdev = simflash.mount(img, '/flash', bs, bc)
+    try:
+        os.mkdir('/flash/certs')
+    except OSError:
+        pass
+    for name, src in files:
+        with open(src, 'rb') as f:
+            data = f.read()
+        with open('/flash/' + name + '.new', 'wb') as f:
+            f.write(data)
+        os.rename('/flash/' + name + '.new', '/flash/' + name)
+    vfs.umount('/flash')
+    bdev.close()
+print('OK %%d' %% len(jobs))
+"""
+
+
+class FleetError(SimError):
+    """A fleet set-up problem the user can fix (no PKI, bad gateway address...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """What a fleet run does. `send_every` is a range: each node draws its own value."""
+
+    nodes: int
+    dir: Path
+    pki_dir: Path
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 8883
+    server_hostname: str = ""  # default: "localhost" for a loopback host, else the host
+    db_path: Path | None = None  # the gateway's database: register devices, check the store
+    time_scale: float = 6.0
+    wakes: int = 10
+    duration_s: float = 600.0
+    power_cuts: int = 0
+    sample_interval_s: int = 60
+    send_every: tuple[int, int] = (8, 16)
+    awake_window_ms: int = 3000
+    awake_budget_ms: int = 15000
+    prefix: str = "sim"
+    seed: int = 1
+    max_concurrent: int = 0  # wakes running at once; 0: 8 per CPU
+    start_ms: int | None = None  # virtual clock of the first node (default: now)
+
+    def node_ids(self) -> list[str]:
+        width = max(3, len(str(self.nodes)))
+        return [f"{self.prefix}-{i:0{width}d}" for i in range(1, self.nodes + 1)]
+
+    def hostname(self) -> str:
+        if self.server_hostname:
+            return self.server_hostname
+        if self.broker_host in ("127.0.0.1", "::1", "localhost"):
+            return "localhost"
+        return self.broker_host
+
+
+@dataclass(slots=True)
+class NodeState:
+    """Bookkeeping of one node, updated from its log after every wake."""
+
+    device_id: str
+    node: SimNode
+    send_every: int
+    stagger_s: float
+    awake: bool = False
+    wakes: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)
+    power_cuts: int = 0
+    pending_cuts: int = 0
+    sampled: set[int] = field(default_factory=set)
+    sent: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    burst_bytes: int = 0
+    heap_peak: int = 0
+    depth: int = 0
+    last_kind: str = ""
+    send_failures: int = 0
+    error_lines: int = 0
+    log_offset: int = 0
+
+    @property
+    def acked(self) -> int:
+        # Readings leave the flash queue only on the gateway's ACK (no overflow here).
+        return max(len(self.sampled) - self.depth, 0)
+
+    @property
+    def needs_drain(self) -> bool:
+        return self.depth > 0 or self.last_kind not in ("sleep", "")
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A snapshot for a live display."""
+
+    nodes: int
+    awake: int
+    wakes: int
+    sampled: int
+    sent: int
+    acked: int
+    queued: int
+    power_cuts: int
+    errors: int
+    phase: str
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSummary:
+    nodes: int
+    wakes: int
+    power_cuts: int
+    sampled: int
+    sent: int
+    acked: int
+    left_on_nodes: int
+    errors: int
+    send_failures: int
+    error_lines: int
+    bytes_out: int
+    bytes_in: int
+    burst_bytes: int
+    heap_alloc_max: int
+    rss_kb_median: float | None
+    rss_kb_max: float | None
+    child_cpu_ms_per_wake: float | None
+    self_cpu_ms_per_wake: float | None
+    wall_s: float
+    stored: int | None
+    missing_in_store: int | None
+    duplicates_in_store: int | None
+    kinds: dict[str, int]
+
+    @property
+    def bytes_per_reading(self) -> float | None:
+        return (self.bytes_out + self.bytes_in) / self.sent if self.sent else None
+
+    @property
+    def burst_bytes_per_reading(self) -> float | None:
+        return self.burst_bytes / self.sent if self.sent and self.burst_bytes else None
+
+    @property
+    def ok(self) -> bool:
+        """Every sampled reading left the nodes acknowledged, and (when the store was
+        checked) is in the gateway's database exactly once."""
+        if self.left_on_nodes or self.acked != self.sampled:
+            return False
+        return not self.missing_in_store and not self.duplicates_in_store
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__}
+        bpr = self.bytes_per_reading
+        d["bytes_per_reading"] = None if bpr is None else round(bpr, 1)
+        b = self.burst_bytes_per_reading
+        d["burst_bytes_per_reading"] = None if b is None else round(b, 2)
+        d["ok"] = self.ok
+        return d
+
+
+class _RssSampler:
+    """Peak RSS (VmHWM) of our `micropython` children, sampled from /proc."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[int, int] = {}
+        self.available = Path("/proc/self/task").is_dir()
+
+    def _children(self) -> list[int]:
+        pids: list[int] = []
+        try:
+            for task in Path("/proc/self/task").iterdir():
+                try:
+                    pids += [int(p) for p in (task / "children").read_text().split()]
+                except OSError:
+                    continue
+        except OSError:
+            pass
+        return pids
+
+    def sample(self) -> None:
+        for pid in self._children():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() != "micropython":
+                    continue
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        kb = int(line.split()[1])
+                        self.peaks[pid] = max(self.peaks.get(pid, 0), kb)
+                        break
+            except (OSError, ValueError):
+                continue
+
+    async def loop(self) -> None:
+        while self.available:
+            self.sample()
+            await asyncio.sleep(RSS_SAMPLE_S)
+
+
+def _cpu_s(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+class Fleet:
+    """`Fleet(cfg)`; `provision()` once, then `await run()` gives a FleetSummary.
+
+    `progress()` may be called at any time (e.g. once a second by a display); `stop()` asks
+    the nodes to stop after their current wake (the drain still runs).
+    """
+
+    def __init__(self, cfg: FleetConfig) -> None:
+        if cfg.nodes < 1:
+            raise FleetError("--nodes must be at least 1")
+        if cfg.time_scale <= 0:
+            raise FleetError("--time-scale must be > 0 for a fleet (wakes are spread in time)")
+        if cfg.wakes < 1:
+            raise FleetError("--wakes must be at least 1")
+        lo, hi = cfg.send_every
+        if not 1 <= lo <= hi:
+            raise FleetError("send_every must be a range 1 <= low <= high")
+        self.cfg = cfg
+        self.binary = micropython_binary()
+        self.rng = random.Random(cfg.seed)
+        self.phase = "idle"
+        self.states: list[NodeState] = []
+        self._stop = asyncio.Event()
+        self._drain_on_stop = True
+        self._sem: asyncio.Semaphore | None = None
+        start = cfg.start_ms if cfg.start_ms is not None else int(time.time() * 1000)
+        period_real = cfg.sample_interval_s / cfg.time_scale
+        for i, device_id in enumerate(cfg.node_ids()):
+            stagger = period_real * i / cfg.nodes
+            node = SimNode(
+                cfg.dir / device_id,
+                seed=cfg.seed * 100_003 + i + 1,
+                time_scale=cfg.time_scale,
+                # The virtual clocks keep the stagger, so node i starts i/N periods later.
+                start_ms=start + int(stagger * cfg.time_scale * 1000),
+                awake_limit_s=max(30.0, cfg.awake_budget_ms / 1000 * 4),
+            )
+            self.states.append(NodeState(device_id, node, self.rng.randint(lo, hi), stagger))
+        # Power cuts land on random nodes; each waits for a wake long enough to be cut.
+        for _ in range(cfg.power_cuts):
+            self.rng.choice(self.states).pending_cuts += 1
+
+    # ---- provisioning -----------------------------------------------------------------
+
+    def node_config(self, st: NodeState, **over: Any) -> dict[str, Any]:
+        cfg = self.cfg
+        doc: dict[str, Any] = {
+            "device_id": st.device_id,
+            "broker_host": cfg.broker_host,
+            "broker_port": cfg.broker_port,
+            "server_hostname": cfg.hostname(),
+            "sample_interval_s": cfg.sample_interval_s,
+            "send_every": st.send_every,
+            "send_max_age_s": 86400,
+            "awake_window_ms": cfg.awake_window_ms,
+            "awake_budget_ms": cfg.awake_budget_ms,
+            "align_s": 0,
+        }
+        doc.update(over)
+        return doc
+
+    def provision(self) -> None:
+        """Certificates, registry entries and flash contents for every node (idempotent)."""
+        from gateway.errors import GatewayError
+        from gateway.pki import Pki
+
+        pki = Pki(self.cfg.pki_dir)
+        if not pki.ca_pem.exists():
+            raise FleetError(f"no fleet CA in {self.cfg.pki_dir} (create one with `torpor pki init`)")
+        known = {r.cn for r in pki.list() if r.kind == "device" and r.revoked_at is None}
+        jobs: list[tuple[NodeState, list[tuple[str, Path]]]] = []
+        serials: dict[str, str] = {}
+        try:
+            for st in self.states:
+                if st.device_id in known:
+                    creds = pki.device_credentials(st.device_id)
+                else:
+                    creds = pki.issue_device(st.device_id)
+                serials[st.device_id] = format(creds.serial, "x")
+                jobs.append((st, [("certs/cert.der", creds.cert_der),
+                                  ("certs/key.der", creds.key_der),
+                                  ("certs/ca.der", creds.ca_der)]))
+        except GatewayError as exc:
+            raise FleetError(str(exc)) from exc
+        if self.cfg.db_path is not None:
+            self._register(serials)
+        self._write_configs(jobs)
+
+    def _register(self, serials: dict[str, str]) -> None:
+        from gateway import db, registry
+        from gateway.errors import GatewayError
+
+        assert self.cfg.db_path is not None
+        try:
+            conn = db.open_db(self.cfg.db_path)
+        except GatewayError as exc:
+            raise FleetError(str(exc)) from exc
+        try:
+            with db.transaction(conn):
+                for device_id, serial in serials.items():
+                    if registry.find(conn, device_id) is None:
+                        registry.add(conn, device_id, "sensor", serial)
+        finally:
+            conn.close()
+
+    def _write_configs(
+        self, jobs: list[tuple[NodeState, list[tuple[str, Path]]]], **over: Any
+    ) -> None:
+        with tempfile.TemporaryDirectory(prefix="fleet-", dir=self.cfg.dir) as tmp:
+            spec = []
+            for st, files in jobs:
+                cfg_path = Path(tmp) / f"{st.device_id}.json"
+                cfg_path.write_text(json.dumps(self.node_config(st, **over)))
+                m = st.node.model
+                spec.append([str(st.node.dir / "flash.img"), m.block_size, m.block_count,
+                             [["config.json", str(cfg_path)]] + [[n, str(p)] for n, p in files]])
+            jobs_path = Path(tmp) / "jobs.json"
+            jobs_path.write_text(json.dumps(spec))
+            env = dict(os.environ, MICROPYPATH=f".frozen:{BOARDS_DIR}")
+            try:
+                proc = subprocess.run(
+                    [self.binary, "-c", _FLASH_WRITER % str(jobs_path)],
+                    capture_output=True, text=True, timeout=60 + len(spec), env=env,
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise FleetError("writing the nodes' flash timed out") from exc
+            if proc.returncode != 0 or not proc.stdout.startswith("OK"):
+                raise FleetError(f"writing the nodes' flash failed:\n{proc.stdout}{proc.stderr}")
+
+    # ---- running ------------------------------------------------------------------------
+
+    def stop(self, *, drain: bool = True) -> None:
+        """Start no new wake; with drain=False also skip the final sends."""
+        self._drain_on_stop = drain
+        self._stop.set()
+
+    def progress(self) -> Progress:
+        s = self.states
+        return Progress(
+            nodes=len(s),
+            awake=sum(st.awake for st in s),
+            wakes=sum(st.wakes for st in s),
+            sampled=sum(len(st.sampled) for st in s),
+            sent=sum(st.sent for st in s),
+            acked=sum(st.acked for st in s),
+            queued=sum(st.depth for st in s),
+            power_cuts=sum(st.power_cuts for st in s),
+            errors=sum(v for st in s for k, v in st.kinds.items() if k not in CLEAN_KINDS),
+            phase=self.phase,
+        )
+
+    def sampled_ids(self) -> dict[str, set[int]]:
+        """Per device, the ids of the readings the node logged as durable."""
+        return {st.device_id: set(st.sampled) for st in self.states}
+
+    def _read_log(self, st: NodeState) -> None:
+        path = st.node.dir / "node.log"
+        try:
+            with open(path, "rb") as f:
+                f.seek(st.log_offset)
+                data = f.read()
+        except OSError:
+            return
+        # Only whole lines; a partial last line is read next time.
+        end = data.rfind(b"\n") + 1
+        st.log_offset += end
+        for raw in data[:end].decode("utf-8", "replace").splitlines():
+            m = R_LINE.match(raw)
+            if m:
+                st.sampled.add(int(m.group(1)))
+                continue
+            m = T_LINE.match(raw)
+            if m:
+                try:
+                    t = {k: int(v) for k, v in (kv.split("=", 1) for kv in m.group(1).split())}
+                except ValueError:
+                    continue
+                st.sent += t.get("sent", 0)
+                st.bytes_out += t.get("bytes_out", 0)
+                st.bytes_in += t.get("bytes_in", 0)
+                st.burst_bytes += t.get("burst_bytes", 0)
+                st.depth = t.get("depth", st.depth)
+            elif raw.startswith("M alloc="):
+                with contextlib.suppress(ValueError):
+                    st.heap_peak = max(st.heap_peak, int(raw.split()[1].partition("=")[2]))
+            elif raw.startswith("W ") and "send failed" in raw:
+                st.send_failures += 1
+            elif raw.startswith("E "):
+                st.error_lines += 1
+
+    async def _wake(self, st: NodeState) -> RunSummary:
+        assert self._sem is not None
+        async with self._sem:
+            st.awake = True
+            try:
+                cut = 1 if st.pending_cuts else 0
+                summary = await st.node.run(
+                    1, power_cuts=cut, cut_seed=self.rng.randrange(1 << 30),
+                    wall_limit_s=WAKE_LIMIT_S,
+                )
+            finally:
+                st.awake = False
+        st.wakes += 1
+        st.power_cuts += summary.power_cuts
+        st.pending_cuts -= summary.power_cuts
+        for rec in summary.runs:
+            st.kinds[rec.kind] += 1
+            st.last_kind = rec.kind
+        self._read_log(st)
+        return summary
+
+    async def _node_loop(self, st: NodeState, deadline: float) -> None:
+        await self._pause(st.stagger_s, deadline)
+        while st.wakes < self.cfg.wakes and not self._stop.is_set() and time.monotonic() < deadline:
+            summary = await self._wake(st)
+            rec = summary.runs[-1] if summary.runs else None
+            if rec is not None and rec.kind == "sleep":
+                wait = rec.sleep_ms / 1000.0 / self.cfg.time_scale
+            elif rec is not None and rec.kind == "power_cut":
+                wait = OFF_AFTER_CUT_S
+            else:
+                wait = RESTART_AFTER_ERROR_S
+            if st.wakes >= self.cfg.wakes:
+                break
+            await self._pause(wait, deadline)
+
+    async def _pause(self, seconds: float, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=max(min(seconds, left), 0.0))
+        except TimeoutError:
+            pass
+
+    async def _drain(self) -> None:
+        """Wake every node that may still hold readings, with send_every = 1, until empty."""
+        for _round in range(DRAIN_ROUNDS):
+            if self._stop.is_set() and not self._drain_on_stop:
+                return
+            todo = [st for st in self.states if st.needs_drain]
+            if not todo:
+                return
+            await asyncio.to_thread(self._write_configs, [(st, []) for st in todo], send_every=1)
+            # A cut still pending is dropped: the drain is there to empty the queues.
+            for st in todo:
+                st.pending_cuts = 0
+            await asyncio.gather(*(self._wake(st) for st in todo))
+
+    async def run(self, on_progress: Callable[[Progress], None] | None = None) -> FleetSummary:
+        """Run the wakes (bounded by `wakes` and `duration_s`), then the drain."""
+        cfg = self.cfg
+        limit = cfg.max_concurrent or 8 * (os.cpu_count() or 1)
+        self._sem = asyncio.Semaphore(limit)
+        for st in self.states:
+            self._read_log(st)  # skip what earlier runs of these node dirs logged
+            st.sampled.clear()
+            st.sent = st.bytes_out = st.bytes_in = st.send_failures = st.error_lines = 0
+        sampler = _RssSampler()
+        sampler_task = asyncio.create_task(sampler.loop())
+        ticker: asyncio.Task[None] | None = None
+        if on_progress is not None:
+            ticker = asyncio.create_task(self._tick(on_progress))
+        child0, self0, t0 = _cpu_s(resource.RUSAGE_CHILDREN), _cpu_s(resource.RUSAGE_SELF), time.monotonic()
+        try:
+            self.phase = "running"
+            deadline = time.monotonic() + cfg.duration_s
+            await asyncio.gather(*(self._node_loop(st, deadline) for st in self.states))
+            if self._drain_on_stop or not self._stop.is_set():
+                self.phase = "draining"
+                await self._drain()
+            self.phase = "done"
+        finally:
+            sampler_task.cancel()
+            if ticker is not None:
+                ticker.cancel()
+            for task in (sampler_task, ticker):
+                if task is not None:
+                    try:
+                        await task
+                    except asyncio.CancelledError:
+                        pass
+        child_cpu = _cpu_s(resource.RUSAGE_CHILDREN) - child0
+        self_cpu = _cpu_s(resource.RUSAGE_SELF) - self0
+        wall = time.monotonic() - t0
+        if on_progress is not None:
+            on_progress(self.progress())
+        return self._summary(sampler, child_cpu, self_cpu, wall)
+
+    async def _tick(self, on_progress: Callable[[Progress], None]) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            on_progress(self.progress())
+
+    def _summary(self, sampler: _RssSampler, child_cpu: float, self_cpu: float,
+                 wall: float) -> FleetSummary:
+        s = self.states
+        wakes = sum(st.wakes for st in s)
+        kinds: Counter[str] = Counter()
+        for st in s:
+            kinds.update(st.kinds)
+        peaks = list(sampler.peaks.values())
+        stored = missing = dups = None
+        if self.cfg.db_path is not None:
+            stored, missing, dups = check_store(self.cfg.db_path, self.sampled_ids())
+        return FleetSummary(
+            nodes=len(s),
+            wakes=wakes,
+            power_cuts=sum(st.power_cuts for st in s),
+            sampled=sum(len(st.sampled) for st in s),
+            sent=sum(st.sent for st in s),
+            acked=sum(st.acked for st in s),
+            left_on_nodes=sum(st.depth for st in s),
+            errors=sum(v for k, v in kinds.items() if k not in CLEAN_KINDS),
+            send_failures=sum(st.send_failures for st in s),
+            error_lines=sum(st.error_lines for st in s),
+            bytes_out=sum(st.bytes_out for st in s),
+            bytes_in=sum(st.bytes_in for st in s),
+            burst_bytes=sum(st.burst_bytes for st in s),
+            heap_alloc_max=max((st.heap_peak for st in s), default=0),
+            rss_kb_median=statistics.median(peaks) if peaks else None,
+            rss_kb_max=max(peaks) if peaks else None,
+            child_cpu_ms_per_wake=round(child_cpu * 1000 / wakes, 1) if wakes else None,
+            self_cpu_ms_per_wake=round(self_cpu * 1000 / wakes, 1) if wakes else None,
+            wall_s=round(wall, 1),
+            stored=stored,
+            missing_in_store=missing,
+            duplicates_in_store=dups,
+            kinds=dict(kinds),
+        )
+
+
+def check_store(db_path: Path, sampled: dict[str, set[int]]) -> tuple[int, int, int]:
+    """(readings of these devices in the gateway's store, sampled readings missing from it,
+    extra copies of stored readings) — read-only, while the gateway may be running."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    try:
+        stored = missing = dups = 0
+        for device, ids in sampled.items():
+            rows = conn.execute(
+                "SELECT msg_id, count(*) FROM readings WHERE device=? GROUP BY msg_id", (device,)
+            ).fetchall()
+            have = {int(i) for i, _ in rows}
+            stored += sum(int(n) for _, n in rows)
+            dups += sum(int(n) - 1 for _, n in rows)
+            missing += len(ids - have)
+        return stored, missing, dups
+    finally:
+        conn.close()
+
+
+# ---- `torpor sim fleet` ----------------------------------------------------------------
+
+def register(actions: Any) -> None:
+    p = actions.add_parser(
+        "fleet",
+        help="run N simulated nodes against a gateway, then drain them and report",
+        description=(
+            "Provision N sim nodes in DIR (certificates from the fleet PKI, config and DER files "
+            "on each node's flash; registered in the gateway's registry with --gateway-config), "
+            "run them concurrently for WAKES wakes or DURATION seconds, wake every node that "
+            "still holds readings once more to send them, and print a summary. Exit code 0 "
+            "when every sampled reading was acknowledged (and stored once, with "
+            "--gateway-config), 1 otherwise."
+        ),
+    )
+    p.add_argument("--nodes", type=int, default=20, help="number of nodes (default 20)")
+    p.add_argument("--dir", required=True, help="fleet directory: one node directory per device")
+    p.add_argument("--gateway-config", default=None,
+                   help="the gateway's TOML: registers the devices in its database, checks the "
+                        "store at the end, and gives defaults for --gateway and --pki")
+    p.add_argument("--gateway", default=None,
+                   help="the gateway broker as host:port (default: from --gateway-config)")
+    p.add_argument("--pki", default=None, help="fleet PKI folder (default: from --gateway-config)")
+    p.add_argument("--server-hostname", default="",
+                   help="name checked against the broker certificate (default: localhost for "
+                        "a loopback host, else the host)")
+    p.add_argument("--time-scale", type=float, default=6.0,
+                   help="divide slept time by this in real time (default 6)")
+    p.add_argument("--wakes", type=int, default=10, help="wakes per node (default 10)")
+    p.add_argument("--duration", type=float, default=600.0,
+                   help="stop starting wakes after this many real seconds (default 600)")
+    p.add_argument("--power-cuts", type=int, default=0,
+                   help="power cuts to inject, spread over random nodes (default 0)")
+    p.add_argument("--sample-interval", type=int, default=60, help="seconds (default 60)")
+    p.add_argument("--send-every", default="8-16",
+                   help="readings per send, one value or a range LOW-HIGH per node (default 8-16)")
+    p.add_argument("--prefix", default="sim", help="device id prefix (default sim)")
+    p.add_argument("--seed", type=int, default=1, help="fleet seed (default 1)")
+    p.add_argument("--max-concurrent", type=int, default=0,
+                   help="wakes running at once (default 8 per CPU)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_fleet)
+
+
+def _parse_send_every(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        a = int(lo)
+        b = int(hi) if hi else a
+    except ValueError:
+        raise FleetError(f"--send-every {text!r}: expected N or LOW-HIGH") from None
+    return a, b
+
+
+def fleet_config_from_args(args: argparse.Namespace) -> FleetConfig:
+    from gateway.errors import GatewayError
+
+    host: str | None = None
+    port: int | None = None
+    pki_dir: str | None = args.pki
+    db_path: Path | None = None
+    if args.gateway_config:
+        from gateway.config import load_config
+
+        try:
+            gw = load_config(args.gateway_config)
+        except GatewayError as exc:
+            raise FleetError(str(exc)) from exc
+        host, port, db_path = gw.broker.host, gw.broker.port, gw.db_path
+        pki_dir = pki_dir or str(gw.pki_dir)
+    if args.gateway:
+        h, sep, p = args.gateway.rpartition(":")
+        if not sep or not h or not p.isdigit():
+            raise FleetError(f"--gateway {args.gateway!r}: expected host:port")
+        host, port = h.strip("[]"), int(p)
+    if host is None or port is None:
+        raise FleetError("give --gateway host:port or --gateway-config")
+    if pki_dir is None:
+        raise FleetError("give --pki DIR or --gateway-config")
+    return FleetConfig(
+        nodes=args.nodes, dir=Path(args.dir).resolve(), pki_dir=Path(pki_dir),
+        broker_host=host, broker_port=port, server_hostname=args.server_hostname,
+        db_path=db_path, time_scale=args.time_scale, wakes=args.wakes,
+        duration_s=args.duration, power_cuts=args.power_cuts,
+        sample_interval_s=args.sample_interval, send_every=_parse_send_every(args.send_every),
+        prefix=args.prefix, seed=args.seed, max_concurrent=args.max_concurrent,
+    )
+
+
+def format_summary(s: FleetSummary) -> list[str]:
+    def num(v: float | None, unit: str = "") -> str:
+        return "-" if v is None else f"{v:g}{unit}"
+
+    lines = [
+        f"nodes                 {s.nodes}",
+        f"wakes                 {s.wakes} ({', '.join(f'{k} {v}' for k, v in sorted(s.kinds.items()))})",
+        f"power cuts            {s.power_cuts}",
+        f"readings sampled      {s.sampled}",
+        f"readings acked        {s.acked} (left on nodes: {s.left_on_nodes})",
+        f"readings sent         {s.sent} (incl. resent)",
+    ]
+    if s.stored is not None:
+        lines.append(f"stored at gateway     {s.stored} (missing {s.missing_in_store}, "
+                     f"duplicated {s.duplicates_in_store})")
+    bpr = s.bytes_per_reading
+    lines += [
+        f"errors                {s.errors} runs, {s.send_failures} failed sends, {s.error_lines} error lines",
+        f"bytes on air          {s.bytes_out} out, {s.bytes_in} in"
+        + (f" = {bpr:.1f} per reading (TLS included)" if bpr is not None else ""),
+        f"burst frames          {num(None if s.burst_bytes_per_reading is None else round(s.burst_bytes_per_reading, 2))}"
+        " bytes per reading",
+        f"node heap per wake    at most {s.heap_alloc_max} bytes allocated (M lines)",
+        f"process RSS (peak)    median {num(s.rss_kb_median, ' kB')}, max {num(s.rss_kb_max, ' kB')}",
+        f"CPU per wake          micropython {num(s.child_cpu_ms_per_wake, ' ms')}, "
+        f"simulator {num(s.self_cpu_ms_per_wake, ' ms')}",
+        f"wall time             {s.wall_s:g} s",
+    ]
+    return lines
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    from tools.cli import CliError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = fleet_config_from_args(args)
+        cfg.dir.mkdir(parents=True, exist_ok=True)
+        fleet = Fleet(cfg)
+        fleet.provision()
+    except SimError as exc:
+        raise CliError(str(exc)) from exc
+    if cfg.db_path is None:
+        print("note: no --gateway-config: the devices must already be registered "
+              "(`torpor device add`)", file=sys.stderr)
+    tty = sys.stderr.isatty()
+
+    def show(p: Progress) -> None:
+        text = (f"[{p.phase}] awake {p.awake}/{p.nodes}  wakes {p.wakes}  sampled {p.sampled}  "
+                f"acked {p.acked}  queued {p.queued}  cuts {p.power_cuts}  errors {p.errors}")
+        if tty:
+            print("\r" + text.ljust(100), end="", file=sys.stderr, flush=True)
+
+    summary = asyncio.run(fleet.run(show))
+    if tty:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary.as_dict()))
+    else:
+        print("\n".join(format_summary(summary)))
+    return 0 if summary.ok else 1
