@@ -21,6 +21,7 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "gateway.pki_cli",
     "gateway.cli",
     "tools.fw.cli",
+    "tools.demo",
 )
 
 

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 # module path -> registers one `torpor sim <action>` parser
-SIM_ACTIONS: tuple[str, ...] = ("tools.sim.board",)
+SIM_ACTIONS: tuple[str, ...] = ("tools.sim.board", "tools.sim.fleet")
 
 
 def register(sub: Any) -> None:
