@@ -1,0 +1,61 @@
+"""`torpor bench gateway --quick --json` runs the whole stack at a tiny scale and reports
+every figure. Sanity only: wall-clock speed is never asserted here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+KEYS = (
+    "ingest_readings_per_s", "ingest_frames_per_s", "bare_subscriber_frames_per_s",
+    "ratio_to_bare", "latency_p50_ms", "latency_p99_ms", "upstream_latency_p50_ms",
+    "upstream_latency_p99_ms", "sessions_per_s", "bare_handshakes_per_s", "session_ratio",
+    "nodes_per_gateway_at_5min_wake", "broker_cpu_ms_per_handshake",
+)
+
+
+@pytest.fixture(scope="module")
+def figures() -> dict[str, object]:
+    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+        pytest.skip("mosquitto is not installed (`make mosquitto`)")
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "bench", "gateway", "--quick", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    doc = json.loads(out.stdout)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_every_figure_is_reported(figures: dict[str, object]) -> None:
+    for key in KEYS:
+        assert key in figures, key
+        assert isinstance(figures[key], int | float), (key, figures[key])
+    assert set(figures["targets"]) <= set(figures)  # type: ignore[arg-type]
+
+
+def test_figures_are_sane(figures: dict[str, float]) -> None:
+    f = figures
+    for key in KEYS:
+        assert f[key] > 0, (key, f[key])
+    # throughput counts whole bursts of 64 readings
+    assert f["ingest_readings_per_s"] == pytest.approx(64 * f["ingest_frames_per_s"], rel=0.01)
+    assert f["ratio_to_bare"] == pytest.approx(
+        f["ingest_frames_per_s"] / f["bare_subscriber_frames_per_s"], rel=0.01)
+    assert f["session_ratio"] == pytest.approx(
+        f["sessions_per_s"] / f["bare_handshakes_per_s"], rel=0.01)
+    assert f["latency_p50_ms"] <= f["latency_p99_ms"] <= f["latency_max_ms"]
+    assert f["upstream_latency_p50_ms"] <= f["upstream_latency_p99_ms"]
+    # every paced burst was answered and relayed, every session finished cleanly
+    assert f["latency_samples"] == f["latency_frames_sent"]
+    assert f["upstream_latency_samples"] == f["latency_frames_sent"]
+    assert f["session_errors"] == 0
+    assert f["nodes_per_gateway_at_5min_wake"] == int(f["sessions_per_s"] * 300)
