@@ -113,7 +113,7 @@ def init():
             _cfg.get("block_size", 4096),
             _cfg.get("block_count", 512),
         )
-    _battery_account()
+    _battery_account(True)
 
 
 def unique_id():
@@ -144,29 +144,36 @@ def flash_block_device():
 
 # ---- deterministic signals ----
 
+def _mul32(a, m):
+    # (a * m) mod 2^32 for a, m < 2^32 in two 16-bit halves: the full product would be a
+    # big integer (a heap allocation per multiply); these stay small ints.
+    return (a * (m & 0xFFFF) + (((a * (m >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
 def _mix(a, b):
     # 32-bit integer hash: the same inputs give the same output on every run and host.
-    h = (a * 0x9E3779B1 + b * 0x85EBCA77 + 0x165667B1) & 0xFFFFFFFF
+    h = (_mul32(a & 0xFFFFFFFF, 0x9E3779B1) + _mul32(b & 0xFFFFFFFF, 0x85EBCA77) + 0x165667B1) & 0xFFFFFFFF
     h ^= h >> 15
-    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    h = _mul32(h, 0x2C1B3C6D)
     h ^= h >> 12
-    h = (h * 0x297A2D39) & 0xFFFFFFFF
+    h = _mul32(h, 0x297A2D39)
     h ^= h >> 15
     return h
 
 
 def _lattice(seed, octave, i):
-    # A value in [-1, 1] for lattice point i of one noise octave.
-    return _mix(_mix(seed, octave), i & 0xFFFFFFFF) / 2147483647.5 - 1.0
+    # A value in [-1, 1) for lattice point i of one noise octave, in units of 1/65536.
+    # Integer (fixed point) throughout: a float is a heap object on the ports.
+    return (_mix(_mix(seed, octave), i & 0xFFFFFFFF) >> 15) - 65536
 
 
 def _noise(seed, t_ms, period_ms, octave):
-    # Smooth value noise: cosine-free smoothstep interpolation between lattice points.
+    # Smooth value noise (1/65536 units): smoothstep interpolation between lattice points.
     x = t_ms // period_ms
-    f = (t_ms % period_ms) / period_ms
-    f = f * f * (3.0 - 2.0 * f)
+    f = (t_ms % period_ms) * 65536 // period_ms
+    f = (f * f >> 16) * (196608 - 2 * f) >> 16
     a = _lattice(seed, octave, x)
-    return a + (_lattice(seed, octave, x + 1) - a) * f
+    return a + ((_lattice(seed, octave, x + 1) - a) * f >> 16)
 
 
 def _walk(seed, t_ms):
@@ -177,7 +184,7 @@ def _walk(seed, t_ms):
         + _noise(seed, t_ms, 600000, 2) * 12
         + _noise(seed, t_ms, 3600000, 3) * 40
         + _noise(seed, t_ms, 21600000, 4) * 80
-    )
+    ) >> 16
 
 
 def sensors_at(seed, t_ms):
@@ -186,9 +193,9 @@ def sensors_at(seed, t_ms):
     swing = 300 + _mix(seed, 12) % 400  # 3 .. 7 degC half-amplitude
     # Warmest at 15:00 UTC, with a per-node phase of up to an hour.
     phase = (t_ms - 15 * 3600000 + _mix(seed, 13) % 3600000) % _DAY_MS
-    diurnal = math.cos(6.283185307179586 * phase / _DAY_MS)
-    temp = int(base + swing * diurnal + _walk(seed, t_ms))
-    hum = int(5500 - 2.5 * (temp - base) + _walk(seed + 7, t_ms) * 2)
+    diurnal = int(swing * math.cos(6.283185307179586 * phase / _DAY_MS))
+    temp = base + diurnal + _walk(seed, t_ms)
+    hum = 5500 - (5 * (temp - base)) // 2 + _walk(seed + 7, t_ms) * 2
     return max(-4000, min(8500, temp)), max(500, min(9900, hum))
 
 
@@ -211,8 +218,11 @@ def rssi():
 _CURVE = ((0, 3000), (5, 3300), (10, 3500), (20, 3620), (50, 3750), (80, 3950), (100, 4200))
 
 
-def _battery_account():
+def _battery_account(save=False):
     # Charge the time since the last update at the current of the state the node was in.
+    # The file is written at boot and at deep sleep only: a write (JSON, file) per radio
+    # switch or battery reading would be most of the board's allocation in a wake, and a
+    # power cut in between is charged as awake time from the boot's record.
     global _battery
     _load()
     now = virtual_ms()
@@ -233,7 +243,8 @@ def _battery_account():
     b["used_uah"] += ua * dt_h
     b["vt_ms"] = now
     b["mode"] = "radio" if _radio else "awake"
-    _write_json("battery.json", b)
+    if save:
+        _write_json("battery.json", b)
 
 
 def battery_used_uah():
@@ -298,6 +309,9 @@ def deep_sleep(ms):
     _battery_account()
     _battery["mode"] = "sleep"
     _write_json("battery.json", _battery)
+    if _bdev is not None:
+        # Flash wear of this wake, for benchmarks: bytes programmed, blocks erased.
+        sys.stdout.write("F prog=%d erase=%d\n" % (_bdev.prog_bytes, _bdev.erase_count))
     _control("sleep %d" % ms)
     # SystemExit skips `except Exception`; the supervisor also kills a process that lingers.
     sys.exit(EXIT_DEEP_SLEEP)

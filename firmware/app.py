@@ -75,6 +75,9 @@ class Wake:
         # timings (ms) and wire figures for the "T" line
         self.ms_boot = self.ms_sample = self.ms_connect = self.ms_publish = self.ms_wait = 0
         self.bytes_out = self.bytes_in = 0
+        self.bytes_conn = 0  # TLS handshake + CONNECT/CONNACK, both directions
+        self.bytes_burst = 0  # BURST publishes as written to the socket (TLS records included)
+        self.stop = False  # SLEEP_NOW arrived
         self.tls_alloc = 0
         self.import_alloc = 0
 
@@ -190,6 +193,7 @@ class Wake:
             # A Will for crashes and lost links only: a planned sleep ends with DISCONNECT.
             client.connect(budget, will=("torpor/%s/status" % cfg.device_id, b"lost", 1, False))
             self.tls_alloc = gc.mem_alloc() - a
+            self.bytes_conn = client.bytes_out + client.bytes_in
             client.subscribe("torpor/%s/down" % cfg.device_id, 1, budget)
             self.ms_connect = _ms_since(t1)
             log.info("connected in %d ms", self.ms_connect)
@@ -286,7 +290,9 @@ class Wake:
                 except IndexError:
                     # Did not fit the class's max_message: fewer readings in this burst.
                     count = count * 3 // 4
+            b0 = client.bytes_out
             client.publish(self.up_topic, self.fmv[:n], 1, False, budget)
+            self.bytes_burst += client.bytes_out - b0
             after = first + count - 1
             self.sent += count
             self.sent_top = after
@@ -304,22 +310,21 @@ class Wake:
             self._on_down(client, m[1])
 
     def _listen(self, client, budget):
+        # Until SLEEP_NOW with every published reading acknowledged (the gateway may say
+        # SLEEP_NOW in answer to HELLO, before the bursts' ACK), or the window ends.
         window = time.ticks_add(time.ticks_ms(), self.cfg.awake_window_ms)
-        while True:
+        while not (self.stop and (self.q.floor >= self.sent_top or not self.sent)):
             end = _earlier(window, budget)
             if self.effects.stay_awake_ms:
                 # stay_awake overrides the window and the budget: an operator asked for it.
                 end = time.ticks_add(time.ticks_ms(), self.effects.stay_awake_ms)
                 window = budget = end
                 self.effects.stay_awake_ms = 0
+                self.stop = False
             m = client.wait_msg(end)
             if m is None:
-                # wait_msg also returns after a PUBACK or PINGRESP: only the deadline ends it.
-                if time.ticks_diff(end, time.ticks_ms()) <= 0:
-                    return
-                continue
-            if self._on_down(client, m[1]) == STOP:
-                return
+                return  # the window (or the budget) is over
+            self._on_down(client, m[1])
 
     def _on_down(self, client, payload):
         try:
@@ -353,6 +358,7 @@ class Wake:
             self.sleep_req = f[proto.SLEEP_NOW_SLEEP_S]
             if f[proto.SLEEP_NOW_PENDING]:
                 self.hint = 1
+            self.stop = True
             return STOP
         elif ftype == proto.ERROR:
             log.warn("gateway error code=%d ref=%d %s", f[proto.ERROR_CODE], f[proto.ERROR_REF], f[proto.ERROR_DETAIL])
@@ -380,9 +386,10 @@ class Wake:
 def _report(w, sleep_ms, a0):
     log.line(
         "T boot=%d sample=%d connect=%d publish=%d wait=%d total=%d bytes_out=%d bytes_in=%d "
-        "sent=%d depth=%d sleep=%d"
+        "sent=%d depth=%d sleep=%d conn_bytes=%d burst_bytes=%d"
         % (w.ms_boot, w.ms_sample, w.ms_connect, w.ms_publish, w.ms_wait, _ms_since(w.t0),
-           w.bytes_out, w.bytes_in, w.sent, w.q.depth if w.q else 0, sleep_ms)
+           w.bytes_out, w.bytes_in, w.sent, w.q.depth if w.q else 0, sleep_ms,
+           w.bytes_conn, w.bytes_burst)
     )
     # Bytes allocated during the wake (no collection runs in between on a roomy heap): the
     # TLS handshake and a source import of mqtt are shown apart from the app's own.
