@@ -121,14 +121,14 @@ def board_from_machine(machine: str) -> str | None:
 class Board:
     """A MicroPython board on a serial port, driven through mpremote's serial transport."""
 
-    def __init__(self, port: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, port: str, *, timeout: float = 8.0) -> None:
         from mpremote.transport import TransportError
         from mpremote.transport_serial import SerialTransport
 
         self.port = port
         self._quiet = io.StringIO()
         try:
-            self.t = SerialTransport(port, baudrate=115200)
+            self.t = SerialTransport(port, baudrate=115200, timeout=2)
         except (TransportError, OSError) as exc:
             raise FlashError(f"no board on {port}: {exc}", EXIT_NO_BOARD) from exc
         try:

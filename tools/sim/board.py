@@ -294,6 +294,7 @@ class VirtualBoard:
         self._current = b""  # kind of the frame in progress
         self._exc = False
         self._line = bytearray()
+        self._held = bytearray()
         self._cont: list[str] = []
         self._raw = bytearray()
         self._paste_count = 0
@@ -438,6 +439,9 @@ class VirtualBoard:
         if kind == b"B":
             self._booting = False
             self._prompt()
+            held = bytes(self._held)
+            self._held.clear()
+            self._input(held)
             self._send_next()
             return
         if kind == b"R" and body == b"main.py" and self._interrupted:
@@ -614,7 +618,12 @@ class VirtualBoard:
             elif self.mode == FRIENDLY:
                 self._emit(b"\r\n>>> ")
             return
-        if self._busy or self._booting or self._sleep_until is not None:
+        if self._booting or self._sleep_until is not None:
+            # Typed while the board restarts: handled once the REPL is up, as a UART's FIFO.
+            if len(self._held) < 4096:
+                self._held.append(b)
+            return
+        if self._busy:
             return  # the running program does not read stdin
         if self.mode == RAW:
             self._raw_byte(b)

@@ -1,0 +1,66 @@
+"""`torpor flash` provisions a virtual board; its error paths have their own exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway import db, registry
+from gateway.pki import Pki
+from tools.flash import Board
+from tools.sim.board import VirtualBoard
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def torpor(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_flash_provisions_a_virtual_board(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    pki.init_ca()
+    dbp = tmp_path / "gw.db"
+    with VirtualBoard(tmp_path / "node", time_scale=1000) as b:
+        common = ["flash", "--port", b.port, "--board", "sim", "--device-id", "node-7",
+                  "--pki", str(tmp_path / "pki"), "--db", str(dbp), "--gateway", "127.0.0.1:18883"]
+        p = torpor(*common, "--format", "--log-seconds", "2")
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "verified SHA-256" in p.stdout and "first boot" in p.stdout
+        # the device is registered and has a certificate
+        conn = db.open_db(dbp)
+        dev = registry.get(conn, "node-7")
+        conn.close()
+        creds = pki.device_credentials("node-7")
+        assert dev.cert_serial == format(creds.serial, "x")
+        # again: refused, then allowed with --reprovision
+        p = torpor(*common, "--log-seconds", "0")
+        assert p.returncode == 8 and "already provisioned" in p.stderr
+        p = torpor(*common, "--reprovision", "--log-seconds", "0")
+        assert p.returncode == 0, p.stderr
+        # wrong board
+        p = torpor("flash", "--port", b.port, "--board", "esp32", "--device-id", "x1",
+                   "--pki", str(tmp_path / "pki"), "--db", str(dbp))
+        assert p.returncode == 5 and "not 'esp32'" in p.stderr
+        with Board(b.port) as board:
+            cfg = json.loads(board.exec("print(open('/config.json').read())").decode())
+            assert cfg["device_id"] == "node-7" and cfg["broker_port"] == 18883
+            assert board.sha256("/certs/cert.der") == hashlib.sha256(creds.cert_der.read_bytes()).digest()
+            assert board.sha256("/certs/ca.der") == hashlib.sha256(creds.ca_der.read_bytes()).digest()
+
+
+def test_no_board_and_not_micropython(tmp_path: Path) -> None:
+    p = torpor("flash", "--port", str(tmp_path / "nothing"), "--board", "sim", "--device-id", "a")
+    assert p.returncode == 3 and "no board on" in p.stderr
+    master, slave = os.openpty()  # a silent serial device
+    try:
+        p = torpor("flash", "--port", os.ttyname(slave), "--board", "sim", "--device-id", "a")
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert p.returncode == 4 and "MicroPython" in p.stderr
