@@ -1,4 +1,4 @@
-"""`torpor gateway run|status|config-example` and `torpor device add|list|show|release`.
+"""`torpor gateway run|status|config-example` and `torpor device add|list|show|release|revoke`.
 
 Exit codes: 0 success, 1 the gateway is not running (`status`), 2 an error the operator can
 act on (bad configuration, unknown device...).
@@ -7,6 +7,7 @@ act on (bad configuration, unknown device...).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import logging
@@ -21,6 +22,8 @@ from gateway import db, deadletter, downlink_cli, readings, registry
 from gateway.errors import GatewayError
 
 DEFAULT_CONFIG = "/etc/torpor/gateway.toml"
+EXTERNAL_BROKER_UNIT = "torpor-mosquitto.service"
+RELOAD_WAIT_S = 5.0
 CONFIG_ENV = "TORPOR_CONFIG"
 
 
@@ -67,6 +70,14 @@ def register(sub: Any) -> None:
     config_arg(p)
     p.add_argument("device_id")
     p.set_defaults(func=_release)
+    p = dsub.add_parser(
+        "revoke", help="revoke a device: CRL, broker reload, cut its live session, registry")
+    config_arg(p)
+    p.add_argument("device_id")
+    p.add_argument("--broker-pid", type=int, default=None,
+                   help="[broker] mode = external: the mosquitto process to reload "
+                   f"(default: `systemctl reload {EXTERNAL_BROKER_UNIT}`)")
+    p.set_defaults(func=_revoke)
     # Downlink to sleeping nodes: send, config, cancel (gateway/downlink_cli.py).
     downlink_cli.register(dsub, config_arg)
 
@@ -240,16 +251,130 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _release(args: argparse.Namespace) -> int:
+    from gateway.ingest import enqueue_events
+
     try:
-        _cfg, conn = _open(args)
+        cfg, conn = _open(args)
         try:
-            dev = registry.release(conn, args.device_id)
+            with db.transaction(conn):
+                dev = registry.release(conn, args.device_id)
+                enqueue_events(conn, cfg.upstream, [(dev.id, "released", {})], time.time())
         finally:
             conn.close()
     except GatewayError as exc:
         return _fail(str(exc))
     print(f"{dev.id}: {dev.status}")
     return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    """Revoke the certificates (CRL rewritten), mark the device revoked and tell upstream
+    in one transaction, make the broker reload the CRL, then cut the live session."""
+    from gateway import broker
+    from gateway.ingest import enqueue_events
+    from gateway.pki import Pki
+
+    try:
+        cfg, conn = _open(args)
+        try:
+            dev = registry.get(conn, args.device_id)
+            pki = Pki(cfg.pki_dir)
+            had_certs = bool(pki.device_records(dev.id))
+            serials = pki.revoke(dev.id) if had_certs else []
+            if serials or dev.status != registry.REVOKED:
+                now = time.time()
+                with db.transaction(conn):
+                    registry.set_status(conn, dev.id, registry.REVOKED, "revoked by the operator",
+                                        now=now)
+                    enqueue_events(conn, cfg.upstream, [(dev.id, "revoked", {
+                        "serials": [format(s, "x") for s in serials]})], now)
+            broker_pid = _broker_pid(cfg, conn)
+        finally:
+            conn.close()
+        names = ", ".join(format(s, "x") for s in serials) or "none new"
+        print(f"{dev.id}: revoked (certificates: {names})")
+        if cfg.broker.mode == "supervised" and broker_pid is None:
+            print("broker: not running; it reads the new CRL when the gateway starts")
+            return 0
+        _reload_broker(cfg.broker.mode, args.broker_pid or broker_pid)
+        refused = _wait_refused(cfg, pki, dev.id)
+        asyncio.run(broker.kick(cfg.mqtt_host, cfg.mqtt_port, pki, dev.id))
+    except GatewayError as exc:
+        return _fail(str(exc))
+    print("broker: reloaded, new connections "
+          + ("refused" if refused else "refused once the reload is done (not checked: no key)"))
+    print("broker: live sessions cut")
+    return 0
+
+
+def _broker_pid(cfg: gwconfig.GatewayConfig, conn: Any) -> int | None:
+    """The supervised mosquitto's pid, from the running gateway's status."""
+    from gateway import service
+
+    if cfg.broker.mode != "supervised":
+        return None
+    st = service.read_status(conn)
+    pid = st.detail.get("broker_pid") if st.running else None
+    return int(pid) if pid else None
+
+
+def _reload_broker(mode: str, pid: int | None) -> None:
+    """SIGHUP: mosquitto re-reads the CRL and refuses the revoked certificates from now on."""
+    import shutil
+    import signal
+    import subprocess
+
+    from gateway.errors import BrokerError
+
+    if pid is not None:
+        comm = Path(f"/proc/{pid}/comm")
+        if comm.exists() and comm.read_text().strip() != "mosquitto":
+            raise BrokerError(f"process {pid} is not mosquitto; reload the broker yourself")
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except OSError as exc:
+            raise BrokerError(f"could not signal mosquitto (pid {pid}): {exc}; the device is "
+                              "revoked, reload the broker yourself") from None
+        return
+    systemctl = shutil.which("systemctl")
+    if mode == "external" and systemctl:
+        done = subprocess.run([systemctl, "--no-ask-password", "reload", EXTERNAL_BROKER_UNIT],
+                              capture_output=True, text=True, timeout=30)
+        if done.returncode == 0:
+            return
+    raise BrokerError("the device is revoked but the broker was not reloaded: run "
+                      f"`systemctl reload {EXTERNAL_BROKER_UNIT}` (or pass --broker-pid), then "
+                      "`torpor device revoke` again to cut its live session")
+
+
+def _wait_refused(cfg: gwconfig.GatewayConfig, pki: Any, device_id: str) -> bool:
+    """Probe with the revoked certificate until the broker refuses it (the reload is
+    handled at the top of mosquitto's next loop). False when the key is not at hand."""
+    import ssl
+
+    from gateway import broker
+    from gateway.errors import BrokerError
+
+    records = pki.device_records(device_id)
+    if not records:
+        time.sleep(0.5)
+        return False
+    folder = pki.path / Path(max(records, key=lambda r: r.not_before).path).parent
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    if not key.exists():
+        time.sleep(0.5)
+        return False
+    ctx = broker.client_ssl_context(pki, cert, key)
+    deadline = time.monotonic() + RELOAD_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            if broker.mqtt_probe(cfg.mqtt_host, cfg.mqtt_port, ctx, timeout=2.0) != 0:
+                return True
+        except (OSError, ssl.SSLError, ConnectionError):
+            return True
+        time.sleep(0.1)
+    raise BrokerError(f"the broker still accepts {device_id}'s certificate {RELOAD_WAIT_S:.0f}s "
+                      "after the reload: check that its crlfile is the PKI's crl.pem")
 
 
 def default_config_path() -> Path:

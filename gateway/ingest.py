@@ -15,7 +15,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,6 +276,11 @@ class Ingest:
                     self.conn, bursts, self.states, now=now, in_transaction=True)
                 if self.upstream is not None and result.committed:
                     self._enqueue_upstream(result.committed, now)
+                if self.upstream is not None and (hellos or quarantine):
+                    enqueue_events(self.conn, self.upstream, [
+                        *((d, "hello", hello_fields(h)) for d, h in hellos),
+                        *((d, "quarantined", {"reason": r}) for d, r in quarantine.items()),
+                    ], now)
                 if self.downlink is not None:
                     if answers:
                         self.downlink.handle_up(self.conn, answers, now)
@@ -436,6 +441,32 @@ class Ingest:
             # The node did not hear from us: it keeps its readings and sends them again.
             self.metrics.publish_errors += 1
             log.warning("could not publish to %s: %s", topic, exc)
+
+
+def hello_fields(hello: proto.Hello) -> dict[str, Any]:
+    """What a `hello` event tells upstream about a wake."""
+    return {
+        "fw_version": hello.fw_version, "boot_cause": hello.boot_cause.name.lower(),
+        "battery_mv": hello.battery_mv, "rssi": hello.rssi, "queue_depth": hello.queue_depth,
+        "dropped": hello.dropped, "next_wake_s": hello.next_wake_s,
+        "safe_mode": bool(hello.safe_mode),
+    }
+
+
+def enqueue_events(conn: sqlite3.Connection, upstream: UpstreamConfig | None,
+                   events: Iterable[tuple[str, str, Mapping[str, Any]]], now: float) -> int:
+    """Device events (device, kind, fields) into the upstream outbox, inside the caller's
+    transaction, so an event is durable exactly when the change it reports is. Kinds:
+    hello and quarantined (ingest), released and revoked (`torpor device ...`)."""
+    if upstream is None or not upstream.enabled:
+        return 0
+    from gateway import formats, outbox
+
+    return outbox.enqueue(conn, [
+        formats.event_item(device, kind, fields, topic_template=upstream.topic_events,
+                           fmt=upstream.format, created=now)
+        for device, kind, fields in events
+    ])
 
 
 def _ref(payload: bytes) -> int:
