@@ -58,7 +58,7 @@ class FileBlockDev:
         elif os.stat(path)[6] != size:
             raise ValueError("flash image %s is not %d bytes" % (path, size))
         self._f = open(path, "r+b")
-        self._ff = None  # an erased block's bytes, made at the first erase (most wakes have none)
+        self._ff = b"\xff" * block_size
         spec = os.getenv(TEAR_ENV)
         if spec:
             n, _, seed = spec.partition(":")
@@ -105,8 +105,6 @@ class FileBlockDev:
         self.prog_bytes += len(buf)
 
     def _erase(self, block_num):
-        if self._ff is None:
-            self._ff = b"\xff" * self.block_size
         self._write(block_num * self.block_size, self._ff)
         self.erase_count += 1
 
