@@ -98,10 +98,6 @@ class Wake:
         if self.mv and self.mv < cfg.low_battery_mv:
             self.period *= LOW_BATTERY_STRETCH
         self.q = flashq.FlashQueue(board.FS_ROOT + "/queue", RECORD_SIZE, cfg.max_queue)
-        maxmsg = proto.CLASS_LIMITS[cfg.device_class][0]
-        self.frame = bytearray(maxmsg)
-        self.fmv = memoryview(self.frame)
-        self.up_topic = "torpor/%s/up" % cfg.device_id
         self.ms_boot = _ms_since(self.t0)
         log.info(
             "boot cause=%d safe=%d incomplete=%d depth=%d mv=%d",
@@ -175,6 +171,10 @@ class Wake:
         st = self.st
         t1 = time.ticks_ms()
         budget = mqtt.deadline(cfg.awake_budget_ms)
+        # Only wakes that send need a frame buffer and topics.
+        self.frame = bytearray(proto.CLASS_LIMITS[cfg.device_class][0])
+        self.fmv = memoryview(self.frame)
+        self.up_topic = "torpor/%s/up" % cfg.device_id
         client = None
         self.session_ok = False
         self.hint = 0

@@ -35,6 +35,7 @@ class State:
         self.pending_hint = 0  # the gateway said more downlink is waiting
         self.last_wake = 0  # unix s of the previous wake
         self.rtc_valid = False
+        self._rtc = bytearray(_RTC_SIZE)  # reused by every save_rtc()
         # flash fields
         self.executed = []
         self.results = []
@@ -59,7 +60,7 @@ class State:
         self.rtc_valid = True
 
     def save_rtc(self):
-        buf = bytearray(_RTC_SIZE)
+        buf = self._rtc
         struct.pack_into(
             _RTC_FMT, buf, 0, _RTC_MAGIC, min(self.boots_incomplete, 255),
             min(self.boots_without_send, 65535), min(self.fails, 255),
