@@ -6,14 +6,14 @@ from micropython import const
 import struct
 
 MAJOR = const(1)
-MINOR = const(0)
-VERSION_BYTE = const(0x10)
+MINOR = const(1)
+VERSION_BYTE = const(0x11)
 HEADER_SIZE = const(6)
 MAX_FRAME = const(4096)
 
 # frame types and their largest encoding
 HELLO = const(1)
-MAX_HELLO = const(59)
+MAX_HELLO = const(65)
 BURST = const(2)
 MAX_BURST = const(3576)
 ACK = const(3)
@@ -155,6 +155,7 @@ HELLO_OTA_REASON = const(14)
 HELLO_SAFE_MODE = const(15)
 HELLO_BOOTS_WITHOUT_SEND = const(16)
 HELLO_MCU_TEMP = const(17)
+HELLO_FIRST_ID = const(18)
 BURST_SCHEMA = const(1)
 BURST_INTERVAL = const(2)
 BURST_READINGS = const(3)
@@ -437,7 +438,7 @@ def _tlv(buf, off, n, name):
     return ln
 
 
-def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class, config_version=0, ota_state=0, ota_reason=0, safe_mode=False, boots_without_send=0, mcu_temp=0.0):
+def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class, config_version=0, ota_state=0, ota_reason=0, safe_mode=False, boots_without_send=0, mcu_temp=0.0, first_id=0):
     _put_header(buf, HELLO, msg_id)
     off = 6
     struct.pack_into("<IBHbIHIIHIB", buf, off, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class)
@@ -472,6 +473,11 @@ def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem
         buf[off + 1] = 4
         struct.pack_into("<f", buf, off + 2, mcu_temp)
         off += 6
+    if first_id != 0:
+        buf[off] = 18
+        buf[off + 1] = 4
+        struct.pack_into("<I", buf, off + 2, first_id)
+        off += 6
     return off
 
 
@@ -491,6 +497,7 @@ def decode_hello(buf):
     v_safe_mode = False
     v_boots_without_send = 0
     v_mcu_temp = 0.0
+    v_first_id = 0
     last = 0
     while off < n:
         tl = _tlv(buf, off, n, "HELLO")
@@ -514,10 +521,12 @@ def decode_hello(buf):
             v_boots_without_send = _fixed_tlv("<B", 1, buf, voff, tl, "HELLO", "boots_without_send")
         elif tag == 17:
             v_mcu_temp = _fixed_tlv("<f", 4, buf, voff, tl, "HELLO", "mcu_temp")
+        elif tag == 18:
+            v_first_id = _fixed_tlv("<I", 4, buf, voff, tl, "HELLO", "first_id")
         elif minor <= MINOR:
             raise _err("HELLO", off, "unknown field tag %d" % tag)
         off = voff + tl
-    return (_msg_id(buf), v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp)
+    return (_msg_id(buf), v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id)
 
 
 def encode_burst(buf, msg_id, schema, interval, recs, count):

@@ -16,8 +16,8 @@ Buffer = bytes | bytearray | memoryview
 _E = TypeVar("_E", bound=IntEnum)
 
 MAJOR = 1
-MINOR = 0
-VERSION_BYTE = 0x10
+MINOR = 1
+VERSION_BYTE = 0x11
 HEADER_SIZE = 6
 MAX_FRAME = 4096
 _U32 = struct.Struct('<I')
@@ -426,7 +426,7 @@ class Hello:
     """HELLO (up): A node woke and reports its state; the gateway answers with ACK, queued downlink, SLEEP_NOW."""
 
     FRAME_TYPE: ClassVar[int] = 1
-    MAX_SIZE: ClassVar[int] = 59
+    MAX_SIZE: ClassVar[int] = 65
     msg_id: int
     fw_version: int
     boot_cause: BootCause
@@ -445,6 +445,7 @@ class Hello:
     safe_mode: bool = False
     boots_without_send: int = 0
     mcu_temp: float = 0.0
+    first_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -608,6 +609,7 @@ _S_HELLO_T14 = struct.Struct('<B')
 _S_HELLO_T15 = struct.Struct('<B')
 _S_HELLO_T16 = struct.Struct('<B')
 _S_HELLO_T17 = struct.Struct('<f')
+_S_HELLO_T18 = struct.Struct('<I')
 
 
 def decode_hello(buf: Buffer) -> Hello:
@@ -627,6 +629,7 @@ def decode_hello(buf: Buffer) -> Hello:
     v_safe_mode = False
     v_boots_without_send = 0
     v_mcu_temp = 0.0
+    v_first_id = 0
     last = 0
     while off < n:
         tag, voff, tl = _tlv_head(buf, off, n, "HELLO")
@@ -651,10 +654,13 @@ def decode_hello(buf: Buffer) -> Hello:
         elif tag == 17:
             x = _fixed_tlv(_S_HELLO_T17, buf, voff, tl, "HELLO", "mcu_temp")
             v_mcu_temp = x
+        elif tag == 18:
+            x = _fixed_tlv(_S_HELLO_T18, buf, voff, tl, "HELLO", "first_id")
+            v_first_id = x
         elif minor <= MINOR:
             raise ProtocolError("HELLO", off, f"unknown field tag {tag}")
         off = voff + tl
-    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp)
+    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id)
 
 
 def encode_hello(f: Hello) -> bytes:
@@ -706,6 +712,11 @@ def encode_hello(f: Hello) -> bytes:
             _put_tlv(out, 17, _S_HELLO_T17.pack(f.mcu_temp))
         except (struct.error, OverflowError, TypeError):
             raise _pack_error("HELLO", out, (("mcu_temp", "f32", f.mcu_temp),)) from None
+    if f.first_id != 0:
+        try:
+            _put_tlv(out, 18, _S_HELLO_T18.pack(f.first_id))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("first_id", "u32", f.first_id),)) from None
     return bytes(out)
 
 _S_BURST_0 = struct.Struct('<BH')

@@ -33,7 +33,7 @@ def plain(v: Any) -> Any:
 def frames() -> list[Any]:
     hello = p.Hello(1, 12, p.BootCause.TIMER, 3650, -72, 81234, 64, 3, 300, 1500, 1_767_225_600,
                     p.DeviceClass.SENSOR, config_version=4, ota_state=p.OtaState.CONFIRMED,
-                    mcu_temp=31.5)
+                    mcu_temp=31.5, first_id=1001)
     irregular = p.Series((1_767_225_600, 1_767_225_661, 1_767_225_719),
                          ((-1250, -1249, -1300), (9990, 10000, 9800), (2900, 2899, 2899)))
     return [
