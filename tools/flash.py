@@ -305,6 +305,21 @@ def config_json(
     return cfg
 
 
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs for config.json; a value that reads as an integer is one."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise FlashError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool) -> tuple[bytes, bytes, bytes, str]:
     """Issue (or reuse) the device's credentials; refuse a device already provisioned."""
     from gateway import db, registry  # noqa: F401  (registry registers its store)
@@ -383,6 +398,7 @@ def flash(args: argparse.Namespace) -> int:
             b.format()
         cert, key, ca, serial = credentials(Path(args.pki), Path(args.db), args.device_id, args.reprovision)
         cfg = config_json(args.device_id, args.gateway, args.wifi_ssid, args.wifi_password, args.server_hostname)
+        cfg.update(parse_settings(getattr(args, "settings", None) or []))
         files_out = image_files(args.board)
         files_out += [
             ImageFile("/config.json", json.dumps(cfg).encode()),
@@ -439,6 +455,10 @@ def register(sub: Any) -> None:
     p.add_argument("--server-hostname", default="", help="name in the broker's certificate, if not the host")
     p.add_argument("--pki", default="var/pki", help="PKI directory (default var/pki)")
     p.add_argument("--db", default="var/gateway.db", help="gateway database (default var/gateway.db)")
+    p.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+        help="another config.json key (e.g. send_every=1; integers stay integers); repeatable",
+    )
     p.add_argument("--format", action="store_true", help="erase every file on the board first")
     p.add_argument("--reprovision", action="store_true", help="flash a device that is already registered")
     p.add_argument("--log-seconds", type=float, default=5.0, help="show the first boot this long (default 5)")
