@@ -11,7 +11,7 @@ import base64
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -95,6 +95,53 @@ def _schema(schema_id: int) -> tuple[str, tuple[Measurement, ...]]:
         raise FormatError(f"unknown sensor schema {schema_id}") from None
 
 
+class _JsonSchema:
+    """The fixed parts of a schema's "json" payload, computed once: the units object, a
+    %-template per reading row, and per measurement a bounded memo of value texts (sensor
+    values repeat, and formatting a float is most of the cost of a payload)."""
+
+    __slots__ = ("head", "row", "steps", "memos")
+
+    def __init__(self, name: str, measurements: tuple[Measurement, ...]) -> None:
+        units = _json({m.name: m.unit for m in measurements}).decode("ascii")
+        self.head = f',"schema":{_json(name).decode("ascii")}', f',"units":{units},"readings":['
+        # "t" is an int; each value is %s of the text json.dumps gives its number.
+        self.row = '{"t":%d' + "".join(
+            f",{_json(m.name).decode('ascii')}:%s" for m in measurements) + "}"
+        self.steps = [(m.scale, _decimals(m.scale)) for m in measurements]
+        self.memos: list[dict[int, str]] = [{} for _ in measurements]
+
+    def texts(self, index: int, raws: Sequence[int]) -> list[str]:
+        """The JSON text of each scaled value of one column (same bytes as json.dumps)."""
+        memo = self.memos[index]
+        out = list(map(memo.get, raws))
+        if None in out:
+            step, places = self.steps[index]
+            if len(memo) > _MEMO_MAX:
+                memo.clear()
+            for i, raw in enumerate(raws):
+                if out[i] is None:
+                    text = memo[raw] = repr(_scaled(raw, step, places))
+                    out[i] = text
+        return out  # type: ignore[return-value]
+
+
+_MEMO_MAX: Final = 4096
+_json_schemas: dict[int, _JsonSchema] = {}
+
+
+def _json_readings(device: str, schema_id: int, series: Series, msg_id: int | None) -> bytes:
+    js = _json_schemas.get(schema_id)
+    if js is None:
+        js = _json_schemas[schema_id] = _JsonSchema(*_schema(schema_id))
+    cols = [js.texts(i, col) for i, col in enumerate(series.columns)]
+    rows = ",".join(map(js.row.__mod__, zip(series.timestamps, *cols, strict=True)))
+    ident = "" if msg_id is None else f',"id":{int(msg_id)}'
+    head, units = js.head
+    return (f'{{"device":{_json(device).decode("ascii")}{head}{ident}{units}{rows}]}}'
+            ).encode("ascii")
+
+
 def readings_payload(
     device: str, schema_id: int, series: Series, fmt: str, *, msg_id: int | None = None
 ) -> bytes:
@@ -105,19 +152,7 @@ def readings_payload(
         raise FormatError(f"schema {name} has {len(measurements)} measurements, "
                           f"the series {len(series.columns)} columns")
     if fmt == "json":
-        steps = [(m.name, m.scale, _decimals(m.scale)) for m in measurements]
-        rows = []
-        for row in series.rows():
-            rec: dict[str, Any] = {"t": row[0]}
-            for (mname, step, places), raw in zip(steps, row[1:], strict=True):
-                rec[mname] = _scaled(raw, step, places)
-            rows.append(rec)
-        doc: dict[str, Any] = {"device": device, "schema": name}
-        if msg_id is not None:
-            doc["id"] = msg_id
-        doc["units"] = {m.name: m.unit for m in measurements}
-        doc["readings"] = rows
-        return _json(doc)
+        return _json_readings(device, schema_id, series, msg_id)
     check_format(fmt)
     convs = []
     for m in measurements:
@@ -128,7 +163,7 @@ def readings_payload(
     base = series.timestamps[0] if len(series) else 0
     for ri, row in enumerate(series.rows()):
         for ci, ((mname, symbol, step, places), raw) in enumerate(zip(convs, row[1:], strict=True)):
-            rec = {}
+            rec: dict[str, Any] = {}
             if ri == 0 and ci == 0:
                 rec["bn"] = BASE_NAME.format(device=device)
                 rec["bt"] = base
