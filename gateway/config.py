@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway.downlink import DownlinkConfig
 from gateway.errors import ConfigError
 
 __all__ = [
-    "BrokerConfig", "ConfigError", "GatewayConfig", "GatewaySection", "IngestConfig",
-    "MqttConfig", "UpstreamConfig", "load_config", "parse_config",
+    "BrokerConfig", "ConfigError", "DownlinkConfig", "GatewayConfig", "GatewaySection",
+    "IngestConfig", "MqttConfig", "UpstreamConfig", "load_config", "parse_config",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -107,6 +108,7 @@ class GatewayConfig:
     mqtt: MqttConfig = MqttConfig()
     ingest: IngestConfig = IngestConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    downlink: DownlinkConfig = DownlinkConfig()  # delivery to sleeping nodes (gateway.downlink)
     source: str = ""  # the file it was read from
 
     @property
@@ -147,6 +149,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "mqtt": MqttConfig,
     "ingest": IngestConfig,
     "upstream": UpstreamConfig,
+    "downlink": DownlinkConfig,
 }
 # Keys holding file or folder paths: resolved against the config file's folder.
 _PATH_KEYS = {
@@ -175,6 +178,11 @@ _MINIMA: dict[tuple[str, str], float] = {
     ("upstream", "outbox_max_age_s"): 1.0,
     ("upstream", "reconnect_min_s"): 0.0,
     ("upstream", "reconnect_max_s"): 0.0,
+    ("downlink", "max_attempts"): 1,
+    ("downlink", "frame_cost_ms"): 1,
+    ("downlink", "window_reserve_ms"): 0,
+    ("downlink", "grace_s"): 0.0,
+    ("downlink", "sweep_interval_s"): 0.05,
 }
 _MAXIMA: dict[tuple[str, str], float] = {
     ("broker", "port"): 65535,

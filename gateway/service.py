@@ -129,8 +129,9 @@ class Service:
                  downlink: DownlinkConfig | None = None) -> None:
         self.cfg = cfg
         self.on_hello = on_hello
-        # Queued commands and configuration for sleeping nodes (gateway.downlink).
-        self.downlink = Downlink(downlink)
+        # Queued commands and configuration for sleeping nodes (gateway.downlink); an
+        # explicit `downlink` overrides the configuration file's [downlink] section.
+        self.downlink = Downlink(downlink or cfg.downlink)
         self.conn: sqlite3.Connection | None = None
         self.ingest: Ingest | None = None
         self.broker: Any = None

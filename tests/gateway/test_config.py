@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,20 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text("[ingest\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(tmp_path / "bad.toml")
+
+
+def test_downlink_section_reaches_the_service(tmp_path: Path) -> None:
+    from gateway.downlink import DownlinkConfig
+    from gateway.service import Service
+
+    (tmp_path / "g.toml").write_text(
+        "[downlink]\nmax_attempts = 2\nframe_cost_ms = 50\nwindow_reserve_ms = 0\n"
+        "grace_s = 5\nsweep_interval_s = 0.5\n")
+    cfg = load_config(tmp_path / "g.toml")
+    assert cfg.downlink == DownlinkConfig(2, 50, 0, 5.0, 0.5)
+    assert Service(cfg).downlink.cfg == cfg.downlink
+    for doc, message in (({"max_attempts": 0}, "[downlink] max_attempts: 0 is below"),
+                         ({"grace_s": "1"}, "[downlink] grace_s: expected a number"),
+                         ({"retries": 3}, "[downlink] retries: unknown key")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_config({"downlink": doc})
