@@ -109,8 +109,12 @@ class Ingest:
         downlink: Downlink | None = None,
         on_committed: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
+        writer: db.Writer | None = None,
     ) -> None:
+        # `run` commits on `writer`'s thread (a private one when None), so `conn`, the
+        # caches and `on_committed` are used from that thread while it runs.
         self.conn = conn
+        self.writer = writer
         cfg = cfg or IngestConfig()
         self.cfg = cfg
         self.upstream = upstream if upstream is not None and upstream.enabled else None
@@ -132,6 +136,8 @@ class Ingest:
         self._full = asyncio.Event()
         self._accepting = True
         self._publishing: set[asyncio.Task[None]] = set()
+        self._inflight: asyncio.Future[Outgoing] | None = None
+        self._oldest = 0.0  # time.monotonic() when the oldest pending frame arrived
         if self.upstream is not None:
             from gateway import formats
 
@@ -273,7 +279,8 @@ class Ingest:
         try:
             with db.transaction(self.conn):
                 result = readings.commit_bursts(
-                    self.conn, bursts, self.states, now=now, in_transaction=True)
+                    self.conn, bursts, self.states, now=now, in_transaction=True,
+                    low_water=[(d, h.first_id) for d, h in hellos if h.first_id])
                 if self.upstream is not None and result.committed:
                     self._enqueue_upstream(result.committed, now)
                 if self.upstream is not None and (hellos or quarantine):
@@ -379,6 +386,8 @@ class Ingest:
         """Queue one received frame for the next batch."""
         if not self._accepting:
             return
+        if not self._pending:
+            self._oldest = time.monotonic()
         self._pending.append((topic, payload))
         self._have.set()
         if len(self._pending) >= self.cfg.batch_max_frames:
@@ -389,7 +398,8 @@ class Ingest:
         already received, wait for those publishes, then re-raise."""
         await client.subscribe(topics.UP_ALL, qos=1)
         log.info("ingesting %s", topics.UP_ALL)
-        committer = asyncio.create_task(self._commit_loop(client), name="ingest-commit")
+        writer = self.writer or db.Writer("ingest-db")
+        committer = asyncio.create_task(self._commit_loop(client, writer), name="ingest-commit")
         try:
             async for message in client.messages:
                 payload = message.payload
@@ -403,29 +413,56 @@ class Ingest:
             committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await committer
-            await self.drain(client)
+            try:
+                await self.drain(client, writer=writer)
+            finally:
+                if writer is not self.writer:
+                    writer.close()
 
-    async def drain(self, client: aiomqtt.Client, timeout: float = 5.0) -> None:
-        """Commit what is pending, publish its answers and wait for the in-flight ones."""
+    async def drain(self, client: aiomqtt.Client, timeout: float = 5.0,
+                    writer: db.Writer | None = None) -> None:
+        """Answer the commit in flight, commit what is pending, publish its answers and
+        wait for the in-flight publishes."""
+        if self._inflight is not None:
+            with contextlib.suppress(Exception):
+                self._publish(client, await self._inflight)
+            self._inflight = None
         if self._pending:
             batch, self._pending = self._pending, []
-            self._publish(client, self.process(batch))
+            writer = writer or self.writer
+            out = await writer.run(self.process, batch) if writer else self.process(batch)
+            self._publish(client, out)
         if self._publishing:
             await asyncio.wait(self._publishing, timeout=timeout)
 
-    async def _commit_loop(self, client: aiomqtt.Client) -> None:
+    async def _commit_loop(self, client: aiomqtt.Client, writer: db.Writer) -> None:
+        """Group commit: one batch commits on the writer thread while the next one grows
+        on the event loop, which keeps reading MQTT. Under load a batch is whatever
+        arrived during the previous commit (up to batch_max_frames), so batches grow with
+        the load and one fsync covers them all; when idle, a frame waits at most
+        batch_max_ms for company and then one commit."""
         wait_s = self.cfg.batch_max_ms / 1000.0
+        cap = self.cfg.batch_max_frames
         while True:
             await self._have.wait()
-            if len(self._pending) < self.cfg.batch_max_frames and wait_s > 0:
+            # Frames that arrived during the previous commit have waited already.
+            left = self._oldest + wait_s - time.monotonic()
+            if len(self._pending) < cap and left > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), wait_s)
-            batch, self._pending = self._pending, []
-            self._have.clear()
+                    await asyncio.wait_for(self._full.wait(), left)
+            batch = self._pending[:cap]
+            del self._pending[:cap]
             self._full.clear()
+            if not self._pending:
+                self._have.clear()
+            elif len(self._pending) >= cap:
+                self._full.set()
             if batch:
-                self._publish(client, self.process(batch))
-                await asyncio.sleep(0)
+                # Shielded: a cancel while the commit runs leaves its answers to drain().
+                self._inflight = asyncio.ensure_future(writer.run(self.process, batch))
+                out = await asyncio.shield(self._inflight)
+                self._inflight = None
+                self._publish(client, out)
 
     def _publish(self, client: aiomqtt.Client, out: Outgoing) -> None:
         for topic, payload in out:

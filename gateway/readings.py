@@ -118,6 +118,20 @@ class DedupState:
             self.hwm = ghi
         self.ranges = merged
 
+    def give_up_below(self, first_id: int) -> int:
+        """The node holds no reading below `first_id` any more (acknowledged or dropped by
+        its overflow policy): stop waiting for the gaps there. Returns the ids given up."""
+        if first_id - 1 <= self.hwm:
+            return 0
+        lost = first_id - 1 - self.hwm - sum(
+            min(hi, first_id - 1) - lo + 1 for lo, hi in self.ranges if lo < first_id)
+        self.hwm = first_id - 1
+        rest = [(lo, hi) for lo, hi in self.ranges if hi > self.hwm]
+        while rest and rest[0][0] <= self.hwm + 1:
+            self.hwm = max(self.hwm, rest.pop(0)[1])
+        self.ranges = rest
+        return lost
+
     def selective(self, prefer: Sequence[tuple[int, int]] = ()) -> tuple[int, ...]:
         """Up to 64 committed ids above the hwm, those in `prefer` (ranges) first."""
         out: list[int] = []
@@ -216,6 +230,7 @@ def commit_bursts(
     *,
     now: float = 0.0,
     in_transaction: bool = False,
+    low_water: Iterable[tuple[str, int]] = (),
 ) -> CommitResult:
     """Store the new readings of `batch` (device, burst) and the dedup state; drop the
     readings already committed.
@@ -230,7 +245,8 @@ def commit_bursts(
     acks: list[AckState] = []
     committed: list[Committed] = []
     by_width: dict[int, list[tuple[int, ...]]] = {}
-    for device, burst in batch:
+
+    def state(device: str) -> DedupState:
         st = work.get(device)
         if st is None:
             base = states.get(device)
@@ -238,6 +254,17 @@ def commit_bursts(
                 base = load_state(conn, device)
                 states[device] = base
             st = work[device] = base.copy()
+        return st
+
+    dirty: set[str] = set()
+    for device, first_id in low_water:
+        if first_id - 1 > state(device).hwm:
+            dirty.add(device)
+            lost = work[device].give_up_below(first_id)
+            log.info("%s: the node no longer holds ids below %d; %d never arrived",
+                     device, first_id, lost, extra={"device_id": device})
+    for device, burst in batch:
+        st = state(device)
         n = len(burst.readings)
         lo, hi = burst.msg_id, burst.msg_id + n - 1
         spans = st.new_spans(lo, hi)
@@ -254,9 +281,10 @@ def commit_bursts(
             committed.append(Committed(device, rows[0][1], burst.schema, series, rows))
             for s_lo, s_hi in spans:
                 st.add(s_lo, s_hi)
+            dirty.add(device)
         acks.append(AckState(device, burst.msg_id, st.hwm, st.selective([(lo, hi)]), stored))
     result = CommitResult(acks, committed, states, work)
-    if not committed:
+    if not dirty:
         return result
 
     def write() -> None:
@@ -264,7 +292,7 @@ def commit_bursts(
             conn.executemany(_INSERT[width], rows)
         conn.executemany(
             _SAVE_STATE,
-            [(d, s.hwm, s.encode_ranges(), s.total, now) for d, s in work.items()],
+            [(d, s.hwm, s.encode_ranges(), s.total, now) for d, s in work.items() if d in dirty],
         )
 
     if in_transaction:

@@ -68,3 +68,19 @@ def test_any_order_of_resends_stores_each_id_once(tmp_path_factory, spans) -> No
     assert sorted(ids) == sorted(expected)
     st_ = cache["d"]
     assert all(st_.contains(i) for i in expected)
+
+
+def test_low_water_mark_gives_up_gaps_the_node_dropped(tmp_path: Path) -> None:
+    # ids 11..20 were dropped by the node's overflow policy and will never arrive
+    conn = db.open_db(tmp_path / "g.db")
+    states: dict[str, readings.DedupState] = {}
+    readings.commit_bursts(conn, [("n1", burst(1, 10)), ("n1", burst(21, 10))], states)
+    assert readings.stats(conn, "n1")[:2] == (10, 10)
+    res = readings.commit_bursts(conn, [], states, low_water=[("n1", 21)])
+    assert res.acks == []
+    assert readings.stats(conn, "n1")[:2] == (30, 0)
+    # a low-water mark below what is committed changes nothing
+    readings.commit_bursts(conn, [], states, low_water=[("n1", 5)])
+    assert readings.stats(conn, "n1")[:2] == (30, 0)
+    again = readings.commit_bursts(conn, [("n1", burst(31, 4))], states)
+    assert again.acks[0].cumulative == 34 and again.acks[0].selective == ()
