@@ -268,3 +268,20 @@ def test_device_show_predicts_the_next_listening_time_within_one_interval(stack:
         assert "next listening:" in text and "for 3.0s" in text
 
     aio(main())
+
+
+def test_gateway_supervising_its_own_broker_delivers_at_the_first_hello(
+        supervised_stack: Stack) -> None:
+    stack = supervised_stack
+
+    async def main() -> None:
+        stack.start()
+        node = stack.add_node("n8", seed=10)
+        out = stack.cli("device", "send", "n8", "ping", "5").stdout
+        assert "delivered at its first HELLO" in out  # never seen yet
+        cid = send(stack, "n8", "ping", 6)
+        await node.wake()
+        await until(lambda: item(stack, "n8", cid).status == q.DONE, "retired")
+        assert [ex.status for ex in node.executions()] == [OK, OK]
+
+    aio(main())
