@@ -49,7 +49,7 @@ class DemoError(Exception):
 @dataclass(frozen=True, slots=True)
 class DemoOptions:
     nodes: int = 20
-    wakes: int = 40
+    wakes: int = 30
     duration_s: float = 120.0
     time_scale: float = 30.0
     sample_interval_s: int = 60
@@ -455,7 +455,7 @@ def register(sub: Any) -> None:
         ),
     )
     p.add_argument("--nodes", type=int, default=20, help="simulated nodes (default 20)")
-    p.add_argument("--wakes", type=int, default=40, help="wakes per node (default 40)")
+    p.add_argument("--wakes", type=int, default=30, help="wakes per node (default 30)")
     p.add_argument("--duration", type=float, default=120.0,
                    help="stop starting wakes after this many seconds (default 120)")
     p.add_argument("--time-scale", type=float, default=30.0,
