@@ -1,3 +1,3 @@
 """Shared pytest setup: the MicroPython harness and fixtures used across the tree."""
 
-pytest_plugins = ["tests.mpharness", "tests.fixtures.broker"]
+pytest_plugins = ["tests.mpharness", "tests.fixtures.broker", "tests.hil.plugin"]

@@ -386,7 +386,7 @@ def check_board(info: BoardInfo, expected: str) -> None:
 
 def flash(args: argparse.Namespace) -> int:
     files_out: list[ImageFile] = []
-    with Board(args.port) as b:
+    with Board(args.port, timeout=getattr(args, "timeout", 8.0)) as b:
         info = b.info()
         print(
             f"board: {info.machine} (MicroPython {'.'.join(map(str, info.version))}, "
@@ -458,6 +458,10 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
         help="another config.json key (e.g. send_every=1; integers stay integers); repeatable",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=8.0,
+        help="seconds to wait for the board's raw REPL (default 8)",
     )
     p.add_argument("--format", action="store_true", help="erase every file on the board first")
     p.add_argument("--reprovision", action="store_true", help="flash a device that is already registered")

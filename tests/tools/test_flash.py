@@ -59,7 +59,8 @@ def test_no_board_and_not_micropython(tmp_path: Path) -> None:
     assert p.returncode == 3 and "no board on" in p.stderr
     master, slave = os.openpty()  # a silent serial device
     try:
-        p = torpor("flash", "--port", os.ttyname(slave), "--board", "sim", "--device-id", "a")
+        p = torpor("flash", "--port", os.ttyname(slave), "--board", "sim", "--device-id", "a",
+                   "--timeout", "2")
     finally:
         os.close(master)
         os.close(slave)

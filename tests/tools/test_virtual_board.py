@@ -1,9 +1,13 @@
-"""Plain mpremote against the virtual board on a pty: exec, fs, reset, soft reset, mip."""
+"""Plain mpremote against the virtual board on a pty: exec, fs, reset, soft reset, mip.
+
+One board serves the module: each test leaves the board as it found it (no main.py, the REPL
+answering), so the restarts a test needs are its own, not a fresh board per test."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +23,9 @@ def mpremote(port: str, *args: str, timeout: float = 30) -> subprocess.Completed
     )
 
 
-@pytest.fixture
-def vboard(tmp_path: Path) -> Iterator[VirtualBoard]:
-    with VirtualBoard(tmp_path / "node", time_scale=100) as b:
+@pytest.fixture(scope="module")
+def vboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VirtualBoard]:
+    with VirtualBoard(tmp_path_factory.mktemp("vboard") / "node", time_scale=100) as b:
         yield b
 
 
@@ -38,11 +42,12 @@ def test_fs_cp_ls_cat_and_files_survive_reset(vboard: VirtualBoard, tmp_path: Pa
     blob.write_bytes(bytes(range(256)) * 20)
     p = mpremote(vboard.port, "fs", "cp", str(src), ":hello.txt", "+", "fs", "cp", str(blob), ":blob.bin")
     assert p.returncode == 0, p.stderr
-    p = mpremote(vboard.port, "fs", "ls")
-    assert "hello.txt" in p.stdout and "5120 blob.bin" in p.stdout
-    assert mpremote(vboard.port, "fs", "cat", "hello.txt").stdout.strip() == "hello board"
     back = tmp_path / "back.bin"
-    assert mpremote(vboard.port, "fs", "cp", ":blob.bin", str(back)).returncode == 0
+    p = mpremote(vboard.port, "fs", "ls", "+", "fs", "cat", "hello.txt",
+                 "+", "fs", "cp", ":blob.bin", str(back))
+    assert p.returncode == 0, p.stderr
+    assert "hello.txt" in p.stdout and "5120 blob.bin" in p.stdout
+    assert "hello board" in p.stdout
     assert back.read_bytes() == blob.read_bytes()
     # hard reset, then a new session: RAM is fresh, flash is kept
     assert mpremote(vboard.port, "exec", "x = 5").returncode == 0
@@ -64,14 +69,14 @@ def test_main_py_runs_at_boot_and_deep_sleep_reboots(vboard: VirtualBoard, tmp_p
     main.write_text("import board\nprint('woke', board.boot_cause())\nboard.deep_sleep(100)\n")
     assert mpremote(vboard.port, "fs", "cp", str(main), ":main.py").returncode == 0
     assert mpremote(vboard.port, "reset").returncode == 0
-    import time
-
-    deadline = time.monotonic() + 15
     log = vboard.dir / "board.log"
-    while time.monotonic() < deadline and log.read_text(errors="replace").count("woke 1") < 2:
-        time.sleep(0.2)
-    assert log.read_text(errors="replace").count("woke 1") >= 2  # timer wakes after sleeps
-    assert vboard.sleeps >= 2
+    start = log.read_text(errors="replace").count("woke 1")
+    sleeps = vboard.sleeps
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and log.read_text(errors="replace").count("woke 1") < start + 2:
+        time.sleep(0.05)
+    assert log.read_text(errors="replace").count("woke 1") >= start + 2  # timer wakes after sleeps
+    assert vboard.sleeps >= sleeps + 2
     # Ctrl-C (mpremote's raw REPL entry) gets through between wakes
     p = mpremote(vboard.port, "fs", "rm", "main.py")
     assert p.returncode == 0, p.stderr
