@@ -376,7 +376,7 @@ class Ingest:
                     min(len(extra), 255)))))
                 out.extend((down, f) for f in extra)
                 out.append((down, proto.encode_sleep_now(
-                    proto.SleepNow(hello.msg_id, hello.next_wake_s, min(left, 255)))))
+                    proto.SleepNow(hello.msg_id, 0, min(left, 255)))))
             else:
                 out.extend((down, f) for f in r.frames)
         return out
