@@ -348,3 +348,41 @@ def test_malformed_frames_are_kept_raw_quarantine_the_sender_and_release_lets_it
     assert kinds.index("quarantined") < kinds.index("released")
     q = next(e for e in got.events if e["event"] == "quarantined")
     assert "3 malformed frames" in q["fields"]["reason"]
+
+
+def test_revoke_with_an_external_broker_reloads_the_given_pid(
+    tmp_path: Path, broker: RunningBroker,
+) -> None:
+    pki = broker.pki
+    assert pki is not None
+    gw = Gateway(gateway_config(tmp_path, pki, broker_port=broker.port, external=True,
+                                upstream_port=None))
+    creds = gw.register(pki, "ex1", "ex2")
+    gw.start()
+    try:
+        gw.wait_running()
+        s = Stack(gw, pki, broker.port, broker, tmp_path)
+
+        async def main() -> None:
+            async with device_client(s, creds["ex1"]) as live:
+                await live.subscribe(topics.down("ex1"), qos=1)
+                await send_until_acked(live, "ex1", burst(1), 1)
+                code, out = await cli(s, "device", "revoke", "ex1", "--broker-pid",
+                                      str(broker.pid))
+                assert code == 0, out
+                with pytest.raises(aiomqtt.MqttError):
+                    async with asyncio.timeout(15):
+                        async for _ in live.messages:
+                            pass
+
+        asyncio.run(main())
+        # Without a pid and without a systemd unit to reload, the revocation is recorded
+        # and the operator is told what is left to do.
+        no_pid = gw.cli("device", "revoke", "ex2")
+        if no_pid.returncode != 0:
+            assert no_pid.returncode == 2 and "not reloaded" in no_pid.stderr, no_pid.stderr
+        assert gw.query("SELECT status FROM devices WHERE id='ex2'") == [("revoked",)]
+    finally:
+        assert gw.stop() == 0
+    assert {creds["ex1"].serial, creds["ex2"].serial} <= pki.revoked_serials()
+    assert [r[0] for r in stored(gw, "ex1")] == [1, 2, 3, 4]
