@@ -6,6 +6,8 @@ its ordered list of schema steps; `open_db()` runs every registered store's migr
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import importlib
 import logging
 import sqlite3
@@ -13,12 +15,21 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
+# WAL housekeeping: checkpoint every ~4 MB of WAL (SQLite's default is 1000 pages) and cut
+# the file back to 64 MB after a checkpoint, so a long burst of ingest neither grows the
+# WAL without bound nor makes every commit pay for a checkpoint.
+WAL_AUTOCHECKPOINT_PAGES = 1000
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+CACHE_KIB = 16 * 1024
+
+T = TypeVar("T")
 
 # Store modules, each with `migrate(conn)`. A module that is not installed yet is skipped
 # so the stores can grow one at a time; order matters only for readability.
@@ -30,6 +41,7 @@ STORE_MODULES: tuple[str, ...] = (
     "gateway.outbox",
     "gateway.queue",
     "gateway.downlink",
+    "gateway.ota",
 )
 
 _extra_stores: list[Callable[[sqlite3.Connection], None]] = []
@@ -69,6 +81,10 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         # FULL: a commit is on disk before it returns, so an ACK sent after it is a promise.
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        if not readonly:
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
     except sqlite3.Error as exc:
         raise DatabaseError(f"cannot open the database {path}: {exc}") from exc
     return conn
@@ -84,6 +100,31 @@ def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+class Writer:
+    """The one thread that writes the database in a gateway process.
+
+    A commit waits for its fsync (synchronous=FULL); on this thread that wait never stalls
+    the event loop, which keeps reading MQTT meanwhile. Every writer of the process (ingest,
+    the relay's deletes, status, housekeeping) runs its transactions here, one after the
+    other, so they never queue on SQLite's write lock (whose busy handler sleeps for
+    milliseconds at a time). Each caller keeps its own connection and its own module's
+    SQL; only the thread is shared."""
+
+    def __init__(self, name: str = "db-writer") -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` on the writer thread; the caller's task waits, the loop does not."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def submit(self, fn: Callable[..., T], *args: object) -> concurrent.futures.Future[T]:
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        """Finish what was submitted, then stop the thread."""
+        self._pool.shutdown(wait=True)
 
 
 def _ensure_migrations_table(conn: sqlite3.Connection) -> None:

@@ -9,7 +9,6 @@ is at-least-once and in order. Bounds are enforced on a timer whether connected 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import random
@@ -22,6 +21,7 @@ from typing import Final, Protocol, TypeVar
 
 import aiomqtt
 
+from gateway.db import Writer
 from gateway.errors import ConfigError
 from gateway.formats import check_format
 from gateway.outbox import Counters, Outbox, Queued
@@ -192,6 +192,7 @@ class Relay:
         bounds_every_s: float = 1.0,
         publish_timeout_s: float = 15.0,
         keepalive_s: int = 30,
+        writer: Writer | None = None,
     ) -> None:
         if cfg.enabled:
             validate(cfg)
@@ -210,16 +211,25 @@ class Relay:
         self.connects = 0
         self.last_error: str | None = None
         self._outbox: Outbox | None = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # The gateway's database writer thread (gateway.db.Writer), shared with ingest so
+        # that the relay's deletes queue behind ingest's commits in-process instead of on
+        # SQLite's lock; a private thread when None.
+        self.writer = writer
+        self._pool: Writer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._acks: asyncio.Event | None = None
 
     # ---------------------------------------------------------------- public
 
     def notify(self) -> None:
-        """New items were committed: look now instead of at the next poll (loop thread)."""
-        if self._wake is not None:
-            self._wake.set()
+        """New items were committed: look now instead of at the next poll. Any thread
+        (ingest commits on the writer thread)."""
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            loop.call_soon_threadsafe(wake.set)
 
     async def status(self) -> RelayStatus:
         box = self._box()
@@ -243,9 +253,10 @@ class Relay:
             return
         self._wake = asyncio.Event()
         self._acks = asyncio.Event()
-        # One thread owns the SQLite connection: a write waiting on the database lock must
-        # not stall the event loop that ingest commits from.
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="relay-db")
+        self._loop = asyncio.get_running_loop()
+        # One thread owns the SQLite connection: a write waiting on the database must not
+        # stall the event loop.
+        self._pool = self.writer or Writer("relay-db")
         cfg = self.cfg
         try:
             self._outbox = await self._db(
@@ -263,9 +274,11 @@ class Relay:
             self.connected = False
             box, self._outbox = self._outbox, None
             pool, self._pool = self._pool, None
+            self._loop = None
             if box is not None:
                 pool.submit(box.close)
-            pool.shutdown(wait=True)
+            if pool is not self.writer:
+                pool.close()
 
     # ---------------------------------------------------------------- internals
 
@@ -276,7 +289,7 @@ class Relay:
 
     async def _db(self, fn: Callable[..., T], *args: object) -> T:
         assert self._pool is not None
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await self._pool.run(fn, *args)
 
     async def _bounds_loop(self) -> None:
         box = self._box()

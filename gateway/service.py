@@ -133,6 +133,8 @@ class Service:
         # explicit `downlink` overrides the configuration file's [downlink] section.
         self.downlink = Downlink(downlink or cfg.downlink)
         self.conn: sqlite3.Connection | None = None
+        # Every database write of the process runs on this one thread (gateway.db.Writer).
+        self.writer: db.Writer | None = None
         self.ingest: Ingest | None = None
         self.broker: Any = None
         self.relay: Any = None
@@ -151,6 +153,10 @@ class Service:
     async def run(self) -> None:
         cfg = self.cfg
         self.conn = db.open_db(cfg.db_path)
+        # Ingest's own connection: its transactions run on the writer thread, never
+        # interleaved with the status and housekeeping writes made through self.conn.
+        ingest_conn = db.connect(cfg.db_path)
+        self.writer = writer = db.Writer()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -160,20 +166,19 @@ class Service:
             if cfg.broker.mode == "supervised":
                 await self._start_broker()
             self.ingest = Ingest(
-                self.conn, cfg.ingest, upstream=cfg.upstream, on_hello=self.on_hello,
-                downlink=self.downlink, on_committed=self._notify_relay,
+                ingest_conn, cfg.ingest, upstream=cfg.upstream, on_hello=self.on_hello,
+                downlink=self.downlink, on_committed=self._notify_relay, writer=writer,
             )
             self._write_status("running")
             tasks["ingest"] = asyncio.create_task(self._supervise("ingest", self._ingest))
             if cfg.upstream.enabled:
                 from gateway.relay import Relay
 
-                self.relay = Relay(cfg.db_path, cfg.upstream)
+                self.relay = Relay(cfg.db_path, cfg.upstream, writer=writer)
                 tasks["relay"] = asyncio.create_task(self._supervise("relay", self.relay.run))
             tasks["status"] = asyncio.create_task(self._supervise("status", self._status_loop))
-            conn = self.conn
             tasks["downlink"] = asyncio.create_task(
-                self._supervise("downlink", lambda: self.downlink.sweep_loop(conn)))
+                self._supervise("downlink", self._sweep_loop))
             log.info("gateway running (database %s, pid %d)", cfg.db_path, os.getpid())
             await self._stop.wait()
             log.info("shutting down")
@@ -190,8 +195,10 @@ class Service:
                     loop.remove_signal_handler(sig)
             if self.broker is not None:
                 await self.broker.stop()
+            writer.close()
             with contextlib.suppress(sqlite3.Error):
                 self._write_status("stopped")
+            ingest_conn.close()
             self.conn.close()
             log.info("gateway stopped")
 
@@ -266,12 +273,24 @@ class Service:
 
     async def _status_loop(self) -> None:
         interval = self.cfg.gateway.status_interval_s
+        assert self.writer is not None
         while True:
             await asyncio.sleep(interval)
-            self._write_status("running")
-            assert self.conn is not None
-            with db.transaction(self.conn):
-                deadletter.prune(self.conn, self.cfg.gateway.deadletter_max_rows)
+            await self.writer.run(self._status_tick)
+
+    def _status_tick(self) -> None:
+        assert self.conn is not None
+        self._write_status("running")
+        with db.transaction(self.conn):
+            deadletter.prune(self.conn, self.cfg.gateway.deadletter_max_rows)
+
+    async def _sweep_loop(self) -> None:
+        """Expire downlink items past their TTL (gateway.downlink) on the writer thread."""
+        assert self.writer is not None and self.conn is not None
+        conn = self.conn
+        while True:
+            await self.writer.run(self.downlink.sweep, conn)
+            await asyncio.sleep(self.downlink.cfg.sweep_interval_s)
 
     def _write_status(self, state: str) -> None:
         assert self.conn is not None
