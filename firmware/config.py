@@ -98,6 +98,10 @@ def _read(path):
 class Config:
     """Validated settings as attributes (cfg.sample_interval_s), plus the applied version."""
 
+    def __getattr__(self, name):
+        # Settings are set from SPEC in __init__; this only tells type checkers so.
+        raise AttributeError(name)
+
     def __init__(self, root):
         self.root = root.rstrip("/")
         self._applied_path = self.root + "/" + APPLIED_FILE
