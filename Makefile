@@ -4,10 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test venv mosquitto lint typecheck
+.PHONY: demo test venv mosquitto lint
 
 $(BIN)/torpor: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@# Debian ships venv support in a separate package: install it when venv creation fails.
+	$(PYTHON) -m venv $(VENV) || (rm -rf $(VENV) && $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV))
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
