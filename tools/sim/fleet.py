@@ -40,7 +40,7 @@ R_LINE = re.compile(r"^R id=(\d+) ")
 T_LINE = re.compile(r"^T (.*)$")
 # A wake that ended in none of these is counted as an error (crash, hang, watchdog...).
 CLEAN_KINDS = frozenset({"sleep", "power_cut"})
-DRAIN_ROUNDS = 3
+DRAIN_ROUNDS = 5
 # Real seconds a node stays off after a power cut or waits after a crash before it boots.
 OFF_AFTER_CUT_S = 0.5
 RESTART_AFTER_ERROR_S = 1.0
