@@ -51,7 +51,7 @@ pytestmark = [
 
 
 @dataclasses.dataclass(slots=True)
-class Stack:
+class SecStack:
     gw: Gateway
     pki: Pki
     port: int
@@ -59,32 +59,32 @@ class Stack:
     tmp: Path
 
 
-def _stack(tmp: Path, pki: Pki, upstream: RunningBroker, ingest: str = "") -> Iterator[Stack]:
+def _stack(tmp: Path, pki: Pki, upstream: RunningBroker, ingest: str = "") -> Iterator[SecStack]:
     port = free_port()
     gw = Gateway(gateway_config(tmp, pki, broker_port=port, external=False,
                                 upstream_port=upstream.port, ingest=ingest))
     gw.start()
     try:
         gw.wait_running()
-        yield Stack(gw, pki, port, upstream, tmp)
+        yield SecStack(gw, pki, port, upstream, tmp)
     finally:
         code = gw.stop()
     assert code == 0, gw.log.read_text()[-3000:]
 
 
 @pytest.fixture
-def stack(tmp_path: Path, pki: Pki, broker_factory: Callable[..., RunningBroker]) -> Iterator[Stack]:
+def sec_stack(tmp_path: Path, pki: Pki, broker_factory: Callable[..., RunningBroker]) -> Iterator[SecStack]:
     yield from _stack(tmp_path, pki, broker_factory(tls=False))
 
 
 @pytest.fixture
-def strict_stack(tmp_path: Path, pki: Pki,
-                 broker_factory: Callable[..., RunningBroker]) -> Iterator[Stack]:
+def strict_sec_stack(tmp_path: Path, pki: Pki,
+                 broker_factory: Callable[..., RunningBroker]) -> Iterator[SecStack]:
     yield from _stack(tmp_path, pki, broker_factory(tls=False),
                       ingest="malformed_threshold = 3\nmalformed_window_s = 60")
 
 
-def device_client(s: Stack, creds: DeviceCredentials, identifier: str | None = None,
+def device_client(s: SecStack, creds: DeviceCredentials, identifier: str | None = None,
                   **kw: object) -> aiomqtt.Client:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(s.pki.ca_pem))
     ctx.load_cert_chain(str(creds.cert_pem), str(creds.key_pem))
@@ -112,7 +112,7 @@ async def send_until_acked(c: aiomqtt.Client, device: str, frame: bytes, first: 
     raise AssertionError(f"{device}: burst {first} never acknowledged")
 
 
-async def cli(s: Stack, *args: str) -> tuple[int, str]:
+async def cli(s: SecStack, *args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tools.cli", *args, "--config", str(s.gw.config), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
@@ -174,9 +174,9 @@ def forged(pki: Pki, folder: Path, device_id: str, *, self_signed: bool = False,
 # ---- tests --------------------------------------------------------------------------------
 
 def test_revoke_cuts_the_live_session_within_seconds_and_refuses_the_next_connect(
-    stack: Stack,
+    sec_stack: SecStack,
 ) -> None:
-    s = stack
+    s = sec_stack
     creds = s.gw.register(s.pki, "rv1", "ok1")
     node = sim_node(s.tmp, "rv1", 61, s.port, creds["rv1"], send_every=1, awake_budget_ms=3000)
     got = Received()
@@ -239,8 +239,8 @@ def test_revoke_cuts_the_live_session_within_seconds_and_refuses_the_next_connec
     assert unknown.returncode == 2 and "no device 'nobody'" in unknown.stderr
 
 
-def test_a_device_cannot_publish_or_listen_as_another(stack: Stack) -> None:
-    s = stack
+def test_a_device_cannot_publish_or_listen_as_another(sec_stack: SecStack) -> None:
+    s = sec_stack
     creds = s.gw.register(s.pki, "sa", "sb")
     overheard: list[str] = []
 
@@ -275,8 +275,8 @@ def hello(msg_id: int) -> proto.Hello:
                        1_767_225_600, proto.DeviceClass.SENSOR)
 
 
-def test_foreign_expired_and_self_signed_certificates_are_refused(stack: Stack) -> None:
-    s = stack
+def test_foreign_expired_and_self_signed_certificates_are_refused(sec_stack: SecStack) -> None:
+    s = sec_stack
     s.gw.register(s.pki, "xf", "xe", "xs", issue=False)
     foreign_pki = make_pki(s.tmp / "foreign-pki")
     bad = {
@@ -306,9 +306,9 @@ def test_foreign_expired_and_self_signed_certificates_are_refused(stack: Stack) 
 
 
 def test_malformed_frames_are_kept_raw_quarantine_the_sender_and_release_lets_it_back(
-    strict_stack: Stack,
+    strict_sec_stack: SecStack,
 ) -> None:
-    s = strict_stack
+    s = strict_sec_stack
     creds = s.gw.register(s.pki, "mq")
     junk = [b"\x00", b"\x01\x02" + bytes(range(40)), burst(1)[:-3]]
     got = Received()
@@ -361,7 +361,7 @@ def test_revoke_with_an_external_broker_reloads_the_given_pid(
     gw.start()
     try:
         gw.wait_running()
-        s = Stack(gw, pki, broker.port, broker, tmp_path)
+        s = SecStack(gw, pki, broker.port, broker, tmp_path)
 
         async def main() -> None:
             async with device_client(s, creds["ex1"]) as live:
