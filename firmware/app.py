@@ -12,6 +12,7 @@ import commands
 import config
 import flashq
 import log
+import ota
 import proto
 import state
 from micropython import const
@@ -206,6 +207,7 @@ class Wake:
             self.ms_publish = _ms_since(t2)
             t3 = time.ticks_ms()
             self._listen(client, budget)
+            ota.after_window(client, self)
             client.wait_pubacks(budget)
             # Every result, old or from this window, reached the broker.
             st.results_delivered(len(st.results))
@@ -238,10 +240,10 @@ class Wake:
         cfg = self.cfg
         st = self.st
         n = proto.encode_hello(
-            self.frame, st.msg_id(), cfg.fw_version, self.cause, min(self.mv, 65535),
+            self.frame, st.msg_id(), ota.fw_version(cfg.fw_version), self.cause, min(self.mv, 65535),
             max(-128, min(127, board.rssi())), gc.mem_free(), min(self.q.depth, 65535),
             self.q.dropped, self.plan_sleep() // 1000, cfg.awake_window_ms, board.time(),
-            cfg.device_class, cfg.version, 0, 0, self.safe, min(st.boots_without_send, 255),
+            cfg.device_class, cfg.version, *ota.hello_state(), self.safe, min(st.boots_without_send, 255),
         )
         client.publish(self.up_topic, self.fmv[:n], 1, False, budget)
 
@@ -333,6 +335,7 @@ class Wake:
             log.warn("bad downlink frame: %s", e)
             return 0
         if ftype == proto.ACK:
+            ota.on_ack()
             self.q.ack(f[proto.ACK_CUMULATIVE], f[proto.ACK_SELECTIVE])
             if f[proto.ACK_PENDING]:
                 self.hint = 1
@@ -362,6 +365,8 @@ class Wake:
             return STOP
         elif ftype == proto.ERROR:
             log.warn("gateway error code=%d ref=%d %s", f[proto.ERROR_CODE], f[proto.ERROR_REF], f[proto.ERROR_DETAIL])
+        elif ftype == proto.OTA_MANIFEST or ftype == proto.OTA_CHUNK:
+            ota.on_frame(ftype, f, self)
         else:
             log.info("downlink frame type %d not handled by the app", ftype)
         return 0

@@ -24,6 +24,7 @@ import aiomqtt
 from gateway import db, deadletter, proto, readings, registry, topics
 from gateway.config import IngestConfig, UpstreamConfig
 from gateway.downlink import Downlink, WakePlan
+from gateway.ota import OtaHandler
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class Ingest:
         upstream: UpstreamConfig | None = None,
         on_hello: HelloHook = no_downlink,
         downlink: Downlink | None = None,
+        ota: OtaHandler | None = None,
         on_committed: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
         writer: db.Writer | None = None,
@@ -121,6 +123,8 @@ class Ingest:
         self.on_hello = on_hello
         # Downlink to sleeping nodes: planned in the commit transaction (replaces on_hello).
         self.downlink = downlink
+        # OTA_STATUS frames and HELLOs' OTA outcomes (gateway.ota), before downlink planning.
+        self.ota = ota
         self.on_committed = on_committed
         self.clock = clock
         self.metrics = Metrics()
@@ -198,6 +202,7 @@ class Ingest:
         bursts: list[tuple[str, proto.Burst]] = []
         hellos: list[tuple[str, proto.Hello]] = []
         answers: list[tuple[str, proto.CommandResult | proto.ShadowReport]] = []
+        ota_frames: list[tuple[str, proto.OtaStatus]] = []
         plans: list[WakePlan] = []
         dead: list[deadletter.Row] = []
         replies: list[_Reply] = []
@@ -269,6 +274,8 @@ class Ingest:
             elif self.downlink is not None and isinstance(
                     frame, proto.CommandResult | proto.ShadowReport):
                 answers.append((device, frame))
+            elif self.ota is not None and isinstance(frame, proto.OtaStatus):
+                ota_frames.append((device, frame))
             else:
                 # Up frames served by later modules (command results, shadow, OTA status).
                 dead.append((device, now, "unhandled", type(frame).__name__, bytes(payload)))
@@ -288,6 +295,8 @@ class Ingest:
                         *((d, "hello", hello_fields(h)) for d, h in hellos),
                         *((d, "quarantined", {"reason": r}) for d, r in quarantine.items()),
                     ], now)
+                if self.ota is not None and (ota_frames or hellos):
+                    self.ota.handle(self.conn, ota_frames, hellos, now)
                 if self.downlink is not None:
                     if answers:
                         self.downlink.handle_up(self.conn, answers, now)

@@ -20,6 +20,7 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "tools.hil",
     "gateway.pki_cli",
     "gateway.cli",
+    "gateway.ota_cli",
     "tools.fw.cli",
     "tools.demo",
 )

@@ -1,0 +1,287 @@
+# Over-the-air updates on the node: OTA_MANIFEST and OTA_CHUNK frames from the gateway
+# into the inactive slot through the bootloader's slot API, one wake at a time, and the
+# outcome back to the gateway (OTA_STATUS, and the HELLO's ota_state/ota_reason).
+# docs/ota.md has the stream layout and the states. A download resumes across wakes and
+# reboots: the staging record in <flash>/ota/ and the slot's own resume map survive.
+import binascii
+import json
+import os
+import struct
+import time
+
+import proto
+import slots
+from micropython import const
+
+RESERVE_MS = const(1500)  # of the awake budget, kept for answering and disconnecting
+_HDR = "/ota/hdr"  # {"v": version, "cs": chunk size, "sig": hex, "m": prefix chunks or -1}
+_MAN = "/ota/man"  # u16 length + manifest: inline from the frame, or the stream's prefix
+
+_root = None
+_report = None  # (version, state, chunks, reason, detail) to publish after the window
+_hdr = None  # staging record of this wake, once loaded
+_begun = False  # slots.begin() ran in this process for the staged manifest
+_n = 0  # chunks of the image (without the manifest prefix)
+_acked = False
+_hello = (0, 0)
+
+
+def _where():
+    global _root
+    if _root is None:
+        import board
+
+        _root = board.FS_ROOT
+    return _root
+
+
+def configure(root):
+    """Another flash root (tests)."""
+    global _root, _report, _hdr, _begun, _acked
+    _root = root
+    _report = _hdr = None
+    _begun = _acked = False
+
+
+def _read(path):
+    try:
+        with open(_where() + path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _write(path, data, mode="wb"):
+    root = _where()
+    try:
+        os.mkdir(root + "/ota")
+    except OSError:
+        pass
+    with open(root + path, mode) as f:
+        f.write(data)
+
+
+def _drop_staging():
+    global _hdr, _begun
+    _hdr = None
+    _begun = False
+    for p in (_HDR, _MAN):
+        try:
+            os.remove(_where() + p)
+        except OSError:
+            pass
+
+
+def _load():
+    global _hdr
+    if _hdr is None:
+        raw = _read(_HDR)
+        if raw:
+            try:
+                _hdr = json.loads(raw)
+            except ValueError:
+                _hdr = None
+    return _hdr
+
+
+def _set_report(version, state, chunks, reason=0, detail=""):
+    global _report
+    _report = (version, state, chunks, reason, detail[:48])
+
+
+# ---- what the app calls ----
+
+def fw_version(default):
+    """The version of the running image (the bootloader's), else the configured one."""
+    r = slots.running()
+    return r[1] if r is not None else default
+
+
+def hello_state():
+    """(ota_state, ota_reason) for the HELLO: the bootloader's outcome to report."""
+    global _hello
+    try:
+        s = slots.status()
+        _hello = (s[0], s[1])
+    except OSError:
+        _hello = (0, 0)
+    return _hello
+
+
+def on_ack():
+    """The gateway acknowledged this wake's HELLO. A trial image has reached it: keep it.
+    An outcome the HELLO carried (confirmed, reverted) is now on record there: clear it."""
+    global _acked
+    if _acked:
+        return
+    _acked = True
+    r = slots.running()
+    if r is not None and r[2]:
+        if slots.confirm():
+            _set_report(r[1], proto.OTA_STATE_CONFIRMED, 0)
+        return
+    if _hello[0] == proto.OTA_STATE_CONFIRMED or _hello[0] == proto.OTA_STATE_REVERTED:
+        slots.clear_report()
+
+
+def on_frame(ftype, f, w):
+    """OTA_MANIFEST or OTA_CHUNK from the gateway; w is the app's Wake (battery, budget,
+    effects). Never raises for a bad frame: the outcome goes into the next OTA_STATUS."""
+    try:
+        if ftype == proto.OTA_MANIFEST:
+            _manifest(f, w)
+        else:
+            _chunk(f, w)
+    except slots.Refused as e:
+        _refused(f[1], e.reason, e.detail)
+    except OSError as e:
+        _set_report(f[1], proto.OTA_STATE_FAILED, 0, proto.OTA_REASON_NO_SPACE, "flash: %s" % e)
+
+
+def _refused(version, reason, detail):
+    # Nothing of a refused image stays: the next manifest starts clean.
+    _drop_staging()
+    state = proto.OTA_STATE_REFUSED
+    if reason == proto.OTA_REASON_BAD_HASH or reason == proto.OTA_REASON_MISSING_FILE:
+        state = proto.OTA_STATE_FAILED  # the manifest was good, the data was not
+    _set_report(version, state, 0, reason, detail)
+
+
+def _low_battery(w):
+    return w.mv and w.mv < w.cfg.low_battery_mv
+
+
+def _manifest(f, w):
+    global _hdr, _begun, _n
+    v = f[proto.OTA_MANIFEST_VERSION]
+    cs = f[proto.OTA_MANIFEST_CHUNK_SIZE]
+    man = f[proto.OTA_MANIFEST_MANIFEST]
+    sig = f[proto.OTA_MANIFEST_SIGNATURE]
+    if _low_battery(w):
+        _set_report(v, proto.OTA_STATE_REFUSED, 0, proto.OTA_REASON_LOW_BATTERY, "%d mV" % w.mv)
+        return
+    h = _load()
+    sh = binascii.hexlify(sig).decode()
+    if h is not None and h["v"] == v and h["cs"] == cs and h["sig"] == sh:
+        # The same update again (a lost status, a new campaign for it): resume.
+        _progress(v)
+        return
+    _drop_staging()
+    if man:
+        # Checked now: a refused manifest never gets staged.
+        _n = slots.begin(man, sig, cs)[1]
+        _begun = True
+        _write(_MAN, struct.pack("<H", len(man)) + bytes(man))
+        _hdr = {"v": v, "cs": cs, "sig": sh, "m": 0}
+    else:
+        # Too big for the class's frames: it comes first in the chunk stream.
+        _hdr = {"v": v, "cs": cs, "sig": sh, "m": -1}
+        _write(_MAN, b"")
+    _write(_HDR, json.dumps(_hdr))
+    _progress(v)
+
+
+def _resume():
+    # Reopen the staged download in this process: the slot API checks the manifest again.
+    global _begun, _n
+    if _begun:
+        return True
+    h = _hdr
+    raw = _read(_MAN)
+    if h["m"] < 0 or raw is None or len(raw) < 2:
+        return False
+    man = raw[2:2 + struct.unpack_from("<H", raw, 0)[0]]
+    _n = slots.begin(man, binascii.unhexlify(h["sig"]), h["cs"])[1]
+    _begun = True
+    return True
+
+
+def _prefix_len():
+    raw = _read(_MAN)
+    return 0 if raw is None else len(raw)
+
+
+def _next_index():
+    # Wire index of the first chunk the node still needs.
+    h = _hdr
+    if h["m"] < 0:
+        return (_prefix_len() + h["cs"] - 1) // h["cs"] if _prefix_len() else 0
+    if not _resume():
+        return 0
+    k = slots.missing()
+    if k < 0:
+        return h["m"] + _n
+    return h["m"] + k
+
+
+def _progress(v):
+    _set_report(v, proto.OTA_STATE_DOWNLOADING, _next_index())
+
+
+def _chunk(f, w):
+    v = f[proto.OTA_CHUNK_VERSION]
+    i = f[proto.OTA_CHUNK_INDEX]
+    data = f[proto.OTA_CHUNK_DATA]
+    h = _load()
+    if h is None or h["v"] != v:
+        # No manifest for this version here (lost, or refused): ask for it again.
+        _set_report(v, proto.OTA_STATE_IDLE, 0)
+        return
+    if time.ticks_diff(time.ticks_ms(), w.t0) > w.cfg.awake_budget_ms - RESERVE_MS:
+        return  # out of awake time: the gateway sends it again next wake
+    if h["m"] < 0:
+        _prefix_chunk(h, i, data, v)
+        return
+    if i < h["m"]:
+        return  # a prefix chunk again: already have it
+    _resume()
+    slots.write_chunk(i - h["m"], data)
+    if slots.missing() >= 0:
+        _progress(v)
+        return
+    n = h["m"] + _n
+    slots.finish()
+    slots.set_trial()
+    # The download is over: the slot and the bootloader's record hold everything now.
+    _drop_staging()
+    _set_report(v, proto.OTA_STATE_TRIAL, n)
+    w.effects.reboot = True
+
+
+def _prefix_chunk(h, i, data, v):
+    global _begun
+    cs = h["cs"]
+    have = _prefix_len()
+    if i * cs != have:
+        _progress(v)
+        return  # in order only: the prefix has no resume map of its own
+    if i == 0:
+        if len(data) < 2:
+            raise slots.Refused(proto.OTA_REASON_TRUNCATED, "manifest length")
+        need = 2 + struct.unpack_from("<H", data, 0)[0]
+        if need - 2 > slots.MAX_MANIFEST:
+            raise slots.Refused(proto.OTA_REASON_BAD_MANIFEST, "manifest size")
+    else:
+        need = 2 + struct.unpack_from("<H", _read(_MAN), 0)[0]
+    if len(data) != min(cs, need - have):
+        raise slots.Refused(proto.OTA_REASON_TRUNCATED, "chunk %d has %d bytes" % (i, len(data)))
+    _write(_MAN, data, "ab")
+    if have + len(data) < need:
+        _progress(v)
+        return
+    h["m"] = (need + cs - 1) // cs
+    _begun = False
+    _resume()  # checks the manifest: a refusal drops the staging
+    _write(_HDR, json.dumps(h))
+    _progress(v)
+
+
+def after_window(client, w):
+    """Publish this wake's OTA_STATUS, if any (after the window, once)."""
+    global _report
+    r = _report
+    if r is None:
+        return
+    _report = None
+    n = proto.encode_ota_status(w.frame, w.st.msg_id(), r[0], r[1], r[2], r[3], r[4])
+    client.publish(w.up_topic, w.fmv[:n], 1)

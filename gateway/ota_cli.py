@@ -1,0 +1,238 @@
+"""`torpor ota campaign create|status|cancel|demo`: firmware campaigns from the gateway host.
+
+Exit codes: 0 success, 2 an error the operator can act on (bad image, unknown device,
+device already updating, campaign not running), 1 a demo whose outcome was not the
+expected one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import re
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway import ota, proto
+from gateway.errors import GatewayError
+
+_RATE = re.compile(r"^(\d+)(%?)$")
+_SPAN = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_rate(text: str) -> tuple[int, bool]:
+    m = _RATE.match(text.strip())
+    if m is None or int(m.group(1)) < 1 or (m.group(2) and int(m.group(1)) > 100):
+        raise ota.OtaError(f"bad rate {text!r}: a device count (5) or a percentage (10%)")
+    return int(m.group(1)), bool(m.group(2))
+
+
+def parse_span(text: str) -> float:
+    m = _SPAN.match(text.strip().lower())
+    if m is None or float(m.group(1)) <= 0:
+        raise ota.OtaError(f"bad timeout {text!r}: seconds, or 30m, 12h, 7d")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_percent(text: str) -> float:
+    try:
+        v = float(text.strip().rstrip("%"))
+    except ValueError:
+        raise ota.OtaError(f"bad abort threshold {text!r}: a percentage 0..100") from None
+    if not 0 <= v <= 100:
+        raise ota.OtaError(f"abort threshold {text!r} is out of range 0..100")
+    return v
+
+
+def select_devices(conn: sqlite3.Connection, group: str | None,
+                   devices: str | None) -> list[str]:
+    """--devices a,b,c, or --group: `all`, a device class, or a pattern over device ids."""
+    if devices:
+        out = [d.strip() for d in devices.split(",") if d.strip()]
+        if not out:
+            raise ota.OtaError("--devices names no device")
+        return out
+    assert group is not None
+    rows = conn.execute(
+        "SELECT id, class FROM devices WHERE status NOT IN ('revoked', 'decommissioned') "
+        "ORDER BY id").fetchall()
+    if group == "all":
+        out = [r[0] for r in rows]
+    elif group in proto.DEVICE_CLASSES:
+        out = [r[0] for r in rows if r[1] == group]
+    else:
+        out = [r[0] for r in rows if fnmatch.fnmatchcase(r[0], group)]
+    if not out:
+        raise ota.OtaError(f"group {group!r} matches no device (a class, `all`, or a pattern "
+                           "like 'site1-*')")
+    return out
+
+
+def register(sub: Any) -> None:
+    from gateway.cli import CONFIG_ENV, DEFAULT_CONFIG
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", default=None,
+                       help=f"gateway TOML file (default: ${CONFIG_ENV} or {DEFAULT_CONFIG})")
+
+    top = sub.add_parser("ota", help="firmware updates: staged campaigns to sleeping nodes")
+    osub = top.add_subparsers(dest="ota_command", metavar="ACTION", required=True)
+    camp = osub.add_parser("campaign", help="create a campaign")
+    csub = camp.add_subparsers(dest="campaign_command", metavar="ACTION", required=True)
+    p = csub.add_parser("create", help="roll a signed image out to devices, in stages")
+    config_arg(p)
+    p.add_argument("--image", required=True, type=Path,
+                   help="signed image directory (`torpor fw build` + `torpor fw sign`)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--group", help="`all`, a device class, or a device id pattern ('site1-*')")
+    who.add_argument("--devices", help="comma-separated device ids")
+    p.add_argument("--rate", default="1",
+                   help="first wave: N devices or N%%; each confirmation starts one more "
+                   "(default 1)")
+    p.add_argument("--abort-threshold", default="10",
+                   help="abort when failed + reverted devices exceed this %% of the started "
+                   "ones (default 10)")
+    p.add_argument("--timeout", default="7d",
+                   help="a device not confirmed this long after its start has timed out "
+                   "(seconds, or 30m, 12h, 7d; default 7d)")
+    p.add_argument("--pubkey", type=Path, default=None,
+                   help="fleet public key file: also check the signature here")
+    p.add_argument("--override", action="append", default=[], metavar="DEVICE=DIR",
+                   help="another image for one device (e.g. another hardware revision)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_create)
+    p = osub.add_parser("status", help="campaigns, or one campaign per device")
+    config_arg(p)
+    p.add_argument("campaign", nargs="?", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)
+    p = osub.add_parser("cancel", help="stop a campaign; its queued OTA items leave the queues")
+    config_arg(p)
+    p.add_argument("campaign", type=int)
+    p.set_defaults(func=_cancel)
+    p = osub.add_parser("demo", help="a campaign to 20 sim nodes, one with a failing image")
+    p.add_argument("--nodes", type=int, default=20)
+    p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_demo)
+
+
+def _fail(msg: str) -> int:
+    print(f"torpor: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace, body: Any) -> int:
+    from gateway.cli import _open
+
+    try:
+        _cfg, conn = _open(args)
+        try:
+            return int(body(conn))
+        finally:
+            conn.close()
+    except GatewayError as exc:
+        return _fail(str(exc))
+
+
+def _create(args: argparse.Namespace) -> int:
+    def body(conn: sqlite3.Connection) -> int:
+        rate, pct = parse_rate(args.rate)
+        threshold = parse_percent(args.abort_threshold)
+        timeout = parse_span(args.timeout)
+        pub = None
+        if args.pubkey is not None:
+            from tools.fw import keys
+
+            try:
+                pub = keys.load_public(args.pubkey)
+            except Exception as exc:  # a bad key file of any kind
+                raise ota.OtaError(f"{args.pubkey}: not a public key ({exc})") from exc
+        img = ota.import_image(conn, args.image, public_key=pub)
+        devices = select_devices(conn, args.group, args.devices)
+        overrides: dict[str, int] = {}
+        for spec in args.override:
+            dev, sep, path = spec.partition("=")
+            if not sep or not dev or not path:
+                raise ota.OtaError(f"bad --override {spec!r}: DEVICE=IMAGE_DIR")
+            overrides[dev] = ota.import_image(conn, Path(path), public_key=pub).id
+        cid = ota.create_campaign(conn, img.id, devices, rate=rate, rate_percent=pct,
+                                  abort_threshold=threshold, timeout_s=timeout,
+                                  overrides=overrides)
+        c = ota.get_campaign(conn, cid)
+        if args.json:
+            print(json.dumps(c.as_dict(), indent=2))
+        else:
+            print(f"campaign {cid}: v{img.version} ({img.display}) to {len(devices)} device(s); "
+                  f"started {len(devices) - c.counts().get(ota.PENDING, 0)}")
+        return 0
+
+    return _run(args, body)
+
+
+def _status(args: argparse.Namespace) -> int:
+    def body(conn: sqlite3.Connection) -> int:
+        ota.sweep(conn)
+        if args.campaign is None:
+            cs = ota.campaigns(conn)
+            if args.json:
+                print(json.dumps([c.as_dict() for c in cs], indent=2))
+                return 0
+            if not cs:
+                print("no campaigns")
+            for c in cs:
+                print(summary_line(c))
+            return 0
+        c = ota.get_campaign(conn, args.campaign)
+        if args.json:
+            print(json.dumps(c.as_dict(), indent=2))
+        else:
+            print_campaign(c)
+        return 0
+
+    return _run(args, body)
+
+
+def summary_line(c: ota.Campaign) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(c.counts().items()))
+    return f"campaign {c.id}: v{c.version} {c.status} ({counts}){' - ' + c.note if c.note else ''}"
+
+
+def print_campaign(c: ota.Campaign) -> None:
+    print(summary_line(c))
+    rate = f"{c.rate}{'%' if c.rate_percent else ''}"
+    print(f"  rate {rate}, abort above {c.abort_threshold:g}%, timeout {c.timeout_s:g}s")
+    print(f"  {'device':<20} {'ver':>5} {'status':<12} {'chunks':>11}  reason")
+    for d in c.devices:
+        prog = f"{d.progress}/{d.chunks}" if d.chunks else "-"
+        why = d.reason + (f": {d.detail}" if d.detail else "")
+        print(f"  {d.device:<20} {d.version:>5} {d.status:<12} {prog:>11}  {why}")
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    def body(conn: sqlite3.Connection) -> int:
+        c = ota.cancel_campaign(conn, args.campaign)
+        print(summary_line(c))
+        return 0
+
+    return _run(args, body)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tools.sim import ota_demo
+
+    try:
+        result = ota_demo.run(args.nodes, args.dir)
+    except (ota_demo.DemoError, GatewayError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(result.campaign.as_dict(), indent=2))
+    else:
+        print_campaign(result.campaign)
+        print(f"{result.wakes} wakes in {time.strftime('%M:%S', time.gmtime(result.wall_s))}")
+    return 0 if result.ok else 1
