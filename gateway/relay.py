@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -163,6 +164,24 @@ def tls_context(cfg: UpstreamLike) -> ssl.SSLContext | None:
     if cert is not None and key is not None:
         ctx.load_cert_chain(cert, key)
     return ctx
+
+
+def quiet(client: aiomqtt.Client) -> aiomqtt.Client:
+    """No "pending publish calls" warning: aiomqtt counts its pending calls and builds a
+    log record on every publish once more than 10 are in flight, which for a gateway
+    keeping a window of publishes open costs more CPU than the publish itself."""
+    client.pending_calls_threshold = 1 << 30
+    return client
+
+
+def nodelay(client: aiomqtt.Client) -> None:
+    """Turn Nagle's algorithm off on a connected client's socket (paho leaves it on): an
+    ACK or PUBACK is one small write, and Nagle holds a small write back until the peer
+    acknowledges the previous one, which with delayed TCP ACKs adds milliseconds to each."""
+    sock = client._client.socket()
+    if isinstance(sock, socket.socket):  # ssl.SSLSocket included
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _describe(exc: BaseException) -> str:
@@ -325,7 +344,7 @@ class Relay:
 
     def _client(self) -> aiomqtt.Client:
         cfg = self.cfg
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             cfg.host,
             cfg.port,
             username=_opt(cfg.username),
@@ -339,6 +358,8 @@ class Relay:
             tls_context=tls_context(cfg),
             max_inflight_messages=self.inflight,
         )
+        quiet(client)
+        return client
 
     async def _session(self) -> None:
         # A fresh client per connection: paho would otherwise resend its own unacknowledged
@@ -352,6 +373,7 @@ class Relay:
             with contextlib.suppress(Exception):
                 client._client.disconnect()
             raise
+        nodelay(client)
         self.connected = True
         self.connects += 1
         self.last_error = None

@@ -259,7 +259,12 @@ class Service:
             # the broker instead of waiting for the nodes' next wake.
             clean_session=False, max_inflight_messages=200,
         )
+        # ACKs are many small QoS 1 publishes in flight at once (see gateway.relay.quiet).
+        client.pending_calls_threshold = 1 << 30
         async with client:
+            from gateway.relay import nodelay
+
+            nodelay(client)
             self.mqtt_connected = True
             log.info("connected to the broker at %s:%d", self.cfg.mqtt_host, self.cfg.mqtt_port)
             try:
