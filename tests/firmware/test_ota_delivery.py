@@ -1,0 +1,159 @@
+"""OTA on the node, driven by the real gateway: sim nodes booting through the real
+bootloader take an update over several wakes at the sensor class's budget and confirm it
+on the gateway's ACK; every refused or failed image leaves the running one running, and
+its reason reaches the gateway in OTA_STATUS (or the HELLO, for a revert)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway import ota
+from tests.fixtures.broker import RunningBroker
+from tests.system.stack import Stack, StackNode
+from tests.system.test_ota_campaign import Images, images  # noqa: F401 (fixture)
+from tools.fw import image, keys
+
+CRASHING = "raise RuntimeError('this image is broken')\n"
+
+
+@pytest.fixture
+def stack(tmp_path: Path, broker: RunningBroker) -> Iterator[Stack]:
+    s = Stack(tmp_path / "stack", broker)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def sensor_node(stack: Stack, imgs: Images, name: str, seed: int, **config: object) -> StackNode:
+    node = stack.add_node(name, seed, sample_interval_s=60, **config)
+    image.install_sim(node.sim.dir, imgs.build(1), public_key=imgs.public)
+    node.sim.entry = "boot"
+    return node
+
+
+def test_update_over_many_small_wakes_ends_confirmed_and_replay_is_refused(
+        stack: Stack, images: Images) -> None:  # noqa: F811
+    stack.start()
+    node = sensor_node(stack, images, "s1", 11)
+    asyncio.run(node.wake())
+    with stack.db() as conn:
+        img = ota.import_image(conn, images.build(2))
+        cid = ota.create_campaign(conn, img.id, ["s1"], abort_threshold=100)
+
+    async def until_done(cid: int, limit: int) -> int:
+        for n in range(1, limit + 1):
+            await node.wake()
+            with stack.db() as conn:
+                if ota.get_campaign(conn, cid).status != ota.RUNNING:
+                    return n
+        return limit
+
+    wakes = asyncio.run(until_done(cid, 90))
+    with stack.db() as conn:
+        c = ota.get_campaign(conn, cid)
+        fw = conn.execute("SELECT fw_version FROM devices WHERE id='s1'").fetchone()[0]
+    assert c.devices[0].status == ota.CONFIRMED, (c, node.log_text()[-3000:])
+    # 1 KB frames, about 1 KB of budget per 30 s wake: one chunk per wake.
+    assert wakes > 20
+    assert fw == 2
+    asyncio.run(node.wake())  # reports confirmed in its HELLO once, then idle
+    assert "boot: slot b v2 trial=0" in node.log_text()
+    # The same manifest again (a replay) is refused: versions never go down or repeat.
+    with stack.db() as conn:
+        cid2 = ota.create_campaign(conn, img.id, ["s1"], abort_threshold=100)
+    asyncio.run(until_done(cid2, 3))
+    with stack.db() as conn:
+        d = ota.get_campaign(conn, cid2).devices[0]
+    assert (d.status, d.reason) == (ota.REFUSED, "downgrade")
+    assert "boot: slot b v2 trial=0" in last_run(node)
+
+
+def last_run(node: StackNode) -> str:
+    return re.split(r"^--- run \d+ cause=", node.log_text(), flags=re.M)[-1]
+
+
+async def wake_all(nodes: list[StackNode]) -> None:
+    await asyncio.gather(*(n.wake() for n in nodes))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_each_refusal_keeps_the_running_image_and_reaches_the_gateway(
+        stack: Stack, images: Images, tmp_path: Path) -> None:  # noqa: F811
+    stack.start()
+    v2 = images.build(2)
+    # Bad signature: one bit of the signature flipped.
+    bad_sig = _copy(v2, tmp_path / "badsig")
+    sig = bytearray((bad_sig / image.SIGNATURE).read_bytes())
+    sig[5] ^= 1
+    (bad_sig / image.SIGNATURE).write_bytes(bytes(sig))
+    # Unknown key: signed by a key the nodes do not trust.
+    other = keys.keygen(tmp_path / "other")
+    unknown = _copy(v2, tmp_path / "unknown")
+    image.sign_image(unknown, keys.load_private(other.private))
+    # Wrong board: a real ESP32 image.
+    esp = tmp_path / "esp32"
+    image.build_image("esp32", 2, esp)
+    image.sign_image(esp, images.key)
+    crash = images.build(3, CRASHING, "crash")
+    cases = {
+        "r-sig": bad_sig, "r-key": unknown, "r-board": esp, "r-down": images.build(1),
+        "r-hash": images.build(4), "r-trunc": images.build(5), "r-crash": crash,
+        "r-batt": v2,
+    }
+    nodes = [sensor_node(stack, images, name, 30 + i,
+                         **({"low_battery_mv": 5000} if name == "r-batt" else {}))
+             for i, name in enumerate(cases)]
+    asyncio.run(wake_all(nodes))
+    with stack.db() as conn:
+        ids = {name: ota.import_image(conn, path).id for name, path in cases.items()}
+        # Data spoiled after signing, as a bad link or a bad store would: a flipped byte,
+        # and a stream one byte short.
+        stream = conn.execute("SELECT stream FROM ota_images WHERE id=?",
+                              (ids["r-hash"],)).fetchone()[0]
+        spoiled = bytearray(stream)
+        spoiled[100] ^= 0xFF
+        conn.execute("UPDATE ota_images SET stream=? WHERE id=?", (bytes(spoiled), ids["r-hash"]))
+        stream = conn.execute("SELECT stream FROM ota_images WHERE id=?",
+                              (ids["r-trunc"],)).fetchone()[0]
+        conn.execute("UPDATE ota_images SET stream=? WHERE id=?", (stream[:-1], ids["r-trunc"]))
+        cid = ota.create_campaign(conn, ids["r-sig"], list(cases), rate=100, rate_percent=True,
+                                  abort_threshold=100, overrides=ids)
+
+    async def run() -> None:
+        for _ in range(80):
+            await asyncio.gather(*(n.wake() for n in nodes))
+            with stack.db() as conn:
+                if ota.get_campaign(conn, cid).status != ota.RUNNING:
+                    return
+
+    asyncio.run(run())
+    with stack.db() as conn:
+        c = ota.get_campaign(conn, cid)
+    got = {d.device: (d.status, d.reason) for d in c.devices}
+    assert got == {
+        "r-sig": ("refused", "bad_signature"),
+        "r-key": ("refused", "unknown_key"),
+        "r-board": ("refused", "wrong_board"),
+        "r-down": ("refused", "downgrade"),
+        "r-hash": ("failed", "bad_hash"),
+        "r-trunc": ("refused", "truncated"),
+        "r-crash": ("reverted", "crashed"),
+        "r-batt": ("refused", "low_battery"),
+    }, stack.log_text()[-3000:]
+    asyncio.run(wake_all(nodes))
+    for n in nodes:
+        last = last_run(n)
+        assert "boot: slot a v1 trial=0" in last, (n.id, last)
