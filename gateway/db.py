@@ -23,9 +23,12 @@ log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
 # WAL housekeeping: checkpoint every ~4 MB of WAL (SQLite's default is 1000 pages) and cut
-# the file back to 64 MB after a checkpoint, so a long burst of ingest neither grows the
-# WAL without bound nor makes every commit pay for a checkpoint.
+# the file back to 64 MB after a checkpoint, so a long burst of ingest does not grow the
+# WAL without bound. The gateway service turns the automatic checkpoint off on its own
+# connections (a checkpoint fsyncs the database file, inside whichever commit crossed the
+# threshold) and runs `checkpoint_loop` on a connection and thread of its own instead.
 WAL_AUTOCHECKPOINT_PAGES = 1000
+CHECKPOINT_EVERY_S = 2.0
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 CACHE_KIB = 16 * 1024
 
@@ -57,9 +60,11 @@ def register_store(migrate: Callable[[sqlite3.Connection], None]) -> None:
         _extra_stores.append(migrate)
 
 
-def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+def connect(path: str | Path, *, readonly: bool = False,
+            autocheckpoint: bool = True) -> sqlite3.Connection:
     """A connection with the gateway's pragmas and explicit transactions (autocommit mode:
-    callers open them with `transaction()`)."""
+    callers open them with `transaction()`). `autocheckpoint=False`: its commits never
+    checkpoint; someone must run `checkpoint_loop`."""
     path = Path(path)
     try:
         if readonly:
@@ -83,7 +88,8 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         if not readonly:
-            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            pages = WAL_AUTOCHECKPOINT_PAGES if autocheckpoint else 0
+            conn.execute(f"PRAGMA wal_autocheckpoint={pages}")
             conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
     except sqlite3.Error as exc:
         raise DatabaseError(f"cannot open the database {path}: {exc}") from exc
@@ -125,6 +131,25 @@ class Writer:
     def close(self) -> None:
         """Finish what was submitted, then stop the thread."""
         self._pool.shutdown(wait=True)
+
+
+def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """A PASSIVE checkpoint: copies what it can from the WAL without waiting for, or
+    blocking, readers and writers. Returns (busy, WAL frames, frames checkpointed)."""
+    busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(busy), int(frames), int(done)
+
+
+async def checkpoint_loop(path: str | Path, every_s: float = CHECKPOINT_EVERY_S) -> None:
+    """Checkpoint the WAL of `path` every `every_s` from a thread and connection of its
+    own, so that no commit waits for a checkpoint's fsync. Runs until cancelled."""
+    conn = await asyncio.to_thread(connect, path)
+    try:
+        while True:
+            await asyncio.sleep(every_s)
+            await asyncio.to_thread(checkpoint, conn)
+    finally:
+        conn.close()
 
 
 def _ensure_migrations_table(conn: sqlite3.Connection) -> None:

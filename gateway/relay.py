@@ -286,6 +286,10 @@ class Relay:
                     drop_policy=cfg.drop_policy,
                 )
             )
+            if self.writer is not None:
+                # The owner of a shared writer checkpoints (gateway.db.checkpoint_loop):
+                # a delete must not stall the writer thread with a checkpoint's fsync.
+                await self._db(self._outbox.conn.execute, "PRAGMA wal_autocheckpoint=0")
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._bounds_loop(), name="relay-bounds")
                 tg.create_task(self._connection_loop(), name="relay-connection")

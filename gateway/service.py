@@ -155,7 +155,10 @@ class Service:
         self.conn = db.open_db(cfg.db_path)
         # Ingest's own connection: its transactions run on the writer thread, never
         # interleaved with the status and housekeeping writes made through self.conn.
-        ingest_conn = db.connect(cfg.db_path)
+        # No commit of this process checkpoints: the "checkpoint" task does, off the
+        # writer thread (gateway.db.checkpoint_loop).
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        ingest_conn = db.connect(cfg.db_path, autocheckpoint=False)
         self.writer = writer = db.Writer()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -177,6 +180,8 @@ class Service:
                 self.relay = Relay(cfg.db_path, cfg.upstream, writer=writer)
                 tasks["relay"] = asyncio.create_task(self._supervise("relay", self.relay.run))
             tasks["status"] = asyncio.create_task(self._supervise("status", self._status_loop))
+            tasks["checkpoint"] = asyncio.create_task(
+                self._supervise("checkpoint", lambda: db.checkpoint_loop(cfg.db_path)))
             tasks["downlink"] = asyncio.create_task(
                 self._supervise("downlink", self._sweep_loop))
             log.info("gateway running (database %s, pid %d)", cfg.db_path, os.getpid())
@@ -184,7 +189,7 @@ class Service:
             log.info("shutting down")
         finally:
             # Ingest first: it stops taking frames, commits and answers what it holds.
-            for name in ("ingest", "relay", "status", "downlink"):
+            for name in ("ingest", "relay", "status", "downlink", "checkpoint"):
                 task = tasks.get(name)
                 if task is not None:
                     task.cancel()
