@@ -1,8 +1,7 @@
-"""`torpor ota campaign create|status|cancel|demo`: firmware campaigns from the gateway host.
+"""`torpor ota campaign create|status|cancel`: firmware campaigns from the gateway host.
 
 Exit codes: 0 success, 2 an error the operator can act on (bad image, unknown device,
-device already updating, campaign not running), 1 a demo whose outcome was not the
-expected one.
+device already updating, campaign not running).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import json
 import re
 import sqlite3
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +113,6 @@ def register(sub: Any) -> None:
     config_arg(p)
     p.add_argument("campaign", type=int)
     p.set_defaults(func=_cancel)
-    p = osub.add_parser("demo", help="a campaign to 20 sim nodes, one with a failing image")
-    p.add_argument("--nodes", type=int, default=20)
-    p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_demo)
 
 
 def _fail(msg: str) -> int:
@@ -222,17 +215,3 @@ def _cancel(args: argparse.Namespace) -> int:
 
     return _run(args, body)
 
-
-def _demo(args: argparse.Namespace) -> int:
-    from tools.sim import ota_demo
-
-    try:
-        result = ota_demo.run(args.nodes, args.dir)
-    except (ota_demo.DemoError, GatewayError) as exc:
-        return _fail(str(exc))
-    if args.json:
-        print(json.dumps(result.campaign.as_dict(), indent=2))
-    else:
-        print_campaign(result.campaign)
-        print(f"{result.wakes} wakes in {time.strftime('%M:%S', time.gmtime(result.wall_s))}")
-    return 0 if result.ok else 1

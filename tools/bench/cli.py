@@ -10,8 +10,10 @@ def register(sub: Any) -> None:
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     from tools.bench import downlink, node, protocol
     from tools.bench import gateway as gateway_bench
+    from tools.bench import ota as ota_bench
 
     protocol.register(bsub)
     downlink.register(bsub)
     gateway_bench.register(bsub)
     node.register(bsub)
+    ota_bench.register(bsub)
