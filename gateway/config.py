@@ -70,7 +70,9 @@ class MqttConfig:
 @dataclass(frozen=True, slots=True)
 class IngestConfig:
     batch_max_frames: int = 512
-    batch_max_ms: float = 5.0
+    # 0: commit as soon as the writer is free; under load a batch is what arrived during
+    # the previous commit (group commit, gateway.ingest), so lingering only adds latency.
+    batch_max_ms: float = 0.0
     malformed_threshold: int = 5
     malformed_window_s: float = 60.0
     rate_limit_frames_per_min: int = 600
