@@ -271,6 +271,57 @@ def image_files(board: str) -> list[ImageFile]:
     return files
 
 
+def signed_image_files(board: str, image_dir: Path, public_key: bytes) -> list[ImageFile]:
+    """The bootloader plus a signed image in slot A, as they land on the board's flash.
+
+    `/boot.py` is the bootloader; its modules and `fleet_keys` (the public key it trusts) go
+    to /lib, compiled for real boards; the image (manifest, signature, .mpy files, checked
+    here against `public_key` first) goes to /slots/a. With no state record on the board the
+    bootloader checks the slot completely at the first boot and confirms it.
+    """
+    from tools.fw import image, keys
+
+    try:
+        manifest = image.verify_image(image_dir, public_key)
+    except image.ImageError as exc:
+        raise FlashError(f"image {image_dir}: {exc}", EXIT_VERIFY) from exc
+    if manifest.board != board:
+        raise FlashError(f"image {image_dir} is for board {manifest.board!r}, not {board!r}", EXIT_WRONG_BOARD)
+    march = BOARDS[board][0]
+    files = [ImageFile("/boot.py", _BOOT_ENTRY.encode())]
+    with tempfile.TemporaryDirectory() as tmp:
+        fleet = Path(tmp) / keys.FLEET_KEYS_NAME
+        fleet.write_text(keys.fleet_keys_source({keys.key_id(public_key): public_key}))
+        sources = [FIRMWARE_DIR / f"{m}.py" for m in sorted(image.BOOTLOADER_MODULES)
+                   if m != "fleet_keys"] + [fleet]
+        for src in sources:
+            if march:
+                files.append(ImageFile(f"/lib/{src.stem}.mpy", _mpy_cross(src, march)))
+            else:
+                files.append(ImageFile(f"/lib/{src.name}", src.read_bytes()))
+    slot = "/slots/a"
+    for name in (image.MANIFEST, image.SIGNATURE, *(f.path for f in manifest.files)):
+        files.append(ImageFile(f"{slot}/{name}", (image_dir / name).read_bytes()))
+    return files
+
+
+# /boot.py: the root's slots/ directory would shadow the bootloader's `slots` module ('' comes
+# before /lib on sys.path), so /lib goes first; importing `boot` from /lib runs the bootloader.
+_BOOT_ENTRY = """import sys
+sys.path.insert(0, '/lib')
+import boot
+"""
+
+_CLEAR_BOOT = """
+import os
+for p in ('/main.py', '/boot/state.json', '/boot/state.tmp'):
+    try:
+        os.remove(p)
+    except OSError:
+        pass
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Provisioning:
     device_id: str
@@ -399,7 +450,19 @@ def flash(args: argparse.Namespace) -> int:
         cert, key, ca, serial = credentials(Path(args.pki), Path(args.db), args.device_id, args.reprovision)
         cfg = config_json(args.device_id, args.gateway, args.wifi_ssid, args.wifi_password, args.server_hostname)
         cfg.update(parse_settings(getattr(args, "settings", None) or []))
-        files_out = image_files(args.board)
+        image_dir = getattr(args, "image", None)
+        if image_dir:
+            if not args.pubkey:
+                raise FlashError("--image needs --pubkey (the key the bootloader will trust)")
+            from tools.fw import keys
+
+            try:
+                pub = keys.load_public(Path(args.pubkey))
+            except (keys.KeyFileError, OSError) as exc:
+                raise FlashError(f"--pubkey {args.pubkey}: {exc}") from exc
+            files_out = signed_image_files(args.board, Path(image_dir), pub)
+        else:
+            files_out = image_files(args.board)
         files_out += [
             ImageFile("/config.json", json.dumps(cfg).encode()),
             ImageFile("/certs/cert.der", cert),
@@ -413,6 +476,10 @@ def flash(args: argparse.Namespace) -> int:
                 f"not enough flash: {free} bytes free, {need} needed (try --format)", EXIT_NO_SPACE
             )
         print(f"writing {len(files_out)} files ({need // 1024} KB with margin, {free // 1024} KB free)")
+        if image_dir:
+            # A stale main.py would run after the bootloader; a stale state record would
+            # name a slot this flash replaced.
+            b.exec(_CLEAR_BOOT)
         for f in files_out:
             b.write(f.remote, f.data, progress_bar(f.remote))
         bad = [f.remote for f in files_out if b.sha256(f.remote) != hashlib.sha256(f.data).digest()]
@@ -455,6 +522,12 @@ def register(sub: Any) -> None:
     p.add_argument("--server-hostname", default="", help="name in the broker's certificate, if not the host")
     p.add_argument("--pki", default="var/pki", help="PKI directory (default var/pki)")
     p.add_argument("--db", default="var/gateway.db", help="gateway database (default var/gateway.db)")
+    p.add_argument(
+        "--image", default=None, metavar="DIR",
+        help="a signed image (`torpor fw build` + `torpor fw sign`): flash the bootloader and "
+        "this image into slot A instead of the bare firmware",
+    )
+    p.add_argument("--pubkey", default=None, help="with --image: the public key the bootloader trusts")
     p.add_argument(
         "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
         help="another config.json key (e.g. send_every=1; integers stay integers); repeatable",
