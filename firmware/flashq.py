@@ -4,20 +4,28 @@
 # Files in the queue directory:
 #   s<first id, 8 hex>  segment: slots of [id u32 LE][priority u8][check u8][record]
 #   state               ack floor, selectively removed ids, id floor, drop counter;
-#                       replaced atomically (write state.new, rename over state)
-#   c<first id>         compaction in progress (renamed over its segment when complete)
+#                       rewritten in place (littlefs commits a file's new contents at close)
+#   c<first id>         compaction or merge in progress (renamed over its segment when done)
 # littlefs makes each write visible only at flush/close, and rename atomic, so a power cut
 # leaves either the old or the new version of each file. Open still tolerates torn tails
 # and garbled slots (checked per slot) so a damaged file costs only the damaged readings.
+#
+# Flash wear: littlefs never programs a data block twice, so every flushed append to a file
+# stored in its own block copies that block to a freshly erased one. Small files are kept
+# inline in the directory's metadata log instead, where a flush is one short commit and a
+# block is erased only when the log fills. So appends go to small "head" segments that stay
+# inline (inline_bytes, 128 with the ports' default mount options), and once a run of them
+# has filled up they are merged into one big segment (seg_records slots) written in one go.
 import os
 
 from micropython import const
 
 NPRIO = const(8)  # priorities 0 (dropped first) .. 7
 _HDR = const(6)
-_MAX_SET = const(48)  # removed ids above the floor kept in the state file
+_MAX_SET = const(24)  # removed ids above the floor kept in the state file (stays inline)
 _ST_HDR = const(20)
 _CHUNK = const(16)  # slots read per readinto()
+_GROUP = const(4)  # full head segments merged into one
 
 
 class FlashQueueError(Exception):
@@ -44,8 +52,9 @@ def _check(b, o, n):
 
 
 class _Seg:
-    def __init__(self, first):
+    def __init__(self, first, path):
         self.first = first
+        self.path = path
         self.nslots = 0  # valid slots
         self.nlive = 0  # valid slots not yet removed
         self.maxid = first - 1
@@ -60,9 +69,12 @@ class FlashQueue:
     ack(cumulative_id, selective=()); read_into(buf, after_id=0) -> count (zero-allocation
     read-out, slot layout as on flash); peek(n) -> [(id, prio, bytes)]; depth, dropped,
     next_id, oldest_ts(), age(now); compact(); close().
+    seg_records: slots of a merged segment; inline_bytes: the largest file the filesystem
+    keeps inline (littlefs: its cache size, 4 * max(readsize, progsize), at most 1/8 block).
     """
 
-    def __init__(self, dir, record_size, max_records, seg_records=64, reserve_blocks=6):
+    def __init__(self, dir, record_size, max_records, seg_records=64, reserve_blocks=6,
+                 inline_bytes=128):
         if record_size < 1 or max_records < 1 or seg_records < 1:
             raise ValueError("record_size, max_records and seg_records must be positive")
         self.dir = dir.rstrip("/") or "/"
@@ -70,6 +82,8 @@ class FlashQueue:
         self.slot_size = record_size + _HDR
         self.max_records = max_records
         self.seg_records = seg_records
+        # head segments take appends; they stay small enough to be stored inline
+        self.head_records = max(1, min(seg_records, inline_bytes // self.slot_size))
         self.reserve_blocks = reserve_blocks
         self._slot = bytearray(self.slot_size)
         self._slot2 = bytearray(self.slot_size)
@@ -77,14 +91,18 @@ class FlashQueue:
         self._ncompact = 0
         self._chunk = bytearray(self.slot_size * _CHUNK)
         self._cmv = memoryview(self._chunk)
+        self._prev = 0
+        self._eof = False
         self._st = bytearray(_ST_HDR + 4 * _MAX_SET + 4)
-        self._pstate = self.dir + "/state"
-        self._pstate_new = self.dir + "/state.new"
+        self._pdir = self.dir + "/"
+        self._pstate = self._pdir + "state"
         self._set = []
         self._segs = []
         self._plive = [0] * NPRIO
+        self._plive_ok = False
         self._af = None
         self._aseg = None
+        self._seg_budget = -1
         self.floor = 0
         self.next_id = 1
         self.dropped = 0
@@ -97,6 +115,9 @@ class FlashQueue:
     # ---- paths and state -------------------------------------------------------------
     def _spath(self, first, prefix="/s"):
         return "%s%s%08x" % (self.dir, prefix, first)
+
+    def _new_seg(self, first):
+        return _Seg(first, self._spath(first))
 
     def _read_state(self):
         st = self._st
@@ -128,6 +149,8 @@ class FlashQueue:
         return s
 
     def _write_state(self):
+        # In place: littlefs keeps the old contents until the new ones commit at close, and
+        # a small file is one metadata commit (a temporary file and a rename were three).
         st = self._st
         st[0:4] = b"TQS1"
         _put32(st, 4, self.next_id)
@@ -140,53 +163,71 @@ class FlashQueue:
             _put32(st, _ST_HDR + 4 * j, self._set[j])
         end = _ST_HDR + 4 * k
         _put32(st, end, self._state_sum(end))
-        with open(self._pstate_new, "wb") as f:
+        with open(self._pstate, "wb") as f:
             f.write(memoryview(st)[: end + 4])
-        os.rename(self._pstate_new, self._pstate)
 
     # ---- scanning ----------------------------------------------------------------------
-    def _slots(self, seg):
-        # Yields the chunk offset of each valid slot of seg, in id order; counts bad ones.
+    # A segment is read chunk by chunk without a generator (no allocation but the file):
+    #   f = self._fopen(seg); k = self._fill(f, seg) -> valid slots packed at the front of
+    #   self._chunk (slot j at j * slot_size), -1 once the file is done; f.close().
+    def _fopen(self, seg):
+        self._prev = seg.first - 1
+        self._eof = False
+        seg.bad = 0
+        return open(seg.path, "rb")
+
+    def _fill(self, f, seg):
+        if self._eof:
+            return -1
         ss = self.slot_size
         ch = self._chunk
-        prev = seg.first - 1
-        seg.bad = 0
-        f = open(self._spath(seg.first), "rb")
-        try:
-            while True:
-                n = f.readinto(self._cmv)
-                if not n:
-                    break
-                whole = n - n % ss
-                p = 0
-                while p < whole:
-                    i = _u32(ch, p)
-                    if i > prev and ch[p + 4] < NPRIO and _check(ch, p, ss) == ch[p + 5]:
-                        prev = i
-                        yield p
-                    else:
-                        seg.bad += 1
-                    p += ss
-                if n < len(ch):
-                    if n != whole:
-                        seg.bad += 1
-                    break
-        finally:
-            f.close()
+        n = f.readinto(self._cmv)
+        if not n:
+            return -1
+        whole = n - n % ss
+        prev = self._prev
+        k = p = 0
+        while p < whole:
+            i = _u32(ch, p)
+            if i > prev and ch[p + 4] < NPRIO and _check(ch, p, ss) == ch[p + 5]:
+                prev = i
+                if k != p:
+                    for b in range(ss):
+                        ch[k + b] = ch[p + b]
+                k += ss
+            else:
+                seg.bad += 1
+            p += ss
+        self._prev = prev
+        if n < len(ch):
+            self._eof = True
+            if n != whole:
+                seg.bad += 1
+        return k // ss
 
     def _live(self, i):
         return i > self.floor and i not in self._set
 
     def _scan(self, seg):
         ch = self._chunk
+        ss = self.slot_size
+        pl = self._plive
         seg.nslots = seg.nlive = 0
-        for p in self._slots(seg):
-            i = _u32(ch, p)
-            seg.nslots += 1
-            seg.maxid = i
-            if self._live(i):
-                seg.nlive += 1
-                self._plive[ch[p + 4]] += 1
+        f = self._fopen(seg)
+        try:
+            while True:
+                k = self._fill(f, seg)
+                if k < 0:
+                    break
+                for j in range(k):
+                    i = _u32(ch, j * ss)
+                    seg.nslots += 1
+                    seg.maxid = i
+                    if self._live(i):
+                        seg.nlive += 1
+                        pl[ch[j * ss + 4]] += 1
+        finally:
+            f.close()
         if seg.bad:
             seg.closed = True
 
@@ -201,52 +242,88 @@ class FlashQueue:
             corrupt += seg.bad
         self.depth = depth
         self.corrupt = corrupt
+        self._plive_ok = True
+
+    def _recount(self, lo, hi, sel):
+        # After removals: segments wholly at or below the floor are empty without reading
+        # them; only those holding the new floor (lo < id <= hi) or a removed id are read.
+        # Per-priority counts are left stale and rebuilt when the drop policy needs them.
+        depth = 0
+        for seg in self._segs:
+            if seg.maxid <= self.floor:
+                seg.nlive = 0
+            elif seg.first <= hi and seg.maxid > lo:
+                self._scan(seg)
+            else:
+                for i in sel:
+                    if seg.first <= i <= seg.maxid:
+                        self._scan(seg)
+                        break
+            depth += seg.nlive
+        self.depth = depth
+        self._plive_ok = False
 
     def _open(self):
+        segs = self._segs
+        stale = None
         try:
-            os.mkdir(self.dir)
+            it = os.ilistdir(self.dir)
         except OSError:
-            pass
-        firsts = []
-        for name in os.listdir(self.dir):
+            os.mkdir(self.dir)
+            it = ()
+        for ent in it:
+            name = ent[0]
             if name[0] == "c" or name == "state.new":
-                os.remove(self.dir + "/" + name)
+                # removed after the listing ends: littlefs directory iteration and removal
+                # do not mix
+                stale = [name] if stale is None else stale + [name]
             elif name[0] == "s" and len(name) == 9:
                 try:
-                    firsts.append(int(name[1:], 16))
+                    first = int(name[1:], 16)
                 except ValueError:
                     self.notes.append("ignored " + name)
-        firsts.sort()
+                    continue
+                j = len(segs)
+                while j and segs[j - 1].first > first:
+                    j -= 1
+                segs.insert(j, _Seg(first, self._pdir + name))
+        if stale is not None:
+            for name in stale:
+                os.remove(self._pdir + name)
         self._read_state()
-        for first in firsts:
-            self._segs.append(_Seg(first))
         self._rescan()
         j = 1
-        while j < len(self._segs):
-            if self._segs[j].first <= self._segs[j - 1].maxid:
-                # merged into its predecessor before the cut: its live slots are there
+        while j < len(segs):
+            if segs[j].first <= segs[j - 1].maxid:
+                # merged into a predecessor before the cut: its live slots are there
                 self.notes.append("removed merged segment")
-                os.remove(self._spath(self._segs[j].first))
-                self._segs.pop(j)
+                os.remove(segs[j].path)
+                segs.pop(j)
             else:
                 j += 1
         top = self.floor
         for i in self._set:
             top = max(top, i)
-        for seg in self._segs:
+        for seg in segs:
             top = max(top, seg.maxid)
         self.next_id = max(self.next_id, top + 1)
-        self._prune_set()
-        self._rescan()
+        if self._set or self.notes:
+            self._prune_set()
+            self._rescan()
         if self.corrupt:
             self.notes.append("%d garbled slots skipped" % self.corrupt)
         self._normalize()
         self._reclaim(compact=False)
+
+    def _budget(self):
+        # Counted once per open, when a new segment is first needed (statvfs walks the
+        # filesystem). littlefs needs room for metadata pairs and copy-on-write on top of
+        # our files; one block a segment is generous for head segments, which are inline.
         st = os.statvfs(self.dir)
         if self.seg_records * self.slot_size > st[0]:
             self.seg_records = max(1, st[0] // self.slot_size)
+            self.head_records = min(self.head_records, self.seg_records)
         free = st[3] if st[3] <= st[2] else 0
-        # littlefs needs room for metadata pairs and copy-on-write on top of our files
         self._seg_budget = max(2, len(self._segs) + (free - self.reserve_blocks) * 3 // 4)
 
     # ---- removal -----------------------------------------------------------------------
@@ -266,17 +343,26 @@ class FlashQueue:
             return
         held = []
         ch = self._chunk
+        ss = self.slot_size
         for seg in self._segs:
-            for p in self._slots(seg):
-                i = _u32(ch, p)
-                if i in s:
-                    held.append(i)
+            f = self._fopen(seg)
+            try:
+                while True:
+                    k = self._fill(f, seg)
+                    if k < 0:
+                        break
+                    for j in range(k):
+                        i = _u32(ch, j * ss)
+                        if i in s:
+                            held.append(i)
+            finally:
+                f.close()
         self._set = held
 
     def _delete_seg(self, seg):
         if seg is self._aseg:
             self._close_active()
-        os.remove(self._spath(seg.first))
+        os.remove(seg.path)
         self._segs.remove(seg)
 
     def _close_active(self):
@@ -287,40 +373,53 @@ class FlashQueue:
             self._aseg.closed = True
             self._aseg = None
 
-    def _compact_seg(self, seg):
-        # Rewrite seg's live slots to c<first>, then rename over s<first>: atomic on littlefs.
+    def _copy_live(self, seg, out, keep_last):
+        # Writes seg's live slots to out; returns (kept, maxid written, last removed slot id
+        # copied to _slot2 when keep_last).
         ch = self._chunk
         ss = self.slot_size
         sl = self._slot
+        kept = lastid = 0
+        maxid = seg.first - 1
+        f = self._fopen(seg)
+        try:
+            while True:
+                k = self._fill(f, seg)
+                if k < 0:
+                    break
+                for j in range(k):
+                    p = j * ss
+                    i = _u32(ch, p)
+                    if self._live(i):
+                        for b in range(ss):
+                            sl[b] = ch[p + b]
+                        out.write(sl)
+                        kept += 1
+                        maxid = i
+                    elif keep_last:
+                        for b in range(ss):
+                            self._slot2[b] = ch[p + b]
+                        lastid = i
+        finally:
+            f.close()
+        return kept, maxid, lastid
+
+    def _compact_seg(self, seg):
+        # Rewrite seg's live slots to c<first>, then rename over s<first>: atomic on littlefs.
         tmp = self._spath(seg.first, "/c")
         self._ncompact += 1
         # The newest segment keeps its highest slot even when removed: with the state file
         # garbled, the highest id still on flash is what keeps ids from being reused.
         keep_last = seg is self._segs[-1]
-        last = self._slot2
-        lastid = 0
-        kept = live = 0
-        maxid = seg.first - 1
         with open(tmp, "wb") as out:
-            for p in self._slots(seg):
-                i = _u32(ch, p)
-                if self._live(i):
-                    for k in range(ss):
-                        sl[k] = ch[p + k]
-                    out.write(sl)
-                    kept += 1
-                    live += 1
-                    maxid = i
-                elif keep_last:
-                    for k in range(ss):
-                        last[k] = ch[p + k]
-                    lastid = i
+            kept, maxid, lastid = self._copy_live(seg, out, keep_last)
+            live = kept
             if lastid > maxid:
-                out.write(last)
+                out.write(self._slot2)
                 kept += 1
                 maxid = lastid
         if kept:
-            os.rename(tmp, self._spath(seg.first))
+            os.rename(tmp, seg.path)
             s = self._set
             for j in range(len(s) - 1, -1, -1):
                 if seg.first <= s[j] <= seg.maxid and s[j] != lastid:
@@ -352,6 +451,7 @@ class FlashQueue:
         if done:
             self._prune_set()
             self._write_state()
+            self._rescan()
 
     def _remove(self, i):
         # Mark one id removed (acked or dropped); False only if the set is full even after
@@ -378,20 +478,31 @@ class FlashQueue:
 
     def _victim(self, prio):
         # Lowest priority first, then oldest. Returns (id, seg) or (0, None) to drop the new one.
+        if not self._plive_ok:
+            self._rescan()
         minp = 0
         while minp < NPRIO and self._plive[minp] == 0:
             minp += 1
         if minp >= NPRIO or prio < minp:
             return 0, None
         ch = self._chunk
+        ss = self.slot_size
         for seg in self._segs:
             if seg.nlive == 0:
                 continue
-            for p in self._slots(seg):
-                i = _u32(ch, p)
-                if ch[p + 4] == minp and self._live(i):
-                    self._victim_prio = minp
-                    return i, seg
+            f = self._fopen(seg)
+            try:
+                while True:
+                    k = self._fill(f, seg)
+                    if k < 0:
+                        break
+                    for j in range(k):
+                        i = _u32(ch, j * ss)
+                        if ch[j * ss + 4] == minp and self._live(i):
+                            self._victim_prio = minp
+                            return i, seg
+            finally:
+                f.close()
         return 0, None
 
     def _drop_one(self, prio):
@@ -417,39 +528,38 @@ class FlashQueue:
 
     def _flash_low(self):
         # littlefs's free-block figure is an estimate that wraps when flash is nearly full,
-        # so the budget is counted in our own segments (one block each), fixed at open.
+        # so the budget is counted in our own segments (one block each).
+        if self._seg_budget < 0:
+            self._budget()
         return len(self._segs) >= self._seg_budget
 
-    def _merge(self, a, b):
-        # Live slots of a then b into c<a>, renamed over s<a>, then s<b> goes. A cut before
-        # that delete leaves b inside a's id range, which open recognises and removes.
-        ch = self._chunk
-        ss = self.slot_size
-        sl = self._slot
+    def _merge(self, run):
+        # Live slots of the segments in run (neighbours, oldest first) into c<first>, renamed
+        # over s<first>, then the others go. A cut before those deletes leaves them inside
+        # the first's id range, which open recognises and removes.
+        a = run[0]
         tmp = self._spath(a.first, "/c")
         self._ncompact += 1
         kept = 0
         maxid = a.first - 1
-        top = b.maxid
+        top = run[-1].maxid
         with open(tmp, "wb") as out:
-            for seg in (a, b):
-                for p in self._slots(seg):
-                    i = _u32(ch, p)
-                    if self._live(i):
-                        for k in range(ss):
-                            sl[k] = ch[p + k]
-                        out.write(sl)
-                        kept += 1
-                        maxid = i
+            for seg in run:
+                k, m, _ = self._copy_live(seg, out, False)
+                if k:
+                    kept += k
+                    maxid = m
         if kept:
-            os.rename(tmp, self._spath(a.first))
+            os.rename(tmp, a.path)
             a.nslots = a.nlive = kept
             a.bad = 0
             a.maxid = maxid
+            a.closed = True
         else:
             os.remove(tmp)
             self._delete_seg(a)
-        self._delete_seg(b)
+        for seg in run[1:]:
+            self._delete_seg(seg)
         s = self._set
         for j in range(len(s) - 1, -1, -1):
             if a.first <= s[j] <= top:
@@ -467,9 +577,41 @@ class FlashQueue:
                 b = segs[j + 1]
                 if (a.nslots + b.nslots > a.nlive + b.nlive and
                         a.nlive + b.nlive <= self.seg_records):
-                    self._merge(a, b)
+                    self._merge((a, b))
+                    self._write_state()
                     return True
         return False
+
+    def _consolidate(self):
+        # While readings pile up (no gateway), full head segments are merged into one big
+        # segment: one block written whole per seg_records readings instead of many small
+        # files, so open stays cheap and the directory's metadata small.
+        segs = self._segs
+        hr = self.head_records
+        # four head segments a merge: fewer files to open per read-out against one block
+        # written per 4 * head_records readings
+        group = min(_GROUP, self.seg_records // hr)
+        if group < 2 or len(segs) < group + 1:
+            return
+        j = len(segs) - 1
+        while j > 0 and segs[j - 1].closed and segs[j - 1].nslots <= hr:
+            j -= 1
+        # segs[j:-1] are closed head segments; merge the oldest group whose live slots fit
+        if len(segs) - 1 - j < group:
+            return
+        live = 0
+        for k in range(j, j + group):
+            live += segs[k].nlive
+        if j and segs[j - 1].closed and segs[j - 1].nlive + live <= self.seg_records:
+            j -= 1  # the previous merged segment still has room: rewrite it with them
+            live += segs[j].nlive
+            group += 1
+        run = segs[j : j + group]
+        if live > self.seg_records or run[-1] is self._aseg:
+            return
+        self._merge(run)
+        if self._set:
+            self._write_state()
 
     # ---- public API --------------------------------------------------------------------
     def append(self, record, priority=0):
@@ -492,12 +634,12 @@ class FlashQueue:
         seg = self._aseg
         if seg is None:
             last = self._segs[-1] if self._segs else None
-            if last is not None and not last.closed and last.nslots < self.seg_records:
+            if last is not None and not last.closed and last.nslots < self.head_records:
                 seg = last
             else:
                 if last is not None:
                     last.closed = True
-                seg = _Seg(i)
+                seg = self._new_seg(i)
                 self._segs.append(seg)
             self._aseg = seg
         sl = self._slot
@@ -508,7 +650,7 @@ class FlashQueue:
         sl[5] = _check(sl, 0, self.slot_size)
         try:
             if self._af is None:
-                self._af = open(self._spath(seg.first), "ab")
+                self._af = open(seg.path, "ab")
             self._af.write(sl)
             self._af.flush()
         except OSError:
@@ -522,15 +664,16 @@ class FlashQueue:
         seg.maxid = i
         self.depth += 1
         self._plive[priority] += 1
-        if seg.nslots >= self.seg_records:
+        if seg.nslots >= self.head_records:
             self._close_active()
+            self._consolidate()
         return i
 
     def _needs_new_seg(self):
         if self._aseg is not None:
             return False
         last = self._segs[-1] if self._segs else None
-        return last is None or last.closed or last.nslots >= self.seg_records
+        return last is None or last.closed or last.nslots >= self.head_records
 
     def _make_room(self, prio):
         if self._drop_one(prio):
@@ -543,6 +686,7 @@ class FlashQueue:
         top = self.next_id - 1
         if cumulative_id > top:
             cumulative_id = top
+        old = self.floor
         changed = False
         if cumulative_id > self.floor:
             self.floor = cumulative_id
@@ -556,7 +700,7 @@ class FlashQueue:
             return
         self._normalize()
         self._write_state()
-        self._rescan()
+        self._recount(old, self.floor, selective)
         self._reclaim()
 
     def compact(self):
@@ -582,15 +726,24 @@ class FlashQueue:
         for seg in self._segs:
             if seg.nlive == 0 or seg.maxid <= after_id:
                 continue
-            for p in self._slots(seg):
-                i = _u32(ch, p)
-                if i > after_id and self._live(i):
-                    o = n * ss
-                    for k in range(ss):
-                        buf[o + k] = ch[p + k]
-                    n += 1
-                    if n >= room:
+            f = self._fopen(seg)
+            try:
+                while n < room:
+                    k = self._fill(f, seg)
+                    if k < 0:
                         break
+                    for j in range(k):
+                        p = j * ss
+                        i = _u32(ch, p)
+                        if i > after_id and self._live(i):
+                            o = n * ss
+                            for b in range(ss):
+                                buf[o + b] = ch[p + b]
+                            n += 1
+                            if n >= room:
+                                break
+            finally:
+                f.close()
             if n >= room:
                 break
         return n

@@ -336,12 +336,22 @@ def test_bad_arguments():
     mpunit.raises(ValueError, FlashQueue, QDIR, 0, 10)
 
 
-def test_memory_per_append_and_readout():
+def test_memory_per_open_append_and_readout():
     fresh()
-    q = FlashQueue(QDIR, RS, 1000, seg_records=64)
+    q = FlashQueue(QDIR, RS, 1000)
     r = rec(1)
     for n in range(10):
         q.append(r)
+    q.ack(2)
+    reboot(q)
+    gc.collect()
+    a0 = gc.mem_alloc()
+    q = FlashQueue(QDIR, RS, 1000)
+    per_open = gc.mem_alloc() - a0
+    gc.collect()
+    a0 = gc.mem_alloc()
+    q.append(r)
+    first_append = gc.mem_alloc() - a0
     gc.collect()
     a0 = gc.mem_alloc()
     q.append(r)
@@ -354,20 +364,81 @@ def test_memory_per_append_and_readout():
     k = q.read_into(buf)
     per_read64 = gc.mem_alloc() - a0
     mpunit.eq(k, 64)
-    print("mem_alloc append(1):", per_append, "read_into(64):", per_read64)
-    # file handle reused between appends; read-out allocates per segment, not per reading
-    assert per_append < 512, per_append
-    assert per_read64 < 1024, per_read64
+    print("mem_alloc open(2 segments):", per_open, "append(first):", first_append,
+          "append(next):", per_append, "read_into(64):", per_read64)
+    # the file handle is reused between appends; opening a file costs about 400 bytes on
+    # the 64-bit unix port, so open and read-out pay per segment file, not per reading
+    assert per_open < 5120, per_open
+    assert first_append < 1024, first_append
+    assert per_append < 256, per_append
+    assert per_read64 < 2560, per_read64
 
 
 def test_flash_bytes_written_per_reading():
+    # littlefs copies a file's last block to a fresh one on every flushed append unless the
+    # file is inline: head segments stay inline and are merged a few at a time.
     dev = fresh()
-    q = FlashQueue(QDIR, RS, 1000, seg_records=64)
+    q = FlashQueue(QDIR, RS, 1000)
     p0, e0 = dev.prog_bytes, dev.erase_count
     n = 256
     for k in range(n):
         q.append(rec(k))
+        if k % 10 == 9:
+            q.ack(k - 20)  # a gateway a couple of sends behind
     prog = (dev.prog_bytes - p0) / n
     erased = (dev.erase_count - e0) * 4096 / n
     print("per reading of %d bytes: programmed %.0f B, erased %.0f B" % (q.slot_size, prog, erased))
-    assert prog < 4096, prog
+    assert prog < 400, prog
+    assert erased < 600, erased  # was about one 4 KiB erase per reading
+    # a wake: open, one append, close
+    q.close()
+    p0, e0 = dev.prog_bytes, dev.erase_count
+    for k in range(64):
+        q = FlashQueue(QDIR, RS, 1000)
+        q.append(rec(k))
+        q.close()
+    prog = (dev.prog_bytes - p0) / 64
+    erased = (dev.erase_count - e0) * 4096 / 64
+    print("per wake: programmed %.0f B, erased %.0f B" % (prog, erased))
+    assert prog < 400, prog
+    assert erased < 600, erased
+
+
+def test_head_segments_merge_and_files_stay_few():
+    fresh()
+    q = FlashQueue(QDIR, RS, 1000)
+    mpunit.eq(q.head_records, 128 // q.slot_size)
+    for n in range(300):
+        q.append(rec(n), n % 3)
+    files = segfiles()
+    assert len(files) <= 300 // 64 + 6, files
+    got = q.peek(400)
+    mpunit.eq([t[0] for t in got], list(range(1, 301)))
+    reboot(q)
+    q = FlashQueue(QDIR, RS, 1000)
+    got = q.peek(400)
+    mpunit.eq([t[0] for t in got], list(range(1, 301)))
+    for i, p, r in got:
+        mpunit.eq((p, r), ((i - 1) % 3, rec(i - 1)))
+
+
+def test_cut_after_merge_before_deletes():
+    # A merge renames the merged file over the first segment, then deletes the others; a cut
+    # in between leaves segments whose ids the merged file already holds.
+    fresh()
+    q = FlashQueue(QDIR, RS, 1000)
+    hr = q.head_records
+    for n in range(3 * hr):
+        q.append(rec(n))
+    with open(QDIR + "/s%08x" % (hr + 1), "rb") as f:
+        saved = f.read()
+    for n in range(3 * hr, 5 * hr):
+        q.append(rec(n))  # the fifth head segment closes: the first four merge
+    mpunit.eq(segfiles()[:2], ["s00000001", "s%08x" % (4 * hr + 1)])
+    q.close()
+    with open(QDIR + "/s%08x" % (hr + 1), "wb") as f:
+        f.write(saved)
+    q = FlashQueue(QDIR, RS, 1000)
+    assert "removed merged segment" in q.notes, q.notes
+    mpunit.eq(ids(q), list(range(1, 5 * hr + 1)))
+    mpunit.eq(q.depth, 5 * hr)
