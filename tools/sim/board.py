@@ -77,11 +77,11 @@ if bdev.created:
 simdir = vfs.VfsPosix(NODE + "/simfiles")
 vfs.umount("/")
 try:
-    vfs.mount(vfs.VfsLfs2(bdev), "/")
+    vfs.mount(simflash.filesystem(bdev), "/")
 except OSError:
     # A flash image that does not mount is formatted, as MicroPython's _boot.py does.
     vfs.VfsLfs2.mkfs(bdev)
-    vfs.mount(vfs.VfsLfs2(bdev), "/")
+    vfs.mount(simflash.filesystem(bdev), "/")
 vfs.mount(simdir, "/.sim")
 os.chdir("/")
 
