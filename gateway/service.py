@@ -153,12 +153,12 @@ class Service:
     async def run(self) -> None:
         cfg = self.cfg
         self.conn = db.open_db(cfg.db_path)
-        # Ingest's own connection: its transactions run on the writer thread, never
-        # interleaved with the status and housekeeping writes made through self.conn.
-        # No commit of this process checkpoints: the "checkpoint" task does, off the
-        # writer thread (gateway.db.checkpoint_loop).
+        # Once the tasks run, self.conn is used on the writer thread only: by ingest, the
+        # status and the downlink sweeps, one after the other. One connection, so that
+        # ingest's own writes do not look like another process's changes to it (it
+        # reloads the registry when PRAGMA data_version moves). No commit of this process
+        # checkpoints: the "checkpoint" task does, off the writer thread.
         self.conn.execute("PRAGMA wal_autocheckpoint=0")
-        ingest_conn = db.connect(cfg.db_path, autocheckpoint=False)
         self.writer = writer = db.Writer()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -169,7 +169,7 @@ class Service:
             if cfg.broker.mode == "supervised":
                 await self._start_broker()
             self.ingest = Ingest(
-                ingest_conn, cfg.ingest, upstream=cfg.upstream, on_hello=self.on_hello,
+                self.conn, cfg.ingest, upstream=cfg.upstream, on_hello=self.on_hello,
                 downlink=self.downlink, on_committed=self._notify_relay, writer=writer,
             )
             self._write_status("running")
@@ -203,7 +203,6 @@ class Service:
             writer.close()
             with contextlib.suppress(sqlite3.Error):
                 self._write_status("stopped")
-            ingest_conn.close()
             self.conn.close()
             log.info("gateway stopped")
 
