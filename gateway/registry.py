@@ -68,6 +68,22 @@ _STEPS = (
     ) WITHOUT ROWID;
     CREATE INDEX devices_status ON devices(status);
     """,
+    # A counter that moves only when a device is added, removed or changes status, so a
+    # cache of statuses (ingest's) can tell in one row read whether to reload, whatever
+    # else other connections write (relay deletes, status, downlink).
+    """
+    CREATE TABLE registry_version (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL
+    );
+    INSERT INTO registry_version (id, version) VALUES (1, 0);
+    CREATE TRIGGER devices_added AFTER INSERT ON devices
+    BEGIN UPDATE registry_version SET version = version + 1 WHERE id = 1; END;
+    CREATE TRIGGER devices_status_changed AFTER UPDATE OF status ON devices
+    BEGIN UPDATE registry_version SET version = version + 1 WHERE id = 1; END;
+    CREATE TRIGGER devices_removed AFTER DELETE ON devices
+    BEGIN UPDATE registry_version SET version = version + 1 WHERE id = 1; END;
+    """,
 )
 
 
@@ -166,6 +182,11 @@ def list_devices(conn: sqlite3.Connection, status: str | None = None) -> list[De
     else:
         rows = conn.execute(_SELECT + " WHERE status=? ORDER BY id", (status,)).fetchall()
     return [Device(*r) for r in rows]
+
+
+def version(conn: sqlite3.Connection) -> int:
+    """Moves whenever a device is added or removed or its status changes."""
+    return int(conn.execute("SELECT version FROM registry_version WHERE id = 1").fetchone()[0])
 
 
 def statuses(conn: sqlite3.Connection) -> dict[str, str]:

@@ -78,3 +78,26 @@ def test_commits_without_autocheckpoint_leave_the_wal_to_checkpoint_loop(tmp_pat
     assert path.stat().st_size > 1200 * 3000
     assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 1200
     conn.close()
+
+
+def test_registry_version_moves_with_statuses_only(tmp_path: Path) -> None:
+    from gateway import outbox, registry
+
+    conn = db.open_db(tmp_path / "g.db")
+    v0 = registry.version(conn)
+    registry.add(conn, "r1")
+    v1 = registry.version(conn)
+    assert v1 > v0
+    # Writes that do not change a status (seen times, the outbox) leave it alone, so
+    # ingest does not reload every status after each relay delete.
+    with db.transaction(conn):
+        registry.touch_many(conn, [(1.0, "r1")])
+    box = outbox.Outbox(tmp_path / "g.db")
+    box.put([outbox.OutboxItem("t", b"x", 1.0, "r1", "readings")])
+    box.delete([q.id for q in box.peek(10)])
+    box.close()
+    assert registry.version(conn) == v1
+    with db.transaction(conn):
+        registry.quarantine(conn, "r1", "test", now=2.0)
+    assert registry.version(conn) > v1
+    conn.close()
