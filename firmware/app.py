@@ -123,6 +123,12 @@ class Wake:
         ph = self._phase()
         return ((t - ph + p // 2) // p) * p + ph
 
+    def slot_sampled(self):
+        """An early wake (the gateway had more for us) falls in the grid slot an earlier
+        wake already sampled: one reading per slot keeps bursts evenly spaced."""
+        last = self.st.last_wake
+        return bool(last) and self.slot(last) == self.slot(self.now)
+
     def sample(self):
         t1 = time.ticks_ms()
         cfg = self.cfg
@@ -239,11 +245,17 @@ class Wake:
     def _publish_hello(self, client, budget):
         cfg = self.cfg
         st = self.st
+        ota_state, ota_reason = ota.hello_state()
         n = proto.encode_hello(
             self.frame, st.msg_id(), ota.fw_version(cfg.fw_version), self.cause, min(self.mv, 65535),
             max(-128, min(127, board.rssi())), gc.mem_free(), min(self.q.depth, 65535),
             self.q.dropped, self.plan_sleep() // 1000, cfg.awake_window_ms, board.time(),
-            cfg.device_class, cfg.version, *ota.hello_state(), self.safe, min(st.boots_without_send, 255),
+            cfg.device_class, config_version=cfg.version, ota_state=ota_state,
+            ota_reason=ota_reason, safe_mode=self.safe,
+            boots_without_send=min(st.boots_without_send, 255),
+            # Every id up to the queue's floor is acknowledged or was dropped here: the
+            # gateway stops waiting for the dropped ones.
+            first_id=self.q.floor + 1,
         )
         client.publish(self.up_topic, self.fmv[:n], 1, False, budget)
 
@@ -337,8 +349,8 @@ class Wake:
         if ftype == proto.ACK:
             ota.on_ack()
             self.q.ack(f[proto.ACK_CUMULATIVE], f[proto.ACK_SELECTIVE])
-            if f[proto.ACK_PENDING]:
-                self.hint = 1
+            # ACK's `pending` counts frames that follow in this window: no reason to wake
+            # early. Only SLEEP_NOW's `pending` (items left for a later wake) is.
             log.info("ack cumulative=%d depth=%d", f[proto.ACK_CUMULATIVE], self.q.depth)
         elif ftype == proto.COMMAND:
             n = commands.execute(f, self.cfg, self.st, board, self.effects, self.frame, self.st.msg_id())
@@ -414,7 +426,7 @@ def run():
     completed = False
     try:
         w.boot()
-        if not w.safe:
+        if not w.safe and not w.slot_sampled():
             w.sample()
         why = w.send_due()
         if why:
