@@ -76,10 +76,23 @@ def _crashed(root, slot, exc):
     raise exc
 
 
+def _no_mtime():
+    # Real boards (flash at "/"): the port mounted it with modification times on; remount
+    # without them (docs/bootloader.md, "Flash mount"). The sim mounts without them itself.
+    try:
+        bdev = board.flash_block_device()
+        if bdev is not None:
+            bootstate.remount_without_mtime(bdev, "/", 256 if sys.platform == "rp2" else 0)
+    except Exception as exc:  # never let a mount option stop the boot
+        _log("mtime remount skipped: %r" % (exc,))
+
+
 def run():
     t0 = time.ticks_ms()
     board.init()
     root = board.FS_ROOT
+    if root == "/":
+        _no_mtime()
     picked = choose(root, board.boot_cause())
     if picked is None:
         _log("no verified image")

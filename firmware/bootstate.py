@@ -1,6 +1,6 @@
 # The bootloader's state record: which slot is confirmed, which one is on trial, the
 # anti-downgrade floor and the outcome the app reports next. One small JSON file, replaced
-# atomically (write boot/state.tmp, then rename over boot/state.json): after a power cut
+# atomically (write fw/state.tmp, then rename over fw/state.json): after a power cut
 # the record is the old one or the new one, never a mix. docs/bootloader.md has the table.
 import json
 import os
@@ -41,8 +41,16 @@ booted = None
 _KEYS = ("active", "ver", "floor", "trial", "tver", "tboots", "max", "ota", "reason", "rver", "seq")
 
 
+# Everything the bootloader keeps on flash lives under this one directory: the state record,
+# an applied key list and the slots (fw/a, fw/b). On real boards '' (the flash root) comes
+# before /lib on sys.path and MicroPython imports a directory as a namespace package, so a
+# root directory named like a module (`boot/`, `slots/`) would shadow that module; no
+# module is named `fw`.
+FW_DIR = "fw"
+
+
 def boot_dir(root):
-    return root.rstrip("/") + "/boot"
+    return root.rstrip("/") + "/" + FW_DIR
 
 
 def new(slot, version):
@@ -106,6 +114,31 @@ def save(root, st):
         f.write(json.dumps(st))
     # littlefs renames atomically, replacing the old record in one metadata commit.
     os.rename(tmp, d + "/state.json")
+
+
+def remount_without_mtime(bdev, point="/", progsize=0):
+    """Mount the littlefs on `bdev` at `point` again, without modification times.
+
+    The ESP32 and RP2 ports mount "/" with mtime on: littlefs then stores a timestamp
+    attribute with every file commit, flash wear that nothing on a node reads. Safe at boot
+    because nothing is open (the port compiled boot.py and each imported .mpy fully before
+    running it); cost: one littlefs mount (superblock read). `progsize` must be the port's
+    (RP2: 256; 0 keeps the default). Returns False and changes nothing when the block device
+    holds no littlefs (a FAT filesystem, say)."""
+    import vfs
+
+    try:
+        fs = vfs.VfsLfs2(bdev, progsize=progsize, mtime=False) if progsize else vfs.VfsLfs2(bdev, mtime=False)
+    except OSError:
+        return False
+    vfs.umount(point)
+    try:
+        vfs.mount(fs, point)
+    except OSError:
+        vfs.mount(vfs.VfsLfs2(bdev), point)  # back as the port had it
+        raise
+    os.chdir(point)
+    return True
 
 
 # ---- transitions (pure: they change the dict; the caller saves it) ----

@@ -1,4 +1,4 @@
-# Firmware slots A and B (directories slots/a and slots/b on the flash filesystem): checking
+# Firmware slots A and B (directories fw/a and fw/b on the flash filesystem): checking
 # an image, installing one chunk by chunk into the inactive slot with a resume map, and the
 # state changes the app asks for (set_trial, confirm). The bootloader uses check() too.
 # A slot holds manifest.json (canonical JSON, the signed bytes), manifest.sig (64 bytes) and
@@ -54,7 +54,7 @@ def _where():
 
 
 def slot_dir(root, slot):
-    return root.rstrip("/") + "/slots/" + slot
+    return bootstate.boot_dir(root) + "/" + slot
 
 
 def _read(path):

@@ -2,7 +2,7 @@
 # The baked-in set is the module `fleet_keys` (a KEYS dict written by `torpor fw keygen`),
 # installed next to the bootloader when a node is provisioned; OTA never writes it.
 # A key list signed by a key trusted now can replace the set (add and retire keys): it is
-# checked once, when applied, then kept as boot/keys.json and used instead of the baked set.
+# checked once, when applied, then kept as fw/keys.json and used instead of the baked set.
 # Key list, canonical JSON: {"key_id": signer id, "keys": {id: hex key, ...}, "seq": n};
 # seq must grow, so an old list cannot bring a retired key back.
 import binascii

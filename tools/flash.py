@@ -276,7 +276,7 @@ def signed_image_files(board: str, image_dir: Path, public_key: bytes) -> list[I
 
     `/boot.py` is the bootloader; its modules and `fleet_keys` (the public key it trusts) go
     to /lib, compiled for real boards; the image (manifest, signature, .mpy files, checked
-    here against `public_key` first) goes to /slots/a. With no state record on the board the
+    here against `public_key` first) goes to /fw/a. With no state record on the board the
     bootloader checks the slot completely at the first boot and confirms it.
     """
     from tools.fw import image, keys
@@ -299,14 +299,22 @@ def signed_image_files(board: str, image_dir: Path, public_key: bytes) -> list[I
                 files.append(ImageFile(f"/lib/{src.stem}.mpy", _mpy_cross(src, march)))
             else:
                 files.append(ImageFile(f"/lib/{src.name}", src.read_bytes()))
-    slot = "/slots/a"
+        if march:
+            # The bootloader imports `board` before any slot is on sys.path: a real board
+            # needs its board module (and the helpers it imports) next to the bootloader.
+            # The app then shares that module (already imported); docs/bootloader.md.
+            for name, src in sorted(image._board_modules(board, BOARDS_DIR).items()):
+                files.append(ImageFile(f"/lib/{name}.mpy", _mpy_cross(src, march)))
+    slot = "/fw/a"
     for name in (image.MANIFEST, image.SIGNATURE, *(f.path for f in manifest.files)):
         files.append(ImageFile(f"{slot}/{name}", (image_dir / name).read_bytes()))
     return files
 
 
-# /boot.py: the root's slots/ directory would shadow the bootloader's `slots` module ('' comes
-# before /lib on sys.path), so /lib goes first; importing `boot` from /lib runs the bootloader.
+# /boot.py: the port runs it after mounting the flash. It cannot just `import boot`: '' (the
+# flash root) comes before /lib on sys.path, so that would import this very file again; with
+# /lib first, importing `boot` runs the compiled bootloader. (No flash directory is named like
+# a module: the bootloader keeps its slots and state under /fw.)
 _BOOT_ENTRY = """import sys
 sys.path.insert(0, '/lib')
 import boot
@@ -314,7 +322,7 @@ import boot
 
 _CLEAR_BOOT = """
 import os
-for p in ('/main.py', '/boot/state.json', '/boot/state.tmp'):
+for p in ('/main.py', '/fw/state.json', '/fw/state.tmp', '/boot/state.json', '/boot/state.tmp'):
     try:
         os.remove(p)
     except OSError:

@@ -94,7 +94,7 @@ def remount(name="img.bin"):
 
 def provision(slot, signed):
     # What `torpor fw install` does: the slot's files, then a confirmed state record.
-    d = MNT + "/slots"
+    d = MNT + "/fw"
     for p in (d, d + "/" + slot):
         try:
             os.mkdir(p)
@@ -125,10 +125,10 @@ def download(signed, order=None, data=None):
 def snapshot():
     # The running slot's bytes and the state record: what no refusal may change.
     out = []
-    for n in sorted(os.listdir(MNT + "/slots/a")):
-        with open(MNT + "/slots/a/" + n, "rb") as f:
+    for n in sorted(os.listdir(MNT + "/fw/a")):
+        with open(MNT + "/fw/a/" + n, "rb") as f:
             out.append((n, f.read()))
-    with open(MNT + "/boot/state.json") as f:
+    with open(MNT + "/fw/state.json") as f:
         out.append(f.read())
     return out
 
@@ -185,10 +185,10 @@ def test_state_record_survives_torn_saves():
     bootstate.save(MNT, bootstate.new("a", 1))
     mpunit.eq(bootstate.load(MNT)["seq"], 1)
     # A leftover temporary file (a save cut before its rename) is ignored and removed.
-    with open(MNT + "/boot/state.tmp", "w") as f:
+    with open(MNT + "/fw/state.tmp", "w") as f:
         f.write('{"active": "b"')
     mpunit.eq(bootstate.load(MNT)["active"], "a")
-    assert "state.tmp" not in os.listdir(MNT + "/boot")
+    assert "state.tmp" not in os.listdir(MNT + "/fw")
     # Cut the flash at every write of a save in turn: after a remount the record is the
     # old one or the new one, whole.
     cuts = 0
@@ -219,7 +219,7 @@ def test_state_record_survives_torn_saves():
             break
     assert cuts >= 2, cuts
     # An unreadable record reads as none: the bootloader then recovers from the slots.
-    with open(MNT + "/boot/state.json", "w") as f:
+    with open(MNT + "/fw/state.json", "w") as f:
         f.write("{not json")
     mpunit.eq(bootstate.load(MNT), None)
 
@@ -292,16 +292,16 @@ def test_refusals_leave_the_running_slot_alone():
     s = bytearray(stream())
     s[100] ^= 0xFF
     slots.configure(MNT, "sim")
-    _rm(MNT + "/slots/b/.chunks")
+    _rm(MNT + "/fw/b/.chunks")
     download(V2, data=bytes(s))
     refused(bootstate.BAD_HASH, slots.finish)
     refused(bootstate.BAD_HASH, slots.set_trial)
     # A file that disappears between finish and set_trial.
     slots.configure(MNT, "sim")
-    _rm(MNT + "/slots/b/.chunks")
+    _rm(MNT + "/fw/b/.chunks")
     download(V2)
     mpunit.eq(slots.finish(), 2)
-    os.remove(MNT + "/slots/b/main.mpy")
+    os.remove(MNT + "/fw/b/main.mpy")
     slots.configure(MNT, "sim")
     refused(bootstate.MISSING_FILE, slots.set_trial)
     mpunit.eq(snapshot(), before)
@@ -358,3 +358,36 @@ def test_key_list_update_adds_and_retires_keys():
     # The running image (signed by the retired key) no longer checks out, by design: a
     # rotation ships a re-signed image before retiring the old key (docs/bootloader.md).
     mpunit.eq(slots.check(MNT, "a", False)[0], bootstate.UNKNOWN_KEY)
+
+
+def test_remount_without_mtime_keeps_files_and_stops_timestamps():
+    # What the bootloader does on real boards, here on a flash image mounted the way the
+    # ports mount theirs (mtime on).
+    img = mpunit.tmpdir() + "/mt.bin"
+    bdev = simflash.FileBlockDev(img, 4096, 64)
+    vfs.VfsLfs2.mkfs(bdev)
+    vfs.mount(vfs.VfsLfs2(bdev), "/mt")
+    with open("/mt/old.txt", "w") as f:
+        f.write("kept")
+    assert os.stat("/mt/old.txt")[8] != 0, "the port's default mount stores mtime"
+    cwd = os.getcwd()
+    try:
+        assert bootstate.remount_without_mtime(bdev, "/mt")
+        mpunit.eq(os.getcwd(), "/mt")
+    finally:
+        os.chdir(cwd)
+    with open("/mt/old.txt") as f:
+        mpunit.eq(f.read(), "kept")
+    with open("/mt/new.txt", "w") as f:
+        f.write("x")
+    mpunit.eq(os.stat("/mt/new.txt")[8], 0)
+    vfs.umount("/mt")
+    # Not littlefs (an erased device): nothing changes.
+    blank = simflash.FileBlockDev(mpunit.tmpdir() + "/blank.bin", 4096, 16)
+    vfs.mount(vfs.VfsLfs2(bdev), "/mt")
+    assert not bootstate.remount_without_mtime(blank, "/mt")
+    with open("/mt/old.txt") as f:
+        mpunit.eq(f.read(), "kept")
+    vfs.umount("/mt")
+    bdev.close()
+    blank.close()

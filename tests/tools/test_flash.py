@@ -87,7 +87,7 @@ def test_flash_bootloader_and_signed_image_boots_through_the_bootloader(tmp_path
         image.sign_image(img, keys.load_private(kp.private))
         p = torpor(*common, "--log-seconds", "1.5")
         assert p.returncode == 0, p.stdout + p.stderr
-        assert "/slots/a/manifest.sig" in p.stdout and "/lib/slots.py" in p.stdout
+        assert "/fw/a/manifest.sig" in p.stdout and "/lib/slots.py" in p.stdout
         # First boot: no state record, the bootloader checks slot A fully and confirms it,
         # then starts the app from it.
         assert "boot: recovered state: slot a v3" in p.stdout, p.stdout

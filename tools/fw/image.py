@@ -282,11 +282,10 @@ if st is not None:
         print('ERR slot %s is in use' % slot)
         sys.exit(3)
 slot = slot or 'a'
-p = ''
-for part in ('flash', 'slots', slot):
-    p += '/' + part
+p = bootstate.boot_dir('/flash') + '/' + slot
+for d in (bootstate.boot_dir('/flash'), p):
     try:
-        os.mkdir(p)
+        os.mkdir(d)
     except OSError:
         pass
 for n in os.listdir(p):
