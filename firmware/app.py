@@ -156,6 +156,8 @@ class Wake:
             return "safe"
         if self.alarm:
             return "alarm"
+        if ota.on_trial():
+            return "trial"  # a trial image is kept only once it reaches the gateway
         if st.fails and self.now < st.next_try:
             return None
         if st.pending_hint:

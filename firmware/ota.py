@@ -97,6 +97,13 @@ def fw_version(default):
     return r[1] if r is not None else default
 
 
+def on_trial():
+    """True when the bootloader started this image on trial: the wake must reach the
+    gateway (that is the health check), whatever the send schedule says."""
+    r = slots.running()
+    return r is not None and r[2]
+
+
 def hello_state():
     """(ota_state, ota_reason) for the HELLO: the bootloader's outcome to report."""
     global _hello
