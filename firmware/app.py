@@ -33,10 +33,32 @@ _TOPIC_SLACK = const(96)  # MQTT header + topic on top of the frame
 
 STOP = const(1)
 
-# Preallocated once per boot: the frame buffer and the record buffers of the send path.
+# Preallocated once per boot, before the wake starts: the frame buffer, the MQTT client's
+# packet buffers, the topics and the record buffers of the send path. A wake then allocates
+# only small objects, so the heap never fills (a full heap makes every allocation collect).
+_FRAME_SIZE = const(1024)  # max_message of the sensor and low-power classes
 _recs = bytearray(MAX_READINGS * RECORD_SIZE)
 _slots = bytearray(_CHUNK_SLOTS * _SLOT)
 _rec = bytearray(RECORD_SIZE)
+_frame = bytearray(_FRAME_SIZE)
+_rx = bytearray(_FRAME_SIZE + _TOPIC_SLACK)
+_tx = bytearray(_FRAME_SIZE + _TOPIC_SLACK)
+_topics = bytearray(3 * (7 + 64 + 7))  # torpor/<device id>/{up,down,status}
+
+
+def _topic(off, dev, suffix):
+    # "torpor/<dev>/<suffix>" into _topics at off; returns (view of it, next offset).
+    t = _topics
+    t[off : off + 7] = b"torpor/"
+    i = off + 7
+    n = len(dev)
+    t[i : i + n] = dev
+    i += n
+    t[i] = 0x2F  # "/"
+    n = len(suffix)
+    t[i + 1 : i + 1 + n] = suffix
+    i += 1 + n
+    return memoryview(t)[off:i], i
 
 
 def _u32(b, o):
@@ -180,10 +202,18 @@ class Wake:
         st = self.st
         t1 = time.ticks_ms()
         budget = mqtt.deadline(cfg.awake_budget_ms)
-        # Only wakes that send need a frame buffer and topics.
-        self.frame = bytearray(proto.CLASS_LIMITS[cfg.device_class][0])
-        self.fmv = memoryview(self.frame)
-        self.up_topic = "torpor/%s/up" % cfg.device_id
+        size = proto.CLASS_LIMITS[cfg.device_class][0]
+        frame = rx = tx = None
+        if size <= _FRAME_SIZE:
+            frame, rx, tx = _frame, _rx, _tx
+        else:
+            frame = bytearray(size)  # a class with longer frames pays for its buffers
+        self.frame = frame
+        self.fmv = memoryview(frame)
+        dev = memoryview(cfg.device_id)
+        self.up_topic, i = _topic(0, dev, b"up")
+        down, i = _topic(i, dev, b"down")
+        status, _ = _topic(i, dev, b"status")
         client = None
         self.session_ok = False
         self.hint = 0
@@ -196,14 +226,14 @@ class Wake:
                 server_hostname=cfg.server_hostname or None, keepalive=cfg.keepalive_s,
                 # The gateway holds downlink for a sleeping node (it is the store), so the
                 # broker keeps no session: no stale frames of an earlier window arrive.
-                clean_session=True, max_packet=len(self.frame) + _TOPIC_SLACK,
+                clean_session=True, max_packet=len(frame) + _TOPIC_SLACK, rbuf=rx, tbuf=tx,
             )
             a = gc.mem_alloc()
             # A Will for crashes and lost links only: a planned sleep ends with DISCONNECT.
-            client.connect(budget, will=("torpor/%s/status" % cfg.device_id, b"lost", 1, False))
+            client.connect(budget, will=(status, b"lost", 1, False))
             self.tls_alloc = gc.mem_alloc() - a
             self.bytes_conn = client.bytes_out + client.bytes_in
-            client.subscribe("torpor/%s/down" % cfg.device_id, 1, budget)
+            client.subscribe(down, 1, budget)
             self.ms_connect = _ms_since(t1)
             log.info("connected in %d ms", self.ms_connect)
             t2 = time.ticks_ms()
@@ -320,10 +350,10 @@ class Wake:
     def _drain(self, client):
         # Handle downlink that arrived while publishing, so the client's inbox never fills.
         while True:
-            m = client.wait_msg(time.ticks_ms())
+            m = client.wait_payload(time.ticks_ms())
             if m is None:
                 return
-            self._on_down(client, m[1])
+            self._on_down(client, m)
 
     def _listen(self, client, budget):
         # Until SLEEP_NOW with every published reading acknowledged (the gateway may say
@@ -337,12 +367,16 @@ class Wake:
                 window = budget = end
                 self.effects.stay_awake_ms = 0
                 self.stop = False
-            m = client.wait_msg(end)
+            m = client.wait_payload(end)
             if m is None:
                 return  # the window (or the budget) is over
-            self._on_down(client, m[1])
+            self._on_down(client, m)
 
     def _on_down(self, client, payload):
+        # payload is a view into the client's receive buffer. OTA frames are rare and
+        # large, and their fields go to the slot code: they get a copy of their own.
+        if len(payload) > 1 and payload[1] in (proto.OTA_MANIFEST, proto.OTA_CHUNK):
+            payload = bytes(payload)
         try:
             ftype, f = proto.decode(payload)
         except proto.ProtocolError as e:

@@ -54,6 +54,13 @@ KEYS = {
 }
 
 
+# Settings live in one list per Config, indexed by this map (made once at import): an
+# attribute per setting would grow the instance's dict through five sizes every boot.
+_IDX = {}
+for _i, _k in enumerate(SPEC):
+    _IDX[_k] = _i
+
+
 class ConfigError(ValueError):
     def __init__(self, key, why):
         super().__init__("config key %s: %s" % (key, why))
@@ -82,14 +89,16 @@ def check(key, value):
 
 def _read(path):
     try:
-        with open(path) as f:
-            text = f.read()
+        f = open(path)
     except OSError:
         return None
     try:
-        obj = json.loads(text)
+        # Parsed from the stream: no copy of the whole text on the heap.
+        obj = json.load(f)
     except ValueError:
         raise ConfigError(path, "not valid JSON")
+    finally:
+        f.close()
     if not isinstance(obj, dict):
         raise ConfigError(path, "must hold a JSON object")
     return obj
@@ -99,10 +108,17 @@ class Config:
     """Validated settings as attributes (cfg.sample_interval_s), plus the applied version."""
 
     def __getattr__(self, name):
-        # Settings are set from SPEC in __init__; this only tells type checkers so.
-        raise AttributeError(name)
+        # Reached for the settings only (everything else is an ordinary attribute).
+        i = _IDX.get(name)
+        if i is None:
+            raise AttributeError(name)
+        return self._v[i]
+
+    def _set(self, key, value):
+        self._v[_IDX[key]] = value
 
     def __init__(self, root):
+        self._v = [None] * len(SPEC)
         self.root = root.rstrip("/")
         self._applied_path = self.root + "/" + APPLIED_FILE
         base = _read(self.root + "/" + CONFIG_FILE)
@@ -123,13 +139,13 @@ class Config:
             value = base.get(key, default)
             if value is None:
                 raise ConfigError(key, "required")
-            setattr(self, key, check(key, value))
+            self._set(key, check(key, value))
         if applied:
             # Gateway-applied values were checked when they arrived; check again in case
             # the ranges changed with the firmware, dropping any that no longer fit.
             for key in applied.get("values", {}):
                 try:
-                    setattr(self, key, check(key, applied["values"][key]))
+                    self._set(key, check(key, applied["values"][key]))
                     self._applied[key] = applied["values"][key]
                 except ConfigError:
                     pass
@@ -163,11 +179,11 @@ class Config:
                 check(key, value)
                 old[key] = getattr(self, key)
             for key, value in entries:
-                setattr(self, key, value)
+                self._set(key, value)
             self._cross_check()
         except ConfigError as e:
             for key in old:
-                setattr(self, key, old[key])
+                self._set(key, old[key])
             return e
         for key, value in entries:
             self._applied[key] = value

@@ -17,11 +17,13 @@ def since_boot():
 
 
 def _emit(lvl, msg, args):
+    # Nothing is formatted below the level; above it, the message once: print writes the
+    # tag and the time piece by piece instead of building the whole line.
     if lvl < level:
         return
     if args:
         msg = msg % args
-    print("%s %d %s" % (_TAGS[lvl], since_boot(), msg))
+    print(_TAGS[lvl], since_boot(), msg)
 
 
 def debug(msg, *args):

@@ -155,7 +155,11 @@ class MQTTClient:
         keepalive=60,
         clean_session=True,
         max_packet=4096,
+        rbuf=None,
+        tbuf=None,
     ):
+        # rbuf/tbuf: the caller's preallocated packet buffers (at least max_packet bytes
+        # each), so a client made every wake allocates no kilobytes of its own.
         self.client_id = client_id
         self.host = host
         self.port = port
@@ -174,9 +178,9 @@ class MQTTClient:
         self._poll = select.poll()
         self._hdr = bytearray(8)
         self._hmv = memoryview(self._hdr)
-        self._rbuf = bytearray(max_packet)
+        self._rbuf = rbuf if rbuf is not None and len(rbuf) >= max_packet else bytearray(max_packet)
         self._rmv = memoryview(self._rbuf)
-        self._tbuf = bytearray(max_packet)
+        self._tbuf = tbuf if tbuf is not None and len(tbuf) >= max_packet else bytearray(max_packet)
         self._tmv = memoryview(self._tbuf)
         self._pid = 0
         self._pending = []  # packet ids of QoS 1 publishes awaiting PUBACK
@@ -186,6 +190,9 @@ class MQTTClient:
         self._pingresp = False
         self._last_tx = 0
         self._hs = False  # the TLS handshake has not completed yet
+        self._direct = False  # a PUBLISH is left in _rbuf for wait_payload, not queued
+        self._poff = 0  # where that PUBLISH's payload lies in _rbuf
+        self._plen = 0
 
     # ---- connection ---------------------------------------------------------------
 
@@ -405,6 +412,26 @@ class MQTTClient:
             if self._process(deadline_ms, False, None) < 0:
                 return None
 
+    def wait_payload(self, deadline_ms):
+        """Like wait_msg, without allocating: the next payload as a memoryview into the
+        client's receive buffer (valid until the next call on the client), or None at the
+        deadline. The topic is not returned: for a client subscribed to one topic."""
+        while True:
+            if self._inbox:
+                return memoryview(self._inbox.pop(0)[1])
+            self._check()
+            if self.keepalive and time.ticks_diff(time.ticks_ms(), self._last_tx) >= self.keepalive * 500:
+                self._send_pingreq(deadline_ms)
+            self._direct = True
+            try:
+                r = self._process(deadline_ms, False, None)
+            finally:
+                self._direct = False
+            if r < 0:
+                return None
+            if r == 2:
+                return self._rmv[self._poff : self._poff + self._plen]
+
     def ping(self, deadline_ms):
         """PINGREQ and wait for the PINGRESP."""
         self._check()
@@ -481,7 +508,7 @@ class MQTTClient:
     def _process(self, deadline_ms, must, what):
         # Read and handle one packet. At the deadline with no packet started: raise
         # TIMEOUT naming `what` when `must`, else return -1. 1 when a PUBLISH was queued
-        # in the inbox, 0 for any other packet.
+        # in the inbox, 2 when it was left in _rbuf (_direct), 0 for any other packet.
         t, ln = self._read_packet(deadline_ms, True)
         if t < 0:
             if must:
@@ -522,18 +549,22 @@ class MQTTClient:
         if qos:
             pid = (b[i] << 8) | b[i + 1]
             i += 2
-        if len(self._inbox) >= _MAX_INBOX:
+        if self._direct:
+            self._poff = i
+            self._plen = ln - i
+        elif len(self._inbox) >= _MAX_INBOX:
             # Not acknowledged means not received: a persistent session redelivers it.
             self.dropped += 1
             return 0
-        self._inbox.append((str(self._rmv[2 : 2 + tl], "utf-8"), bytes(self._rmv[i:ln])))
+        else:
+            self._inbox.append((str(self._rmv[2 : 2 + tl], "utf-8"), bytes(self._rmv[i:ln])))
         if qos:
             self._hdr[0] = _PUBACK
             self._hdr[1] = 2
             self._hdr[2] = pid >> 8
             self._hdr[3] = pid & 0xFF
             self._write(self._hmv, 4, deadline_ms)
-        return 1
+        return 2 if self._direct else 1
 
     def _fail(self, code, reason):
         self.close()
