@@ -37,6 +37,7 @@ _UP_TYPES = frozenset({
     proto.HELLO, proto.BURST, proto.COMMAND_RESULT, proto.SHADOW_REPORT, proto.OTA_STATUS,
 })
 _DETAIL_MAX = 64
+_UNCONFIRMED_MAX = 65536  # answers remembered for drain(); older ones are let go
 STATUS_REFRESH_S = 0.5
 UNKNOWN_RECHECK_S = 1.0
 
@@ -139,7 +140,8 @@ class Ingest:
         self._have = asyncio.Event()
         self._full = asyncio.Event()
         self._accepting = True
-        self._publishing: set[asyncio.Task[None]] = set()
+        # Answers handed to paho and not yet acknowledged by the broker (for drain()).
+        self._publishing: collections.deque[Any] = collections.deque()
         self._inflight: asyncio.Future[Outgoing] | None = None
         self._oldest = 0.0  # time.monotonic() when the oldest pending frame arrived
         if self.upstream is not None:
@@ -411,6 +413,7 @@ class Ingest:
         await client.subscribe(topics.UP_ALL, qos=1)
         log.info("ingesting %s", topics.UP_ALL)
         writer = self.writer or db.Writer("ingest-db")
+        self._publishing.clear()  # a previous connection's publishes will never complete
         committer = asyncio.create_task(self._commit_loop(client, writer), name="ingest-commit")
         try:
             async for message in client.messages:
@@ -444,8 +447,16 @@ class Ingest:
             writer = writer or self.writer
             out = await writer.run(self.process, batch) if writer else self.process(batch)
             self._publish(client, out)
-        if self._publishing:
-            await asyncio.wait(self._publishing, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while self._unconfirmed() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    def _unconfirmed(self) -> int:
+        """Drop the publishes the broker has acknowledged; how many are left."""
+        waiting = self._publishing
+        while waiting and (waiting[0].is_published() or len(waiting) > _UNCONFIRMED_MAX):
+            waiting.popleft()
+        return len(waiting)
 
     async def _commit_loop(self, client: aiomqtt.Client, writer: db.Writer) -> None:
         """Group commit: one batch commits on the writer thread while the next one grows
@@ -477,19 +488,20 @@ class Ingest:
                 self._publish(client, out)
 
     def _publish(self, client: aiomqtt.Client, out: Outgoing) -> None:
+        """Hand the answers to paho (QoS 1) without waiting for each PUBACK. aiomqtt's
+        publish() would cost a task, a future, a timeout and a scan of every pending call
+        per message; paho alone keeps the message in flight and matches the PUBACK. A
+        lost answer costs nothing durable: the node keeps its readings and resends."""
+        paho = client._client
+        self._unconfirmed()
         for topic, payload in out:
-            task = asyncio.create_task(self._publish_one(client, topic, payload))
-            self._publishing.add(task)
-            task.add_done_callback(self._publishing.discard)
-
-    async def _publish_one(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
-        try:
-            await client.publish(topic, payload, qos=1, timeout=10.0)
-            self.metrics.acks_sent += 1
-        except (aiomqtt.MqttError, TimeoutError) as exc:
-            # The node did not hear from us: it keeps its readings and sends them again.
-            self.metrics.publish_errors += 1
-            log.warning("could not publish to %s: %s", topic, exc)
+            info = paho.publish(topic, payload, qos=1)
+            if info.rc == 0:
+                self.metrics.acks_sent += 1
+                self._publishing.append(info)
+            else:
+                self.metrics.publish_errors += 1
+                log.warning("could not publish to %s: %s", topic, aiomqtt.MqttCodeError(info.rc))
 
 
 def hello_fields(hello: proto.Hello) -> dict[str, Any]:
