@@ -290,6 +290,11 @@ class Ingest:
         t0 = time.perf_counter()
         try:
             with db.transaction(self.conn):
+                # Status changes of our own (first HELLO, quarantine) need no reload of
+                # the cache: note the registry version around them (the write lock is
+                # ours, so nobody else moves it in between).
+                own = bool(hellos or quarantine)
+                before = registry.version(self.conn) if own else 0
                 result = readings.commit_bursts(
                     self.conn, bursts, self.states, now=now, in_transaction=True,
                     low_water=[(d, h.first_id) for d, h in hellos if h.first_id])
@@ -316,6 +321,7 @@ class Ingest:
                     deadletter.add_many(self.conn, dead)
                 for dev, reason in quarantine.items():
                     registry.quarantine(self.conn, dev, reason, now=now)
+                after = registry.version(self.conn) if own else 0
         except sqlite3.Error as exc:
             m.commit_errors += 1
             # Undo what this batch did to the caches; nodes resend what was not acked.
@@ -324,6 +330,8 @@ class Ingest:
             log.error("commit failed, nothing acknowledged (nodes will resend): %s", exc)
             return []
         result.apply()
+        if own and before == self._data_version:
+            self._data_version = after
         m.commit_s += time.perf_counter() - t0
         m.batches += 1
         m.last_commit = now
