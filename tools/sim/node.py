@@ -388,7 +388,10 @@ class SimNode:
                 break
             self._handle_line(line.decode("utf-8", "replace"), run, logf)
         if killed_as is not None:
-            proc.kill()
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass  # it exited on its own just as the cut came
             if killed_as == "stopped":
                 stopped = True
         # Drain what is left so the pipe cannot block the child, bounded in time.
