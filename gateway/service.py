@@ -28,6 +28,7 @@ from gateway.config import GatewayConfig
 from gateway.downlink import Downlink, DownlinkConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import HelloHook, Ingest, no_downlink
+from gateway.ota import OtaHandler
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ class Service:
                 await self._start_broker()
             self.ingest = Ingest(
                 self.conn, cfg.ingest, upstream=cfg.upstream, on_hello=self.on_hello,
-                downlink=self.downlink, on_committed=self._notify_relay, writer=writer,
+                downlink=self.downlink, ota=OtaHandler(), on_committed=self._notify_relay,
+                writer=writer,
             )
             self._write_status("running")
             tasks["ingest"] = asyncio.create_task(self._supervise("ingest", self._ingest))
