@@ -231,7 +231,10 @@ def _chunk(f, w):
     data = f[proto.OTA_CHUNK_DATA]
     h = _load()
     if h is None or h["v"] != v:
-        # No manifest for this version here (lost, or refused): ask for it again.
+        r = _report
+        if r is not None and r[0] == v and r[1] in (proto.OTA_STATE_REFUSED, proto.OTA_STATE_FAILED):
+            return  # this wake refused its manifest: the refusal is the answer, not "resend"
+        # No manifest for this version here (lost): ask for it again.
         _set_report(v, proto.OTA_STATE_IDLE, 0)
         return
     if time.ticks_diff(time.ticks_ms(), w.t0) > w.cfg.awake_budget_ms - RESERVE_MS:
