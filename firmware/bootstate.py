@@ -128,7 +128,7 @@ def remount_without_mtime(bdev, point="/", progsize=0):
     import vfs
 
     try:
-        # type: ignore below: the port stubs declare VfsLfs2 abstract; the real class is not.
+        # The port stubs declare VfsLfs2 abstract; the real class is not (hence the ignores).
         fs = vfs.VfsLfs2(bdev, progsize=progsize, mtime=False) if progsize else vfs.VfsLfs2(bdev, mtime=False)  # type: ignore[abstract]
     except OSError:
         return False
