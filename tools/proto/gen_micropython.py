@@ -7,6 +7,7 @@ Decoders return tuples (indices are generated constants) and raise only Protocol
 
 from __future__ import annotations
 
+from tools.proto.emit import Lines, fixed_groups
 from tools.proto.spec import (
     HEADER_SIZE,
     INT_RANGES,
@@ -264,27 +265,6 @@ def _c(name: str) -> str:
     return name.upper()
 
 
-class _W:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, text: str = "", indent: int = 0) -> None:
-        self.lines.append(("    " * indent + text) if text else "")
-
-
-def _groups(fields: tuple[Field, ...]) -> list[list[Field] | Field]:
-    groups: list[list[Field] | Field] = []
-    for f in fields:
-        if f.fixed:
-            if groups and isinstance(groups[-1], list):
-                groups[-1].append(f)
-            else:
-                groups.append([f])
-        else:
-            groups.append(f)
-    return groups
-
-
 def _default(f: Field) -> str:
     if f.type == "bool":
         return "True" if f.default else "False"
@@ -296,7 +276,7 @@ def _default(f: Field) -> str:
 
 
 def generate(spec: Spec) -> str:
-    w = _W()
+    w = Lines()
     w("# Torpor wire protocol codec for MicroPython (the firmware).")
     w(f"# Generated from {SPEC_REL} by `torpor proto gen`: generated, do not edit.")
     w("# Encoders write into a caller's buffer (at least MAX_<FRAME> bytes) and return the length;")
@@ -389,7 +369,7 @@ def _value_size_expr(spec: Spec, f: Field) -> str:
     raise AssertionError(f.type)
 
 
-def _encode_value(w: _W, spec: Spec, fr: Frame, f: Field, ind: int) -> None:
+def _encode_value(w: Lines, spec: Spec, fr: Frame, f: Field, ind: int) -> None:
     N = fr.name
     v = f.name
     if f.type == "bytes":
@@ -417,7 +397,7 @@ def _encode_value(w: _W, spec: Spec, fr: Frame, f: Field, ind: int) -> None:
         raise AssertionError(f.type)
 
 
-def _gen_encode(w: _W, spec: Spec, fr: Frame) -> None:
+def _gen_encode(w: Lines, spec: Spec, fr: Frame) -> None:
     N = fr.name
     params = ["buf", "msg_id"]
     for f in fr.required:
@@ -433,7 +413,7 @@ def _gen_encode(w: _W, spec: Spec, fr: Frame) -> None:
     for f in fr.fields:
         if f.type == "str":
             w(f"{f.name}_b = {f.name}.encode()", 1)
-    for g in _groups(fr.required):
+    for g in fixed_groups(fr.required):
         if isinstance(g, list):
             fmt = "<" + "".join(SCALARS[f.type][0] for f in g)
             size = sum(SCALARS[f.type][1] for f in g)
@@ -459,7 +439,7 @@ def _gen_encode(w: _W, spec: Spec, fr: Frame) -> None:
     w("return off", 1)
 
 
-def _decode_value(w: _W, spec: Spec, fr: Frame, f: Field, ind: int, end: str) -> None:
+def _decode_value(w: Lines, spec: Spec, fr: Frame, f: Field, ind: int, end: str) -> None:
     N = fr.name
     v = f.name
     if f.type in ("bytes", "str"):
@@ -503,7 +483,7 @@ def _decode_value(w: _W, spec: Spec, fr: Frame, f: Field, ind: int, end: str) ->
         raise AssertionError(f.type)
 
 
-def _check_scalar(w: _W, fr: Frame, f: Field, ind: int, where: str) -> None:
+def _check_scalar(w: Lines, fr: Frame, f: Field, ind: int, where: str) -> None:
     N = fr.name
     if f.type == "enum":
         assert f.enum
@@ -512,7 +492,7 @@ def _check_scalar(w: _W, fr: Frame, f: Field, ind: int, where: str) -> None:
         w(f'v_{f.name} = _bool(v_{f.name}, "{N}", {where}, "{f.name}")', ind)
 
 
-def _gen_decode(w: _W, spec: Spec, fr: Frame) -> None:
+def _gen_decode(w: Lines, spec: Spec, fr: Frame) -> None:
     N = fr.name
     w()
     w()
@@ -521,7 +501,7 @@ def _gen_decode(w: _W, spec: Spec, fr: Frame) -> None:
     w(f'minor = _header(buf, n, {N}, "{N}")', 1)
     w("buf = memoryview(buf)", 1)
     w(f"off = {HEADER_SIZE}", 1)
-    for g in _groups(fr.required):
+    for g in fixed_groups(fr.required):
         if isinstance(g, list):
             fmt = "<" + "".join(SCALARS[f.type][0] for f in g)
             size = sum(SCALARS[f.type][1] for f in g)

@@ -7,6 +7,7 @@ with no Python-level loop per reading.
 
 from __future__ import annotations
 
+from tools.proto.emit import Lines, fixed_groups
 from tools.proto.spec import HEADER_SIZE, INT_RANGES, SCALARS, SPEC_REL, Field, Frame, Spec
 
 PREAMBLE = '''\
@@ -310,30 +311,8 @@ def _default_literal(spec: Spec, f: Field) -> str:
     return repr(f.default)
 
 
-class _Lines:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, text: str = "", indent: int = 0) -> None:
-        self.lines.append(("    " * indent + text) if text else "")
-
-
-def _fixed_groups(fields: tuple[Field, ...]) -> list[list[Field] | Field]:
-    """Consecutive fixed-width fields become one struct; variable ones stand alone."""
-    groups: list[list[Field] | Field] = []
-    for f in fields:
-        if f.fixed:
-            if groups and isinstance(groups[-1], list):
-                groups[-1].append(f)
-            else:
-                groups.append([f])
-        else:
-            groups.append(f)
-    return groups
-
-
 def generate(spec: Spec) -> str:
-    w = _Lines()
+    w = Lines()
     w('"""Torpor wire protocol codec for CPython (the gateway and tools).')
     w()
     w(f"Generated from {SPEC_REL} by `torpor proto gen`: generated, do not edit.")
@@ -488,9 +467,9 @@ def generate(spec: Spec) -> str:
     return "\n".join(w.lines) + "\n"
 
 
-def _gen_structs(w: _Lines, spec: Spec, fr: Frame) -> None:
+def _gen_structs(w: Lines, spec: Spec, fr: Frame) -> None:
     w()
-    for i, g in enumerate(_fixed_groups(fr.required)):
+    for i, g in enumerate(fixed_groups(fr.required)):
         if isinstance(g, list):
             fmt = "<" + "".join(SCALARS[f.type][0] for f in g)
             w(f"_S_{fr.name}_{i} = struct.Struct({fmt!r})")
@@ -499,7 +478,7 @@ def _gen_structs(w: _Lines, spec: Spec, fr: Frame) -> None:
             w(f"_S_{fr.name}_T{f.tag} = struct.Struct({('<' + SCALARS[f.type][0])!r})")
 
 
-def _decode_value(w: _Lines, spec: Spec, fr: Frame, f: Field, ind: int, end: str) -> None:
+def _decode_value(w: Lines, spec: Spec, fr: Frame, f: Field, ind: int, end: str) -> None:
     """Emit code decoding a variable-size field at `off` into `v_<name>`; `end` bounds it."""
     N = fr.name
     if f.type in ("bytes", "str"):
@@ -540,7 +519,7 @@ def _decode_value(w: _Lines, spec: Spec, fr: Frame, f: Field, ind: int, end: str
         raise AssertionError(f.type)
 
 
-def _gen_decode(w: _Lines, spec: Spec, fr: Frame) -> None:
+def _gen_decode(w: Lines, spec: Spec, fr: Frame) -> None:
     N = fr.name
     w()
     w()
@@ -549,7 +528,7 @@ def _gen_decode(w: _Lines, spec: Spec, fr: Frame) -> None:
     w("n = len(buf)", 1)
     w(f'minor, msg_id = _header(buf, n, {fr.id}, "{N}")', 1)
     w(f"off = {HEADER_SIZE}", 1)
-    for i, g in enumerate(_fixed_groups(fr.required)):
+    for i, g in enumerate(fixed_groups(fr.required)):
         if isinstance(g, list):
             size = sum(SCALARS[f.type][1] for f in g)
             names = ", ".join(f"v_{f.name}" for f in g) + ("," if len(g) == 1 else "")
@@ -604,7 +583,7 @@ def _gen_decode(w: _Lines, spec: Spec, fr: Frame) -> None:
     w(f"return {fr.camel}({args})", 1)
 
 
-def _encode_value(w: _Lines, spec: Spec, fr: Frame, f: Field, ind: int, target: str) -> None:
+def _encode_value(w: Lines, spec: Spec, fr: Frame, f: Field, ind: int, target: str) -> None:
     N = fr.name
     v = f"f.{f.name}"
     if f.type == "bytes":
@@ -642,7 +621,7 @@ def _encode_value(w: _Lines, spec: Spec, fr: Frame, f: Field, ind: int, target: 
         raise AssertionError(f.type)
 
 
-def _gen_encode(w: _Lines, spec: Spec, fr: Frame) -> None:
+def _gen_encode(w: Lines, spec: Spec, fr: Frame) -> None:
     N = fr.name
     w()
     w()
@@ -653,7 +632,7 @@ def _gen_encode(w: _Lines, spec: Spec, fr: Frame) -> None:
     w(f"out += _HDR.pack(VERSION_BYTE, {fr.id}, f.msg_id)", 2)
     w("except (struct.error, TypeError):", 1)
     w(f'raise ProtocolError("{N}", 2, f"msg_id: {{f.msg_id!r}} does not fit u32") from None', 2)
-    for i, g in enumerate(_fixed_groups(fr.required)):
+    for i, g in enumerate(fixed_groups(fr.required)):
         if isinstance(g, list):
             for f in g:
                 if f.type == "enum":
