@@ -5,6 +5,8 @@ answering), so the restarts a test needs are its own, not a fresh board per test
 
 from __future__ import annotations
 
+import os
+import select
 import subprocess
 import sys
 import time
@@ -56,6 +58,88 @@ def test_fs_cp_ls_cat_and_files_survive_reset(vboard: VirtualBoard, tmp_path: Pa
     assert "False hello board" in p.stdout, p.stdout + p.stderr
     p = mpremote(vboard.port, "soft-reset", "exec", "print(len(open('blob.bin','rb').read()))")
     assert p.stdout.strip() == "5120", p.stderr
+
+
+def test_session_right_after_reset_gets_its_repl(vboard: VirtualBoard) -> None:
+    # The next session's Ctrl-C lands while `reset` still sleeps before machine.reset():
+    # the program is interrupted and the raw REPL entry typed after it must be answered.
+    for attempt in range(3):
+        p = mpremote(vboard.port, "exec", "--no-follow",
+                     "import time, machine; time.sleep_ms(400); machine.reset()")
+        assert p.returncode == 0, p.stderr
+        p = mpremote(vboard.port, "exec", "print('alive', 6*7)", timeout=15)
+        assert p.returncode == 0 and "alive 42" in p.stdout, (attempt, p.stdout + p.stderr)
+
+
+def test_ctrl_c_the_program_swallows_still_reaches_the_repl(
+    vboard: VirtualBoard, tmp_path: Path
+) -> None:
+    # A program that catches the KeyboardInterrupt and then resets: the Ctrl-C came too late
+    # for it, so the restart keeps main.py (which never gives the REPL back) from running and
+    # the session typed meanwhile gets its raw REPL.
+    main = tmp_path / "main.py"
+    main.write_text("import time\nwhile True:\n    time.sleep_ms(20)\n")
+    assert mpremote(vboard.port, "fs", "cp", str(main), ":main.py").returncode == 0
+    try:
+        code = ("import time, machine\ntry:\n    time.sleep_ms(400)\n"
+                "except KeyboardInterrupt:\n    pass\nmachine.reset()\n")
+        assert mpremote(vboard.port, "exec", "--no-follow", code).returncode == 0
+        p = mpremote(vboard.port, "exec", "print('after', 6*7)", timeout=15)
+        assert p.returncode == 0 and "after 42" in p.stdout, p.stdout + p.stderr
+    finally:
+        # Ctrl-C interrupts the endless main.py of a hard reset like on a real board
+        assert mpremote(vboard.port, "reset").returncode == 0
+        p = mpremote(vboard.port, "fs", "rm", ":main.py", timeout=15)
+        assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_input_typed_while_a_program_runs_waits_for_the_repl(vboard: VirtualBoard) -> None:
+    # Bytes that arrive while code runs are buffered, as in a UART FIFO, not dropped.
+    fd = os.open(vboard.port, os.O_RDWR | os.O_NOCTTY)
+    try:
+        out = bytearray()
+
+        def read_until(end: bytes, limit: float = 10) -> None:
+            deadline = time.monotonic() + limit
+            while not out.endswith(end):
+                left = deadline - time.monotonic()
+                assert left > 0, bytes(out[-300:])
+                if select.select([fd], [], [], min(left, 0.5))[0]:
+                    out.extend(os.read(fd, 4096))
+
+        os.write(fd, b"\r\x03\r\x01")
+        read_until(b"raw REPL; CTRL-B to exit\r\n>")
+        os.write(fd, b"import time; time.sleep_ms(300); print('one')\x04")
+        read_until(b"OK")
+        # typed during the sleep: the next program and its end-of-input
+        os.write(fd, b"print('two')\x04\x02")
+        read_until(b">>> ")
+        text = bytes(out)
+        assert b"one\r\n\x04\x04>OKtwo\r\n\x04\x04>" in text, text[-300:]
+    finally:
+        os.close(fd)
+
+
+def test_repl_entry_while_main_py_wakes_every_few_ms(tmp_path: Path) -> None:
+    # 60 s sleeps at time scale 1000: output never stops, yet Ctrl-C gets the REPL.
+    main = tmp_path / "main.py"
+    main.write_text("import board\nprint('wake', board.boot_cause())\nboard.deep_sleep(60000)\n")
+    with VirtualBoard(tmp_path / "node", time_scale=1000) as b:
+        assert mpremote(b.port, "fs", "cp", str(main), ":main.py").returncode == 0
+        assert mpremote(b.port, "reset").returncode == 0
+        log = b.dir / "board.log"
+        deadline = time.monotonic() + 10
+        while b.sleeps < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert b.sleeps >= 5, log.read_text(errors="replace")[-500:]
+        for i in range(6):
+            time.sleep(0.013 * i)  # land in different parts of the wake cycle
+            p = mpremote(b.port, "exec", "print('repl', 6*7)", timeout=15)
+            assert p.returncode == 0 and "repl 42" in p.stdout, (i, p.stdout + p.stderr)
+            assert mpremote(b.port, "reset").returncode == 0  # main.py runs again
+            time.sleep(0.15)
+        p = mpremote(b.port, "fs", "rm", ":main.py", timeout=15)
+        assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_errors_come_back_as_tracebacks(vboard: VirtualBoard) -> None:

@@ -43,6 +43,8 @@ BANNER_TAIL = "Type \"help()\" for more information.\r\n"
 RAW_BANNER = b"raw REPL; CTRL-B to exit\r\n>"
 SOFT_REBOOT = b"MPY: soft reboot\r\n"
 PASTE_WINDOW = 512
+# Input kept while the REPL cannot read it (a program runs, the board restarts or sleeps).
+HELD_LIMIT = 4096
 # Output kept for a reader that is not there, like a USB CDC buffer; older bytes are dropped.
 OUT_LIMIT = 256 * 1024
 
@@ -176,17 +178,26 @@ gc.collect()
 
 
 def _read(n):
+    # A Ctrl-C (SIGINT) that lands while the frame is read must not lose bytes of it: the
+    # frame runs as interrupted instead.
     out = b""
+    intr = False
     while len(out) < n:
-        part = _stdin.read(n - len(out))
+        try:
+            part = _stdin.read(n - len(out))
+        except KeyboardInterrupt:
+            intr = True
+            continue
         if not part:
             raise SystemExit(0)
         out += part
-    return out
+    return out, intr
 
 
-def _run(kind, body):
+def _run(kind, body, intr):
     try:
+        if intr:
+            raise KeyboardInterrupt
         if kind == b"S":
             code = compile(body, "<stdin>", "single")
         elif kind == b"R":
@@ -210,18 +221,42 @@ def _run(kind, body):
         sys.print_exception(e)
 
 
+def _frame(kind, body, intr):
+    # A Ctrl-C that lands outside the program (just before or after it) is the program's
+    # KeyboardInterrupt all the same; the frame always ends with its D token.
+    try:
+        try:
+            _run(kind, body, intr)
+        except KeyboardInterrupt as e:
+            token(b"E")
+            sys.print_exception(e)
+    except KeyboardInterrupt:
+        pass  # a second Ctrl-C while the first is reported
+    done = False
+    while not done:
+        try:
+            token(b"D")
+            done = True
+        except KeyboardInterrupt:
+            pass
+
+
 token(b"R")
 while True:
-    head = _stdin.readline()
+    try:
+        head = _stdin.readline()
+    except KeyboardInterrupt:
+        continue  # nothing runs: a late Ctrl-C
     if not head:
         break
     kind, _, n = head.strip().partition(b" ")
-    body = _read(int(n)).decode()
+    body, intr = _read(int(n))
     try:
-        _run(kind, body)
+        _frame(kind, body.decode(), intr)
     except SystemExit as e:
         sys.exit(e.args[0])
-    token(b"D")
+    except KeyboardInterrupt:
+        pass  # after the D token: nothing runs any more
 '''
 
 TOKEN_LEN = 4 + 16 + 1
@@ -438,11 +473,9 @@ class VirtualBoard:
         kind, body = self._pending.pop(0)
         if kind == b"B":
             self._booting = False
+            self._interrupted = False  # the REPL is up: a Ctrl-C got what it asked for
             self._prompt()
-            held = bytes(self._held)
-            self._held.clear()
-            self._input(held)
-            self._send_next()
+            self._replay_held()
             return
         if kind == b"R" and body == b"main.py" and self._interrupted:
             self._send_next()
@@ -544,9 +577,9 @@ class VirtualBoard:
             return
         raw = self.mode != FRIENDLY and not self._booting and self._current == b"X"
         if kind == b"E":
-            self._exc = True
-            if raw:
+            if raw and not self._exc:
                 self._emit(b"\x04")
+            self._exc = True
             return
         if kind == b"D":
             self._busy = False
@@ -555,7 +588,10 @@ class VirtualBoard:
                 self._emit(b">")
             elif self._current == b"S":
                 self._emit(b">>> ")
+            if not self._booting:
+                self._interrupted = False  # the program it was meant for has ended
             self._send_next()
+            self._replay_held()
 
     def _child_exited(self) -> None:
         child = self._child
@@ -569,25 +605,44 @@ class VirtualBoard:
             log.warning("virtual board child exited during start (rc %s)", rc)
             self._wake_cause, self._sleep_until = CRASH, time.monotonic() + 2.0
             return
+        if rc == EXIT_DEEP_SLEEP and self._interrupted:
+            # Ctrl-C came while this wake was ending: it wakes the board into the REPL at
+            # once, as a Ctrl-C during the sleep does (a busy main.py would never let it in).
+            self.sleeps += 1
+            self.mode = FRIENDLY
+            self._boot(TIMER, run_main=False, soft=False)
+            return
         if rc == EXIT_DEEP_SLEEP:
             self.sleeps += 1
             delay = self._sleep_ms / 1000.0 / self.time_scale if self.time_scale > 0 else 0.0
             self._vt_offset_ms += self._sleep_ms - int(delay * 1000)
             self._wake_cause, self._sleep_until = TIMER, time.monotonic() + delay
             return
+        # A Ctrl-C that came too late to interrupt the program keeps main.py from running
+        # after the restart, so the REPL it was typed for answers.
+        run_main = not self._interrupted
         if rc == EXIT_SOFT_RESET:
-            self._boot(SOFT_RESET, run_main=self.mode == FRIENDLY, soft=True)
+            self._boot(SOFT_RESET, run_main=run_main and self.mode == FRIENDLY, soft=True)
             return
         # machine.reset(), a crash or a kill: a hard reset, the REPL starts over friendly.
         cause = SOFT_RESET if rc == EXIT_RESET else CRASH
         self.mode = FRIENDLY
-        self._boot(cause, run_main=True, soft=False)
+        self._boot(cause, run_main=run_main, soft=False)
 
     # ---- input ----
 
     def _input(self, data: bytes) -> None:
         for b in data:
             self._byte(b)
+
+    def _replay_held(self) -> None:
+        """Hand what was typed while the REPL could not read to the REPL, once it can."""
+        if not self._held or self._busy or self._booting or self._sleep_until is not None:
+            return
+        held = bytes(self._held)
+        self._held.clear()
+        # Bytes that make the board busy again are held again, in order, by _byte.
+        self._input(held)
 
     def _interrupt(self) -> None:
         if self._sleep_until is not None:
@@ -596,8 +651,9 @@ class VirtualBoard:
             self.mode = FRIENDLY
             self._boot(TIMER, run_main=False, soft=False)
             return
-        if self._booting:
-            self._interrupted = True
+        # Remembered until the REPL is up: a Ctrl-C whose SIGINT lands too late (the program
+        # was already ending, or the child was not running code yet) still skips main.py.
+        self._interrupted = True
         child = self._child
         if self._busy and child is not None and child.poll() is None:
             child.send_signal(signal.SIGINT)
@@ -618,13 +674,12 @@ class VirtualBoard:
             elif self.mode == FRIENDLY:
                 self._emit(b"\r\n>>> ")
             return
-        if self._booting or self._sleep_until is not None:
-            # Typed while the board restarts: handled once the REPL is up, as a UART's FIFO.
-            if len(self._held) < 4096:
+        if self._busy or self._booting or self._sleep_until is not None:
+            # Typed while a program runs or the board restarts: handled once the REPL reads
+            # again, as from a UART's receive FIFO (only Ctrl-C acts at once).
+            if len(self._held) < HELD_LIMIT:
                 self._held.append(b)
             return
-        if self._busy:
-            return  # the running program does not read stdin
         if self.mode == RAW:
             self._raw_byte(b)
         else:
