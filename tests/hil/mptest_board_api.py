@@ -12,7 +12,7 @@ except ImportError:
 
 def _board():
     if board is None:
-        raise mpunit.SkipTest("no board module on this target: provision it with `torpor flash`")
+        raise mpunit.SkipTest("needs a board module: runs on a board via `torpor hil` (tests/tools/test_hil.py runs it on the virtual board)")
     return board
 
 
