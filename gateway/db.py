@@ -176,6 +176,10 @@ def apply(conn: sqlite3.Connection, store: str, steps: Sequence[str]) -> int:
         )
     for i in range(current, len(steps)):
         with transaction(conn):
+            # Another process (a CLI command beside a starting gateway) may have applied the
+            # step since we looked: the version read under the write lock decides.
+            if version(conn, store) > i:
+                continue
             for statement in _split(steps[i]):
                 conn.execute(statement)
             conn.execute(

@@ -52,3 +52,18 @@ def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
             conn.execute("INSERT INTO a VALUES (1)")
             raise RuntimeError("boom")
     assert conn.execute("SELECT count(*) FROM a").fetchone()[0] == 0
+
+
+def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Path) -> None:
+    # A CLI command (torpor flash, device add) beside a starting gateway: both migrate.
+    import subprocess
+    import sys
+
+    path = tmp_path / "g.db"
+    code = "import sys; from gateway import db; db.open_db(sys.argv[1]).close()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stderr=subprocess.PIPE,
+                              text=True) for _ in range(6)]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
+    conn = db.open_db(path)
+    assert db.version(conn, "readings") >= 1
