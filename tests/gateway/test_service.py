@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -105,6 +106,18 @@ async def node_sends(broker: RunningBroker, pki: Pki, device: str, total: int,
     return acked, resends
 
 
+def stored(db_path: Path) -> int:
+    """Readings committed so far, read beside the running gateway."""
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1)
+        try:
+            return int(conn.execute("SELECT coalesce(sum(total), 0) FROM dedup").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
 def test_kill_9_during_ingest_loses_and_duplicates_nothing(broker: RunningBroker, tmp_path: Path) -> None:
     assert broker.pki is not None
     config = write_config(broker, tmp_path)
@@ -124,8 +137,12 @@ def test_kill_9_during_ingest_loses_and_duplicates_nothing(broker: RunningBroker
             senders = asyncio.gather(*(node_sends(broker, broker.pki, n, total, deadline)  # type: ignore[arg-type]
                                        for n in names))
             nonlocal proc, kills
-            for _ in range(3):
-                await asyncio.sleep(0.7)
+            for k in range(3):
+                # Kill at a quarter, half and three quarters of the readings committed, so
+                # every kill lands mid-ingest however fast the gateway is.
+                target = (k + 1) * total * len(names) // 4
+                while stored(db_path) < target and not senders.done():
+                    await asyncio.sleep(0.01)
                 mid_ingest.append(not senders.done())
                 proc.kill()  # SIGKILL: no chance to finish anything
                 proc.wait(5)
