@@ -37,7 +37,8 @@ def scalar(spec: Spec, ftype: str, enum: str | None = None) -> st.SearchStrategy
 def series(draw: st.DrawFn, schema_id: int, interval: int, limit: int) -> p.Series:
     _, measurements = p.SCHEMAS[schema_id]
     n = draw(st.integers(1, min(limit, 80)))
-    t0 = draw(st.integers(0, 0xFFFFFFFF - 600 * n))
+    # room for n steps of the interval, or of up to 600 s each when interval is 0
+    t0 = draw(st.integers(0, 0xFFFFFFFF - max(interval, 600) * n))
     if interval:
         ts = tuple(range(t0, t0 + n * interval, interval))
     else:
