@@ -600,18 +600,7 @@ class MQTTClient:
         want = len(mv)
         got = 0
         while got < want:
-            try:
-                n = self._sock.readinto(mv[got:])
-            except ValueError as e:
-                # mbedtls reports a certificate that fails verification this way.
-                self.close()
-                raise MQTTError(TLS_FAILED, "TLS: %s" % str(e).strip())
-            except OSError as e:
-                if e.errno == errno.EAGAIN:
-                    n = None
-                else:
-                    self.close()
-                    raise self._net_error(e)
+            n = self._io(self._sock.readinto, mv[got:])
             if n is None:
                 rem = time.ticks_diff(deadline_ms, time.ticks_ms())
                 if rem <= 0:
@@ -632,21 +621,25 @@ class MQTTClient:
             got += n
         return True
 
+    def _io(self, op, buf):
+        # One non-blocking socket read or write: None when it would block; a TLS or
+        # network failure closes the connection and raises MQTTError.
+        try:
+            return op(buf)
+        except ValueError as e:
+            # mbedtls reports a certificate that fails verification this way.
+            self.close()
+            raise MQTTError(TLS_FAILED, "TLS: %s" % str(e).strip())
+        except OSError as e:
+            if e.errno == errno.EAGAIN:
+                return None
+            self.close()
+            raise self._net_error(e)
+
     def _write(self, mv, n, deadline_ms):
         sent = 0
         while sent < n:
-            try:
-                w = self._sock.write(mv[sent:n])
-            except ValueError as e:
-                # mbedtls reports a certificate that fails verification this way.
-                self.close()
-                raise MQTTError(TLS_FAILED, "TLS: %s" % str(e).strip())
-            except OSError as e:
-                if e.errno == errno.EAGAIN:
-                    w = None
-                else:
-                    self.close()
-                    raise self._net_error(e)
+            w = self._io(self._sock.write, mv[sent:n])
             if w is None:
                 rem = time.ticks_diff(deadline_ms, time.ticks_ms())
                 if rem <= 0:
