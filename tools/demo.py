@@ -42,6 +42,23 @@ UPSTREAM_TOPIC = "torpor/+/readings"
 FORMATS = ("json", "senml-json", "senml-cbor")
 
 
+def work_dir(requested: Path | None, kind: str) -> Path:
+    """The demo's directory: `requested` (created, and refused unless empty), else a new
+    one under ./var/<kind>/ (or the system temp dir when ./var cannot be written)."""
+    if requested is not None:
+        path = requested.resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        if any(path.iterdir()):
+            raise DemoError(f"{path} is not empty; name a new directory")
+        return path
+    base = Path.cwd() / "var" / kind
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        base = Path(tempfile.gettempdir())
+    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base))
+
+
 class DemoError(Exception):
     """The demo could not start (no mosquitto, a child died...)."""
 
@@ -197,18 +214,7 @@ class Demo:
     # ---- parts -------------------------------------------------------------------------
 
     def _make_dir(self) -> None:
-        if self.opts.dir is not None:
-            self.dir = self.opts.dir.resolve()
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if any(self.dir.iterdir()):
-                raise DemoError(f"{self.dir} is not empty; name a new directory")
-        else:
-            base = Path.cwd() / "var" / "demo"
-            try:
-                base.mkdir(parents=True, exist_ok=True)
-            except OSError:
-                base = Path(tempfile.gettempdir())
-            self.dir = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base))
+        self.dir = work_dir(self.opts.dir, "demo")
         self.created_dir = True
 
     def _make_pki(self) -> Path:

@@ -27,13 +27,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.demo import DemoError, _is_mosquitto, free_port
+from tools.demo import DemoError, _is_mosquitto, free_port, work_dir
 from tools.sim.fleet import Fleet, FleetConfig, NodeState
 
 log = logging.getLogger(__name__)
@@ -155,19 +154,8 @@ class OtaDemo:
     # ---- parts -------------------------------------------------------------------------
 
     def _make_dir(self) -> None:
-        if self.opts.dir is not None:
-            self.dir = self.opts.dir.resolve()
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if any(self.dir.iterdir()):
-                raise DemoError(f"{self.dir} is not empty; name a new directory")
-        else:
-            base = Path.cwd() / "var" / "ota-demo"
-            try:
-                base.mkdir(parents=True, exist_ok=True)
-            except OSError:
-                base = Path(tempfile.gettempdir())
-            self.dir = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base))
-            self.created_dir = True
+        self.dir = work_dir(self.opts.dir, "ota-demo")
+        self.created_dir = self.opts.dir is None
 
     def _images(self) -> tuple[Path, Path, Path, bytes]:
         """(v1, v2, v2 that never confirms, public key), signed with a throwaway key."""
