@@ -8,6 +8,7 @@ import sys
 import time
 
 import board
+import bootstate
 import commands
 import config
 import flashq
@@ -33,22 +34,15 @@ _TOPIC_SLACK = const(96)  # MQTT header + topic on top of the frame
 
 STOP = const(1)
 
-# Preallocated once per boot, before the wake starts: the frame buffer, the MQTT client's
-# packet buffers, the topics and the record buffers of the send path. A wake then allocates
-# only small objects, so the heap never fills (a full heap makes every allocation collect).
-_FRAME_SIZE = const(1024)  # max_message of the sensor and low-power classes
-_recs = bytearray(MAX_READINGS * RECORD_SIZE)
-_slots = bytearray(_CHUNK_SLOTS * _SLOT)
-_rec = bytearray(RECORD_SIZE)
-_frame = bytearray(_FRAME_SIZE)
-_rx = bytearray(_FRAME_SIZE + _TOPIC_SLACK)
-_tx = bytearray(_FRAME_SIZE + _TOPIC_SLACK)
-_topics = bytearray(3 * (7 + 64 + 7))  # torpor/<device id>/{up,down,status}
+# The send path's buffers (frame, the MQTT client's packet buffers, topics, records) are
+# made once per sending wake, in send(); a wake that only samples never pays for them.
+# Within a wake they are reused, so it allocates only small objects after that and the
+# heap never fills (a full heap makes every allocation collect).
+_TOPICS_SIZE = const(3 * (7 + 64 + 7))  # torpor/<device id>/{up,down,status}
 
 
-def _topic(off, dev, suffix):
-    # "torpor/<dev>/<suffix>" into _topics at off; returns (view of it, next offset).
-    t = _topics
+def _topic(t, off, dev, suffix):
+    # "torpor/<dev>/<suffix>" into t at off; returns (view of it, next offset).
     t[off : off + 7] = b"torpor/"
     i = off + 7
     n = len(dev)
@@ -94,6 +88,8 @@ class Wake:
         self.effects = commands.Effects()
         self.frame = None
         self.fmv = None
+        self.recs = None
+        self.slots = None
         self.up_topic = None
         # timings (ms) and wire figures for the "T" line
         self.ms_boot = self.ms_sample = self.ms_connect = self.ms_publish = self.ms_wait = 0
@@ -158,11 +154,12 @@ class Wake:
         temp = max(-32768, min(32767, temp))
         hum = max(0, min(65535, hum))
         ts = self.slot(self.now)
-        struct.pack_into(proto.RECORD_ENV3, _rec, 0, ts, temp, hum, min(self.mv, 65535))
+        rec = bytearray(RECORD_SIZE)
+        struct.pack_into(proto.RECORD_ENV3, rec, 0, ts, temp, hum, min(self.mv, 65535))
         self.alarm = bool(cfg.priority_alarm) and (
             temp > cfg.temp_high or temp < cfg.temp_low or (hum != 0xFFFF and hum > cfg.humidity_high)
         )
-        i = self.q.append(_rec, PRIO_ALARM if self.alarm else PRIO_NORMAL)
+        i = self.q.append(rec, PRIO_ALARM if self.alarm else PRIO_NORMAL)
         if i:
             # Printed only once the reading is durable in flash.
             log.line("R id=%d t=%d temp=%d hum=%d mv=%d" % (i, ts, temp, hum, self.mv))
@@ -203,17 +200,15 @@ class Wake:
         t1 = time.ticks_ms()
         budget = mqtt.deadline(cfg.awake_budget_ms)
         size = proto.CLASS_LIMITS[cfg.device_class][0]
-        frame = rx = tx = None
-        if size <= _FRAME_SIZE:
-            frame, rx, tx = _frame, _rx, _tx
-        else:
-            frame = bytearray(size)  # a class with longer frames pays for its buffers
-        self.frame = frame
+        self.frame = frame = bytearray(size)
         self.fmv = memoryview(frame)
+        self.recs = bytearray(MAX_READINGS * RECORD_SIZE)
+        self.slots = bytearray(_CHUNK_SLOTS * _SLOT)
+        topics = bytearray(_TOPICS_SIZE)
         dev = memoryview(cfg.device_id)
-        self.up_topic, i = _topic(0, dev, b"up")
-        down, i = _topic(i, dev, b"down")
-        status, _ = _topic(i, dev, b"status")
+        self.up_topic, i = _topic(topics, 0, dev, b"up")
+        down, i = _topic(topics, i, dev, b"down")
+        status, _ = _topic(topics, i, dev, b"status")
         client = None
         self.session_ok = False
         self.hint = 0
@@ -226,7 +221,7 @@ class Wake:
                 server_hostname=cfg.server_hostname or None, keepalive=cfg.keepalive_s,
                 # The gateway holds downlink for a sleeping node (it is the store), so the
                 # broker keeps no session: no stale frames of an earlier window arrive.
-                clean_session=True, max_packet=len(frame) + _TOPIC_SLACK, rbuf=rx, tbuf=tx,
+                clean_session=True, max_packet=size + _TOPIC_SLACK,
             )
             a = gc.mem_alloc()
             # A Will for crashes and lost links only: a planned sleep ends with DISCONNECT.
@@ -292,25 +287,27 @@ class Wake:
         client.publish(self.up_topic, self.fmv[:n], 1, False, budget)
 
     def _fill(self, after):
-        # Copy the next run of consecutive reading ids (> after) into _recs.
+        # Copy the next run of consecutive reading ids (> after) into self.recs.
         q = self.q
+        slots = self.slots
+        recs = self.recs
         first = 0
         count = 0
         cur = after
         while count < MAX_READINGS:
-            k = q.read_into(_slots, cur)
+            k = q.read_into(slots, cur)
             if k == 0:
                 break
             for j in range(k):
                 o = j * _SLOT
-                i = _u32(_slots, o)
+                i = _u32(slots, o)
                 if count and i != first + count:
                     return first, count  # a gap: the next burst starts there
                 if not count:
                     first = i
                 d = count * RECORD_SIZE
                 for b in range(RECORD_SIZE):
-                    _recs[d + b] = _slots[o + 6 + b]
+                    recs[d + b] = slots[o + 6 + b]
                 count += 1
                 if count >= MAX_READINGS:
                     break
@@ -325,13 +322,13 @@ class Wake:
                 return
             interval = self.period
             if count > 1:
-                interval = _u32(_recs, RECORD_SIZE) - _u32(_recs, 0)
+                interval = _u32(self.recs, RECORD_SIZE) - _u32(self.recs, 0)
             if not 0 < interval <= 0xFFFF:
                 interval = 0
             n = 0
             while count:
                 try:
-                    n = proto.encode_burst(self.frame, first, proto.SCHEMA_ENV3, interval, _recs, count)
+                    n = proto.encode_burst(self.frame, first, proto.SCHEMA_ENV3, interval, self.recs, count)
                     break
                 except IndexError:
                     # Did not fit the class's max_message: fewer readings in this burst.
@@ -445,12 +442,16 @@ def _report(w, sleep_ms, a0):
            w.bytes_conn, w.bytes_burst)
     )
     # Bytes allocated during the wake (no collection runs in between on a roomy heap): the
-    # TLS handshake and a source import of mqtt are shown apart from the app's own.
+    # TLS handshake and code loaded during the wake (mqtt) are shown apart from the wake's
+    # own allocations. boot= counts the whole boot from the bootloader's first line: code
+    # loading, the image check and the wake (0 when started without the bootloader).
     alloc = gc.mem_alloc() - a0
     app = alloc - w.tls_alloc - w.import_alloc
+    # getattr: an image may run under an older bootloader (OTA replaces the app only).
+    b0 = getattr(bootstate, "alloc0", None)
     log.line(
-        "M alloc=%d tls=%d import=%d app=%d free=%d"
-        % (alloc, w.tls_alloc, w.import_alloc, app, gc.mem_free())
+        "M alloc=%d tls=%d import=%d app=%d boot=%d free=%d"
+        % (alloc, w.tls_alloc, w.import_alloc, app, 0 if b0 is None else gc.mem_alloc() - b0, gc.mem_free())
     )
 
 

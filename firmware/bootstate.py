@@ -37,6 +37,8 @@ _CAUSE_CRASH = const(3)
 # (slot, version, on_trial) of the image the bootloader started in this process; None when
 # the firmware runs without the bootloader (tests, development from source).
 booted = None
+# gc.mem_alloc() when the bootloader started (None without it): per-boot memory figures.
+alloc0 = None
 
 _KEYS = ("active", "ver", "floor", "trial", "tver", "tboots", "max", "ota", "reason", "rver", "seq")
 

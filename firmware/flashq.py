@@ -292,6 +292,7 @@ class FlashQueue:
                 os.remove(self._pdir + name)
         self._read_state()
         self._rescan()
+        merged = False
         j = 1
         while j < len(segs):
             if segs[j].first <= segs[j - 1].maxid:
@@ -299,6 +300,7 @@ class FlashQueue:
                 self.notes.append("removed merged segment")
                 os.remove(segs[j].path)
                 segs.pop(j)
+                merged = True
             else:
                 j += 1
         top = self.floor
@@ -307,8 +309,10 @@ class FlashQueue:
         for seg in segs:
             top = max(top, seg.maxid)
         self.next_id = max(self.next_id, top + 1)
-        if self._set or self.notes:
-            self._prune_set()
+        # Set entries no segment holds (compaction leaves them) do not change any count;
+        # only a removed merged segment does, and then the counts are taken again.
+        self._prune_set()
+        if merged:
             self._rescan()
         if self.corrupt:
             self.notes.append("%d garbled slots skipped" % self.corrupt)
