@@ -116,7 +116,8 @@ class Wake:
         self.period = cfg.sample_interval_s
         if self.mv and self.mv < cfg.low_battery_mv:
             self.period *= LOW_BATTERY_STRETCH
-        self.q = flashq.FlashQueue(board.FS_ROOT + "/queue", RECORD_SIZE, cfg.max_queue)
+        self.q = flashq.FlashQueue(board.FS_ROOT + "/queue", RECORD_SIZE, cfg.max_queue,
+                                   first_id=cfg.first_reading_id)
         self.ms_boot = _ms_since(self.t0)
         log.info(
             "boot cause=%d safe=%d incomplete=%d depth=%d mv=%d",

@@ -36,6 +36,11 @@ SPEC = {
     "humidity_high": (65535, "i", 0, 65535),
     "priority_alarm": (1, "i", 0, 1),
     "max_queue": (4096, "i", 16, 65535),
+    # The lowest id a new reading may take. A re-provisioned node (flash erased) gets the
+    # gateway's highest committed id + 1 here, or its new readings would look like
+    # duplicates of the old ones and be dropped. Reading ids stay below the top half of
+    # the u32 space, which non-reading frames use.
+    "first_reading_id": (1, "i", 1, 0x7FFFFFFF),
     "keepalive_s": (60, "i", 0, 65535),
 }
 

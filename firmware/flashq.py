@@ -69,12 +69,13 @@ class FlashQueue:
     ack(cumulative_id, selective=()); read_into(buf, after_id=0) -> count (zero-allocation
     read-out, slot layout as on flash); peek(n) -> [(id, prio, bytes)]; depth, dropped,
     next_id, oldest_ts(), age(now); compact(); close().
+    first_id: the lowest id a new reading takes (ids already used stay higher).
     seg_records: slots of a merged segment; inline_bytes: the largest file the filesystem
     keeps inline (littlefs: its cache size, 4 * max(readsize, progsize), at most 1/8 block).
     """
 
     def __init__(self, dir, record_size, max_records, seg_records=64, reserve_blocks=6,
-                 inline_bytes=128):
+                 inline_bytes=128, first_id=1):
         if record_size < 1 or max_records < 1 or seg_records < 1:
             raise ValueError("record_size, max_records and seg_records must be positive")
         self.dir = dir.rstrip("/") or "/"
@@ -110,7 +111,7 @@ class FlashQueue:
         self.corrupt = 0
         self.last_dropped = 0
         self.notes = []
-        self._open()
+        self._open(first_id)
 
     # ---- paths and state -------------------------------------------------------------
     def _spath(self, first, prefix="/s"):
@@ -263,7 +264,7 @@ class FlashQueue:
         self.depth = depth
         self._plive_ok = False
 
-    def _open(self):
+    def _open(self, first_id):
         segs = self._segs
         stale = None
         try:
@@ -308,7 +309,7 @@ class FlashQueue:
             top = max(top, i)
         for seg in segs:
             top = max(top, seg.maxid)
-        self.next_id = max(self.next_id, top + 1)
+        self.next_id = max(self.next_id, top + 1, first_id)
         # Set entries no segment holds (compaction leaves them) do not change any count;
         # only a removed merged segment does, and then the counts are taken again.
         self._prune_set()

@@ -413,6 +413,18 @@ def credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool)
         raise FlashError(str(exc), EXIT_CREDENTIALS) from exc
 
 
+def committed_top(db_path: Path, device_id: str) -> int:
+    """The highest reading id the gateway has committed for the device (0 if none)."""
+    from gateway import db, readings
+
+    conn = db.open_db(db_path)
+    try:
+        st = readings.load_state(conn, device_id)
+    finally:
+        conn.close()
+    return max([st.hwm, *(hi for _, hi in st.ranges)])
+
+
 def register_device(db_path: Path, device_id: str, serial: str) -> None:
     from gateway import db, registry
 
@@ -458,6 +470,13 @@ def flash(args: argparse.Namespace) -> int:
         cert, key, ca, serial = credentials(Path(args.pki), Path(args.db), args.device_id, args.reprovision)
         cfg = config_json(args.device_id, args.gateway, args.wifi_ssid, args.wifi_password, args.server_hostname)
         cfg.update(parse_settings(getattr(args, "settings", None) or []))
+        if args.reprovision and "first_reading_id" not in cfg:
+            # The node's queue (and with it the next reading id) may be gone: new readings
+            # must take ids above everything the gateway holds, or dedup drops them.
+            top = committed_top(Path(args.db), args.device_id)
+            if top:
+                cfg["first_reading_id"] = top + 1
+                print(f"new readings start at id {top + 1} (the gateway holds ids up to {top})")
         image_dir = getattr(args, "image", None)
         if image_dir:
             if not args.pubkey:

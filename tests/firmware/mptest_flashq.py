@@ -279,6 +279,23 @@ def test_ids_not_reused_when_everything_acked_and_state_lost():
     assert q.append(rec(0)) > 10
 
 
+def test_first_id_floors_new_ids_only():
+    # A re-provisioned node: its queue is gone, the gateway holds ids up to 500.
+    fresh()
+    q = FlashQueue(QDIR, RS, 500, first_id=501)
+    mpunit.eq([q.append(rec(n)) for n in range(3)], [501, 502, 503])
+    mpunit.eq(q.next_id, 504)
+    reboot(q)
+    # The floor never takes ids back: a lower first_id, or the same one again, continues.
+    q = FlashQueue(QDIR, RS, 500, first_id=1)
+    mpunit.eq(q.append(rec(3)), 504)
+    reboot(q)
+    q = FlashQueue(QDIR, RS, 500, first_id=501)
+    mpunit.eq(q.append(rec(4)), 505)
+    mpunit.eq(ids(q), [501, 502, 503, 504, 505])
+    q.close()
+
+
 def test_garbled_slot_costs_only_that_reading():
     fresh()
     q = FlashQueue(QDIR, RS, 100)

@@ -41,8 +41,16 @@ def test_flash_provisions_a_virtual_board(tmp_path: Path) -> None:
         # again: refused, then allowed with --reprovision
         p = torpor(*common, "--log-seconds", "0")
         assert p.returncode == 8 and "already provisioned" in p.stderr
-        p = torpor(*common, "--reprovision", "--log-seconds", "0")
+        # The gateway already holds readings up to id 500 from this device: after a
+        # re-flash that erased its queue, new readings must start above them.
+        conn = db.open_db(dbp)
+        with db.transaction(conn):
+            conn.execute("INSERT INTO dedup(device, hwm, ranges, total) VALUES ('node-7', 480, '490-500', 491)")
+        conn.close()
+        p = torpor(*common, "--reprovision", "--format", "--log-seconds", "3")
         assert p.returncode == 0, p.stderr
+        assert "new readings start at id 501" in p.stdout
+        assert "R id=501 " in p.stdout, p.stdout
         # wrong board
         p = torpor("flash", "--port", b.port, "--board", "esp32", "--device-id", "x1",
                    "--pki", str(tmp_path / "pki"), "--db", str(dbp))
@@ -50,6 +58,7 @@ def test_flash_provisions_a_virtual_board(tmp_path: Path) -> None:
         with Board(b.port) as board:
             cfg = json.loads(board.exec("print(open('/config.json').read())").decode())
             assert cfg["device_id"] == "node-7" and cfg["broker_port"] == 18883
+            assert cfg["first_reading_id"] == 501
             assert board.sha256("/certs/cert.der") == hashlib.sha256(creds.cert_der.read_bytes()).digest()
             assert board.sha256("/certs/ca.der") == hashlib.sha256(creds.ca_der.read_bytes()).digest()
 
