@@ -63,7 +63,10 @@ def choose(root, cause):
             bootstate.count_trial_boot(st)
             bootstate.save(root, st)
             return st["trial"], st["tver"], True
-    reason, m = slots.check(root, st["active"], False)
+    # A wake from deep sleep (the common boot of a battery node) takes the signature from
+    # the slot's seal when (key, signature, manifest) are the bytes verified before; any
+    # other boot cause verifies it again.
+    reason, m = slots.check(root, st["active"], False, use_seal=cause == board.TIMER)
     if reason or m["version"] != st["ver"]:
         _log("confirmed slot %s does not check out: reason %d" % (st["active"], reason))
         return None
@@ -108,7 +111,8 @@ def run():
     slot, version, trial = picked
     bootstate.booted = picked
     sys.path.insert(0, slots.slot_dir(root, slot))
-    _log("slot %s v%d trial=%d ms=%d" % (slot, version, trial, time.ticks_diff(time.ticks_ms(), t0)))
+    _log("slot %s v%d trial=%d verified=%d ms=%d" % (
+        slot, version, trial, slots.verifies, time.ticks_diff(time.ticks_ms(), t0)))
     if not trial:
         import main  # noqa: F401
         return

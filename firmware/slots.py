@@ -22,6 +22,7 @@ _root = None
 _board_name = None
 _buf = None
 _verified = None  # slot fully checked in this process (finish), for set_trial
+verifies = 0  # Ed25519 verifications run in this process (the boot log reports them)
 _s = None  # the download in progress
 
 
@@ -62,6 +63,13 @@ def _read(path):
         return f.read()
 
 
+def _read_or_none(path):
+    try:
+        return _read(path)
+    except OSError:
+        return None
+
+
 def _size(path):
     try:
         return os.stat(path)[6]
@@ -79,9 +87,25 @@ def _name_ok(name):
     return True
 
 
-def check_manifest(data, signature, board_name=None):
+def _seal_of(pk, data, signature):
+    h = hashlib.sha256(pk)
+    h.update(signature)
+    h.update(data)
+    return h.digest()
+
+
+def seal_path(root, slot):
+    return bootstate.boot_dir(root) + "/" + slot + ".sealed"
+
+
+def check_manifest(data, signature, board_name=None, seal=None, use_seal=False):
     """(ota_reason, manifest dict) for manifest bytes and signature: parse, trusted key,
-    signature, board, bootloader version. Nothing is trusted before the signature holds."""
+    signature, board, bootloader version. Nothing is trusted before the signature holds.
+
+    seal: a file that records the SHA-256 of (key, signature, manifest) once Ed25519 has
+    verified them; with use_seal, the same three bytes strings found again are not
+    verified again (docs/bootloader.md, "Checks per boot")."""
+    global verifies
     root = _where()
     try:
         m = json.loads(data)
@@ -98,10 +122,22 @@ def check_manifest(data, signature, board_name=None):
     pk = trusted_keys.keys(root).get(kid)
     if pk is None:
         return bootstate.UNKNOWN_KEY, None
-    import ed25519
-
-    if len(signature) != 64 or not ed25519.verify(pk, bytes(data), bytes(signature)):
+    if len(signature) != 64:
         return bootstate.BAD_SIGNATURE, None
+    digest = None if seal is None else _seal_of(pk, data, signature)
+    if not (use_seal and digest is not None and _read_or_none(seal) == digest):
+        import ed25519
+
+        verifies += 1
+        if not ed25519.verify(pk, bytes(data), bytes(signature)):
+            return bootstate.BAD_SIGNATURE, None
+        if digest is not None:
+            try:
+                # A cut mid-write leaves a seal that does not match: verified again.
+                with open(seal, "wb") as f:
+                    f.write(digest)
+            except OSError:
+                pass
     if m.get("board") != (board_name or _board_name):
         return bootstate.WRONG_BOARD, m
     mb = m.get("min_bootloader", 1)
@@ -139,15 +175,16 @@ def check_files(d, m, full):
     return bootstate.NONE
 
 
-def check(root, slot, full, board_name=None):
-    """(ota_reason, manifest) of the image in `slot`; full=True also hashes every file."""
+def check(root, slot, full, board_name=None, use_seal=False):
+    """(ota_reason, manifest) of the image in `slot`; full=True also hashes every file.
+    use_seal: take the slot's seal for the signature when it matches (see check_manifest)."""
     d = slot_dir(root, slot)
     try:
         data = _read(d + "/manifest.json")
         sig = _read(d + "/manifest.sig")
     except OSError:
         return bootstate.MISSING_FILE, None
-    reason, m = check_manifest(data, sig, board_name)
+    reason, m = check_manifest(data, sig, board_name, seal_path(root, slot), use_seal)
     if reason:
         return reason, m
     return check_files(d, m, full), m

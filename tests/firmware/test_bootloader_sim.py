@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import statistics
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tools.fw import image, keys
-from tools.sim.node import SimNode
+from tools.sim.node import BOARDS_DIR, FIRMWARE_DIR, SimNode, micropython_binary
 
 CHUNK = 512
 
@@ -173,6 +174,60 @@ def test_tampered_confirmed_image_is_not_started(fleet: Fleet, tmp_path: Path) -
     assert "RUN" not in log
     assert "boot: confirmed slot a does not check out: reason 3" in log
     assert "boot: no verified image" in log
+
+
+# Runs MicroPython code against a sim node's flash (mounted at /flash), as a tool would.
+_ON_FLASH = """
+import json, simflash
+with open({dir!r} + '/sim.json') as f:
+    cfg = json.load(f)
+simflash.mount({dir!r} + '/flash.img', '/flash', cfg.get('block_size', 4096), cfg.get('block_count', 512))
+{code}
+print('OK')
+"""
+
+
+def on_flash(node: SimNode, code: str) -> str:
+    env = {"MICROPYPATH": f".frozen:{FIRMWARE_DIR}:{BOARDS_DIR}", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([micropython_binary(), "-c", _ON_FLASH.format(dir=str(node.dir), code=code)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def verified(node: SimNode) -> list[str]:
+    return [ln.split()[5] for ln in lines(node, "boot: slot a v1 trial=0")]
+
+
+def test_wakes_from_deep_sleep_take_the_signature_from_the_seal(fleet: Fleet) -> None:
+    # Ed25519 runs at the power-on boot; wakes from deep sleep find the same key,
+    # signature and manifest sealed and skip it (docs/bootloader.md, "Checks per boot").
+    node = fleet.node("n-seal", fleet.image(1))
+    assert node.run_sync(3).kinds == {"sleep": 3}
+    assert verified(node) == ["verified=1", "verified=0", "verified=0"]
+    # A damaged seal costs one verification; the next wake is sealed again.
+    on_flash(node, "with open('/flash/fw/a.sealed', 'wb') as f:\n    f.write(bytes(32))")
+    assert node.run_sync(2).kinds == {"sleep": 2}
+    assert verified(node)[3:] == ["verified=1", "verified=0"]
+    # Any other boot cause verifies again.
+    node.power_cycle()
+    node.run_sync(1)
+    assert lines(node, "boot: slot a v1 trial=0")[-1].split()[5] == "verified=1"
+    # A manifest changed on flash (same size, still valid JSON) is not covered by the
+    # seal: its signature is checked, fails, and the image is not started.
+    on_flash(node, """
+p = '/flash/fw/a/manifest.json'
+with open(p, 'rb') as f:
+    b = bytearray(f.read())
+i = b.find(b'"sha256":"') + 10
+b[i] = ord('0') if b[i] != ord('0') else ord('1')
+with open(p, 'wb') as f:
+    f.write(b)
+""")
+    node.run_sync(1)
+    text = (node.dir / "node.log").read_text()
+    assert "boot: confirmed slot a does not check out: reason 1" in text
+    assert "boot: no verified image" in text
 
 
 def test_boot_overhead_figures(fleet: Fleet) -> None:

@@ -62,6 +62,7 @@ class Wake:
     t: dict[str, int]  # the "T" line
     m: dict[str, int]  # the "M" line
     f: dict[str, int]  # the sim flash's "F" line
+    b: dict[str, int] | None = None  # the bootloader's "boot: slot" line (trial, verified, ms)
 
     @property
     def sent(self) -> int:
@@ -74,11 +75,14 @@ def parse_wakes(log_text: str) -> list[Wake]:
     t: dict[str, int] = {}
     m: dict[str, int] = {}
     f: dict[str, int] = {}
+    b: dict[str, int] | None = None
     for line in log_text.splitlines():
         if line.startswith("--- run") and " ended: " in line:
             kind = line.split(" ended: ", 1)[1].split()[0]
-            wakes.append(Wake(kind, t, m, f))
-            t, m, f = {}, {}, {}
+            wakes.append(Wake(kind, t, m, f, b))
+            t, m, f, b = {}, {}, {}, None
+        elif line.startswith("boot: slot "):
+            b = {k: int(v) for k, v in _KV.findall(line)}
         elif line.startswith("T "):
             t = {k: int(v) for k, v in _KV.findall(line)}
         elif line.startswith("M "):
@@ -371,6 +375,12 @@ def figures(modes: dict[str, list[Wake]], dead: list[Wake], conns: dict[str, int
         "readings_per_burst": s.sent,
         "awake_ms": _awake(s),
         "awake_ms_sampling_wake": {k: _median([w.t.get(k, 0) for w in sampling]) for k in ("boot", "sample", "total")},
+        # Before the app: the bootloader's image check (board.init included). Ed25519 runs
+        # at a power-on boot; wakes from deep sleep take the signature from the slot's seal.
+        "bootloader_ms": {
+            "verified": _median([w.b["ms"] for w in main if w.b and w.b.get("verified")]),
+            "sealed": _median([w.b["ms"] for w in main if w.b and not w.b.get("verified")]),
+        },
         "burst_socket_bytes": s.t.get("burst_bytes", 0),
         "burst_socket_bytes_per_reading": _per_reading(s.t.get("burst_bytes", 0), s.sent),
         "connect_socket_bytes": conn,

@@ -263,6 +263,13 @@ class SimNode:
         env.update(self.env)
         return env
 
+    def power_cycle(self) -> None:
+        """Cut the supply between two runs and restore it: the next boot is a power-on, with
+        RTC memory and the clock correction lost (flash keeps everything)."""
+        self._power_lost()
+        self._state["cause"] = POWER_ON
+        self._write_json("state.json", self._state)
+
     def _power_lost(self) -> None:
         # What a real chip loses with its supply: RTC memory and the RTC's time correction.
         for name in ("rtc.bin", "clock.json"):
