@@ -5,7 +5,7 @@ import time as _time
 import _sht4x
 import esp32
 import machine
-import network
+from _wlan import radio_down, radio_up, rssi  # noqa: F401 - the Board API's radio
 from micropython import const
 
 FS_ROOT = "/"
@@ -26,7 +26,6 @@ _EPOCH_OFFSET = 946684800 if _time.gmtime(0)[0] == 2000 else 0
 
 _cfg = {}
 _i2c = None
-_wlan = None
 _wdt = None
 _led_pin = None
 _np = None
@@ -108,40 +107,6 @@ def battery_mv():
     for _ in range(8):
         total += adc.read_uv()
     return int(total // 8000 * _cfg.get("vbat_ratio", 2))
-
-
-# ---- radio ----
-
-def radio_up(ssid, password, deadline_ms):
-    global _wlan
-    if _wlan is None:
-        _wlan = network.WLAN(network.STA_IF)
-    _wlan.active(True)
-    if _wlan.isconnected():
-        return True
-    start = _time.ticks_ms()
-    _wlan.connect(ssid, password)
-    while _time.ticks_diff(_time.ticks_ms(), start) < deadline_ms:
-        if _wlan.isconnected():
-            return True
-        _time.sleep_ms(50)
-    radio_down()
-    return False
-
-
-def radio_down():
-    if _wlan is not None:
-        try:
-            _wlan.disconnect()
-        except OSError:
-            pass
-        _wlan.active(False)
-
-
-def rssi():
-    if _wlan is None or not _wlan.isconnected():
-        return 0
-    return int(_wlan.status("rssi"))
 
 
 # ---- sleep, RTC memory, clock ----

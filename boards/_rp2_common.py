@@ -12,9 +12,10 @@ import os
 import time as _time
 
 import _sht4x
+import _wlan
 import machine
-import network
 import rp2
+from _wlan import radio_down, radio_up, rssi  # noqa: F401 - the Board API's radio
 from micropython import const
 
 FS_ROOT = "/"
@@ -38,7 +39,6 @@ _EPOCH_OFFSET = 946684800 if _time.gmtime(0)[0] == 2000 else 0
 
 _cfg = {}
 _i2c = None
-_wlan = None
 _wdt = None
 _cause = -1
 _data = b""
@@ -141,7 +141,7 @@ def read_sensors():
 
 def battery_mv():
     """VSYS in mV. Read it with the radio down: GPIO29 is shared with the CYW43's SPI clock."""
-    if _wlan is not None and _wlan.active():
+    if _wlan.radio_active():
         return 0
     # GPIO25 high deselects the radio chip; GPIO29 becomes an analog input for the reading.
     cs = machine.Pin(25, machine.Pin.OUT, value=1)
@@ -153,40 +153,6 @@ def battery_mv():
     cs.value(0)
     # VSYS reaches the ADC through a 3:1 divider; full scale is 3.3 V.
     return total * 3 * 3300 // (8 * 65535)
-
-
-# ---- radio ----
-
-def radio_up(ssid, password, deadline_ms):
-    global _wlan
-    if _wlan is None:
-        _wlan = network.WLAN(network.STA_IF)
-    _wlan.active(True)
-    if _wlan.isconnected():
-        return True
-    start = _time.ticks_ms()
-    _wlan.connect(ssid, password)
-    while _time.ticks_diff(_time.ticks_ms(), start) < deadline_ms:
-        if _wlan.isconnected():
-            return True
-        _time.sleep_ms(50)
-    radio_down()
-    return False
-
-
-def radio_down():
-    if _wlan is not None:
-        try:
-            _wlan.disconnect()
-        except OSError:
-            pass
-        _wlan.active(False)
-
-
-def rssi():
-    if _wlan is None or not _wlan.isconnected():
-        return 0
-    return int(_wlan.status("rssi"))
 
 
 # ---- sleep, RTC memory, clock ----

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tools.fw.image import BOARD_ARCH, board_modules
+
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE_DIR = ROOT / "firmware"
 BOARDS_DIR = ROOT / "boards"
@@ -39,15 +41,9 @@ EXIT_PROVISIONED = 8
 EXIT_VERIFY = 9
 EXIT_CREDENTIALS = 10
 
-# board -> (mpy-cross -march, helper modules shipped with its board module)
-BOARDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "esp32": ("xtensawin", ("_esp32_common.py", "_sht4x.py")),
-    "esp32s3": ("xtensawin", ("_esp32_common.py", "_sht4x.py")),
-    "esp32c3": ("rv32imc", ("_esp32_common.py", "_sht4x.py")),
-    "pico_w": ("armv6m", ("_rp2_common.py", "_sht4x.py")),
-    "pico2_w": ("armv7emsp", ("_rp2_common.py", "_sht4x.py")),
-    "sim": ("", ()),
-}
+# board -> mpy-cross -march (None: the sim board, which runs sources). Its board module and
+# the helpers that imports are found by the image builder (tools.fw.image.board_modules).
+BOARDS = BOARD_ARCH
 
 _PROBE = (
     "import sys, os\n"
@@ -255,19 +251,17 @@ def image_files(board: str) -> list[ImageFile]:
     as /lib/board.py with its helpers. This is the one function to switch to "bootloader +
     signed image in slot A".
     """
-    march, helpers = BOARDS[board]
+    march = BOARDS[board]
     files: list[ImageFile] = [ImageFile("/main.py", (FIRMWARE_DIR / "main.py").read_bytes())]
     sources = [p for p in sorted(FIRMWARE_DIR.glob("*.py")) if p.name not in ("main.py", "boot.py")]
-    if board != "sim":
-        sources += [BOARDS_DIR / h for h in helpers]
     for src in sources:
         if march:
             files.append(ImageFile(f"/lib/{src.stem}.mpy", _mpy_cross(src, march)))
         else:
             files.append(ImageFile(f"/lib/{src.name}", src.read_bytes()))
-    if board != "sim":
-        board_src = BOARDS_DIR / f"{board}.py"
-        files.append(ImageFile("/lib/board.mpy", _mpy_cross(board_src, march)))
+    if march:
+        for name, src in sorted(board_modules(board, BOARDS_DIR).items()):
+            files.append(ImageFile(f"/lib/{name}.mpy", _mpy_cross(src, march)))
     return files
 
 
@@ -287,7 +281,7 @@ def signed_image_files(board: str, image_dir: Path, public_key: bytes) -> list[I
         raise FlashError(f"image {image_dir}: {exc}", EXIT_VERIFY) from exc
     if manifest.board != board:
         raise FlashError(f"image {image_dir} is for board {manifest.board!r}, not {board!r}", EXIT_WRONG_BOARD)
-    march = BOARDS[board][0]
+    march = BOARDS[board]
     files = [ImageFile("/boot.py", _BOOT_ENTRY.encode())]
     with tempfile.TemporaryDirectory() as tmp:
         fleet = Path(tmp) / keys.FLEET_KEYS_NAME
@@ -303,7 +297,7 @@ def signed_image_files(board: str, image_dir: Path, public_key: bytes) -> list[I
             # The bootloader imports `board` before any slot is on sys.path: a real board
             # needs its board module (and the helpers it imports) next to the bootloader.
             # The app then shares that module (already imported); docs/bootloader.md.
-            for name, src in sorted(image._board_modules(board, BOARDS_DIR).items()):
+            for name, src in sorted(board_modules(board, BOARDS_DIR).items()):
                 files.append(ImageFile(f"/lib/{name}.mpy", _mpy_cross(src, march)))
     slot = "/fw/a"
     for name in (image.MANIFEST, image.SIGNATURE, *(f.path for f in manifest.files)):

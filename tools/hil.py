@@ -136,7 +136,7 @@ class HilRunner:
 
     def deploy(self) -> int:
         """Copy the suite to /hil; files already there with the same SHA-256 are skipped."""
-        march = BOARDS[self.board or "sim"][0]
+        march = BOARDS[self.board or "sim"]
         files: list[tuple[str, bytes]] = []
         for rel in SUITE + MODULES:
             src = ROOT / rel

@@ -65,8 +65,19 @@ def test_private_key_is_0600_and_refused_when_readable(tmp_path: Path) -> None:
 
 def test_esp32_image_is_native_code(tmp_path: Path) -> None:
     m = image.build_image("esp32", 1, tmp_path)
-    assert {"board.mpy", "_esp32_common.mpy"} <= {f.path for f in m.files}
+    assert {"board.mpy", "_esp32_common.mpy", "_wlan.mpy", "_sht4x.mpy"} <= {f.path for f in m.files}
     print(f"\nesp32 image: {len(m.files)} files, {m.total_size} bytes of .mpy")
+
+
+def test_flash_ships_the_board_module_with_every_helper_it_imports() -> None:
+    # Without a bootloader, torpor flash writes the app and the board's modules to /lib.
+    from tools.flash import image_files
+
+    for board, helpers in (("pico_w", {"_rp2_common", "_wlan", "_sht4x"}),
+                           ("esp32c3", {"_esp32_common", "_wlan", "_sht4x"})):
+        names = {f.remote for f in image_files(board)}
+        assert {f"/lib/{h}.mpy" for h in helpers | {"board", "app", "mqtt"}} <= names, board
+        assert "/main.py" in names and "/lib/pico_w.mpy" not in names
 
 
 def test_cli(signed: tuple[Path, keys.KeyPaths], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

