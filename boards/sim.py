@@ -45,6 +45,7 @@ _led = False
 _battery = None
 _clock_offset_ms = 0
 _wdt_ms = 0
+_rtc_files = None
 
 
 def _path(name):
@@ -84,9 +85,10 @@ def _load():
 
 def configure(node_dir):
     """Use node_dir as the node directory (instead of $TORPOR_SIM_DIR); call before init()."""
-    global _cfg, _dir_override
+    global _cfg, _dir_override, _rtc_files
     _dir_override = node_dir
     _cfg = None
+    _rtc_files = None
     _load()
 
 
@@ -104,6 +106,7 @@ def virtual_ms():
 # ---- identity, boot ----
 
 def init():
+    # Once per process: the bootloader calls it, then the app again (a no-op then).
     global _bdev
     _load()
     if _bdev is None:
@@ -113,7 +116,7 @@ def init():
             _cfg.get("block_size", 4096),
             _cfg.get("block_count", 512),
         )
-    _battery_account(True)
+        _battery_account(True)
 
 
 def unique_id():
@@ -317,10 +320,18 @@ def deep_sleep(ms):
     sys.exit(EXIT_DEEP_SLEEP)
 
 
+def _rtc_paths():
+    # Made once: RTC memory is read once and written twice a wake.
+    global _rtc_files
+    if _rtc_files is None:
+        _load()
+        _rtc_files = (_path("rtc.bin"), _path("rtc.bin.tmp"))
+    return _rtc_files
+
+
 def rtc_memory():
-    _load()
     try:
-        with open(_path("rtc.bin"), "rb") as f:
+        with open(_rtc_paths()[0], "rb") as f:
             return f.read()
     except OSError:
         return b""
@@ -329,11 +340,10 @@ def rtc_memory():
 def rtc_memory_write(data):
     if len(data) > RTC_MEMORY_SIZE:
         raise ValueError("RTC memory holds %d bytes" % RTC_MEMORY_SIZE)
-    _load()
-    tmp = _path("rtc.bin.tmp")
+    path, tmp = _rtc_paths()
     with open(tmp, "wb") as f:
         f.write(data)
-    os.rename(tmp, _path("rtc.bin"))
+    os.rename(tmp, path)
 
 
 def time_ms():

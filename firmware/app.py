@@ -9,7 +9,6 @@ import time
 
 import board
 import bootstate
-import commands
 import config
 import flashq
 import log
@@ -68,37 +67,40 @@ def _earlier(a, b):
 
 
 class Wake:
+    # Defaults live on the class: a wake stores on the instance only what it changes, so a
+    # sampling wake does not grow an instance dict of thirty entries.
+    cfg = None
+    st = None
+    q = None
+    cause = 0
+    safe = False
+    now = 0  # unix s at boot
+    period = 60
+    mv = 0
+    alarm = False
+    sent = 0  # readings published this wake
+    sent_top = 0  # highest reading id published
+    acked = False
+    session_ok = False
+    sleep_req = 0
+    hint = 0
+    effects = None  # commands.Effects of a sending wake
+    frame = None
+    fmv = None
+    recs = None
+    slots = None
+    up_topic = None
+    # timings (ms) and wire figures for the "T" line
+    ms_boot = ms_sample = ms_connect = ms_publish = ms_wait = 0
+    bytes_out = bytes_in = 0
+    bytes_conn = 0  # TLS handshake + CONNECT/CONNACK, both directions
+    bytes_burst = 0  # BURST publishes as written to the socket (TLS records included)
+    stop = False  # SLEEP_NOW arrived
+    tls_alloc = 0
+    import_alloc = 0
+
     def __init__(self):
         self.t0 = time.ticks_ms()
-        self.cfg = None
-        self.st = None
-        self.q = None
-        self.cause = 0
-        self.safe = False
-        self.now = 0  # unix s at boot
-        self.period = 60
-        self.mv = 0
-        self.alarm = False
-        self.sent = 0  # readings published this wake
-        self.sent_top = 0  # highest reading id published
-        self.acked = False
-        self.session_ok = False
-        self.sleep_req = 0
-        self.hint = 0
-        self.effects = commands.Effects()
-        self.frame = None
-        self.fmv = None
-        self.recs = None
-        self.slots = None
-        self.up_topic = None
-        # timings (ms) and wire figures for the "T" line
-        self.ms_boot = self.ms_sample = self.ms_connect = self.ms_publish = self.ms_wait = 0
-        self.bytes_out = self.bytes_in = 0
-        self.bytes_conn = 0  # TLS handshake + CONNECT/CONNACK, both directions
-        self.bytes_burst = 0  # BURST publishes as written to the socket (TLS records included)
-        self.stop = False  # SLEEP_NOW arrived
-        self.tls_alloc = 0
-        self.import_alloc = 0
 
     # ---- boot ----------------------------------------------------------------------
     def boot(self):
@@ -107,6 +109,12 @@ class Wake:
         self.cfg = cfg = config.Config(board.FS_ROOT)
         self.st = st = state.State(board, board.FS_ROOT)
         self.now = board.time()
+        # The flash queue's resume record (docs/firmware.md) is taken only from a wake that
+        # ended as planned, and only on a wake from deep sleep: any other boot reads the
+        # queue from flash.
+        resume = None
+        if self.cause == board.TIMER and st.rtc_valid and st.boots_incomplete == 0:
+            resume = st.rtc_extra
         st.boots_incomplete += 1
         # The boots before this one all ended without a planned sleep: stop doing the
         # work that may be crashing, and only listen for a fix.
@@ -117,7 +125,7 @@ class Wake:
         if self.mv and self.mv < cfg.low_battery_mv:
             self.period *= LOW_BATTERY_STRETCH
         self.q = flashq.FlashQueue(board.FS_ROOT + "/queue", RECORD_SIZE, cfg.max_queue,
-                                   first_id=cfg.first_reading_id)
+                                   first_id=cfg.first_reading_id, resume=resume)
         self.ms_boot = _ms_since(self.t0)
         log.info(
             "boot cause=%d safe=%d incomplete=%d depth=%d mv=%d",
@@ -193,9 +201,11 @@ class Wake:
     # ---- send ----------------------------------------------------------------------
     def send(self, why):
         a = gc.mem_alloc()
-        import mqtt  # only wakes that send pay for the import
+        import commands  # only wakes that send pay for these imports
+        import mqtt
 
         self.import_alloc = gc.mem_alloc() - a
+        self.effects = commands.Effects()
         cfg = self.cfg
         st = self.st
         t1 = time.ticks_ms()
@@ -387,6 +397,8 @@ class Wake:
             # early. Only SLEEP_NOW's `pending` (items left for a later wake) is.
             log.info("ack cumulative=%d depth=%d", f[proto.ACK_CUMULATIVE], self.q.depth)
         elif ftype == proto.COMMAND:
+            import commands  # loaded by send()
+
             n = commands.execute(f, self.cfg, self.st, board, self.effects, self.frame, self.st.msg_id())
             log.info("command %d op=%d -> status=%d", f[proto.COMMAND_COMMAND_ID], f[proto.COMMAND_OP], self.frame[10])
             client.publish(self.up_topic, self.fmv[:n], 1)
@@ -480,15 +492,15 @@ def run():
         sys.print_exception(e)
         if w.cfg is not None:
             sleep_ms = w.cfg.sample_interval_s * 1000
-    _report(w, sleep_ms, a0)
     st = w.st
     if st is not None:
         if completed:
             st.boots_incomplete = 0
         st.last_wake = w.now
-        st.save_rtc()
+        st.save_rtc(w.q.snapshot() if completed and w.q is not None else None)
+    _report(w, sleep_ms, a0)
     if w.q is not None:
         w.q.close()
-    if w.effects.reboot:
+    if w.effects is not None and w.effects.reboot:
         board.reset()
     board.deep_sleep(sleep_ms)

@@ -125,15 +125,18 @@ class Config:
     def __init__(self, root):
         self._v = [None] * len(SPEC)
         self.root = root.rstrip("/")
-        self._applied_path = self.root + "/" + APPLIED_FILE
-        base = _read(self.root + "/" + CONFIG_FILE)
+        self._applied_path = "%s/%s" % (self.root, APPLIED_FILE)
+        base = _read("%s/%s" % (self.root, CONFIG_FILE))
         if base is None:
             raise ConfigError(CONFIG_FILE, "missing: provision the node first")
         applied = None
         try:
+            # Most nodes never get an overlay: a stat of a missing file costs a third of
+            # a failed open.
+            os.stat(self._applied_path)
             applied = _read(self._applied_path)
-        except ConfigError:
-            applied = None  # a damaged overlay falls back to the provisioned values
+        except (OSError, ConfigError):
+            applied = None  # none, or a damaged overlay: the provisioned values hold
         self.version = 0
         self._applied = {}
         for key in base:

@@ -16,7 +16,17 @@
 # block is erased only when the log fills. So appends go to small "head" segments that stay
 # inline (inline_bytes, 128 with the ports' default mount options), and once a run of them
 # has filled up they are merged into one big segment (seg_records slots) written in one go.
+#
+# Resuming: opening reads every segment (depth and liveness come from the slots), which costs
+# time and memory in proportion to the queue. snapshot() returns a small record of what that
+# reading found: the counters and the newest few segments. Given back to the next open
+# (resume=), and valid, the queue starts from it without reading a segment ("partial"
+# mode): appends, head-segment merges, depth and age work from the record. Anything that
+# needs the older segments (ack, read-out, a drop, flash pressure) first opens the queue
+# the ordinary way, from flash, which is always exact. The caller keeps the record where a
+# power cut loses it (RTC memory) and offers it only after a wake that ended as planned.
 import os
+import struct
 
 from micropython import const
 
@@ -26,6 +36,15 @@ _MAX_SET = const(24)  # removed ids above the floor kept in the state file (stay
 _ST_HDR = const(20)
 _CHUNK = const(16)  # slots read per readinto()
 _GROUP = const(4)  # full head segments merged into one
+_TAIL = const(6)  # newest segments a snapshot describes: a merge group, the active one and
+# the merged segment before them (all a head-segment merge looks at)
+_SNAP_MAGIC = const(0x31525154)  # "TQR1"
+_SNAP = "<IIIIHIIIHB"  # magic, next_id, floor, dropped, set size, depth, corrupt, oldest ts,
+_SNAP_SIZE = const(33)  # segments left out, tail length; then per tail segment:
+_SNAP_SEG = "<IHHIBB"  # first, nslots, nlive, maxid, bad, closed
+_SNAP_SEG_SIZE = const(14)
+_NO_TS = const(0xFFFFFFFF)
+_NO_RAW = (b"", 0, 0)
 
 
 class FlashQueueError(Exception):
@@ -51,15 +70,35 @@ def _check(b, o, n):
     return (s - b[o + 5]) & 0xFF
 
 
+def _seg_at(data, o):
+    # One _SNAP_SEG entry of a snapshot, read field by field (no tuple).
+    seg = _Seg(_u32(data, o), None)
+    seg.nslots = data[o + 4] | data[o + 5] << 8
+    seg.nlive = data[o + 6] | data[o + 7] << 8
+    seg.maxid = _u32(data, o + 8)
+    seg.bad = data[o + 12]
+    seg.closed = data[o + 13] == 1
+    return seg
+
+
+def _sum(b, n):
+    s = 0x5EED
+    for i in range(n):
+        s = (s * 31 + b[i]) & 0x3FFFFFFF
+    return s
+
+
 class _Seg:
+    # Defaults on the class: an instance stores only what differs (a smaller dict each).
+    nslots = 0  # valid slots
+    nlive = 0  # valid slots not yet removed
+    bad = 0  # torn or garbled slots: never append after them
+    closed = False
+
     def __init__(self, first, path):
         self.first = first
         self.path = path
-        self.nslots = 0  # valid slots
-        self.nlive = 0  # valid slots not yet removed
         self.maxid = first - 1
-        self.bad = 0  # torn or garbled slots: never append after them
-        self.closed = False
 
 
 class FlashQueue:
@@ -70,12 +109,38 @@ class FlashQueue:
     read-out, slot layout as on flash); peek(n) -> [(id, prio, bytes)]; depth, dropped,
     next_id, oldest_ts(), age(now); compact(); close().
     first_id: the lowest id a new reading takes (ids already used stay higher).
+    resume: a snapshot() of the previous open, to skip reading the segments (see above).
     seg_records: slots of a merged segment; inline_bytes: the largest file the filesystem
     keeps inline (littlefs: its cache size, 4 * max(readsize, progsize), at most 1/8 block).
     """
 
+    # Scalars start on the class; the instance dict holds what a queue changes.
+    floor = 0
+    next_id = 1
+    dropped = 0
+    depth = 0
+    corrupt = 0
+    last_dropped = 0
+    _victim_prio = 0
+    _ncompact = 0
+    _prev = 0
+    _eof = False
+    _plive_ok = False
+    _af = None
+    _aseg = None
+    _seg_budget = -1
+    _partial = False  # started from a snapshot: _segs holds only the newest ones
+    _omitted = 0  # segments older than _segs (partial mode)
+    _oldest = _NO_TS  # timestamp of the oldest live record (partial mode)
+    _raw = _NO_RAW  # (snapshot, offset, count): older segments not yet made _Seg (see _tail)
+    _chunk = None  # read buffer: _CHUNK slots (see _ch)
+    _st = None  # state file buffer and path (see _state_buf)
+    _slot2 = None  # a compaction's last removed slot (see _copy_live)
+    _pstate = ""
+    _cmv = None
+
     def __init__(self, dir, record_size, max_records, seg_records=64, reserve_blocks=6,
-                 inline_bytes=128, first_id=1):
+                 inline_bytes=128, first_id=1, resume=None):
         if record_size < 1 or max_records < 1 or seg_records < 1:
             raise ValueError("record_size, max_records and seg_records must be positive")
         self.dir = dir.rstrip("/") or "/"
@@ -87,31 +152,14 @@ class FlashQueue:
         self.head_records = max(1, min(seg_records, inline_bytes // self.slot_size))
         self.reserve_blocks = reserve_blocks
         self._slot = bytearray(self.slot_size)
-        self._slot2 = bytearray(self.slot_size)
-        self._victim_prio = 0
-        self._ncompact = 0
-        self._chunk = bytearray(self.slot_size * _CHUNK)
-        self._cmv = memoryview(self._chunk)
-        self._prev = 0
-        self._eof = False
-        self._st = bytearray(_ST_HDR + 4 * _MAX_SET + 4)
         self._pdir = self.dir + "/"
-        self._pstate = self._pdir + "state"
         self._set = []
         self._segs = []
         self._plive = [0] * NPRIO
-        self._plive_ok = False
-        self._af = None
-        self._aseg = None
-        self._seg_budget = -1
-        self.floor = 0
-        self.next_id = 1
-        self.dropped = 0
-        self.depth = 0
-        self.corrupt = 0
-        self.last_dropped = 0
         self.notes = []
-        self._open(first_id)
+        self._first_id = first_id
+        if not (resume and self._resume(resume)):
+            self._open(first_id)
 
     # ---- paths and state -------------------------------------------------------------
     def _spath(self, first, prefix="/s"):
@@ -120,8 +168,23 @@ class FlashQueue:
     def _new_seg(self, first):
         return _Seg(first, self._spath(first))
 
+    def _p(self, seg):
+        # A resumed segment gets its path when a file operation first needs it.
+        p = seg.path
+        if p is None:
+            p = seg.path = self._spath(seg.first)
+        return p
+
+    def _state_buf(self):
+        # The state file's buffer and path, made on first use (a resumed queue that only
+        # appends never reads or writes the state file).
+        if self._st is None:
+            self._st = bytearray(_ST_HDR + 4 * _MAX_SET + 4)
+            self._pstate = self._pdir + "state"
+        return self._st
+
     def _read_state(self):
-        st = self._st
+        st = self._state_buf()
         try:
             with open(self._pstate, "rb") as f:
                 n = f.readinto(st)
@@ -133,7 +196,7 @@ class FlashQueue:
             return
         k = st[16]
         end = _ST_HDR + 4 * k
-        if k > _MAX_SET or n < end + 4 or _u32(st, end) != self._state_sum(end):
+        if k > _MAX_SET or n < end + 4 or _u32(st, end) != _sum(st, end):
             self.notes.append("state file garbled")
             return
         self.next_id = max(self.next_id, _u32(st, 4))
@@ -142,17 +205,10 @@ class FlashQueue:
         for j in range(k):
             self._set.append(_u32(st, _ST_HDR + 4 * j))
 
-    def _state_sum(self, end):
-        s = 0x5EED
-        st = self._st
-        for i in range(end):
-            s = (s * 31 + st[i]) & 0x3FFFFFFF
-        return s
-
     def _write_state(self):
         # In place: littlefs keeps the old contents until the new ones commit at close, and
         # a small file is one metadata commit (a temporary file and a rename were three).
-        st = self._st
+        st = self._state_buf()
         st[0:4] = b"TQS1"
         _put32(st, 4, self.next_id)
         _put32(st, 8, self.floor)
@@ -163,7 +219,7 @@ class FlashQueue:
         for j in range(k):
             _put32(st, _ST_HDR + 4 * j, self._set[j])
         end = _ST_HDR + 4 * k
-        _put32(st, end, self._state_sum(end))
+        _put32(st, end, _sum(st, end))
         with open(self._pstate, "wb") as f:
             f.write(memoryview(st)[: end + 4])
 
@@ -171,17 +227,24 @@ class FlashQueue:
     # A segment is read chunk by chunk without a generator (no allocation but the file):
     #   f = self._fopen(seg); k = self._fill(f, seg) -> valid slots packed at the front of
     #   self._chunk (slot j at j * slot_size), -1 once the file is done; f.close().
+    def _ch(self):
+        # The read buffer, made on first use: a resumed queue that only appends never reads.
+        if self._chunk is None:
+            self._chunk = bytearray(self.slot_size * _CHUNK)
+            self._cmv = memoryview(self._chunk)
+        return self._chunk
+
     def _fopen(self, seg):
         self._prev = seg.first - 1
         self._eof = False
         seg.bad = 0
-        return open(seg.path, "rb")
+        return open(self._p(seg), "rb")
 
     def _fill(self, f, seg):
         if self._eof:
             return -1
         ss = self.slot_size
-        ch = self._chunk
+        ch = self._ch()
         n = f.readinto(self._cmv)
         if not n:
             return -1
@@ -210,7 +273,7 @@ class FlashQueue:
         return i > self.floor and i not in self._set
 
     def _scan(self, seg):
-        ch = self._chunk
+        ch = self._ch()
         ss = self.slot_size
         pl = self._plive
         seg.nslots = seg.nlive = 0
@@ -299,7 +362,7 @@ class FlashQueue:
             if segs[j].first <= segs[j - 1].maxid:
                 # merged into a predecessor before the cut: its live slots are there
                 self.notes.append("removed merged segment")
-                os.remove(segs[j].path)
+                os.remove(self._p(segs[j]))
                 segs.pop(j)
                 merged = True
             else:
@@ -329,7 +392,8 @@ class FlashQueue:
             self.seg_records = max(1, st[0] // self.slot_size)
             self.head_records = min(self.head_records, self.seg_records)
         free = st[3] if st[3] <= st[2] else 0
-        self._seg_budget = max(2, len(self._segs) + (free - self.reserve_blocks) * 3 // 4)
+        n = len(self._segs) + self._omitted
+        self._seg_budget = max(2, n + (free - self.reserve_blocks) * 3 // 4)
 
     # ---- removal -----------------------------------------------------------------------
     def _normalize(self):
@@ -347,7 +411,7 @@ class FlashQueue:
         if not s:
             return
         held = []
-        ch = self._chunk
+        ch = self._ch()
         ss = self.slot_size
         for seg in self._segs:
             f = self._fopen(seg)
@@ -367,7 +431,7 @@ class FlashQueue:
     def _delete_seg(self, seg):
         if seg is self._aseg:
             self._close_active()
-        os.remove(seg.path)
+        os.remove(self._p(seg))
         self._segs.remove(seg)
 
     def _close_active(self):
@@ -381,9 +445,11 @@ class FlashQueue:
     def _copy_live(self, seg, out, keep_last):
         # Writes seg's live slots to out; returns (kept, maxid written, last removed slot id
         # copied to _slot2 when keep_last).
-        ch = self._chunk
+        ch = self._ch()
         ss = self.slot_size
         sl = self._slot
+        if keep_last and self._slot2 is None:
+            self._slot2 = bytearray(ss)
         kept = lastid = 0
         maxid = seg.first - 1
         f = self._fopen(seg)
@@ -424,7 +490,7 @@ class FlashQueue:
                 kept += 1
                 maxid = lastid
         if kept:
-            os.rename(tmp, seg.path)
+            os.rename(tmp, self._p(seg))
             s = self._set
             for j in range(len(s) - 1, -1, -1):
                 if seg.first <= s[j] <= seg.maxid and s[j] != lastid:
@@ -490,7 +556,7 @@ class FlashQueue:
             minp += 1
         if minp >= NPRIO or prio < minp:
             return 0, None
-        ch = self._chunk
+        ch = self._ch()
         ss = self.slot_size
         for seg in self._segs:
             if seg.nlive == 0:
@@ -536,7 +602,7 @@ class FlashQueue:
         # so the budget is counted in our own segments (one block each).
         if self._seg_budget < 0:
             self._budget()
-        return len(self._segs) >= self._seg_budget
+        return len(self._segs) + self._omitted >= self._seg_budget
 
     def _merge(self, run):
         # Live slots of the segments in run (neighbours, oldest first) into c<first>, renamed
@@ -555,7 +621,7 @@ class FlashQueue:
                     kept += k
                     maxid = m
         if kept:
-            os.rename(tmp, a.path)
+            os.rename(tmp, self._p(a))
             a.nslots = a.nlive = kept
             a.bad = 0
             a.maxid = maxid
@@ -625,6 +691,8 @@ class FlashQueue:
         if not 0 <= priority < NPRIO:
             raise ValueError("priority must be 0..%d" % (NPRIO - 1))
         self.last_dropped = 0
+        if self._partial and (self.depth >= self.max_records or (self._needs_new_seg() and self._flash_low())):
+            self._full()  # the drop policy and flash pressure need every segment
         if self.depth >= self.max_records and not self._make_room(priority):
             return 0
         if self._needs_new_seg():
@@ -655,7 +723,15 @@ class FlashQueue:
         sl[5] = _check(sl, 0, self.slot_size)
         try:
             if self._af is None:
-                self._af = open(seg.path, "ab")
+                self._af = open(self._p(seg), "ab")
+                if self._partial and self._af.seek(0, 2) != seg.nslots * self.slot_size:
+                    # The newest segment is not as the snapshot left it: take the queue
+                    # from flash instead, then append as usual.
+                    self._af.close()
+                    self._af = None
+                    self._aseg = None
+                    self._full()
+                    return self.append(record, priority)
             self._af.write(sl)
             self._af.flush()
         except OSError:
@@ -667,10 +743,13 @@ class FlashQueue:
         seg.nslots += 1
         seg.nlive += 1
         seg.maxid = i
+        if self.depth == 0 and self.record_size >= 4:
+            self._oldest = _u32(record, 0)
         self.depth += 1
         self._plive[priority] += 1
         if seg.nslots >= self.head_records:
             self._close_active()
+            self._tail()
             self._consolidate()
         return i
 
@@ -688,6 +767,7 @@ class FlashQueue:
         return False
 
     def ack(self, cumulative_id, selective=()):
+        self._full()
         top = self.next_id - 1
         if cumulative_id > top:
             cumulative_id = top
@@ -710,6 +790,7 @@ class FlashQueue:
 
     def compact(self):
         # Compact every closed segment holding removed readings (and close the active one).
+        self._full()
         self._close_active()
         for seg in list(self._segs):
             if seg.nslots != seg.nlive or seg.bad:
@@ -722,12 +803,13 @@ class FlashQueue:
     def read_into(self, buf, after_id=0):
         """Fill buf with live slots ([id u32][prio u8][check u8][record]) with id > after_id,
         in id order; returns the count. No allocation per reading."""
+        self._full()
         ss = self.slot_size
         room = len(buf) // ss
         n = 0
         if room == 0:
             return 0
-        ch = self._chunk
+        ch = self._ch()
         for seg in self._segs:
             if seg.nlive == 0 or seg.maxid <= after_id:
                 continue
@@ -771,6 +853,8 @@ class FlashQueue:
         """u32 timestamp in the first 4 bytes of the oldest live record, or None."""
         if self.depth == 0 or self.record_size < 4:
             return None
+        if self._partial and self._oldest != _NO_TS:
+            return self._oldest
         if self.read_into(self._slot) == 0:
             return None
         return _u32(self._slot, _HDR)
@@ -778,6 +862,102 @@ class FlashQueue:
     def age(self, now):
         ts = self.oldest_ts()
         return 0 if ts is None else max(0, now - ts)
+
+    # ---- resuming ----------------------------------------------------------------------
+    def snapshot(self):
+        """A record of this queue's counters and newest segments for resume= (bytes)."""
+        segs = self._segs
+        raw, ro, rn = self._raw
+        n = min(rn + len(segs), _TAIL)
+        skip = rn + len(segs) - n  # oldest entries left out of the record
+        oldest = self.oldest_ts() if self.depth else None
+        buf = bytearray(_SNAP_SIZE + _SNAP_SEG_SIZE * n + 4)
+        struct.pack_into(
+            _SNAP, buf, 0, _SNAP_MAGIC, self.next_id, self.floor, self.dropped, len(self._set),
+            self.depth, self.corrupt, _NO_TS if oldest is None else oldest,
+            self._omitted - rn + skip, n,
+        )
+        o = _SNAP_SIZE
+        for j in range(skip, rn):
+            # entries taken over from the previous record and never needed this wake
+            p = ro + j * _SNAP_SEG_SIZE
+            buf[o : o + _SNAP_SEG_SIZE] = raw[p : p + _SNAP_SEG_SIZE]
+            o += _SNAP_SEG_SIZE
+        for seg in segs[max(0, skip - rn):]:
+            struct.pack_into(_SNAP_SEG, buf, o, seg.first, seg.nslots, seg.nlive, seg.maxid,
+                             seg.bad, 1 if seg.closed else 0)
+            o += _SNAP_SEG_SIZE
+        _put32(buf, o, _sum(buf, o))
+        return buf
+
+    def _resume(self, data):
+        # Start from a snapshot; False (nothing taken over) if it is damaged or does not
+        # hold together with the state file. Only the newest
+        # segment becomes a _Seg; the others stay record entries until a merge needs them.
+        n = len(data)
+        if n < _SNAP_SIZE + 4 or _u32(data, 0) != _SNAP_MAGIC or _u32(data, n - 4) != _sum(data, n - 4):
+            return False
+        ntail = data[32]
+        if n != _SNAP_SIZE + _SNAP_SEG_SIZE * ntail + 4 or not ntail:
+            return False
+        # The newest segment's size is checked against the record when an append opens it.
+        last = _seg_at(data, _SNAP_SIZE + _SNAP_SEG_SIZE * (ntail - 1))
+        nset = data[16] | data[17] << 8
+        if nset:
+            # Removed ids above the floor: the state file has them (the snapshot only counts
+            # them). A queue never acknowledged has no state file; anything else is damage.
+            self._read_state()
+            damaged = self.notes and self.notes != ["no state file"]
+            if (self.next_id > _u32(data, 4) or self.floor != _u32(data, 8)
+                    or self.dropped != _u32(data, 12) or len(self._set) != nset or damaged):
+                self._set = []
+                self.floor = self.dropped = 0
+                self.next_id = 1
+                self.notes = []
+                return False
+        else:
+            # The state file holds nothing more than the snapshot: the wake that wrote the
+            # snapshot ended after its last change to the queue.
+            self.floor = _u32(data, 8)
+            self.dropped = _u32(data, 12)
+        self.next_id = max(_u32(data, 4), self._first_id)
+        self.depth = _u32(data, 18)
+        self.corrupt = _u32(data, 22)
+        self._oldest = _u32(data, 26)
+        self._omitted = (data[30] | data[31] << 8) + ntail - 1
+        self._raw = (data, _SNAP_SIZE, ntail - 1)
+        self._segs = [last]
+        self._partial = True
+        return True
+
+    def _tail(self):
+        # The older record entries as _Seg objects, in front of the materialized ones.
+        data, o, n = self._raw
+        if n:
+            self._segs[0:0] = [_seg_at(data, o + j * _SNAP_SEG_SIZE) for j in range(n)]
+            self._omitted -= n
+            self._raw = _NO_RAW
+
+    def _full(self):
+        # Leave partial mode: open the queue from flash, which every change already reached.
+        if not self._partial:
+            return
+        self._close_active()
+        keep = self.next_id
+        self._partial = False
+        self._segs = []
+        self._set = []
+        self._aseg = None
+        self._seg_budget = -1
+        self._omitted = 0
+        self._raw = _NO_RAW
+        self._oldest = _NO_TS
+        self.floor = self.dropped = self.depth = self.corrupt = 0
+        for p in range(NPRIO):
+            self._plive[p] = 0
+        self._plive_ok = False
+        self._open(self._first_id)
+        self.next_id = max(self.next_id, keep)
 
     def close(self):
         self._close_active()

@@ -24,42 +24,49 @@ _MSG_BLOCK = const(64)
 class State:
     """Wake-cycle state. RTC fields are attributes; save_rtc() writes them back."""
 
+    # Defaults on the class: the instance dict holds only what a wake sets.
+    # RTC fields
+    boots_incomplete = 0  # boots that did not reach a planned sleep
+    boots_without_send = 0  # wakes since the last delivered burst
+    fails = 0  # consecutive failed sends (backoff exponent)
+    next_try = 0  # unix s before which a failed send is not retried
+    pending_hint = 0  # the gateway said more downlink is waiting
+    last_wake = 0  # unix s of the previous wake
+    rtc_valid = False
+    # What the last save_rtc() stored after the fields (the flash queue's resume record);
+    # valid only when the wake that wrote it completed (boots_incomplete == 0 at load).
+    rtc_extra = None
+    # flash fields
+    _msg_hw = MSG_ID_BASE
+    _msg_next = MSG_ID_BASE
+
     def __init__(self, board, root):
         self._board = board
         self._path = root.rstrip("/") + "/state.bin"
-        # RTC fields
-        self.boots_incomplete = 0  # boots that did not reach a planned sleep
-        self.boots_without_send = 0  # wakes since the last delivered burst
-        self.fails = 0  # consecutive failed sends (backoff exponent)
-        self.next_try = 0  # unix s before which a failed send is not retried
-        self.pending_hint = 0  # the gateway said more downlink is waiting
-        self.last_wake = 0  # unix s of the previous wake
-        self.rtc_valid = False
         self._rtc = bytearray(_RTC_SIZE)  # reused by every save_rtc()
-        # flash fields
         self.executed = []
         self.results = []
-        self._msg_hw = MSG_ID_BASE
-        self._msg_next = MSG_ID_BASE
         self._load_rtc()
         self._load_flash()
 
     # ---- RTC memory ----
     def _load_rtc(self):
         raw = self._board.rtc_memory()
-        if len(raw) < _RTC_SIZE:
+        if len(raw) < _RTC_SIZE or _u32(raw, 0) != _RTC_MAGIC:
             return
-        try:
-            v = struct.unpack_from(_RTC_FMT, raw, 0)
-        except ValueError:
-            return
-        if v[0] != _RTC_MAGIC:
-            return
-        (_, self.boots_incomplete, self.boots_without_send, self.fails, self.next_try,
-         self.pending_hint, self.last_wake, _) = v
+        # _RTC_FMT read field by field: no tuple
+        self.boots_incomplete = raw[4]
+        self.boots_without_send = raw[5] | raw[6] << 8
+        self.fails = raw[7]
+        self.next_try = _u32(raw, 8)
+        self.pending_hint = raw[12]
+        self.last_wake = _u32(raw, 13)
         self.rtc_valid = True
+        if len(raw) > _RTC_SIZE:
+            self.rtc_extra = memoryview(raw)[_RTC_SIZE:]
 
-    def save_rtc(self):
+    def save_rtc(self, extra=None):
+        """Write the RTC fields, followed by `extra` (bytes) when given."""
         buf = self._rtc
         struct.pack_into(
             _RTC_FMT, buf, 0, _RTC_MAGIC, min(self.boots_incomplete, 255),
@@ -67,6 +74,11 @@ class State:
             self.next_try & 0xFFFFFFFF, min(self.pending_hint, 255),
             self.last_wake & 0xFFFFFFFF, 0,
         )
+        if extra is not None:
+            out = bytearray(_RTC_SIZE + len(extra))
+            out[:_RTC_SIZE] = buf
+            out[_RTC_SIZE:] = extra
+            buf = out
         self._board.rtc_memory_write(buf)
 
     # ---- flash file ----
@@ -147,6 +159,10 @@ class State:
         if count:
             del self.results[:count]
             self.save()
+
+
+def _u32(b, o):
+    return b[o] | b[o + 1] << 8 | b[o + 2] << 16 | b[o + 3] << 24
 
 
 def _sum(b, n):
