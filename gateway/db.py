@@ -165,7 +165,12 @@ def version(conn: sqlite3.Connection, store: str) -> int:
     return int(row[0]) if row else 0
 
 
-def apply(conn: sqlite3.Connection, store: str, steps: Sequence[str]) -> int:
+# A schema step: an SQL script, or a function for what SQL alone cannot do (repacking
+# rows); either runs inside the step's transaction and must not commit.
+Step = str | Callable[[sqlite3.Connection], None]
+
+
+def apply(conn: sqlite3.Connection, store: str, steps: Sequence[Step]) -> int:
     """Run the steps of `store` not yet applied (step i brings it to version i+1), each in
     its own transaction with its version bump; returns the store's version."""
     current = version(conn, store)
@@ -180,8 +185,12 @@ def apply(conn: sqlite3.Connection, store: str, steps: Sequence[str]) -> int:
             # step since we looked: the version read under the write lock decides.
             if version(conn, store) > i:
                 continue
-            for statement in _split(steps[i]):
-                conn.execute(statement)
+            step = steps[i]
+            if callable(step):
+                step(conn)
+            else:
+                for statement in _split(step):
+                    conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_migrations(store, version, applied_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(store) DO UPDATE SET version=excluded.version, "

@@ -436,9 +436,11 @@ class Demo:
             return self.upstream.unique, lost
         # SenML carries no message ids: every stored reading's (device, time) must have
         # arrived (two readings may share a time after a power cut, so count stored rows).
+        from gateway import readings
+
         conn = sqlite3.connect(f"file:{self.gw_db}?mode=ro", uri=True, timeout=10)
         try:
-            rows = conn.execute("SELECT device, ts FROM readings").fetchall()
+            rows = [(r[0], r[2]) for r in readings.iter_readings(conn)]
         finally:
             conn.close()
         lost = sum(1 for dev, ts in rows if int(ts) not in self.upstream.seen.get(dev, {}))

@@ -16,10 +16,10 @@ def test_open_sets_wal_and_full_sync_and_migrates_every_store(tmp_path: Path) ->
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == db.BUSY_TIMEOUT_MS
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"devices", "readings", "dedup", "dead_letters", "gateway_status",
+    assert {"devices", "reading_runs", "dedup", "dead_letters", "gateway_status",
             "schema_migrations"} <= tables
     versions = dict(conn.execute("SELECT store, version FROM schema_migrations").fetchall())
-    assert versions["registry"] == 2 and versions["readings"] == 1
+    assert versions["registry"] == 2 and versions["readings"] == 2
     conn.close()
     # Reopening applies nothing twice.
     conn = db.open_db(tmp_path / "g.db")
@@ -67,3 +67,20 @@ def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Path) ->
     assert [p.returncode for p in procs] == [0] * 6, errors
     conn = db.open_db(path)
     assert db.version(conn, "readings") >= 1
+
+
+def test_a_step_may_be_a_function_run_in_the_step_transaction(tmp_path: Path) -> None:
+    conn = db.connect(tmp_path / "x.db")
+
+    def fill(c: sqlite3.Connection) -> None:
+        c.executemany("INSERT INTO a VALUES (?)", [(1,), (2,)])
+
+    def broken(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO a VALUES (3)")
+        raise sqlite3.OperationalError("half done")
+
+    assert db.apply(conn, "t", ["CREATE TABLE a(x);", fill]) == 2
+    with pytest.raises(sqlite3.OperationalError):
+        db.apply(conn, "t", ["CREATE TABLE a(x);", fill, broken])
+    assert db.version(conn, "t") == 2
+    assert [r[0] for r in conn.execute("SELECT x FROM a ORDER BY x")] == [1, 2]

@@ -132,7 +132,7 @@ async def test_burst_stored_once_acked_and_duplicates_reacked(broker: RunningBro
         assert await node.recv() == proto.Ack(65, 192, ())
         assert svc.ingest is not None and svc.ingest.metrics.readings_duplicate == 64
     conn = db.open_db(cfg.db_path)
-    assert sorted(r[0] for r in conn.execute("SELECT msg_id FROM readings")) == list(range(1, 193))
+    assert [r[1] for r in readings.iter_readings(conn)] == list(range(1, 193))
     d = registry.get(conn, "n1")
     assert d.status == "active" and d.fw_version == 3 and d.next_wake_s == 900
     assert d.next_wake_at is not None and d.last_hello_at is not None

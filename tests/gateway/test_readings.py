@@ -16,10 +16,6 @@ def burst(first: int, n: int = 64) -> proto.Burst:
     return proto.Burst(first, proto.SCHEMA_ENV3, 60, s)
 
 
-def test_every_schema_fits_the_value_columns() -> None:
-    assert all(len(m) <= readings.MAX_VALUES for _, m in proto.SCHEMAS.values())
-
-
 def test_commit_dedup_hwm_and_selective(tmp_path: Path) -> None:
     conn = db.open_db(tmp_path / "g.db")
     cache: dict[str, readings.DedupState] = {}
@@ -30,9 +26,10 @@ def test_commit_dedup_hwm_and_selective(tmp_path: Path) -> None:
     r = readings.commit_bursts(conn, [("a", burst(65)), ("a", burst(65))], cache)
     assert [(a.cumulative, a.stored, a.selective) for a in r.acks] == [(192, 64, ()), (192, 0, ())]
     assert readings.count_rows(conn, "a") == 192
-    got = conn.execute("SELECT msg_id, ts, schema, v0, v1, v2, v3 FROM readings "
-                       "WHERE device='a' AND msg_id=66").fetchone()
-    assert got == (66, 1_700_000_060, 1, 1, 101, 3000, None)
+    got = [r for r in readings.iter_readings(conn, "a") if r[1] == 66]
+    assert got == [("a", 66, 1_700_000_060, 1, 101, 3000)]
+    # One row per burst: the three bursts are three runs.
+    assert conn.execute("SELECT count(*) FROM reading_runs").fetchone()[0] == 3
     # The state survives a reopen.
     conn.close()
     conn = db.open_db(tmp_path / "g.db")
@@ -48,8 +45,11 @@ def test_partial_overlap_stores_only_new_ids(tmp_path: Path) -> None:
     r = readings.commit_bursts(conn, [("a", burst(8, 10))])
     assert r.acks[0].stored == 5
     assert r.committed[0].series.timestamps[0] == 1_700_000_000
-    ids = [row[0] for row in conn.execute("SELECT msg_id FROM readings ORDER BY msg_id")]
+    ids = [row[1] for row in readings.iter_readings(conn)]
     assert ids == list(range(8, 18))
+    # The new ids on either side of the stored ones are runs of their own, and so are
+    # their upstream copies, each with its own first id.
+    assert [(c.msg_id, len(c.series)) for c in r.committed] == [(8, 2), (15, 3)]
 
 
 @settings(max_examples=60, deadline=None)
@@ -57,17 +57,23 @@ def test_partial_overlap_stores_only_new_ids(tmp_path: Path) -> None:
 def test_any_order_of_resends_stores_each_id_once(tmp_path_factory, spans) -> None:  # type: ignore[no-untyped-def]
     conn = db.open_db(tmp_path_factory.mktemp("h") / "g.db")
     cache: dict[str, readings.DedupState] = {}
-    expected: set[int] = set()
+    expected: dict[int, int] = {}  # id -> the time of the burst that stored it first
     for first, n in spans:
         r = readings.commit_bursts(conn, [("d", burst(first, n))], cache)
-        expected |= set(range(first, first + n))
+        for i in range(first, first + n):
+            expected.setdefault(i, 1_700_000_000 + 60 * (i - first))
         a = r.acks[0]
         assert all(i in expected for i in range(1, a.cumulative + 1))
-        assert set(a.selective) <= expected and len(a.selective) <= 64
-    ids = [row[0] for row in conn.execute("SELECT msg_id FROM readings")]
-    assert sorted(ids) == sorted(expected)
+        assert set(a.selective) <= set(expected) and len(a.selective) <= 64
+    stored = list(readings.iter_readings(conn, "d"))
+    assert [row[1] for row in stored] == sorted(expected)
+    # Each reading comes back with its own time and values.
+    assert [row[2] for row in stored] == [expected[i] for i in sorted(expected)]
+    assert all(row[5] == 3000 for row in stored)
     st_ = cache["d"]
     assert all(st_.contains(i) for i in expected)
+    assert list(readings.iter_readings(conn, "d", after_id=200)) == [
+        row for row in stored if row[1] > 200]
 
 
 def test_low_water_mark_gives_up_gaps_the_node_dropped(tmp_path: Path) -> None:
@@ -84,3 +90,31 @@ def test_low_water_mark_gives_up_gaps_the_node_dropped(tmp_path: Path) -> None:
     assert readings.stats(conn, "n1")[:2] == (30, 0)
     again = readings.commit_bursts(conn, [("n1", burst(31, 4))], states)
     assert again.acks[0].cumulative == 34 and again.acks[0].selective == ()
+
+
+def test_fetch_latest_first(tmp_path: Path) -> None:
+    conn = db.open_db(tmp_path / "g.db")
+    readings.commit_bursts(conn, [("a", burst(1, 3)), ("a", burst(4, 3)), ("b", burst(1, 2))])
+    got = readings.fetch(conn, "a", limit=4)
+    assert [r[0] for r in got] == [6, 5, 4, 3]
+    assert got[0] == (6, 1_700_000_120, proto.SCHEMA_ENV3, 2, 102, 3000)
+
+
+def test_migration_turns_rows_into_runs(tmp_path: Path) -> None:
+    """A database written with a row per reading (store version 1) keeps every reading."""
+    path = tmp_path / "old.db"
+    conn = db.connect(path)
+    db.apply(conn, readings.STORE, readings._STEPS[:1])
+    rows = [("a", i, 1_700_000_000 + i, proto.SCHEMA_ENV3, -i, i, 3000) for i in range(1, 301)]
+    rows += [("a", i, 1_700_000_000 + i, proto.SCHEMA_ENV3, -i, i, 3000) for i in (400, 401)]
+    rows += [("b", 7, 5, proto.SCHEMA_ENV3, 1, 2, 3)]
+    conn.executemany("INSERT INTO readings(device, msg_id, ts, schema, v0, v1, v2) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.close()
+    conn = db.open_db(path)
+    assert db.version(conn, readings.STORE) == 2
+    assert list(readings.iter_readings(conn)) == [(r[0], r[1], r[2], *r[4:]) for r in rows]
+    # Runs of consecutive ids, at most 255 readings each.
+    runs = conn.execute("SELECT device, msg_id, count FROM reading_runs ORDER BY device, msg_id")
+    assert runs.fetchall() == [("a", 1, 255), ("a", 256, 45), ("a", 400, 2), ("b", 7, 1)]
+    assert "readings" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}

@@ -159,7 +159,7 @@ def test_kill_9_during_ingest_loses_and_duplicates_nothing(broker: RunningBroker
     assert all(acked == total for acked, _ in results), results
     conn = db.open_db(db_path)
     for n in names:
-        ids = [r[0] for r in conn.execute("SELECT msg_id FROM readings WHERE device=?", (n,))]
+        ids = [r[1] for r in readings.iter_readings(conn, n)]
         assert len(ids) == len(set(ids)), f"{n}: duplicates"
         assert sorted(ids) == list(range(1, total + 1)), f"{n}: missing readings"
         assert readings.stats(conn, n) == (total, 0, total)

@@ -35,8 +35,7 @@ def gateway_config(tmp: Path, pki: Pki, port: int) -> Path:
 def stored(db_path: Path) -> tuple[list[int], str]:
     conn = db.open_db(db_path)
     try:
-        ids = [int(r[0]) for r in conn.execute(
-            "SELECT msg_id FROM readings WHERE device=? ORDER BY msg_id", (DEVICE,))]
+        ids = [int(r[1]) for r in readings.iter_readings(conn, DEVICE)]
         dev = registry.find(conn, DEVICE)
         return ids, dev.status if dev is not None else ""
     finally:

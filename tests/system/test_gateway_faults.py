@@ -29,7 +29,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from gateway import db, registry
+from gateway import db, readings, registry
 from gateway.pki import DeviceCredentials, Pki
 from gateway.service import read_status
 from tests.firmware.test_node_cycle import START_MS, provision, read_log
@@ -227,8 +227,8 @@ def node_cfg(device_id: str, port: int, **over: Any) -> dict[str, Any]:
 
 
 def stored(gw: Gateway, device: str) -> list[tuple[int, int, int, int, int]]:
-    return [tuple(r) for r in gw.query(  # type: ignore[misc]
-        "SELECT msg_id, ts, v0, v1, v2 FROM readings WHERE device=? ORDER BY msg_id", device)]
+    with contextlib.closing(db.connect(gw.db_path, readonly=True)) as conn:
+        return [(r[1], r[2], r[3], r[4], r[5]) for r in readings.iter_readings(conn, device)]
 
 
 async def in_session(nodes: list[Any], timeout: float) -> bool:

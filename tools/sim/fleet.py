@@ -591,16 +591,16 @@ class Fleet:
 def check_store(db_path: Path, sampled: dict[str, set[int]]) -> tuple[int, int, int]:
     """(readings of these devices in the gateway's store, sampled readings missing from it,
     extra copies of stored readings) — read-only, while the gateway may be running."""
+    from gateway import readings
+
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     try:
         stored = missing = dups = 0
         for device, ids in sampled.items():
-            rows = conn.execute(
-                "SELECT msg_id, count(*) FROM readings WHERE device=? GROUP BY msg_id", (device,)
-            ).fetchall()
-            have = {int(i) for i, _ in rows}
-            stored += sum(int(n) for _, n in rows)
-            dups += sum(int(n) - 1 for _, n in rows)
+            copies = Counter(r[1] for r in readings.iter_readings(conn, device))
+            have = set(copies)
+            stored += sum(copies.values())
+            dups += sum(n - 1 for n in copies.values())
             missing += len(ids - have)
         return stored, missing, dups
     finally:
