@@ -25,7 +25,7 @@ import aiomqtt
 from gateway.db import Writer
 from gateway.errors import ConfigError
 from gateway.formats import check_format
-from gateway.outbox import Counters, Outbox, Queued
+from gateway.outbox import Counters, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,9 @@ class Relay:
             keepalive=self.keepalive_s,
             timeout=self.publish_timeout_s,
             tls_context=tls_context(cfg),
-            max_inflight_messages=self.inflight,
+            # The window is the relay's own (`_pump`); a limit in paho (0: none) would only
+            # make it walk every message it holds on each PUBACK.
+            max_inflight_messages=0,
         )
         quiet(client)
         return client
@@ -386,7 +388,7 @@ class Relay:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch(client))
                 tg.create_task(self._flush_loop(acked))
-                await self._pump(client, tg, acked)
+                await self._pump(client, acked)
         finally:
             self.connected = False
             # PUBACKs that arrived before the connection dropped: delete those now so a
@@ -401,40 +403,66 @@ class Relay:
         async for _ in client.messages:
             pass
 
-    async def _pump(
-        self, client: aiomqtt.Client, tg: asyncio.TaskGroup, acked: list[int]
-    ) -> None:
+    async def _pump(self, client: aiomqtt.Client, acked: list[int]) -> None:
+        """Publish the outbox in order, at most `inflight` unacknowledged at once. Straight
+        to paho: aiomqtt's publish() costs a task, a future and a timeout per message. paho
+        reports each PUBACK through `on_publish` with the message id it gave the publish,
+        which names the outbox item to delete."""
         box = self._box()
-        wake = self._wake
-        assert wake is not None
-        window = asyncio.Semaphore(self.inflight)
-        after = 0  # the outbox is replayed from its oldest item on every connection
-        while True:
-            wake.clear()
-            items = await self._db(box.peek, self.batch, after)
-            if not items:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_s):
-                        await wake.wait()
-                continue
-            for q in items:
-                await window.acquire()
-                tg.create_task(self._publish(client, q, window, acked))
-                after = q.id
+        wake, acks = self._wake, self._acks
+        assert wake is not None and acks is not None
+        paho = client._client
+        qos, window = self.cfg.qos, self.inflight
+        sent: dict[int, tuple[int, float]] = {}  # paho mid -> (outbox id, sent at), in order
+        room = asyncio.Event()
 
-    async def _publish(
-        self, client: aiomqtt.Client, q: Queued, window: asyncio.Semaphore, acked: list[int]
-    ) -> None:
+        def on_publish(_client: object, _userdata: object, mid: int, *_: object) -> None:
+            entry = sent.pop(mid, None)
+            if entry is None:
+                return
+            acked.append(entry[0])
+            room.set()
+            if len(acked) >= window:
+                acks.set()
+
+        def overdue() -> float:
+            """Seconds left for the oldest publish's PUBACK; raises past the limit."""
+            if not sent:
+                return self.poll_s
+            left = next(iter(sent.values()))[1] + self.publish_timeout_s - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no PUBACK within {self.publish_timeout_s:g}s")
+            return left
+
+        paho.on_publish = on_publish
         try:
-            # With QoS 1 this returns only after the broker's PUBACK.
-            await client.publish(
-                q.item.topic, q.item.payload, qos=self.cfg.qos, timeout=self.publish_timeout_s
-            )
+            after = 0  # the outbox is replayed from its oldest item on every connection
+            while True:
+                wake.clear()
+                items = await self._db(box.peek, self.batch, after)
+                if not items:
+                    left = min(self.poll_s, overdue())
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(left):
+                            await wake.wait()
+                    continue
+                for q in items:
+                    while len(sent) >= window:
+                        room.clear()
+                        left = overdue()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(left):
+                                await room.wait()
+                    info = paho.publish(q.item.topic, q.item.payload, qos=qos)
+                    if info.rc != 0:
+                        raise aiomqtt.MqttCodeError(info.rc, "could not publish upstream")
+                    if info.is_published():  # reported before we could note it (qos 0)
+                        acked.append(q.id)
+                    else:
+                        sent[info.mid] = (q.id, time.monotonic())
+                    after = q.id
         finally:
-            window.release()
-        acked.append(q.id)
-        if len(acked) >= self.inflight and self._acks is not None:
-            self._acks.set()
+            paho.on_publish = client._on_publish
 
     async def _flush_loop(self, acked: list[int]) -> None:
         # Deletes go in batches (one transaction each) every `flush_s` or once a window's
