@@ -423,15 +423,24 @@ class Ingest:
         writer = self.writer or db.Writer("ingest-db")
         self._publishing.clear()  # a previous connection's publishes will never complete
         committer = asyncio.create_task(self._commit_loop(client, writer), name="ingest-commit")
+        # Frames straight from paho's callback: aiomqtt's message iterator costs a Message
+        # object, a queue item and a task per frame, about as much CPU as the rest of
+        # ingest. The connection itself stays aiomqtt's; its end is `_disconnected`.
+        paho = client._client
+        offer = self.offer
+
+        def on_message(_client: Any, _userdata: Any, message: Any) -> None:
+            offer(message.topic, message.payload)
+
+        paho.on_message = on_message
         try:
-            async for message in client.messages:
-                payload = message.payload
-                if not isinstance(payload, bytes | bytearray):
-                    continue
-                self.offer(message.topic.value, bytes(payload))
-                if committer.done():
-                    committer.result()
+            lost = client._disconnected
+            await asyncio.wait((committer, lost), return_when=asyncio.FIRST_COMPLETED)
+            if not lost.done():
+                committer.result()  # it only ever ends by failing
+            raise aiomqtt.MqttError("disconnected from the broker") from lost.exception()
         finally:
+            paho.on_message = client._on_message
             self._accepting = False
             committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

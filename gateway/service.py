@@ -263,7 +263,10 @@ class Service:
             tls_context=self._tls(), keepalive=m.keepalive, timeout=m.connect_timeout_s,
             # A persistent session: frames published while the gateway restarts wait in
             # the broker instead of waiting for the nodes' next wake.
-            clean_session=False, max_inflight_messages=200,
+            clean_session=False,
+            # No limit in paho on answers in flight (0): with a limit set, paho walks every
+            # message it holds on each PUBACK. The batches bound what is in flight.
+            max_inflight_messages=0,
         )
         # ACKs are many small QoS 1 publishes in flight at once (see gateway.relay.quiet).
         client.pending_calls_threshold = 1 << 30
