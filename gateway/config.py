@@ -94,7 +94,7 @@ class UpstreamConfig:
     client_id: str = "torpor-relay"
     topic_readings: str = "torpor/{device}/readings"
     topic_events: str = "torpor/{device}/events"
-    format: Literal["json", "senml-json", "senml-cbor"] = "json"
+    format: Literal["json", "json-rows", "senml-json", "senml-cbor"] = "json"
     qos: int = 1
     outbox_max_items: int = 1_000_000
     outbox_max_age_s: float = 7 * 24 * 3600.0

@@ -1,8 +1,9 @@
 """Upstream payloads and topics: one message per burst or device event, in JSON or SenML.
 
-Formats (see docs/upstream.md): "json" (compact, rows of physical values in the spec's
-units), "senml-json" and "senml-cbor" (RFC 8428 packs; names from the spec's measurements,
-units mapped to SenML units and values converted to match).
+Formats (see docs/upstream.md): "json" (version 2: compact, one array of physical values
+per measurement in the spec's units), "json-rows" (version 1: one object per reading),
+"senml-json" and "senml-cbor" (RFC 8428 packs; names from the spec's measurements, units
+mapped to SenML units and values converted to match).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.outbox import OutboxItem
 from gateway.proto import SCHEMAS, Measurement, Series
 
-FORMATS: Final = ("json", "senml-json", "senml-cbor")
+FORMATS: Final = ("json", "json-rows", "senml-json", "senml-cbor")
+JSON_FORMATS: Final = ("json", "json-rows")  # the same events; readings in columns or rows
+JSON_VERSION: Final = 2  # the "version" member of a "json" readings message
 BASE_NAME: Final = "urn:dev:torpor:{device}:"
 READINGS_KIND: Final = "readings"
 
@@ -96,18 +99,19 @@ def _schema(schema_id: int) -> tuple[str, tuple[Measurement, ...]]:
 
 
 class _JsonSchema:
-    """The fixed parts of a schema's "json" payload, computed once: the units object, a
-    %-template per reading row, and per measurement a bounded memo of value texts (sensor
-    values repeat, and formatting a float is most of the cost of a payload)."""
+    """The fixed parts of a schema's "json" and "json-rows" payloads, computed once: the
+    units object, the member names, a %-template per reading row, and per measurement a
+    bounded memo of value texts (sensor values repeat, and formatting a float is most of
+    the cost of a payload)."""
 
-    __slots__ = ("head", "row", "steps", "memos")
+    __slots__ = ("head", "names", "row", "steps", "memos")
 
     def __init__(self, name: str, measurements: tuple[Measurement, ...]) -> None:
         units = _json({m.name: m.unit for m in measurements}).decode("ascii")
-        self.head = f',"schema":{_json(name).decode("ascii")}', f',"units":{units},"readings":['
+        self.head = f',"schema":{_json(name).decode("ascii")}', f',"units":{units}'
+        self.names = [_json(m.name).decode("ascii") for m in measurements]
         # "t" is an int; each value is %s of the text json.dumps gives its number.
-        self.row = '{"t":%d' + "".join(
-            f",{_json(m.name).decode('ascii')}:%s" for m in measurements) + "}"
+        self.row = '{"t":%d' + "".join(f",{n}:%s" for n in self.names) + "}"
         self.steps = [(m.scale, _decimals(m.scale)) for m in measurements]
         self.memos: list[dict[int, str]] = [{} for _ in measurements]
 
@@ -130,15 +134,33 @@ _MEMO_MAX: Final = 4096
 _json_schemas: dict[int, _JsonSchema] = {}
 
 
-def _json_readings(device: str, schema_id: int, series: Series, msg_id: int | None) -> bytes:
+def _json_schema(schema_id: int) -> _JsonSchema:
     js = _json_schemas.get(schema_id)
     if js is None:
         js = _json_schemas[schema_id] = _JsonSchema(*_schema(schema_id))
+    return js
+
+
+def _json_readings(device: str, schema_id: int, series: Series, msg_id: int | None) -> bytes:
+    """"json" (version 2): the times in one array, each measurement's values in another."""
+    js = _json_schema(schema_id)
+    values = ",".join(f"{name}:[{','.join(js.texts(i, col))}]"
+                      for i, (name, col) in enumerate(zip(js.names, series.columns, strict=True)))
+    ident = "" if msg_id is None else f',"id":{int(msg_id)}'
+    schema, units = js.head
+    return (f'{{"version":{JSON_VERSION},"device":{_json(device).decode("ascii")}{schema}{ident}'
+            f'{units},"t":[{",".join(map(str, series.timestamps))}],"values":{{{values}}}}}'
+            ).encode("ascii")
+
+
+def _json_rows(device: str, schema_id: int, series: Series, msg_id: int | None) -> bytes:
+    """"json-rows" (version 1): one object per reading."""
+    js = _json_schema(schema_id)
     cols = [js.texts(i, col) for i, col in enumerate(series.columns)]
     rows = ",".join(map(js.row.__mod__, zip(series.timestamps, *cols, strict=True)))
     ident = "" if msg_id is None else f',"id":{int(msg_id)}'
-    head, units = js.head
-    return (f'{{"device":{_json(device).decode("ascii")}{head}{ident}{units}{rows}]}}'
+    schema, units = js.head
+    return (f'{{"device":{_json(device).decode("ascii")}{schema}{ident}{units},"readings":[{rows}]}}'
             ).encode("ascii")
 
 
@@ -153,6 +175,8 @@ def readings_payload(
                           f"the series {len(series.columns)} columns")
     if fmt == "json":
         return _json_readings(device, schema_id, series, msg_id)
+    if fmt == "json-rows":
+        return _json_rows(device, schema_id, series, msg_id)
     check_format(fmt)
     convs = []
     for m in measurements:
@@ -183,7 +207,7 @@ def event_payload(
     """One upstream message for a device event (hello, quarantined, released, revoked...).
     Field values: numbers, strings, bools, bytes, or None; `t` defaults to now."""
     when = time.time() if t is None else t
-    if fmt == "json":
+    if fmt in JSON_FORMATS:
         doc: dict[str, Any] = {"device": device, "event": kind, "t": when}
         doc["fields"] = {k: _json_value(k, v) for k, v in fields.items()}
         return _json(doc)

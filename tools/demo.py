@@ -39,7 +39,7 @@ READY_TIMEOUT_S = 30.0
 SETTLE_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 UPSTREAM_TOPIC = "torpor/+/readings"
-FORMATS = ("json", "senml-json", "senml-cbor")
+FORMATS = ("json", "json-rows", "senml-json", "senml-cbor")
 
 
 def work_dir(requested: Path | None, kind: str) -> Path:
@@ -108,10 +108,11 @@ class Upstream:
 
 
 def _decode(topic: str, payload: bytes, fmt: str) -> tuple[str, list[int]]:
-    if fmt == "json":
+    if fmt in ("json", "json-rows"):
         doc = json.loads(payload)
         first = int(doc["id"])
-        return str(doc["device"]), [first + i for i in range(len(doc["readings"]))]
+        count = len(doc["t"] if fmt == "json" else doc["readings"])
+        return str(doc["device"]), [first + i for i in range(count)]
     pack = json.loads(payload) if fmt == "senml-json" else cbor2.loads(payload)
     bt_key, t_key = ("bt", "t") if fmt == "senml-json" else (-3, 6)
     device = topic.split("/")[1]
@@ -331,7 +332,7 @@ class Demo:
     async def _settle(self, sampled: int) -> None:
         """Wait (bounded) until everything sampled is stored and relayed."""
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
-        json_ids = self.opts.upstream_format == "json"
+        json_ids = self.opts.upstream_format in ("json", "json-rows")
         while time.monotonic() < deadline:
             stored, depth = _db_figures(self.gw_db)
             if stored >= sampled and depth == 0:
@@ -431,7 +432,7 @@ class Demo:
 
     def _upstream_check(self, sampled: dict[str, set[int]]) -> tuple[int, int]:
         """(readings relayed, readings lost upstream)."""
-        if self.opts.upstream_format == "json":
+        if self.opts.upstream_format in ("json", "json-rows"):
             lost = sum(len(ids - set(self.upstream.seen.get(dev, {}))) for dev, ids in sampled.items())
             return self.upstream.unique, lost
         # SenML carries no message ids: every stored reading's (device, time) must have

@@ -27,8 +27,20 @@ SERIES = Series(
 )
 
 
-def test_json_readings_rows_in_physical_units() -> None:
+def test_json_readings_columns_in_physical_units() -> None:
     doc = json.loads(readings_payload("node-1", SCHEMA_ENV3, SERIES, "json", msg_id=77))
+    assert doc == {
+        "version": 2, "device": "node-1", "schema": "env3", "id": 77,
+        "units": {"temperature": "degC", "humidity": "%RH", "battery": "mV"},
+        "t": [T0, T0 + 60, T0 + 120],
+        "values": {"temperature": [21.57, -10.05, 0.0], "humidity": [45.2, 100.0, 0.01],
+                   "battery": [3300, 2999, 4095]},
+    }
+
+
+def test_json_rows_is_version_1_one_object_per_reading() -> None:
+    doc = json.loads(readings_payload("node-1", SCHEMA_ENV3, SERIES, "json-rows", msg_id=77))
+    assert "version" not in doc
     assert doc["device"] == "node-1"
     assert doc["schema"] == "env3"
     assert doc["id"] == 77
@@ -41,9 +53,13 @@ def test_json_readings_rows_in_physical_units() -> None:
 
 
 def test_json_is_compact() -> None:
-    raw = readings_payload("node-1", SCHEMA_ENV3, SERIES, "json")
-    assert b" " not in raw and b"\n" not in raw
-    assert "id" not in json.loads(raw)
+    for fmt in ("json", "json-rows"):
+        raw = readings_payload("node-1", SCHEMA_ENV3, SERIES, fmt)
+        assert b" " not in raw and b"\n" not in raw
+        assert "id" not in json.loads(raw)
+    # The columns name each measurement once, not once per reading.
+    assert len(readings_payload("node-1", SCHEMA_ENV3, SERIES, "json")) < len(
+        readings_payload("node-1", SCHEMA_ENV3, SERIES, "json-rows"))
 
 
 def _resolve(pack: list[dict[str, object]]) -> list[tuple[str, str | None, object, float]]:
@@ -150,11 +166,15 @@ def test_topics_and_items() -> None:
 def test_scaled_values_are_exact_decimals(rows: list[tuple[int, int, int]]) -> None:
     series = Series(tuple(T0 + 10 * i for i in range(len(rows))),
                     tuple(tuple(col) for col in zip(*rows, strict=True)))
-    doc = json.loads(readings_payload("n", SCHEMA_ENV3, series, "json"))
+    doc = json.loads(readings_payload("n", SCHEMA_ENV3, series, "json-rows"))
     for (temp, hum, bat), rec in zip(rows, doc["readings"], strict=True):
         assert round(rec["temperature"] * 100) == temp and len(repr(rec["temperature"])) <= 8
         assert round(rec["humidity"] * 100) == hum
         assert rec["battery"] == bat
+    cols = json.loads(readings_payload("n", SCHEMA_ENV3, series, "json"))["values"]
+    assert [{"temperature": t, "humidity": h, "battery": b} for t, h, b in zip(
+        cols["temperature"], cols["humidity"], cols["battery"], strict=True)] == [
+        {k: v for k, v in rec.items() if k != "t"} for rec in doc["readings"]]
     pack = cbor2.loads(readings_payload("n", SCHEMA_ENV3, series, "senml-cbor"))
     volts = [rec[2] for rec in pack if rec[0] == "battery"]
     assert [round(v * 1000) for v in volts] == [r[2] for r in rows]

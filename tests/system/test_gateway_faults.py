@@ -174,7 +174,11 @@ class Received:
         """(device, reading id) -> every copy of that reading that arrived."""
         out: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for msg in self.readings:
-            for k, row in enumerate(msg["readings"]):
+            # "json" version 2: a times array and one array per measurement.
+            assert msg["version"] == 2, msg
+            values = msg["values"]
+            for k, t in enumerate(msg["t"]):
+                row = {"t": t, **{name: col[k] for name, col in values.items()}}
                 out.setdefault((msg["device"], msg["id"] + k), []).append(row)
         return out
 
