@@ -21,7 +21,7 @@ from typing import Any
 
 import aiomqtt
 
-from gateway import db, deadletter, proto, readings, registry, topics
+from gateway import db, deadletter, mqtt, proto, readings, registry, topics
 from gateway.config import IngestConfig, UpstreamConfig
 from gateway.downlink import Downlink, WakePlan
 from gateway.ota import OtaHandler
@@ -426,6 +426,7 @@ class Ingest:
         # Frames straight from paho's callback: aiomqtt's message iterator costs a Message
         # object, a queue item and a task per frame, about as much CPU as the rest of
         # ingest. The connection itself stays aiomqtt's; its end is `_disconnected`.
+        mqtt.lean(client)
         paho = client._client
         offer = self.offer
 

@@ -22,6 +22,7 @@ from typing import Final, Protocol, TypeVar
 
 import aiomqtt
 
+from gateway import mqtt
 from gateway.db import Writer
 from gateway.errors import ConfigError
 from gateway.formats import check_format
@@ -380,6 +381,7 @@ class Relay:
                 client._client.disconnect()
             raise
         nodelay(client)
+        mqtt.lean(client)
         self.connected = True
         self.connects += 1
         self.last_error = None
