@@ -105,7 +105,7 @@ class _JsonSchema:
     bounded memo of value texts (sensor values repeat, and formatting a float is most of
     the cost of a payload)."""
 
-    __slots__ = ("head", "names", "row", "steps", "memos", "whole")
+    __slots__ = ("head", "names", "row", "steps", "memos")
 
     def __init__(self, name: str, measurements: tuple[Measurement, ...]) -> None:
         units = _json({m.name: m.unit for m in measurements}).decode("ascii")
@@ -115,13 +115,9 @@ class _JsonSchema:
         self.row = '{"t":%d' + "".join(f",{n}:%s" for n in self.names) + "}"
         self.steps = [(m.scale, _decimals(m.scale)) for m in measurements]
         self.memos: list[dict[int, str]] = [{} for _ in measurements]
-        # Measurements in whole units: the JSON text of a value is its integer's.
-        self.whole = [m.scale == 1 for m in measurements]
 
     def array(self, index: int, raws: Sequence[int]) -> str:
         """One column as a JSON array (same bytes as json.dumps of the scaled values)."""
-        if self.whole[index]:
-            return _int_array(raws)
         return f"[{','.join(self.texts(index, raws))}]"
 
     def texts(self, index: int, raws: Sequence[int]) -> list[str]:

@@ -11,6 +11,10 @@ client (MQTT 3.1.1 only; anything else is left to paho):
 - For each PUBACK paho builds a ReasonCode and a Properties object (MQTT 5 fields that a
   3.1.1 PUBACK does not carry) and logs a debug line. The replacement reads the packet id
   and hands paho one shared, empty ReasonCode and Properties.
+- paho writes each queued packet with a `send` of its own: one TLS record and one system
+  call per ACK and per PUBACK. The replacement writes the queued packets joined (up to
+  WRITE_SIZE bytes) in one `send`. Packets whose completion paho acts on (a QoS 0 PUBLISH:
+  `on_publish`; DISCONNECT: closing the socket) still go through paho's own writer.
 """
 
 from __future__ import annotations
@@ -19,13 +23,22 @@ import ssl
 from typing import Any
 
 import aiomqtt
-from paho.mqtt.client import MQTT_ERR_SUCCESS, MQTTv311
+from paho.mqtt.client import (
+    DISCONNECT,
+    MQTT_ERR_AGAIN,
+    MQTT_ERR_CONN_LOST,
+    MQTT_ERR_SUCCESS,
+    MQTT_LOG_ERR,
+    PUBLISH,
+    MQTTv311,
+)
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 READ_SIZE = 65536
+WRITE_SIZE = 65536
 _SUCCESS = ReasonCode(PacketTypes.PUBACK)  # "Success": the only PUBACK of MQTT 3.1.1
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
@@ -83,3 +96,50 @@ def lean(client: aiomqtt.Client) -> None:
         return MQTT_ERR_SUCCESS
 
     paho._handle_pubackcomp = handle_pubackcomp  # type: ignore[method-assign]
+    paho._packet_write = _joined_writer(paho)  # type: ignore[method-assign]
+
+
+def _joined_writer(paho: Any) -> Any:
+    """paho's `_packet_write`, sending the queued packets joined (see the module)."""
+    queue = paho._out_packet
+    one_by_one = paho._packet_write
+
+    def packet_write() -> MQTTErrorCode:
+        while queue:
+            batch = []
+            size = 0
+            for packet in queue:
+                kind = packet["command"] & 0xF0
+                if kind == DISCONNECT or (kind == PUBLISH and packet["qos"] == 0):
+                    break
+                batch.append(packet)
+                size += packet["to_process"]
+                if size >= WRITE_SIZE:
+                    break
+            if len(batch) < 2:
+                return one_by_one()  # type: ignore[no-any-return]
+            data = b"".join([bytes(p["packet"][p["pos"]:]) for p in batch])
+            try:
+                sent = paho._sock_send(data)
+            except (AttributeError, ValueError):
+                return MQTT_ERR_SUCCESS
+            except BlockingIOError:
+                return MQTT_ERR_AGAIN
+            except OSError as err:
+                paho._easy_log(MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                return MQTT_ERR_CONN_LOST
+            if sent <= 0:
+                break
+            # Retire what went out; a packet sent in part keeps its place and position.
+            # The next attempt sends the same bytes first, as TLS requires of a retry.
+            for packet in batch:
+                left = packet["to_process"]
+                if sent < left:
+                    packet["to_process"] = left - sent
+                    packet["pos"] += sent
+                    break
+                queue.popleft()
+                sent -= left
+        return MQTT_ERR_SUCCESS
+
+    return packet_write

@@ -1,13 +1,16 @@
-"""paho with read-ahead and lean PUBACKs: the same messages and acknowledgements as paho alone."""
+"""paho with read-ahead, lean PUBACKs and joined writes: the same bytes and callbacks as paho alone."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from paho.mqtt.client import MQTT_ERR_AGAIN, MQTT_ERR_SUCCESS
+from paho.mqtt.enums import MQTTErrorCode
 
 from gateway import mqtt
 from tests.fixtures.broker import RunningBroker, mqtt_client
@@ -80,3 +83,54 @@ def test_lean_client_gets_every_message_and_puback(
     got, acked, sent = asyncio.run(main())
     assert sorted(got) == [b"%05d" % i for i in range(n)]
     assert len(acked) == sent == n
+
+
+class _Paho:
+    """What the joined writer uses of paho: the packet queue, `_sock_send`, the fallback."""
+
+    def __init__(self, accept: list[int]) -> None:
+        self._out_packet: collections.deque[dict[str, Any]] = collections.deque()
+        self.accept = accept  # bytes taken by each send; 0: the socket is full
+        self.wire = bytearray()
+        self.sends = 0
+        self.fallbacks = 0
+
+    def queue(self, command: int, data: bytes, qos: int = 1) -> None:
+        self._out_packet.append({"command": command, "mid": 0, "qos": qos, "pos": 0,
+                                 "to_process": len(data), "packet": data, "info": None})
+
+    def _sock_send(self, buf: bytes) -> int:
+        self.sends += 1
+        n = self.accept.pop(0) if self.accept else len(buf)
+        if n == 0:
+            raise BlockingIOError
+        self.wire += buf[:n]
+        return min(n, len(buf))
+
+    def _packet_write(self) -> MQTTErrorCode:
+        self.fallbacks += 1
+        while self._out_packet:
+            p = self._out_packet.popleft()
+            self.wire += p["packet"][p["pos"]:]
+        return MQTT_ERR_SUCCESS
+
+    def _easy_log(self, *args: Any) -> None:
+        pass
+
+
+def test_joined_writer_sends_packets_together_and_resumes_partial_writes() -> None:
+    packets = [bytes([0x40, 2, 0, i]) for i in range(1, 6)] + [b"\x32\x05abcde"]
+    fake = _Paho(accept=[7, 0, 3])  # part of the second packet, a full socket, then 3 bytes
+    for data in packets:
+        fake.queue(data[0], data)
+    write = mqtt._joined_writer(fake)
+    assert write() == MQTT_ERR_AGAIN  # 7 bytes out, then the socket is full
+    assert bytes(fake.wire) == b"".join(packets)[:7] and len(fake._out_packet) == 5
+    assert fake._out_packet[0]["pos"] == 3
+    assert write() == MQTT_ERR_SUCCESS
+    assert bytes(fake.wire) == b"".join(packets) and not fake._out_packet
+    assert fake.sends == 4 and fake.fallbacks == 0
+    # A QoS 0 PUBLISH or a DISCONNECT at the head goes to paho's own writer.
+    fake.queue(0x30, b"\x30\x03abc", qos=0)
+    fake.queue(0x40, b"\x40\x02\x00\x09")
+    assert write() == MQTT_ERR_SUCCESS and fake.fallbacks == 1 and not fake._out_packet
