@@ -423,17 +423,17 @@ class Ingest:
         writer = self.writer or db.Writer("ingest-db")
         self._publishing.clear()  # a previous connection's publishes will never complete
         committer = asyncio.create_task(self._commit_loop(client, writer), name="ingest-commit")
-        # Frames straight from paho's callback: aiomqtt's message iterator costs a Message
-        # object, a queue item and a task per frame, about as much CPU as the rest of
-        # ingest. The connection itself stays aiomqtt's; its end is `_disconnected`.
-        mqtt.lean(client)
+        # Frames straight from paho (gateway.mqtt.lean): aiomqtt's message iterator costs
+        # a Message object, a queue item and a task per frame, about as much CPU as the
+        # rest of ingest. The connection itself stays aiomqtt's; its end is `_disconnected`.
         paho = client._client
         offer = self.offer
 
         def on_message(_client: Any, _userdata: Any, message: Any) -> None:
-            offer(message.topic, message.payload)
+            offer(message.topic, message.payload)  # what lean() leaves to paho (QoS 2)
 
         paho.on_message = on_message
+        mqtt.lean(client, received=offer)
         try:
             lost = client._disconnected
             await asyncio.wait((committer, lost), return_when=asyncio.FIRST_COMPLETED)

@@ -11,6 +11,10 @@ client (MQTT 3.1.1 only; anything else is left to paho):
 - For each PUBACK paho builds a ReasonCode and a Properties object (MQTT 5 fields that a
   3.1.1 PUBACK does not carry) and logs a debug line. The replacement reads the packet id
   and hands paho one shared, empty ReasonCode and Properties.
+- For each PUBLISH received paho builds a message object (with a lock and a condition
+  variable in it), runs a topic matcher and logs a debug line. With `received` given, a
+  QoS 0 or 1 PUBLISH goes straight to `received(topic, payload)`, and the PUBACK is queued
+  as paho queues it.
 - paho writes each queued packet with a `send` of its own: one TLS record and one system
   call per ACK and per PUBACK. The replacement writes the queued packets joined (up to
   WRITE_SIZE bytes) in one `send`. Packets whose completion paho acts on (a QoS 0 PUBLISH:
@@ -20,6 +24,7 @@ client (MQTT 3.1.1 only; anything else is left to paho):
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
@@ -29,6 +34,7 @@ from paho.mqtt.client import (
     MQTT_ERR_CONN_LOST,
     MQTT_ERR_SUCCESS,
     MQTT_LOG_ERR,
+    PUBACK,
     PUBLISH,
     MQTTv311,
 )
@@ -76,8 +82,9 @@ class BufferedSocket:
         return getattr(self._sock, name)
 
 
-def lean(client: aiomqtt.Client) -> None:
-    """Trim paho's per-packet costs on a connected MQTT 3.1.1 client (see the module)."""
+def lean(client: aiomqtt.Client, received: Callable[[str, bytes], None] | None = None) -> None:
+    """Trim paho's per-packet costs on a connected MQTT 3.1.1 client (see the module).
+    `received(topic, payload)`: where QoS 0 and 1 messages go instead of `on_message`."""
     paho = client._client
     if paho._protocol != MQTTv311 or paho._sock is None:
         return
@@ -97,6 +104,33 @@ def lean(client: aiomqtt.Client) -> None:
 
     paho._handle_pubackcomp = handle_pubackcomp  # type: ignore[method-assign]
     paho._packet_write = _joined_writer(paho)  # type: ignore[method-assign]
+    if received is not None:
+        paho._handle_publish = _direct_publish(paho, received)  # type: ignore[method-assign]
+
+
+def _direct_publish(paho: Any, received: Callable[[str, bytes], None]) -> Any:
+    """paho's `_handle_publish` for QoS 0 and 1 without the message object (see the module);
+    QoS 2, manual acknowledgement and anything malformed are left to paho."""
+    full = paho._handle_publish
+
+    def handle_publish() -> MQTTErrorCode:
+        qos = (paho._in_packet["command"] & 0x06) >> 1
+        packet = paho._in_packet["packet"]
+        size = len(packet)
+        end = 2 + (packet[0] << 8 | packet[1]) if size >= 2 else size + 1
+        if qos > 1 or paho._manual_ack or end == 2 or end + 2 * qos > size:
+            return full()  # type: ignore[no-any-return]
+        try:
+            topic = bytes(packet[2:end]).decode("utf-8")
+        except UnicodeDecodeError:
+            return full()  # type: ignore[no-any-return]
+        if not qos:
+            received(topic, bytes(packet[end:]))
+            return MQTT_ERR_SUCCESS
+        received(topic, bytes(packet[end + 2:]))
+        return paho._send_command_with_mid(PUBACK, packet[end] << 8 | packet[end + 1], False)  # type: ignore[no-any-return]
+
+    return handle_publish
 
 
 def _joined_writer(paho: Any) -> Any:
