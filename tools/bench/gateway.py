@@ -84,12 +84,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _cpu_s(pid: int | None) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
+def _cpu_s(pid: int | None, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process, or of one of its threads (Linux /proc)."""
     if pid is None:
         return 0.0
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -409,6 +410,9 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
         try:
             before, _ = progress.read()
             cpu_gw0, cpu_b0, cpu_u0 = _cpu_s(gw.pid), _cpu_s(broker.pid), _cpu_s(upstream.pid)
+            # The gateway's main thread runs the event loop (MQTT in and out, the relay's
+            # publishes); the rest is mostly the database writer thread.
+            cpu_loop0 = _cpu_s(gw.pid, gw.pid)
             want = before + expected_frames * READINGS_PER_BURST
 
             committed_at = [0.0]
@@ -443,6 +447,9 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
                 sent * READINGS_PER_BURST / (committed_at[0] - t0))
             fig["acks_at_nodes_before_disconnect"] = sum(g["acks"] for g in out)
             fig["gateway_cpu_s"] = round(_cpu_s(gw.pid) - cpu_gw0, 2)
+            loop_s = _cpu_s(gw.pid, gw.pid) - cpu_loop0
+            fig["gateway_cpu_us_per_frame"] = round(1e6 * fig["gateway_cpu_s"] / sent)
+            fig["gateway_loop_cpu_us_per_frame"] = round(1e6 * loop_s / sent)
             fig["broker_cpu_s"] = round(_cpu_s(broker.pid) - cpu_b0, 2)
             fig["upstream_broker_cpu_s"] = round(_cpu_s(upstream.pid) - cpu_u0, 2)
             fig["ingest_elapsed_s"] = round(elapsed, 2)
@@ -523,7 +530,8 @@ SECTIONS = (
     ("throughput (committed + relayed upstream)", (
         "ingest_readings_per_s", "ingest_frames_per_s", "bare_subscriber_frames_per_s",
         "ratio_to_bare", "commit_only_readings_per_s", "loadgen_frames_per_s",
-        "acks_at_nodes_before_disconnect", "gateway_cpu_s", "broker_cpu_s",
+        "acks_at_nodes_before_disconnect", "gateway_cpu_s", "gateway_cpu_us_per_frame",
+        "gateway_loop_cpu_us_per_frame", "broker_cpu_s",
         "upstream_broker_cpu_s", "ingest_elapsed_s")),
     ("latency at a fixed offered rate", (
         "latency_offered_readings_per_s", "latency_samples", "latency_p50_ms", "latency_p99_ms",
