@@ -128,8 +128,8 @@ class Wake:
                                    first_id=cfg.first_reading_id, resume=resume)
         self.ms_boot = _ms_since(self.t0)
         log.info(
-            "boot cause=%d safe=%d incomplete=%d depth=%d mv=%d",
-            self.cause, self.safe, st.boots_incomplete, self.q.depth, self.mv,
+            "boot cause=%d safe=%d incomplete=%d depth=%d mv=%d resumed=%d",
+            self.cause, self.safe, st.boots_incomplete, self.q.depth, self.mv, self.q.resumed,
         )
 
     # ---- sample --------------------------------------------------------------------

@@ -130,6 +130,7 @@ class FlashQueue:
     _aseg = None
     _seg_budget = -1
     _partial = False  # started from a snapshot: _segs holds only the newest ones
+    resumed = False  # this open started from a snapshot (stays True after _full)
     _omitted = 0  # segments older than _segs (partial mode)
     _oldest = _NO_TS  # timestamp of the oldest live record (partial mode)
     _raw = _NO_RAW  # (snapshot, offset, count): older segments not yet made _Seg (see _tail)
@@ -927,7 +928,7 @@ class FlashQueue:
         self._omitted = (data[30] | data[31] << 8) + ntail - 1
         self._raw = (data, _SNAP_SIZE, ntail - 1)
         self._segs = [last]
-        self._partial = True
+        self._partial = self.resumed = True
         return True
 
     def _tail(self):

@@ -266,8 +266,25 @@ def test_readings_arrive_in_order_and_the_queue_empties(tmp_path: Path, broker: 
             hellos = gw.devs["node-a"].hellos
             assert [h.queue_depth for h in hellos] == [3, 3]
             assert all(h.next_wake_s > 0 and h.device_class == proto.DeviceClass.SENSOR for h in hellos)
+            # The first boot (power-on) reads the flash queue; every wake from deep sleep
+            # after a completed wake resumes it from RTC memory, sending wakes included.
+            assert resumed(node) == [0, 1, 1, 1, 1, 1, 1]
+            # Power lost while asleep: RTC memory is gone, the queue is read from flash
+            # again, and nothing is lost or sent twice.
+            node.power_cycle()
+            summary = await node.run(3, wall_limit_s=60)
+            assert summary.kinds["sleep"] == 3, summary.as_dict()
+            assert resumed(node)[7:] == [0, 1, 1]
+            await asyncio.sleep(0.2)
+            assert received_in_order(gw, "node-a") == list(range(1, 10))
 
     asyncio.run(main())
+
+
+def resumed(node: SimNode) -> list[int]:
+    """Per boot: whether the app resumed its flash queue from RTC memory."""
+    text = (node.dir / "node.log").read_text()
+    return [int(m) for m in re.findall(r" boot cause=\d+ .* resumed=(\d)", text)]
 
 
 def test_commands_run_once_results_return_and_shadow_applies(tmp_path: Path, broker: RunningBroker) -> None:
