@@ -418,14 +418,10 @@ class Ingest:
     async def run(self, client: aiomqtt.Client) -> None:
         """Subscribe and ingest until cancelled; on cancel, commit and answer what was
         already received, wait for those publishes, then re-raise."""
-        await client.subscribe(topics.UP_ALL, qos=1)
-        log.info("ingesting %s", topics.UP_ALL)
-        writer = self.writer or db.Writer("ingest-db")
-        self._publishing.clear()  # a previous connection's publishes will never complete
-        committer = asyncio.create_task(self._commit_loop(client, writer), name="ingest-commit")
         # Frames straight from paho (gateway.mqtt.lean): aiomqtt's message iterator costs
         # a Message object, a queue item and a task per frame, about as much CPU as the
         # rest of ingest. The connection itself stays aiomqtt's; its end is `_disconnected`.
+        self._accepting = True  # again, after a previous connection's run
         paho = client._client
         offer = self.offer
 
@@ -434,7 +430,18 @@ class Ingest:
 
         paho.on_message = on_message
         mqtt.lean(client, received=offer)
+        # What paho read before the hooks above went to aiomqtt's queue: the persistent
+        # session's frames can come with the CONNACK.
+        while not client._queue.empty():
+            message = client._queue.get_nowait()
+            if isinstance(message.payload, bytes | bytearray):
+                offer(message.topic.value, bytes(message.payload))
+        writer = self.writer or db.Writer("ingest-db")
+        self._publishing.clear()  # a previous connection's publishes will never complete
+        committer = asyncio.create_task(self._commit_loop(client, writer), name="ingest-commit")
         try:
+            await client.subscribe(topics.UP_ALL, qos=1)
+            log.info("ingesting %s", topics.UP_ALL)
             lost = client._disconnected
             await asyncio.wait((committer, lost), return_when=asyncio.FIRST_COMPLETED)
             if not lost.done():

@@ -14,6 +14,7 @@ import pytest
 
 from gateway import db, deadletter, proto, readings, registry, topics
 from gateway.config import parse_config
+from gateway.ingest import Ingest
 from gateway.pki import Pki
 from gateway.service import Service
 from tests.fixtures.broker import RunningBroker, mqtt_client
@@ -224,3 +225,42 @@ async def test_many_devices_concurrently(broker: RunningBroker, tmp_path: Path) 
     conn = db.open_db(cfg.db_path)
     assert readings.count_rows(conn) == 6 * 20 * 64
     assert aiomqtt  # the client library under test
+
+
+@aio
+async def test_frames_queued_while_the_gateway_was_away_are_all_stored(
+        broker: RunningBroker, tmp_path: Path) -> None:
+    # The gateway's persistent session keeps them in the broker, which sends them right
+    # with the CONNACK of the next connection, before ingest has subscribed.
+    pki = provision(broker, tmp_path, "n1")
+    cfg = gateway_config(broker, tmp_path, rate_limit_frames_per_min=10_000)
+    async with running(cfg):
+        pass
+    async with Node(broker, pki, "n1") as node:
+        for k in range(40):
+            await node.send(burst(1 + 64 * k))
+        async with running(cfg):
+            acks = [await node.recv() for _ in range(40)]
+    assert max(a.cumulative for a in acks) == 40 * 64
+    conn = db.open_db(cfg.db_path)
+    assert readings.count_rows(conn, "n1") == 40 * 64
+
+
+@aio
+async def test_ingest_serves_again_on_its_next_connection(broker: RunningBroker, tmp_path: Path) -> None:
+    # The service runs the same Ingest again after a lost connection.
+    pki = provision(broker, tmp_path, "n1")
+    cfg = gateway_config(broker, tmp_path)
+    conn = db.open_db(cfg.db_path)
+    ingest = Ingest(conn, cfg.ingest)
+    async with Node(broker, pki, "n1") as node:
+        for k in range(2):
+            async with mqtt_client(broker, identifier=f"gw-{k}") as client:
+                run = asyncio.create_task(ingest.run(client))
+                await asyncio.sleep(0.2)  # the subscription
+                await node.send(burst(1 + 64 * k))
+                assert (await node.recv()).cumulative == 64 * (k + 1)
+                run.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await run
+    assert readings.count_rows(conn, "n1") == 128
