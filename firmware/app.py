@@ -13,11 +13,11 @@ import config
 import flashq
 import log
 import ota
-import proto
 import state
+import wire
 from micropython import const
 
-RECORD_SIZE = proto.RECORD_SIZE_ENV3
+RECORD_SIZE = wire.RECORD_SIZE_ENV3
 _SLOT = const(16)  # flash queue slot: [id u32][prio u8][check u8][record 10 bytes]
 _CHUNK_SLOTS = const(16)
 MAX_READINGS = const(255)  # a BURST series holds at most 255 readings
@@ -164,7 +164,7 @@ class Wake:
         hum = max(0, min(65535, hum))
         ts = self.slot(self.now)
         rec = bytearray(RECORD_SIZE)
-        struct.pack_into(proto.RECORD_ENV3, rec, 0, ts, temp, hum, min(self.mv, 65535))
+        struct.pack_into(wire.RECORD_ENV3, rec, 0, ts, temp, hum, min(self.mv, 65535))
         self.alarm = bool(cfg.priority_alarm) and (
             temp > cfg.temp_high or temp < cfg.temp_low or (hum != 0xFFFF and hum > cfg.humidity_high)
         )
@@ -203,6 +203,7 @@ class Wake:
         a = gc.mem_alloc()
         import commands  # only wakes that send pay for these imports
         import mqtt
+        import proto  # noqa: F401 - the codec, for the methods below
 
         self.import_alloc = gc.mem_alloc() - a
         self.effects = commands.Effects()
@@ -210,7 +211,7 @@ class Wake:
         st = self.st
         t1 = time.ticks_ms()
         budget = mqtt.deadline(cfg.awake_budget_ms)
-        size = proto.CLASS_LIMITS[cfg.device_class][0]
+        size = wire.CLASS_LIMITS[cfg.device_class][0]
         self.frame = frame = bytearray(size)
         self.fmv = memoryview(frame)
         self.recs = bytearray(MAX_READINGS * RECORD_SIZE)
@@ -281,6 +282,8 @@ class Wake:
             log.info("retry after %d s (failures=%d)", st.next_try - self.now, st.fails)
 
     def _publish_hello(self, client, budget):
+        import proto  # loaded by send()
+
         cfg = self.cfg
         st = self.st
         ota_state, ota_reason = ota.hello_state()
@@ -326,6 +329,8 @@ class Wake:
         return first, count
 
     def _publish_bursts(self, client, budget):
+        import proto  # loaded by send()
+
         after = 0
         for _ in range(MAX_BURSTS):
             first, count = self._fill(after)
@@ -381,6 +386,8 @@ class Wake:
             self._on_down(client, m)
 
     def _on_down(self, client, payload):
+        import proto  # loaded by send()
+
         # payload is a view into the client's receive buffer. OTA frames are rare and
         # large, and their fields go to the slot code: they get a copy of their own.
         if len(payload) > 1 and payload[1] in (proto.OTA_MANIFEST, proto.OTA_CHUNK):

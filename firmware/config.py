@@ -4,7 +4,7 @@
 import json
 import os
 
-import proto
+import wire
 
 CONFIG_FILE = "config.json"
 APPLIED_FILE = "applied.json"
@@ -13,7 +13,7 @@ APPLIED_FILE = "applied.json"
 # Ranges keep a typo from turning into a node that never wakes or never sleeps.
 SPEC = {
     "device_id": (None, "s", 1, 64),
-    "device_class": (proto.DEVICE_CLASS_SENSOR, "i", 0, 4),
+    "device_class": (wire.DEVICE_CLASS_SENSOR, "i", 0, 4),
     "broker_host": (None, "s", 1, 253),
     "broker_port": (8883, "i", 1, 65535),
     "server_hostname": ("", "s", 0, 253),
@@ -46,16 +46,16 @@ SPEC = {
 
 # Wire config_key -> name: the keys the gateway may set remotely.
 KEYS = {
-    proto.CONFIG_KEY_SAMPLE_INTERVAL_S: "sample_interval_s",
-    proto.CONFIG_KEY_SEND_EVERY: "send_every",
-    proto.CONFIG_KEY_SEND_MAX_AGE_S: "send_max_age_s",
-    proto.CONFIG_KEY_TEMP_HIGH: "temp_high",
-    proto.CONFIG_KEY_TEMP_LOW: "temp_low",
-    proto.CONFIG_KEY_HUMIDITY_HIGH: "humidity_high",
-    proto.CONFIG_KEY_AWAKE_WINDOW_MS: "awake_window_ms",
-    proto.CONFIG_KEY_LOW_BATTERY_MV: "low_battery_mv",
-    proto.CONFIG_KEY_ALIGN_S: "align_s",
-    proto.CONFIG_KEY_PRIORITY_ALARM: "priority_alarm",
+    wire.CONFIG_KEY_SAMPLE_INTERVAL_S: "sample_interval_s",
+    wire.CONFIG_KEY_SEND_EVERY: "send_every",
+    wire.CONFIG_KEY_SEND_MAX_AGE_S: "send_max_age_s",
+    wire.CONFIG_KEY_TEMP_HIGH: "temp_high",
+    wire.CONFIG_KEY_TEMP_LOW: "temp_low",
+    wire.CONFIG_KEY_HUMIDITY_HIGH: "humidity_high",
+    wire.CONFIG_KEY_AWAKE_WINDOW_MS: "awake_window_ms",
+    wire.CONFIG_KEY_LOW_BATTERY_MV: "low_battery_mv",
+    wire.CONFIG_KEY_ALIGN_S: "align_s",
+    wire.CONFIG_KEY_PRIORITY_ALARM: "priority_alarm",
 }
 
 

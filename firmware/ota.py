@@ -9,7 +9,6 @@ import os
 import struct
 import time
 
-import proto
 import slots
 from micropython import const
 
@@ -119,6 +118,8 @@ def on_ack():
     """The gateway acknowledged this wake's HELLO. A trial image has reached it: keep it.
     An outcome the HELLO carried (confirmed, reverted) is now on record there: clear it."""
     global _acked
+    import proto  # the codec: only a wake that sends gets here
+
     if _acked:
         return
     _acked = True
@@ -134,6 +135,8 @@ def on_ack():
 def on_frame(ftype, f, w):
     """OTA_MANIFEST or OTA_CHUNK from the gateway; w is the app's Wake (battery, budget,
     effects). Never raises for a bad frame: the outcome goes into the next OTA_STATUS."""
+    import proto  # the codec: only a wake that sends gets here
+
     try:
         if ftype == proto.OTA_MANIFEST:
             _manifest(f, w)
@@ -147,6 +150,8 @@ def on_frame(ftype, f, w):
 
 def _refused(version, reason, detail):
     # Nothing of a refused image stays: the next manifest starts clean.
+    import proto  # the codec: only a wake that sends gets here
+
     _drop_staging()
     state = proto.OTA_STATE_REFUSED
     if reason == proto.OTA_REASON_BAD_HASH or reason == proto.OTA_REASON_MISSING_FILE:
@@ -160,6 +165,8 @@ def _low_battery(w):
 
 def _manifest(f, w):
     global _hdr, _begun, _n
+    import proto  # the codec: only a wake that sends gets here
+
     v = f[proto.OTA_MANIFEST_VERSION]
     cs = f[proto.OTA_MANIFEST_CHUNK_SIZE]
     man = f[proto.OTA_MANIFEST_MANIFEST]
@@ -222,10 +229,14 @@ def _next_index():
 
 
 def _progress(v):
+    import proto  # the codec: only a wake that sends gets here
+
     _set_report(v, proto.OTA_STATE_DOWNLOADING, _next_index())
 
 
 def _chunk(f, w):
+    import proto  # the codec: only a wake that sends gets here
+
     v = f[proto.OTA_CHUNK_VERSION]
     i = f[proto.OTA_CHUNK_INDEX]
     data = f[proto.OTA_CHUNK_DATA]
@@ -260,6 +271,8 @@ def _chunk(f, w):
 
 def _prefix_chunk(h, i, data, v):
     global _begun
+    import proto  # the codec: only a wake that sends gets here
+
     cs = h["cs"]
     have = _prefix_len()
     if i * cs != have:
@@ -289,6 +302,8 @@ def _prefix_chunk(h, i, data, v):
 def after_window(client, w):
     """Publish this wake's OTA_STATUS, if any (after the window, once)."""
     global _report
+    import proto  # the codec: only a wake that sends gets here
+
     r = _report
     if r is None:
         return

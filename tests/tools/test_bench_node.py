@@ -59,10 +59,10 @@ def test_bench_node_json_at_tiny_scale() -> None:
         a = fig["alloc_bytes_per_wake"][mode]
         assert 0 < a["sampling_wake"] < a["sending_wake"]
         assert 0 < a["sending_wake_tls_handshake"] < a["sending_wake"]
-        assert a["sending_wake_import_mqtt"] > 0
+        assert a["sending_wake_code_loading"] > 0
     # Loading precompiled bytecode allocates less than compiling the source on the node.
     alloc = fig["alloc_bytes_per_wake"]
-    assert alloc["mpy"]["sending_wake_import_mqtt"] < alloc["source"]["sending_wake_import_mqtt"]
+    assert alloc["mpy"]["sending_wake_code_loading"] < alloc["source"]["sending_wake_code_loading"]
     assert fig["flash_bytes_per_reading"] > 0
     assert fig["tls_connections_per_send"] == 1
     # The dead network costs about the budget (a loaded CI host may add a little).

@@ -6,9 +6,9 @@ mode) and sim nodes running the real firmware on the MicroPython unix port. A no
 reading every wake and sends a BURST of `--burst` readings every `--burst` wakes. The
 firmware's own counters give the figures: the "T" line (phase times, bytes at the TCP
 socket below TLS, the connect and burst bytes), the "M" line (bytes allocated during the
-wake, with the TLS handshake and the import of mqtt apart, and the whole boot from the
-bootloader's first line) and the sim board's "F" line (bytes programmed to the littlefs
-block device). Mosquitto's log counts TLS connections.
+wake, with the TLS handshake and the code only a sending wake loads apart, and the whole
+boot from the bootloader's first line) and the sim board's "F" line (bytes programmed to
+the littlefs block device). Mosquitto's log counts TLS connections.
 
 The node runs twice: from source (the app's .py files, compiled on the node), and as a
 provisioned board runs, a signed image of precompiled modules in a slot started by the
@@ -286,7 +286,8 @@ def _alloc(wakes: list[Wake]) -> dict[str, Any]:
         "sampling_wake": _median([m["alloc"] for m in sampling]),
         "sending_wake": _median([m["alloc"] for m in sending]),
         "sending_wake_tls_handshake": _median([m["tls"] for m in sending]),
-        "sending_wake_import_mqtt": _median([m["import"] for m in sending]),
+        # Modules only a sending wake loads: mqtt, commands and the proto codec.
+        "sending_wake_code_loading": _median([m["import"] for m in sending]),
         "sending_wake_without_tls": _median([m["alloc"] - m["tls"] for m in sending]),
         # The wake's own allocations: without the handshake and without loading mqtt's code.
         "sending_wake_app": _median([m["app"] for m in sending]),

@@ -275,6 +275,53 @@ def _default(f: Field) -> str:
     return repr(f.default)
 
 
+# Enums the node needs before it sends (configuration), in firmware/wire.py.
+WIRE_ENUMS = ("device_class", "config_key")
+
+
+def _enums(w: Lines, spec: Spec, names: tuple[str, ...] | None, tables: bool) -> None:
+    for e in spec.enums:
+        if names is not None and e.name not in names:
+            continue
+        w(f"# enum {e.name}")
+        for k, v in e.values:
+            w(f"{_c(e.name)}_{_c(k)} = const({v})")
+        if tables:
+            w(f"_E_{_c(e.name)} = ({', '.join(str(v) for _, v in e.values)},)")
+
+
+def _limits_and_records(w: Lines, spec: Spec) -> None:
+    w("# device class id -> (max_message, max_queue, max_downlink, wake_interval_s, heartbeat_s,")
+    w("#                     budget_bytes_per_min, power_managed)")
+    w("CLASS_LIMITS = {")
+    for c in spec.classes:
+        w(f"    {c.id}: ({c.max_message}, {c.max_queue}, {c.max_downlink}, {c.wake_interval_s}, "
+          f"{c.heartbeat_s}, {c.budget_bytes_per_min}, {c.power_managed}),")
+    w("}")
+    w()
+    w("# sensor schemas: a reading in the flash queue is RECORD_<SCHEMA> (u32 time, then values)")
+    for s in spec.schemas:
+        w(f"SCHEMA_{_c(s.name)} = const({s.id})")
+        w(f"RECORD_{_c(s.name)} = {s.record_fmt!r}")
+        w(f"RECORD_SIZE_{_c(s.name)} = const({s.record_size})")
+
+
+def generate_wire(spec: Spec) -> str:
+    """firmware/wire.py: what a wake needs of the protocol before it sends (record layouts,
+    class limits, configuration enums), without the codec: proto.py costs about 30 kB of
+    heap when imported, and most wakes only sample."""
+    w = Lines()
+    w("# Torpor wire protocol constants a node needs before it sends (MicroPython firmware).")
+    w(f"# Generated from {SPEC_REL} by `torpor proto gen`: generated, do not edit.")
+    w("# The same values as in proto.py, which a wake imports only when it sends.")
+    w("from micropython import const")
+    w()
+    _enums(w, spec, WIRE_ENUMS, tables=False)
+    w()
+    _limits_and_records(w, spec)
+    return "\n".join(w.lines) + "\n"
+
+
 def generate(spec: Spec) -> str:
     w = Lines()
     w("# Torpor wire protocol codec for MicroPython (the firmware).")
@@ -295,25 +342,9 @@ def generate(spec: Spec) -> str:
         w(f"{fr.name} = const({fr.id})")
         w(f"MAX_{fr.name} = const({spec.max_frame_size(fr)})")
     w()
-    for e in spec.enums:
-        w(f"# enum {e.name}")
-        for k, v in e.values:
-            w(f"{_c(e.name)}_{_c(k)} = const({v})")
-        w(f"_E_{_c(e.name)} = ({', '.join(str(v) for _, v in e.values)},)")
+    _enums(w, spec, None, tables=True)
     w()
-    w("# device class id -> (max_message, max_queue, max_downlink, wake_interval_s, heartbeat_s,")
-    w("#                     budget_bytes_per_min, power_managed)")
-    w("CLASS_LIMITS = {")
-    for c in spec.classes:
-        w(f"    {c.id}: ({c.max_message}, {c.max_queue}, {c.max_downlink}, {c.wake_interval_s}, "
-          f"{c.heartbeat_s}, {c.budget_bytes_per_min}, {c.power_managed}),")
-    w("}")
-    w()
-    w("# sensor schemas: a reading in the flash queue is RECORD_<SCHEMA> (u32 time, then values)")
-    for s in spec.schemas:
-        w(f"SCHEMA_{_c(s.name)} = const({s.id})")
-        w(f"RECORD_{_c(s.name)} = {s.record_fmt!r}")
-        w(f"RECORD_SIZE_{_c(s.name)} = const({s.record_size})")
+    _limits_and_records(w, spec)
     w("# schema id -> (record size, (offset, width, signed) per value)")
     w("_SCHEMA_COLS = {")
     for s in spec.schemas:

@@ -10,6 +10,7 @@ from tools.proto.spec import ROOT, Spec, load
 
 TARGETS: dict[str, Callable[[Spec], str]] = {
     "firmware/proto.py": gen_micropython.generate,
+    "firmware/wire.py": gen_micropython.generate_wire,
     "gateway/proto.py": gen_python.generate,
     "docs/protocol.md": gen_docs.generate,
 }
