@@ -214,7 +214,9 @@ class Wake:
         size = wire.CLASS_LIMITS[cfg.device_class][0]
         self.frame = frame = bytearray(size)
         self.fmv = memoryview(frame)
-        self.recs = bytearray(MAX_READINGS * RECORD_SIZE)
+        # Room for what is queued now (a burst holds at most MAX_READINGS): 64 readings
+        # take 640 bytes, not the 2.5 kB of a full series.
+        self.recs = bytearray(max(1, min(self.q.depth, MAX_READINGS)) * RECORD_SIZE)
         self.slots = bytearray(_CHUNK_SLOTS * _SLOT)
         topics = bytearray(_TOPICS_SIZE)
         dev = memoryview(cfg.device_id)
@@ -308,7 +310,8 @@ class Wake:
         first = 0
         count = 0
         cur = after
-        while count < MAX_READINGS:
+        room = len(recs) // RECORD_SIZE
+        while count < room:
             k = q.read_into(slots, cur)
             if k == 0:
                 break
@@ -323,7 +326,7 @@ class Wake:
                 for b in range(RECORD_SIZE):
                     recs[d + b] = slots[o + 6 + b]
                 count += 1
-                if count >= MAX_READINGS:
+                if count >= room:
                     break
             cur = first + count - 1
         return first, count
