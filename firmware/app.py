@@ -310,7 +310,7 @@ class Wake:
         first = 0
         count = 0
         cur = after
-        room = len(recs) // RECORD_SIZE
+        room = len(recs) // RECORD_SIZE if recs is not None else 0
         while count < room:
             k = q.read_into(slots, cur)
             if k == 0:
