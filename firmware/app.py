@@ -190,7 +190,7 @@ class Wake:
             return None
         if st.pending_hint:
             return "hint"
-        if st.results:
+        if st.has_results():
             return "results"
         if self.q.depth >= cfg.send_every:
             return "count"

@@ -19,6 +19,7 @@ _RESULT_MAX = const(104)  # a COMMAND_RESULT frame is at most 103 bytes
 # flash queue's reading ids (which start at 1 and grow by one per reading).
 MSG_ID_BASE = const(0x80000000)
 _MSG_BLOCK = const(64)
+_HINT_SET = const(0x80)  # RTC byte 17: pending results count is valid
 
 
 class State:
@@ -36,18 +37,38 @@ class State:
     # What the last save_rtc() stored after the fields (the flash queue's resume record);
     # valid only when the wake that wrote it completed (boots_incomplete == 0 at load).
     rtc_extra = None
-    # flash fields
+    # flash fields, read from state.bin on first use (see _flash)
     _msg_hw = MSG_ID_BASE
     _msg_next = MSG_ID_BASE
+    _executed = None
+    _results = None
+    # Pending results as the last completed wake left them (RTC; -1: unknown). With it a
+    # wake that neither sends nor runs commands never reads state.bin.
+    _hint = -1
 
     def __init__(self, board, root):
         self._board = board
         self._path = root.rstrip("/") + "/state.bin"
         self._rtc = bytearray(_RTC_SIZE)  # reused by every save_rtc()
-        self.executed = []
-        self.results = []
         self._load_rtc()
-        self._load_flash()
+        if self._hint < 0:
+            self._flash()
+
+    @property
+    def executed(self):
+        self._flash()
+        return self._executed
+
+    @property
+    def results(self):
+        self._flash()
+        return self._results
+
+    def has_results(self):
+        """Whether COMMAND_RESULT frames wait for delivery (state.bin read only if needed)."""
+        if self._results is None and self._hint >= 0:
+            return self._hint > 0
+        return bool(self.results)
 
     # ---- RTC memory ----
     def _load_rtc(self):
@@ -62,6 +83,10 @@ class State:
         self.pending_hint = raw[12]
         self.last_wake = _u32(raw, 13)
         self.rtc_valid = True
+        # The results count is trusted only from a wake that completed: every change to
+        # state.bin in it came before its last save_rtc().
+        if raw[17] & _HINT_SET and self.boots_incomplete == 0:
+            self._hint = raw[17] & 0x7F
         if len(raw) > _RTC_SIZE:
             self.rtc_extra = memoryview(raw)[_RTC_SIZE:]
 
@@ -72,7 +97,7 @@ class State:
             _RTC_FMT, buf, 0, _RTC_MAGIC, min(self.boots_incomplete, 255),
             min(self.boots_without_send, 65535), min(self.fails, 255),
             self.next_try & 0xFFFFFFFF, min(self.pending_hint, 255),
-            self.last_wake & 0xFFFFFFFF, 0,
+            self.last_wake & 0xFFFFFFFF, self._results_hint(),
         )
         if extra is not None:
             out = bytearray(_RTC_SIZE + len(extra))
@@ -81,7 +106,18 @@ class State:
             buf = out
         self._board.rtc_memory_write(buf)
 
+    def _results_hint(self):
+        if self._results is not None:
+            return _HINT_SET | min(len(self._results), 0x7F)
+        return _HINT_SET | self._hint if self._hint >= 0 else 0
+
     # ---- flash file ----
+    def _flash(self):
+        if self._results is None:
+            self._executed = []
+            self._results = []
+            self._load_flash()
+
     def _load_flash(self):
         try:
             with open(self._path, "rb") as f:
@@ -99,11 +135,11 @@ class State:
         nr = data[9]
         off = 10
         for _ in range(ne):
-            self.executed.append(struct.unpack_from("<I", data, off)[0])
+            self._executed.append(struct.unpack_from("<I", data, off)[0])
             off += 4
         for _ in range(nr):
             ln = data[off]
-            self.results.append(bytes(data[off + 1 : off + 1 + ln]))
+            self._results.append(bytes(data[off + 1 : off + 1 + ln]))
             off += 1 + ln
 
     def save(self):
@@ -129,6 +165,7 @@ class State:
     # ---- message ids of non-reading frames ----
     def msg_id(self):
         # Ids are reserved in blocks on flash before use, so a power cut never reuses one.
+        self._flash()
         if self._msg_next >= self._msg_hw:
             self._msg_hw = self._msg_next + _MSG_BLOCK
             if self._msg_hw > 0xFFFFFFFF:

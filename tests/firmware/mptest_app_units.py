@@ -93,6 +93,35 @@ def test_state_rtc_and_flash_round_trip():
     mpunit.eq(state.State(sim, sim.FS_ROOT).results, [])
 
 
+def test_state_reads_state_bin_only_when_a_completed_wake_left_no_count():
+    _node(_cfg())
+    st = state.State(sim, sim.FS_ROOT)
+    st.record_result(5, b"\x10\x05r1")
+    st.boots_incomplete = 0
+    st.save_rtc()  # a completed wake: one result pending
+    st2 = state.State(sim, sim.FS_ROOT)
+    mpunit.eq((st2._results, st2.has_results()), (None, True))  # from RTC, no file read
+    mpunit.eq(st2.results, [b"\x10\x05r1"])  # read when needed
+    st2.results_delivered(1)
+    st2.save_rtc()
+    st3 = state.State(sim, sim.FS_ROOT)
+    mpunit.eq((st3._results, st3.has_results()), (None, False))
+    # A wake that did not complete may have changed state.bin after its RTC write: the
+    # count is not trusted and the file is read.
+    st3.boots_incomplete = 1
+    st3.record_result(6, b"\x10\x05r2")  # state.bin changes, RTC still says none pending
+    st3.save_rtc()
+    st4 = state.State(sim, sim.FS_ROOT)
+    mpunit.eq((st4._results is not None, st4.has_results()), (True, True))
+    # msg_id() reads the file too: ids stay reserved across wakes.
+    first = st4.msg_id()
+    st4.boots_incomplete = 0
+    st4.save_rtc()
+    st5 = state.State(sim, sim.FS_ROOT)
+    mpunit.eq(st5._results, None)
+    mpunit.eq(st5.msg_id() > first, True)
+
+
 def test_commands_are_idempotent_by_id():
     _node(_cfg())
     c = config.Config(sim.FS_ROOT)
