@@ -29,6 +29,7 @@ PENDING_WAKE_S = const(30)  # sleep at most this long when the gateway has more 
 BACKOFF_BASE_S = const(30)
 BACKOFF_MAX_S = const(3600)
 CONFIG_ERROR_SLEEP_S = const(3600)
+WRAP_UP_MS = const(100)  # of the awake budget: closing the session, the report, sleep
 _TOPIC_SLACK = const(96)  # MQTT header + topic on top of the frame
 
 STOP = const(1)
@@ -210,7 +211,9 @@ class Wake:
         cfg = self.cfg
         st = self.st
         t1 = time.ticks_ms()
-        budget = mqtt.deadline(cfg.awake_budget_ms)
+        # The budget counts from the wake's start, and keeps WRAP_UP_MS for closing the
+        # session, the report and going to sleep: a dead network costs the budget, no more.
+        budget = time.ticks_add(self.t0, max(0, cfg.awake_budget_ms - WRAP_UP_MS))
         size = wire.CLASS_LIMITS[cfg.device_class][0]
         self.frame = frame = bytearray(size)
         self.fmv = memoryview(frame)
@@ -227,7 +230,7 @@ class Wake:
         self.session_ok = False
         self.hint = 0
         try:
-            if not board.radio_up(cfg.wifi_ssid, cfg.wifi_password, cfg.awake_budget_ms):
+            if not board.radio_up(cfg.wifi_ssid, cfg.wifi_password, max(0, time.ticks_diff(budget, t1))):
                 raise OSError("radio did not come up")
             ctx = mqtt.make_tls_context(cfg.read_file("cert"), cfg.read_file("key"), cfg.read_file("ca"))
             client = mqtt.MQTTClient(

@@ -394,7 +394,7 @@ def figures(modes: dict[str, list[Wake]], dead: list[Wake], conns: dict[str, int
         "dead_network_awake_ms": d.t.get("total", 0),
         "dead_network_budget_ms": DEAD_BUDGET_MS,
         "dead_network_alloc_bytes": d.m.get("alloc", 0),
-        "dead_network_within_budget": bool(d.t) and d.t.get("total", 0) <= DEAD_BUDGET_MS + 100,
+        "dead_network_within_budget": bool(d.t) and d.t.get("total", 0) <= DEAD_BUDGET_MS,
     }
     fig["handshake"] = {
         "bytes": conn,
