@@ -204,7 +204,7 @@ class Wake:
         a = gc.mem_alloc()
         import commands  # only wakes that send pay for these imports
         import mqtt
-        import proto  # noqa: F401 - the codec, for the methods below
+        import proto  # noqa: F401 - the codec: loaded here so that import= counts it
 
         self.import_alloc = gc.mem_alloc() - a
         self.effects = commands.Effects()

@@ -12,8 +12,10 @@ import datetime as dt
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,18 @@ def _config(args: argparse.Namespace) -> gwconfig.GatewayConfig:
 def _open(args: argparse.Namespace) -> Any:
     cfg = _config(args)
     return cfg, db.open_db(cfg.db_path)
+
+
+def run_with_db(args: argparse.Namespace, body: Callable[[sqlite3.Connection], int]) -> int:
+    """body(conn) on the configured gateway database; a GatewayError becomes exit code 2."""
+    try:
+        _cfg, conn = _open(args)
+        try:
+            return int(body(conn))
+        finally:
+            conn.close()
+    except GatewayError as exc:
+        return _fail(str(exc))
 
 
 def _when(t: float | None) -> str:

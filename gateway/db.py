@@ -108,6 +108,16 @@ def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator
     conn.execute("COMMIT")
 
 
+@contextmanager
+def atomic(conn: sqlite3.Connection) -> Iterator[None]:
+    """A transaction of its own, or a part of the caller's when one is open."""
+    if conn.in_transaction:
+        yield
+    else:
+        with transaction(conn):
+            yield
+
+
 class Writer:
     """The one thread that writes the database in a gateway process.
 

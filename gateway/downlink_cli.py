@@ -15,7 +15,6 @@ from typing import Any
 
 from gateway import downlink, proto
 from gateway import queue as q
-from gateway.errors import GatewayError
 
 _TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -68,16 +67,9 @@ def register(dsub: Any, config_arg: Any) -> None:
 
 
 def _run(args: argparse.Namespace, body: Any) -> int:
-    from gateway.cli import _fail, _open
+    from gateway.cli import run_with_db  # imported here: gateway.cli imports this module
 
-    try:
-        _cfg, conn = _open(args)
-        try:
-            return int(body(conn))
-        finally:
-            conn.close()
-    except GatewayError as exc:
-        return _fail(str(exc))
+    return run_with_db(args, body)
 
 
 def _send(args: argparse.Namespace) -> int:

@@ -18,8 +18,7 @@ import math
 import sqlite3
 import struct
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,7 +180,7 @@ def import_image(conn: sqlite3.Connection, image_dir: Path, *, public_key: bytes
     digest = hashlib.sha256(manifest + sig).hexdigest()
     row = conn.execute("SELECT id FROM ota_images WHERE sha256=?", (digest,)).fetchone()
     if row is None:
-        with _atomic(conn):
+        with db.atomic(conn):
             cur = conn.execute(
                 "INSERT INTO ota_images(version, board, display, key_id, manifest, signature, "
                 "stream, sha256, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -256,16 +255,6 @@ def _chunk_frame(img: Image, plan: Plan, index: int) -> bytes:
 
 
 # ---------------------------------------------------------------- helpers
-@contextmanager
-def _atomic(conn: sqlite3.Connection) -> Iterator[None]:
-    """A transaction of its own, or a part of the caller's."""
-    if conn.in_transaction:
-        yield
-    else:
-        with db.transaction(conn):
-            yield
-
-
 def _limits(conn: sqlite3.Connection, device: str) -> proto.ClassLimits:
     row = conn.execute("SELECT class FROM devices WHERE id=?", (device,)).fetchone()
     if row is None:
@@ -357,7 +346,7 @@ def create_campaign(
     for d in overrides:
         if d not in devs:
             raise OtaError(f"image override for {d!r}, which is not in the campaign")
-    with _atomic(conn):
+    with db.atomic(conn):
         img = get_image(conn, image_id)
         for d in devs:
             row = conn.execute("SELECT status FROM devices WHERE id=?", (d,)).fetchone()
@@ -451,7 +440,7 @@ def _advance(conn: sqlite3.Connection, cid: int, now: float) -> None:
 def sweep(conn: sqlite3.Connection, now: float | None = None) -> None:
     """Timeouts and widening of every running campaign."""
     now = time.time() if now is None else now
-    with _atomic(conn):
+    with db.atomic(conn):
         for (cid,) in conn.execute("SELECT id FROM ota_campaigns WHERE status=?",
                                    (RUNNING,)).fetchall():
             _advance(conn, int(cid), now)
@@ -461,7 +450,7 @@ def cancel_campaign(conn: sqlite3.Connection, cid: int, *, now: float | None = N
     """Stop a campaign: pending OTA items leave the queues. A node already on trial keeps
     its outcome (its bootloader decides), which is still recorded."""
     now = time.time() if now is None else now
-    with _atomic(conn):
+    with db.atomic(conn):
         c = get_campaign(conn, cid)
         if c.status != RUNNING:
             raise OtaError(f"campaign {cid} is already {c.status}")

@@ -11,12 +11,10 @@ import fnmatch
 import json
 import re
 import sqlite3
-import sys
 from pathlib import Path
 from typing import Any
 
 from gateway import ota, proto
-from gateway.errors import GatewayError
 
 _RATE = re.compile(r"^(\d+)(%?)$")
 _SPAN = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -133,22 +131,10 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_demo)
 
 
-def _fail(msg: str) -> int:
-    print(f"torpor: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _run(args: argparse.Namespace, body: Any) -> int:
-    from gateway.cli import _open
+    from gateway.cli import run_with_db  # imported here: gateway.cli imports this module
 
-    try:
-        _cfg, conn = _open(args)
-        try:
-            return int(body(conn))
-        finally:
-            conn.close()
-    except GatewayError as exc:
-        return _fail(str(exc))
+    return run_with_db(args, body)
 
 
 def _create(args: argparse.Namespace) -> int:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,16 +186,6 @@ def migrate(conn: sqlite3.Connection) -> None:
     db.apply(conn, STORE, _STEPS)
 
 
-@contextmanager
-def _atomic(conn: sqlite3.Connection) -> Iterator[None]:
-    """A transaction of its own, or a part of the caller's."""
-    if conn.in_transaction:
-        yield
-    else:
-        with db.transaction(conn):
-            yield
-
-
 # ---------------------------------------------------------------- validation
 def _device(conn: sqlite3.Connection, device: str) -> proto.ClassLimits:
     row = conn.execute("SELECT class, status FROM devices WHERE id=?", (device,)).fetchone()
@@ -310,7 +299,7 @@ def enqueue_command(
     if len(data) > MAX_DATA:
         raise QueueError(f"{len(data)} bytes of data: a command carries at most {MAX_DATA}")
     _check_common(priority, ttl_s)
-    with _atomic(conn):
+    with db.atomic(conn):
         limits = _device(conn, device)
         size = len(proto.encode_command(proto.Command(0, 0, cop, args, priority, 0, data)))
         if size > limits.max_message:
@@ -336,7 +325,7 @@ def enqueue_frame(
     if len(payload) < proto.HEADER_SIZE or payload[1] != kind:
         raise QueueError(f"the payload is not an encoded frame of type {kind}")
     _check_common(priority, ttl_s)
-    with _atomic(conn):
+    with db.atomic(conn):
         limits = _device(conn, device)
         if len(payload) > limits.max_message:
             raise QueueError(f"the frame is {len(payload)} bytes; {device} accepts at most "
@@ -359,7 +348,7 @@ def set_config(
     entries = {parse_key(k): _check_i32(f"value of {parse_key(k).name.lower()}", v)
                for k, v in values.items()}
     _check_common(priority, ttl_s)
-    with _atomic(conn):
+    with db.atomic(conn):
         limits = _device(conn, device)
         _, last = _node(conn, device, now)
         reported = conn.execute("SELECT config_version FROM devices WHERE id=?",
@@ -396,7 +385,7 @@ def cancel(conn: sqlite3.Connection, device: str, command_id: int,
            *, now: float | None = None) -> Item:
     """Withdraw a queued or sent item (a node that already got it may still run it)."""
     now = time.time() if now is None else now
-    with _atomic(conn):
+    with db.atomic(conn):
         it = get(conn, device, command_id)
         if it.status not in ACTIVE:
             raise QueueError(f"item {command_id} of {device} is already {it.status}")
@@ -456,7 +445,7 @@ def shadow_entries(conn: sqlite3.Connection, device: str) -> tuple[proto.ConfigE
 # ---------------------------------------------------------------- delivery side
 def expire(conn: sqlite3.Connection, now: float, device: str | None = None) -> int:
     """Mark items past their TTL expired; returns how many."""
-    with _atomic(conn):
+    with db.atomic(conn):
         if device is None:
             cur = conn.execute(
                 "UPDATE downlink_items SET status=?, retired_at=? WHERE status IN "
@@ -549,7 +538,7 @@ def enqueue_fleet(
         raise QueueError(f"{len(args)} arguments: a command carries at most {MAX_ARGS}")
     _check_common(priority, ttl_s)
     devs = list(dict.fromkeys(devices))
-    with _atomic(conn):
+    with db.atomic(conn):
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS fleet_batch (device TEXT PRIMARY KEY)")
         conn.execute("DELETE FROM fleet_batch")
         conn.executemany("INSERT INTO fleet_batch VALUES (?)", ((d,) for d in devs))

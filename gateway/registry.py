@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +160,19 @@ def add(conn: sqlite3.Connection, device_id: str, device_class: str = "sensor",
     except sqlite3.IntegrityError:
         raise RegistryError(f"device {device_id!r} is already registered") from None
     return get(conn, device_id)
+
+
+def add_missing(conn: sqlite3.Connection, serials: Mapping[str, str], device_class: str = "sensor",
+                *, now: float | None = None) -> int:
+    """Register, in one transaction, the devices of `serials` (id -> certificate serial) that
+    are not registered yet; returns how many were added."""
+    added = 0
+    with db.transaction(conn):
+        for device_id, serial in serials.items():
+            if find(conn, device_id) is None:
+                add(conn, device_id, device_class, serial, now=now)
+                added += 1
+    return added
 
 
 def find(conn: sqlite3.Connection, device_id: str) -> Device | None:

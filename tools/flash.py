@@ -251,18 +251,19 @@ def image_files(board: str) -> list[ImageFile]:
     as /lib/board.py with its helpers. This is the one function to switch to "bootloader +
     signed image in slot A".
     """
-    march = BOARDS[board]
-    files: list[ImageFile] = [ImageFile("/main.py", (FIRMWARE_DIR / "main.py").read_bytes())]
     sources = [p for p in sorted(FIRMWARE_DIR.glob("*.py")) if p.name not in ("main.py", "boot.py")]
-    for src in sources:
-        if march:
-            files.append(ImageFile(f"/lib/{src.stem}.mpy", _mpy_cross(src, march)))
-        else:
-            files.append(ImageFile(f"/lib/{src.name}", src.read_bytes()))
-    if march:
-        for name, src in sorted(board_modules(board, BOARDS_DIR).items()):
-            files.append(ImageFile(f"/lib/{name}.mpy", _mpy_cross(src, march)))
-    return files
+    return [ImageFile("/main.py", (FIRMWARE_DIR / "main.py").read_bytes()), *_lib_files(board, sources)]
+
+
+def _lib_files(board: str, sources: list[Path]) -> list[ImageFile]:
+    """`sources` as /lib modules (compiled with mpy-cross for real boards, as sources for
+    the sim board) and, on real boards, the board module with the helpers it imports (the
+    sim board's own module comes from the host)."""
+    march = BOARDS[board]
+    if not march:
+        return [ImageFile(f"/lib/{src.name}", src.read_bytes()) for src in sources]
+    mods = [(src.stem, src) for src in sources] + sorted(board_modules(board, BOARDS_DIR).items())
+    return [ImageFile(f"/lib/{name}.mpy", _mpy_cross(src, march)) for name, src in mods]
 
 
 def signed_image_files(board: str, image_dir: Path, public_key: bytes) -> list[ImageFile]:
@@ -281,24 +282,16 @@ def signed_image_files(board: str, image_dir: Path, public_key: bytes) -> list[I
         raise FlashError(f"image {image_dir}: {exc}", EXIT_VERIFY) from exc
     if manifest.board != board:
         raise FlashError(f"image {image_dir} is for board {manifest.board!r}, not {board!r}", EXIT_WRONG_BOARD)
-    march = BOARDS[board]
     files = [ImageFile("/boot.py", _BOOT_ENTRY.encode())]
     with tempfile.TemporaryDirectory() as tmp:
         fleet = Path(tmp) / keys.FLEET_KEYS_NAME
         fleet.write_text(keys.fleet_keys_source({keys.key_id(public_key): public_key}))
         sources = [FIRMWARE_DIR / f"{m}.py" for m in sorted(image.BOOTLOADER_MODULES)
                    if m != "fleet_keys"] + [fleet]
-        for src in sources:
-            if march:
-                files.append(ImageFile(f"/lib/{src.stem}.mpy", _mpy_cross(src, march)))
-            else:
-                files.append(ImageFile(f"/lib/{src.name}", src.read_bytes()))
-        if march:
-            # The bootloader imports `board` before any slot is on sys.path: a real board
-            # needs its board module (and the helpers it imports) next to the bootloader.
-            # The app then shares that module (already imported); docs/bootloader.md.
-            for name, src in sorted(board_modules(board, BOARDS_DIR).items()):
-                files.append(ImageFile(f"/lib/{name}.mpy", _mpy_cross(src, march)))
+        # The bootloader imports `board` before any slot is on sys.path: a real board needs
+        # its board module (and the helpers it imports) next to the bootloader. The app then
+        # shares that module (already imported); docs/bootloader.md.
+        files += _lib_files(board, sources)
     slot = "/fw/a"
     for name in (image.MANIFEST, image.SIGNATURE, *(f.path for f in manifest.files)):
         files.append(ImageFile(f"{slot}/{name}", (image_dir / name).read_bytes()))
@@ -424,9 +417,7 @@ def register_device(db_path: Path, device_id: str, serial: str) -> None:
 
     conn = db.open_db(db_path)
     try:
-        if registry.find(conn, device_id) is None:
-            with db.transaction(conn):
-                registry.add(conn, device_id, "sensor", serial)
+        registry.add_missing(conn, {device_id: serial})
     finally:
         conn.close()
 

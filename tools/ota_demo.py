@@ -114,24 +114,13 @@ class OtaDemoResult:
 class _OtaFleet(Fleet):
     """The main demo's fleet, as controller-class nodes that wake for the campaign."""
 
+    DEVICE_CLASS = "controller"
+
     def node_config(self, st: NodeState, **over: Any) -> dict[str, Any]:
         doc = {"sample_interval_s": 600, "send_every": 1, "align_s": 60, "awake_window_ms": 3000,
                "awake_budget_ms": 8000, "device_class": 3}
         doc.update(over)
         return super().node_config(st, **doc)
-
-    def _register(self, serials: dict[str, str]) -> None:
-        from gateway import db, registry
-
-        assert self.cfg.db_path is not None
-        conn = db.open_db(self.cfg.db_path)
-        try:
-            with db.transaction(conn):
-                for device_id, serial in serials.items():
-                    if registry.find(conn, device_id) is None:
-                        registry.add(conn, device_id, "controller", serial)
-        finally:
-            conn.close()
 
 
 class OtaDemo:

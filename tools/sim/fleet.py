@@ -265,6 +265,8 @@ class Fleet:
     the nodes to stop after their current wake (the drain still runs).
     """
 
+    DEVICE_CLASS = "sensor"  # the class its devices are registered with
+
     def __init__(self, cfg: FleetConfig) -> None:
         if cfg.nodes < 1:
             raise FleetError("--nodes must be at least 1")
@@ -356,10 +358,7 @@ class Fleet:
         except GatewayError as exc:
             raise FleetError(str(exc)) from exc
         try:
-            with db.transaction(conn):
-                for device_id, serial in serials.items():
-                    if registry.find(conn, device_id) is None:
-                        registry.add(conn, device_id, "sensor", serial)
+            registry.add_missing(conn, serials, self.DEVICE_CLASS)
         finally:
             conn.close()
 
