@@ -140,8 +140,9 @@ class Ingest:
         self._have = asyncio.Event()
         self._full = asyncio.Event()
         self._accepting = True
-        # Answers handed to paho and not yet acknowledged by the broker (for drain()).
-        self._publishing: collections.deque[Any] = collections.deque()
+        # The connection's publisher: its `inflight` are the answers not yet acknowledged
+        # by the broker (for drain()).
+        self._publisher: mqtt.Publisher | None = None
         self._inflight: asyncio.Future[Outgoing] | None = None
         self._oldest = 0.0  # time.monotonic() when the oldest pending frame arrived
         if self.upstream is not None:
@@ -429,7 +430,7 @@ class Ingest:
             offer(message.topic, message.payload)  # what lean() leaves to paho (QoS 2)
 
         paho.on_message = on_message
-        mqtt.lean(client, received=offer)
+        self._publisher = mqtt.lean(client, received=offer)
         # What paho read before the hooks above went to aiomqtt's queue: the persistent
         # session's frames can come with the CONNACK.
         while not client._queue.empty():
@@ -437,7 +438,6 @@ class Ingest:
             if isinstance(message.payload, bytes | bytearray):
                 offer(message.topic.value, bytes(message.payload))
         writer = self.writer or db.Writer("ingest-db")
-        self._publishing.clear()  # a previous connection's publishes will never complete
         committer = asyncio.create_task(self._commit_loop(client, writer), name="ingest-commit")
         try:
             await client.subscribe(topics.UP_ALL, qos=1)
@@ -477,10 +477,13 @@ class Ingest:
             await asyncio.sleep(0.01)
 
     def _unconfirmed(self) -> int:
-        """Drop the publishes the broker has acknowledged; how many are left."""
-        waiting = self._publishing
-        while waiting and (waiting[0].is_published() or len(waiting) > _UNCONFIRMED_MAX):
-            waiting.popleft()
+        """How many answers still wait for the broker's PUBACK; the oldest are let go
+        past _UNCONFIRMED_MAX (their packet ids come round again)."""
+        if self._publisher is None:
+            return 0
+        waiting = self._publisher.inflight
+        while len(waiting) > _UNCONFIRMED_MAX:
+            del waiting[next(iter(waiting))]
         return len(waiting)
 
     async def _commit_loop(self, client: aiomqtt.Client, writer: db.Writer) -> None:
@@ -513,20 +516,19 @@ class Ingest:
                 self._publish(client, out)
 
     def _publish(self, client: aiomqtt.Client, out: Outgoing) -> None:
-        """Hand the answers to paho (QoS 1) without waiting for each PUBACK. aiomqtt's
-        publish() would cost a task, a future, a timeout and a scan of every pending call
-        per message; paho alone keeps the message in flight and matches the PUBACK. A
-        lost answer costs nothing durable: the node keeps its readings and resends."""
-        paho = client._client
+        """Queue the answers (QoS 1) on the connection's publisher and write them at once,
+        without waiting for each PUBACK (see gateway.mqtt). A lost answer costs nothing
+        durable: the node keeps its readings and sends them again."""
+        publisher = self._publisher = mqtt.lean(client)
         self._unconfirmed()
+        m = self.metrics
         for topic, payload in out:
-            info = paho.publish(topic, payload, qos=1)
-            if info.rc == 0:
-                self.metrics.acks_sent += 1
-                self._publishing.append(info)
+            if publisher.publish(topic.encode(), payload):
+                m.acks_sent += 1
             else:
-                self.metrics.publish_errors += 1
-                log.warning("could not publish to %s: %s", topic, aiomqtt.MqttCodeError(info.rc))
+                m.publish_errors += 1
+                log.warning("could not publish to %s: not connected", topic)
+        publisher.send()
 
 
 def hello_fields(hello: proto.Hello) -> dict[str, Any]:

@@ -1,29 +1,31 @@
 """paho's per-packet costs trimmed for the gateway's busy MQTT clients (ingest, relay).
 
-aiomqtt keeps the connection and paho the protocol; two of paho's habits cost the gateway
-more CPU than its own work per burst, and `lean(client)` replaces them on a connected
-client (MQTT 3.1.1 only; anything else is left to paho):
+aiomqtt keeps the connection (connect, TLS, subscribe, keepalive, disconnect) and paho the
+protocol state. On a connected MQTT 3.1.1 client, `lean(client)` takes over the packets
+the gateway sends and receives by the thousand, where paho's own code costs more CPU than
+the gateway's work per burst:
 
-- paho reads every packet with one `recv` per header byte and one for the rest (a PUBLISH
-  of a burst: four; a PUBACK: three), each a trip through the ssl module or, on a plain
-  socket, a system call. `BufferedSocket` reads what is there at once and hands paho its
-  small reads from memory; `pending()` tells aiomqtt's read loop that bytes are left.
-- For each PUBACK paho builds a ReasonCode and a Properties object (MQTT 5 fields that a
-  3.1.1 PUBACK does not carry) and logs a debug line. The replacement reads the packet id
-  and hands paho one shared, empty ReasonCode and Properties.
-- For each PUBLISH received paho builds a message object (with a lock and a condition
-  variable in it), runs a topic matcher and logs a debug line. With `received` given, a
-  QoS 0 or 1 PUBLISH goes straight to `received(topic, payload)`, and the PUBACK is queued
-  as paho queues it.
-- paho writes each queued packet with a `send` of its own: one TLS record and one system
-  call per ACK and per PUBACK. The replacement writes the queued packets joined (up to
-  WRITE_SIZE bytes) in one `send`. Packets whose completion paho acts on (a QoS 0 PUBLISH:
-  `on_publish`; DISCONNECT: closing the socket) still go through paho's own writer.
+- Reading. paho reads a packet with one `recv` per header byte and one for the rest (each
+  a trip through the ssl module), then takes two locks and resets a dictionary of read
+  state. The replacement reads what the socket holds at once and splits it into packets
+  in one loop. With `received` given, a QoS 0 or 1 PUBLISH goes straight to
+  `received(topic, payload)`: paho would build a message object (with a lock and a
+  condition variable in it), run a topic matcher and log a debug line. Its PUBACK is
+  queued as four bytes. A PUBACK of a `Publisher` message goes to the publisher. Every
+  other packet (CONNACK, SUBACK, PINGRESP, QoS 2, PUBACKs of paho's own publishes,
+  anything malformed) goes to paho's handler exactly as paho would have read it.
+- Publishing. paho's `publish` builds a message and an info object (a condition variable
+  again), checks the topic, logs, and takes locks; its PUBACK builds a ReasonCode and a
+  Properties object that MQTT 3.1.1 does not carry. `Publisher.publish` queues the QoS 1
+  PUBLISH packet and notes its packet id; its PUBACK is a dictionary lookup.
+- Writing. paho writes each queued packet with a `send` of its own: one TLS record and one
+  system call per ACK and per PUBACK. The replacement writes the queued packets joined (up
+  to WRITE_SIZE bytes) in one `send`. Packets whose completion paho acts on (a QoS 0
+  PUBLISH: `on_publish`; DISCONNECT: closing the socket) still go through paho's writer.
 """
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -32,13 +34,17 @@ from paho.mqtt.client import (
     DISCONNECT,
     MQTT_ERR_AGAIN,
     MQTT_ERR_CONN_LOST,
+    MQTT_ERR_PROTOCOL,
     MQTT_ERR_SUCCESS,
+    MQTT_LOG_DEBUG,
     MQTT_LOG_ERR,
     PUBACK,
     PUBLISH,
     MQTTv311,
+    time_func,
 )
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -47,90 +53,203 @@ READ_SIZE = 65536
 WRITE_SIZE = 65536
 _SUCCESS = ReasonCode(PacketTypes.PUBACK)  # "Success": the only PUBACK of MQTT 3.1.1
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+_MISSING = object()
+
+Received = Callable[[str, bytes], None]
 
 
-class BufferedSocket:
-    """A connected (ssl) socket that reads ahead. Everything but `recv` and `pending`
-    goes to the socket itself."""
+class Publisher:
+    """QoS 1 publishes straight into paho's packet queue (see the module). `inflight`
+    maps each unacknowledged packet id to the caller's token, oldest first; `on_ack`
+    gets the token when the PUBACK arrives. Nothing is sent again after a reconnect:
+    the callers keep what matters (the relay its outbox, ingest the nodes' resends)."""
 
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._data = b""
-        self._pos = 0
+    def __init__(self, paho: Any) -> None:
+        self._paho = paho
+        self.inflight: dict[int, Any] = {}
+        self.on_ack: Callable[[Any], None] | None = None
 
-    def recv(self, n: int) -> bytes:
-        data, pos = self._data, self._pos
-        if pos >= len(data):
-            # May raise (ssl.SSLWantReadError, BlockingIOError, OSError): paho handles
-            # those exactly as from the socket itself.
-            data = self._sock.recv(READ_SIZE)
-            if len(data) <= n:
-                return bytes(data)
-            self._data, pos = data, 0
-        out = data[pos:pos + n]
-        self._pos = pos + len(out)
-        return bytes(out)
+    def publish(self, topic: bytes, payload: bytes, token: Any = None) -> bool:
+        """Queue one QoS 1 PUBLISH; False when the client is not connected. `send()`
+        writes what is queued."""
+        paho = self._paho
+        if paho._sock is None:
+            return False
+        mid = paho._mid_generate()
+        packet = b"".join((_fixed_header(0x32, len(topic) + len(payload) + 4),
+                           len(topic).to_bytes(2, "big"), topic, mid.to_bytes(2, "big"),
+                           payload))
+        paho._out_packet.append({"command": 0x32, "mid": mid, "qos": 1, "pos": 0,
+                                 "to_process": len(packet), "packet": packet, "info": None})
+        self.inflight[mid] = token
+        return True
 
-    def pending(self) -> int:
-        """Bytes readable without waiting for the network: ours, then the TLS layer's."""
-        left = len(self._data) - self._pos
-        if isinstance(self._sock, ssl.SSLSocket):
-            left += self._sock.pending()
-        return left
+    def send(self) -> None:
+        """Write the queued packets now; what the socket does not take waits for it."""
+        if self._paho._out_packet:
+            self._paho.loop_write()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
+    def acked(self, mid: int) -> bool:
+        """A PUBACK arrived: hand its token to `on_ack`. False: not one of ours."""
+        token = self.inflight.pop(mid, _MISSING)
+        if token is _MISSING:
+            return False
+        if self.on_ack is not None:
+            self.on_ack(token)
+        return True
 
 
-def lean(client: aiomqtt.Client, received: Callable[[str, bytes], None] | None = None) -> None:
-    """Trim paho's per-packet costs on a connected MQTT 3.1.1 client (see the module).
-    `received(topic, payload)`: where QoS 0 and 1 messages go instead of `on_message`."""
+def _fixed_header(command: int, remaining: int) -> bytes:
+    out = bytearray((command,))
+    while True:
+        byte, remaining = remaining & 0x7F, remaining >> 7
+        out.append(byte | (0x80 if remaining else 0))
+        if not remaining:
+            return bytes(out)
+
+
+def lean(client: aiomqtt.Client, received: Received | None = None) -> Publisher:
+    """Trim paho's per-packet costs on a connected MQTT 3.1.1 client (see the module);
+    the client's `Publisher`. `received(topic, payload)`: where QoS 0 and 1 messages go
+    instead of `on_message`. On another protocol version the publisher works and paho
+    keeps reading."""
     paho = client._client
+    publisher: Publisher | None = getattr(paho, "_torpor_publisher", None)
+    if publisher is None:
+        publisher = Publisher(paho)
+        paho._torpor_publisher = publisher  # type: ignore[attr-defined]
+    else:
+        return publisher  # lean already
     if paho._protocol != MQTTv311 or paho._sock is None:
-        return
-    if not isinstance(paho._sock, BufferedSocket):
-        paho._sock = BufferedSocket(paho._sock)
+        paho._handle_pubackcomp = _pubackcomp(paho, publisher)  # type: ignore[method-assign]
+        return publisher
+    paho._packet_read = _reader(paho, received, publisher)  # type: ignore[method-assign]
+    paho._packet_write = _joined_writer(paho)  # type: ignore[method-assign]
+    return publisher
+
+
+def _pubackcomp(paho: Any, publisher: Publisher) -> Any:
+    """paho's `_handle_pubackcomp` that first offers a PUBACK to the publisher."""
     full = paho._handle_pubackcomp
 
     def handle_pubackcomp(cmd: Any) -> MQTTErrorCode:
         packet = paho._in_packet["packet"]
-        if cmd != "PUBACK" or len(packet) != 2:
-            return full(cmd)  # PUBCOMP, or a malformed PUBACK for paho to refuse
-        mid = packet[0] << 8 | packet[1]
-        with paho._out_message_mutex:
-            if mid in paho._out_messages:
-                return paho._do_on_publish(mid, _SUCCESS, _NO_PROPERTIES)
-        return MQTT_ERR_SUCCESS
-
-    paho._handle_pubackcomp = handle_pubackcomp  # type: ignore[method-assign]
-    paho._packet_write = _joined_writer(paho)  # type: ignore[method-assign]
-    if received is not None:
-        paho._handle_publish = _direct_publish(paho, received)  # type: ignore[method-assign]
-
-
-def _direct_publish(paho: Any, received: Callable[[str, bytes], None]) -> Any:
-    """paho's `_handle_publish` for QoS 0 and 1 without the message object (see the module);
-    QoS 2, manual acknowledgement and anything malformed are left to paho."""
-    full = paho._handle_publish
-
-    def handle_publish() -> MQTTErrorCode:
-        qos = (paho._in_packet["command"] & 0x06) >> 1
-        packet = paho._in_packet["packet"]
-        size = len(packet)
-        end = 2 + (packet[0] << 8 | packet[1]) if size >= 2 else size + 1
-        if qos > 1 or paho._manual_ack or end == 2 or end + 2 * qos > size:
-            return full()  # type: ignore[no-any-return]
-        try:
-            topic = bytes(packet[2:end]).decode("utf-8")
-        except UnicodeDecodeError:
-            return full()  # type: ignore[no-any-return]
-        if not qos:
-            received(topic, bytes(packet[end:]))
+        if cmd == "PUBACK" and len(packet) >= 2 and publisher.acked(packet[0] << 8 | packet[1]):
             return MQTT_ERR_SUCCESS
-        received(topic, bytes(packet[end + 2:]))
-        return paho._send_command_with_mid(PUBACK, packet[end] << 8 | packet[end + 1], False)  # type: ignore[no-any-return]
+        return full(cmd)  # type: ignore[no-any-return]
 
-    return handle_publish
+    return handle_pubackcomp
+
+
+def _reader(paho: Any, received: Received | None, publisher: Publisher) -> Any:
+    """paho's `_packet_read`, splitting everything one `recv` returns (see the module)."""
+    own_read = paho._packet_read
+    held = b""  # the start of a packet whose rest has not arrived
+    sock = paho._sock
+
+    def to_paho(command: int, body: bytes) -> MQTTErrorCode:
+        paho._in_packet = {
+            "command": command, "have_remaining": 1, "remaining_count": [],
+            "remaining_mult": 1, "remaining_length": len(body), "packet": bytearray(body),
+            "to_process": 0, "pos": 0,
+        }
+        try:
+            rc: MQTTErrorCode = paho._packet_handle()
+        except MalformedPacket as exc:
+            paho._easy_log(MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = MQTT_ERR_PROTOCOL
+        paho._in_packet = {
+            "command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+            "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0,
+        }
+        return rc
+
+    def packet_read() -> MQTTErrorCode:
+        nonlocal held, sock
+        if paho._in_packet["command"]:
+            return own_read()  # type: ignore[no-any-return]  # paho began it: paho ends it
+        if paho._sock is not sock:  # a new connection on the same client
+            sock, held = paho._sock, b""
+        try:
+            data = paho._sock_recv(READ_SIZE)
+        except BlockingIOError:
+            return MQTT_ERR_AGAIN
+        except OSError as err:
+            paho._easy_log(MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+            return MQTT_ERR_CONN_LOST
+        if not data:
+            return MQTT_ERR_CONN_LOST
+        paho._last_bytes_received = time_func()
+        if held:
+            data = held + data
+        end = len(data)
+        pos = 0
+        acks = paho._out_packet
+        queued = len(acks)
+        rc = MQTT_ERR_SUCCESS
+        while pos + 2 <= end:
+            command = data[pos]
+            # Remaining length: at most four bytes, seven bits each.
+            start = pos + 1
+            size = data[start] & 0x7F
+            if data[start] & 0x80:
+                shift = 7
+                while True:
+                    start += 1
+                    if start >= end:
+                        break
+                    if start - pos > 4:
+                        paho._easy_log(MQTT_LOG_ERR, "remaining length of more than 4 bytes")
+                        held = b""
+                        return MQTT_ERR_PROTOCOL
+                    size |= (data[start] & 0x7F) << shift
+                    shift += 7
+                    if not data[start] & 0x80:
+                        break
+                if start >= end:
+                    break
+            start += 1
+            stop = start + size
+            if stop > end:
+                break
+            pos = stop
+            kind = command & 0xF0
+            if kind == PUBLISH and received is not None and size >= 4 and not paho._manual_ack:
+                qos = (command >> 1) & 3
+                topic_end = start + 2 + (data[start] << 8 | data[start + 1])
+                if qos < 2 and topic_end > start + 2 and topic_end + 2 * qos <= stop:
+                    try:
+                        topic = data[start + 2:topic_end].decode("utf-8")
+                    except UnicodeDecodeError:
+                        pass
+                    else:
+                        if qos:
+                            mid = data[topic_end] << 8 | data[topic_end + 1]
+                            received(topic, data[topic_end + 2:stop])
+                            acks.append({"command": PUBACK, "mid": mid, "qos": 1, "pos": 0,
+                                         "to_process": 4, "info": None,
+                                         "packet": bytes((PUBACK, 2, mid >> 8, mid & 0xFF))})
+                        else:
+                            received(topic, data[topic_end:stop])
+                        continue
+            elif kind == PUBACK and size == 2:
+                mid = data[start] << 8 | data[start + 1]
+                if publisher.acked(mid):
+                    continue
+                with paho._out_message_mutex:
+                    if mid in paho._out_messages:
+                        paho._do_on_publish(mid, _SUCCESS, _NO_PROPERTIES)
+                continue
+            rc = to_paho(command, data[start:stop])
+            if rc != MQTT_ERR_SUCCESS or paho._sock is not sock:
+                held = b""
+                return rc
+        held = data[pos:]
+        if len(acks) > queued:
+            paho.loop_write()
+        return rc
+
+    return packet_read
 
 
 def _joined_writer(paho: Any) -> Any:
@@ -164,6 +283,7 @@ def _joined_writer(paho: Any) -> Any:
                 return MQTT_ERR_CONN_LOST
             if sent <= 0:
                 break
+            paho._last_msg_out = time_func()
             # Retire what went out; a packet sent in part keeps its place and position.
             # The next attempt sends the same bytes first, as TLS requires of a retry.
             for packet in batch:

@@ -406,26 +406,31 @@ class Relay:
             pass
 
     async def _pump(self, client: aiomqtt.Client, acked: list[int]) -> None:
-        """Publish the outbox in order, at most `inflight` unacknowledged at once. Straight
-        to paho: aiomqtt's publish() costs a task, a future and a timeout per message. paho
-        reports each PUBACK through `on_publish` with the message id it gave the publish,
-        which names the outbox item to delete."""
+        """Publish the outbox in order, at most `inflight` unacknowledged at once. QoS 1
+        goes through the connection's `gateway.mqtt.Publisher` (aiomqtt's publish() costs a
+        task, a future and a timeout per message, paho's a message object and locks); each
+        PUBACK hands back the outbox item to delete. QoS 0 goes through paho, which
+        reports each write through `on_publish`."""
         box = self._box()
         wake, acks = self._wake, self._acks
         assert wake is not None and acks is not None
         paho = client._client
+        publisher = mqtt.lean(client)
         qos, window = self.cfg.qos, self.inflight
-        sent: dict[int, tuple[int, float]] = {}  # paho mid -> (outbox id, sent at), in order
+        # packet id -> (outbox id, sent at), oldest first
+        sent: dict[int, tuple[int, float]] = publisher.inflight if qos else {}
         room = asyncio.Event()
 
-        def on_publish(_client: object, _userdata: object, mid: int, *_: object) -> None:
-            entry = sent.pop(mid, None)
-            if entry is None:
-                return
+        def done(entry: tuple[int, float]) -> None:
             acked.append(entry[0])
             room.set()
             if len(acked) >= window:
                 acks.set()
+
+        def on_publish(_client: object, _userdata: object, mid: int, *_: object) -> None:
+            entry = sent.pop(mid, None)
+            if entry is not None:
+                done(entry)
 
         def overdue() -> float:
             """Seconds left for the oldest publish's PUBACK; raises past the limit."""
@@ -436,6 +441,7 @@ class Relay:
                 raise TimeoutError(f"no PUBACK within {self.publish_timeout_s:g}s")
             return left
 
+        publisher.on_ack = done
         paho.on_publish = on_publish
         try:
             after = 0  # the outbox is replayed from its oldest item on every connection
@@ -450,20 +456,28 @@ class Relay:
                     continue
                 for q in items:
                     while len(sent) >= window:
+                        publisher.send()
                         room.clear()
                         left = overdue()
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(left):
                                 await room.wait()
-                    info = paho.publish(q.item.topic, q.item.payload, qos=qos)
-                    if info.rc != 0:
-                        raise aiomqtt.MqttCodeError(info.rc, "could not publish upstream")
-                    if info.is_published():  # reported before we could note it (qos 0)
-                        acked.append(q.id)
+                    if qos:
+                        if not publisher.publish(q.item.topic.encode(), q.item.payload,
+                                                 (q.id, time.monotonic())):
+                            raise aiomqtt.MqttError("could not publish upstream: not connected")
                     else:
-                        sent[info.mid] = (q.id, time.monotonic())
+                        info = paho.publish(q.item.topic, q.item.payload, qos=0)
+                        if info.rc != 0:
+                            raise aiomqtt.MqttCodeError(info.rc, "could not publish upstream")
+                        if info.is_published():  # reported before we could note it
+                            acked.append(q.id)
+                        else:
+                            sent[info.mid] = (q.id, time.monotonic())
                     after = q.id
+                publisher.send()
         finally:
+            publisher.on_ack = None
             paho.on_publish = client._on_publish
 
     async def _flush_loop(self, acked: list[int]) -> None:

@@ -1,4 +1,5 @@
-"""paho with read-ahead, lean PUBACKs and joined writes: the same bytes and callbacks as paho alone."""
+"""The lean MQTT path (packet splitting reader, publisher, joined writes): the same bytes
+and callbacks as paho alone."""
 
 from __future__ import annotations
 
@@ -9,41 +10,109 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from paho.mqtt.client import MQTT_ERR_AGAIN, MQTT_ERR_SUCCESS
+from paho.mqtt.client import MQTT_ERR_AGAIN, MQTT_ERR_SUCCESS, CallbackAPIVersion, Client, MQTTv311
 from paho.mqtt.enums import MQTTErrorCode
 
 from gateway import mqtt
 from tests.fixtures.broker import RunningBroker, mqtt_client
 
 
-def test_buffered_socket_serves_small_reads_from_one_recv() -> None:
+def _publish(topic: bytes, payload: bytes, qos: int, mid: int = 0) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic + (mid.to_bytes(2, "big") if qos else b"") + payload
+    return mqtt._fixed_header(0x30 | qos << 1, len(body)) + body
+
+
+def test_reader_splits_packets_however_the_bytes_arrive() -> None:
+    """Every packet whole, whatever the read boundaries: a byte at a time, then all at once."""
+    big = bytes(range(256)) * 70  # a three-byte remaining length
+    stream = b"".join([
+        _publish(b"t/a", b"one", 1, mid=7),
+        _publish(b"t/b", big, 0),
+        b"\x40\x02\x00\x05",  # PUBACK of the publisher's packet id 5
+        b"\xd0\x00",  # PINGRESP: paho's own handler
+        _publish(b"t/c", b"", 1, mid=8),
+    ])
+    for chunk in (1, 7, len(stream)):
+        a, b = socket.socketpair()
+        with a, b:
+            a.setblocking(False)
+            paho = Client(CallbackAPIVersion.VERSION2, protocol=MQTTv311)
+            paho._sock = a
+            paho._ping_t = 1.0
+            got: list[tuple[str, bytes]] = []
+            publisher = mqtt.Publisher(paho)
+            publisher.inflight[5] = "token"
+            tokens: list[str] = []
+            publisher.on_ack = tokens.append
+            read = mqtt._reader(paho, lambda t, p: got.append((t, p)), publisher)
+            for i in range(0, len(stream), chunk):
+                b.sendall(stream[i:i + chunk])
+                while read() == MQTT_ERR_SUCCESS:
+                    pass
+            assert got == [("t/a", b"one"), ("t/b", big), ("t/c", b"")]
+            assert tokens == ["token"] and not publisher.inflight
+            assert paho._ping_t == 0  # the PINGRESP reached paho
+            b.setblocking(False)
+            assert b.recv(64) == b"\x40\x02\x00\x07\x40\x02\x00\x08"  # our PUBACKs
+            paho._sock = None
+
+
+def test_reader_refuses_a_remaining_length_over_four_bytes() -> None:
     a, b = socket.socketpair()
     with a, b:
-        reads: list[int] = []
-
-        class Counting:
-            def recv(self, n: int) -> bytes:
-                reads.append(n)
-                return a.recv(n)
-
-            def fileno(self) -> int:
-                return a.fileno()
-
-        buffered = mqtt.BufferedSocket(Counting())
-        b.sendall(b"\x40\x02\x00\x01" + b"\x40\x02\x00\x02")  # two PUBACKs
-        got = [buffered.recv(1), buffered.recv(1), buffered.recv(2)]
-        assert got == [b"\x40", b"\x02", b"\x00\x01"]
-        assert buffered.pending() == 4
-        assert [buffered.recv(1), buffered.recv(1), buffered.recv(8)] == [b"\x40", b"\x02", b"\x00\x02"]
-        assert buffered.pending() == 0 and len(reads) == 1
-        b.sendall(b"xyz")
-        assert buffered.recv(8) == b"xyz"  # nothing held: straight through
         a.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            buffered.recv(1)
+        paho = Client(CallbackAPIVersion.VERSION2, protocol=MQTTv311)
+        paho._sock = a
+        read = mqtt._reader(paho, lambda t, p: None, mqtt.Publisher(paho))
+        b.sendall(b"\x30\xff\xff\xff\xff\x01")
+        assert read() == MQTTErrorCode.MQTT_ERR_PROTOCOL
         b.close()
-        assert buffered.recv(1) == b""  # end of stream reaches paho as before
-        assert buffered.fileno() == a.fileno()
+        assert read() == MQTTErrorCode.MQTT_ERR_CONN_LOST  # end of stream
+        paho._sock = None
+
+
+def test_publisher_delivers_in_order_and_hands_back_every_token(
+    broker_factory: Callable[..., RunningBroker],
+) -> None:
+    broker = broker_factory(tls=True)
+    sizes = [0, 1, 127, 128, 16383, 16384, 40000]  # one- to three-byte remaining lengths
+    payloads = [b"%05d:" % i + bytes(sizes[i % len(sizes)]) for i in range(300)]
+
+    async def main() -> tuple[list[bytes], list[int], int]:
+        got: list[bytes] = []
+        tokens: list[int] = []
+        done = asyncio.Event()
+        async with mqtt_client(broker, identifier="sink") as sink, \
+                mqtt_client(broker, identifier="source") as source:
+            await sink.subscribe("pub/#", qos=1)
+
+            async def collect() -> None:
+                async for message in sink.messages:
+                    assert isinstance(message.payload, bytes)
+                    got.append(message.payload)
+                    if len(got) == len(payloads):
+                        done.set()
+
+            task = asyncio.create_task(collect())
+            publisher = mqtt.lean(source)
+            assert mqtt.lean(source) is publisher  # once per connection
+            publisher.on_ack = tokens.append
+            for i, payload in enumerate(payloads):
+                assert publisher.publish(b"pub/%d" % (i % 3), payload, i)
+                if i % 50 == 49:
+                    publisher.send()
+            publisher.send()
+            await asyncio.wait_for(done.wait(), 30)
+            for _ in range(500):
+                if len(tokens) == len(payloads):
+                    break
+                await asyncio.sleep(0.01)
+            task.cancel()
+            return got, tokens, len(publisher.inflight)
+
+    got, tokens, left = asyncio.run(main())
+    assert got == payloads
+    assert sorted(tokens) == list(range(len(payloads))) and left == 0
 
 
 @pytest.mark.parametrize("tls", [True, False])
