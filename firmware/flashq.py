@@ -139,6 +139,7 @@ class FlashQueue:
     _slot2 = None  # a compaction's last removed slot (see _copy_live)
     _pstate = ""
     _cmv = None
+    run_first = 0  # first id of the last read_run
 
     def __init__(self, dir, record_size, max_records, seg_records=64, reserve_blocks=6,
                  inline_bytes=128, first_id=1, resume=None):
@@ -768,7 +769,7 @@ class FlashQueue:
         return False
 
     def ack(self, cumulative_id, selective=()):
-        self._full()
+        self._whole()
         top = self.next_id - 1
         if cumulative_id > top:
             cumulative_id = top
@@ -804,14 +805,28 @@ class FlashQueue:
     def read_into(self, buf, after_id=0):
         """Fill buf with live slots ([id u32][prio u8][check u8][record]) with id > after_id,
         in id order; returns the count. No allocation per reading."""
-        self._full()
+        return self._read(buf, after_id, False)
+
+    def read_run(self, buf, after_id=0):
+        """Fill buf with the records (no slot header) of the live readings after after_id
+        whose ids follow one another without a gap, oldest first; returns how many, the
+        first one's id in run_first. Each segment file is opened once; no allocation per
+        reading."""
+        return self._read(buf, after_id, True)
+
+    def _read(self, buf, after_id, run):
+        self._whole()
         ss = self.slot_size
-        room = len(buf) // ss
-        n = 0
+        skip = _HDR if run else 0
+        w = ss - skip
+        room = len(buf) // w
+        n = first = 0
         if room == 0:
             return 0
         ch = self._ch()
         for seg in self._segs:
+            if n >= room:
+                break
             if seg.nlive == 0 or seg.maxid <= after_id:
                 continue
             f = self._fopen(seg)
@@ -823,17 +838,23 @@ class FlashQueue:
                     for j in range(k):
                         p = j * ss
                         i = _u32(ch, p)
-                        if i > after_id and self._live(i):
-                            o = n * ss
-                            for b in range(ss):
-                                buf[o + b] = ch[p + b]
-                            n += 1
-                            if n >= room:
-                                break
+                        if i <= after_id or not self._live(i):
+                            continue
+                        if run and n and i != first + n:
+                            room = n  # a gap: the next run starts there
+                            break
+                        if not n:
+                            first = i
+                        o = n * w
+                        p += skip
+                        for b in range(w):
+                            buf[o + b] = ch[p + b]
+                        n += 1
+                        if n >= room:
+                            break
             finally:
                 f.close()
-            if n >= room:
-                break
+        self.run_first = first
         return n
 
     @staticmethod
@@ -938,6 +959,25 @@ class FlashQueue:
             self._segs[0:0] = [_seg_at(data, o + j * _SNAP_SEG_SIZE) for j in range(n)]
             self._omitted -= n
             self._raw = _NO_RAW
+
+    def _whole(self):
+        # An ack or a read-out needs every segment. A snapshot that left no segment out
+        # names them all, with their counts as the wake that wrote it left them (every
+        # change since is this wake's own, in memory): its entries become _Segs and
+        # nothing is read from flash for it. The segment files themselves are read by the
+        # caller as always. Otherwise the queue is opened from flash.
+        if not self._partial:
+            return
+        if self._omitted != self._raw[2]:
+            self._full()
+            return
+        self._close_active()
+        self._tail()
+        for seg in self._segs:
+            seg.closed = seg.bad > 0  # as opening from flash finds them
+        self._partial = False
+        self._plive_ok = False  # per-priority counts: rebuilt when the drop policy needs them
+        self._oldest = _NO_TS
 
     def _full(self):
         # Leave partial mode: open the queue from flash, which every change already reached.

@@ -516,12 +516,17 @@ def test_resumed_queue_opens_fully_for_ack_readout_and_drops():
     q.close()
 
 
+def filled(n, max_records=500, blocks=128):
+    # A fresh queue holding readings 1..n, and its snapshot.
+    fresh(blocks)
+    q = FlashQueue(QDIR, RS, max_records)
+    for i in range(1, n + 1):
+        q.append(rec(i))
+    return q, q.snapshot()
+
+
 def test_resume_refused_unless_flash_matches():
-    fresh()
-    q = FlashQueue(QDIR, RS, 500)
-    for n in range(1, 13):
-        q.append(rec(n))
-    snap = q.snapshot()
+    q, snap = filled(12)
     # A wake that appended and then did not leave a snapshot (crash, power cut): the
     # newest segment grew. The next append sees it, opens the queue from flash, and no id
     # is used twice.
@@ -573,4 +578,85 @@ def test_resumed_open_costs_no_more_with_a_deep_queue():
     mpunit.eq(q._partial, True)
     # Full opens pay per segment (about 900 bytes each here); a resumed one a fixed amount.
     assert part < 3072 and part * 4 < full, (part, full)
+    q.close()
+
+
+def test_read_run_stops_at_a_gap_and_opens_each_segment_once():
+    fresh()
+    q = FlashQueue(QDIR, RS, 500)
+    for n in range(1, 41):
+        q.append(rec(n))
+    q.ack(3, (10,))
+    buf = bytearray(64 * RS)
+    k = q.read_run(buf)
+    mpunit.eq((k, q.run_first), (6, 4))  # 4..9: 10 is acknowledged
+    mpunit.eq(bytes(buf[0:RS]), rec(4))
+    mpunit.eq(bytes(buf[5 * RS : 6 * RS]), rec(9))
+    k = q.read_run(buf, 9)
+    mpunit.eq((k, q.run_first), (30, 11))
+    mpunit.eq(bytes(buf[29 * RS : 30 * RS]), rec(40))
+    mpunit.eq(q.read_run(bytearray(3 * RS), 20), 3)
+    mpunit.eq(q.run_first, 21)
+    mpunit.eq(q.read_run(buf, 40), 0)
+    q.close()
+
+
+def _no_full_open(q):
+    def refuse():
+        raise AssertionError("opened from flash")
+
+    q._full = refuse
+
+
+def test_resumed_readout_and_ack_need_no_open_from_flash():
+    q, snap = filled(63)
+    reboot(q)
+    gc.collect()
+    a0 = gc.mem_alloc()
+    q = resumed(snap)
+    _no_full_open(q)
+    i = q.append(rec(64))
+    mpunit.eq(i, 64)
+    buf = bytearray(64 * RS)
+    k = q.read_run(buf)
+    mpunit.eq((k, q.run_first), (64, 1))
+    mpunit.eq(bytes(buf[63 * RS :]), rec(64))
+    q.ack(40, (50,))
+    mpunit.eq(q.depth, 23)
+    k = q.read_run(buf, 40)
+    mpunit.eq((k, q.run_first), (9, 41))
+    used = gc.mem_alloc() - a0
+    segs = [s.first for s in q._segs]
+    snap = q.snapshot()
+    reboot(q)
+    # A queue opened from flash agrees: depth, segments, the next id, what is live.
+    full = FlashQueue(QDIR, RS, 500)
+    mpunit.eq((full.depth, full.next_id, full.floor), (23, 65, 40))
+    mpunit.eq([s.first for s in full._segs], segs)
+    mpunit.eq(ids(full), list(range(41, 50)) + list(range(51, 65)))
+    reboot(full)
+    # And so does the next resumed wake.
+    q = resumed(snap)
+    mpunit.eq(q.append(rec(65)), 65)
+    mpunit.eq(ids(q), list(range(41, 50)) + list(range(51, 66)))
+    print("mem_alloc resumed open, append, read-out of 64, ack:", used)
+    q.close()
+
+
+def test_resumed_readout_opens_from_flash_when_the_snapshot_left_segments_out():
+    q, snap = filled(600, 4096, 256)
+    reboot(q, blocks=256)
+    q = resumed(snap, 4096)
+    mpunit.eq(q._omitted > q._raw[2], True)  # older segments than the record names
+    opened = []
+    full = q._full
+
+    def counting():
+        opened.append(1)
+        full()
+
+    q._full = counting
+    buf = bytearray(255 * RS)
+    mpunit.eq(q.read_run(buf), 255)
+    mpunit.eq((q.run_first, len(opened)), (1, 1))
     q.close()
