@@ -18,8 +18,6 @@ import wire
 from micropython import const
 
 RECORD_SIZE = wire.RECORD_SIZE_ENV3
-_SLOT = const(16)  # flash queue slot: [id u32][prio u8][check u8][record 10 bytes]
-_CHUNK_SLOTS = const(16)
 MAX_READINGS = const(255)  # a BURST series holds at most 255 readings
 MAX_BURSTS = const(8)  # per wake; more waits for the next wake (pending hint)
 PRIO_NORMAL = const(0)
@@ -30,15 +28,16 @@ BACKOFF_BASE_S = const(30)
 BACKOFF_MAX_S = const(3600)
 CONFIG_ERROR_SLEEP_S = const(3600)
 WRAP_UP_MS = const(100)  # of the awake budget: closing the session, the report, sleep
-_TOPIC_SLACK = const(96)  # MQTT header + topic on top of the frame
+_TOPIC_SLACK = const(96)  # MQTT header + topic in front of a frame in the transmit buffer
 
 STOP = const(1)
 
-# The send path's buffers (frame, the MQTT client's packet buffers, topics, records) are
-# made once per sending wake, in send(); a wake that only samples never pays for them.
-# Within a wake they are reused, so it allocates only small objects after that and the
-# heap never fills (a full heap makes every allocation collect).
-_TOPICS_SIZE = const(3 * (7 + 64 + 7))  # torpor/<device id>/{up,down,status}
+# The send path's buffers are made once per sending wake, in send(); a wake that only
+# samples never pays for them. Frames are built straight into the MQTT client's transmit
+# buffer, behind room for the PUBLISH header (client.out, client.publish_out); the readings
+# of a burst are gathered in the receive buffer while it is idle (client.spare). Within a
+# wake they are reused, so it allocates only small objects after that and the heap never
+# fills (a full heap makes every allocation collect).
 
 
 def _topic(t, off, dev, suffix):
@@ -86,10 +85,8 @@ class Wake:
     sleep_req = 0
     hint = 0
     effects = None  # commands.Effects of a sending wake
-    frame = None
-    fmv = None
-    recs = None
-    slots = None
+    out = None  # the client's transmit buffer after the header room: frames are built here
+    recs = None  # the readings of one burst, as stored (RECORD_ENV3 each)
     up_topic = None
     # timings (ms) and wire figures for the "T" line
     ms_boot = ms_sample = ms_connect = ms_publish = ms_wait = 0
@@ -215,14 +212,9 @@ class Wake:
         # session, the report and going to sleep: a dead network costs the budget, no more.
         budget = time.ticks_add(self.t0, max(0, cfg.awake_budget_ms - WRAP_UP_MS))
         size = wire.CLASS_LIMITS[cfg.device_class][0]
-        self.frame = frame = bytearray(size)
-        self.fmv = memoryview(frame)
-        # Room for what is queued now (a burst holds at most MAX_READINGS): 64 readings
-        # take 640 bytes, not the 2.5 kB of a full series.
-        self.recs = bytearray(max(1, min(self.q.depth, MAX_READINGS)) * RECORD_SIZE)
-        self.slots = bytearray(_CHUNK_SLOTS * _SLOT)
-        topics = bytearray(_TOPICS_SIZE)
         dev = memoryview(cfg.device_id)
+        # torpor/<device id>/{up,down,status}
+        topics = bytearray(3 * (8 + len(dev)) + 12)
         self.up_topic, i = _topic(topics, 0, dev, b"up")
         down, i = _topic(topics, i, dev, b"down")
         status, _ = _topic(topics, i, dev, b"status")
@@ -238,8 +230,13 @@ class Wake:
                 server_hostname=cfg.server_hostname or None, keepalive=cfg.keepalive_s,
                 # The gateway holds downlink for a sleeping node (it is the store), so the
                 # broker keeps no session: no stale frames of an earlier window arrive.
-                clean_session=True, max_packet=size + _TOPIC_SLACK,
+                clean_session=True, max_packet=size + _TOPIC_SLACK, headroom=_TOPIC_SLACK,
             )
+            self.out = client.out
+            # Room for what is queued now (a burst holds at most MAX_READINGS): 64 readings
+            # take 640 bytes, which the receive buffer has while no packet is in it.
+            need = max(1, min(self.q.depth, MAX_READINGS)) * RECORD_SIZE
+            self.recs = client.spare(need) or bytearray(need)
             a = gc.mem_alloc()
             # A Will for crashes and lost links only: a planned sleep ends with DISCONNECT.
             client.connect(budget, will=(status, b"lost", 1, False))
@@ -293,7 +290,7 @@ class Wake:
         st = self.st
         ota_state, ota_reason = ota.hello_state()
         n = proto.encode_hello(
-            self.frame, st.msg_id(), ota.fw_version(cfg.fw_version), self.cause, min(self.mv, 65535),
+            self.out, st.msg_id(), ota.fw_version(cfg.fw_version), self.cause, min(self.mv, 65535),
             max(-128, min(127, board.rssi())), gc.mem_free(), min(self.q.depth, 65535),
             self.q.dropped, self.plan_sleep() // 1000, cfg.awake_window_ms, board.time(),
             cfg.device_class, config_version=cfg.version, ota_state=ota_state,
@@ -303,43 +300,17 @@ class Wake:
             # gateway stops waiting for the dropped ones.
             first_id=self.q.floor + 1,
         )
-        client.publish(self.up_topic, self.fmv[:n], 1, False, budget)
-
-    def _fill(self, after):
-        # Copy the next run of consecutive reading ids (> after) into self.recs.
-        q = self.q
-        slots = self.slots
-        recs = self.recs
-        first = 0
-        count = 0
-        cur = after
-        room = len(recs) // RECORD_SIZE if recs is not None else 0
-        while count < room:
-            k = q.read_into(slots, cur)
-            if k == 0:
-                break
-            for j in range(k):
-                o = j * _SLOT
-                i = _u32(slots, o)
-                if count and i != first + count:
-                    return first, count  # a gap: the next burst starts there
-                if not count:
-                    first = i
-                d = count * RECORD_SIZE
-                for b in range(RECORD_SIZE):
-                    recs[d + b] = slots[o + 6 + b]
-                count += 1
-                if count >= room:
-                    break
-            cur = first + count - 1
-        return first, count
+        client.publish_out(self.up_topic, n, 1, False, budget)
 
     def _publish_bursts(self, client, budget):
         import proto  # loaded by send()
 
         after = 0
         for _ in range(MAX_BURSTS):
-            first, count = self._fill(after)
+            # recs lies in the client's receive buffer: filled and encoded with no call on
+            # the client in between.
+            count = self.q.read_run(self.recs, after)
+            first = self.q.run_first
             if not count:
                 return
             interval = self.period
@@ -350,20 +321,20 @@ class Wake:
             n = 0
             while count:
                 try:
-                    n = proto.encode_burst(self.frame, first, proto.SCHEMA_ENV3, interval, self.recs, count)
+                    n = proto.encode_burst(self.out, first, proto.SCHEMA_ENV3, interval, self.recs, count)
                     break
                 except IndexError:
                     # Did not fit the class's max_message: fewer readings in this burst.
                     count = count * 3 // 4
             b0 = client.bytes_out
-            client.publish(self.up_topic, self.fmv[:n], 1, False, budget)
+            client.publish_out(self.up_topic, n, 1, False, budget)
             self.bytes_burst += client.bytes_out - b0
             after = first + count - 1
             self.sent += count
             self.sent_top = after
             self._drain(client)
         # More than MAX_BURSTS worth queued: ask for an early wake.
-        if self._fill(after)[1]:
+        if self.q.read_run(self.recs, after):
             self.hint = 1
 
     def _drain(self, client):
@@ -412,9 +383,9 @@ class Wake:
         elif ftype == proto.COMMAND:
             import commands  # loaded by send()
 
-            n = commands.execute(f, self.cfg, self.st, board, self.effects, self.frame, self.st.msg_id())
-            log.info("command %d op=%d -> status=%d", f[proto.COMMAND_COMMAND_ID], f[proto.COMMAND_OP], self.frame[10])
-            client.publish(self.up_topic, self.fmv[:n], 1)
+            n = commands.execute(f, self.cfg, self.st, board, self.effects, self.out, self.st.msg_id())
+            log.info("command %d op=%d -> status=%d", f[proto.COMMAND_COMMAND_ID], f[proto.COMMAND_OP], self.out[10])
+            client.publish_out(self.up_topic, n, 1)
         elif ftype == proto.SHADOW_DELTA:
             entries = []
             for key, value in f[proto.SHADOW_DELTA_ENTRIES]:
@@ -426,8 +397,8 @@ class Wake:
                 log.warn("shadow delta refused: %s", err)
             else:
                 self.period = self.cfg.sample_interval_s
-            n = proto.encode_shadow_report(self.frame, self.st.msg_id(), self.cfg.version, self.cfg.report())
-            client.publish(self.up_topic, self.fmv[:n], 1)
+            n = proto.encode_shadow_report(self.out, self.st.msg_id(), self.cfg.version, self.cfg.report())
+            client.publish_out(self.up_topic, n, 1)
         elif ftype == proto.SLEEP_NOW:
             self.sleep_req = f[proto.SLEEP_NOW_SLEEP_S]
             if f[proto.SLEEP_NOW_PENDING]:

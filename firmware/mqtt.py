@@ -157,9 +157,12 @@ class MQTTClient:
         max_packet=4096,
         rbuf=None,
         tbuf=None,
+        headroom=0,
     ):
         # rbuf/tbuf: the caller's preallocated packet buffers (at least max_packet bytes
         # each), so a client made every wake allocates no kilobytes of its own.
+        # headroom: bytes kept at the front of the transmit buffer for a PUBLISH header;
+        # `out` is the rest, where the caller builds payloads for publish_out().
         self.client_id = client_id
         self.host = host
         self.port = port
@@ -178,10 +181,15 @@ class MQTTClient:
         self._poll = select.poll()
         self._hdr = bytearray(8)
         self._hmv = memoryview(self._hdr)
+        # Views made once: reading a packet's first bytes allocates nothing.
+        self._h0 = self._hmv[0:1]
+        self._h1 = self._hmv[1:2]
         self._rbuf = rbuf if rbuf is not None and len(rbuf) >= max_packet else bytearray(max_packet)
         self._rmv = memoryview(self._rbuf)
         self._tbuf = tbuf if tbuf is not None and len(tbuf) >= max_packet else bytearray(max_packet)
         self._tmv = memoryview(self._tbuf)
+        self._headroom = headroom
+        self.out = self._tmv[headroom:max_packet]
         self._pid = 0
         self._pending = []  # packet ids of QoS 1 publishes awaiting PUBACK
         self._inbox = []  # (topic, payload) received while waiting for something else
@@ -308,18 +316,23 @@ class MQTTClient:
 
     # ---- operations ---------------------------------------------------------------
 
+    def _pub_start(self, qos, deadline_ms):
+        # Checks common to both publish calls; the packet id for QoS 1 (0 for QoS 0), once
+        # the in-flight window has room.
+        if qos != 0 and qos != 1:
+            raise ValueError("qos must be 0 or 1")
+        self._check()
+        if not qos:
+            return 0
+        while len(self._pending) >= _MAX_INFLIGHT:
+            self._process(deadline_ms, True, "PUBACK (in-flight window full)")
+        return self._next_pid()
+
     def publish(self, topic, payload, qos=0, retain=False, deadline_ms=None):
         """Send a PUBLISH; returns its packet id for QoS 1 (PUBACK awaited later), else 0."""
-        if qos not in (0, 1):
-            raise ValueError("qos must be 0 or 1")
         if deadline_ms is None:
             deadline_ms = deadline(_DEFAULT_WRITE_MS)
-        self._check()
-        pid = 0
-        if qos:
-            while len(self._pending) >= _MAX_INFLIGHT:
-                self._process(deadline_ms, True, "PUBACK (in-flight window full)")
-            pid = self._next_pid()
+        pid = self._pub_start(qos, deadline_ms)
         topic = memoryview(topic)
         payload = memoryview(payload)
         tl = len(topic)
@@ -352,6 +365,48 @@ class MQTTClient:
         if qos:
             self._pending.append(pid)
         return pid
+
+    def publish_out(self, topic, n, qos=0, retain=False, deadline_ms=None):
+        """Send the first n bytes of `out`, where the caller built the payload, as a
+        PUBLISH: its header goes into the headroom just before them, so the packet leaves
+        in one write without a copy. Returns the packet id for QoS 1, else 0."""
+        h = self._headroom
+        if n > self.max_packet - h:
+            raise MQTTError(TOO_BIG, "payload of %d bytes exceeds the transmit buffer" % n)
+        if deadline_ms is None:
+            deadline_ms = deadline(_DEFAULT_WRITE_MS)
+        pid = self._pub_start(qos, deadline_ms)
+        tl = len(topic)
+        rem = 2 + tl + (2 if qos else 0) + n
+        # The header ends where the payload starts: one type byte, the remaining length
+        # (1..4 bytes), the topic and the packet id.
+        s = h - (rem - n) - 2
+        v = rem >> 7
+        while v:
+            s -= 1
+            v >>= 7
+        if s < 0:
+            raise MQTTError(TOO_BIG, "topic longer than the headroom")
+        b = self._tbuf
+        b[s] = _PUBLISH | (qos << 1) | (1 if retain else 0)
+        i = self._put_len(b, s + 1, rem)
+        b[i] = tl >> 8
+        b[i + 1] = tl & 0xFF
+        i += 2
+        b[i : i + tl] = topic
+        if qos:
+            b[i + tl] = pid >> 8
+            b[i + tl + 1] = pid & 0xFF
+        self._write(self._tmv[s:], h + n - s, deadline_ms)
+        if qos:
+            self._pending.append(pid)
+        return pid
+
+    def spare(self, n):
+        """n bytes of the receive buffer for the caller's own use, or None when it is
+        smaller: valid only until the next call on the client, which may receive into
+        it."""
+        return self._rmv[:n] if n <= len(self._rbuf) else None
 
     def pending(self):
         """How many QoS 1 publishes still wait for their PUBACK."""
@@ -574,13 +629,13 @@ class MQTTClient:
         # One whole packet: (type byte, length) with the body in self._rbuf. With `soft`,
         # a deadline before the first byte returns (-1, 0); once a packet has started,
         # a timeout leaves the stream out of step, so the connection is closed.
-        if not self._read(self._hmv[0:1], deadline_ms, soft):
+        if not self._read(self._h0, deadline_ms, soft):
             return -1, 0
         t = self._hdr[0]
         n = 0
         shift = 0
         while True:
-            self._read(self._hmv[1:2], deadline_ms, False)
+            self._read(self._h1, deadline_ms, False)
             d = self._hdr[1]
             n |= (d & 0x7F) << shift
             if not d & 0x80:
@@ -600,7 +655,7 @@ class MQTTClient:
         want = len(mv)
         got = 0
         while got < want:
-            n = self._io(self._sock.readinto, mv[got:])
+            n = self._rd(mv if got == 0 else mv[got:])
             if n is None:
                 rem = time.ticks_diff(deadline_ms, time.ticks_ms())
                 if rem <= 0:
@@ -621,25 +676,35 @@ class MQTTClient:
             got += n
         return True
 
-    def _io(self, op, buf):
-        # One non-blocking socket read or write: None when it would block; a TLS or
-        # network failure closes the connection and raises MQTTError.
+    # One non-blocking socket read or write: None when it would block; a TLS or network
+    # failure closes the connection and raises MQTTError. The stream's method is called
+    # directly (no bound method object per call).
+    def _rd(self, buf):
         try:
-            return op(buf)
-        except ValueError as e:
+            return self._sock.readinto(buf)
+        except (ValueError, OSError) as e:
+            return self._io_failed(e)
+
+    def _wr(self, buf):
+        try:
+            return self._sock.write(buf)
+        except (ValueError, OSError) as e:
+            return self._io_failed(e)
+
+    def _io_failed(self, e):
+        if isinstance(e, ValueError):
             # mbedtls reports a certificate that fails verification this way.
             self.close()
             raise MQTTError(TLS_FAILED, "TLS: %s" % str(e).strip())
-        except OSError as e:
-            if e.errno == errno.EAGAIN:
-                return None
-            self.close()
-            raise self._net_error(e)
+        if e.errno == errno.EAGAIN:
+            return None
+        self.close()
+        raise self._net_error(e)
 
     def _write(self, mv, n, deadline_ms):
         sent = 0
         while sent < n:
-            w = self._io(self._sock.write, mv[sent:n])
+            w = self._wr(mv if sent == 0 and n == len(mv) else mv[sent:n])
             if w is None:
                 rem = time.ticks_diff(deadline_ms, time.ticks_ms())
                 if rem <= 0:

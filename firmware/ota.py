@@ -308,5 +308,5 @@ def after_window(client, w):
     if r is None:
         return
     _report = None
-    n = proto.encode_ota_status(w.frame, w.st.msg_id(), r[0], r[1], r[2], r[3], r[4])
-    client.publish(w.up_topic, w.fmv[:n], 1)
+    n = proto.encode_ota_status(w.out, w.st.msg_id(), r[0], r[1], r[2], r[3], r[4])
+    client.publish_out(w.up_topic, n, 1)

@@ -30,7 +30,7 @@ def _listen():
 
 class Pair:
     # A client MQTTClient attached to one end of a loopback connection, `peer` the other.
-    def __init__(self, max_packet=4096, keepalive=60, clean_session=True):
+    def __init__(self, max_packet=4096, keepalive=60, clean_session=True, headroom=0):
         srv, port = _listen()
         cli = socket.socket()
         cli.setblocking(False)
@@ -49,6 +49,7 @@ class Pair:
         self.c = mqtt.MQTTClient(
             "node-1", "127.0.0.1", port,
             keepalive=keepalive, clean_session=clean_session, max_packet=max_packet,
+            headroom=headroom,
         )
         self.c._attach(cli)
 
@@ -372,4 +373,49 @@ def test_publish_allocates_little():
     # A few memoryview slices per packet, never a copy of the payload.
     if used > 10 * 200:
         raise AssertionError("10 publishes allocated %d bytes" % used)
+    pr.close()
+
+
+def test_publish_out_sends_the_payload_built_in_place_with_its_header():
+    pr, _ = _connected(max_packet=400, headroom=32)
+    pr.recv(20)
+    out = pr.c.out
+    mpunit.eq(len(out), 400 - 32)
+    for i in range(200):
+        out[i] = i
+    pid = pr.c.publish_out(b"t/up", 200, qos=1)
+    mpunit.eq(pid, 1)
+    # 0x32 (QoS 1), remaining length 208 in two bytes, topic, packet id, the payload.
+    mpunit.eq(pr.recv(211), b"\x32\xd0\x01\x00\x04t/up\x00\x01" + bytes(range(200)))
+    out[0:2] = b"hi"
+    mpunit.eq(pr.c.publish_out(memoryview(b"t/up"), 2), 0)
+    mpunit.eq(pr.recv(10), b"\x30\x08\x00\x04t/uphi")
+    mpunit.eq(pr.c.pending(), 1)
+    e = mpunit.raises(mqtt.MQTTError, pr.c.publish_out, b"t" * 40, 2)
+    mpunit.eq(e.code, mqtt.TOO_BIG)
+    e = mpunit.raises(mqtt.MQTTError, pr.c.publish_out, b"t/up", 369)
+    mpunit.eq(e.code, mqtt.TOO_BIG)
+    pr.nothing()
+    pr.close()
+
+
+def test_publish_out_allocates_little_and_spare_lends_the_receive_buffer():
+    import gc
+
+    pr, _ = _connected(max_packet=300, headroom=32)
+    pr.recv(20)
+    topic = memoryview(b"torpor/node-1/up")
+    pr.c.publish_out(topic, 200)
+    pr.recv(220)
+    gc.collect()
+    before = gc.mem_alloc()
+    for _ in range(10):
+        pr.c.publish_out(topic, 200)
+    used = gc.mem_alloc() - before
+    pr.recv(10 * 220)
+    # One view of the packet per publish, no copy of it.
+    if used > 10 * 64:
+        raise AssertionError("10 publishes allocated %d bytes" % used)
+    mpunit.eq(len(pr.c.spare(300)), 300)
+    mpunit.eq(pr.c.spare(301), None)
     pr.close()
