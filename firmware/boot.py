@@ -47,6 +47,13 @@ def choose(root, cause):
         st = _recover(root)
         if st is None:
             return None
+    picked = _pick(root, st, cause)
+    if picked is not None:
+        bootstate.report = (st["ota"], st["reason"], st["rver"])
+    return picked
+
+
+def _pick(root, st, cause):
     if st["trial"]:
         reason = bootstate.trial_verdict(st, cause)
         if not reason:

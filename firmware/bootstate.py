@@ -39,6 +39,9 @@ _CAUSE_CRASH = const(3)
 booted = None
 # gc.mem_alloc() when the bootloader started (None without it): per-boot memory figures.
 alloc0 = None
+# (ota, reason, rver) of the record as the bootloader left it this boot, for the HELLO:
+# the app need not read the file again. Any later save() clears it.
+report = None
 
 _KEYS = ("active", "ver", "floor", "trial", "tver", "tboots", "max", "ota", "reason", "rver", "seq")
 
@@ -105,6 +108,8 @@ def load(root):
 
 
 def save(root, st):
+    global report
+    report = None
     d = boot_dir(root)
     try:
         os.mkdir(d)

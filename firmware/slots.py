@@ -199,6 +199,9 @@ def running():
 
 def status():
     """(ota_state, ota_reason, version) to report in the next HELLO."""
+    r = bootstate.report
+    if r is not None:
+        return r  # read by the bootloader this boot, nothing saved since
     st = bootstate.load(_where())
     if st is None:
         return bootstate.IDLE, bootstate.NONE, 0

@@ -180,6 +180,19 @@ def test_state_transitions():
     mpunit.eq((st["ota"], st["reason"]), (bootstate.IDLE, bootstate.NONE))
 
 
+def test_status_is_the_bootloaders_record_until_the_next_save():
+    fresh()
+    st = bootstate.new("a", 1)
+    bootstate.save(MNT, st)
+    # As boot.choose() leaves it: the HELLO's outcome without reading the file again.
+    bootstate.report = (bootstate.REVERTED, bootstate.CRASHED, 2)
+    os.remove(bootstate.boot_dir(MNT) + "/state.json")
+    mpunit.eq(slots.status(), (bootstate.REVERTED, bootstate.CRASHED, 2))
+    bootstate.save(MNT, st)  # any change on flash: the file tells again
+    mpunit.eq(bootstate.report, None)
+    mpunit.eq(slots.status(), (bootstate.IDLE, bootstate.NONE, 0))
+
+
 def test_state_record_survives_torn_saves():
     fresh()
     bootstate.save(MNT, bootstate.new("a", 1))
