@@ -247,8 +247,10 @@ class Wake:
             log.info("connected in %d ms", self.ms_connect)
             t2 = time.ticks_ms()
             self._publish_hello(client, budget)
-            for r in st.results:
-                client.publish(self.up_topic, r, 1, False, budget)
+            # state.bin is read only when results wait (RTC memory says whether any do).
+            if st.has_results():
+                for r in st.results:
+                    client.publish(self.up_topic, r, 1, False, budget)
             if not self.safe:
                 self._publish_bursts(client, budget)
             self.ms_publish = _ms_since(t2)
@@ -257,7 +259,8 @@ class Wake:
             ota.after_window(client, self)
             client.wait_pubacks(budget)
             # Every result, old or from this window, reached the broker.
-            st.results_delivered(len(st.results))
+            if st.has_results():
+                st.results_delivered(len(st.results))
             self.ms_wait = _ms_since(t3)
             # Done when every published reading is acknowledged (or none was sent).
             self.session_ok = self.q.floor >= self.sent_top or not self.sent

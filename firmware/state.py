@@ -7,9 +7,9 @@ import struct
 
 from micropython import const
 
-_RTC_MAGIC = const(0x54525331)  # "TRS1"
-_RTC_FMT = "<IBHBIBII"
-_RTC_SIZE = const(21)
+_RTC_MAGIC = const(0x54525332)  # "TRS2"
+_RTC_FMT = "<IBHBIBIIII"
+_RTC_SIZE = const(29)
 
 _FL_MAGIC = const(0x54534631)  # "TSF1"
 N_EXECUTED = const(16)  # command ids remembered for duplicate detection
@@ -45,6 +45,9 @@ class State:
     # Pending results as the last completed wake left them (RTC; -1: unknown). With it a
     # wake that neither sends nor runs commands never reads state.bin.
     _hint = -1
+    # _msg_next and _msg_hw came from RTC memory (a completed wake left them): a wake that
+    # sends takes ids from them and reads state.bin only to reserve the next block.
+    _msg_rtc = False
 
     def __init__(self, board, root):
         self._board = board
@@ -87,6 +90,12 @@ class State:
         # state.bin in it came before its last save_rtc().
         if raw[17] & _HINT_SET and self.boots_incomplete == 0:
             self._hint = raw[17] & 0x7F
+            nxt = _u32(raw, 21)
+            hw = _u32(raw, 25)
+            if MSG_ID_BASE <= nxt <= hw:
+                self._msg_next = nxt
+                self._msg_hw = hw
+                self._msg_rtc = True
         if len(raw) > _RTC_SIZE:
             self.rtc_extra = memoryview(raw)[_RTC_SIZE:]
 
@@ -98,6 +107,8 @@ class State:
             min(self.boots_without_send, 65535), min(self.fails, 255),
             self.next_try & 0xFFFFFFFF, min(self.pending_hint, 255),
             self.last_wake & 0xFFFFFFFF, self._results_hint(),
+            # 0, 0 (not trusted) unless the ids are known: from state.bin or RTC memory.
+            self._msg_next if self._msg_known() else 0, self._msg_hw if self._msg_known() else 0,
         )
         if extra is not None:
             out = bytearray(_RTC_SIZE + len(extra))
@@ -105,6 +116,9 @@ class State:
             out[_RTC_SIZE:] = extra
             buf = out
         self._board.rtc_memory_write(buf)
+
+    def _msg_known(self):
+        return self._results is not None or self._msg_rtc
 
     def _results_hint(self):
         if self._results is not None:
@@ -165,7 +179,10 @@ class State:
     # ---- message ids of non-reading frames ----
     def msg_id(self):
         # Ids are reserved in blocks on flash before use, so a power cut never reuses one.
-        self._flash()
+        # Within a block the next id travels in RTC memory from a completed wake, which a
+        # power cut loses: then state.bin's mark starts a new block.
+        if not self._msg_rtc or self._msg_next >= self._msg_hw:
+            self._flash()  # reserving rewrites the whole file
         if self._msg_next >= self._msg_hw:
             self._msg_hw = self._msg_next + _MSG_BLOCK
             if self._msg_hw > 0xFFFFFFFF:

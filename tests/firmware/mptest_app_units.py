@@ -122,6 +122,30 @@ def test_state_reads_state_bin_only_when_a_completed_wake_left_no_count():
     mpunit.eq(st5.msg_id() > first, True)
 
 
+def test_msg_ids_come_from_rtc_memory_between_reservations():
+    _node(_cfg())
+    st = state.State(sim, sim.FS_ROOT)
+    a = st.msg_id()  # reserves a block on flash
+    st.boots_incomplete = 0
+    st.save_rtc()  # a completed wake
+    st2 = state.State(sim, sim.FS_ROOT)
+    b = st2.msg_id()
+    mpunit.eq((b, st2._results), (a + 1, None))  # the next id, state.bin not read
+    st2.boots_incomplete = 0
+    st2.save_rtc()
+    # A power cut loses RTC memory: the mark on flash starts a new block, no id comes twice.
+    sim.rtc_memory_write(b"")
+    st3 = state.State(sim, sim.FS_ROOT)
+    c = st3.msg_id()
+    mpunit.eq(c > b, True)
+    # A wake that did not complete leaves no trusted ids either.
+    st3.boots_incomplete = 1
+    st3.save_rtc()
+    st4 = state.State(sim, sim.FS_ROOT)
+    mpunit.eq(st4._msg_rtc, False)
+    mpunit.eq(st4.msg_id() > c, True)
+
+
 def test_commands_are_idempotent_by_id():
     _node(_cfg())
     c = config.Config(sim.FS_ROOT)
