@@ -484,7 +484,7 @@ def run():
         if completed:
             st.boots_incomplete = 0
         st.last_wake = w.now
-        st.save_rtc(w.q.snapshot() if completed and w.q is not None else None)
+        st.save_rtc(w.q.snapshot(state.RTC_SIZE) if completed and w.q is not None else None)
     _report(w, sleep_ms, a0)
     if w.q is not None:
         w.q.close()

@@ -76,14 +76,17 @@ def _seg_at(data, o):
     seg.nslots = data[o + 4] | data[o + 5] << 8
     seg.nlive = data[o + 6] | data[o + 7] << 8
     seg.maxid = _u32(data, o + 8)
-    seg.bad = data[o + 12]
-    seg.closed = data[o + 13] == 1
+    # bad and closed only when they differ from the class defaults: a smaller dict each
+    if data[o + 12]:
+        seg.bad = data[o + 12]
+    if data[o + 13] == 1:
+        seg.closed = True
     return seg
 
 
-def _sum(b, n):
+def _sum(b, n, start=0):
     s = 0x5EED
-    for i in range(n):
+    for i in range(start, n):
         s = (s * 31 + b[i]) & 0x3FFFFFFF
     return s
 
@@ -886,20 +889,21 @@ class FlashQueue:
         return 0 if ts is None else max(0, now - ts)
 
     # ---- resuming ----------------------------------------------------------------------
-    def snapshot(self):
-        """A record of this queue's counters and newest segments for resume= (bytes)."""
+    def snapshot(self, room=0):
+        """A record of this queue's counters and newest segments for resume= (bytes), after
+        `room` free bytes for the caller's own fields (no second buffer to join them)."""
         segs = self._segs
         raw, ro, rn = self._raw
         n = min(rn + len(segs), _TAIL)
         skip = rn + len(segs) - n  # oldest entries left out of the record
         oldest = self.oldest_ts() if self.depth else None
-        buf = bytearray(_SNAP_SIZE + _SNAP_SEG_SIZE * n + 4)
+        buf = bytearray(room + _SNAP_SIZE + _SNAP_SEG_SIZE * n + 4)
         struct.pack_into(
-            _SNAP, buf, 0, _SNAP_MAGIC, self.next_id, self.floor, self.dropped, len(self._set),
+            _SNAP, buf, room, _SNAP_MAGIC, self.next_id, self.floor, self.dropped, len(self._set),
             self.depth, self.corrupt, _NO_TS if oldest is None else oldest,
             self._omitted - rn + skip, n,
         )
-        o = _SNAP_SIZE
+        o = room + _SNAP_SIZE
         for j in range(skip, rn):
             # entries taken over from the previous record and never needed this wake
             p = ro + j * _SNAP_SEG_SIZE
@@ -909,7 +913,7 @@ class FlashQueue:
             struct.pack_into(_SNAP_SEG, buf, o, seg.first, seg.nslots, seg.nlive, seg.maxid,
                              seg.bad, 1 if seg.closed else 0)
             o += _SNAP_SEG_SIZE
-        _put32(buf, o, _sum(buf, o))
+        _put32(buf, o, _sum(buf, o, room))
         return buf
 
     def _resume(self, data):
@@ -974,7 +978,8 @@ class FlashQueue:
         self._close_active()
         self._tail()
         for seg in self._segs:
-            seg.closed = seg.bad > 0  # as opening from flash finds them
+            if seg.closed and not seg.bad:
+                del seg.closed  # open, as opening from flash finds it
         self._partial = False
         self._plive_ok = False  # per-priority counts: rebuilt when the drop policy needs them
         self._oldest = _NO_TS

@@ -10,6 +10,7 @@ from micropython import const
 _RTC_MAGIC = const(0x54525332)  # "TRS2"
 _RTC_FMT = "<IBHBIBIIII"
 _RTC_SIZE = const(29)
+RTC_SIZE = _RTC_SIZE  # room save_rtc() needs in front of what follows the fields
 
 _FL_MAGIC = const(0x54534631)  # "TSF1"
 N_EXECUTED = const(16)  # command ids remembered for duplicate detection
@@ -99,9 +100,11 @@ class State:
         if len(raw) > _RTC_SIZE:
             self.rtc_extra = memoryview(raw)[_RTC_SIZE:]
 
-    def save_rtc(self, extra=None):
-        """Write the RTC fields, followed by `extra` (bytes) when given."""
-        buf = self._rtc
+    def save_rtc(self, buf=None):
+        """Write the RTC fields. buf: a bytearray whose first RTC_SIZE bytes are left for
+        them (FlashQueue.snapshot(RTC_SIZE)); the rest of it is stored after them."""
+        if buf is None:
+            buf = self._rtc
         struct.pack_into(
             _RTC_FMT, buf, 0, _RTC_MAGIC, min(self.boots_incomplete, 255),
             min(self.boots_without_send, 65535), min(self.fails, 255),
@@ -110,11 +113,6 @@ class State:
             # 0, 0 (not trusted) unless the ids are known: from state.bin or RTC memory.
             self._msg_next if self._msg_known() else 0, self._msg_hw if self._msg_known() else 0,
         )
-        if extra is not None:
-            out = bytearray(_RTC_SIZE + len(extra))
-            out[:_RTC_SIZE] = buf
-            out[_RTC_SIZE:] = extra
-            buf = out
         self._board.rtc_memory_write(buf)
 
     def _msg_known(self):

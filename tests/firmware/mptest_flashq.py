@@ -660,3 +660,13 @@ def test_resumed_readout_opens_from_flash_when_the_snapshot_left_segments_out():
     mpunit.eq(q.read_run(buf), 255)
     mpunit.eq((q.run_first, len(opened)), (1, 1))
     q.close()
+
+
+def test_snapshot_leaves_room_in_front_for_the_callers_fields():
+    q, snap = filled(20)
+    roomy = q.snapshot(29)
+    mpunit.eq(bytes(roomy[29:]), bytes(snap))
+    reboot(q)
+    q = resumed(roomy[29:])
+    mpunit.eq((q.resumed, q.depth, q.append(rec(21))), (True, 20, 21))
+    q.close()
