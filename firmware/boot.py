@@ -47,13 +47,6 @@ def choose(root, cause):
         st = _recover(root)
         if st is None:
             return None
-    picked = _pick(root, st, cause)
-    if picked is not None:
-        bootstate.report = (st["ota"], st["reason"], st["rver"])
-    return picked
-
-
-def _pick(root, st, cause):
     if st["trial"]:
         reason = bootstate.trial_verdict(st, cause)
         if not reason:
@@ -69,6 +62,7 @@ def _pick(root, st, cause):
             # (reset, power cut, crash) is seen at the next boot.
             bootstate.count_trial_boot(st)
             bootstate.save(root, st)
+            _keep_report(st)
             return st["trial"], st["tver"], True
     # A wake from deep sleep (the common boot of a battery node) takes the signature from
     # the slot's seal when (key, signature, manifest) are the bytes verified before; any
@@ -77,7 +71,13 @@ def _pick(root, st, cause):
     if reason or m["version"] != st["ver"]:
         _log("confirmed slot %s does not check out: reason %d" % (st["active"], reason))
         return None
+    _keep_report(st)
     return st["active"], st["ver"], False
+
+
+def _keep_report(st):
+    # The outcome the HELLO reports, as on flash now: the app need not read the file again.
+    bootstate.report = (st["ota"], st["reason"], st["rver"])
 
 
 def _crashed(root, slot, exc):
