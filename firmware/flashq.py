@@ -509,10 +509,12 @@ class FlashQueue:
             self._delete_seg(seg)
 
     def _reclaim(self, compact=True):
-        # Whole segments go once nothing in them is live; compaction when it pays.
-        for seg in list(self._segs):
-            if seg.nlive == 0 and seg is not self._segs[-1]:
-                self._delete_seg(seg)
+        # Whole segments go once nothing in them is live; compaction when it pays. By
+        # index, backwards (deleting shifts only what was seen): no copy of the list.
+        segs = self._segs
+        for j in range(len(segs) - 2, -1, -1):
+            if segs[j].nlive == 0:
+                self._delete_seg(segs[j])
         if not compact:
             return
         done = False

@@ -144,6 +144,24 @@ class _Wire(io.IOBase):
 
 
 class MQTTClient:
+    # Defaults on the class: the instance dict holds only what a client changes, so it is
+    # smaller and grows through fewer sizes.
+    bytes_out = 0
+    bytes_in = 0
+    dropped = 0  # QoS 1 messages left unacknowledged because the inbox was full
+    _sock = None  # what MQTT bytes go through: TLS object or raw socket
+    _raw = None
+    _wire = None
+    _pid = 0
+    _suback = -1  # granted QoS of the awaited SUBACK, -1 while none arrived
+    _sub_pid = 0
+    _pingresp = False
+    _last_tx = 0
+    _hs = False  # the TLS handshake has not completed yet
+    _direct = False  # a PUBLISH is left in the receive buffer for wait_payload, not queued
+    _poff = 0  # where that PUBLISH's payload lies in the receive buffer
+    _plen = 0
+
     def __init__(
         self,
         client_id,
@@ -172,35 +190,18 @@ class MQTTClient:
         self.keepalive = keepalive
         self.clean_session = clean_session
         self.max_packet = max_packet
-        self.bytes_out = 0
-        self.bytes_in = 0
-        self.dropped = 0  # QoS 1 messages left unacknowledged because the inbox was full
-        self._sock = None  # what MQTT bytes go through: TLS object or raw socket
-        self._raw = None
-        self._wire = None
         self._poll = select.poll()
-        self._hdr = bytearray(8)
-        self._hmv = memoryview(self._hdr)
+        # The buffers are kept through views only (indexing a view writes the buffer).
+        self._hmv = memoryview(bytearray(8))
         # Views made once: reading a packet's first bytes allocates nothing.
         self._h0 = self._hmv[0:1]
         self._h1 = self._hmv[1:2]
-        self._rbuf = rbuf if rbuf is not None and len(rbuf) >= max_packet else bytearray(max_packet)
-        self._rmv = memoryview(self._rbuf)
-        self._tbuf = tbuf if tbuf is not None and len(tbuf) >= max_packet else bytearray(max_packet)
-        self._tmv = memoryview(self._tbuf)
+        self._rmv = memoryview(rbuf if rbuf is not None and len(rbuf) >= max_packet else bytearray(max_packet))
+        self._tmv = memoryview(tbuf if tbuf is not None and len(tbuf) >= max_packet else bytearray(max_packet))
         self._headroom = headroom
         self.out = self._tmv[headroom:max_packet]
-        self._pid = 0
         self._pending = []  # packet ids of QoS 1 publishes awaiting PUBACK
         self._inbox = []  # (topic, payload) received while waiting for something else
-        self._suback = -1  # granted QoS of the awaited SUBACK, -1 while none arrived
-        self._sub_pid = 0
-        self._pingresp = False
-        self._last_tx = 0
-        self._hs = False  # the TLS handshake has not completed yet
-        self._direct = False  # a PUBLISH is left in _rbuf for wait_payload, not queued
-        self._poff = 0  # where that PUBLISH's payload lies in _rbuf
-        self._plen = 0
 
     # ---- connection ---------------------------------------------------------------
 
@@ -220,8 +221,8 @@ class MQTTClient:
 
     def _handshake(self, deadline_ms, will):
         # CONNECT/CONNACK on an open stream.
-        self._pending = []
-        self._inbox = []
+        self._pending.clear()
+        self._inbox.clear()
         try:
             n = self._connect_packet(will)
             self._write(self._tmv, n, deadline_ms)
@@ -230,11 +231,11 @@ class MQTTClient:
                 raise MQTTError(PROTOCOL, "expected CONNACK, got packet type 0x%02x" % t)
             if ln != 2:
                 raise MQTTError(PROTOCOL, "CONNACK of length %d" % ln)
-            rc = self._rbuf[1]
+            rc = self._rmv[1]
             if rc:
                 name = _CONNACK_NAMES[rc] if rc < len(_CONNACK_NAMES) else "unknown"
                 raise MQTTError(rc, "broker refused the connection: " + name)
-            return bool(self._rbuf[0] & 1)
+            return bool(self._rmv[0] & 1)
         except BaseException:
             self.close()
             raise
@@ -288,8 +289,8 @@ class MQTTClient:
         """Planned end (sleep): DISCONNECT, so the broker drops the Will, then close."""
         if self._sock is not None:
             try:
-                self._hdr[0] = _DISCONNECT
-                self._hdr[1] = 0
+                self._hmv[0] = _DISCONNECT
+                self._hmv[1] = 0
                 self._write(self._hmv, 2, deadline(2000))
             except OSError:
                 pass
@@ -338,7 +339,7 @@ class MQTTClient:
         tl = len(topic)
         pl = len(payload)
         rem = 2 + tl + (2 if qos else 0) + pl
-        b = self._tbuf
+        b = self._tmv
         b[0] = _PUBLISH | (qos << 1) | (1 if retain else 0)
         i = self._put_len(b, 1, rem)
         b[i] = tl >> 8
@@ -358,8 +359,8 @@ class MQTTClient:
             self._write(self._tmv, i, deadline_ms)
             self._write(topic, tl, deadline_ms)
             if qos:
-                self._hdr[0] = pid >> 8
-                self._hdr[1] = pid & 0xFF
+                self._hmv[0] = pid >> 8
+                self._hmv[1] = pid & 0xFF
                 self._write(self._hmv, 2, deadline_ms)
             self._write(payload, pl, deadline_ms)
         if qos:
@@ -387,7 +388,7 @@ class MQTTClient:
             v >>= 7
         if s < 0:
             raise MQTTError(TOO_BIG, "topic longer than the headroom")
-        b = self._tbuf
+        b = self._tmv
         b[s] = _PUBLISH | (qos << 1) | (1 if retain else 0)
         i = self._put_len(b, s + 1, rem)
         b[i] = tl >> 8
@@ -406,7 +407,7 @@ class MQTTClient:
         """n bytes of the receive buffer for the caller's own use, or None when it is
         smaller: valid only until the next call on the client, which may receive into
         it."""
-        return self._rmv[:n] if n <= len(self._rbuf) else None
+        return self._rmv[:n] if n <= len(self._rmv) else None
 
     def pending(self):
         """How many QoS 1 publishes still wait for their PUBACK."""
@@ -426,7 +427,7 @@ class MQTTClient:
         pid = self._next_pid()
         tv = memoryview(topic)
         tl = len(tv)
-        b = self._tbuf
+        b = self._tmv
         b[0] = _SUBSCRIBE
         i = self._put_len(b, 1, 2 + 2 + tl + 1)
         if i + 5 + tl > len(b):
@@ -502,8 +503,8 @@ class MQTTClient:
             raise MQTTError(NOT_CONNECTED, "not connected")
 
     def _send_pingreq(self, deadline_ms):
-        self._hdr[0] = _PINGREQ
-        self._hdr[1] = 0
+        self._hmv[0] = _PINGREQ
+        self._hmv[1] = 0
         self._write(self._hmv, 2, deadline_ms)
 
     def _next_pid(self):
@@ -525,7 +526,7 @@ class MQTTClient:
                 return i + 1
 
     def _connect_packet(self, will):
-        b = self._tbuf
+        b = self._tmv
         cid = self.client_id
         flags = 0x02 if self.clean_session else 0
         rem = 10 + 2 + len(memoryview(cid))
@@ -563,14 +564,14 @@ class MQTTClient:
     def _process(self, deadline_ms, must, what):
         # Read and handle one packet. At the deadline with no packet started: raise
         # TIMEOUT naming `what` when `must`, else return -1. 1 when a PUBLISH was queued
-        # in the inbox, 2 when it was left in _rbuf (_direct), 0 for any other packet.
+        # in the inbox, 2 when it was left in the receive buffer (_direct), 0 for any other packet.
         t, ln = self._read_packet(deadline_ms, True)
         if t < 0:
             if must:
                 # At a packet boundary: the connection stays usable.
                 raise MQTTError(TIMEOUT, "timed out waiting for " + what)
             return -1
-        b = self._rbuf
+        b = self._rmv
         kind = t & 0xF0
         if kind == _PUBLISH:
             return self._on_publish(t, ln, deadline_ms)
@@ -592,7 +593,7 @@ class MQTTClient:
         return 0
 
     def _on_publish(self, t, ln, deadline_ms):
-        b = self._rbuf
+        b = self._rmv
         qos = (t >> 1) & 3
         if qos > 1:
             self._fail(PROTOCOL, "QoS %d PUBLISH, we never subscribe above QoS 1" % qos)
@@ -614,10 +615,10 @@ class MQTTClient:
         else:
             self._inbox.append((str(self._rmv[2 : 2 + tl], "utf-8"), bytes(self._rmv[i:ln])))
         if qos:
-            self._hdr[0] = _PUBACK
-            self._hdr[1] = 2
-            self._hdr[2] = pid >> 8
-            self._hdr[3] = pid & 0xFF
+            self._hmv[0] = _PUBACK
+            self._hmv[1] = 2
+            self._hmv[2] = pid >> 8
+            self._hmv[3] = pid & 0xFF
             self._write(self._hmv, 4, deadline_ms)
         return 2 if self._direct else 1
 
@@ -626,17 +627,17 @@ class MQTTClient:
         raise MQTTError(code, reason)
 
     def _read_packet(self, deadline_ms, soft):
-        # One whole packet: (type byte, length) with the body in self._rbuf. With `soft`,
+        # One whole packet: (type byte, length) with the body in self._rmv. With `soft`,
         # a deadline before the first byte returns (-1, 0); once a packet has started,
         # a timeout leaves the stream out of step, so the connection is closed.
         if not self._read(self._h0, deadline_ms, soft):
             return -1, 0
-        t = self._hdr[0]
+        t = self._hmv[0]
         n = 0
         shift = 0
         while True:
             self._read(self._h1, deadline_ms, False)
-            d = self._hdr[1]
+            d = self._hmv[1]
             n |= (d & 0x7F) << shift
             if not d & 0x80:
                 break
