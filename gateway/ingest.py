@@ -25,6 +25,7 @@ from gateway import db, deadletter, mqtt, proto, readings, registry, topics
 from gateway.config import IngestConfig, UpstreamConfig
 from gateway.downlink import Downlink, WakePlan
 from gateway.ota import OtaHandler
+from gateway.outbox import Queued
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,14 @@ class Ingest:
         on_hello: HelloHook = no_downlink,
         downlink: Downlink | None = None,
         ota: OtaHandler | None = None,
-        on_committed: Callable[[], None] | None = None,
+        on_committed: Callable[[list[Queued]], None] | None = None,
         clock: Callable[[], float] = time.time,
         writer: db.Writer | None = None,
     ) -> None:
         # `run` commits on `writer`'s thread (a private one when None), so `conn`, the
         # caches and `on_committed` are used from that thread while it runs.
+        # on_committed(items): after each commit that added upstream outbox items, those
+        # items with their ids (the relay sends them without reading them back).
         self.conn = conn
         self.writer = writer
         cfg = cfg or IngestConfig()
@@ -214,6 +217,7 @@ class Ingest:
         replies: list[_Reply] = []
         seen: dict[str, float] = {}
         quarantine: dict[str, str] = {}
+        upstream: list[Queued] = []
         for topic, payload in batch:
             m.frames += 1
             try:
@@ -300,9 +304,9 @@ class Ingest:
                     self.conn, bursts, self.states, now=now, in_transaction=True,
                     low_water=[(d, h.first_id) for d, h in hellos if h.first_id])
                 if self.upstream is not None and result.committed:
-                    self._enqueue_upstream(result.committed, now)
+                    upstream += self._enqueue_upstream(result.committed, now)
                 if self.upstream is not None and (hellos or quarantine):
-                    enqueue_events(self.conn, self.upstream, [
+                    upstream += queue_events(self.conn, self.upstream, [
                         *((d, "hello", hello_fields(h)) for d, h in hellos),
                         *((d, "quarantined", {"reason": r}) for d, r in quarantine.items()),
                     ], now)
@@ -349,8 +353,8 @@ class Ingest:
             if self._status.get(d) == registry.PROVISIONED:
                 self._status[d] = registry.ACTIVE
                 device_log(d).info("first HELLO: provisioned -> active (fw %d)", h.fw_version)
-        if self.on_committed is not None and result.committed:
-            self.on_committed()
+        if self.on_committed is not None and upstream:
+            self.on_committed(upstream)
         return self._answers(replies, result.acks, hellos, now, plans)
 
     def _quarantine(self, device: str, reason: str, pending: dict[str, str]) -> None:
@@ -359,12 +363,12 @@ class Ingest:
             self._status[device] = registry.QUARANTINED
             device_log(device).warning("quarantined: %s", reason)
 
-    def _enqueue_upstream(self, committed: list[readings.Committed], now: float) -> None:
+    def _enqueue_upstream(self, committed: list[readings.Committed], now: float) -> list[Queued]:
         from gateway import formats, outbox
 
         up = self.upstream
         assert up is not None
-        outbox.enqueue(self.conn, [
+        return outbox.enqueue_queued(self.conn, [
             formats.readings_item(
                 c.device, c.schema, c.series, topic_template=up.topic_readings,
                 fmt=up.format, created=now, msg_id=c.msg_id,
@@ -546,11 +550,17 @@ def enqueue_events(conn: sqlite3.Connection, upstream: UpstreamConfig | None,
     """Device events (device, kind, fields) into the upstream outbox, inside the caller's
     transaction, so an event is durable exactly when the change it reports is. Kinds:
     hello and quarantined (ingest), released and revoked (`torpor device ...`)."""
+    return len(queue_events(conn, upstream, events, now))
+
+
+def queue_events(conn: sqlite3.Connection, upstream: UpstreamConfig | None,
+                 events: Iterable[tuple[str, str, Mapping[str, Any]]], now: float) -> list[Queued]:
+    """`enqueue_events`, returning the queued items with their ids."""
     if upstream is None or not upstream.enabled:
-        return 0
+        return []
     from gateway import formats, outbox
 
-    return outbox.enqueue(conn, [
+    return outbox.enqueue_queued(conn, [
         formats.event_item(device, kind, fields, topic_template=upstream.topic_events,
                            fmt=upstream.format, created=now)
         for device, kind, fields in events

@@ -87,14 +87,26 @@ def migrate(conn: sqlite3.Connection) -> None:
 
 def enqueue(conn: sqlite3.Connection, items: Iterable[OutboxItem]) -> int:
     """Add items in the caller's open transaction (no commit here); returns how many."""
-    rows = [(i.topic, bytes(i.payload), i.created, i.device, i.kind) for i in items]
-    if not rows:
-        return 0
+    return len(enqueue_queued(conn, items))
+
+
+def enqueue_queued(conn: sqlite3.Connection, items: Iterable[OutboxItem]) -> list[Queued]:
+    """`enqueue`, returning the items with their ids (in order), so that the committer
+    can hand them to the relay without the relay reading them back. The caller's
+    transaction must hold the write lock (BEGIN IMMEDIATE): the ids follow the table's
+    AUTOINCREMENT sequence, read here."""
+    todo = list(items)
+    if not todo:
+        return []
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+    first = (int(row[0]) if row else 0) + 1
     conn.executemany(
-        "INSERT INTO outbox (topic, payload, created, device, kind) VALUES (?, ?, ?, ?, ?)", rows
+        "INSERT INTO outbox (id, topic, payload, created, device, kind) VALUES (?, ?, ?, ?, ?, ?)",
+        [(first + k, i.topic, bytes(i.payload), i.created, i.device, i.kind)
+         for k, i in enumerate(todo)],
     )
-    _bump(conn, "enqueued", len(rows))
-    return len(rows)
+    _bump(conn, "enqueued", len(todo))
+    return [Queued(first + k, i) for k, i in enumerate(todo)]
 
 
 def _bump(conn: sqlite3.Connection, name: str, n: int) -> None:

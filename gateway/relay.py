@@ -9,13 +9,14 @@ is at-least-once and in order. Bounds are enforced on a timer whether connected 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol, TypeVar
@@ -26,13 +27,17 @@ from gateway import mqtt
 from gateway.db import Writer
 from gateway.errors import ConfigError
 from gateway.formats import check_format
-from gateway.outbox import Counters, Outbox
+from gateway.outbox import Counters, Outbox, Queued
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_INFLIGHT: Final = 32
+DEFAULT_INFLIGHT: Final = 64
+# Items handed over by ingest and not yet sent, at most (see Relay.notify).
+FRESH_MAX: Final = 4096
+# Sent and not yet deleted, in windows: at most this many are sent again after a crash.
+UNDELETED_MAX: Final = 3
 
 
 def _not_window_noise(record: logging.LogRecord) -> bool:
@@ -239,17 +244,47 @@ class Relay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._acks: asyncio.Event | None = None
+        self._room: asyncio.Event | None = None  # set when a PUBACK or a delete frees room
+        # Items just committed, handed over by ingest (`notify`), in id order: sent without
+        # reading them back from the outbox when they follow on from what was sent.
+        self._fresh: collections.deque[Queued] = collections.deque()
+        self._deleting = 0  # acknowledged items whose delete is running
 
     # ---------------------------------------------------------------- public
 
-    def notify(self) -> None:
+    def notify(self, items: Sequence[Queued] = ()) -> None:
         """New items were committed: look now instead of at the next poll. Any thread
-        (ingest commits on the writer thread)."""
-        loop, wake = self._loop, self._wake
-        if loop is None or wake is None:
+        (ingest commits on the writer thread). `items`: the committed items themselves,
+        with their ids, when the committer has them."""
+        loop = self._loop
+        if loop is None:
             return
         with contextlib.suppress(RuntimeError):  # the loop has closed
-            loop.call_soon_threadsafe(wake.set)
+            loop.call_soon_threadsafe(self._arrived, items)
+
+    def _arrived(self, items: Sequence[Queued]) -> None:
+        # Kept only while a connection is sending, and only FRESH_MAX of them: a relay
+        # that is behind reads the outbox anyway.
+        if items and self.connected:
+            fresh = self._fresh
+            if len(fresh) + len(items) > FRESH_MAX:
+                fresh.clear()
+            else:
+                fresh.extend(items)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _take_fresh(self, after: int) -> list[Queued]:
+        """Handed-over items that follow `after` without a gap, up to a batch; none when
+        the outbox may hold items between (then `_pump` reads the outbox)."""
+        fresh = self._fresh
+        while fresh and fresh[0].id <= after:  # read from the outbox meanwhile
+            fresh.popleft()
+        out: list[Queued] = []
+        while fresh and fresh[0].id == after + 1 and len(out) < self.batch:
+            after += 1
+            out.append(fresh.popleft())
+        return out
 
     async def status(self) -> RelayStatus:
         box = self._box()
@@ -419,12 +454,26 @@ class Relay:
         qos, window = self.cfg.qos, self.inflight
         # packet id -> (outbox id, sent at), oldest first
         sent: dict[int, tuple[int, float]] = publisher.inflight if qos else {}
-        room = asyncio.Event()
+        room = self._room = asyncio.Event()
+
+        def full() -> bool:
+            # A window of publishes awaiting PUBACK, or UNDELETED_MAX windows sent and not
+            # yet deleted: that much would be sent again after a crash, so wait for the
+            # deletes (a slow one, e.g. behind a checkpoint, holds the relay back).
+            if len(sent) >= window:
+                return True
+            if len(sent) + len(acked) + self._deleting < UNDELETED_MAX * window:
+                return False
+            if len(acked) >= window:
+                acks.set()
+            return True
 
         def done(entry: tuple[int, float]) -> None:
             acked.append(entry[0])
             room.set()
-            if len(acked) >= window:
+            # A window's worth, or the last one out: delete now rather than at the timer,
+            # so the outbox's depth says what upstream has not yet confirmed.
+            if len(acked) >= window or not sent:
                 acks.set()
 
         def on_publish(_client: object, _userdata: object, mid: int, *_: object) -> None:
@@ -445,9 +494,10 @@ class Relay:
         paho.on_publish = on_publish
         try:
             after = 0  # the outbox is replayed from its oldest item on every connection
+            self._fresh.clear()
             while True:
                 wake.clear()
-                items = await self._db(box.peek, self.batch, after)
+                items = self._take_fresh(after) or await self._db(box.peek, self.batch, after)
                 if not items:
                     left = min(self.poll_s, overdue())
                     with contextlib.suppress(TimeoutError):
@@ -455,7 +505,7 @@ class Relay:
                             await wake.wait()
                     continue
                 for q in items:
-                    while len(sent) >= window:
+                    while full():
                         publisher.send()
                         room.clear()
                         left = overdue()
@@ -481,8 +531,9 @@ class Relay:
             paho.on_publish = client._on_publish
 
     async def _flush_loop(self, acked: list[int]) -> None:
-        # Deletes go in batches (one transaction each) every `flush_s` or once a window's
-        # worth is acknowledged, so a crash resends at most about two windows.
+        # Deletes go in batches (one transaction each) every `flush_s`, once a window's
+        # worth is acknowledged, or when nothing is left in flight; `_pump` keeps at most
+        # UNDELETED_MAX windows sent and not yet deleted, which bounds a crash's resends.
         acks = self._acks
         assert acks is not None
         while True:
@@ -498,4 +549,10 @@ class Relay:
         ids = acked[:]
         acked.clear()
         box = self._box()
-        self.relayed += await self._db(box.delete, ids)
+        self._deleting = len(ids)
+        try:
+            self.relayed += await self._db(box.delete, ids)
+        finally:
+            self._deleting = 0
+            if self._room is not None:
+                self._room.set()

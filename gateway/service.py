@@ -29,6 +29,7 @@ from gateway.downlink import Downlink, DownlinkConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import HelloHook, Ingest, no_downlink
 from gateway.ota import OtaHandler
+from gateway.outbox import Queued
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +282,9 @@ class Service:
             finally:
                 self.mqtt_connected = False
 
-    def _notify_relay(self) -> None:
+    def _notify_relay(self, items: list[Queued]) -> None:
         if self.relay is not None:
-            self.relay.notify()
+            self.relay.notify(items)
 
     async def _status_loop(self) -> None:
         interval = self.cfg.gateway.status_interval_s

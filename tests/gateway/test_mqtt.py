@@ -44,7 +44,7 @@ def test_reader_splits_packets_however_the_bytes_arrive() -> None:
             publisher.inflight[5] = "token"
             tokens: list[str] = []
             publisher.on_ack = tokens.append
-            read = mqtt._reader(paho, lambda t, p: got.append((t, p)), publisher)
+            read = mqtt._reader(paho, lambda t, p, into=got: into.append((t, p)), publisher)
             for i in range(0, len(stream), chunk):
                 b.sendall(stream[i:i + chunk])
                 while read() == MQTT_ERR_SUCCESS:
