@@ -370,7 +370,8 @@ class Wake:
 
         # payload is a view into the client's receive buffer. OTA frames are rare and
         # large, and their fields go to the slot code: they get a copy of their own.
-        if len(payload) > 1 and payload[1] in (proto.OTA_MANIFEST, proto.OTA_CHUNK):
+        t = payload[1] if len(payload) > 1 else 0
+        if t == proto.OTA_MANIFEST or t == proto.OTA_CHUNK:  # no tuple per packet
             payload = bytes(payload)
         try:
             ftype, f = proto.decode(payload)
