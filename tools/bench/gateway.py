@@ -27,6 +27,7 @@ import shutil
 import signal
 import sqlite3
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,13 +62,14 @@ class Scale:
     latency_rate_readings_per_s: float = 5000.0
     latency_duration_s: float = 5.0
     session_concurrency: int = 8
-    session_duration_s: float = 4.0
+    session_duration_s: float = 2.0
     phase_deadline_s: float = 120.0
+    rounds: int = 3  # baseline/gateway pairs; the figures are the rounds' medians
 
 
 QUICK = Scale(devices=8, frames_per_device=6, workers=1, latency_devices=4,
               latency_duration_s=1.0, session_concurrency=2, session_duration_s=0.8,
-              phase_deadline_s=30.0)
+              phase_deadline_s=30.0, rounds=1)
 
 
 class BenchError(Exception):
@@ -292,7 +294,8 @@ def _run_workers(specs: list[WorkerSpec], deadline_s: float,
 def bare_subscriber(host: str, port: int, ca: str, cert: str, key: str, expected: int,
                     deadline_s: float, ready: Any, go: Any, results: Any) -> None:
     """The baseline: an aiomqtt client with the gateway's identity and client settings
-    that subscribes to every node's up topic at QoS 1 and only counts frames."""
+    that subscribes to every node's baseline leaf (torpor/+/bare, as the gateway does to
+    torpor/+/up) at QoS 1 and only counts frames."""
     import aiomqtt
 
     async def main() -> dict[str, Any]:
@@ -300,7 +303,7 @@ def bare_subscriber(host: str, port: int, ca: str, cert: str, key: str, expected
         ctx.load_cert_chain(cert, key)
         async with aiomqtt.Client(host, port, identifier="torpor-bench-bare", tls_context=ctx,
                                   keepalive=30, max_inflight_messages=200) as client:
-            await client.subscribe("torpor/+/up", qos=1)
+            await client.subscribe("torpor/+/bare", qos=1)
             ready.put(("ready", 1))
             count = 0
             last = 0.0
@@ -338,6 +341,83 @@ def _ms(v: float | None) -> float | None:
 
 
 # --- the benchmark ----------------------------------------------------------------------
+
+def _median(rounds: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rounds)
+
+
+def _rate(results: list[dict[str, Any]]) -> float:
+    """Sessions or handshakes per second over a phase's workers."""
+    span = max(r["t_end"] for r in results) - min(r["t_start"] for r in results)
+    return sum(r["count"] for r in results) / span if span > 0 else 0.0
+
+
+def _bare_round(scale: Scale, shares: list[tuple[Identity, ...]], base: dict[str, Any],
+                gwc: Any, broker: Mosquitto, ca: str, expected: int) -> dict[str, float]:
+    """The baseline: the same bursts from the same identities, counted by a bare aiomqtt
+    subscriber with the gateway's certificate."""
+    specs = [WorkerSpec("burst", devices=s, frames=scale.frames_per_device, leaf="bare",
+                        window=scale.window, **base) for s in shares]
+    bare = (bare_subscriber, "127.0.0.1", broker.port, ca, str(gwc.cert_pem),
+            str(gwc.key_pem), expected, scale.phase_deadline_s)
+    cpu0 = _cpu_s(broker.pid)
+    out, _ = _run_workers(specs, scale.phase_deadline_s + 10, extra=[bare])
+    # results come in finishing order; the subscriber's is the one with `t_last`
+    gens = [r for r in out if "t_last" not in r]
+    sub = next(r for r in out if "t_last" in r)
+    t0 = min(g["t_start"] for g in gens)
+    sent = sum(g["frames"] for g in gens)
+    if sub["frames"] < sent:
+        raise BenchError(f"the bare subscriber saw {sub['frames']} of {sent} frames")
+    return {
+        "bare_fps": sub["frames"] / (sub["t_last"] - t0),
+        "loadgen_fps": sent / (max(g["t_end"] for g in gens) - t0),
+        "broker_cpu_s_bare": _cpu_s(broker.pid) - cpu0,
+    }
+
+
+def _gateway_round(scale: Scale, shares: list[tuple[Identity, ...]], base: dict[str, Any],
+                   progress: Progress, next_id: dict[str, int], expected: int
+                   ) -> dict[str, float]:
+    """The gateway: bursts committed AND acknowledged upstream (the outbox drained).
+    `next_id` carries each node's next message id from round to round."""
+    specs = [WorkerSpec("burst", devices=s, frames=scale.frames_per_device,
+                        window=scale.window, next_id={d.device: next_id.get(d.device, 1)
+                                                      for d in s}, **base)
+             for s in shares]
+    before, _ = progress.read()
+    want = before + expected * READINGS_PER_BURST
+    committed_at = [0.0]
+
+    def watch() -> tuple[float, int, int]:
+        deadline = time.monotonic() + scale.phase_deadline_s
+        total, depth = before, 0
+        while time.monotonic() < deadline:
+            total, depth = progress.read()
+            if total >= want and not committed_at[0]:
+                committed_at[0] = time.monotonic()
+            if total >= want and depth == 0:
+                return time.monotonic(), total, depth
+            time.sleep(0.01)
+        return 0.0, total, depth
+
+    out, (t_done, total, depth) = _run_workers(specs, scale.phase_deadline_s + 10,
+                                              on_go=watch)
+    sent = sum(g["frames"] for g in out)
+    if not t_done or sent != expected:
+        raise BenchError(
+            f"the gateway stored {total - before} of {sent * READINGS_PER_BURST} readings "
+            f"(outbox depth {depth}) within {scale.phase_deadline_s:.0f}s")
+    for g in out:
+        next_id.update(g["next_id"])
+    t0 = min(g["t_start"] for g in out)
+    return {
+        "ingest_fps": sent / (t_done - t0),
+        "commit_fps": sent / (committed_at[0] - t0),
+        "elapsed_s": t_done - t0,
+        "acks": sum(g["acks"] for g in out),
+    }
+
 
 def measure(scale: Scale = Scale(), workdir: Path | None = None,
             profile: Path | None = None, batch_ms: float | None = None) -> dict[str, Any]:
@@ -383,79 +463,54 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
         fig["frames_per_run"] = expected_frames
         fig["readings_per_frame"] = READINGS_PER_BURST
 
-        # 1. the bare subscriber, before the gateway ever connects (its persistent
-        #    session would otherwise queue these frames for it).
-        specs = [WorkerSpec("burst", devices=s, frames=scale.frames_per_device,
-                            window=scale.window, **base) for s in shares]  # type: ignore[arg-type]
+        # 1.+2. throughput, in rounds that alternate the baseline and the gateway, so that
+        #    a neighbour's load on the machine weighs on both alike; the figures are the
+        #    rounds' medians. The baseline's frames go to another leaf of the same topic
+        #    tree (torpor/<id>/bare, which the gateway does not subscribe to), so the
+        #    gateway can run throughout without seeing them.
         gwc = pki.gateway
-        bare = (bare_subscriber, "127.0.0.1", broker.port, ca, str(gwc.cert_pem),
-                str(gwc.key_pem), expected_frames, scale.phase_deadline_s)
-        cpu0 = _cpu_s(broker.pid)
-        out, _ = _run_workers(specs, scale.phase_deadline_s + 10, extra=[bare])
-        # results come in finishing order; the subscriber's is the one with `t_last`
-        gens = [r for r in out if "t_last" not in r]
-        sub = next(r for r in out if "t_last" in r)
-        t0 = min(g["t_start"] for g in gens)
-        sent = sum(g["frames"] for g in gens)
-        if sub["frames"] < sent:
-            raise BenchError(f"the bare subscriber saw {sub['frames']} of {sent} frames")
-        fig["bare_subscriber_frames_per_s"] = round(sub["frames"] / (sub["t_last"] - t0), 1)
-        fig["loadgen_frames_per_s"] = round(
-            sent / (max(g["t_end"] for g in gens) - t0), 1)
-        fig["broker_cpu_s_bare"] = round(_cpu_s(broker.pid) - cpu0, 2)
-
-        # 2. the gateway: committed AND relayed upstream
         gw.start()
         progress = Progress(gw.db_path)
         try:
-            before, _ = progress.read()
-            cpu_gw0, cpu_b0, cpu_u0 = _cpu_s(gw.pid), _cpu_s(broker.pid), _cpu_s(upstream.pid)
-            # The gateway's main thread runs the event loop (MQTT in and out, the relay's
-            # publishes); the rest is mostly the database writer thread.
-            cpu_loop0 = _cpu_s(gw.pid, gw.pid)
-            want = before + expected_frames * READINGS_PER_BURST
-
-            committed_at = [0.0]
-
-            def watch() -> tuple[float, int, int]:
-                deadline = time.monotonic() + scale.phase_deadline_s
-                total, depth = before, 0
-                while time.monotonic() < deadline:
-                    total, depth = progress.read()
-                    if total >= want and not committed_at[0]:
-                        committed_at[0] = time.monotonic()
-                    if total >= want and depth == 0:
-                        return time.monotonic(), total, depth
-                    time.sleep(0.01)
-                return 0.0, total, depth
-
-            out, (t_done, total, depth) = _run_workers(specs, scale.phase_deadline_s + 10,
-                                                      on_go=watch)
-            sent = sum(g["frames"] for g in out)
-            if not t_done or sent != expected_frames:
-                raise BenchError(
-                    f"the gateway stored {total - before} of {sent * READINGS_PER_BURST} readings "
-                    f"(outbox depth {depth}) within {scale.phase_deadline_s:.0f}s")
-            t0 = min(g["t_start"] for g in out)
-            elapsed = t_done - t0
-            fig["ingest_frames_per_s"] = round(sent / elapsed, 1)
-            fig["ingest_readings_per_s"] = round(sent * READINGS_PER_BURST / elapsed)
-            fig["ratio_to_bare"] = round(
-                fig["ingest_frames_per_s"] / fig["bare_subscriber_frames_per_s"], 3)
+            rounds: list[dict[str, float]] = []
+            next_id: dict[str, int] = {}
+            cpu = {"gw": 0.0, "loop": 0.0, "broker": 0.0, "upstream": 0.0}
+            acks_at_nodes = 0
+            for _ in range(scale.rounds):
+                one = _bare_round(scale, shares, base, gwc, broker, ca, expected_frames)
+                cpu_gw0, cpu_b0, cpu_u0 = (_cpu_s(gw.pid), _cpu_s(broker.pid),
+                                           _cpu_s(upstream.pid))
+                # The gateway's main thread runs the event loop (MQTT in and out, the
+                # relay's publishes); the rest is mostly the database writer thread.
+                cpu_loop0 = _cpu_s(gw.pid, gw.pid)
+                got = _gateway_round(scale, shares, base, progress, next_id, expected_frames)
+                cpu["gw"] += _cpu_s(gw.pid) - cpu_gw0
+                cpu["loop"] += _cpu_s(gw.pid, gw.pid) - cpu_loop0
+                cpu["broker"] += _cpu_s(broker.pid) - cpu_b0
+                cpu["upstream"] += _cpu_s(upstream.pid) - cpu_u0
+                acks_at_nodes += int(got.pop("acks"))
+                one.update(got)
+                one["ratio"] = one["ingest_fps"] / one["bare_fps"]
+                rounds.append(one)
+            sent = expected_frames * len(rounds)
+            fig["rounds"] = len(rounds)
+            fig["bare_subscriber_frames_per_s"] = round(_median(rounds, "bare_fps"), 1)
+            fig["loadgen_frames_per_s"] = round(_median(rounds, "loadgen_fps"), 1)
+            fig["broker_cpu_s_bare"] = round(sum(r["broker_cpu_s_bare"] for r in rounds), 2)
+            fig["ingest_frames_per_s"] = round(_median(rounds, "ingest_fps"), 1)
+            fig["ingest_readings_per_s"] = round(fig["ingest_frames_per_s"] * READINGS_PER_BURST)
+            fig["ratio_to_bare"] = round(_median(rounds, "ratio"), 3)
+            fig["ratio_to_bare_rounds"] = [round(r["ratio"], 3) for r in rounds]
             # Commit alone (before the outbox drained): tells ingest from relay limits.
             fig["commit_only_readings_per_s"] = round(
-                sent * READINGS_PER_BURST / (committed_at[0] - t0))
-            fig["acks_at_nodes_before_disconnect"] = sum(g["acks"] for g in out)
-            fig["gateway_cpu_s"] = round(_cpu_s(gw.pid) - cpu_gw0, 2)
-            loop_s = _cpu_s(gw.pid, gw.pid) - cpu_loop0
-            fig["gateway_cpu_us_per_frame"] = round(1e6 * fig["gateway_cpu_s"] / sent)
-            fig["gateway_loop_cpu_us_per_frame"] = round(1e6 * loop_s / sent)
-            fig["broker_cpu_s"] = round(_cpu_s(broker.pid) - cpu_b0, 2)
-            fig["upstream_broker_cpu_s"] = round(_cpu_s(upstream.pid) - cpu_u0, 2)
-            fig["ingest_elapsed_s"] = round(elapsed, 2)
-            next_id: dict[str, int] = {}
-            for g in out:
-                next_id.update(g["next_id"])
+                _median(rounds, "commit_fps") * READINGS_PER_BURST)
+            fig["acks_at_nodes_before_disconnect"] = acks_at_nodes
+            fig["gateway_cpu_s"] = round(cpu["gw"], 2)
+            fig["gateway_cpu_us_per_frame"] = round(1e6 * cpu["gw"] / sent)
+            fig["gateway_loop_cpu_us_per_frame"] = round(1e6 * cpu["loop"] / sent)
+            fig["broker_cpu_s"] = round(cpu["broker"], 2)
+            fig["upstream_broker_cpu_s"] = round(cpu["upstream"], 2)
+            fig["ingest_elapsed_s"] = round(sum(r["elapsed_s"] for r in rounds), 2)
 
             # 3. latency at a fixed offered rate
             lat_devs = idents[:scale.latency_devices]
@@ -477,29 +532,39 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
             fig["upstream_latency_p50_ms"] = _ms(_pct(ups, 0.5))
             fig["upstream_latency_p99_ms"] = _ms(_pct(ups, 0.99))
 
-            # 4. wake sessions against bare handshakes, same concurrency and duration
+            # 4. wake sessions against bare handshakes, same concurrency and duration, in
+            #    alternating rounds as above
             per_worker = max(1, scale.session_concurrency // len(shares))
-            cpu_b0 = _cpu_s(broker.pid)
-            hs_specs = [WorkerSpec("handshake", devices=s, concurrency=per_worker,
-                                   duration_s=scale.session_duration_s, **base)  # type: ignore[arg-type]
-                        for s in shares]
-            hs, _ = _run_workers(hs_specs, scale.phase_deadline_s + 10)
-            cpu_hs = _cpu_s(broker.pid) - cpu_b0
+            hs: list[dict[str, Any]] = []
+            se: list[dict[str, Any]] = []
+            session_rounds: list[dict[str, float]] = []
+            cpu_hs = 0.0
+            for _ in range(scale.rounds):
+                cpu_b0 = _cpu_s(broker.pid)
+                hs_specs = [WorkerSpec("handshake", devices=s, concurrency=per_worker,
+                                       duration_s=scale.session_duration_s, **base)  # type: ignore[arg-type]
+                            for s in shares]
+                hs_one, _ = _run_workers(hs_specs, scale.phase_deadline_s + 10)
+                cpu_hs += _cpu_s(broker.pid) - cpu_b0
+                se_specs = [WorkerSpec("session", devices=s, concurrency=per_worker,
+                                       duration_s=scale.session_duration_s,
+                                       next_id={d.device: next_id[d.device] for d in s},
+                                       **base)  # type: ignore[arg-type]
+                            for s in shares]
+                se_one, _ = _run_workers(se_specs, scale.phase_deadline_s + 10)
+                for r in se_one:
+                    next_id.update(r["next_id"])
+                hs += hs_one
+                se += se_one
+                one = {"handshakes": _rate(hs_one), "sessions": _rate(se_one)}
+                one["ratio"] = one["sessions"] / one["handshakes"] if one["handshakes"] else 0.0
+                session_rounds.append(one)
             n_hs = sum(r["count"] for r in hs)
-            fig["bare_handshakes_per_s"] = round(
-                n_hs / (max(r["t_end"] for r in hs) - min(r["t_start"] for r in hs)), 1)
+            fig["bare_handshakes_per_s"] = round(_median(session_rounds, "handshakes"), 1)
             fig["broker_cpu_ms_per_handshake"] = round(1000 * cpu_hs / n_hs, 2) if n_hs else None
-            se_specs = [WorkerSpec("session", devices=s, concurrency=per_worker,
-                                   duration_s=scale.session_duration_s,
-                                   next_id={d.device: next_id[d.device] for d in s},
-                                   **base)  # type: ignore[arg-type]
-                        for s in shares]
-            se, _ = _run_workers(se_specs, scale.phase_deadline_s + 10)
-            n_se = sum(r["count"] for r in se)
-            fig["sessions_per_s"] = round(
-                n_se / (max(r["t_end"] for r in se) - min(r["t_start"] for r in se)), 1)
-            fig["session_ratio"] = (round(fig["sessions_per_s"] / fig["bare_handshakes_per_s"], 3)
-                                    if fig["bare_handshakes_per_s"] else None)
+            fig["sessions_per_s"] = round(_median(session_rounds, "sessions"), 1)
+            fig["session_ratio"] = round(_median(session_rounds, "ratio"), 3)
+            fig["session_ratio_rounds"] = [round(r["ratio"], 3) for r in session_rounds]
             durations = [d for r in se for d in r["durations_s"]]
             fig["session_p50_ms"] = _ms(_pct(durations, 0.5))
             fig["session_errors"] = sum(r["error_count"] for r in se) + sum(
@@ -529,7 +594,7 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
 SECTIONS = (
     ("throughput (committed + relayed upstream)", (
         "ingest_readings_per_s", "ingest_frames_per_s", "bare_subscriber_frames_per_s",
-        "ratio_to_bare", "commit_only_readings_per_s", "loadgen_frames_per_s",
+        "ratio_to_bare", "ratio_to_bare_rounds", "commit_only_readings_per_s", "loadgen_frames_per_s",
         "acks_at_nodes_before_disconnect", "gateway_cpu_s", "gateway_cpu_us_per_frame",
         "gateway_loop_cpu_us_per_frame", "broker_cpu_s",
         "upstream_broker_cpu_s", "ingest_elapsed_s")),
@@ -538,10 +603,10 @@ SECTIONS = (
         "latency_max_ms", "upstream_latency_samples", "upstream_latency_p50_ms",
         "upstream_latency_p99_ms")),
     ("wake sessions", (
-        "sessions_per_s", "bare_handshakes_per_s", "session_ratio", "session_p50_ms",
+        "sessions_per_s", "bare_handshakes_per_s", "session_ratio", "session_ratio_rounds", "session_p50_ms",
         "broker_cpu_ms_per_handshake", "session_concurrency", "session_errors",
         "nodes_per_gateway_at_5min_wake")),
-    ("run", ("devices", "frames_per_run", "readings_per_frame", "cpus", "setup_s")),
+    ("run", ("devices", "frames_per_run", "rounds", "readings_per_frame", "cpus", "setup_s")),
 )
 
 

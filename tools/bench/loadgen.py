@@ -259,6 +259,7 @@ class WorkerSpec:
     concurrency: int = 1
     deadline_s: float = 120.0
     upstream_port: int = 0  # paced: also subscribe to the upstream broker (plain MQTT)
+    leaf: str = "up"  # burst: publish to torpor/<id>/<leaf> (the baseline's: "bare")
     subscribe_down: bool = True
 
 
@@ -341,7 +342,7 @@ async def _burst(spec: WorkerSpec, ready: Any, go: Any) -> dict[str, Any]:
 
     async def device(dev: str, conn: MqttConn) -> None:
         nonlocal sent
-        topic = topics.up(dev).encode()
+        topic = f"{topics.ROOT}/{dev}/{spec.leaf}".encode()
         inflight: list[asyncio.Future[None]] = []
         done = 0
         for payload in todo[dev]:
