@@ -31,8 +31,16 @@ log = logging.getLogger(__name__)
 
 # on_hello(device, hello) -> encoded frames to send between the ACK and SLEEP_NOW.
 HelloHook = Callable[[str, proto.Hello], list[bytes]]
-# Outgoing messages: (topic, payload).
-Outgoing = list[tuple[str, bytes]]
+# Outgoing messages: (topic, payload, QoS).
+Outgoing = list[tuple[str, bytes, int]]
+# ACK, SLEEP_NOW and ERROR go at QoS 0. Each answers a frame of the node's current
+# session (nodes connect with a clean session), and over the live connection QoS 0
+# arrives as surely as QoS 1, which would only add a PUBACK each way: for the gateway and
+# the broker, and a packet on air for the node. If the node is gone, its next HELLO gets
+# a fresh ACK and it resends what was not acknowledged. Commands, configuration and OTA
+# chunks go at QoS 1.
+SESSION_QOS = 0
+DOWNLINK_QOS = 1
 
 _UP_TYPES = frozenset({
     proto.HELLO, proto.BURST, proto.COMMAND_RESULT, proto.SHADOW_REPORT, proto.OTA_STATUS,
@@ -385,7 +393,7 @@ class Ingest:
             if r.kind == 0:
                 a = acks[r.index]
                 out.append((down, proto.encode_ack(
-                    proto.Ack(a.msg_id, a.cumulative, a.selective))))
+                    proto.Ack(a.msg_id, a.cumulative, a.selective)), SESSION_QOS))
             elif r.kind == 1:
                 dev, hello = hellos[r.index]
                 left = 0
@@ -400,12 +408,12 @@ class Ingest:
                 st = self.states.get(dev) or readings.DedupState()
                 out.append((down, proto.encode_ack(proto.Ack(
                     hello.msg_id, st.hwm, st.selective(), int(now) & 0xFFFFFFFF,
-                    min(len(extra), 255)))))
-                out.extend((down, f) for f in extra)
+                    min(len(extra), 255))), SESSION_QOS))
+                out.extend((down, f, DOWNLINK_QOS) for f in extra)
                 out.append((down, proto.encode_sleep_now(
-                    proto.SleepNow(hello.msg_id, 0, min(left, 255)))))
+                    proto.SleepNow(hello.msg_id, 0, min(left, 255))), SESSION_QOS))
             else:
-                out.extend((down, f) for f in r.frames)
+                out.extend((down, f, SESSION_QOS) for f in r.frames)
         return out
 
     # ------------------------------------------------------------ MQTT
@@ -520,14 +528,14 @@ class Ingest:
                 self._publish(client, out)
 
     def _publish(self, client: aiomqtt.Client, out: Outgoing) -> None:
-        """Queue the answers (QoS 1) on the connection's publisher and write them at once,
+        """Queue the answers on the connection's publisher and write them at once,
         without waiting for each PUBACK (see gateway.mqtt). A lost answer costs nothing
         durable: the node keeps its readings and sends them again."""
         publisher = self._publisher = mqtt.lean(client)
         self._unconfirmed()
         m = self.metrics
-        for topic, payload in out:
-            if publisher.publish(topic.encode(), payload):
+        for topic, payload, qos in out:
+            if publisher.publish(topic.encode(), payload, qos=qos):
                 m.acks_sent += 1
             else:
                 m.publish_errors += 1

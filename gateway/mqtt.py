@@ -16,8 +16,8 @@ the gateway's work per burst:
   anything malformed) goes to paho's handler exactly as paho would have read it.
 - Publishing. paho's `publish` builds a message and an info object (a condition variable
   again), checks the topic, logs, and takes locks; its PUBACK builds a ReasonCode and a
-  Properties object that MQTT 3.1.1 does not carry. `Publisher.publish` queues the QoS 1
-  PUBLISH packet and notes its packet id; its PUBACK is a dictionary lookup.
+  Properties object that MQTT 3.1.1 does not carry. `Publisher.publish` queues the
+  PUBLISH packet and, at QoS 1, notes its packet id; its PUBACK is a dictionary lookup.
 - Writing. paho writes each queued packet with a `send` of its own: one TLS record and one
   system call per ACK and per PUBACK. The replacement writes the queued packets joined (up
   to WRITE_SIZE bytes) in one `send`. Packets whose completion paho acts on (a QoS 0
@@ -69,19 +69,26 @@ class Publisher:
         self.inflight: dict[int, Any] = {}
         self.on_ack: Callable[[Any], None] | None = None
 
-    def publish(self, topic: bytes, payload: bytes, token: Any = None) -> bool:
-        """Queue one QoS 1 PUBLISH; False when the client is not connected. `send()`
-        writes what is queued."""
+    def publish(self, topic: bytes, payload: bytes, token: Any = None, qos: int = 1) -> bool:
+        """Queue one PUBLISH (QoS 1, or 0: no packet id, nothing tracked); False when the
+        client is not connected. `send()` writes what is queued."""
         paho = self._paho
         if paho._sock is None:
             return False
-        mid = paho._mid_generate()
-        packet = b"".join((_fixed_header(0x32, len(topic) + len(payload) + 4),
-                           len(topic).to_bytes(2, "big"), topic, mid.to_bytes(2, "big"),
-                           payload))
-        paho._out_packet.append({"command": 0x32, "mid": mid, "qos": 1, "pos": 0,
+        if qos:
+            mid = paho._mid_generate()
+            packet = b"".join((_fixed_header(0x32, len(topic) + len(payload) + 4),
+                               len(topic).to_bytes(2, "big"), topic, mid.to_bytes(2, "big"),
+                               payload))
+            self.inflight[mid] = token
+        else:
+            mid = 0
+            packet = b"".join((_fixed_header(0x30, len(topic) + len(payload) + 2),
+                               len(topic).to_bytes(2, "big"), topic, payload))
+        # "qos": 1 even for QoS 0: paho's writer reads that field only to report a QoS 0
+        # write to `on_publish` and to a message-info object, which these do not have.
+        paho._out_packet.append({"command": packet[0], "mid": mid, "qos": 1, "pos": 0,
                                  "to_process": len(packet), "packet": packet, "info": None})
-        self.inflight[mid] = token
         return True
 
     def send(self) -> None:

@@ -77,6 +77,8 @@ async def test_queued_while_asleep_delivered_in_order_and_retired(
         ack, frames, sleep = await wake(node, 1, next_wake_s=900)
         assert ack.pending == 3 and sleep.pending == 0
         assert [type(f).__name__ for f in frames] == ["Command", "ShadowDelta", "Command"]
+        # What the node must not miss comes at QoS 1; the session's answers at QoS 0.
+        assert node.qos == {"Ack": {0}, "SleepNow": {0}, "Command": {1}, "ShadowDelta": {1}}
         assert [frames[0].command_id, frames[2].command_id] == [high, low]
         assert frames[0].op == proto.CommandOp.SET_INTERVAL and frames[0].args == (300,)
         assert frames[1].config_version == version

@@ -76,6 +76,7 @@ class Node:
         self.device = device
         self.client = mqtt_client(broker, pki.device_credentials(device))
         self.down: asyncio.Queue[Any] = asyncio.Queue()
+        self.qos: dict[str, set[int]] = {}  # frame type name -> the QoS it arrived at
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Node:
@@ -94,7 +95,9 @@ class Node:
     async def _read(self) -> None:
         async for m in self.client.messages:
             assert isinstance(m.payload, bytes)
-            await self.down.put(proto.decode(m.payload))
+            frame = proto.decode(m.payload)
+            self.qos.setdefault(type(frame).__name__, set()).add(m.qos)
+            await self.down.put(frame)
 
     async def send(self, payload: bytes, topic: str | None = None) -> None:
         await self.client.publish(topic or topics.up(self.device), payload, qos=1)
@@ -132,6 +135,8 @@ async def test_burst_stored_once_acked_and_duplicates_reacked(broker: RunningBro
         await node.send(burst(65))
         assert await node.recv() == proto.Ack(65, 192, ())
         assert svc.ingest is not None and svc.ingest.metrics.readings_duplicate == 64
+        # Answers within the session come at QoS 0: no PUBACK each way.
+        assert node.qos == {"Ack": {0}, "SleepNow": {0}}
     conn = db.open_db(cfg.db_path)
     assert [r[1] for r in readings.iter_readings(conn)] == list(range(1, 193))
     d = registry.get(conn, "n1")
