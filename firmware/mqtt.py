@@ -155,6 +155,7 @@ class MQTTClient:
     _pid = 0
     _suback = -1  # granted QoS of the awaited SUBACK, -1 while none arrived
     _sub_pid = 0
+    _sub_topic = None
     _pingresp = False
     _last_tx = 0
     _hs = False  # the TLS handshake has not completed yet
@@ -419,8 +420,12 @@ class MQTTClient:
             self._check()
             self._process(deadline_ms, True, "PUBACKs")
 
-    def subscribe(self, topic, qos, deadline_ms):
-        """SUBSCRIBE and wait for the SUBACK; returns the granted QoS."""
+    def subscribe(self, topic, qos, deadline_ms, wait=True):
+        """SUBSCRIBE; returns the granted QoS from the SUBACK. With wait=False it returns
+        -1 once the packet is written and `suback()` takes the answer later: the broker
+        handles a connection's packets in order, so what is published after the SUBSCRIBE
+        finds the subscription in place, and the SUBACK's round trip overlaps those
+        publishes instead of keeping the radio on for it."""
         if qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
         self._check()
@@ -441,13 +446,19 @@ class MQTTClient:
         i += tl
         b[i] = qos
         self._sub_pid = pid
+        self._sub_topic = topic
         self._suback = -1
         self._write(self._tmv, i + 1, deadline_ms)
+        return self.suback(deadline_ms) if wait else -1
+
+    def suback(self, deadline_ms):
+        """The granted QoS of the last SUBSCRIBE, reading on until its SUBACK if it has not
+        come yet (a PUBLISH meanwhile goes to the inbox); MQTTError on a refusal."""
         while self._suback < 0:
             self._process(deadline_ms, True, "SUBACK")
         self._sub_pid = 0
         if self._suback == SUB_REFUSED:
-            raise MQTTError(SUB_REFUSED, "broker refused the subscription to %s" % topic)
+            raise MQTTError(SUB_REFUSED, "broker refused the subscription to %s" % self._sub_topic)
         return self._suback
 
     def wait_msg(self, deadline_ms):

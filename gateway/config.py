@@ -73,6 +73,9 @@ class IngestConfig:
     # 0: commit as soon as the writer is free; under load a batch is what arrived during
     # the previous commit (group commit, gateway.ingest), so lingering only adds latency.
     batch_max_ms: float = 0.0
+    # A node sends its bursts right after its HELLO: a batch that ends with a HELLO waits
+    # up to this long for them, so one commit (one fsync) answers the whole wake.
+    hello_linger_ms: float = 2.0
     malformed_threshold: int = 5
     malformed_window_s: float = 60.0
     rate_limit_frames_per_min: int = 600
@@ -171,6 +174,7 @@ _MINIMA: dict[tuple[str, str], float] = {
     ("mqtt", "reconnect_max_s"): 0.0,
     ("ingest", "batch_max_frames"): 1,
     ("ingest", "batch_max_ms"): 0.0,
+    ("ingest", "hello_linger_ms"): 0.0,
     ("ingest", "malformed_threshold"): 1,
     ("ingest", "malformed_window_s"): 0.001,
     ("ingest", "rate_limit_frames_per_min"): 1,

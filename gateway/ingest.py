@@ -149,6 +149,7 @@ class Ingest:
         self._rate = cfg.rate_limit_frames_per_min / 60.0
         self._pending: list[tuple[str, bytes]] = []
         self._have = asyncio.Event()
+        self._more = asyncio.Event()  # set by every offer
         self._full = asyncio.Event()
         self._accepting = True
         # The connection's publisher: its `inflight` are the answers not yet acknowledged
@@ -425,6 +426,7 @@ class Ingest:
             self._oldest = time.monotonic()
         self._pending.append((topic, payload))
         self._have.set()
+        self._more.set()
         if len(self._pending) >= self.cfg.batch_max_frames:
             self._full.set()
 
@@ -503,8 +505,11 @@ class Ingest:
         on the event loop, which keeps reading MQTT. Under load a batch is whatever
         arrived during the previous commit (up to batch_max_frames), so batches grow with
         the load and one fsync covers them all; when idle, a frame waits at most
-        batch_max_ms for company and then one commit."""
+        batch_max_ms for company and then one commit. A batch that ends with a HELLO waits
+        up to hello_linger_ms for the bursts that follow it, so that one commit (one fsync)
+        answers the whole wake."""
         wait_s = self.cfg.batch_max_ms / 1000.0
+        linger_s = self.cfg.hello_linger_ms / 1000.0
         cap = self.cfg.batch_max_frames
         while True:
             await self._have.wait()
@@ -513,6 +518,14 @@ class Ingest:
             if len(self._pending) < cap and left > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), left)
+            until = time.monotonic() + linger_s
+            while 0 < len(self._pending) < cap and _is_hello(self._pending[-1][1]):
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                self._more.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._more.wait(), left)
             batch = self._pending[:cap]
             del self._pending[:cap]
             self._full.clear()
@@ -573,6 +586,10 @@ def queue_events(conn: sqlite3.Connection, upstream: UpstreamConfig | None,
                            fmt=upstream.format, created=now)
         for device, kind, fields in events
     ])
+
+
+def _is_hello(payload: bytes) -> bool:
+    return len(payload) > 1 and payload[1] == proto.HELLO
 
 
 def _ref(payload: bytes) -> int:

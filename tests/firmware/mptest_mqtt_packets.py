@@ -165,6 +165,30 @@ def test_subscribe_ping_disconnect_bytes():
     pr.peer.close()
 
 
+def test_subscribe_without_waiting_takes_its_suback_after_the_publishes():
+    pr, _ = _connected()
+    pr.recv(20)
+    mpunit.eq(pr.c.subscribe("d/#", 1, mqtt.deadline(1000), False), -1)
+    pid = pr.c.publish("u", b"x", qos=1)  # goes out before any SUBACK came back
+    mpunit.eq(pr.recv(10 + 8), b"\x82\x08\x00\x01\x00\x03d/#\x01" + b"\x32\x06\x00\x01u" + bytes([0, pid]) + b"x")
+    # The broker's answers in its order: SUBACK, a PUBLISH for us, the PUBACK.
+    pr.send(b"\x90\x03\x00\x01\x01" + b"\x30\x07\x00\x03d/1hi" + bytes([0x40, 2, 0, pid]))
+    mpunit.eq(pr.c.suback(mqtt.deadline(1000)), 1)
+    mpunit.eq(pr.c.wait_msg(mqtt.deadline(1000)), ("d/1", b"hi"))
+    pr.c.wait_pubacks(mqtt.deadline(1000))
+    mpunit.eq(pr.c.pending(), 0)
+    # A refusal is an error when the answer is taken.
+    pr.c.subscribe("x/#", 1, mqtt.deadline(1000), False)
+    pr.recv(10)
+    pr.send(b"\x90\x03\x00\x03\x80")
+    try:
+        pr.c.suback(mqtt.deadline(1000))
+        raise AssertionError("a refused subscription passed")
+    except mqtt.MQTTError as e:
+        mpunit.eq(e.code, mqtt.SUB_REFUSED)
+    pr.close()
+
+
 def test_twenty_in_flight_distinct_ids_acked_out_of_order():
     pr, _ = _connected()
     pr.recv(20)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,27 @@ async def test_ingest_serves_again_on_its_next_connection(broker: RunningBroker,
                 with contextlib.suppress(asyncio.CancelledError):
                     await run
     assert readings.count_rows(conn, "n1") == 128
+
+
+@aio
+async def test_a_wake_is_answered_by_one_commit(broker: RunningBroker, tmp_path: Path) -> None:
+    """HELLO and the bursts right behind it go into one commit (one fsync for the wake);
+    a HELLO with nothing behind it is answered once the linger is over."""
+    pki = provision(broker, tmp_path, "n1")
+    cfg = gateway_config(broker, tmp_path, batch_max_ms=0, hello_linger_ms=50)
+    async with running(cfg) as svc, Node(broker, pki, "n1") as node:
+        assert svc.ingest is not None
+        m = svc.ingest.metrics
+        before = m.batches
+        await node.send(HELLO)
+        await asyncio.sleep(0.005)  # the bursts follow a moment later
+        await node.send(burst(1))
+        got = [await node.recv() for _ in range(3)]
+        assert {type(f).__name__ for f in got} == {"Ack", "SleepNow"}
+        assert m.batches - before == 1 and m.hellos == 1 and m.bursts == 1
+        t0 = time.monotonic()
+        await node.send(HELLO)  # nothing behind it
+        ack, sleep = await node.recv(), await node.recv()
+        waited = time.monotonic() - t0
+        assert isinstance(ack, proto.Ack) and isinstance(sleep, proto.SleepNow)
+        assert 0.05 <= waited < 2.0 and m.batches - before == 2

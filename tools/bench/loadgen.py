@@ -184,13 +184,19 @@ class MqttConn:
         return fut
 
     async def subscribe(self, topic: str, qos: int = 1, timeout: float = 5.0) -> None:
+        await asyncio.wait_for(self.subscribe_nowait(topic, qos), timeout)
+
+    def subscribe_nowait(self, topic: str, qos: int = 1) -> asyncio.Future[None]:
+        """Write the SUBSCRIBE now; the future completes with its SUBACK. What is published
+        after it finds the subscription in place (the broker keeps a connection's order),
+        as a node does it: the firmware takes its SUBACK after HELLO and the bursts."""
         assert self.transport is not None
         pid = self._next_pid()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[pid] = fut
         body = pid.to_bytes(2, "big") + _utf8(topic) + bytes([qos])
         self.transport.write(b"\x82" + _remaining_length(len(body)) + body)
-        await asyncio.wait_for(fut, timeout)
+        return fut
 
     async def disconnect(self, timeout: float = 2.0) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -469,11 +475,12 @@ async def _sessions(spec: WorkerSpec) -> dict[str, Any]:
 
         conn = await MqttConn.connect(spec.host, spec.port, ctxs[dev], dev, on_message=on)
         try:
-            await conn.subscribe(topics.down(dev), 1)
+            suback = conn.subscribe_nowait(topics.down(dev), 1)
             up = topics.up(dev).encode()
             conn.publish(up, hello(hid), 1, want_ack=False)
             conn.publish(up, frames.burst(mid), 1, want_ack=False)
             async with asyncio.timeout(10.0):
+                await suback
                 await got_ack.wait()
                 await got_sleep.wait()
             ids[dev] = mid + frames.n
