@@ -471,9 +471,8 @@ class Relay:
         def done(entry: tuple[int, float]) -> None:
             acked.append(entry[0])
             room.set()
-            # A window's worth, or the last one out: delete now rather than at the timer,
-            # so the outbox's depth says what upstream has not yet confirmed.
-            if len(acked) >= window or not sent:
+            # A window's worth: delete now rather than at the timer.
+            if len(acked) >= window:
                 acks.set()
 
         def on_publish(_client: object, _userdata: object, mid: int, *_: object) -> None:
@@ -531,9 +530,9 @@ class Relay:
             paho.on_publish = client._on_publish
 
     async def _flush_loop(self, acked: list[int]) -> None:
-        # Deletes go in batches (one transaction each) every `flush_s`, once a window's
-        # worth is acknowledged, or when nothing is left in flight; `_pump` keeps at most
-        # UNDELETED_MAX windows sent and not yet deleted, which bounds a crash's resends.
+        # Deletes go in batches (one transaction each) every `flush_s` or once a window's
+        # worth is acknowledged; `_pump` keeps at most UNDELETED_MAX windows sent and not
+        # yet deleted, which bounds a crash's resends.
         acks = self._acks
         assert acks is not None
         while True:

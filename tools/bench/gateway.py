@@ -539,6 +539,7 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
             se: list[dict[str, Any]] = []
             session_rounds: list[dict[str, float]] = []
             cpu_hs = 0.0
+            cpu_se = {"gw": 0.0, "broker": 0.0}
             for _ in range(scale.rounds):
                 cpu_b0 = _cpu_s(broker.pid)
                 hs_specs = [WorkerSpec("handshake", devices=s, concurrency=per_worker,
@@ -551,7 +552,10 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
                                        next_id={d.device: next_id[d.device] for d in s},
                                        **base)  # type: ignore[arg-type]
                             for s in shares]
+                cpu_g0, cpu_b0 = _cpu_s(gw.pid), _cpu_s(broker.pid)
                 se_one, _ = _run_workers(se_specs, scale.phase_deadline_s + 10)
+                cpu_se["gw"] += _cpu_s(gw.pid) - cpu_g0
+                cpu_se["broker"] += _cpu_s(broker.pid) - cpu_b0
                 for r in se_one:
                     next_id.update(r["next_id"])
                 hs += hs_one
@@ -562,6 +566,11 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
             n_hs = sum(r["count"] for r in hs)
             fig["bare_handshakes_per_s"] = round(_median(session_rounds, "handshakes"), 1)
             fig["broker_cpu_ms_per_handshake"] = round(1000 * cpu_hs / n_hs, 2) if n_hs else None
+            n_se = sum(r["count"] for r in se)
+            # What one whole session costs each side (the load generator's TLS client work,
+            # which a real node does itself, shares the machine with both).
+            fig["broker_cpu_ms_per_session"] = round(1000 * cpu_se["broker"] / n_se, 2) if n_se else None
+            fig["gateway_cpu_ms_per_session"] = round(1000 * cpu_se["gw"] / n_se, 2) if n_se else None
             fig["sessions_per_s"] = round(_median(session_rounds, "sessions"), 1)
             fig["session_ratio"] = round(_median(session_rounds, "ratio"), 3)
             fig["session_ratio_rounds"] = [round(r["ratio"], 3) for r in session_rounds]
@@ -604,7 +613,8 @@ SECTIONS = (
         "upstream_latency_p99_ms")),
     ("wake sessions", (
         "sessions_per_s", "bare_handshakes_per_s", "session_ratio", "session_ratio_rounds", "session_p50_ms",
-        "broker_cpu_ms_per_handshake", "session_concurrency", "session_errors",
+        "broker_cpu_ms_per_handshake", "broker_cpu_ms_per_session", "gateway_cpu_ms_per_session",
+        "session_concurrency", "session_errors",
         "nodes_per_gateway_at_5min_wake")),
     ("run", ("devices", "frames_per_run", "rounds", "readings_per_frame", "cpus", "setup_s")),
 )
