@@ -58,6 +58,40 @@ def _u32(b, o):
     return b[o] | (b[o + 1] << 8) | (b[o + 2] << 16) | (b[o + 3] << 24)
 
 
+# ACK and SLEEP_NOW come in every sending wake. Their fixed fields are read in place from
+# the receive buffer when the frame has the plain shape the codec would accept (the decoder
+# builds a tuple, a list and views for them, about 600 bytes): the header with this
+# protocol's major version, the u32 that follows, for ACK an empty selective list, then
+# only the known optional fields, each once, in tag order, at the size the spec gives it
+# (tag, size pairs below, from shared/protocol/torpor.toml). Any other frame goes to the
+# codec, which accepts or refuses it as before.
+_ACK_FIXED = const(11)  # header, cumulative u32, selective count (a one-byte varint)
+_ACK_OPTIONAL = b"\x03\x04\x04\x01"  # time (tag 3, u32), pending (tag 4, u8)
+_SLEEP_NOW_FIXED = const(10)  # header, sleep_s u32
+_SLEEP_NOW_OPTIONAL = b"\x02\x01"  # pending (tag 2, u8)
+
+
+def _plain(p, off, optional):
+    """True when frame p from byte off holds only fields of `optional`, as described above."""
+    import proto  # loaded by send()
+
+    n = len(p)
+    if n < off or n > proto.MAX_FRAME or p[0] >> 4 != proto.MAJOR:
+        return False
+    j = 0
+    while off < n:
+        if off + 2 > n:
+            return False
+        tag = p[off]
+        while j < len(optional) and optional[j] != tag:
+            j += 2
+        if j == len(optional) or p[off + 1] != optional[j + 1] or off + 2 + optional[j + 1] > n:
+            return False
+        j += 2
+        off += 2 + p[off + 1]
+    return True
+
+
 def _ms_since(t):
     return time.ticks_diff(time.ticks_ms(), t)
 
@@ -373,6 +407,12 @@ class Wake:
         # payload is a view into the client's receive buffer. OTA frames are rare and
         # large, and their fields go to the slot code: they get a copy of their own.
         t = payload[1] if len(payload) > 1 else 0
+        if t == proto.ACK and _plain(payload, _ACK_FIXED, _ACK_OPTIONAL) and payload[10] == 0:
+            self._on_ack(_u32(payload, 6), ())
+            return 0
+        if t == proto.SLEEP_NOW and _plain(payload, _SLEEP_NOW_FIXED, _SLEEP_NOW_OPTIONAL):
+            # plain: 13 bytes only with the pending field, its value last
+            return self._on_sleep_now(_u32(payload, 6), payload[12] if len(payload) == 13 else 0)
         if t == proto.OTA_MANIFEST or t == proto.OTA_CHUNK:  # no tuple per packet
             payload = bytes(payload)
         try:
@@ -381,11 +421,7 @@ class Wake:
             log.warn("bad downlink frame: %s", e)
             return 0
         if ftype == proto.ACK:
-            ota.on_ack()
-            self.q.ack(f[proto.ACK_CUMULATIVE], f[proto.ACK_SELECTIVE])
-            # ACK's `pending` counts frames that follow in this window: no reason to wake
-            # early. Only SLEEP_NOW's `pending` (items left for a later wake) is.
-            log.info("ack cumulative=%d depth=%d", f[proto.ACK_CUMULATIVE], self.q.depth)
+            self._on_ack(f[proto.ACK_CUMULATIVE], f[proto.ACK_SELECTIVE])
         elif ftype == proto.COMMAND:
             import commands  # loaded by send()
 
@@ -406,11 +442,7 @@ class Wake:
             n = proto.encode_shadow_report(self.out, self.st.msg_id(), self.cfg.version, self.cfg.report())
             client.publish_out(self.up_topic, n, 1)
         elif ftype == proto.SLEEP_NOW:
-            self.sleep_req = f[proto.SLEEP_NOW_SLEEP_S]
-            if f[proto.SLEEP_NOW_PENDING]:
-                self.hint = 1
-            self.stop = True
-            return STOP
+            return self._on_sleep_now(f[proto.SLEEP_NOW_SLEEP_S], f[proto.SLEEP_NOW_PENDING])
         elif ftype == proto.ERROR:
             log.warn("gateway error code=%d ref=%d %s", f[proto.ERROR_CODE], f[proto.ERROR_REF], f[proto.ERROR_DETAIL])
         elif ftype == proto.OTA_MANIFEST or ftype == proto.OTA_CHUNK:
@@ -418,6 +450,20 @@ class Wake:
         else:
             log.info("downlink frame type %d not handled by the app", ftype)
         return 0
+
+    def _on_ack(self, cumulative, selective):
+        ota.on_ack()
+        self.q.ack(cumulative, selective)
+        # ACK's `pending` counts frames that follow in this window: no reason to wake
+        # early. Only SLEEP_NOW's `pending` (items left for a later wake) is.
+        log.info("ack cumulative=%d depth=%d", cumulative, self.q.depth)
+
+    def _on_sleep_now(self, sleep_s, pending):
+        self.sleep_req = sleep_s
+        if pending:
+            self.hint = 1
+        self.stop = True
+        return STOP
 
     # ---- plan sleep ----------------------------------------------------------------
     def plan_sleep(self):

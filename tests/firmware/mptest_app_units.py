@@ -185,3 +185,88 @@ def test_sleep_lands_on_the_grid_and_hints_shorten_it():
     w.hint = 0
     w.sleep_req = 600
     mpunit.eq(w.plan_sleep(), 600000)
+
+
+def _plain_fields(p):
+    # What the wake takes from ACK / SLEEP_NOW in place, or None when it leaves the frame to
+    # the codec (the same checks as Wake._on_down; 11 and 10 are _ACK_FIXED and
+    # _SLEEP_NOW_FIXED, constants the module does not export).
+    t = p[1] if len(p) > 1 else 0
+    if t == proto.ACK and app._plain(p, 11, app._ACK_OPTIONAL) and p[10] == 0:
+        return (app._u32(p, 6), [])
+    if t == proto.SLEEP_NOW and app._plain(p, 10, app._SLEEP_NOW_OPTIONAL):
+        return (app._u32(p, 6), p[12] if len(p) == 13 else 0)
+    return None
+
+
+def _codec_fields(p):
+    try:
+        t, f = proto.decode(p)
+    except proto.ProtocolError:
+        return "refused"
+    if t == proto.ACK:
+        return (f[proto.ACK_CUMULATIVE], f[proto.ACK_SELECTIVE])
+    return (f[proto.SLEEP_NOW_SLEEP_S], f[proto.SLEEP_NOW_PENDING])
+
+
+def test_ack_and_sleep_now_read_in_place_agree_with_the_codec():
+    buf = bytearray(proto.MAX_ACK)
+    frames = []
+    for cum, sel, tm, pend in ((7, [], 0, 0), (0xFFFFFFFF, [], 1767225600, 3), (64, [], 0, 255),
+                               (64, [], 5, 0), (9, [11, 12], 5, 1)):
+        frames.append(bytes(buf[: proto.encode_ack(buf, 0x80000001, cum, sel, tm, pend)]))
+    for s, pend in ((0, 0), (600, 0), (0xFFFFFFFF, 2)):
+        frames.append(bytes(buf[: proto.encode_sleep_now(buf, 5, s, pend)]))
+    # The frames the gateway sends take the in-place path.
+    for p in frames[:4] + frames[5:]:
+        mpunit.eq(_plain_fields(p), _codec_fields(p))
+    mpunit.eq(_plain_fields(frames[4]), None)  # selective ids: the codec decodes them
+    # Damaged, truncated, extended or reordered frames: whenever the in-place read accepts a
+    # frame, the codec accepts it too and reads the same values.
+    tried = taken = 0
+    for p in frames:
+        variants = [p[:k] for k in range(len(p))]
+        variants += [p + b"\x00", p + b"\x05\x01\x00", p[:6] + b"\x00" + p[7:]]
+        for i in range(len(p)):
+            for v in (0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x21, 0x7F, 0x80, 0xFF):
+                variants.append(p[:i] + bytes((v,)) + p[i + 1 :])
+        for q in variants:
+            mine = _plain_fields(q)
+            tried += 1
+            if mine is not None:
+                taken += 1
+                mpunit.eq(mine, _codec_fields(q))
+    mpunit.eq(tried > 500 and taken > 50, True)
+    # Optional fields out of order or repeated are the codec's to refuse.
+    p = frames[1]  # ..., time (tag 3) at 11..16, pending (tag 4) at 17..19
+    ack = p[:11] + p[17:20] + p[11:17]
+    mpunit.eq(_plain_fields(ack), None)
+    mpunit.eq(_codec_fields(ack), "refused")
+
+
+def test_on_down_reads_ack_and_sleep_now_without_the_codec_objects():
+    import gc
+
+    _node(_cfg())
+
+    class Q:
+        floor = depth = 0
+
+        def ack(self, cum, sel):
+            self.floor = cum
+            self.sel = sel
+
+    w = app.Wake()
+    w.q = Q()
+    buf = bytearray(proto.MAX_ACK)
+    ack = memoryview(bytearray(buf[: proto.encode_ack(buf, 1, 64, [], 1767225600, 0)]))
+    sleep = memoryview(bytearray(buf[: proto.encode_sleep_now(buf, 1, 0, 4)]))
+    w._on_down(None, ack)
+    mpunit.eq((w.q.floor, w.q.sel), (64, ()))
+    gc.collect()
+    a = gc.mem_alloc()
+    mpunit.eq(w._on_down(None, sleep), app.STOP)
+    used = gc.mem_alloc() - a
+    mpunit.eq((w.sleep_req, w.hint, w.stop), (0, 1, True))
+    print("mem_alloc SLEEP_NOW read in place:", used)
+    assert used < 128, used  # the instance dict takes the three fields; the codec took 160+
