@@ -248,6 +248,9 @@ class Relay:
         # Items just committed, handed over by ingest (`notify`), in id order: sent without
         # reading them back from the outbox when they follow on from what was sent.
         self._fresh: collections.deque[Queued] = collections.deque()
+        # The outbox may hold items that were not handed over (a backlog, a gap, another
+        # process's events): read it before waiting again.
+        self._behind = True
         self._deleting = 0  # acknowledged items whose delete is running
 
     # ---------------------------------------------------------------- public
@@ -269,8 +272,11 @@ class Relay:
             fresh = self._fresh
             if len(fresh) + len(items) > FRESH_MAX:
                 fresh.clear()
+                self._behind = True
             else:
                 fresh.extend(items)
+        else:
+            self._behind = True  # committed, but not handed over: read the outbox
         if self._wake is not None:
             self._wake.set()
 
@@ -280,6 +286,8 @@ class Relay:
         fresh = self._fresh
         while fresh and fresh[0].id <= after:  # read from the outbox meanwhile
             fresh.popleft()
+        if fresh and fresh[0].id != after + 1:
+            self._behind = True  # a gap: what lies between is only in the outbox
         out: list[Queued] = []
         while fresh and fresh[0].id == after + 1 and len(out) < self.batch:
             after += 1
@@ -494,14 +502,22 @@ class Relay:
         try:
             after = 0  # the outbox is replayed from its oldest item on every connection
             self._fresh.clear()
+            self._behind = True
             while True:
                 wake.clear()
-                items = self._take_fresh(after) or await self._db(box.peek, self.batch, after)
+                items = self._take_fresh(after)
+                if not items and self._behind:
+                    items = await self._db(box.peek, self.batch, after)
+                    # Caught up unless the read came back full. Items handed over
+                    # meanwhile that it already covered are dropped by _take_fresh.
+                    self._behind = len(items) >= self.batch
                 if not items:
                     left = min(self.poll_s, overdue())
-                    with contextlib.suppress(TimeoutError):
+                    try:
                         async with asyncio.timeout(left):
                             await wake.wait()
+                    except TimeoutError:
+                        self._behind = True  # another process may have added items
                     continue
                 for q in items:
                     while full():

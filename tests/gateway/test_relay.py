@@ -200,6 +200,7 @@ def test_items_handed_over_go_out_without_being_read_back(
 
     async def main() -> tuple[list[bytes], list[int]]:
         read_back: list[int] = []
+        reads = [0]
         async with collector(upstream) as got:
             relay = Relay(db, settings(upstream), inflight=8, poll_s=30.0)
             async with running(relay):
@@ -208,6 +209,7 @@ def test_items_handed_over_go_out_without_being_read_back(
                 peek = box.peek
 
                 def counted(n: int, after: int = 0) -> list[Queued]:
+                    reads[0] += 1
                     items = peek(n, after)
                     read_back.extend(q.id for q in items)
                     return items
@@ -217,6 +219,7 @@ def test_items_handed_over_go_out_without_being_read_back(
                 assert [q.id for q in handed] == list(range(51, 81))
                 relay.notify(handed)
                 await until(lambda: len(got) >= 80, 20, "the handed-over items")
+                assert reads[0] == 0  # not even a read that finds nothing
                 commit(80, 90)  # committed elsewhere: not handed over
                 relay.notify(commit(90, 120))
                 await until(lambda: len(got) >= 120 and outbox_state(db)[0] == 0, 20, "the rest")
