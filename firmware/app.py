@@ -41,7 +41,8 @@ STOP = const(1)
 
 
 def _topic(t, off, dev, suffix):
-    # "torpor/<dev>/<suffix>" into t at off; returns (view of it, next offset).
+    # "torpor/<dev>/<suffix>" into t at off; returns a view of it (no tuple: the next
+    # topic starts at off + len(view)).
     t[off : off + 7] = b"torpor/"
     i = off + 7
     n = len(dev)
@@ -51,7 +52,7 @@ def _topic(t, off, dev, suffix):
     n = len(suffix)
     t[i + 1 : i + 1 + n] = suffix
     i += 1 + n
-    return memoryview(t)[off:i], i
+    return memoryview(t)[off:i]
 
 
 def _u32(b, o):
@@ -249,9 +250,9 @@ class Wake:
         dev = memoryview(cfg.device_id)
         # torpor/<device id>/{up,down,status}
         topics = bytearray(3 * (8 + len(dev)) + 12)
-        self.up_topic, i = _topic(topics, 0, dev, b"up")
-        down, i = _topic(topics, i, dev, b"down")
-        status, _ = _topic(topics, i, dev, b"status")
+        self.up_topic = _topic(topics, 0, dev, b"up")
+        down = _topic(topics, len(self.up_topic), dev, b"down")
+        status = _topic(topics, len(self.up_topic) + len(down), dev, b"status")
         client = None
         self.session_ok = False
         self.hint = 0
@@ -483,12 +484,14 @@ class Wake:
 
 
 def _report(w, sleep_ms, a0):
-    log.line(
-        "T boot=%d sample=%d connect=%d publish=%d wait=%d total=%d bytes_out=%d bytes_in=%d "
-        "sent=%d depth=%d sleep=%d conn_bytes=%d burst_bytes=%d"
-        % (w.ms_boot, w.ms_sample, w.ms_connect, w.ms_publish, w.ms_wait, _ms_since(w.t0),
-           w.bytes_out, w.bytes_in, w.sent, w.q.depth if w.q else 0, sleep_ms,
-           w.bytes_conn, w.bytes_burst)
+    # Printed piece by piece (print takes its arguments on the stack): no tuple of values
+    # and no line string (about 200 bytes a wake); the lines are those log.line printed.
+    print(
+        "T boot=", w.ms_boot, " sample=", w.ms_sample, " connect=", w.ms_connect,
+        " publish=", w.ms_publish, " wait=", w.ms_wait, " total=", _ms_since(w.t0),
+        " bytes_out=", w.bytes_out, " bytes_in=", w.bytes_in, " sent=", w.sent,
+        " depth=", w.q.depth if w.q else 0, " sleep=", sleep_ms, " conn_bytes=", w.bytes_conn,
+        " burst_bytes=", w.bytes_burst, sep="",
     )
     # Bytes allocated during the wake (no collection runs in between on a roomy heap): the
     # TLS handshake and code loaded during the wake (mqtt) are shown apart from the wake's
@@ -498,9 +501,9 @@ def _report(w, sleep_ms, a0):
     app = alloc - w.tls_alloc - w.import_alloc
     # getattr: an image may run under an older bootloader (OTA replaces the app only).
     b0 = getattr(bootstate, "alloc0", None)
-    log.line(
-        "M alloc=%d tls=%d import=%d app=%d boot=%d free=%d"
-        % (alloc, w.tls_alloc, w.import_alloc, app, 0 if b0 is None else gc.mem_alloc() - b0, gc.mem_free())
+    print(
+        "M alloc=", alloc, " tls=", w.tls_alloc, " import=", w.import_alloc, " app=", app,
+        " boot=", 0 if b0 is None else gc.mem_alloc() - b0, " free=", gc.mem_free(), sep="",
     )
 
 

@@ -15,9 +15,9 @@ MAX_STAY_AWAKE_S = 600
 class Effects:
     """What the wake cycle must do after the window because of commands."""
 
-    def __init__(self):
-        self.stay_awake_ms = 0
-        self.reboot = False
+    # Defaults on the class: a wake without commands stores nothing on the instance.
+    stay_awake_ms = 0
+    reboot = False
 
 
 def _result(buf, msg_id, command_id, status, code=0, detail="", values=()):

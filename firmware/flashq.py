@@ -141,7 +141,6 @@ class FlashQueue:
     _st = None  # state file buffer and path (see _state_buf)
     _slot2 = None  # a compaction's last removed slot (see _copy_live)
     _pstate = ""
-    _cmv = None
     run_first = 0  # first id of the last read_run
 
     def __init__(self, dir, record_size, max_records, seg_records=64, reserve_blocks=6,
@@ -236,7 +235,6 @@ class FlashQueue:
         # The read buffer, made on first use: a resumed queue that only appends never reads.
         if self._chunk is None:
             self._chunk = bytearray(self.slot_size * _CHUNK)
-            self._cmv = memoryview(self._chunk)
         return self._chunk
 
     def _fopen(self, seg):
@@ -250,7 +248,7 @@ class FlashQueue:
             return -1
         ss = self.slot_size
         ch = self._ch()
-        n = f.readinto(self._cmv)
+        n = f.readinto(ch)
         if not n:
             return -1
         whole = n - n % ss
