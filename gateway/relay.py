@@ -213,7 +213,7 @@ class Relay:
         inflight: int = DEFAULT_INFLIGHT,
         batch: int = 256,
         poll_s: float = 0.25,
-        flush_s: float = 0.05,
+        flush_s: float = 0.02,
         bounds_every_s: float = 1.0,
         publish_timeout_s: float = 15.0,
         keepalive_s: int = 30,
