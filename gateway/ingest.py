@@ -452,7 +452,7 @@ class Ingest:
             if isinstance(message.payload, bytes | bytearray):
                 offer(message.topic.value, bytes(message.payload))
         writer = self.writer or db.Writer("ingest-db")
-        committer = asyncio.create_task(self._commit_loop(client, writer), name="ingest-commit")
+        committer = asyncio.create_task(self._commit_loop(writer), name="ingest-commit")
         try:
             await client.subscribe(topics.UP_ALL, qos=1)
             log.info("ingesting %s", topics.UP_ALL)
@@ -468,24 +468,24 @@ class Ingest:
             with contextlib.suppress(asyncio.CancelledError):
                 await committer
             try:
-                await self.drain(client, writer=writer)
+                await self.drain(writer=writer)
             finally:
                 if writer is not self.writer:
                     writer.close()
 
-    async def drain(self, client: aiomqtt.Client, timeout: float = 5.0,
+    async def drain(self, timeout: float = 5.0,
                     writer: db.Writer | None = None) -> None:
         """Answer the commit in flight, commit what is pending, publish its answers and
         wait for the in-flight publishes."""
         if self._inflight is not None:
             with contextlib.suppress(Exception):
-                self._publish(client, await self._inflight)
+                self._publish(await self._inflight)
             self._inflight = None
         if self._pending:
             batch, self._pending = self._pending, []
             writer = writer or self.writer
             out = await writer.run(self.process, batch) if writer else self.process(batch)
-            self._publish(client, out)
+            self._publish(out)
         deadline = time.monotonic() + timeout
         while self._unconfirmed() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -500,7 +500,7 @@ class Ingest:
             del waiting[next(iter(waiting))]
         return len(waiting)
 
-    async def _commit_loop(self, client: aiomqtt.Client, writer: db.Writer) -> None:
+    async def _commit_loop(self, writer: db.Writer) -> None:
         """Group commit: one batch commits on the writer thread while the next one grows
         on the event loop, which keeps reading MQTT. Under load a batch is whatever
         arrived during the previous commit (up to batch_max_frames), so batches grow with
@@ -538,13 +538,14 @@ class Ingest:
                 self._inflight = asyncio.ensure_future(writer.run(self.process, batch))
                 out = await asyncio.shield(self._inflight)
                 self._inflight = None
-                self._publish(client, out)
+                self._publish(out)
 
-    def _publish(self, client: aiomqtt.Client, out: Outgoing) -> None:
+    def _publish(self, out: Outgoing) -> None:
         """Queue the answers on the connection's publisher and write them at once,
         without waiting for each PUBACK (see gateway.mqtt). A lost answer costs nothing
         durable: the node keeps its readings and sends them again."""
-        publisher = self._publisher = mqtt.lean(client)
+        publisher = self._publisher
+        assert publisher is not None, "answers are published only while run() holds a connection"
         self._unconfirmed()
         m = self.metrics
         for topic, payload, qos in out:

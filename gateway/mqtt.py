@@ -116,36 +116,21 @@ def _fixed_header(command: int, remaining: int) -> bytes:
 
 
 def lean(client: aiomqtt.Client, received: Received | None = None) -> Publisher:
-    """Trim paho's per-packet costs on a connected MQTT 3.1.1 client (see the module);
-    the client's `Publisher`. `received(topic, payload)`: where QoS 0 and 1 messages go
-    instead of `on_message`. On another protocol version the publisher works and paho
-    keeps reading."""
+    """Take over the busy packets of a connected MQTT 3.1.1 client (see the module) and
+    return its `Publisher`; once per connection, later calls return the same publisher.
+    `received(topic, payload)`: where QoS 0 and 1 messages go instead of `on_message`."""
     paho = client._client
     publisher: Publisher | None = getattr(paho, "_torpor_publisher", None)
-    if publisher is None:
-        publisher = Publisher(paho)
-        paho._torpor_publisher = publisher  # type: ignore[attr-defined]
-    else:
-        return publisher  # lean already
-    if paho._protocol != MQTTv311 or paho._sock is None:
-        paho._handle_pubackcomp = _pubackcomp(paho, publisher)  # type: ignore[method-assign]
+    if publisher is not None:
         return publisher
+    if paho._protocol != MQTTv311:
+        raise ValueError("gateway.mqtt.lean takes MQTT 3.1.1 clients only")
+    if paho._sock is None:
+        raise aiomqtt.MqttError("disconnected from the broker")
+    publisher = paho._torpor_publisher = Publisher(paho)  # type: ignore[attr-defined]
     paho._packet_read = _reader(paho, received, publisher)  # type: ignore[method-assign]
     paho._packet_write = _joined_writer(paho)  # type: ignore[method-assign]
     return publisher
-
-
-def _pubackcomp(paho: Any, publisher: Publisher) -> Any:
-    """paho's `_handle_pubackcomp` that first offers a PUBACK to the publisher."""
-    full = paho._handle_pubackcomp
-
-    def handle_pubackcomp(cmd: Any) -> MQTTErrorCode:
-        packet = paho._in_packet["packet"]
-        if cmd == "PUBACK" and len(packet) >= 2 and publisher.acked(packet[0] << 8 | packet[1]):
-            return MQTT_ERR_SUCCESS
-        return full(cmd)  # type: ignore[no-any-return]
-
-    return handle_pubackcomp
 
 
 def _reader(paho: Any, received: Received | None, publisher: Publisher) -> Any:
