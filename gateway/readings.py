@@ -161,8 +161,8 @@ def burst_problem(msg_id: int, count: int) -> str:
     if msg_id < 1:
         return f"message id {msg_id} is not a reading id (reading ids start at 1)"
     if msg_id + count - 1 > ID_MAX:
-        return (f"reading ids {msg_id}..{msg_id + count - 1} run past {ID_MAX} "
-                "(reading ids do not wrap)")
+        # Short enough for an ERROR frame's detail.
+        return f"ids {msg_id}..{msg_id + count - 1} pass {ID_MAX} (ids do not wrap)"
     return ""
 
 
