@@ -190,7 +190,7 @@ class Ingest:
         self.on_committed = on_committed
         self.clock = clock
         self.metrics = Metrics()
-        self.states: dict[str, readings.DedupState] = readings.load_states(conn)
+        self.states: dict[str, readings.DedupState] = readings.load_states(conn, repair=True)
         self._status: dict[str, str] = registry.statuses(conn)
         self._unknown: dict[str, float] = {}
         self._guards: dict[str, _Guard] = {}

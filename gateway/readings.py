@@ -340,11 +340,22 @@ def _loaded(device: str, hwm: object, ranges: object, total: object) -> DedupSta
     return st
 
 
-def load_states(conn: sqlite3.Connection) -> dict[str, DedupState]:
-    return {
-        dev: _loaded(dev, hwm, ranges, total)
-        for dev, hwm, ranges, total in conn.execute("SELECT device, hwm, ranges, total FROM dedup")
-    }
+def load_states(conn: sqlite3.Connection, *, repair: bool = False) -> dict[str, DedupState]:
+    """Every device's dedup state, made valid (see DedupState.from_row). With `repair`,
+    the rows that needed it are written back valid (in a transaction of their own)."""
+    states = {}
+    bad = []
+    for dev, hwm, ranges, total in conn.execute("SELECT device, hwm, ranges, total FROM dedup"):
+        st, repaired = DedupState.from_row(hwm, ranges, total)
+        if repaired:
+            log.warning("%s: stored dedup state %r / %r is not valid; using %d / %r",
+                        dev, hwm, ranges, st.hwm, st.encode_ranges(), extra={"device_id": dev})
+            bad.append((st.hwm, st.encode_ranges(), st.total, dev))
+        states[dev] = st
+    if repair and bad:
+        with db.atomic(conn):
+            conn.executemany("UPDATE dedup SET hwm=?, ranges=?, total=? WHERE device=?", bad)
+    return states
 
 
 def load_state(conn: sqlite3.Connection, device: str) -> DedupState:
