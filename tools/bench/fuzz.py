@@ -539,7 +539,7 @@ async def _attack(names: list[str], ctxs: dict[str, ssl.SSLContext], port: int, 
             await asyncio.sleep(0.6)
             quarantined[last] = False
         bad = bytes([proto.VERSION_BYTE, proto.BURST, 1, 0, 0, 0, 0xFF])
-        for _ in range(cfg.malformed_threshold * 2):
+        for _ in range(cfg.malformed_threshold + 10):  # its guard starts afresh on release
             if quarantined[last]:
                 break
             fut = conns[last].publish(f"torpor/{last}/up".encode(), bad, qos=1)
