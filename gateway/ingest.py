@@ -277,14 +277,24 @@ class Ingest:
         st = _Stage({}, [], {}, {})
         for topic, payload in batch:
             self.metrics.frames += 1
+            raw = bytes(payload)
             try:
-                self._stage(st, topic, bytes(payload), now)
+                self._stage(st, topic, raw, now)
             except Exception as exc:  # a defect: the frame is kept, the device stopped
                 device = _device_of(topic)
                 device_log(device).exception("staging a frame raised")
                 dev = st.dev(device)
                 dev.failed = f"{type(exc).__name__}: {exc}"
-        return self._commit(st, now)
+                if not (dev.payloads and dev.payloads[-1] is raw):
+                    dev.payloads.append(raw)
+        try:
+            return self._commit(st, now)
+        except Exception:
+            # The last resort (a defect past the commit): answer nothing this time. What
+            # was committed stays; the nodes send again and their duplicates are acked.
+            self.metrics.commit_errors += 1
+            log.exception("answering a batch failed; nothing acknowledged")
+            return []
 
     def _stage(self, st: _Stage, topic: str, payload: bytes, now: float) -> None:
         """Decode and check one frame into the stage; nothing is written yet."""
