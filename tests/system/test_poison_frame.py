@@ -18,7 +18,7 @@ import pytest
 from gateway import deadletter, proto, readings, registry
 from gateway.pki import Pki
 from gateway.service import read_status
-from tests.system.stack import Stack
+from tests.system.stack import Stack, StackNode
 from tools.bench.fuzz import FuzzConfig, NodeStats, tls_context, well_behaved_node
 
 U32 = 0xFFFFFFFF
@@ -55,9 +55,11 @@ def ingest_restarts(stack: Stack) -> int:
 
 
 async def attack_while_nodes_send(stack: Stack, payload: Path, evil: str,
-                                  stats: dict[str, NodeStats], times: int) -> list[str]:
-    """Nodes send throughout; after a second alone, `evil` publishes the poison `times`
-    times. Returns what evil's down topic carried (hex payloads, via mosquitto_sub)."""
+                                  stats: dict[str, NodeStats], times: int,
+                                  sim: StackNode | None = None) -> list[str]:
+    """Nodes send throughout (and `sim`, the real firmware, wakes three times); after a
+    second alone, `evil` publishes the poison `times` times. Returns what evil's down
+    topic carried (hex payloads, via mosquitto_sub)."""
     cfg = FuzzConfig(awake_window_ms=2000, node_period_s=0.05)
     ctxs = {}
     for n in NODES:
@@ -71,12 +73,16 @@ async def attack_while_nodes_send(stack: Stack, payload: Path, evil: str,
         "mosquitto_sub", *tls_args(stack, evil)[:-4], "-i", f"{evil}-listen", "-V", "mqttv311",
         "-t", f"torpor/{evil}/down", "-F", "%x", "-C", str(times), "-W", "30",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    wakes = asyncio.create_task(sim.wake(3)) if sim is not None else None
     try:
         await asyncio.sleep(1.0)
         for _ in range(times):
             await asyncio.to_thread(mosquitto_pub, stack, evil, payload)
             await asyncio.sleep(0.3)
         out, err = await asyncio.wait_for(sub.communicate(), 30)
+        if wakes is not None:
+            summary = await asyncio.wait_for(wakes, 60)
+            assert summary.kinds["sleep"] == 3, summary.as_dict()
         await asyncio.sleep(1.0)  # the nodes go on after the attack
     finally:
         stop.set()
@@ -109,14 +115,20 @@ def test_the_poison_burst_is_refused_and_the_others_keep_their_acks(
     with stack.db() as conn:
         conn.execute("INSERT INTO dedup(device, hwm, ranges, total) VALUES (?, 0, ?, 5)",
                      (evil, f"{U32}-{U32 + 4}"))
+    sim = stack.add_node("sim0", seed=5, send_every=1)
     stack.start()
     payload = tmp_path / "poison.bin"
     payload.write_bytes(poison())
 
     stats = {n: NodeStats() for n in NODES}
     t_attack = time.monotonic() + 1.0
-    down = asyncio.run(attack_while_nodes_send(stack, payload, evil, stats, times=3))
+    down = asyncio.run(attack_while_nodes_send(stack, payload, evil, stats, times=3, sim=sim))
     worst = check_nodes(stack, stats, t_attack)
+    # The real firmware's readings all reached the store; the node holds none unacked.
+    sampled = sim.log().readings
+    with stack.db() as conn:
+        assert readings.count_rows(conn, "sim0") == len(sampled) > 0
+    assert sim.log().timings[-1]["depth"] == 0, sim.log().timings[-1]
     print(f"\npoison frame: worst ACK delay of the well-behaved nodes {1000 * worst:.1f} ms "
           f"(window 2000 ms), {sum(s.acked for s in stats.values())} bursts acknowledged")
 
