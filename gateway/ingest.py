@@ -520,12 +520,13 @@ class Ingest:
         """The batch's own writes: last seen, dead letters and their counts, quarantines,
         after the devices' frames (in the same transaction)."""
         dead = list(st.dead)
+        counts = {k: list(v) for k, v in st.counts.items()}  # this attempt's own
         for dev in failed:
             dev.replies = [_Reply(2, frames=[_error(
                 proto.ErrorCode.INTERNAL, _ref(p), "could not be stored")]) for p in dev.payloads]
             for p in dev.payloads:
                 dead.append((dev.device, now, "ingest_error", dev.failed[:500], p))
-                c = st.counts.setdefault((dev.device, "ingest_error"), [0, 0, 0])
+                c = counts.setdefault((dev.device, "ingest_error"), [0, 0, 0])
                 c[0] += 1
                 c[1] += len(p)
                 c[2] += 1
@@ -539,9 +540,9 @@ class Ingest:
             if self._dead_bytes > self.cfg.deadletter_max_bytes:
                 deadletter.trim(self.conn, self.cfg.deadletter_max_bytes)
                 self._dead_bytes = deadletter.totals(self.conn)[1]
-        if st.counts:
+        if counts:
             deadletter.count_refused(self.conn, [
-                (d, r, c[0], c[1], c[2], now) for (d, r), c in st.counts.items()])
+                (d, r, c[0], c[1], c[2], now) for (d, r), c in counts.items()])
         if self.upstream is not None and st.quarantine:
             w.events += queue_events(self.conn, self.upstream, [
                 (d, "quarantined", {"reason": r}) for d, r in st.quarantine.items()], now)
