@@ -409,13 +409,20 @@ class Ingest:
         t0 = time.perf_counter()
         devs = [d for d in st.devs.values() if not d.failed]
         failed = [d for d in st.devs.values() if d.failed]
+        # Status changes of our own (first HELLO, quarantine) need no reload of the cache:
+        # note the registry version around them (the write lock is ours, so nobody else
+        # moves it in between).
+        own = bool(failed or st.quarantine or any(d.hellos for d in devs))
+        before = after = 0
         try:
             try:
                 with db.transaction(self.conn):
-                    before = registry.version(self.conn)
+                    if own:
+                        before = registry.version(self.conn)
                     w = self._write(devs, now)
                     self._write_common(st, failed, w, now)
-                    after = registry.version(self.conn)
+                    if own:
+                        after = registry.version(self.conn)
                 results = [w]
             except (sqlite3.OperationalError, sqlite3.InterfaceError):
                 raise
@@ -424,6 +431,7 @@ class Ingest:
                 log.warning("a batch of %d devices raised (%s: %s); writing it device by "
                             "device", len(devs), type(exc).__name__, exc)
                 results = []
+                own = True
                 with db.transaction(self.conn):
                     before = registry.version(self.conn)
                     for dev in devs:
@@ -453,7 +461,7 @@ class Ingest:
             return []
         for r in results:
             r.result.apply()
-        if before == self._data_version:
+        if own and before == self._data_version:
             self._data_version = after
         m.commit_s += time.perf_counter() - t0
         m.batches += 1
