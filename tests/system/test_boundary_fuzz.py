@@ -15,6 +15,7 @@ from gateway.errors import GatewayError
 from tools.bench.fuzz import FuzzConfig, measure, table
 
 
+@pytest.mark.slow
 def test_twenty_thousand_fuzzed_frames_stop_nobody(tmp_path: Path) -> None:
     try:
         find_mosquitto()

@@ -18,15 +18,20 @@ import pytest
 from gateway import deadletter, proto, readings, registry
 from gateway.pki import Pki
 from gateway.service import read_status
+from tests.mpharness import micropython_binary
 from tests.system.stack import Stack, StackNode
 from tools.bench.fuzz import FuzzConfig, NodeStats, tls_context, well_behaved_node
 
 U32 = 0xFFFFFFFF
 NODES = ("n0", "n1", "n2")
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("mosquitto_pub") is None or shutil.which("mosquitto_sub") is None,
-    reason="mosquitto-clients (mosquitto_pub, mosquitto_sub) is not installed")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("mosquitto_pub") is None or shutil.which("mosquitto_sub") is None,
+        reason="mosquitto-clients (mosquitto_pub, mosquitto_sub) is not installed"),
+    pytest.mark.skipif(micropython_binary() is None, reason="no MicroPython unix port"),
+]
 
 
 def poison() -> bytes:
