@@ -21,7 +21,7 @@ def test_twenty_thousand_fuzzed_frames_stop_nobody(tmp_path: Path) -> None:
         find_mosquitto()
     except GatewayError as exc:
         pytest.skip(f"mosquitto is not installed: {exc}")
-    fig = measure(FuzzConfig(frames=20_000, duration_s=45.0, nodes=3), workdir=tmp_path)
+    fig = measure(FuzzConfig(frames=20_000, duration_s=90.0, nodes=3), workdir=tmp_path)
     print("\n" + table(fig))
     assert fig["frames"] >= 20_000, "the fuzzer ran out of time before 20,000 frames"
     assert fig["passed"], "\n".join(fig["failures"]) + "\n" + fig.get("gateway_log_tail", "")

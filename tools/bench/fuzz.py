@@ -297,7 +297,7 @@ def _start_gateway(folder: Path, pki: Any, port: int, cfg: FuzzConfig) -> _Proce
 
     config = folder / "gateway.toml"
     config.write_text(
-        f'[gateway]\ndata_dir = "{folder / "data"}"\nstatus_interval_s = 0.2\n'
+        f'[gateway]\ndata_dir = "{folder / "data"}"\nstatus_interval_s = 0.1\n'
         'log_level = "warning"\n'
         f'[broker]\nmode = "external"\nhost = "127.0.0.1"\nport = {port}\n'
         f'pki_dir = "{pki.path}"\n'
