@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway import proto
 from gateway.downlink import DownlinkConfig
 from gateway.errors import ConfigError
 
@@ -79,6 +80,13 @@ class IngestConfig:
     malformed_threshold: int = 5
     malformed_window_s: float = 60.0
     rate_limit_frames_per_min: int = 600
+    # Dead letters (gateway.deadletter): each keeps at most this many bytes of its frame...
+    deadletter_raw_max_bytes: int = 256
+    # ...and the table at most this many bytes in all (oldest letters go first).
+    deadletter_max_bytes: int = 32 * 1024 * 1024
+    # Frames refused for who sent them (quarantined, revoked, unknown, over its rate) are
+    # counted, and one per device and reason is kept as a sample every this many seconds.
+    deadletter_sample_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +186,9 @@ _MINIMA: dict[tuple[str, str], float] = {
     ("ingest", "malformed_threshold"): 1,
     ("ingest", "malformed_window_s"): 0.001,
     ("ingest", "rate_limit_frames_per_min"): 1,
+    ("ingest", "deadletter_raw_max_bytes"): 0,
+    ("ingest", "deadletter_max_bytes"): 4096,
+    ("ingest", "deadletter_sample_s"): 0.0,
     ("upstream", "port"): 1,
     ("upstream", "qos"): 0,
     ("upstream", "outbox_max_items"): 1,
@@ -195,6 +206,7 @@ _MAXIMA: dict[tuple[str, str], float] = {
     ("mqtt", "port"): 65535,
     ("upstream", "port"): 65535,
     ("upstream", "qos"): 1,
+    ("ingest", "deadletter_raw_max_bytes"): proto.MAX_FRAME,  # all of any frame
 }
 
 
@@ -258,6 +270,11 @@ def parse_config(data: dict[str, Any], base: Path | None = None, source: str = "
 
 
 def _cross_check(cfg: GatewayConfig) -> None:
+    ing = cfg.ingest
+    if ing.deadletter_max_bytes < 16 * ing.deadletter_raw_max_bytes:
+        raise ConfigError(
+            f"[ingest] deadletter_max_bytes: {ing.deadletter_max_bytes} holds fewer than 16 "
+            f"letters of deadletter_raw_max_bytes = {ing.deadletter_raw_max_bytes}")
     if cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
         raise ConfigError("[mqtt] reconnect_max_s: smaller than reconnect_min_s")
     up = cfg.upstream

@@ -47,6 +47,7 @@ _UP_TYPES = frozenset({
 })
 _DETAIL_MAX = 64
 _UNCONFIRMED_MAX = 65536  # answers remembered for drain(); older ones are let go
+_SAMPLED_MAX = 100_000  # (device, reason) pairs remembered for dead-letter sampling
 STATUS_REFRESH_S = 0.5
 UNKNOWN_RECHECK_S = 1.0
 
@@ -77,6 +78,9 @@ class Metrics:
     readings_duplicate: int = 0
     dead_letters: int = 0
     quarantined: int = 0
+    refused: int = 0  # frames dead-lettered, stored as a letter or only counted
+    device_errors: int = 0  # devices whose frames raised while being handled
+    isolated_batches: int = 0  # batches written device by device because of them
     batches: int = 0
     commit_errors: int = 0
     acks_sent: int = 0
@@ -100,10 +104,56 @@ class _Guard:
 
 @dataclass(slots=True)
 class _Reply:
-    kind: int  # 0 burst ack, 1 hello, 2 error, 3 hook frames
-    device: str
-    index: int = 0  # into acks or hellos
+    kind: int  # 0 burst ack, 1 hello, 2 error frames
+    index: int = 0  # into the device's bursts or hellos
     frames: list[bytes] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Dev:
+    """One device's frames of a batch, decoded and checked, not written yet."""
+
+    device: str
+    bursts: list[proto.Burst] = field(default_factory=list)
+    hellos: list[proto.Hello] = field(default_factory=list)
+    answers: list[proto.CommandResult | proto.ShadowReport] = field(default_factory=list)
+    ota: list[proto.OtaStatus] = field(default_factory=list)
+    replies: list[_Reply] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)  # the frames to be written
+    failed: str = ""  # why handling its frames raised
+
+
+@dataclass(slots=True)
+class _Stage:
+    """A batch between decoding and the commit."""
+
+    devs: dict[str, _Dev]
+    dead: list[deadletter.Row]
+    counts: dict[tuple[str, str], list[int]]  # (device, reason) -> [frames, bytes, stored]
+    quarantine: dict[str, str]
+    seen: dict[str, float] = field(default_factory=dict)
+
+    def dev(self, device: str) -> _Dev:
+        d = self.devs.get(device)
+        if d is None:
+            d = self.devs[device] = _Dev(device)
+        return d
+
+
+@dataclass(slots=True)
+class _Written:
+    """What writing some devices' frames gave: to apply and send after the COMMIT."""
+
+    result: readings.CommitResult
+    upstream: list[Queued]
+    out: Outgoing
+    readings: int  # readings in their bursts, duplicates included
+    events: list[Queued] = field(default_factory=list)
+
+    @staticmethod
+    def empty() -> _Written:
+        """A holder for the batch's own events after a device-by-device write."""
+        return _Written(readings.CommitResult([], [], {}, {}), [], [], 0)
 
 
 class Ingest:
@@ -140,10 +190,12 @@ class Ingest:
         self.on_committed = on_committed
         self.clock = clock
         self.metrics = Metrics()
-        self.states: dict[str, readings.DedupState] = readings.load_states(conn)
+        self.states: dict[str, readings.DedupState] = readings.load_states(conn, repair=True)
         self._status: dict[str, str] = registry.statuses(conn)
         self._unknown: dict[str, float] = {}
         self._guards: dict[str, _Guard] = {}
+        self._sampled: dict[tuple[str, str], float] = {}
+        self._dead_bytes = deadletter.totals(conn)[1]
         self._data_version = self._read_data_version()
         self._status_checked = time.monotonic()
         self._rate = cfg.rate_limit_frames_per_min / 60.0
@@ -213,158 +265,297 @@ class Ingest:
     # ------------------------------------------------------------ the core
     def process(self, batch: Iterable[tuple[str, bytes]]) -> Outgoing:
         """Decode, commit and answer one batch of (topic, payload). Nothing is answered
-        when the commit fails: the nodes keep their readings and send them again."""
+        when the commit fails: the nodes keep their readings and send them again.
+
+        No frame raises out of here. Every frame is checked before anything derived from
+        it is written, and the answers are encoded before the COMMIT. Should handling one
+        device's frames raise all the same, the batch is written again device by device
+        (a savepoint each): that device's frames are dead-lettered, it is quarantined and
+        answered ERROR internal, and everyone else's frames commit and are acknowledged."""
         now = self.clock()
         self._refresh_statuses()
-        m = self.metrics
-        bursts: list[tuple[str, proto.Burst]] = []
-        hellos: list[tuple[str, proto.Hello]] = []
-        answers: list[tuple[str, proto.CommandResult | proto.ShadowReport]] = []
-        ota_frames: list[tuple[str, proto.OtaStatus]] = []
-        plans: list[WakePlan] = []
-        dead: list[deadletter.Row] = []
-        replies: list[_Reply] = []
-        seen: dict[str, float] = {}
-        quarantine: dict[str, str] = {}
-        upstream: list[Queued] = []
+        st = _Stage({}, [], {}, {})
         for topic, payload in batch:
-            m.frames += 1
+            self.metrics.frames += 1
+            raw = bytes(payload)
             try:
-                device = topics.parse_up(topic)
-            except topics.TopicError as exc:
-                log.warning("frame on an unexpected topic: %s", exc)
-                dead.append(("", now, "bad_topic", topic[:200], bytes(payload)))
-                continue
-            status = self._status_of(device, now)
-            if status is None or status not in registry.SERVED:
-                reason = "not_provisioned" if status is None else status
-                dead.append((device, now, reason, "", bytes(payload)))
-                if status is None or status == registry.PROVISIONED:
-                    replies.append(_Reply(2, device, frames=[_error(
-                        proto.ErrorCode.NOT_PROVISIONED, _ref(payload), "not provisioned")]))
-                continue
-            g = self._guard(device, now)
-            g.tokens = min(float(self.cfg.rate_limit_frames_per_min),
-                           g.tokens + (now - g.refilled) * self._rate)
-            g.refilled = now
-            if g.tokens < 1.0:
-                reason = f"over {self.cfg.rate_limit_frames_per_min} frames/min"
-                self._quarantine(device, reason, quarantine)
-                dead.append((device, now, "rate_limited", reason, bytes(payload)))
-                replies.append(_Reply(2, device, frames=[_error(
-                    proto.ErrorCode.QUARANTINED, _ref(payload), "rate limited")]))
-                continue
-            g.tokens -= 1.0
-            seen[device] = now
-            problem = ""
-            frame: proto.Frame | None = None
-            try:
-                frame = proto.decode(payload)
-            except proto.ProtocolError as exc:
-                problem = str(exc)
-                code = (proto.ErrorCode.UNSUPPORTED_VERSION if "version" in exc.reason
-                        else proto.ErrorCode.TOO_LARGE if "exceeds the maximum" in exc.reason
-                        and exc.frame == "frame" else
-                        proto.ErrorCode.UNKNOWN_FRAME if "unknown frame type" in exc.reason
-                        else proto.ErrorCode.MALFORMED)
-            else:
-                if payload[1] not in _UP_TYPES:
-                    problem = f"{type(frame).__name__} is a gateway-to-node frame"
-                    code = proto.ErrorCode.UNKNOWN_FRAME
-            if problem:
-                dead.append((device, now, "malformed", problem[:500], bytes(payload)))
-                device_log(device).warning("malformed frame: %s", problem)
-                replies.append(_Reply(2, device, frames=[_error(code, _ref(payload), problem)]))
-                g.malformed.append(now)
-                if (len(g.malformed) >= self.cfg.malformed_threshold
-                        and now - g.malformed[0] <= self.cfg.malformed_window_s):
-                    self._quarantine(
-                        device, f"{len(g.malformed)} malformed frames in "
-                        f"{self.cfg.malformed_window_s:g}s", quarantine)
-                    replies.append(_Reply(2, device, frames=[_error(
-                        proto.ErrorCode.QUARANTINED, _ref(payload), "quarantined")]))
-                continue
-            if isinstance(frame, proto.Burst):
-                replies.append(_Reply(0, device, len(bursts)))
-                bursts.append((device, frame))
-            elif isinstance(frame, proto.Hello):
-                replies.append(_Reply(1, device, len(hellos)))
-                hellos.append((device, frame))
-            elif self.downlink is not None and isinstance(
-                    frame, proto.CommandResult | proto.ShadowReport):
-                answers.append((device, frame))
-            elif self.ota is not None and isinstance(frame, proto.OtaStatus):
-                ota_frames.append((device, frame))
-            else:
-                # Up frames served by later modules (command results, shadow, OTA status).
-                dead.append((device, now, "unhandled", type(frame).__name__, bytes(payload)))
-                replies.append(_Reply(2, device, frames=[_error(
-                    proto.ErrorCode.UNKNOWN_FRAME, _ref(payload), "not served by this gateway")]))
-
-        t0 = time.perf_counter()
+                self._stage(st, topic, raw, now)
+            except Exception as exc:  # a defect: the frame is kept, the device stopped
+                device = _device_of(topic)
+                device_log(device).exception("staging a frame raised")
+                dev = st.dev(device)
+                dev.failed = f"{type(exc).__name__}: {exc}"
+                if not (dev.payloads and dev.payloads[-1] is raw):
+                    dev.payloads.append(raw)
         try:
-            with db.transaction(self.conn):
-                # Status changes of our own (first HELLO, quarantine) need no reload of
-                # the cache: note the registry version around them (the write lock is
-                # ours, so nobody else moves it in between).
-                own = bool(hellos or quarantine)
-                before = registry.version(self.conn) if own else 0
-                result = readings.commit_bursts(
-                    self.conn, bursts, self.states, now=now, in_transaction=True,
-                    low_water=[(d, h.first_id) for d, h in hellos if h.first_id])
-                if self.upstream is not None and result.committed:
-                    upstream += self._enqueue_upstream(result.committed, now)
-                if self.upstream is not None and (hellos or quarantine):
-                    upstream += queue_events(self.conn, self.upstream, [
-                        *((d, "hello", hello_fields(h)) for d, h in hellos),
-                        *((d, "quarantined", {"reason": r}) for d, r in quarantine.items()),
-                    ], now)
-                if self.ota is not None and (ota_frames or hellos):
-                    self.ota.handle(self.conn, ota_frames, hellos, now)
-                if self.downlink is not None:
-                    if answers:
-                        self.downlink.handle_up(self.conn, answers, now)
-                    if hellos:
-                        plans = self.downlink.plan(self.conn, hellos, now)
-                if hellos:
-                    registry.record_hellos(
-                        self.conn, [registry.hello_row(d, h, now) for d, h in hellos], now)
-                if seen:
-                    registry.touch_many(self.conn, [(t, d) for d, t in seen.items()])
-                if dead:
-                    deadletter.add_many(self.conn, dead)
-                for dev, reason in quarantine.items():
-                    registry.quarantine(self.conn, dev, reason, now=now)
-                after = registry.version(self.conn) if own else 0
+            return self._commit(st, now)
+        except Exception:
+            # The last resort (a defect past the commit): answer nothing this time. What
+            # was committed stays; the nodes send again and their duplicates are acked.
+            self.metrics.commit_errors += 1
+            log.exception("answering a batch failed; nothing acknowledged")
+            return []
+
+    def _stage(self, st: _Stage, topic: str, payload: bytes, now: float) -> None:
+        """Decode and check one frame into the stage; nothing is written yet."""
+        try:
+            device = topics.parse_up(topic)
+        except topics.TopicError as exc:
+            log.warning("frame on an unexpected topic: %s", exc)
+            self._dead(st, "", "bad_topic", topic[:200], payload, now, sample=True)
+            return
+        status = self._status_of(device, now)
+        if status is None or status not in registry.SERVED:
+            reason = "not_provisioned" if status is None else status
+            self._dead(st, device, reason, "", payload, now, sample=True)
+            if status is None or status == registry.PROVISIONED:
+                st.dev(device).replies.append(_Reply(2, frames=[_error(
+                    proto.ErrorCode.NOT_PROVISIONED, _ref(payload), "not provisioned")]))
+            return
+        dev = st.dev(device)
+        if dev.failed:
+            dev.payloads.append(payload)
+            return
+        g = self._guard(device, now)
+        g.tokens = min(float(self.cfg.rate_limit_frames_per_min),
+                       g.tokens + (now - g.refilled) * self._rate)
+        g.refilled = now
+        if g.tokens < 1.0:
+            reason = f"over {self.cfg.rate_limit_frames_per_min} frames/min"
+            self._quarantine(device, reason, st.quarantine)
+            self._dead(st, device, "rate_limited", reason, payload, now, sample=True)
+            dev.replies.append(_Reply(2, frames=[_error(
+                proto.ErrorCode.QUARANTINED, _ref(payload), "rate limited")]))
+            return
+        g.tokens -= 1.0
+        st.seen[device] = now
+        problem = ""
+        frame: proto.Frame | None = None
+        code = proto.ErrorCode.MALFORMED
+        try:
+            frame = proto.decode(payload)
+        except proto.ProtocolError as exc:
+            problem = str(exc)
+            code = (proto.ErrorCode.UNSUPPORTED_VERSION if "version" in exc.reason
+                    else proto.ErrorCode.TOO_LARGE if "exceeds the maximum" in exc.reason
+                    and exc.frame == "frame" else
+                    proto.ErrorCode.UNKNOWN_FRAME if "unknown frame type" in exc.reason
+                    else proto.ErrorCode.MALFORMED)
+        else:
+            if payload[1] not in _UP_TYPES:
+                problem = f"{type(frame).__name__} is a gateway-to-node frame"
+                code = proto.ErrorCode.UNKNOWN_FRAME
+            elif isinstance(frame, proto.Burst):
+                # Checked here, before anything derived from it is written (readings).
+                problem = readings.burst_problem(frame.msg_id, len(frame.readings))
+        if problem:
+            self._dead(st, device, "malformed", problem[:500], payload, now, sample=False)
+            device_log(device).warning("malformed frame: %s", problem)
+            dev.replies.append(_Reply(2, frames=[_error(code, _ref(payload), problem)]))
+            g.malformed.append(now)
+            if (len(g.malformed) >= self.cfg.malformed_threshold
+                    and now - g.malformed[0] <= self.cfg.malformed_window_s):
+                if device not in st.quarantine:
+                    dev.replies.append(_Reply(2, frames=[_error(
+                        proto.ErrorCode.QUARANTINED, _ref(payload), "quarantined")]))
+                self._quarantine(
+                    device, f"{len(g.malformed)} malformed frames in "
+                    f"{self.cfg.malformed_window_s:g}s", st.quarantine)
+            return
+        dev.payloads.append(payload)
+        if isinstance(frame, proto.Burst):
+            dev.replies.append(_Reply(0, len(dev.bursts)))
+            dev.bursts.append(frame)
+        elif isinstance(frame, proto.Hello):
+            dev.replies.append(_Reply(1, len(dev.hellos)))
+            dev.hellos.append(frame)
+        elif self.downlink is not None and isinstance(
+                frame, proto.CommandResult | proto.ShadowReport):
+            dev.answers.append(frame)
+        elif self.ota is not None and isinstance(frame, proto.OtaStatus):
+            dev.ota.append(frame)
+        else:
+            # Up frames served by later modules (command results, shadow, OTA status).
+            dev.payloads.pop()
+            self._dead(st, device, "unhandled", type(frame).__name__, payload, now,
+                       sample=False)
+            dev.replies.append(_Reply(2, frames=[_error(
+                proto.ErrorCode.UNKNOWN_FRAME, _ref(payload), "not served by this gateway")]))
+
+    def _dead(self, st: _Stage, device: str, reason: str, detail: str, payload: bytes,
+              now: float, *, sample: bool) -> None:
+        """Dead-letter a refused frame: every one is counted; with `sample` (refused for
+        who sent it, not for what it holds) one per device and reason is stored every
+        deadletter_sample_s."""
+        store = True
+        if sample:
+            key = (device, reason)
+            last = self._sampled.get(key)
+            store = last is None or now - last >= self.cfg.deadletter_sample_s or now < last
+            if store:
+                if len(self._sampled) >= _SAMPLED_MAX:
+                    self._sampled.clear()
+                self._sampled[key] = now
+        c = st.counts.setdefault((device, reason), [0, 0, 0])
+        c[0] += 1
+        c[1] += len(payload)
+        if store:
+            c[2] += 1
+            st.dead.append((device, now, reason, detail, payload))
+
+    def _commit(self, st: _Stage, now: float) -> Outgoing:
+        """Write the stage in one transaction; device by device when that raises."""
+        m = self.metrics
+        t0 = time.perf_counter()
+        devs = [d for d in st.devs.values() if not d.failed]
+        failed = [d for d in st.devs.values() if d.failed]
+        # Status changes of our own (first HELLO, quarantine) need no reload of the cache:
+        # note the registry version around them (the write lock is ours, so nobody else
+        # moves it in between).
+        own = bool(failed or st.quarantine or any(d.hellos for d in devs))
+        before = after = 0
+        try:
+            try:
+                with db.transaction(self.conn):
+                    if own:
+                        before = registry.version(self.conn)
+                    w = self._write(devs, now)
+                    self._write_common(st, failed, w, now)
+                    if own:
+                        after = registry.version(self.conn)
+                results = [w]
+            except (sqlite3.OperationalError, sqlite3.InterfaceError):
+                raise
+            except Exception as exc:
+                m.isolated_batches += 1
+                log.warning("a batch of %d devices raised (%s: %s); writing it device by "
+                            "device", len(devs), type(exc).__name__, exc)
+                results = []
+                own = True
+                with db.transaction(self.conn):
+                    before = registry.version(self.conn)
+                    for dev in devs:
+                        self.conn.execute("SAVEPOINT device")
+                        try:
+                            results.append(self._write([dev], now))
+                        except (sqlite3.OperationalError, sqlite3.InterfaceError):
+                            raise
+                        except Exception as exc1:
+                            self.conn.execute("ROLLBACK TO device")
+                            device_log(dev.device).exception(
+                                "its frames raised in ingest; dead-lettered, quarantined")
+                            dev.failed = f"{type(exc1).__name__}: {exc1}"
+                            failed.append(dev)
+                        self.conn.execute("RELEASE device")
+                    w = _Written.empty()
+                    self._write_common(st, failed, w, now)
+                    after = registry.version(self.conn)
         except sqlite3.Error as exc:
             m.commit_errors += 1
             # Undo what this batch did to the caches; nodes resend what was not acked.
-            for dev in quarantine:
-                self._status[dev] = registry.ACTIVE
+            for name in st.quarantine:
+                self._status[name] = registry.ACTIVE
+            for d in failed:
+                self._status[d.device] = registry.ACTIVE
             log.error("commit failed, nothing acknowledged (nodes will resend): %s", exc)
             return []
-        result.apply()
+        for r in results:
+            r.result.apply()
         if own and before == self._data_version:
             self._data_version = after
         m.commit_s += time.perf_counter() - t0
         m.batches += 1
         m.last_commit = now
-        m.bursts += len(bursts)
-        m.hellos += len(hellos)
-        m.dead_letters += len(dead)
-        m.quarantined += len(quarantine)
-        for ack in result.acks:
-            if ack.stored:
+        m.bursts += sum(len(d.bursts) for d in devs if not d.failed)
+        m.hellos += sum(len(d.hellos) for d in devs if not d.failed)
+        m.dead_letters += len(st.dead) + sum(len(d.payloads) for d in failed)
+        m.refused += sum(c[0] for c in st.counts.values()) + sum(len(d.payloads) for d in failed)
+        m.quarantined += len(st.quarantine)
+        m.device_errors += len(failed)
+        for r in results:
+            for ack in r.result.acks:
                 m.readings_stored += ack.stored
-        m.readings_duplicate += sum(len(b.readings) for _, b in bursts) - sum(
-            a.stored for a in result.acks)
-        for d, h in hellos:
-            if self._status.get(d) == registry.PROVISIONED:
-                self._status[d] = registry.ACTIVE
-                device_log(d).info("first HELLO: provisioned -> active (fw %d)", h.fw_version)
+            m.readings_duplicate += r.readings - sum(a.stored for a in r.result.acks)
+        for dev in devs:
+            if dev.failed:
+                continue
+            for h in dev.hellos:
+                if self._status.get(dev.device) == registry.PROVISIONED:
+                    self._status[dev.device] = registry.ACTIVE
+                    device_log(dev.device).info(
+                        "first HELLO: provisioned -> active (fw %d)", h.fw_version)
+        upstream = [q for r in results for q in r.upstream] + w.events
         if self.on_committed is not None and upstream:
             self.on_committed(upstream)
-        return self._answers(replies, result.acks, hellos, now, plans)
+        out = [o for r in results for o in r.out]
+        for dev in failed:
+            # ERROR internal for each of its frames (set by _write_common).
+            down = topics.down(dev.device)
+            out.extend((down, f, SESSION_QOS) for r in dev.replies for f in r.frames)
+        return out
+
+    def _write(self, devs: list[_Dev], now: float) -> _Written:
+        """The writes of `devs`' frames and their answers, encoded (inside the caller's
+        transaction or savepoint: anything that raises here leaves nothing behind)."""
+        bursts = [(d.device, b) for d in devs for b in d.bursts]
+        hellos = [(d.device, h) for d in devs for h in d.hellos]
+        answers = [(d.device, a) for d in devs for a in d.answers]
+        ota_frames = [(d.device, o) for d in devs for o in d.ota]
+        upstream: list[Queued] = []
+        plans: list[WakePlan] = []
+        result = readings.commit_bursts(
+            self.conn, bursts, self.states, now=now, in_transaction=True,
+            low_water=[(d, h.first_id) for d, h in hellos if h.first_id])
+        if self.upstream is not None and result.committed:
+            upstream += self._enqueue_upstream(result.committed, now)
+        if self.upstream is not None and hellos:
+            upstream += queue_events(self.conn, self.upstream, [
+                (d, "hello", hello_fields(h)) for d, h in hellos], now)
+        if self.ota is not None and (ota_frames or hellos):
+            self.ota.handle(self.conn, ota_frames, hellos, now)
+        if self.downlink is not None:
+            if answers:
+                self.downlink.handle_up(self.conn, answers, now)
+            if hellos:
+                plans = self.downlink.plan(self.conn, hellos, now)
+        if hellos:
+            registry.record_hellos(
+                self.conn, [registry.hello_row(d, h, now) for d, h in hellos], now)
+        out = self._answers(devs, result, plans, now)
+        return _Written(result, upstream, out, sum(len(b.readings) for _, b in bursts))
+
+    def _write_common(self, st: _Stage, failed: list[_Dev], w: _Written, now: float) -> None:
+        """The batch's own writes: last seen, dead letters and their counts, quarantines,
+        after the devices' frames (in the same transaction)."""
+        dead = list(st.dead)
+        counts = {k: list(v) for k, v in st.counts.items()}  # this attempt's own
+        for dev in failed:
+            dev.replies = [_Reply(2, frames=[_error(
+                proto.ErrorCode.INTERNAL, _ref(p), "could not be stored")]) for p in dev.payloads]
+            for p in dev.payloads:
+                dead.append((dev.device, now, "ingest_error", dev.failed[:500], p))
+                c = counts.setdefault((dev.device, "ingest_error"), [0, 0, 0])
+                c[0] += 1
+                c[1] += len(p)
+                c[2] += 1
+            self._quarantine(dev.device, f"its frames raised in ingest ({dev.failed[:200]})",
+                             st.quarantine)
+        if st.seen:
+            registry.touch_many(self.conn, [(t, d) for d, t in st.seen.items()])
+        if dead:
+            self._dead_bytes += deadletter.add_many(
+                self.conn, dead, self.cfg.deadletter_raw_max_bytes)
+            if self._dead_bytes > self.cfg.deadletter_max_bytes:
+                deadletter.trim(self.conn, self.cfg.deadletter_max_bytes)
+                self._dead_bytes = deadletter.totals(self.conn)[1]
+        if counts:
+            deadletter.count_refused(self.conn, [
+                (d, r, c[0], c[1], c[2], now) for (d, r), c in counts.items()])
+        if self.upstream is not None and st.quarantine:
+            w.events += queue_events(self.conn, self.upstream, [
+                (d, "quarantined", {"reason": r}) for d, r in st.quarantine.items()], now)
+        for name, reason in st.quarantine.items():
+            registry.quarantine(self.conn, name, reason, now=now)
 
     def _quarantine(self, device: str, reason: str, pending: dict[str, str]) -> None:
         if device not in pending:
@@ -385,36 +576,44 @@ class Ingest:
             for c in committed
         ])
 
-    def _answers(self, replies: list[_Reply], acks: list[readings.AckState],
-                 hellos: list[tuple[str, proto.Hello]], now: float,
-                 plans: list[WakePlan]) -> Outgoing:
+    def _answers(self, devs: list[_Dev], result: readings.CommitResult,
+                 plans: list[WakePlan], now: float) -> Outgoing:
+        """The answers to `devs`' frames, encoded (an ACK that cannot be encoded raises
+        before the commit, not after it)."""
         out: Outgoing = []
-        for r in replies:
-            down = topics.down(r.device)
-            if r.kind == 0:
-                a = acks[r.index]
-                out.append((down, proto.encode_ack(
-                    proto.Ack(a.msg_id, a.cumulative, a.selective)), SESSION_QOS))
-            elif r.kind == 1:
-                dev, hello = hellos[r.index]
-                left = 0
-                if plans:
-                    extra, left = list(plans[r.index].frames), plans[r.index].left
+        acks = result.acks
+        b = h = 0  # the first burst and hello of the device in the batch
+        for dev in devs:
+            down = topics.down(dev.device)
+            for r in dev.replies:
+                if r.kind == 0:
+                    a = acks[b + r.index]
+                    out.append((down, proto.encode_ack(
+                        proto.Ack(a.msg_id, a.cumulative, a.selective)), SESSION_QOS))
+                elif r.kind == 1:
+                    hello = dev.hellos[r.index]
+                    left = 0
+                    if plans:
+                        plan = plans[h + r.index]
+                        extra, left = list(plan.frames), plan.left
+                    else:
+                        try:
+                            extra = self.on_hello(dev.device, hello)
+                        except Exception:
+                            device_log(dev.device).exception(
+                                "downlink hook failed; sending no downlink")
+                            extra = []
+                    st = result.state(dev.device) or readings.DedupState()
+                    out.append((down, proto.encode_ack(proto.Ack(
+                        hello.msg_id, st.hwm, st.selective(), int(now) & 0xFFFFFFFF,
+                        min(len(extra), 255))), SESSION_QOS))
+                    out.extend((down, f, DOWNLINK_QOS) for f in extra)
+                    out.append((down, proto.encode_sleep_now(
+                        proto.SleepNow(hello.msg_id, 0, min(left, 255))), SESSION_QOS))
                 else:
-                    try:
-                        extra = self.on_hello(dev, hello)
-                    except Exception:
-                        device_log(dev).exception("downlink hook failed; sending no downlink")
-                        extra = []
-                st = self.states.get(dev) or readings.DedupState()
-                out.append((down, proto.encode_ack(proto.Ack(
-                    hello.msg_id, st.hwm, st.selective(), int(now) & 0xFFFFFFFF,
-                    min(len(extra), 255))), SESSION_QOS))
-                out.extend((down, f, DOWNLINK_QOS) for f in extra)
-                out.append((down, proto.encode_sleep_now(
-                    proto.SleepNow(hello.msg_id, 0, min(left, 255))), SESSION_QOS))
-            else:
-                out.extend((down, f, SESSION_QOS) for f in r.frames)
+                    out.extend((down, f, SESSION_QOS) for f in r.frames)
+            b += len(dev.bursts)
+            h += len(dev.hellos)
         return out
 
     # ------------------------------------------------------------ MQTT
@@ -587,6 +786,13 @@ def queue_events(conn: sqlite3.Connection, upstream: UpstreamConfig | None,
                            fmt=upstream.format, created=now)
         for device, kind, fields in events
     ])
+
+
+def _device_of(topic: str) -> str:
+    try:
+        return topics.parse_up(topic)
+    except Exception:
+        return ""
 
 
 def _is_hello(payload: bytes) -> bool:

@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 
 STORE = "readings"
 MAX_SELECTIVE = 64  # the ACK frame's bound
+# Reading ids are the frame header's u32 message ids. Id 0 is no reading's (a node's
+# first id is 1, and a fresh device's hwm of 0 means "nothing committed"), and ids do not
+# wrap: a BURST whose ids would run past ID_MAX is refused whole (gateway.ingest answers
+# ERROR malformed and dead-letters it). At one reading a second a node takes 136 years to
+# get there; wrapping would make every comparison of the dedup state modular for a case
+# no real node meets, while refusing keeps every stored id and every ACK field in u32.
+ID_MAX = 0xFFFFFFFF
 # Ranges kept above the hwm per device. Past it the oldest gap is given up (the node
 # dropped those readings long ago); the cost is one warning, never a duplicate.
 MAX_RANGES = 256
@@ -139,7 +146,35 @@ _STEPS = (
     """,
     # v2: runs instead of a row per reading (see the module's docstring).
     _to_runs,
+    # v3: dedup states stored by gateways that let ids run past u32 are cut back to it.
+    lambda conn: _repair_states(conn),
 )
+
+
+class IdRangeError(ValueError):
+    """A BURST's reading ids are not all valid u32 reading ids (see ID_MAX)."""
+
+
+def burst_problem(msg_id: int, count: int) -> str:
+    """Why a BURST with header id `msg_id` and `count` readings cannot be stored ("" when
+    it can): its ids must lie in 1..ID_MAX."""
+    if msg_id < 1:
+        return f"message id {msg_id} is not a reading id (reading ids start at 1)"
+    if msg_id + count - 1 > ID_MAX:
+        # Short enough for an ERROR frame's detail.
+        return f"ids {msg_id}..{msg_id + count - 1} pass {ID_MAX} (ids do not wrap)"
+    return ""
+
+
+def _repair_states(conn: sqlite3.Connection) -> None:
+    rows = conn.execute("SELECT device, hwm, ranges, total FROM dedup").fetchall()
+    for device, hwm, ranges, total in rows:
+        st, repaired = DedupState.from_row(hwm, ranges, total)
+        if repaired:
+            log.warning("%s: stored dedup state %s / %r cut back to reading ids 1..%d",
+                        device, hwm, ranges, ID_MAX, extra={"device_id": device})
+            conn.execute("UPDATE dedup SET hwm=?, ranges=?, total=? WHERE device=?",
+                         (st.hwm, st.encode_ranges(), st.total, device))
 
 
 @dataclass(slots=True)
@@ -231,11 +266,48 @@ class DedupState:
 
     @staticmethod
     def decode_ranges(text: str) -> list[tuple[int, int]]:
+        """The stored ranges; parts that are not `lo-hi` integers are left out (see
+        from_row, which also checks them)."""
         out = []
-        for part in filter(None, text.split(",")):
+        for part in filter(None, str(text).split(",")):
             lo, _, hi = part.partition("-")
-            out.append((int(lo), int(hi)))
+            try:
+                out.append((int(lo), int(hi)))
+            except ValueError:
+                continue
         return out
+
+    @classmethod
+    def from_row(cls, hwm: object, ranges: object, total: object) -> tuple[DedupState, bool]:
+        """A state from a stored row, made valid: ids within 0..ID_MAX, ranges sorted,
+        disjoint, inclusive and above hwm + 1. Also True when the row needed repair (a
+        gateway that let ids pass u32 stored such states)."""
+        try:
+            h = int(hwm)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            h = 0
+        try:
+            t = max(0, int(total))  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            t = 0
+        text = "" if ranges is None else str(ranges)
+        parsed = cls.decode_ranges(text)
+        st = cls(min(max(h, 0), ID_MAX), [], t)
+        clean = sorted((max(lo, 0), min(hi, ID_MAX)) for lo, hi in parsed
+                       if lo <= hi and lo <= ID_MAX and hi >= 0)
+        merged: list[tuple[int, int]] = []
+        for lo, hi in clean:
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        while merged and merged[0][0] <= st.hwm + 1:
+            st.hwm = max(st.hwm, merged.pop(0)[1])
+        st.ranges = merged[-MAX_RANGES:] if len(merged) > MAX_RANGES else merged
+        if len(merged) > MAX_RANGES:
+            st.hwm = max(st.hwm, merged[-MAX_RANGES - 1][1])
+        repaired = (st.hwm != h or st.total != total or st.encode_ranges() != text)
+        return st, repaired
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,18 +332,37 @@ class Committed:
     series: proto.Series
 
 
-def load_states(conn: sqlite3.Connection) -> dict[str, DedupState]:
-    return {
-        dev: DedupState(int(hwm), DedupState.decode_ranges(ranges), int(total))
-        for dev, hwm, ranges, total in conn.execute("SELECT device, hwm, ranges, total FROM dedup")
-    }
+def _loaded(device: str, hwm: object, ranges: object, total: object) -> DedupState:
+    st, repaired = DedupState.from_row(hwm, ranges, total)
+    if repaired:
+        log.warning("%s: stored dedup state %r / %r is not valid; using %d / %r",
+                    device, hwm, ranges, st.hwm, st.encode_ranges(), extra={"device_id": device})
+    return st
+
+
+def load_states(conn: sqlite3.Connection, *, repair: bool = False) -> dict[str, DedupState]:
+    """Every device's dedup state, made valid (see DedupState.from_row). With `repair`,
+    the rows that needed it are written back valid (in a transaction of their own)."""
+    states = {}
+    bad = []
+    for dev, hwm, ranges, total in conn.execute("SELECT device, hwm, ranges, total FROM dedup"):
+        st, repaired = DedupState.from_row(hwm, ranges, total)
+        if repaired:
+            log.warning("%s: stored dedup state %r / %r is not valid; using %d / %r",
+                        dev, hwm, ranges, st.hwm, st.encode_ranges(), extra={"device_id": dev})
+            bad.append((st.hwm, st.encode_ranges(), st.total, dev))
+        states[dev] = st
+    if repair and bad:
+        with db.atomic(conn):
+            conn.executemany("UPDATE dedup SET hwm=?, ranges=?, total=? WHERE device=?", bad)
+    return states
 
 
 def load_state(conn: sqlite3.Connection, device: str) -> DedupState:
     row = conn.execute("SELECT hwm, ranges, total FROM dedup WHERE device=?", (device,)).fetchone()
     if row is None:
         return DedupState()
-    return DedupState(int(row[0]), DedupState.decode_ranges(row[1]), int(row[2]))
+    return _loaded(device, *row)
 
 
 def _runs(device: str, burst: proto.Burst, spans: list[tuple[int, int]]) -> list[Committed]:
@@ -300,6 +391,10 @@ class CommitResult:
     def apply(self) -> None:
         self._cache.update(self._new)
         self._new = {}
+
+    def state(self, device: str) -> DedupState | None:
+        """The device's dedup state as this result leaves it (before or after apply)."""
+        return self._new.get(device) or self._cache.get(device)
 
 
 def commit_bursts(
@@ -342,8 +437,11 @@ def commit_bursts(
             log.info("%s: the node no longer holds ids below %d; %d never arrived",
                      device, first_id, lost, extra={"device_id": device})
     for device, burst in batch:
-        st = state(device)
         n = len(burst.readings)
+        problem = burst_problem(burst.msg_id, n)
+        if problem:  # the caller checks first (gateway.ingest); nothing past u32 is stored
+            raise IdRangeError(f"{device}: {problem}")
+        st = state(device)
         lo, hi = burst.msg_id, burst.msg_id + n - 1
         spans = st.new_spans(lo, hi)
         stored = 0

@@ -112,7 +112,7 @@ def test_migration_turns_rows_into_runs(tmp_path: Path) -> None:
                      "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
     conn.close()
     conn = db.open_db(path)
-    assert db.version(conn, readings.STORE) == 2
+    assert db.version(conn, readings.STORE) == 3
     assert list(readings.iter_readings(conn)) == [(r[0], r[1], r[2], *r[4:]) for r in rows]
     # Runs of consecutive ids, at most 255 readings each.
     runs = conn.execute("SELECT device, msg_id, count FROM reading_runs ORDER BY device, msg_id")

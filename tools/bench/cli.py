@@ -8,7 +8,7 @@ from typing import Any
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="run a benchmark and print its figures")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-    from tools.bench import downlink, node, protocol
+    from tools.bench import downlink, fuzz, node, protocol
     from tools.bench import gateway as gateway_bench
     from tools.bench import ota as ota_bench
 
@@ -17,3 +17,4 @@ def register(sub: Any) -> None:
     gateway_bench.register(bsub)
     node.register(bsub)
     ota_bench.register(bsub)
+    fuzz.register(bsub)
