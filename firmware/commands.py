@@ -43,7 +43,7 @@ def execute(cmd, cfg, st, board, effects, buf, msg_id):
     if bad is not None:
         status, detail = proto.RESULT_STATUS_BAD_ARGS, bad
     elif op == proto.COMMAND_OP_PING:
-        values = (board.time(),)
+        values = (board.time(), args[0]) if args else (board.time(),)
     elif op == proto.COMMAND_OP_SET_INTERVAL:
         err = cfg.apply((("sample_interval_s", args[0]),))
         if err is not None:

@@ -139,7 +139,7 @@ _SCHEMA_COLS = {
 
 # command op -> (required count, ((name, low, high, unit), ...)), from the spec's [commands]
 OP_ARGS = {
-    COMMAND_OP_PING: (0, ()),
+    COMMAND_OP_PING: (0, (('tag', -2147483648, 2147483647, ''),)),
     COMMAND_OP_SET_INTERVAL: (1, (('seconds', 1, 86400, 's'),)),
     COMMAND_OP_SET_THRESHOLDS: (2, (('temp_low', -32768, 32767, '0.01 degC'), ('temp_high', -32768, 32767, '0.01 degC'), ('humidity_high', 0, 65535, '0.01 %RH'),)),
     COMMAND_OP_STAY_AWAKE: (1, (('seconds', 0, 600, 's'),)),
@@ -160,7 +160,7 @@ def check_op_args(op, args):
         name, lo, hi, unit = spec[i]
         v = args[i]
         if v < lo or v > hi:
-            return ("%s %d: not in %d..%d %s" % (name, v, lo, hi, unit))[:48]
+            return ("%s %d: not in %d..%d %s" % (name, v, lo, hi, unit)).rstrip()[:48]
     return None
 
 

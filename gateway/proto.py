@@ -381,8 +381,8 @@ class CommandArg:
     @property
     def span(self) -> str:
         """`0..600 s`; a scaled unit reads `-32768..32767 (units of 0.01 degC)`."""
-        unit = f"(units of {self.unit})" if self.unit[:1].isdigit() else self.unit
-        return f"{self.low}..{self.high} {unit}"
+        unit = f" (units of {self.unit})" if self.unit[:1].isdigit() else f" {self.unit}"
+        return f"{self.low}..{self.high}{unit.rstrip()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,8 +416,9 @@ class CommandArgs:
 # command op -> its arguments, from the spec's [commands] tables
 OP_ARGS: dict[CommandOp, CommandArgs] = {
     CommandOp.PING: CommandArgs(
-        CommandOp.PING, "answer with the node's clock", 0, (
-        ), 'ping'),
+        CommandOp.PING, "answer with the node's clock, and the tag if one is given (to match answers)", 0, (
+            CommandArg('tag', -2147483648, 2147483647, ''),
+        ), 'ping [TAG]'),
     CommandOp.SET_INTERVAL: CommandArgs(
         CommandOp.SET_INTERVAL, 'set the sampling interval (configuration key sample_interval_s)', 1, (
             CommandArg('seconds', 1, 86400, 's'),

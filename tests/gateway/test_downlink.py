@@ -115,7 +115,7 @@ async def test_expired_never_delivered_and_window_splits_across_wakes(
     cfg = gateway_config(broker, tmp_path)
     conn = db.open_db(cfg.db_path)
     stale = q.enqueue_command(conn, "n1", "reboot", priority=9, ttl_s=0.3)
-    ids = [q.enqueue_command(conn, "n1", "ping") for _ in range(3)]
+    ids = [q.enqueue_command(conn, "n1", "ping", args=[i]) for i in range(3)]
     await asyncio.sleep(0.4)
     async with running(cfg), Node(broker, pki, "n1") as node:
         got: list[int] = []

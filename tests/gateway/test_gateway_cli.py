@@ -84,6 +84,8 @@ def test_device_send_checks_arguments_before_queueing(config: Path,
     assert "torpor: error: stay_awake: argument 1 (seconds) must be in 0..600 s, got 900" in err
     assert main(["device", "send", "n1", "set_thresholds", "100", *c]) == 2
     assert "set_thresholds takes 2 to 3 arguments, got 1" in capsys.readouterr().err
+    assert main(["device", "send", "n1", "ping", "1", "2", *c]) == 2
+    assert "ping takes 0 to 1 arguments, got 2 (usage: ping [TAG])" in capsys.readouterr().err
     assert main(["device", "send", "n1", "ping", "x", *c]) == 2
     assert "argument 1: 'x' is not an integer" in capsys.readouterr().err
     conn = db.open_db(config.parent / "data" / "gateway.db")

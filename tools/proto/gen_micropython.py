@@ -328,7 +328,7 @@ def _commands(w: Lines, spec: Spec) -> None:
     w("name, lo, hi, unit = spec[i]", 2)
     w("v = args[i]", 2)
     w("if v < lo or v > hi:", 2)
-    w(f'return ("%s %d: not in %d..%d %s" % (name, v, lo, hi, unit))[:{detail.max}]', 3)
+    w(f'return ("%s %d: not in %d..%d %s" % (name, v, lo, hi, unit)).rstrip()[:{detail.max}]', 3)
     w("return None", 1)
     w()
     w()

@@ -483,8 +483,8 @@ class CommandArg:
     @property
     def span(self) -> str:
         """`0..600 s`; a scaled unit reads `-32768..32767 (units of 0.01 degC)`."""
-        unit = f"(units of {self.unit})" if self.unit[:1].isdigit() else self.unit
-        return f"{self.low}..{self.high} {unit}"
+        unit = f" (units of {self.unit})" if self.unit[:1].isdigit() else f" {self.unit}"
+        return f"{self.low}..{self.high}{unit.rstrip()}"
 
 
 @dataclass(frozen=True, slots=True)

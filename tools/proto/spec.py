@@ -378,7 +378,10 @@ def _commands(raw: dict[str, Any], enums: dict[str, Enum],
             if not wire_lo <= lo <= hi <= wire_hi:
                 raise SpecError(f"{wa}: need {wire_lo} <= min <= max <= {wire_hi} "
                                 f"({args_field.of} on the wire), got {lo}..{hi}")
-            args.append(CommandArg(name, lo, hi, _req(a, "unit", wa, str)))
+            unit = a.get("unit", "")
+            if not isinstance(unit, str):
+                raise SpecError(f"{wa}.unit: expected str, got {unit!r}")
+            args.append(CommandArg(name, lo, hi, unit))
         if len({a.name for a in args}) != len(args):
             raise SpecError(f"{w}.args: duplicate argument name")
         required = entry.get("required", len(args))
