@@ -47,7 +47,7 @@ def register(sub: Any) -> None:
     p = gsub.add_parser("config-example", help="print a configuration file with every default")
     p.set_defaults(func=_example)
 
-    dev = sub.add_parser("device", help="the device registry: add, list, show, release")
+    dev = sub.add_parser("device", help="the device registry, and commands and configuration for devices")
     dsub = dev.add_subparsers(dest="device_command", metavar="ACTION", required=True)
     p = dsub.add_parser("add", help="register a device (provisioned until its first HELLO)")
     config_arg(p)

@@ -115,7 +115,7 @@ def register(sub: Any) -> None:
         "demo", help="a signed, staged campaign to sim nodes through the real gateway",
         description="Build and sign v1 and v2 images with a throwaway key, start the gateway "
         "with its Mosquitto, provision sim nodes booting through the bootloader on v1, roll v2 "
-        "out (first wave 25%%, one more per confirmation; the last node gets a v2 that never "
+        "out (first wave 25%, one more per confirmation; the last node gets a v2 that never "
         "reaches the gateway and is reverted) and check the outcome. Exit code 0 when it is "
         "the expected one, 1 when not, 2 when the demo cannot run.")
     p.add_argument("--nodes", type=int, default=20, help="simulated nodes (default 20, at least 5)")
