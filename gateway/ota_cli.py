@@ -100,16 +100,17 @@ def register(sub: Any) -> None:
                    help="fleet public key file: also check the signature here")
     p.add_argument("--override", action="append", default=[], metavar="DEVICE=DIR",
                    help="another image for one device (e.g. another hardware revision)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_create)
     p = osub.add_parser("status", help="campaigns, or one campaign per device")
     config_arg(p)
-    p.add_argument("campaign", nargs="?", type=int)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("campaign", nargs="?", type=int,
+                   help="a campaign's number: its devices one by one (default: every campaign)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
     p = osub.add_parser("cancel", help="stop a campaign; its queued OTA items leave the queues")
     config_arg(p)
-    p.add_argument("campaign", type=int)
+    p.add_argument("campaign", type=int, help="the campaign's number (see `torpor ota status`)")
     p.set_defaults(func=_cancel)
     p = osub.add_parser(
         "demo", help="a signed, staged campaign to sim nodes through the real gateway",
