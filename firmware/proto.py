@@ -140,7 +140,7 @@ _SCHEMA_COLS = {
 # command op -> (required count, ((name, low, high, unit), ...)), from the spec's [commands]
 OP_ARGS = {
     COMMAND_OP_PING: (0, (('tag', -2147483648, 2147483647, ''),)),
-    COMMAND_OP_SET_INTERVAL: (1, (('seconds', 1, 86400, 's'),)),
+    COMMAND_OP_SET_INTERVAL: (1, (('sample_interval_s', 1, 86400, 's'),)),
     COMMAND_OP_SET_THRESHOLDS: (2, (('temp_low', -32768, 32767, '0.01 degC'), ('temp_high', -32768, 32767, '0.01 degC'), ('humidity_high', 0, 65535, '0.01 %RH'),)),
     COMMAND_OP_STAY_AWAKE: (1, (('seconds', 0, 600, 's'),)),
     COMMAND_OP_REBOOT: (0, ()),

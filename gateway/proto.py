@@ -420,9 +420,9 @@ OP_ARGS: dict[CommandOp, CommandArgs] = {
             CommandArg('tag', -2147483648, 2147483647, ''),
         ), 'ping [TAG]'),
     CommandOp.SET_INTERVAL: CommandArgs(
-        CommandOp.SET_INTERVAL, 'set the sampling interval (configuration key sample_interval_s)', 1, (
-            CommandArg('seconds', 1, 86400, 's'),
-        ), 'set_interval SECONDS'),
+        CommandOp.SET_INTERVAL, 'set the sampling interval (the configuration key of the same name)', 1, (
+            CommandArg('sample_interval_s', 1, 86400, 's'),
+        ), 'set_interval SAMPLE_INTERVAL_S'),
     CommandOp.SET_THRESHOLDS: CommandArgs(
         CommandOp.SET_THRESHOLDS, 'set the alarm thresholds (temp_low, temp_high, humidity_high)', 2, (
             CommandArg('temp_low', -32768, 32767, '0.01 degC'),

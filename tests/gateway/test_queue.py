@@ -57,7 +57,7 @@ def test_refusals(conn: sqlite3.Connection) -> None:
         q.enqueue_command(conn, "nx", "ping")
     with pytest.raises(q.QueueError, match="unknown op 'fly'"):
         q.enqueue_command(conn, "n1", "fly")
-    with pytest.raises(q.BadArguments, match=r"argument 1 \(seconds\) must be in 1..86400 s, got 2147483648"):
+    with pytest.raises(q.BadArguments, match=r"argument 1 \(sample_interval_s\) must be in 1..86400 s, got 2147483648"):
         q.enqueue_command(conn, "n1", "set_interval", [2**31])
     with pytest.raises(q.BadArguments, match=r"set_thresholds takes 2 to 3 arguments, got 9"):
         q.enqueue_command(conn, "n1", "set_thresholds", list(range(9)))
