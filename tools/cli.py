@@ -16,6 +16,7 @@ a Python traceback for ordinary trouble:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import select
@@ -168,11 +169,11 @@ def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error argparse already printed
+    except SystemExit:  # --help, or a usage error argparse already printed: its own code
         sys.stdout.flush()
         if _stdout_closed():  # argparse ignores a failed write of the help text
             raise BrokenPipeError from None
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        raise
     try:
         code = int(args.func(args) or 0)
     except (CliError, GatewayError) as exc:
@@ -192,11 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_PIPE_CLOSED
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not traceback here
-        try:
+        with contextlib.suppress(OSError, KeyboardInterrupt):
             print("torpor: interrupted", file=sys.stderr)
-        except OSError:
-            pass
         return EXIT_INTERRUPTED
 
 
