@@ -119,7 +119,12 @@ def _describe_groups(parser: argparse.ArgumentParser, help_text: str | None) -> 
         _describe_groups(sub, sub_help)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# `torpor proto gen` must run even when the generated code the other groups import is out
+# of date or broken (a half-merged gateway/proto.py): it is what repairs it.
+STANDALONE_GROUPS: dict[str, tuple[str, ...]] = {"proto": ("tools.proto.cli",)}
+
+
+def build_parser(groups: Sequence[str] = COMMAND_GROUPS) -> argparse.ArgumentParser:
     parser = TorporParser(
         prog="torpor",
         description="Torpor: sensor nodes that sleep, their gateway and their protocol.",
@@ -128,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--help` for more.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_GROUPS:
+    for name in groups:
         importlib.import_module(name).register(sub)
     _describe_groups(parser, None)
     return parser
@@ -166,9 +171,11 @@ def _silence_stdout() -> None:
 def _run(argv: Sequence[str] | None) -> int:
     from gateway.errors import GatewayError
 
-    parser = build_parser()
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(STANDALONE_GROUPS.get(args_list[0], COMMAND_GROUPS)
+                          if args_list else COMMAND_GROUPS)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(args_list)
     except SystemExit:  # --help, or a usage error argparse already printed: its own code
         sys.stdout.flush()
         if _stdout_closed():  # argparse ignores a failed write of the help text

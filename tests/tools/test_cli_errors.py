@@ -153,3 +153,13 @@ def test_operator_errors_are_one_line(site: Path, argv: list[str], message: str)
     assert done.returncode == EXIT_OPERATOR, done
     assert done.stderr.startswith("torpor: error: ") and done.stderr.count("\n") == 1, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_proto_gen_runs_when_the_generated_gateway_codec_cannot_be_imported() -> None:
+    """`torpor proto gen` repairs a broken gateway/proto.py, so it must not need it."""
+    code = ("import sys; sys.modules['gateway.proto'] = None\n"
+            "from tools.cli import main; sys.exit(main(['proto', 'check']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, ""), done
+    assert "generated files match the spec" in done.stdout
