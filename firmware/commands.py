@@ -8,7 +8,7 @@
 # same values, stay_awake and sync_time set absolute targets, reboot happens at the end
 # of the wake, after its result is recorded.
 #
-# Argument counts and ranges come from the spec (proto.OP_ARGS, generated): the gateway
+# Argument counts and ranges come from the spec (op_args.py, generated): the gateway
 # refuses the same commands when they are queued, so this check meets only a gateway that
 # skipped it or a newer spec.
 import proto
@@ -39,7 +39,9 @@ def execute(cmd, cfg, st, board, effects, buf, msg_id):
     status = proto.RESULT_STATUS_OK
     detail = ""
     values = ()
-    bad = proto.check_op_args(op, args) if op in proto.OP_ARGS else None
+    import op_args  # only wakes that receive a command pay for the table
+
+    bad = op_args.check(op, args) if op in op_args.OP_ARGS else None
     if bad is not None:
         status, detail = proto.RESULT_STATUS_BAD_ARGS, bad
     elif op == proto.COMMAND_OP_PING:

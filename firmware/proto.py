@@ -137,33 +137,6 @@ _SCHEMA_COLS = {
     1: (10, ((4, 2, True), (6, 2, False), (8, 2, False),)),
 }
 
-# command op -> (required count, ((name, low, high, unit), ...)), from the spec's [commands]
-OP_ARGS = {
-    COMMAND_OP_PING: (0, (('tag', -2147483648, 2147483647, ''),)),
-    COMMAND_OP_SET_INTERVAL: (1, (('sample_interval_s', 1, 86400, 's'),)),
-    COMMAND_OP_SET_THRESHOLDS: (2, (('temp_low', -32768, 32767, '0.01 degC'), ('temp_high', -32768, 32767, '0.01 degC'), ('humidity_high', 0, 65535, '0.01 %RH'),)),
-    COMMAND_OP_STAY_AWAKE: (1, (('seconds', 0, 600, 's'),)),
-    COMMAND_OP_REBOOT: (0, ()),
-    COMMAND_OP_SYNC_TIME: (1, (('time', 0, 2147483647, 'unix seconds'),)),
-}
-
-
-def check_op_args(op, args):
-    # None if args suit the known op, else why not, short enough for COMMAND_RESULT.detail
-    req, spec = OP_ARGS[op]
-    n = len(args)
-    if n < req or n > len(spec):
-        if req == len(spec):
-            return "want %d arg%s, got %d" % (req, "" if req == 1 else "s", n)
-        return "want %d..%d args, got %d" % (req, len(spec), n)
-    for i in range(n):
-        name, lo, hi, unit = spec[i]
-        v = args[i]
-        if v < lo or v > hi:
-            return ("%s %d: not in %d..%d %s" % (name, v, lo, hi, unit)).rstrip()[:48]
-    return None
-
-
 # indices into decoded tuples (0 is always the message id)
 HELLO_FW_VERSION = const(1)
 HELLO_BOOT_CAUSE = const(2)

@@ -1,5 +1,5 @@
 # The node's own check of command arguments, inside the unix port: it reads the generated
-# table (proto.OP_ARGS) from the spec, refuses at each edge of every range, and the ranges of
+# table (op_args.py) from the spec, refuses at each edge of every range, and the ranges of
 # ops that set configuration agree with the configuration's own limits.
 import json
 import os
@@ -12,6 +12,7 @@ sys.modules["board"] = sim  # what lib/board.py does on a sim node
 
 import commands  # noqa: E402
 import config  # noqa: E402
+import op_args  # noqa: E402
 import proto  # noqa: E402
 import state  # noqa: E402
 
@@ -27,26 +28,26 @@ def _valid(spec):
 
 
 def test_every_op_is_checked_at_each_edge():
-    for op, (req, spec) in proto.OP_ARGS.items():
-        mpunit.eq(proto.check_op_args(op, _valid(spec)), None)
-        mpunit.eq(proto.check_op_args(op, _valid(spec)[:req]), None)
-        mpunit.eq(proto.check_op_args(op, [hi for _, _, hi, _ in spec]), None)
-        mpunit.eq("want" in proto.check_op_args(op, _valid(spec) + [0]), True)
+    for op, (req, spec) in op_args.OP_ARGS.items():
+        mpunit.eq(op_args.check(op, _valid(spec)), None)
+        mpunit.eq(op_args.check(op, _valid(spec)[:req]), None)
+        mpunit.eq(op_args.check(op, [hi for _, _, hi, _ in spec]), None)
+        mpunit.eq("want" in op_args.check(op, _valid(spec) + [0]), True)
         if req:
-            mpunit.eq("want" in proto.check_op_args(op, _valid(spec)[:req - 1]), True)
+            mpunit.eq("want" in op_args.check(op, _valid(spec)[:req - 1]), True)
         for i, (name, lo, hi, unit) in enumerate(spec):
             for bad in (lo - 1, hi + 1):
                 args = _valid(spec)
                 args[i] = bad
                 if bad < -0x80000000 or bad > 0x7FFFFFFF:
                     continue  # not an i32: the codec refuses it before this check
-                why = proto.check_op_args(op, args)
+                why = op_args.check(op, args)
                 mpunit.eq(why, ("%s %d: not in %d..%d %s" % (name, bad, lo, hi, unit)).rstrip()[:48])
 
 
 def test_config_ops_take_the_configuration_ranges():
     for op, keys in SETS_CONFIG.items():
-        spec = proto.OP_ARGS[op][1]
+        spec = op_args.OP_ARGS[op][1]
         mpunit.eq(len(spec), len(keys))
         for (name, lo, hi, _), key in zip(spec, keys):
             _, kind, clo, chi = config.SPEC[key]
