@@ -145,8 +145,10 @@ def _error(message: str) -> int:
 
 
 def _os_error(exc: OSError) -> str:
-    where = f": {exc.filename}" if exc.filename is not None else ""
-    return f"{exc.strerror or exc}{where}"
+    """`No such file or directory: x.toml`, `Connection refused`, `timed out`."""
+    what = exc.strerror or str(exc) or ("timed out" if isinstance(exc, TimeoutError)
+                                        else type(exc).__name__)
+    return what + (f": {exc.filename}" if exc.filename is not None else "")
 
 
 def _stdout_closed() -> bool:
@@ -185,7 +187,9 @@ def _run(argv: Sequence[str] | None) -> int:
         code = int(args.func(args) or 0)
     except (CliError, GatewayError) as exc:
         return _error(str(exc))
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+    except BrokenPipeError:
+        raise  # main() tells our closed stdout from anything else
+    except OSError as exc:  # a missing file, a refused connection: the system said no
         return _error(_os_error(exc))
     sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
     return code

@@ -142,10 +142,14 @@ def test_ctrl_c_during_the_demo(tmp_path: Path) -> None:
     (["pki", "list", "--dir", "{site}/nowhere"], "no CA in"),
     (["fw", "verify", "--pubkey", "{site}/nokey", "{site}/noimage"], "nokey"),
     (["ota", "campaign", "create", "--image", "{site}/noimage", "--group", "all"], "noimage"),
+    (["fw", "build", "--board", "sim", "--version", "3", "--out", "{site}/afile/img"],
+     "Not a directory: {site}/afile/img"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_operator_errors_are_one_line(site: Path, argv: list[str], message: str) -> None:
     (site / "bad.toml").write_text("[gateway]\ndata_dir = 5\n")
+    (site / "afile").write_text("")
     argv = [a.replace("{site}", str(site)) for a in argv]
+    message = message.replace("{site}", str(site))
     if argv[0] in ("device", "ota") and "--config" not in argv:
         argv += ["--config", str(site / "gateway.toml")]
     done = subprocess.run([*TORPOR, *argv], cwd=ROOT, env=_env(), capture_output=True,
