@@ -54,9 +54,9 @@ class HelpFormatter(argparse.HelpFormatter):
     lists) are kept as written instead of being rewrapped."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help
-        if text is None or "default" in text.lower() or action.default in (
-                None, False, True, "", [], argparse.SUPPRESS):
+        text, default = action.help, action.default
+        if (text is None or "default" in text.lower() or default is None
+                or isinstance(default, bool) or default in ("", [], argparse.SUPPRESS)):
             return text
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return text + " (default: %(default)s)"
@@ -112,7 +112,7 @@ def _describe_groups(parser: argparse.ArgumentParser, help_text: str | None) -> 
     subs = list(subcommands(parser))
     if subs:
         listing = "Subcommands: " + ", ".join(name for name, _, _ in subs) + "."
-        lead = parser.description or (help_text[:1].upper() + help_text[1:] + "."
+        lead = parser.description or (help_text[:1].upper() + help_text[1:].rstrip(".") + "."
                                       if help_text else "")
         parser.description = f"{lead}\n\n{listing}" if lead else listing
     for _name, sub_help, sub in subs:
