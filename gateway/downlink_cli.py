@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace, body: Any) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     def body(conn: sqlite3.Connection) -> int:
-        cmd_args = [_int(f"argument {i + 1}", a) for i, a in enumerate(args.args)]
+        cmd_args = [_int(f"{args.op}: argument {i + 1}", a) for i, a in enumerate(args.args)]
         try:
             data = bytes.fromhex(args.data)
         except ValueError:

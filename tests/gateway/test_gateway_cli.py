@@ -87,7 +87,7 @@ def test_device_send_checks_arguments_before_queueing(config: Path,
     assert main(["device", "send", "n1", "ping", "1", "2", *c]) == 2
     assert "ping takes 0 to 1 arguments, got 2 (usage: ping [TAG])" in capsys.readouterr().err
     assert main(["device", "send", "n1", "ping", "x", *c]) == 2
-    assert "argument 1: 'x' is not an integer" in capsys.readouterr().err
+    assert "ping: argument 1: 'x' is not an integer" in capsys.readouterr().err
     conn = db.open_db(config.parent / "data" / "gateway.db")
     assert q.pending(conn, "n1") == []
     assert main(["device", "send", "n1", "stay_awake", "600", *c]) == 0
