@@ -98,8 +98,12 @@ def _send(args: argparse.Namespace) -> int:
             data = bytes.fromhex(args.data)
         except ValueError:
             raise q.QueueError(f"--data: {args.data!r} is not hex") from None
-        cid = q.enqueue_command(conn, args.device_id, args.op, cmd_args, args.priority,
-                                parse_ttl(args.ttl), data)
+        try:
+            cid = q.enqueue_command(conn, args.device_id, args.op, cmd_args, args.priority,
+                                    parse_ttl(args.ttl), data)
+        except q.BadArguments as exc:
+            raise q.BadArguments(f"{exc}; nothing queued (`torpor device send --help` lists "
+                                 "every op's arguments)") from None
         print(f"{args.device_id}: queued command {cid} ({q.get(conn, args.device_id, cid).what}),"
               f" {_next_listen_text(conn, args.device_id)}")
         return 0
