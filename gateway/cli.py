@@ -47,11 +47,11 @@ def register(sub: Any) -> None:
     p = gsub.add_parser("config-example", help="print a configuration file with every default")
     p.set_defaults(func=_example)
 
-    dev = sub.add_parser("device", help="the device registry: add, list, show, release")
+    dev = sub.add_parser("device", help="the device registry, and commands and configuration for devices")
     dsub = dev.add_subparsers(dest="device_command", metavar="ACTION", required=True)
     p = dsub.add_parser("add", help="register a device (provisioned until its first HELLO)")
     config_arg(p)
-    p.add_argument("device_id")
+    p.add_argument("device_id", help="the device's id, its certificate's CN")
     p.add_argument("--class", dest="device_class", default="sensor",
                    choices=registry.CLASSES, help="device class (default: sensor)")
     p.add_argument("--issue-cert", action="store_true",
@@ -59,23 +59,24 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_add)
     p = dsub.add_parser("list", help="list devices")
     config_arg(p)
-    p.add_argument("--status", choices=registry.STATUSES, default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--status", choices=registry.STATUSES, default=None,
+                   help="only devices in this state")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     downlink_cli.list_args(p)
     p.set_defaults(func=_list)
     p = dsub.add_parser("show", help="one device: state, last HELLO, readings, dead letters")
     config_arg(p)
-    p.add_argument("device_id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("device_id", help="the device's id (see `torpor device list`)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_show)
     p = dsub.add_parser("release", help="serve a quarantined device again")
     config_arg(p)
-    p.add_argument("device_id")
+    p.add_argument("device_id", help="the quarantined device's id")
     p.set_defaults(func=_release)
     p = dsub.add_parser(
         "revoke", help="revoke a device: CRL, broker reload, cut its live session, registry")
     config_arg(p)
-    p.add_argument("device_id")
+    p.add_argument("device_id", help="the device's id")
     p.add_argument("--broker-pid", type=int, default=None,
                    help="[broker] mode = external: the mosquitto process to reload "
                    f"(default: `systemctl reload {EXTERNAL_BROKER_UNIT}`)")

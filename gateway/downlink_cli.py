@@ -37,13 +37,28 @@ def _int(what: str, text: str) -> int:
         raise q.QueueError(f"{what}: {text!r} is not an integer") from None
 
 
+def ops_help() -> str:
+    """Every op with its arguments, units and ranges, from the spec's generated table.
+    Indented lines: the CLI's help formatter keeps them as they are."""
+    lines = ["ops (arguments are integers, ranges inclusive; those in [ ] may be left out):"]
+    for cmd in proto.OP_ARGS.values():
+        lines.append(f"  {cmd.usage}")
+        lines.append(f"      {cmd.doc}")
+        for a in cmd.args:
+            lines.append(f"      {a.name.upper()}: {a.span}")
+    lines.append("")
+    lines.append("A command outside these ranges is refused here, before it is queued.")
+    return "\n".join(lines)
+
+
 def register(dsub: Any, config_arg: Any) -> None:
     """Add send/config/cancel to the `device` group (`config_arg(parser)` adds --config)."""
-    p = dsub.add_parser("send", help="queue a command for a device's next wake")
+    p = dsub.add_parser("send", help="queue a command for a device's next wake",
+                        epilog=ops_help())
     config_arg(p)
-    p.add_argument("device_id")
-    p.add_argument("op", help=f"one of {', '.join(q.OPS)}")
-    p.add_argument("args", nargs="*", help="integer arguments (at most 8)")
+    p.add_argument("device_id", help="the device's id (see `torpor device list`)")
+    p.add_argument("op", help=f"one of {', '.join(q.OPS)} (see below)")
+    p.add_argument("args", nargs="*", help="the op's integer arguments (see below)")
     p.add_argument("--priority", "-p", type=int, default=q.DEFAULT_PRIORITY,
                    help=f"0..255, higher first (default {q.DEFAULT_PRIORITY})")
     p.add_argument("--ttl", default=str(q.DEFAULT_TTL_S),
@@ -53,16 +68,20 @@ def register(dsub: Any, config_arg: Any) -> None:
     p.set_defaults(func=_send)
     p = dsub.add_parser("config", help="set desired configuration (key=value ...)")
     config_arg(p)
-    p.add_argument("device_id")
+    p.add_argument("device_id", help="the device's id (see `torpor device list`)")
     p.add_argument("values", nargs="+", metavar="KEY=VALUE",
                    help=f"keys: {', '.join(q.CONFIG_KEYS)}")
-    p.add_argument("--priority", "-p", type=int, default=q.DEFAULT_PRIORITY)
-    p.add_argument("--ttl", default="none", help="default: none (kept until applied)")
+    p.add_argument("--priority", "-p", type=int, default=q.DEFAULT_PRIORITY,
+                   help=f"0..255, higher first (default {q.DEFAULT_PRIORITY})")
+    p.add_argument("--ttl", default="none",
+                   help="seconds (or 15m, 2h, 7d) before it expires unapplied "
+                   "(default: none, kept until applied)")
     p.set_defaults(func=_config)
     p = dsub.add_parser("cancel", help="withdraw a queued command or configuration")
     config_arg(p)
-    p.add_argument("device_id")
-    p.add_argument("command_id", type=int)
+    p.add_argument("device_id", help="the device's id")
+    p.add_argument("command_id", type=int,
+                   help="the item's id, as `device send` printed it or `device show` lists it")
     p.set_defaults(func=_cancel)
 
 
@@ -74,13 +93,17 @@ def _run(args: argparse.Namespace, body: Any) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     def body(conn: sqlite3.Connection) -> int:
-        cmd_args = [_int(f"argument {i + 1}", a) for i, a in enumerate(args.args)]
+        cmd_args = [_int(f"{args.op}: argument {i + 1}", a) for i, a in enumerate(args.args)]
         try:
             data = bytes.fromhex(args.data)
         except ValueError:
             raise q.QueueError(f"--data: {args.data!r} is not hex") from None
-        cid = q.enqueue_command(conn, args.device_id, args.op, cmd_args, args.priority,
-                                parse_ttl(args.ttl), data)
+        try:
+            cid = q.enqueue_command(conn, args.device_id, args.op, cmd_args, args.priority,
+                                    parse_ttl(args.ttl), data)
+        except q.BadArguments as exc:
+            raise q.BadArguments(f"{exc}; nothing queued (`torpor device send --help` lists "
+                                 "every op's arguments)") from None
         print(f"{args.device_id}: queued command {cid} ({q.get(conn, args.device_id, cid).what}),"
               f" {_next_listen_text(conn, args.device_id)}")
         return 0

@@ -100,22 +100,23 @@ def register(sub: Any) -> None:
                    help="fleet public key file: also check the signature here")
     p.add_argument("--override", action="append", default=[], metavar="DEVICE=DIR",
                    help="another image for one device (e.g. another hardware revision)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_create)
     p = osub.add_parser("status", help="campaigns, or one campaign per device")
     config_arg(p)
-    p.add_argument("campaign", nargs="?", type=int)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("campaign", nargs="?", type=int,
+                   help="a campaign's number: its devices one by one (default: every campaign)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
     p = osub.add_parser("cancel", help="stop a campaign; its queued OTA items leave the queues")
     config_arg(p)
-    p.add_argument("campaign", type=int)
+    p.add_argument("campaign", type=int, help="the campaign's number (see `torpor ota status`)")
     p.set_defaults(func=_cancel)
     p = osub.add_parser(
         "demo", help="a signed, staged campaign to sim nodes through the real gateway",
         description="Build and sign v1 and v2 images with a throwaway key, start the gateway "
         "with its Mosquitto, provision sim nodes booting through the bootloader on v1, roll v2 "
-        "out (first wave 25%%, one more per confirmation; the last node gets a v2 that never "
+        "out (first wave 25%, one more per confirmation; the last node gets a v2 that never "
         "reaches the gateway and is reverted) and check the outcome. Exit code 0 when it is "
         "the expected one, 1 when not, 2 when the demo cannot run.")
     p.add_argument("--nodes", type=int, default=20, help="simulated nodes (default 20, at least 5)")

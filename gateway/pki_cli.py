@@ -34,18 +34,18 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_gateway)
 
     p = action("device", "issue a device certificate (CN = device id), PEM and DER")
-    p.add_argument("device_id")
+    p.add_argument("device_id", help="the device's id, its certificate's CN")
     p.add_argument("--days", type=int, default=DEVICE_DAYS, help="validity in days")
     p.set_defaults(func=_device)
 
     p = action("rotate", "issue a new certificate for a device; the old one stays valid until revoked")
-    p.add_argument("device_id")
+    p.add_argument("device_id", help="the device's id, its certificate's CN")
     p.add_argument("--days", type=int, default=DEVICE_DAYS, help="validity in days")
     p.set_defaults(func=_rotate)
 
     p = action("revoke", "revoke a device (all its certificates) or one serial; rewrite the CRL")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("device_id", nargs="?")
+    target.add_argument("device_id", nargs="?", help="revoke every certificate of this device")
     target.add_argument("--serial", help="hexadecimal serial of one certificate")
     p.set_defaults(func=_revoke)
 

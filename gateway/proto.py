@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 from itertools import accumulate
-from typing import Any, Callable, ClassVar, Iterable, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar
 
 Buffer = bytes | bytearray | memoryview
 _E = TypeVar("_E", bound=IntEnum)
@@ -367,6 +367,80 @@ class ErrorCode(IntEnum):
     QUARANTINED = 6
     INTERNAL = 7
     NOT_PROVISIONED = 8
+
+
+@dataclass(frozen=True, slots=True)
+class CommandArg:
+    """One argument of a command op: an i32 on the wire, valid in low..high (inclusive)."""
+
+    name: str
+    low: int
+    high: int
+    unit: str
+
+    @property
+    def span(self) -> str:
+        """`0..600 s`; a scaled unit reads `-32768..32767 (units of 0.01 degC)`."""
+        unit = f" (units of {self.unit})" if self.unit[:1].isdigit() else f" {self.unit}"
+        return f"{self.low}..{self.high}{unit.rstrip()}"
+
+
+@dataclass(frozen=True, slots=True)
+class CommandArgs:
+    """What a command op takes: the first `required` of `args` must be given."""
+
+    op: CommandOp
+    doc: str
+    required: int
+    args: tuple[CommandArg, ...]
+    usage: str
+
+    def problem(self, values: Sequence[int]) -> str | None:
+        """None if `values` suit the op, else what is wrong, naming the argument and its range."""
+        name = self.op.name.lower()
+        n = len(values)
+        if not self.required <= n <= len(self.args):
+            if not self.args:
+                want = "no arguments"
+            elif self.required == len(self.args):
+                want = f"{self.required} argument{'s' if self.required > 1 else ''}"
+            else:
+                want = f"{self.required} to {len(self.args)} arguments"
+            return f"{name} takes {want}, got {n} (usage: {self.usage})"
+        for i, (a, v) in enumerate(zip(self.args, values), start=1):
+            if not a.low <= v <= a.high:
+                return f"{name}: argument {i} ({a.name}) must be in {a.span}, got {v}"
+        return None
+
+
+# command op -> its arguments, from the spec's [commands] tables
+OP_ARGS: dict[CommandOp, CommandArgs] = {
+    CommandOp.PING: CommandArgs(
+        CommandOp.PING, "answer with the node's clock, and the tag if one is given (to match answers)", 0, (
+            CommandArg('tag', -2147483648, 2147483647, ''),
+        ), 'ping [TAG]'),
+    CommandOp.SET_INTERVAL: CommandArgs(
+        CommandOp.SET_INTERVAL, 'set the sampling interval (the configuration key of the same name)', 1, (
+            CommandArg('sample_interval_s', 1, 86400, 's'),
+        ), 'set_interval SAMPLE_INTERVAL_S'),
+    CommandOp.SET_THRESHOLDS: CommandArgs(
+        CommandOp.SET_THRESHOLDS, 'set the alarm thresholds (temp_low, temp_high, humidity_high)', 2, (
+            CommandArg('temp_low', -32768, 32767, '0.01 degC'),
+            CommandArg('temp_high', -32768, 32767, '0.01 degC'),
+            CommandArg('humidity_high', 0, 65535, '0.01 %RH'),
+        ), 'set_thresholds TEMP_LOW TEMP_HIGH [HUMIDITY_HIGH]'),
+    CommandOp.STAY_AWAKE: CommandArgs(
+        CommandOp.STAY_AWAKE, 'listen for downlink this long, beyond the awake window and budget', 1, (
+            CommandArg('seconds', 0, 600, 's'),
+        ), 'stay_awake SECONDS'),
+    CommandOp.REBOOT: CommandArgs(
+        CommandOp.REBOOT, 'reboot at the end of the wake', 0, (
+        ), 'reboot'),
+    CommandOp.SYNC_TIME: CommandArgs(
+        CommandOp.SYNC_TIME, "set the node's clock", 1, (
+            CommandArg('time', 0, 2147483647, 'unix seconds'),
+        ), 'sync_time TIME'),
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,6 @@ ACTIVE = (QUEUED, SENT)
 DEFAULT_PRIORITY = 4
 DEFAULT_TTL_S = 24 * 3600
 MAX_PRIORITY = 255
-MAX_ARGS = 8
 MAX_DATA = 256
 I32 = (-(2**31), 2**31 - 1)
 U32 = 2**32
@@ -97,6 +96,11 @@ _STEPS = (
 
 class QueueError(GatewayError):
     """A downlink queue operation was refused; the message says why."""
+
+
+class BadArguments(QueueError):
+    """A command's arguments do not suit its op (the spec's [commands] table): refused at
+    enqueue, so the node never spends a wake on it."""
 
 
 class QueueFull(QueueError):
@@ -227,6 +231,20 @@ def _check_i32(what: str, v: object) -> int:
     return v
 
 
+def check_args(op: proto.CommandOp, args: Sequence[object]) -> tuple[int, ...]:
+    """The arguments as a tuple if they suit `op` by the spec's table (count, each range);
+    else BadArguments naming the op, the argument and its range."""
+    values = []
+    for i, a in enumerate(args, start=1):
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise BadArguments(f"{op.name.lower()}: argument {i} ({a!r}) is not an integer")
+        values.append(a)
+    problem = proto.OP_ARGS[op].problem(values)
+    if problem is not None:
+        raise BadArguments(problem)
+    return tuple(values)
+
+
 def _check_common(priority: int, ttl_s: float | None) -> None:
     if not 0 <= priority <= MAX_PRIORITY:
         raise QueueError(f"priority {priority} is out of range 0..{MAX_PRIORITY}")
@@ -293,9 +311,7 @@ def enqueue_command(
     """Queue a COMMAND for `device`; returns its command id."""
     now = time.time() if now is None else now
     cop = parse_op(op)
-    if len(args) > MAX_ARGS:
-        raise QueueError(f"{len(args)} arguments: a command carries at most {MAX_ARGS}")
-    args = tuple(_check_i32(f"argument {i + 1}", a) for i, a in enumerate(args))
+    args = check_args(cop, args)
     if len(data) > MAX_DATA:
         raise QueueError(f"{len(data)} bytes of data: a command carries at most {MAX_DATA}")
     _check_common(priority, ttl_s)
@@ -533,9 +549,7 @@ def enqueue_fleet(
     unknown device refuses the whole call. Returns how many items were queued."""
     now = time.time() if now is None else now
     cop = parse_op(op)
-    args = tuple(_check_i32(f"argument {i + 1}", a) for i, a in enumerate(args))
-    if len(args) > MAX_ARGS:
-        raise QueueError(f"{len(args)} arguments: a command carries at most {MAX_ARGS}")
+    args = check_args(cop, args)
     _check_common(priority, ttl_s)
     devs = list(dict.fromkeys(devices))
     with db.atomic(conn):

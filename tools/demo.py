@@ -228,9 +228,12 @@ class Demo:
         return pki.path
 
     async def _spawn(self, argv: list[str], log_name: str) -> asyncio.subprocess.Process:
+        # Its own session: a Ctrl-C reaches the demo only, which then stops the gateway before
+        # the upstream broker (its relay would otherwise see the broker vanish mid-session).
         with open(self.dir / log_name, "ab") as out:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, cwd=self.dir,
+                start_new_session=True,
             )
         self.procs.append(proc)
         return proc

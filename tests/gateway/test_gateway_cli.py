@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db, registry
-from tools.cli import main
+from gateway import db, proto, registry
+from tools.cli import build_parser, main
 
 
 @pytest.fixture
@@ -70,3 +70,37 @@ def test_config_errors_and_status_of_a_stopped_gateway(tmp_path: Path, config: P
     assert main(["gateway", "config-example"]) == 0
     example = capsys.readouterr().out
     assert "[upstream]" in example and "# batch_max_frames = 512" in example
+
+
+def test_device_send_checks_arguments_before_queueing(config: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway import queue as q
+
+    c = ["--config", str(config)]
+    assert main(["device", "add", "n1", *c]) == 0
+    capsys.readouterr()
+    assert main(["device", "send", "n1", "stay_awake", "900", *c]) == 2
+    err = capsys.readouterr().err
+    assert "torpor: error: stay_awake: argument 1 (seconds) must be in 0..600 s, got 900" in err
+    assert main(["device", "send", "n1", "set_thresholds", "100", *c]) == 2
+    assert "set_thresholds takes 2 to 3 arguments, got 1" in capsys.readouterr().err
+    assert main(["device", "send", "n1", "ping", "1", "2", *c]) == 2
+    assert "ping takes 0 to 1 arguments, got 2 (usage: ping [TAG])" in capsys.readouterr().err
+    assert main(["device", "send", "n1", "ping", "x", *c]) == 2
+    assert "ping: argument 1: 'x' is not an integer" in capsys.readouterr().err
+    conn = db.open_db(config.parent / "data" / "gateway.db")
+    assert q.pending(conn, "n1") == []
+    assert main(["device", "send", "n1", "stay_awake", "600", *c]) == 0
+    assert "n1: queued command" in capsys.readouterr().out
+    assert [(i.op, i.args) for i in q.pending(conn, "n1")] == [(proto.CommandOp.STAY_AWAKE, (600,))]
+
+
+def test_device_send_help_lists_every_op_from_the_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["device", "send", "--help"])
+    out = capsys.readouterr().out
+    for op, table in proto.OP_ARGS.items():
+        assert f"  {table.usage}\n" in out, op
+        for a in table.args:
+            assert f"{a.name.upper()}: {a.span}" in out
+    assert "SECONDS: 0..600 s" in out

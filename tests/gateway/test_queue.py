@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -56,9 +57,9 @@ def test_refusals(conn: sqlite3.Connection) -> None:
         q.enqueue_command(conn, "nx", "ping")
     with pytest.raises(q.QueueError, match="unknown op 'fly'"):
         q.enqueue_command(conn, "n1", "fly")
-    with pytest.raises(q.QueueError, match="32-bit"):
+    with pytest.raises(q.BadArguments, match=r"argument 1 \(sample_interval_s\) must be in 1..86400 s, got 2147483648"):
         q.enqueue_command(conn, "n1", "set_interval", [2**31])
-    with pytest.raises(q.QueueError, match="at most 8"):
+    with pytest.raises(q.BadArguments, match=r"set_thresholds takes 2 to 3 arguments, got 9"):
         q.enqueue_command(conn, "n1", "set_thresholds", list(range(9)))
     with pytest.raises(q.QueueError, match="unknown configuration key 'bogus'"):
         q.set_config(conn, "n1", {"bogus": 1})
@@ -140,7 +141,8 @@ def test_results_retire_once(conn: sqlite3.Connection) -> None:
     it = q.get(conn, "n1", cid)
     assert (it.status, it.result_status, it.result_values, it.retired_at) == (q.DONE, "ok", (42,), T0 + 2)
     assert dl.metrics.results == 1 and dl.metrics.repeats == 3
-    bad = q.enqueue_command(conn, "n1", "set_interval", [-1], now=T0)
+    # The gateway checks arguments by the spec; a node with stricter rules still says no.
+    bad = q.enqueue_command(conn, "n1", "set_thresholds", [3000, 2000], now=T0)
     with db.transaction(conn):
         dl.handle_up(conn, [("n1", proto.CommandResult(7, bad, proto.ResultStatus.BAD_ARGS, 0, "range"))], T0 + 4)
         dl.handle_up(conn, [("n1", proto.CommandResult(8, 12345, proto.ResultStatus.OK))], T0 + 4)
@@ -255,3 +257,43 @@ def test_enqueue_fleet_is_all_or_nothing(conn: sqlite3.Connection) -> None:
     with pytest.raises(q.QueueFull, match="m1 is full"):
         q.enqueue_fleet(conn, ["n2", "m1"], "ping", now=T0)
     assert len(q.pending(conn, "n2")) == 2
+
+
+def _at(args: list[int], i: int, v: int) -> list[int]:
+    return args[:i] + [v] + args[i + 1:]
+
+
+@pytest.mark.parametrize("op", list(proto.CommandOp), ids=lambda op: op.name.lower())
+def test_arguments_checked_by_the_spec_at_every_edge(conn: sqlite3.Connection,
+                                                      op: proto.CommandOp) -> None:
+    table = proto.OP_ARGS[op]
+    low = [a.low for a in table.args]
+    high = [a.high for a in table.args]
+    name = op.name.lower()
+    refused: list[tuple[list[int], str]] = [(low + [0], f"{name} takes")]
+    if table.required:
+        refused.append((low[:table.required - 1], f"{name} takes"))
+    for i, a in enumerate(table.args):
+        rng = re.escape(f"argument {i + 1} ({a.name}) must be in {a.span}")
+        refused += [(_at(low, i, a.low - 1), rng), (_at(high, i, a.high + 1), rng)]
+    for args, message in refused:
+        with pytest.raises(q.BadArguments, match=message):
+            q.enqueue_command(conn, "n1", op, args, now=T0)
+        with pytest.raises(q.BadArguments, match=message):
+            q.enqueue_fleet(conn, ["n1", "m1"], op, args, now=T0)
+    assert q.pending(conn, "n1") == [] and q.pending(conn, "m1") == []
+    for args in (low, high, low[:table.required]):
+        cid = q.enqueue_command(conn, "n1", name, args, now=T0)
+        assert q.get(conn, "n1", cid).args == tuple(args)
+    assert q.enqueue_fleet(conn, ["n1", "m1"], name, low, now=T0) == 2
+
+
+def test_stay_awake_beyond_its_range_names_the_range(conn: sqlite3.Connection) -> None:
+    with pytest.raises(q.BadArguments) as err:
+        q.enqueue_command(conn, "n1", "stay_awake", [900], now=T0)
+    assert str(err.value) == "stay_awake: argument 1 (seconds) must be in 0..600 s, got 900"
+    with pytest.raises(q.BadArguments, match=r"stay_awake takes 1 argument, got 0 \(usage: stay_awake SECONDS\)"):
+        q.enqueue_command(conn, "n1", "stay_awake", [], now=T0)
+    with pytest.raises(q.BadArguments, match=r"argument 1 \('9'\) is not an integer"):
+        q.enqueue_command(conn, "n1", "stay_awake", ["9"], now=T0)  # type: ignore[list-item]
+    assert q.pending(conn, "n1") == []

@@ -33,6 +33,19 @@ def _spec_with(tmp_path: Path, old: str, new: str) -> Path:
         ('enum = "boot_cause" }', 'enum = "boot_reason" }', "unknown enum 'boot_reason'"),
         ("max_message = 1024\nmax_queue = 4096", "max_message = 9000\nmax_queue = 4096",
          "classes.sensor.max_message: larger than protocol.max_frame"),
+        ("[commands.reboot]", "[commands.reboots]", "commands: no entry for command_op reboot"),
+        ("sync_time = 5 }", "sync_time = 5, blink = 6 }", "commands: no entry for command_op blink"),
+        ('min = 0, max = 600, unit = "s"', 'min = 0, max = 2147483648, unit = "s"',
+         "commands.stay_awake.args[0]: need -2147483648 <= min <= max <= 2147483647"),
+        ('min = 0, max = 600, unit = "s"', 'min = 600, max = 0, unit = "s"',
+         "got 600..0"),
+        ("required = 2\n", "required = 4\n", "commands.set_thresholds.required: must be an integer 0..3"),
+        ('min = 0, max = 600, unit = "s"', 'min = 0, max = 600, unit = 5', "commands.stay_awake.args[0].unit: expected str"),
+        ('min = 0, max = 600, unit = "s"', 'max = 600, unit = "s"', "commands.stay_awake.args[0]: missing key 'min'"),
+        ('{ name = "seconds", min = 0', '{ name = "Seconds", min = 0', "'Seconds' must be snake_case"),
+        ('doc = "reboot at the end of the wake"', 'docs = "x"', "commands.reboot: unknown key(s) ['docs']"),
+        ('name = "args", type = "array", of = "i32", max = 8', 'name = "args", type = "array", of = "i32", max = 2',
+         "commands.set_thresholds.args: more than COMMAND.args allows (2)"),
     ],
 )
 def test_bad_spec_names_the_key(tmp_path: Path, old: str, new: str, message: str) -> None:
@@ -63,3 +76,27 @@ def test_proto_check_cli_exit_code() -> None:
                           capture_output=True, text=True, cwd=generate.ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "match the spec" in proc.stdout
+
+
+def test_command_table_reaches_both_runtimes_and_the_docs() -> None:
+    """One table in the spec: the gateway's OP_ARGS, the node's OP_ARGS and the docs all
+    carry it, and `device send --help` is built from it."""
+    from gateway import downlink_cli, proto
+    from tools.proto import gen_micropython
+
+    spec = load()
+    text = gen_micropython.generate_op_args(spec)
+    docs = (generate.ROOT / "docs" / "protocol.md").read_text()
+    helptext = downlink_cli.ops_help()
+    assert [c.op for c in spec.commands] == [op.name.lower() for op in proto.OP_ARGS]
+    for c in spec.commands:
+        gw = proto.OP_ARGS[proto.CommandOp[c.op.upper()]]
+        assert (gw.required, gw.usage, gw.doc) == (c.required, c.usage, c.doc)
+        assert [(a.name, a.low, a.high, a.unit) for a in gw.args] == \
+            [(a.name, a.low, a.high, a.unit) for a in c.args]
+        node = f"proto.COMMAND_OP_{c.op.upper()}: ({c.required}, (" + "".join(
+            f"({a.name!r}, {a.low}, {a.high}, {a.unit!r}), " for a in c.args).rstrip() + ")),"
+        assert node in text
+        assert f"| {c.op} | `{c.usage}` |" in docs and f"  {c.usage}\n" in helptext
+        for a in gw.args:
+            assert f"{a.name.upper()}: {a.span}" in helptext

@@ -41,7 +41,8 @@ def register(bsub: Any) -> None:
     p.add_argument("--nodes", type=int, default=200, help="nodes that wake (own certificates)")
     p.add_argument("--rate", type=float, default=100.0, help="HELLOs per second (default 100)")
     p.add_argument("--rounds", type=int, default=2, help="wakes per node (default 2)")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--seed", type=int, default=7,
+                   help="random seed of the order in which nodes wake (default 7)")
     p.add_argument("--keep", action="store_true", help="keep the working directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_main)

@@ -19,37 +19,41 @@ def register(sub: Any) -> None:
         description="Write firmware-signing.key (mode 0600: keep it off the gateway), "
         "firmware-signing.pub and fleet_keys.py (the bootloader's baked-in key) into DIR.",
     )
-    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="directory for the three files (created if missing)")
     p.set_defaults(func=_keygen)
 
     p = actions.add_parser("build", help="compile an image for a board (unsigned manifest)")
-    p.add_argument("--board", required=True, choices=sorted(image.BOARD_ARCH))
+    p.add_argument("--board", required=True, choices=sorted(image.BOARD_ARCH),
+                   help="target board (its mpy-cross architecture)")
     p.add_argument("--version", required=True, type=int, help="monotonic integer version")
     p.add_argument("--display", default=None, help="human-readable version string")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="image directory to write: one .mpy per module and manifest.json")
     p.set_defaults(func=_build)
 
     p = actions.add_parser("sign", help="sign an image's manifest")
     p.add_argument("--key", required=True, type=Path, help="private key file (PEM)")
-    p.add_argument("image", type=Path, metavar="IMAGE_DIR")
+    p.add_argument("image", type=Path, metavar="IMAGE_DIR", help="image built by `torpor fw build`")
     p.set_defaults(func=_sign)
 
     p = actions.add_parser("verify", help="check an image as the bootloader would")
     p.add_argument("--pubkey", required=True, type=Path, help="public key file")
-    p.add_argument("image", type=Path, metavar="IMAGE_DIR")
+    p.add_argument("image", type=Path, metavar="IMAGE_DIR", help="signed image directory")
     p.set_defaults(func=_verify)
 
     p = actions.add_parser(
         "install",
         help="write a signed image into a sim node's flash as its confirmed image",
     )
-    p.add_argument("--node-dir", required=True, type=Path, metavar="D")
+    p.add_argument("--node-dir", required=True, type=Path, metavar="D",
+                   help="the sim node's directory (as `torpor sim node --dir`)")
     p.add_argument("--slot", choices=image.SLOTS, default=None, help="default: the free slot")
     p.add_argument(
         "--pubkey", type=Path, default=None,
         help="verify with this key first and bake it into the node's bootloader",
     )
-    p.add_argument("image", type=Path, metavar="IMAGE_DIR")
+    p.add_argument("image", type=Path, metavar="IMAGE_DIR", help="signed image directory")
     p.set_defaults(func=_install)
 
 

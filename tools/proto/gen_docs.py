@@ -79,6 +79,23 @@ def generate(spec: Spec) -> str:
     for e in spec.enums:
         p("")
         p(f"- `{e.name}`: " + ", ".join(f"{k} = {v}" for k, v in e.values))
+    p("")
+    p("## Command arguments")
+    p("")
+    p("What each `command_op` carries in a COMMAND's `args` (i32 each, in this order). Arguments "
+      "in brackets may be left out. The gateway refuses anything else when a command is queued; "
+      "the node answers `bad_args` to anything else it receives.")
+    p("")
+    p("| op | usage | argument | range | unit | what it does |")
+    p("|---|---|---|---|---|---|")
+    for cmd in spec.commands:
+        if not cmd.args:
+            p(f"| {cmd.op} | `{cmd.usage}` | - | - | - | {cmd.doc} |")
+        for i, a in enumerate(cmd.args):
+            first = i == 0
+            name = a.name if i < cmd.required else f"[{a.name}]"
+            p(f"| {cmd.op if first else ''} | {f'`{cmd.usage}`' if first else ''} | {name} | "
+              f"{a.low}..{a.high} | {a.unit} | {cmd.doc if first else ''} |")
     for r in spec.records:
         p("")
         p(f"## Record `{r.name}` ({r.size} bytes)")

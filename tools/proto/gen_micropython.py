@@ -306,6 +306,42 @@ def _limits_and_records(w: Lines, spec: Spec) -> None:
         w(f"RECORD_SIZE_{_c(s.name)} = const({s.record_size})")
 
 
+def generate_op_args(spec: Spec) -> str:
+    """firmware/op_args.py: each command op's argument count and ranges, for the node's own
+    check. Its own module: commands.execute imports it only when a command arrives, so a
+    wake without one does not pay for the table."""
+    detail = next(f for f in spec.frame("COMMAND_RESULT").fields if f.name == "detail")
+    w = Lines()
+    w("# Torpor command arguments for MicroPython (the firmware): what each op takes.")
+    w(f"# Generated from {SPEC_REL} by `torpor proto gen`: generated, do not edit.")
+    w("# The gateway checks the same table (gateway/proto.py OP_ARGS) before it queues a command.")
+    w("import proto")
+    w()
+    w("# command op -> (required count, ((name, low, high, unit), ...))")
+    w("OP_ARGS = {")
+    for c in spec.commands:
+        args = "".join(f"({a.name!r}, {a.low}, {a.high}, {a.unit!r}), " for a in c.args)
+        w(f"    proto.{_c('command_op')}_{_c(c.op)}: ({c.required}, ({args.rstrip()})),")
+    w("}")
+    w()
+    w()
+    w("def check(op, args):")
+    w("# None if args suit the known op, else why not, short enough for COMMAND_RESULT.detail", 1)
+    w("req, spec = OP_ARGS[op]", 1)
+    w("n = len(args)", 1)
+    w("if n < req or n > len(spec):", 1)
+    w("if req == len(spec):", 2)
+    w('return "want %d arg%s, got %d" % (req, "" if req == 1 else "s", n)', 3)
+    w('return "want %d..%d args, got %d" % (req, len(spec), n)', 2)
+    w("for i in range(n):", 1)
+    w("name, lo, hi, unit = spec[i]", 2)
+    w("v = args[i]", 2)
+    w("if v < lo or v > hi:", 2)
+    w(f'return ("%s %d: not in %d..%d %s" % (name, v, lo, hi, unit)).rstrip()[:{detail.max}]', 3)
+    w("return None", 1)
+    return "\n".join(w.lines) + "\n"
+
+
 def generate_wire(spec: Spec) -> str:
     """firmware/wire.py: what a wake needs of the protocol before it sends (record layouts,
     class limits, configuration enums), without the codec: proto.py costs about 30 kB of

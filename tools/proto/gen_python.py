@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 from itertools import accumulate
-from typing import Any, Callable, ClassVar, Iterable, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar
 
 Buffer = bytes | bytearray | memoryview
 _E = TypeVar("_E", bound=IntEnum)
@@ -346,6 +346,7 @@ def generate(spec: Spec) -> str:
         for k, v in e.values:
             w(f"{k.upper()} = {v}", 1)
         w()
+    _gen_commands(w, spec)
     # device classes
     w()
     w("@dataclass(frozen=True, slots=True)")
@@ -467,6 +468,69 @@ def generate(spec: Spec) -> str:
     w('raise TypeError(f"not a frame: {frame!r}")', 2)
     w("return fn(frame)", 1)
     return "\n".join(w.lines) + "\n"
+
+
+COMMAND_CLASSES = '''\
+@dataclass(frozen=True, slots=True)
+class CommandArg:
+    """One argument of a command op: an i32 on the wire, valid in low..high (inclusive)."""
+
+    name: str
+    low: int
+    high: int
+    unit: str
+
+    @property
+    def span(self) -> str:
+        """`0..600 s`; a scaled unit reads `-32768..32767 (units of 0.01 degC)`."""
+        unit = f" (units of {self.unit})" if self.unit[:1].isdigit() else f" {self.unit}"
+        return f"{self.low}..{self.high}{unit.rstrip()}"
+
+
+@dataclass(frozen=True, slots=True)
+class CommandArgs:
+    """What a command op takes: the first `required` of `args` must be given."""
+
+    op: CommandOp
+    doc: str
+    required: int
+    args: tuple[CommandArg, ...]
+    usage: str
+
+    def problem(self, values: Sequence[int]) -> str | None:
+        """None if `values` suit the op, else what is wrong, naming the argument and its range."""
+        name = self.op.name.lower()
+        n = len(values)
+        if not self.required <= n <= len(self.args):
+            if not self.args:
+                want = "no arguments"
+            elif self.required == len(self.args):
+                want = f"{self.required} argument{'s' if self.required > 1 else ''}"
+            else:
+                want = f"{self.required} to {len(self.args)} arguments"
+            return f"{name} takes {want}, got {n} (usage: {self.usage})"
+        for i, (a, v) in enumerate(zip(self.args, values), start=1):
+            if not a.low <= v <= a.high:
+                return f"{name}: argument {i} ({a.name}) must be in {a.span}, got {v}"
+        return None
+'''
+
+
+def _gen_commands(w: Lines, spec: Spec) -> None:
+    w()
+    w(COMMAND_CLASSES.rstrip("\n"))
+    w()
+    w()
+    w("# command op -> its arguments, from the spec's [commands] tables")
+    w("OP_ARGS: dict[CommandOp, CommandArgs] = {")
+    for c in spec.commands:
+        w(f"    CommandOp.{c.op.upper()}: CommandArgs(")
+        w(f"        CommandOp.{c.op.upper()}, {c.doc!r}, {c.required}, (")
+        for a in c.args:
+            w(f"            CommandArg({a.name!r}, {a.low}, {a.high}, {a.unit!r}),")
+        w(f"        ), {c.usage!r}),")
+    w("}")
+    w()
 
 
 def _gen_structs(w: Lines, spec: Spec, fr: Frame) -> None:

@@ -151,6 +151,36 @@ class Frame:
 
 
 @dataclass(frozen=True, slots=True)
+class CommandArg:
+    """One argument of a command op: an i32 on the wire, valid in low..high (inclusive)."""
+
+    name: str
+    low: int
+    high: int
+    unit: str
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """What one command_op takes: `required` of its `args` must be given, the rest may follow."""
+
+    op: str
+    value: int
+    doc: str
+    required: int
+    args: tuple[CommandArg, ...]
+
+    @property
+    def usage(self) -> str:
+        """`stay_awake SECONDS`, `set_thresholds TEMP_LOW TEMP_HIGH [HUMIDITY_HIGH]`."""
+        words = [a.name.upper() for a in self.args]
+        if self.required < len(words):
+            words[self.required] = "[" + words[self.required]
+            words[-1] += "]"
+        return " ".join([self.op, *words])
+
+
+@dataclass(frozen=True, slots=True)
 class Spec:
     major: int
     minor: int
@@ -160,6 +190,7 @@ class Spec:
     enums: tuple[Enum, ...]
     records: tuple[Record, ...]
     frames: tuple[Frame, ...]
+    commands: tuple[Command, ...]
 
     @property
     def version_byte(self) -> int:
@@ -303,6 +334,64 @@ def _fields(raws: Any, where: str, enums: dict[str, Enum],
     return fields
 
 
+def _commands(raw: dict[str, Any], enums: dict[str, Enum],
+              frames: list[Frame]) -> tuple[Command, ...]:
+    """The [commands.<op>] tables: one per command_op value, args within COMMAND's args."""
+    table = _req(raw, "commands", "spec", dict)
+    ops = dict(enums["command_op"].values) if "command_op" in enums else {}
+    missing = sorted(set(ops) - set(table))
+    if missing:
+        raise SpecError(f"commands: no entry for command_op {', '.join(missing)}")
+    extra = sorted(set(table) - set(ops))
+    if extra:
+        raise SpecError(f"commands.{extra[0]}: not a value of enum command_op")
+    cmd_frame = next((f for f in frames if f.name == "COMMAND"), None)
+    args_field = next((f for f in cmd_frame.fields if f.name == "args"), None) if cmd_frame else None
+    if args_field is None or args_field.type != "array" or args_field.of not in INT_RANGES:
+        raise SpecError("commands: needs frame COMMAND with an integer array field 'args'")
+    assert args_field.max is not None and args_field.of is not None
+    wire_lo, wire_hi = INT_RANGES[args_field.of]
+    out = []
+    for op, value in sorted(ops.items(), key=lambda kv: kv[1]):
+        w = f"commands.{op}"
+        entry = table[op]
+        if not isinstance(entry, dict):
+            raise SpecError(f"{w}: must be a table")
+        unknown = set(entry) - {"doc", "args", "required"}
+        if unknown:
+            raise SpecError(f"{w}: unknown key(s) {sorted(unknown)}")
+        raws = _req(entry, "args", w, list)
+        if len(raws) > args_field.max:
+            raise SpecError(f"{w}.args: more than COMMAND.args allows ({args_field.max})")
+        args = []
+        for i, a in enumerate(raws):
+            wa = f"{w}.args[{i}]"
+            if not isinstance(a, dict):
+                raise SpecError(f"{wa}: must be a table")
+            unknown = set(a) - {"name", "min", "max", "unit"}
+            if unknown:
+                raise SpecError(f"{wa}: unknown key(s) {sorted(unknown)}")
+            name = _req(a, "name", wa, str)
+            if not _NAME.match(name):
+                raise SpecError(f"{wa}.name: '{name}' must be snake_case")
+            lo, hi = _req(a, "min", wa, int), _req(a, "max", wa, int)
+            if not wire_lo <= lo <= hi <= wire_hi:
+                raise SpecError(f"{wa}: need {wire_lo} <= min <= max <= {wire_hi} "
+                                f"({args_field.of} on the wire), got {lo}..{hi}")
+            unit = a.get("unit", "")
+            if not isinstance(unit, str):
+                raise SpecError(f"{wa}.unit: expected str, got {unit!r}")
+            args.append(CommandArg(name, lo, hi, unit))
+        if len({a.name for a in args}) != len(args):
+            raise SpecError(f"{w}.args: duplicate argument name")
+        required = entry.get("required", len(args))
+        if isinstance(required, bool) or not isinstance(required, int) \
+                or not 0 <= required <= len(args):
+            raise SpecError(f"{w}.required: must be an integer 0..{len(args)}")
+        out.append(Command(op, value, str(entry.get("doc", "")), required, tuple(args)))
+    return tuple(out)
+
+
 def load(path: Path = SPEC_PATH) -> Spec:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -378,8 +467,9 @@ def load(path: Path = SPEC_PATH) -> Spec:
     ids = [f.id for f in frames]
     if len(set(ids)) != len(ids):
         raise SpecError("frames: duplicate frame id")
+    commands = _commands(raw, enums, frames)
     spec = Spec(major, minor, max_frame, tuple(classes), tuple(schemas), tuple(enums.values()),
-                tuple(records.values()), tuple(frames))
+                tuple(records.values()), tuple(frames), commands)
     for fr in spec.frames:
         if spec.max_frame_size(fr) > max_frame:
             raise SpecError(f"frames.{fr.name}: can exceed protocol.max_frame "
