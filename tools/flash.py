@@ -178,6 +178,12 @@ class Board:
         st = self.eval("tuple(__import__('os').statvfs('/'))")
         return int(st[0]) * int(st[3])
 
+    def free_bytes_after_format(self) -> int:
+        """Free bytes once `format()` has run: the whole filesystem but the root directory's
+        metadata pair (littlefs keeps two blocks for it). Nothing is written to find out."""
+        st = self.eval("tuple(__import__('os').statvfs('/'))")
+        return int(st[0]) * max(int(st[2]) - 2, 0)
+
     def format(self) -> None:
         self.exec(_FORMAT, timeout=120)
 
@@ -366,8 +372,8 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool) -> tuple[bytes, bytes, bytes, str]:
-    """Issue (or reuse) the device's credentials; refuse a device already provisioned."""
+def check_credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool) -> None:
+    """Refuse before anything is written: no fleet CA, or a device already provisioned."""
     from gateway import db, registry  # noqa: F401  (registry registers its store)
     from gateway.errors import GatewayError
     from gateway.pki import Pki
@@ -376,18 +382,31 @@ def credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool)
         pki = Pki(pki_dir)
         if not pki.ca_pem.exists():
             raise FlashError(f"no fleet CA in {pki_dir}: run `torpor pki init --dir {pki_dir}`", EXIT_CREDENTIALS)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
+        if not db_path.exists():
+            return
         conn = db.open_db(db_path)
         try:
             known = registry.find(conn, device_id)
         finally:
             conn.close()
-        if known is not None and not reprovision:
-            raise FlashError(
-                f"device {device_id!r} is already provisioned ({known.status}); "
-                "pass --reprovision to flash it again with its credentials",
-                EXIT_PROVISIONED,
-            )
+    except GatewayError as exc:
+        raise FlashError(str(exc), EXIT_CREDENTIALS) from exc
+    if known is not None and not reprovision:
+        raise FlashError(
+            f"device {device_id!r} is already provisioned ({known.status}); "
+            "pass --reprovision to flash it again with its credentials",
+            EXIT_PROVISIONED,
+        )
+
+
+def credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool) -> tuple[bytes, bytes, bytes, str]:
+    """Issue (or reuse) the device's credentials; refuse a device already provisioned."""
+    from gateway.errors import GatewayError
+    from gateway.pki import Pki
+
+    check_credentials(pki_dir, db_path, device_id, reprovision)
+    try:
+        pki = Pki(pki_dir)
         existing = pki.device_records(device_id, include_revoked=False)
         creds = pki.device_credentials(device_id) if existing else pki.issue_device(device_id)
         return (
@@ -415,6 +434,7 @@ def committed_top(db_path: Path, device_id: str) -> int:
 def register_device(db_path: Path, device_id: str, serial: str) -> None:
     from gateway import db, registry
 
+    db_path.parent.mkdir(parents=True, exist_ok=True)
     conn = db.open_db(db_path)
     try:
         registry.add_missing(conn, {device_id: serial})
@@ -441,7 +461,8 @@ def check_board(info: BoardInfo, expected: str) -> None:
 
 
 def flash(args: argparse.Namespace) -> int:
-    files_out: list[ImageFile] = []
+    """Every check that can refuse runs first; only then is the board written (formatted,
+    files copied), so a refusal leaves the board as it was."""
     with Board(args.port, timeout=getattr(args, "timeout", 8.0)) as b:
         info = b.info()
         print(
@@ -449,46 +470,22 @@ def flash(args: argparse.Namespace) -> int:
             f"{info.board or 'unknown'})"
         )
         check_board(info, args.board)
+        files_out, serial = _prepare(args)
+        need = sum(len(f.data) for f in files_out) + 4096 * (len(files_out) + 8)
+        free = b.free_bytes_after_format() if args.format else b.free_bytes()
+        if free < need:
+            hint = "" if args.format else " (try --format)"
+            raise FlashError(
+                f"not enough flash: {free} bytes free{' after formatting' if args.format else ''}, "
+                f"{need} needed{hint}",
+                EXIT_NO_SPACE,
+            )
+        # From here on the board is written.
         if args.format:
             print("formatting the filesystem")
             b.format()
-        cert, key, ca, serial = credentials(Path(args.pki), Path(args.db), args.device_id, args.reprovision)
-        cfg = config_json(args.device_id, args.gateway, args.wifi_ssid, args.wifi_password, args.server_hostname)
-        cfg.update(parse_settings(getattr(args, "settings", None) or []))
-        if args.reprovision and "first_reading_id" not in cfg:
-            # The node's queue (and with it the next reading id) may be gone: new readings
-            # must take ids above everything the gateway holds, or dedup drops them.
-            top = committed_top(Path(args.db), args.device_id)
-            if top:
-                cfg["first_reading_id"] = top + 1
-                print(f"new readings start at id {top + 1} (the gateway holds ids up to {top})")
-        image_dir = getattr(args, "image", None)
-        if image_dir:
-            if not args.pubkey:
-                raise FlashError("--image needs --pubkey (the key the bootloader will trust)")
-            from tools.fw import keys
-
-            try:
-                pub = keys.load_public(Path(args.pubkey))
-            except (keys.KeyFileError, OSError) as exc:
-                raise FlashError(f"--pubkey {args.pubkey}: {exc}") from exc
-            files_out = signed_image_files(args.board, Path(image_dir), pub)
-        else:
-            files_out = image_files(args.board)
-        files_out += [
-            ImageFile("/config.json", json.dumps(cfg).encode()),
-            ImageFile("/certs/cert.der", cert),
-            ImageFile("/certs/key.der", key),
-            ImageFile("/certs/ca.der", ca),
-        ]
-        need = sum(len(f.data) for f in files_out) + 4096 * (len(files_out) + 8)
-        free = b.free_bytes()
-        if free < need:
-            raise FlashError(
-                f"not enough flash: {free} bytes free, {need} needed (try --format)", EXIT_NO_SPACE
-            )
         print(f"writing {len(files_out)} files ({need // 1024} KB with margin, {free // 1024} KB free)")
-        if image_dir:
+        if getattr(args, "image", None):
             # A stale main.py would run after the bootloader; a stale state record would
             # name a slot this flash replaced.
             b.exec(_CLEAR_BOOT)
@@ -505,6 +502,42 @@ def flash(args: argparse.Namespace) -> int:
             b.reset_and_follow(args.log_seconds, _echo)
             print("\n---")
     return 0
+
+
+def _prepare(args: argparse.Namespace) -> tuple[list[ImageFile], str]:
+    """The files for the board and the device certificate's serial, after every check that
+    needs no board write."""
+    check_credentials(Path(args.pki), Path(args.db), args.device_id, args.reprovision)
+    cfg = config_json(args.device_id, args.gateway, args.wifi_ssid, args.wifi_password, args.server_hostname)
+    cfg.update(parse_settings(getattr(args, "settings", None) or []))
+    image_dir = getattr(args, "image", None)
+    if image_dir:
+        if not args.pubkey:
+            raise FlashError("--image needs --pubkey (the key the bootloader will trust)")
+        from tools.fw import keys
+
+        try:
+            pub = keys.load_public(Path(args.pubkey))
+        except (keys.KeyFileError, OSError) as exc:
+            raise FlashError(f"--pubkey {args.pubkey}: {exc}") from exc
+        files_out = signed_image_files(args.board, Path(image_dir), pub)
+    else:
+        files_out = image_files(args.board)
+    cert, key, ca, serial = credentials(Path(args.pki), Path(args.db), args.device_id, args.reprovision)
+    if args.reprovision and "first_reading_id" not in cfg and Path(args.db).exists():
+        # The node's queue (and with it the next reading id) may be gone: new readings
+        # must take ids above everything the gateway holds, or dedup drops them.
+        top = committed_top(Path(args.db), args.device_id)
+        if top:
+            cfg["first_reading_id"] = top + 1
+            print(f"new readings start at id {top + 1} (the gateway holds ids up to {top})")
+    return [
+        *files_out,
+        ImageFile("/config.json", json.dumps(cfg).encode()),
+        ImageFile("/certs/cert.der", cert),
+        ImageFile("/certs/key.der", key),
+        ImageFile("/certs/ca.der", ca),
+    ], serial
 
 
 def _echo(data: bytes) -> None:
