@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.fw.image import BOARD_ARCH, board_modules
+from tools.progress import ProgressLine
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE_DIR = ROOT / "firmware"
@@ -218,23 +219,6 @@ class Board:
                 out(data)
             else:
                 time.sleep(0.05)
-
-
-def progress_bar(name: str, width: int = 30) -> Callable[[int, int], None]:
-    tty = sys.stdout.isatty()
-
-    def show(done: int, total: int) -> None:
-        if not tty and done < total:
-            return
-        frac = done / total if total else 1.0
-        filled = int(frac * width)
-        bar = "#" * filled + "." * (width - filled)
-        lead = "\r" if tty else ""
-        print(f"{lead}  {name:32.32} [{bar}] {done:7d}/{total} B", end="", flush=True)
-        if done >= total:
-            print()
-
-    return show
 
 
 def _mpy_cross(source: Path, march: str) -> bytes:
@@ -489,8 +473,18 @@ def flash(args: argparse.Namespace) -> int:
             # A stale main.py would run after the bootloader; a stale state record would
             # name a slot this flash replaced.
             b.exec(_CLEAR_BOOT)
-        for f in files_out:
-            b.write(f.remote, f.data, progress_bar(f.remote))
+        total = sum(len(f.data) for f in files_out)
+        with ProgressLine("writing", total, unit="B", stream=sys.stdout) as bar:
+            written = 0
+            for f in files_out:
+                bar.log(f"  {f.remote} ({len(f.data)} B)")
+
+                def show(done: int, _size: int, base: int = written, name: str = f.remote) -> None:
+                    bar.update(base + done, name)
+
+                b.write(f.remote, f.data, show)
+                written += len(f.data)
+                bar.update(written, f.remote)
         bad = [f.remote for f in files_out if b.sha256(f.remote) != hashlib.sha256(f.data).digest()]
         if bad:
             raise FlashError(f"read-back SHA-256 differs for: {', '.join(bad)}", EXIT_VERIFY)

@@ -323,68 +323,17 @@ class Fleet:
 
     def provision(self) -> None:
         """Certificates, registry entries and flash contents for every node (idempotent)."""
-        from gateway.errors import GatewayError
-        from gateway.pki import Pki
-
-        pki = Pki(self.cfg.pki_dir)
-        if not pki.ca_pem.exists():
-            raise FleetError(f"no fleet CA in {self.cfg.pki_dir} (create one with `torpor pki init`)")
-        known = {r.cn for r in pki.list() if r.kind == "device" and r.revoked_at is None}
-        jobs: list[tuple[NodeState, list[tuple[str, Path]]]] = []
-        serials: dict[str, str] = {}
-        try:
-            for st in self.states:
-                if st.device_id in known:
-                    creds = pki.device_credentials(st.device_id)
-                else:
-                    creds = pki.issue_device(st.device_id)
-                serials[st.device_id] = format(creds.serial, "x")
-                jobs.append((st, [("certs/cert.der", creds.cert_der),
-                                  ("certs/key.der", creds.key_der),
-                                  ("certs/ca.der", creds.ca_der)]))
-        except GatewayError as exc:
-            raise FleetError(str(exc)) from exc
+        creds = issue_credentials(self.cfg.pki_dir, [st.device_id for st in self.states])
         if self.cfg.db_path is not None:
-            self._register(serials)
-        self._write_configs(jobs)
-
-    def _register(self, serials: dict[str, str]) -> None:
-        from gateway import db, registry
-        from gateway.errors import GatewayError
-
-        assert self.cfg.db_path is not None
-        try:
-            conn = db.open_db(self.cfg.db_path)
-        except GatewayError as exc:
-            raise FleetError(str(exc)) from exc
-        try:
-            registry.add_missing(conn, serials, self.DEVICE_CLASS)
-        finally:
-            conn.close()
+            register_devices(self.cfg.db_path, {d: serial for d, (serial, _) in creds.items()},
+                             self.DEVICE_CLASS)
+        self._write_configs([(st, creds[st.device_id][1]) for st in self.states])
 
     def _write_configs(
         self, jobs: list[tuple[NodeState, list[tuple[str, Path]]]], **over: Any
     ) -> None:
-        with tempfile.TemporaryDirectory(prefix="fleet-", dir=self.cfg.dir) as tmp:
-            spec = []
-            for st, files in jobs:
-                cfg_path = Path(tmp) / f"{st.device_id}.json"
-                cfg_path.write_text(json.dumps(self.node_config(st, **over)))
-                m = st.node.model
-                spec.append([str(st.node.dir / "flash.img"), m.block_size, m.block_count,
-                             [["config.json", str(cfg_path)]] + [[n, str(p)] for n, p in files]])
-            jobs_path = Path(tmp) / "jobs.json"
-            jobs_path.write_text(json.dumps(spec))
-            env = dict(os.environ, MICROPYPATH=f".frozen:{BOARDS_DIR}")
-            try:
-                proc = subprocess.run(
-                    [self.binary, "-c", _FLASH_WRITER % str(jobs_path)],
-                    capture_output=True, text=True, timeout=60 + len(spec), env=env,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise FleetError("writing the nodes' flash timed out") from exc
-            if proc.returncode != 0 or not proc.stdout.startswith("OK"):
-                raise FleetError(f"writing the nodes' flash failed:\n{proc.stdout}{proc.stderr}")
+        write_node_flash(self.binary, self.cfg.dir,
+                         [(st.node, self.node_config(st, **over), files) for st, files in jobs])
 
     # ---- running ------------------------------------------------------------------------
 
@@ -585,6 +534,76 @@ class Fleet:
             duplicates_in_store=dups,
             kinds=dict(kinds),
         )
+
+
+# ---- provisioning of sim nodes (the fleet's, and `torpor sim node`'s) -------------------
+
+def issue_credentials(
+    pki_dir: Path, device_ids: list[str]
+) -> dict[str, tuple[str, list[tuple[str, Path]]]]:
+    """Per device: its certificate serial (hex) and the DER files for its flash, issued by
+    the fleet PKI, or reused when the device has a valid certificate already."""
+    from gateway.errors import GatewayError
+    from gateway.pki import Pki
+
+    pki = Pki(pki_dir)
+    if not pki.ca_pem.exists():
+        raise FleetError(f"no fleet CA in {pki_dir} (create one with `torpor pki init`)")
+    out: dict[str, tuple[str, list[tuple[str, Path]]]] = {}
+    try:
+        known = {r.cn for r in pki.list() if r.kind == "device" and r.revoked_at is None}
+        for device_id in device_ids:
+            if device_id in known:
+                creds = pki.device_credentials(device_id)
+            else:
+                creds = pki.issue_device(device_id)
+            out[device_id] = (format(creds.serial, "x"), [("certs/cert.der", creds.cert_der),
+                                                          ("certs/key.der", creds.key_der),
+                                                          ("certs/ca.der", creds.ca_der)])
+    except GatewayError as exc:
+        raise FleetError(str(exc)) from exc
+    return out
+
+
+def register_devices(db_path: Path, serials: dict[str, str], device_class: str) -> None:
+    """Register the devices in the gateway's registry (those not there yet)."""
+    from gateway import db, registry
+    from gateway.errors import GatewayError
+
+    try:
+        conn = db.open_db(db_path)
+    except GatewayError as exc:
+        raise FleetError(str(exc)) from exc
+    try:
+        registry.add_missing(conn, serials, device_class)
+    finally:
+        conn.close()
+
+
+def write_node_flash(
+    binary: str, work_dir: Path, jobs: list[tuple[SimNode, dict[str, Any], list[tuple[str, Path]]]]
+) -> None:
+    """Write config.json (from the dict) and the given files onto each node's flash image."""
+    with tempfile.TemporaryDirectory(prefix="fleet-", dir=work_dir) as tmp:
+        spec = []
+        for i, (node, config, files) in enumerate(jobs):
+            cfg_path = Path(tmp) / f"{i}.json"
+            cfg_path.write_text(json.dumps(config))
+            m = node.model
+            spec.append([str(node.dir / "flash.img"), m.block_size, m.block_count,
+                         [["config.json", str(cfg_path)]] + [[n, str(p)] for n, p in files]])
+        jobs_path = Path(tmp) / "jobs.json"
+        jobs_path.write_text(json.dumps(spec))
+        env = dict(os.environ, MICROPYPATH=f".frozen:{BOARDS_DIR}")
+        try:
+            proc = subprocess.run(
+                [binary, "-c", _FLASH_WRITER % str(jobs_path)],
+                capture_output=True, text=True, timeout=60 + len(spec), env=env,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise FleetError("writing the nodes' flash timed out") from exc
+        if proc.returncode != 0 or not proc.stdout.startswith("OK"):
+            raise FleetError(f"writing the nodes' flash failed:\n{proc.stdout}{proc.stderr}")
 
 
 def check_store(db_path: Path, sampled: dict[str, set[int]]) -> tuple[int, int, int]:
