@@ -32,7 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.sim.node import BOARDS_DIR, RunSummary, SimError, SimNode, micropython_binary
+from tools.progress import ProgressLine
+from tools.sim.node import (
+    BOARDS_DIR,
+    RunSummary,
+    SimError,
+    SimNode,
+    micropython_binary,
+    problem_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,8 @@ RESTART_AFTER_ERROR_S = 1.0
 # A wake in progress when the duration runs out is let finish, within this bound.
 WAKE_LIMIT_S = 120.0
 RSS_SAMPLE_S = 0.1
+# Error lines a failed run lists (the most frequent first).
+TOP_PROBLEMS = 5
 
 # Runs inside the unix port: mounts each node's flash image in turn and writes files onto it
 # (written new then renamed, as flashing tools do). The job list comes as a JSON file.
@@ -136,6 +146,8 @@ class NodeState:
     send_failures: int = 0
     error_lines: int = 0
     log_offset: int = 0
+    # Error lines and failed-send warnings of its wakes (level and time stripped): counts.
+    problems: Counter[str] = field(default_factory=Counter)
 
     @property
     def acked(self) -> int:
@@ -188,6 +200,8 @@ class FleetSummary:
     missing_in_store: int | None
     duplicates_in_store: int | None
     kinds: dict[str, int]
+    # The most frequent error lines of the nodes' logs, with counts: why a run failed.
+    problems: tuple[tuple[str, int], ...] = ()
 
     @property
     def bytes_per_reading(self) -> float | None:
@@ -414,6 +428,7 @@ class Fleet:
         for rec in summary.runs:
             st.kinds[rec.kind] += 1
             st.last_kind = rec.kind
+            st.problems.update(problem_text(x) for x in rec.problems)
         self._read_log(st)
         return summary
 
@@ -461,6 +476,7 @@ class Fleet:
         for st in self.states:
             self._read_log(st)  # skip what earlier runs of these node dirs logged
             st.sampled.clear()
+            st.problems.clear()
             st.sent = st.bytes_out = st.bytes_in = st.send_failures = st.error_lines = 0
         sampler = _RssSampler()
         sampler_task = asyncio.create_task(sampler.loop())
@@ -503,8 +519,10 @@ class Fleet:
         s = self.states
         wakes = sum(st.wakes for st in s)
         kinds: Counter[str] = Counter()
+        problems: Counter[str] = Counter()
         for st in s:
             kinds.update(st.kinds)
+            problems.update(st.problems)
         peaks = list(sampler.peaks.values())
         stored = missing = dups = None
         if self.cfg.db_path is not None:
@@ -533,6 +551,7 @@ class Fleet:
             missing_in_store=missing,
             duplicates_in_store=dups,
             kinds=dict(kinds),
+            problems=tuple(problems.most_common(TOP_PROBLEMS)),
         )
 
 
@@ -745,6 +764,27 @@ def format_summary(s: FleetSummary) -> list[str]:
     return lines
 
 
+def format_problems(s: FleetSummary) -> list[str]:
+    """Why a run failed: the most frequent error lines of the node logs."""
+    if not s.problems:
+        return []
+    return ["most frequent errors in the node logs:",
+            *(f"  {count:5}x  {text}" for text, count in s.problems)]
+
+
+def failure_lines(s: FleetSummary) -> list[str]:
+    """What went wrong, in words, for a run that is not ok."""
+    out = []
+    if s.acked != s.sampled or s.left_on_nodes:
+        out.append(f"{s.sampled - s.acked} of {s.sampled} sampled readings were not acknowledged "
+                   f"({s.left_on_nodes} left on the nodes)")
+    if s.missing_in_store:
+        out.append(f"{s.missing_in_store} readings missing in the gateway's store")
+    if s.duplicates_in_store:
+        out.append(f"{s.duplicates_in_store} readings stored more than once")
+    return out + format_problems(s)
+
+
 def _fleet(args: argparse.Namespace) -> int:
     from tools.cli import CliError
 
@@ -759,19 +799,20 @@ def _fleet(args: argparse.Namespace) -> int:
     if cfg.db_path is None:
         print("note: no --gateway-config: the devices must already be registered "
               "(`torpor device add`)", file=sys.stderr)
-    tty = sys.stderr.isatty()
+    total = cfg.nodes * cfg.wakes
+    with ProgressLine("fleet", total, unit="wakes") as bar:
 
-    def show(p: Progress) -> None:
-        text = (f"[{p.phase}] awake {p.awake}/{p.nodes}  wakes {p.wakes}  sampled {p.sampled}  "
-                f"acked {p.acked}  queued {p.queued}  cuts {p.power_cuts}  errors {p.errors}")
-        if tty:
-            print("\r" + text.ljust(100), end="", file=sys.stderr, flush=True)
+        def show(p: Progress) -> None:
+            bar.update(min(p.wakes, total),
+                       f"{p.phase}: awake {p.awake}/{p.nodes}  sampled {p.sampled}  "
+                       f"acked {p.acked}  queued {p.queued}  cuts {p.power_cuts}  errors {p.errors}")
 
-    summary = asyncio.run(fleet.run(show))
-    if tty:
-        print(file=sys.stderr)
+        summary = asyncio.run(fleet.run(show))
     if args.json:
         print(json.dumps(summary.as_dict()))
     else:
         print("\n".join(format_summary(summary)))
+    if not summary.ok:
+        print("torpor: error: the fleet run failed: " + "\n".join(failure_lines(summary)),
+              file=sys.stderr)
     return 0 if summary.ok else 1
