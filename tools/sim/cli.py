@@ -51,7 +51,8 @@ def _register_node(actions: Any) -> None:
         default=60.0,
         help="divide slept time by this in real time; 0 = do not wait (default 60)",
     )
-    node.add_argument("--cycles", type=int, default=10, help="boots to run (default 10)")
+    node.add_argument("--cycles", type=int, default=10,
+                      help="boots to run (default 10; 0: only provision the node)")
     node.add_argument("--power-cuts", type=int, default=0, help="power cuts to inject (default 0)")
     node.add_argument(
         "--entry", default="main",
@@ -167,6 +168,8 @@ def _node(args: argparse.Namespace) -> int:
                 "would only sleep. Provision it against your gateway and run it with:\n"
                 f"  {provision_command(args)}"
             )
+        if args.cycles == 0:
+            return 0
         first = node.runs_done
         with ProgressLine("wakes", args.cycles) as bar:
             failed = 0
