@@ -557,10 +557,21 @@ def register(sub: Any) -> None:
     p.add_argument("--device-id", required=True, help="the device's id (its certificate's CN)")
     p.add_argument("--wifi-ssid", default="", help="Wi-Fi network")
     p.add_argument("--wifi-password", default="", help="Wi-Fi password")
-    p.add_argument("--gateway", default="localhost:8883", help="broker host:port (default localhost:8883)")
+    p.add_argument(
+        "--gateway-config", default=None, metavar="TOML",
+        help="the gateway's configuration: defaults for --gateway, --pki and --db",
+    )
+    p.add_argument(
+        "--gateway", default=None,
+        help="broker host:port as the board reaches it (default: the broker of --gateway-config, "
+        "else localhost:8883)",
+    )
     p.add_argument("--server-hostname", default="", help="name in the broker's certificate, if not the host")
-    p.add_argument("--pki", default="var/pki", help="PKI directory (default var/pki)")
-    p.add_argument("--db", default="var/gateway.db", help="gateway database (default var/gateway.db)")
+    p.add_argument("--pki", default=None, help="PKI directory (default: from --gateway-config, else var/pki)")
+    p.add_argument(
+        "--db", default=None,
+        help="gateway database (default: from --gateway-config, else var/gateway.db)",
+    )
     p.add_argument(
         "--image", default=None, metavar="DIR",
         help="a signed image (`torpor fw build` + `torpor fw sign`): flash the bootloader and "
@@ -581,8 +592,29 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_cli)
 
 
+def resolve_gateway_args(args: argparse.Namespace) -> None:
+    """Fill --gateway, --pki and --db from --gateway-config where they were not given."""
+    host_port, pki, dbp = "localhost:8883", "var/pki", "var/gateway.db"
+    if getattr(args, "gateway_config", None):
+        from gateway.config import load_config
+        from gateway.errors import GatewayError
+
+        try:
+            gw = load_config(args.gateway_config)
+        except GatewayError as exc:
+            raise FlashError(str(exc)) from exc
+        host_port = f"{gw.broker.host}:{gw.broker.port}"
+        pki, dbp = str(gw.pki_dir), str(gw.db_path)
+        if not args.server_hostname and gw.broker.host in ("127.0.0.1", "::1"):
+            args.server_hostname = "localhost"  # the name a loopback broker's certificate has
+    args.gateway = args.gateway or host_port
+    args.pki = args.pki or pki
+    args.db = args.db or dbp
+
+
 def _cli(args: argparse.Namespace) -> int:
     try:
+        resolve_gateway_args(args)
         return flash(args)
     except FlashError as exc:
         print(f"torpor: error: {exc}", file=sys.stderr)
