@@ -1,5 +1,6 @@
-"""Every refusal of `torpor flash` (exit codes 3-8) comes before anything is written: even
-with --format, the virtual board's filesystem is afterwards exactly as it was."""
+"""Every refusal of `torpor flash` (exit codes 3-8, and 9 and 10 where they come from the
+image or the PKI) comes before anything is written: even with --format, the virtual board's
+filesystem is afterwards exactly as it was."""
 
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ def _flash(b: VirtualBoard, tmp: Path, *extra: str, port: str | None = None,
         (6, "MicroPython too old"),
         (7, "not enough flash"),
         (8, "already provisioned"),
+        (9, "image does not verify"),
+        (10, "no fleet CA"),
     ],
 )
 def test_refusal_leaves_the_board_untouched(
@@ -126,9 +129,22 @@ def test_refusal_leaves_the_board_untouched(
                 p = _flash(small, tmp)
                 assert "not enough flash" in p.stderr and "after formatting" in p.stderr
                 assert snapshot(small.port) == before_small
-        else:
+        elif code == 8:
             p = _flash(b, tmp, device="known")
             assert "already provisioned" in p.stderr
+        elif code == 9:
+            from tools.fw import image, keys
+
+            kp = keys.keygen(tmp / "keys")
+            img = tmp / "img"
+            image.build_image("sim", 3, img)
+            image.sign_image(img, keys.load_private(kp.private))
+            (img / "log.mpy").write_bytes((img / "log.mpy").read_bytes() + b"\x00")
+            p = _flash(b, tmp, "--image", str(img), "--pubkey", str(kp.public))
+            assert "does not match the manifest" in p.stderr
+        else:
+            p = _flash(b, tmp, "--pki", str(tmp / "no-pki"))
+            assert "no fleet CA" in p.stderr
     finally:
         set_identity(b, None)
     assert p.returncode == code, (case, p.stdout, p.stderr)
