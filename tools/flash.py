@@ -547,7 +547,8 @@ def register(sub: Any) -> None:
             "Provision the MicroPython board on PORT as DEVICE_ID: check it, copy the firmware, "
             "write config.json and its certificate/key/CA (issued through the PKI unless it "
             "already has them), verify every file's SHA-256 on the board, register the device "
-            "in the gateway's registry, reset and show the first boot. Exit codes: 3 no board "
+            "in the gateway's registry, reset and show the first boot. Every check that can refuse "
+            "runs before anything is written to the board. Exit codes: 3 no board "
             "on the port, 4 not MicroPython, 5 wrong board, 6 MicroPython too old, 7 not "
             "enough flash, 8 already provisioned, 9 verification failed, 10 credentials."
         ),
@@ -586,7 +587,10 @@ def register(sub: Any) -> None:
         "--timeout", type=float, default=8.0,
         help="seconds to wait for the board's raw REPL (default 8)",
     )
-    p.add_argument("--format", action="store_true", help="erase every file on the board first")
+    p.add_argument(
+        "--format", action="store_true",
+        help="erase every file on the board before writing (only once every check has passed)",
+    )
     p.add_argument("--reprovision", action="store_true", help="flash a device that is already registered")
     p.add_argument("--log-seconds", type=float, default=5.0, help="show the first boot this long (default 5)")
     p.set_defaults(func=_cli)
