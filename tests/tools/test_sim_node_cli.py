@@ -5,6 +5,7 @@ failed."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,6 +52,9 @@ def test_every_wake_failing_exits_1_with_its_reasons(tmp_path: Path) -> None:
     assert "provisioned n2: broker 127.0.0.1:" in p.stderr
     # progress: one plain line per interval when stderr is not a terminal, and the last one
     assert "[wakes] 3/3 last: sleep" in p.stderr, p.stderr
-    assert "every wake failed (3 of 3)" in p.stderr
-    assert "3x  send failed" in p.stderr, p.stderr
-    assert "failed_runs            3" in p.stdout
+    # The node may wait out its retry delay in a wake (no send, no failure): at least two
+    # of the three wakes tried and failed, and none delivered.
+    m = re.search(r"every wake failed: (\d) of 3 failed, none delivered readings", p.stderr)
+    assert m and int(m.group(1)) >= 2, p.stderr
+    assert f"{m.group(1)}x  send failed" in p.stderr, p.stderr
+    assert f"failed_runs            {m.group(1)}" in p.stdout

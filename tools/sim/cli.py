@@ -40,7 +40,8 @@ def _register_node(actions: Any) -> None:
             "flash. A firmware node that was never provisioned is refused at once, with the "
             "command that provisions it. Node output goes to DIR/node.log; progress is shown "
             "while it runs and a summary at the end. Exit code 0 when a wake did its job, 1 when "
-            "every wake failed (the most frequent error lines are printed), 2 set-up errors."
+            "every wake failed (wakes failed and none delivered readings; the most frequent "
+            "error lines are printed), 2 set-up errors."
         ),
     )
     node.add_argument("--dir", required=True, help="node directory (created on first use)")
@@ -101,42 +102,36 @@ def provision_command(args: argparse.Namespace) -> str:
 def _provision(args: argparse.Namespace, node: Any) -> str:
     """Provision the node directory against the gateway; returns the device id."""
     from tools.sim.fleet import (
-        FleetConfig,
+        Fleet,
         FleetError,
-        fleet_config_from_args,
+        broker_hostname,
+        gateway_target,
         issue_credentials,
         register_devices,
         write_node_flash,
     )
 
-    ns = argparse.Namespace(
-        gateway_config=args.gateway_config, gateway=args.gateway, pki=args.pki,
-        server_hostname=args.server_hostname, nodes=1, dir=args.dir,
-        time_scale=args.time_scale or 60.0, wakes=1, duration=1.0, power_cuts=0,
-        sample_interval=args.sample_interval, send_every=str(args.send_every), prefix="sim",
-        seed=1, max_concurrent=0,
-    )
-    cfg: FleetConfig = fleet_config_from_args(ns)
-    device_id = args.device_id or Path(args.dir).resolve().name
     if args.send_every < 1:
         raise FleetError("--send-every must be at least 1")
-    creds = issue_credentials(cfg.pki_dir, [device_id])
-    serial, files = creds[device_id]
-    if cfg.db_path is not None:
-        register_devices(cfg.db_path, {device_id: serial}, "sensor")
+    target = gateway_target(args.gateway_config, args.gateway, args.pki)
+    device_id = args.device_id or Path(args.dir).resolve().name
+    serial, files = issue_credentials(target.pki_dir, [device_id])[device_id]
+    if target.db_path is not None:
+        register_devices(target.db_path, {device_id: serial}, Fleet.DEVICE_CLASS)
     config = {
         "device_id": device_id,
-        "broker_host": cfg.broker_host,
-        "broker_port": cfg.broker_port,
-        "server_hostname": cfg.hostname(),
+        "broker_host": target.host,
+        "broker_port": target.port,
+        "server_hostname": broker_hostname(target.host, args.server_hostname),
         "sample_interval_s": args.sample_interval,
         "send_every": args.send_every,
         "send_max_age_s": 86400,
         "align_s": 0,
     }
     write_node_flash(node.binary, node.dir, [(node, config, files)])
-    where = f"registered in {cfg.db_path}" if cfg.db_path else "not registered (no --gateway-config)"
-    print(f"provisioned {device_id}: broker {cfg.broker_host}:{cfg.broker_port}, "
+    where = (f"registered in {target.db_path}" if target.db_path
+             else "not registered (no --gateway-config)")
+    print(f"provisioned {device_id}: broker {target.host}:{target.port}, "
           f"certificate {serial}, {where}", file=sys.stderr)
     return device_id
 
@@ -193,8 +188,9 @@ def _node(args: argparse.Namespace) -> int:
         for key, value in data.items():
             print(f"{key:22} {value}")
     if summary.all_failed:
-        print(f"torpor: error: every wake failed ({summary.failed_runs} of {len(summary.runs)}); "
-              f"see {Path(args.dir) / 'node.log'}. Most frequent:", file=sys.stderr)
+        print(f"torpor: error: every wake failed: {summary.failed_runs} of {len(summary.runs)} "
+              f"failed, none delivered readings; see {Path(args.dir) / 'node.log'}. "
+              "Most frequent:", file=sys.stderr)
         for text, count in summary.top_problems():
             print(f"  {count:4}x  {text}", file=sys.stderr)
         return 1

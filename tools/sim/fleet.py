@@ -115,11 +115,16 @@ class FleetConfig:
         return [f"{self.prefix}-{i:0{width}d}" for i in range(1, self.nodes + 1)]
 
     def hostname(self) -> str:
-        if self.server_hostname:
-            return self.server_hostname
-        if self.broker_host in ("127.0.0.1", "::1", "localhost"):
-            return "localhost"
-        return self.broker_host
+        return broker_hostname(self.broker_host, self.server_hostname)
+
+
+def broker_hostname(host: str, server_hostname: str = "") -> str:
+    """The name a node checks in the broker's certificate: localhost for a loopback host."""
+    if server_hostname:
+        return server_hostname
+    if host in ("127.0.0.1", "::1", "localhost"):
+        return "localhost"
+    return host
 
 
 @dataclass(slots=True)
@@ -698,35 +703,52 @@ def _parse_send_every(text: str) -> tuple[int, int]:
     return a, b
 
 
-def fleet_config_from_args(args: argparse.Namespace) -> FleetConfig:
+@dataclass(frozen=True, slots=True)
+class GatewayTarget:
+    """Where sim nodes are provisioned: the broker they connect to, the fleet PKI, and the
+    gateway's database (None: the devices are not registered)."""
+
+    host: str
+    port: int
+    pki_dir: Path
+    db_path: Path | None
+
+
+def gateway_target(gateway_config: str | None, gateway: str | None, pki: str | None) -> GatewayTarget:
+    """From --gateway-config, with --gateway host:port and --pki taking precedence."""
     from gateway.errors import GatewayError
 
     host: str | None = None
     port: int | None = None
-    pki_dir: str | None = args.pki
+    pki_dir: str | None = pki
     db_path: Path | None = None
-    if args.gateway_config:
+    if gateway_config:
         from gateway.config import load_config
 
         try:
-            gw = load_config(args.gateway_config)
+            gw = load_config(gateway_config)
         except GatewayError as exc:
             raise FleetError(str(exc)) from exc
         host, port, db_path = gw.broker.host, gw.broker.port, gw.db_path
         pki_dir = pki_dir or str(gw.pki_dir)
-    if args.gateway:
-        h, sep, p = args.gateway.rpartition(":")
+    if gateway:
+        h, sep, p = gateway.rpartition(":")
         if not sep or not h or not p.isdigit():
-            raise FleetError(f"--gateway {args.gateway!r}: expected host:port")
+            raise FleetError(f"--gateway {gateway!r}: expected host:port")
         host, port = h.strip("[]"), int(p)
     if host is None or port is None:
         raise FleetError("give --gateway host:port or --gateway-config")
     if pki_dir is None:
         raise FleetError("give --pki DIR or --gateway-config")
+    return GatewayTarget(host, port, Path(pki_dir), db_path)
+
+
+def fleet_config_from_args(args: argparse.Namespace) -> FleetConfig:
+    target = gateway_target(args.gateway_config, args.gateway, args.pki)
     return FleetConfig(
-        nodes=args.nodes, dir=Path(args.dir).resolve(), pki_dir=Path(pki_dir),
-        broker_host=host, broker_port=port, server_hostname=args.server_hostname,
-        db_path=db_path, time_scale=args.time_scale, wakes=args.wakes,
+        nodes=args.nodes, dir=Path(args.dir).resolve(), pki_dir=target.pki_dir,
+        broker_host=target.host, broker_port=target.port, server_hostname=args.server_hostname,
+        db_path=target.db_path, time_scale=args.time_scale, wakes=args.wakes,
         duration_s=args.duration, power_cuts=args.power_cuts,
         sample_interval_s=args.sample_interval, send_every=_parse_send_every(args.send_every),
         prefix=args.prefix, seed=args.seed, max_concurrent=args.max_concurrent,

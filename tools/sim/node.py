@@ -125,6 +125,11 @@ class RunRecord:
         """The wake did not do its job: it ended uncleanly or logged an error or failed send."""
         return self.kind not in CLEAN_KINDS or bool(self.problems)
 
+    @property
+    def delivered(self) -> bool:
+        """The wake published readings and nothing went wrong."""
+        return self.sent > 0 and not self.failed
+
 
 @dataclass(frozen=True, slots=True)
 class RunSummary:
@@ -149,9 +154,10 @@ class RunSummary:
 
     @property
     def all_failed(self) -> bool:
-        """Every wake failed (a power cut, which the run injected, counts for neither side)."""
-        judged = [r for r in self.runs if r.kind != "power_cut"]
-        return bool(judged) and all(r.failed for r in judged)
+        """Every wake that did anything failed: some failed and none delivered readings. A
+        wake that only sampled (no send due, or waiting out the retry delay after a failed
+        send) and a power cut the run injected count for neither side."""
+        return any(r.failed for r in self.runs) and not any(r.delivered for r in self.runs)
 
     def top_problems(self, n: int = 3) -> list[tuple[str, int]]:
         """The most frequent error lines (without their level and time), with counts."""
