@@ -39,9 +39,9 @@ def _register_node(actions: Any) -> None:
             "PKI, registration in the gateway's database, config.json and DER files on its "
             "flash. A firmware node that was never provisioned is refused at once, with the "
             "command that provisions it. Node output goes to DIR/node.log; progress is shown "
-            "while it runs and a summary at the end. Exit code 0 when a wake did its job, 1 when "
-            "every wake failed (wakes failed and none delivered readings; the most frequent "
-            "error lines are printed), 2 set-up errors."
+            "while it runs and a summary at the end. Exit code 1 when every wake failed (wakes "
+            "failed and none delivered readings; the most frequent error lines are printed), 2 "
+            "for a set-up error, 0 otherwise."
         ),
     )
     node.add_argument("--dir", required=True, help="node directory (created on first use)")
