@@ -207,13 +207,19 @@ def read_sensors():
     return sensors_at(_seed(), virtual_ms())
 
 
+def rssi_at(seed, t_ms):
+    """The RSSI of node `seed` at virtual unix time t_ms, in dBm: a site level of -50 .. -79
+    and up to 4 dB of fading a minute, kept within a real radio's -100 .. -30."""
+    base = -50 - _mix(seed, 21) % 30
+    # _noise is in 1/65536 units: scale before adding dBm.
+    return max(-100, min(-30, base + ((_noise(seed, t_ms, 60000, 22) * 4) >> 16)))
+
+
 def rssi():
     """Synthetic RSSI in dBm while the radio is up; 0 when it is down."""
     if not _radio:
         return 0
-    seed = _seed()
-    base = -50 - _mix(seed, 21) % 30
-    return int(base + _noise(seed, virtual_ms(), 60000, 22) * 4)
+    return rssi_at(_seed(), virtual_ms())
 
 
 # ---- battery model ----

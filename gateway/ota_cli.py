@@ -107,6 +107,11 @@ def register(sub: Any) -> None:
     p.add_argument("campaign", nargs="?", type=int,
                    help="a campaign's number: its devices one by one (default: every campaign)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", action="store_true",
+                   help="with CAMPAIGN: show its progress until it is no longer running "
+                        "(a bar on a terminal, a line per change otherwise)")
+    p.add_argument("--interval", type=float, default=2.0,
+                   help="with --watch: seconds between two looks (default 2)")
     p.set_defaults(func=_status)
     p = osub.add_parser("cancel", help="stop a campaign; its queued OTA items leave the queues")
     config_arg(p)
@@ -186,6 +191,8 @@ def _status(args: argparse.Namespace) -> int:
             for c in cs:
                 print(summary_line(c))
             return 0
+        if args.watch:
+            watch_campaign(conn, args.campaign, args.interval)
         c = ota.get_campaign(conn, args.campaign)
         if args.json:
             print(json.dumps(c.as_dict(), indent=2))
@@ -194,6 +201,45 @@ def _status(args: argparse.Namespace) -> int:
         return 0
 
     return _run(args, body)
+
+
+def watch_campaign(conn: sqlite3.Connection, campaign: int, interval_s: float) -> None:
+    """Show a campaign's progress (devices settled of all) until it stops running: a rich
+    bar on a terminal, one plain line per change otherwise, on stderr."""
+    import sys
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+    c = ota.get_campaign(conn, campaign)
+    total = len(c.devices)
+    live = console.is_terminal
+    bar = Progress(TextColumn(f"[bold]campaign {campaign}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
+    task = bar.add_task("", total=total, status="")
+    last = ""
+    if live:
+        bar.start()
+    try:
+        while True:
+            ota.sweep(conn)
+            c = ota.get_campaign(conn, campaign)
+            counts = c.counts()
+            done = sum(counts.get(k, 0) for k in ota.TERMINAL)
+            text = f"{c.status}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            if live:
+                bar.update(task, completed=done, status=text)
+            elif text != last:
+                console.print(f"[campaign {campaign}] {done}/{total} settled, {text}", markup=False)
+            last = text
+            if c.status != ota.RUNNING:
+                return
+            time.sleep(interval_s)
+    finally:
+        if live:
+            bar.stop()
 
 
 def summary_line(c: ota.Campaign) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 import aiomqtt
 import cbor2
 
+from tools.progress import ProgressLine
 from tools.sim.fleet import Fleet, FleetConfig, FleetSummary, Progress, check_store, format_summary
 
 log = logging.getLogger(__name__)
@@ -193,24 +194,23 @@ class Demo:
         self.interrupted = False
         self.gw_db = Path()
         self.broker_pid: int | None = None
-        self._tty = sys.stderr.isatty()
+        self._bar: ProgressLine | None = None
 
     # ---- output ------------------------------------------------------------------------
 
     def say(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    def _show(self, p: Progress) -> None:
-        if not self.opts.live:
+    def _show(self, p: Progress, figures: tuple[int, int] | None = None) -> None:
+        if self._bar is None:
             return
-        stored, depth = _db_figures(self.gw_db)
-        text = (f"[{p.phase:8}] nodes awake {p.awake:3}/{p.nodes} asleep {p.nodes - p.awake:3} | "
-                f"readings sampled {p.sampled} acked {p.acked} on nodes {p.queued} | "
-                f"stored {stored} outbox {depth} relayed {self.upstream.unique}")
-        if self._tty:
-            print("\r" + text.ljust(120), end="", file=sys.stderr, flush=True)
-        else:
-            self.say(text)
+        stored, depth = figures if figures is not None else _db_figures(self.gw_db)
+        self._bar.update(
+            min(p.wakes, self.opts.nodes * self.opts.wakes),
+            f"{p.phase:8} | nodes awake {p.awake:3}/{p.nodes} asleep {p.nodes - p.awake:3} | "
+            f"readings sampled {p.sampled} acked {p.acked} on nodes {p.queued} | "
+            f"stored {stored} outbox {depth} relayed {self.upstream.unique}",
+        )
 
     # ---- parts -------------------------------------------------------------------------
 
@@ -406,13 +406,22 @@ class Demo:
             self.say(f"{opts.nodes} nodes: sampling every {opts.sample_interval_s} s, sending every "
                      f"{opts.send_every[0]}-{opts.send_every[1]} readings, time x{opts.time_scale:g}, "
                      f"{opts.wakes} wakes each (at most {opts.duration_s:g} s), then a final send")
-            summary = await self.fleet.run(self._show)
-            if self._tty and opts.live:
-                print(file=sys.stderr)
-            if not self.interrupted:
-                await self._settle(summary.sampled)
+            if opts.live:
+                self._bar = ProgressLine("demo", opts.nodes * opts.wakes, unit="wakes").start()
+            try:
+                summary = await self.fleet.run(self._show)
+                if not self.interrupted:
+                    await self._settle(summary.sampled)
+                # The last status line shows the state the summary reports: after the settle.
+                self.fleet.phase = "settled" if not self.interrupted else "stopped"
+                final = _db_figures(self.gw_db)
+                self._show(self.fleet.progress(), final)
+            finally:
+                if self._bar is not None:
+                    self._bar.close()
+                    self._bar = None
             stored, missing, dups = check_store(self.gw_db, self.fleet.sampled_ids())
-            _stored_total, depth = _db_figures(self.gw_db)
+            _stored_total, depth = final
             relayed, lost_up = self._upstream_check(self.fleet.sampled_ids())
             return DemoResult(
                 fleet=summary, stored=stored, missing_in_store=missing, duplicates_in_store=dups,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.fw.image import BOARD_ARCH, board_modules
+from tools.progress import ProgressLine
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE_DIR = ROOT / "firmware"
@@ -178,6 +179,12 @@ class Board:
         st = self.eval("tuple(__import__('os').statvfs('/'))")
         return int(st[0]) * int(st[3])
 
+    def free_bytes_after_format(self) -> int:
+        """Free bytes once `format()` has run: the whole filesystem but the root directory's
+        metadata pair (littlefs keeps two blocks for it). Nothing is written to find out."""
+        st = self.eval("tuple(__import__('os').statvfs('/'))")
+        return int(st[0]) * max(int(st[2]) - 2, 0)
+
     def format(self) -> None:
         self.exec(_FORMAT, timeout=120)
 
@@ -212,23 +219,6 @@ class Board:
                 out(data)
             else:
                 time.sleep(0.05)
-
-
-def progress_bar(name: str, width: int = 30) -> Callable[[int, int], None]:
-    tty = sys.stdout.isatty()
-
-    def show(done: int, total: int) -> None:
-        if not tty and done < total:
-            return
-        frac = done / total if total else 1.0
-        filled = int(frac * width)
-        bar = "#" * filled + "." * (width - filled)
-        lead = "\r" if tty else ""
-        print(f"{lead}  {name:32.32} [{bar}] {done:7d}/{total} B", end="", flush=True)
-        if done >= total:
-            print()
-
-    return show
 
 
 def _mpy_cross(source: Path, march: str) -> bytes:
@@ -366,8 +356,8 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool) -> tuple[bytes, bytes, bytes, str]:
-    """Issue (or reuse) the device's credentials; refuse a device already provisioned."""
+def check_credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool) -> None:
+    """Refuse before anything is written: no fleet CA, or a device already provisioned."""
     from gateway import db, registry  # noqa: F401  (registry registers its store)
     from gateway.errors import GatewayError
     from gateway.pki import Pki
@@ -376,18 +366,31 @@ def credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool)
         pki = Pki(pki_dir)
         if not pki.ca_pem.exists():
             raise FlashError(f"no fleet CA in {pki_dir}: run `torpor pki init --dir {pki_dir}`", EXIT_CREDENTIALS)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
+        if not db_path.exists():
+            return
         conn = db.open_db(db_path)
         try:
             known = registry.find(conn, device_id)
         finally:
             conn.close()
-        if known is not None and not reprovision:
-            raise FlashError(
-                f"device {device_id!r} is already provisioned ({known.status}); "
-                "pass --reprovision to flash it again with its credentials",
-                EXIT_PROVISIONED,
-            )
+    except GatewayError as exc:
+        raise FlashError(str(exc), EXIT_CREDENTIALS) from exc
+    if known is not None and not reprovision:
+        raise FlashError(
+            f"device {device_id!r} is already provisioned ({known.status}); "
+            "pass --reprovision to flash it again with its credentials",
+            EXIT_PROVISIONED,
+        )
+
+
+def credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool) -> tuple[bytes, bytes, bytes, str]:
+    """Issue (or reuse) the device's credentials; refuse a device already provisioned."""
+    from gateway.errors import GatewayError
+    from gateway.pki import Pki
+
+    check_credentials(pki_dir, db_path, device_id, reprovision)
+    try:
+        pki = Pki(pki_dir)
         existing = pki.device_records(device_id, include_revoked=False)
         creds = pki.device_credentials(device_id) if existing else pki.issue_device(device_id)
         return (
@@ -415,6 +418,7 @@ def committed_top(db_path: Path, device_id: str) -> int:
 def register_device(db_path: Path, device_id: str, serial: str) -> None:
     from gateway import db, registry
 
+    db_path.parent.mkdir(parents=True, exist_ok=True)
     conn = db.open_db(db_path)
     try:
         registry.add_missing(conn, {device_id: serial})
@@ -441,7 +445,8 @@ def check_board(info: BoardInfo, expected: str) -> None:
 
 
 def flash(args: argparse.Namespace) -> int:
-    files_out: list[ImageFile] = []
+    """Every check that can refuse runs first; only then is the board written (formatted,
+    files copied), so a refusal leaves the board as it was."""
     with Board(args.port, timeout=getattr(args, "timeout", 8.0)) as b:
         info = b.info()
         print(
@@ -449,51 +454,37 @@ def flash(args: argparse.Namespace) -> int:
             f"{info.board or 'unknown'})"
         )
         check_board(info, args.board)
+        files_out, serial = _prepare(args)
+        need = sum(len(f.data) for f in files_out) + 4096 * (len(files_out) + 8)
+        free = b.free_bytes_after_format() if args.format else b.free_bytes()
+        if free < need:
+            hint = "" if args.format else " (try --format)"
+            raise FlashError(
+                f"not enough flash: {free} bytes free{' after formatting' if args.format else ''}, "
+                f"{need} needed{hint}",
+                EXIT_NO_SPACE,
+            )
+        # From here on the board is written.
         if args.format:
             print("formatting the filesystem")
             b.format()
-        cert, key, ca, serial = credentials(Path(args.pki), Path(args.db), args.device_id, args.reprovision)
-        cfg = config_json(args.device_id, args.gateway, args.wifi_ssid, args.wifi_password, args.server_hostname)
-        cfg.update(parse_settings(getattr(args, "settings", None) or []))
-        if args.reprovision and "first_reading_id" not in cfg:
-            # The node's queue (and with it the next reading id) may be gone: new readings
-            # must take ids above everything the gateway holds, or dedup drops them.
-            top = committed_top(Path(args.db), args.device_id)
-            if top:
-                cfg["first_reading_id"] = top + 1
-                print(f"new readings start at id {top + 1} (the gateway holds ids up to {top})")
-        image_dir = getattr(args, "image", None)
-        if image_dir:
-            if not args.pubkey:
-                raise FlashError("--image needs --pubkey (the key the bootloader will trust)")
-            from tools.fw import keys
-
-            try:
-                pub = keys.load_public(Path(args.pubkey))
-            except (keys.KeyFileError, OSError) as exc:
-                raise FlashError(f"--pubkey {args.pubkey}: {exc}") from exc
-            files_out = signed_image_files(args.board, Path(image_dir), pub)
-        else:
-            files_out = image_files(args.board)
-        files_out += [
-            ImageFile("/config.json", json.dumps(cfg).encode()),
-            ImageFile("/certs/cert.der", cert),
-            ImageFile("/certs/key.der", key),
-            ImageFile("/certs/ca.der", ca),
-        ]
-        need = sum(len(f.data) for f in files_out) + 4096 * (len(files_out) + 8)
-        free = b.free_bytes()
-        if free < need:
-            raise FlashError(
-                f"not enough flash: {free} bytes free, {need} needed (try --format)", EXIT_NO_SPACE
-            )
         print(f"writing {len(files_out)} files ({need // 1024} KB with margin, {free // 1024} KB free)")
-        if image_dir:
+        if getattr(args, "image", None):
             # A stale main.py would run after the bootloader; a stale state record would
             # name a slot this flash replaced.
             b.exec(_CLEAR_BOOT)
-        for f in files_out:
-            b.write(f.remote, f.data, progress_bar(f.remote))
+        total = sum(len(f.data) for f in files_out)
+        with ProgressLine("writing", total, unit="B", stream=sys.stdout) as bar:
+            written = 0
+            for f in files_out:
+                bar.log(f"  {f.remote} ({len(f.data)} B)")
+
+                def show(done: int, _size: int, base: int = written, name: str = f.remote) -> None:
+                    bar.update(base + done, name)
+
+                b.write(f.remote, f.data, show)
+                written += len(f.data)
+                bar.update(written, f.remote)
         bad = [f.remote for f in files_out if b.sha256(f.remote) != hashlib.sha256(f.data).digest()]
         if bad:
             raise FlashError(f"read-back SHA-256 differs for: {', '.join(bad)}", EXIT_VERIFY)
@@ -505,6 +496,42 @@ def flash(args: argparse.Namespace) -> int:
             b.reset_and_follow(args.log_seconds, _echo)
             print("\n---")
     return 0
+
+
+def _prepare(args: argparse.Namespace) -> tuple[list[ImageFile], str]:
+    """The files for the board and the device certificate's serial, after every check that
+    needs no board write."""
+    check_credentials(Path(args.pki), Path(args.db), args.device_id, args.reprovision)
+    cfg = config_json(args.device_id, args.gateway, args.wifi_ssid, args.wifi_password, args.server_hostname)
+    cfg.update(parse_settings(getattr(args, "settings", None) or []))
+    image_dir = getattr(args, "image", None)
+    if image_dir:
+        if not args.pubkey:
+            raise FlashError("--image needs --pubkey (the key the bootloader will trust)")
+        from tools.fw import keys
+
+        try:
+            pub = keys.load_public(Path(args.pubkey))
+        except (keys.KeyFileError, OSError) as exc:
+            raise FlashError(f"--pubkey {args.pubkey}: {exc}") from exc
+        files_out = signed_image_files(args.board, Path(image_dir), pub)
+    else:
+        files_out = image_files(args.board)
+    cert, key, ca, serial = credentials(Path(args.pki), Path(args.db), args.device_id, args.reprovision)
+    if args.reprovision and "first_reading_id" not in cfg and Path(args.db).exists():
+        # The node's queue (and with it the next reading id) may be gone: new readings
+        # must take ids above everything the gateway holds, or dedup drops them.
+        top = committed_top(Path(args.db), args.device_id)
+        if top:
+            cfg["first_reading_id"] = top + 1
+            print(f"new readings start at id {top + 1} (the gateway holds ids up to {top})")
+    return [
+        *files_out,
+        ImageFile("/config.json", json.dumps(cfg).encode()),
+        ImageFile("/certs/cert.der", cert),
+        ImageFile("/certs/key.der", key),
+        ImageFile("/certs/ca.der", ca),
+    ], serial
 
 
 def _echo(data: bytes) -> None:
@@ -520,7 +547,8 @@ def register(sub: Any) -> None:
             "Provision the MicroPython board on PORT as DEVICE_ID: check it, copy the firmware, "
             "write config.json and its certificate/key/CA (issued through the PKI unless it "
             "already has them), verify every file's SHA-256 on the board, register the device "
-            "in the gateway's registry, reset and show the first boot. Exit codes: 3 no board "
+            "in the gateway's registry, reset and show the first boot. Every check that can refuse "
+            "runs before anything is written to the board. Exit codes: 3 no board "
             "on the port, 4 not MicroPython, 5 wrong board, 6 MicroPython too old, 7 not "
             "enough flash, 8 already provisioned, 9 verification failed, 10 credentials."
         ),
@@ -530,10 +558,21 @@ def register(sub: Any) -> None:
     p.add_argument("--device-id", required=True, help="the device's id (its certificate's CN)")
     p.add_argument("--wifi-ssid", default="", help="Wi-Fi network")
     p.add_argument("--wifi-password", default="", help="Wi-Fi password")
-    p.add_argument("--gateway", default="localhost:8883", help="broker host:port (default localhost:8883)")
+    p.add_argument(
+        "--gateway-config", default=None, metavar="TOML",
+        help="the gateway's configuration: defaults for --gateway, --pki and --db",
+    )
+    p.add_argument(
+        "--gateway", default=None,
+        help="broker host:port as the board reaches it (default: the broker of --gateway-config, "
+        "else localhost:8883)",
+    )
     p.add_argument("--server-hostname", default="", help="name in the broker's certificate, if not the host")
-    p.add_argument("--pki", default="var/pki", help="PKI directory (default var/pki)")
-    p.add_argument("--db", default="var/gateway.db", help="gateway database (default var/gateway.db)")
+    p.add_argument("--pki", default=None, help="PKI directory (default: from --gateway-config, else var/pki)")
+    p.add_argument(
+        "--db", default=None,
+        help="gateway database (default: from --gateway-config, else var/gateway.db)",
+    )
     p.add_argument(
         "--image", default=None, metavar="DIR",
         help="a signed image (`torpor fw build` + `torpor fw sign`): flash the bootloader and "
@@ -548,14 +587,38 @@ def register(sub: Any) -> None:
         "--timeout", type=float, default=8.0,
         help="seconds to wait for the board's raw REPL (default 8)",
     )
-    p.add_argument("--format", action="store_true", help="erase every file on the board first")
+    p.add_argument(
+        "--format", action="store_true",
+        help="erase every file on the board before writing (only once every check has passed)",
+    )
     p.add_argument("--reprovision", action="store_true", help="flash a device that is already registered")
     p.add_argument("--log-seconds", type=float, default=5.0, help="show the first boot this long (default 5)")
     p.set_defaults(func=_cli)
 
 
+def resolve_gateway_args(args: argparse.Namespace) -> None:
+    """Fill --gateway, --pki and --db from --gateway-config where they were not given."""
+    host_port, pki, dbp = "localhost:8883", "var/pki", "var/gateway.db"
+    if getattr(args, "gateway_config", None):
+        from gateway.config import load_config
+        from gateway.errors import GatewayError
+
+        try:
+            gw = load_config(args.gateway_config)
+        except GatewayError as exc:
+            raise FlashError(str(exc)) from exc
+        host_port = f"{gw.broker.host}:{gw.broker.port}"
+        pki, dbp = str(gw.pki_dir), str(gw.db_path)
+        if not args.server_hostname and gw.broker.host in ("127.0.0.1", "::1"):
+            args.server_hostname = "localhost"  # the name a loopback broker's certificate has
+    args.gateway = args.gateway or host_port
+    args.pki = args.pki or pki
+    args.db = args.db or dbp
+
+
 def _cli(args: argparse.Namespace) -> int:
     try:
+        resolve_gateway_args(args)
         return flash(args)
     except FlashError as exc:
         print(f"torpor: error: {exc}", file=sys.stderr)

@@ -198,10 +198,12 @@ def keyword_matches(expr: str | None, nodeid: str) -> bool:
 
 
 def summary_lines(results: list[HilResult], wall_s: float) -> list[str]:
-    lines = [f"{'test':64} {'result':8} {'ms':>7} {'mem before':>11} {'mem delta':>10} {'leak':>6}"]
+    # The test column is as wide as the longest id: an id cut short names no test.
+    w = max([len("test"), *(len(r.nodeid) for r in results)])
+    lines = [f"{'test':{w}} {'result':8} {'ms':>7} {'mem before':>11} {'mem delta':>10} {'leak':>6}"]
     for r in results:
         lines.append(
-            f"{r.nodeid[-64:]:64} {r.outcome:8} {r.ms:7d} {r.mem_before:11d} "
+            f"{r.nodeid:{w}} {r.outcome:8} {r.ms:7d} {r.mem_before:11d} "
             f"{r.mem_before - r.mem_after:10d} {r.mem_before - r.mem_after_gc:6d}"
         )
     counts = {k: sum(1 for r in results if r.outcome == k) for k in ("passed", "failed", "skipped")}

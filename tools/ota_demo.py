@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.demo import DemoError, _is_mosquitto, free_port, work_dir
+from tools.progress import ProgressLine
 from tools.sim.fleet import Fleet, FleetConfig, NodeState
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class OtaDemo:
         self.broker_pid: int | None = None
         self.interrupted = False
         self.wakes = 0
+        self._bar: ProgressLine | None = None
 
     def say(self, text: str) -> None:
         if self.opts.live:
@@ -246,11 +248,15 @@ class OtaDemo:
             conn.close()
 
     def _progress(self, rnd: int, c: Any) -> None:
+        from gateway import ota
+
         counts = c.counts()
         order = ("pending", "queued", "downloading", "verifying", "trial", "confirmed",
                  "reverted", "failed", "refused", "timed_out", "cancelled")
         text = ", ".join(f"{k} {counts[k]}" for k in order if counts.get(k))
-        self.say(f"[round {rnd:3}] campaign {c.status}: {text}  (wakes {self.wakes})")
+        if self._bar is not None:
+            settled = sum(counts.get(k, 0) for k in ota.TERMINAL)
+            self._bar.update(settled, f"round {rnd}: campaign {c.status}: {text} (wakes {self.wakes})")
 
     async def run(self) -> OtaDemoResult | None:
         from gateway.pki import Pki
@@ -303,6 +309,10 @@ class OtaDemo:
             deadline = t0 + opts.duration_s
             rnd = 0
             c = self._campaign(db_path, cid)
+            if opts.live:
+                # Every round, not once a second: a round is the unit of this demo.
+                self._bar = ProgressLine("ota", opts.nodes, unit="devices settled",
+                                         interval_s=0).start()
             self._progress(rnd, c)
             while (c.status == ota.RUNNING and rnd < opts.max_rounds
                    and time.monotonic() < deadline and not self.interrupted):
@@ -314,10 +324,16 @@ class OtaDemo:
                 await self._round(todo)
                 c = self._campaign(db_path, cid)
                 self._progress(rnd, c)
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
             if not self.interrupted:
                 await self._round(states)  # every node says which image it runs
             return self._result(db_path, cid, states, bad, rnd, time.monotonic() - t0)
         finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await asyncio.to_thread(self._stop_gateway)

@@ -79,6 +79,9 @@ def test_demo_delivers_every_reading_once_and_upstream(tmp_path: Path) -> None:
     assert fleet["acked"] == sampled and fleet["left_on_nodes"] == 0
     assert fleet["bytes_per_reading"] and fleet["child_cpu_ms_per_wake"]
     assert "working in" in err and "sampled" in err  # where it works, and live progress
+    # The last status line shows what the summary reports.
+    last = [line for line in err.splitlines() if " outbox " in line][-1]
+    assert f" outbox {doc['outbox_depth']} " in last and f"stored {doc['stored']} " in last, last
     # Without --keep the throwaway directory is gone, and so are its processes.
     assert not (tmp_path / "demo").exists()
     assert not _processes_under(tmp_path / "demo")

@@ -39,7 +39,7 @@ def test_ota_demo_six_nodes(tmp_path: Path) -> None:
     assert running == {f"ota-00{i}": (2, 2) for i in range(1, 6)} | {"ota-006": (1, 1)}
     # Staged: the first wave was 25 % (2 of 6), not everyone at once.
     assert "started 2;" in p.stderr, p.stderr
-    assert "[round" in p.stderr and "campaign completed" in p.stderr
+    assert "[ota] " in p.stderr and "round 1: campaign" in p.stderr and "campaign completed" in p.stderr
     # The silent image did run (on trial) before the bootloader reverted it.
     log = (tmp_path / "demo" / "nodes" / "ota-006" / "node.log").read_text()
     assert "silent image up" in log and "boot: revert v2 in slot b: reason 9" in log

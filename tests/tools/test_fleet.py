@@ -22,6 +22,7 @@ import pytest
 from gateway import config as gwconfig
 from gateway import db, service
 from gateway.pki import Pki
+from tests.fixtures.broker import RunningBroker
 from tests.mpharness import micropython_binary
 from tools.sim.fleet import Fleet, FleetConfig, FleetSummary, format_summary
 
@@ -185,3 +186,26 @@ def test_200_nodes_deliver_every_reading(tmp_path: Path) -> None:
     _check(summary)
     assert summary.sampled >= 200
     assert summary.errors == 0, summary.kinds
+
+
+def test_failed_fleet_says_why_from_the_node_logs(
+    broker: RunningBroker, pki: Pki, tmp_path: Path
+) -> None:
+    """The broker's certificate does not carry the name the nodes check: every send fails,
+    and the run's output names that cause (from the node logs), not just a count."""
+    port = broker.port
+    exe = str(Path(sys.executable).parent / "torpor")
+    p = subprocess.run(
+        [exe, "sim", "fleet", "--nodes", "3", "--wakes", "2", "--dir", str(tmp_path / "fleet"),
+         "--gateway", f"127.0.0.1:{port}", "--pki", str(pki.path),
+         "--server-hostname", "gateway.example", "--send-every", "1", "--time-scale", "60"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "the fleet run failed" in p.stderr
+    assert "most frequent errors in the node logs:" in p.stderr
+    reasons = p.stderr.split("most frequent errors in the node logs:", 1)[1]
+    assert "send failed" in reasons and "does not match" in reasons, p.stderr
+    print(reasons)
+    # progress in plain lines, stderr not being a terminal
+    assert "[fleet] " in p.stderr and "/6 wakes" in p.stderr

@@ -106,3 +106,19 @@ def test_hil_reports_no_board(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert p.returncode == 3 and "no board on" in p.stderr
+
+
+def test_results_table_keeps_long_test_names_whole() -> None:
+    from tools.hil import HilResult, summary_lines
+
+    long = HilResult("tests/hil/mptest_board_api.py",
+                     "test_rtc_memory_survives_deep_sleep_and_watchdog_but_not_power_loss",
+                     "passed", 12, 1000, 900, 1000, "")
+    short = HilResult("tests/x.py", "test_a", "skipped", 1, 10, 10, 10, "no radio")
+    lines = summary_lines([long, short], 1.5)
+    assert lines[1].startswith(long.nodeid + " passed")
+    assert lines[2].startswith("tests/x.py::test_a ")
+    # the columns line up under the header
+    col = lines[0].index("result")
+    assert lines[1][col:].startswith("passed") and lines[2][col:].startswith("skipped")
+    assert "1 passed, 1 skipped in 1.50s" in lines[-1]

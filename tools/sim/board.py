@@ -14,6 +14,10 @@ Node directory layout:
                 mounted at /.sim on the board
     agent.py    the child's program (rewritten at every start)
     board.log   everything the board printed on its port
+
+`simfiles/sim.json` may hold `"identity": {"implementation": ..., "version": [1, 19, 1]}`:
+what the board then claims to run (`sys.implementation`), read at every boot. It lets the
+refusals of `torpor flash` be tried on a board that is really there.
 """
 
 from __future__ import annotations
@@ -170,6 +174,24 @@ sim._bdev = bdev
 sim.FS_ROOT = "/"
 sim.init()
 sys.modules["os"] = _Os()
+_ident = cfg.get("identity")
+if _ident:
+    # sim.json may make the board claim another implementation or version: how a flasher's
+    # refusals are tried against a board that is really there.
+    _sys = sys
+
+    class _Impl:
+        name = _ident.get("implementation", _sys.implementation.name)
+        version = tuple(_ident.get("version", _sys.implementation.version[:3])) + (0,)
+        _machine = MACHINE
+
+    class _IdentSys:
+        implementation = _Impl()
+
+        def __getattr__(self, name):
+            return getattr(_sys, name)
+
+    sys.modules["sys"] = _IdentSys()
 sys.modules["machine"] = _Machine()
 sys.modules["board"] = sim
 sys.path[:] = ["", ".frozen", "/lib"]

@@ -32,7 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.sim.node import BOARDS_DIR, RunSummary, SimError, SimNode, micropython_binary
+from tools.progress import ProgressLine
+from tools.sim.node import (
+    BOARDS_DIR,
+    RunSummary,
+    SimError,
+    SimNode,
+    micropython_binary,
+    problem_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,8 @@ RESTART_AFTER_ERROR_S = 1.0
 # A wake in progress when the duration runs out is let finish, within this bound.
 WAKE_LIMIT_S = 120.0
 RSS_SAMPLE_S = 0.1
+# Error lines a failed run lists (the most frequent first).
+TOP_PROBLEMS = 5
 
 # Runs inside the unix port: mounts each node's flash image in turn and writes files onto it
 # (written new then renamed, as flashing tools do). The job list comes as a JSON file.
@@ -105,11 +115,16 @@ class FleetConfig:
         return [f"{self.prefix}-{i:0{width}d}" for i in range(1, self.nodes + 1)]
 
     def hostname(self) -> str:
-        if self.server_hostname:
-            return self.server_hostname
-        if self.broker_host in ("127.0.0.1", "::1", "localhost"):
-            return "localhost"
-        return self.broker_host
+        return broker_hostname(self.broker_host, self.server_hostname)
+
+
+def broker_hostname(host: str, server_hostname: str = "") -> str:
+    """The name a node checks in the broker's certificate: localhost for a loopback host."""
+    if server_hostname:
+        return server_hostname
+    if host in ("127.0.0.1", "::1", "localhost"):
+        return "localhost"
+    return host
 
 
 @dataclass(slots=True)
@@ -136,6 +151,8 @@ class NodeState:
     send_failures: int = 0
     error_lines: int = 0
     log_offset: int = 0
+    # Error lines and failed-send warnings of its wakes (level and time stripped): counts.
+    problems: Counter[str] = field(default_factory=Counter)
 
     @property
     def acked(self) -> int:
@@ -188,6 +205,8 @@ class FleetSummary:
     missing_in_store: int | None
     duplicates_in_store: int | None
     kinds: dict[str, int]
+    # The most frequent error lines of the nodes' logs, with counts: why a run failed.
+    problems: tuple[tuple[str, int], ...] = ()
 
     @property
     def bytes_per_reading(self) -> float | None:
@@ -323,68 +342,17 @@ class Fleet:
 
     def provision(self) -> None:
         """Certificates, registry entries and flash contents for every node (idempotent)."""
-        from gateway.errors import GatewayError
-        from gateway.pki import Pki
-
-        pki = Pki(self.cfg.pki_dir)
-        if not pki.ca_pem.exists():
-            raise FleetError(f"no fleet CA in {self.cfg.pki_dir} (create one with `torpor pki init`)")
-        known = {r.cn for r in pki.list() if r.kind == "device" and r.revoked_at is None}
-        jobs: list[tuple[NodeState, list[tuple[str, Path]]]] = []
-        serials: dict[str, str] = {}
-        try:
-            for st in self.states:
-                if st.device_id in known:
-                    creds = pki.device_credentials(st.device_id)
-                else:
-                    creds = pki.issue_device(st.device_id)
-                serials[st.device_id] = format(creds.serial, "x")
-                jobs.append((st, [("certs/cert.der", creds.cert_der),
-                                  ("certs/key.der", creds.key_der),
-                                  ("certs/ca.der", creds.ca_der)]))
-        except GatewayError as exc:
-            raise FleetError(str(exc)) from exc
+        creds = issue_credentials(self.cfg.pki_dir, [st.device_id for st in self.states])
         if self.cfg.db_path is not None:
-            self._register(serials)
-        self._write_configs(jobs)
-
-    def _register(self, serials: dict[str, str]) -> None:
-        from gateway import db, registry
-        from gateway.errors import GatewayError
-
-        assert self.cfg.db_path is not None
-        try:
-            conn = db.open_db(self.cfg.db_path)
-        except GatewayError as exc:
-            raise FleetError(str(exc)) from exc
-        try:
-            registry.add_missing(conn, serials, self.DEVICE_CLASS)
-        finally:
-            conn.close()
+            register_devices(self.cfg.db_path, {d: serial for d, (serial, _) in creds.items()},
+                             self.DEVICE_CLASS)
+        self._write_configs([(st, creds[st.device_id][1]) for st in self.states])
 
     def _write_configs(
         self, jobs: list[tuple[NodeState, list[tuple[str, Path]]]], **over: Any
     ) -> None:
-        with tempfile.TemporaryDirectory(prefix="fleet-", dir=self.cfg.dir) as tmp:
-            spec = []
-            for st, files in jobs:
-                cfg_path = Path(tmp) / f"{st.device_id}.json"
-                cfg_path.write_text(json.dumps(self.node_config(st, **over)))
-                m = st.node.model
-                spec.append([str(st.node.dir / "flash.img"), m.block_size, m.block_count,
-                             [["config.json", str(cfg_path)]] + [[n, str(p)] for n, p in files]])
-            jobs_path = Path(tmp) / "jobs.json"
-            jobs_path.write_text(json.dumps(spec))
-            env = dict(os.environ, MICROPYPATH=f".frozen:{BOARDS_DIR}")
-            try:
-                proc = subprocess.run(
-                    [self.binary, "-c", _FLASH_WRITER % str(jobs_path)],
-                    capture_output=True, text=True, timeout=60 + len(spec), env=env,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise FleetError("writing the nodes' flash timed out") from exc
-            if proc.returncode != 0 or not proc.stdout.startswith("OK"):
-                raise FleetError(f"writing the nodes' flash failed:\n{proc.stdout}{proc.stderr}")
+        write_node_flash(self.binary, self.cfg.dir,
+                         [(st.node, self.node_config(st, **over), files) for st, files in jobs])
 
     # ---- running ------------------------------------------------------------------------
 
@@ -465,6 +433,7 @@ class Fleet:
         for rec in summary.runs:
             st.kinds[rec.kind] += 1
             st.last_kind = rec.kind
+            st.problems.update(problem_text(x) for x in rec.problems)
         self._read_log(st)
         return summary
 
@@ -512,6 +481,7 @@ class Fleet:
         for st in self.states:
             self._read_log(st)  # skip what earlier runs of these node dirs logged
             st.sampled.clear()
+            st.problems.clear()
             st.sent = st.bytes_out = st.bytes_in = st.send_failures = st.error_lines = 0
         sampler = _RssSampler()
         sampler_task = asyncio.create_task(sampler.loop())
@@ -554,8 +524,10 @@ class Fleet:
         s = self.states
         wakes = sum(st.wakes for st in s)
         kinds: Counter[str] = Counter()
+        problems: Counter[str] = Counter()
         for st in s:
             kinds.update(st.kinds)
+            problems.update(st.problems)
         peaks = list(sampler.peaks.values())
         stored = missing = dups = None
         if self.cfg.db_path is not None:
@@ -584,7 +556,78 @@ class Fleet:
             missing_in_store=missing,
             duplicates_in_store=dups,
             kinds=dict(kinds),
+            problems=tuple(problems.most_common(TOP_PROBLEMS)),
         )
+
+
+# ---- provisioning of sim nodes (the fleet's, and `torpor sim node`'s) -------------------
+
+def issue_credentials(
+    pki_dir: Path, device_ids: list[str]
+) -> dict[str, tuple[str, list[tuple[str, Path]]]]:
+    """Per device: its certificate serial (hex) and the DER files for its flash, issued by
+    the fleet PKI, or reused when the device has a valid certificate already."""
+    from gateway.errors import GatewayError
+    from gateway.pki import Pki
+
+    pki = Pki(pki_dir)
+    if not pki.ca_pem.exists():
+        raise FleetError(f"no fleet CA in {pki_dir} (create one with `torpor pki init`)")
+    out: dict[str, tuple[str, list[tuple[str, Path]]]] = {}
+    try:
+        known = {r.cn for r in pki.list() if r.kind == "device" and r.revoked_at is None}
+        for device_id in device_ids:
+            if device_id in known:
+                creds = pki.device_credentials(device_id)
+            else:
+                creds = pki.issue_device(device_id)
+            out[device_id] = (format(creds.serial, "x"), [("certs/cert.der", creds.cert_der),
+                                                          ("certs/key.der", creds.key_der),
+                                                          ("certs/ca.der", creds.ca_der)])
+    except GatewayError as exc:
+        raise FleetError(str(exc)) from exc
+    return out
+
+
+def register_devices(db_path: Path, serials: dict[str, str], device_class: str) -> None:
+    """Register the devices in the gateway's registry (those not there yet)."""
+    from gateway import db, registry
+    from gateway.errors import GatewayError
+
+    try:
+        conn = db.open_db(db_path)
+    except GatewayError as exc:
+        raise FleetError(str(exc)) from exc
+    try:
+        registry.add_missing(conn, serials, device_class)
+    finally:
+        conn.close()
+
+
+def write_node_flash(
+    binary: str, work_dir: Path, jobs: list[tuple[SimNode, dict[str, Any], list[tuple[str, Path]]]]
+) -> None:
+    """Write config.json (from the dict) and the given files onto each node's flash image."""
+    with tempfile.TemporaryDirectory(prefix="fleet-", dir=work_dir) as tmp:
+        spec = []
+        for i, (node, config, files) in enumerate(jobs):
+            cfg_path = Path(tmp) / f"{i}.json"
+            cfg_path.write_text(json.dumps(config))
+            m = node.model
+            spec.append([str(node.dir / "flash.img"), m.block_size, m.block_count,
+                         [["config.json", str(cfg_path)]] + [[n, str(p)] for n, p in files]])
+        jobs_path = Path(tmp) / "jobs.json"
+        jobs_path.write_text(json.dumps(spec))
+        env = dict(os.environ, MICROPYPATH=f".frozen:{BOARDS_DIR}")
+        try:
+            proc = subprocess.run(
+                [binary, "-c", _FLASH_WRITER % str(jobs_path)],
+                capture_output=True, text=True, timeout=60 + len(spec), env=env,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise FleetError("writing the nodes' flash timed out") from exc
+        if proc.returncode != 0 or not proc.stdout.startswith("OK"):
+            raise FleetError(f"writing the nodes' flash failed:\n{proc.stdout}{proc.stderr}")
 
 
 def check_store(db_path: Path, sampled: dict[str, set[int]]) -> tuple[int, int, int]:
@@ -660,35 +703,52 @@ def _parse_send_every(text: str) -> tuple[int, int]:
     return a, b
 
 
-def fleet_config_from_args(args: argparse.Namespace) -> FleetConfig:
+@dataclass(frozen=True, slots=True)
+class GatewayTarget:
+    """Where sim nodes are provisioned: the broker they connect to, the fleet PKI, and the
+    gateway's database (None: the devices are not registered)."""
+
+    host: str
+    port: int
+    pki_dir: Path
+    db_path: Path | None
+
+
+def gateway_target(gateway_config: str | None, gateway: str | None, pki: str | None) -> GatewayTarget:
+    """From --gateway-config, with --gateway host:port and --pki taking precedence."""
     from gateway.errors import GatewayError
 
     host: str | None = None
     port: int | None = None
-    pki_dir: str | None = args.pki
+    pki_dir: str | None = pki
     db_path: Path | None = None
-    if args.gateway_config:
+    if gateway_config:
         from gateway.config import load_config
 
         try:
-            gw = load_config(args.gateway_config)
+            gw = load_config(gateway_config)
         except GatewayError as exc:
             raise FleetError(str(exc)) from exc
         host, port, db_path = gw.broker.host, gw.broker.port, gw.db_path
         pki_dir = pki_dir or str(gw.pki_dir)
-    if args.gateway:
-        h, sep, p = args.gateway.rpartition(":")
+    if gateway:
+        h, sep, p = gateway.rpartition(":")
         if not sep or not h or not p.isdigit():
-            raise FleetError(f"--gateway {args.gateway!r}: expected host:port")
+            raise FleetError(f"--gateway {gateway!r}: expected host:port")
         host, port = h.strip("[]"), int(p)
     if host is None or port is None:
         raise FleetError("give --gateway host:port or --gateway-config")
     if pki_dir is None:
         raise FleetError("give --pki DIR or --gateway-config")
+    return GatewayTarget(host, port, Path(pki_dir), db_path)
+
+
+def fleet_config_from_args(args: argparse.Namespace) -> FleetConfig:
+    target = gateway_target(args.gateway_config, args.gateway, args.pki)
     return FleetConfig(
-        nodes=args.nodes, dir=Path(args.dir).resolve(), pki_dir=Path(pki_dir),
-        broker_host=host, broker_port=port, server_hostname=args.server_hostname,
-        db_path=db_path, time_scale=args.time_scale, wakes=args.wakes,
+        nodes=args.nodes, dir=Path(args.dir).resolve(), pki_dir=target.pki_dir,
+        broker_host=target.host, broker_port=target.port, server_hostname=args.server_hostname,
+        db_path=target.db_path, time_scale=args.time_scale, wakes=args.wakes,
         duration_s=args.duration, power_cuts=args.power_cuts,
         sample_interval_s=args.sample_interval, send_every=_parse_send_every(args.send_every),
         prefix=args.prefix, seed=args.seed, max_concurrent=args.max_concurrent,
@@ -726,6 +786,27 @@ def format_summary(s: FleetSummary) -> list[str]:
     return lines
 
 
+def format_problems(s: FleetSummary) -> list[str]:
+    """Why a run failed: the most frequent error lines of the node logs."""
+    if not s.problems:
+        return []
+    return ["most frequent errors in the node logs:",
+            *(f"  {count:5}x  {text}" for text, count in s.problems)]
+
+
+def failure_lines(s: FleetSummary) -> list[str]:
+    """What went wrong, in words, for a run that is not ok."""
+    out = []
+    if s.acked != s.sampled or s.left_on_nodes:
+        out.append(f"{s.sampled - s.acked} of {s.sampled} sampled readings were not acknowledged "
+                   f"({s.left_on_nodes} left on the nodes)")
+    if s.missing_in_store:
+        out.append(f"{s.missing_in_store} readings missing in the gateway's store")
+    if s.duplicates_in_store:
+        out.append(f"{s.duplicates_in_store} readings stored more than once")
+    return out + format_problems(s)
+
+
 def _fleet(args: argparse.Namespace) -> int:
     from tools.cli import CliError
 
@@ -740,19 +821,20 @@ def _fleet(args: argparse.Namespace) -> int:
     if cfg.db_path is None:
         print("note: no --gateway-config: the devices must already be registered "
               "(`torpor device add`)", file=sys.stderr)
-    tty = sys.stderr.isatty()
+    total = cfg.nodes * cfg.wakes
+    with ProgressLine("fleet", total, unit="wakes") as bar:
 
-    def show(p: Progress) -> None:
-        text = (f"[{p.phase}] awake {p.awake}/{p.nodes}  wakes {p.wakes}  sampled {p.sampled}  "
-                f"acked {p.acked}  queued {p.queued}  cuts {p.power_cuts}  errors {p.errors}")
-        if tty:
-            print("\r" + text.ljust(100), end="", file=sys.stderr, flush=True)
+        def show(p: Progress) -> None:
+            bar.update(min(p.wakes, total),
+                       f"{p.phase}: awake {p.awake}/{p.nodes}  sampled {p.sampled}  "
+                       f"acked {p.acked}  queued {p.queued}  cuts {p.power_cuts}  errors {p.errors}")
 
-    summary = asyncio.run(fleet.run(show))
-    if tty:
-        print(file=sys.stderr)
+        summary = asyncio.run(fleet.run(show))
     if args.json:
         print(json.dumps(summary.as_dict()))
     else:
         print("\n".join(format_summary(summary)))
+    if not summary.ok:
+        print("torpor: error: the fleet run failed: " + "\n".join(failure_lines(summary)),
+              file=sys.stderr)
     return 0 if summary.ok else 1
