@@ -454,6 +454,14 @@ def _decode_str(raw: bytes, kind: str, what: str) -> str:
     return s
 
 
+def _filter(raw: str, kind: str) -> str:
+    try:
+        check_topic_filter(raw)
+    except EncodeError as exc:
+        raise _bad(ErrorCode.BAD_TOPIC, f"{kind}: {exc}") from None
+    return raw
+
+
 def _decode_publish(first: int, body: bytes) -> Publish:
     qos = (first >> 1) & 3
     if qos == 3:
@@ -489,12 +497,16 @@ def _decode_connect(r: _Reader) -> Connect:
         raise _bad(ErrorCode.BAD_FLAGS, "CONNECT's reserved flag is set")
     keepalive = r.u16("keepalive")
     client_id = r.string("client id")
+    if not client_id and not flags & 0x02:
+        raise _bad(ErrorCode.BAD_CONNECT, "CONNECT with an empty client id needs a clean session")
     will = None
     will_qos = (flags >> 3) & 3
     if flags & 0x04:
         if will_qos == 3:
             raise _bad(ErrorCode.BAD_QOS, "CONNECT's will has QoS 3")
         wtopic = r.string("will topic")
+        if not wtopic or "+" in wtopic or "#" in wtopic:
+            raise _bad(ErrorCode.BAD_TOPIC, f"CONNECT's will topic {wtopic!r} is empty or has a wildcard")
         will = Will(wtopic, r.binary("will payload"), will_qos, bool(flags & 0x20))
     elif will_qos or flags & 0x20:
         raise _bad(ErrorCode.BAD_FLAGS, "CONNECT has will QoS or retain without a will")
@@ -546,7 +558,7 @@ def _decode_body(first: int, body: bytes) -> Packet:
         pid = r.packet_id()
         subs: list[tuple[str, int]] = []
         while r.left() or not subs:
-            flt = r.string("topic filter")
+            flt = _filter(r.string("topic filter"), "SUBSCRIBE")
             opts = r.u8("requested QoS")
             if opts > 2:
                 raise _bad(ErrorCode.BAD_QOS, f"SUBSCRIBE asks for QoS byte {opts:#x}")
@@ -556,7 +568,7 @@ def _decode_body(first: int, body: bytes) -> Packet:
         pid = r.packet_id()
         flts: list[str] = []
         while r.left() or not flts:
-            flts.append(r.string("topic filter"))
+            flts.append(_filter(r.string("topic filter"), "UNSUBSCRIBE"))
         packet = Unsubscribe(pid, tuple(flts))
     else:  # kind == 1
         return _decode_connect(r)
