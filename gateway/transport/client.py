@@ -201,6 +201,7 @@ class MqttClient:
                 self._flush()
                 ack = await connack
         except TimeoutError:
+            self._closing = True  # the TransportTimeout says why; no second report
             self._abort()
             raise TransportTimeout(
                 f"no CONNACK from the broker at {where} within {o.connect_timeout:g}s") from None
@@ -208,6 +209,7 @@ class MqttClient:
             self._abort()
             raise
         if ack.return_code != ConnackCode.ACCEPTED:
+            self._closing = True
             self._abort()
             try:
                 text = _CONNACK_TEXT[ConnackCode(ack.return_code)]
@@ -377,7 +379,7 @@ class MqttClient:
             raise self._lost_error()
 
     def _lost_error(self) -> TransportError:
-        if self._error is not None:
+        if self._error is not None and not self._closing:
             return self._error
         return NotConnected()
 
@@ -491,7 +493,9 @@ class MqttClient:
                     self._on_control(packet)
                 packet = decoder.next_packet()
         except MalformedPacket as exc:
-            self._fail(ConnectionLost(exc.code, f"the broker sent a malformed packet: {exc}"))
+            lost = ConnectionLost(exc.code, f"the broker sent a malformed packet: {exc}")
+            lost.__cause__ = exc
+            self._fail(lost)
             return
         assert self._loop is not None
         self._last_in = self._loop.time()
@@ -580,18 +584,17 @@ class MqttClient:
             self._flush_handle.cancel()
             self._flush_handle = None
         o = self.options
-        if self._error is None:
-            if self._closing:
-                why = "disconnected by the client"
-            elif not was_connected:
+        detail = f": {exc}" if exc is not None else ""
+        if self._error is None and not self._closing:
+            if not was_connected:
                 why = ("the broker closed the connection before CONNACK (under TLS 1.3 a "
                        "refused client certificate shows this way)")
             else:
                 why = "the broker closed the connection"
-            detail = f": {exc}" if exc is not None else ""
             self._error = ConnectionLost(ErrorCode.CONNECTION_LOST,
                                          f"{why} ({o.host}:{o.port}){detail}")
-        err = self._error
+        err = self._error or ConnectionLost(
+            ErrorCode.CONNECTION_LOST, f"disconnected by the client ({o.host}:{o.port})")
         if self._connack is not None and not self._connack.done():
             self._connack.set_exception(err)
         for fut in self._pending.values():
@@ -611,5 +614,5 @@ class MqttClient:
             qw.set_result(None)
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
-        if not self._closing:
+        if self._error is not None and not self._closing:
             log.warning("MQTT connection to %s:%d lost: %s", o.host, o.port, err)
