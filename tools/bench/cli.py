@@ -11,9 +11,11 @@ def register(sub: Any) -> None:
     from tools.bench import downlink, node, protocol
     from tools.bench import gateway as gateway_bench
     from tools.bench import ota as ota_bench
+    from tools.bench import transport as transport_bench
 
     protocol.register(bsub)
     downlink.register(bsub)
     gateway_bench.register(bsub)
     node.register(bsub)
     ota_bench.register(bsub)
+    transport_bench.register(bsub)
