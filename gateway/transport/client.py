@@ -203,10 +203,14 @@ class MqttClient:
         except TimeoutError:
             self._closing = True  # the TransportTimeout says why; no second report
             self._abort()
+            self._settle()
             raise TransportTimeout(
                 f"no CONNACK from the broker at {where} within {o.connect_timeout:g}s") from None
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, ConnectionLost) and self._error is None:
+                self._error = exc
             self._abort()
+            self._settle()
             raise
         if ack.return_code != ConnackCode.ACCEPTED:
             self._closing = True
@@ -254,6 +258,8 @@ class MqttClient:
                 self._check_connected()
             self._write(codec.encode_publish(self._topic(topic), payload, 0, 0, retain))
             return
+        if qos != 1:
+            raise EncodeError(f"this client publishes QoS 0 and 1, not QoS {qos!r}")
         fut = await self.start_publish(topic, payload, qos, retain)
         if timeout is None:
             await fut
@@ -356,6 +362,7 @@ class MqttClient:
     # --- internals: state -----------------------------------------------------------------
 
     def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = None
         self._decoder = codec.Decoder(self.options.max_packet)
         self._out = bytearray()
         self._flush_handle = None
@@ -573,6 +580,11 @@ class MqttClient:
     def _abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+    def _settle(self) -> None:
+        """A connect that never got a transport has no connection_lost to come: end here."""
+        if self._transport is None and self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
 
     def _lost(self, exc: Exception | None) -> None:
         was_connected = self._connected

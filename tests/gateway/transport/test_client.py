@@ -228,6 +228,9 @@ def test_broker_restart_gives_clear_errors_then_reconnects(broker: RunningBroker
             await client.connect()
         assert e2.value.code is ErrorCode.CONNECT_FAILED
         assert "cannot reach the broker" in str(e2.value)
+        assert await asyncio.wait_for(client.wait_closed(), 2) is e2.value
+        with pytest.raises(ConnectionLost):
+            await client.receive()
 
         await asyncio.to_thread(broker.start)
         client.options = options(broker, max_inflight=4)  # same port unless it was taken
