@@ -141,7 +141,7 @@ class MqttClient:
         self._queue_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._qos2_received: set[int] = set()
-        self._topics: dict[str, bytes] = {}
+        self._topics: dict[str, codec.EncodedTopic] = {}
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._last_out = 0.0
         self._last_in = 0.0
@@ -256,7 +256,7 @@ class MqttClient:
             if self._write_ok is not None and not self._write_ok.is_set():
                 await self._write_ok.wait()
                 self._check_connected()
-            self._write(codec.encode_publish(self._topic(topic), payload, 0, 0, retain))
+            self._write(codec.publish_packet(self._topic(topic), payload, 0, 0, retain))
             return
         if qos != 1:
             raise EncodeError(f"this client publishes QoS 0 and 1, not QoS {qos!r}")
@@ -289,7 +289,7 @@ class MqttClient:
             self._check_connected()
         t = self._topic(topic)
         pid = self._take_id()
-        packet = codec.encode_publish(t, payload, 1, pid, retain)
+        packet = codec.publish_packet(t, payload, 1, pid, retain)
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
         self._pending[pid] = fut
@@ -399,13 +399,10 @@ class MqttClient:
                 return self._next_id
         raise TransportError(ErrorCode.PROTOCOL_VIOLATION, "all 65535 packet ids are in use")
 
-    def _topic(self, topic: str) -> bytes:
+    def _topic(self, topic: str) -> codec.EncodedTopic:
         t = self._topics.get(topic)
         if t is None:
-            codec.check_topic_name(topic)
-            t = topic.encode()
-            if len(t) > 0xFFFF or "\x00" in topic:
-                raise EncodeError(f"topic {topic!r} is too long or contains U+0000")
+            t = codec.encode_topic(topic)
             if len(self._topics) >= _TOPIC_CACHE_MAX:
                 self._topics.clear()
             self._topics[topic] = t

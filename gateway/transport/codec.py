@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final, TypeAlias
+from typing import Final, NewType, TypeAlias
 
 from gateway.transport.errors import EncodeError, ErrorCode, MalformedPacket, PacketTooLarge
 
@@ -266,6 +266,45 @@ def encode_connack(p: ConnAck) -> bytes:
     return bytes((0x20, 2, 1 if p.session_present else 0, p.return_code))
 
 
+EncodedTopic = NewType("EncodedTopic", bytes)
+
+
+def encode_topic(topic: str | bytes) -> EncodedTopic:
+    """A PUBLISH topic name checked once and encoded with its length prefix, for
+    `publish_packet` (the hot path publishes to the same few topics)."""
+    if isinstance(topic, bytes):
+        try:
+            topic = topic.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EncodeError(f"topic {topic!r} is not UTF-8") from None
+    check_topic_name(topic)
+    t = _utf8(topic, "topic")
+    return EncodedTopic(len(t).to_bytes(2, "big") + t)
+
+
+def publish_packet(topic: EncodedTopic, payload: bytes, qos: int = 0, packet_id: int = 0,
+                   retain: bool = False, dup: bool = False) -> bytes:
+    """One PUBLISH on a topic from `encode_topic`."""
+    if qos:
+        if qos != 1 and qos != 2:
+            raise EncodeError(f"QoS {qos!r} is not one of (0, 1, 2)")
+        if not 0 < packet_id <= 0xFFFF:
+            raise EncodeError(f"packet id {packet_id!r} is outside 1..65535")
+        n = len(topic) + 2 + len(payload)
+        tail = topic + bytes((packet_id >> 8, packet_id & 0xFF)) + payload
+    else:
+        if packet_id:
+            raise EncodeError("a QoS 0 PUBLISH has no packet id")
+        if dup:
+            raise EncodeError("a QoS 0 PUBLISH cannot be a duplicate (3.3.1.1)")
+        n = len(topic) + len(payload)
+        tail = topic + payload
+    first = 0x30 | (qos << 1) | (0x08 if dup else 0) | (0x01 if retain else 0)
+    if n < 0x80:
+        return bytes((first, n)) + tail
+    return bytes((first,)) + encode_remaining_length(n) + tail
+
+
 def encode_publish(
     topic: str | bytes,
     payload: bytes,
@@ -274,31 +313,8 @@ def encode_publish(
     retain: bool = False,
     dup: bool = False,
 ) -> bytes:
-    """One PUBLISH. `topic` may be given already UTF-8 encoded (the hot path publishes
-    to the same few topics); it is checked either way."""
-    if isinstance(topic, str):
-        check_topic_name(topic)
-        t = _utf8(topic, "topic")
-    else:
-        t = topic
-        try:
-            check_topic_name(t.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise EncodeError(f"topic {t!r} is not UTF-8") from None
-        if len(t) > 0xFFFF or b"\x00" in t:
-            raise EncodeError(f"topic {t!r} is too long or contains U+0000")
-    if qos:
-        _check_qos(qos)
-        _check_packet_id(packet_id)
-        head = len(t).to_bytes(2, "big") + t + packet_id.to_bytes(2, "big")
-    else:
-        if packet_id:
-            raise EncodeError("a QoS 0 PUBLISH has no packet id")
-        if dup:
-            raise EncodeError("a QoS 0 PUBLISH cannot be a duplicate (3.3.1.1)")
-        head = len(t).to_bytes(2, "big") + t
-    first = 0x30 | (qos << 1) | (0x08 if dup else 0) | (0x01 if retain else 0)
-    return bytes((first,)) + encode_remaining_length(len(head) + len(payload)) + head + payload
+    """One PUBLISH; `topic` as text or UTF-8 bytes, checked on every call."""
+    return publish_packet(encode_topic(topic), payload, qos, packet_id, retain, dup)
 
 
 def _ack(first: int, pid: int) -> bytes:
@@ -522,6 +538,10 @@ def _decode_body(first: int, body: bytes) -> Packet:
     kind = first >> 4
     if kind == 3:
         return _decode_publish(first, body)
+    if first == 0x40 and len(body) == 2:  # PUBACK, the other hot packet
+        pid = (body[0] << 8) | body[1]
+        if pid:
+            return PubAck(pid)
     if kind == 0 or kind == 15:
         raise _bad(ErrorCode.UNKNOWN_PACKET_TYPE, f"packet type {kind} is reserved")
     if first & 0x0F != _FLAGS[kind]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import ssl
 import time
@@ -47,7 +48,12 @@ def connect_packet(client_id: str, keepalive: int = 60, clean: bool = True) -> b
 
 
 def publish_packet(topic: bytes, payload: bytes, qos: int, pid: int) -> bytes:
-    return codec.encode_publish(topic, payload, qos, pid)
+    return codec.publish_packet(_topic(topic), payload, qos, pid)
+
+
+@functools.lru_cache(maxsize=4096)
+def _topic(topic: bytes) -> codec.EncodedTopic:
+    return codec.encode_topic(topic)
 
 
 class _Stream(asyncio.Protocol):
