@@ -282,7 +282,12 @@ class MqttClient:
                 assert self._loop is not None
                 waiter = self._loop.create_future()
                 self._window_waiters.append(waiter)
-                await waiter
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                        self._wake_one()  # the room it was given goes to the next in line
+                    raise
             else:
                 assert self._write_ok is not None
                 await self._write_ok.wait()
@@ -331,8 +336,9 @@ class MqttClient:
         return out
 
     async def disconnect(self, timeout: float = 5.0) -> None:
-        """Send DISCONNECT and close. In-flight QoS 1 messages fail with ConnectionLost
-        (code CONNECTION_LOST): the broker discards a clean session's state."""
+        """Send DISCONNECT and close. QoS 1 messages still awaiting their PUBACK fail with
+        ConnectionLost: whether the broker has them is unknown, so a caller that must
+        deliver them publishes them again (the relay's outbox does)."""
         self._closing = True
         transport = self._transport
         if transport is not None and not transport.is_closing():
@@ -534,6 +540,14 @@ class MqttClient:
             if self._transport is not None:
                 self._transport.pause_reading()
 
+    def _wake_one(self) -> None:
+        waiters = self._window_waiters
+        while waiters:
+            w = waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
     def _on_control(self, p: codec.Packet) -> None:
         if type(p) is codec.PubAck:
             fut = self._pending.pop(p.packet_id, None)
@@ -543,11 +557,8 @@ class MqttClient:
             self._inflight -= 1
             if not fut.done():
                 fut.set_result(None)
-            while self._window_waiters:
-                w = self._window_waiters.popleft()
-                if not w.done():
-                    w.set_result(None)
-                    break
+            if self._window_waiters:
+                self._wake_one()
         elif type(p) is codec.PingResp:
             self._ping_sent = None
         elif isinstance(p, codec.SubAck | codec.UnsubAck):

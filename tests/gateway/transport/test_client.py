@@ -26,6 +26,7 @@ from gateway.transport.errors import (
     NotConnected,
     PacketTooLarge,
     SubscribeRefused,
+    TransportError,
 )
 from tests.fixtures.broker import RunningBroker, make_pki, mqtt_client
 
@@ -163,6 +164,61 @@ def test_oversized_packet_from_the_broker_ends_the_connection_with_its_code(
     assert err is not None and err.code is ErrorCode.PACKET_TOO_LARGE
     assert isinstance(err.__cause__, PacketTooLarge) and err.__cause__.announced > 100_000
     assert raised is err
+
+
+def test_a_slow_consumer_stops_the_reading_and_loses_nothing(broker: RunningBroker) -> None:
+    n, bound, size = 1000, 20, 1000
+
+    async def main() -> tuple[int, int, list[bytes]]:
+        async with MqttClient(options(broker, max_queued=bound)) as client:
+            await client.subscribe(("torpor/+/up", 1))
+            async with MqttClient(options(broker, client_id="publisher")) as pub:
+                futs = [await pub.start_publish("torpor/node-9/up", b"%04d" % i + bytes(size))
+                        for i in range(n)]
+                # nobody reads: the client stops reading the socket once past its bound
+                await asyncio.sleep(0.5)
+                paused = client.queued
+                await asyncio.sleep(0.5)
+                still = client.queued
+                got: list[bytes] = []
+                async with asyncio.timeout(20):
+                    while len(got) < n:
+                        got += [m.payload[:4] for m in await client.receive(7)]
+                    await asyncio.gather(*futs)
+            return paused, still, got
+
+    paused, still, got = run(main)
+    # the read that crossed the bound is kept whole: at most 256 KiB of these messages
+    assert bound <= paused == still <= bound + 256 * 1024 // size
+    assert got == [b"%04d" % i for i in range(n)]
+
+
+def test_on_message_gets_every_message_as_it_is_read(broker: RunningBroker) -> None:
+    async def main() -> list[Publish]:
+        got: list[Publish] = []
+        done = asyncio.Event()
+
+        def on_message(m: Publish) -> None:
+            got.append(m)
+            if len(got) == 50:
+                done.set()
+
+        async with MqttClient(options(broker), on_message=on_message) as client:
+            await client.subscribe(("torpor/+/up", 1), ("torpor/+/status", 0))
+            async with MqttClient(options(broker, client_id="publisher")) as pub:
+                for i in range(25):
+                    await pub.publish("torpor/node-8/up", b"u%d" % i, qos=1)
+                    await pub.publish("torpor/node-8/status", b"s%d" % i, qos=0)
+                async with asyncio.timeout(10):
+                    await done.wait()
+            with pytest.raises(TransportError):
+                await client.receive()  # the callback has them, not the queue
+        return got
+
+    got = run(main)
+    ups = [m.payload for m in got if m.topic.endswith("/up")]
+    assert ups == [b"u%d" % i for i in range(25)]
+    assert {m.qos for m in got if m.topic.endswith("/status")} == {0}
 
 
 def test_persistent_session_keeps_subscriptions_and_messages(broker: RunningBroker) -> None:
