@@ -478,6 +478,32 @@ def _filter(raw: str, kind: str) -> str:
     return raw
 
 
+# A frozen dataclass's __init__ goes through object.__setattr__ once per field, which made
+# building the Publish cost as much as decoding it. The decoder fills the slots directly:
+# same class, same frozen instances, a third of the cost.
+_new = object.__new__
+_PUBLISH_SLOTS = tuple(Publish.__dict__[f].__set__ for f in Publish.__slots__)
+_PUBACK_ID = PubAck.__dict__["packet_id"].__set__
+
+
+def _publish(topic: str, payload: bytes, qos: int, retain: bool, dup: bool, pid: int) -> Publish:
+    p = _new(Publish)
+    s_topic, s_payload, s_qos, s_retain, s_dup, s_pid = _PUBLISH_SLOTS
+    s_topic(p, topic)
+    s_payload(p, payload)
+    s_qos(p, qos)
+    s_retain(p, retain)
+    s_dup(p, dup)
+    s_pid(p, pid)
+    return p
+
+
+def _puback(pid: int) -> PubAck:
+    p = _new(PubAck)
+    _PUBACK_ID(p, pid)
+    return p
+
+
 def _decode_publish(first: int, body: bytes) -> Publish:
     qos = (first >> 1) & 3
     if qos == 3:
@@ -496,10 +522,10 @@ def _decode_publish(first: int, body: bytes) -> Publish:
         pid = (body[end] << 8) | body[end + 1]
         if pid == 0:
             raise _bad(ErrorCode.BAD_PACKET_ID, "PUBLISH carries packet id 0")
-        return Publish(topic, body[end + 2:], qos, bool(first & 1), dup, pid)
+        return _publish(topic, body[end + 2:], qos, bool(first & 1), dup, pid)
     if dup:
         raise _bad(ErrorCode.BAD_FLAGS, "QoS 0 PUBLISH with the DUP flag")
-    return Publish(topic, body[end:], 0, bool(first & 1), False, 0)
+    return _publish(topic, body[end:], 0, bool(first & 1), False, 0)
 
 
 def _decode_connect(r: _Reader) -> Connect:
@@ -541,7 +567,7 @@ def _decode_body(first: int, body: bytes) -> Packet:
     if first == 0x40 and len(body) == 2:  # PUBACK, the other hot packet
         pid = (body[0] << 8) | body[1]
         if pid:
-            return PubAck(pid)
+            return _puback(pid)
     if kind == 0 or kind == 15:
         raise _bad(ErrorCode.UNKNOWN_PACKET_TYPE, f"packet type {kind} is reserved")
     if first & 0x0F != _FLAGS[kind]:
