@@ -94,24 +94,35 @@ class ClientOptions:
 class _Protocol(asyncio.Protocol):
     """Hands the transport's events to the client that made it."""
 
-    def __init__(self, client: MqttClient) -> None:
-        self.client = client
+    def __init__(
+        self,
+        made: Callable[[asyncio.Transport], None],
+        received: Callable[[bytes], None],
+        lost: Callable[[Exception | None], None],
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+    ) -> None:
+        self.made = made
+        self.received = received
+        self.lost = lost
+        self.pause = pause
+        self.resume = resume
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.client._made(transport)
+        self.made(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.client._received(data)
+        self.received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client._lost(exc)
+        self.lost(exc)
 
     def pause_writing(self) -> None:
-        self.client._pause_writing()
+        self.pause()
 
     def resume_writing(self) -> None:
-        self.client._resume_writing()
+        self.resume()
 
 
 class MqttClient:
@@ -187,7 +198,7 @@ class MqttClient:
             async with asyncio.timeout(o.connect_timeout):
                 try:
                     await loop.create_connection(
-                        lambda: _Protocol(self), o.host, o.port, ssl=o.ssl,
+                        self._protocol, o.host, o.port, ssl=o.ssl,
                         server_hostname=(o.server_hostname or o.host) if o.ssl else None,
                     )
                 except ssl.SSLError as exc:
@@ -366,6 +377,10 @@ class MqttClient:
         await self.disconnect()
 
     # --- internals: state -----------------------------------------------------------------
+
+    def _protocol(self) -> _Protocol:
+        return _Protocol(self._made, self._received, self._lost, self._pause_writing,
+                         self._resume_writing)
 
     def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = None

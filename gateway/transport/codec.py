@@ -548,7 +548,8 @@ def _decode_connect(r: _Reader) -> Connect:
             raise _bad(ErrorCode.BAD_QOS, "CONNECT's will has QoS 3")
         wtopic = r.string("will topic")
         if not wtopic or "+" in wtopic or "#" in wtopic:
-            raise _bad(ErrorCode.BAD_TOPIC, f"CONNECT's will topic {wtopic!r} is empty or has a wildcard")
+            raise _bad(ErrorCode.BAD_TOPIC,
+                       f"CONNECT's will topic {wtopic!r} is empty or has a wildcard")
         will = Will(wtopic, r.binary("will payload"), will_qos, bool(flags & 0x20))
     elif will_qos or flags & 0x20:
         raise _bad(ErrorCode.BAD_FLAGS, "CONNECT has will QoS or retain without a will")

@@ -65,13 +65,13 @@ class _Stream(asyncio.Protocol):
         try:
             self.decoder.feed(data)
             for packet in self.decoder:
-                self.conn._packet(packet)
+                self.conn.handle_packet(packet)
         except MalformedPacket as exc:
-            self.conn._lost(exc)
+            self.conn.handle_lost(exc)
             self.conn.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.conn._lost(exc)
+        self.conn.handle_lost(exc)
 
 
 class MqttConn:
@@ -112,7 +112,7 @@ class MqttConn:
                 return self._pid
         raise MqttError("no free packet id")
 
-    def _packet(self, packet: codec.Packet) -> None:
+    def handle_packet(self, packet: codec.Packet) -> None:
         if isinstance(packet, codec.Publish):
             if packet.qos:
                 assert self.transport is not None
@@ -129,7 +129,7 @@ class MqttConn:
         elif isinstance(packet, codec.ConnAck) and not self._connack.done():
             self._connack.set_result(packet.return_code)
 
-    def _lost(self, exc: Exception | None) -> None:
+    def handle_lost(self, exc: Exception | None) -> None:
         err = MqttError(f"connection lost: {exc}" if exc else "connection closed")
         if not self._connack.done():
             self._connack.set_exception(err)
