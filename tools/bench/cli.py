@@ -11,6 +11,7 @@ def register(sub: Any) -> None:
     from tools.bench import downlink, fuzz, node, protocol
     from tools.bench import gateway as gateway_bench
     from tools.bench import ota as ota_bench
+    from tools.bench import transport as transport_bench
 
     protocol.register(bsub)
     downlink.register(bsub)
@@ -18,3 +19,4 @@ def register(sub: Any) -> None:
     node.register(bsub)
     ota_bench.register(bsub)
     fuzz.register(bsub)
+    transport_bench.register(bsub)

@@ -1,7 +1,8 @@
 """Load generator for `torpor bench gateway`: many node identities over mutual TLS.
 
-A node is simulated by a small MQTT 3.1.1 client written on asyncio.Protocol (CONNECT,
-SUBSCRIBE, PUBLISH QoS 0/1, PUBACK both ways, DISCONNECT): a paho/aiomqtt client per
+A node is simulated by a small MQTT 3.1.1 client written on asyncio.Protocol and the
+gateway's own codec (CONNECT, SUBSCRIBE, PUBLISH QoS 0/1, PUBACK both ways, DISCONNECT),
+which writes each packet at once as a node does: a paho/aiomqtt client per
 identity costs more CPU than the broker it is meant to load, and the generator must not
 be what the benchmark measures. Workers run in their own processes (`worker()`), each
 with its own event loop, and report through a multiprocessing queue. Every wait has a
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import ssl
 import time
@@ -21,6 +23,8 @@ from typing import Any
 
 import gateway.proto as p
 from gateway import topics
+from gateway.transport import codec
+from gateway.transport.errors import MalformedPacket
 from tools.bench.protocol import workload
 
 CONNECT_TIMEOUT_S = 10.0
@@ -35,62 +39,39 @@ class MqttError(Exception):
     """The broker refused, closed the connection or did not answer in time."""
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
-
-
-def _utf8(s: str) -> bytes:
-    b = s.encode()
-    return len(b).to_bytes(2, "big") + b
+# Every byte goes through the gateway's own MQTT codec: one encoder for the project.
+MAX_PACKET = codec.max_publish_packet(p.MAX_FRAME, 256)
 
 
 def connect_packet(client_id: str, keepalive: int = 60, clean: bool = True) -> bytes:
-    body = b"\x00\x04MQTT\x04" + bytes([0x02 if clean else 0]) + keepalive.to_bytes(2, "big")
-    body += _utf8(client_id)
-    return b"\x10" + _remaining_length(len(body)) + body
+    return codec.encode_connect(codec.Connect(client_id, keepalive, clean))
 
 
 def publish_packet(topic: bytes, payload: bytes, qos: int, pid: int) -> bytes:
-    head = len(topic).to_bytes(2, "big") + topic + (pid.to_bytes(2, "big") if qos else b"")
-    return bytes([0x30 | (qos << 1)]) + _remaining_length(len(head) + len(payload)) + head + payload
+    return codec.publish_packet(_topic(topic), payload, qos, pid)
+
+
+@functools.lru_cache(maxsize=4096)
+def _topic(topic: bytes) -> codec.EncodedTopic:
+    return codec.encode_topic(topic)
 
 
 class _Stream(asyncio.Protocol):
     def __init__(self, conn: MqttConn) -> None:
         self.conn = conn
-        self.buf = bytearray()
+        self.decoder = codec.Decoder(MAX_PACKET)
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        pos, n = 0, len(buf)
-        while n - pos >= 2:
-            length, mult, i = 0, 1, pos + 1
-            while True:
-                if i >= n:
-                    length = -1
-                    break
-                b = buf[i]
-                length += (b & 0x7F) * mult
-                i += 1
-                if not b & 0x80:
-                    break
-                mult <<= 7
-            if length < 0 or n - i < length:
-                break
-            self.conn._packet(buf[pos], bytes(buf[i:i + length]))
-            pos = i + length
-        if pos:
-            del buf[:pos]
+        try:
+            self.decoder.feed(data)
+            for packet in self.decoder:
+                self.conn.handle_packet(packet)
+        except MalformedPacket as exc:
+            self.conn.handle_lost(exc)
+            self.conn.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.conn._lost(exc)
+        self.conn.handle_lost(exc)
 
 
 class MqttConn:
@@ -131,30 +112,24 @@ class MqttConn:
                 return self._pid
         raise MqttError("no free packet id")
 
-    def _packet(self, head: int, body: bytes) -> None:
-        kind = head & 0xF0
-        if kind == 0x30:
-            qos = (head >> 1) & 3
-            tlen = int.from_bytes(body[:2], "big")
-            topic = body[2:2 + tlen].decode()
-            off = 2 + tlen
-            if qos:
+    def handle_packet(self, packet: codec.Packet) -> None:
+        if isinstance(packet, codec.Publish):
+            if packet.qos:
                 assert self.transport is not None
-                self.transport.write(b"\x40\x02" + body[off:off + 2])
-                off += 2
+                self.transport.write(codec.encode_puback(packet.packet_id))
             if self.on_message is not None:
-                self.on_message(topic, body[off:], time.monotonic())
-        elif kind in (0x40, 0x90):  # PUBACK, SUBACK
-            fut = self._waiting.pop(int.from_bytes(body[:2], "big"), None)
+                self.on_message(packet.topic, packet.payload, time.monotonic())
+        elif isinstance(packet, codec.PubAck | codec.SubAck):
+            fut = self._waiting.pop(packet.packet_id, None)
             if fut is not None and not fut.done():
-                if kind == 0x90 and body[2:3] == b"\x80":
+                if isinstance(packet, codec.SubAck) and codec.SUBACK_FAILURE in packet.return_codes:
                     fut.set_exception(MqttError("subscription refused"))
                 else:
                     fut.set_result(None)
-        elif kind == 0x20 and not self._connack.done():
-            self._connack.set_result(body[1])
+        elif isinstance(packet, codec.ConnAck) and not self._connack.done():
+            self._connack.set_result(packet.return_code)
 
-    def _lost(self, exc: Exception | None) -> None:
+    def handle_lost(self, exc: Exception | None) -> None:
         err = MqttError(f"connection lost: {exc}" if exc else "connection closed")
         if not self._connack.done():
             self._connack.set_exception(err)
@@ -194,13 +169,12 @@ class MqttConn:
         pid = self._next_pid()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[pid] = fut
-        body = pid.to_bytes(2, "big") + _utf8(topic) + bytes([qos])
-        self.transport.write(b"\x82" + _remaining_length(len(body)) + body)
+        self.transport.write(codec.encode_subscribe(codec.Subscribe(pid, ((topic, qos),))))
         return fut
 
     async def disconnect(self, timeout: float = 2.0) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"\xe0\x00")
+            self.transport.write(codec.DISCONNECT_BYTES)
             self.transport.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.closed), timeout)
