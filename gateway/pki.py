@@ -142,6 +142,20 @@ def write_private(path: Path, data: bytes) -> None:
         raise
 
 
+def private_dir(path: Path, *, within: Path | None = None) -> Path:
+    """Create `path` and any missing parents below `within` mode 0700 (mkdir's `mode`
+    applies to the last level only, the parents would get the umask's 0755)."""
+    missing: list[Path] = []
+    here = path
+    while not here.exists() and here != within and here != here.parent:
+        missing.append(here)
+        here = here.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)  # the umask may have taken bits off the mode
+    return path
+
+
 def write_public(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
@@ -230,8 +244,8 @@ class Pki:
         """Create the fleet CA (ECDSA P-256, pathlen 0) and an empty CRL."""
         if self.ca_pem.exists() or self.ca_key.exists():
             raise PkiError(f"a CA already exists in {self.path}; use a new directory for a new fleet")
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.ca_key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.path)
+        private_dir(self.ca_key_dir)
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_CN)])
         now = _now()
@@ -350,7 +364,9 @@ class Pki:
             raise PkiError(f"{device_id!r} is the name of the gateway or broker certificate")
         cert, key = self._issue(device_id, days, ExtendedKeyUsageOID.CLIENT_AUTH)
         folder = self.path / "devices" / device_id / format(cert.serial_number, "x")
-        folder.mkdir(parents=True, mode=0o700)
+        if folder.exists():
+            raise PkiError(f"{folder} already exists")
+        private_dir(folder, within=self.path)
         creds = DeviceCredentials(
             device_id=device_id,
             serial=cert.serial_number,

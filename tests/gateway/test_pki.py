@@ -202,3 +202,34 @@ def test_cli_missing_offline_key(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert torpor(["pki", "gateway", *d]) == 2
     assert "--ca-key-dir" in capsys.readouterr().err
     assert torpor(["pki", "gateway", *d, "--ca-key-dir", str(tmp_path / "usb")]) == 0
+
+
+@pytest.mark.parametrize("flags", [
+    ["--san", "localhost", "--san", "127.0.0.1", "--san", "gw.lan"],
+    ["--san", "localhost,127.0.0.1,gw.lan"],
+    ["--san", "localhost,127.0.0.1", "--san", "gw.lan"],
+])
+def test_server_san_takes_repeated_flags_and_comma_lists(tmp_path: Path, flags: list[str]) -> None:
+    d = str(tmp_path / "pki")
+    assert torpor(["pki", "init", "--dir", d]) == 0
+    assert torpor(["pki", "server", "--dir", d, *flags]) == 0
+    sans = _cert(Pki(d).server.cert_pem).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost", "gw.lan"]
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+
+
+def test_pki_commands_leave_private_files(tmp_path: Path) -> None:
+    """Keys 0600, the rest no more than 0644, in 0700 folders, after every `pki` command."""
+    d = tmp_path / "pki"
+    for argv in (["init"], ["server"], ["gateway"], ["device", "n1"], ["revoke", "n1"],
+                 ["crl"]):
+        assert torpor(["pki", *argv[:1], *argv[1:], "--dir", str(d)]) == 0, argv
+        for path in [d, *d.rglob("*")]:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if path.is_dir():
+                assert mode == 0o700, (argv, path, oct(mode))
+            elif path.suffix in (".key",) or path.name in ("key.pem", "key.der"):
+                assert mode == 0o600, (argv, path, oct(mode))
+            else:
+                assert mode & 0o133 == 0, (argv, path, oct(mode))
