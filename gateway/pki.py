@@ -28,11 +28,16 @@ from gateway.errors import PkiError
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["ca", "server", "gateway", "device"]
+Kind = Literal["ca", "server", "gateway", "control", "device"]
 
-DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+DEVICE_ID_MAX = 32
+DEVICE_ID_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{DEVICE_ID_MAX}}}")
 DEFAULT_GATEWAY_CN = "torpor-gateway"
 DEFAULT_SERVER_CN = "torpor-broker"
+# The gateway's short control connections (health probes, cutting a session) have their own
+# identity: the broker makes every client id its certificate's CN, so they would otherwise
+# replace the gateway's persistent session (see gateway.broker).
+DEFAULT_CONTROL_CN = "torpor-control"
 CA_CN = "Torpor fleet CA"
 CA_DAYS = 3650
 SERVER_DAYS = 825
@@ -225,6 +230,15 @@ class Pki:
     def gateway(self) -> Credentials:
         return self._creds("gateway")
 
+    @property
+    def control(self) -> Credentials:
+        """The gateway's control identity (probes, the broker's control API)."""
+        return self._creds("control")
+
+    @property
+    def has_control(self) -> bool:
+        return (self.path / "control.pem").exists()
+
     def _creds(self, kind: Kind) -> Credentials:
         cert = self.path / f"{kind}.pem"
         if not cert.exists():
@@ -339,15 +353,31 @@ class Pki:
         self._write_pair("server", cert, key)
         return self.server
 
-    def issue_gateway(self, cn: str = DEFAULT_GATEWAY_CN, days: int = GATEWAY_DAYS) -> Credentials:
-        """The gateway service's client certificate; its CN is its broker username."""
+    def issue_gateway(self, cn: str = DEFAULT_GATEWAY_CN, days: int = GATEWAY_DAYS,
+                      control_cn: str = DEFAULT_CONTROL_CN) -> Credentials:
+        """The gateway service's client certificate; its CN is its broker username and
+        client id. Also issues the gateway's control certificate (`control_cn`)."""
         validate_device_id(cn)
-        clash = [r for r in self.list() if r.kind == "device" and r.cn == cn]
-        if clash:
-            raise PkiError(f"{cn!r} is already a device id; choose another gateway name")
+        validate_device_id(control_cn)
+        if cn == control_cn:
+            raise PkiError(f"the gateway and its control identity need different names, not {cn!r}")
+        devices = {r.cn for r in self.list() if r.kind == "device"}
+        for name in (cn, control_cn):
+            if name in devices:
+                raise PkiError(f"{name!r} is already a device id; choose another gateway name")
         cert, key = self._issue(cn, days, ExtendedKeyUsageOID.CLIENT_AUTH)
         self._write_pair("gateway", cert, key)
+        self.issue_control(control_cn, days)
         return self.gateway
+
+    def issue_control(self, cn: str = DEFAULT_CONTROL_CN, days: int = GATEWAY_DAYS) -> Credentials:
+        """The certificate of the gateway's control connections (see DEFAULT_CONTROL_CN)."""
+        validate_device_id(cn)
+        if any(r.kind == "device" and r.cn == cn for r in self.list()):
+            raise PkiError(f"{cn!r} is already a device id; choose another control name")
+        cert, key = self._issue(cn, days, ExtendedKeyUsageOID.CLIENT_AUTH)
+        self._write_pair("control", cert, key)
+        return self.control
 
     def _write_pair(self, kind: Kind, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
         write_private(self.path / f"{kind}.key", _key_pem(key))
@@ -359,7 +389,8 @@ class Pki:
         """Issue a certificate whose subject CN is `device_id`. Earlier certificates of the
         same device stay valid until revoked (this is also how a rotation works)."""
         validate_device_id(device_id)
-        reserved = {r.cn for r in self.list() if r.kind in ("gateway", "server")}
+        reserved = {r.cn for r in self.list() if r.kind in ("gateway", "control", "server")}
+        reserved |= {DEFAULT_GATEWAY_CN, DEFAULT_CONTROL_CN}
         if device_id in reserved:
             raise PkiError(f"{device_id!r} is the name of the gateway or broker certificate")
         cert, key = self._issue(device_id, days, ExtendedKeyUsageOID.CLIENT_AUTH)

@@ -65,11 +65,15 @@ def test_rendered_config(broker: RunningBroker) -> None:
     assert conf.count("\nlistener ") == 1 and f"listener {broker.port} 127.0.0.1" in conf
     for expected in ("require_certificate true", "use_identity_as_username true",
                      "allow_anonymous false", "set_tcp_nodelay true", "tls_version tlsv1.2",
-                     "max_queued_messages 100000", "persistence false", "log_dest stderr"):
+                     "max_queued_messages 100000", "persistence true", "log_dest stderr",
+                     "use_username_as_clientid true",
+                     f"max_packet_size {gwbroker.MAX_PACKET_SIZE}"):
         assert expected in conf
     assert lines["crlfile"].endswith("crl.pem") and lines["cafile"].endswith("ca.pem")
     acl = (broker.config_path.parent / "acl").read_text()
     assert "user torpor-gateway\ntopic readwrite #\n" in acl
+    if broker.settings.dynsec_plugin:
+        assert f"user torpor-control\ntopic readwrite {gwbroker.CONTROL_TOPIC}/#\n" in acl
     assert "pattern readwrite torpor/%u/#" in acl
 
 
