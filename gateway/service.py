@@ -277,10 +277,20 @@ class Service:
             nodelay(client)
             self.mqtt_connected = True
             log.info("connected to the broker at %s:%d", self.cfg.mqtt_host, self.cfg.mqtt_port)
+            # `torpor gateway status` reads the status row: say so now, not at the next tick
+            # (it said "disconnected" for up to status_interval_s after the log said connected).
+            self._status_now()
             try:
                 await self.ingest.run(client)
             finally:
                 self.mqtt_connected = False
+                self._status_now()
+
+    def _status_now(self) -> None:
+        """Write the status row on the writer thread without waiting for it."""
+        if self.writer is not None and not self._stop.is_set():
+            future = self.writer.submit(self._write_status, "running")
+            future.add_done_callback(_log_status_failure)
 
     def _notify_relay(self, items: list[Queued]) -> None:
         if self.relay is not None:
@@ -336,6 +346,11 @@ class Service:
                 (os.getpid(), self._started, now, state, self.cfg.gateway.status_interval_s,
                  json.dumps(detail, default=str)),
             )
+
+
+def _log_status_failure(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("could not write the gateway status: %s", future.exception())
 
 
 def run(cfg: GatewayConfig, *, on_hello: HelloHook = no_downlink) -> None:
