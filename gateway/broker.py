@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import getpass
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +33,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cryptography import x509
 
 from gateway import proto
 from gateway.errors import BrokerError
@@ -310,6 +314,77 @@ async def async_mqtt_probe(host: str, port: int, ctx: ssl.SSLContext, timeout: f
     return await asyncio.wait_for(probe(), timeout)
 
 
+# --- the broker's complaints -----------------------------------------------------------
+
+# Mosquitto's stderr carries no level: these are the words of its errors and warnings
+# ("Error: ...", "OpenSSL Error[0]: ...", "Warning: ...", "Unable to ...", "... failed: ...",
+# "Client x already connected, closing old connection.", "... disconnected due to ...").
+_PROBLEM = re.compile(r"\b(error|warning|unable|failed|denied|refused|already connected|"
+                      r"due to|out of memory|oversize)\b", re.IGNORECASE)
+_NOISE = re.compile(r"^\S+: |\d+(\.\d+){3}(:\d+)?|\[[0-9a-f:]+\](:\d+)?")
+
+
+def is_broker_problem(line: str) -> bool:
+    """A Mosquitto log line that an operator must see (logged at warning level)."""
+    return bool(_PROBLEM.search(line))
+
+
+class _Repeats:
+    """The same complaint (addresses and time aside) is logged once per `every_s`, with a
+    count of what was held back: a device retrying with a bad certificate must not drown
+    the log, nor hide everything else."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self.every_s = every_s
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def admit(self, line: str) -> int | None:
+        key = _NOISE.sub("", line)
+        now = time.monotonic()
+        last, held = self._seen.get(key, (-1e9, 0))
+        if now - last < self.every_s:
+            self._seen[key] = (last, held + 1)
+            return None
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        return held
+
+
+def credential_problems(pki: Pki, now: dt.datetime | None = None) -> list[str]:
+    """What makes the broker refuse every client although it runs: an expired CRL (OpenSSL
+    then fails every handshake with only "certificate verify failed"), an expired or not
+    yet valid CA, server or gateway certificate."""
+    now = now or dt.datetime.now(dt.UTC)
+    found: list[str] = []
+    try:
+        crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        found.append(f"the CRL {pki.crl_path} cannot be read ({exc})")
+    else:
+        nxt = crl.next_update_utc
+        if nxt is not None and nxt <= now:
+            found.append(
+                f"the CRL {pki.crl_path} expired on {nxt:%Y-%m-%d %H:%M} UTC, so the broker "
+                f"refuses every certificate: run `torpor pki crl --dir {pki.path}` "
+                "(with the CA key) and start again")
+    for label, path in (("CA", pki.ca_pem), ("server", pki.path / "server.pem"),
+                        ("gateway", pki.path / "gateway.pem"),
+                        ("control", pki.path / "control.pem")):
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError):
+            found.append(f"the {label} certificate {path} is missing or unreadable")
+            continue
+        if cert.not_valid_after_utc <= now:
+            found.append(f"the {label} certificate {path} expired on "
+                         f"{cert.not_valid_after_utc:%Y-%m-%d} UTC")
+        elif cert.not_valid_before_utc > now:
+            found.append(f"the {label} certificate {path} is valid only from "
+                         f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (is the clock right?)")
+    return found
+
+
 # --- the supervisor ---------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -353,6 +428,7 @@ class BrokerSupervisor:
         self._stopping = False
         self._backoff = _Backoff()
         self.restarts = 0
+        self.last_probe_error = ""
 
     @property
     def pid(self) -> int | None:
@@ -379,18 +455,26 @@ class BrokerSupervisor:
 
     async def _read_logs(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
+        limiter = _Repeats()
         while line := await proc.stderr.readline():
             text = line.decode(errors="replace").rstrip()
             self.logs.append(text)
             if self._on_log:
                 self._on_log(text)
-            log.debug("mosquitto: %s", text)
+            if is_broker_problem(text):
+                repeated = limiter.admit(text)
+                if repeated is not None:
+                    log.warning("mosquitto: %s%s", text,
+                                f" (and {repeated} more like it)" if repeated else "")
+            else:
+                log.debug("mosquitto: %s", text)
 
     async def healthy(self, timeout: float = 3.0) -> bool:
         try:
             ctx = client_ssl_context(self.pki)
             return await async_mqtt_probe(self.settings.host, self.settings.port, ctx, timeout) == 0
-        except (TimeoutError, OSError, ssl.SSLError, asyncio.IncompleteReadError):
+        except (TimeoutError, OSError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
+            self.last_probe_error = f"{type(exc).__name__}: {exc}"
             return False
 
     async def wait_healthy(self, timeout: float = 10.0) -> None:
@@ -405,9 +489,14 @@ class BrokerSupervisor:
             if await self.healthy(timeout=2.0):
                 return
             await asyncio.sleep(0.1)
+        causes = credential_problems(self.pki)
+        seen = [line for line in self.logs if is_broker_problem(line)][-3:]
         raise BrokerError(
             f"broker at {self.settings.host}:{self.settings.port} did not accept an mTLS "
-            f"connection within {timeout:.0f}s; check its log and the certificates in {self.pki.path}"
+            f"connection within {timeout:.0f}s: "
+            + ("; ".join(causes) if causes else "no expired credential found")
+            + (f"; last probe: {self.last_probe_error}" if self.last_probe_error else "")
+            + (f"; mosquitto said: {' | '.join(seen)}" if seen else "")
         )
 
     async def _watchdog(self) -> None:

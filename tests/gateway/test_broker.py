@@ -335,3 +335,89 @@ def test_micropython_mtls_handshake_with_der(broker: RunningBroker, pki: Pki, ke
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "CONNACK 32 0" in proc.stdout
     assert "as node-1 (p2, c1, k60, u'node-1')" in broker.logs
+
+
+def test_expired_crl_is_named_and_broker_errors_reach_the_log_as_warnings(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With an expired CRL Mosquitto runs but fails every handshake with only "certificate
+    verify failed", at its own error level: the supervisor names the cause, and Mosquitto's
+    errors reach the gateway's log at warning level (once per kind, not once per client)."""
+    pki.write_crl(days=0)  # next update: now
+    time.sleep(1.1)
+    settings = gwbroker.BrokerSettings(port=free_port())
+    sup = gwbroker.BrokerSupervisor(pki, tmp_path / "broker", settings)
+
+    async def main() -> str:
+        try:
+            await sup.start(timeout=3.0)
+        except gwbroker.BrokerError as exc:
+            return str(exc)
+        finally:
+            await sup.stop()
+        raise AssertionError("the broker accepted the gateway with an expired CRL")
+
+    with caplog.at_level("DEBUG", logger="gateway.broker"):
+        message = asyncio.run(main())
+    assert "CRL" in message and "expired on" in message and "torpor pki crl" in message, message
+    warned = [r.getMessage() for r in caplog.records
+              if r.name == "gateway.broker" and r.levelname == "WARNING"]
+    assert any("certificate verify failed" in w for w in warned), warned
+    # Many probes failed the same way; a few warnings say so, not one per probe.
+    probes = sum("certificate verify failed" in line for line in sup.logs)
+    assert probes > len([w for w in warned if "certificate verify failed" in w]), (probes, warned)
+
+
+def test_broker_problem_lines() -> None:
+    for line in ("2026-01-01T00:00:00: OpenSSL Error[0]: error:0A000086:SSL routines::"
+                 "certificate verify failed",
+                 "2026-01-01T00:00:00: Error: Unable to open log file",
+                 "2026-01-01T00:00:00: Client n1 disconnected due to oversize packet."):
+        assert gwbroker.is_broker_problem(line), line
+    for line in ("2026-01-01T00:00:00: New connection from 127.0.0.1:5 on port 8883.",
+                 "2026-01-01T00:00:00: Client n1 disconnected.",
+                 "2026-01-01T00:00:00: mosquitto version 2.0.11 running"):
+        assert not gwbroker.is_broker_problem(line), line
+
+
+def test_packet_size_bound_follows_the_spec_and_larger_publishes_are_refused(
+    broker: RunningBroker, pki: Pki
+) -> None:
+    """The largest frame on the longest topic goes through; a larger PUBLISH closes the
+    sender's connection and reaches nobody (mosquitto_pub, which Torpor shares no code with)."""
+    import shutil
+    import subprocess
+
+    from gateway import proto
+
+    if shutil.which("mosquitto_pub") is None:
+        pytest.skip("mosquitto-clients is not installed (`make mosquitto`)")
+    assert gwbroker.MAX_PACKET_SIZE == proto.MAX_FRAME + gwbroker.MAX_TOPIC + gwbroker.MQTT_OVERHEAD
+    longest = "d" * 32
+    dev = pki.issue_device(longest)
+    topic = f"torpor/{longest}/status"
+    assert len(topic) == gwbroker.MAX_TOPIC
+
+    def pub(payload: Path) -> int:
+        return subprocess.run(
+            ["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "--cafile",
+             str(pki.ca_pem), "--cert", str(dev.cert_pem), "--key", str(dev.key_pem),
+             "-i", longest, "-t", topic, "-q", "1", "-f", str(payload)],
+            capture_output=True, timeout=30).returncode
+
+    largest = pki.path / "largest.bin"
+    largest.write_bytes(b"\x01" * proto.MAX_FRAME)
+    larger = pki.path / "larger.bin"
+    larger.write_bytes(b"\x02" * gwbroker.MAX_PACKET_SIZE)
+
+    async def main() -> tuple[list[bytes], int, int]:
+        async with mqtt_client(broker) as gw:
+            await gw.subscribe(topic, qos=1)
+            ok = await asyncio.to_thread(pub, largest)
+            bad = await asyncio.to_thread(pub, larger)
+            got = [p for _, p in await _drain(gw, 1.0)]
+        return got, ok, bad
+
+    got, ok, bad = asyncio.run(main())
+    assert ok == 0 and bad != 0, (ok, bad)
+    assert got == [b"\x01" * proto.MAX_FRAME]
