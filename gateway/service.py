@@ -244,6 +244,9 @@ class Service:
             os.environ["PATH"] = f"{Path(b.mosquitto).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.broker = gwbroker.BrokerSupervisor(
             Pki(self.cfg.pki_dir), self.cfg.broker_config_dir, settings)
+        if self.conn is not None:  # quarantined devices are refused from the start
+            self.broker.refused = frozenset(
+                d.id for d in registry.list_devices(self.conn, registry.QUARANTINED))
         await self.broker.start()
 
     def _tls(self) -> ssl.SSLContext:
@@ -302,6 +305,22 @@ class Service:
         while True:
             await asyncio.sleep(interval)
             await self.writer.run(self._status_tick)
+            await self._refuse_quarantined()
+
+    async def _refuse_quarantined(self) -> None:
+        """The supervised broker refuses service to quarantined devices (gateway.broker):
+        whoever quarantined or released one (ingest, `torpor device release`), the registry
+        says so and this follows within a status interval."""
+        broker = self.broker
+        if broker is None or broker.external or self.writer is None or self.conn is None:
+            return
+        conn = self.conn
+        wanted = await self.writer.run(
+            lambda: {d.id for d in registry.list_devices(conn, registry.QUARANTINED)})
+        try:
+            await broker.set_refused(wanted)
+        except (GatewayError, OSError) as exc:
+            log.warning("could not make the broker refuse quarantined devices: %s", exc)
 
     def _status_tick(self) -> None:
         assert self.conn is not None

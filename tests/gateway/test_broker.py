@@ -421,3 +421,49 @@ def test_packet_size_bound_follows_the_spec_and_larger_publishes_are_refused(
     got, ok, bad = asyncio.run(main())
     assert ok == 0 and bad != 0, (ok, bad)
     assert got == [b"\x01" * proto.MAX_FRAME]
+
+
+def test_supervisor_refuses_service_to_quarantined_devices(pki: Pki, tmp_path: Path) -> None:
+    """Mosquitto 2.0 cannot refuse a certificate-identified client's connection short of
+    revocation, so a quarantined device's session is cut and, when it comes back, nothing
+    it publishes gets through and nothing reaches it, until it is released."""
+    settings = gwbroker.BrokerSettings(port=free_port())
+    node = pki.issue_device("n1")
+    sup = gwbroker.BrokerSupervisor(pki, tmp_path / "broker", settings)
+
+    class Broker:  # what mqtt_client needs of a broker
+        host, port, tls = settings.host, settings.port, True
+
+    Broker.pki = pki  # type: ignore[attr-defined]
+
+    async def round_trip(gw: aiomqtt.Client, payload: bytes) -> tuple[bool, bool]:
+        """(the gateway got n1's publish, n1 got the gateway's)"""
+        async with mqtt_client(Broker, node) as c:  # type: ignore[arg-type]
+            await c.subscribe("torpor/n1/down", qos=1)
+            await c.publish("torpor/n1/up", payload, qos=1)
+            await gw.publish("torpor/n1/down", payload, qos=1)
+            up = [p for _, p in await _drain(gw, 0.7)]
+            down = [p for _, p in await _drain(c, 0.7)]
+        return payload in up, payload in down
+
+    async def main() -> None:
+        await sup.start()
+        try:
+            async with mqtt_client(Broker) as gw:  # type: ignore[arg-type]
+                await gw.subscribe("torpor/+/up", qos=1)
+                assert await round_trip(gw, b"before") == (True, True)
+                async with mqtt_client(Broker, node) as live:  # type: ignore[arg-type]
+                    await live.subscribe("torpor/n1/down", qos=1)
+                    assert await sup.set_refused({"n1"}) == {"n1"}
+                    with pytest.raises(aiomqtt.MqttError):  # its live session was cut
+                        async with asyncio.timeout(3):
+                            await _drain(live, 3.0)
+                            await live.publish("torpor/n1/up", b"x", qos=1)
+                assert await round_trip(gw, b"quarantined") == (False, False)
+                assert await sup.set_refused(set()) == set()
+                assert await round_trip(gw, b"released") == (True, True)
+        finally:
+            await sup.stop()
+
+    asyncio.run(main())
+    assert "user n1\ntopic deny #" not in (tmp_path / "broker" / "acl").read_text()

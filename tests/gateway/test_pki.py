@@ -140,7 +140,8 @@ def test_list_shows_every_certificate(pki: Pki) -> None:
     pki.revoke("node-2")
     rows = {(r.kind, r.cn): r for r in pki.list()}
     assert set(rows) == {("ca", "Torpor fleet CA"), ("server", "torpor-broker"),
-                         ("gateway", "torpor-gateway"), ("device", "node-1"), ("device", "node-2")}
+                         ("gateway", "torpor-gateway"), ("control", "torpor-control"),
+                         ("device", "node-1"), ("device", "node-2")}
     assert rows[("device", "node-2")].revoked_at is not None
     assert rows[("device", "node-1")].revoked_at is None
 
@@ -154,7 +155,7 @@ def test_offline_ca_key_dir(tmp_path: Path) -> None:
     with pytest.raises(PkiError, match="--ca-key-dir"):
         Pki(tmp_path / "pki").issue_device("node-1")
     # ...but listing still works.
-    assert len(Pki(tmp_path / "pki").list()) == 2
+    assert len(Pki(tmp_path / "pki").list()) == 3  # CA, gateway and its control certificate
 
 
 def test_init_twice_refused(pki: Pki) -> None:
@@ -233,3 +234,12 @@ def test_pki_commands_leave_private_files(tmp_path: Path) -> None:
                 assert mode == 0o600, (argv, path, oct(mode))
             else:
                 assert mode & 0o133 == 0, (argv, path, oct(mode))
+
+
+def test_gateway_and_control_names_are_never_device_ids(pki: Pki) -> None:
+    """The broker makes every client id its certificate's CN: a device named like the
+    gateway or its control identity would share their sessions."""
+    assert pki.control.cn == "torpor-control" and pki.gateway.cn == "torpor-gateway"
+    for name in ("torpor-gateway", "torpor-control"):
+        with pytest.raises(PkiError, match="name of the gateway"):
+            pki.issue_device(name)
