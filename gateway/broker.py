@@ -219,10 +219,11 @@ def private_folder(folder: Path) -> Path:
 
 def write_config(
     settings: BrokerSettings, pki: Pki, folder: Path, *, extra: str = "",
-    refused: Iterable[str] = (),
+    refused: Iterable[str] = (), extra_acl: str = "",
 ) -> Path:
     """Write mosquitto.conf and its ACL (and the dynsec state file if used) into `folder`,
-    every file 0600 in a 0700 folder."""
+    every file 0600 in a 0700 folder. `extra_acl` goes at the ACL's end (benchmarks give
+    an observer of their own read access there)."""
     private_folder(folder)
     if not pki.has_control:
         raise BrokerError(
@@ -231,7 +232,7 @@ def write_config(
     control = pki.control.cn
     acl = folder / ACL_NAME
     write_private_text(acl, render_acl(pki.gateway.cn, control if settings.dynsec_plugin else None,
-                                       refused))
+                                       refused) + extra_acl)
     if settings.dynsec_plugin:
         write_dynsec_state(folder / DYNSEC_NAME, control)
     persisted = folder / PERSISTENCE_NAME
