@@ -560,6 +560,15 @@ class BrokerSupervisor:
             raise BrokerError("mosquitto is not running")
         os.kill(self.pid, signal.SIGHUP)
 
+    def save(self) -> bool:
+        """SIGUSR1: mosquitto writes its persistence file now (the gateway's session and
+        subscription), so that even a crash of the broker restores them. False when there
+        is no child to signal."""
+        if self.external or self.pid is None or not self.settings.persistence:
+            return False
+        os.kill(self.pid, signal.SIGUSR1)
+        return True
+
     async def set_refused(self, devices: Iterable[str]) -> frozenset[str]:
         """Make the broker refuse service to exactly `devices` (the quarantined ones):
         rewrite the ACL, reload it, and cut the live sessions of the newly refused so they

@@ -141,6 +141,7 @@ class Service:
         self.broker: Any = None
         self.relay: Any = None
         self.mqtt_connected = False
+        self._session_saved = False
         self.restarts: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._started = time.time()
@@ -306,6 +307,17 @@ class Service:
             await asyncio.sleep(interval)
             await self.writer.run(self._status_tick)
             await self._refuse_quarantined()
+            self._save_session()
+
+    def _save_session(self) -> None:
+        """Once per connection, a status interval after it (its subscription is made by
+        then), the supervised broker writes the gateway's session to its persistence file:
+        a broker crash then restores it, and frames sent before the gateway is back wait."""
+        if not self.mqtt_connected:
+            self._session_saved = False
+        elif not self._session_saved and self.broker is not None:
+            self._session_saved = True
+            self.broker.save()
 
     async def _refuse_quarantined(self) -> None:
         """The supervised broker refuses service to quarantined devices (gateway.broker):

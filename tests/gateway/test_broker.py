@@ -467,3 +467,46 @@ def test_supervisor_refuses_service_to_quarantined_devices(pki: Pki, tmp_path: P
 
     asyncio.run(main())
     assert "user n1\ntopic deny #" not in (tmp_path / "broker" / "acl").read_text()
+
+
+def test_the_gateway_session_survives_a_broker_crash_once_saved(pki: Pki, tmp_path: Path) -> None:
+    """The service asks the supervised broker to save its persistence file once the gateway
+    is subscribed; after a SIGKILL and the supervisor's restart, a node's frame published
+    before the gateway is back waits in the gateway's session."""
+    settings = gwbroker.BrokerSettings(port=free_port())
+    node = pki.issue_device("n1")
+    sup = gwbroker.BrokerSupervisor(pki, tmp_path / "broker", settings)
+
+    class Broker:  # what mqtt_client needs of a broker
+        host, port, tls = settings.host, settings.port, True
+
+    Broker.pki = pki  # type: ignore[attr-defined]
+
+    async def main() -> list[bytes]:
+        await sup.start()
+        try:
+            async with mqtt_client(Broker, clean_session=False) as gw:  # type: ignore[arg-type]
+                await gw.subscribe("torpor/+/up", qos=1)
+                assert sup.save()
+                saved = tmp_path / "broker" / gwbroker.PERSISTENCE_NAME
+                async with asyncio.timeout(5):  # mosquitto logs first, then writes
+                    while not saved.exists():
+                        await asyncio.sleep(0.05)
+                pid = sup.pid
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                async with asyncio.timeout(15):
+                    while sup.restarts == 0:
+                        await asyncio.sleep(0.05)
+                async with mqtt_client(Broker, node) as c:  # type: ignore[arg-type]
+                    await c.publish("torpor/n1/up", b"while away", qos=1)
+        except aiomqtt.MqttError:
+            pass  # the gateway's connection went with the broker
+        try:
+            async with mqtt_client(Broker, clean_session=False) as gw:  # type: ignore[arg-type]
+                return [p for _, p in await _drain(gw, 1.5)]
+        finally:
+            await sup.stop()
+
+    got = asyncio.run(main())
+    assert got == [b"while away"], "\n".join(sup.logs)
