@@ -245,7 +245,7 @@ class Service:
             os.environ["PATH"] = f"{Path(b.mosquitto).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.broker = gwbroker.BrokerSupervisor(
             Pki(self.cfg.pki_dir), self.cfg.broker_config_dir, settings)
-        if self.conn is not None:  # quarantined devices are refused from the start
+        if self.conn is not None and b.refuse_quarantined:  # refused from the start
             self.broker.refused = frozenset(
                 d.id for d in registry.list_devices(self.conn, registry.QUARANTINED))
         await self.broker.start()
@@ -324,7 +324,8 @@ class Service:
         whoever quarantined or released one (ingest, `torpor device release`), the registry
         says so and this follows within a status interval."""
         broker = self.broker
-        if broker is None or broker.external or self.writer is None or self.conn is None:
+        if (broker is None or broker.external or self.writer is None or self.conn is None
+                or not self.cfg.broker.refuse_quarantined):
             return
         conn = self.conn
         wanted = await self.writer.run(
