@@ -242,7 +242,8 @@ class Pki:
     def _creds(self, kind: Kind) -> Credentials:
         cert = self.path / f"{kind}.pem"
         if not cert.exists():
-            raise PkiError(f"no {kind} certificate in {self.path}: run `torpor pki {kind}` first")
+            action = "gateway` (it issues the control certificate too)" if kind == "control" else f"{kind}`"
+            raise PkiError(f"no {kind} certificate in {self.path}: run `torpor pki {action} first")
         parsed = x509.load_pem_x509_certificate(cert.read_bytes())
         cn = parsed.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         return Credentials(
