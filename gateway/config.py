@@ -49,6 +49,9 @@ class BrokerConfig:
     user: str = ""  # user mosquitto drops to when started as root; default: the current user
     max_queued_messages: int = 100_000
     max_inflight_messages: int = 100
+    # Supervised mode: the broker also refuses service to quarantined devices (ACL deny and
+    # a cut session; see gateway.broker), so their frames no longer reach the gateway.
+    refuse_quarantined: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +62,18 @@ def register_store(migrate: Callable[[sqlite3.Connection], None]) -> None:
         _extra_stores.append(migrate)
 
 
+def _create_private(path: Path) -> None:
+    """A new database file is made 0600 (its folder 0700) before SQLite opens it: SQLite
+    gives the WAL and SHM files the database file's mode, so all three stay private
+    whatever the umask. An existing file and folder are left as the operator set them."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+        os.chmod(path.parent, 0o700)
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 def connect(path: str | Path, *, readonly: bool = False,
             autocheckpoint: bool = True) -> sqlite3.Connection:
     """A connection with the gateway's pragmas and explicit transactions (autocommit mode:
@@ -73,7 +87,7 @@ def connect(path: str | Path, *, readonly: bool = False,
                 timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
             )
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(path)
             conn = sqlite3.connect(
                 path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
                 check_same_thread=False,

@@ -28,11 +28,16 @@ from gateway.errors import PkiError
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["ca", "server", "gateway", "device"]
+Kind = Literal["ca", "server", "gateway", "control", "device"]
 
-DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+DEVICE_ID_MAX = 32
+DEVICE_ID_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{DEVICE_ID_MAX}}}")
 DEFAULT_GATEWAY_CN = "torpor-gateway"
 DEFAULT_SERVER_CN = "torpor-broker"
+# The gateway's short control connections (health probes, cutting a session) have their own
+# identity: the broker makes every client id its certificate's CN, so they would otherwise
+# replace the gateway's persistent session (see gateway.broker).
+DEFAULT_CONTROL_CN = "torpor-control"
 CA_CN = "Torpor fleet CA"
 CA_DAYS = 3650
 SERVER_DAYS = 825
@@ -142,6 +147,20 @@ def write_private(path: Path, data: bytes) -> None:
         raise
 
 
+def private_dir(path: Path, *, within: Path | None = None) -> Path:
+    """Create `path` and any missing parents below `within` mode 0700 (mkdir's `mode`
+    applies to the last level only, the parents would get the umask's 0755)."""
+    missing: list[Path] = []
+    here = path
+    while not here.exists() and here != within and here != here.parent:
+        missing.append(here)
+        here = here.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)  # the umask may have taken bits off the mode
+    return path
+
+
 def write_public(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
@@ -211,10 +230,20 @@ class Pki:
     def gateway(self) -> Credentials:
         return self._creds("gateway")
 
+    @property
+    def control(self) -> Credentials:
+        """The gateway's control identity (probes, the broker's control API)."""
+        return self._creds("control")
+
+    @property
+    def has_control(self) -> bool:
+        return (self.path / "control.pem").exists()
+
     def _creds(self, kind: Kind) -> Credentials:
         cert = self.path / f"{kind}.pem"
         if not cert.exists():
-            raise PkiError(f"no {kind} certificate in {self.path}: run `torpor pki {kind}` first")
+            action = "gateway` (it issues the control certificate too)" if kind == "control" else f"{kind}`"
+            raise PkiError(f"no {kind} certificate in {self.path}: run `torpor pki {action} first")
         parsed = x509.load_pem_x509_certificate(cert.read_bytes())
         cn = parsed.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         return Credentials(
@@ -230,8 +259,8 @@ class Pki:
         """Create the fleet CA (ECDSA P-256, pathlen 0) and an empty CRL."""
         if self.ca_pem.exists() or self.ca_key.exists():
             raise PkiError(f"a CA already exists in {self.path}; use a new directory for a new fleet")
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.ca_key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.path)
+        private_dir(self.ca_key_dir)
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_CN)])
         now = _now()
@@ -325,15 +354,31 @@ class Pki:
         self._write_pair("server", cert, key)
         return self.server
 
-    def issue_gateway(self, cn: str = DEFAULT_GATEWAY_CN, days: int = GATEWAY_DAYS) -> Credentials:
-        """The gateway service's client certificate; its CN is its broker username."""
+    def issue_gateway(self, cn: str = DEFAULT_GATEWAY_CN, days: int = GATEWAY_DAYS,
+                      control_cn: str = DEFAULT_CONTROL_CN) -> Credentials:
+        """The gateway service's client certificate; its CN is its broker username and
+        client id. Also issues the gateway's control certificate (`control_cn`)."""
         validate_device_id(cn)
-        clash = [r for r in self.list() if r.kind == "device" and r.cn == cn]
-        if clash:
-            raise PkiError(f"{cn!r} is already a device id; choose another gateway name")
+        validate_device_id(control_cn)
+        if cn == control_cn:
+            raise PkiError(f"the gateway and its control identity need different names, not {cn!r}")
+        devices = {r.cn for r in self.list() if r.kind == "device"}
+        for name in (cn, control_cn):
+            if name in devices:
+                raise PkiError(f"{name!r} is already a device id; choose another gateway name")
         cert, key = self._issue(cn, days, ExtendedKeyUsageOID.CLIENT_AUTH)
         self._write_pair("gateway", cert, key)
+        self.issue_control(control_cn, days)
         return self.gateway
+
+    def issue_control(self, cn: str = DEFAULT_CONTROL_CN, days: int = GATEWAY_DAYS) -> Credentials:
+        """The certificate of the gateway's control connections (see DEFAULT_CONTROL_CN)."""
+        validate_device_id(cn)
+        if any(r.kind == "device" and r.cn == cn for r in self.list()):
+            raise PkiError(f"{cn!r} is already a device id; choose another control name")
+        cert, key = self._issue(cn, days, ExtendedKeyUsageOID.CLIENT_AUTH)
+        self._write_pair("control", cert, key)
+        return self.control
 
     def _write_pair(self, kind: Kind, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
         write_private(self.path / f"{kind}.key", _key_pem(key))
@@ -345,12 +390,15 @@ class Pki:
         """Issue a certificate whose subject CN is `device_id`. Earlier certificates of the
         same device stay valid until revoked (this is also how a rotation works)."""
         validate_device_id(device_id)
-        reserved = {r.cn for r in self.list() if r.kind in ("gateway", "server")}
+        reserved = {r.cn for r in self.list() if r.kind in ("gateway", "control", "server")}
+        reserved |= {DEFAULT_GATEWAY_CN, DEFAULT_CONTROL_CN}
         if device_id in reserved:
             raise PkiError(f"{device_id!r} is the name of the gateway or broker certificate")
         cert, key = self._issue(device_id, days, ExtendedKeyUsageOID.CLIENT_AUTH)
         folder = self.path / "devices" / device_id / format(cert.serial_number, "x")
-        folder.mkdir(parents=True, mode=0o700)
+        if folder.exists():
+            raise PkiError(f"{folder} already exists")
+        private_dir(folder, within=self.path)
         creds = DeviceCredentials(
             device_id=device_id,
             serial=cert.serial_number,

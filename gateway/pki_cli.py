@@ -25,8 +25,10 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_init)
 
     p = action("server", "issue the broker's server certificate")
-    p.add_argument("--san", default="localhost,127.0.0.1,::1",
-                   help="comma-separated DNS names and IP addresses nodes connect to")
+    # Either form: `--san a --san b` or `--san a,b` (or both); each value adds names.
+    p.add_argument("--san", action="append", default=None, metavar="NAMES",
+                   help="DNS names and IP addresses nodes connect to: repeat the flag or give "
+                        "a comma-separated list (default: localhost,127.0.0.1,::1)")
     p.set_defaults(func=_server)
 
     p = action("gateway", "issue the gateway service's client certificate")
@@ -77,9 +79,20 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
+
+
+def san_list(values: list[str] | None) -> list[str]:
+    """Every name of every `--san` (repeated flags and comma lists alike), in order, once."""
+    if not values:
+        return list(DEFAULT_SANS)
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    return list(dict.fromkeys(names))
+
+
 def _server(args: argparse.Namespace) -> int:
     try:
-        creds = _pki(args).issue_server(args.san.split(","))
+        creds = _pki(args).issue_server(san_list(args.san))
     except GatewayError as exc:
         return _fail(exc)
     print(f"issued server certificate {creds.cert_pem} (serial {creds.serial:x})")

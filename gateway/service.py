@@ -141,6 +141,7 @@ class Service:
         self.broker: Any = None
         self.relay: Any = None
         self.mqtt_connected = False
+        self._session_saved = False
         self.restarts: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._started = time.time()
@@ -244,6 +245,9 @@ class Service:
             os.environ["PATH"] = f"{Path(b.mosquitto).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.broker = gwbroker.BrokerSupervisor(
             Pki(self.cfg.pki_dir), self.cfg.broker_config_dir, settings)
+        if self.conn is not None and b.refuse_quarantined:  # refused from the start
+            self.broker.refused = frozenset(
+                d.id for d in registry.list_devices(self.conn, registry.QUARANTINED))
         await self.broker.start()
 
     def _tls(self) -> ssl.SSLContext:
@@ -277,10 +281,20 @@ class Service:
             nodelay(client)
             self.mqtt_connected = True
             log.info("connected to the broker at %s:%d", self.cfg.mqtt_host, self.cfg.mqtt_port)
+            # `torpor gateway status` reads the status row: say so now, not at the next tick
+            # (it said "disconnected" for up to status_interval_s after the log said connected).
+            self._status_now()
             try:
                 await self.ingest.run(client)
             finally:
                 self.mqtt_connected = False
+                self._status_now()
+
+    def _status_now(self) -> None:
+        """Write the status row on the writer thread without waiting for it."""
+        if self.writer is not None and not self._stop.is_set():
+            future = self.writer.submit(self._write_status, "running")
+            future.add_done_callback(_log_status_failure)
 
     def _notify_relay(self, items: list[Queued]) -> None:
         if self.relay is not None:
@@ -292,6 +306,34 @@ class Service:
         while True:
             await asyncio.sleep(interval)
             await self.writer.run(self._status_tick)
+            await self._refuse_quarantined()
+            self._save_session()
+
+    def _save_session(self) -> None:
+        """Once per connection, a status interval after it (its subscription is made by
+        then), the supervised broker writes the gateway's session to its persistence file:
+        a broker crash then restores it, and frames sent before the gateway is back wait."""
+        if not self.mqtt_connected:
+            self._session_saved = False
+        elif not self._session_saved and self.broker is not None:
+            self._session_saved = True
+            self.broker.save()
+
+    async def _refuse_quarantined(self) -> None:
+        """The supervised broker refuses service to quarantined devices (gateway.broker):
+        whoever quarantined or released one (ingest, `torpor device release`), the registry
+        says so and this follows within a status interval."""
+        broker = self.broker
+        if (broker is None or broker.external or self.writer is None or self.conn is None
+                or not self.cfg.broker.refuse_quarantined):
+            return
+        conn = self.conn
+        wanted = await self.writer.run(
+            lambda: {d.id for d in registry.list_devices(conn, registry.QUARANTINED)})
+        try:
+            await broker.set_refused(wanted)
+        except (GatewayError, OSError) as exc:
+            log.warning("could not make the broker refuse quarantined devices: %s", exc)
 
     def _status_tick(self) -> None:
         assert self.conn is not None
@@ -336,6 +378,11 @@ class Service:
                 (os.getpid(), self._started, now, state, self.cfg.gateway.status_interval_s,
                  json.dumps(detail, default=str)),
             )
+
+
+def _log_status_failure(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("could not write the gateway status: %s", future.exception())
 
 
 def run(cfg: GatewayConfig, *, on_hello: HelloHook = no_downlink) -> None:
