@@ -84,7 +84,7 @@ class Credentials:
         self.root = root.rstrip("/")
         self.cert0 = cert0 or self.root + "/cert.der"
         self.key0 = key0 or self.root + "/key.der"
-        self.rec = None
+        self.rec = self._fresh()
         self.load()
 
     # ---- paths ----------------------------------------------------------------------
