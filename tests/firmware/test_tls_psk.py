@@ -69,8 +69,22 @@ def psk_broker(request: pytest.FixtureRequest, pki: Pki, tmp_path: Path) -> Iter
 
 # Runs inside the node: `n` connects on each path, alternating, then one PSK publish.
 _NODE = """
-import json, time, tls
+import json, time, tls, socket
 import mqtt
+if {nodelay!r}:
+    # What the node's own socket would do with TCP_NODELAY (IPPROTO_TCP 6, option 1 on
+    # Linux and lwIP): the unix port's socket module has no names for them.
+    class _Socket:
+        pass
+    shim = _Socket()
+    for n in dir(socket):
+        setattr(shim, n, getattr(socket, n))
+    def _nodelay_socket(*a):
+        s = socket.socket(*a)
+        s.setsockopt(6, 1, 1)
+        return s
+    shim.socket = _nodelay_socket
+    mqtt.socket = shim
 def rd(p):
     with open(p, 'rb') as f:
         return f.read()
@@ -114,12 +128,13 @@ print('OUT ' + json.dumps(figs))
 
 
 def _node(broker: PskBroker, creds: Any, tmp_path: Path, *, paths: tuple[str, ...], n: int,
-          publish: bool = False, wrong_key: bool = False) -> tuple[dict[str, Any], float]:
+          publish: bool = False, wrong_key: bool = False, nodelay: bool = False,
+          ) -> tuple[dict[str, Any], float]:
     """Run the node script; its result and the CPU seconds (user + system) it used."""
     code = _NODE.format(
         device=DEVICE, host=broker.host, mtls_port=broker.port, psk_port=broker.psk_port,
         cert=str(creds.cert_der), key=str(creds.key_der), ca=str(creds.ca_der),
-        paths=paths, n=n, publish=publish, wrong_key=wrong_key,
+        paths=paths, n=n, publish=publish, wrong_key=wrong_key, nodelay=nodelay,
     )
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = run_micropython(code, cwd=tmp_path, timeout=120)
@@ -185,6 +200,7 @@ def test_psk_and_mutual_tls_connect_cost(psk_broker: PskBroker, pki: Pki, tmp_pa
 
     cpu_ms = {p: 1000 * (cpu(p, 1 + k) - cpu(p, 1)) / k for p, k in extra.items()}
     both, _ = _node(psk_broker, creds, tmp_path, paths=("mtls", "psk"), n=CONNECTS)
+    fast, _ = _node(psk_broker, creds, tmp_path, paths=("mtls", "psk"), n=CONNECTS, nodelay=True)
     rows = []
     for p in ("mtls", "psk"):
         figs = both[p]
@@ -192,9 +208,11 @@ def test_psk_and_mutual_tls_connect_cost(psk_broker: PskBroker, pki: Pki, tmp_pa
                      median(f["us"] for f in figs) / 1000, cpu_ms[p]))
         assert all(f["out"] > 0 and f["in"] > 0 for f in figs)
     print(f"\nTLS + MQTT connect from the unix port, median of {CONNECTS} (loopback, {os.cpu_count()} cores):")
-    print(f"{'path':6} {'bytes out':>10} {'bytes in':>9} {'wall ms':>8} {'node CPU ms':>12}")
+    print(f"{'path':6} {'bytes out':>10} {'bytes in':>9} {'wall ms':>8} {'node CPU ms':>12} "
+          f"{'wall ms, TCP_NODELAY':>21}")
     for p, o, i, ms, cpu in rows:
-        print(f"{p:6} {o:>10.0f} {i:>9.0f} {ms:>8.1f} {cpu:>12.1f}")
+        nd = median(f["us"] for f in fast[p]) / 1000
+        print(f"{p:6} {o:>10.0f} {i:>9.0f} {ms:>8.1f} {cpu:>12.1f} {nd:>21.1f}")
     (m, mo, mi, mms, mcpu), (_, po, pi, pms, pcpu) = rows
     print(f"psk / mtls: bytes {(po + pi) / (mo + mi):.2f}, wall {pms / mms:.2f}"
           + (f", CPU {pcpu / mcpu:.2f}" if mcpu > 0 else ""))
