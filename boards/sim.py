@@ -513,20 +513,25 @@ def _flash_ms():
     return int(_bdev.erase_count * _prof["flash_erase_4k_ms"] + pages * _prof["flash_program_256_ms"])
 
 
+# The order phases are printed in; the firmware may mark others with phase().
+_PHASES = ("boot", "sample", "assoc", "tls", "publish", "listen", "flash", "sleep")
+
+
 def _ledger_line(sleep_ms):
     # "L <phase>=<ms>:<uAh> ... total=<uAh>": one line per wake in the node log.
     global _skip_ms
     _close_phase()
     fl = _flash_ms()
     if fl:
-        _book("flash", fl, "cpu")
+        _book("flash", fl, _ma("cpu"))
         _skip_ms += fl
     if sleep_ms:
         ua = _prof["deep_sleep_ua"] if _prof else _cfg.get("sleep_ua", 10)
         _ledger["sleep"] = [sleep_ms, ua * sleep_ms / 3600000.0]
     total = 0.0
     parts = []
-    for k in _ledger:
+    names = [k for k in _PHASES if k in _ledger] + [k for k in _ledger if k not in _PHASES]
+    for k in names:
         e = _ledger[k]
         total += e[1]
         parts.append("%s=%d:%.3f" % (k, e[0], e[1]))

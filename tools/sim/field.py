@@ -1,0 +1,121 @@
+"""The field a sim node lives in: its board profile, Wi-Fi failures and outages, and its clock.
+
+`FieldModel` goes into the node's sim.json for boards/sim.py (association time, failure rate,
+outage windows, TLS and boot charges, energy ledger). `next_clocks()` is the supervisor's
+side of the clock: the true (virtual) time and the node's own RTC after a run, with the RTC
+reset to the profile's cold-boot value on every power-on and drifting across deep sleep.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tools.sim.profiles import BoardProfile, get_profile
+
+
+@dataclass(frozen=True, slots=True)
+class FieldModel:
+    """`outages` are windows of virtual unix ms in which no access point answers.
+    `awake_scale` divides the charged delays (TLS, association) in real time; at 1 the
+    firmware's budget and window face the chip's real durations."""
+
+    profile: BoardProfile
+    assoc_fail_rate: float = 0.0
+    outages: tuple[tuple[int, int], ...] = ()
+    awake_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.assoc_fail_rate <= 1.0:
+            raise ValueError("association failure rate must be between 0 and 1")
+        if self.awake_scale < 1.0:
+            raise ValueError("awake time compression must be >= 1")
+        for start, end in self.outages:
+            if end <= start:
+                raise ValueError(f"outage window {start}..{end} ends before it starts")
+
+    @classmethod
+    def named(cls, name: str, **kw: Any) -> FieldModel:
+        return cls(get_profile(name), **kw)
+
+    @property
+    def real(self) -> bool:
+        return not self.profile.ideal
+
+    def drift_ppm(self, seed: int) -> float:
+        """This node's RTC drift: the profile's magnitude, fast or slow by the seed."""
+        rng = random.Random(seed * 31337 + 7)
+        return self.profile.rtc_drift_ppm * rng.choice((-1.0, 1.0)) * rng.uniform(0.5, 1.0)
+
+    def sim_json(self, seed: int) -> dict[str, Any]:
+        return {
+            "profile": self.profile.to_json(),
+            "field": {
+                "assoc_fail_rate": self.assoc_fail_rate,
+                "outages": [list(w) for w in self.outages],
+                "awake_scale": self.awake_scale,
+                "drift_ppm": self.drift_ppm(seed),
+            },
+        }
+
+
+def cold_rtc_ms(sim_cfg: dict[str, Any], true_ms: int) -> int | None:
+    """The RTC right after a power-on: the profile's cold-boot value (None: no RTC model)."""
+    prof = sim_cfg.get("profile")
+    if not prof:
+        return None
+    cold = prof.get("cold_boot_ms")
+    return true_ms if cold is None else int(cold)
+
+
+def next_clocks(
+    sim_cfg: dict[str, Any],
+    state: dict[str, int],
+    *,
+    awake_ms: int,
+    skip_ms: int,
+    sleep_ms: int,
+    power_lost: bool,
+    rng: random.Random,
+) -> tuple[int, int | None]:
+    """(true time, node RTC) at the start of the next run.
+
+    Awake, both clocks run together (the CPU clock is a crystal). In deep sleep the node
+    counts `sleep_ms` on its own RTC, which runs fast or slow by the node's drift, and wakes
+    a random bit later (the profile's jitter); the true time is what really passed.
+    """
+    field = sim_cfg.get("field", {})
+    prof = sim_cfg.get("profile") or {}
+    drift = float(field.get("drift_ppm", 0.0))
+    jitter = int(prof.get("wake_jitter_ms", 0))
+    extra = rng.randint(0, jitter) if sleep_ms and jitter else 0
+    true_sleep = int(round(sleep_ms / (1.0 + drift / 1e6))) + extra if sleep_ms else 0
+    vt = state["vt_ms"] + awake_ms + skip_ms + true_sleep
+    rtc = state.get("rtc_ms")
+    if rtc is None:
+        return vt, None
+    if power_lost:
+        return vt, cold_rtc_ms(sim_cfg, vt)
+    return vt, rtc + awake_ms + skip_ms + (sleep_ms + extra if sleep_ms else 0)
+
+
+def compile_firmware(firmware_dir: Path, dest: Path) -> Path:
+    """The firmware as a chip runs it: every module compiled with mpy-cross into dest (kept
+    up to date by modification time). Running from source would charge the heap with the
+    compiler's work, which a chip never does."""
+    from tools.fw.image import mpy_cross_binary
+
+    tool = mpy_cross_binary()
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in sorted(firmware_dir.glob("*.py")):
+        out = dest / (src.stem + ".mpy")
+        if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+            continue
+        tmp = out.with_suffix(".tmp")
+        subprocess.run([tool, "-o", str(tmp), str(src)], check=True, timeout=120,
+                       capture_output=True)
+        tmp.replace(out)
+    return dest
