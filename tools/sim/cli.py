@@ -54,12 +54,19 @@ def _register_node(actions: Any) -> None:
         "--start-ms", type=int, default=None, help="virtual clock of a new node (unix ms; default now)"
     )
     node.add_argument("--json", action="store_true", help="print the summary as JSON")
+    from tools.sim.field import add_field_args
+
+    add_field_args(node)
     node.set_defaults(func=_node)
 
 
 def _node(args: argparse.Namespace) -> int:
+    import time
+
     from tools.cli import CliError
+    from tools.sim.field import fields_from_args
     from tools.sim.node import FIRMWARE_DIR, SimError, SimNode
+    from tools.sim.profiles import ProfileError
 
     if not args.entry.endswith(".py"):
         mod = FIRMWARE_DIR / (args.entry.replace(".", "/"))
@@ -68,15 +75,17 @@ def _node(args: argparse.Namespace) -> int:
                 f"no firmware module {args.entry!r} in firmware/; pass --entry with a module or script"
             )
     try:
+        start = args.start_ms if args.start_ms is not None else int(time.time() * 1000)
         node = SimNode(
             args.dir,
             seed=args.seed,
             time_scale=args.time_scale,
             entry=args.entry,
             start_ms=args.start_ms,
+            field=fields_from_args(args, start)[0],
         )
         summary = node.run_sync(args.cycles, power_cuts=args.power_cuts, wall_limit_s=args.wall_limit)
-    except SimError as exc:
+    except (SimError, ProfileError) as exc:
         raise CliError(str(exc)) from exc
     data = summary.as_dict()
     if args.json:

@@ -119,3 +119,69 @@ def compile_firmware(firmware_dir: Path, dest: Path) -> Path:
                        capture_output=True)
         tmp.replace(out)
     return dest
+
+
+# ---- command line (`torpor sim node|fleet|board`) and node logs -----------------------------
+
+def add_field_args(p: Any, *, several: bool = False) -> None:
+    """The field options every `torpor sim` action takes."""
+    from tools.sim.profiles import DEFAULT_PROFILE
+
+    p.add_argument(
+        "--board-profile", default=DEFAULT_PROFILE, metavar="NAME" + (",NAME..." if several else ""),
+        help="board profile from boards/profiles.toml (esp32, esp32s3, esp32c3, pico_w, pico2_w; "
+             f"'ideal' is the kind simulator){'; several are dealt round the nodes' if several else ''} "
+             f"(default {DEFAULT_PROFILE})",
+    )
+    p.add_argument("--assoc-fail-rate", type=float, default=0.0,
+                   help="share of Wi-Fi associations that fail (default 0)")
+    p.add_argument("--outage", action="append", default=[], metavar="START_H:END_H",
+                   help="a Wi-Fi outage from START_H to END_H hours after the start of the "
+                        "virtual clock (repeatable)")
+    p.add_argument("--awake-scale", type=float, default=1.0,
+                   help="divide the charged delays (association, TLS) by this in real time; "
+                        "1 keeps the firmware's budget honest (default 1)")
+
+
+def fields_from_args(args: Any, start_ms: int) -> list[FieldModel]:
+    """One FieldModel per profile named in --board-profile (a comma-separated list)."""
+    from tools.sim.profiles import ProfileError
+
+    outages: list[tuple[int, int]] = []
+    for text in args.outage:
+        a, sep, b = text.partition(":")
+        try:
+            lo, hi = float(a), float(b)
+        except ValueError:
+            raise ProfileError(f"--outage {text!r}: expected START_H:END_H (hours)") from None
+        if not sep or hi <= lo or lo < 0:
+            raise ProfileError(f"--outage {text!r}: the window must end after it starts")
+        outages.append((start_ms + int(lo * 3600_000), start_ms + int(hi * 3600_000)))
+    names = [n.strip() for n in str(args.board_profile).split(",") if n.strip()]
+    if not names:
+        raise ProfileError("--board-profile: give at least one profile name")
+    try:
+        return [
+            FieldModel.named(n, assoc_fail_rate=args.assoc_fail_rate, outages=tuple(outages),
+                             awake_scale=args.awake_scale)
+            for n in names
+        ]
+    except ValueError as exc:
+        raise ProfileError(str(exc)) from exc
+
+
+def parse_ledger(line: str) -> dict[str, tuple[int, float]] | None:
+    """The phases of an `L ...` ledger line of the node log: {phase: (ms, uAh)}."""
+    if not line.startswith("L "):
+        return None
+    out: dict[str, tuple[int, float]] = {}
+    try:
+        for part in line[2:].split():
+            key, _, value = part.partition("=")
+            if key == "total":
+                continue
+            ms, _, uah = value.partition(":")
+            out[key] = (int(ms), float(uah))
+    except ValueError:
+        return None
+    return out

@@ -58,7 +58,9 @@ IDEAL_ZERO = frozenset({
     "gc_heap_wifi_bytes", "boot_ms", "wifi_cold_ms", "wifi_preset_ms", "tls_handshake_ms",
     "ed25519_verify_ms", "flash_erase_4k_ms", "flash_program_256_ms",
 })
-OPTIONAL = {"tls_handshake_accel_ms": (int, 20, 60_000)}
+OPTIONAL: dict[str, tuple[type | tuple[type, ...], float, float]] = {
+    "tls_handshake_accel_ms": (int, 20, 60_000),
+}
 STRINGS = ("description", "cold_boot_clock")
 FLAGS = ("ecc_accelerator",)
 FIGURES = tuple(FIELDS) + tuple(OPTIONAL) + ("cold_boot_clock",)  # what docs must cite
@@ -157,21 +159,25 @@ def check_profile(name: str, row: Any) -> BoardProfile:
         if not isinstance(row[key], bool):
             raise ProfileError(f"board profile {name!r}: key {key!r} must be true or false")
         values[key] = row[key]
-    for key, (typ, lo, hi) in (*FIELDS.items(), *OPTIONAL.items()):
+    bounds: list[tuple[str, tuple[type | tuple[type, ...], float, float]]] = [
+        *FIELDS.items(), *OPTIONAL.items()
+    ]
+    for key, (typ, lo, hi) in bounds:
         if key not in row:
             if key in OPTIONAL:
                 continue
             raise ProfileError(f"board profile {name!r}: missing key {key!r}")
-        v = row[key]
+        v: Any = row[key]
         if isinstance(v, bool) or not isinstance(v, typ):
             want = "an integer" if typ is int else "a number"
             raise ProfileError(f"board profile {name!r}: key {key!r} must be {want}, not {v!r}")
+        num: float = row[key]
         low = 0 if ideal and key in IDEAL_ZERO else lo
-        if not low <= v <= hi:
+        if not low <= num <= hi:
             raise ProfileError(
                 f"board profile {name!r}: key {key!r} = {v!r} is absurd (expected {low}..{hi})"
             )
-        values[key] = float(v) if typ == _NUM else v
+        values[key] = float(num) if typ == _NUM else num
     if values["ecc_accelerator"] and "tls_handshake_accel_ms" not in values:
         raise ProfileError(
             f"board profile {name!r}: missing key 'tls_handshake_accel_ms' (ecc_accelerator is true)"
