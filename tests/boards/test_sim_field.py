@@ -132,3 +132,26 @@ def test_the_kind_profile_keeps_the_true_clock_and_instant_radio(tmp_path: Path)
     assert all(w["up"] == 1 and w["ms"] < 200 for w in wakes)
     assert abs(wakes[0]["rtc"] - START_MS) < 5000
     assert abs((wakes[1]["rtc"] - wakes[0]["rtc"]) - (wakes[1]["true"] - wakes[0]["true"])) < 50
+
+
+def test_cli_takes_a_board_profile_and_refuses_bad_field_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tools.cli import main
+
+    script = tmp_path / "wake.py"
+    script.write_text(WAKE.replace("SLEEP", "60000"))
+    base = ["sim", "node", "--dir", str(tmp_path / "n"), "--entry", str(script), "--cycles", "2",
+            "--time-scale", "0", "--start-ms", str(START_MS), "--json"]
+    assert main([*base, "--board-profile", "pico_w", "--awake-scale", "50"]) == 0
+    assert json.loads(capsys.readouterr().out)["kinds"] == {"sleep": 2}
+    cfg = json.loads((tmp_path / "n" / "sim.json").read_text())
+    assert cfg["profile"]["name"] == "pico_w" and cfg["field"]["awake_scale"] == 50
+    assert _ledgers(SimNode(tmp_path / "n"))[0]["assoc"][0] == get_profile("pico_w").wifi_cold_ms
+
+    assert main([*base, "--board-profile", "esp8266"]) == 2
+    assert "no board profile 'esp8266'; known: esp32, esp32c3" in capsys.readouterr().err
+    assert main([*base, "--outage", "5:3"]) == 2
+    assert "--outage '5:3': the window must end after it starts" in capsys.readouterr().err
+    assert main([*base, "--assoc-fail-rate", "1.5"]) == 2
+    assert "failure rate must be between 0 and 1" in capsys.readouterr().err
