@@ -54,6 +54,7 @@ _ledger = None  # phase -> [ms, uAh] of this wake
 _phase = "boot"
 _phase_t = 0  # ticks when the open phase started
 _tls = None
+_booted = False
 
 
 def _path(name):
@@ -94,10 +95,11 @@ def _load():
 
 def configure(node_dir):
     """Use node_dir as the node directory (instead of $TORPOR_SIM_DIR); call before init()."""
-    global _cfg, _dir_override, _rtc_files
+    global _cfg, _dir_override, _rtc_files, _booted
     _dir_override = node_dir
     _cfg = None
     _rtc_files = None
+    _booted = False
     _load()
 
 
@@ -118,6 +120,7 @@ def init():
     # Once per process: the bootloader calls it, then the app again (a no-op then).
     global _bdev
     _load()
+    global _booted
     if _bdev is None:
         _bdev = simflash.mount(
             _path("flash.img"),
@@ -126,11 +129,13 @@ def init():
             _cfg.get("block_count", 512),
         )
         _battery_account(True)
-        if _prof:
-            # The chip's boot to the app happened before this process ran any firmware.
-            _charge("boot", _prof["boot_ms"], "cpu", False)
-            phase("sample")
-            _install_tls()
+    if _prof and not _booted:
+        # The chip's boot to the app happened before this process ran any firmware. (The
+        # virtual board mounts the flash itself, so this does not hang on the mount.)
+        _booted = True
+        _charge("boot", _prof["boot_ms"], "cpu", False)
+        phase("sample")
+        _install_tls()
 
 
 def unique_id():

@@ -155,3 +155,17 @@ def test_cli_takes_a_board_profile_and_refuses_bad_field_options(
     assert "--outage '5:3': the window must end after it starts" in capsys.readouterr().err
     assert main([*base, "--assoc-fail-rate", "1.5"]) == 2
     assert "failure rate must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_outages_apply_to_the_given_share_of_a_fleet() -> None:
+    from tools.sim.field import with_outage_share
+
+    window = ((START_MS, START_MS + 2 * 24 * HOUR_MS),)
+    fields = [FieldModel.named(n, outages=window) for n in ("esp32", "pico_w")]
+    dealt = with_outage_share(fields, 20, 0.5)
+    assert len(dealt) == 20
+    assert sum(1 for f in dealt if f.outages) == 10
+    assert {f.profile.name for f in dealt} == {"esp32", "pico_w"}
+    assert all(f.outages for f in with_outage_share(fields, 4, 1.0))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        with_outage_share(fields, 4, 2.0)

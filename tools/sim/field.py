@@ -8,6 +8,7 @@ reset to the profile's cold-boot value on every power-on and drifting across dee
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 from dataclasses import dataclass
@@ -138,6 +139,9 @@ def add_field_args(p: Any, *, several: bool = False) -> None:
     p.add_argument("--outage", action="append", default=[], metavar="START_H:END_H",
                    help="a Wi-Fi outage from START_H to END_H hours after the start of the "
                         "virtual clock (repeatable)")
+    if several:
+        p.add_argument("--outage-share", type=float, default=1.0, metavar="FRACTION",
+                       help="share of the nodes the --outage windows apply to (default 1)")
     p.add_argument("--awake-scale", type=float, default=1.0,
                    help="divide the charged delays (association, TLS) by this in real time; "
                         "1 keeps the firmware's budget honest (default 1)")
@@ -184,4 +188,18 @@ def parse_ledger(line: str) -> dict[str, tuple[int, float]] | None:
             out[key] = (int(ms), float(uah))
     except ValueError:
         return None
+    return out
+
+
+def with_outage_share(fields: list[FieldModel], nodes: int, share: float) -> list[FieldModel]:
+    """One field per node, dealt round the profiles; the outage windows only on `share` of
+    the nodes, spread evenly (node i has them when the running count of share steps)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError("--outage-share must be between 0 and 1")
+    out = []
+    for i in range(nodes):
+        f = fields[i % len(fields)]
+        if f.outages and int((i + 1) * share) == int(i * share):
+            f = dataclasses.replace(f, outages=())
+        out.append(f)
     return out

@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.sim.field import FieldModel, add_field_args, fields_from_args, parse_ledger
+from tools.sim.field import (
+    FieldModel,
+    add_field_args,
+    fields_from_args,
+    parse_ledger,
+    with_outage_share,
+)
 from tools.sim.node import BOARDS_DIR, RunSummary, SimError, SimNode, micropython_binary
 
 log = logging.getLogger(__name__)
@@ -727,8 +733,9 @@ def _fields(args: argparse.Namespace) -> list[FieldModel]:
 
     try:
         # Outage windows count from the fleet's start (its virtual clock starts now).
-        return fields_from_args(args, int(time.time() * 1000))
-    except ProfileError as exc:
+        fields = fields_from_args(args, int(time.time() * 1000))
+        return with_outage_share(fields, args.nodes, args.outage_share)
+    except (ProfileError, ValueError) as exc:
         raise FleetError(str(exc)) from exc
 
 
