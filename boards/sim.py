@@ -647,6 +647,9 @@ def button():
 def watchdog_start(timeout_ms):
     """The supervisor ends the process (exit kind `watchdog`) if not fed within timeout_ms."""
     global _wdt_ms
+    _load()
+    if _prof and _prof.get("watchdog_max_ms", 0):
+        timeout_ms = min(timeout_ms, _prof["watchdog_max_ms"])  # the RP2's counter clamps
     _wdt_ms = timeout_ms
     _control("wdt %d" % timeout_ms)
 

@@ -53,6 +53,7 @@ FIELDS: dict[str, tuple[type | tuple[type, ...], float, float]] = {
     "flash_erase_cycles": (int, 1_000, 10_000_000),
     "flash_erase_4k_ms": (int, 1, 2_000),
     "flash_program_256_ms": (_NUM, 0.01, 100.0),
+    "watchdog_max_ms": (int, 0, 3_600_000),  # 0: no limit the firmware would meet
 }
 IDEAL_ZERO = frozenset({
     "gc_heap_wifi_bytes", "boot_ms", "wifi_cold_ms", "wifi_preset_ms", "tls_handshake_ms",
@@ -90,6 +91,7 @@ class BoardProfile:
     flash_erase_cycles: int
     flash_erase_4k_ms: int
     flash_program_256_ms: float
+    watchdog_max_ms: int
     tls_handshake_accel_ms: int | None = None
 
     @property
