@@ -144,7 +144,9 @@ def test_cli_takes_a_board_profile_and_refuses_bad_field_options(
     base = ["sim", "node", "--dir", str(tmp_path / "n"), "--entry", str(script), "--cycles", "2",
             "--time-scale", "0", "--start-ms", str(START_MS), "--json"]
     assert main([*base, "--board-profile", "pico_w", "--awake-scale", "50"]) == 0
-    assert json.loads(capsys.readouterr().out)["kinds"] == {"sleep": 2}
+    data = json.loads(capsys.readouterr().out)
+    assert data["kinds"] == {"sleep": 2}
+    assert data["energy_uah"] > 0 and {"boot", "assoc", "sleep"} <= set(data["energy_phases_uah"])
     cfg = json.loads((tmp_path / "n" / "sim.json").read_text())
     assert cfg["profile"]["name"] == "pico_w" and cfg["field"]["awake_scale"] == 50
     assert _ledgers(SimNode(tmp_path / "n"))[0]["assoc"][0] == get_profile("pico_w").wifi_cold_ms

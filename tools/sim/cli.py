@@ -84,13 +84,33 @@ def _node(args: argparse.Namespace) -> int:
             start_ms=args.start_ms,
             field=fields_from_args(args, start)[0],
         )
+        log_path = node.dir / "node.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
         summary = node.run_sync(args.cycles, power_cuts=args.power_cuts, wall_limit_s=args.wall_limit)
     except (SimError, ProfileError) as exc:
         raise CliError(str(exc)) from exc
     data = summary.as_dict()
+    data.update(_energy(log_path, offset))
     if args.json:
         print(json.dumps(data))
     else:
         for key, value in data.items():
             print(f"{key:22} {value}")
     return 0
+
+
+def _energy(log_path: Any, offset: int) -> dict[str, Any]:
+    # This run's energy ledgers (L lines of the node log) added up, by phase.
+    from tools.sim.field import parse_ledger
+
+    phases: dict[str, float] = {}
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        for raw in f.read().decode("utf-8", "replace").splitlines():
+            book = parse_ledger(raw)
+            for ph, (_ms, uah) in (book or {}).items():
+                phases[ph] = phases.get(ph, 0.0) + uah
+    return {
+        "energy_uah": round(sum(phases.values()), 3),
+        "energy_phases_uah": {k: round(v, 3) for k, v in phases.items()},
+    }
