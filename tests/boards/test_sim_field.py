@@ -171,3 +171,24 @@ def test_outages_apply_to_the_given_share_of_a_fleet() -> None:
     assert all(f.outages for f in with_outage_share(fields, 4, 1.0))
     with pytest.raises(ValueError, match="between 0 and 1"):
         with_outage_share(fields, 4, 2.0)
+
+
+def test_a_wake_the_watchdog_ends_is_still_paid_for(tmp_path: Path) -> None:
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import time, board\nboard.init()\n"
+        "if board.boot_cause() == board.POWER_ON:\n"
+        "    board.watchdog_start(300)\n    while True:\n        time.sleep_ms(50)\n"
+        "board.deep_sleep(60000)\n"
+    )
+    node = SimNode(tmp_path / "n", seed=2, time_scale=0, start_ms=START_MS, entry=str(script),
+                   field=FieldModel.named("esp32"))
+    summary = node.run_sync(2, wall_limit_s=60)
+    assert [r.kind for r in summary.runs] == ["watchdog", "sleep"]
+    books = _ledgers(node)
+    prof = get_profile("esp32")
+    bite = books[0]["watchdog"]
+    assert bite[0] >= 300
+    assert bite[1] == pytest.approx((prof.cpu_active_ma + prof.radio_listen_ma) * bite[0] / 3600, rel=1e-2)
+    used = json.loads((node.dir / "battery.json").read_text())["used_uah"]
+    assert used == pytest.approx(sum(sum(u for _, u in b.values()) for b in books), rel=1e-3)

@@ -9,6 +9,7 @@ reset to the profile's cold-boot value on every power-on and drifting across dee
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import subprocess
 from dataclasses import dataclass
@@ -203,3 +204,35 @@ def with_outage_share(fields: list[FieldModel], nodes: int, share: float) -> lis
             f = dataclasses.replace(f, outages=())
         out.append(f)
     return out
+
+
+# Wakes that end without a deep sleep (a crash, the watchdog, a hang, a power cut) write no
+# ledger of their own; the supervisor books their awake time, so the battery still pays.
+_LOST_WITH_RADIO = frozenset({"watchdog", "hang"})
+
+
+def book_lost_wake(node_dir: Path, sim_cfg: dict[str, Any], kind: str, awake_ms: int, logf: Any) -> float:
+    """Book a wake that ended without deep sleep: boot plus its awake time at the CPU current
+    (with the radio's listen current for a watchdog bite or a hang: those wait on the
+    network). Writes its ledger line and drains battery.json; returns the µAh."""
+    prof = sim_cfg.get("profile")
+    if not prof:
+        return 0.0
+    ma = float(prof["cpu_active_ma"])
+    if kind in _LOST_WITH_RADIO:
+        ma += float(prof["radio_listen_ma"])
+    boot = int(prof["boot_ms"])
+    uah = (float(prof["cpu_active_ma"]) * boot + ma * awake_ms) / 3600.0
+    logf.write(f"L boot={boot}:{prof['cpu_active_ma'] * boot / 3600.0:.3f} "
+               f"{kind}={awake_ms}:{ma * awake_ms / 3600.0:.3f} total={uah:.3f}\n")
+    path = node_dir / "battery.json"
+    try:
+        bat = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return uah
+    bat["used_uah"] = float(bat.get("ledger_uah", bat.get("used_uah", 0.0))) + uah
+    bat["ledger_uah"] = bat["used_uah"]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(bat))
+    tmp.replace(path)
+    return uah

@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from tools import venvbin
-from tools.sim.field import FieldModel, cold_rtc_ms, compile_firmware, next_clocks
+from tools.sim.field import (
+    FieldModel,
+    book_lost_wake,
+    cold_rtc_ms,
+    compile_firmware,
+    next_clocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +450,8 @@ class SimNode:
         sleep_ms = run.sleep_ms if kind == "sleep" and run.sleep_ms else 0
         if NEXT_CAUSE.get(kind) == POWER_ON:
             self._power_lost()
+        if kind != "sleep":
+            book_lost_wake(self.dir, self._sim_cfg, kind, awake_ms, logf)
         logf.write(f"--- run {index} ended: {kind} rc={rc} awake={awake_ms}ms sleep={sleep_ms}ms\n")
         logf.flush()
         record = RunRecord(
