@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 PROFILES_PATH = Path(__file__).resolve().parents[2] / "boards" / "profiles.toml"
-DEFAULT_PROFILE = "ideal"
+# What `torpor sim node|fleet|board` run under unless told otherwise: a real board, so what a
+# user tries meets the field's durations, heap and cold clock. (Code that builds a SimNode,
+# Fleet or VirtualBoard itself gets the kind model unless it passes a FieldModel.)
+DEFAULT_PROFILE = "esp32"
 
 # Pointer-sized objects take twice the room on the 64-bit unix port (measured: the same list
 # and dict 2,112 bytes there against 1,088 on the 32-bit WebAssembly port; 50 small instances
