@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test venv mosquitto lint
+.PHONY: demo test venv mosquitto lint wasm
 
 $(BIN)/torpor: pyproject.toml
 	@# Debian ships venv support in a separate package: install it when venv creation fails.
@@ -22,6 +22,13 @@ mosquitto:
 	@# The attack tests use Debian's own clients, which share no code with Torpor.
 	@command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1 || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto-clients)
+
+# The 32-bit MicroPython (WebAssembly port, run by Node.js) that measures the wake's heap at a
+# chip's word size (tools/sim/wasm.py); same MicroPython version as the unix port.
+WASM_PORT := @micropython/micropython-webassembly-pyscript@1.29.0-6
+wasm:
+	@command -v npm >/dev/null 2>&1 || (echo "wasm: needs Node.js and npm" && exit 1)
+	npm install --prefix build/wasm --no-audit --no-fund --no-save $(WASM_PORT)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -178,3 +178,11 @@ def watchdog_feed():
 
 def reset():
     machine.reset()
+
+
+def phase(name):
+    """Energy-ledger phase marker: the sim board books time by it; nothing to do here."""
+
+
+def pk_op(kind):
+    """A public-key operation's charge on the sim board; it simply takes its time here."""

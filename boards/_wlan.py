@@ -7,7 +7,9 @@ import network
 _wlan = None
 
 
-def radio_up(ssid, password, deadline_ms):
+def radio_up(ssid, password, deadline_ms, hint=None):
+    # `hint` (channel, then the BSSID) from an earlier success: the BSSID is passed on so the
+    # port skips the scan for it. These ports report no hint of their own yet: True.
     global _wlan
     if _wlan is None:
         _wlan = network.WLAN(network.STA_IF)
@@ -15,7 +17,10 @@ def radio_up(ssid, password, deadline_ms):
     if _wlan.isconnected():
         return True
     start = _time.ticks_ms()
-    _wlan.connect(ssid, password)
+    if hint is not None and len(hint) == 7:
+        _wlan.connect(ssid, password, bssid=bytes(hint[1:7]))
+    else:
+        _wlan.connect(ssid, password)
     while _time.ticks_diff(_time.ticks_ms(), start) < deadline_ms:
         if _wlan.isconnected():
             return True
