@@ -5,34 +5,34 @@
 import json
 import os
 
-from micropython import const
+import bootwire
 
-BOOTLOADER_VERSION = const(1)
+# The bootloader's version and the protocol's ota_state and ota_reason values come from
+# bootwire.py, generated from the spec and installed with the bootloader: the bootloader
+# cannot import proto.py (that lives in the image it checks).
+BOOTLOADER_VERSION = bootwire.BOOTLOADER_VERSION
 
-# Values of the protocol's ota_state and ota_reason enums (shared/protocol/torpor.toml).
-# The bootloader cannot import the generated proto.py (that lives in the image it checks);
-# a test keeps these equal to the spec.
-IDLE = const(0)
-TRIAL = const(3)
-CONFIRMED = const(4)
-REVERTED = const(5)
+IDLE = bootwire.OTA_STATE_IDLE
+TRIAL = bootwire.OTA_STATE_TRIAL
+CONFIRMED = bootwire.OTA_STATE_CONFIRMED
+REVERTED = bootwire.OTA_STATE_REVERTED
 
-NONE = const(0)
-BAD_SIGNATURE = const(1)
-UNKNOWN_KEY = const(2)
-BAD_HASH = const(3)
-MISSING_FILE = const(4)
-WRONG_BOARD = const(5)
-DOWNGRADE = const(6)
-TRUNCATED = const(7)
-HEALTH_CHECK = const(9)
-CRASHED = const(10)
-NO_SPACE = const(11)
-BAD_MANIFEST = const(12)
+NONE = bootwire.OTA_REASON_NONE
+BAD_SIGNATURE = bootwire.OTA_REASON_BAD_SIGNATURE
+UNKNOWN_KEY = bootwire.OTA_REASON_UNKNOWN_KEY
+BAD_HASH = bootwire.OTA_REASON_BAD_HASH
+MISSING_FILE = bootwire.OTA_REASON_MISSING_FILE
+WRONG_BOARD = bootwire.OTA_REASON_WRONG_BOARD
+DOWNGRADE = bootwire.OTA_REASON_DOWNGRADE
+TRUNCATED = bootwire.OTA_REASON_TRUNCATED
+HEALTH_CHECK = bootwire.OTA_REASON_HEALTH_CHECK
+CRASHED = bootwire.OTA_REASON_CRASHED
+NO_SPACE = bootwire.OTA_REASON_NO_SPACE
+BAD_MANIFEST = bootwire.OTA_REASON_BAD_MANIFEST
 
 # Boot causes of the Board API that mean "the trial image crashed or hung".
-_CAUSE_WATCHDOG = const(2)
-_CAUSE_CRASH = const(3)
+_CAUSE_WATCHDOG = bootwire.BOOT_CAUSE_WATCHDOG
+_CAUSE_CRASH = bootwire.BOOT_CAUSE_CRASH
 
 # (slot, version, on_trial) of the image the bootloader started in this process; None when
 # the firmware runs without the bootloader (tests, development from source).

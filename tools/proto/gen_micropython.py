@@ -21,21 +21,25 @@ from tools.proto.spec import (
 
 PREAMBLE = '''\
 class ProtocolError(ValueError):
-    pass
+    # code: the error_code value an ERROR frame answering this failure carries
+    code = ERROR_CODE_MALFORMED
 
 
-def _err(name, off, why):
-    return ProtocolError("%s at byte %d: %s" % (name, off, why))
+def _err(name, off, why, code=ERROR_CODE_MALFORMED):
+    e = ProtocolError("%s at byte %d: %s" % (name, off, why))
+    e.code = code
+    return e
 
 
 def _header(buf, n, ftype, name):
     if n < HEADER_SIZE:
         raise _err(name, n, "truncated header")
     if n > MAX_FRAME:
-        raise _err(name, MAX_FRAME, "frame too large")
+        raise _err(name, MAX_FRAME, "frame too large", ERROR_CODE_TOO_LARGE)
     v = buf[0]
     if v >> 4 != MAJOR:
-        raise _err(name, 0, "unsupported protocol version %d.%d" % (v >> 4, v & 15))
+        raise _err(name, 0, "unsupported protocol version %d.%d" % (v >> 4, v & 15),
+                   ERROR_CODE_UNSUPPORTED_VERSION)
     if buf[1] != ftype:
         raise _err(name, 1, "frame type %d is not %s" % (buf[1], name))
     return v & 15
@@ -358,6 +362,43 @@ def generate_wire(spec: Spec) -> str:
     return "\n".join(w.lines) + "\n"
 
 
+# Enums the bootloader and the board modules need, in firmware/bootwire.py.
+BOOT_ENUMS = ("boot_cause", "ota_state", "ota_reason")
+
+
+def generate_bootwire(spec: Spec) -> str:
+    """firmware/bootwire.py: what the bootloader and the board modules need of the spec
+    (bootloader version, manifest limit, boot causes, OTA states and reasons). It is
+    installed with the bootloader, which cannot import proto.py or wire.py: those live in
+    the image it checks."""
+    w = Lines()
+    w("# Torpor wire facts for the bootloader and the board modules (MicroPython firmware).")
+    w(f"# Generated from {SPEC_REL} by `torpor proto gen`: generated, do not edit.")
+    w("# Installed with the bootloader (not in an image): the same values as in proto.py.")
+    w("from micropython import const")
+    w()
+    w("# [bootloader] version: an image's manifest names the lowest it needs (min_bootloader)")
+    w(f"BOOTLOADER_VERSION = const({spec.bootloader_version})")
+    w("# largest signed manifest an image may carry (OTA_MANIFEST's manifest field)")
+    w(f"MAX_MANIFEST = const({spec.max_manifest})")
+    w()
+    _enums(w, spec, BOOT_ENUMS, tables=False)
+    return "\n".join(w.lines) + "\n"
+
+
+def generate_boot_cause(spec: Spec) -> str:
+    """boards/_boot_cause.py: the boot_cause enum under the names of the Board API, for the
+    board modules (installed with them, importable wherever a board module is)."""
+    w = Lines()
+    w("# Torpor boot causes for the board modules (MicroPython): the protocol's boot_cause enum.")
+    w(f"# Generated from {SPEC_REL} by `torpor proto gen`: generated, do not edit.")
+    w("from micropython import const")
+    w()
+    for k, v in spec.enum("boot_cause").values:
+        w(f"{_c(k)} = const({v})")
+    return "\n".join(w.lines) + "\n"
+
+
 def generate(spec: Spec) -> str:
     w = Lines()
     w("# Torpor wire protocol codec for MicroPython (the firmware).")
@@ -417,9 +458,77 @@ def generate(spec: Spec) -> str:
     w('raise _err("frame", len(buf), "truncated header")', 2)
     w("fn = _DECODERS.get(buf[1])", 1)
     w("if fn is None:", 1)
-    w('raise _err("frame", 1, "unknown frame type %d" % buf[1])', 2)
+    w('raise _err("frame", 1, "unknown frame type %d" % buf[1], ERROR_CODE_UNKNOWN_FRAME)', 2)
     w("return buf[1], fn(buf)", 1)
+    _gen_in_place(w, spec)
     return "\n".join(w.lines) + "\n"
+
+
+OPT_AT = '''\
+def opt_at(p, off, tag):
+    # where optional field `tag`'s value sits in a frame in_place() passed (off: what it
+    # returned), or 0 when the field is absent (it then has its default)
+    n = len(p)
+    while off < n:
+        if p[off] == tag:
+            return off + 2
+        off += 2 + p[off + 1]
+    return 0
+'''
+
+
+def _gen_in_place(w: Lines, spec: Spec) -> None:
+    """Frames of [in_place]: offsets of their fields and a check of the plain shape, so the
+    node reads them from its receive buffer without the tuple and lists of decode_*.
+    Few names: each module-level name is an entry in the module's dict on the node's heap."""
+    if not spec.in_place:
+        return
+    w()
+    w()
+    w("# Frames read in place (the spec's [in_place]). When end = in_place(p) is not 0, p is a")
+    w("# plain frame of type p[1]: required field X at <FRAME>_AT_X, optional field Y at")
+    w("# opt_at(p, end, <FRAME>_TAG_Y). Any other frame goes to decode(), which accepts or refuses it.")
+    for name in spec.in_place:
+        lay = spec.in_place_layout(spec.frame(name))
+        for fname, off in lay.at:
+            w(f"{name}_AT_{_c(fname)} = const({off})")
+        for fname, tag, _size in lay.optional:
+            w(f"{name}_TAG_{_c(fname)} = const({tag})")
+    w()
+    w()
+    w("def in_place(p):")
+    w("# 0, or where the optional fields of plain frame p start (see above)", 1)
+    w("n = len(p)", 1)
+    w("if n < HEADER_SIZE or n > MAX_FRAME or p[0] >> 4 != MAJOR:", 1)
+    w("return 0", 2)
+    w("t = p[1]", 1)
+    for k, name in enumerate(spec.in_place):
+        lay = spec.in_place_layout(spec.frame(name))
+        w(f"{'if' if k == 0 else 'elif'} t == {name}:", 1)
+        w(f"end = {lay.end}", 2)
+        pairs = "".join(f"\\x{tag:02x}\\x{size:02x}" for _f, tag, size in lay.optional)
+        w(f'opt = b"{pairs}"  # (tag, size) of each optional field', 2)
+        cond = "n < end" + "".join(f" or p[{off}]" for _f, off in lay.empty)
+        w(f"if {cond}:{'  # ' + ', '.join(f for f, _o in lay.empty) + ': empty' if lay.empty else ''}", 2)
+        w("return 0", 3)
+    w("else:", 1)
+    w("return 0", 2)
+    w("off = end", 1)
+    w("j = 0", 1)
+    w("while off < n:", 1)
+    w("if off + 2 > n:", 2)
+    w("return 0", 3)
+    w("tag = p[off]", 2)
+    w("while j < len(opt) and opt[j] != tag:", 2)
+    w("j += 2", 3)
+    w("if j == len(opt) or p[off + 1] != opt[j + 1] or off + 2 + opt[j + 1] > n:", 2)
+    w("return 0", 3)
+    w("j += 2", 2)
+    w("off += 2 + p[off + 1]", 2)
+    w("return end", 1)
+    w()
+    w()
+    w(OPT_AT.rstrip("\n"))
 
 
 def _value_size_expr(spec: Spec, f: Field) -> str:

@@ -24,13 +24,17 @@ _E = TypeVar("_E", bound=IntEnum)
 
 
 class ProtocolError(ValueError):
-    """A frame could not be decoded or encoded; names the frame and the byte offset."""
+    """A frame could not be decoded or encoded; names the frame and the byte offset.
 
-    def __init__(self, frame: str, offset: int, reason: str) -> None:
+    `code` is the ErrorCode an ERROR frame answering this failure carries: MALFORMED
+    unless the header already tells (UNSUPPORTED_VERSION, TOO_LARGE, UNKNOWN_FRAME)."""
+
+    def __init__(self, frame: str, offset: int, reason: str, code: ErrorCode | None = None) -> None:
         super().__init__(f"{frame} at byte {offset}: {reason}")
         self.frame = frame
         self.offset = offset
         self.reason = reason
+        self.code = ErrorCode.MALFORMED if code is None else code
 
 
 _HDR = struct.Struct("<BBI")
@@ -43,11 +47,13 @@ def _header(buf: Buffer, n: int, ftype: int, name: str) -> tuple[int, int]:
     if n < HEADER_SIZE:
         raise ProtocolError(name, n, "truncated header")
     if n > MAX_FRAME:
-        raise ProtocolError(name, MAX_FRAME, f"frame of {n} bytes exceeds the maximum {MAX_FRAME}")
+        raise ProtocolError(name, MAX_FRAME, f"frame of {n} bytes exceeds the maximum {MAX_FRAME}",
+                            ErrorCode.TOO_LARGE)
     ver, got, msg_id = _HDR.unpack_from(buf, 0)
     if ver >> 4 != MAJOR:
         raise ProtocolError(
-            name, 0, f"unsupported protocol version {ver >> 4}.{ver & 15} (this side speaks {MAJOR}.x)"
+            name, 0, f"unsupported protocol version {ver >> 4}.{ver & 15} (this side speaks {MAJOR}.x)",
+            ErrorCode.UNSUPPORTED_VERSION,
         )
     if got != ftype:
         raise ProtocolError(name, 1, f"frame type {got} is not {name} ({ftype})")
@@ -328,6 +334,14 @@ def generate(spec: Spec) -> str:
     w(f"VERSION_BYTE = 0x{spec.version_byte:02X}")
     w(f"HEADER_SIZE = {HEADER_SIZE}")
     w(f"MAX_FRAME = {spec.max_frame}")
+    w("# largest encoding of any frame the spec defines (each frame class's MAX_SIZE)")
+    w(f"LARGEST_FRAME = {spec.largest_frame}")
+    w("# message ids are the header's u32: 0..MSG_ID_MAX")
+    w(f"MSG_ID_MAX = 0x{spec.msg_id_max:X}")
+    w("# [bootloader] version: an image's manifest names the lowest it needs (min_bootloader)")
+    w(f"BOOTLOADER_VERSION = {spec.bootloader_version}")
+    w("# largest signed manifest an image may carry (OTA_MANIFEST's manifest field)")
+    w(f"MAX_MANIFEST = {spec.max_manifest}")
     w("_U32 = struct.Struct('<I')")
     w("_RANGES: dict[str, tuple[int, int]] = {")
     for t, (lo, hi) in INT_RANGES.items():
@@ -429,6 +443,12 @@ def generate(spec: Spec) -> str:
         w()
 
     w()
+    w("# largest length of each bounded field (bytes for bytes/str, items for arrays and series)")
+    for fr in spec.frames:
+        for f in fr.fields:
+            if f.max is not None:
+                w(f"{fr.name}_{f.name.upper()}_MAX = {f.max}")
+    w()
     w("Frame = " + " | ".join(fr.camel for fr in spec.frames))
     for fr in spec.frames:
         w(f"{fr.name} = {fr.id}")
@@ -457,7 +477,7 @@ def generate(spec: Spec) -> str:
     w('raise ProtocolError("frame", len(buf), "truncated header")', 2)
     w("fn = _DECODERS.get(buf[1])", 1)
     w("if fn is None:", 1)
-    w('raise ProtocolError("frame", 1, f"unknown frame type {buf[1]}")', 2)
+    w('raise ProtocolError("frame", 1, f"unknown frame type {buf[1]}", ErrorCode.UNKNOWN_FRAME)', 2)
     w("return fn(buf)", 1)
     w()
     w()
