@@ -4,35 +4,41 @@
 # the record is the old one or the new one, never a mix. docs/bootloader.md has the table.
 import json
 import os
+import sys
 
 import bootwire
 
-# The bootloader's version and the protocol's ota_state and ota_reason values come from
-# bootwire.py, generated from the spec and installed with the bootloader: the bootloader
-# cannot import proto.py (that lives in the image it checks).
+# The bootloader's version, the manifest limit and the protocol's ota_state and ota_reason
+# values come from bootwire.py, generated from the spec and installed with the bootloader:
+# the bootloader cannot import proto.py (that lives in the image it checks).
 BOOTLOADER_VERSION = bootwire.BOOTLOADER_VERSION
+MAX_MANIFEST = bootwire.MAX_MANIFEST
 
-IDLE = bootwire.OTA_STATE_IDLE
-TRIAL = bootwire.OTA_STATE_TRIAL
-CONFIRMED = bootwire.OTA_STATE_CONFIRMED
-REVERTED = bootwire.OTA_STATE_REVERTED
+IDLE = bootwire.IDLE
+TRIAL = bootwire.TRIAL
+CONFIRMED = bootwire.CONFIRMED
+REVERTED = bootwire.REVERTED
 
-NONE = bootwire.OTA_REASON_NONE
-BAD_SIGNATURE = bootwire.OTA_REASON_BAD_SIGNATURE
-UNKNOWN_KEY = bootwire.OTA_REASON_UNKNOWN_KEY
-BAD_HASH = bootwire.OTA_REASON_BAD_HASH
-MISSING_FILE = bootwire.OTA_REASON_MISSING_FILE
-WRONG_BOARD = bootwire.OTA_REASON_WRONG_BOARD
-DOWNGRADE = bootwire.OTA_REASON_DOWNGRADE
-TRUNCATED = bootwire.OTA_REASON_TRUNCATED
-HEALTH_CHECK = bootwire.OTA_REASON_HEALTH_CHECK
-CRASHED = bootwire.OTA_REASON_CRASHED
-NO_SPACE = bootwire.OTA_REASON_NO_SPACE
-BAD_MANIFEST = bootwire.OTA_REASON_BAD_MANIFEST
+NONE = bootwire.NONE
+BAD_SIGNATURE = bootwire.BAD_SIGNATURE
+UNKNOWN_KEY = bootwire.UNKNOWN_KEY
+BAD_HASH = bootwire.BAD_HASH
+MISSING_FILE = bootwire.MISSING_FILE
+WRONG_BOARD = bootwire.WRONG_BOARD
+DOWNGRADE = bootwire.DOWNGRADE
+TRUNCATED = bootwire.TRUNCATED
+HEALTH_CHECK = bootwire.HEALTH_CHECK
+CRASHED = bootwire.CRASHED
+NO_SPACE = bootwire.NO_SPACE
+BAD_MANIFEST = bootwire.BAD_MANIFEST
 
 # Boot causes of the Board API that mean "the trial image crashed or hung".
-_CAUSE_WATCHDOG = bootwire.BOOT_CAUSE_WATCHDOG
-_CAUSE_CRASH = bootwire.BOOT_CAUSE_CRASH
+_CAUSE_WATCHDOG = bootwire.WATCHDOG
+_CAUSE_CRASH = bootwire.CRASH
+# What the bootloader needs is copied above: the module's own table of every value need not
+# stay on the heap for the whole wake.
+del bootwire
+sys.modules.pop("bootwire", None)
 
 # (slot, version, on_trial) of the image the bootloader started in this process; None when
 # the firmware runs without the bootloader (tests, development from source).

@@ -10,13 +10,12 @@ import os
 import struct
 
 import bootstate
-import bootwire
 import trusted_keys
 from micropython import const
 
 _MAP_MAGIC = const(0x4D43)  # "CM": resume map header
 _MAP_HDR = const(8)  # magic u16, chunk size u16, chunk count u32
-MAX_MANIFEST = bootwire.MAX_MANIFEST  # generated from the spec
+MAX_MANIFEST = bootstate.MAX_MANIFEST  # generated from the spec
 SPACE_MARGIN = const(4)  # blocks kept free beyond the image (littlefs metadata)
 
 _root = None

@@ -16,6 +16,7 @@ from tools.proto.spec import (
     Field,
     Frame,
     Spec,
+    SpecError,
     varint_size,
 )
 
@@ -362,17 +363,18 @@ def generate_wire(spec: Spec) -> str:
     return "\n".join(w.lines) + "\n"
 
 
-# Enums the bootloader and the board modules need, in firmware/bootwire.py.
+# Enums the bootloader needs, in firmware/bootwire.py, under their bare value names.
 BOOT_ENUMS = ("boot_cause", "ota_state", "ota_reason")
 
 
 def generate_bootwire(spec: Spec) -> str:
-    """firmware/bootwire.py: what the bootloader and the board modules need of the spec
-    (bootloader version, manifest limit, boot causes, OTA states and reasons). It is
-    installed with the bootloader, which cannot import proto.py or wire.py: those live in
-    the image it checks."""
+    """firmware/bootwire.py: what the bootloader needs of the spec (its version, the manifest
+    limit, boot causes, OTA states and reasons). It is installed with the bootloader, which
+    cannot import proto.py or wire.py: those live in the image it checks. Values go by their
+    bare names (IDLE, BAD_HASH), the names bootstate and the board modules export: every new
+    name is a string interned on the node's heap for good."""
     w = Lines()
-    w("# Torpor wire facts for the bootloader and the board modules (MicroPython firmware).")
+    w("# Torpor wire facts for the bootloader (MicroPython firmware).")
     w(f"# Generated from {SPEC_REL} by `torpor proto gen`: generated, do not edit.")
     w("# Installed with the bootloader (not in an image): the same values as in proto.py.")
     w("from micropython import const")
@@ -381,8 +383,16 @@ def generate_bootwire(spec: Spec) -> str:
     w(f"BOOTLOADER_VERSION = const({spec.bootloader_version})")
     w("# largest signed manifest an image may carry (OTA_MANIFEST's manifest field)")
     w(f"MAX_MANIFEST = const({spec.max_manifest})")
-    w()
-    _enums(w, spec, BOOT_ENUMS, tables=False)
+    seen: dict[str, str] = {}
+    for name in BOOT_ENUMS:
+        w()
+        w(f"# enum {name}")
+        for k, v in spec.enum(name).values:
+            if k in seen:
+                raise SpecError(f"enums.{name}.values: '{k}' is also a value of {seen[k]} "
+                                "(bootwire.py names them alike)")
+            seen[k] = name
+            w(f"{_c(k)} = const({v})")
     return "\n".join(w.lines) + "\n"
 
 
