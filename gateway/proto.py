@@ -7,13 +7,13 @@ Generated from shared/protocol/torpor.toml by `torpor proto gen`: generated, do 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
-from itertools import accumulate
-from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar
-
-Buffer = bytes | bytearray | memoryview
-_E = TypeVar("_E", bound=IntEnum)
+from itertools import accumulate, pairwise
+from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 MAJOR = 1
 MINOR = 1
@@ -37,6 +37,10 @@ _RANGES: dict[str, tuple[int, int]] = {
     'u32': (0, 4294967295),
     'i32': (-2147483648, 2147483647),
 }
+
+
+Buffer = bytes | bytearray | memoryview
+_E = TypeVar("_E", bound=IntEnum)
 
 
 class ProtocolError(ValueError):
@@ -263,7 +267,7 @@ def _encode_series(
     ts = series.timestamps
     if interval:
         if ts[-1] - ts[0] != (count - 1) * interval or any(
-            b - a != interval for a, b in zip(ts, ts[1:])
+            b - a != interval for a, b in pairwise(ts)
         ):
             raise ProtocolError(name, len(out), "readings: timestamps are not `interval` apart")
     for i, (lo, hi) in enumerate(ranges):
@@ -276,9 +280,9 @@ def _encode_series(
     out += _U32.pack(ts[0])
     out += first.pack(*(c[0] for c in series.columns))
     for col in series.columns:
-        _zigzag_varints(out, [b - a for a, b in zip(col, col[1:])])
+        _zigzag_varints(out, [b - a for a, b in pairwise(col)])
     if not interval:
-        _zigzag_varints(out, [b - a for a, b in zip(ts, ts[1:])])
+        _zigzag_varints(out, [b - a for a, b in pairwise(ts)])
 
 
 def _tlv_head(buf: Buffer, off: int, n: int, name: str) -> tuple[int, int, int]:

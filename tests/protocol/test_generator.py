@@ -268,3 +268,23 @@ def test_no_hand_copied_wire_facts_outside_generated_code() -> None:
                     if re.search(pattern, line):
                         found.append(f"{path.relative_to(generate.ROOT)}:{n}: {what}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+def test_runtime_stand_ins_are_what_the_generated_module_defines() -> None:
+    """tools/proto/runtime_python.py stands in for the generated module's names; each one
+    exists in gateway/proto.py with the same kind of value (the codes as the spec's)."""
+    from enum import IntEnum
+
+    from gateway import proto
+    from tools.proto import runtime_python as rt
+
+    text = rt.__file__ and Path(rt.__file__).read_text()
+    stand_ins = text.split("(not copied) ----\n", 1)[1].split("# ---- runtime (copied)", 1)[0]
+    names = re.findall(r"^(?:class )?([A-Za-z_][A-Za-z0-9_]*)\b", stand_ins, re.M)
+    assert {"MAJOR", "MAX_FRAME", "_SCHEMAS", "ErrorCode"} <= set(names)
+    for name in names:
+        assert type(getattr(proto, name)) is type(getattr(rt, name)), name
+    assert issubclass(proto.ErrorCode, IntEnum)
+    for code in rt.ErrorCode:
+        assert proto.ErrorCode[code.name].name == code.name
+    assert proto.ProtocolError.__module__ == "gateway.proto"  # copied, not imported
