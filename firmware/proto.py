@@ -259,7 +259,7 @@ def _uv(buf, off, n, name):
     return r
 
 
-_pos = [0, 0]
+_pos = [0, 0]  # offset after the last read, tag of the last TLV
 
 
 def _put_uv(buf, off, v):
@@ -440,6 +440,17 @@ def _tlv(buf, off, n, name):
         raise _err(name, off, "field tag %d: truncated" % tag)
     _pos[1] = tag
     return ln
+
+
+def opt_at(p, off, tag):
+    # where optional field `tag`'s value sits in a frame in_place() passed (off: what it
+    # returned), or 0 when the field is absent (it then has its default)
+    n = len(p)
+    while off < n:
+        if p[off] == tag:
+            return off + 2
+        off += 2 + p[off + 1]
+    return 0
 
 
 def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class, config_version=0, ota_state=0, ota_reason=0, safe_mode=False, boots_without_send=0, mcu_temp=0.0, first_id=0):
@@ -1087,14 +1098,3 @@ def in_place(p):
         j += 2
         off += 2 + p[off + 1]
     return end
-
-
-def opt_at(p, off, tag):
-    # where optional field `tag`'s value sits in a frame in_place() passed (off: what it
-    # returned), or 0 when the field is absent (it then has its default)
-    n = len(p)
-    while off < n:
-        if p[off] == tag:
-            return off + 2
-        off += 2 + p[off + 1]
-    return 0

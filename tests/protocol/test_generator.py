@@ -288,3 +288,14 @@ def test_runtime_stand_ins_are_what_the_generated_module_defines() -> None:
     for code in rt.ErrorCode:
         assert proto.ErrorCode[code.name].name == code.name
     assert proto.ProtocolError.__module__ == "gateway.proto"  # copied, not imported
+
+
+def test_micropython_runtime_stand_ins_are_defined_by_the_generated_module() -> None:
+    text = (generate.ROOT / "tools" / "proto" / "runtime_micropython.py").read_text()
+    stand_ins = text.split("(not copied) ----\n", 1)[1].split("# ---- runtime (copied)", 1)[0]
+    names = re.findall(r"^([A-Za-z_][A-Za-z0-9_]*) = ", stand_ins, re.M)
+    assert {"MAJOR", "MAX_FRAME", "ERROR_CODE_TOO_LARGE", "_SCHEMA_COLS"} <= set(names)
+    node = (generate.ROOT / "firmware" / "proto.py").read_text()
+    for name in names:
+        assert re.search(rf"^{name} = ", node, re.M), name
+    assert text.split("# ---- runtime (copied) ----\n", 1)[1].strip() in node
