@@ -7,20 +7,21 @@ import os
 import sys
 import time as _time
 
+import _boot_cause
 import simflash
 from micropython import const
 
 NAME = "sim"
 FS_ROOT = "/flash"
 
-# Boot causes: the protocol's boot_cause enum, identical in every board module.
-POWER_ON = const(0)
-TIMER = const(1)
-WATCHDOG = const(2)
-CRASH = const(3)
-SOFT_RESET = const(4)
-EXTERNAL_RESET = const(5)
-BROWNOUT = const(6)
+# Boot causes: the protocol's boot_cause enum, generated into _boot_cause.py.
+POWER_ON = _boot_cause.POWER_ON
+TIMER = _boot_cause.TIMER
+WATCHDOG = _boot_cause.WATCHDOG
+CRASH = _boot_cause.CRASH
+SOFT_RESET = _boot_cause.SOFT_RESET
+EXTERNAL_RESET = _boot_cause.EXTERNAL_RESET
+BROWNOUT = _boot_cause.BROWNOUT
 
 # Process exit codes the supervisor understands (documented in boards/README.md).
 EXIT_DEEP_SLEEP = const(75)

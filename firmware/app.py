@@ -59,40 +59,6 @@ def _u32(b, o):
     return b[o] | (b[o + 1] << 8) | (b[o + 2] << 16) | (b[o + 3] << 24)
 
 
-# ACK and SLEEP_NOW come in every sending wake. Their fixed fields are read in place from
-# the receive buffer when the frame has the plain shape the codec would accept (the decoder
-# builds a tuple, a list and views for them, about 600 bytes): the header with this
-# protocol's major version, the u32 that follows, for ACK an empty selective list, then
-# only the known optional fields, each once, in tag order, at the size the spec gives it
-# (tag, size pairs below, from shared/protocol/torpor.toml). Any other frame goes to the
-# codec, which accepts or refuses it as before.
-_ACK_FIXED = const(11)  # header, cumulative u32, selective count (a one-byte varint)
-_ACK_OPTIONAL = b"\x03\x04\x04\x01"  # time (tag 3, u32), pending (tag 4, u8)
-_SLEEP_NOW_FIXED = const(10)  # header, sleep_s u32
-_SLEEP_NOW_OPTIONAL = b"\x02\x01"  # pending (tag 2, u8)
-
-
-def _plain(p, off, optional):
-    """True when frame p from byte off holds only fields of `optional`, as described above."""
-    import proto  # loaded by send()
-
-    n = len(p)
-    if n < off or n > proto.MAX_FRAME or p[0] >> 4 != proto.MAJOR:
-        return False
-    j = 0
-    while off < n:
-        if off + 2 > n:
-            return False
-        tag = p[off]
-        while j < len(optional) and optional[j] != tag:
-            j += 2
-        if j == len(optional) or p[off + 1] != optional[j + 1] or off + 2 + optional[j + 1] > n:
-            return False
-        j += 2
-        off += 2 + p[off + 1]
-    return True
-
-
 def _ms_since(t):
     return time.ticks_diff(time.ticks_ms(), t)
 
@@ -408,12 +374,15 @@ class Wake:
         # payload is a view into the client's receive buffer. OTA frames are rare and
         # large, and their fields go to the slot code: they get a copy of their own.
         t = payload[1] if len(payload) > 1 else 0
-        if t == proto.ACK and _plain(payload, _ACK_FIXED, _ACK_OPTIONAL) and payload[10] == 0:
-            self._on_ack(_u32(payload, 6), ())
+        # ACK and SLEEP_NOW come in every sending wake: read in place when plain (the decoder
+        # builds a tuple, a list and views for them, about 600 bytes).
+        end = proto.in_place(payload)
+        if end and t == proto.ACK:
+            self._on_ack(_u32(payload, proto.ACK_AT_CUMULATIVE), ())
             return 0
-        if t == proto.SLEEP_NOW and _plain(payload, _SLEEP_NOW_FIXED, _SLEEP_NOW_OPTIONAL):
-            # plain: 13 bytes only with the pending field, its value last
-            return self._on_sleep_now(_u32(payload, 6), payload[12] if len(payload) == 13 else 0)
+        if end and t == proto.SLEEP_NOW:
+            o = proto.opt_at(payload, end, proto.SLEEP_NOW_TAG_PENDING)
+            return self._on_sleep_now(_u32(payload, proto.SLEEP_NOW_AT_SLEEP_S), payload[o] if o else 0)
         if t == proto.OTA_MANIFEST or t == proto.OTA_CHUNK:  # no tuple per packet
             payload = bytes(payload)
         try:

@@ -4,35 +4,41 @@
 # the record is the old one or the new one, never a mix. docs/bootloader.md has the table.
 import json
 import os
+import sys
 
-from micropython import const
+import bootwire
 
-BOOTLOADER_VERSION = const(1)
+# The bootloader's version, the manifest limit and the protocol's ota_state and ota_reason
+# values come from bootwire.py, generated from the spec and installed with the bootloader:
+# the bootloader cannot import proto.py (that lives in the image it checks).
+BOOTLOADER_VERSION = bootwire.BOOTLOADER_VERSION
+MAX_MANIFEST = bootwire.MAX_MANIFEST
 
-# Values of the protocol's ota_state and ota_reason enums (shared/protocol/torpor.toml).
-# The bootloader cannot import the generated proto.py (that lives in the image it checks);
-# a test keeps these equal to the spec.
-IDLE = const(0)
-TRIAL = const(3)
-CONFIRMED = const(4)
-REVERTED = const(5)
+IDLE = bootwire.IDLE
+TRIAL = bootwire.TRIAL
+CONFIRMED = bootwire.CONFIRMED
+REVERTED = bootwire.REVERTED
 
-NONE = const(0)
-BAD_SIGNATURE = const(1)
-UNKNOWN_KEY = const(2)
-BAD_HASH = const(3)
-MISSING_FILE = const(4)
-WRONG_BOARD = const(5)
-DOWNGRADE = const(6)
-TRUNCATED = const(7)
-HEALTH_CHECK = const(9)
-CRASHED = const(10)
-NO_SPACE = const(11)
-BAD_MANIFEST = const(12)
+NONE = bootwire.NONE
+BAD_SIGNATURE = bootwire.BAD_SIGNATURE
+UNKNOWN_KEY = bootwire.UNKNOWN_KEY
+BAD_HASH = bootwire.BAD_HASH
+MISSING_FILE = bootwire.MISSING_FILE
+WRONG_BOARD = bootwire.WRONG_BOARD
+DOWNGRADE = bootwire.DOWNGRADE
+TRUNCATED = bootwire.TRUNCATED
+HEALTH_CHECK = bootwire.HEALTH_CHECK
+CRASHED = bootwire.CRASHED
+NO_SPACE = bootwire.NO_SPACE
+BAD_MANIFEST = bootwire.BAD_MANIFEST
 
 # Boot causes of the Board API that mean "the trial image crashed or hung".
-_CAUSE_WATCHDOG = const(2)
-_CAUSE_CRASH = const(3)
+_CAUSE_WATCHDOG = bootwire.WATCHDOG
+_CAUSE_CRASH = bootwire.CRASH
+# What the bootloader needs is copied above: the module's own table of every value need not
+# stay on the heap for the whole wake.
+del bootwire
+sys.modules.pop("bootwire", None)
 
 # (slot, version, on_trial) of the image the bootloader started in this process; None when
 # the firmware runs without the bootloader (tests, development from source).

@@ -199,21 +199,25 @@ ERROR_DETAIL = const(3)
 
 
 class ProtocolError(ValueError):
-    pass
+    # code: the error_code value an ERROR frame answering this failure carries
+    code = ERROR_CODE_MALFORMED
 
 
-def _err(name, off, why):
-    return ProtocolError("%s at byte %d: %s" % (name, off, why))
+def _err(name, off, why, code=ERROR_CODE_MALFORMED):
+    e = ProtocolError("%s at byte %d: %s" % (name, off, why))
+    e.code = code
+    return e
 
 
 def _header(buf, n, ftype, name):
     if n < HEADER_SIZE:
         raise _err(name, n, "truncated header")
     if n > MAX_FRAME:
-        raise _err(name, MAX_FRAME, "frame too large")
+        raise _err(name, MAX_FRAME, "frame too large", ERROR_CODE_TOO_LARGE)
     v = buf[0]
     if v >> 4 != MAJOR:
-        raise _err(name, 0, "unsupported protocol version %d.%d" % (v >> 4, v & 15))
+        raise _err(name, 0, "unsupported protocol version %d.%d" % (v >> 4, v & 15),
+                   ERROR_CODE_UNSUPPORTED_VERSION)
     if buf[1] != ftype:
         raise _err(name, 1, "frame type %d is not %s" % (buf[1], name))
     return v & 15
@@ -255,7 +259,7 @@ def _uv(buf, off, n, name):
     return r
 
 
-_pos = [0, 0]
+_pos = [0, 0]  # offset after the last read, tag of the last TLV
 
 
 def _put_uv(buf, off, v):
@@ -436,6 +440,17 @@ def _tlv(buf, off, n, name):
         raise _err(name, off, "field tag %d: truncated" % tag)
     _pos[1] = tag
     return ln
+
+
+def opt_at(p, off, tag):
+    # where optional field `tag`'s value sits in a frame in_place() passed (off: what it
+    # returned), or 0 when the field is absent (it then has its default)
+    n = len(p)
+    while off < n:
+        if p[off] == tag:
+            return off + 2
+        off += 2 + p[off + 1]
+    return 0
 
 
 def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class, config_version=0, ota_state=0, ota_reason=0, safe_mode=False, boots_without_send=0, mcu_temp=0.0, first_id=0):
@@ -1038,5 +1053,48 @@ def decode(buf):
         raise _err("frame", len(buf), "truncated header")
     fn = _DECODERS.get(buf[1])
     if fn is None:
-        raise _err("frame", 1, "unknown frame type %d" % buf[1])
+        raise _err("frame", 1, "unknown frame type %d" % buf[1], ERROR_CODE_UNKNOWN_FRAME)
     return buf[1], fn(buf)
+
+
+# Frames read in place (the spec's [in_place]). When end = in_place(p) is not 0, p is a
+# plain frame of type p[1]: required field X at <FRAME>_AT_X, optional field Y at
+# opt_at(p, end, <FRAME>_TAG_Y). Any other frame goes to decode(), which accepts or refuses it.
+ACK_AT_CUMULATIVE = const(6)
+ACK_TAG_TIME = const(3)
+ACK_TAG_PENDING = const(4)
+SLEEP_NOW_AT_SLEEP_S = const(6)
+SLEEP_NOW_TAG_PENDING = const(2)
+
+
+def in_place(p):
+    # 0, or where the optional fields of plain frame p start (see above)
+    n = len(p)
+    if n < HEADER_SIZE or n > MAX_FRAME or p[0] >> 4 != MAJOR:
+        return 0
+    t = p[1]
+    if t == ACK:
+        end = 11
+        opt = b"\x03\x04\x04\x01"  # (tag, size) of each optional field
+        if n < end or p[10]:  # selective: empty
+            return 0
+    elif t == SLEEP_NOW:
+        end = 10
+        opt = b"\x02\x01"  # (tag, size) of each optional field
+        if n < end:
+            return 0
+    else:
+        return 0
+    off = end
+    j = 0
+    while off < n:
+        if off + 2 > n:
+            return 0
+        tag = p[off]
+        while j < len(opt) and opt[j] != tag:
+            j += 2
+        if j == len(opt) or p[off + 1] != opt[j + 1] or off + 2 + opt[j + 1] > n:
+            return 0
+        j += 2
+        off += 2 + p[off + 1]
+    return end

@@ -15,7 +15,7 @@ from micropython import const
 
 _MAP_MAGIC = const(0x4D43)  # "CM": resume map header
 _MAP_HDR = const(8)  # magic u16, chunk size u16, chunk count u32
-MAX_MANIFEST = const(2048)
+MAX_MANIFEST = bootstate.MAX_MANIFEST  # generated from the spec
 SPACE_MARGIN = const(4)  # blocks kept free beyond the image (littlefs metadata)
 
 _root = None

@@ -45,7 +45,7 @@ DOWNLINK_QOS = 1
 _UP_TYPES = frozenset({
     proto.HELLO, proto.BURST, proto.COMMAND_RESULT, proto.SHADOW_REPORT, proto.OTA_STATUS,
 })
-_DETAIL_MAX = 64
+_DETAIL_MAX = proto.ERROR_DETAIL_MAX
 _UNCONFIRMED_MAX = 65536  # answers remembered for drain(); older ones are let go
 _SAMPLED_MAX = 100_000  # (device, reason) pairs remembered for dead-letter sampling
 STATUS_REFRESH_S = 0.5
@@ -336,11 +336,7 @@ class Ingest:
             frame = proto.decode(payload)
         except proto.ProtocolError as exc:
             problem = str(exc)
-            code = (proto.ErrorCode.UNSUPPORTED_VERSION if "version" in exc.reason
-                    else proto.ErrorCode.TOO_LARGE if "exceeds the maximum" in exc.reason
-                    and exc.frame == "frame" else
-                    proto.ErrorCode.UNKNOWN_FRAME if "unknown frame type" in exc.reason
-                    else proto.ErrorCode.MALFORMED)
+            code = exc.code
         else:
             if payload[1] not in _UP_TYPES:
                 problem = f"{type(frame).__name__} is a gateway-to-node frame"

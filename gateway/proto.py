@@ -7,19 +7,27 @@ Generated from shared/protocol/torpor.toml by `torpor proto gen`: generated, do 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
-from itertools import accumulate
-from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar
-
-Buffer = bytes | bytearray | memoryview
-_E = TypeVar("_E", bound=IntEnum)
+from itertools import accumulate, pairwise
+from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 MAJOR = 1
 MINOR = 1
 VERSION_BYTE = 0x11
 HEADER_SIZE = 6
 MAX_FRAME = 4096
+# largest encoding of any frame the spec defines (each frame class's MAX_SIZE)
+LARGEST_FRAME = 3576
+# message ids are the header's u32: 0..MSG_ID_MAX
+MSG_ID_MAX = 0xFFFFFFFF
+# [bootloader] version: an image's manifest names the lowest it needs (min_bootloader)
+BOOTLOADER_VERSION = 1
+# largest signed manifest an image may carry (OTA_MANIFEST's manifest field)
+MAX_MANIFEST = 2048
 _U32 = struct.Struct('<I')
 _RANGES: dict[str, tuple[int, int]] = {
     'u8': (0, 255),
@@ -31,14 +39,22 @@ _RANGES: dict[str, tuple[int, int]] = {
 }
 
 
-class ProtocolError(ValueError):
-    """A frame could not be decoded or encoded; names the frame and the byte offset."""
+Buffer = bytes | bytearray | memoryview
+_E = TypeVar("_E", bound=IntEnum)
 
-    def __init__(self, frame: str, offset: int, reason: str) -> None:
+
+class ProtocolError(ValueError):
+    """A frame could not be decoded or encoded; names the frame and the byte offset.
+
+    `code` is the ErrorCode an ERROR frame answering this failure carries: MALFORMED
+    unless the header already tells (UNSUPPORTED_VERSION, TOO_LARGE, UNKNOWN_FRAME)."""
+
+    def __init__(self, frame: str, offset: int, reason: str, code: ErrorCode | None = None) -> None:
         super().__init__(f"{frame} at byte {offset}: {reason}")
         self.frame = frame
         self.offset = offset
         self.reason = reason
+        self.code = ErrorCode.MALFORMED if code is None else code
 
 
 _HDR = struct.Struct("<BBI")
@@ -51,11 +67,13 @@ def _header(buf: Buffer, n: int, ftype: int, name: str) -> tuple[int, int]:
     if n < HEADER_SIZE:
         raise ProtocolError(name, n, "truncated header")
     if n > MAX_FRAME:
-        raise ProtocolError(name, MAX_FRAME, f"frame of {n} bytes exceeds the maximum {MAX_FRAME}")
+        raise ProtocolError(name, MAX_FRAME, f"frame of {n} bytes exceeds the maximum {MAX_FRAME}",
+                            ErrorCode.TOO_LARGE)
     ver, got, msg_id = _HDR.unpack_from(buf, 0)
     if ver >> 4 != MAJOR:
         raise ProtocolError(
-            name, 0, f"unsupported protocol version {ver >> 4}.{ver & 15} (this side speaks {MAJOR}.x)"
+            name, 0, f"unsupported protocol version {ver >> 4}.{ver & 15} (this side speaks {MAJOR}.x)",
+            ErrorCode.UNSUPPORTED_VERSION,
         )
     if got != ftype:
         raise ProtocolError(name, 1, f"frame type {got} is not {name} ({ftype})")
@@ -249,7 +267,7 @@ def _encode_series(
     ts = series.timestamps
     if interval:
         if ts[-1] - ts[0] != (count - 1) * interval or any(
-            b - a != interval for a, b in zip(ts, ts[1:])
+            b - a != interval for a, b in pairwise(ts)
         ):
             raise ProtocolError(name, len(out), "readings: timestamps are not `interval` apart")
     for i, (lo, hi) in enumerate(ranges):
@@ -262,9 +280,9 @@ def _encode_series(
     out += _U32.pack(ts[0])
     out += first.pack(*(c[0] for c in series.columns))
     for col in series.columns:
-        _zigzag_varints(out, [b - a for a, b in zip(col, col[1:])])
+        _zigzag_varints(out, [b - a for a, b in pairwise(col)])
     if not interval:
-        _zigzag_varints(out, [b - a for a, b in zip(ts, ts[1:])])
+        _zigzag_varints(out, [b - a for a, b in pairwise(ts)])
 
 
 def _tlv_head(buf: Buffer, off: int, n: int, name: str) -> tuple[int, int, int]:
@@ -662,6 +680,21 @@ class Error:
     ref: int
     detail: str = ''
 
+
+# largest length of each bounded field (bytes for bytes/str, items for arrays and series)
+BURST_READINGS_MAX = 255
+ACK_SELECTIVE_MAX = 64
+COMMAND_ARGS_MAX = 8
+COMMAND_DATA_MAX = 256
+COMMAND_RESULT_DETAIL_MAX = 48
+COMMAND_RESULT_VALUES_MAX = 8
+SHADOW_REPORT_ENTRIES_MAX = 16
+SHADOW_DELTA_ENTRIES_MAX = 16
+OTA_MANIFEST_MANIFEST_MAX = 2048
+OTA_MANIFEST_SIGNATURE_MAX = 64
+OTA_CHUNK_DATA_MAX = 2048
+OTA_STATUS_DETAIL_MAX = 48
+ERROR_DETAIL_MAX = 64
 
 Frame = Hello | Burst | Ack | Command | CommandResult | ShadowReport | ShadowDelta | OtaManifest | OtaChunk | OtaStatus | SleepNow | Error
 HELLO = 1
@@ -1414,7 +1447,7 @@ def decode(buf: Buffer) -> Frame:
         raise ProtocolError("frame", len(buf), "truncated header")
     fn = _DECODERS.get(buf[1])
     if fn is None:
-        raise ProtocolError("frame", 1, f"unknown frame type {buf[1]}")
+        raise ProtocolError("frame", 1, f"unknown frame type {buf[1]}", ErrorCode.UNKNOWN_FRAME)
     return fn(buf)
 
 

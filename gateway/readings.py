@@ -28,14 +28,14 @@ from gateway import db, proto
 log = logging.getLogger(__name__)
 
 STORE = "readings"
-MAX_SELECTIVE = 64  # the ACK frame's bound
+MAX_SELECTIVE = proto.ACK_SELECTIVE_MAX  # the ACK frame's bound
 # Reading ids are the frame header's u32 message ids. Id 0 is no reading's (a node's
 # first id is 1, and a fresh device's hwm of 0 means "nothing committed"), and ids do not
 # wrap: a BURST whose ids would run past ID_MAX is refused whole (gateway.ingest answers
 # ERROR malformed and dead-letters it). At one reading a second a node takes 136 years to
 # get there; wrapping would make every comparison of the dedup state modular for a case
 # no real node meets, while refusing keeps every stored id and every ACK field in u32.
-ID_MAX = 0xFFFFFFFF
+ID_MAX = proto.MSG_ID_MAX
 # Ranges kept above the hwm per device. Past it the oldest gap is given up (the node
 # dropped those readings long ago); the cost is one warning, never a duplicate.
 MAX_RANGES = 256

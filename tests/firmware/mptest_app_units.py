@@ -189,13 +189,14 @@ def test_sleep_lands_on_the_grid_and_hints_shorten_it():
 
 def _plain_fields(p):
     # What the wake takes from ACK / SLEEP_NOW in place, or None when it leaves the frame to
-    # the codec (the same checks as Wake._on_down; 11 and 10 are _ACK_FIXED and
-    # _SLEEP_NOW_FIXED, constants the module does not export).
+    # the codec (the same reads as Wake._on_down, through the generated in-place reader).
+    end = proto.in_place(p)
     t = p[1] if len(p) > 1 else 0
-    if t == proto.ACK and app._plain(p, 11, app._ACK_OPTIONAL) and p[10] == 0:
-        return (app._u32(p, 6), [])
-    if t == proto.SLEEP_NOW and app._plain(p, 10, app._SLEEP_NOW_OPTIONAL):
-        return (app._u32(p, 6), p[12] if len(p) == 13 else 0)
+    if end and t == proto.ACK:
+        return (app._u32(p, proto.ACK_AT_CUMULATIVE), [])
+    if end and t == proto.SLEEP_NOW:
+        o = proto.opt_at(p, end, proto.SLEEP_NOW_TAG_PENDING)
+        return (app._u32(p, proto.SLEEP_NOW_AT_SLEEP_S), p[o] if o else 0)
     return None
 
 

@@ -38,6 +38,7 @@ import tty
 from pathlib import Path
 from typing import Any
 
+from gateway.proto import BootCause
 from tools.sim.field import FieldModel, add_field_args, fields_from_args
 from tools.sim.node import BOARDS_DIR, BoardModel, micropython_binary
 
@@ -53,7 +54,12 @@ HELD_LIMIT = 4096
 # Output kept for a reader that is not there, like a USB CDC buffer; older bytes are dropped.
 OUT_LIMIT = 256 * 1024
 
-POWER_ON, TIMER, WATCHDOG, CRASH, SOFT_RESET, EXTERNAL_RESET = range(6)
+# Boot causes: the protocol's boot_cause enum (the sim board module exports the same).
+POWER_ON = int(BootCause.POWER_ON)
+TIMER = int(BootCause.TIMER)
+CRASH = int(BootCause.CRASH)
+SOFT_RESET = int(BootCause.SOFT_RESET)
+WATCHDOG = int(BootCause.WATCHDOG)
 EXIT_DEEP_SLEEP = 75
 EXIT_RESET = 76
 EXIT_SOFT_RESET = 77

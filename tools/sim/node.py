@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.proto import BootCause
 from tools import venvbin
 from tools.sim.field import (
     FieldModel,
@@ -47,8 +48,10 @@ FIRMWARE_DIR = ROOT / "firmware"
 BOARDS_DIR = ROOT / "boards"
 
 # Boot causes (the protocol's boot_cause enum, as exported by every board module).
-POWER_ON, TIMER, WATCHDOG, CRASH, SOFT_RESET, EXTERNAL_RESET, BROWNOUT = range(7)
-CAUSE_NAMES = ("POWER_ON", "TIMER", "WATCHDOG", "CRASH", "SOFT_RESET", "EXTERNAL_RESET", "BROWNOUT")
+POWER_ON, TIMER, WATCHDOG, CRASH, SOFT_RESET, EXTERNAL_RESET, BROWNOUT = (
+    int(c) for c in (BootCause.POWER_ON, BootCause.TIMER, BootCause.WATCHDOG, BootCause.CRASH,
+                     BootCause.SOFT_RESET, BootCause.EXTERNAL_RESET, BootCause.BROWNOUT))
+CAUSE_NAMES = {int(c): c.name for c in BootCause}
 
 EXIT_DEEP_SLEEP = 75
 EXIT_SOFT_RESET = 76
