@@ -155,6 +155,12 @@ class Lifetime:
     serial: str  # hexadecimal; "" for a CRL
     not_after: dt.datetime  # a CRL's nextUpdate
     now: dt.datetime
+    not_before: dt.datetime | None = None  # a CRL's lastUpdate
+
+    @property
+    def key(self) -> str:
+        """Names one credential for its events: a renewed one is another credential."""
+        return ":".join(x for x in (self.name, self.subject, self.serial) if x)
 
     @property
     def days_left(self) -> float:
@@ -405,8 +411,8 @@ class Pki:
     def _signer(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Literal["root", "issuing"]]:
         """Who signs new certificates and the CRL: the issuing CA when there is one."""
         if not self.has_issuing:
-            cert, key = self._load_ca()
-            return cert, key, "root"
+            root, root_key = self._load_ca()
+            return root, root_key, "root"
         if not self.issuing_key.exists():
             raise PkiError(f"issuing CA key {self.issuing_key} not found: restore it from backup "
                            "or make a new issuing CA with `torpor pki issuing` and the root key")
@@ -809,7 +815,8 @@ class Pki:
             if nxt is None:
                 continue
             items.append(Lifetime("crl" if i == 0 else "crl_root", "crl",
-                                  str(cn[0].value) if cn else "", "", nxt, now))
+                                  str(cn[0].value) if cn else "", "", nxt, now,
+                                  crl.last_update_utc))
         devices = sorted(
             (r for r in self.list() if r.kind == "device" and r.revoked_at is None),
             key=lambda r: r.not_after)
