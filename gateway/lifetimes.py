@@ -19,7 +19,7 @@ from gateway import db
 from gateway.config import PkiConfig, UpstreamConfig
 from gateway.errors import GatewayError
 from gateway.outbox import Queued
-from gateway.pki import Lifetime, Pki, PkiStatus
+from gateway.pki import BACKDATE, Lifetime, Pki, PkiStatus
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def watched(status: PkiStatus) -> list[Lifetime]:
 def _crl_due(life: Lifetime, cfg: PkiConfig) -> bool:
     if life.not_before is None:
         return True
-    span = life.not_after - life.not_before
-    return life.now >= life.not_before + span * cfg.crl_renew_at
+    issued = life.not_before + BACKDATE  # lastUpdate is backdated like certificates
+    return life.now >= issued + (life.not_after - issued) * cfg.crl_renew_at
 
 
 # (credential name, is it due, how to renew it). The root's CRL, the root and the issuing CA

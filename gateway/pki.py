@@ -793,6 +793,8 @@ class Pki:
     def status(self, now: dt.datetime | None = None, soonest: int = 5,
                within_days: float = 30.0) -> PkiStatus:
         """Every lifetime the fleet depends on, with its time left (`torpor pki status`)."""
+        if not self.ca_pem.exists():
+            raise PkiError(f"no CA in {self.path}: run `torpor pki init --dir {self.path}` first")
         now = now or self.now()
         items: builtins.list[Lifetime] = []
 
