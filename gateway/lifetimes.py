@@ -73,8 +73,13 @@ class CredentialEvent:
 
 
 def crossed(lifetime: Lifetime) -> int | None:
-    """The tightest threshold a credential has reached, or None."""
-    reached = [t for t in THRESHOLDS_DAYS if lifetime.days_left <= t]
+    """The tightest threshold a credential has reached, or None. A threshold counts only
+    for a credential that lived longer than it: a 30-day CRL the gateway renews every 15
+    days is not "30 days from expiry" the moment it is issued, but a CRL whose renewal
+    keeps failing reaches 7 and 1."""
+    life = lifetime.life_days
+    reached = [t for t in THRESHOLDS_DAYS
+               if lifetime.days_left <= t and (life is None or life > t)]
     return min(reached) if reached else None
 
 
@@ -177,7 +182,9 @@ def record(
             # Every threshold reached is marked, the tightest is told: a gateway that was
             # off for weeks says "1 day left" once, not three times.
             told = False
-            for t in sorted(t for t in THRESHOLDS_DAYS if t >= threshold):
+            whole = life.life_days
+            for t in sorted(t for t in THRESHOLDS_DAYS
+                            if t >= threshold and (whole is None or whole > t)):
                 ev = _event("expiring", life, t, now)
                 cur = conn.execute(
                     "INSERT OR IGNORE INTO credential_events(at, kind, credential, name, subject, "

@@ -158,6 +158,13 @@ class Lifetime:
     not_before: dt.datetime | None = None  # a CRL's lastUpdate
 
     @property
+    def life_days(self) -> float | None:
+        """Its whole validity (None when unknown)."""
+        if self.not_before is None:
+            return None
+        return (self.not_after - self.not_before).total_seconds() / 86400.0
+
+    @property
     def key(self) -> str:
         """Names one credential for its events: a renewed one is another credential."""
         return ":".join(x for x in (self.name, self.subject, self.serial) if x)
@@ -804,7 +811,7 @@ class Pki:
             c = x509.load_pem_x509_certificate(path.read_bytes())
             cn = c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
             items.append(Lifetime(name, kind, str(cn[0].value) if cn else "", format(c.serial_number, "x"),
-                                  c.not_valid_after_utc, now))
+                                  c.not_valid_after_utc, now, c.not_valid_before_utc))
 
         cert("root_ca", "ca", self.ca_pem)
         cert("issuing_ca", "ca", self.issuing_pem)
@@ -832,13 +839,13 @@ class Pki:
         horizon = now + dt.timedelta(days=within_days)
         return PkiStatus(
             now=now, credentials=tuple(items),
-            devices=tuple(Lifetime("device", "device", r.cn, r.serial_hex, r.not_after, now)
-                          for r in current[:soonest]),
+            devices=tuple(Lifetime("device", "device", r.cn, r.serial_hex, r.not_after, now,
+                                   r.not_before) for r in current[:soonest]),
             devices_total=len(current),
             devices_expiring=sum(1 for r in current if r.not_after <= horizon),
             within_days=within_days,
-            device_lifetimes=tuple(Lifetime("device", "device", r.cn, r.serial_hex, r.not_after, now)
-                                   for r in current),
+            device_lifetimes=tuple(Lifetime("device", "device", r.cn, r.serial_hex, r.not_after,
+                                            now, r.not_before) for r in current),
         )
 
     # --- index ------------------------------------------------------------------------

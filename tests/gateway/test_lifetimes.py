@@ -135,3 +135,20 @@ def test_status_without_the_table_yet(tmp_path: Path) -> None:
 def test_pki_section_is_validated(section: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config({"pki": section})
+
+
+def test_a_threshold_applies_only_to_a_credential_that_lived_longer(
+        fleet: tuple[Pki, Clock], tmp_path: Path) -> None:
+    """The gateway's 30-day CRL is not "30 days from expiry" when it is issued; if its
+    renewal keeps failing it reaches 7 and 1 days."""
+    pki, clock = fleet
+    conn = db.open_db(tmp_path / "gateway.db")
+    lifetimes.migrate(conn)
+    pki.write_crl(days=30)
+    pki.issue_server(["localhost"], days=400)
+    pki.issue_device("node-1", days=400)
+    assert lifetimes.record(conn, pki.status(), now=time.time())[0] == []
+    clock.t += dt.timedelta(days=23, hours=1)
+    assert _expiring(lifetimes.record(conn, pki.status(), now=time.time())[0]) == [
+        ("crl", "Torpor issuing CA", 7)]
+    conn.close()
