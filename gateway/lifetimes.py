@@ -48,6 +48,7 @@ THRESHOLDS_DAYS = (30, 7, 1)
 EVENT_KINDS = ("expiring", "renewed", "renewal_failed")
 # The upstream event kind (formats.event_item): one kind, the fields say which credential.
 UPSTREAM_KIND = "credential"
+BACKDATE_SLACK_DAYS = 1 / 24
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -77,10 +78,14 @@ def crossed(lifetime: Lifetime) -> int | None:
     for a credential that lived longer than it: a 30-day CRL the gateway renews every 15
     days is not "30 days from expiry" the moment it is issued, but a CRL whose renewal
     keeps failing reaches 7 and 1."""
-    life = lifetime.life_days
-    reached = [t for t in THRESHOLDS_DAYS
-               if lifetime.days_left <= t and (life is None or life > t)]
+    reached = [t for t in THRESHOLDS_DAYS if lifetime.days_left <= t and _applies(lifetime, t)]
     return min(reached) if reached else None
+
+
+def _applies(lifetime: Lifetime, threshold: int) -> bool:
+    # Validity starts backdated (pki.BACKDATE): a 30-day CRL lives 30 days and minutes.
+    whole = lifetime.life_days
+    return whole is None or whole > threshold + BACKDATE_SLACK_DAYS
 
 
 def watched(status: PkiStatus) -> list[Lifetime]:
@@ -182,9 +187,7 @@ def record(
             # Every threshold reached is marked, the tightest is told: a gateway that was
             # off for weeks says "1 day left" once, not three times.
             told = False
-            whole = life.life_days
-            for t in sorted(t for t in THRESHOLDS_DAYS
-                            if t >= threshold and (whole is None or whole > t)):
+            for t in sorted(t for t in THRESHOLDS_DAYS if t >= threshold and _applies(life, t)):
                 ev = _event("expiring", life, t, now)
                 cur = conn.execute(
                     "INSERT OR IGNORE INTO credential_events(at, kind, credential, name, subject, "
