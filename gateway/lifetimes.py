@@ -49,6 +49,10 @@ EVENT_KINDS = ("expiring", "renewed", "renewal_failed")
 # The upstream event kind (formats.event_item): one kind, the fields say which credential.
 UPSTREAM_KIND = "credential"
 BACKDATE_SLACK_DAYS = 1 / 24
+# A renewal that keeps failing (no key) is told once a day, not at every check.
+FAILED_REPEAT_S = 86400.0
+# The table keeps the newest rows only (a fleet's device warnings and years of renewals fit).
+MAX_ROWS = 10_000
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -172,13 +176,16 @@ def record(
     and queue each upstream, in one transaction. An event for a device goes out under the
     device's id; for the gateway's own credentials under `gateway_id`."""
     events: list[CredentialEvent] = []
-    if report is not None:
-        for life in report.renewed:
-            events.append(_event("renewed", life, None, now))
-        for life, why in report.failed:
-            events.append(_event("renewal_failed", life, None, now, why))
     renewed = {life.key for life in report.renewed} if report is not None else set()
     with db.transaction(conn):
+        if report is not None:
+            events += [_event("renewed", life, None, now) for life in report.renewed]
+            for life, why in report.failed:
+                told_lately = conn.execute(
+                    "SELECT 1 FROM credential_events WHERE kind = 'renewal_failed' AND "
+                    "credential = ? AND at > ?", (life.key, now - FAILED_REPEAT_S)).fetchone()
+                if told_lately is None:
+                    events.append(_event("renewal_failed", life, None, now, why))
         fresh: list[CredentialEvent] = []
         for life in watched(status):
             threshold = crossed(life)
@@ -204,6 +211,9 @@ def record(
                 (now, ev.kind, ev.credential, ev.name, ev.subject, ev.not_after,
                  ev.threshold_days, ev.days_left, ev.detail))
         events = [*events, *fresh]
+        if events:
+            conn.execute("DELETE FROM credential_events WHERE id <= "
+                         "(SELECT max(id) FROM credential_events) - ?", (MAX_ROWS,))
         queued: list[Queued] = []
         if events and upstream is not None and upstream.enabled:
             from gateway.ingest import queue_events

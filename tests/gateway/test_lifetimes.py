@@ -152,3 +152,26 @@ def test_a_threshold_applies_only_to_a_credential_that_lived_longer(
     assert _expiring(lifetimes.record(conn, pki.status(), now=time.time())[0]) == [
         ("crl", "Torpor issuing CA", 7)]
     conn.close()
+
+
+def test_a_failing_renewal_is_told_once_a_day_and_the_table_is_bounded(
+        fleet: tuple[Pki, Clock], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pki, clock = fleet
+    conn = db.open_db(tmp_path / "gateway.db")
+    lifetimes.migrate(conn)
+    (pki.path / "issuing.key").unlink()  # the key is lost: nothing can be renewed
+    cfg = parse_config({"pki": {"server_lead_days": 30, "server_days": 90}}).pki
+    clock.t += dt.timedelta(days=20)  # server 20 days left: due
+    t0 = time.time()
+    told = []
+    for hour in range(30):
+        report = lifetimes.renew_due(pki, cfg)
+        assert [f[0].name for f in report.failed] == ["server"]
+        events, _ = lifetimes.record(conn, pki.status(), report, now=t0 + hour * 3600)
+        told += [e for e in events if e.kind == "renewal_failed"]
+    assert [round((e.at - t0) / 3600) for e in told] == [0, 24]
+    assert "issuing CA key" in told[0].detail
+    monkeypatch.setattr(lifetimes, "MAX_ROWS", 3)
+    lifetimes.record(conn, pki.status(), lifetimes.renew_due(pki, cfg), now=t0 + 48 * 3600)
+    assert conn.execute("SELECT count(*) FROM credential_events").fetchone()[0] <= 4
+    conn.close()
