@@ -14,6 +14,7 @@ carries one CRL per issuer (Mosquitto checks the client certificate against its 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import datetime as dt
 import ipaddress
@@ -720,7 +721,7 @@ class Pki:
         now = self.now()
         rows = self.list() if records is None else records
         crl = self._sign_crl(ca_cert, ca_key, [r for r in rows if r.issuer == signer],
-                             now + dt.timedelta(days=days))
+                             now + dt.timedelta(days=days), after=self._last_update(0))
         body = crl.public_bytes(serialization.Encoding.PEM)
         if signer == "issuing" and self.root_crl_path.exists():
             body += self.root_crl_path.read_bytes()
@@ -728,12 +729,20 @@ class Pki:
         return self.crl_path
 
     def _sign_crl(self, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
-                  rows: Iterable[CertRecord], next_update: dt.datetime) -> x509.CertificateRevocationList:
+                  rows: Iterable[CertRecord], next_update: dt.datetime,
+                  after: dt.datetime | None = None) -> x509.CertificateRevocationList:
+        # Mosquitto adds each reloaded CRL to those it holds and OpenSSL uses the valid one
+        # with the latest lastUpdate (the first on a tie): a new CRL must be strictly later
+        # than the one before it, or a revocation made in the same second could be missed.
+        # Never past now, though: a CRL from the future is refused like an expired one.
         now = self.now()
+        last_update = now - BACKDATE
+        if after is not None and last_update <= after:
+            last_update = min(after + dt.timedelta(seconds=1), now)
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(ca_cert.subject)
-            .last_update(now - BACKDATE)
+            .last_update(last_update)
             .next_update(next_update)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
@@ -762,8 +771,22 @@ class Pki:
                    default=now + dt.timedelta(days=CRL_DAYS))
         next_update = min(max(last + dt.timedelta(days=1), now + dt.timedelta(days=CRL_DAYS)),
                           root.not_valid_after_utc)
-        crl = self._sign_crl(root, key, rows, next_update)
+        after = None
+        if self.root_crl_path.exists():
+            with contextlib.suppress(ValueError):
+                after = x509.load_pem_x509_crl(self.root_crl_path.read_bytes()).last_update_utc
+        crl = self._sign_crl(root, key, rows, next_update, after=after)
         write_public(self.root_crl_path, crl.public_bytes(serialization.Encoding.PEM))
+
+    def _last_update(self, index: int) -> dt.datetime | None:
+        """lastUpdate of the signing CA's current CRL (None when there is none yet)."""
+        if not self.crl_path.exists():
+            return None
+        try:
+            crls = self.crls()
+        except PkiError:
+            return None
+        return crls[index].last_update_utc if len(crls) > index else None
 
     def crls(self) -> builtins.list[x509.CertificateRevocationList]:
         """Every CRL in crl.pem, the signing CA's first."""

@@ -195,3 +195,27 @@ def test_renewal_is_a_table_of_lead_times(tmp_path: Path) -> None:
     report = lifetimes.renew_due(pki, cfg)
     assert report.renewed == () and [f[0].name for f in report.failed] == ["crl"]
     assert "issuing CA key" in report.failed[0][1]
+
+
+def test_each_new_crl_is_later_than_the_one_before(tmp_path: Path) -> None:
+    """The broker keeps every CRL it reloaded and uses the one with the latest lastUpdate:
+    two CRLs in one second (a renewal, then a revocation) must not tie."""
+    pki = _fleet(tmp_path / "pki")
+    pki.init_issuing()
+    pki.issue_device("node-1")
+    stamps = []
+    for _ in range(3):
+        pki.write_crl(days=1)
+        stamps.append(pki.crls()[0].last_update_utc)
+    pki.revoke("node-1")
+    stamps.append(pki.crls()[0].last_update_utc)
+    assert stamps == sorted(set(stamps)), stamps
+
+
+def test_a_crl_is_never_dated_in_the_future(tmp_path: Path) -> None:
+    clock = Clock()
+    pki = Pki(tmp_path / "pki", clock=clock)
+    pki.init_ca()
+    for _ in range(400):  # more CRLs in one second than the backdating leaves room for
+        pki.write_crl(days=1)
+    assert pki.crls()[0].last_update_utc == clock.t

@@ -48,9 +48,9 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         s.close()
 
 
-def pub(pki: Pki, port: int, device: str) -> subprocess.CompletedProcess[str]:
+def pub(pki: Pki, port: int, device: str, creds: Any = None) -> subprocess.CompletedProcess[str]:
     """One connect and publish by a client that shares no code with Torpor."""
-    creds = pki.device_credentials(device)
+    creds = creds or pki.device_credentials(device)
     return subprocess.run(
         ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "--cafile", str(pki.ca_pem),
          "--cert", str(creds.cert_pem), "--key", str(creds.key_pem), "-q", "1",
@@ -142,3 +142,58 @@ async def _scenario(stack: Stack, node: Any, control: RunningBroker, lapse: dt.d
     with stack.db() as conn:
         stored = readings.count_rows(conn, "n1")
     assert stored >= 2, "both wakes delivered readings"
+
+
+def _openssl_accepts(port: int, cafile: Path, creds: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(cafile),
+         "-cert", str(creds.cert_pem), "-key", str(creds.key_pem), "-verify_return_error",
+         "-brief"], input="", capture_output=True, text=True, timeout=15)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
+def test_migrating_a_root_signed_fleet_keeps_its_nodes(tmp_path: Path) -> None:
+    """A fleet whose root (pathlen 0) signed everything gets an issuing CA: old devices
+    still connect, new ones are signed by the issuing CA, revocation works for both, and
+    the broker's certificate stays one that nodes holding the old root accept."""
+    pki = Pki(tmp_path / "pki")
+    pki.init_ca(path_length=0)
+    pki.issue_server(["localhost", "127.0.0.1"])
+    pki.issue_gateway()
+    pki.issue_device("old-node")
+    pki.issue_device("prober")
+    broker = RunningBroker(tmp_path / "broker", pki)
+    broker.start()
+    try:
+        assert pub(pki, broker.port, "old-node").returncode == 0
+        old_root = pki.path / "old-root.pem"
+        shutil.copy(pki.ca_pem, old_root)
+        pki.init_issuing()
+        broker.restart()  # cafile (root + issuing) is read at start only
+        assert pub(pki, broker.port, "old-node").returncode == 0
+        pki.issue_device("new-node")
+        assert pub(pki, broker.port, "new-node").returncode == 0
+        # The server certificate, renewed now, is still signed by the root: a node holding
+        # the old root (pathlen 0) accepts it; an issuing-CA one it would refuse.
+        pki.renew_server(days=30)
+        broker.reload()
+        prober = pki.device_credentials("prober")
+        seen = _openssl_accepts(broker.port, old_root, prober)
+        assert "Verification: OK" in seen.stderr, seen.stderr
+        held = {d: pki.device_credentials(d) for d in ("new-node", "old-node")}
+        pki.revoke("new-node")  # on the issuing CA's CRL
+        pki.revoke("old-node")  # on the root's (the root key is at hand here)
+        broker.reload()
+        for device, creds in held.items():
+            assert pub(pki, broker.port, device, creds).returncode != 0, device
+        assert pub(pki, broker.port, "prober").returncode == 0
+        # Once every node holds the new root, the issuing CA signs the server's too.
+        (pki.path / "ca-pathlen0.pem").unlink()
+        pki.renew_server(days=30)
+        broker.reload()
+        refused = _openssl_accepts(broker.port, old_root, prober)
+        assert "path length constraint exceeded" in refused.stdout + refused.stderr
+        assert "Verification: OK" in _openssl_accepts(broker.port, pki.ca_pem, prober).stderr
+        assert pub(pki, broker.port, "prober").returncode == 0
+    finally:
+        broker.stop()
