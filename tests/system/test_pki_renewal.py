@@ -96,6 +96,11 @@ def test_crl_and_server_certificate_renewed_live_session_kept(stack: Stack, tmp_
     assert left["crl"] >= 0 and left["server"] >= 0 and left["root_ca"] > 3000, left
     assert pki.server.serial != old_server
     assert pki.crls()[0].next_update_utc > crl_lapses  # type: ignore[operator]
+    # `torpor device revoke` still cuts a node off: the issuing CA signs the new CRL.
+    n1 = pki.device_credentials("n1")
+    stack.cli("device", "revoke", "n1")
+    assert n1.serial in {r.serial_number for r in pki.crls()[0]}
+    assert pub(pki, stack.port, "n1", n1).returncode != 0
     stack.stop()
     stack.start()
     time.sleep(1.5)  # three checks of the lifetimes task
