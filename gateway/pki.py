@@ -434,7 +434,11 @@ class Pki:
         """Make (or renew) the online issuing CA with the root key. A root made with pathlen 0
         is first re-certified with the same key and name, so every certificate it signed
         stays valid. The root's CRL is signed now, to last as long as the certificates the
-        root signed; the issuing CA signs every later certificate and `crl.pem`."""
+        root signed; the issuing CA signs every later certificate and `crl.pem`.
+
+        Renewing keeps the issuing CA's key and name: every certificate and CRL it signed
+        verifies under the new certificate too (a new key would need its own CRL for what
+        the old one signed, and Mosquitto checks each client against its issuer's CRL)."""
         if days < 1:
             raise PkiError(f"validity must be at least 1 day, not {days}")
         root, root_key = self._load_ca()
@@ -442,7 +446,8 @@ class Pki:
         if bc.path_length is not None and bc.path_length < 1:
             root = self._recertify_root(root, root_key)
         now = self.now()
-        key = ec.generate_private_key(ec.SECP256R1())
+        renewing = self.has_issuing
+        key = self._signer()[1] if renewing else ec.generate_private_key(ec.SECP256R1())
         not_after = min(now + dt.timedelta(days=days), root.not_valid_after_utc)
         cert = (
             x509.CertificateBuilder()
@@ -468,15 +473,29 @@ class Pki:
             )
             .sign(root_key, hashes.SHA256())
         )
-        write_private(self.issuing_key, _key_pem(key))
+        if not renewing:
+            write_private(self.issuing_key, _key_pem(key))
         write_public(self.issuing_pem, cert.public_bytes(serialization.Encoding.PEM))
         self._write_chain()
         self._record(cert, "issuing", self.issuing_pem, issuer="root")
-        self._write_root_crl(root, root_key)
+        if renewing:  # the chain files of the server and gateway name the issuing CA
+            for kind in ("server", "gateway", "control"):
+                self._rechain(kind)
+        else:
+            self._write_root_crl(root, root_key)
         self.write_crl()
         log.info("issuing CA %x made under the root (valid until %s)", cert.serial_number,
                  f"{not_after:%Y-%m-%d}")
         return self.issuing_pem
+
+    def _rechain(self, kind: str) -> None:
+        path = self.path / f"{kind}.pem"
+        if not path.exists():
+            return
+        leaf = x509.load_pem_x509_certificates(path.read_bytes())[0]
+        if _issuer_kind(leaf) == "issuing":
+            write_public(path, leaf.public_bytes(serialization.Encoding.PEM)
+                         + self.issuing_pem.read_bytes())
 
     def _write_chain(self) -> None:
         write_public(self.path / "chain.pem", self.ca_pem.read_bytes() + self.issuing_pem.read_bytes())

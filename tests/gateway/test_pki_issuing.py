@@ -222,3 +222,25 @@ def test_a_crl_is_never_dated_in_the_future(tmp_path: Path) -> None:
     clock.t -= dt.timedelta(minutes=10)
     pki.write_crl(days=1)
     assert pki.crls()[0].last_update_utc == clock.t
+
+
+def test_renewing_the_issuing_ca_keeps_what_it_signed_valid(tmp_path: Path) -> None:
+    clock = Clock()
+    pki = Pki(tmp_path / "pki", clock=clock)
+    pki.init_ca()
+    pki.init_issuing(days=100)
+    pki.issue_server(["localhost"], days=400)  # capped at the issuing CA's end
+    dev = pki.issue_device("node-1", days=400)
+    assert pki.status().credentials[2].days_left == pytest.approx(100, abs=0.01)
+    first = _cert(pki.issuing_pem)
+    clock.t += dt.timedelta(days=80)
+    pki.init_issuing(days=1000)
+    second = _cert(pki.issuing_pem)
+    assert second.serial_number != first.serial_number
+    assert second.public_key() == first.public_key() and second.subject == first.subject
+    assert second.not_valid_after_utc > first.not_valid_after_utc
+    _cert(dev.cert_pem).verify_directly_issued_by(second)
+    chain = x509.load_pem_x509_certificates(pki.server.cert_pem.read_bytes())
+    assert chain[1] == second  # the broker sends the renewed issuing CA
+    assert pki.chain_pem.read_bytes().endswith(pki.issuing_pem.read_bytes())
+    assert pki.crls()[0].is_signature_valid(second.public_key())  # type: ignore[arg-type]
