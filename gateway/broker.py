@@ -177,7 +177,9 @@ def render_config(settings: BrokerSettings, pki: Pki, acl_path: Path, *, extra: 
         # The only listener: no plaintext port exists.
         f"listener {settings.port} {settings.host}",
         "protocol mqtt",
-        f"cafile {pki.ca_pem}",
+        # Root and issuing CA once there is one (nodes send their certificate alone). Read
+        # at start only: Mosquitto 2.0 reloads certfile, keyfile and crlfile on SIGHUP.
+        f"cafile {pki.chain_pem}",
         f"certfile {server.cert_pem}",
         f"keyfile {server.key_pem}",
         f"crlfile {pki.crl_path}",

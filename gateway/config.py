@@ -19,7 +19,7 @@ from gateway.errors import ConfigError
 
 __all__ = [
     "BrokerConfig", "ConfigError", "DownlinkConfig", "GatewayConfig", "GatewaySection",
-    "IngestConfig", "MqttConfig", "UpstreamConfig", "load_config", "parse_config",
+    "IngestConfig", "MqttConfig", "PkiConfig", "UpstreamConfig", "load_config", "parse_config",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -118,6 +118,24 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PkiConfig:
+    """What the gateway renews on its own and when (gateway.lifetimes). Renewal signs with
+    the key in the PKI directory: the issuing CA's, or the root's when it is kept there."""
+
+    renew: bool = True
+    check_interval_s: float = 3600.0
+    # The CRL the gateway issues lives this long and is re-issued once this fraction of
+    # its life has passed (Mosquitto refuses every client once nextUpdate has passed).
+    crl_days: float = 30.0
+    crl_renew_at: float = 0.5
+    # Certificates are re-issued this many days before they expire, for this long.
+    server_days: float = 825.0
+    server_lead_days: float = 30.0
+    gateway_days: float = 825.0
+    gateway_lead_days: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     gateway: GatewaySection = GatewaySection()
     broker: BrokerConfig = BrokerConfig()
@@ -125,6 +143,7 @@ class GatewayConfig:
     ingest: IngestConfig = IngestConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     downlink: DownlinkConfig = DownlinkConfig()  # delivery to sleeping nodes (gateway.downlink)
+    pki: PkiConfig = PkiConfig()  # credential renewal and expiry events (gateway.lifetimes)
     source: str = ""  # the file it was read from
 
     @property
@@ -166,6 +185,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "ingest": IngestConfig,
     "upstream": UpstreamConfig,
     "downlink": DownlinkConfig,
+    "pki": PkiConfig,
 }
 # Keys holding file or folder paths: resolved against the config file's folder.
 _PATH_KEYS = {
@@ -203,6 +223,13 @@ _MINIMA: dict[tuple[str, str], float] = {
     ("downlink", "window_reserve_ms"): 0,
     ("downlink", "grace_s"): 0.0,
     ("downlink", "sweep_interval_s"): 0.05,
+    ("pki", "check_interval_s"): 0.1,
+    ("pki", "crl_days"): 0.0001,
+    ("pki", "crl_renew_at"): 0.01,
+    ("pki", "server_days"): 0.0001,
+    ("pki", "server_lead_days"): 0.0,
+    ("pki", "gateway_days"): 0.0001,
+    ("pki", "gateway_lead_days"): 0.0,
 }
 _MAXIMA: dict[tuple[str, str], float] = {
     ("broker", "port"): 65535,
@@ -210,6 +237,7 @@ _MAXIMA: dict[tuple[str, str], float] = {
     ("upstream", "port"): 65535,
     ("upstream", "qos"): 1,
     ("ingest", "deadletter_raw_max_bytes"): proto.MAX_FRAME,  # all of any frame
+    ("pki", "crl_renew_at"): 0.95,
 }
 
 
@@ -280,6 +308,11 @@ def _cross_check(cfg: GatewayConfig) -> None:
             f"letters of deadletter_raw_max_bytes = {ing.deadletter_raw_max_bytes}")
     if cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
         raise ConfigError("[mqtt] reconnect_max_s: smaller than reconnect_min_s")
+    for what in ("server", "gateway"):
+        days, lead = getattr(cfg.pki, f"{what}_days"), getattr(cfg.pki, f"{what}_lead_days")
+        if lead >= days:
+            raise ConfigError(f"[pki] {what}_lead_days: {lead:g} is not shorter than "
+                              f"{what}_days = {days:g} (a new certificate would be due at once)")
     up = cfg.upstream
     if up.reconnect_max_s < up.reconnect_min_s:
         raise ConfigError("[upstream] reconnect_max_s: smaller than reconnect_min_s")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -23,7 +25,7 @@ from typing import Any
 
 import aiomqtt
 
-from gateway import db, deadletter, readings, registry
+from gateway import db, deadletter, lifetimes, readings, registry
 from gateway.config import GatewayConfig
 from gateway.downlink import Downlink, DownlinkConfig
 from gateway.errors import ConfigError, GatewayError
@@ -32,6 +34,7 @@ from gateway.ota import OtaHandler
 from gateway.outbox import Queued
 
 log = logging.getLogger(__name__)
+db.register_store(lifetimes.migrate)  # credential_events (gateway.lifetimes)
 
 STORE = "service"
 _STEPS = (
@@ -74,6 +77,8 @@ class Status:
     dead_letters: int
     outbox_depth: int | None
     detail: dict[str, Any]
+    # The newest expiry warnings and renewals (gateway.lifetimes), newest first.
+    credential_events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -121,6 +126,7 @@ def read_status(conn: sqlite3.Connection, now: float | None = None) -> Status:
         readings_total=readings.total(conn),
         readings_per_min=float(detail.get("readings_per_min", 0.0)) if running else 0.0,
         dead_letters=deadletter.count(conn), outbox_depth=outbox_depth, detail=detail,
+        credential_events=[e.as_dict() for e in lifetimes.recent(conn, 10)],
     )
 
 
@@ -148,6 +154,7 @@ class Service:
         self._last_total = 0
         self._last_t = time.monotonic()
         self._rate = 0.0
+        self.credentials: dict[str, Any] = {}  # days left per credential (gateway.lifetimes)
 
     def stop(self) -> None:
         self._stop.set()
@@ -188,12 +195,15 @@ class Service:
                 self._supervise("checkpoint", lambda: db.checkpoint_loop(cfg.db_path)))
             tasks["downlink"] = asyncio.create_task(
                 self._supervise("downlink", self._sweep_loop))
+            if (cfg.pki_dir / "ca.pem").exists():
+                tasks["lifetimes"] = asyncio.create_task(
+                    self._supervise("lifetimes", self._lifetimes_loop))
             log.info("gateway running (database %s, pid %d)", cfg.db_path, os.getpid())
             await self._stop.wait()
             log.info("shutting down")
         finally:
             # Ingest first: it stops taking frames, commits and answers what it holds.
-            for name in ("ingest", "relay", "status", "downlink", "checkpoint"):
+            for name in ("ingest", "relay", "status", "downlink", "lifetimes", "checkpoint"):
                 task = tasks.get(name)
                 if task is not None:
                     task.cancel()
@@ -349,6 +359,42 @@ class Service:
             await self.writer.run(self.downlink.sweep, conn)
             await asyncio.sleep(self.downlink.cfg.sweep_interval_s)
 
+    async def _lifetimes_loop(self) -> None:
+        """Renew what is due (CRL, server, gateway and control certificates), reload the
+        broker when its files changed, and raise expiry events (gateway.lifetimes)."""
+        from gateway.pki import Pki
+
+        assert self.writer is not None and self.conn is not None
+        conn, cfg = self.conn, self.cfg
+        pki = Pki(cfg.pki_dir)
+        while True:
+            report = None
+            if cfg.pki.renew:
+                report = await asyncio.to_thread(lifetimes.renew_due, pki, cfg.pki)
+                if report.broker_files_changed:
+                    self._reload_broker()
+            status = await asyncio.to_thread(pki.status)
+            now = time.time()
+            record = functools.partial(
+                lifetimes.record, conn, status, report, upstream=cfg.upstream,
+                gateway_id=cfg.mqtt.client_id, now=now)
+            _, queued = await self.writer.run(record)
+            self._notify_relay(queued)
+            self.credentials = lifetimes.summary(status)
+            await asyncio.sleep(cfg.pki.check_interval_s)
+
+    def _reload_broker(self) -> None:
+        """SIGHUP: Mosquitto reloads its certificate, key and CRL and keeps live sessions."""
+        broker = self.broker
+        if broker is None or broker.external:
+            log.warning("renewed the broker's certificate or CRL: reload the broker "
+                        "(`systemctl reload mosquitto`) so that it uses them")
+            return
+        try:
+            broker.reload()
+        except GatewayError as exc:
+            log.warning("could not reload the broker after a renewal: %s", exc)
+
     def _write_status(self, state: str) -> None:
         assert self.conn is not None
         now = time.time()
@@ -369,6 +415,8 @@ class Service:
             detail["broker_restarts"] = self.broker.restarts
         if self.relay is not None:
             detail["relay_connected"] = bool(self.relay.connected)
+        if self.credentials:
+            detail["credentials_days_left"] = self.credentials
         with db.transaction(self.conn):
             self.conn.execute(
                 "INSERT INTO gateway_status(id, pid, started_at, updated_at, state, interval_s, "

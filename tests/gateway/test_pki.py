@@ -30,13 +30,13 @@ def _cn(cert: x509.Certificate) -> str:
     return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
 
 
-def test_ca_is_p256_self_signed_pathlen_0(pki: Pki) -> None:
+def test_ca_is_p256_self_signed_pathlen_1(pki: Pki) -> None:
     ca = _cert(pki.ca_pem)
     assert ca.issuer == ca.subject
     pub = ca.public_key()
     assert isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name == "secp256r1"
     bc = ca.extensions.get_extension_for_class(x509.BasicConstraints)
-    assert bc.critical and bc.value.ca and bc.value.path_length == 0
+    assert bc.critical and bc.value.ca and bc.value.path_length == 1  # room for the issuing CA
     ca.verify_directly_issued_by(ca)
 
 
