@@ -530,3 +530,26 @@ def fetch(conn: sqlite3.Connection, device: str, limit: int = 100) -> list[tuple
                 return out
             out.append((first + k, columns[0][k], schema, *(c[k] for c in columns[1:])))
     return out
+
+
+# A run spans one burst of one wake; runs that began this long before a range's start are
+# read too, in case their later readings fall inside it.
+RUN_SPAN_S = 86_400
+
+
+def between(conn: sqlite3.Connection, device: str, since: float, until: float,
+            limit: int = 200_000) -> list[tuple[int, ...]]:
+    """A device's readings sampled in [since, until], oldest first, at most `limit` (the
+    newest are kept): (msg_id, ts, schema, v0, ...)."""
+    out: list[tuple[int, ...]] = []
+    runs = conn.execute(
+        "SELECT msg_id, count, schema, layout, data FROM reading_runs WHERE device=? "
+        "AND ts >= ? AND ts <= ? ORDER BY msg_id", (device, int(since) - RUN_SPAN_S, int(until)))
+    for first, count, schema, codes, data in runs:
+        columns = unpack(codes, count, data)
+        stamps = columns[0]
+        for k in range(count):
+            if since <= stamps[k] <= until:
+                out.append((first + k, stamps[k], schema, *(c[k] for c in columns[1:])))
+    out.sort(key=lambda r: r[1])
+    return out[-limit:]

@@ -188,12 +188,17 @@ class Service:
                 self._supervise("checkpoint", lambda: db.checkpoint_loop(cfg.db_path)))
             tasks["downlink"] = asyncio.create_task(
                 self._supervise("downlink", self._sweep_loop))
+            if cfg.web.enabled:  # the operator's page and API (gateway.web)
+                from gateway.web import server as web_server
+
+                tasks["web"] = asyncio.create_task(
+                    self._supervise("web", lambda: web_server.serve(cfg)))
             log.info("gateway running (database %s, pid %d)", cfg.db_path, os.getpid())
             await self._stop.wait()
             log.info("shutting down")
         finally:
             # Ingest first: it stops taking frames, commits and answers what it holds.
-            for name in ("ingest", "relay", "status", "downlink", "checkpoint"):
+            for name in ("ingest", "web", "relay", "status", "downlink", "checkpoint"):
                 task = tasks.get(name)
                 if task is not None:
                     task.cancel()
