@@ -230,8 +230,13 @@ async def device_page(request: web.Request) -> web.Response:
     if rng not in pages.RANGES:
         raise BadRequest(f"range: {rng!r} is not one of {', '.join(pages.RANGES)}", "range")
     now = time.time()
+    span = pages.RANGES[rng]
     view = await st.db(fleet.device, device_id, now=now)
-    rv = await st.db(fleet.device_readings, device_id, now - pages.RANGES[rng], now)
+    rv = await st.db(fleet.device_readings, device_id, now - span, now)
+    if not rv.count and rv.latest_at is not None and rv.latest_at < now - span:
+        # A node silent for longer than the range: show the range up to its newest reading
+        # rather than an empty chart (the page says so).
+        rv = await st.db(fleet.device_readings, device_id, rv.latest_at - span, rv.latest_at)
     return _html(request, f"Device {device_id}", pages.device(view, rv, rng, csrf=_csrf(request),
                                                               now=now))
 
@@ -461,17 +466,21 @@ async def api_events(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     last: tuple[int, int, int] | None = None
     quiet = 0.0
-    while True:
-        fp = await st.db(_fingerprint)
-        if fp != last:
-            data = json.dumps({"registry_version": fp[0], "readings": fp[1], "queued": fp[2]})
-            await resp.write(f"event: fleet\ndata: {data}\n\n".encode())
-            last, quiet = fp, 0.0
-        elif quiet >= EVENT_PING_S:
-            await resp.write(b": ping\n\n")
-            quiet = 0.0
-        await asyncio.sleep(EVENT_POLL_S)
-        quiet += EVENT_POLL_S
+    try:
+        while True:
+            fp = await st.db(_fingerprint)
+            if fp != last:
+                data = json.dumps({"registry_version": fp[0], "readings": fp[1], "queued": fp[2]})
+                await resp.write(f"event: fleet\ndata: {data}\n\n".encode())
+                last, quiet = fp, 0.0
+            elif quiet >= EVENT_PING_S:
+                await resp.write(b": ping\n\n")
+                quiet = 0.0
+            await asyncio.sleep(EVENT_POLL_S)
+            quiet += EVENT_POLL_S
+    except ConnectionResetError:  # the page went away
+        pass
+    return resp
 
 
 def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False) -> web.Application:

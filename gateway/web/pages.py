@@ -169,6 +169,9 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
     ranges = " ".join(
         (f"<strong>{k}</strong>" if k == rng else f'<a href="?range={k}">{k}</a>') for k in RANGES)
     charts = "".join(svg.chart(s.name, s.unit, s.points, rv.since, rv.until) for s in rv.series)
+    if rv.series and rv.until < now - 60:
+        charts = (f"<p>No readings in the last {rng}: showing the {rng} up to its newest reading"
+                  f" ({escape(when(rv.until, now))}).</p>" + charts)
     if not rv.series:
         charts = svg.chart("readings", "", [], rv.since, rv.until)
         if rv.latest_at is not None:
