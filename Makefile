@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test venv mosquitto lint
+.PHONY: demo test venv mosquitto chromium lint
 
 $(BIN)/torpor: pyproject.toml
 	@# Debian ships venv support in a separate package: install it when venv creation fails.
@@ -23,6 +23,11 @@ mosquitto:
 	@command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1 || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto-clients)
 
+chromium:
+	@# The web page's browser tests drive Debian's headless chromium over its DevTools protocol.
+	@command -v chromium >/dev/null 2>&1 || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict gateway tools
@@ -30,6 +35,6 @@ lint: venv
 demo: venv mosquitto
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/torpor demo
 
-test: venv mosquitto lint
+test: venv mosquitto chromium lint
 	$(BIN)/torpor proto check
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/pytest -n 2 -q
