@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,14 +168,18 @@ class ReadingsView:
                            for s in self.series]}
 
 
-def _downsample(points: list[tuple[float, float]], n: int) -> tuple[tuple[float, float], ...]:
-    if len(points) <= n:
-        return tuple(points)
+def _downsample(ts: Sequence[float], vs: Sequence[float], scale: float,
+                n: int) -> tuple[tuple[float, float], ...]:
+    """(time, value * scale) points, averaged in `n` buckets of consecutive readings when
+    there are more than `n`."""
+    if len(ts) <= n:
+        return tuple((float(t), v * scale) for t, v in zip(ts, vs, strict=True))
     out = []
-    step = len(points) / n
+    step = len(ts) / n
     for b in range(n):
-        chunk = points[int(b * step):int((b + 1) * step)] or points[int(b * step):][:1]
-        out.append((sum(p[0] for p in chunk) / len(chunk), sum(p[1] for p in chunk) / len(chunk)))
+        lo, hi = int(b * step), max(int((b + 1) * step), int(b * step) + 1)
+        k = hi - lo
+        out.append((sum(ts[lo:hi]) / k, sum(vs[lo:hi]) / k * scale))
     return tuple(out)
 
 
@@ -184,19 +189,31 @@ def device_readings(conn: sqlite3.Connection, device_id: str, since: float, unti
     units (raw values times the measurement's scale)."""
     if registry.find(conn, device_id) is None:
         raise NotFound(f"no device {device_id!r}")
-    rows = readings.between(conn, device_id, since, until)
-    by_name: dict[str, tuple[str, list[tuple[float, float]]]] = {}
-    for r in rows:
-        info = proto.SCHEMAS.get(int(r[2]))
+    by_schema = readings.columns_between(conn, device_id, since, until)
+    # name -> (unit, scale, times, raw values)
+    by_name: dict[str, tuple[str, float, list[int], list[float]]] = {}
+    count = 0
+    for schema, cols in by_schema.items():
+        info = proto.SCHEMAS.get(schema)
         if info is None:
             continue
+        count += len(cols[0])
         for i, m in enumerate(info[1]):
-            if 3 + i < len(r):
-                by_name.setdefault(m.name, (m.unit, []))[1].append((float(r[1]), r[3 + i] * m.scale))
+            if 1 + i < len(cols):
+                unit, scale, ts, vs = by_name.setdefault(m.name, (m.unit, m.scale, [], []))
+                ts.extend(cols[0])
+                if m.scale == scale:
+                    vs.extend(cols[1 + i])
+                else:  # the same measurement at another scale in another schema
+                    vs.extend(v * m.scale / scale for v in cols[1 + i])
+    if len(by_schema) > 1:  # several schemas: put each measurement back in time order
+        for name, (unit, scale, ts, vs) in list(by_name.items()):
+            pairs = sorted(zip(ts, vs, strict=True))
+            by_name[name] = (unit, scale, [p[0] for p in pairs], [p[1] for p in pairs])
     latest = readings.fetch(conn, device_id, 1)
     return ReadingsView(
-        device=device_id, since=since, until=until, count=len(rows),
-        series=tuple(Series(name, unit, _downsample(pts, points))
-                     for name, (unit, pts) in by_name.items()),
+        device=device_id, since=since, until=until, count=count,
+        series=tuple(Series(name, unit, _downsample(ts, vs, scale, points))
+                     for name, (unit, scale, ts, vs) in by_name.items()),
         latest_at=float(latest[0][1]) if latest else None,
     )

@@ -47,9 +47,9 @@ def fill(path: Path, devices: int = 30, readings_per_device: int = 120,
         dl.plan(conn, [(d, hello(now, 3300)) for d in heard], now - 60)
     if readings_per_device:
         t0 = int(now) - 60 * readings_per_device
-        for k, d in enumerate(heard):
-            readings.commit_bursts(
-                conn, [(d, burst(1, t0, readings_per_device, 3300 - k % 400))], now=now)
+        readings.commit_bursts(
+            conn, [(d, burst(1, t0, readings_per_device, 3300 - k % 400))
+                   for k, d in enumerate(heard)], now=now)
     if len(ids) > 1:
         with db.transaction(conn):
             registry.quarantine(conn, ids[1], "malformed frames", now=now)
@@ -58,3 +58,18 @@ def fill(path: Path, devices: int = 30, readings_per_device: int = 120,
         q.enqueue_command(conn, ids[0], "ping", now=now)
     conn.close()
     return ids
+
+
+def add_month(path: Path, device: str, now: float | None = None, per_burst: int = 60) -> int:
+    """A month of one-a-minute readings for `device`, in bursts of `per_burst`, after the
+    ids it holds; returns how many."""
+    now = time.time() if now is None else now
+    conn = db.open_db(path)
+    first = readings.stats(conn, device)[0] + 1
+    t0 = int(now) - 30 * 86400
+    n = 30 * 1440
+    batch = [(device, burst(first + i, t0 + 60 * i, per_burst, 3600 - i // 1000))
+             for i in range(0, n, per_burst)]
+    readings.commit_bursts(conn, batch, now=now)
+    conn.close()
+    return n
