@@ -6,11 +6,11 @@ web page and the CLI refuse the same things with the same messages."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from gateway import proto, registry
 from gateway import queue as q
-from gateway import registry
 from gateway.errors import GatewayError
 
 
@@ -48,6 +48,37 @@ def queue_command(conn: sqlite3.Connection, device: str, op: str, args: Sequence
         field = "priority" if "priority" in str(exc) else "ttl_s" if "ttl" in str(exc) else ""
         raise ActionError(str(exc), field) from None
     return Queued(device, cid, q.get(conn, device, cid).what)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSet:
+    device: str
+    version: int
+    values: dict[str, int]
+
+
+def set_config(conn: sqlite3.Connection, device: str, values: Mapping[str, object],
+               *, priority: int = q.DEFAULT_PRIORITY) -> ConfigSet:
+    """Desired configuration values (checked as `torpor device config` checks them)."""
+    if registry.find(conn, device) is None:
+        raise ActionError(f"no device {device!r}", "device")
+    if not values:
+        raise ActionError("values: no configuration values given", "values")
+    checked: dict[str, int] = {}
+    for key, value in values.items():
+        try:
+            name = q.parse_key(key).name.lower()
+        except q.QueueError as exc:
+            raise ActionError(str(exc), f"values.{key}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ActionError(f"values.{key}: expected an integer, got {value!r}", f"values.{key}")
+        checked[name] = value
+    try:
+        wanted: dict[str | int | proto.ConfigKey, int] = dict(checked)
+        version = q.set_config(conn, device, wanted, priority)
+    except q.QueueError as exc:
+        raise ActionError(str(exc), "values") from None
+    return ConfigSet(device, version, checked)
 
 
 def cancel(conn: sqlite3.Connection, device: str, command_id: int) -> q.Item:

@@ -277,6 +277,21 @@ def _form_int(value: object, name: str, default: int) -> int:
         raise actions.ActionError(f"{name}: expected an integer, got {value!r}", name) from None
 
 
+async def config_form(request: web.Request) -> web.StreamResponse:
+    st = _state(request)
+    device_id = request.match_info["device"]
+    form = await request.post()
+    key = str(form.get("key", ""))
+    try:
+        value = _form_int(form.get("value"), "value", 0) if form.get("value") else None
+        if value is None:
+            raise actions.ActionError("value: required", "value")
+        done = await st.db(actions.set_config, device_id, {key: value})
+    except actions.ActionError as exc:
+        raise _back(device_id, f"configuration not set: {exc}", True) from None
+    raise _back(device_id, f"configuration v{done.version} queued: {key} = {value}")
+
+
 async def cancel_form(request: web.Request) -> web.StreamResponse:
     st = _state(request)
     device_id = request.match_info["device"]
@@ -426,6 +441,22 @@ async def api_queue(request: web.Request) -> web.Response:
     return _json({"device": done.device, "command_id": done.command_id, "what": done.what}, 201)
 
 
+async def api_config(request: web.Request) -> web.Response:
+    doc = await _body(request)
+    unknown = set(doc) - {"values", "priority"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise BadRequest(f"{name}: unknown field (known: values, priority)", name)
+    values = doc.get("values")
+    if not isinstance(values, dict):
+        raise BadRequest("values: expected an object of key: integer", "values")
+    priority = _field_int(doc, "priority", q.DEFAULT_PRIORITY)
+    done = await _state(request).db(actions.set_config, request.match_info["device"], values,
+                                    priority=q.DEFAULT_PRIORITY if priority is None else priority)
+    return _json({"device": done.device, "config_version": done.version,
+                  "values": done.values}, 201)
+
+
 async def api_cancel(request: web.Request) -> web.Response:
     item = await _state(request).db(actions.cancel, request.match_info["device"],
                                     _path_int(request, "command_id"))
@@ -490,6 +521,7 @@ def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False) -> 
     r.add_get("/", fleet_page)
     r.add_get("/devices/{device}", device_page)
     r.add_post("/devices/{device}/commands", queue_form)
+    r.add_post("/devices/{device}/config", config_form)
     r.add_post("/devices/{device}/commands/{command_id}/cancel", cancel_form)
     r.add_post("/devices/{device}/release", release_form)
     r.add_get("/deadletters", deadletters_page)
@@ -501,6 +533,7 @@ def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False) -> 
     r.add_get("/api/v1/devices/{device}", api_device)
     r.add_get("/api/v1/devices/{device}/readings", api_readings)
     r.add_post("/api/v1/devices/{device}/commands", api_queue)
+    r.add_post("/api/v1/devices/{device}/config", api_config)
     r.add_delete("/api/v1/devices/{device}/commands/{command_id}", api_cancel)
     r.add_post("/api/v1/devices/{device}/release", api_release)
     r.add_get("/api/v1/deadletters", api_deadletters)

@@ -61,6 +61,14 @@ DOCUMENT: dict[str, Any] = {
                     "priority": {"type": "integer"}, "ttl_s": {"type": "integer",
                                                                "nullable": True}}}}}},
             "responses": {"201": _ok("the queued item's id"), "400": _ERROR, "409": _ERROR}}},
+        "/api/v1/devices/{device}/config": {"post": {
+            "summary": "Set desired configuration (delivered as one SHADOW_DELTA at the next wake)",
+            "parameters": [_DEVICE],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["values"], "properties": {
+                    "values": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "priority": {"type": "integer"}}}}}},
+            "responses": {"201": _ok("the new configuration version"), "400": _ERROR}}},
         "/api/v1/devices/{device}/commands/{command_id}": {"delete": {
             "summary": "Cancel a queued or sent item",
             "parameters": [_DEVICE, {"name": "command_id", "in": "path", "required": True,

@@ -187,6 +187,7 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
             f'value="{q.DEFAULT_PRIORITY}" size="4"></label> '
             f'<label>TTL (s) <input name="ttl_s" type="number" min="1" value="{q.DEFAULT_TTL_S}" '
             f'size="8"></label> <button>Queue</button></form>')
+    done = [it for it in view.history if it.status not in q.ACTIVE]
     cfg_rows = "".join(
         f"<tr><td>{escape(c.key)}</td><td>{c.value}</td><td>v{c.version}</td>"
         f"<td>{'yes' if c.applied else 'pending'}</td>"
@@ -195,12 +196,19 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
            f"<th>Reported</th></tr></thead><tbody>{cfg_rows}</tbody></table>" if cfg_rows
            else "<p>no configuration set</p>")
     cfg += f"<p>Configuration version the node reported: {d.config_version or 0}</p>"
+    keys = "".join(f'<option value="{k}">{k}</option>' for k in q.CONFIG_KEYS)
+    cfg += (f'<form method="post" action="/devices/{quote(d.id)}/config" id="set-config">'
+            f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
+            f'<label>Key <select name="key">{keys}</select></label> '
+            f'<label>Value <input name="value" type="number" required size="10"></label> '
+            f"<button>Set</button></form>")
     return (f"<section>{dl}</section>"
             f'<section><h2>Readings</h2><p class="ranges">Range: {ranges} · {rv.count} readings'
             f"</p>{charts}{rssi}</section>"
             f"<section><h2>Pending downlink</h2><p>Lands {escape(lands)}.</p>"
             f"{_items(view.pending, d.id, csrf, True, now)}{form}</section>"
-            f"<section><h2>Command results</h2>{_items(view.history, d.id, csrf, False, now)}</section>"
+            f"<section><h2>Command results</h2>"
+            f"{_items(done, d.id, csrf, False, now)}</section>"
             f"<section><h2>Configuration</h2>{cfg}</section>")
 
 

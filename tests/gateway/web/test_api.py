@@ -254,3 +254,31 @@ async def _login_required(dbpath: Path) -> None:
         assert r.status == 303 and r.headers["Location"] == "/"
         r = await c.get("/api/v1/devices")
         assert r.status == 200
+
+
+@with_client
+async def test_set_configuration(client: TestClient, dbpath: Path) -> None:  # type: ignore[type-arg]
+    headers = {**_origin(client), "X-CSRF-Token": await _csrf(client)}
+    url = "/api/v1/devices/node-006/config"
+    r = await client.post(url, headers=headers, json={"values": {"sample_interval_s": 120}})
+    assert r.status == 201, await r.text()
+    assert (await r.json())["config_version"] == 1
+    conn = db.connect(dbpath)
+    state = q.config_state(conn, "node-006")
+    assert [(c.key, c.value, c.applied) for c in state] == [("sample_interval_s", 120, False)]
+    assert [i.what for i in q.pending(conn, "node-006")] == ["config v1"]
+    conn.close()
+    for body, field in (({"values": {"colour": 1}}, "values.colour"),
+                        ({"values": {"send_every": "x"}}, "values.send_every"),
+                        ({"values": {}}, "values"), ({"values": 3}, "values"),
+                        ({"values": {"send_every": 1}, "when": 1}, "when")):
+        r = await client.post(url, headers=headers, json=body)
+        assert r.status == 400, (body, await r.text())
+        assert (await r.json())["field"] == field, body
+    # The page's form.
+    r = await client.post("/devices/node-006/config", headers=_origin(client),
+                          data={"csrf": headers["X-CSRF-Token"], "key": "send_every",
+                                "value": "5"}, allow_redirects=False)
+    assert r.status == 303 and "configuration+v2" in r.headers["Location"].replace("%20", "+")
+    text = await (await client.get("/devices/node-006")).text()
+    assert "send_every" in text and "pending" in text
