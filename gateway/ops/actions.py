@@ -74,7 +74,7 @@ def set_config(conn: sqlite3.Connection, device: str, values: Mapping[str, objec
             raise ActionError(f"values.{key}: expected an integer, got {value!r}", f"values.{key}")
         checked[name] = value
     try:
-        wanted: dict[str | int | proto.ConfigKey, int] = dict(checked)
+        wanted: dict[str | int | proto.ConfigKey, int] = {k: v for k, v in checked.items()}
         version = q.set_config(conn, device, wanted, priority)
     except q.QueueError as exc:
         raise ActionError(str(exc), "values") from None
