@@ -107,8 +107,18 @@ def test_fleet_device_chart_and_a_queued_command_in_chromium(stack: Stack, tmp_p
                 f"document.querySelector('tr[data-command-id=\"{pending[0].command_id}\"]')"
                 ".textContent")
             assert "done" in done and "ok" in done, done
-            # A screenshot of the fleet page that is not blank.
+            # The fleet page follows the fleet live (server-sent events): a wake of web-1
+            # shows in its row without a reload.
             await page.goto(base + "/")
+            seen = ("document.querySelector('tr[data-device=\"web-1\"] td:nth-child(3)')"
+                    ".textContent.slice(0, 19)")
+            before = await page.eval(seen)
+            await page.eval("window.notReloaded = true")
+            await asyncio.sleep(1.1)  # a new HELLO's time differs in its seconds
+            await nodes[1].wake()
+            after = await page.wait_for(f"{seen} !== {before!r} && {seen}", timeout=20)
+            assert after > before and await page.eval("window.notReloaded === true")
+            # A screenshot of the fleet page that is not blank.
             await page.wait_for("document.querySelectorAll('svg.spark path').length >= 2")
             png = await page.screenshot()
             (tmp_path / "fleet.png").write_bytes(png)

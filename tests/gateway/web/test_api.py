@@ -193,6 +193,10 @@ async def test_dead_letters_health_and_openapi(client: TestClient, dbpath: Path)
     assert doc["total"] == 1 and doc["letters"][0]["device"] == "node-001"
     doc = await (await client.get("/api/v1/health")).json()
     assert doc["gateway"]["devices"]["active"] == 28 and doc["outbox"]["depth"] == 0
+    r = await client.get("/api/v1/nothing-here")
+    assert r.status == 404 and "error" in await r.json()
+    r = await client.put("/api/v1/devices", headers=_origin(client))
+    assert r.status in (403, 405) and "error" in await r.json()
     doc = await (await client.get("/api/v1/openapi.json")).json()
     assert doc["openapi"].startswith("3.") and "/api/v1/devices/{device}/readings" in doc["paths"]
 
