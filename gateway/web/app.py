@@ -51,6 +51,7 @@ class State:
     conn: sqlite3.Connection
     tls: bool = False
     sessions: auth.Sessions = field(init=False)
+    throttle: auth.Throttle = field(default_factory=auth.Throttle)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
@@ -124,7 +125,12 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     cfg = st.cfg
     bearer = request.headers.get("Authorization", "")
     if bearer.startswith("Bearer "):
+        remote = request.remote or "?"
+        if st.throttle.blocked(remote):
+            raise BadRequest("too many failed logins from this address: wait a few minutes",
+                             "Authorization", 429)
         if not auth.check_token(bearer[7:].strip(), cfg.token):
+            st.throttle.failed(remote)
             raise BadRequest("invalid bearer token", "Authorization", 401)
         request[SESSION] = None  # a token is not a cookie: no CSRF to guard against
         return await handler(request)
@@ -345,12 +351,19 @@ async def login_post(request: web.Request) -> web.StreamResponse:
     st = _state(request)
     form = await request.post()
     secret = str(form.get("secret", ""))
+    remote = request.remote or "?"
+    if st.throttle.blocked(remote):
+        log.warning("web login from %s refused: too many failed attempts", remote)
+        raise BadRequest("too many failed logins from this address: wait a few minutes",
+                         "secret", 429)
     ok = auth.check_token(secret, st.cfg.token) or (
         bool(st.cfg.password_hash)
         and await asyncio.to_thread(auth.check_password, secret, st.cfg.password_hash))
     if not ok:
-        log.warning("web login refused from %s", request.remote)
+        st.throttle.failed(remote)
+        log.warning("web login refused from %s", remote)
         raise web.HTTPSeeOther("/login?msg=wrong+password+or+token&error=1")
+    st.throttle.succeeded(remote)
     # A new session id at login, so an id planted before it is worth nothing after.
     old = request[SESSION]
     if old is not None:

@@ -76,3 +76,35 @@ class Sessions:
 
     def drop(self, sid: str) -> None:
         self._by_id.pop(sid, None)
+
+
+class Throttle:
+    """Failed logins per client address: past `limit` within `window_s`, that address is
+    refused until the window has passed (bounded in addresses kept)."""
+
+    def __init__(self, limit: int = 10, window_s: float = 300.0, max_addresses: int = 4096) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.max_addresses = max_addresses
+        self._fails: OrderedDict[str, list[float]] = OrderedDict()
+
+    def _recent(self, addr: str, now: float) -> list[float]:
+        times = [t for t in self._fails.get(addr, []) if now - t < self.window_s]
+        if times:
+            self._fails[addr] = times
+        else:
+            self._fails.pop(addr, None)
+        return times
+
+    def blocked(self, addr: str) -> bool:
+        return len(self._recent(addr, time.monotonic())) >= self.limit
+
+    def failed(self, addr: str) -> None:
+        now = time.monotonic()
+        self._fails[addr] = [*self._recent(addr, now), now]
+        self._fails.move_to_end(addr)
+        while len(self._fails) > self.max_addresses:
+            self._fails.popitem(last=False)
+
+    def succeeded(self, addr: str) -> None:
+        self._fails.pop(addr, None)
