@@ -258,9 +258,9 @@ async def _login_required(dbpath: Path) -> None:
         assert r.status == 303 and r.headers["Location"] == "/"
         r = await c.get("/api/v1/devices")
         assert r.status == 200
-        # Guessing is cut short: after 10 failures (2 above) an address is refused for a
-        # while, even with the right token.
-        for _ in range(8):
+        # Guessing is cut short: after 10 failures (counted since the last good login) an
+        # address is refused for a while, even with the right token.
+        for _ in range(10):
             r = await c.get("/api/v1/devices", headers={"Authorization": "Bearer guess"})
             assert r.status == 401
         r = await c.get("/api/v1/devices", headers={"Authorization": f"Bearer {TOKEN}"})
