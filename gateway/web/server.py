@@ -17,6 +17,10 @@ from gateway.web.app import make_app
 
 log = logging.getLogger(__name__)
 
+# At shutdown, requests in flight get this long; an open event stream would otherwise hold
+# the gateway's stop for aiohttp's default of a minute.
+SHUTDOWN_S = 1.0
+
 
 def tls_context(cfg: WebConfig) -> ssl.SSLContext | None:
     if not cfg.tls_cert:
@@ -44,7 +48,8 @@ async def serve(cfg: GatewayConfig, *, started: asyncio.Future[str] | None = Non
     check(web_cfg)
     ctx = tls_context(web_cfg)
     conn = db.connect(cfg.db_path)
-    runner = web.AppRunner(make_app(web_cfg, conn, tls=ctx is not None), access_log=None)
+    runner = web.AppRunner(make_app(web_cfg, conn, tls=ctx is not None), access_log=None,
+                           shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
     try:
         site = web.TCPSite(runner, web_cfg.host, web_cfg.port, ssl_context=ctx)

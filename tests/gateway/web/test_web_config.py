@@ -10,6 +10,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -125,3 +126,28 @@ def test_https_with_a_token(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(10)
         log.close()
+
+
+def test_stops_promptly_with_an_event_stream_open(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir(mode=0o700)
+    fill(tmp_path / "data" / "gateway.db", devices=2, readings_per_device=2)
+    port = free_port()
+    cfg = _config(tmp_path, f"port = {port}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "gateway", "web", "--config",
+                             str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout is not None
+        assert "web page at" in proc.stdout.readline().decode()
+        stream = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/events", timeout=10)
+        assert stream.readline() == b"event: fleet\n"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+        took = time.monotonic() - t0
+        stream.close()
+        assert took < 10, f"{took:.1f}s to stop with an event stream open"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
