@@ -155,6 +155,10 @@ class Service:
     # ------------------------------------------------------------ supervisor
     async def run(self) -> None:
         cfg = self.cfg
+        if cfg.web.enabled:  # before anything starts: a bad certificate stops it, named
+            from gateway.web import server as web_server
+
+            web_server.preflight(cfg.web)
         self.conn = db.open_db(cfg.db_path)
         # Once the tasks run, self.conn is used on the writer thread only: by ingest, the
         # status and the downlink sweeps, one after the other. One connection, so that

@@ -42,6 +42,13 @@ def check(cfg: WebConfig) -> None:
                           "password_hash or token first")
 
 
+def preflight(cfg: WebConfig) -> None:
+    """What can be checked before the gateway starts its tasks: a login for a public
+    address, a loadable certificate."""
+    check(cfg)
+    tls_context(cfg)
+
+
 async def serve(cfg: GatewayConfig, *, started: asyncio.Future[str] | None = None) -> None:
     """Serve until cancelled; `started` gets the URL once listening."""
     web_cfg = cfg.web

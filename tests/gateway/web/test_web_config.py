@@ -151,3 +151,13 @@ def test_stops_promptly_with_an_event_stream_open(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_gateway_refuses_to_start_with_a_bad_certificate(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    cfg = _config(tmp_path, f'enabled = true\ntoken = "{TOKEN}"\ntls_cert = "cert.pem"\n'
+                            'tls_key = "key.pem"\n')
+    out = _torpor("gateway", "run", "--config", str(cfg))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "[web] tls_cert" in out.stderr and "cert.pem" in out.stderr
