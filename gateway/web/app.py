@@ -203,10 +203,12 @@ def _csrf(request: web.Request) -> str:
 def _html(request: web.Request, title: str, body: str, *, script: str = "") -> web.Response:
     s = request.get(SESSION)
     cfg = _state(request).cfg
-    msg = request.query.get("msg", "")
+    msg, error = ("", False)
+    if s is not None and s.flash is not None:
+        (msg, error), s.flash = s.flash, None
     text = pages.layout(title, body, csrf=_csrf(request),
                         logged_in=bool(s and s.logged_in and cfg.auth_required), msg=msg,
-                        error=request.query.get("error") == "1", script=script)
+                        error=error, script=script)
     return web.Response(text=text, content_type="text/html")
 
 
@@ -247,9 +249,13 @@ async def device_page(request: web.Request) -> web.Response:
                                                               now=now))
 
 
-def _back(device_id: str, msg: str, error: bool = False) -> web.HTTPSeeOther:
-    err = "&error=1" if error else ""
-    return web.HTTPSeeOther(f"/devices/{quote(device_id)}?msg={quote(msg)}{err}")
+def _back(request: web.Request, device_id: str, msg: str,
+          error: bool = False) -> web.HTTPSeeOther:
+    """Back to the device page, which shows `msg` once."""
+    s = request.get(SESSION)
+    if s is not None:
+        s.flash = (msg, error)
+    return web.HTTPSeeOther(f"/devices/{quote(device_id)}")
 
 
 def _parse_args(text: str) -> list[int]:
@@ -270,8 +276,8 @@ async def queue_form(request: web.Request) -> web.StreamResponse:
         done = await st.db(actions.queue_command, device_id, str(form.get("op", "")), args,
                            priority=priority, ttl_s=ttl)
     except actions.ActionError as exc:
-        raise _back(device_id, f"not queued: {exc}", True) from None
-    raise _back(device_id, f"queued {done.what} as item {done.command_id}")
+        raise _back(request, device_id, f"not queued: {exc}", True) from None
+    raise _back(request, device_id, f"queued {done.what} as item {done.command_id}")
 
 
 def _form_int(value: object, name: str, default: int) -> int:
@@ -294,8 +300,8 @@ async def config_form(request: web.Request) -> web.StreamResponse:
             raise actions.ActionError("value: required", "value")
         done = await st.db(actions.set_config, device_id, {key: value})
     except actions.ActionError as exc:
-        raise _back(device_id, f"configuration not set: {exc}", True) from None
-    raise _back(device_id, f"configuration v{done.version} queued: {key} = {value}")
+        raise _back(request, device_id, f"configuration not set: {exc}", True) from None
+    raise _back(request, device_id, f"configuration v{done.version} queued: {key} = {value}")
 
 
 async def cancel_form(request: web.Request) -> web.StreamResponse:
@@ -305,8 +311,8 @@ async def cancel_form(request: web.Request) -> web.StreamResponse:
     try:
         await st.db(actions.cancel, device_id, cid)
     except actions.ActionError as exc:
-        raise _back(device_id, f"not cancelled: {exc}", True) from None
-    raise _back(device_id, f"cancelled item {cid}")
+        raise _back(request, device_id, f"not cancelled: {exc}", True) from None
+    raise _back(request, device_id, f"cancelled item {cid}")
 
 
 async def release_form(request: web.Request) -> web.StreamResponse:
@@ -315,8 +321,8 @@ async def release_form(request: web.Request) -> web.StreamResponse:
     try:
         await st.db(actions.release, device_id)
     except actions.ActionError as exc:
-        raise _back(device_id, f"not released: {exc}", True) from None
-    raise _back(device_id, "released from quarantine")
+        raise _back(request, device_id, f"not released: {exc}", True) from None
+    raise _back(request, device_id, "released from quarantine")
 
 
 def _path_int(request: web.Request, name: str) -> int:
@@ -351,6 +357,7 @@ async def login_post(request: web.Request) -> web.StreamResponse:
     st = _state(request)
     form = await request.post()
     secret = str(form.get("secret", ""))
+    old = request[SESSION]
     remote = request.remote or "?"
     if st.throttle.blocked(remote):
         log.warning("web login from %s refused: too many failed attempts", remote)
@@ -362,10 +369,11 @@ async def login_post(request: web.Request) -> web.StreamResponse:
     if not ok:
         st.throttle.failed(remote)
         log.warning("web login refused from %s", remote)
-        raise web.HTTPSeeOther("/login?msg=wrong+password+or+token&error=1")
+        if old is not None:
+            old.flash = ("wrong password or token", True)
+        raise web.HTTPSeeOther("/login")
     st.throttle.succeeded(remote)
     # A new session id at login, so an id planted before it is worth nothing after.
-    old = request[SESSION]
     if old is not None:
         st.sessions.drop(old.id)
     session = st.sessions.new(logged_in=True)

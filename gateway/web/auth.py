@@ -46,6 +46,9 @@ class Session:
     csrf: str
     logged_in: bool
     expires: float
+    # What the last action said, shown once on the next page (never taken from the URL,
+    # so a link cannot put words on the operator's page).
+    flash: tuple[str, bool] | None = None
 
 
 class Sessions:

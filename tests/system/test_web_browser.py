@@ -83,7 +83,7 @@ def test_fleet_device_chart_and_a_queued_command_in_chromium(stack: Stack, tmp_p
                 "document.querySelector('#queue-command select[name=op]').value = 'set_interval';"
                 "document.querySelector('#queue-command input[name=args]').value = '120';"
                 "document.querySelector('#queue-command button').click(); true")
-            await page.wait_for("location.search.includes('msg=queued')")
+            await page.wait_for("(document.querySelector('.msg') || {}).textContent")
             with stack.db() as conn:
                 pending = q.pending(conn, "web-0")
             assert [i.what for i in pending] == ["set_interval 120"], pending
@@ -94,7 +94,7 @@ def test_fleet_device_chart_and_a_queued_command_in_chromium(stack: Stack, tmp_p
                 "document.querySelector('#queue-command select[name=op]').value = 'set_interval';"
                 "document.querySelector('#queue-command input[name=args]').value = '';"
                 "document.querySelector('#queue-command button').click(); true")
-            await page.wait_for("location.search.includes('error=1')")
+            await page.wait_for("(document.querySelector('.msg.err') || {}).textContent")
             with stack.db() as conn:
                 assert len(q.pending(conn, "web-0")) == 1
             # The node wakes, runs it; the page shows its result.
