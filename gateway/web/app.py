@@ -6,6 +6,8 @@ so a slow query never stalls the gateway's event loop or its ingest writer."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 import sqlite3
@@ -155,6 +157,32 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     resp = await handler(request)
     if fresh:
         _set_cookie(resp, st, session)
+    return resp
+
+
+# The page's only script is the fleet page's live update, allowed by its hash; no frame
+# may hold the page (clickjacking) and forms post only here.
+_SCRIPT_HASH = base64.b64encode(hashlib.sha256(pages.FLEET_SCRIPT.encode()).digest()).decode()
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        f"default-src 'none'; script-src 'sha256-{_SCRIPT_HASH}'; style-src 'unsafe-inline'; "
+        "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        resp = await handler(request)
+    except web.HTTPException as exc:  # redirects carry them too
+        exc.headers.update(SECURITY_HEADERS)
+        raise
+    if not resp.prepared:  # an event stream has sent its headers already
+        resp.headers.update(SECURITY_HEADERS)
     return resp
 
 
@@ -536,7 +564,7 @@ async def api_events(request: web.Request) -> web.StreamResponse:
 
 
 def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False) -> web.Application:
-    app = web.Application(middlewares=[errors, authenticate], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[security_headers, errors, authenticate], client_max_size=64 * 1024)
     app[STATE] = State(cfg, conn, tls)
     r = app.router
     r.add_get("/", fleet_page)

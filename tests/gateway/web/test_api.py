@@ -208,7 +208,10 @@ async def test_dead_letters_health_and_openapi(client: TestClient, dbpath: Path)
 
 @with_client
 async def test_pages_render(client: TestClient, dbpath: Path) -> None:  # type: ignore[type-arg]
-    text = await (await client.get("/")).text()
+    r = await client.get("/")
+    csp = r.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in csp and "script-src 'sha256-" in csp
+    text = await r.text()
     assert 'id="fleet"' in text and "node-000" in text and "<svg" in text
     assert "http://" not in text.replace("http://www.w3.org", "")  # nothing fetched from elsewhere
     text = await (await client.get("/devices/node-000?range=6h")).text()
