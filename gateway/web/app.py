@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
@@ -139,6 +139,8 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     session = st.sessions.get(request.cookies.get(COOKIE))
     fresh = session is None
     if session is None:
+        if cfg.auth_required and request.path not in OPEN_PATHS:
+            _login_first(request)  # no session is made for a request that gets nothing
         session = st.sessions.new(logged_in=not cfg.auth_required)
     request[SESSION] = session
     if request.method in UNSAFE:
@@ -150,14 +152,18 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         if fresh or not auth.check_token(given, session.csrf):
             raise BadRequest("missing or stale CSRF token: reload the page", "csrf", 403)
     if not session.logged_in and request.path not in OPEN_PATHS:
-        if _is_api(request):
-            raise BadRequest("log in first (or send Authorization: Bearer <token>)",
-                             "Authorization", 401)
-        raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs)}")
+        _login_first(request)
     resp = await handler(request)
     if fresh:
         _set_cookie(resp, st, session)
     return resp
+
+
+def _login_first(request: web.Request) -> NoReturn:
+    if _is_api(request):
+        raise BadRequest("log in first (or send Authorization: Bearer <token>)",
+                         "Authorization", 401)
+    raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs)}")
 
 
 # The page's only script is the fleet page's live update, allowed by its hash; no frame

@@ -63,7 +63,13 @@ class Sessions:
                     time.monotonic() + self.lifetime_s)
         self._by_id[s.id] = s
         while len(self._by_id) > MAX_SESSIONS:
-            self._by_id.popitem(last=False)
+            # Anonymous sessions (a login form's) go first, so that a flood of them cannot
+            # log the operator out.
+            anonymous = next((k for k, v in self._by_id.items() if not v.logged_in), None)
+            if anonymous is not None:
+                del self._by_id[anonymous]
+            else:
+                self._by_id.popitem(last=False)
         return s
 
     def get(self, sid: str | None) -> Session | None:

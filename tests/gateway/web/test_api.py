@@ -301,3 +301,13 @@ async def test_set_configuration(client: TestClient, dbpath: Path) -> None:  # t
     text = await (await client.get("/devices/node-006")).text()
     assert "configuration v2 queued: send_every = 5" in text
     assert "send_every" in text and "pending" in text
+
+
+def test_a_flood_of_anonymous_sessions_does_not_log_the_operator_out() -> None:
+    from gateway.web import auth
+
+    sessions = auth.Sessions(3600)
+    operator = sessions.new(logged_in=True)
+    for _ in range(auth.MAX_SESSIONS * 2):
+        sessions.new(logged_in=False)
+    assert sessions.get(operator.id) is operator
