@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test venv mosquitto lint wasm
+.PHONY: demo test venv mosquitto chromium lint wasm
 
 $(BIN)/torpor: pyproject.toml
 	@# Debian ships venv support in a separate package: install it when venv creation fails.
@@ -30,6 +30,11 @@ wasm:
 	@command -v npm >/dev/null 2>&1 || (echo "wasm: needs Node.js and npm" && exit 1)
 	npm install --prefix build/wasm --no-audit --no-fund --no-save $(WASM_PORT)
 
+chromium:
+	@# The web page's browser tests drive Debian's headless chromium over its DevTools protocol.
+	@command -v chromium >/dev/null 2>&1 || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict gateway tools
@@ -37,6 +42,6 @@ lint: venv
 demo: venv mosquitto
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/torpor demo
 
-test: venv mosquitto lint
+test: venv mosquitto chromium lint
 	$(BIN)/torpor proto check
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/pytest -n 2 -q

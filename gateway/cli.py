@@ -46,6 +46,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_status)
     p = gsub.add_parser("config-example", help="print a configuration file with every default")
     p.set_defaults(func=_example)
+    from gateway.web import command as web_command  # `torpor gateway web`
+
+    web_command.register(gsub, config_arg, _config)
 
     dev = sub.add_parser("device", help="the device registry, and commands and configuration for devices")
     dsub = dev.add_subparsers(dest="device_command", metavar="ACTION", required=True)

@@ -7,6 +7,8 @@ Relative paths are relative to the configuration file's folder.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from gateway.errors import ConfigError
 
 __all__ = [
     "BrokerConfig", "ConfigError", "DownlinkConfig", "GatewayConfig", "GatewaySection",
-    "IngestConfig", "MqttConfig", "PkiConfig", "UpstreamConfig", "load_config", "parse_config",
+    "IngestConfig", "MqttConfig", "PkiConfig", "UpstreamConfig", "WebConfig", "load_config", "parse_config",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -136,6 +138,44 @@ class PkiConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The operator's web page and JSON API (gateway.web)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # any non-loopback address needs token or password_hash
+    port: int = 8080
+    # A bearer token for the API and the login form (at least 16 characters)...
+    token: str = ""
+    # ...and/or a password, stored as `torpor gateway web --hash-password` prints it.
+    password_hash: str = ""
+    tls_cert: str = ""  # both or neither: HTTPS when set
+    tls_key: str = ""
+    page_size: int = 50  # fleet page rows
+    session_hours: float = 12.0
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.token or self.password_hash) or not self.loopback
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# scrypt$<n>$<r>$<p>$<salt hex>$<hash hex> (gateway.web.auth.hash_password)
+_PASSWORD_HASH = re.compile(r"scrypt\$\d+\$\d+\$\d+\$[0-9a-f]{16,}\$[0-9a-f]{32,}")
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     gateway: GatewaySection = GatewaySection()
     broker: BrokerConfig = BrokerConfig()
@@ -144,6 +184,7 @@ class GatewayConfig:
     upstream: UpstreamConfig = UpstreamConfig()
     downlink: DownlinkConfig = DownlinkConfig()  # delivery to sleeping nodes (gateway.downlink)
     pki: PkiConfig = PkiConfig()  # credential renewal and expiry events (gateway.lifetimes)
+    web: WebConfig = WebConfig()  # the operator's web page and API (gateway.web)
     source: str = ""  # the file it was read from
 
     @property
@@ -186,12 +227,14 @@ _SECTIONS: dict[str, type[Any]] = {
     "upstream": UpstreamConfig,
     "downlink": DownlinkConfig,
     "pki": PkiConfig,
+    "web": WebConfig,
 }
 # Keys holding file or folder paths: resolved against the config file's folder.
 _PATH_KEYS = {
     ("gateway", "data_dir"), ("gateway", "db"), ("broker", "pki_dir"), ("broker", "mosquitto"),
     ("broker", "config_dir"), ("mqtt", "cert"), ("mqtt", "key"), ("mqtt", "ca"),
     ("upstream", "ca"), ("upstream", "cert"), ("upstream", "key"),
+    ("web", "tls_cert"), ("web", "tls_key"),
 }
 # (section, key) -> smallest allowed value
 _MINIMA: dict[tuple[str, str], float] = {
@@ -230,12 +273,17 @@ _MINIMA: dict[tuple[str, str], float] = {
     ("pki", "server_lead_days"): 0.0,
     ("pki", "gateway_days"): 0.0001,
     ("pki", "gateway_lead_days"): 0.0,
+    ("web", "port"): 0,  # 0: any free port (tests)
+    ("web", "page_size"): 1,
+    ("web", "session_hours"): 0.01,
 }
 _MAXIMA: dict[tuple[str, str], float] = {
     ("broker", "port"): 65535,
     ("mqtt", "port"): 65535,
     ("upstream", "port"): 65535,
     ("upstream", "qos"): 1,
+    ("web", "port"): 65535,
+    ("web", "page_size"): 1000,
     ("ingest", "deadletter_raw_max_bytes"): proto.MAX_FRAME,  # all of any frame
     ("pki", "crl_renew_at"): 0.95,
 }
@@ -324,6 +372,21 @@ def _cross_check(cfg: GatewayConfig) -> None:
             raise ConfigError(f"[upstream] {key}: {topic!r} must contain {{device}}")
         if "+" in topic or "#" in topic:
             raise ConfigError(f"[upstream] {key}: {topic!r} must not contain MQTT wildcards")
+    _check_web(cfg.web)
+
+
+def _check_web(web: WebConfig) -> None:
+    if web.token and len(web.token) < 16:
+        raise ConfigError("[web] token: at least 16 characters (e.g. `openssl rand -hex 16`)")
+    if web.password_hash and not _PASSWORD_HASH.fullmatch(web.password_hash):
+        raise ConfigError("[web] password_hash: not a hash made by "
+                          "`torpor gateway web --hash-password`")
+    if bool(web.tls_cert) != bool(web.tls_key):
+        raise ConfigError("[web] tls_key: tls_cert and tls_key are set together or not at all")
+    if web.enabled and not web.loopback and not (web.token or web.password_hash):
+        raise ConfigError(
+            f"[web] host: {web.host!r} is not a loopback address; set [web] password_hash or "
+            "token so that only the operator can log in (or bind to 127.0.0.1)")
 
 
 def load_config(path: str | Path) -> GatewayConfig:

@@ -530,3 +530,37 @@ def fetch(conn: sqlite3.Connection, device: str, limit: int = 100) -> list[tuple
                 return out
             out.append((first + k, columns[0][k], schema, *(c[k] for c in columns[1:])))
     return out
+
+
+# A run spans one burst of one wake; runs that began this long before a range's start are
+# read too, in case their later readings fall inside it.
+RUN_SPAN_S = 86_400
+
+
+def columns_between(conn: sqlite3.Connection, device: str, since: float,
+                    until: float) -> dict[int, list[list[int]]]:
+    """A device's readings sampled in [since, until], column by column: schema ->
+    [times, v0, v1, ...], in time order."""
+    out: dict[int, list[list[int]]] = {}
+    runs = conn.execute(
+        "SELECT msg_id, count, schema, layout, data FROM reading_runs WHERE device=? "
+        "AND ts >= ? AND ts <= ? ORDER BY msg_id", (device, int(since) - RUN_SPAN_S, int(until)))
+    for _first, count, schema, codes, data in runs:
+        columns = unpack(codes, count, data)
+        cols = out.setdefault(schema, [[] for _ in columns])
+        if len(cols) != len(columns):  # a run of an unknown schema's other width
+            continue
+        stamps = columns[0]
+        if since <= min(stamps) and max(stamps) <= until:
+            for dst, src in zip(cols, columns, strict=True):
+                dst.extend(src)
+        else:
+            keep = [k for k, t in enumerate(stamps) if since <= t <= until]
+            for dst, src in zip(cols, columns, strict=True):
+                dst.extend(src[k] for k in keep)
+    for schema, cols in out.items():
+        ts = cols[0]
+        if any(a > b for a, b in zip(ts, ts[1:], strict=False)):  # ids out of time order
+            order = sorted(range(len(ts)), key=ts.__getitem__)
+            out[schema] = [[c[k] for k in order] for c in cols]
+    return out

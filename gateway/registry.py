@@ -270,3 +270,26 @@ def record_hellos(conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]], now
         "WHERE id=? AND status=?",
         [(ACTIVE, now, r[-1], PROVISIONED) for r in rows],
     )
+
+
+def page(conn: sqlite3.Connection, *, status: str | None = None, text: str = "",
+         offset: int = 0, limit: int = 50) -> tuple[list[Device], int]:
+    """One page of devices by id, filtered by status and by a substring of the id, status
+    reason or firmware version; and how many devices match in all."""
+    if status is not None and status not in STATUSES:
+        raise RegistryError(f"unknown status {status!r}: one of {', '.join(STATUSES)}")
+    where: list[str] = []
+    params: list[Any] = []
+    if status is not None:
+        where.append("status=?")
+        params.append(status)
+    if text:
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where.append("(id LIKE ? ESCAPE '\\' OR status_reason LIKE ? ESCAPE '\\' "
+                     "OR CAST(fw_version AS TEXT) = ?)")
+        params += [pattern, pattern, text]
+    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    total = int(conn.execute("SELECT count(*) FROM devices" + clause, params).fetchone()[0])
+    rows = conn.execute(_SELECT + clause + " ORDER BY id LIMIT ? OFFSET ?",
+                        (*params, limit, offset)).fetchall()
+    return [Device(*r) for r in rows], total

@@ -162,6 +162,10 @@ class Service:
     # ------------------------------------------------------------ supervisor
     async def run(self) -> None:
         cfg = self.cfg
+        if cfg.web.enabled:  # before anything starts: a bad certificate stops it, named
+            from gateway.web import server as web_server
+
+            web_server.preflight(cfg.web)
         self.conn = db.open_db(cfg.db_path)
         # Once the tasks run, self.conn is used on the writer thread only: by ingest, the
         # status and the downlink sweeps, one after the other. One connection, so that
@@ -198,12 +202,17 @@ class Service:
             if (cfg.pki_dir / "ca.pem").exists():
                 tasks["lifetimes"] = asyncio.create_task(
                     self._supervise("lifetimes", self._lifetimes_loop))
+            if cfg.web.enabled:  # the operator's page and API (gateway.web)
+                from gateway.web import server as web_server
+
+                tasks["web"] = asyncio.create_task(
+                    self._supervise("web", lambda: web_server.serve(cfg)))
             log.info("gateway running (database %s, pid %d)", cfg.db_path, os.getpid())
             await self._stop.wait()
             log.info("shutting down")
         finally:
             # Ingest first: it stops taking frames, commits and answers what it holds.
-            for name in ("ingest", "relay", "status", "downlink", "lifetimes", "checkpoint"):
+            for name in ("ingest", "web", "relay", "status", "downlink", "lifetimes", "checkpoint"):
                 task = tasks.get(name)
                 if task is not None:
                     task.cancel()
