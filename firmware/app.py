@@ -199,7 +199,12 @@ class Wake:
         """An early wake (the gateway had more for us) falls in the grid slot an earlier
         wake already sampled: one reading per slot keeps bursts evenly spaced."""
         last = self.st.last_wake
-        return bool(last) and self.slot(last) == self.slot(self.now)
+        if not last:
+            return False
+        g = self.slot(last)
+        # A wake more than 1 s off its grid point (its clock was set meanwhile) took its
+        # own time, not the point's.
+        return -1 <= g - last <= 1 and g == self.slot(self.now)
 
     def sample(self):
         t1 = time.ticks_ms()
@@ -207,13 +212,12 @@ class Wake:
         temp, hum = board.read_sensors()
         temp = max(-32768, min(32767, temp))
         hum = max(0, min(65535, hum))
-        # On the grid when the wake is on time (a regular burst packs small); the true time
-        # otherwise, and always while the clock is the chip's own count.
+        # On the grid when the wake is on time (a regular burst packs small), the true time
+        # otherwise: a late wake's reading is stamped when it was taken.
         ts = self.now
-        if self.st.clock_set:
-            g = self.slot(ts)
-            if -1 <= g - ts <= 1:
-                ts = g
+        g = self.slot(ts)
+        if -1 <= g - ts <= 1:
+            ts = g
         rec = bytearray(RECORD_SIZE)
         struct.pack_into(wire.RECORD_ENV3, rec, 0, ts, temp, hum, min(self.mv, 65535))
         self.alarm = bool(cfg.priority_alarm) and (
@@ -586,8 +590,14 @@ class Wake:
         if self.sleep_req:
             ms = self.sleep_req * 1000
         else:
-            nxt = self.slot(self.now) + self.period
-            ms = nxt * 1000 - now_ms
+            # The grid point after the one this wake sampled (sample() stamps it when within
+            # 1 s). A wake whose clock was set meanwhile may lie far from the nearest one:
+            # when that lies ahead, the next wake takes it.
+            p = self.period
+            g = self.slot(self.now)
+            if g - self.now > 1:
+                g -= p
+            ms = (g + p) * 1000 - now_ms
             while ms < 1000:
                 ms += self.period * 1000
         if self.hint or (self.st is not None and self.st.pending_hint):
