@@ -266,7 +266,7 @@ def test_device_show_predicts_the_next_listening_time_within_one_interval(stack:
             seen.append(st.as_dict())
         assert len(seen) >= 3, seen
         # The node wakes on its grid: the prediction is off by the awake time only.
-        errors = [b["last_hello_at"] - a["expected_at"] for a, b in zip(seen, seen[1:])
+        errors = [b["last_hello_at"] - a["expected_at"] for a, b in zip(seen, seen[1:], strict=False)
                   if b["wakes"] == a["wakes"] + 1]
         assert errors and all(abs(e) <= 3.0 for e in errors), (errors, seen)
         assert all(s["missed_wakes"] == 0 for s in seen), seen
