@@ -1,0 +1,179 @@
+# Field behaviour of the wake cycle inside the unix port on the sim board: the clock taken
+# from the gateway (sanity rule, readings stamped before it), the next listening time, a
+# command's expiry, safe mode's refusal, the watchdog and the cached broker address.
+import json
+import os
+import socket
+import struct
+import sys
+
+import mpunit
+import sim
+
+sys.modules["board"] = sim  # what lib/board.py does on a sim node
+
+import app  # noqa: E402
+import commands  # noqa: E402
+import config  # noqa: E402
+import mqtt  # noqa: E402
+import proto  # noqa: E402
+import state  # noqa: E402
+import wire  # noqa: E402
+
+BASE = {"device_id": "n1", "broker_host": "127.0.0.1"}
+T0 = 1767225600  # 2026-01-01
+
+
+def _node(**over):
+    d = mpunit.tmpdir() + "/node"
+    try:
+        os.mkdir(d)
+    except OSError:
+        pass
+    with open(d + "/state.json", "w") as f:
+        f.write(json.dumps({"vt_ms": T0 * 1000, "cause": sim.TIMER, "runs": 1}))
+    with open(d + "/sim.json", "w") as f:
+        f.write(json.dumps({"seed": 3, "block_count": 64}))
+    sim.configure(d)
+    sim.init()
+    cfg = dict(BASE)
+    cfg.update(over)
+    with open(sim.FS_ROOT + "/config.json", "w") as f:
+        f.write(json.dumps(cfg))
+    return d
+
+
+class _Q:
+    next_id = 1
+    depth = 0
+
+
+def test_clock_is_set_only_to_plausible_times_and_kept_in_rtc_memory():
+    _node()
+    sim.set_time(946684800)  # what an ESP32 reads after power-on
+    st = state.State(sim, sim.FS_ROOT)
+    st.queue = _Q()
+    st.queue.next_id = 7
+    for absurd in (0, 946684800, 1600000000, 4200000000):
+        mpunit.eq(st.set_clock(absurd), None)
+    mpunit.eq(st.clock_set, 0)
+    mpunit.eq(sim.time() < 946684900, True)
+    step = st.set_clock(T0 + 5)
+    mpunit.eq(abs(step - (T0 + 5 - 946684800)) <= 1, True)
+    mpunit.eq((st.clock_set, st.sync_id), (1, 7))
+    mpunit.eq(abs(sim.time() - (T0 + 5)) <= 1, True)
+    # A later setting (drift) moves the clock but not the shift of the early readings.
+    st.queue.next_id = 9
+    mpunit.eq(st.set_clock(T0 + 8) is not None, True)
+    mpunit.eq((st.sync_id, st.sync_off), (7, step))
+    st.epoch_id = 3
+    st.broker_ip = b"\x7f\x00\x00\x01"
+    st.keep_wifi_hint((6, b"\x01\x02\x03\x04\x05\x06"))
+    st.save_rtc()
+    st2 = state.State(sim, sim.FS_ROOT)
+    mpunit.eq((st2.clock_set, st2.epoch_id, st2.sync_id, st2.sync_off), (1, 3, 7, step))
+    mpunit.eq(st2.broker_ip, b"\x7f\x00\x00\x01")
+    mpunit.eq(st2.wifi_hint(), (6, b"\x01\x02\x03\x04\x05\x06"))
+    st2.keep_wifi_hint(None)
+    mpunit.eq(st2.wifi_hint(), None)
+
+
+def _recs(first_ts, n):
+    rs = wire.RECORD_SIZE_ENV3
+    b = bytearray(rs * n)
+    for i in range(n):
+        struct.pack_into(wire.RECORD_ENV3, b, i * rs, first_ts + 60 * i, 2000, 5000, 3700)
+    return b
+
+
+def test_readings_stamped_before_the_clock_was_set_are_flagged_or_shifted():
+    _node()
+    w = app.Wake()
+    w.st = state.State(sim, sim.FS_ROOT)
+    w.st.epoch_id = 5
+    w.recs = _recs(946684800, 6)
+    # Unset clock: readings of an earlier power session (ids < 5) are on the wall clock,
+    # those from 5 on on the chip's count.
+    mpunit.eq(w._clock_run(2, 6), (3, False))
+    mpunit.eq(w._clock_run(5, 6), (6, True))
+    # Set at id 8 with a step of 1000 s: ids 5..7 travel shifted, 8.. as they are.
+    w.st.clock_set = 1
+    w.st.sync_id = 8
+    w.st.sync_off = 1000
+    mpunit.eq(w._clock_run(5, 6), (3, False))
+    mpunit.eq([struct.unpack_from("<I", w.recs, 10 * i)[0] for i in range(4)],
+              [946685800, 946685860, 946685920, 946684800 + 180])
+    mpunit.eq(w._clock_run(8, 6), (6, False))
+
+
+def test_next_listen_counts_the_sampling_wakes_until_a_send_is_due():
+    _node()
+    w = app.Wake()
+    w.cfg = config.Config(sim.FS_ROOT)  # defaults: 60 s, send_every 10, max age 3600 s
+    w.st = state.State(sim, sim.FS_ROOT)
+    w.q = _Q()
+    w.period = 60
+    mpunit.eq(w.next_listen_s(55), 55 + 9 * 60)
+    w.cfg.send_max_age_s = 120  # the first reading is two periods old at the third wake
+    mpunit.eq(w.next_listen_s(55), 55 + 2 * 60)
+    w.hint = 1  # the gateway has more: the next wake connects
+    mpunit.eq(w.next_listen_s(55), 55)
+
+
+def test_an_expired_command_is_answered_expired_and_safe_mode_runs_none():
+    _node()
+    c = config.Config(sim.FS_ROOT)
+    st = state.State(sim, sim.FS_ROOT)
+    st.queue = _Q()
+    st.set_clock(T0 + 100)
+    fx = commands.Effects()
+    buf = bytearray(128)
+    cmd = (1, 21, proto.COMMAND_OP_SET_INTERVAL, [300], 1, 5, b"", T0 + 99)
+    n = commands.execute(cmd, c, st, sim, fx, buf, st.msg_id())
+    r = proto.decode(buf[:n])[1]
+    mpunit.eq(r[proto.COMMAND_RESULT_STATUS], proto.RESULT_STATUS_EXPIRED)
+    mpunit.eq(c.sample_interval_s, 60)  # not run
+    mpunit.eq(st.was_executed(21), True)  # a redelivery is a duplicate, not a second try
+    cmd = (1, 22, proto.COMMAND_OP_SET_INTERVAL, [300], 1, 5, b"", T0 + 200)
+    n = commands.execute(cmd, c, st, sim, fx, buf, st.msg_id())
+    mpunit.eq(proto.decode(buf[:n])[1][proto.COMMAND_RESULT_STATUS], proto.RESULT_STATUS_OK)
+    cmd = (1, 23, proto.COMMAND_OP_STAY_AWAKE, [30], 1, 5, b"", 0)
+    n = commands.execute(cmd, c, st, sim, fx, buf, st.msg_id(), True)
+    r = proto.decode(buf[:n])[1]
+    mpunit.eq((r[proto.COMMAND_RESULT_STATUS], r[proto.COMMAND_RESULT_DETAIL]),
+              (proto.RESULT_STATUS_REFUSED, "safe mode"))
+    mpunit.eq((fx.stay_awake_ms, st.was_executed(23)), (0, False))
+
+
+def test_the_watchdog_is_armed_for_the_awake_budget_plus_a_margin():
+    _node(awake_budget_ms=9000)
+    w = app.Wake()
+    w.boot()
+    mpunit.eq(sim._wdt_ms, 9000 + app.WDT_MARGIN_MS)
+
+
+def test_the_broker_address_is_used_without_resolving_the_name():
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(socket.getaddrinfo("127.0.0.1", 0)[0][-1])
+    srv.listen(1)
+    port = 0
+    for p in range(47000, 47100):  # the unix port cannot read back an ephemeral port
+        try:
+            s2 = socket.socket()
+            s2.bind(socket.getaddrinfo("127.0.0.1", p)[0][-1])
+            s2.listen(1)
+            srv.close()
+            srv, port = s2, p
+            break
+        except OSError:
+            s2.close()
+    mpunit.eq(port > 0, True)
+    # A name no resolver knows: only the cached address can reach the listener.
+    c = mqtt.MQTTClient("n1", "broker.invalid", port, addr=b"\x7f\x00\x00\x01")
+    c._open(mqtt.deadline(2000))
+    mpunit.eq(c.ip, b"\x7f\x00\x00\x01")
+    c.close()
+    c = mqtt.MQTTClient("n1", "broker.invalid", port)
+    mpunit.raises(OSError, c._open, mqtt.deadline(2000))
+    srv.close()
