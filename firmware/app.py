@@ -356,6 +356,8 @@ class Wake:
             st.next_try = self.now + min(back, BACKOFF_MAX_S)
             st.pending_hint = 0
             log.info("retry after %d s (failures=%d)", st.next_try - self.now, st.fails)
+            if ota.trial_unreached():
+                log.info("trial image: gateway out of reach, not held against it")
 
     def _radio_up(self, budget):
         # The last association's channel and BSSID (RTC memory) make it a fast one; a board

@@ -70,7 +70,18 @@ def choose(root, cause):
     reason, m = slots.check(root, st["active"], False, use_seal=cause == board.TIMER)
     if reason or m["version"] != st["ver"]:
         _log("confirmed slot %s does not check out: reason %d" % (st["active"], reason))
-        return None
+        # The other slot (the image before the last update, say) runs if it verifies
+        # completely; only when neither does the node sleep and retry.
+        alt = bootstate.other(st["active"])
+        r2, m2 = slots.check(root, alt, True)
+        if r2:
+            _log("slot %s does not check out either: reason %d" % (alt, r2))
+            return None
+        _log("falling back to slot %s v%d" % (alt, m2["version"]))
+        bootstate.fall_back(st, alt, m2["version"], reason or bootstate.BAD_MANIFEST)
+        bootstate.save(root, st)
+        _keep_report(st)
+        return alt, m2["version"], False
     _keep_report(st)
     return st["active"], st["ver"], False
 

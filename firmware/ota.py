@@ -132,6 +132,15 @@ def on_ack():
         slots.clear_report()
 
 
+def trial_unreached():
+    """This trial wake could not reach the gateway (the network or the gateway was down):
+    not a failed health check. The bootloader gives the trial another boot."""
+    r = slots.running()
+    if r is not None and r[2] and slots.trial_no_network():
+        return True
+    return False
+
+
 def on_frame(ftype, f, w):
     """OTA_MANIFEST or OTA_CHUNK from the gateway; w is the app's Wake (battery, budget,
     effects). Never raises for a bad frame: the outcome goes into the next OTA_STATUS."""
@@ -262,7 +271,7 @@ def _chunk(f, w):
         return
     n = h["m"] + _n
     slots.finish()
-    slots.set_trial()
+    slots.set_trial(1, w.cfg.trial_outage_boots)
     # The download is over: the slot and the bootloader's record hold everything now.
     _drop_staging()
     _set_report(v, proto.OTA_STATE_TRIAL, n)
