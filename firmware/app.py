@@ -154,10 +154,10 @@ class Wake:
         resume = None
         if self.cause == board.TIMER and st.rtc_valid and st.boots_incomplete == 0:
             resume = st.rtc_extra
-        st.boots_incomplete += 1
-        # The boots before this one all ended without a planned sleep: stop doing the
-        # work that may be crashing, and only listen for a fix.
-        self.safe = st.boots_incomplete > cfg.safe_mode_after
+        # The boots before this one all ended without a planned sleep: stop doing the work
+        # that may be crashing, and only listen for a fix (an image, a configuration). Safe
+        # mode stays until one comes: the node does not alternate crashes and safe wakes.
+        self.safe = st.count_boot(self.cause == board.TIMER, cfg.safe_mode_after)
         st.save_rtc()
         self.mv = board.battery_mv()
         self.period = cfg.sample_interval_s
@@ -544,6 +544,10 @@ class Wake:
                 log.warn("shadow delta refused: %s", err)
             else:
                 self.period = self.cfg.sample_interval_s
+                if self.st.safe:
+                    # The operator's configuration is the fix to try: leave safe mode.
+                    self.st.leave_safe_mode()
+                    log.info("safe mode left: new configuration v%d", self.cfg.version)
             n = proto.encode_shadow_report(self.out, self.st.msg_id(), self.cfg.version, self.cfg.report())
             client.publish_out(self.up_topic, n, 1)
         elif ftype == proto.SLEEP_NOW:
@@ -559,7 +563,9 @@ class Wake:
     def _on_ack(self, cumulative, selective, t=0):
         if t:
             self._set_clock(t)
-        ota.on_ack()
+        if ota.on_ack() and self.st.safe:
+            self.st.leave_safe_mode()  # a new image confirmed: it is the fix
+            log.info("safe mode left: new image confirmed")
         self.q.ack(cumulative, selective)
         # ACK's `pending` counts frames that follow in this window: no reason to wake
         # early. Only SLEEP_NOW's `pending` (items left for a later wake) is.
@@ -659,7 +665,7 @@ def run():
     st = w.st
     if st is not None:
         if completed:
-            st.boots_incomplete = 0
+            st.finish_boot()
         st.last_wake = w.now
         st.save_rtc(w.q.snapshot(state.RTC_SIZE) if completed and w.q is not None else None)
     _report(w, sleep_ms, a0)

@@ -115,19 +115,21 @@ def hello_state():
 
 
 def on_ack():
-    """The gateway acknowledged this wake's HELLO. A trial image has reached it: keep it.
-    An outcome the HELLO carried (confirmed, reverted) is now on record there: clear it."""
+    """The gateway acknowledged this wake's HELLO. A trial image has reached it: keep it
+    (True: this confirmed it). An outcome the HELLO carried (confirmed, reverted) is now on
+    record there: clear it."""
     global _acked
     import proto  # the codec: only a wake that sends gets here
 
     if _acked:
-        return
+        return False
     _acked = True
     r = slots.running()
     if r is not None and r[2]:
         if slots.confirm():
             _set_report(r[1], proto.OTA_STATE_CONFIRMED, 0)
-        return
+            return True
+        return False
     if _hello[0] == proto.OTA_STATE_CONFIRMED or _hello[0] == proto.OTA_STATE_REVERTED:
         slots.clear_report()
 

@@ -10,8 +10,8 @@ from micropython import const
 _RTC_MAGIC = const(0x54525333)  # "TRS3"
 # ..., then the clock (set flag, epoch id, sync id, sync offset), the broker's cached
 # IPv4 address and the last Wi-Fi association (channel, BSSID): see the fields below.
-_RTC_FMT = "<IBHBIBIIIIBIIi4sB6s"
-_RTC_SIZE = const(53)
+_RTC_FMT = "<IBHBIBIIIIBIIi4sB6sB"
+_RTC_SIZE = const(54)
 RTC_SIZE = _RTC_SIZE  # room save_rtc() needs in front of what follows the fields
 
 _FL_MAGIC = const(0x54534631)  # "TSF1"
@@ -51,6 +51,11 @@ class State:
     broker_ip = b""  # the broker's address, resolved once (b"": resolve by name)
     wifi_channel = 0  # the last association's channel and BSSID (0: scan)
     wifi_bssid = b""
+    # Safe mode, sticky: set when boots kept failing, cleared when a new image confirms or
+    # the gateway's configuration changes. Kept in RTC memory for the common wake and, with
+    # the failing-boot count, in boots.bin on flash (written only by unusual boots).
+    safe = 0
+    _boots_flash = 0  # boots.bin's count as this wake found or wrote it (0: none)
     rtc_valid = False
     queue = None  # the wake's flash queue, for the first id stamped on the set clock
     # What the last save_rtc() stored after the fields (the flash queue's resume record);
@@ -114,6 +119,7 @@ class State:
         self.wifi_channel = raw[46]
         if self.wifi_channel:
             self.wifi_bssid = bytes(raw[47:53])
+        self.safe = raw[53]
         self.rtc_valid = True
         # The results count is trusted only from a wake that completed: every change to
         # state.bin in it came before its last save_rtc().
@@ -142,7 +148,7 @@ class State:
             self._msg_next if self._msg_known() else 0, self._msg_hw if self._msg_known() else 0,
             self.clock_set, self.epoch_id & 0xFFFFFFFF, self.sync_id & 0xFFFFFFFF,
             max(-0x80000000, min(0x7FFFFFFF, self.sync_off)), self.broker_ip,
-            self.wifi_channel, self.wifi_bssid,
+            self.wifi_channel, self.wifi_bssid, self.safe,
         )
         self._board.rtc_memory_write(buf)
 
@@ -158,6 +164,54 @@ class State:
             self.sync_off = step
             self.sync_id = self.queue.next_id if self.queue is not None else 0
         return step
+
+    # ---- failing boots and safe mode (power loss keeps them: flash) ----
+    def count_boot(self, board_timer, safe_after):
+        """Count this boot as incomplete until finish_boot(); returns whether it runs in
+        safe mode. A timer wake after a completed one only touches RTC memory; any other
+        boot (power-on, crash, watchdog, a wake after an incomplete one) also updates
+        boots.bin, so that power loss in a crash loop does not reset the count."""
+        if board_timer and self.rtc_valid and self.boots_incomplete == 0:
+            self.boots_incomplete = 1
+            return bool(self.safe)
+        n, safe = self._read_boots()
+        n = max(n, self.boots_incomplete) + 1
+        self.safe = 1 if (safe or self.safe or n > safe_after) else 0
+        self.boots_incomplete = n
+        self._write_boots(n, self.safe)
+        return bool(self.safe)
+
+    def finish_boot(self):
+        """The wake reached its planned sleep."""
+        self.boots_incomplete = 0
+        if self._boots_flash:
+            self._write_boots(0, self.safe)
+
+    def leave_safe_mode(self):
+        if self.safe:
+            self.safe = 0
+            self._write_boots(0, 0)
+
+    def _boots_path(self):
+        return self._path[: -len("state.bin")] + "boots.bin"
+
+    def _read_boots(self):
+        try:
+            with open(self._boots_path(), "rb") as f:
+                b = f.read()
+        except OSError:
+            return 0, 0
+        if len(b) != 5 or b[0:2] != b"TB" or b[4] != (b[2] ^ b[3] ^ 0x5A):
+            return 0, 0
+        return b[2], b[3]
+
+    def _write_boots(self, n, safe):
+        n = min(n, 255)
+        tmp = self._boots_path() + ".new"
+        with open(tmp, "wb") as f:
+            f.write(bytes((0x54, 0x42, n, safe, n ^ safe ^ 0x5A)))
+        os.rename(tmp, self._boots_path())
+        self._boots_flash = n or 0
 
     def wifi_hint(self):
         """(channel, bssid) of the last association, or None: a full scan."""

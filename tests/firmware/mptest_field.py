@@ -177,3 +177,38 @@ def test_the_broker_address_is_used_without_resolving_the_name():
     c = mqtt.MQTTClient("n1", "broker.invalid", port)
     mpunit.raises(OSError, c._open, mqtt.deadline(2000))
     srv.close()
+
+
+def test_safe_mode_counts_failing_boots_across_power_loss_and_stays():
+    d = _node()
+    st = state.State(sim, sim.FS_ROOT)
+    # A completed timer wake: RTC memory only, no boots.bin.
+    st.rtc_valid = True
+    mpunit.eq(st.count_boot(True, 3), False)
+    st.finish_boot()
+    st.save_rtc()
+    mpunit.raises(OSError, os.stat, sim.FS_ROOT + "/boots.bin")
+    safe = []
+    for i in range(5):
+        st = state.State(sim, sim.FS_ROOT)  # a boot after a crash (cause != timer)
+        safe.append(st.count_boot(False, 3))
+        st.save_rtc()  # then it crashes: no finish_boot()
+        if i == 1:
+            os.remove(d + "/rtc.bin")  # power lost between two crashing boots
+    mpunit.eq(safe, [False, False, False, True, True])  # the 4th failing boot in a row
+    # A safe wake completes; the next boots stay safe, even after power loss.
+    st.finish_boot()
+    st.save_rtc()
+    st = state.State(sim, sim.FS_ROOT)
+    mpunit.eq(st.count_boot(True, 3), True)
+    st.finish_boot()
+    st.save_rtc()
+    os.remove(d + "/rtc.bin")
+    st = state.State(sim, sim.FS_ROOT)
+    mpunit.eq(st.count_boot(False, 3), True)
+    st.leave_safe_mode()
+    st.finish_boot()
+    st.save_rtc()
+    os.remove(d + "/rtc.bin")
+    st = state.State(sim, sim.FS_ROOT)
+    mpunit.eq(st.count_boot(False, 3), False)
