@@ -566,7 +566,7 @@ class Ingest:
         """Items queued for a node under stay_awake go out at once, not at its next wake."""
         assert self.downlink is not None
         while True:
-            await asyncio.sleep(self.downlink.cfg.awake_poll_s)
+            await asyncio.sleep(max(0.05, self.downlink.cfg.awake_poll_s))
             try:
                 out = await writer.run(self._plan_awake)
             except sqlite3.Error as exc:
