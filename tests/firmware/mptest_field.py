@@ -212,3 +212,105 @@ def test_safe_mode_counts_failing_boots_across_power_loss_and_stays():
     os.remove(d + "/rtc.bin")
     st = state.State(sim, sim.FS_ROOT)
     mpunit.eq(st.count_boot(False, 3), False)
+
+
+def test_the_wifi_hint_is_kept_passed_on_and_dropped_after_a_failure():
+    import time
+
+    _node()
+    w = app.Wake()
+    w.cfg = config.Config(sim.FS_ROOT)
+    w.st = state.State(sim, sim.FS_ROOT)
+    calls = []
+    ok = [True]
+
+    def up(ssid, password, deadline_ms, hint=None):
+        calls.append(hint)
+        return (6, b"\x01\x02\x03\x04\x05\x06") if ok[0] else False
+
+    real = sim.radio_up
+    sim.radio_up = up
+    try:
+        budget = time.ticks_add(time.ticks_ms(), 5000)
+        w._radio_up(budget)
+        w._radio_up(budget)
+        mpunit.eq(calls, [None, (6, b"\x01\x02\x03\x04\x05\x06")])
+        ok[0] = False
+        mpunit.raises(OSError, w._radio_up, budget)
+        mpunit.eq(w.st.wifi_hint(), None)
+        ok[0] = True
+        w._radio_up(budget)
+        mpunit.eq(calls[-1], None)  # the next try scans
+    finally:
+        sim.radio_up = real
+    # A board that keeps no hint (True) is never given one.
+    w.st.keep_wifi_hint(None)
+    mpunit.eq(sim.radio_up("s", "p", 100), True)
+
+
+class _FakeWLAN:
+    # network.WLAN as the ESP32 and RP2 ports have it, with one access point per BSSID.
+    aps = ((b"home", b"\xaa" * 6, 1, -70, 3, 0), (b"home", b"\xbb" * 6, 11, -50, 3, 0),
+           (b"other", b"\xcc" * 6, 6, -30, 3, 0))
+    down = b""  # a BSSID that does not answer
+
+    def __init__(self, _iface):
+        self.on = False
+        self.joined = None
+        self.log = []
+
+    def active(self, on=None):
+        if on is None:
+            return self.on
+        self.on = on
+
+    def isconnected(self):
+        return self.joined is not None
+
+    def config(self, **kw):
+        self.log.append(("config", kw.get("channel")))
+
+    def connect(self, ssid, key, bssid=None):
+        self.log.append(("connect", bssid))
+        for ap in self.aps:
+            if ap[0] == ssid.encode() and (bssid is None or ap[1] == bssid) and ap[1] != self.down:
+                self.joined = ap
+                return
+
+    def disconnect(self):
+        self.joined = None
+
+    def scan(self):
+        self.log.append(("scan", None))
+        return list(self.aps)
+
+    def status(self, what):
+        return self.joined[3] if self.joined else 0
+
+
+def test_real_boards_join_with_the_hint_and_scan_when_it_fails():
+    class network:  # the ports' module; the unix port has none
+        WLAN = _FakeWLAN
+        STA_IF = 0
+
+    sys.modules["network"] = network
+    import _wlan
+
+    _wlan._wlan = None
+    # Cold: one scan, the strongest access point of the network, its hint kept.
+    mpunit.eq(_wlan.radio_up("home", "pw", 500), (11, b"\xbb" * 6))
+    wl = _wlan._wlan
+    mpunit.eq(wl.log, [("scan", None), ("config", 11), ("connect", b"\xbb" * 6)])
+    _wlan.radio_down()
+    # With the hint: no scan.
+    wl.log = []
+    mpunit.eq(_wlan.radio_up("home", "pw", 500, (11, b"\xbb" * 6)), (11, b"\xbb" * 6))
+    mpunit.eq([e[0] for e in wl.log], ["config", "connect"])
+    _wlan.radio_down()
+    # The hinted access point is gone: after the fast try, a scan finds the other.
+    _FakeWLAN.down = b"\xbb" * 6
+    _FakeWLAN.aps = _FakeWLAN.aps[:1] + _FakeWLAN.aps[2:]
+    wl.log = []
+    _wlan.FAST_JOIN_MS = 100
+    mpunit.eq(_wlan.radio_up("home", "pw", 800, (11, b"\xbb" * 6)), (1, b"\xaa" * 6))
+    mpunit.eq([e[0] for e in wl.log], ["config", "connect", "scan", "config", "connect"])
