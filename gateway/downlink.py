@@ -321,6 +321,8 @@ class Downlink:
             if isinstance(f, proto.CommandResult):
                 outcome = q.record_result(conn, device, f, now)
                 if outcome == "retired":
+                    self._stay_result(conn, device, f, now)
+                if outcome == "retired":
                     self.metrics.results += 1
                     log.info("[%s] command %d: %s%s", device, f.command_id,
                              f.status.name.lower(), f" ({f.detail})" if f.detail else "",
@@ -336,6 +338,17 @@ class Downlink:
                 if q.record_report(conn, device, f.config_version, f.entries, now):
                     log.info("[%s] configuration v%d applied", device, f.config_version,
                              extra={"device_id": device})
+
+    def _stay_result(self, conn: sqlite3.Connection, device: str, f: proto.CommandResult,
+                     now: float) -> None:
+        # A stay_awake runs from when the node ran it; one it refused (safe mode, bad
+        # arguments) keeps nobody awake, so nothing more is sent at once.
+        it = q.get(conn, device, f.command_id)
+        stay = _stay_awake_s(it)
+        if not stay:
+            return
+        until = now + stay if f.status == proto.ResultStatus.OK else None
+        conn.execute("UPDATE downlink_wakes SET awake_until=? WHERE device=?", (until, device))
 
     # ------------------------------------------------------------ housekeeping
     def sweep(self, conn: sqlite3.Connection, now: float | None = None) -> int:
