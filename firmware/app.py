@@ -298,7 +298,7 @@ class Wake:
             a = gc.mem_alloc()
             # A Will for crashes and lost links only: a planned sleep ends with DISCONNECT.
             try:
-                client.connect(budget, will=(status, b"lost", 1, False))
+                client.connect(self._step_end(budget), will=(status, b"lost", 1, False))
             except OSError:
                 if not st.broker_ip:
                     raise
@@ -306,7 +306,7 @@ class Wake:
                 log.info("cached broker address failed; resolving %s", cfg.broker_host)
                 st.broker_ip = b""
                 client.addr = None
-                client.connect(budget, will=(status, b"lost", 1, False))
+                client.connect(self._step_end(budget), will=(status, b"lost", 1, False))
             st.broker_ip = client.ip
             board.watchdog_feed()
             self.tls_alloc = gc.mem_alloc() - a
@@ -359,12 +359,21 @@ class Wake:
             if ota.trial_unreached():
                 log.info("trial image: gateway out of reach, not held against it")
 
+    def _step_end(self, budget):
+        # The end of one step the watchdog is not fed in (radio, TLS + MQTT connect): the
+        # budget, or sooner on a board whose watchdog cannot wait that long (RP2: 8.4 s), so
+        # that a dead network fails the step instead of resetting the node.
+        wdt = getattr(board, "WDT_MAX_MS", 0)
+        if wdt and wdt < self.cfg.awake_budget_ms + WDT_MARGIN_MS:
+            return _earlier(budget, time.ticks_add(time.ticks_ms(), wdt - 1000))
+        return budget
+
     def _radio_up(self, budget):
         # The last association's channel and BSSID (RTC memory) make it a fast one; a board
         # that keeps no hint answers True and gets none back.
         cfg = self.cfg
         st = self.st
-        ms = max(0, time.ticks_diff(budget, time.ticks_ms()))
+        ms = max(0, time.ticks_diff(self._step_end(budget), time.ticks_ms()))
         hint = st.wifi_hint()
         if hint is None:
             r = board.radio_up(cfg.wifi_ssid, cfg.wifi_password, ms)

@@ -314,3 +314,19 @@ def test_real_boards_join_with_the_hint_and_scan_when_it_fails():
     _wlan.FAST_JOIN_MS = 100
     mpunit.eq(_wlan.radio_up("home", "pw", 800, (11, b"\xbb" * 6)), (1, b"\xaa" * 6))
     mpunit.eq([e[0] for e in wl.log], ["config", "connect", "scan", "config", "connect"])
+
+
+def test_steps_end_before_a_short_hardware_watchdog_bites():
+    import time
+
+    _node()  # awake_budget_ms 15000: longer than an RP2 watchdog (8.4 s) can wait
+    w = app.Wake()
+    w.cfg = config.Config(sim.FS_ROOT)
+    budget = time.ticks_add(time.ticks_ms(), 15000)
+    mpunit.eq(w._step_end(budget), budget)  # the sim's watchdog waits as long as asked
+    sim.WDT_MAX_MS = 8388
+    try:
+        left = time.ticks_diff(w._step_end(budget), time.ticks_ms())
+        mpunit.eq(7000 <= left <= 7388, True)
+    finally:
+        del sim.WDT_MAX_MS
