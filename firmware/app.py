@@ -146,8 +146,13 @@ class Wake:
         self.cfg = cfg = config.Config(board.FS_ROOT)
         self.st = st = state.State(board, board.FS_ROOT)
         self.now = board.time()
-        # Armed before anything that can hang (flash, sensors, radio, DNS, TLS).
-        board.watchdog_start(cfg.awake_budget_ms + WDT_MARGIN_MS)
+        # Armed before anything that can hang (flash, sensors, radio, DNS, TLS); under the
+        # bootloader this re-arms the watchdog it started for its checks.
+        try:
+            board.watchdog_start(cfg.awake_budget_ms + WDT_MARGIN_MS)
+        except Exception as e:  # a port that cannot re-arm: the bootloader's timeout stands
+            log.warn("watchdog not re-armed: %r", e)
+            board.watchdog_feed()
         # The flash queue's resume record (docs/firmware.md) is taken only from a wake that
         # ended as planned, and only on a wake from deep sleep: any other boot reads the
         # queue from flash.

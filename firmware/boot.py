@@ -18,6 +18,9 @@ import slots  # noqa: E402
 from micropython import const  # noqa: E402
 
 NO_IMAGE_SLEEP_MS = const(3600000)  # nothing verifiable to run: try again in an hour
+# The watchdog from the first line: the checks (an Ed25519 verification on a power-on, every
+# hash on a trial boot) until the app arms it for its own budget. RP2 clamps it to 8.4 s.
+BOOT_WDT_MS = const(20000)
 
 
 def _log(msg):
@@ -118,6 +121,7 @@ def run():
     t0 = time.ticks_ms()
     bootstate.alloc0 = _ALLOC0
     board.init()
+    board.watchdog_start(BOOT_WDT_MS)
     root = board.FS_ROOT
     if root == "/":
         _no_mtime()
