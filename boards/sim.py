@@ -414,7 +414,7 @@ def radio_up(ssid, password, deadline_ms, hint=None):
     """Join the network within deadline_ms. `hint` is what a previous success returned
     (channel and BSSID, kept by the firmware in RTC memory): with the right one the board
     associates in the profile's preset time, with a stale one it falls back to a full scan.
-    Returns the hint to keep (bytes, true) on success, False on failure."""
+    Returns the hint to keep, (channel, bssid), on success, False on failure."""
     global _radio
     _load()
     radio = _cfg.get("radio", {})
@@ -432,10 +432,10 @@ def radio_up(ssid, password, deadline_ms, hint=None):
         if not radio.get("available", True):
             radio_down()
             return False
-        return bytes((_AP_CHANNEL,)) + _AP_BSSID
-    good = bytes((_AP_CHANNEL,)) + _AP_BSSID
+        return (_AP_CHANNEL, _AP_BSSID)
+    good = (_AP_CHANNEL, _AP_BSSID)
     need = _prof["wifi_cold_ms"]
-    if hint is not None and bytes(hint) == good:
+    if hint and hint[0] == _AP_CHANNEL and bytes(hint[1]) == _AP_BSSID:
         need = _prof["wifi_preset_ms"]
     elif hint:
         need += _prof["wifi_preset_ms"]  # the preset channel/BSSID is tried first, in vain

@@ -7,6 +7,7 @@ import os
 import sys
 
 import bootwire
+from micropython import const
 
 # The bootloader's version, the manifest limit and the protocol's ota_state and ota_reason
 # values come from bootwire.py, generated from the spec and installed with the bootloader:
@@ -50,6 +51,11 @@ alloc0 = None
 report = None
 
 _KEYS = ("active", "ver", "floor", "trial", "tver", "tboots", "max", "ota", "reason", "rver", "seq")
+# Keys added later, with the value a record written before them means.
+_LATER = (("nonet", 0), ("nmax", 0))
+# Trial boots that may end without reaching the gateway because the network was down
+# (a Wi-Fi or gateway outage) before the trial is given up: a day of hourly wakes.
+OUTAGE_BOOTS = const(24)
 
 
 # Everything the bootloader keeps on flash lives under this one directory: the state record,
@@ -78,6 +84,8 @@ def new(slot, version):
         "reason": NONE,  # and its ota_reason
         "rver": 0,  # version the outcome concerns
         "seq": 0,  # bumped by every save
+        "nonet": 0,  # trial boots that ended cleanly with the gateway out of reach
+        "nmax": 0,  # of those, how many the trial may use
     }
 
 
@@ -110,7 +118,12 @@ def load(root):
             st = json.loads(f.read())
     except (OSError, ValueError):
         return None
-    return st if _valid(st) else None
+    if not _valid(st):
+        return None
+    for k, v in _LATER:
+        if not isinstance(st.get(k), int):
+            st[k] = v
+    return st
 
 
 def save(root, st):
@@ -157,11 +170,13 @@ def remount_without_mtime(bdev, point="/", progsize=0):
 
 # ---- transitions (pure: they change the dict; the caller saves it) ----
 
-def set_trial(st, slot, version, max_boots=1):
+def set_trial(st, slot, version, max_boots=1, outage_boots=OUTAGE_BOOTS):
     st["trial"] = slot
     st["tver"] = version
     st["tboots"] = 0
     st["max"] = max_boots if max_boots > 0 else 1
+    st["nonet"] = 0
+    st["nmax"] = outage_boots if outage_boots > 0 else 0
     st["ota"] = TRIAL
     st["reason"] = NONE
     st["rver"] = version
@@ -169,12 +184,20 @@ def set_trial(st, slot, version, max_boots=1):
 
 def trial_verdict(st, cause):
     """At boot with a trial pending: NONE if the trial image may start (again), else the
-    reason to revert it: it crashed or hung (a watchdog), or used its boots unconfirmed."""
+    reason to revert it: it crashed or hung (a watchdog, at once), or used its boots
+    unconfirmed. A boot the image ended cleanly but could not reach the gateway (the
+    network was down: no_network()) is not held against it, up to `nmax` of them."""
     if st["tboots"] > 0 and (cause == _CAUSE_CRASH or cause == _CAUSE_WATCHDOG):
         return CRASHED
-    if st["tboots"] >= st["max"]:
+    if st["tboots"] - st["nonet"] >= st["max"] or st["nonet"] > st["nmax"]:
         return HEALTH_CHECK
     return NONE
+
+
+def no_network(st):
+    """The trial boot that is running ended its wake cleanly without reaching the gateway."""
+    if st["nonet"] < st["tboots"]:
+        st["nonet"] += 1
 
 
 def count_trial_boot(st):
@@ -186,6 +209,7 @@ def revert(st, reason):
     st["trial"] = ""
     st["tver"] = 0
     st["tboots"] = 0
+    st["nonet"] = 0
     st["ota"] = REVERTED
     st["reason"] = reason
 
@@ -202,9 +226,24 @@ def confirm(st):
     st["trial"] = ""
     st["tver"] = 0
     st["tboots"] = 0
+    st["nonet"] = 0
     st["ota"] = CONFIRMED
     st["reason"] = NONE
     return True
+
+
+def fall_back(st, slot, version, reason):
+    """The confirmed slot failed its check at boot and `slot` (the other one) verifies:
+    it becomes the confirmed image. The floor stays: no update may go below it."""
+    st["rver"] = st["ver"]
+    st["active"] = slot
+    st["ver"] = version
+    st["trial"] = ""
+    st["tver"] = 0
+    st["tboots"] = 0
+    st["nonet"] = 0
+    st["ota"] = REVERTED
+    st["reason"] = reason
 
 
 def clear_report(st):

@@ -253,7 +253,16 @@ def _show(args: argparse.Namespace) -> int:
     print(f"last seen:       {_when(dev.last_seen)}")
     print(f"last HELLO:      {_when(dev.last_hello_at)}")
     print(f"next wake:       {_when(dev.next_wake_at)}")
-    print(f"awake until:     {_when(dev.awake_until)}")
+    wakes = down.get("wakes") or {}
+    stay = wakes.get("awake_until")
+    if stay is not None and stay > time.time():
+        print(f"awake until:     {_when(stay)} (stay_awake: items are sent at once)")
+    else:
+        print(f"awake until:     {_when(dev.awake_until)}")
+    if dev.safe_mode:
+        print("safe mode:       yes (reports, takes OTA and configuration; runs no commands)")
+    if dev.clock_unset:
+        print("clock:           not set yet (readings corrected from its HELLO time)")
     print(f"firmware:        {'-' if dev.fw_version is None else dev.fw_version}")
     print(f"battery:         {'-' if dev.battery_mv is None else f'{dev.battery_mv} mV'}")
     print(f"rssi:            {'-' if dev.rssi is None else f'{dev.rssi} dBm'}")

@@ -16,12 +16,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 MAJOR = 1
-MINOR = 1
-VERSION_BYTE = 0x11
+MINOR = 2
+VERSION_BYTE = 0x12
 HEADER_SIZE = 6
 MAX_FRAME = 4096
 # largest encoding of any frame the spec defines (each frame class's MAX_SIZE)
-LARGEST_FRAME = 3576
+LARGEST_FRAME = 3579
 # message ids are the header's u32: 0..MSG_ID_MAX
 MSG_ID_MAX = 0xFFFFFFFF
 # [bootloader] version: an image's manifest names the lowest it needs (min_bootloader)
@@ -520,7 +520,7 @@ class Hello:
     """HELLO (up): A node woke and reports its state; the gateway answers with ACK, queued downlink, SLEEP_NOW."""
 
     FRAME_TYPE: ClassVar[int] = 1
-    MAX_SIZE: ClassVar[int] = 65
+    MAX_SIZE: ClassVar[int] = 74
     msg_id: int
     fw_version: int
     boot_cause: BootCause
@@ -540,6 +540,8 @@ class Hello:
     boots_without_send: int = 0
     mcu_temp: float = 0.0
     first_id: int = 0
+    next_listen_s: int = 0
+    clock_unset: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -547,11 +549,12 @@ class Burst:
     """BURST (up): Readings of one schema; the header's message id is the first reading's, the rest follow consecutively."""
 
     FRAME_TYPE: ClassVar[int] = 2
-    MAX_SIZE: ClassVar[int] = 3576
+    MAX_SIZE: ClassVar[int] = 3579
     msg_id: int
     schema: int
     interval: int
     readings: Series
+    node_clock: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -572,7 +575,7 @@ class Command:
     """COMMAND (down): An operation for the node; idempotent by command id."""
 
     FRAME_TYPE: ClassVar[int] = 4
-    MAX_SIZE: ClassVar[int] = 308
+    MAX_SIZE: ClassVar[int] = 314
     msg_id: int
     command_id: int
     op: CommandOp
@@ -580,6 +583,7 @@ class Command:
     priority: int
     ttl_s: int
     data: bytes = b''
+    expires_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -719,6 +723,8 @@ _S_HELLO_T15 = struct.Struct('<B')
 _S_HELLO_T16 = struct.Struct('<B')
 _S_HELLO_T17 = struct.Struct('<f')
 _S_HELLO_T18 = struct.Struct('<I')
+_S_HELLO_T19 = struct.Struct('<I')
+_S_HELLO_T20 = struct.Struct('<B')
 
 
 def decode_hello(buf: Buffer) -> Hello:
@@ -739,6 +745,8 @@ def decode_hello(buf: Buffer) -> Hello:
     v_boots_without_send = 0
     v_mcu_temp = 0.0
     v_first_id = 0
+    v_next_listen_s = 0
+    v_clock_unset = False
     last = 0
     while off < n:
         tag, voff, tl = _tlv_head(buf, off, n, "HELLO")
@@ -766,10 +774,16 @@ def decode_hello(buf: Buffer) -> Hello:
         elif tag == 18:
             x = _fixed_tlv(_S_HELLO_T18, buf, voff, tl, "HELLO", "first_id")
             v_first_id = x
+        elif tag == 19:
+            x = _fixed_tlv(_S_HELLO_T19, buf, voff, tl, "HELLO", "next_listen_s")
+            v_next_listen_s = x
+        elif tag == 20:
+            x = _fixed_tlv(_S_HELLO_T20, buf, voff, tl, "HELLO", "clock_unset")
+            v_clock_unset = _bool(x, "HELLO", voff, "clock_unset")
         elif minor <= MINOR:
             raise ProtocolError("HELLO", off, f"unknown field tag {tag}")
         off = voff + tl
-    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id)
+    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset)
 
 
 def encode_hello(f: Hello) -> bytes:
@@ -826,9 +840,20 @@ def encode_hello(f: Hello) -> bytes:
             _put_tlv(out, 18, _S_HELLO_T18.pack(f.first_id))
         except (struct.error, OverflowError, TypeError):
             raise _pack_error("HELLO", out, (("first_id", "u32", f.first_id),)) from None
+    if f.next_listen_s != 0:
+        try:
+            _put_tlv(out, 19, _S_HELLO_T19.pack(f.next_listen_s))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("next_listen_s", "u32", f.next_listen_s),)) from None
+    if f.clock_unset != False:
+        try:
+            _put_tlv(out, 20, _S_HELLO_T20.pack(1 if f.clock_unset else 0))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("clock_unset", "bool", f.clock_unset),)) from None
     return bytes(out)
 
 _S_BURST_0 = struct.Struct('<BH')
+_S_BURST_T4 = struct.Struct('<B')
 
 
 def decode_burst(buf: Buffer) -> Burst:
@@ -841,9 +866,20 @@ def decode_burst(buf: Buffer) -> Burst:
     v_schema, v_interval = _S_BURST_0.unpack_from(buf, off)
     off += 3
     v_readings, off = _decode_series(buf, off, n, "BURST", v_schema, v_interval, 255, minor)
-    if off != n and minor <= MINOR:
-        raise ProtocolError("BURST", off, f"{n - off} trailing bytes")
-    return Burst(msg_id, v_schema, v_interval, v_readings)
+    v_node_clock = False
+    last = 0
+    while off < n:
+        tag, voff, tl = _tlv_head(buf, off, n, "BURST")
+        if tag <= last:
+            raise ProtocolError("BURST", off, f"field tag {tag} repeated or out of order")
+        last = tag
+        if tag == 4:
+            x = _fixed_tlv(_S_BURST_T4, buf, voff, tl, "BURST", "node_clock")
+            v_node_clock = _bool(x, "BURST", voff, "node_clock")
+        elif minor <= MINOR:
+            raise ProtocolError("BURST", off, f"unknown field tag {tag}")
+        off = voff + tl
+    return Burst(msg_id, v_schema, v_interval, v_readings, v_node_clock)
 
 
 def encode_burst(f: Burst) -> bytes:
@@ -858,6 +894,11 @@ def encode_burst(f: Burst) -> bytes:
     except (struct.error, OverflowError, TypeError):
         raise _pack_error("BURST", out, (("schema", "u8", f.schema), ("interval", "u16", f.interval),)) from None
     _encode_series(out, "BURST", f.schema, f.interval, f.readings, 255)
+    if f.node_clock != False:
+        try:
+            _put_tlv(out, 4, _S_BURST_T4.pack(1 if f.node_clock else 0))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("BURST", out, (("node_clock", "bool", f.node_clock),)) from None
     return bytes(out)
 
 _S_ACK_0 = struct.Struct('<I')
@@ -930,6 +971,7 @@ def encode_ack(f: Ack) -> bytes:
 
 _S_COMMAND_0 = struct.Struct('<IB')
 _S_COMMAND_2 = struct.Struct('<BH')
+_S_COMMAND_T7 = struct.Struct('<I')
 
 
 def decode_command(buf: Buffer) -> Command:
@@ -951,6 +993,7 @@ def decode_command(buf: Buffer) -> Command:
     v_priority, v_ttl_s = _S_COMMAND_2.unpack_from(buf, off)
     off += 3
     v_data = b''
+    v_expires_at = 0
     last = 0
     while off < n:
         tag, voff, tl = _tlv_head(buf, off, n, "COMMAND")
@@ -965,10 +1008,13 @@ def decode_command(buf: Buffer) -> Command:
             off += ln
             if off != voff + tl:
                 raise ProtocolError("COMMAND", off, "data: length does not match its value")
+        elif tag == 7:
+            x = _fixed_tlv(_S_COMMAND_T7, buf, voff, tl, "COMMAND", "expires_at")
+            v_expires_at = x
         elif minor <= MINOR:
             raise ProtocolError("COMMAND", off, f"unknown field tag {tag}")
         off = voff + tl
-    return Command(msg_id, v_command_id, v_op, v_args, v_priority, v_ttl_s, v_data)
+    return Command(msg_id, v_command_id, v_op, v_args, v_priority, v_ttl_s, v_data, v_expires_at)
 
 
 def encode_command(f: Command) -> bytes:
@@ -999,6 +1045,11 @@ def encode_command(f: Command) -> bytes:
         tmp = bytearray()
         _put_bytes(tmp, f.data, "COMMAND", "data", 256)
         _put_tlv(out, 6, bytes(tmp))
+    if f.expires_at != 0:
+        try:
+            _put_tlv(out, 7, _S_COMMAND_T7.pack(f.expires_at))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("COMMAND", out, (("expires_at", "u32", f.expires_at),)) from None
     return bytes(out)
 
 _S_COMMAND_RESULT_0 = struct.Struct('<IB')

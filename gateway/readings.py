@@ -14,6 +14,7 @@ ingest near 3,000 bursts/s. `iter_readings` reads them back one reading at a tim
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 import struct
@@ -477,6 +478,28 @@ def commit_bursts(
             write()
         result.apply()
     return result
+
+
+def to_gateway_clock(batch: Sequence[tuple[str, proto.Burst]],
+                     offsets: dict[str, float]) -> list[tuple[str, proto.Burst]]:
+    """The bursts of `batch`, with those stamped on a node's unset clock (node_clock)
+    moved to gateway time by that node's offset (receipt minus node time of its HELLO).
+    A burst whose device has no offset yet keeps its stamps (and a warning)."""
+    out: list[tuple[str, proto.Burst]] = []
+    for device, burst in batch:
+        if burst.node_clock:
+            off = offsets.get(device)
+            if off is None:
+                log.warning("%s: burst %d stamped on the node's unset clock and no HELLO time "
+                            "to correct it", device, burst.msg_id, extra={"device_id": device})
+            else:
+                shift = round(off)
+                series = proto.Series(
+                    tuple(max(0, min(0xFFFFFFFF, t + shift)) for t in burst.readings.timestamps),
+                    burst.readings.columns)
+                burst = dataclasses.replace(burst, readings=series, node_clock=False)
+        out.append((device, burst))
+    return out
 
 
 def stats(conn: sqlite3.Connection, device: str) -> tuple[int, int, int]:

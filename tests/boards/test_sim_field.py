@@ -25,12 +25,13 @@ WAKE = """
 import time
 import board
 board.init()
-hint = board.rtc_memory() or None
+kept = board.rtc_memory()
+hint = (kept[0], bytes(kept[1:7])) if kept else None
 t0 = time.ticks_ms()
 got = board.radio_up('ssid', 'pw', 8000, hint)
 ms = time.ticks_diff(time.ticks_ms(), t0)
 if got:
-    board.rtc_memory_write(got)
+    board.rtc_memory_write(bytes((got[0],)) + got[1])
 board.radio_down()
 print('WAKE cause=%d rtc=%d true=%d up=%d ms=%d hint=%d' % (
     board.boot_cause(), board.time_ms(), board.virtual_ms(), 1 if got else 0, ms, 1 if hint else 0))

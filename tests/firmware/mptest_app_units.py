@@ -152,7 +152,7 @@ def test_commands_are_idempotent_by_id():
     st = state.State(sim, sim.FS_ROOT)
     fx = commands.Effects()
     buf = bytearray(128)
-    cmd = (1, 9, proto.COMMAND_OP_SET_INTERVAL, [300], 1, 60, b"")
+    cmd = (1, 9, proto.COMMAND_OP_SET_INTERVAL, [300], 1, 60, b"", 0)
     n = commands.execute(cmd, c, st, sim, fx, buf, st.msg_id())
     r = proto.decode(buf[:n])[1]
     mpunit.eq((r[proto.COMMAND_RESULT_STATUS], r[proto.COMMAND_RESULT_VALUES]), (proto.RESULT_STATUS_OK, [300]))
@@ -162,11 +162,11 @@ def test_commands_are_idempotent_by_id():
     st2 = state.State(sim, sim.FS_ROOT)
     n = commands.execute(cmd, c, st2, sim, fx, buf, st2.msg_id())
     mpunit.eq(proto.decode(buf[:n])[1][proto.COMMAND_RESULT_STATUS], proto.RESULT_STATUS_DUPLICATE)
-    n = commands.execute((1, 10, proto.COMMAND_OP_STAY_AWAKE, [5], 1, 60, b""), c, st, sim, fx, buf, 5)
+    n = commands.execute((1, 10, proto.COMMAND_OP_STAY_AWAKE, [5], 1, 60, b"", 0), c, st, sim, fx, buf, 5)
     mpunit.eq(fx.stay_awake_ms, 5000)
-    n = commands.execute((1, 11, proto.COMMAND_OP_REBOOT, [], 1, 60, b""), c, st, sim, fx, buf, 6)
+    n = commands.execute((1, 11, proto.COMMAND_OP_REBOOT, [], 1, 60, b"", 0), c, st, sim, fx, buf, 6)
     mpunit.eq(fx.reboot, True)
-    n = commands.execute((1, 12, proto.COMMAND_OP_SET_THRESHOLDS, [1], 1, 60, b""), c, st, sim, fx, buf, 7)
+    n = commands.execute((1, 12, proto.COMMAND_OP_SET_THRESHOLDS, [1], 1, 60, b"", 0), c, st, sim, fx, buf, 7)
     mpunit.eq(proto.decode(buf[:n])[1][proto.COMMAND_RESULT_STATUS], proto.RESULT_STATUS_BAD_ARGS)
 
 
@@ -259,6 +259,7 @@ def test_on_down_reads_ack_and_sleep_now_without_the_codec_objects():
 
     w = app.Wake()
     w.q = Q()
+    w.st = state.State(sim, sim.FS_ROOT)
     buf = bytearray(proto.MAX_ACK)
     ack = memoryview(bytearray(buf[: proto.encode_ack(buf, 1, 64, [], 1767225600, 0)]))
     sleep = memoryview(bytearray(buf[: proto.encode_sleep_now(buf, 1, 0, 4)]))
