@@ -6,7 +6,7 @@ from micropython import const
 # [bootloader] version: an image's manifest names the lowest it needs (min_bootloader)
 BOOTLOADER_VERSION = const(1)
 # largest signed manifest an image may carry (OTA_MANIFEST's manifest field)
-MAX_MANIFEST = const(2048)
+MAX_MANIFEST = const(3072)
 
 # enum boot_cause
 POWER_ON = const(0)

@@ -19,13 +19,13 @@ import csr
 from micropython import const
 
 # States of the record ("st").
-IDLE = const(0)  # only the confirmed pair
-KEYED = const(1)  # a new key is on flash; its CSR goes up each wake until a certificate comes
-TRIAL = const(2)  # the new pair has its certificate; the next connects use it, on trial
+ST_IDLE = const(0)  # only the confirmed pair
+ST_KEYED = const(1)  # a new key is on flash; its CSR goes up each wake until a certificate comes
+ST_TRIAL = const(2)  # the new pair has its certificate; the next connects use it, on trial
 
 # Outcomes kept for the app to report (until it calls reported()). They become values of a
 # protocol enum when the uplink frame for rotations is added to the spec.
-NONE = const(0)
+NO_OUTCOME = const(0)
 ROTATED = const(1)  # a session with the new pair succeeded: it is now the confirmed one
 REFUSED = const(2)  # the broker refused the new pair (TLS alert or CONNACK 4/5): dropped
 NO_SESSION = const(3)  # MAX_TRIES trial connects ended with no session (cuts, resets, network)
@@ -100,9 +100,9 @@ class Credentials:
 
     # ---- the record -----------------------------------------------------------------
 
-    def _fresh(self, outcome=NONE):
+    def _fresh(self, outcome=NO_OUTCOME):
         # p0: a digest of the provisioned certificate, to notice a re-provisioning.
-        return {"cur": 0, "new": 0, "st": IDLE, "tries": 0, "out": outcome, "p0": _digest(self.cert0), "seq": 0}
+        return {"cur": 0, "new": 0, "st": ST_IDLE, "tries": 0, "out": outcome, "p0": _digest(self.cert0), "seq": 0}
 
     def _save(self, rec):
         rec["seq"] += 1
@@ -138,7 +138,7 @@ class Credentials:
 
     def _sweep(self):
         # Delete every slot the record does not name (the end of a step cut short).
-        keep = (self.rec["cur"], self.rec["new"] if self.rec["st"] != IDLE else -1)
+        keep = (self.rec["cur"], self.rec["new"] if self.rec["st"] != ST_IDLE else -1)
         try:
             names = os.listdir(self.root)
         except OSError:
@@ -181,13 +181,13 @@ class Credentials:
         return self.rec["st"]
 
     def outcome(self):
-        """The last rotation's outcome (NONE once reported)."""
+        """The last rotation's outcome (NO_OUTCOME once reported)."""
         return self.rec["out"]
 
     def reported(self):
-        if self.rec["out"] != NONE:
+        if self.rec["out"] != NO_OUTCOME:
             rec = dict(self.rec)
-            rec["out"] = NONE
+            rec["out"] = NO_OUTCOME
             self._save(rec)
 
     def confirmed(self):
@@ -196,16 +196,16 @@ class Credentials:
         return self.cert_path(g), self.key_path(g)
 
     def new_key_der(self):
-        """The new key's DER (state KEYED or TRIAL): the app rebuilds the CSR from it."""
-        if self.rec["st"] == IDLE:
-            raise CredsError(NONE, "no rotation in progress")
+        """The new key's DER (state ST_KEYED or ST_TRIAL): the app rebuilds the CSR from it."""
+        if self.rec["st"] == ST_IDLE:
+            raise CredsError(NO_OUTCOME, "no rotation in progress")
         return _read(self.key_path(self.rec["new"]))
 
     def for_connect(self):
         """(cert path, key path, on_trial) for this connect. On trial the attempt is
         counted first, so a trial pair that kills the node is dropped after MAX_TRIES."""
         rec = self.rec
-        if rec["st"] != TRIAL:
+        if rec["st"] != ST_TRIAL:
             return self.confirmed() + (False,)
         if rec["tries"] >= MAX_TRIES:
             self._fall_back(NO_SESSION)
@@ -219,12 +219,12 @@ class Credentials:
     # ---- steps of a rotation ---------------------------------------------------------
 
     def begin(self, key_der):
-        """Store a new key (csr.private_key_der) and enter KEYED. A rotation already in
+        """Store a new key (csr.private_key_der) and enter ST_KEYED. A rotation already in
         progress is replaced: its key is dropped, never reused."""
         csr.private_key_from_der(key_der)  # refuse anything but a P-256 key in our layout
         rec = dict(self.rec)
-        if rec["st"] != IDLE:
-            rec["st"] = IDLE
+        if rec["st"] != ST_IDLE:
+            rec["st"] = ST_IDLE
             self._save(rec)
             self._drop(rec["new"])
         g = rec["cur"] + 1
@@ -235,33 +235,33 @@ class Credentials:
             pass
         _write(self.key_path(g), key_der)
         rec = dict(self.rec)
-        rec.update(new=g, st=KEYED, tries=0)
+        rec.update(new=g, st=ST_KEYED, tries=0)
         self._save(rec)
 
     def install(self, cert_der):
-        """Take the certificate issued for the new key and enter TRIAL. A certificate that
+        """Take the certificate issued for the new key and enter ST_TRIAL. A certificate that
         does not carry the new key's public key is refused (MISMATCH) and changes nothing."""
         rec = self.rec
-        if rec["st"] == IDLE:
-            raise CredsError(NONE, "no rotation in progress")
+        if rec["st"] == ST_IDLE:
+            raise CredsError(NO_OUTCOME, "no rotation in progress")
         key = _read(self.key_path(rec["new"]))
         pub = key[-65:]  # private_key_der ends with the uncompressed public point
         if csr.spki(pub) not in cert_der or cert_der[:1] != b"\x30":
             raise CredsError(MISMATCH, "certificate is not for the new key")
         _write(self.cert_path(rec["new"]), cert_der)
         rec = dict(rec)
-        rec.update(st=TRIAL, tries=0)
+        rec.update(st=ST_TRIAL, tries=0)
         self._save(rec)
 
     def session_ok(self):
         """A session with the trial pair succeeded (CONNACK 0): it becomes the confirmed
         pair and the old one is deleted. Call before anything else in the session."""
         rec = self.rec
-        if rec["st"] != TRIAL:
+        if rec["st"] != ST_TRIAL:
             return
         old = rec["cur"]
         rec = dict(rec)
-        rec.update(cur=rec["new"], new=0, st=IDLE, tries=0, out=ROTATED)
+        rec.update(cur=rec["new"], new=0, st=ST_IDLE, tries=0, out=ROTATED)
         self._save(rec)
         if old == 0:
             _remove(self.cert0)
@@ -273,16 +273,16 @@ class Credentials:
         """The broker refused the trial pair (TLS handshake or CONNACK 4/5): drop it and
         connect again with the confirmed pair. A network failure is not a refusal: the
         trial stays, bounded by MAX_TRIES."""
-        if self.rec["st"] == TRIAL:
+        if self.rec["st"] == ST_TRIAL:
             self._fall_back(REFUSED)
 
     def abort(self):
-        if self.rec["st"] != IDLE:
+        if self.rec["st"] != ST_IDLE:
             self._fall_back(ABORTED)
 
     def _fall_back(self, outcome):
         new = self.rec["new"]
         rec = dict(self.rec)
-        rec.update(new=0, st=IDLE, tries=0, out=outcome)
+        rec.update(new=0, st=ST_IDLE, tries=0, out=outcome)
         self._save(rec)
         self._drop(new)

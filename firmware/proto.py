@@ -27,7 +27,7 @@ MAX_SHADOW_REPORT = const(91)
 SHADOW_DELTA = const(7)
 MAX_SHADOW_DELTA = const(91)
 OTA_MANIFEST = const(8)
-MAX_OTA_MANIFEST = const(2131)
+MAX_OTA_MANIFEST = const(3155)
 OTA_CHUNK = const(9)
 MAX_OTA_CHUNK = const(2062)
 OTA_STATUS = const(10)
@@ -884,7 +884,7 @@ def encode_ota_manifest(buf, msg_id, version, total_size, chunk_size, manifest, 
     off = 6
     struct.pack_into("<IIH", buf, off, version, total_size, chunk_size)
     off += 10
-    off = _put_raw(buf, off, manifest, 2048, "OTA_MANIFEST", "manifest")
+    off = _put_raw(buf, off, manifest, 3072, "OTA_MANIFEST", "manifest")
     off = _put_raw(buf, off, signature, 64, "OTA_MANIFEST", "signature")
     return off
 
@@ -897,7 +897,7 @@ def decode_ota_manifest(buf):
     _need(off, 10, n, "OTA_MANIFEST", "version")
     v_version, v_total_size, v_chunk_size = struct.unpack_from("<IIH", buf, off)
     off += 10
-    ln = _length(buf, off, n, "OTA_MANIFEST", "manifest", 2048)
+    ln = _length(buf, off, n, "OTA_MANIFEST", "manifest", 3072)
     off = _pos[0]
     _need(off, ln, n, "OTA_MANIFEST", "manifest")
     v_manifest = buf[off:off + ln]

@@ -27,7 +27,7 @@ MSG_ID_MAX = 0xFFFFFFFF
 # [bootloader] version: an image's manifest names the lowest it needs (min_bootloader)
 BOOTLOADER_VERSION = 1
 # largest signed manifest an image may carry (OTA_MANIFEST's manifest field)
-MAX_MANIFEST = 2048
+MAX_MANIFEST = 3072
 _U32 = struct.Struct('<I')
 _RANGES: dict[str, tuple[int, int]] = {
     'u8': (0, 255),
@@ -627,7 +627,7 @@ class OtaManifest:
     """OTA_MANIFEST (down): A signed firmware manifest; chunks follow on this and later wakes."""
 
     FRAME_TYPE: ClassVar[int] = 8
-    MAX_SIZE: ClassVar[int] = 2131
+    MAX_SIZE: ClassVar[int] = 3155
     msg_id: int
     version: int
     total_size: int
@@ -694,7 +694,7 @@ COMMAND_RESULT_DETAIL_MAX = 48
 COMMAND_RESULT_VALUES_MAX = 8
 SHADOW_REPORT_ENTRIES_MAX = 16
 SHADOW_DELTA_ENTRIES_MAX = 16
-OTA_MANIFEST_MANIFEST_MAX = 2048
+OTA_MANIFEST_MANIFEST_MAX = 3072
 OTA_MANIFEST_SIGNATURE_MAX = 64
 OTA_CHUNK_DATA_MAX = 2048
 OTA_STATUS_DETAIL_MAX = 48
@@ -1234,7 +1234,7 @@ def decode_ota_manifest(buf: Buffer) -> OtaManifest:
         raise ProtocolError("OTA_MANIFEST", n, f"truncated (needs 10 bytes of fields at {off})")
     v_version, v_total_size, v_chunk_size = _S_OTA_MANIFEST_0.unpack_from(buf, off)
     off += 10
-    ln, off = _length(buf, off, n, "OTA_MANIFEST", "manifest", 2048)
+    ln, off = _length(buf, off, n, "OTA_MANIFEST", "manifest", 3072)
     _need(off, ln, n, "OTA_MANIFEST", "manifest")
     v_manifest = bytes(buf[off:off + ln])
     off += ln
@@ -1258,7 +1258,7 @@ def encode_ota_manifest(f: OtaManifest) -> bytes:
         out += _S_OTA_MANIFEST_0.pack(f.version, f.total_size, f.chunk_size)
     except (struct.error, OverflowError, TypeError):
         raise _pack_error("OTA_MANIFEST", out, (("version", "u32", f.version), ("total_size", "u32", f.total_size), ("chunk_size", "u16", f.chunk_size),)) from None
-    _put_bytes(out, f.manifest, "OTA_MANIFEST", "manifest", 2048)
+    _put_bytes(out, f.manifest, "OTA_MANIFEST", "manifest", 3072)
     _put_bytes(out, f.signature, "OTA_MANIFEST", "signature", 64)
     return bytes(out)
 

@@ -45,8 +45,7 @@ def queue_command(conn: sqlite3.Connection, device: str, op: str, args: Sequence
     try:
         cid = q.enqueue_command(conn, device, cop, checked, priority, ttl_s)
     except q.QueueError as exc:
-        field = "priority" if "priority" in str(exc) else "ttl_s" if "ttl" in str(exc) else ""
-        raise ActionError(str(exc), field) from None
+        raise ActionError(str(exc), exc.field) from None
     return Queued(device, cid, q.get(conn, device, cid).what)
 
 

@@ -87,15 +87,15 @@ c = creds.Credentials("/flash/certs")
 cp, kp, trial = c.for_connect()
 print("NOW", h(cp), h(kp), c.state)
 if mode == "keep":
-    if c.state == creds.IDLE and not trial and rd(kp) != key:
+    if c.state == creds.ST_IDLE and not trial and rd(kp) != key:
         c.begin(key)  # the rotation never started (or its start was cut): start again
-    if c.state == creds.KEYED:
+    if c.state == creds.ST_KEYED:
         c.install(cert)
-    if c.state == creds.TRIAL:
+    if c.state == creds.ST_TRIAL:
         c.for_connect()
         c.session_ok()
-elif c.state != creds.IDLE:
-    c.session_refused() if c.state == creds.TRIAL else c.abort()
+elif c.state != creds.ST_IDLE:
+    c.session_refused() if c.state == creds.ST_TRIAL else c.abort()
 cp, kp, trial = c.for_connect()
 print("END", h(cp), h(kp), c.state)
 print("LS", " ".join(sorted(os.listdir("/flash/certs"))))

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gateway.proto import BootCause
 from tools.sim.field import compile_firmware
 from tools.sim.node import FIRMWARE_DIR, micropython_binary
 
@@ -46,14 +47,7 @@ def wasm_port() -> Path:
 STUB_BOARD = r'''
 NAME = "stub"
 FS_ROOT = "flash"
-POWER_ON = 0
-TIMER = 1
-WATCHDOG = 2
-CRASH = 3
-SOFT_RESET = 4
-EXTERNAL_RESET = 5
-BROWNOUT = 6
-CAUSE = POWER_ON
+%(causes)sCAUSE = POWER_ON
 _rtc = b""
 def init(): pass
 def boot_cause(): return CAUSE
@@ -82,6 +76,9 @@ def flash_block_device(): return None
 def phase(name): pass
 def pk_op(kind): pass
 '''
+# The boot causes as the spec numbers them (the real boards' _boot_cause.py).
+_CAUSES = "".join(f"{c.name} = {int(c)}\n" for c in BootCause)
+
 
 STUB_SOCKET = """SOCK_STREAM = 1
 def getaddrinfo(*args):
@@ -181,7 +178,7 @@ def _driver(work: Path) -> str:
         if mpy.stem in ("main", "boot"):
             continue
         mods[mpy.name] = mpy.read_bytes().hex()
-    mods["board.py"] = STUB_BOARD.encode().hex()
+    mods["board.py"] = STUB_BOARD.replace("%(causes)s", _CAUSES).encode().hex()
     # The WebAssembly port has no `socket`: the radio never comes up, so only the import
     # has to work. The unix port's built-in module wins over this file there.
     mods["socket.py"] = STUB_SOCKET.encode().hex()
