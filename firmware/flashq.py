@@ -141,7 +141,7 @@ class FlashQueue:
     _raw = _NO_RAW  # (snapshot, offset, count): older segments not yet made _Seg (see _tail)
     _chunk = None  # read buffer: _CHUNK slots (see _ch)
     _st = None  # state file buffer and path (see _state_buf)
-    _slot2 = None  # a compaction's last removed slot (see _copy_live)
+    _slot2 = None  # a compaction's last removed slot (see flashq_compact)
     _pstate = ""
     notes = None  # type: list[str] | None  # what open found and repaired (see _note)
     run_first = 0  # first id of the last read_run
@@ -426,12 +426,11 @@ class FlashQueue:
             j -= 1  # the previous merged segment still has room: rewrite it with them
             live += segs[j].nlive
             group += 1
-        run = segs[j : j + group]
-        if live > self.seg_records or run[-1] is self._aseg:
+        if live > self.seg_records or segs[j + group - 1] is self._aseg:
             return
         import flashq_compact
 
-        flashq_compact.merge(self, run)
+        flashq_compact.merge(self, segs[j : j + group])
         if self._set:
             self._write_state()
 
@@ -642,12 +641,15 @@ class FlashQueue:
             self._omitted - rn + skip, n,
         )
         o = room + _SNAP_SIZE
-        for j in range(skip, rn):
-            # entries taken over from the previous record and never needed this wake
-            p = ro + j * _SNAP_SEG_SIZE
-            buf[o : o + _SNAP_SEG_SIZE] = raw[p : p + _SNAP_SEG_SIZE]
-            o += _SNAP_SEG_SIZE
-        for seg in segs[max(0, skip - rn):]:
+        if rn > skip:
+            # entries taken over from the previous record and never needed this wake: one
+            # contiguous copy
+            k = (rn - skip) * _SNAP_SEG_SIZE
+            p = ro + skip * _SNAP_SEG_SIZE
+            buf[o : o + k] = memoryview(raw)[p : p + k]
+            o += k
+        for j in range(max(0, skip - rn), len(segs)):
+            seg = segs[j]
             struct.pack_into(_SNAP_SEG, buf, o, seg.first, seg.nslots, seg.nlive, seg.maxid,
                              seg.bad, 1 if seg.closed else 0)
             o += _SNAP_SEG_SIZE
@@ -700,7 +702,8 @@ class FlashQueue:
         # The older record entries as _Seg objects, in front of the materialized ones.
         data, o, n = self._raw
         if n:
-            self._segs[0:0] = [_seg_at(data, o + j * _SNAP_SEG_SIZE) for j in range(n)]
+            for j in range(n):
+                self._segs.insert(j, _seg_at(data, o + j * _SNAP_SEG_SIZE))
             self._omitted -= n
             self._raw = _NO_RAW
 
