@@ -47,10 +47,6 @@ _NO_TS = const(0xFFFFFFFF)
 _NO_RAW = (b"", 0, 0)
 
 
-class FlashQueueError(Exception):
-    pass
-
-
 def _u32(b, o):
     return b[o] | (b[o + 1] << 8) | (b[o + 2] << 16) | (b[o + 3] << 24)
 
@@ -682,10 +678,9 @@ class FlashQueue:
             j -= 1  # the previous merged segment still has room: rewrite it with them
             live += segs[j].nlive
             group += 1
-        run = segs[j : j + group]
-        if live > self.seg_records or run[-1] is self._aseg:
+        if live > self.seg_records or segs[j + group - 1] is self._aseg:
             return
-        self._merge(run)
+        self._merge(segs[j : j + group])
         if self._set:
             self._write_state()
 
@@ -904,12 +899,15 @@ class FlashQueue:
             self._omitted - rn + skip, n,
         )
         o = room + _SNAP_SIZE
-        for j in range(skip, rn):
-            # entries taken over from the previous record and never needed this wake
-            p = ro + j * _SNAP_SEG_SIZE
-            buf[o : o + _SNAP_SEG_SIZE] = raw[p : p + _SNAP_SEG_SIZE]
-            o += _SNAP_SEG_SIZE
-        for seg in segs[max(0, skip - rn):]:
+        if rn > skip:
+            # entries taken over from the previous record and never needed this wake: one
+            # contiguous copy
+            k = (rn - skip) * _SNAP_SEG_SIZE
+            p = ro + skip * _SNAP_SEG_SIZE
+            buf[o : o + k] = memoryview(raw)[p : p + k]
+            o += k
+        for j in range(max(0, skip - rn), len(segs)):
+            seg = segs[j]
             struct.pack_into(_SNAP_SEG, buf, o, seg.first, seg.nslots, seg.nlive, seg.maxid,
                              seg.bad, 1 if seg.closed else 0)
             o += _SNAP_SEG_SIZE
@@ -960,7 +958,8 @@ class FlashQueue:
         # The older record entries as _Seg objects, in front of the materialized ones.
         data, o, n = self._raw
         if n:
-            self._segs[0:0] = [_seg_at(data, o + j * _SNAP_SEG_SIZE) for j in range(n)]
+            for j in range(n):
+                self._segs.insert(j, _seg_at(data, o + j * _SNAP_SEG_SIZE))
             self._omitted -= n
             self._raw = _NO_RAW
 
