@@ -143,14 +143,22 @@ def heap_tls_wake(tmp: Path, st: Any, p: BoardProfile, device: str) -> int | Non
     trials = [0]
 
     def ok(heap: int) -> bool:
-        trials[0] += 1
-        node = SimNode(tmp / f"heap-{device}-{trials[0]}", seed=5, time_scale=0, start_ms=START_MS,
-                       field=_stub_profile(p, heap))
-        provision(node, node_config(st, device, 1, sample_interval_s=300, align_s=0), st.pki, device)
-        asyncio.run(node.run(1, wall_limit_s=60))
-        text = (node.dir / "node.log").read_text(errors="replace")
-        shutil.rmtree(node.dir, ignore_errors=True)
-        return "MemoryError" not in text and " ack cumulative=" in text
+        # A wake that ends without its ACK for another reason than the heap (a slow moment of
+        # a shared machine) is run again, so that it does not count as too small a heap.
+        for _ in range(3):
+            trials[0] += 1
+            node = SimNode(tmp / f"heap-{device}-{trials[0]}", seed=5, time_scale=0,
+                           start_ms=START_MS, field=_stub_profile(p, heap))
+            provision(node, node_config(st, device, 1, sample_interval_s=300, align_s=0),
+                      st.pki, device)
+            asyncio.run(node.run(1, wall_limit_s=60))
+            text = (node.dir / "node.log").read_text(errors="replace")
+            shutil.rmtree(node.dir, ignore_errors=True)
+            if "MemoryError" in text:
+                return False
+            if " ack cumulative=" in text:
+                return True
+        return False
 
     return _bisect(ok, 8 * 1024, p.gc_heap_wifi_bytes)
 
