@@ -287,8 +287,12 @@ def read_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
                           f"is unknown to this gateway (it reads version {MANIFEST_VERSION}); "
                           "restore it with the Torpor version that wrote it")
     listed: dict[str, dict[str, Any]] = {}
-    for entry in manifest.get("files", []):
-        listed[str(entry["name"])] = entry
+    entries = manifest.get("files")
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries):
+        raise BackupError("corrupt", f"{path}: {MANIFEST} has no valid list of files")
+    for entry in entries:
+        listed[entry["name"]] = entry
     for name, entry in listed.items():
         held = members.get(name)
         if held is None:
