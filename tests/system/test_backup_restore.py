@@ -1,5 +1,6 @@
-"""Backup under load and restore, on the whole stack: sim nodes running the real firmware,
-the gateway as a process supervising its own Mosquitto (mutual TLS from the PKI folder).
+"""Backup under load and restore, on the whole stack: sim nodes running the real firmware
+and a load generator sending bursts, the gateway as a process supervising its own
+Mosquitto (mutual TLS from the PKI folder).
 
 What a backup promises (docs/backup.md):
 - An online backup is the gateway as of one commit: its readings and its acknowledgement
@@ -17,14 +18,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
-from gateway import db, readings
+from gateway import db, proto, readings, topics
+from gateway.pki import Pki
 from tests.firmware.test_node_cycle import read_log
+from tests.gateway.test_service import BURST_N, burst
 from tests.mpharness import micropython_binary
 from tests.system.stack import ROOT, Stack
 
@@ -34,6 +40,7 @@ pytestmark = [
 ]
 
 NODES = ("b1", "b2", "b3")
+LOAD = "load1"  # a load generator beside the nodes: bursts of 32 readings, one after another
 
 
 def torpor(*args: str) -> subprocess.CompletedProcess[str]:
@@ -55,7 +62,45 @@ def store(path: Path) -> dict[str, list[tuple[int, ...]]]:
 def ack_totals(path: Path) -> dict[str, int]:
     """The acknowledgement state's count of readings per device (the dedup table)."""
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-        return {d: readings.stats(conn, d)[2] for d in NODES}
+        return {d: readings.stats(conn, d)[2] for d in (*NODES, LOAD)}
+
+
+class Load:
+    """Sends bursts as device LOAD, each once the previous one is acknowledged, until
+    stopped; `acked` is the cumulative acknowledgement, with the time it came."""
+
+    def __init__(self, stack: Stack) -> None:
+        creds = Pki(stack.pki.path).device_credentials(LOAD)
+        self.ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(stack.pki.ca_pem))
+        self.ctx.load_cert_chain(str(creds.cert_pem), str(creds.key_pem))
+        self.ctx.check_hostname = False
+        self.host, self.port = stack.host, stack.port
+        self.acked: list[tuple[float, int]] = [(time.monotonic(), 0)]
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        async with aiomqtt.Client(self.host, self.port, identifier=LOAD,
+                                  tls_context=self.ctx) as c:
+            await c.subscribe(topics.down(LOAD), qos=1)
+            msgs = c.messages
+            first = 1
+            while not self.stop.is_set() and first < 200 * BURST_N:
+                await c.publish(topics.up(LOAD), burst(first), qos=1)
+                try:
+                    m = await asyncio.wait_for(msgs.__anext__(), 5.0)
+                except TimeoutError:
+                    continue  # send it again
+                assert isinstance(m.payload, bytes)
+                ack = proto.decode(m.payload)
+                if isinstance(ack, proto.Ack) and ack.cumulative >= first + BURST_N - 1:
+                    self.acked.append((time.monotonic(), ack.cumulative))
+                    first = ack.cumulative + 1
+
+    def between(self, t0: float, t1: float) -> int:
+        """Readings acknowledged from t0 to t1."""
+        inside = [n for t, n in self.acked if t0 <= t <= t1]
+        before = [n for t, n in self.acked if t < t0]
+        return (max(inside) - max(before)) if inside and before else 0
 
 
 def resumed(root: Path, restored: Path) -> Stack:
@@ -78,19 +123,29 @@ def test_backup_under_load_restore_and_resume(supervised_stack: Stack, tmp_path:
         for s in await asyncio.gather(*(n.wake(cycles, wall_limit_s=90) for n in nodes)):
             assert not s.stopped_by_wall_limit, s.as_dict()
 
+    old.cli("device", "add", LOAD, "--issue-cert")
+    load = Load(old)
+    window: list[float] = []
+
     async def under_load() -> None:
         await wakes(1)
-        load = asyncio.create_task(wakes(4))
-        # The backup runs while the nodes wake and the gateway commits their readings.
-        while sum(len(r) for r in store(old.db_path).values()) <= sum(
-                len(r) for r in before.values()) and not load.done():
-            await asyncio.sleep(0.05)
+        sending = asyncio.create_task(load.run())
+        waking = asyncio.create_task(wakes(4))
+        # The backup runs while the nodes wake and the load generator's bursts are being
+        # committed and acknowledged.
+        while len(load.acked) < 3:
+            await asyncio.sleep(0.02)
+        window.append(time.monotonic())
         await asyncio.to_thread(torpor, "gateway", "backup", str(online),
                                 "--config", str(old.config_path))
-        await load
+        window.append(time.monotonic())
+        await waking
+        load.stop.set()
+        await sending
 
     before.update(store(old.db_path))
     asyncio.run(under_load())
+    asyncio.run(wakes(1))  # each node has readings committed after the online backup
     # The planned switch: stop the old gateway (it commits and acknowledges what it
     # holds), back it up, restore it elsewhere, start the restored one.
     old.stop()
@@ -104,7 +159,11 @@ def test_backup_under_load_restore_and_resume(supervised_stack: Stack, tmp_path:
     n_snap = sum(len(r) for r in snap.values())
     n_final = sum(len(r) for r in final_old.values())
     assert 0 < n_snap < n_final, (n_snap, n_final)  # taken while readings kept arriving
-    assert ack_totals(snap_dir / "gateway.db") == {d: len(snap.get(d, [])) for d in NODES}
+    during = load.between(window[0], window[1])
+    assert during > 0, "no reading was acknowledged while the backup ran"
+    # Readings and acknowledgement state are of the same commit.
+    assert ack_totals(snap_dir / "gateway.db") == {
+        d: len(snap.get(d, [])) for d in (*NODES, LOAD)}
     for device, rows in snap.items():
         assert set(rows) <= set(final_old[device]), device  # nothing the old one lacks
     with contextlib.closing(db.connect(snap_dir / "gateway.db", readonly=True)) as conn:
@@ -127,13 +186,17 @@ def test_backup_under_load_restore_and_resume(supervised_stack: Stack, tmp_path:
             for msg_id, ts, temp, hum, mv, *_ in got[node.id]:
                 assert logged[msg_id] == (ts, temp, hum, mv), (node.id, msg_id)
             assert len(ids) > len(final_old[node.id])  # the restored gateway took new ones
+        # Everything the old gateway acknowledged to the load generator, once.
+        assert sorted(got[LOAD]) == sorted(final_old[LOAD])
+        assert {r[0] for r in got[LOAD]} == set(range(1, load.acked[-1][1] + 1))
     finally:
         moved.close()
 
     # -- disaster recovery from the online backup: what came after it is gone, the rest
     # is there once, and the nodes' newer readings are accepted despite the gap --
-    lost = {d: {r[0] for r in final_old[d]} - {r[0] for r in snap.get(d, [])} for d in NODES}
-    assert any(lost.values())
+    lost = {d: {r[0] for r in final_old[d]} - {r[0] for r in snap.get(d, [])}
+            for d in (*NODES, LOAD)}
+    assert all(lost.values()), lost
     dr_dir = tmp_path / "recovered"
     torpor("gateway", "restore", str(online), "--dir", str(dr_dir))
     recovered = resumed(tmp_path / "dr-stack", dr_dir)
@@ -153,5 +216,7 @@ def test_backup_under_load_restore_and_resume(supervised_stack: Stack, tmp_path:
         assert newer and newer <= set(ids), f"{node.id}: newer readings not accepted"
         expected_missing = lost[node.id] | (moved_ids[node.id] - {r[0] for r in final_old[node.id]})
         assert set(ids) == logged - expected_missing, node.id
-    print(f"online backup: {n_snap} of {n_final} readings; lost by recovering from it: "
-          f"{sum(len(v) for v in lost.values())} (committed after it)")
+    assert sorted(after[LOAD]) == sorted(snap[LOAD])
+    print(f"online backup: {n_snap} of {n_final} readings, {during} acknowledged while it "
+          f"ran ({window[1] - window[0]:.2f} s); lost by recovering from it: "
+          f"{sum(len(v) for v in lost.values())} readings (committed after it)")
