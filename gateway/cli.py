@@ -424,6 +424,8 @@ def _register_ops(gsub: Any, config_arg: Callable[[argparse.ArgumentParser], Non
     q = csub.add_parser("show", help="the effective configuration, defaults filled in")
     config_arg(q)
     q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--secrets", action="store_true",
+                   help="also print the web token, password hash and upstream password")
     q.set_defaults(func=_config_show)
     q = csub.add_parser("set", help="set SECTION.KEY=VALUE after validating the new file; the "
                         "previous file is kept as gateway.toml.YYYYMMDD-HHMMSS")
@@ -483,7 +485,7 @@ def _config_show(args: argparse.Namespace) -> int:
         cfg = _config(args)
     except GatewayError as exc:
         return _fail(str(exc))
-    doc = config_ops.show(cfg)
+    doc = config_ops.show(cfg, secrets=args.secrets)
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0

@@ -77,9 +77,20 @@ def plan_reload(running: gwconfig.GatewayConfig, new: gwconfig.GatewayConfig) ->
     return ReloadPlan(tuple(live), tuple(restart), applied)
 
 
-def show(cfg: gwconfig.GatewayConfig) -> dict[str, Any]:
-    """The effective configuration (defaults filled in), and the file it came from."""
-    return {"source": cfg.source, **gwconfig.as_dict(cfg)}
+# Shown as REDACTED by `config show` when set: they are credentials.
+SECRET_KEYS = frozenset({("web", "token"), ("web", "password_hash"), ("upstream", "password")})
+REDACTED = "(set, not shown)"
+
+
+def show(cfg: gwconfig.GatewayConfig, *, secrets: bool = False) -> dict[str, Any]:
+    """The effective configuration (defaults filled in), and the file it came from.
+    Credentials that are set read REDACTED unless `secrets`."""
+    doc = gwconfig.as_dict(cfg)
+    if not secrets:
+        for section, key in SECRET_KEYS:
+            if doc[section][key]:
+                doc[section][key] = REDACTED
+    return {"source": cfg.source, **doc}
 
 
 @dataclass(frozen=True, slots=True)
