@@ -75,6 +75,7 @@ class RestoreResult:
 @dataclass(slots=True)
 class _Capture:
     files: dict[str, tuple[bytes, int]] = field(default_factory=dict)  # name -> (data, mode)
+    db_file: Path | None = None  # the snapshot, streamed into the archive (it may be large)
     pki_at: float = 0.0
     db_at: float = 0.0
     verified_at: float = 0.0
@@ -89,8 +90,21 @@ def gateway_version() -> str:
         return "unknown"
 
 
+CHUNK = 1 << 20
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _sha_file(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
 
 
 def _read_tree(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -135,7 +149,7 @@ def _capture(cfg: gwconfig.GatewayConfig, staging: Path) -> tuple[_Capture, int]
                 cap.files[PKI_PREFIX + name] = item
             if config_path is not None:
                 cap.files[CONFIG_NAME] = (conf, 0o600)
-            cap.files[DB_NAME] = (snap.read_bytes(), 0o600)
+            cap.db_file = snap
             return cap, attempt
         snap.unlink()
     raise BackupError("busy", f"the PKI folder {cfg.pki_dir} or the configuration changed during "
@@ -164,6 +178,16 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int, mtime: float) 
     tar.addfile(info, io.BytesIO(data))
 
 
+def _add_file(tar: tarfile.TarFile, name: str, path: Path, size: int, mode: int,
+              mtime: float) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = mode
+    info.mtime = int(mtime)
+    with open(path, "rb") as f:
+        tar.addfile(info, f)
+
+
 def backup(cfg: gwconfig.GatewayConfig, out: Path, *, now: float | None = None) -> BackupResult:
     """Write the archive `out` (mode 0600; replaced atomically when it exists)."""
     out = Path(out)
@@ -175,7 +199,12 @@ def backup(cfg: gwconfig.GatewayConfig, out: Path, *, now: float | None = None) 
         staging = Path(tmp)
         os.chmod(staging, 0o700)
         cap, attempts = _capture(cfg, staging)
-        versions, counts = db.describe(staging / f"gateway.{attempts}.db")
+        assert cap.db_file is not None
+        versions, counts = db.describe(cap.db_file)
+        db_size, db_sha = _sha_file(cap.db_file)
+        digests = {name: (len(data), _sha(data), fmode)
+                   for name, (data, fmode) in cap.files.items()}
+        digests[DB_NAME] = (db_size, db_sha, 0o600)
         created = time.time() if now is None else now
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -188,12 +217,11 @@ def backup(cfg: gwconfig.GatewayConfig, out: Path, *, now: float | None = None) 
                          "pki_verified_unchanged_at": _iso(cap.verified_at),
                          "attempts": attempts},
             "database": {"schema_versions": versions, "row_counts": counts},
-            "files": [{"name": name, "size": len(data), "sha256": _sha(data),
-                       "mode": format(fmode, "04o")}
-                      for name, (data, fmode) in sorted(cap.files.items())],
+            "files": [{"name": name, "size": size, "sha256": digest, "mode": format(fmode, "04o")}
+                      for name, (size, digest, fmode) in sorted(digests.items())],
         }
         manifest_bytes = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-        sums = "".join(f"{_sha(data)}  {name}\n" for name, (data, _m) in sorted(cap.files.items()))
+        sums = "".join(f"{digest}  {name}\n" for name, (_s, digest, _m) in sorted(digests.items()))
         sums = f"{_sha(manifest_bytes)}  {MANIFEST}\n" + sums
         part = staging / "archive.part"
         fd = os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -201,6 +229,7 @@ def backup(cfg: gwconfig.GatewayConfig, out: Path, *, now: float | None = None) 
             with tarfile.open(fileobj=raw, mode=mode) as tar:  # type: ignore[call-overload]
                 _add(tar, MANIFEST, manifest_bytes, 0o600, created)
                 _add(tar, SUMS, sums.encode(), 0o600, created)
+                _add_file(tar, DB_NAME, cap.db_file, db_size, 0o600, created)
                 for name, (data, fmode) in sorted(cap.files.items()):
                     _add(tar, name, data, fmode, created)
             raw.flush()
@@ -234,15 +263,24 @@ def backup_rotating(cfg: gwconfig.GatewayConfig, folder: Path, keep: int,
 
 # ---------------------------------------------------------------- restore
 
-def read_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The verified manifest and files of an archive; BackupError when anything is off."""
+@dataclass(frozen=True, slots=True)
+class _Member:
+    path: Path  # where it was unpacked (in the staging folder)
+    size: int
+    sha256: str
+
+
+def read_archive(path: Path, into: Path) -> tuple[dict[str, Any], dict[str, _Member]]:
+    """Unpack `path` into the folder `into` (raw entry names below it), hashing as it goes,
+    then verify: the manifest and its files against SHA256SUMS and each other. Returns the
+    manifest and the files it lists; BackupError when anything is off."""
     path = Path(path)
     if not path.is_file():
         raise BackupError("missing", f"{path}: no such archive")
-    members: dict[str, bytes] = {}
+    members: dict[str, _Member] = {}
     try:
         with tarfile.open(path, mode="r:*") as tar:
-            for info in tar:
+            for n, info in enumerate(tar):
                 if not info.isfile():
                     raise BackupError("corrupt", f"{path}: unexpected entry {info.name!r} "
                                       "(not a regular file)")
@@ -251,10 +289,18 @@ def read_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
                     raise BackupError("corrupt", f"{path}: refused entry name {name!r}")
                 f = tar.extractfile(info)
                 assert f is not None
-                data = f.read()
-                if len(data) != info.size:
+                dest = into / f"{n:06d}"
+                h = hashlib.sha256()
+                size = 0
+                fd = os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    while chunk := f.read(CHUNK):
+                        h.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
+                if size != info.size:
                     raise BackupError("truncated", f"{path}: {name} is cut short")
-                members[name] = data
+                members[name] = _Member(dest, size, h.hexdigest())
     except BackupError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
@@ -269,14 +315,14 @@ def read_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         if needed not in members:
             raise BackupError("missing", f"{path}: {needed} is missing: not a complete "
                               "Torpor gateway backup")
-    sums = _parse_sums(path, members[SUMS])
+    sums = _parse_sums(path, members[SUMS].path.read_bytes())
     for name, digest in sums.items():
         if name not in members:
             raise BackupError("missing", f"{path}: {name} is listed in {SUMS} but missing")
-        if _sha(members[name]) != digest:
+        if members[name].sha256 != digest:
             raise BackupError("checksum", f"{path}: {name} does not match its SHA-256 in {SUMS}")
     try:
-        manifest = json.loads(members[MANIFEST])
+        manifest = json.loads(members[MANIFEST].path.read_bytes())
     except ValueError as exc:
         raise BackupError("corrupt", f"{path}: {MANIFEST} is not JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -297,7 +343,7 @@ def read_archive(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         held = members.get(name)
         if held is None:
             raise BackupError("missing", f"{path}: {name} is in the manifest but missing")
-        if len(held) != entry.get("size") or _sha(held) != entry.get("sha256"):
+        if held.size != entry.get("size") or held.sha256 != entry.get("sha256"):
             raise BackupError("checksum", f"{path}: {name} does not match the manifest's "
                               "size and SHA-256")
         if sums.get(name) != entry.get("sha256"):
@@ -335,12 +381,14 @@ def restore(archive: Path, target: Path, *, force: bool = False) -> RestoreResul
     if non_empty and not force:
         raise BackupError("target", f"{target} is not empty: restore into a new folder, or "
                           "pass --force to move its content aside")
-    manifest, files = read_archive(archive)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.restore-", dir=target.parent))
     try:
         os.chmod(staging, 0o700)
-        for name, data in files.items():
+        raw = staging / ".unpacked"
+        raw.mkdir(mode=0o700)
+        manifest, files = read_archive(archive, raw)
+        for name, member in files.items():
             entry = next(e for e in manifest["files"] if e["name"] == name)
             mode = int(str(entry.get("mode", "0600")), 8) & 0o777
             if name == DB_NAME:
@@ -353,12 +401,14 @@ def restore(archive: Path, target: Path, *, force: bool = False) -> RestoreResul
                 mode = 0o600
             else:
                 continue
-            _write(dest, data, mode, staging)
+            _move(member.path, dest, mode, staging)
         problems = db.integrity_check(staging / "gateway.db")
         if problems:
             raise BackupError("integrity", f"{archive}: the database fails PRAGMA "
                               f"integrity_check: {'; '.join(problems[:5])}")
-        config_text = _restored_config(files.get(CONFIG_NAME, b""), manifest, target)
+        original = (staging / "gateway.toml.orig").read_bytes() if CONFIG_NAME in files else None
+        config_text = _restored_config(original, manifest, target)
+        shutil.rmtree(raw)
         _write(staging / "gateway.toml", config_text.encode(), 0o600, staging)
         # The configuration must load as the restored gateway will load it.
         gwconfig.parse_config(tomllib.loads(config_text), base=target, source="")
@@ -378,7 +428,7 @@ def restore(archive: Path, target: Path, *, force: bool = False) -> RestoreResul
     return RestoreResult(target, target / "gateway.toml", manifest, replaced)
 
 
-def _restored_config(original: bytes, manifest: dict[str, Any], target: Path) -> str:
+def _restored_config(original: bytes | None, manifest: dict[str, Any], target: Path) -> str:
     """The backed-up configuration with the data folder, database and PKI folder moved to
     `target`; file paths that pointed into the old PKI folder follow it."""
     try:
@@ -403,6 +453,16 @@ def _restored_config(original: bytes, manifest: dict[str, Any], target: Path) ->
     head = (f"# Restored by `torpor gateway restore` from a backup made "
             f"{manifest.get('created', '?')}.\n")
     return head + gwconfig.dumps(data)
+
+
+def _move(src: Path, dest: Path, mode: int, root: Path) -> None:
+    from gateway.pki import private_dir
+
+    private_dir(dest.parent, within=root)
+    os.chmod(src, mode)
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    os.rename(src, dest)
 
 
 def _write(dest: Path, data: bytes, mode: int, root: Path) -> None:

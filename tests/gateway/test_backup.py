@@ -217,7 +217,9 @@ def test_a_corrupt_byte_in_a_compressed_archive_is_refused(
     bad.write_bytes(bytes(data))
     with pytest.raises(backup.BackupError) as info:
         backup.restore(bad, tmp_path / "out")
-    assert info.value.code in ("corrupt", "checksum", "truncated")
+    # Where the damage lands decides the symptom: bad compressed data, a member that no
+    # longer matches, or tar framing that ends early and leaves members missing.
+    assert info.value.code in ("corrupt", "checksum", "truncated", "missing")
     assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path) == []
 
 
