@@ -419,3 +419,95 @@ def example() -> str:
             lines.append(f"# {f.name} = {text}")
         lines.append("")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- writing the file
+# `torpor gateway config show|set` and `torpor gateway restore` (gateway.ops.config_ops,
+# gateway.ops.backup) read and write the file through these.
+
+def as_dict(cfg: GatewayConfig) -> dict[str, dict[str, Any]]:
+    """The effective configuration, every key of every section (defaults included)."""
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in _SECTIONS}
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal for a configuration value (bool, int, float or string)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, int | float):
+        return repr(value)
+    raise ConfigError(f"cannot write {value!r} as a configuration value")
+
+
+def dumps(data: dict[str, dict[str, Any]]) -> str:
+    """A TOML document of sections of plain keys (what the configuration holds)."""
+    out: list[str] = []
+    for name, table in data.items():
+        out.append(f"[{name}]")
+        out.extend(f"{key} = {toml_value(value)}" for key, value in table.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def key_type(section: str, key: str) -> Any:
+    """The type hint of `[section] key`; ConfigError naming it when there is no such key."""
+    cls = _SECTIONS.get(section)
+    if cls is None:
+        raise ConfigError(f"[{section}]: unknown section (known: {', '.join(_SECTIONS)})")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    if key not in known:
+        raise ConfigError(f"[{section}] {key}: unknown key (known: {', '.join(sorted(known))})")
+    return hints[key]
+
+
+def parse_value(section: str, key: str, text: str) -> Any:
+    """The value `text` (as typed on a command line) for `[section] key`, checked like the
+    file's: `600`, `0.5`, `true`, `debug`, or a TOML literal such as `"a b"`."""
+    hint = key_type(section, key)
+    try:
+        value: Any = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: a string
+    if hint is str or typing.get_origin(hint) is Literal:
+        value = text if not isinstance(value, str) else value
+    return _check(section, key, hint, value)
+
+
+_SECTION_LINE = re.compile(r"^\s*\[\s*([A-Za-z0-9_-]+)\s*\]\s*(#.*)?$")
+
+
+def set_in_text(text: str, section: str, key: str, value: Any) -> str:
+    """`text` (a configuration file) with `[section] key` set to `value`: the key's line is
+    replaced where it is, or added at the end of its section (the section at the end of
+    the file when it is missing); comments and the other lines are kept as they are."""
+    line_re = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    new = f"{key} = {toml_value(value)}"
+    lines = text.splitlines()
+    current = ""
+    last_in_section = -1
+    for i, line in enumerate(lines):
+        m = _SECTION_LINE.match(line)
+        if m:
+            current = m.group(1)
+            continue
+        if current == section:
+            if line_re.match(line):
+                lines[i] = new
+                return "\n".join(lines) + "\n"
+            if line.strip() and not line.lstrip().startswith("#"):
+                last_in_section = i
+    if last_in_section >= 0:
+        lines.insert(last_in_section + 1, new)
+    else:
+        header = next((i for i, line in enumerate(lines)
+                       if (m := _SECTION_LINE.match(line)) and m.group(1) == section), None)
+        if header is not None:
+            lines.insert(header + 1, new)
+        else:
+            if lines and lines[-1].strip():
+                lines.append("")
+            lines.extend([f"[{section}]", new])
+    return "\n".join(lines) + "\n"

@@ -159,6 +159,36 @@ class Service:
     def stop(self) -> None:
         self._stop.set()
 
+    def reload(self) -> None:
+        """SIGHUP: read the configuration file again. A file that does not validate is
+        refused with the error naming the key, and the running configuration is kept; of
+        a valid one, the keys that can change live are applied and the others are logged
+        as waiting for a restart (gateway.ops.config_ops.LIVE_KEYS)."""
+        from gateway.config import load_config
+        from gateway.ops import config_ops
+
+        if not self.cfg.source:
+            log.warning("SIGHUP: the configuration was not read from a file; nothing to reload")
+            return
+        try:
+            new = load_config(self.cfg.source)
+        except ConfigError as exc:
+            log.error("configuration reload refused, the running configuration is kept: %s", exc)
+            return
+        plan = config_ops.plan_reload(self.cfg, new)
+        self.cfg = plan.applied
+        if self.ingest is not None:
+            self.ingest.cfg = plan.applied.ingest
+        self.downlink.cfg = plan.applied.downlink
+        logging.getLogger().setLevel(plan.applied.gateway.log_level.upper())
+        for c in plan.live:
+            log.info("configuration reloaded: %s = %r (was %r)", c.name, c.new, c.old)
+        for c in plan.restart:
+            log.warning("configuration: %s = %r (was %r) takes effect only after a restart",
+                        c.name, c.new, c.old)
+        if not plan.live and not plan.restart:
+            log.info("configuration reloaded from %s: no change", self.cfg.source)
+
     # ------------------------------------------------------------ supervisor
     async def run(self) -> None:
         cfg = self.cfg
@@ -178,6 +208,8 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
             if cfg.broker.mode == "supervised":
@@ -218,7 +250,7 @@ class Service:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
             if self.broker is not None:
