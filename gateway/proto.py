@@ -108,11 +108,16 @@ def _put_uvarint(out: bytearray, v: int) -> None:
     out.append(v)
 
 
-def _zigzag_varints(out: bytearray, deltas: list[int]) -> None:
+def _zigzag_varints(out: bytearray, deltas: list[int], name: str, what: str) -> None:
     zz = [(d << 1) ^ (d >> 63) for d in deltas]
     if not zz or max(zz) < 0x80:
         out += bytes(zz)
         return
+    if max(zz) > 0xFFFFFFFF:
+        # a varint carries at most 32 bits: the decoder refuses more
+        worst = max(deltas, key=abs)
+        raise ProtocolError(name, len(out), f"readings: {what} difference {worst} does not fit "
+                            "a 32-bit zigzag varint")
     for v in zz:
         _put_uvarint(out, v)
 
@@ -279,10 +284,10 @@ def _encode_series(
     out.append(count)
     out += _U32.pack(ts[0])
     out += first.pack(*(c[0] for c in series.columns))
-    for col in series.columns:
-        _zigzag_varints(out, [b - a for a, b in pairwise(col)])
+    for i, col in enumerate(series.columns):
+        _zigzag_varints(out, [b - a for a, b in pairwise(col)], name, f"column {i}")
     if not interval:
-        _zigzag_varints(out, [b - a for a, b in pairwise(ts)])
+        _zigzag_varints(out, [b - a for a, b in pairwise(ts)], name, "timestamp")
 
 
 def _tlv_head(buf: Buffer, off: int, n: int, name: str) -> tuple[int, int, int]:
