@@ -305,8 +305,8 @@ def read_archive(path: Path, into: Path) -> tuple[dict[str, Any], dict[str, _Mem
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         # gzip/lzma/bz2 and tar framing errors of a damaged or cut file
-        kind = "truncated" if isinstance(exc, EOFError) or "end of" in str(exc).lower() \
-            else "corrupt"
+        said = str(exc).lower()
+        kind = "truncated" if isinstance(exc, EOFError) or "end of" in said else "corrupt"
         raise BackupError(kind, f"{path}: not a readable backup archive "
                           f"({kind}: {exc})") from None
     except Exception as exc:  # zlib.error, lzma.LZMAError: damaged compressed data
