@@ -275,10 +275,12 @@ async def device_page(request: web.Request) -> web.Response:
     span = pages.RANGES[rng]
     view = await st.db(fleet.device, device_id, now=now)
     rv = await st.db(fleet.device_readings, device_id, now - span, now)
-    if not rv.count and rv.latest_at is not None and rv.latest_at < now - span:
-        # A node silent for longer than the range: show the range up to its newest reading
-        # rather than an empty chart (the page says so).
-        rv = await st.db(fleet.device_readings, device_id, rv.latest_at - span, rv.latest_at)
+    latest = rv.latest_at
+    if latest is not None and (latest > now or (not rv.count and latest < now - span)):
+        # The range ends at the newest reading when that is not now: a node silent for longer
+        # than the range shows its last readings rather than an empty chart, and a node whose
+        # clock runs ahead of ours keeps its newest readings on the chart (the page says so).
+        rv = await st.db(fleet.device_readings, device_id, latest - span, latest)
     return _html(request, f"Device {device_id}", pages.device(view, rv, rng, csrf=_csrf(request),
                                                               now=now))
 

@@ -172,6 +172,9 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
     if rv.series and rv.until < now - 60:
         charts = (f"<p>No readings in the last {rng}: showing the {rng} up to its newest reading"
                   f" ({escape(when(rv.until, now))}).</p>" + charts)
+    if rv.series and rv.until > now + 60:
+        charts = (f"<p>Its newest reading is stamped {escape(when(rv.until, now))}, ahead of the "
+                  "gateway's clock: the chart runs to it.</p>" + charts)
     if not rv.series:
         charts = svg.chart("readings", "", [], rv.since, rv.until)
         if rv.latest_at is not None:

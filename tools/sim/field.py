@@ -117,8 +117,15 @@ def compile_firmware(firmware_dir: Path, dest: Path) -> Path:
         if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
             continue
         tmp = out.with_suffix(".tmp")
-        subprocess.run([tool, "-o", str(tmp), str(src)], check=True, timeout=120,
-                       capture_output=True)
+        try:
+            # In a session of its own: a Ctrl-C at the terminal reaches only us, so the
+            # compiler never fails half-way for it and we stop where we choose. A file is
+            # made current (renamed to .mpy) only once the compiler has written it whole.
+            subprocess.run([tool, "-o", str(tmp), str(src)], check=True, timeout=120,
+                           capture_output=True, start_new_session=True)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         tmp.replace(out)
     return dest
 

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway import db, registry
+from gateway import db, readings, registry
 from gateway import queue as q
 from gateway.config import WebConfig
 from gateway.web.app import make_app
 from gateway.web.auth import hash_password
-from tests.gateway.web.fleetdb import fill
+from tests.gateway.web.fleetdb import burst, fill
 
 TOKEN = "t0ken-for-the-tests-0123456789"
 
@@ -224,6 +224,23 @@ async def test_pages_render(client: TestClient, dbpath: Path) -> None:  # type: 
         assert (await client.get(path)).status == 200
     rows = await (await client.get("/?rows=1&status=quarantined")).text()
     assert "node-001" in rows and "<html" not in rows
+
+
+@with_client
+async def test_a_node_clock_ahead_keeps_its_newest_readings_on_the_chart(
+        client: TestClient, dbpath: Path) -> None:  # type: ignore[type-arg]
+    """A node whose clock runs ahead of the gateway's stamps its newest readings after the
+    gateway's now: the device page's chart still ends at them, and says so."""
+    conn = db.open_db(dbpath)
+    first = readings.stats(conn, "node-003")[0] + 1
+    now = int(time.time())
+    readings.commit_bursts(conn, [("node-003", burst(first, now + 30, 3, 3300))], now=now)
+    conn.close()
+    text = await (await client.get("/devices/node-003")).text()
+    temperature = text.split('data-series="temperature"')[1].split("</svg>")[0]
+    line = temperature.split('class="line" d="')[1].split('"')[0]
+    assert line.count(" L") + 1 == 120 + 3, line  # the day's readings and the three ahead
+    assert "ahead of the gateway's clock" in text
 
 
 @with_client
