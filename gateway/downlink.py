@@ -140,6 +140,17 @@ def missed_wakes(expected_at: float | None, interval_s: int | None, now: float,
     return int((now - grace_s - expected_at) // interval_s) + 1
 
 
+def overdue(conn: sqlite3.Connection, now: float, grace_s: float) -> tuple[int, int]:
+    """(active devices past their expected wake + grace, wakes they have missed so far),
+    counted as `missed_wakes()` counts them, over the whole fleet in one query."""
+    row = conn.execute(
+        "SELECT count(*), coalesce(sum(CAST((? - ? - w.expected_at) / w.interval_s AS INTEGER)"
+        " + 1), 0) FROM downlink_wakes w JOIN devices d ON d.id = w.device "
+        "WHERE d.status = 'active' AND w.interval_s > 0 AND w.expected_at + ? < ?",
+        (now, grace_s, grace_s, now)).fetchone()
+    return int(row[0]), int(row[1])
+
+
 def _encode(item: q.Item, conn: sqlite3.Connection, now: float) -> bytes:
     if item.kind == proto.COMMAND:
         assert item.op is not None

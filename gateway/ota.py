@@ -485,6 +485,16 @@ def campaigns(conn: sqlite3.Connection) -> list[Campaign]:
             for r in conn.execute("SELECT id FROM ota_campaigns ORDER BY id")]
 
 
+def state_counts(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
+    """(campaigns by status, devices of running campaigns by status)."""
+    camps = {r[0]: int(r[1]) for r in conn.execute(
+        "SELECT status, count(*) FROM ota_campaigns GROUP BY status")}
+    devs = {r[0]: int(r[1]) for r in conn.execute(
+        "SELECT d.status, count(*) FROM ota_devices d JOIN ota_campaigns c ON c.id = d.campaign"
+        " WHERE c.status = ? GROUP BY d.status", (RUNNING,))}
+    return camps, devs
+
+
 # ---------------------------------------------------------------- the node's answers
 _REASONS = {r.value: r.name.lower() for r in proto.OtaReason}
 

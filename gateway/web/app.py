@@ -24,6 +24,7 @@ from gateway import readings, registry
 from gateway.config import WebConfig
 from gateway.ops import actions, fleet
 from gateway.ops import health as ohealth
+from gateway.ops import metrics as ometrics
 from gateway.web import auth, openapi, pages
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class State:
     cfg: WebConfig
     conn: sqlite3.Connection
     tls: bool = False
+    live: ometrics.Live | None = None  # the running gateway's own metrics, when inside it
     sessions: auth.Sessions = field(init=False)
     throttle: auth.Throttle = field(default_factory=auth.Throttle)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -74,7 +76,8 @@ def _state(request: web.Request) -> State:
 
 
 def _is_api(request: web.Request) -> bool:
-    return request.path.startswith("/api/")
+    # /metrics is for scrapers: a 401 naming the header, not a redirect to the login form.
+    return request.path.startswith("/api/") or request.path == "/metrics"
 
 
 # ------------------------------------------------------------------ middlewares
@@ -569,9 +572,17 @@ async def api_events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False) -> web.Application:
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics (gateway.ops.metrics), under the same login rule as the page."""
+    st = _state(request)
+    body = await st.db(ometrics.render, st.live)
+    return web.Response(body=body, headers={"Content-Type": ometrics.CONTENT_TYPE})
+
+
+def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False,
+             live: ometrics.Live | None = None) -> web.Application:
     app = web.Application(middlewares=[security_headers, errors, authenticate], client_max_size=64 * 1024)
-    app[STATE] = State(cfg, conn, tls)
+    app[STATE] = State(cfg, conn, tls, live)
     r = app.router
     r.add_get("/", fleet_page)
     r.add_get("/devices/{device}", device_page)
@@ -595,4 +606,5 @@ def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False) -> 
     r.add_get("/api/v1/health", api_health)
     r.add_get("/api/v1/openapi.json", api_openapi)
     r.add_get("/api/v1/events", api_events)
+    r.add_get("/metrics", metrics)
     return app
