@@ -23,6 +23,7 @@ from gateway import queue as q
 from gateway import readings, registry
 from gateway.config import WebConfig
 from gateway.ops import actions, fleet
+from gateway.ops import campaigns as ocampaigns
 from gateway.ops import health as ohealth
 from gateway.ops import metrics as ometrics
 from gateway.web import auth, openapi, pages
@@ -377,6 +378,33 @@ async def deadletters_page(request: web.Request) -> web.Response:
     return _html(request, "Dead letters", pages.dead_letters(dl, time.time()))
 
 
+def _state_filter(request: web.Request) -> str | None:
+    state = request.query.get("state") or None
+    if state is not None and state not in ocampaigns.STATES:
+        raise BadRequest(f"state: {state!r} is not one of {', '.join(ocampaigns.STATES)}",
+                         "state")
+    return state
+
+
+async def _campaign(request: web.Request) -> ocampaigns.Progress:
+    cid = _path_int(request, "campaign")
+    try:
+        return await _state(request).db(ocampaigns.campaign, cid)
+    except ocampaigns.NotFound as exc:
+        raise BadRequest(str(exc), "campaign", 404) from None
+
+
+async def campaigns_page(request: web.Request) -> web.Response:
+    items = await _state(request).db(ocampaigns.campaigns)
+    return _html(request, "Campaigns", pages.campaigns(items, time.time()))
+
+
+async def campaign_page(request: web.Request) -> web.Response:
+    state = _state_filter(request)
+    p = await _campaign(request)
+    return _html(request, f"Campaign {p.campaign.id}", pages.campaign(p, time.time(), state))
+
+
 async def health_page(request: web.Request) -> web.Response:
     st = _state(request)
     h = await st.db(ohealth.health)
@@ -532,6 +560,15 @@ async def api_deadletters(request: web.Request) -> web.Response:
     return _json(dl.as_dict())
 
 
+async def api_campaigns(request: web.Request) -> web.Response:
+    items = await _state(request).db(ocampaigns.campaigns)
+    return _json({"campaigns": [p.as_dict() for p in items]})
+
+
+async def api_campaign(request: web.Request) -> web.Response:
+    return _json((await _campaign(request)).as_dict(devices=True))
+
+
 async def api_health(request: web.Request) -> web.Response:
     h = await _state(request).db(ohealth.health)
     return _json(h.as_dict())
@@ -592,6 +629,8 @@ def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False,
     r.add_post("/devices/{device}/release", release_form)
     r.add_get("/deadletters", deadletters_page)
     r.add_get("/health", health_page)
+    r.add_get("/campaigns", campaigns_page)
+    r.add_get("/campaigns/{campaign}", campaign_page)
     r.add_get("/login", login_page)
     r.add_post("/login", login_post)
     r.add_post("/logout", logout_post)
@@ -604,6 +643,8 @@ def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False,
     r.add_post("/api/v1/devices/{device}/release", api_release)
     r.add_get("/api/v1/deadletters", api_deadletters)
     r.add_get("/api/v1/health", api_health)
+    r.add_get("/api/v1/campaigns", api_campaigns)
+    r.add_get("/api/v1/campaigns/{campaign}", api_campaign)
     r.add_get("/api/v1/openapi.json", api_openapi)
     r.add_get("/api/v1/events", api_events)
     r.add_get("/metrics", metrics)
