@@ -133,7 +133,7 @@ class Scrape(Collector):
         low = registry.lowest_battery(conn)
         yield from _gauge("torpor_battery_lowest_volts",
                           "Lowest battery voltage among served devices (last HELLO)",
-                          None if low is None else low[1] / 1000.0)
+                          None if low is None else low / 1000.0)
         yield GaugeMetricFamily("torpor_alerts_open", "Alerts open", value=open_alerts(conn))
         camps, devs = ota.state_counts(conn)
         yield _by("torpor_ota_campaigns", "OTA campaigns by state", "state", camps,
