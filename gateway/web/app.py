@@ -12,6 +12,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
@@ -37,6 +38,8 @@ OPEN_PATHS = frozenset({"/login"})
 EVENT_POLL_S = 2.0
 EVENT_PING_S = 15.0
 MAX_LIMIT = 1000
+CHART_CACHE = 32  # device charts kept (gateway.web.app.Charts)
+CHART_MIN_AGE_S = 5.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -49,6 +52,35 @@ class BadRequest(Exception):
         self.status = status
 
 
+class Charts:
+    """Device charts as last drawn, by (device, range). One is drawn again as soon as the
+    device has stored another reading, or once the range has moved by one chart point
+    (at least CHART_MIN_AGE_S): reloading a 30-day page of a sleeping node, or several
+    operators looking at it, costs one averaging of its month per new burst, not per view."""
+
+    def __init__(self, size: int = CHART_CACHE) -> None:
+        self.size = size
+        self._charts: OrderedDict[tuple[str, str], tuple[int, float, fleet.ReadingsView]] = (
+            OrderedDict())
+
+    def get(self, device: str, rng: str, stored: int, now: float,
+            span: float) -> fleet.ReadingsView | None:
+        hit = self._charts.get((device, rng))
+        if hit is None or hit[0] != stored:
+            return None
+        if not 0 <= now - hit[1] < max(CHART_MIN_AGE_S, span / fleet.MAX_CHART_POINTS):
+            return None
+        self._charts.move_to_end((device, rng))
+        return hit[2]
+
+    def put(self, device: str, rng: str, stored: int, now: float,
+            view: fleet.ReadingsView) -> None:
+        self._charts[(device, rng)] = (stored, now, view)
+        self._charts.move_to_end((device, rng))
+        while len(self._charts) > self.size:
+            self._charts.popitem(last=False)
+
+
 @dataclass
 class State:
     cfg: WebConfig
@@ -58,6 +90,7 @@ class State:
     sessions: auth.Sessions = field(init=False)
     throttle: auth.Throttle = field(default_factory=auth.Throttle)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    charts: Charts = field(default_factory=Charts)
 
     def __post_init__(self) -> None:
         self.sessions = auth.Sessions(self.cfg.session_hours * 3600)
@@ -278,11 +311,14 @@ async def device_page(request: web.Request) -> web.Response:
     now = time.time()
     span = pages.RANGES[rng]
     view = await st.db(fleet.device, device_id, now=now)
-    rv = await st.db(fleet.device_readings, device_id, now - span, now)
-    if not rv.count and rv.latest_at is not None and rv.latest_at < now - span:
-        # A node silent for longer than the range: show the range up to its newest reading
-        # rather than an empty chart (the page says so).
-        rv = await st.db(fleet.device_readings, device_id, rv.latest_at - span, rv.latest_at)
+    rv = st.charts.get(device_id, rng, view.readings_stored, now, span)
+    if rv is None:
+        rv = await st.db(fleet.device_readings, device_id, now - span, now)
+        if not rv.count and rv.latest_at is not None and rv.latest_at < now - span:
+            # A node silent for longer than the range: show the range up to its newest
+            # reading rather than an empty chart (the page says so).
+            rv = await st.db(fleet.device_readings, device_id, rv.latest_at - span, rv.latest_at)
+        st.charts.put(device_id, rng, view.readings_stored, now, rv)
     return _html(request, f"Device {device_id}", pages.device(view, rv, rng, csrf=_csrf(request),
                                                               now=now))
 
