@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.system.test_demo import ROOT, TORPOR, _env, pytestmark  # noqa: F401
 
 URL_LINE = re.compile(r"status page: (http://127\.0\.0\.1:\d+/)")
@@ -65,6 +67,14 @@ def test_demo_prints_the_status_page_and_it_shows_the_fleet_live(tmp_path: Path)
         for d in ids:
             assert f'data-device="{d}"' in html, html[:2000]
         assert "/api/v1/events" in html  # the table follows the fleet live
+        # /metrics of the same gateway, which relays upstream in the demo.
+        m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for fam in text_string_to_metric_families(_get(base + "metrics"))
+             for s in fam.samples}
+        assert m[("torpor_upstream_connected", ())] == 1
+        assert m[("torpor_broker_up", ())] == 1
+        assert m[("torpor_devices", (("status", "active"),))] == 3
+        assert m[("torpor_ingest_readings_total", ())] > 0
         # Live: nodes were listed before their first wake reached the gateway, and the
         # readings the page shows keep growing while the demo runs.
         assert "provisioned" in seen_statuses, seen_statuses
