@@ -12,11 +12,12 @@ readings behind its battery sparkline) and a month of one-a-minute readings for 
    second" (the fleet page fetched every second, its event stream held open): bursts from
    the load generator as fast as the gateway commits them and relays them upstream.
    `ingest_ratio_with_web` is the median "polled" rate over the median "no page" rate.
-2. Page latency: the load generator paces bursts at half the gateway's rate from step 1
-   (its "no page" median), and meanwhile one client fetches fleet pages (first page, a
-   deep page, a filtered one), the month-holding devices' pages (30-day and 1-day range;
-   one of them sending bursts all along, so that its charts are drawn again for nearly
-   every view) and /metrics, one after the other, for a fixed time.
+2. Page latency: first with no ingest at all (the baseline, for a third of the time),
+   then while the load generator paces bursts at half the gateway's rate from step 1 (its
+   "no page" median), one client fetches fleet pages (first page, a deep page, a filtered
+   one), the month-holding devices' pages (30-day and 1-day range; one of them sending
+   bursts all along, so that its charts are drawn again for nearly every view) and
+   /metrics, one after the other, for a fixed time.
 """
 
 from __future__ import annotations
@@ -310,6 +311,17 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None) -> dict[str, An
             fig["poller_fetches"] = fetches
             fig["poller_events"] = events
 
+            # The baseline: the same requests with no ingest at all, for a third as long.
+            # (The month-holding devices store nothing here: their 30-day charts are drawn
+            # once, so only the fleet page and /metrics are compared.)
+            idle = asyncio.run(sample_pages(base_url, month, live, scale.latency_s / 3,
+                                            scale.request_gap_s))
+            for kind in ("fleet", "metrics"):
+                fig[f"{kind}_idle_p50_ms"] = _ms(_pct(idle[kind], 0.5))
+                fig[f"{kind}_idle_p99_ms"] = _ms(_pct(idle[kind], 0.99))
+            fig["fleet_page_idle_p99_ms"] = fig.pop("fleet_idle_p99_ms")
+            fig["fleet_page_idle_p50_ms"] = fig.pop("fleet_idle_p50_ms")
+
             # 2. page latency while ingest runs at half that rate.
             frames_per_s = rate / 2 / READINGS_PER_BURST
             paced_ids = (*idents, live_ident)
@@ -377,7 +389,8 @@ SECTIONS = (
         "fleet_page_p99_ms", "fleet_page_p50_ms", "fleet_samples", "device_page_p99_ms",
         "device_page_p50_ms", "device_30d_live_samples", "device_30d_p99_ms",
         "device_30d_p50_ms", "device_1d_p99_ms", "device_1d_p50_ms",
-        "metrics_p99_ms", "metrics_p50_ms", "metrics_samples",
+        "metrics_p99_ms", "metrics_p50_ms", "metrics_samples", "fleet_page_idle_p99_ms",
+        "fleet_page_idle_p50_ms", "metrics_idle_p99_ms", "metrics_idle_p50_ms",
         "latency_offered_readings_per_s", "latency_ingested_readings_per_s",
         "ack_p99_ms_during_pages")),
     ("ingest with the page polled once a second", (
