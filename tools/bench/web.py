@@ -243,9 +243,9 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None) -> dict[str, An
         names = [f"bench-{i:0{width}d}" for i in range(scale.devices)]
         load = names[:scale.load_devices]
         # Two devices hold a month: `month` sends nothing during the run (its page's charts
-        # are drawn once, then served as drawn until it stores a reading); `live` sends a
-        # burst about every other second in the latency phase, so nearly every view of its
-        # page averages its month again.
+        # are drawn once, then served as drawn until it stores a reading); `live` is one of
+        # the paced senders in the latency phase (a few bursts a second), so nearly every
+        # view of its page averages its month again.
         month, live = names[-1], names[-2]
         idents = []
         for name in [*load, live]:
