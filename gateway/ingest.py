@@ -172,6 +172,7 @@ class Ingest:
         on_committed: Callable[[list[Queued]], None] | None = None,
         clock: Callable[[], float] = time.time,
         writer: db.Writer | None = None,
+        on_commit: Callable[[float], None] | None = None,
     ) -> None:
         # `run` commits on `writer`'s thread (a private one when None), so `conn`, the
         # caches and `on_committed` are used from that thread while it runs.
@@ -188,6 +189,7 @@ class Ingest:
         # OTA_STATUS frames and HELLOs' OTA outcomes (gateway.ota), before downlink planning.
         self.ota = ota
         self.on_committed = on_committed
+        self.on_commit = on_commit  # on_commit(seconds) after each commit (metrics)
         self.clock = clock
         self.metrics = Metrics()
         self.states: dict[str, readings.DedupState] = readings.load_states(conn, repair=True)
@@ -459,7 +461,10 @@ class Ingest:
             r.result.apply()
         if own and before == self._data_version:
             self._data_version = after
-        m.commit_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        m.commit_s += elapsed
+        if self.on_commit is not None:
+            self.on_commit(elapsed)
         m.batches += 1
         m.last_commit = now
         m.bursts += sum(len(d.bursts) for d in devs if not d.failed)

@@ -485,6 +485,32 @@ def campaigns(conn: sqlite3.Connection) -> list[Campaign]:
             for r in conn.execute("SELECT id FROM ota_campaigns ORDER BY id")]
 
 
+def summaries(conn: sqlite3.Connection) -> list[tuple[Campaign, dict[str, int]]]:
+    """Every campaign, newest first, without its device rows but with their counts by
+    status (two queries, whatever the campaigns' sizes)."""
+    counts: dict[int, dict[str, int]] = {}
+    for cid, status, n in conn.execute(
+            "SELECT campaign, status, count(*) FROM ota_devices GROUP BY campaign, status"):
+        counts.setdefault(int(cid), {})[status] = int(n)
+    rows = conn.execute(
+        "SELECT c.id, c.image_id, i.version, c.status, c.rate, c.rate_percent, "
+        "c.abort_threshold, c.timeout_s, c.created_at, c.updated_at, c.finished_at, c.note "
+        "FROM ota_campaigns c JOIN ota_images i ON i.id=c.image_id ORDER BY c.id DESC")
+    return [(Campaign(int(r[0]), int(r[1]), int(r[2]), r[3], int(r[4]), bool(r[5]), float(r[6]),
+                      float(r[7]), r[8], r[9], r[10], r[11], ()), counts.get(int(r[0]), {}))
+            for r in rows]
+
+
+def state_counts(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
+    """(campaigns by status, devices of running campaigns by status)."""
+    camps = {r[0]: int(r[1]) for r in conn.execute(
+        "SELECT status, count(*) FROM ota_campaigns GROUP BY status")}
+    devs = {r[0]: int(r[1]) for r in conn.execute(
+        "SELECT d.status, count(*) FROM ota_devices d JOIN ota_campaigns c ON c.id = d.campaign"
+        " WHERE c.status = ? GROUP BY d.status", (RUNNING,))}
+    return camps, devs
+
+
 # ---------------------------------------------------------------- the node's answers
 _REASONS = {r.value: r.name.lower() for r in proto.OtaReason}
 

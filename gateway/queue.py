@@ -448,6 +448,12 @@ def pending_counts(conn: sqlite3.Connection) -> dict[str, int]:
         "GROUP BY device")}
 
 
+def status_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Items of every device by status (queued, sent, done, failed, expired, cancelled)."""
+    return {r[0]: int(r[1]) for r in conn.execute(
+        "SELECT status, count(*) FROM downlink_items GROUP BY status")}
+
+
 def config_state(conn: sqlite3.Connection, device: str) -> list[ConfigState]:
     rows = conn.execute(
         "SELECT key, value, version, set_at, applied, reported_value, reported_at "

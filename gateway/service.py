@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
@@ -32,6 +32,9 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import HelloHook, Ingest, no_downlink
 from gateway.ota import OtaHandler
 from gateway.outbox import Queued
+
+if TYPE_CHECKING:
+    from gateway.ops.metrics import Live
 
 log = logging.getLogger(__name__)
 db.register_store(lifetimes.migrate)  # credential_events (gateway.lifetimes)
@@ -155,6 +158,7 @@ class Service:
         self._last_t = time.monotonic()
         self._rate = 0.0
         self.credentials: dict[str, Any] = {}  # days left per credential (gateway.lifetimes)
+        self.live = self._live_metrics()  # what /metrics exports of this process
 
     def stop(self) -> None:
         self._stop.set()
@@ -189,6 +193,17 @@ class Service:
         if not plan.live and not plan.restart:
             log.info("configuration reloaded from %s: no change", self.cfg.source)
 
+    def _live_metrics(self) -> Live:
+        from gateway.ops.metrics import Live
+
+        return Live(
+            ingest=lambda: None if self.ingest is None else self.ingest.metrics.as_dict(),
+            downlink=lambda: self.downlink.metrics.as_dict(),
+            broker_connected=lambda: self.mqtt_connected,
+            upstream_connected=lambda: None if self.relay is None else bool(self.relay.connected),
+            credentials=lambda: self.credentials,
+        )
+
     # ------------------------------------------------------------ supervisor
     async def run(self) -> None:
         cfg = self.cfg
@@ -217,7 +232,7 @@ class Service:
             self.ingest = Ingest(
                 self.conn, cfg.ingest, upstream=cfg.upstream, on_hello=self.on_hello,
                 downlink=self.downlink, ota=OtaHandler(), on_committed=self._notify_relay,
-                writer=writer,
+                writer=writer, on_commit=self.live.observe_commit,
             )
             self._write_status("running")
             tasks["ingest"] = asyncio.create_task(self._supervise("ingest", self._ingest))
@@ -238,7 +253,7 @@ class Service:
                 from gateway.web import server as web_server
 
                 tasks["web"] = asyncio.create_task(
-                    self._supervise("web", lambda: web_server.serve(cfg)))
+                    self._supervise("web", lambda: web_server.serve(cfg, live=self.live)))
             log.info("gateway running (database %s, pid %d)", cfg.db_path, os.getpid())
             await self._stop.wait()
             log.info("shutting down")

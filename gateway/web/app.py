@@ -12,6 +12,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
@@ -23,7 +24,9 @@ from gateway import queue as q
 from gateway import readings, registry
 from gateway.config import WebConfig
 from gateway.ops import actions, fleet
+from gateway.ops import campaigns as ocampaigns
 from gateway.ops import health as ohealth
+from gateway.ops import metrics as ometrics
 from gateway.web import auth, openapi, pages
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,8 @@ OPEN_PATHS = frozenset({"/login"})
 EVENT_POLL_S = 2.0
 EVENT_PING_S = 15.0
 MAX_LIMIT = 1000
+CHART_CACHE = 32  # device charts kept (gateway.web.app.Charts)
+CHART_MIN_AGE_S = 5.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -47,14 +52,45 @@ class BadRequest(Exception):
         self.status = status
 
 
+class Charts:
+    """Device charts as last drawn, by (device, range). One is drawn again as soon as the
+    device has stored another reading, or once the range has moved by one chart point
+    (at least CHART_MIN_AGE_S): reloading a 30-day page of a sleeping node, or several
+    operators looking at it, costs one averaging of its month per new burst, not per view."""
+
+    def __init__(self, size: int = CHART_CACHE) -> None:
+        self.size = size
+        self._charts: OrderedDict[tuple[str, str], tuple[int, float, fleet.ReadingsView]] = (
+            OrderedDict())
+
+    def get(self, device: str, rng: str, stored: int, now: float,
+            span: float) -> fleet.ReadingsView | None:
+        hit = self._charts.get((device, rng))
+        if hit is None or hit[0] != stored:
+            return None
+        if not 0 <= now - hit[1] < max(CHART_MIN_AGE_S, span / fleet.MAX_CHART_POINTS):
+            return None
+        self._charts.move_to_end((device, rng))
+        return hit[2]
+
+    def put(self, device: str, rng: str, stored: int, now: float,
+            view: fleet.ReadingsView) -> None:
+        self._charts[(device, rng)] = (stored, now, view)
+        self._charts.move_to_end((device, rng))
+        while len(self._charts) > self.size:
+            self._charts.popitem(last=False)
+
+
 @dataclass
 class State:
     cfg: WebConfig
     conn: sqlite3.Connection
     tls: bool = False
+    live: ometrics.Live | None = None  # the running gateway's own metrics, when inside it
     sessions: auth.Sessions = field(init=False)
     throttle: auth.Throttle = field(default_factory=auth.Throttle)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    charts: Charts = field(default_factory=Charts)
 
     def __post_init__(self) -> None:
         self.sessions = auth.Sessions(self.cfg.session_hours * 3600)
@@ -74,7 +110,8 @@ def _state(request: web.Request) -> State:
 
 
 def _is_api(request: web.Request) -> bool:
-    return request.path.startswith("/api/")
+    # /metrics is for scrapers: a 401 naming the header, not a redirect to the login form.
+    return request.path.startswith("/api/") or request.path == "/metrics"
 
 
 # ------------------------------------------------------------------ middlewares
@@ -274,13 +311,17 @@ async def device_page(request: web.Request) -> web.Response:
     now = time.time()
     span = pages.RANGES[rng]
     view = await st.db(fleet.device, device_id, now=now)
-    rv = await st.db(fleet.device_readings, device_id, now - span, now)
-    latest = rv.latest_at
-    if latest is not None and (latest > now or (not rv.count and latest < now - span)):
-        # The range ends at the newest reading when that is not now: a node silent for longer
-        # than the range shows its last readings rather than an empty chart, and a node whose
-        # clock runs ahead of ours keeps its newest readings on the chart (the page says so).
-        rv = await st.db(fleet.device_readings, device_id, latest - span, latest)
+    rv = st.charts.get(device_id, rng, view.readings_stored, now, span)
+    if rv is None:
+        rv = await st.db(fleet.device_readings, device_id, now - span, now)
+        latest = rv.latest_at
+        if latest is not None and (latest > now or (not rv.count and latest < now - span)):
+            # The range ends at the newest reading when that is not now: a node silent for
+            # longer than the range shows its last readings rather than an empty chart, and a
+            # node whose clock runs ahead of ours keeps its newest readings on the chart (the
+            # page says so).
+            rv = await st.db(fleet.device_readings, device_id, latest - span, latest)
+        st.charts.put(device_id, rng, view.readings_stored, now, rv)
     return _html(request, f"Device {device_id}", pages.device(view, rv, rng, csrf=_csrf(request),
                                                               now=now))
 
@@ -374,6 +415,33 @@ async def deadletters_page(request: web.Request) -> web.Response:
     dl = await st.db(ohealth.dead_letters, request.query.get("device") or None,
                      _int(request, "limit", 100, 1, MAX_LIMIT))
     return _html(request, "Dead letters", pages.dead_letters(dl, time.time()))
+
+
+def _state_filter(request: web.Request) -> str | None:
+    state = request.query.get("state") or None
+    if state is not None and state not in ocampaigns.STATES:
+        raise BadRequest(f"state: {state!r} is not one of {', '.join(ocampaigns.STATES)}",
+                         "state")
+    return state
+
+
+async def _campaign(request: web.Request) -> ocampaigns.Progress:
+    cid = _path_int(request, "campaign")
+    try:
+        return await _state(request).db(ocampaigns.campaign, cid)
+    except ocampaigns.NotFound as exc:
+        raise BadRequest(str(exc), "campaign", 404) from None
+
+
+async def campaigns_page(request: web.Request) -> web.Response:
+    items = await _state(request).db(ocampaigns.campaigns)
+    return _html(request, "Campaigns", pages.campaigns(items, time.time()))
+
+
+async def campaign_page(request: web.Request) -> web.Response:
+    state = _state_filter(request)
+    p = await _campaign(request)
+    return _html(request, f"Campaign {p.campaign.id}", pages.campaign(p, time.time(), state))
 
 
 async def health_page(request: web.Request) -> web.Response:
@@ -531,6 +599,15 @@ async def api_deadletters(request: web.Request) -> web.Response:
     return _json(dl.as_dict())
 
 
+async def api_campaigns(request: web.Request) -> web.Response:
+    items = await _state(request).db(ocampaigns.campaigns)
+    return _json({"campaigns": [p.as_dict() for p in items]})
+
+
+async def api_campaign(request: web.Request) -> web.Response:
+    return _json((await _campaign(request)).as_dict(devices=True))
+
+
 async def api_health(request: web.Request) -> web.Response:
     h = await _state(request).db(ohealth.health)
     return _json(h.as_dict())
@@ -571,9 +648,17 @@ async def api_events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False) -> web.Application:
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics (gateway.ops.metrics), under the same login rule as the page."""
+    st = _state(request)
+    body = await st.db(ometrics.render, st.live)
+    return web.Response(body=body, headers={"Content-Type": ometrics.CONTENT_TYPE})
+
+
+def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False,
+             live: ometrics.Live | None = None) -> web.Application:
     app = web.Application(middlewares=[security_headers, errors, authenticate], client_max_size=64 * 1024)
-    app[STATE] = State(cfg, conn, tls)
+    app[STATE] = State(cfg, conn, tls, live)
     r = app.router
     r.add_get("/", fleet_page)
     r.add_get("/devices/{device}", device_page)
@@ -583,6 +668,8 @@ def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False) -> 
     r.add_post("/devices/{device}/release", release_form)
     r.add_get("/deadletters", deadletters_page)
     r.add_get("/health", health_page)
+    r.add_get("/campaigns", campaigns_page)
+    r.add_get("/campaigns/{campaign}", campaign_page)
     r.add_get("/login", login_page)
     r.add_post("/login", login_post)
     r.add_post("/logout", logout_post)
@@ -595,6 +682,9 @@ def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False) -> 
     r.add_post("/api/v1/devices/{device}/release", api_release)
     r.add_get("/api/v1/deadletters", api_deadletters)
     r.add_get("/api/v1/health", api_health)
+    r.add_get("/api/v1/campaigns", api_campaigns)
+    r.add_get("/api/v1/campaigns/{campaign}", api_campaign)
     r.add_get("/api/v1/openapi.json", api_openapi)
     r.add_get("/api/v1/events", api_events)
+    r.add_get("/metrics", metrics)
     return app

@@ -84,6 +84,14 @@ DOCUMENT: dict[str, Any] = {
             "responses": {"200": _ok("letters")}}},
         "/api/v1/health": {"get": {"summary": "Gateway, outbox and upstream health",
                                    "responses": {"200": _ok("health")}}},
+        "/api/v1/campaigns": {"get": {
+            "summary": "OTA campaigns, newest first, with their devices counted per state",
+            "responses": {"200": _ok("campaigns")}}},
+        "/api/v1/campaigns/{campaign}": {"get": {
+            "summary": "One OTA campaign with every device's state and progress",
+            "parameters": [{"name": "campaign", "in": "path", "required": True,
+                            "schema": {"type": "integer"}}],
+            "responses": {"200": _ok("campaign"), "404": _ERROR}}},
         "/api/v1/events": {"get": {
             "summary": "Server-sent events: `fleet` when devices, readings or queues change",
             "responses": {"200": {"description": "text/event-stream"}}}},

@@ -11,6 +11,7 @@ from urllib.parse import quote, urlencode
 
 from gateway import queue as q
 from gateway import registry
+from gateway.ops import campaigns as ocampaigns
 from gateway.ops import fleet as ofleet
 from gateway.ops import health as ohealth
 from gateway.web import svg
@@ -28,7 +29,9 @@ th{background:#eef0f3}.st-active{color:#186}.st-quarantined{color:#b50}.st-revok
 border:1px solid #dd8;margin-bottom:8px}.err{background:#fdd;border-color:#d88}
 section{margin-bottom:18px}form.inline{display:inline}dl{display:grid;
 grid-template-columns:max-content auto;gap:2px 12px}dt{color:#555}
-.pager a{margin:0 4px}
+.pager a{margin:0 4px}.bar{display:flex;width:320px;height:14px;background:#e3e5e8}
+.bar span{display:block;height:100%}.key span{display:inline-block;width:10px;height:10px;
+margin:0 4px 0 10px}
 """
 
 
@@ -55,8 +58,8 @@ def layout(title: str, body: str, *, csrf: str, logged_in: bool, msg: str = "",
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f'<meta name="csrf-token" content="{escape(csrf)}">'
             f"<title>{escape(title)} · Torpor</title><style>{_STYLE}</style></head><body>"
-            f'<header><strong>Torpor</strong><a href="/">Fleet</a><a href="/deadletters">'
-            f'Dead letters</a><a href="/health">Health</a><span class="sp"></span>{logout}'
+            f'<header><strong>Torpor</strong><a href="/">Fleet</a><a href="/campaigns">Campaigns</a>'
+            f'<a href="/deadletters">Dead letters</a><a href="/health">Health</a><span class="sp"></span>{logout}'
             f"</header><main>{note}<h1>{escape(title)}</h1>{body}</main>{js}</body></html>")
 
 
@@ -255,6 +258,79 @@ def health(h: ohealth.Health, now: float) -> str:
     return (f"<section><h2>Gateway</h2>{dl(gw)}</section><section><h2>Outbox and upstream</h2>"
             f"{dl(ob)}</section><section><h2>Dead letters</h2><p>{h.dead_letters} stored "
             f'({h.dead_letter_bytes} bytes): <a href="/deadletters">see them</a></p></section>')
+
+
+# A colour per campaign device state: greys waiting, blues under way, green done, reds bad.
+STATE_COLOURS = {
+    "pending": "#bbb", "queued": "#9ab", "downloading": "#48c", "verifying": "#36a",
+    "trial": "#a6c", "confirmed": "#2a6", "reverted": "#e80", "failed": "#c22",
+    "refused": "#933", "timed_out": "#b66", "cancelled": "#777",
+}
+
+
+def _bar(p: ocampaigns.Progress) -> str:
+    """Progress per state as one stacked bar (each state's share of the devices)."""
+    total = p.total or 1
+    parts = "".join(
+        f'<span class="st-part" data-state="{s}" title="{s}: {p.counts[s]}" style="width:'
+        f'{100 * p.counts[s] / total:.2f}%;background:{STATE_COLOURS[s]}"></span>'
+        for s in ocampaigns.STATES if p.counts.get(s))
+    return f'<div class="bar" role="img" aria-label="progress per state">{parts}</div>'
+
+
+def _counts(p: ocampaigns.Progress) -> str:
+    return " ".join(f"{s} {p.counts[s]}" for s in ocampaigns.STATES if p.counts.get(s))
+
+
+def campaigns(items: list[ocampaigns.Progress], now: float) -> str:
+    key = "".join(f'<span style="background:{c}"></span>{s}' for s, c in STATE_COLOURS.items())
+    rows = "".join(
+        f'<tr data-campaign="{p.campaign.id}"><td><a href="/campaigns/{p.campaign.id}">'
+        f"{p.campaign.id}</a></td><td>v{p.campaign.version}</td>"
+        f'<td class="st-{escape(p.campaign.status)}">{escape(p.campaign.status)}</td>'
+        f"<td>{p.finished}/{p.total}</td><td>{_bar(p)}<small>{escape(_counts(p))}</small></td>"
+        f"<td>{escape(when(p.campaign.created_at, now))}</td>"
+        f"<td>{escape(p.campaign.note)}</td></tr>" for p in items)
+    if not rows:
+        rows = ('<tr><td colspan="7">no campaign yet: start one with '
+                "<code>torpor ota campaign</code></td></tr>")
+    return (f'<p class="key">{key}</p><table id="campaigns"><thead><tr><th>Campaign</th>'
+            "<th>Image</th><th>State</th><th>Finished</th><th>Progress per state</th>"
+            f"<th>Started</th><th>Note</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def campaign(p: ocampaigns.Progress, now: float, state: str | None) -> str:
+    c = p.campaign
+    rate = f"{c.rate}{'%' if c.rate_percent else ''} at a time"
+    facts = [("Image", f"v{c.version}"), ("State", escape(c.status)), ("Rate", rate),
+             ("Abort past", f"{c.abort_threshold:g}% failed"),
+             ("Device timeout", f"{c.timeout_s / 3600:g} h"),
+             ("Started", escape(when(c.created_at, now))),
+             ("Finished", escape(when(c.finished_at, now)) if c.finished_at else "–"),
+             ("Note", escape(c.note) or "–")]
+    counts = "".join(
+        f'<tr data-state="{s}"><td><span style="color:{STATE_COLOURS[s]}">■</span> '
+        f'<a href="?state={s}">{s}</a></td><td>{p.counts.get(s, 0)}</td></tr>'
+        for s in ocampaigns.STATES)
+    shown = [d for d in c.devices if state is None or d.status == state]
+    rows = "".join(
+        f'<tr data-device="{escape(d.device)}"><td><a href="/devices/{quote(d.device)}">'
+        f"{escape(d.device)}</a></td><td>{escape(d.status)}</td>"
+        f"<td>{d.progress}/{d.chunks or '?'}</td><td>{escape(d.reason)}</td>"
+        f"<td>{escape(when(d.updated_at, now))}</td></tr>" for d in shown[:MAX_CAMPAIGN_ROWS])
+    more = (f"<p>The first {MAX_CAMPAIGN_ROWS} of {len(shown)} shown; filter by state above.</p>"
+            if len(shown) > MAX_CAMPAIGN_ROWS else "")
+    return (f"<section><dl>{''.join(f'<dt>{k}</dt><dd>{v}</dd>' for k, v in facts)}</dl>"
+            f"{_bar(p)}<p>{p.finished} of {p.total} devices finished, {p.bad} failed.</p>"
+            f'</section><section><h2>Devices per state</h2><table id="states"><tbody>{counts}'
+            f'<tr><td><a href="?">all</a></td><td>{p.total}</td></tr></tbody></table></section>'
+            f"<section><h2>Devices{f' ({escape(state)})' if state else ''}</h2>"
+            '<table id="campaign-devices"><thead><tr><th>Device</th><th>State</th>'
+            "<th>Chunks</th><th>Reason</th><th>Updated</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>{more}</section>")
+
+
+MAX_CAMPAIGN_ROWS = 1000
 
 
 def login(*, csrf: str, error: str = "", token: bool, password: bool) -> str:

@@ -13,6 +13,7 @@ from aiohttp import web
 from gateway import db
 from gateway.config import GatewayConfig, WebConfig
 from gateway.errors import ConfigError
+from gateway.ops.metrics import Live
 from gateway.web.app import make_app
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,15 @@ def preflight(cfg: WebConfig) -> None:
     tls_context(cfg)
 
 
-async def serve(cfg: GatewayConfig, *, started: asyncio.Future[str] | None = None) -> None:
-    """Serve until cancelled; `started` gets the URL once listening."""
+async def serve(cfg: GatewayConfig, *, started: asyncio.Future[str] | None = None,
+                live: Live | None = None) -> None:
+    """Serve until cancelled; `started` gets the URL once listening. `live`: the running
+    gateway's own metrics, when served inside it."""
     web_cfg = cfg.web
     check(web_cfg)
     ctx = tls_context(web_cfg)
     conn = db.connect(cfg.db_path)
-    runner = web.AppRunner(make_app(web_cfg, conn, tls=ctx is not None), access_log=None,
+    runner = web.AppRunner(make_app(web_cfg, conn, tls=ctx is not None, live=live), access_log=None,
                            shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
     try:

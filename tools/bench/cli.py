@@ -12,6 +12,7 @@ def register(sub: Any) -> None:
     from tools.bench import gateway as gateway_bench
     from tools.bench import ota as ota_bench
     from tools.bench import transport as transport_bench
+    from tools.bench import web as web_bench
 
     protocol.register(bsub)
     downlink.register(bsub)
@@ -21,3 +22,4 @@ def register(sub: Any) -> None:
     fuzz.register(bsub)
     transport_bench.register(bsub)
     energy.register(bsub)
+    web_bench.register(bsub)

@@ -1,0 +1,431 @@
+"""`torpor bench web`: the status page and /metrics under ingest load, and what polling
+the page costs ingest, against a baseline from the same run.
+
+Everything runs on loopback in a temporary folder, with the parts `torpor bench gateway`
+uses (tools.bench.gateway, tools.bench.loadgen): a fleet PKI, Mosquitto with the gateway's
+mutual-TLS configuration, a plain upstream Mosquitto, and `torpor gateway run` with its
+relay and its web page on. Before the gateway starts, its database is filled through the
+gateway's own modules with 10,000 devices (each with a HELLO, a wake plan and a day of
+readings behind its battery sparkline) and a month of one-a-minute readings for two.
+
+1. Ingest rate, in rounds alternating "no page" and "page open and polled once a
+   second" (the fleet page fetched every second, its event stream held open): bursts from
+   the load generator as fast as the gateway commits them and relays them upstream.
+   `ingest_ratio_with_web` is the median "polled" rate over the median "no page" rate.
+2. Page latency: first with no ingest at all (the baseline, for a third of the time),
+   then while the load generator paces bursts at half the gateway's rate from step 1 (its
+   "no page" median), one client fetches fleet pages (first page, a deep page, a filtered
+   one), the month-holding devices' pages (30-day and 1-day range; one of them sending
+   bursts all along, so that its charts are drawn again for nearly every view) and
+   /metrics, one after the other, for a fixed time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tools.bench.gateway import (
+    READINGS_PER_BURST,
+    BenchError,
+    Gateway,
+    Mosquitto,
+    Progress,
+    _free_port,
+    _gateway_round,
+    _pct,
+    _run_workers,
+    _split,
+)
+from tools.bench.gateway import Scale as GatewayScale
+from tools.bench.loadgen import Identity, WorkerSpec
+
+TARGETS = {
+    "fleet_page_p99_ms": "< 200",
+    "device_page_p99_ms": "< 300",
+    "ingest_ratio_with_web": ">= 0.9",
+}
+DAY_S = 86400
+
+
+@dataclass(frozen=True, slots=True)
+class Scale:
+    devices: int = 10_000  # in the registry
+    month_days: int = 30  # of one-a-minute readings for two devices
+    sparkline_readings: int = 24  # per other device (a day at one an hour)
+    load_devices: int = 200  # of them, sending through the load generator
+    frames_per_device: int = 40  # per ingest round
+    workers: int = 2
+    rounds: int = 4  # "no page" / "polled" pairs
+    latency_s: float = 60.0  # the latency phase
+    request_gap_s: float = 0.05  # between one page request and the next
+    phase_deadline_s: float = 120.0
+    warmup: bool = True  # one ingest round first, not counted
+
+
+QUICK = Scale(devices=500, month_days=3, sparkline_readings=4, load_devices=8,
+              frames_per_device=6, workers=1, rounds=1, latency_s=3.0, phase_deadline_s=30.0,
+              warmup=False)
+
+
+# --- the database -------------------------------------------------------------------------
+
+def fill(db_path: Path, names: list[str], load: set[str], months: list[str], scale: Scale,
+         now: float) -> int:
+    """Devices, HELLOs, wake plans and readings through the gateway's own modules; returns
+    the readings stored. The load generator's devices get no readings here (their message
+    ids start at 1 in the benchmark)."""
+    import gateway.proto as p
+    from gateway import db, downlink, readings, registry
+
+    def hello(k: int) -> p.Hello:
+        return p.Hello(1, 7, p.BootCause.TIMER, 3300 - k % 700, -55 - k % 30, 40_000, 0, 0, 300,
+                       2000, int(now), p.DeviceClass.SENSOR)
+
+    def burst(first: int, t0: int, n: int, step: int, k: int) -> p.Burst:
+        ts = tuple(t0 + step * i for i in range(n))
+        temp = tuple(2000 + (i * 37 + k) % 500 for i in range(n))
+        hum = tuple(4000 + (i * 13 + k) % 1000 for i in range(n))
+        batt = tuple(3300 - k % 700 - i // 100 for i in range(n))
+        return p.Burst(first, p.SCHEMA_ENV3, step, p.Series(ts, (temp, hum, batt)))
+
+    conn = db.open_db(db_path)
+    stored = 0
+    try:
+        dl = downlink.Downlink()
+        with db.transaction(conn):
+            for name in names:
+                registry.add(conn, name, "sensor", now=now - 2 * DAY_S)
+            hellos = [(name, hello(k)) for k, name in enumerate(names)]
+            registry.record_hellos(
+                conn, [registry.hello_row(d, h, now - 60 - k % 240)
+                       for k, (d, h) in enumerate(hellos)], now - 60)
+            dl.plan(conn, hellos, now - 60)
+        n = scale.sparkline_readings
+        step = DAY_S // max(1, n)
+        quiet = [name for name in names if name not in load and name not in months]
+        for i in range(0, len(quiet), 1000):
+            r = readings.commit_bursts(
+                conn, [(d, burst(1, int(now) - DAY_S, n, step, k))
+                       for k, d in enumerate(quiet[i:i + 1000], start=i)], now=now)
+            stored += sum(a.stored for a in r.acks)
+        per_burst = 60
+        total = scale.month_days * 1440
+        t0 = int(now) - scale.month_days * DAY_S
+        for month_device in months:
+            for i in range(0, total, 100 * per_burst):
+                r = readings.commit_bursts(
+                    conn, [(month_device, burst(1 + j, t0 + 60 * j, per_burst, 60, 0))
+                           for j in range(i, min(total, i + 100 * per_burst), per_burst)],
+                    now=now)
+                stored += sum(a.stored for a in r.acks)
+    finally:
+        conn.close()
+    return stored
+
+
+# --- the page client ----------------------------------------------------------------------
+
+class Poller:
+    """'The page open': the fleet page fetched once a second and its event stream held
+    open, from a thread of its own with its own event loop."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.stop = threading.Event()
+        self.fetches = 0
+        self.events = 0
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def __enter__(self) -> Poller:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+    async def _main(self) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            stream = asyncio.create_task(self._events(http))
+            try:
+                while not self.stop.is_set():
+                    t = time.monotonic()
+                    try:
+                        async with http.get(self.base + "/") as r:
+                            await r.read()
+                            self.fetches += r.status == 200
+                    except aiohttp.ClientError as exc:
+                        self.errors.append(f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
+            finally:
+                stream.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await stream
+
+    async def _events(self, http: Any) -> None:
+        async with http.get(self.base + "/api/v1/events") as r:
+            async for line in r.content:
+                if line.startswith(b"event:"):
+                    self.events += 1
+
+
+PAGES = {
+    "fleet": ("/", "/?offset=5000", "/?status=active&q=bench-07"),
+    "device_30d": ("/devices/{month}?range=30d",),
+    "device_30d_live": ("/devices/{live}?range=30d",),
+    "device_1d": ("/devices/{month}",),
+    "metrics": ("/metrics",),
+}
+
+
+async def sample_pages(base: str, month: str, live: str, duration_s: float, gap_s: float
+                       ) -> dict[str, list[float]]:
+    """Each page in turn, one request at a time, for `duration_s`: seconds per request."""
+    import aiohttp
+
+    out: dict[str, list[float]] = {k: [] for k in PAGES}
+    turn = [(k, path.format(month=month, live=live)) for k, paths in PAGES.items()
+            for path in paths]
+    deadline = time.monotonic() + duration_s
+    i = 0
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            kind, path = turn[i % len(turn)]
+            i += 1
+            t = time.perf_counter()
+            async with http.get(base + path) as r:
+                await r.read()
+                if r.status != 200:
+                    raise BenchError(f"GET {path}: HTTP {r.status}")
+            out[kind].append(time.perf_counter() - t)
+            await asyncio.sleep(gap_s)
+    return out
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000, 1)
+
+
+def measure(scale: Scale = Scale(), workdir: Path | None = None) -> dict[str, Any]:
+    from gateway.pki import Pki
+
+    owned = workdir is None
+    tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-web-")) if workdir is None else workdir
+    fig: dict[str, Any] = {}
+    broker: Mosquitto | None = None
+    upstream: Mosquitto | None = None
+    gw: Gateway | None = None
+    try:
+        t_setup = time.monotonic()
+        pki = Pki(tmp / "pki")
+        pki.init_ca()
+        pki.issue_server(["localhost", "127.0.0.1"])
+        pki.issue_gateway()
+        width = max(4, len(str(scale.devices - 1)))
+        names = [f"bench-{i:0{width}d}" for i in range(scale.devices)]
+        load = names[:scale.load_devices]
+        # Two devices hold a month: `month` sends nothing during the run (its page's charts
+        # are drawn once, then served as drawn until it stores a reading); `live` is one of
+        # the paced senders in the latency phase (a few bursts a second), so nearly every
+        # view of its page averages its month again.
+        month, live = names[-1], names[-2]
+        idents = []
+        for name in [*load, live]:
+            creds = pki.issue_device(name)
+            idents.append(Identity(name, str(creds.cert_pem), str(creds.key_pem)))
+        broker = Mosquitto(tmp / "broker", pki)
+        broker.start()
+        upstream = Mosquitto(tmp / "upstream", None)
+        upstream.start()
+        gw = Gateway(tmp / "gateway", broker, upstream)
+        web_port = _free_port()
+        with open(gw.config, "a") as f:
+            f.write(f'[web]\nenabled = true\nhost = "127.0.0.1"\nport = {web_port}\n')
+        base_url = f"http://127.0.0.1:{web_port}"
+        t_fill = time.monotonic()
+        fig["readings_prefilled"] = fill(gw.db_path, names, set(load), [month, live], scale,
+                                         time.time())
+        live_ident = idents.pop()
+        fig["fill_s"] = round(time.monotonic() - t_fill, 2)
+        gw.start()
+        _wait_http(base_url + "/api/v1/health", 20.0)
+        fig["setup_s"] = round(time.monotonic() - t_setup, 2)
+        fig["devices"] = scale.devices
+        fig["month_device_readings"] = scale.month_days * 1440
+        fig["load_devices"] = scale.load_devices
+
+        progress = Progress(gw.db_path)
+        try:
+            base = {"host": "127.0.0.1", "port": broker.port, "ca": str(pki.ca_pem),
+                    "deadline_s": scale.phase_deadline_s}
+            shares = _split(idents, scale.workers)
+            gscale = GatewayScale(devices=scale.load_devices,
+                                  frames_per_device=scale.frames_per_device,
+                                  workers=scale.workers, phase_deadline_s=scale.phase_deadline_s)
+            expected = scale.load_devices * scale.frames_per_device
+            next_id: dict[str, int] = {}
+            # 1. ingest with and without the page polled, in alternating rounds.
+            bare: list[float] = []
+            polled: list[float] = []
+            fetches = events = 0
+            if scale.warmup:  # the first round pays for connections and cold caches
+                _gateway_round(gscale, shares, base, progress, next_id, expected)
+            for k in range(scale.rounds):
+                # ABBA: which of the pair goes first alternates, so that whatever one round
+                # leaves to the next (a checkpoint, a warm cache) weighs on both alike.
+                for with_page in ((False, True) if k % 2 == 0 else (True, False)):
+                    if not with_page:
+                        r = _gateway_round(gscale, shares, base, progress, next_id, expected)
+                        bare.append(r["ingest_fps"] * READINGS_PER_BURST)
+                        continue
+                    with Poller(base_url) as poller:
+                        r = _gateway_round(gscale, shares, base, progress, next_id, expected)
+                    polled.append(r["ingest_fps"] * READINGS_PER_BURST)
+                    fetches += poller.fetches
+                    events += poller.events
+                    if poller.errors:
+                        raise BenchError(f"the page poller failed: {poller.errors[0]}")
+            rate = statistics.median(bare)
+            fig["ingest_readings_per_s"] = round(rate)
+            fig["ingest_readings_per_s_polled"] = round(statistics.median(polled))
+            fig["ingest_ratio_with_web"] = round(statistics.median(polled) / rate, 3)
+            fig["ingest_ratio_rounds"] = [round(p / b, 3) for b, p in zip(bare, polled, strict=True)]
+            fig["poller_fetches"] = fetches
+            fig["poller_events"] = events
+
+            # The baseline: the same requests with no ingest at all, for a third as long.
+            # (The month-holding devices store nothing here: their 30-day charts are drawn
+            # once, so only the fleet page and /metrics are compared.)
+            idle = asyncio.run(sample_pages(base_url, month, live, scale.latency_s / 3,
+                                            scale.request_gap_s))
+            for kind in ("fleet", "metrics"):
+                fig[f"{kind}_idle_p50_ms"] = _ms(_pct(idle[kind], 0.5))
+                fig[f"{kind}_idle_p99_ms"] = _ms(_pct(idle[kind], 0.99))
+            fig["fleet_page_idle_p99_ms"] = fig.pop("fleet_idle_p99_ms")
+            fig["fleet_page_idle_p50_ms"] = fig.pop("fleet_idle_p50_ms")
+
+            # 2. page latency while ingest runs at half that rate.
+            frames_per_s = rate / 2 / READINGS_PER_BURST
+            paced_ids = (*idents, live_ident)
+            next_id[live] = scale.month_days * 1440 + 1
+            spec = WorkerSpec("paced", devices=paced_ids, rate=frames_per_s,
+                              duration_s=scale.latency_s,
+                              next_id={d.device: next_id.get(d.device, 1) for d in paced_ids},
+                              **base)  # type: ignore[arg-type]
+            before, _ = progress.read()
+            t0 = time.monotonic()
+            (paced,), samples = _run_workers(
+                [spec], scale.phase_deadline_s + scale.latency_s + 10,
+                on_go=lambda: asyncio.run(sample_pages(base_url, month, live, scale.latency_s,
+                                                       scale.request_gap_s)))
+            after, _ = progress.read()
+            fig["latency_offered_readings_per_s"] = round(frames_per_s * READINGS_PER_BURST)
+            fig["latency_ingested_readings_per_s"] = round(
+                (after - before) / max(1e-6, time.monotonic() - t0))
+            fig["ack_p99_ms_during_pages"] = _ms(_pct(paced["ack_latency_s"], 0.99))
+            for kind, values in samples.items():
+                fig[f"{kind}_samples"] = len(values)
+                fig[f"{kind}_p50_ms"] = _ms(_pct(values, 0.5))
+                fig[f"{kind}_p99_ms"] = _ms(_pct(values, 0.99))
+            fig["fleet_page_p99_ms"] = fig.pop("fleet_p99_ms")
+            fig["fleet_page_p50_ms"] = fig.pop("fleet_p50_ms")
+            # The device page's figure is its worst view: 30 days of a device that keeps
+            # storing readings, so that its charts are drawn again for nearly every view.
+            fig["device_page_p99_ms"] = fig["device_30d_live_p99_ms"]
+            fig["device_page_p50_ms"] = fig["device_30d_live_p50_ms"]
+        finally:
+            progress.close()
+    finally:
+        if gw is not None:
+            gw.stop()
+        for b in (broker, upstream):
+            if b is not None:
+                b.stop()
+        if owned:
+            shutil.rmtree(tmp, ignore_errors=True)
+    fig["cpus"] = os.cpu_count()
+    fig["targets"] = TARGETS
+    return fig
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError(f"the web page did not answer at {url}")
+        time.sleep(0.1)
+
+
+# --- output -------------------------------------------------------------------------------
+
+SECTIONS = (
+    ("pages while ingesting at half the gateway's rate", (
+        "fleet_page_p99_ms", "fleet_page_p50_ms", "fleet_samples", "device_page_p99_ms",
+        "device_page_p50_ms", "device_30d_live_samples", "device_30d_p99_ms",
+        "device_30d_p50_ms", "device_1d_p99_ms", "device_1d_p50_ms",
+        "metrics_p99_ms", "metrics_p50_ms", "metrics_samples", "fleet_page_idle_p99_ms",
+        "fleet_page_idle_p50_ms", "metrics_idle_p99_ms", "metrics_idle_p50_ms",
+        "latency_offered_readings_per_s", "latency_ingested_readings_per_s",
+        "ack_p99_ms_during_pages")),
+    ("ingest with the page polled once a second", (
+        "ingest_ratio_with_web", "ingest_ratio_rounds", "ingest_readings_per_s",
+        "ingest_readings_per_s_polled", "poller_fetches", "poller_events")),
+    ("run", ("devices", "month_device_readings", "readings_prefilled", "load_devices", "cpus",
+             "fill_s", "setup_s")),
+)
+
+
+def table(fig: dict[str, Any]) -> str:
+    lines = []
+    for title, keys in SECTIONS:
+        lines.append(title)
+        for key in keys:
+            if key in fig:
+                lines.append(f"  {key:34} {fig[key]!s:>14}  {fig['targets'].get(key, '')}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    scale = QUICK if args.quick else Scale()
+    try:
+        fig = measure(scale)
+    except BenchError as exc:
+        print(f"torpor: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(fig) if args.json else table(fig))
+    return 0
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "web", help="status page and /metrics latency under ingest, and what the page costs ingest")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small fleet and short phases (seconds), for smoke tests")
+    parser.set_defaults(func=run)
