@@ -47,6 +47,8 @@ STORE_MODULES: tuple[str, ...] = (
     "gateway.queue",
     "gateway.downlink",
     "gateway.ota",
+    "gateway.store.alerts",
+    "gateway.store.hass",
 )
 
 _extra_stores: list[Callable[[sqlite3.Connection], None]] = []

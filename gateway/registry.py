@@ -291,6 +291,13 @@ def record_hellos(conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]], now
     )
 
 
+def heard_since(conn: sqlite3.Connection, since: float) -> list[Device]:
+    """Devices whose last HELLO came after `since` (unix time), oldest HELLO first."""
+    rows = conn.execute(_SELECT + " WHERE last_hello_at > ? ORDER BY last_hello_at",
+                        (since,)).fetchall()
+    return [Device(*r) for r in rows]
+
+
 def page(conn: sqlite3.Connection, *, status: str | None = None, text: str = "",
          offset: int = 0, limit: int = 50) -> tuple[list[Device], int]:
     """One page of devices by id, filtered by status and by a substring of the id, status

@@ -146,6 +146,7 @@ class Service:
         self.ingest: Ingest | None = None
         self.broker: Any = None
         self.relay: Any = None
+        self.rules: Any = None  # gateway.pipeline.rules.Rules
         self.mqtt_connected = False
         self._session_saved = False
         self.restarts: dict[str, int] = {}
@@ -167,6 +168,8 @@ class Service:
         from gateway.config import load_config
         from gateway.ops import config_ops
 
+        if self.rules is not None:  # the rules file is read again by its own task
+            self.rules.request_reload()
         if not self.cfg.source:
             log.warning("SIGHUP: the configuration was not read from a file; nothing to reload")
             return
@@ -231,6 +234,17 @@ class Service:
                 self._supervise("checkpoint", lambda: db.checkpoint_loop(cfg.db_path)))
             tasks["downlink"] = asyncio.create_task(
                 self._supervise("downlink", self._sweep_loop))
+            if cfg.rules.enabled:  # edge rules and alerts (gateway.pipeline.rules)
+                from gateway.pipeline.rules import Rules
+
+                self.rules = Rules(cfg, self.conn, writer, notify=self._notify_relay,
+                                   credentials=lambda: self.credentials)
+                tasks["rules"] = asyncio.create_task(self._supervise("rules", self.rules.run))
+            if cfg.upstream.enabled and cfg.hass.enabled:  # gateway.pipeline.hass
+                from gateway.pipeline.hass import HassPublisher
+
+                hass = HassPublisher(cfg, self.conn, writer, notify=self._notify_relay)
+                tasks["hass"] = asyncio.create_task(self._supervise("hass", hass.run))
             if (cfg.pki_dir / "ca.pem").exists():
                 tasks["lifetimes"] = asyncio.create_task(
                     self._supervise("lifetimes", self._lifetimes_loop))
@@ -244,7 +258,8 @@ class Service:
             log.info("shutting down")
         finally:
             # Ingest first: it stops taking frames, commits and answers what it holds.
-            for name in ("ingest", "web", "relay", "status", "downlink", "lifetimes", "checkpoint"):
+            for name in ("ingest", "web", "rules", "hass", "relay", "status", "downlink",
+                         "lifetimes", "checkpoint"):
                 task = tasks.get(name)
                 if task is not None:
                     task.cancel()
