@@ -183,6 +183,7 @@ class HassConfig:
     prefix: str = "homeassistant"  # Home Assistant's discovery prefix
     state_topic: str = "torpor/{device}/hass"  # the base of each device's state topics
     interval_s: float = 1.0  # how often new readings and wakes are published
+    scan_interval_s: float = 5.0  # how often missed wakes and decommissions are looked for
     # Seconds added to a node's own send interval for `expire_after` and missed wakes
     # (-1: [downlink] grace_s).
     grace_s: float = -1.0
@@ -316,6 +317,7 @@ _MINIMA: dict[tuple[str, str], float] = {
     ("rules", "interval_s"): 0.05,
     ("rules", "scan_interval_s"): 0.05,
     ("hass", "interval_s"): 0.05,
+    ("hass", "scan_interval_s"): 0.05,
     ("hass", "grace_s"): -1.0,
 }
 _MAXIMA: dict[tuple[str, str], float] = {
