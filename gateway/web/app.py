@@ -23,6 +23,7 @@ from gateway import queue as q
 from gateway import readings, registry
 from gateway.config import WebConfig
 from gateway.ops import actions, fleet
+from gateway.ops import alerts as oalerts
 from gateway.ops import health as ohealth
 from gateway.web import auth, openapi, pages
 
@@ -534,6 +535,25 @@ async def api_health(request: web.Request) -> web.Response:
     return _json(h.as_dict())
 
 
+async def api_alerts(request: web.Request) -> web.Response:
+    state = request.query.get("state") or None
+    if state is not None and state not in oalerts.STATES:
+        raise BadRequest(f"state: {state!r} is not one of {', '.join(oalerts.STATES)}", "state")
+    page = await _state(request).db(
+        oalerts.alerts_page, state=state, device=request.query.get("device") or None,
+        rule=request.query.get("rule") or None, offset=_int(request, "offset", 0, 0, 10**9),
+        limit=_int(request, "limit", 50, 1, MAX_LIMIT))
+    return _json(page.as_dict())
+
+
+async def api_alert_clear(request: web.Request) -> web.Response:
+    try:
+        a = await _state(request).db(oalerts.clear, _path_int(request, "alert_id"))
+    except oalerts.AlertNotFound as exc:
+        raise BadRequest(str(exc), "alert_id", 404) from None
+    return _json(a.as_dict())
+
+
 async def api_openapi(request: web.Request) -> web.Response:
     return _json(openapi.DOCUMENT)
 
@@ -593,6 +613,8 @@ def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False) -> 
     r.add_post("/api/v1/devices/{device}/release", api_release)
     r.add_get("/api/v1/deadletters", api_deadletters)
     r.add_get("/api/v1/health", api_health)
+    r.add_get("/api/v1/alerts", api_alerts)
+    r.add_post("/api/v1/alerts/{alert_id}/clear", api_alert_clear)
     r.add_get("/api/v1/openapi.json", api_openapi)
     r.add_get("/api/v1/events", api_events)
     return app

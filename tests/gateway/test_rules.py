@@ -445,3 +445,46 @@ async def test_a_bad_rules_file_keeps_the_rules_in_force_until_a_good_one(
         rules_file.write_text("")
         await until(lambda: not history(path)[-1].open)
         assert history(path)[-1].clear_message == "the rule was removed"
+
+
+# ---------------------------------------------------------------- the page and the API
+
+def test_alerts_in_the_api_and_on_the_fleet_page(tmp_path: Path) -> None:
+    from tests.gateway.web.fleetdb import fill
+    from tests.gateway.web.test_api import _csrf, _origin, web_client
+
+    path = tmp_path / "gateway.db"
+    fill(path, devices=3)
+    conn = db.open_db(path)
+    dev = registry.list_devices(conn)[0].id
+    with db.transaction(conn):
+        first = alerts.raise_alert(conn, rule="hot", kind="threshold", subject=dev, device=dev,
+                                   severity="warning", message="too hot", value=36.0, now=T0)
+        assert alerts.raise_alert(conn, rule="hot", kind="threshold", subject=dev, device=dev,
+                                  severity="warning", message="again", value=37.0, now=T0) is None
+        alerts.raise_alert(conn, rule="ota", kind="campaign_aborted", subject="campaign:1",
+                           device=None, severity="warning", message="aborted", value=1.0, now=T0)
+    conn.close()
+    assert first is not None
+
+    async def body() -> None:
+        async with web_client(path) as c:
+            r = await c.get("/api/v1/alerts", params={"state": "open", "device": dev})
+            doc = await r.json()
+            assert r.status == 200 and doc["total"] == 1 and doc["open"] == 2
+            assert doc["alerts"][0]["message"] == "too hot" and doc["alerts"][0]["state"] == "open"
+            r = await c.get("/api/v1/alerts", params={"state": "shut"})
+            assert r.status == 400 and (await r.json())["field"] == "state"
+            page = await (await c.get("/")).text()
+            assert f'data-device="{dev}"' in page and "1 open" in page
+            headers = {**_origin(c), "X-CSRF-Token": await _csrf(c)}
+            r = await c.post(f"/api/v1/alerts/{first.id}/clear", headers=headers)
+            assert r.status == 200 and (await r.json())["state"] == "cleared"
+            r = await c.post(f"/api/v1/alerts/{first.id}/clear", headers=headers)
+            assert r.status == 404 and (await r.json())["field"] == "alert_id"
+            doc = await (await c.get("/api/v1/alerts")).json()
+            assert doc["open"] == 1 and doc["total"] == 2
+            spec = await (await c.get("/api/v1/openapi.json")).json()
+            assert "/api/v1/alerts" in spec["paths"]
+
+    asyncio.run(asyncio.wait_for(body(), 60))
