@@ -290,10 +290,12 @@ class HassPublisher:
                 vals[m.name] = round(v, 6) if isinstance(v, float) else v
             new_schemas.setdefault(device, set()).add(schema)
             touched.setdefault(device, False)
+        # Stored only when they move: an unchanged write still costs the commit an fsync.
         if runs:
             self.run_cursor = runs[-1][0]
             store.set_cursor(conn, CURSOR_RUNS, self.run_cursor)
-        store.set_cursor(conn, CURSOR_HELLO, self.hello_cursor)
+        if touched:
+            store.set_cursor(conn, CURSOR_HELLO, self.hello_cursor)
         problems = alerts.open_devices(conn)
         for device, heard in touched.items():
             found = registry.find(conn, device)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 UPSTREAM_KIND: Final = "alert"  # the upstream event kind (formats.event_item)
 CURSOR: Final = "rules"
 RUNS_PER_TICK: Final = 5000  # reading runs evaluated per tick at most; the rest next tick
+CURSOR_EVERY_S: Final = 10.0
 SEVERITIES: Final = ("info", "warning", "critical")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -470,6 +471,8 @@ class Engine:
         # threshold costs no query; read again from the table at every scan (the
         # operator may clear alerts from another process).
         self.open: set[tuple[str, str]] | None = None
+        self._stored: int | None = None  # the cursor as last stored
+        self._stored_at = 0.0
 
     # ---- rule sets
     def replace(self, conn: sqlite3.Connection, ruleset: RuleSet, now: float) -> TickResult:
@@ -503,18 +506,28 @@ class Engine:
     def _tick(self, conn: sqlite3.Connection, res: TickResult, now: float, scan: bool) -> None:
         with db.transaction(conn):
             if self.cursor is None:
-                stored = alerts.get_cursor(conn, CURSOR)
+                stored = self._stored = alerts.get_cursor(conn, CURSOR)
                 self.cursor = readings.last_run_id(conn) if stored is None else stored
             if self.open is None or scan:
                 self.open = {(a.rule, a.subject) for a in alerts.open_alerts(conn)}
-            runs = readings.runs_after(conn, self.cursor, RUNS_PER_TICK)
-            if runs:
-                self._readings(conn, res, runs, now)
-                self.cursor = runs[-1][0]
-                alerts.set_cursor(conn, CURSOR, self.cursor)
+            if self._rules("readings"):
+                runs = readings.runs_after(conn, self.cursor, RUNS_PER_TICK)
+                if runs:
+                    self._readings(conn, res, runs, now)
+                    self.cursor = runs[-1][0]
+            else:  # nothing to evaluate them with: skip them
+                self.cursor = readings.last_run_id(conn)
             if scan:
                 self._scan(conn, res, now)
                 alerts.prune(conn)
+            # The cursor is stored with every alert change (a replay after a crash must not
+            # raise an episode again) and otherwise at most every CURSOR_EVERY_S: replayed
+            # readings only count again from zero.
+            mono = time.monotonic()
+            if self.cursor != self._stored and (res.raised or res.cleared
+                                                or mono >= self._stored_at + CURSOR_EVERY_S):
+                alerts.set_cursor(conn, CURSOR, self.cursor)
+                self._stored, self._stored_at = self.cursor, mono
 
     def _rules(self, on: str) -> list[Rule]:
         return [r for r in self.ruleset.rules if r.cond.on == on]
@@ -800,6 +813,7 @@ class Rules:
         self._mtime: float | None = None
         self._reload = True
         self.last_error: str | None = None
+        self.evaluated = 0  # the rowid of the last reading run evaluated and committed
 
     def request_reload(self) -> None:
         self._reload = True
@@ -845,5 +859,6 @@ class Rules:
                 next_scan = mono + rc.scan_interval_s
             res = await self.writer.run(
                 functools.partial(self.engine.tick, self.conn, time.time(), scan=scan))
+            self.evaluated = self.engine.cursor or 0
             self._delivered(res)
             await asyncio.sleep(rc.interval_s)

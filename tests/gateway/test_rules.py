@@ -257,11 +257,13 @@ async def until(what: Callable[[], Any], timeout: float = 10.0) -> Any:
         await asyncio.sleep(0.02)
 
 
-async def evaluated(path: Path) -> None:
+async def evaluated(svc: Any) -> None:
     """The rules engine has evaluated every reading stored so far."""
+    path = svc.cfg.db_path
+
     def done() -> bool:
         with opened(path) as conn:
-            return alerts.get_cursor(conn, "rules") == readings.last_run_id(conn)
+            return bool(svc.rules.evaluated == readings.last_run_id(conn))
     await until(done)
 
 
@@ -304,7 +306,8 @@ async def test_threshold_with_for_n_and_hysteresis_raises_once_and_acts_on_the_g
     cfg = config(broker, tmp_path, upstream=upstream)
     path = cfg.db_path
     sub = mosquitto_sub(upstream, "torpor/+/events")
-    async with running(cfg), Node(broker, pki, "gh-1") as n1, Node(broker, pki, "gh-2") as n2, \
+    async with running(cfg) as svc, Node(broker, pki, "gh-1") as n1, \
+            Node(broker, pki, "gh-2") as n2, \
             Node(broker, pki, "out-1") as n3:
         s1, s2, s3 = Sender(n1), Sender(n2), Sender(n3)
         for s in (s1, s2, s3):
@@ -312,10 +315,10 @@ async def test_threshold_with_for_n_and_hysteresis_raises_once_and_acts_on_the_g
         # Over 35 twice, then under: "for 3 readings" counts readings in a row.
         await s1.burst([36.0, 36.5, 30.0, 36.0, 36.0])
         await s3.burst([40.0, 40.0, 40.0, 40.0])  # not in the greenhouse group
-        await evaluated(path)
+        await evaluated(svc)
         assert history(path) == []
         await s1.burst([35.5])  # the third in a row
-        await evaluated(path)
+        await evaluated(svc)
         [a] = history(path)
         assert (a.rule, a.device, a.severity, a.open) == ("greenhouse-hot", "gh-1", "critical", True)
         assert a.message == "temperature 35.5 above 35 for 3 readings"
@@ -328,16 +331,16 @@ async def test_threshold_with_for_n_and_hysteresis_raises_once_and_acts_on_the_g
         # action is not queued again while the group's episode lasts.
         await s1.burst([37.0, 38.0])
         await s2.burst([36.0, 36.0, 36.0])
-        await evaluated(path)
+        await evaluated(svc)
         assert [(a.device, a.open) for a in history(path)] == [("gh-1", True), ("gh-2", True)]
         assert all(len(items(path, d)) == 1 for d in ("gh-1", "gh-2", "gh-3"))
         # Hysteresis: between 33 and 35 clears nothing and raises nothing...
         await s1.burst([34.0, 34.9, 33.5, 34.0])
-        await evaluated(path)
+        await evaluated(svc)
         assert history(path)[0].open
         # ...under 33 clears, once; back between the levels does not raise it again.
         await s1.burst([32.9, 32.0, 34.0, 34.5])
-        await evaluated(path)
+        await evaluated(svc)
         first = history(path)[0]
         assert not first.open and first.clear_message == "temperature 32.9 back below 33"
         assert [a.open for a in history(path)] == [False, True]
@@ -353,29 +356,29 @@ async def test_battery_level_and_forecast(broker: RunningBroker, tmp_path: Path)
     pki = provision(broker, tmp_path, "bat-1", "fc-1", "fc-2")
     cfg = config(broker, tmp_path)
     path = cfg.db_path
-    async with running(cfg), Node(broker, pki, "bat-1") as nb, Node(broker, pki, "fc-1") as nf, \
+    async with running(cfg) as svc, Node(broker, pki, "bat-1") as nb, Node(broker, pki, "fc-1") as nf, \
             Node(broker, pki, "fc-2") as nflat:
         b, f, flat = Sender(nb), Sender(nf), Sender(nflat)
         await b.burst(mv=[3350, 3310])
-        await evaluated(path)
+        await evaluated(svc)
         assert history(path) == []
         await b.burst(mv=[3290])
-        await evaluated(path)
+        await evaluated(svc)
         [low] = history(path)
         assert low.message == "battery 3290 mV below 3300 mV" and low.open
         await b.burst(mv=[3350, 3390])  # above the level, under the clear level: still open
-        await evaluated(path)
+        await evaluated(svc)
         assert history(path)[0].open
         await b.burst(mv=[3410])
-        await evaluated(path)
+        await evaluated(svc)
         assert not history(path)[0].open
         # A day apart, 20 mV a day: 3420 mV now, 3000 mV in 21 days, under the 30 asked.
         await f.burst(mv=[3600 - 20 * i for i in range(4)], step_s=DAY)
         await flat.burst(mv=[3500, 3501, 3499, 3500, 3500, 3500], step_s=DAY)
-        await evaluated(path)
+        await evaluated(svc)
         assert len(history(path)) == 1  # fewer than min_points: no forecast yet
         await f.burst(mv=[3600 - 20 * i for i in range(4, 10)], step_s=DAY)
-        await evaluated(path)
+        await evaluated(svc)
         fc = history(path, "battery-forecast")
         assert [(a.device, a.open) for a in fc] == [("fc-1", True)]
         assert fc[0].message == "battery forecast to reach 3000 mV in 21.0 days (under 30)"
@@ -427,7 +430,7 @@ async def test_a_bad_rules_file_keeps_the_rules_in_force_until_a_good_one(
         assert "rule[1] (greenhouse-hot).above: expected a number, got 'hot'" in svc.rules.last_error
         # The old rules still hold: 36 is over 35.
         await s.burst([36.0, 36.0, 36.0])
-        await evaluated(path)
+        await evaluated(svc)
         assert [a.rule for a in history(path)] == ["greenhouse-hot"]
         # A good file, with the rule's level moved up, is taken on its mtime alone.
         time.sleep(0.01)
@@ -436,11 +439,11 @@ async def test_a_bad_rules_file_keeps_the_rules_in_force_until_a_good_one(
         await until(lambda: svc.rules.last_error is None and svc.rules.engine.ruleset.rule(
             "greenhouse-hot").above == 45.0)
         await s.burst([39.0])  # under the new clear level
-        await evaluated(path)
+        await evaluated(svc)
         assert not history(path)[0].open
         # A rule removed from the file clears its open alerts.
         await s.burst([50.0, 50.0, 50.0])
-        await evaluated(path)
+        await evaluated(svc)
         assert history(path)[-1].open
         rules_file.write_text("")
         await until(lambda: not history(path)[-1].open)
