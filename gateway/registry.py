@@ -291,11 +291,32 @@ def record_hellos(conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]], now
     )
 
 
-def heard_since(conn: sqlite3.Connection, since: float) -> list[Device]:
-    """Devices whose last HELLO came after `since` (unix time), oldest HELLO first."""
-    rows = conn.execute(_SELECT + " WHERE last_hello_at > ? ORDER BY last_hello_at",
-                        (since,)).fetchall()
+def heard_since(conn: sqlite3.Connection, since: float, after_id: str = "",
+                limit: int = 1000) -> list[Device]:
+    """Devices whose last HELLO came after (`since`, `after_id`), oldest HELLO first (then
+    by id): a reader keeps the last device's (last_hello_at, id) as its cursor."""
+    rows = conn.execute(_SELECT + " WHERE (last_hello_at, id) > (?, ?) "
+                        "ORDER BY last_hello_at, id LIMIT ?", (since, after_id, limit)).fetchall()
     return [Device(*r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """What a periodic check of the whole fleet needs of a device, and no more."""
+
+    id: str
+    status: str
+    status_reason: str
+    last_hello_at: float | None
+    next_wake_s: int | None
+    next_listen_s: int | None
+
+
+def schedules(conn: sqlite3.Connection) -> list[Schedule]:
+    """Every device's status and announced schedule, by id (cheaper than list_devices)."""
+    return [Schedule(*r) for r in conn.execute(
+        "SELECT id, status, status_reason, last_hello_at, next_wake_s, next_listen_s "
+        "FROM devices ORDER BY id")]
 
 
 def page(conn: sqlite3.Connection, *, status: str | None = None, text: str = "",

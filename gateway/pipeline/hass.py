@@ -43,7 +43,8 @@ CURSOR_RUNS: Final = "runs"
 # expire_after is the send interval times this plus the grace: a little room for a node
 # whose wake drifts late, and a config republished only when the interval really grows.
 HEADROOM: Final = 1.1
-RUNS_PER_TICK: Final = 5000
+RUNS_PER_TICK: Final = 1000
+DEVICES_PER_TICK: Final = 200  # woken devices announced per tick (a fleet's first start)
 MANUFACTURER: Final = "Torpor"
 ORIGIN: Final = {"name": "Torpor gateway"}
 
@@ -220,8 +221,8 @@ class HassPublisher:
         self.grace_s = h.grace_s if h.grace_s >= 0 else cfg.downlink.grace_s
         self.known: dict[str, store.Announced] | None = None
         self.values: dict[str, dict[str, float | int]] = {}  # device -> latest values
-        self.heard: dict[str, float] = {}  # device -> last_hello_at published
-        self.hello_cursor: float | None = None
+        # (last_hello_at, id) of the last HELLO published
+        self.hello_cursor: tuple[float, str] | None = None
         self.run_cursor: int | None = None
         self.alerts_open: int | None = None
         self._next_scan = 0.0
@@ -266,17 +267,21 @@ class HassPublisher:
             self._item(out, topic, doc, self.cfg.mqtt.client_id, now, retain=True)
             self.alerts_open = None
         if self.hello_cursor is None:
-            self.hello_cursor = store.get_cursor(conn, CURSOR_HELLO) or 0.0
+            self.hello_cursor = store.get_cursor(conn, CURSOR_HELLO) or (0.0, "")
+            if self.hello_cursor[0] > now + 3600:  # the clock went back: start over
+                self.hello_cursor = (0.0, "")
         if self.run_cursor is None:
             stored = store.get_cursor(conn, CURSOR_RUNS)
-            self.run_cursor = int(stored) if stored is not None else readings.last_run_id(conn)
+            self.run_cursor = (int(stored[0]) if stored is not None
+                               else readings.last_run_id(conn))
         touched: dict[str, bool] = {}  # device -> heard (a HELLO) in this tick
-        # A little behind the newest HELLO seen, in case commits land out of time order;
-        # `self.heard` drops the repeats.
-        for d in registry.heard_since(conn, self.hello_cursor - 2.0):
-            if d.last_hello_at is not None and self.heard.get(d.id) != d.last_hello_at:
-                touched[d.id] = True
-                self.hello_cursor = max(self.hello_cursor, d.last_hello_at)
+        # Ingest stamps HELLOs on its one writer thread, in commit order: a cursor of
+        # (time, id) sees each once. A first start announces the fleet a chunk a tick.
+        heard = registry.heard_since(conn, *self.hello_cursor, DEVICES_PER_TICK)
+        for d in heard:
+            touched[d.id] = True
+        if heard and heard[-1].last_hello_at is not None:
+            self.hello_cursor = (heard[-1].last_hello_at, heard[-1].id)
         new_schemas: dict[str, set[int]] = {}
         runs = readings.runs_after(conn, self.run_cursor, RUNS_PER_TICK)
         for _rowid, device, schema, cols in runs:
@@ -294,14 +299,14 @@ class HassPublisher:
         if runs:
             self.run_cursor = runs[-1][0]
             store.set_cursor(conn, CURSOR_RUNS, self.run_cursor)
-        if touched:
-            store.set_cursor(conn, CURSOR_HELLO, self.hello_cursor)
+        if heard:
+            store.set_cursor(conn, CURSOR_HELLO, *self.hello_cursor)
         problems = alerts.open_devices(conn)
-        for device, heard in touched.items():
+        for device, hello in touched.items():
             found = registry.find(conn, device)
             if found is None or found.status not in registry.SERVED:
                 continue
-            self._device(conn, found, heard, new_schemas.get(device, set()), problems, now, out)
+            self._device(conn, found, hello, new_schemas.get(device, set()), problems, now, out)
         if time.monotonic() >= self._next_scan:
             self._next_scan = time.monotonic() + self.cfg.hass.scan_interval_s
             self._scan(conn, now, out)
@@ -345,7 +350,6 @@ class HassPublisher:
             self.known[d.id] = a
             store.save(conn, a)
         if heard and d.last_hello_at is not None:
-            self.heard[d.id] = d.last_hello_at
             interval = d.next_listen_s or d.next_wake_s
             self._item(out, topics.seen, {
                 "last_seen": _iso(d.last_seen or d.last_hello_at),
@@ -376,7 +380,7 @@ class HassPublisher:
         assert self.known is not None
         if not self.known:
             return
-        devices = {d.id: d for d in registry.list_devices(conn)}
+        devices = {d.id: d for d in registry.schedules(conn)}
         for device, a in list(self.known.items()):
             d = devices.get(device)
             if d is None or d.status in (registry.REVOKED, registry.DECOMMISSIONED):
@@ -406,7 +410,6 @@ class HassPublisher:
             self._item(out, topic, b"", a.device, now, retain=True)
         del self.known[a.device]
         self.values.pop(a.device, None)
-        self.heard.pop(a.device, None)
         store.forget(conn, a.device)
         log.info("%s removed from Home Assistant", a.device, extra={"device_id": a.device})
 

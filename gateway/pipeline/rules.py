@@ -444,6 +444,25 @@ class _Count:
     back: int = 0  # readings in a row past the clear level
 
 
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """An alert to raise (or clear), found by Engine.evaluate, done by Engine.apply."""
+
+    raise_: bool
+    rule: Rule
+    subject: str
+    device: str | None
+    value: float | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    intents: list[Intent]
+    cursor: int | None
+    scan: bool
+
+
 @dataclass(slots=True)
 class TickResult:
     queued: list[ob.Queued] = field(default_factory=list)
@@ -466,13 +485,14 @@ class Engine:
         self.credentials = credentials
         self.counts: dict[tuple[str, str], _Count] = {}
         self.cursor: int | None = None
-        self._devices: list[registry.Device] | None = None
+        self._devices: list[registry.Schedule] | None = None
         # (rule, subject) of the open alerts, so that a reading on the quiet side of a
         # threshold costs no query; read again from the table at every scan (the
         # operator may clear alerts from another process).
         self.open: set[tuple[str, str]] | None = None
         self._stored: int | None = None  # the cursor as last stored
         self._stored_at = 0.0
+        self._intents: list[Intent] = []
 
     # ---- rule sets
     def replace(self, conn: sqlite3.Connection, ruleset: RuleSet, now: float) -> TickResult:
@@ -482,52 +502,83 @@ class Engine:
         new = {r.name: r for r in ruleset.rules}
         self.ruleset = ruleset
         self.counts = {k: v for k, v in self.counts.items() if old.get(k[0]) == new.get(k[0])}
-        res = TickResult()
-        with db.transaction(conn):
-            for a in alerts.open_alerts(conn):
-                if a.rule not in new and a.rule in old:
-                    self._clear(conn, res, old[a.rule], a.subject, "the rule was removed", now)
-        return res
+        self._intents = []
+        for a in alerts.open_alerts(conn):
+            if a.rule not in new and a.rule in old:
+                self._clear(conn, TickResult(), old[a.rule], a.subject, "the rule was removed",
+                            now)
+        return self.apply(conn, Pending(self._intents, self.cursor, False), now)
 
     # ---- one tick
     def tick(self, conn: sqlite3.Connection, now: float, *, scan: bool) -> TickResult:
-        """Evaluate the readings stored since the last tick (and, with `scan`, the
-        periodic conditions) in one transaction."""
+        """`evaluate` and `apply` on one connection."""
+        return self.apply(conn, self.evaluate(conn, now, scan=scan), now)
+
+    def evaluate(self, conn: sqlite3.Connection, now: float, *, scan: bool) -> Pending:
+        """Evaluate the readings stored since the last call (and, with `scan`, the
+        periodic conditions), reading only: what to raise and clear is returned for
+        `apply` on the writer thread. A read-only connection of its own keeps this work
+        off the thread that commits ingest."""
+        self._devices = None
+        self._intents = []
+        res = TickResult()
+        try:
+            with db.transaction(conn, immediate=False):  # one snapshot
+                self._evaluate(conn, res, now, scan)
+        except BaseException:
+            self.open = None  # read the open alerts and the cursor again
+            self.cursor = None
+            raise
+        return Pending(self._intents, self.cursor, scan)
+
+    def needs_apply(self, p: Pending) -> bool:
+        return bool(p.intents or p.scan or (
+            p.cursor != self._stored and time.monotonic() >= self._stored_at + CURSOR_EVERY_S))
+
+    def apply(self, conn: sqlite3.Connection, p: Pending, now: float) -> TickResult:
+        """Raise and clear what `evaluate` found, with their events and actions, and store
+        the cursor, in one transaction (on the writer thread)."""
         res = TickResult()
         self._devices = None
         try:
-            self._tick(conn, res, now, scan)
+            with db.transaction(conn):
+                for it in p.intents:
+                    if it.raise_:
+                        self._do_raise(conn, res, it, now)
+                    else:
+                        self._do_clear(conn, res, it, now)
+                if p.scan:
+                    alerts.prune(conn)
+                # The cursor is stored with every alert change (a replay after a crash must
+                # not raise an episode again) and otherwise at most every CURSOR_EVERY_S:
+                # replayed readings only count again from zero.
+                mono = time.monotonic()
+                if p.cursor is not None and p.cursor != self._stored and (
+                        res.raised or res.cleared or mono >= self._stored_at + CURSOR_EVERY_S):
+                    alerts.set_cursor(conn, CURSOR, p.cursor)
+                    self._stored, self._stored_at = p.cursor, mono
         except BaseException:
-            self.open = None  # rolled back: read the open alerts and the cursor again
+            self.open = None
             self.cursor = None
             raise
         return res
 
-    def _tick(self, conn: sqlite3.Connection, res: TickResult, now: float, scan: bool) -> None:
-        with db.transaction(conn):
-            if self.cursor is None:
-                stored = self._stored = alerts.get_cursor(conn, CURSOR)
-                self.cursor = readings.last_run_id(conn) if stored is None else stored
-            if self.open is None or scan:
-                self.open = {(a.rule, a.subject) for a in alerts.open_alerts(conn)}
-            if self._rules("readings"):
-                runs = readings.runs_after(conn, self.cursor, RUNS_PER_TICK)
-                if runs:
-                    self._readings(conn, res, runs, now)
-                    self.cursor = runs[-1][0]
-            else:  # nothing to evaluate them with: skip them
-                self.cursor = readings.last_run_id(conn)
-            if scan:
-                self._scan(conn, res, now)
-                alerts.prune(conn)
-            # The cursor is stored with every alert change (a replay after a crash must not
-            # raise an episode again) and otherwise at most every CURSOR_EVERY_S: replayed
-            # readings only count again from zero.
-            mono = time.monotonic()
-            if self.cursor != self._stored and (res.raised or res.cleared
-                                                or mono >= self._stored_at + CURSOR_EVERY_S):
-                alerts.set_cursor(conn, CURSOR, self.cursor)
-                self._stored, self._stored_at = self.cursor, mono
+    def _evaluate(self, conn: sqlite3.Connection, res: TickResult, now: float,
+                  scan: bool) -> None:
+        if self.cursor is None:
+            stored = self._stored = alerts.get_cursor(conn, CURSOR)
+            self.cursor = readings.last_run_id(conn) if stored is None else stored
+        if self.open is None or scan:
+            self.open = {(a.rule, a.subject) for a in alerts.open_alerts(conn)}
+        if self._rules("readings"):
+            runs = readings.runs_after(conn, self.cursor, RUNS_PER_TICK)
+            if runs:
+                self._readings(conn, res, runs, now)
+                self.cursor = runs[-1][0]
+        else:  # nothing to evaluate them with: skip them
+            self.cursor = readings.last_run_id(conn)
+        if scan:
+            self._scan(conn, res, now)
 
     def _rules(self, on: str) -> list[Rule]:
         return [r for r in self.ruleset.rules if r.cond.on == on]
@@ -634,9 +685,9 @@ class Engine:
         return forecast_days([times[k] for k in order], [mv[k] for k in order], rule.empty_mv)
 
     # ---- periodic conditions
-    def devices(self, conn: sqlite3.Connection) -> list[registry.Device]:
+    def devices(self, conn: sqlite3.Connection) -> list[registry.Schedule]:
         if self._devices is None:
-            self._devices = registry.list_devices(conn)
+            self._devices = registry.schedules(conn)
         return self._devices
 
     def _scan(self, conn: sqlite3.Connection, res: TickResult, now: float) -> None:
@@ -712,20 +763,11 @@ class Engine:
             return
         text = rule.message.format(device=device or "", value=value, rule=rule.name,
                                    detail=message) if rule.message else message
-        a = alerts.raise_alert(conn, rule=rule.name, kind=rule.condition, subject=subject,
-                               device=device, severity=rule.severity, message=text,
-                               value=None if value is None or not math.isfinite(value)
-                               else value, now=now)
         if self.open is not None:
             self.open.add((rule.name, subject))
-        if a is None:
-            return
-        res.raised.append(a)
-        log.warning("alert %s raised for %s: %s", rule.name, subject, text,
-                    extra={"device_id": device} if device else None)
-        self._upstream(conn, res, a, "raised", now)
-        if rule.action is not None and device is not None:
-            self._act(conn, res, rule, rule.action, device, now)
+        self._intents.append(Intent(True, rule, subject, device,
+                                    None if value is None or not math.isfinite(value) else value,
+                                    text))
 
     def _clear(self, conn: sqlite3.Connection, res: TickResult, rule: Rule, subject: str,
                message: str, now: float) -> None:
@@ -733,11 +775,31 @@ class Engine:
             if (rule.name, subject) not in self.open:
                 return
             self.open.discard((rule.name, subject))
-        a = alerts.clear_alert(conn, rule.name, subject, message=message, now=now)
+        self._intents.append(Intent(False, rule, subject, None, None, message))
+
+    def _do_raise(self, conn: sqlite3.Connection, res: TickResult, it: Intent,
+                  now: float) -> None:
+        rule = it.rule
+        a = alerts.raise_alert(conn, rule=rule.name, kind=rule.condition, subject=it.subject,
+                               device=it.device, severity=rule.severity, message=it.message,
+                               value=it.value, now=now)
+        if a is None:
+            return
+        res.raised.append(a)
+        log.warning("alert %s raised for %s: %s", rule.name, it.subject, it.message,
+                    extra={"device_id": it.device} if it.device else None)
+        self._upstream(conn, res, a, "raised", now)
+        if rule.action is not None and it.device is not None:
+            self._act(conn, res, rule, rule.action, it.device, now)
+
+    def _do_clear(self, conn: sqlite3.Connection, res: TickResult, it: Intent,
+                  now: float) -> None:
+        rule = it.rule
+        a = alerts.clear_alert(conn, rule.name, it.subject, message=it.message, now=now)
         if a is None:
             return
         res.cleared.append(a)
-        log.info("alert %s cleared for %s: %s", rule.name, subject, message,
+        log.info("alert %s cleared for %s: %s", rule.name, it.subject, it.message,
                  extra={"device_id": a.device} if a.device else None)
         self._upstream(conn, res, a, "cleared", now)
         if rule.clear_action is not None and a.device is not None:
@@ -797,7 +859,8 @@ class Engine:
 # ------------------------------------------------------------------ the supervised task
 
 class Rules:
-    """The rules task: loads the file, evaluates on the writer thread every interval,
+    """The rules task: loads the file, evaluates every interval on a read-only connection
+    of its own (off the writer thread), writes what changed on the writer thread, and
     reloads on `request_reload()` (SIGHUP) or when the file's mtime changes."""
 
     def __init__(self, cfg: GatewayConfig, conn: sqlite3.Connection, writer: db.Writer, *,
@@ -850,15 +913,22 @@ class Rules:
     async def run(self) -> None:
         rc = self.cfg.rules
         next_scan = 0.0
-        while True:
-            if self._reload or self._stat() != self._mtime:
-                await self.load()
-            mono = time.monotonic()
-            scan = mono >= next_scan
-            if scan:
-                next_scan = mono + rc.scan_interval_s
-            res = await self.writer.run(
-                functools.partial(self.engine.tick, self.conn, time.time(), scan=scan))
-            self.evaluated = self.engine.cursor or 0
-            self._delivered(res)
-            await asyncio.sleep(rc.interval_s)
+        reader = db.connect(self.cfg.db_path, readonly=True)
+        try:
+            while True:
+                if self._reload or self._stat() != self._mtime:
+                    await self.load()
+                mono = time.monotonic()
+                scan = mono >= next_scan
+                if scan:
+                    next_scan = mono + rc.scan_interval_s
+                now = time.time()
+                pending = await asyncio.to_thread(
+                    functools.partial(self.engine.evaluate, reader, now, scan=scan))
+                if self.engine.needs_apply(pending):
+                    res = await self.writer.run(self.engine.apply, self.conn, pending, now)
+                    self._delivered(res)
+                self.evaluated = pending.cursor or 0
+                await asyncio.sleep(rc.interval_s)
+        finally:
+            reader.close()

@@ -26,7 +26,11 @@ _STEPS: Final = (
         problem INTEGER NOT NULL DEFAULT 0,
         updated_at REAL NOT NULL
     ) WITHOUT ROWID;
-    CREATE TABLE hass_cursors (name TEXT PRIMARY KEY, value REAL NOT NULL) WITHOUT ROWID;
+    CREATE TABLE hass_cursors (
+        name TEXT PRIMARY KEY,
+        value REAL NOT NULL,
+        text TEXT NOT NULL DEFAULT ''
+    ) WITHOUT ROWID;
     """,
 )
 
@@ -75,11 +79,11 @@ def forget(conn: sqlite3.Connection, device: str) -> None:
     conn.execute("DELETE FROM hass_devices WHERE device=?", (device,))
 
 
-def get_cursor(conn: sqlite3.Connection, name: str) -> float | None:
-    row = conn.execute("SELECT value FROM hass_cursors WHERE name=?", (name,)).fetchone()
-    return None if row is None else float(row[0])
+def get_cursor(conn: sqlite3.Connection, name: str) -> tuple[float, str] | None:
+    row = conn.execute("SELECT value, text FROM hass_cursors WHERE name=?", (name,)).fetchone()
+    return None if row is None else (float(row[0]), str(row[1]))
 
 
-def set_cursor(conn: sqlite3.Connection, name: str, value: float) -> None:
-    conn.execute("INSERT INTO hass_cursors(name, value) VALUES (?, ?) ON CONFLICT(name) "
-                 "DO UPDATE SET value=excluded.value", (name, value))
+def set_cursor(conn: sqlite3.Connection, name: str, value: float, text: str = "") -> None:
+    conn.execute("INSERT INTO hass_cursors(name, value, text) VALUES (?, ?, ?) ON CONFLICT(name) "
+                 "DO UPDATE SET value=excluded.value, text=excluded.text", (name, value, text))
