@@ -15,6 +15,7 @@ are kept.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fnmatch
 import functools
 import logging
@@ -914,6 +915,10 @@ class Rules:
         rc = self.cfg.rules
         next_scan = 0.0
         reader = db.connect(self.cfg.db_path, readonly=True)
+        # One thread of its own for the reader: a cancelled evaluation runs to its end
+        # there, and the connection is closed after it, on the same thread.
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rules")
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 if self._reload or self._stat() != self._mtime:
@@ -923,12 +928,13 @@ class Rules:
                 if scan:
                     next_scan = mono + rc.scan_interval_s
                 now = time.time()
-                pending = await asyncio.to_thread(
-                    functools.partial(self.engine.evaluate, reader, now, scan=scan))
+                pending = await loop.run_in_executor(
+                    pool, functools.partial(self.engine.evaluate, reader, now, scan=scan))
                 if self.engine.needs_apply(pending):
                     res = await self.writer.run(self.engine.apply, self.conn, pending, now)
                     self._delivered(res)
                 self.evaluated = pending.cursor or 0
                 await asyncio.sleep(rc.interval_s)
         finally:
-            reader.close()
+            pool.submit(reader.close)
+            pool.shutdown(wait=False)
