@@ -491,3 +491,27 @@ def test_alerts_in_the_api_and_on_the_fleet_page(tmp_path: Path) -> None:
             assert "/api/v1/alerts" in spec["paths"]
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+@aio
+async def test_an_open_alert_survives_a_restart_and_is_not_raised_again(
+        broker: RunningBroker, tmp_path: Path) -> None:
+    pki = provision(broker, tmp_path, "gh-1", "gh-2")
+    cfg = config(broker, tmp_path)
+    path = cfg.db_path
+    async with Node(broker, pki, "gh-1") as n1:
+        s = Sender(n1)
+        async with running(cfg) as svc:
+            await s.burst([36.0, 36.0, 36.0])
+            await evaluated(svc)
+            assert [a.open for a in history(path)] == [True]
+        # A new process: the readings after the stored cursor are evaluated again, the
+        # open alert is known, nothing is raised or queued twice.
+        async with running(cfg) as svc:
+            await s.burst([37.0, 37.0, 37.0, 37.0])
+            await evaluated(svc)
+            assert [a.open for a in history(path)] == [True]
+            assert len(items(path, "gh-1")) == 1 and len(items(path, "gh-2")) == 1
+            await s.burst([30.0])
+            await evaluated(svc)
+            assert [a.open for a in history(path)] == [False]
