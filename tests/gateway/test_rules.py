@@ -515,3 +515,63 @@ async def test_an_open_alert_survives_a_restart_and_is_not_raised_again(
             await s.burst([30.0])
             await evaluated(svc)
             assert [a.open for a in history(path)] == [False]
+
+
+# ---------------------------------------------------------------- fleet conditions
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, bytes]:
+    """A real sim firmware image, signed (as tests.gateway.test_ota_campaign makes it)."""
+    from tools.fw import image, keys
+
+    root = tmp_path_factory.mktemp("img")
+    kp = keys.keygen(root / "keys")
+    img = root / "v2"
+    image.build_image("sim", 2, img)
+    image.sign_image(img, keys.load_private(kp.private))
+    return img, kp.public, keys.load_public(kp.public)
+
+
+def test_campaign_abort_is_told_once_and_credential_expiry_clears_on_renewal(
+        tmp_path: Path, signed: tuple[Path, Path, bytes]) -> None:
+    from gateway import ota
+    from gateway.pipeline.rules import Engine
+    from tests.gateway.test_ota_campaign import T0 as OTA_T0
+    from tests.gateway.test_ota_campaign import campaign, status
+
+    conn = db.open_db(tmp_path / "gateway.db")
+    for i in range(4):
+        registry.add(conn, f"s{i}", "sensor", now=OTA_T0)
+    days = {"server": 400.0, "crl": 20.0, "devices_expiring": 3}
+    rs = parse_rules(tomllib.loads(textwrap.dedent("""
+        [[rule]]
+        name = "ota"
+        condition = "campaign_aborted"
+        [[rule]]
+        name = "certs"
+        condition = "credential_expiry"
+        days = 14
+    """)))
+    eng = Engine(rs, credentials=lambda: days)
+    now = OTA_T0 + 20
+    assert eng.tick(conn, now, scan=True).raised == []
+    cid = campaign(conn, signed, ["s0", "s1", "s2", "s3"], rate=3, abort_threshold=30)
+    status(conn, "s1", 2, proto.OtaState.TRIAL, 60)
+    status(conn, "s0", 2, proto.OtaState.REFUSED, reason=proto.OtaReason.DOWNGRADE)
+    assert ota.get_campaign(conn, cid).status == ota.ABORTED
+    [a] = eng.tick(conn, now, scan=True).raised
+    assert (a.subject, a.device) == (f"campaign:{cid}", None)
+    assert a.message.startswith(f"OTA campaign {cid} (version 2) aborted: ")
+    assert eng.tick(conn, now, scan=True).raised == []
+    with db.transaction(conn):
+        assert alerts.operator_clear(conn, a.id, now=now) is not None
+    assert eng.tick(conn, now + 1, scan=True).raised == []  # an abort is told once
+    # The CRL has 13.5 days left: raised; renewed to 30: cleared.
+    days["crl"] = 13.5
+    [c] = eng.tick(conn, now, scan=True).raised
+    assert (c.subject, c.value) == ("credential:crl", 13.5)
+    assert eng.tick(conn, now, scan=True).raised == []
+    days["crl"] = 30.0
+    [done] = eng.tick(conn, now, scan=True).cleared
+    assert done.subject == "credential:crl" and done.clear_message == "30 days left"
+    conn.close()
