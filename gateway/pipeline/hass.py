@@ -43,7 +43,6 @@ CURSOR_RUNS: Final = "runs"
 # expire_after is the send interval times this plus the grace: a little room for a node
 # whose wake drifts late, and a config republished only when the interval really grows.
 HEADROOM: Final = 1.1
-RUNS_PER_TICK: Final = 1000
 DEVICES_PER_TICK: Final = 200  # woken devices announced per tick (a fleet's first start)
 MANUFACTURER: Final = "Torpor"
 ORIGIN: Final = {"name": "Torpor gateway"}
@@ -283,7 +282,8 @@ class HassPublisher:
         if heard and heard[-1].last_hello_at is not None:
             self.hello_cursor = (heard[-1].last_hello_at, heard[-1].id)
         new_schemas: dict[str, set[int]] = {}
-        runs = readings.runs_after(conn, self.run_cursor, RUNS_PER_TICK)
+        # Only each device's newest run: a state shows the newest values.
+        hi, runs = readings.latest_runs_after(conn, self.run_cursor)
         for _rowid, device, schema, cols in runs:
             info = proto.SCHEMAS.get(schema)
             if info is None or not cols[0]:
@@ -296,8 +296,8 @@ class HassPublisher:
             new_schemas.setdefault(device, set()).add(schema)
             touched.setdefault(device, False)
         # Stored only when they move: an unchanged write still costs the commit an fsync.
-        if runs:
-            self.run_cursor = runs[-1][0]
+        if hi != self.run_cursor:
+            self.run_cursor = hi
             store.set_cursor(conn, CURSOR_RUNS, self.run_cursor)
         if heard:
             store.set_cursor(conn, CURSOR_HELLO, *self.hello_cursor)
