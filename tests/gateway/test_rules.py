@@ -575,3 +575,25 @@ def test_campaign_abort_is_told_once_and_credential_expiry_clears_on_renewal(
     [done] = eng.tick(conn, now, scan=True).cleared
     assert done.subject == "credential:crl" and done.clear_message == "30 days left"
     conn.close()
+
+
+def test_the_rules_file_is_backed_up_and_restored_beside_the_configuration(
+        tmp_path: Path) -> None:
+    from gateway import config as gwconfig
+    from gateway.ops import backup
+    from tests.fixtures.broker import make_pki
+
+    site = tmp_path / "site"
+    site.mkdir()
+    make_pki(site / "pki")
+    (site / "my-rules.toml").write_text(RULES)
+    (site / "gateway.toml").write_text('[gateway]\ndata_dir = "data"\n\n[broker]\n'
+                                       'pki_dir = "pki"\n\n[rules]\nfile = "my-rules.toml"\n')
+    cfg = gwconfig.load_config(site / "gateway.toml")
+    db.open_db(cfg.db_path).close()
+    archive = backup.backup(cfg, tmp_path / "b.tar.gz").path
+    restored = backup.restore(archive, tmp_path / "restored")
+    new = gwconfig.load_config(restored.config)
+    assert new.rules_path == tmp_path / "restored" / "rules.toml"
+    assert new.rules_path.read_text() == RULES
+    assert len(load_rules(new.rules_path).rules) == 5
