@@ -48,6 +48,7 @@ STORE_MODULES: tuple[str, ...] = (
     "gateway.downlink",
     "gateway.ota",
     "gateway.store.alerts",
+    "gateway.store.groups",
     "gateway.store.hass",
 )
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from gateway import deadletter, downlink, proto, readings, registry
 from gateway import queue as q
-from gateway.store import alerts
+from gateway.store import alerts, groups
 
 SPARK_POINTS = 24  # battery readings behind a fleet row's sparkline
 MAX_CHART_POINTS = 600  # a chart's series are averaged down to this many points
@@ -36,6 +36,7 @@ class FleetRow:
     fw_version: int | None
     ota_state: str | None
     alerts: int = 0  # open alerts (gateway.pipeline.rules)
+    group: str | None = None  # the device's group (gateway.store.groups)
 
     def as_dict(self) -> dict[str, Any]:
         d = {name: getattr(self, name) for name in self.__slots__}
@@ -96,6 +97,7 @@ def _row(conn: sqlite3.Connection, dev: registry.Device, now: float,
         battery=_battery_points(readings.fetch(conn, dev.id, SPARK_POINTS)),
         queued=len(q.pending(conn, dev.id)), fw_version=dev.fw_version, ota_state=dev.ota_state,
         alerts=(alerts.open_devices(conn) if open_alerts is None else open_alerts).get(dev.id, 0),
+        group=groups.group_of(conn, dev.id),
     )
 
 

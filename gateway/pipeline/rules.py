@@ -36,6 +36,7 @@ from gateway.config import GatewayConfig, UpstreamConfig
 from gateway.downlink import missed_wakes
 from gateway.errors import ConfigError
 from gateway.store import alerts
+from gateway.store import groups as device_groups
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +188,9 @@ def _string(w: _Where, path: str, v: Any) -> str:
     return v
 
 
-def _globs(w: _Where, path: str, v: Any) -> tuple[str, ...]:
+def _globs(w: _Where, path: str, v: Any, *, empty: bool = False) -> tuple[str, ...]:
     items = [v] if isinstance(v, str) else v
-    if not isinstance(items, list) or not items or not all(
+    if not isinstance(items, list) or not (items or empty) or not all(
             isinstance(g, str) and g for g in items):
         raise w.error(path, f"expected a device id glob or a list of them, got {v!r}")
     return tuple(items)
@@ -260,7 +261,8 @@ def parse_rules(data: Mapping[str, Any], source: str = "rules.toml") -> RuleSet:
     for gname, globs in raw_groups.items():
         if not _NAME.fullmatch(gname):
             raise w.error(f"groups.{gname}", "a group name is 1 to 64 of A-Z a-z 0-9 _ . -")
-        groups[gname] = _globs(w, f"groups.{gname}", globs)
+        # [] : the devices given this group's name only (`torpor device group`)
+        groups[gname] = _globs(w, f"groups.{gname}", globs, empty=True)
     raw_rules = data.get("rule", [])
     if not isinstance(raw_rules, list):
         raise w.error("rule", "expected [[rule]] tables")
@@ -487,6 +489,7 @@ class Engine:
         self.counts: dict[tuple[str, str], _Count] = {}
         self.cursor: int | None = None
         self._devices: list[registry.Schedule] | None = None
+        self._attr: dict[str, str] | None = None  # device -> its group name
         # (rule, subject) of the open alerts, so that a reading on the quiet side of a
         # threshold costs no query; read again from the table at every scan (the
         # operator may clear alerts from another process).
@@ -525,6 +528,7 @@ class Engine:
         res = TickResult()
         try:
             with db.transaction(conn, immediate=False):  # one snapshot
+                self._attr = device_groups.all_groups(conn)
                 self._evaluate(conn, res, now, scan)
         except BaseException:
             self.open = None  # read the open alerts and the cursor again
@@ -543,6 +547,7 @@ class Engine:
         self._devices = None
         try:
             with db.transaction(conn):
+                self._attr = device_groups.all_groups(conn) if p.intents else self._attr
                 for it in p.intents:
                     if it.raise_:
                         self._do_raise(conn, res, it, now)
@@ -587,9 +592,13 @@ class Engine:
     def applies(self, rule: Rule, device: str) -> bool:
         if rule.devices and not any(fnmatch.fnmatchcase(device, g) for g in rule.devices):
             return False
-        if rule.group is not None:
-            return any(fnmatch.fnmatchcase(device, g) for g in self.ruleset.groups[rule.group])
-        return True
+        return rule.group is None or self.in_group(rule.group, device)
+
+    def in_group(self, group: str, device: str) -> bool:
+        """Given the group's name (`torpor device group`), or matching one of its globs."""
+        if self._attr is not None and self._attr.get(device) == group:
+            return True
+        return any(fnmatch.fnmatchcase(device, g) for g in self.ruleset.groups.get(group, ()))
 
     def _readings(self, conn: sqlite3.Connection, res: TickResult,
                   runs: list[tuple[int, str, int, list[tuple[int, ...]]]], now: float) -> None:
@@ -822,9 +831,8 @@ class Engine:
         res.queued += ob.enqueue_queued(conn, [item])
 
     def group_members(self, conn: sqlite3.Connection, group: str) -> list[str]:
-        globs = self.ruleset.groups.get(group, ())
         return [d.id for d in self.devices(conn) if d.status in registry.SERVED
-                and any(fnmatch.fnmatchcase(d.id, g) for g in globs)]
+                and self.in_group(group, d.id)]
 
     def _act(self, conn: sqlite3.Connection, res: TickResult, rule: Rule, action: Action,
              device: str, now: float) -> None:

@@ -24,6 +24,7 @@ from gateway import readings, registry
 from gateway.config import WebConfig
 from gateway.ops import actions, fleet
 from gateway.ops import alerts as oalerts
+from gateway.ops import groups as ogroups
 from gateway.ops import health as ohealth
 from gateway.web import auth, openapi, pages
 
@@ -535,6 +536,19 @@ async def api_health(request: web.Request) -> web.Response:
     return _json(h.as_dict())
 
 
+async def api_group(request: web.Request) -> web.Response:
+    doc = await _body(request)
+    unknown = set(doc) - {"group"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise BadRequest(f"{name}: unknown field (known: group)", name)
+    if "group" not in doc or not (doc["group"] is None or isinstance(doc["group"], str)):
+        raise BadRequest("group: required, a group name or null", "group")
+    done = await _state(request).db(ogroups.set_group, request.match_info["device"],
+                                    doc["group"])
+    return _json({"device": done.device, "group": done.group})
+
+
 async def api_alerts(request: web.Request) -> web.Response:
     state = request.query.get("state") or None
     if state is not None and state not in oalerts.STATES:
@@ -611,6 +625,7 @@ def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False) -> 
     r.add_post("/api/v1/devices/{device}/config", api_config)
     r.add_delete("/api/v1/devices/{device}/commands/{command_id}", api_cancel)
     r.add_post("/api/v1/devices/{device}/release", api_release)
+    r.add_put("/api/v1/devices/{device}/group", api_group)
     r.add_get("/api/v1/deadletters", api_deadletters)
     r.add_get("/api/v1/health", api_health)
     r.add_get("/api/v1/alerts", api_alerts)

@@ -82,6 +82,13 @@ DOCUMENT: dict[str, Any] = {
             "parameters": [{"name": "device", "in": "query", "schema": {"type": "string"}},
                            {"name": "limit", "in": "query", "schema": {"type": "integer"}}],
             "responses": {"200": _ok("letters")}}},
+        "/api/v1/devices/{device}/group": {"put": {
+            "summary": "Put the device in a group of the edge rules (null: in none)",
+            "parameters": [_DEVICE],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["group"], "properties": {
+                    "group": {"type": "string", "nullable": True}}}}}},
+            "responses": {"200": _ok("the device and its group"), "400": _ERROR}}},
         "/api/v1/alerts": {"get": {
             "summary": "Alerts raised by the edge rules, newest first (docs/rules.md)",
             "parameters": [

@@ -489,6 +489,14 @@ def test_alerts_in_the_api_and_on_the_fleet_page(tmp_path: Path) -> None:
             assert doc["open"] == 1 and doc["total"] == 2
             spec = await (await c.get("/api/v1/openapi.json")).json()
             assert "/api/v1/alerts" in spec["paths"]
+            r = await c.put(f"/api/v1/devices/{dev}/group", json={"group": "cellar"},
+                            headers=headers)
+            assert r.status == 200 and await r.json() == {"device": dev, "group": "cellar"}
+            r = await c.put(f"/api/v1/devices/{dev}/group", json={"group": "a b"},
+                            headers=headers)
+            assert r.status == 400 and (await r.json())["field"] == "group"
+            row = (await (await c.get(f"/api/v1/devices/{dev}")).json())["summary"]
+            assert row["group"] == "cellar" and row["alerts"] == 0
 
     asyncio.run(asyncio.wait_for(body(), 60))
 
@@ -597,3 +605,59 @@ def test_the_rules_file_is_backed_up_and_restored_beside_the_configuration(
     assert new.rules_path == tmp_path / "restored" / "rules.toml"
     assert new.rules_path.read_text() == RULES
     assert len(load_rules(new.rules_path).rules) == 5
+
+
+# ---------------------------------------------------------------- groups and the CLI
+
+def _torpor(*args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+
+
+def test_a_group_holds_its_globs_and_the_devices_given_its_name(tmp_path: Path) -> None:
+    from gateway.pipeline.rules import Engine
+
+    cfg_path = tmp_path / "gateway.toml"
+    cfg_path.write_text('[gateway]\ndata_dir = "data"\n')
+    (tmp_path / "rules.toml").write_text(textwrap.dedent("""
+        [groups]
+        greenhouse = ["gh-*"]
+        cellar = []
+
+        [[rule]]
+        name = "cellar-damp"
+        condition = "threshold"
+        group = "cellar"
+        measurement = "humidity"
+        above = 80
+        action = { config = { sample_interval_s = 120 }, target = "group" }
+    """))
+    conn = db.open_db(tmp_path / "data" / "gateway.db")
+    for d in ("gh-1", "c-1", "c-2", "other"):
+        registry.add(conn, d)
+    conn.close()
+    cfg = ["--config", str(cfg_path)]
+    assert _torpor("device", "group", "c-1", "cellar", *cfg).stdout == "c-1: cellar\n"
+    bad = _torpor("device", "group", "c-2", "no good", *cfg)
+    assert bad.returncode == 2 and "invalid group name 'no good'" in bad.stderr
+    check = _torpor("gateway", "rules", "check", *cfg)
+    assert check.returncode == 0 and "1 rules valid; groups: greenhouse, cellar" in check.stdout
+    conn = db.open_db(tmp_path / "data" / "gateway.db")
+    from gateway.ops.groups import set_group
+
+    set_group(conn, "c-2", "cellar")  # what the API's PUT .../group does
+    rs = load_rules(tmp_path / "rules.toml")
+    eng = Engine(rs)
+    eng.tick(conn, T0, scan=True)  # the cursor starts here
+    humid = proto.Series((T0,), ((2000,), (9000,), (3300,)))  # 90 %RH
+    readings.commit_bursts(conn, [(d, proto.Burst(1, proto.SCHEMA_ENV3, 0, humid))
+                                  for d in ("c-1", "gh-1", "other")], now=T0)
+    res = eng.tick(conn, T0 + 1, scan=False)
+    assert [a.device for a in res.raised] == ["c-1"] and res.commands == 2
+    assert [i.what for i in q.pending(conn, "c-2")] == [i.what for i in q.pending(conn, "c-1")]
+    assert q.pending(conn, "other") == [] and q.pending(conn, "gh-1") == []
+    conn.close()
+    out = _torpor("gateway", "alerts", *cfg)
+    assert out.returncode == 0 and "cellar-damp c-1: humidity 90 above 80" in out.stdout
