@@ -44,6 +44,8 @@ UPSTREAM_KIND: Final = "alert"  # the upstream event kind (formats.event_item)
 CURSOR: Final = "rules"
 RUNS_PER_TICK: Final = 5000  # reading runs evaluated per tick at most; the rest next tick
 CURSOR_EVERY_S: Final = 10.0
+FORECAST_EVERY_S: Final = 3600  # of reading time
+FORECASTS_MAX: Final = 100_000
 SEVERITIES: Final = ("info", "warning", "critical")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -497,6 +499,7 @@ class Engine:
         self._stored: int | None = None  # the cursor as last stored
         self._stored_at = 0.0
         self._intents: list[Intent] = []
+        self._forecasts: dict[tuple[str, str], tuple[int, float | None]] = {}
 
     # ---- rule sets
     def replace(self, conn: sqlite3.Connection, ruleset: RuleSet, now: float) -> TickResult:
@@ -506,6 +509,7 @@ class Engine:
         new = {r.name: r for r in ruleset.rules}
         self.ruleset = ruleset
         self.counts = {k: v for k, v in self.counts.items() if old.get(k[0]) == new.get(k[0])}
+        self._forecasts.clear()
         self._intents = []
         for a in alerts.open_alerts(conn):
             if a.rule not in new and a.rule in old:
@@ -678,6 +682,19 @@ class Engine:
 
     def _forecast(self, conn: sqlite3.Connection, rule: Rule, device: str,
                   t_last: int) -> float | None:
+        # A trend over days moves little in an hour: fitted at most hourly per device.
+        key = (rule.name, device)
+        cached = self._forecasts.get(key)
+        if cached is not None and 0 <= t_last - cached[0] < FORECAST_EVERY_S:
+            return cached[1]
+        days = self._fit(conn, rule, device, t_last)
+        if len(self._forecasts) >= FORECASTS_MAX:
+            self._forecasts.clear()
+        self._forecasts[key] = (t_last, days)
+        return days
+
+    def _fit(self, conn: sqlite3.Connection, rule: Rule, device: str,
+             t_last: int) -> float | None:
         since = t_last - rule.window_days * 86400.0
         times: list[float] = []
         mv: list[float] = []
