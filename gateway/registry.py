@@ -312,11 +312,26 @@ class Schedule:
     next_listen_s: int | None
 
 
-def schedules(conn: sqlite3.Connection) -> list[Schedule]:
-    """Every device's status and announced schedule, by id (cheaper than list_devices)."""
-    return [Schedule(*r) for r in conn.execute(
-        "SELECT id, status, status_reason, last_hello_at, next_wake_s, next_listen_s "
-        "FROM devices ORDER BY id")]
+def schedules(conn: sqlite3.Connection, *, statuses: Iterable[str] | None = None,
+              late_at: float | None = None) -> list[Schedule]:
+    """Devices' status and announced schedule, by id (cheaper than list_devices): every
+    device, or those in `statuses`, or (`late_at`) those whose announced next connection
+    (next_listen_s, else next_wake_s, after the last HELLO) is before `late_at`."""
+    sql = ("SELECT id, status, status_reason, last_hello_at, next_wake_s, next_listen_s "
+           "FROM devices")
+    where: list[str] = []
+    params: list[Any] = []
+    if statuses is not None:
+        wanted = list(statuses)
+        where.append(f"status IN ({', '.join('?' * len(wanted))})")
+        params += wanted
+    if late_at is not None:
+        where.append("last_hello_at + coalesce(nullif(next_listen_s, 0), next_wake_s) < ? "
+                     "AND coalesce(nullif(next_listen_s, 0), next_wake_s) > 0")
+        params.append(late_at)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return [Schedule(*r) for r in conn.execute(sql + " ORDER BY id", params)]
 
 
 def page(conn: sqlite3.Connection, *, status: str | None = None, text: str = "",

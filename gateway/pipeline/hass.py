@@ -375,19 +375,23 @@ class HassPublisher:
         return {m.name: v * m.scale for m, v in zip(info[1], raw, strict=False)}
 
     def _scan(self, conn: sqlite3.Connection, now: float, out: list[ob.OutboxItem]) -> None:
-        """Missed wakes turn a device offline; revoked and decommissioned devices (and
-        any no longer registered) lose their discovery."""
+        """Missed wakes turn a device offline; revoked and decommissioned devices lose
+        their discovery."""
         assert self.known is not None
         if not self.known:
             return
-        devices = {d.id: d for d in registry.schedules(conn)}
-        for device, a in list(self.known.items()):
-            d = devices.get(device)
-            if d is None or d.status in (registry.REVOKED, registry.DECOMMISSIONED):
+        # Only the devices that concern a scan are read: those refused for good, and
+        # those whose announced wake (plus the grace) has gone by.
+        for d in registry.schedules(conn, statuses=(registry.REVOKED, registry.DECOMMISSIONED)):
+            a = self.known.get(d.id)
+            if a is not None:
                 self._remove(conn, a, now, out)
-                continue
+        for d in registry.schedules(conn, statuses=(*registry.SERVED, registry.QUARANTINED),
+                                    late_at=now - self.grace_s):
+            device = d.id
+            a = self.known.get(device)
             interval = d.next_listen_s or d.next_wake_s
-            if not a.online or not interval or d.last_hello_at is None:
+            if a is None or not a.online or not interval or d.last_hello_at is None:
                 continue
             if missed_wakes(d.last_hello_at + interval, interval, now, self.grace_s) >= 1:
                 log.info("%s missed its wake: offline in Home Assistant", device,
