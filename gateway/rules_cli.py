@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config as gwconfig
-from gateway import db
 from gateway.errors import GatewayError
 
 Config = Callable[[argparse.Namespace], gwconfig.GatewayConfig]
@@ -52,18 +51,13 @@ def _fail(message: str) -> int:
 
 def _group(args: argparse.Namespace, load: Config) -> int:
     from gateway.ops import groups as ogroups
-    from gateway.store import groups
 
     try:
         cfg = load(args)
-        conn = db.open_db(cfg.db_path)
-        try:
-            if args.group is None and not args.clear:
-                print(groups.group_of(conn, args.device_id) or "-")
-                return 0
-            done = ogroups.set_group(conn, args.device_id, None if args.clear else args.group)
-        finally:
-            conn.close()
+        if args.group is None and not args.clear:
+            print(ogroups.show(cfg, args.device_id) or "-")
+            return 0
+        done = ogroups.assign(cfg, args.device_id, None if args.clear else args.group)
     except GatewayError as exc:
         return _fail(str(exc))
     print(f"{done.device}: {done.group or 'in no group'}")
@@ -71,7 +65,7 @@ def _group(args: argparse.Namespace, load: Config) -> int:
 
 
 def _check(args: argparse.Namespace, load: Config) -> int:
-    from gateway.pipeline.rules import RulesError, load_rules
+    from gateway.service import check_rules  # the commands start the service, or ask it
 
     try:
         path = Path(args.file) if args.file else load(args).rules_path
@@ -79,8 +73,8 @@ def _check(args: argparse.Namespace, load: Config) -> int:
             return _fail("no rules file: name one")
         if not path.exists():
             return _fail(f"{path}: no such file (the gateway runs with no rules)")
-        rs = load_rules(path)
-    except (RulesError, GatewayError) as exc:
+        rs = check_rules(path)
+    except GatewayError as exc:
         return _fail(str(exc))
     groups = ", ".join(rs.groups) or "none"
     print(f"{path}: {len(rs.rules)} rules valid; groups: {groups}")
@@ -93,13 +87,8 @@ def _alerts(args: argparse.Namespace, load: Config) -> int:
     from gateway.ops import alerts as oalerts
 
     try:
-        cfg = load(args)
-        conn = db.open_db(cfg.db_path)
-        try:
-            page = oalerts.alerts_page(conn, state=None if args.all else "open",
-                                       device=args.device, limit=max(1, args.limit))
-        finally:
-            conn.close()
+        page = oalerts.list_alerts(load(args), state=None if args.all else "open",
+                                   device=args.device, limit=max(1, args.limit))
     except GatewayError as exc:
         return _fail(str(exc))
     if args.json:

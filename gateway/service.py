@@ -489,6 +489,14 @@ def _log_status_failure(future: Any) -> None:
         log.warning("could not write the gateway status: %s", future.exception())
 
 
+def check_rules(path: Path) -> Any:
+    """`torpor gateway rules check`: the rules file validated as the running gateway loads
+    it (gateway.pipeline.rules.RuleSet; RulesError, a ConfigError, naming the key)."""
+    from gateway.pipeline.rules import load_rules
+
+    return load_rules(path)
+
+
 def run(cfg: GatewayConfig, *, on_hello: HelloHook = no_downlink) -> None:
     """Blocking entry point for `torpor gateway run`."""
     asyncio.run(Service(cfg, on_hello=on_hello).run())

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import db
+from gateway.config import GatewayConfig
 from gateway.store import alerts
 from gateway.store.alerts import Alert
 
@@ -51,3 +53,13 @@ def clear(conn: sqlite3.Connection, alert_id: int, *, now: float | None = None) 
 def open_counts(conn: sqlite3.Connection) -> dict[str, int]:
     """device id -> open alerts, for the fleet page."""
     return alerts.open_devices(conn)
+
+
+def list_alerts(cfg: GatewayConfig, *, state: str | None = "open", device: str | None = None,
+                limit: int = 50) -> AlertsPage:
+    """`torpor gateway alerts`: `alerts_page` on the configured gateway's database."""
+    conn = db.open_db(cfg.db_path)
+    try:
+        return alerts_page(conn, state=state, device=device, limit=limit)
+    finally:
+        conn.close()
