@@ -288,24 +288,24 @@ async def test_a_missed_wake_makes_the_node_unavailable_until_it_is_heard(
     live = Sub(upstream, "#")
     async with running(cfg), Node(broker, pki, "n2") as node:
         s = Sender(node)
-        await s.hello(next_wake_s=2)
+        await s.hello(next_wake_s=3)
         await s.burst([20.0])
         temp = "homeassistant/sensor/torpor_n2/temperature/config"
         cfgs = await settled(live, lambda r: r.get(avail) == "online" and temp in r)
         doc = check_discovery(temp, cfgs[temp])
-        assert doc["expire_after"] == 4  # ceil(2 s × 1.1 + 0.3 s grace + 0.8 s awake)
-        # Waking as announced (within every 2 s, a reading each time): never offline, a
+        assert doc["expire_after"] == 5  # ceil(3 s × 1.1 + 0.3 s grace + 0.8 s awake)
+        # Waking as announced (within every 3 s, a reading each time): never offline, a
         # state at every wake.
         for _ in range(3):
             await asyncio.sleep(0.8)
-            await s.hello(next_wake_s=2)
+            await s.hello(next_wake_s=3)
             await s.burst([20.5])
         await asyncio.sleep(0.3)
         assert [p for t, _r, p in list(live.lines) if t == avail] == ["online"]
         assert sum(t == "torpor/n2/hass/state" for t, _r, _p in list(live.lines)) >= 4
         t0 = time.monotonic()
         await settled(live, lambda r: r.get(avail) == "offline")
-        assert time.monotonic() - t0 >= 1.5  # not before the wake was due (2.3 s after)
+        assert time.monotonic() - t0 >= 2.0  # not before the wake was due (3.3 s after)
         await s.hello(next_wake_s=900)
         await settled(live, lambda r: r.get(avail) == "online")
         # The longer sleep is announced before its state: the config's expire_after grew.
