@@ -243,7 +243,8 @@ class Service:
             if cfg.upstream.enabled and cfg.hass.enabled:  # gateway.pipeline.hass
                 from gateway.pipeline.hass import HassPublisher
 
-                hass = HassPublisher(cfg, self.conn, writer, notify=self._notify_relay)
+                hass = HassPublisher(cfg, self.conn, writer, notify=self._notify_relay,
+                                     connects=lambda: self.relay.connects if self.relay else 0)
                 tasks["hass"] = asyncio.create_task(self._supervise("hass", hass.run))
             if (cfg.pki_dir / "ca.pem").exists():
                 tasks["lifetimes"] = asyncio.create_task(

@@ -17,6 +17,7 @@ upstream broker is away and goes out in order.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import json
 import logging
@@ -210,11 +211,18 @@ class HassPublisher:
     readings, missed wakes, alerts and decommissions into outbox items."""
 
     def __init__(self, cfg: GatewayConfig, conn: sqlite3.Connection, writer: db.Writer, *,
-                 notify: Callable[[list[ob.Queued]], None] | None = None) -> None:
+                 notify: Callable[[list[ob.Queued]], None] | None = None,
+                 connects: Callable[[], int] | None = None) -> None:
         self.cfg = cfg
         self.conn = conn
         self.writer = writer
         self.notify = notify
+        # The relay's connection count: each new connection to the upstream broker gets
+        # every config and availability again (a broker without persistence, or one
+        # restored from an old state, has lost the retained ones).
+        self.connects = connects
+        self._connects_seen = 0
+        self._again: collections.deque[str] = collections.deque()
         h = cfg.hass
         self.disc = Discovery(h.prefix, h.state_topic, cfg.mqtt.client_id)
         self.grace_s = h.grace_s if h.grace_s >= 0 else cfg.downlink.grace_s
@@ -265,6 +273,15 @@ class HassPublisher:
             topic, doc = self.disc.gateway_config()
             self._item(out, topic, doc, self.cfg.mqtt.client_id, now, retain=True)
             self.alerts_open = None
+        connects = self.connects() if self.connects is not None else 0
+        if connects != self._connects_seen:
+            self._connects_seen = connects
+            self._again = collections.deque(sorted(self.known))
+            topic, doc = self.disc.gateway_config()
+            self._item(out, topic, doc, self.cfg.mqtt.client_id, now, retain=True)
+            self.alerts_open = None
+        if self._again:
+            self._announce_again(conn, now, out)
         if self.hello_cursor is None:
             self.hello_cursor = store.get_cursor(conn, CURSOR_HELLO) or (0.0, "")
             if self.hello_cursor[0] > now + 3600:  # the clock went back: start over
@@ -350,11 +367,7 @@ class HassPublisher:
             self.known[d.id] = a
             store.save(conn, a)
         if heard and d.last_hello_at is not None:
-            interval = d.next_listen_s or d.next_wake_s
-            self._item(out, topics.seen, {
-                "last_seen": _iso(d.last_seen or d.last_hello_at),
-                "next_wake": _iso(d.last_hello_at + interval if interval else None),
-            }, d.id, now, retain=True)
+            self._seen(d, now, out)
         vals = self.values.get(d.id)
         if vals is None and a.schemas:
             vals = self.values[d.id] = self._latest(conn, d.id)
@@ -402,6 +415,34 @@ class HassPublisher:
                                     a.problem, now)
                 self.known[device] = a
                 store.save(conn, a)
+
+    def _announce_again(self, conn: sqlite3.Connection, now: float,
+                        out: list[ob.OutboxItem]) -> None:
+        """Republish what the upstream broker should retain, a chunk of devices a tick."""
+        assert self.known is not None
+        for _ in range(min(DEVICES_PER_TICK, len(self._again))):
+            device = self._again.popleft()
+            a = self.known.get(device)
+            d = registry.find(conn, device)
+            if a is None or d is None or not a.expire_after:
+                continue
+            for topic, doc in self.disc.configs(device, d.device_class, a.fw_version, a.schemas,
+                                                a.expire_after):
+                self._item(out, topic, doc, device, now, retain=True)
+            t = self.disc.topics(device)
+            self._item(out, t.availability, "online" if a.online else "offline", device, now,
+                       retain=True)
+            self._item(out, t.problem, "ON" if a.problem else "OFF", device, now, retain=True)
+            if d.last_hello_at is not None:
+                self._seen(d, now, out)
+
+    def _seen(self, d: registry.Device, now: float, out: list[ob.OutboxItem]) -> None:
+        assert d.last_hello_at is not None
+        interval = d.next_listen_s or d.next_wake_s
+        self._item(out, self.disc.topics(d.id).seen, {
+            "last_seen": _iso(d.last_seen or d.last_hello_at),
+            "next_wake": _iso(d.last_hello_at + interval if interval else None),
+        }, d.id, now, retain=True)
 
     def _remove(self, conn: sqlite3.Connection, a: store.Announced, now: float,
                 out: list[ob.OutboxItem]) -> None:
