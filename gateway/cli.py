@@ -89,6 +89,10 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_revoke)
     # Downlink to sleeping nodes: send, config, cancel (gateway/downlink_cli.py).
     downlink_cli.register(dsub, config_arg)
+    # The edge rules: `device group`, `gateway rules check`, `gateway alerts`.
+    from gateway import rules_cli
+
+    rules_cli.register(gsub, dsub, config_arg, _config)
 
 
 def _fail(message: str) -> int:

@@ -21,7 +21,8 @@ from gateway.errors import ConfigError
 
 __all__ = [
     "BrokerConfig", "ConfigError", "DownlinkConfig", "GatewayConfig", "GatewaySection",
-    "IngestConfig", "MqttConfig", "PkiConfig", "UpstreamConfig", "WebConfig", "load_config", "parse_config",
+    "HassConfig", "IngestConfig", "MqttConfig", "PkiConfig", "RulesConfig", "UpstreamConfig",
+    "WebConfig", "load_config", "parse_config",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -162,6 +163,32 @@ class WebConfig:
         return bool(self.token or self.password_hash) or not self.loopback
 
 
+@dataclass(frozen=True, slots=True)
+class RulesConfig:
+    """Edge rules and alerts (gateway.pipeline.rules; the rules themselves are in `file`)."""
+
+    enabled: bool = True
+    file: str = ""  # default: rules.toml beside this file (no file: no rules)
+    interval_s: float = 1.0  # how often new readings are evaluated (and the file's mtime)
+    # How often overdue nodes, quarantines, aborted campaigns and credentials are checked.
+    scan_interval_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class HassConfig:
+    """Home Assistant MQTT discovery on the upstream broker (gateway.pipeline.hass); active
+    only when [upstream] is enabled."""
+
+    enabled: bool = True
+    prefix: str = "homeassistant"  # Home Assistant's discovery prefix
+    state_topic: str = "torpor/{device}/hass"  # the base of each device's state topics
+    interval_s: float = 1.0  # how often new readings and wakes are published
+    scan_interval_s: float = 5.0  # how often missed wakes and decommissions are looked for
+    # Seconds added to a node's own send interval for `expire_after` and missed wakes
+    # (-1: [downlink] grace_s).
+    grace_s: float = -1.0
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -185,7 +212,16 @@ class GatewayConfig:
     downlink: DownlinkConfig = DownlinkConfig()  # delivery to sleeping nodes (gateway.downlink)
     pki: PkiConfig = PkiConfig()  # credential renewal and expiry events (gateway.lifetimes)
     web: WebConfig = WebConfig()  # the operator's web page and API (gateway.web)
+    rules: RulesConfig = RulesConfig()  # edge rules and alerts (gateway.pipeline.rules)
+    hass: HassConfig = HassConfig()  # Home Assistant discovery (gateway.pipeline.hass)
     source: str = ""  # the file it was read from
+
+    @property
+    def rules_path(self) -> Path | None:
+        """The rules file: [rules] file, or rules.toml beside the configuration file."""
+        if self.rules.file:
+            return Path(self.rules.file)
+        return Path(self.source).resolve().parent / "rules.toml" if self.source else None
 
     @property
     def db_path(self) -> Path:
@@ -228,13 +264,15 @@ _SECTIONS: dict[str, type[Any]] = {
     "downlink": DownlinkConfig,
     "pki": PkiConfig,
     "web": WebConfig,
+    "rules": RulesConfig,
+    "hass": HassConfig,
 }
 # Keys holding file or folder paths: resolved against the config file's folder.
 _PATH_KEYS = {
     ("gateway", "data_dir"), ("gateway", "db"), ("broker", "pki_dir"), ("broker", "mosquitto"),
     ("broker", "config_dir"), ("mqtt", "cert"), ("mqtt", "key"), ("mqtt", "ca"),
     ("upstream", "ca"), ("upstream", "cert"), ("upstream", "key"),
-    ("web", "tls_cert"), ("web", "tls_key"),
+    ("web", "tls_cert"), ("web", "tls_key"), ("rules", "file"),
 }
 # (section, key) -> smallest allowed value
 _MINIMA: dict[tuple[str, str], float] = {
@@ -276,6 +314,11 @@ _MINIMA: dict[tuple[str, str], float] = {
     ("web", "port"): 0,  # 0: any free port (tests)
     ("web", "page_size"): 1,
     ("web", "session_hours"): 0.01,
+    ("rules", "interval_s"): 0.05,
+    ("rules", "scan_interval_s"): 0.05,
+    ("hass", "interval_s"): 0.05,
+    ("hass", "scan_interval_s"): 0.05,
+    ("hass", "grace_s"): -1.0,
 }
 _MAXIMA: dict[tuple[str, str], float] = {
     ("broker", "port"): 65535,
@@ -373,6 +416,21 @@ def _cross_check(cfg: GatewayConfig) -> None:
         if "+" in topic or "#" in topic:
             raise ConfigError(f"[upstream] {key}: {topic!r} must not contain MQTT wildcards")
     _check_web(cfg.web)
+    _check_hass(cfg.hass)
+
+
+_HASS_PREFIX = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
+
+
+def _check_hass(h: HassConfig) -> None:
+    if not _HASS_PREFIX.fullmatch(h.prefix):
+        raise ConfigError(f"[hass] prefix: {h.prefix!r} is not a topic prefix (letters, digits, "
+                          "_ and - in levels separated by /, no trailing /)")
+    if "{device}" not in h.state_topic:
+        raise ConfigError(f"[hass] state_topic: {h.state_topic!r} must contain {{device}}")
+    if "+" in h.state_topic or "#" in h.state_topic:
+        raise ConfigError(f"[hass] state_topic: {h.state_topic!r} must not contain MQTT "
+                          "wildcards")
 
 
 def _check_web(web: WebConfig) -> None:

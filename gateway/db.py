@@ -47,6 +47,9 @@ STORE_MODULES: tuple[str, ...] = (
     "gateway.queue",
     "gateway.downlink",
     "gateway.ota",
+    "gateway.store.alerts",
+    "gateway.store.groups",
+    "gateway.store.hass",
 )
 
 _extra_stores: list[Callable[[sqlite3.Connection], None]] = []
@@ -167,13 +170,21 @@ def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
 async def checkpoint_loop(path: str | Path, every_s: float = CHECKPOINT_EVERY_S) -> None:
     """Checkpoint the WAL of `path` every `every_s` from a thread and connection of its
     own, so that no commit waits for a checkpoint's fsync. Runs until cancelled."""
-    conn = await asyncio.to_thread(connect, path)
+    # One thread of its own: a checkpoint still running when the task is cancelled ends
+    # there before the connection is closed, on the same thread (closing it under a
+    # running statement from another thread crashes the process).
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+    loop = asyncio.get_running_loop()
+    conn: sqlite3.Connection | None = None
     try:
+        conn = await loop.run_in_executor(pool, connect, path)
         while True:
             await asyncio.sleep(every_s)
-            await asyncio.to_thread(checkpoint, conn)
+            await loop.run_in_executor(pool, checkpoint, conn)
     finally:
-        conn.close()
+        if conn is not None:
+            pool.submit(conn.close)
+        pool.shutdown(wait=False)
 
 
 def _ensure_migrations_table(conn: sqlite3.Connection) -> None:

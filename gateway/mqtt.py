@@ -75,21 +75,22 @@ class Publisher:
         self.on_ack: Callable[[Any], None] | None = None
         self.oversized = 0  # packets dropped unread for exceeding the bound
 
-    def publish(self, topic: bytes, payload: bytes, token: Any = None, qos: int = 1) -> bool:
-        """Queue one PUBLISH (QoS 1, or 0: no packet id, nothing tracked); False when the
-        client is not connected. `send()` writes what is queued."""
+    def publish(self, topic: bytes, payload: bytes, token: Any = None, qos: int = 1,
+                retain: bool = False) -> bool:
+        """Queue one PUBLISH (QoS 1, or 0: no packet id, nothing tracked), retained when
+        `retain`; False when the client is not connected. `send()` writes what is queued."""
         paho = self._paho
         if paho._sock is None:
             return False
         if qos:
             mid = paho._mid_generate()
-            packet = b"".join((_fixed_header(0x32, len(topic) + len(payload) + 4),
+            packet = b"".join((_fixed_header(0x32 | retain, len(topic) + len(payload) + 4),
                                len(topic).to_bytes(2, "big"), topic, mid.to_bytes(2, "big"),
                                payload))
             self.inflight[mid] = token
         else:
             mid = 0
-            packet = b"".join((_fixed_header(0x30, len(topic) + len(payload) + 2),
+            packet = b"".join((_fixed_header(0x30 | retain, len(topic) + len(payload) + 2),
                                len(topic).to_bytes(2, "big"), topic, payload))
         # "qos": 1 even for QoS 0: paho's writer reads that field only to report a QoS 0
         # write to `on_publish` and to a message-info object, which these do not have.

@@ -40,6 +40,8 @@ _STEPS: Final = (
     INSERT INTO outbox_counters (name, value) VALUES
         ('enqueued', 0), ('delivered', 0), ('dropped_full', 0), ('dropped_age', 0);
     """,
+    # Retained messages upstream (Home Assistant discovery and availability).
+    "ALTER TABLE outbox ADD COLUMN retain INTEGER NOT NULL DEFAULT 0;",
 )
 
 
@@ -52,6 +54,7 @@ class OutboxItem:
     created: float  # unix seconds; the age bound counts from here
     device: str
     kind: str  # "readings" or an event kind ("hello", "revoked", ...)
+    retain: bool = False  # published with the MQTT retain flag
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +104,9 @@ def enqueue_queued(conn: sqlite3.Connection, items: Iterable[OutboxItem]) -> lis
     row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
     first = (int(row[0]) if row else 0) + 1
     conn.executemany(
-        "INSERT INTO outbox (id, topic, payload, created, device, kind) VALUES (?, ?, ?, ?, ?, ?)",
-        [(first + k, i.topic, bytes(i.payload), i.created, i.device, i.kind)
+        "INSERT INTO outbox (id, topic, payload, created, device, kind, retain) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(first + k, i.topic, bytes(i.payload), i.created, i.device, i.kind, int(i.retain))
          for k, i in enumerate(todo)],
     )
     _bump(conn, "enqueued", len(todo))
@@ -164,11 +168,12 @@ class Outbox:
     def peek(self, n: int, after: int = 0) -> list[Queued]:
         """Up to `n` items in arrival order, starting after id `after`; nothing is removed."""
         rows = self.conn.execute(
-            "SELECT id, topic, payload, created, device, kind FROM outbox"
+            "SELECT id, topic, payload, created, device, kind, retain FROM outbox"
             " WHERE id > ? ORDER BY id LIMIT ?",
             (after, n),
         ).fetchall()
-        return [Queued(r[0], OutboxItem(r[1], bytes(r[2]), r[3], r[4], r[5])) for r in rows]
+        return [Queued(r[0], OutboxItem(r[1], bytes(r[2]), r[3], r[4], r[5], bool(r[6])))
+                for r in rows]
 
     def delete(self, ids: Sequence[int]) -> int:
         """Remove delivered items (after their PUBACK); returns how many were still there."""

@@ -540,6 +540,37 @@ def iter_readings(conn: sqlite3.Connection, device: str | None = None,
                 yield (dev, first + k, *row)
 
 
+def runs_after(conn: sqlite3.Connection, after: int,
+               limit: int = 1000) -> list[tuple[int, str, int, list[tuple[int, ...]]]]:
+    """Runs stored after the run with rowid `after`, in the order they were committed:
+    (rowid, device, schema, [timestamps, v0, v1, ...]). A reader keeps the last rowid as
+    its cursor (the edge rules and the Home Assistant publisher follow new readings so)."""
+    rows = conn.execute(
+        "SELECT rowid, device, schema, count, layout, data FROM reading_runs WHERE rowid > ? "
+        "ORDER BY rowid LIMIT ?", (after, limit)).fetchall()
+    return [(int(r[0]), str(r[1]), int(r[2]), unpack(r[4], int(r[3]), r[5])) for r in rows]
+
+
+def latest_runs_after(conn: sqlite3.Connection, after: int
+                      ) -> tuple[int, list[tuple[int, str, int, list[tuple[int, ...]]]]]:
+    """The newest run of each device among those stored after rowid `after`, and the rowid
+    up to which that holds (the reader's next cursor): what a state display needs, without
+    unpacking every run."""
+    hi = last_run_id(conn)
+    if hi <= after:
+        return after, []
+    rows = conn.execute(
+        "SELECT r.rowid, r.device, r.schema, r.count, r.layout, r.data FROM reading_runs r "
+        "JOIN (SELECT max(rowid) AS m FROM reading_runs WHERE rowid > ? AND rowid <= ? "
+        "GROUP BY device) l ON r.rowid = l.m ORDER BY r.rowid", (after, hi)).fetchall()
+    return hi, [(int(r[0]), str(r[1]), int(r[2]), unpack(r[4], int(r[3]), r[5])) for r in rows]
+
+
+def last_run_id(conn: sqlite3.Connection) -> int:
+    """The rowid of the newest run (0: none): where a new reader's cursor starts."""
+    return int(conn.execute("SELECT coalesce(max(rowid), 0) FROM reading_runs").fetchone()[0])
+
+
 def fetch(conn: sqlite3.Connection, device: str, limit: int = 100) -> list[tuple[int, ...]]:
     """The latest readings of a device, newest first: (msg_id, ts, schema, v0, ...)."""
     out: list[tuple[int, ...]] = []

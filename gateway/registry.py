@@ -299,6 +299,49 @@ def record_hellos(conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]], now
     )
 
 
+def heard_since(conn: sqlite3.Connection, since: float, after_id: str = "",
+                limit: int = 1000) -> list[Device]:
+    """Devices whose last HELLO came after (`since`, `after_id`), oldest HELLO first (then
+    by id): a reader keeps the last device's (last_hello_at, id) as its cursor."""
+    rows = conn.execute(_SELECT + " WHERE (last_hello_at, id) > (?, ?) "
+                        "ORDER BY last_hello_at, id LIMIT ?", (since, after_id, limit)).fetchall()
+    return [Device(*r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """What a periodic check of the whole fleet needs of a device, and no more."""
+
+    id: str
+    status: str
+    status_reason: str
+    last_hello_at: float | None
+    next_wake_s: int | None
+    next_listen_s: int | None
+
+
+def schedules(conn: sqlite3.Connection, *, statuses: Iterable[str] | None = None,
+              late_at: float | None = None) -> list[Schedule]:
+    """Devices' status and announced schedule, by id (cheaper than list_devices): every
+    device, or those in `statuses`, or (`late_at`) those whose announced next connection
+    (next_listen_s, else next_wake_s, after the last HELLO) is before `late_at`."""
+    sql = ("SELECT id, status, status_reason, last_hello_at, next_wake_s, next_listen_s "
+           "FROM devices")
+    where: list[str] = []
+    params: list[Any] = []
+    if statuses is not None:
+        wanted = list(statuses)
+        where.append(f"status IN ({', '.join('?' * len(wanted))})")
+        params += wanted
+    if late_at is not None:
+        where.append("last_hello_at + coalesce(nullif(next_listen_s, 0), next_wake_s) < ? "
+                     "AND coalesce(nullif(next_listen_s, 0), next_wake_s) > 0")
+        params.append(late_at)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return [Schedule(*r) for r in conn.execute(sql + " ORDER BY id", params)]
+
+
 def page(conn: sqlite3.Connection, *, status: str | None = None, text: str = "",
          offset: int = 0, limit: int = 50) -> tuple[list[Device], int]:
     """One page of devices by id, filtered by status and by a substring of the id, status

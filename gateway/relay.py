@@ -529,10 +529,12 @@ class Relay:
                                 await room.wait()
                     if qos:
                         if not publisher.publish(q.item.topic.encode(), q.item.payload,
-                                                 (q.id, time.monotonic())):
+                                                 (q.id, time.monotonic()),
+                                                 retain=q.item.retain):
                             raise aiomqtt.MqttError("could not publish upstream: not connected")
                     else:
-                        info = paho.publish(q.item.topic, q.item.payload, qos=0)
+                        info = paho.publish(q.item.topic, q.item.payload, qos=0,
+                                            retain=q.item.retain)
                         if info.rc != 0:
                             raise aiomqtt.MqttCodeError(info.rc, "could not publish upstream")
                         if info.is_published():  # reported before we could note it

@@ -149,6 +149,7 @@ class Service:
         self.ingest: Ingest | None = None
         self.broker: Any = None
         self.relay: Any = None
+        self.rules: Any = None  # gateway.pipeline.rules.Rules
         self.mqtt_connected = False
         self._session_saved = False
         self.restarts: dict[str, int] = {}
@@ -171,6 +172,8 @@ class Service:
         from gateway.config import load_config
         from gateway.ops import config_ops
 
+        if self.rules is not None:  # the rules file is read again by its own task
+            self.rules.request_reload()
         if not self.cfg.source:
             log.warning("SIGHUP: the configuration was not read from a file; nothing to reload")
             return
@@ -246,6 +249,18 @@ class Service:
                 self._supervise("checkpoint", lambda: db.checkpoint_loop(cfg.db_path)))
             tasks["downlink"] = asyncio.create_task(
                 self._supervise("downlink", self._sweep_loop))
+            if cfg.rules.enabled:  # edge rules and alerts (gateway.pipeline.rules)
+                from gateway.pipeline.rules import Rules
+
+                self.rules = Rules(cfg, self.conn, writer, notify=self._notify_relay,
+                                   credentials=lambda: self.credentials)
+                tasks["rules"] = asyncio.create_task(self._supervise("rules", self.rules.run))
+            if cfg.upstream.enabled and cfg.hass.enabled:  # gateway.pipeline.hass
+                from gateway.pipeline.hass import HassPublisher
+
+                hass = HassPublisher(cfg, self.conn, writer, notify=self._notify_relay,
+                                     connects=lambda: self.relay.connects if self.relay else 0)
+                tasks["hass"] = asyncio.create_task(self._supervise("hass", hass.run))
             if (cfg.pki_dir / "ca.pem").exists():
                 tasks["lifetimes"] = asyncio.create_task(
                     self._supervise("lifetimes", self._lifetimes_loop))
@@ -259,7 +274,8 @@ class Service:
             log.info("shutting down")
         finally:
             # Ingest first: it stops taking frames, commits and answers what it holds.
-            for name in ("ingest", "web", "relay", "status", "downlink", "lifetimes", "checkpoint"):
+            for name in ("ingest", "web", "rules", "hass", "relay", "status", "downlink",
+                         "lifetimes", "checkpoint"):
                 task = tasks.get(name)
                 if task is not None:
                     task.cancel()
@@ -487,6 +503,14 @@ class Service:
 def _log_status_failure(future: Any) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.warning("could not write the gateway status: %s", future.exception())
+
+
+def check_rules(path: Path) -> Any:
+    """`torpor gateway rules check`: the rules file validated as the running gateway loads
+    it (gateway.pipeline.rules.RuleSet; RulesError, a ConfigError, naming the key)."""
+    from gateway.pipeline.rules import load_rules
+
+    return load_rules(path)
 
 
 def run(cfg: GatewayConfig, *, on_hello: HelloHook = no_downlink) -> None:

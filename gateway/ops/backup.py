@@ -39,6 +39,7 @@ MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
 DB_NAME = "db/gateway.db"
 CONFIG_NAME = "config/gateway.toml"
+RULES_NAME = "config/rules.toml"  # the edge rules (gateway.pipeline.rules), when the file exists
 PKI_PREFIX = "pki/"
 CAPTURE_ATTEMPTS = 5
 ROTATE_PATTERN = re.compile(r"torpor-backup-(\d{8}-\d{6})\.tar\.gz")
@@ -133,27 +134,39 @@ def _fingerprint(files: dict[str, tuple[bytes, int]]) -> dict[str, str]:
 
 def _capture(cfg: gwconfig.GatewayConfig, staging: Path) -> tuple[_Capture, int]:
     config_path = Path(cfg.source) if cfg.source else None
+    rules_path = cfg.rules_path
     for attempt in range(1, CAPTURE_ATTEMPTS + 1):
         cap = _Capture()
         cap.pki_at = time.time()
         pki = _read_tree(cfg.pki_dir)
         conf = config_path.read_bytes() if config_path is not None else b""
+        rules = _read_optional(rules_path)
         snap = staging / f"gateway.{attempt}.db"
         cap.db_at = time.time()
         db.backup_to(cfg.db_path, snap)
         cap.verified_at = time.time()
         pki_after = _read_tree(cfg.pki_dir)
         conf_after = config_path.read_bytes() if config_path is not None else b""
-        if _fingerprint(pki) == _fingerprint(pki_after) and conf == conf_after:
+        if (_fingerprint(pki) == _fingerprint(pki_after) and conf == conf_after
+                and rules == _read_optional(rules_path)):
             for name, item in pki.items():
                 cap.files[PKI_PREFIX + name] = item
             if config_path is not None:
                 cap.files[CONFIG_NAME] = (conf, 0o600)
+            if rules is not None:
+                cap.files[RULES_NAME] = (rules, 0o600)
             cap.db_file = snap
             return cap, attempt
         snap.unlink()
     raise BackupError("busy", f"the PKI folder {cfg.pki_dir} or the configuration changed during "
                       f"each of {CAPTURE_ATTEMPTS} database snapshots; try again")
+
+
+def _read_optional(path: Path | None) -> bytes | None:
+    try:
+        return path.read_bytes() if path is not None else None
+    except FileNotFoundError:
+        return None
 
 
 def _tar_mode(path: Path) -> str:
@@ -399,6 +412,9 @@ def restore(archive: Path, target: Path, *, force: bool = False) -> RestoreResul
             elif name == CONFIG_NAME:
                 dest = staging / "gateway.toml.orig"
                 mode = 0o600
+            elif name == RULES_NAME:
+                dest = staging / "rules.toml"
+                mode = 0o600
             else:
                 continue
             _move(member.path, dest, mode, staging)
@@ -407,7 +423,8 @@ def restore(archive: Path, target: Path, *, force: bool = False) -> RestoreResul
             raise BackupError("integrity", f"{archive}: the database fails PRAGMA "
                               f"integrity_check: {'; '.join(problems[:5])}")
         original = (staging / "gateway.toml.orig").read_bytes() if CONFIG_NAME in files else None
-        config_text = _restored_config(original, manifest, target)
+        config_text = _restored_config(original, manifest, target,
+                                       rules=RULES_NAME in files)
         shutil.rmtree(raw)
         _write(staging / "gateway.toml", config_text.encode(), 0o600, staging)
         # The configuration must load as the restored gateway will load it.
@@ -428,9 +445,11 @@ def restore(archive: Path, target: Path, *, force: bool = False) -> RestoreResul
     return RestoreResult(target, target / "gateway.toml", manifest, replaced)
 
 
-def _restored_config(original: bytes | None, manifest: dict[str, Any], target: Path) -> str:
+def _restored_config(original: bytes | None, manifest: dict[str, Any], target: Path,
+                     *, rules: bool = False) -> str:
     """The backed-up configuration with the data folder, database and PKI folder moved to
-    `target`; file paths that pointed into the old PKI folder follow it."""
+    `target`; file paths that pointed into the old PKI folder follow it; with `rules`, the
+    rules file is the restored one beside it."""
     try:
         data: dict[str, Any] = tomllib.loads(original.decode()) if original else {}
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -444,6 +463,8 @@ def _restored_config(original: bytes | None, manifest: dict[str, Any], target: P
     data.setdefault("broker", {})
     data["broker"]["pki_dir"] = str(new_pki)
     data["broker"].pop("config_dir", None)
+    if rules and "file" in data.get("rules", {}):
+        del data["rules"]["file"]  # default: rules.toml beside gateway.toml
     for section in ("mqtt", "web", "upstream"):
         for key, value in list(data.get(section, {}).items()):
             if isinstance(value, str) and value and old_pki.parts:

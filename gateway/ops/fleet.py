@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway import deadletter, downlink, proto, readings, registry
 from gateway import queue as q
+from gateway.store import alerts, groups
 
 SPARK_POINTS = 24  # battery readings behind a fleet row's sparkline
 MAX_CHART_POINTS = 600  # a chart's series are averaged down to this many points
@@ -34,6 +35,8 @@ class FleetRow:
     queued: int
     fw_version: int | None
     ota_state: str | None
+    alerts: int = 0  # open alerts (gateway.pipeline.rules)
+    group: str | None = None  # the device's group (gateway.store.groups)
 
     def as_dict(self) -> dict[str, Any]:
         d = {name: getattr(self, name) for name in self.__slots__}
@@ -81,7 +84,8 @@ def next_listen(dev: registry.Device, wakes: downlink.WakeStats | None) -> float
     return dev.next_wake_at
 
 
-def _row(conn: sqlite3.Connection, dev: registry.Device, now: float) -> FleetRow:
+def _row(conn: sqlite3.Connection, dev: registry.Device, now: float,
+         open_alerts: dict[str, int] | None = None) -> FleetRow:
     wakes = downlink.wake_stats(conn, dev.id)
     at = next_listen(dev, wakes)
     overdue = downlink.missed_wakes(at, wakes.interval_s if wakes else dev.next_wake_s, now,
@@ -92,6 +96,8 @@ def _row(conn: sqlite3.Connection, dev: registry.Device, now: float) -> FleetRow
         overdue_wakes=overdue, battery_mv=dev.battery_mv,
         battery=_battery_points(readings.fetch(conn, dev.id, SPARK_POINTS)),
         queued=len(q.pending(conn, dev.id)), fw_version=dev.fw_version, ota_state=dev.ota_state,
+        alerts=(alerts.open_devices(conn) if open_alerts is None else open_alerts).get(dev.id, 0),
+        group=groups.group_of(conn, dev.id),
     )
 
 
@@ -100,8 +106,9 @@ def fleet(conn: sqlite3.Connection, *, status: str | None = None, text: str = ""
     """One page of the fleet, filtered by status and text (see registry.page)."""
     now = time.time() if now is None else now
     devices, total = registry.page(conn, status=status, text=text, offset=offset, limit=limit)
-    return FleetPage(tuple(_row(conn, d, now) for d in devices), total, offset, limit,
-                     registry.counts(conn))
+    open_alerts = alerts.open_devices(conn)
+    return FleetPage(tuple(_row(conn, d, now, open_alerts) for d in devices), total, offset,
+                     limit, registry.counts(conn))
 
 
 @dataclass(frozen=True, slots=True)

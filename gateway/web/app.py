@@ -25,6 +25,8 @@ from gateway import readings, registry
 from gateway.config import WebConfig
 from gateway.ops import actions, fleet
 from gateway.ops import campaigns as ocampaigns
+from gateway.ops import alerts as oalerts
+from gateway.ops import groups as ogroups
 from gateway.ops import health as ohealth
 from gateway.ops import metrics as ometrics
 from gateway.web import auth, openapi, pages
@@ -613,6 +615,38 @@ async def api_health(request: web.Request) -> web.Response:
     return _json(h.as_dict())
 
 
+async def api_group(request: web.Request) -> web.Response:
+    doc = await _body(request)
+    unknown = set(doc) - {"group"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise BadRequest(f"{name}: unknown field (known: group)", name)
+    if "group" not in doc or not (doc["group"] is None or isinstance(doc["group"], str)):
+        raise BadRequest("group: required, a group name or null", "group")
+    done = await _state(request).db(ogroups.set_group, request.match_info["device"],
+                                    doc["group"])
+    return _json({"device": done.device, "group": done.group})
+
+
+async def api_alerts(request: web.Request) -> web.Response:
+    state = request.query.get("state") or None
+    if state is not None and state not in oalerts.STATES:
+        raise BadRequest(f"state: {state!r} is not one of {', '.join(oalerts.STATES)}", "state")
+    page = await _state(request).db(
+        oalerts.alerts_page, state=state, device=request.query.get("device") or None,
+        rule=request.query.get("rule") or None, offset=_int(request, "offset", 0, 0, 10**9),
+        limit=_int(request, "limit", 50, 1, MAX_LIMIT))
+    return _json(page.as_dict())
+
+
+async def api_alert_clear(request: web.Request) -> web.Response:
+    try:
+        a = await _state(request).db(oalerts.clear, _path_int(request, "alert_id"))
+    except oalerts.AlertNotFound as exc:
+        raise BadRequest(str(exc), "alert_id", 404) from None
+    return _json(a.as_dict())
+
+
 async def api_openapi(request: web.Request) -> web.Response:
     return _json(openapi.DOCUMENT)
 
@@ -680,10 +714,13 @@ def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False,
     r.add_post("/api/v1/devices/{device}/config", api_config)
     r.add_delete("/api/v1/devices/{device}/commands/{command_id}", api_cancel)
     r.add_post("/api/v1/devices/{device}/release", api_release)
+    r.add_put("/api/v1/devices/{device}/group", api_group)
     r.add_get("/api/v1/deadletters", api_deadletters)
     r.add_get("/api/v1/health", api_health)
     r.add_get("/api/v1/campaigns", api_campaigns)
     r.add_get("/api/v1/campaigns/{campaign}", api_campaign)
+    r.add_get("/api/v1/alerts", api_alerts)
+    r.add_post("/api/v1/alerts/{alert_id}/clear", api_alert_clear)
     r.add_get("/api/v1/openapi.json", api_openapi)
     r.add_get("/api/v1/events", api_events)
     r.add_get("/metrics", metrics)

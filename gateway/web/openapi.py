@@ -82,6 +82,29 @@ DOCUMENT: dict[str, Any] = {
             "parameters": [{"name": "device", "in": "query", "schema": {"type": "string"}},
                            {"name": "limit", "in": "query", "schema": {"type": "integer"}}],
             "responses": {"200": _ok("letters")}}},
+        "/api/v1/devices/{device}/group": {"put": {
+            "summary": "Put the device in a group of the edge rules (null: in none)",
+            "parameters": [_DEVICE],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["group"], "properties": {
+                    "group": {"type": "string", "nullable": True}}}}}},
+            "responses": {"200": _ok("the device and its group"), "400": _ERROR}}},
+        "/api/v1/alerts": {"get": {
+            "summary": "Alerts raised by the edge rules, newest first (docs/rules.md)",
+            "parameters": [
+                {"name": "state", "in": "query", "schema": {"type": "string",
+                                                            "enum": ["open", "cleared"]}},
+                {"name": "device", "in": "query", "schema": {"type": "string"}},
+                {"name": "rule", "in": "query", "schema": {"type": "string"}},
+                {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                            "maximum": 1000}}],
+            "responses": {"200": _ok("alerts, total matching, open in all"), "400": _ERROR}}},
+        "/api/v1/alerts/{alert_id}/clear": {"post": {
+            "summary": "Clear an open alert by hand (a condition that still holds raises anew)",
+            "parameters": [{"name": "alert_id", "in": "path", "required": True,
+                            "schema": {"type": "integer"}}],
+            "responses": {"200": _ok("the cleared alert"), "404": _ERROR}}},
         "/api/v1/health": {"get": {"summary": "Gateway, outbox and upstream health",
                                    "responses": {"200": _ok("health")}}},
         "/api/v1/campaigns": {"get": {

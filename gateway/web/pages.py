@@ -83,15 +83,16 @@ def fleet_rows(page: ofleet.FleetPage, now: float) -> str:
         batt = "" if r.battery_mv is None else f"{r.battery_mv} mV "
         spark = svg.sparkline([(float(t), float(v)) for t, v in r.battery],
                               label=f"battery of {r.id}")
+        alerts = f'<span class="late">{r.alerts} open</span>' if r.alerts else ""
         out.append(
             f'<tr data-device="{escape(r.id)}"><td><a href="/devices/{quote(r.id)}">{escape(r.id)}'
             f'</a></td><td class="st-{escape(r.status)}" title="{escape(r.status_reason)}">'
             f"{escape(r.status)}</td><td>{escape(when(r.last_seen, now))}</td><td>{listen}</td>"
             f"<td>{batt}{spark}</td><td>{r.queued}</td>"
             f"<td>{'' if r.fw_version is None else r.fw_version}</td>"
-            f"<td>{escape(r.ota_state or '')}</td></tr>")
+            f"<td>{escape(r.ota_state or '')}</td><td>{alerts}</td></tr>")
     if not out:
-        out.append('<tr><td colspan="8">no device matches</td></tr>')
+        out.append('<tr><td colspan="9">no device matches</td></tr>')
     return "".join(out)
 
 
@@ -115,7 +116,7 @@ def fleet(page: ofleet.FleetPage, *, status: str | None, text: str, now: float) 
     pager = f'<p class="pager">{" ".join(pages)}</p>'
     table = ('<table id="fleet"><thead><tr><th>Device</th><th>Status</th><th>Last seen</th>'
              "<th>Next listening</th><th>Battery</th><th>Queued</th><th>Firmware</th>"
-             f'<th>OTA</th></tr></thead><tbody id="fleet-rows">{fleet_rows(page, now)}'
+             f'<th>OTA</th><th>Alerts</th></tr></thead><tbody id="fleet-rows">{fleet_rows(page, now)}'
              "</tbody></table>")
     return filters + pager + table + pager
 

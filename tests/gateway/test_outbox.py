@@ -59,7 +59,7 @@ def test_enqueue_does_not_commit(tmp_path: Path) -> None:
 def test_migrate_is_versioned_and_idempotent(tmp_path: Path) -> None:
     conn = open_db(tmp_path / "gw.db")
     migrate(conn)
-    assert db.version(conn, "outbox") == 1
+    assert db.version(conn, "outbox") == 2  # 2: the retain flag
     assert Outbox(conn).counters() == Counters(0, 0, 0, 0)
 
 
