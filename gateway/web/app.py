@@ -24,8 +24,8 @@ from gateway import queue as q
 from gateway import readings, registry
 from gateway.config import WebConfig
 from gateway.ops import actions, fleet
-from gateway.ops import campaigns as ocampaigns
 from gateway.ops import alerts as oalerts
+from gateway.ops import campaigns as ocampaigns
 from gateway.ops import groups as ogroups
 from gateway.ops import health as ohealth
 from gateway.ops import metrics as ometrics
