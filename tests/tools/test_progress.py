@@ -95,12 +95,17 @@ def test_ota_status_watch_follows_a_campaign_until_it_stops(tmp_path: Path) -> N
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        time.sleep(3)  # it starts and draws the running campaign
+        # It starts and draws the running campaign before anything changes.
+        assert watch.stderr is not None
+        ready, _, _ = select.select([watch.stderr], [], [], 60)
+        assert ready, "the watch drew nothing within 60 s"
+        first = watch.stderr.readline()
         assert watch.poll() is None, watch.communicate()
         conn = db.open_db(dbp)
         ota.cancel_campaign(conn, cid)
         conn.close()
         out, err = watch.communicate(timeout=60)
+        err = first + err
     finally:
         if watch.poll() is None:
             watch.kill()
