@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test venv mosquitto lint
+.PHONY: demo test venv mosquitto chromium lint wasm
 
 $(BIN)/torpor: pyproject.toml
 	@# Debian ships venv support in a separate package: install it when venv creation fails.
@@ -19,8 +19,21 @@ venv: $(BIN)/torpor
 mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v mosquitto >/dev/null 2>&1 || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto)
-	@command -v mosquitto_pub >/dev/null 2>&1 || \
+	@# The attack tests use Debian's own clients, which share no code with Torpor.
+	@command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1 || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto-clients)
+
+# The 32-bit MicroPython (WebAssembly port, run by Node.js) that measures the wake's heap at a
+# chip's word size (tools/sim/wasm.py); same MicroPython version as the unix port.
+WASM_PORT := @micropython/micropython-webassembly-pyscript@1.29.0-6
+wasm:
+	@command -v npm >/dev/null 2>&1 || (echo "wasm: needs Node.js and npm" && exit 1)
+	npm install --prefix build/wasm --no-audit --no-fund --no-save $(WASM_PORT)
+
+chromium:
+	@# The web page's browser tests drive Debian's headless chromium over its DevTools protocol.
+	@command -v chromium >/dev/null 2>&1 || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 
 lint: venv
 	$(BIN)/ruff check .
@@ -29,6 +42,6 @@ lint: venv
 demo: venv mosquitto
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/torpor demo
 
-test: venv mosquitto lint
+test: venv mosquitto chromium lint
 	$(BIN)/torpor proto check
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/pytest -n 2 -q

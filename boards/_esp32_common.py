@@ -2,6 +2,7 @@
 # pins with configure() and re-export these functions; see boards/README.md for the contract.
 import time as _time
 
+import _boot_cause
 import _sht4x
 import esp32
 import machine
@@ -10,13 +11,14 @@ from micropython import const
 
 FS_ROOT = "/"
 
-POWER_ON = const(0)
-TIMER = const(1)
-WATCHDOG = const(2)
-CRASH = const(3)
-SOFT_RESET = const(4)
-EXTERNAL_RESET = const(5)
-BROWNOUT = const(6)
+# Boot causes: the protocol's boot_cause enum, generated into _boot_cause.py.
+POWER_ON = _boot_cause.POWER_ON
+TIMER = _boot_cause.TIMER
+WATCHDOG = _boot_cause.WATCHDOG
+CRASH = _boot_cause.CRASH
+SOFT_RESET = _boot_cause.SOFT_RESET
+EXTERNAL_RESET = _boot_cause.EXTERNAL_RESET
+BROWNOUT = _boot_cause.BROWNOUT
 
 NO_HUMIDITY = const(0xFFFF)
 RTC_MEMORY_SIZE = const(2048)
@@ -178,3 +180,11 @@ def watchdog_feed():
 
 def reset():
     machine.reset()
+
+
+def phase(name):
+    """Energy-ledger phase marker: the sim board books time by it; nothing to do here."""
+
+
+def pk_op(kind):
+    """A public-key operation's charge on the sim board; it simply takes its time here."""

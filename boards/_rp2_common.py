@@ -11,6 +11,7 @@
 import os
 import time as _time
 
+import _boot_cause
 import _sht4x
 import _wlan
 import machine
@@ -21,13 +22,14 @@ from micropython import const
 FS_ROOT = "/"
 RTC_FILE = "/.rtcmem"
 
-POWER_ON = const(0)
-TIMER = const(1)
-WATCHDOG = const(2)
-CRASH = const(3)
-SOFT_RESET = const(4)
-EXTERNAL_RESET = const(5)
-BROWNOUT = const(6)
+# Boot causes: the protocol's boot_cause enum, generated into _boot_cause.py.
+POWER_ON = _boot_cause.POWER_ON
+TIMER = _boot_cause.TIMER
+WATCHDOG = _boot_cause.WATCHDOG
+CRASH = _boot_cause.CRASH
+SOFT_RESET = _boot_cause.SOFT_RESET
+EXTERNAL_RESET = _boot_cause.EXTERNAL_RESET
+BROWNOUT = _boot_cause.BROWNOUT
 
 NO_HUMIDITY = const(0xFFFF)
 RTC_MEMORY_SIZE = const(2048)
@@ -212,3 +214,11 @@ def watchdog_feed():
 def reset():
     _write_rtc_file(SOFT_RESET, 0, _data)
     machine.reset()
+
+
+def phase(name):
+    """Energy-ledger phase marker: the sim board books time by it; nothing to do here."""
+
+
+def pk_op(kind):
+    """A public-key operation's charge on the sim board; it simply takes its time here."""

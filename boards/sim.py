@@ -7,20 +7,21 @@ import os
 import sys
 import time as _time
 
+import _boot_cause
 import simflash
 from micropython import const
 
 NAME = "sim"
 FS_ROOT = "/flash"
 
-# Boot causes: the protocol's boot_cause enum, identical in every board module.
-POWER_ON = const(0)
-TIMER = const(1)
-WATCHDOG = const(2)
-CRASH = const(3)
-SOFT_RESET = const(4)
-EXTERNAL_RESET = const(5)
-BROWNOUT = const(6)
+# Boot causes: the protocol's boot_cause enum, generated into _boot_cause.py.
+POWER_ON = _boot_cause.POWER_ON
+TIMER = _boot_cause.TIMER
+WATCHDOG = _boot_cause.WATCHDOG
+CRASH = _boot_cause.CRASH
+SOFT_RESET = _boot_cause.SOFT_RESET
+EXTERNAL_RESET = _boot_cause.EXTERNAL_RESET
+BROWNOUT = _boot_cause.BROWNOUT
 
 # Process exit codes the supervisor understands (documented in boards/README.md).
 EXIT_DEEP_SLEEP = const(75)
@@ -46,6 +47,15 @@ _battery = None
 _clock_offset_ms = 0
 _wdt_ms = 0
 _rtc_files = None
+# Field model (a board profile in sim.json; without one the kind model of old node dirs):
+_prof = None  # the profile's figures (dict), or None
+_field = None  # failure rate, outage windows, time compression, this node's drift
+_skip_ms = 0  # time charged to this run but not waited in real time (boot, flash, compression)
+_ledger = None  # phase -> [ms, uAh] of this wake
+_phase = "boot"
+_phase_t = 0  # ticks when the open phase started
+_tls = None
+_booted = False
 
 
 def _path(name):
@@ -81,14 +91,16 @@ def _load():
         # No supervisor: start the virtual clock at the host's wall clock, as a cold boot.
         _state = {"vt_ms": int(_time.time()) * 1000, "cause": POWER_ON, "runs": 0}
     _clock_offset_ms = _read_json("clock.json", {}).get("offset_ms", 0)
+    _load_profile()
 
 
 def configure(node_dir):
     """Use node_dir as the node directory (instead of $TORPOR_SIM_DIR); call before init()."""
-    global _cfg, _dir_override, _rtc_files
+    global _cfg, _dir_override, _rtc_files, _booted
     _dir_override = node_dir
     _cfg = None
     _rtc_files = None
+    _booted = False
     _load()
 
 
@@ -100,7 +112,7 @@ def _seed():
 def virtual_ms():
     """The simulated true time in unix milliseconds (the node's own clock is time())."""
     _load()
-    return _state["vt_ms"] + _time.ticks_diff(_time.ticks_ms(), _t0_ticks)
+    return _state["vt_ms"] + _time.ticks_diff(_time.ticks_ms(), _t0_ticks) + _skip_ms
 
 
 # ---- identity, boot ----
@@ -109,6 +121,7 @@ def init():
     # Once per process: the bootloader calls it, then the app again (a no-op then).
     global _bdev
     _load()
+    global _booted
     if _bdev is None:
         _bdev = simflash.mount(
             _path("flash.img"),
@@ -117,6 +130,13 @@ def init():
             _cfg.get("block_count", 512),
         )
         _battery_account(True)
+    if _prof and not _booted:
+        # The chip's boot to the app happened before this process ran any firmware. (The
+        # virtual board mounts the flash itself, so this does not hang on the mount.)
+        _booted = True
+        _charge("boot", _prof["boot_ms"], "cpu", False)
+        phase("sample")
+        _install_tls()
 
 
 def unique_id():
@@ -243,6 +263,8 @@ def _battery_account(save=False):
         )
     b = _battery
     dt_h = max(0, now - b["vt_ms"]) / 3600000.0
+    if _prof:
+        dt_h = 0.0  # with a profile the battery drains by the ledger (deep_sleep books it)
     if b["mode"] == "sleep":
         ua = _cfg.get("sleep_ua", 10)
     else:
@@ -259,13 +281,15 @@ def _battery_account(save=False):
 def battery_used_uah():
     """Charge drawn so far in micro-amp-hours (sim only: for tests and benchmarks)."""
     _battery_account()
+    if _prof:
+        return _battery["used_uah"] + sum(e[1] for e in ledger().values())
     return _battery["used_uah"]
 
 
 def battery_mv():
     _battery_account()
     cap = _cfg.get("capacity_mah", 2000) * 1000.0
-    pct = max(0.0, 100.0 * (1.0 - _battery["used_uah"] / cap))
+    pct = max(0.0, 100.0 * (1.0 - battery_used_uah() / cap))
     lo = _CURVE[0]
     for hi in _CURVE:
         if pct <= hi[0]:
@@ -276,33 +300,255 @@ def battery_mv():
     return _CURVE[-1][1]
 
 
+# ---- field model: profile, energy ledger ----
+
+# The access point the sim's network has: (channel, BSSID) make the hint radio_up returns.
+_AP_CHANNEL = const(6)
+_AP_BSSID = b"\x02\x54\x4f\x52\x50\x52"
+
+
+def _load_profile():
+    global _prof, _field, _ledger, _phase, _phase_t
+    _prof = _cfg.get("profile")
+    _field = _cfg.get("field", {})
+    _ledger = {}
+    _phase = "boot"
+    _phase_t = _time.ticks_ms()
+
+
+def profile_name():
+    """The board profile this sim board runs under ("" for the kind model of old node dirs)."""
+    _load()
+    return _prof["name"] if _prof else ""
+
+
+def _ma(mode):
+    # Current in mA of the chip in a mode, from the profile (or the old model's figures).
+    if _prof:
+        cpu = _prof["cpu_active_ma"]
+        if mode == "cpu":
+            return cpu
+        if mode == "assoc":
+            return cpu + _prof["radio_rx_ma"]
+        return cpu + _prof["radio_listen_ma"]
+    cpu = _cfg.get("awake_ma", 40)
+    return cpu if mode == "cpu" else cpu + _cfg.get("radio_ma", 90)
+
+
+def _book(phase, ms, ma):
+    # Ledger entry: ms of `phase` at ma milliamps, in micro-amp-hours (mA * ms / 3600).
+    e = _ledger.get(phase)
+    if e is None:
+        e = _ledger[phase] = [0, 0.0]
+    e[0] += ms
+    e[1] += ma * ms / 3600.0
+
+
+def _close_phase():
+    # Book the real time spent in the open phase at the current mode's current.
+    global _phase_t
+    now = _time.ticks_ms()
+    ms = _time.ticks_diff(now, _phase_t)
+    if ms > 0:
+        _book(_phase, ms, _ma("radio" if _radio else "cpu"))
+    _phase_t = now
+
+
+def phase(name):
+    """Mark the start of a wake phase for the energy ledger ("sample", "publish", "listen",
+    ...); the time until the next mark is booked to it. Optional: a no-op on real boards."""
+    global _phase
+    _load()
+    _close_phase()
+    _phase = name
+
+
+def _charge(name, ms, mode, wait=True):
+    # Charge `ms` of chip time to phase `name`: a real delay of ms divided by the field's
+    # time compression (the rest is added to the clocks), or no delay at all when the
+    # firmware does not wait for it (boot before the app, flash timing). Back to the open
+    # phase afterwards.
+    global _skip_ms, _phase_t
+    _close_phase()
+    if ms <= 0:
+        return
+    waited = 0
+    if wait:
+        waited = int(ms / max(1.0, _field.get("awake_scale", 1.0)))
+        if waited > 0:
+            _time.sleep_ms(waited)
+    _skip_ms += ms - waited
+    _book(name, ms, _ma(mode))
+    _phase_t = _time.ticks_ms()
+
+
+def ledger():
+    """This wake's energy ledger so far: {phase: (ms, uAh)} (sim only)."""
+    _load()
+    _close_phase()
+    return {k: (v[0], v[1]) for k, v in _ledger.items()}
+
+
+def pk_op(kind):
+    """Charge one public-key operation outside TLS ("ed25519_verify") its profile time."""
+    _load()
+    if _prof:
+        _charge(kind, _prof.get(kind + "_ms", 0), "cpu")
+
+
 # ---- radio ----
 
-def radio_up(ssid, password, deadline_ms):
-    """Join the network within deadline_ms; the sim's network is the host's."""
+def _rand(salt):
+    # Deterministic per node, run and salt: a value in [0, 1).
+    return _mix(_mix(_seed(), _state.get("runs", 0)), salt) / 4294967296.0
+
+
+def _outage(now_ms):
+    for w in _field.get("outages", ()):
+        if w[0] <= now_ms < w[1]:
+            return True
+    return False
+
+
+def radio_up(ssid, password, deadline_ms, hint=None):
+    """Join the network within deadline_ms. `hint` is what a previous success returned
+    (channel and BSSID, kept by the firmware in RTC memory): with the right one the board
+    associates in the profile's preset time, with a stale one it falls back to a full scan.
+    Returns the hint to keep, (channel, bssid), on success, False on failure."""
     global _radio
     _load()
     radio = _cfg.get("radio", {})
     _battery_account()
     _radio = True
     _battery_account()
-    wait = min(deadline_ms, radio.get("connect_ms", 0))
-    if not radio.get("available", True):
-        wait = deadline_ms
-    if wait > 0:
-        _time.sleep_ms(wait)
-    if not radio.get("available", True):
+    _close_phase()
+    if not _prof:
+        wait = min(deadline_ms, radio.get("connect_ms", 0))
+        if not radio.get("available", True):
+            wait = deadline_ms
+        if wait > 0:
+            _time.sleep_ms(wait)
+        _close_phase()
+        if not radio.get("available", True):
+            radio_down()
+            return False
+        return (_AP_CHANNEL, _AP_BSSID)
+    good = (_AP_CHANNEL, _AP_BSSID)
+    need = _prof["wifi_cold_ms"]
+    if hint and hint[0] == _AP_CHANNEL and bytes(hint[1]) == _AP_BSSID:
+        need = _prof["wifi_preset_ms"]
+    elif hint:
+        need += _prof["wifi_preset_ms"]  # the preset channel/BSSID is tried first, in vain
+    down = not radio.get("available", True) or _outage(virtual_ms())
+    if not down and _rand(0xA550C) < _field.get("assoc_fail_rate", 0.0):
+        down = True
+    if down or need > deadline_ms:
+        # No AP answers (or too slow): the board tries until the deadline.
+        _charge("assoc", deadline_ms, "assoc")
         radio_down()
         return False
-    return True
+    _charge("assoc", need, "assoc")
+    if _phase == "boot" or _phase == "sample":
+        phase("publish")
+    return good
 
 
 def radio_down():
     global _radio
     if _radio:
+        _close_phase()
         _battery_account()
         _radio = False
         _battery_account()
+
+
+class _SimTls:
+    # The port's `tls` module with each handshake charged the profile's time: installed as
+    # sys.modules["tls"] by init() when the profile has one, before firmware imports it.
+    def __init__(self, real, ms):
+        self._real = real
+        self._ms = ms
+
+    def __getattr__(self, name):
+        if name == "SSLContext":
+            return self._context
+        return getattr(self._real, name)
+
+    def _context(self, protocol):
+        return _SimContext(self._real.SSLContext(protocol), self._ms)
+
+
+class _SimContext:
+    def __init__(self, ctx, ms):
+        self._ctx = ctx
+        self._ms = ms
+
+    def load_cert_chain(self, cert, key):
+        return self._ctx.load_cert_chain(cert, key)
+
+    def load_verify_locations(self, *args, **kw):
+        return self._ctx.load_verify_locations(*args, **kw)
+
+    def __setattr__(self, name, value):
+        if name in ("_ctx", "_ms"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._ctx, name, value)
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def wrap_socket(self, sock, *args, **kw):
+        # The handshake's public-key work (ECDHE, the certificate chain, CertificateVerify)
+        # blocks the chip's CPU for the profile's time; on the PC it takes milliseconds.
+        _charge("tls", self._ms, "radio")
+        return self._ctx.wrap_socket(sock, *args, **kw)
+
+
+def _install_tls():
+    global _tls
+    if _tls is not None or not _prof or _prof.get("tls_ms", 0) <= 0:
+        return
+    try:
+        import tls as real
+    except ImportError:
+        return
+    _tls = _SimTls(real, _prof["tls_ms"])
+    sys.modules["tls"] = _tls
+
+
+def _flash_ms():
+    # Chip time of this wake's flash writes: erases and 256-byte page programs.
+    if not _prof or _bdev is None:
+        return 0
+    pages = (_bdev.prog_bytes + 255) // 256
+    return int(_bdev.erase_count * _prof["flash_erase_4k_ms"] + pages * _prof["flash_program_256_ms"])
+
+
+# The order phases are printed in; the firmware may mark others with phase().
+_PHASES = ("boot", "sample", "assoc", "tls", "publish", "listen", "flash", "sleep")
+
+
+def _ledger_line(sleep_ms):
+    # "L <phase>=<ms>:<uAh> ... total=<uAh>": one line per wake in the node log.
+    global _skip_ms
+    _close_phase()
+    fl = _flash_ms()
+    if fl:
+        _book("flash", fl, _ma("cpu"))
+        _skip_ms += fl
+    if sleep_ms:
+        ua = _prof["deep_sleep_ua"] if _prof else _cfg.get("sleep_ua", 10)
+        _ledger["sleep"] = [sleep_ms, ua * sleep_ms / 3600000.0]
+    total = 0.0
+    parts = []
+    names = [k for k in _PHASES if k in _ledger] + [k for k in _ledger if k not in _PHASES]
+    for k in names:
+        e = _ledger[k]
+        total += e[1]
+        parts.append("%s=%d:%.3f" % (k, e[0], e[1]))
+    sys.stdout.write("L %s total=%.3f\n" % (" ".join(parts), total))
+    return total
 
 
 # ---- sleep, RTC memory, clock ----
@@ -314,13 +560,20 @@ def _control(line):
 def deep_sleep(ms):
     """End this run; the supervisor restarts the node after ms of virtual time, RAM lost."""
     global _radio
-    _radio = False
-    _battery_account()
-    _battery["mode"] = "sleep"
-    _write_json("battery.json", _battery)
     if _bdev is not None:
         # Flash wear of this wake, for benchmarks: bytes programmed, blocks erased.
         sys.stdout.write("F prog=%d erase=%d\n" % (_bdev.prog_bytes, _bdev.erase_count))
+    radio_down()
+    total = _ledger_line(ms)
+    _battery_account()
+    if _prof:
+        # The battery drains by the ledger: this wake's phases and the coming sleep.
+        _battery["used_uah"] = _battery.get("ledger_uah", _battery["used_uah"]) + total
+        _battery["ledger_uah"] = _battery["used_uah"]
+    _battery["mode"] = "sleep"
+    _write_json("battery.json", _battery)
+    if _skip_ms:
+        _control("skip %d" % _skip_ms)
     _control("sleep %d" % ms)
     # SystemExit skips `except Exception`; the supervisor also kills a process that lingers.
     sys.exit(EXIT_DEEP_SLEEP)
@@ -352,9 +605,19 @@ def rtc_memory_write(data):
     os.rename(tmp, path)
 
 
+def _rtc_ms():
+    # The node's RTC before set_time's correction: with a profile, the supervisor keeps it
+    # (cold-boot value after a power-on, drifting in deep sleep); else the true time.
+    _load()
+    base = _state.get("rtc_ms")
+    if base is None:
+        return virtual_ms()
+    return base + _time.ticks_diff(_time.ticks_ms(), _t0_ticks) + _skip_ms
+
+
 def time_ms():
-    """The node's wall clock in unix milliseconds (virtual time plus set_time's correction)."""
-    return virtual_ms() + _clock_offset_ms
+    """The node's wall clock in unix milliseconds (its RTC plus set_time's correction)."""
+    return _rtc_ms() + _clock_offset_ms
 
 
 def time():
@@ -363,7 +626,7 @@ def time():
 
 def set_time(seconds):
     global _clock_offset_ms
-    _clock_offset_ms = seconds * 1000 - virtual_ms()
+    _clock_offset_ms = seconds * 1000 - _rtc_ms()
     _write_json("clock.json", {"offset_ms": _clock_offset_ms})
 
 
@@ -391,6 +654,9 @@ def button():
 def watchdog_start(timeout_ms):
     """The supervisor ends the process (exit kind `watchdog`) if not fed within timeout_ms."""
     global _wdt_ms
+    _load()
+    if _prof and _prof.get("watchdog_max_ms", 0):
+        timeout_ms = min(timeout_ms, _prof["watchdog_max_ms"])  # the RP2's counter clamps
     _wdt_ms = timeout_ms
     _control("wdt %d" % timeout_ms)
 

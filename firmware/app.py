@@ -28,6 +28,10 @@ BACKOFF_BASE_S = const(30)
 BACKOFF_MAX_S = const(3600)
 CONFIG_ERROR_SLEEP_S = const(3600)
 WRAP_UP_MS = const(100)  # of the awake budget: closing the session, the report, sleep
+# The hardware watchdog bites at the awake budget plus this: the bootloader before the app
+# and the wrap-up after the budget. Only the wake cycle feeds it, at each of its steps.
+WDT_MARGIN_MS = const(5000)
+WDT_SLICE_MS = const(1000)  # a listen longer than the budget (stay_awake) feeds this often
 _TOPIC_SLACK = const(96)  # MQTT header + topic in front of a frame in the transmit buffer
 
 STOP = const(1)
@@ -57,40 +61,6 @@ def _topic(t, off, dev, suffix):
 
 def _u32(b, o):
     return b[o] | (b[o + 1] << 8) | (b[o + 2] << 16) | (b[o + 3] << 24)
-
-
-# ACK and SLEEP_NOW come in every sending wake. Their fixed fields are read in place from
-# the receive buffer when the frame has the plain shape the codec would accept (the decoder
-# builds a tuple, a list and views for them, about 600 bytes): the header with this
-# protocol's major version, the u32 that follows, for ACK an empty selective list, then
-# only the known optional fields, each once, in tag order, at the size the spec gives it
-# (tag, size pairs below, from shared/protocol/torpor.toml). Any other frame goes to the
-# codec, which accepts or refuses it as before.
-_ACK_FIXED = const(11)  # header, cumulative u32, selective count (a one-byte varint)
-_ACK_OPTIONAL = b"\x03\x04\x04\x01"  # time (tag 3, u32), pending (tag 4, u8)
-_SLEEP_NOW_FIXED = const(10)  # header, sleep_s u32
-_SLEEP_NOW_OPTIONAL = b"\x02\x01"  # pending (tag 2, u8)
-
-
-def _plain(p, off, optional):
-    """True when frame p from byte off holds only fields of `optional`, as described above."""
-    import proto  # loaded by send()
-
-    n = len(p)
-    if n < off or n > proto.MAX_FRAME or p[0] >> 4 != proto.MAJOR:
-        return False
-    j = 0
-    while off < n:
-        if off + 2 > n:
-            return False
-        tag = p[off]
-        while j < len(optional) and optional[j] != tag:
-            j += 2
-        if j == len(optional) or p[off + 1] != optional[j + 1] or off + 2 + optional[j + 1] > n:
-            return False
-        j += 2
-        off += 2 + p[off + 1]
-    return True
 
 
 def _ms_since(t):
@@ -142,16 +112,23 @@ class Wake:
         self.cfg = cfg = config.Config(board.FS_ROOT)
         self.st = st = state.State(board, board.FS_ROOT)
         self.now = board.time()
+        # Armed before anything that can hang (flash, sensors, radio, DNS, TLS); under the
+        # bootloader this re-arms the watchdog it started for its checks.
+        try:
+            board.watchdog_start(cfg.awake_budget_ms + WDT_MARGIN_MS)
+        except Exception as e:  # a port that cannot re-arm: the bootloader's timeout stands
+            log.warn("watchdog not re-armed: %r", e)
+            board.watchdog_feed()
         # The flash queue's resume record (docs/firmware.md) is taken only from a wake that
         # ended as planned, and only on a wake from deep sleep: any other boot reads the
         # queue from flash.
         resume = None
         if self.cause == board.TIMER and st.rtc_valid and st.boots_incomplete == 0:
             resume = st.rtc_extra
-        st.boots_incomplete += 1
-        # The boots before this one all ended without a planned sleep: stop doing the
-        # work that may be crashing, and only listen for a fix.
-        self.safe = st.boots_incomplete > cfg.safe_mode_after
+        # The boots before this one all ended without a planned sleep: stop doing the work
+        # that may be crashing, and only listen for a fix (an image, a configuration). Safe
+        # mode stays until one comes: the node does not alternate crashes and safe wakes.
+        self.safe = st.count_boot(self.cause == board.TIMER, cfg.safe_mode_after)
         st.save_rtc()
         self.mv = board.battery_mv()
         self.period = cfg.sample_interval_s
@@ -159,6 +136,12 @@ class Wake:
             self.period *= LOW_BATTERY_STRETCH
         self.q = flashq.FlashQueue(board.FS_ROOT + "/queue", RECORD_SIZE, cfg.max_queue,
                                    first_id=cfg.first_reading_id, resume=resume)
+        st.queue = self.q
+        if not st.clock_set and not st.epoch_id:
+            # A power-on: the clock counts from the chip's cold value until the gateway
+            # sets it; readings from this id on are stamped in that count.
+            st.epoch_id = self.q.next_id
+            st.save_rtc()
         self.ms_boot = _ms_since(self.t0)
         log.info(
             "boot cause=%d safe=%d incomplete=%d depth=%d mv=%d resumed=%d",
@@ -187,7 +170,12 @@ class Wake:
         """An early wake (the gateway had more for us) falls in the grid slot an earlier
         wake already sampled: one reading per slot keeps bursts evenly spaced."""
         last = self.st.last_wake
-        return bool(last) and self.slot(last) == self.slot(self.now)
+        if not last:
+            return False
+        g = self.slot(last)
+        # A wake more than 1 s off its grid point (its clock was set meanwhile) took its
+        # own time, not the point's.
+        return -1 <= g - last <= 1 and g == self.slot(self.now)
 
     def sample(self):
         t1 = time.ticks_ms()
@@ -195,7 +183,12 @@ class Wake:
         temp, hum = board.read_sensors()
         temp = max(-32768, min(32767, temp))
         hum = max(0, min(65535, hum))
-        ts = self.slot(self.now)
+        # On the grid when the wake is on time (a regular burst packs small), the true time
+        # otherwise: a late wake's reading is stamped when it was taken.
+        ts = self.now
+        g = self.slot(ts)
+        if -1 <= g - ts <= 1:
+            ts = g
         rec = bytearray(RECORD_SIZE)
         struct.pack_into(wire.RECORD_ENV3, rec, 0, ts, temp, hum, min(self.mv, 65535))
         self.alarm = bool(cfg.priority_alarm) and (
@@ -257,8 +250,8 @@ class Wake:
         self.session_ok = False
         self.hint = 0
         try:
-            if not board.radio_up(cfg.wifi_ssid, cfg.wifi_password, max(0, time.ticks_diff(budget, t1))):
-                raise OSError("radio did not come up")
+            self._radio_up(budget)
+            board.watchdog_feed()
             ctx = mqtt.make_tls_context(cfg.read_file("cert"), cfg.read_file("key"), cfg.read_file("ca"))
             client = mqtt.MQTTClient(
                 cfg.device_id, cfg.broker_host, cfg.broker_port, ssl=ctx,
@@ -266,6 +259,7 @@ class Wake:
                 # The gateway holds downlink for a sleeping node (it is the store), so the
                 # broker keeps no session: no stale frames of an earlier window arrive.
                 clean_session=True, max_packet=size + _TOPIC_SLACK, headroom=_TOPIC_SLACK,
+                addr=st.broker_ip or None,
             )
             self.out = client.out
             # Room for what is queued now (a burst holds at most MAX_READINGS): 64 readings
@@ -274,7 +268,18 @@ class Wake:
             self.recs = client.spare(need) or bytearray(need)
             a = gc.mem_alloc()
             # A Will for crashes and lost links only: a planned sleep ends with DISCONNECT.
-            client.connect(budget, will=(status, b"lost", 1, False))
+            try:
+                client.connect(self._step_end(budget), will=(status, b"lost", 1, False))
+            except OSError:
+                if not st.broker_ip:
+                    raise
+                # The cached address failed: resolve the name again, once.
+                log.info("cached broker address failed; resolving %s", cfg.broker_host)
+                st.broker_ip = b""
+                client.addr = None
+                client.connect(self._step_end(budget), will=(status, b"lost", 1, False))
+            st.broker_ip = client.ip
+            board.watchdog_feed()
             self.tls_alloc = gc.mem_alloc() - a
             self.bytes_conn = client.bytes_out + client.bytes_in
             # The SUBACK is taken after the publishes: its round trip overlaps them.
@@ -292,7 +297,7 @@ class Wake:
             client.suback(budget)
             self.ms_publish = _ms_since(t2)
             t3 = time.ticks_ms()
-            self._listen(client, budget)
+            budget = self._listen(client, budget)
             ota.after_window(client, self)
             client.wait_pubacks(budget)
             # Every result, old or from this window, reached the broker.
@@ -322,6 +327,47 @@ class Wake:
             st.next_try = self.now + min(back, BACKOFF_MAX_S)
             st.pending_hint = 0
             log.info("retry after %d s (failures=%d)", st.next_try - self.now, st.fails)
+            if ota.trial_unreached():
+                log.info("trial image: gateway out of reach, not held against it")
+
+    def _step_end(self, budget):
+        # The end of one step the watchdog is not fed in (radio, TLS + MQTT connect): the
+        # budget, or sooner on a board whose watchdog cannot wait that long (RP2: 8.4 s), so
+        # that a dead network fails the step instead of resetting the node.
+        wdt = getattr(board, "WDT_MAX_MS", 0)
+        if wdt and wdt < self.cfg.awake_budget_ms + WDT_MARGIN_MS:
+            return _earlier(budget, time.ticks_add(time.ticks_ms(), wdt - 1000))
+        return budget
+
+    def _radio_up(self, budget):
+        # The last association's channel and BSSID (RTC memory) make it a fast one; a board
+        # that keeps no hint answers True and gets none back.
+        cfg = self.cfg
+        st = self.st
+        ms = max(0, time.ticks_diff(self._step_end(budget), time.ticks_ms()))
+        hint = st.wifi_hint()
+        if hint is None:
+            r = board.radio_up(cfg.wifi_ssid, cfg.wifi_password, ms)
+        else:
+            r = board.radio_up(cfg.wifi_ssid, cfg.wifi_password, ms, hint)
+        if not r:
+            st.keep_wifi_hint(None)  # the next try scans
+            raise OSError("radio did not come up")
+        st.keep_wifi_hint(r if isinstance(r, tuple) else None)
+
+    def next_listen_s(self, sleep_s):
+        """Seconds from now until the node next connects: the wake whose count or age makes
+        a send due, assuming this wake's send succeeds (the gateway counts missed wakes from
+        it). Alarms and failures make it sooner or later, and the next HELLO says so."""
+        cfg = self.cfg
+        if self.safe or ota.on_trial() or self.hint or self.st.pending_hint:
+            return sleep_s
+        left = self.q.depth - min(self.q.depth, MAX_BURSTS * MAX_READINGS)
+        if left:
+            return sleep_s  # more than one wake sends: the next one is early (pending hint)
+        p = max(1, self.period)
+        k = min(cfg.send_every, 1 + (cfg.send_max_age_s + p - 1) // p)
+        return sleep_s + (max(1, k) - 1) * p
 
     def _publish_hello(self, client, budget):
         import proto  # loaded by send()
@@ -329,16 +375,18 @@ class Wake:
         cfg = self.cfg
         st = self.st
         ota_state, ota_reason = ota.hello_state()
+        sleep_s = self.plan_sleep() // 1000
         n = proto.encode_hello(
             self.out, st.msg_id(), ota.fw_version(cfg.fw_version), self.cause, min(self.mv, 65535),
             max(-128, min(127, board.rssi())), gc.mem_free(), min(self.q.depth, 65535),
-            self.q.dropped, self.plan_sleep() // 1000, cfg.awake_window_ms, board.time(),
+            self.q.dropped, sleep_s, cfg.awake_window_ms, board.time(),
             cfg.device_class, config_version=cfg.version, ota_state=ota_state,
             ota_reason=ota_reason, safe_mode=self.safe,
             boots_without_send=min(st.boots_without_send, 255),
             # Every id up to the queue's floor is acknowledged or was dropped here: the
             # gateway stops waiting for the dropped ones.
-            first_id=self.q.floor + 1,
+            first_id=self.q.floor + 1, next_listen_s=self.next_listen_s(sleep_s),
+            clock_unset=not st.clock_set,
         )
         client.publish_out(self.up_topic, n, 1, False, budget)
 
@@ -353,6 +401,7 @@ class Wake:
             first = self.q.run_first
             if not count:
                 return
+            count, node_clock = self._clock_run(first, count)
             interval = self.period
             if count > 1:
                 interval = _u32(self.recs, RECORD_SIZE) - _u32(self.recs, 0)
@@ -361,7 +410,8 @@ class Wake:
             n = 0
             while count:
                 try:
-                    n = proto.encode_burst(self.out, first, proto.SCHEMA_ENV3, interval, self.recs, count)
+                    n = proto.encode_burst(self.out, first, proto.SCHEMA_ENV3, interval, self.recs, count,
+                                           node_clock)
                     break
                 except IndexError:
                     # Did not fit the class's max_message: fewer readings in this burst.
@@ -377,6 +427,27 @@ class Wake:
         if self.q.read_run(self.recs, after):
             self.hint = 1
 
+    def _clock_run(self, first, count):
+        """(count, node_clock) for the run of ids first.. in recs: cut where the stamps change
+        clock; readings stamped in the chip's own count before the clock was set travel
+        shifted by the step that set it, or flagged node_clock while it is not set yet."""
+        st = self.st
+        lo = st.epoch_id
+        if not lo:
+            return count, False
+        if first < lo:
+            return min(count, lo - first), False
+        if not st.clock_set:
+            return count, True
+        hi = st.sync_id
+        if first >= hi:
+            return count, False
+        count = min(count, hi - first)
+        for i in range(count):
+            o = i * RECORD_SIZE
+            struct.pack_into("<I", self.recs, o, (_u32(self.recs, o) + st.sync_off) & 0xFFFFFFFF)
+        return count, False
+
     def _drain(self, client):
         # Handle downlink that arrived while publishing, so the client's inbox never fills.
         while True:
@@ -386,21 +457,32 @@ class Wake:
             self._on_down(client, m)
 
     def _listen(self, client, budget):
-        # Until SLEEP_NOW with every published reading acknowledged (the gateway may say
-        # SLEEP_NOW in answer to HELLO, before the bursts' ACK), or the window ends.
+        """Until SLEEP_NOW with every published reading acknowledged (the gateway may say
+        SLEEP_NOW in answer to HELLO, before the bursts' ACK), or the window ends. A
+        stay_awake keeps the node connected and listening until it ends, SLEEP_NOW or not.
+        Returns the budget left for closing the session."""
         window = time.ticks_add(time.ticks_ms(), self.cfg.awake_window_ms)
-        while not (self.stop and (self.q.floor >= self.sent_top or not self.sent)):
-            end = _earlier(window, budget)
+        awake = None  # when the stay_awake in force ends
+        while True:
+            now = time.ticks_ms()
             if self.effects.stay_awake_ms:
-                # stay_awake overrides the window and the budget: an operator asked for it.
-                end = time.ticks_add(time.ticks_ms(), self.effects.stay_awake_ms)
-                window = budget = end
+                # An operator asked for it: it overrides the window and the budget.
+                awake = time.ticks_add(now, self.effects.stay_awake_ms)
                 self.effects.stay_awake_ms = 0
-                self.stop = False
-            m = client.wait_payload(end)
-            if m is None:
-                return  # the window (or the budget) is over
-            self._on_down(client, m)
+                budget = time.ticks_add(awake, self.cfg.awake_budget_ms)
+                log.info("staying awake for %d ms", time.ticks_diff(awake, now))
+            if awake is None:
+                if self.stop and (self.q.floor >= self.sent_top or not self.sent):
+                    return budget
+                end = _earlier(window, budget)
+            else:
+                end = awake
+            if time.ticks_diff(end, now) <= 0:
+                return budget  # the window (or the budget, or the stay) is over
+            m = client.wait_payload(_earlier(end, time.ticks_add(now, WDT_SLICE_MS)))
+            board.watchdog_feed()
+            if m is not None:
+                self._on_down(client, m)
 
     def _on_down(self, client, payload):
         import proto  # loaded by send()
@@ -408,12 +490,16 @@ class Wake:
         # payload is a view into the client's receive buffer. OTA frames are rare and
         # large, and their fields go to the slot code: they get a copy of their own.
         t = payload[1] if len(payload) > 1 else 0
-        if t == proto.ACK and _plain(payload, _ACK_FIXED, _ACK_OPTIONAL) and payload[10] == 0:
-            self._on_ack(_u32(payload, 6), ())
+        # ACK and SLEEP_NOW come in every sending wake: read in place when plain (the decoder
+        # builds a tuple, a list and views for them, about 600 bytes).
+        end = proto.in_place(payload)
+        if end and t == proto.ACK:
+            o = proto.opt_at(payload, end, proto.ACK_TAG_TIME)
+            self._on_ack(_u32(payload, proto.ACK_AT_CUMULATIVE), (), _u32(payload, o) if o else 0)
             return 0
-        if t == proto.SLEEP_NOW and _plain(payload, _SLEEP_NOW_FIXED, _SLEEP_NOW_OPTIONAL):
-            # plain: 13 bytes only with the pending field, its value last
-            return self._on_sleep_now(_u32(payload, 6), payload[12] if len(payload) == 13 else 0)
+        if end and t == proto.SLEEP_NOW:
+            o = proto.opt_at(payload, end, proto.SLEEP_NOW_TAG_PENDING)
+            return self._on_sleep_now(_u32(payload, proto.SLEEP_NOW_AT_SLEEP_S), payload[o] if o else 0)
         if t == proto.OTA_MANIFEST or t == proto.OTA_CHUNK:  # no tuple per packet
             payload = bytes(payload)
         try:
@@ -422,11 +508,12 @@ class Wake:
             log.warn("bad downlink frame: %s", e)
             return 0
         if ftype == proto.ACK:
-            self._on_ack(f[proto.ACK_CUMULATIVE], f[proto.ACK_SELECTIVE])
+            self._on_ack(f[proto.ACK_CUMULATIVE], f[proto.ACK_SELECTIVE], f[proto.ACK_TIME])
         elif ftype == proto.COMMAND:
             import commands  # loaded by send()
 
-            n = commands.execute(f, self.cfg, self.st, board, self.effects, self.out, self.st.msg_id())
+            n = commands.execute(f, self.cfg, self.st, board, self.effects, self.out, self.st.msg_id(),
+                                 self.safe)
             log.info("command %d op=%d -> status=%d", f[proto.COMMAND_COMMAND_ID], f[proto.COMMAND_OP], self.out[10])
             client.publish_out(self.up_topic, n, 1)
         elif ftype == proto.SHADOW_DELTA:
@@ -440,6 +527,10 @@ class Wake:
                 log.warn("shadow delta refused: %s", err)
             else:
                 self.period = self.cfg.sample_interval_s
+                if self.st.safe:
+                    # The operator's configuration is the fix to try: leave safe mode.
+                    self.st.leave_safe_mode()
+                    log.info("safe mode left: new configuration v%d", self.cfg.version)
             n = proto.encode_shadow_report(self.out, self.st.msg_id(), self.cfg.version, self.cfg.report())
             client.publish_out(self.up_topic, n, 1)
         elif ftype == proto.SLEEP_NOW:
@@ -452,12 +543,28 @@ class Wake:
             log.info("downlink frame type %d not handled by the app", ftype)
         return 0
 
-    def _on_ack(self, cumulative, selective):
-        ota.on_ack()
+    def _on_ack(self, cumulative, selective, t=0):
+        if t:
+            self._set_clock(t)
+        if ota.on_ack() and self.st.safe:
+            self.st.leave_safe_mode()  # a new image confirmed: it is the fix
+            log.info("safe mode left: new image confirmed")
         self.q.ack(cumulative, selective)
         # ACK's `pending` counts frames that follow in this window: no reason to wake
         # early. Only SLEEP_NOW's `pending` (items left for a later wake) is.
         log.info("ack cumulative=%d depth=%d", cumulative, self.q.depth)
+
+    def _set_clock(self, t):
+        # Every HELLO's ACK carries the gateway's time: the clock is set on every send, so
+        # its error is at most the drift since the last one.
+        was = self.st.clock_set
+        step = self.st.set_clock(t)
+        if step is None:
+            log.warn("gateway time %d refused: not a plausible time", t)
+            return
+        self.now += step  # the wake's start, on the clock it now keeps
+        if not was or step > 2 or step < -2:
+            log.info("clock set from the gateway: %d s step", step)
 
     def _on_sleep_now(self, sleep_s, pending):
         self.sleep_req = sleep_s
@@ -474,8 +581,14 @@ class Wake:
         if self.sleep_req:
             ms = self.sleep_req * 1000
         else:
-            nxt = self.slot(self.now) + self.period
-            ms = nxt * 1000 - now_ms
+            # The grid point after the one this wake sampled (sample() stamps it when within
+            # 1 s). A wake whose clock was set meanwhile may lie far from the nearest one:
+            # when that lies ahead, the next wake takes it.
+            p = self.period
+            g = self.slot(self.now)
+            if g - self.now > 1:
+                g -= p
+            ms = (g + p) * 1000 - now_ms
             while ms < 1000:
                 ms += self.period * 1000
         if self.hint or (self.st is not None and self.st.pending_hint):
@@ -517,6 +630,7 @@ def run():
         w.boot()
         if not w.safe and not w.slot_sampled():
             w.sample()
+        board.watchdog_feed()
         why = w.send_due()
         if why:
             w.send(why)
@@ -534,7 +648,7 @@ def run():
     st = w.st
     if st is not None:
         if completed:
-            st.boots_incomplete = 0
+            st.finish_boot()
         st.last_wake = w.now
         st.save_rtc(w.q.snapshot(state.RTC_SIZE) if completed and w.q is not None else None)
     _report(w, sleep_ms, a0)

@@ -18,6 +18,9 @@ import slots  # noqa: E402
 from micropython import const  # noqa: E402
 
 NO_IMAGE_SLEEP_MS = const(3600000)  # nothing verifiable to run: try again in an hour
+# The watchdog from the first line: the checks (an Ed25519 verification on a power-on, every
+# hash on a trial boot) until the app arms it for its own budget. RP2 clamps it to 8.4 s.
+BOOT_WDT_MS = const(20000)
 
 
 def _log(msg):
@@ -70,7 +73,18 @@ def choose(root, cause):
     reason, m = slots.check(root, st["active"], False, use_seal=cause == board.TIMER)
     if reason or m["version"] != st["ver"]:
         _log("confirmed slot %s does not check out: reason %d" % (st["active"], reason))
-        return None
+        # The other slot (the image before the last update, say) runs if it verifies
+        # completely; only when neither does the node sleep and retry.
+        alt = bootstate.other(st["active"])
+        r2, m2 = slots.check(root, alt, True)
+        if r2:
+            _log("slot %s does not check out either: reason %d" % (alt, r2))
+            return None
+        _log("falling back to slot %s v%d" % (alt, m2["version"]))
+        bootstate.fall_back(st, alt, m2["version"], reason or bootstate.BAD_MANIFEST)
+        bootstate.save(root, st)
+        _keep_report(st)
+        return alt, m2["version"], False
     _keep_report(st)
     return st["active"], st["ver"], False
 
@@ -107,6 +121,7 @@ def run():
     t0 = time.ticks_ms()
     bootstate.alloc0 = _ALLOC0
     board.init()
+    board.watchdog_start(BOOT_WDT_MS)
     root = board.FS_ROOT
     if root == "/":
         _no_mtime()

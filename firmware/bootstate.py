@@ -4,35 +4,42 @@
 # the record is the old one or the new one, never a mix. docs/bootloader.md has the table.
 import json
 import os
+import sys
 
+import bootwire
 from micropython import const
 
-BOOTLOADER_VERSION = const(1)
+# The bootloader's version, the manifest limit and the protocol's ota_state and ota_reason
+# values come from bootwire.py, generated from the spec and installed with the bootloader:
+# the bootloader cannot import proto.py (that lives in the image it checks).
+BOOTLOADER_VERSION = bootwire.BOOTLOADER_VERSION
+MAX_MANIFEST = bootwire.MAX_MANIFEST
 
-# Values of the protocol's ota_state and ota_reason enums (shared/protocol/torpor.toml).
-# The bootloader cannot import the generated proto.py (that lives in the image it checks);
-# a test keeps these equal to the spec.
-IDLE = const(0)
-TRIAL = const(3)
-CONFIRMED = const(4)
-REVERTED = const(5)
+IDLE = bootwire.IDLE
+TRIAL = bootwire.TRIAL
+CONFIRMED = bootwire.CONFIRMED
+REVERTED = bootwire.REVERTED
 
-NONE = const(0)
-BAD_SIGNATURE = const(1)
-UNKNOWN_KEY = const(2)
-BAD_HASH = const(3)
-MISSING_FILE = const(4)
-WRONG_BOARD = const(5)
-DOWNGRADE = const(6)
-TRUNCATED = const(7)
-HEALTH_CHECK = const(9)
-CRASHED = const(10)
-NO_SPACE = const(11)
-BAD_MANIFEST = const(12)
+NONE = bootwire.NONE
+BAD_SIGNATURE = bootwire.BAD_SIGNATURE
+UNKNOWN_KEY = bootwire.UNKNOWN_KEY
+BAD_HASH = bootwire.BAD_HASH
+MISSING_FILE = bootwire.MISSING_FILE
+WRONG_BOARD = bootwire.WRONG_BOARD
+DOWNGRADE = bootwire.DOWNGRADE
+TRUNCATED = bootwire.TRUNCATED
+HEALTH_CHECK = bootwire.HEALTH_CHECK
+CRASHED = bootwire.CRASHED
+NO_SPACE = bootwire.NO_SPACE
+BAD_MANIFEST = bootwire.BAD_MANIFEST
 
 # Boot causes of the Board API that mean "the trial image crashed or hung".
-_CAUSE_WATCHDOG = const(2)
-_CAUSE_CRASH = const(3)
+_CAUSE_WATCHDOG = bootwire.WATCHDOG
+_CAUSE_CRASH = bootwire.CRASH
+# What the bootloader needs is copied above: the module's own table of every value need not
+# stay on the heap for the whole wake.
+del bootwire
+sys.modules.pop("bootwire", None)
 
 # (slot, version, on_trial) of the image the bootloader started in this process; None when
 # the firmware runs without the bootloader (tests, development from source).
@@ -44,6 +51,11 @@ alloc0 = None
 report = None
 
 _KEYS = ("active", "ver", "floor", "trial", "tver", "tboots", "max", "ota", "reason", "rver", "seq")
+# Keys added later, with the value a record written before them means.
+_LATER = (("nonet", 0), ("nmax", 0))
+# Trial boots that may end without reaching the gateway because the network was down
+# (a Wi-Fi or gateway outage) before the trial is given up: a day of hourly wakes.
+OUTAGE_BOOTS = const(24)
 
 
 # Everything the bootloader keeps on flash lives under this one directory: the state record,
@@ -72,6 +84,8 @@ def new(slot, version):
         "reason": NONE,  # and its ota_reason
         "rver": 0,  # version the outcome concerns
         "seq": 0,  # bumped by every save
+        "nonet": 0,  # trial boots that ended cleanly with the gateway out of reach
+        "nmax": 0,  # of those, how many the trial may use
     }
 
 
@@ -104,7 +118,12 @@ def load(root):
             st = json.loads(f.read())
     except (OSError, ValueError):
         return None
-    return st if _valid(st) else None
+    if not _valid(st):
+        return None
+    for k, v in _LATER:
+        if not isinstance(st.get(k), int):
+            st[k] = v
+    return st
 
 
 def save(root, st):
@@ -151,11 +170,13 @@ def remount_without_mtime(bdev, point="/", progsize=0):
 
 # ---- transitions (pure: they change the dict; the caller saves it) ----
 
-def set_trial(st, slot, version, max_boots=1):
+def set_trial(st, slot, version, max_boots=1, outage_boots=OUTAGE_BOOTS):
     st["trial"] = slot
     st["tver"] = version
     st["tboots"] = 0
     st["max"] = max_boots if max_boots > 0 else 1
+    st["nonet"] = 0
+    st["nmax"] = outage_boots if outage_boots > 0 else 0
     st["ota"] = TRIAL
     st["reason"] = NONE
     st["rver"] = version
@@ -163,12 +184,20 @@ def set_trial(st, slot, version, max_boots=1):
 
 def trial_verdict(st, cause):
     """At boot with a trial pending: NONE if the trial image may start (again), else the
-    reason to revert it: it crashed or hung (a watchdog), or used its boots unconfirmed."""
+    reason to revert it: it crashed or hung (a watchdog, at once), or used its boots
+    unconfirmed. A boot the image ended cleanly but could not reach the gateway (the
+    network was down: no_network()) is not held against it, up to `nmax` of them."""
     if st["tboots"] > 0 and (cause == _CAUSE_CRASH or cause == _CAUSE_WATCHDOG):
         return CRASHED
-    if st["tboots"] >= st["max"]:
+    if st["tboots"] - st["nonet"] >= st["max"] or st["nonet"] > st["nmax"]:
         return HEALTH_CHECK
     return NONE
+
+
+def no_network(st):
+    """The trial boot that is running ended its wake cleanly without reaching the gateway."""
+    if st["nonet"] < st["tboots"]:
+        st["nonet"] += 1
 
 
 def count_trial_boot(st):
@@ -180,6 +209,7 @@ def revert(st, reason):
     st["trial"] = ""
     st["tver"] = 0
     st["tboots"] = 0
+    st["nonet"] = 0
     st["ota"] = REVERTED
     st["reason"] = reason
 
@@ -196,9 +226,24 @@ def confirm(st):
     st["trial"] = ""
     st["tver"] = 0
     st["tboots"] = 0
+    st["nonet"] = 0
     st["ota"] = CONFIRMED
     st["reason"] = NONE
     return True
+
+
+def fall_back(st, slot, version, reason):
+    """The confirmed slot failed its check at boot and `slot` (the other one) verifies:
+    it becomes the confirmed image. The floor stays: no update may go below it."""
+    st["rver"] = st["ver"]
+    st["active"] = slot
+    st["ver"] = version
+    st["trial"] = ""
+    st["tver"] = 0
+    st["tboots"] = 0
+    st["nonet"] = 0
+    st["ota"] = REVERTED
+    st["reason"] = reason
 
 
 def clear_report(st):

@@ -26,15 +26,25 @@ def _result(buf, msg_id, command_id, status, code=0, detail="", values=()):
     return proto.encode_command_result(buf, msg_id, command_id, status, code, detail, values)
 
 
-def execute(cmd, cfg, st, board, effects, buf, msg_id):
+def execute(cmd, cfg, st, board, effects, buf, msg_id, safe=False):
     """Run decoded COMMAND `cmd`; encode its COMMAND_RESULT into buf; returns the length.
 
-    The result is recorded in `st` (durable) unless it is a duplicate report.
+    The result is recorded in `st` (durable) unless it is a duplicate report or a refusal
+    in safe mode (the command may run once the node has left it).
     """
     cid = cmd[proto.COMMAND_COMMAND_ID]
     if st.was_executed(cid):
         return _result(buf, msg_id, cid, proto.RESULT_STATUS_DUPLICATE)
+    if safe:
+        # Safe mode listens for a fix (OTA, configuration) and runs nothing else.
+        return _result(buf, msg_id, cid, proto.RESULT_STATUS_REFUSED, 0, "safe mode")
     op = cmd[proto.COMMAND_OP]
+    exp = cmd[proto.COMMAND_EXPIRES_AT]
+    if exp and st.clock_set and board.time() >= exp:
+        # Expired by the gateway's time (the clock was set from this window's ACK).
+        n = _result(buf, msg_id, cid, proto.RESULT_STATUS_EXPIRED, 0, "ttl over")
+        st.record_result(cid, memoryview(buf)[:n])
+        return n
     args = cmd[proto.COMMAND_ARGS]
     status = proto.RESULT_STATUS_OK
     detail = ""
@@ -67,8 +77,12 @@ def execute(cmd, cfg, st, board, effects, buf, msg_id):
     elif op == proto.COMMAND_OP_REBOOT:
         effects.reboot = True
     elif op == proto.COMMAND_OP_SYNC_TIME:
-        board.set_time(args[0] & 0xFFFFFFFF)
-        values = (board.time(),)
+        # The spec's table checked the argument's range; the node's own rule checks that it
+        # is a plausible time.
+        if st.set_clock(args[0]) is None:
+            status, detail = proto.RESULT_STATUS_BAD_ARGS, "not a plausible time"
+        else:
+            values = (board.time(),)
     else:
         status = proto.RESULT_STATUS_UNKNOWN_OP
     n = _result(buf, msg_id, cid, status, 0, detail, values)

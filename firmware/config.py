@@ -31,6 +31,8 @@ SPEC = {
     "low_battery_mv": (3300, "i", 0, 5000),
     "align_s": (0, "i", 0, 86400),
     "safe_mode_after": (5, "i", 1, 255),
+    # trial boots of a new image that may end without reaching the gateway (network down)
+    "trial_outage_boots": (24, "i", 0, 1000),
     "temp_high": (32767, "i", -32768, 32767),
     "temp_low": (-32768, "i", -32768, 32767),
     "humidity_high": (65535, "i", 0, 65535),

@@ -25,6 +25,12 @@
 # needs the older segments (ack, read-out, a drop, flash pressure) first opens the queue
 # the ordinary way, from flash, which is always exact. The caller keeps the record where a
 # power cut loses it (RTC memory) and offers it only after a wake that ended as planned.
+#
+# This module is what every wake runs: append, read-out, ack, snapshot and resume. The
+# rest is imported where it is first needed, so a wake loads its code only if it meets it:
+#   flashq_open     open from flash (listing, state file, counting, repair after a cut)
+#   flashq_compact  rewriting segments: compaction and head-segment merges
+#   flashq_room     a full queue or flash: the drop policy, freeing a block
 import os
 import struct
 
@@ -32,8 +38,8 @@ from micropython import const
 
 NPRIO = const(8)  # priorities 0 (dropped first) .. 7
 _HDR = const(6)
-_MAX_SET = const(24)  # removed ids above the floor kept in the state file (stays inline)
-_ST_HDR = const(20)
+MAX_SET = const(24)  # removed ids above the floor kept in the state file (stays inline)
+ST_HDR = const(20)
 _CHUNK = const(16)  # slots read per readinto()
 _GROUP = const(4)  # full head segments merged into one
 _TAIL = const(6)  # newest segments a snapshot describes: a merge group, the active one and
@@ -43,12 +49,8 @@ _SNAP = "<IIIIHIIIHB"  # magic, next_id, floor, dropped, set size, depth, corrup
 _SNAP_SIZE = const(33)  # segments left out, tail length; then per tail segment:
 _SNAP_SEG = "<IHHIBB"  # first, nslots, nlive, maxid, bad, closed
 _SNAP_SEG_SIZE = const(14)
-_NO_TS = const(0xFFFFFFFF)
+NO_TS = const(0xFFFFFFFF)
 _NO_RAW = (b"", 0, 0)
-
-
-class FlashQueueError(Exception):
-    pass
 
 
 def _u32(b, o):
@@ -135,12 +137,13 @@ class FlashQueue:
     _partial = False  # started from a snapshot: _segs holds only the newest ones
     resumed = False  # this open started from a snapshot (stays True after _full)
     _omitted = 0  # segments older than _segs (partial mode)
-    _oldest = _NO_TS  # timestamp of the oldest live record (partial mode)
+    _oldest = NO_TS  # timestamp of the oldest live record (partial mode)
     _raw = _NO_RAW  # (snapshot, offset, count): older segments not yet made _Seg (see _tail)
     _chunk = None  # read buffer: _CHUNK slots (see _ch)
     _st = None  # state file buffer and path (see _state_buf)
-    _slot2 = None  # a compaction's last removed slot (see _copy_live)
+    _slot2 = None  # a compaction's last removed slot (see flashq_compact)
     _pstate = ""
+    notes = None  # type: list[str] | None  # what open found and repaired (see _note)
     run_first = 0  # first id of the last read_run
 
     def __init__(self, dir, record_size, max_records, seg_records=64, reserve_blocks=6,
@@ -160,10 +163,15 @@ class FlashQueue:
         self._set = []
         self._segs = []
         self._plive = [0] * NPRIO
-        self.notes = []
         self._first_id = first_id
         if not (resume and self._resume(resume)):
             self._open(first_id)
+
+    def _note(self, text):
+        if self.notes:
+            self.notes.append(text)
+        else:
+            self.notes = [text]
 
     # ---- paths and state -------------------------------------------------------------
     def _spath(self, first, prefix="/s"):
@@ -183,31 +191,9 @@ class FlashQueue:
         # The state file's buffer and path, made on first use (a resumed queue that only
         # appends never reads or writes the state file).
         if self._st is None:
-            self._st = bytearray(_ST_HDR + 4 * _MAX_SET + 4)
+            self._st = bytearray(ST_HDR + 4 * MAX_SET + 4)
             self._pstate = self._pdir + "state"
         return self._st
-
-    def _read_state(self):
-        st = self._state_buf()
-        try:
-            with open(self._pstate, "rb") as f:
-                n = f.readinto(st)
-        except OSError:
-            self.notes.append("no state file")
-            return
-        if n < _ST_HDR + 4 or st[0:4] != b"TQS1":
-            self.notes.append("state file garbled")
-            return
-        k = st[16]
-        end = _ST_HDR + 4 * k
-        if k > _MAX_SET or n < end + 4 or _u32(st, end) != _sum(st, end):
-            self.notes.append("state file garbled")
-            return
-        self.next_id = max(self.next_id, _u32(st, 4))
-        self.floor = _u32(st, 8)
-        self.dropped = _u32(st, 12)
-        for j in range(k):
-            self._set.append(_u32(st, _ST_HDR + 4 * j))
 
     def _write_state(self):
         # In place: littlefs keeps the old contents until the new ones commit at close, and
@@ -221,8 +207,8 @@ class FlashQueue:
         st[16] = k
         st[17] = st[18] = st[19] = 0
         for j in range(k):
-            _put32(st, _ST_HDR + 4 * j, self._set[j])
-        end = _ST_HDR + 4 * k
+            _put32(st, ST_HDR + 4 * j, self._set[j])
+        end = ST_HDR + 4 * k
         _put32(st, end, _sum(st, end))
         with open(self._pstate, "wb") as f:
             f.write(memoryview(st)[: end + 4])
@@ -331,60 +317,9 @@ class FlashQueue:
         self._plive_ok = False
 
     def _open(self, first_id):
-        segs = self._segs
-        stale = None
-        try:
-            it = os.ilistdir(self.dir)
-        except OSError:
-            os.mkdir(self.dir)
-            it = ()
-        for ent in it:
-            name = ent[0]
-            if name[0] == "c" or name == "state.new":
-                # removed after the listing ends: littlefs directory iteration and removal
-                # do not mix
-                stale = [name] if stale is None else stale + [name]
-            elif name[0] == "s" and len(name) == 9:
-                try:
-                    first = int(name[1:], 16)
-                except ValueError:
-                    self.notes.append("ignored " + name)
-                    continue
-                j = len(segs)
-                while j and segs[j - 1].first > first:
-                    j -= 1
-                segs.insert(j, _Seg(first, self._pdir + name))
-        if stale is not None:
-            for name in stale:
-                os.remove(self._pdir + name)
-        self._read_state()
-        self._rescan()
-        merged = False
-        j = 1
-        while j < len(segs):
-            if segs[j].first <= segs[j - 1].maxid:
-                # merged into a predecessor before the cut: its live slots are there
-                self.notes.append("removed merged segment")
-                os.remove(self._p(segs[j]))
-                segs.pop(j)
-                merged = True
-            else:
-                j += 1
-        top = self.floor
-        for i in self._set:
-            top = max(top, i)
-        for seg in segs:
-            top = max(top, seg.maxid)
-        self.next_id = max(self.next_id, top + 1, first_id)
-        # Set entries no segment holds (compaction leaves them) do not change any count;
-        # only a removed merged segment does, and then the counts are taken again.
-        self._prune_set()
-        if merged:
-            self._rescan()
-        if self.corrupt:
-            self.notes.append("%d garbled slots skipped" % self.corrupt)
-        self._normalize()
-        self._reclaim(compact=False)
+        import flashq_open
+
+        flashq_open.open_dir(self, first_id)
 
     def _budget(self):
         # Counted once per open, when a new segment is first needed (statvfs walks the
@@ -408,29 +343,6 @@ class FlashQueue:
             self.floor += 1
             s.remove(self.floor)
 
-    def _prune_set(self):
-        # Keep only set entries some segment still holds (compaction leaves stale ones).
-        s = self._set
-        if not s:
-            return
-        held = []
-        ch = self._ch()
-        ss = self.slot_size
-        for seg in self._segs:
-            f = self._fopen(seg)
-            try:
-                while True:
-                    k = self._fill(f, seg)
-                    if k < 0:
-                        break
-                    for j in range(k):
-                        i = _u32(ch, j * ss)
-                        if i in s:
-                            held.append(i)
-            finally:
-                f.close()
-        self._set = held
-
     def _delete_seg(self, seg):
         if seg is self._aseg:
             self._close_active()
@@ -445,67 +357,6 @@ class FlashQueue:
             self._aseg.closed = True
             self._aseg = None
 
-    def _copy_live(self, seg, out, keep_last):
-        # Writes seg's live slots to out; returns (kept, maxid written, last removed slot id
-        # copied to _slot2 when keep_last).
-        ch = self._ch()
-        ss = self.slot_size
-        sl = self._slot
-        if keep_last and self._slot2 is None:
-            self._slot2 = bytearray(ss)
-        kept = lastid = 0
-        maxid = seg.first - 1
-        f = self._fopen(seg)
-        try:
-            while True:
-                k = self._fill(f, seg)
-                if k < 0:
-                    break
-                for j in range(k):
-                    p = j * ss
-                    i = _u32(ch, p)
-                    if self._live(i):
-                        for b in range(ss):
-                            sl[b] = ch[p + b]
-                        out.write(sl)
-                        kept += 1
-                        maxid = i
-                    elif keep_last:
-                        for b in range(ss):
-                            self._slot2[b] = ch[p + b]
-                        lastid = i
-        finally:
-            f.close()
-        return kept, maxid, lastid
-
-    def _compact_seg(self, seg):
-        # Rewrite seg's live slots to c<first>, then rename over s<first>: atomic on littlefs.
-        tmp = self._spath(seg.first, "/c")
-        self._ncompact += 1
-        # The newest segment keeps its highest slot even when removed: with the state file
-        # garbled, the highest id still on flash is what keeps ids from being reused.
-        keep_last = seg is self._segs[-1]
-        with open(tmp, "wb") as out:
-            kept, maxid, lastid = self._copy_live(seg, out, keep_last)
-            live = kept
-            if lastid > maxid:
-                out.write(self._slot2)
-                kept += 1
-                maxid = lastid
-        if kept:
-            os.rename(tmp, self._p(seg))
-            s = self._set
-            for j in range(len(s) - 1, -1, -1):
-                if seg.first <= s[j] <= seg.maxid and s[j] != lastid:
-                    s.pop(j)
-            seg.nslots = kept
-            seg.nlive = live
-            seg.bad = 0
-            seg.maxid = maxid
-        else:
-            os.remove(tmp)
-            self._delete_seg(seg)
-
     def _reclaim(self, compact=True):
         # Whole segments go once nothing in them is live; compaction when it pays. By
         # index, backwards (deleting shifts only what was seen): no copy of the list.
@@ -515,19 +366,19 @@ class FlashQueue:
                 self._delete_seg(segs[j])
         if not compact:
             return
-        done = False
-        crowded = len(self._set) > _MAX_SET * 3 // 4
-        for seg in list(self._segs):
-            if seg is self._aseg or (seg is self._segs[-1] and not seg.closed):
-                continue
-            removed = seg.nslots - seg.nlive
-            if (removed and crowded) or (removed * 2 >= seg.nslots and removed >= 8) or seg.bad:
-                self._compact_seg(seg)
-                done = True
-        if done:
-            self._prune_set()
-            self._write_state()
-            self._rescan()
+        crowded = len(self._set) > MAX_SET * 3 // 4
+        for j in range(len(segs)):
+            if self._worth_compacting(segs[j], crowded):
+                import flashq_compact
+
+                flashq_compact.reclaim(self, crowded)
+                return
+
+    def _worth_compacting(self, seg, crowded):
+        if seg is self._aseg or (seg is self._segs[-1] and not seg.closed):
+            return False
+        removed = seg.nslots - seg.nlive
+        return (removed and crowded) or (removed * 2 >= seg.nslots and removed >= 8) or seg.bad
 
     def _remove(self, i):
         # Mark one id removed (acked or dropped); False only if the set is full even after
@@ -536,70 +387,12 @@ class FlashQueue:
             self.floor = i
             self._normalize()
             return True
-        if len(self._set) >= _MAX_SET:
-            self._write_state()
-            for seg in list(self._segs):
-                for j in self._set:
-                    if seg.first <= j <= seg.maxid:
-                        if seg is self._aseg:
-                            self._close_active()
-                        self._compact_seg(seg)
-                        break
-            self._prune_set()
-            self._write_state()
-            if len(self._set) >= _MAX_SET:
+        if len(self._set) >= MAX_SET:
+            import flashq_compact
+
+            if not flashq_compact.make_set_room(self):
                 return False
         self._set.append(i)
-        return True
-
-    def _victim(self, prio):
-        # Lowest priority first, then oldest. Returns (id, seg) or (0, None) to drop the new one.
-        if not self._plive_ok:
-            self._rescan()
-        minp = 0
-        while minp < NPRIO and self._plive[minp] == 0:
-            minp += 1
-        if minp >= NPRIO or prio < minp:
-            return 0, None
-        ch = self._ch()
-        ss = self.slot_size
-        for seg in self._segs:
-            if seg.nlive == 0:
-                continue
-            f = self._fopen(seg)
-            try:
-                while True:
-                    k = self._fill(f, seg)
-                    if k < 0:
-                        break
-                    for j in range(k):
-                        i = _u32(ch, j * ss)
-                        if ch[j * ss + 4] == minp and self._live(i):
-                            self._victim_prio = minp
-                            return i, seg
-            finally:
-                f.close()
-        return 0, None
-
-    def _drop_one(self, prio):
-        i, seg = self._victim(prio)
-        if not i:
-            return False
-        pr = self._victim_prio
-        ncompact = self._ncompact
-        if not self._remove(i):
-            return False
-        self.dropped += 1
-        self.last_dropped = i
-        self._write_state()
-        if ncompact != self._ncompact:
-            self._rescan()  # a compaction ran inside _remove
-            return True
-        seg.nlive -= 1
-        self.depth -= 1
-        self._plive[pr] -= 1
-        if seg.nlive == 0 and seg is not self._segs[-1]:
-            self._delete_seg(seg)
         return True
 
     def _flash_low(self):
@@ -608,55 +401,6 @@ class FlashQueue:
         if self._seg_budget < 0:
             self._budget()
         return len(self._segs) + self._omitted >= self._seg_budget
-
-    def _merge(self, run):
-        # Live slots of the segments in run (neighbours, oldest first) into c<first>, renamed
-        # over s<first>, then the others go. A cut before those deletes leaves them inside
-        # the first's id range, which open recognises and removes.
-        a = run[0]
-        tmp = self._spath(a.first, "/c")
-        self._ncompact += 1
-        kept = 0
-        maxid = a.first - 1
-        top = run[-1].maxid
-        with open(tmp, "wb") as out:
-            for seg in run:
-                k, m, _ = self._copy_live(seg, out, False)
-                if k:
-                    kept += k
-                    maxid = m
-        if kept:
-            os.rename(tmp, self._p(a))
-            a.nslots = a.nlive = kept
-            a.bad = 0
-            a.maxid = maxid
-            a.closed = True
-        else:
-            os.remove(tmp)
-            self._delete_seg(a)
-        for seg in run[1:]:
-            self._delete_seg(seg)
-        s = self._set
-        for j in range(len(s) - 1, -1, -1):
-            if a.first <= s[j] <= top:
-                s.pop(j)
-
-    def _free_block(self):
-        # Under flash pressure: delete an empty segment or merge two neighbours that fit in one.
-        segs = self._segs
-        for j in range(len(segs) - 1):
-            a = segs[j]
-            if a.nlive == 0:
-                self._delete_seg(a)
-                return True
-            if j + 2 < len(segs):
-                b = segs[j + 1]
-                if (a.nslots + b.nslots > a.nlive + b.nlive and
-                        a.nlive + b.nlive <= self.seg_records):
-                    self._merge((a, b))
-                    self._write_state()
-                    return True
-        return False
 
     def _consolidate(self):
         # While readings pile up (no gateway), full head segments are merged into one big
@@ -682,10 +426,11 @@ class FlashQueue:
             j -= 1  # the previous merged segment still has room: rewrite it with them
             live += segs[j].nlive
             group += 1
-        run = segs[j : j + group]
-        if live > self.seg_records or run[-1] is self._aseg:
+        if live > self.seg_records or segs[j + group - 1] is self._aseg:
             return
-        self._merge(run)
+        import flashq_compact
+
+        flashq_compact.merge(self, segs[j : j + group])
         if self._set:
             self._write_state()
 
@@ -698,15 +443,20 @@ class FlashQueue:
         self.last_dropped = 0
         if self._partial and (self.depth >= self.max_records or (self._needs_new_seg() and self._flash_low())):
             self._full()  # the drop policy and flash pressure need every segment
-        if self.depth >= self.max_records and not self._make_room(priority):
-            return 0
-        if self._needs_new_seg():
+        if self.depth >= self.max_records:
+            import flashq_room
+
+            if not flashq_room.make_room(self, priority):
+                return 0
+        if self._needs_new_seg() and self._flash_low():
             # Flash grows only by whole segments: at the budget, drop readings (policy order)
             # until a segment can be deleted or two merged.
+            import flashq_room
+
             tries = self.depth + 2
             while self._flash_low():
                 tries -= 1
-                if tries < 0 or (not self._free_block() and not self._make_room(priority)):
+                if tries < 0 or (not flashq_room.free_block(self) and not flashq_room.make_room(self, priority)):
                     return 0
         i = self.next_id
         seg = self._aseg
@@ -764,13 +514,6 @@ class FlashQueue:
         last = self._segs[-1] if self._segs else None
         return last is None or last.closed or last.nslots >= self.head_records
 
-    def _make_room(self, prio):
-        if self._drop_one(prio):
-            return True
-        self.dropped += 1
-        self._write_state()
-        return False
-
     def ack(self, cumulative_id, selective=()):
         self._whole()
         top = self.next_id - 1
@@ -794,16 +537,10 @@ class FlashQueue:
         self._reclaim()
 
     def compact(self):
-        # Compact every closed segment holding removed readings (and close the active one).
-        self._full()
-        self._close_active()
-        for seg in list(self._segs):
-            if seg.nslots != seg.nlive or seg.bad:
-                self._compact_seg(seg)
-        self._prune_set()
-        self._write_state()
-        self._reclaim(compact=False)
-        self._rescan()
+        """Compact every closed segment holding removed readings (and close the active one)."""
+        import flashq_compact
+
+        flashq_compact.compact_all(self)
 
     def read_into(self, buf, after_id=0):
         """Fill buf with live slots ([id u32][prio u8][check u8][record]) with id > after_id,
@@ -878,7 +615,7 @@ class FlashQueue:
         """u32 timestamp in the first 4 bytes of the oldest live record, or None."""
         if self.depth == 0 or self.record_size < 4:
             return None
-        if self._partial and self._oldest != _NO_TS:
+        if self._partial and self._oldest != NO_TS:
             return self._oldest
         if self.read_into(self._slot) == 0:
             return None
@@ -900,16 +637,19 @@ class FlashQueue:
         buf = bytearray(room + _SNAP_SIZE + _SNAP_SEG_SIZE * n + 4)
         struct.pack_into(
             _SNAP, buf, room, _SNAP_MAGIC, self.next_id, self.floor, self.dropped, len(self._set),
-            self.depth, self.corrupt, _NO_TS if oldest is None else oldest,
+            self.depth, self.corrupt, NO_TS if oldest is None else oldest,
             self._omitted - rn + skip, n,
         )
         o = room + _SNAP_SIZE
-        for j in range(skip, rn):
-            # entries taken over from the previous record and never needed this wake
-            p = ro + j * _SNAP_SEG_SIZE
-            buf[o : o + _SNAP_SEG_SIZE] = raw[p : p + _SNAP_SEG_SIZE]
-            o += _SNAP_SEG_SIZE
-        for seg in segs[max(0, skip - rn):]:
+        if rn > skip:
+            # entries taken over from the previous record and never needed this wake: one
+            # contiguous copy
+            k = (rn - skip) * _SNAP_SEG_SIZE
+            p = ro + skip * _SNAP_SEG_SIZE
+            buf[o : o + k] = memoryview(raw)[p : p + k]
+            o += k
+        for j in range(max(0, skip - rn), len(segs)):
+            seg = segs[j]
             struct.pack_into(_SNAP_SEG, buf, o, seg.first, seg.nslots, seg.nlive, seg.maxid,
                              seg.bad, 1 if seg.closed else 0)
             o += _SNAP_SEG_SIZE
@@ -932,14 +672,16 @@ class FlashQueue:
         if nset:
             # Removed ids above the floor: the state file has them (the snapshot only counts
             # them). A queue never acknowledged has no state file; anything else is damage.
-            self._read_state()
+            import flashq_open
+
+            flashq_open.read_state(self)
             damaged = self.notes and self.notes != ["no state file"]
             if (self.next_id > _u32(data, 4) or self.floor != _u32(data, 8)
                     or self.dropped != _u32(data, 12) or len(self._set) != nset or damaged):
                 self._set = []
                 self.floor = self.dropped = 0
                 self.next_id = 1
-                self.notes = []
+                self.notes = None
                 return False
         else:
             # The state file holds nothing more than the snapshot: the wake that wrote the
@@ -960,7 +702,8 @@ class FlashQueue:
         # The older record entries as _Seg objects, in front of the materialized ones.
         data, o, n = self._raw
         if n:
-            self._segs[0:0] = [_seg_at(data, o + j * _SNAP_SEG_SIZE) for j in range(n)]
+            for j in range(n):
+                self._segs.insert(j, _seg_at(data, o + j * _SNAP_SEG_SIZE))
             self._omitted -= n
             self._raw = _NO_RAW
 
@@ -982,28 +725,14 @@ class FlashQueue:
                 del seg.closed  # open, as opening from flash finds it
         self._partial = False
         self._plive_ok = False  # per-priority counts: rebuilt when the drop policy needs them
-        self._oldest = _NO_TS
+        self._oldest = NO_TS
 
     def _full(self):
         # Leave partial mode: open the queue from flash, which every change already reached.
-        if not self._partial:
-            return
-        self._close_active()
-        keep = self.next_id
-        self._partial = False
-        self._segs = []
-        self._set = []
-        self._aseg = None
-        self._seg_budget = -1
-        self._omitted = 0
-        self._raw = _NO_RAW
-        self._oldest = _NO_TS
-        self.floor = self.dropped = self.depth = self.corrupt = 0
-        for p in range(NPRIO):
-            self._plive[p] = 0
-        self._plive_ok = False
-        self._open(self._first_id)
-        self.next_id = max(self.next_id, keep)
+        if self._partial:
+            import flashq_open
+
+            flashq_open.full(self)
 
     def close(self):
         self._close_active()

@@ -77,6 +77,22 @@ class MQTTError(OSError):
         self.reason = reason
 
 
+def _ipv4(sockaddr):
+    # The 4 address bytes of an IPv4 socket address: a (host, port) tuple on the ESP32 and
+    # RP2 ports, a struct sockaddr_in (family, port, address) on the unix port.
+    if isinstance(sockaddr, tuple):
+        parts = sockaddr[0].split(".")
+        if len(parts) == 4:
+            try:
+                return bytes(int(x) for x in parts)
+            except ValueError:
+                pass
+        return b""
+    if len(sockaddr) >= 8 and sockaddr[0] == socket.AF_INET and sockaddr[1] == 0:
+        return bytes(sockaddr[4:8])
+    return b""
+
+
 def deadline(ms):
     """The deadline `ms` milliseconds from now, as the methods below take it."""
     return time.ticks_add(time.ticks_ms(), ms)
@@ -177,6 +193,7 @@ class MQTTClient:
         rbuf=None,
         tbuf=None,
         headroom=0,
+        addr=None,
     ):
         # rbuf/tbuf: the caller's preallocated packet buffers (at least max_packet bytes
         # each), so a client made every wake allocates no kilobytes of its own.
@@ -184,6 +201,10 @@ class MQTTClient:
         # `out` is the rest, where the caller builds payloads for publish_out().
         self.client_id = client_id
         self.host = host
+        # addr: the host's IPv4 address (4 bytes) from an earlier resolution, so that a wake
+        # does no DNS; ip: the address connect() used (b"" when not IPv4).
+        self.addr = addr
+        self.ip = b""
         self.port = port
         self.ssl = ssl
         # The name checked against the broker's certificate; the host by default.
@@ -242,8 +263,12 @@ class MQTTClient:
             raise
 
     def _open(self, deadline_ms):
-        # Name resolution cannot be bounded on the ports; use an address or a fast resolver.
-        addr = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0][-1]
+        # Name resolution cannot be bounded on the ports: the caller keeps the address
+        # (self.ip) and resolves again only when it fails; the watchdog bounds a hung one.
+        a = self.addr
+        host = "%d.%d.%d.%d" % (a[0], a[1], a[2], a[3]) if a else self.host
+        addr = socket.getaddrinfo(host, self.port, 0, socket.SOCK_STREAM)[0][-1]
+        self.ip = _ipv4(addr)
         raw = socket.socket()
         self._raw = raw
         raw.setblocking(False)

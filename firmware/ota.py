@@ -115,21 +115,32 @@ def hello_state():
 
 
 def on_ack():
-    """The gateway acknowledged this wake's HELLO. A trial image has reached it: keep it.
-    An outcome the HELLO carried (confirmed, reverted) is now on record there: clear it."""
+    """The gateway acknowledged this wake's HELLO. A trial image has reached it: keep it
+    (True: this confirmed it). An outcome the HELLO carried (confirmed, reverted) is now on
+    record there: clear it."""
     global _acked
     import proto  # the codec: only a wake that sends gets here
 
     if _acked:
-        return
+        return False
     _acked = True
     r = slots.running()
     if r is not None and r[2]:
         if slots.confirm():
             _set_report(r[1], proto.OTA_STATE_CONFIRMED, 0)
-        return
+            return True
+        return False
     if _hello[0] == proto.OTA_STATE_CONFIRMED or _hello[0] == proto.OTA_STATE_REVERTED:
         slots.clear_report()
+
+
+def trial_unreached():
+    """This trial wake could not reach the gateway (the network or the gateway was down):
+    not a failed health check. The bootloader gives the trial another boot."""
+    r = slots.running()
+    if r is not None and r[2] and slots.trial_no_network():
+        return True
+    return False
 
 
 def on_frame(ftype, f, w):
@@ -262,7 +273,7 @@ def _chunk(f, w):
         return
     n = h["m"] + _n
     slots.finish()
-    slots.set_trial()
+    slots.set_trial(1, w.cfg.trial_outage_boots)
     # The download is over: the slot and the bootloader's record hold everything now.
     _drop_staging()
     _set_report(v, proto.OTA_STATE_TRIAL, n)

@@ -6,20 +6,20 @@ from micropython import const
 import struct
 
 MAJOR = const(1)
-MINOR = const(1)
-VERSION_BYTE = const(0x11)
+MINOR = const(2)
+VERSION_BYTE = const(0x12)
 HEADER_SIZE = const(6)
 MAX_FRAME = const(4096)
 
 # frame types and their largest encoding
 HELLO = const(1)
-MAX_HELLO = const(65)
+MAX_HELLO = const(74)
 BURST = const(2)
-MAX_BURST = const(3576)
+MAX_BURST = const(3579)
 ACK = const(3)
 MAX_ACK = const(276)
 COMMAND = const(4)
-MAX_COMMAND = const(308)
+MAX_COMMAND = const(314)
 COMMAND_RESULT = const(5)
 MAX_COMMAND_RESULT = const(103)
 SHADOW_REPORT = const(6)
@@ -27,7 +27,7 @@ MAX_SHADOW_REPORT = const(91)
 SHADOW_DELTA = const(7)
 MAX_SHADOW_DELTA = const(91)
 OTA_MANIFEST = const(8)
-MAX_OTA_MANIFEST = const(2131)
+MAX_OTA_MANIFEST = const(3155)
 OTA_CHUNK = const(9)
 MAX_OTA_CHUNK = const(2062)
 OTA_STATUS = const(10)
@@ -156,9 +156,12 @@ HELLO_SAFE_MODE = const(15)
 HELLO_BOOTS_WITHOUT_SEND = const(16)
 HELLO_MCU_TEMP = const(17)
 HELLO_FIRST_ID = const(18)
+HELLO_NEXT_LISTEN_S = const(19)
+HELLO_CLOCK_UNSET = const(20)
 BURST_SCHEMA = const(1)
 BURST_INTERVAL = const(2)
 BURST_READINGS = const(3)
+BURST_NODE_CLOCK = const(4)
 ACK_CUMULATIVE = const(1)
 ACK_SELECTIVE = const(2)
 ACK_TIME = const(3)
@@ -169,6 +172,7 @@ COMMAND_ARGS = const(3)
 COMMAND_PRIORITY = const(4)
 COMMAND_TTL_S = const(5)
 COMMAND_DATA = const(6)
+COMMAND_EXPIRES_AT = const(7)
 COMMAND_RESULT_COMMAND_ID = const(1)
 COMMAND_RESULT_STATUS = const(2)
 COMMAND_RESULT_CODE = const(3)
@@ -199,21 +203,25 @@ ERROR_DETAIL = const(3)
 
 
 class ProtocolError(ValueError):
-    pass
+    # code: the error_code value an ERROR frame answering this failure carries
+    code = ERROR_CODE_MALFORMED
 
 
-def _err(name, off, why):
-    return ProtocolError("%s at byte %d: %s" % (name, off, why))
+def _err(name, off, why, code=ERROR_CODE_MALFORMED):
+    e = ProtocolError("%s at byte %d: %s" % (name, off, why))
+    e.code = code
+    return e
 
 
 def _header(buf, n, ftype, name):
     if n < HEADER_SIZE:
         raise _err(name, n, "truncated header")
     if n > MAX_FRAME:
-        raise _err(name, MAX_FRAME, "frame too large")
+        raise _err(name, MAX_FRAME, "frame too large", ERROR_CODE_TOO_LARGE)
     v = buf[0]
     if v >> 4 != MAJOR:
-        raise _err(name, 0, "unsupported protocol version %d.%d" % (v >> 4, v & 15))
+        raise _err(name, 0, "unsupported protocol version %d.%d" % (v >> 4, v & 15),
+                   ERROR_CODE_UNSUPPORTED_VERSION)
     if buf[1] != ftype:
         raise _err(name, 1, "frame type %d is not %s" % (buf[1], name))
     return v & 15
@@ -255,7 +263,7 @@ def _uv(buf, off, n, name):
     return r
 
 
-_pos = [0, 0]
+_pos = [0, 0]  # offset after the last read, tag of the last TLV
 
 
 def _put_uv(buf, off, v):
@@ -438,7 +446,18 @@ def _tlv(buf, off, n, name):
     return ln
 
 
-def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class, config_version=0, ota_state=0, ota_reason=0, safe_mode=False, boots_without_send=0, mcu_temp=0.0, first_id=0):
+def opt_at(p, off, tag):
+    # where optional field `tag`'s value sits in a frame in_place() passed (off: what it
+    # returned), or 0 when the field is absent (it then has its default)
+    n = len(p)
+    while off < n:
+        if p[off] == tag:
+            return off + 2
+        off += 2 + p[off + 1]
+    return 0
+
+
+def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class, config_version=0, ota_state=0, ota_reason=0, safe_mode=False, boots_without_send=0, mcu_temp=0.0, first_id=0, next_listen_s=0, clock_unset=False):
     _put_header(buf, HELLO, msg_id)
     off = 6
     struct.pack_into("<IBHbIHIIHIB", buf, off, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class)
@@ -478,6 +497,16 @@ def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem
         buf[off + 1] = 4
         struct.pack_into("<I", buf, off + 2, first_id)
         off += 6
+    if next_listen_s != 0:
+        buf[off] = 19
+        buf[off + 1] = 4
+        struct.pack_into("<I", buf, off + 2, next_listen_s)
+        off += 6
+    if clock_unset != False:
+        buf[off] = 20
+        buf[off + 1] = 1
+        struct.pack_into("<B", buf, off + 2, clock_unset)
+        off += 3
     return off
 
 
@@ -498,6 +527,8 @@ def decode_hello(buf):
     v_boots_without_send = 0
     v_mcu_temp = 0.0
     v_first_id = 0
+    v_next_listen_s = 0
+    v_clock_unset = False
     last = 0
     while off < n:
         tl = _tlv(buf, off, n, "HELLO")
@@ -523,19 +554,29 @@ def decode_hello(buf):
             v_mcu_temp = _fixed_tlv("<f", 4, buf, voff, tl, "HELLO", "mcu_temp")
         elif tag == 18:
             v_first_id = _fixed_tlv("<I", 4, buf, voff, tl, "HELLO", "first_id")
+        elif tag == 19:
+            v_next_listen_s = _fixed_tlv("<I", 4, buf, voff, tl, "HELLO", "next_listen_s")
+        elif tag == 20:
+            v_clock_unset = _fixed_tlv("<B", 1, buf, voff, tl, "HELLO", "clock_unset")
+            v_clock_unset = _bool(v_clock_unset, "HELLO", voff, "clock_unset")
         elif minor <= MINOR:
             raise _err("HELLO", off, "unknown field tag %d" % tag)
         off = voff + tl
-    return (_msg_id(buf), v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id)
+    return (_msg_id(buf), v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset)
 
 
-def encode_burst(buf, msg_id, schema, interval, recs, count):
+def encode_burst(buf, msg_id, schema, interval, recs, count, node_clock=False):
     # recs: `count` readings in the schema's RECORD layout, oldest first
     _put_header(buf, BURST, msg_id)
     off = 6
     struct.pack_into("<BH", buf, off, schema, interval)
     off += 3
     off = _encode_series(buf, off, "BURST", schema, interval, recs, count, 255)
+    if node_clock != False:
+        buf[off] = 4
+        buf[off + 1] = 1
+        struct.pack_into("<B", buf, off + 2, node_clock)
+        off += 3
     return off
 
 
@@ -549,9 +590,22 @@ def decode_burst(buf):
     off += 3
     v_readings = _decode_series(buf, off, n, "BURST", v_schema, v_interval, 255)
     off = _pos[0]
-    if off != n and minor <= MINOR:
-        raise _err("BURST", off, "%d trailing bytes" % (n - off))
-    return (_msg_id(buf), v_schema, v_interval, v_readings)
+    v_node_clock = False
+    last = 0
+    while off < n:
+        tl = _tlv(buf, off, n, "BURST")
+        tag = _pos[1]
+        voff = _pos[0]
+        if tag <= last:
+            raise _err("BURST", off, "field tag %d repeated or out of order" % tag)
+        last = tag
+        if tag == 4:
+            v_node_clock = _fixed_tlv("<B", 1, buf, voff, tl, "BURST", "node_clock")
+            v_node_clock = _bool(v_node_clock, "BURST", voff, "node_clock")
+        elif minor <= MINOR:
+            raise _err("BURST", off, "unknown field tag %d" % tag)
+        off = voff + tl
+    return (_msg_id(buf), v_schema, v_interval, v_readings, v_node_clock)
 
 
 def encode_ack(buf, msg_id, cumulative, selective, time=0, pending=0):
@@ -611,7 +665,7 @@ def decode_ack(buf):
     return (_msg_id(buf), v_cumulative, v_selective, v_time, v_pending)
 
 
-def encode_command(buf, msg_id, command_id, op, args, priority, ttl_s, data=b''):
+def encode_command(buf, msg_id, command_id, op, args, priority, ttl_s, data=b'', expires_at=0):
     _put_header(buf, COMMAND, msg_id)
     off = 6
     struct.pack_into("<IB", buf, off, command_id, op)
@@ -628,6 +682,11 @@ def encode_command(buf, msg_id, command_id, op, args, priority, ttl_s, data=b'')
         buf[off] = 6
         off = _put_uv(buf, off + 1, _uv_size(len(data)) + len(data))
         off = _put_raw(buf, off, data, 256, "COMMAND", "data")
+    if expires_at != 0:
+        buf[off] = 7
+        buf[off + 1] = 4
+        struct.pack_into("<I", buf, off + 2, expires_at)
+        off += 6
     return off
 
 
@@ -649,6 +708,7 @@ def decode_command(buf):
     v_priority, v_ttl_s = struct.unpack_from("<BH", buf, off)
     off += 3
     v_data = b''
+    v_expires_at = 0
     last = 0
     while off < n:
         tl = _tlv(buf, off, n, "COMMAND")
@@ -666,10 +726,12 @@ def decode_command(buf):
             off += ln
             if off != voff + tl:
                 raise _err("COMMAND", off, "data: length does not match its value")
+        elif tag == 7:
+            v_expires_at = _fixed_tlv("<I", 4, buf, voff, tl, "COMMAND", "expires_at")
         elif minor <= MINOR:
             raise _err("COMMAND", off, "unknown field tag %d" % tag)
         off = voff + tl
-    return (_msg_id(buf), v_command_id, v_op, v_args, v_priority, v_ttl_s, v_data)
+    return (_msg_id(buf), v_command_id, v_op, v_args, v_priority, v_ttl_s, v_data, v_expires_at)
 
 
 def encode_command_result(buf, msg_id, command_id, status, code=0, detail='', values=()):
@@ -822,7 +884,7 @@ def encode_ota_manifest(buf, msg_id, version, total_size, chunk_size, manifest, 
     off = 6
     struct.pack_into("<IIH", buf, off, version, total_size, chunk_size)
     off += 10
-    off = _put_raw(buf, off, manifest, 2048, "OTA_MANIFEST", "manifest")
+    off = _put_raw(buf, off, manifest, 3072, "OTA_MANIFEST", "manifest")
     off = _put_raw(buf, off, signature, 64, "OTA_MANIFEST", "signature")
     return off
 
@@ -835,7 +897,7 @@ def decode_ota_manifest(buf):
     _need(off, 10, n, "OTA_MANIFEST", "version")
     v_version, v_total_size, v_chunk_size = struct.unpack_from("<IIH", buf, off)
     off += 10
-    ln = _length(buf, off, n, "OTA_MANIFEST", "manifest", 2048)
+    ln = _length(buf, off, n, "OTA_MANIFEST", "manifest", 3072)
     off = _pos[0]
     _need(off, ln, n, "OTA_MANIFEST", "manifest")
     v_manifest = buf[off:off + ln]
@@ -1038,5 +1100,48 @@ def decode(buf):
         raise _err("frame", len(buf), "truncated header")
     fn = _DECODERS.get(buf[1])
     if fn is None:
-        raise _err("frame", 1, "unknown frame type %d" % buf[1])
+        raise _err("frame", 1, "unknown frame type %d" % buf[1], ERROR_CODE_UNKNOWN_FRAME)
     return buf[1], fn(buf)
+
+
+# Frames read in place (the spec's [in_place]). When end = in_place(p) is not 0, p is a
+# plain frame of type p[1]: required field X at <FRAME>_AT_X, optional field Y at
+# opt_at(p, end, <FRAME>_TAG_Y). Any other frame goes to decode(), which accepts or refuses it.
+ACK_AT_CUMULATIVE = const(6)
+ACK_TAG_TIME = const(3)
+ACK_TAG_PENDING = const(4)
+SLEEP_NOW_AT_SLEEP_S = const(6)
+SLEEP_NOW_TAG_PENDING = const(2)
+
+
+def in_place(p):
+    # 0, or where the optional fields of plain frame p start (see above)
+    n = len(p)
+    if n < HEADER_SIZE or n > MAX_FRAME or p[0] >> 4 != MAJOR:
+        return 0
+    t = p[1]
+    if t == ACK:
+        end = 11
+        opt = b"\x03\x04\x04\x01"  # (tag, size) of each optional field
+        if n < end or p[10]:  # selective: empty
+            return 0
+    elif t == SLEEP_NOW:
+        end = 10
+        opt = b"\x02\x01"  # (tag, size) of each optional field
+        if n < end:
+            return 0
+    else:
+        return 0
+    off = end
+    j = 0
+    while off < n:
+        if off + 2 > n:
+            return 0
+        tag = p[off]
+        while j < len(opt) and opt[j] != tag:
+            j += 2
+        if j == len(opt) or p[off + 1] != opt[j + 1] or off + 2 + opt[j + 1] > n:
+            return 0
+        j += 2
+        off += 2 + p[off + 1]
+    return end

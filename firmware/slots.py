@@ -15,7 +15,7 @@ from micropython import const
 
 _MAP_MAGIC = const(0x4D43)  # "CM": resume map header
 _MAP_HDR = const(8)  # magic u16, chunk size u16, chunk count u32
-MAX_MANIFEST = const(2048)
+MAX_MANIFEST = bootstate.MAX_MANIFEST  # generated from the spec
 SPACE_MARGIN = const(4)  # blocks kept free beyond the image (littlefs metadata)
 
 _root = None
@@ -229,6 +229,19 @@ def confirm():
     return True
 
 
+def trial_no_network():
+    """The running trial image ends this wake cleanly but could not reach the gateway: the
+    bootloader does not count the boot against it (up to its outage budget)."""
+    root = _where()
+    st = bootstate.load(root)
+    b = bootstate.booted
+    if st is None or not st["trial"] or b is None or b[0] != st["trial"] or not b[2]:
+        return False
+    bootstate.no_network(st)
+    bootstate.save(root, st)
+    return True
+
+
 # ---- install into the inactive slot ----
 
 def _state_for_update(root):
@@ -401,8 +414,9 @@ def finish():
     return m["version"]
 
 
-def set_trial(max_boots=1):
-    """Make the finished slot the trial image for the next boot (reset to start it)."""
+def set_trial(max_boots=1, outage_boots=bootstate.OUTAGE_BOOTS):
+    """Make the finished slot the trial image for the next boot (reset to start it).
+    `outage_boots`: boots it may end without reaching the gateway (network down)."""
     root = _where()
     st = _state_for_update(root)
     slot = bootstate.other(st["active"])
@@ -415,6 +429,6 @@ def set_trial(max_boots=1):
     v = m["version"]
     if v <= st["floor"] or v <= st["ver"]:
         raise Refused(bootstate.DOWNGRADE, "version %d" % v)
-    bootstate.set_trial(st, slot, v, max_boots)
+    bootstate.set_trial(st, slot, v, max_boots, outage_boots)
     bootstate.save(root, st)
     return v

@@ -7,12 +7,18 @@ import struct
 
 from micropython import const
 
-_RTC_MAGIC = const(0x54525332)  # "TRS2"
-_RTC_FMT = "<IBHBIBIIII"
-_RTC_SIZE = const(29)
+_RTC_MAGIC = const(0x54525333)  # "TRS3"
+# ..., then the clock (set flag, epoch id, sync id, sync offset), the broker's cached
+# IPv4 address and the last Wi-Fi association (channel, BSSID): see the fields below.
+_RTC_FMT = "<IBHBIBIIIIBIIi4sB6sB"
+_RTC_SIZE = const(54)
 RTC_SIZE = _RTC_SIZE  # room save_rtc() needs in front of what follows the fields
 
 _FL_MAGIC = const(0x54534631)  # "TSF1"
+# Gateway times outside these are refused (a gateway without time yet, a chip's cold
+# clock relayed, garbage): plain ints, they are not small ints on a 32-bit port.
+MIN_TIME = 1735689600  # 2025-01-01
+MAX_TIME = 4102444800  # 2100-01-01
 N_EXECUTED = const(16)  # command ids remembered for duplicate detection
 N_RESULTS = const(8)  # undelivered results kept (oldest dropped beyond)
 _RESULT_MAX = const(104)  # a COMMAND_RESULT frame is at most 103 bytes
@@ -34,7 +40,24 @@ class State:
     next_try = 0  # unix s before which a failed send is not retried
     pending_hint = 0  # the gateway said more downlink is waiting
     last_wake = 0  # unix s of the previous wake
+    # The clock. After power-on the chip's clock counts from its cold-boot value (2000-01-01
+    # on an ESP32); the gateway's time sets it (docs/firmware.md, "Time"). Readings with ids
+    # from epoch_id up to sync_id - 1 were stamped before that, in the chip's count: they
+    # travel shifted by sync_off once it is known, or flagged node_clock before.
+    clock_set = 0
+    epoch_id = 0  # first reading id of this power session
+    sync_id = 0  # first reading id stamped with the set clock (0: not set yet)
+    sync_off = 0  # set clock - chip clock at the first setting, s
+    broker_ip = b""  # the broker's address, resolved once (b"": resolve by name)
+    wifi_channel = 0  # the last association's channel and BSSID (0: scan)
+    wifi_bssid = b""
+    # Safe mode, sticky: set when boots kept failing, cleared when a new image confirms or
+    # the gateway's configuration changes. Kept in RTC memory for the common wake and, with
+    # the failing-boot count, in boots.bin on flash (written only by unusual boots).
+    safe = 0
+    _boots_flash = 0  # boots.bin's count as this wake found or wrote it (0: none)
     rtc_valid = False
+    queue = None  # the wake's flash queue, for the first id stamped on the set clock
     # What the last save_rtc() stored after the fields (the flash queue's resume record);
     # valid only when the wake that wrote it completed (boots_incomplete == 0 at load).
     rtc_extra = None
@@ -86,6 +109,17 @@ class State:
         self.next_try = _u32(raw, 8)
         self.pending_hint = raw[12]
         self.last_wake = _u32(raw, 13)
+        self.clock_set = raw[29]
+        self.epoch_id = _u32(raw, 30)
+        self.sync_id = _u32(raw, 34)
+        off = _u32(raw, 38)
+        self.sync_off = off - (1 << 32) if off & 0x80000000 else off
+        if raw[42] | raw[43] | raw[44] | raw[45]:
+            self.broker_ip = bytes(raw[42:46])
+        self.wifi_channel = raw[46]
+        if self.wifi_channel:
+            self.wifi_bssid = bytes(raw[47:53])
+        self.safe = raw[53]
         self.rtc_valid = True
         # The results count is trusted only from a wake that completed: every change to
         # state.bin in it came before its last save_rtc().
@@ -112,8 +146,86 @@ class State:
             self.last_wake & 0xFFFFFFFF, self._results_hint(),
             # 0, 0 (not trusted) unless the ids are known: from state.bin or RTC memory.
             self._msg_next if self._msg_known() else 0, self._msg_hw if self._msg_known() else 0,
+            self.clock_set, self.epoch_id & 0xFFFFFFFF, self.sync_id & 0xFFFFFFFF,
+            max(-0x80000000, min(0x7FFFFFFF, self.sync_off)), self.broker_ip,
+            self.wifi_channel, self.wifi_bssid, self.safe,
         )
         self._board.rtc_memory_write(buf)
+
+    def set_clock(self, t):
+        """Set the clock to gateway time t (unix s); the step in s, or None when t is refused."""
+        if not MIN_TIME <= t < MAX_TIME:
+            return None
+        b = self._board
+        step = t - b.time()
+        b.set_time(t)
+        if not self.clock_set:
+            self.clock_set = 1
+            self.sync_off = step
+            self.sync_id = self.queue.next_id if self.queue is not None else 0
+        return step
+
+    # ---- failing boots and safe mode (power loss keeps them: flash) ----
+    def count_boot(self, board_timer, safe_after):
+        """Count this boot as incomplete until finish_boot(); returns whether it runs in
+        safe mode. A timer wake after a completed one only touches RTC memory; any other
+        boot (power-on, crash, watchdog, a wake after an incomplete one) also updates
+        boots.bin, so that power loss in a crash loop does not reset the count."""
+        if board_timer and self.rtc_valid and self.boots_incomplete == 0:
+            self.boots_incomplete = 1
+            return bool(self.safe)
+        n, safe = self._read_boots()
+        n = max(n, self.boots_incomplete) + 1
+        self.safe = 1 if (safe or self.safe or n > safe_after) else 0
+        self.boots_incomplete = n
+        self._write_boots(n, self.safe)
+        return bool(self.safe)
+
+    def finish_boot(self):
+        """The wake reached its planned sleep."""
+        self.boots_incomplete = 0
+        if self._boots_flash:
+            self._write_boots(0, self.safe)
+
+    def leave_safe_mode(self):
+        if self.safe:
+            self.safe = 0
+            self._write_boots(0, 0)
+
+    def _boots_path(self):
+        return self._path[: -len("state.bin")] + "boots.bin"
+
+    def _read_boots(self):
+        try:
+            with open(self._boots_path(), "rb") as f:
+                b = f.read()
+        except OSError:
+            return 0, 0
+        if len(b) != 5 or b[0:2] != b"TB" or b[4] != (b[2] ^ b[3] ^ 0x5A):
+            return 0, 0
+        return b[2], b[3]
+
+    def _write_boots(self, n, safe):
+        n = min(n, 255)
+        tmp = self._boots_path() + ".new"
+        with open(tmp, "wb") as f:
+            f.write(bytes((0x54, 0x42, n, safe, n ^ safe ^ 0x5A)))
+        os.rename(tmp, self._boots_path())
+        self._boots_flash = n or 0
+
+    def wifi_hint(self):
+        """(channel, bssid) of the last association, or None: a full scan."""
+        if self.wifi_channel and len(self.wifi_bssid) == 6:
+            return (self.wifi_channel, self.wifi_bssid)
+        return None
+
+    def keep_wifi_hint(self, hint):
+        if hint and len(hint) >= 2 and hint[0] and len(hint[1]) == 6:
+            self.wifi_channel = hint[0] & 0xFF
+            self.wifi_bssid = bytes(hint[1])
+        else:
+            self.wifi_channel = 0
+            self.wifi_bssid = b""
 
     def _msg_known(self):
         return self._results is not None or self._msg_rtc

@@ -1,16 +1,28 @@
 """The gateway's Mosquitto: its configuration, a supervisor that runs it, and revocation.
 
 Mosquitto is the only door nodes knock on: one mutual-TLS listener, the certificate's CN
-is the MQTT username, and the ACL confines every node to `torpor/<its id>/#`.
+is the MQTT username and the client id, and the ACL confines every node to
+`torpor/<its id>/#`.
+
+Client ids are bound to identities by `use_username_as_clientid`: whatever id a client
+asks for, the broker gives it its certificate's CN. Mosquitto disconnects the holder of an
+id when another client connects with it, so without this one valid certificate could keep
+the gateway (or any node) off the broker and replace its persistent session. The dynamic-
+security plugin's `clientid` binding does not help here: Mosquitto 2.0 skips the plugins'
+password check, where that binding lives, when `use_identity_as_username` is set. As every
+connection of one certificate shares one id, the gateway's short control connections
+(probes, the control API) present their own certificate (`Pki.control`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import getpass
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,12 +30,15 @@ import ssl
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+
+from gateway import proto
 from gateway.errors import BrokerError
-from gateway.pki import Pki, validate_device_id
+from gateway.pki import DEVICE_ID_MAX, Pki, validate_device_id
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +46,21 @@ TOPIC_ROOT = "torpor"
 CONFIG_NAME = "mosquitto.conf"
 ACL_NAME = "acl"
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+DYNSEC_NAME = "dynsec.json"
+PERSISTENCE_NAME = "mosquitto.db"
+
+# The largest packet any client needs to send, from the spec's largest frame. A PUBLISH is
+# 1 byte of packet type, at most 4 of remaining length, 2 of topic length, the topic, 2 of
+# packet id and the frame: frame + topic + 9. A node's CONNECT carries a Will
+# (`torpor/<id>/status`, at most a frame): 1 + 4 + 10 of variable header + 2 + client id
+# + 2 + topic + 2 + frame = frame + topic + client id + 21. Client ids are device ids
+# (the broker replaces any other), so MAX_CLIENT_ID bounds them with room for the tools'
+# longer ids, and MQTT 5 properties get the rest of MQTT_OVERHEAD.
+MAX_TOPIC = len(f"{TOPIC_ROOT}/") + DEVICE_ID_MAX + len("/status")
+MAX_CLIENT_ID = 64
+MQTT_OVERHEAD = 128
+assert 21 + MAX_CLIENT_ID <= MQTT_OVERHEAD
+MAX_PACKET_SIZE = proto.MAX_FRAME + MAX_TOPIC + MQTT_OVERHEAD
 
 
 def find_mosquitto() -> str:
@@ -54,11 +84,16 @@ class BrokerSettings:
     max_queued_bytes: int = 64 * 1024 * 1024
     # Unacknowledged QoS 1 messages per client in flight at once.
     max_inflight_messages: int = 100
-    # Off on purpose: no reading relies on the broker's memory. A node deletes a reading only
-    # after the gateway acknowledged it, which happens after the SQLite commit, so whatever
-    # the broker held at a crash is sent again. Persistence would only add SD-card wear and a
-    # snapshot window that loses data anyway.
-    persistence: bool = False
+    # On, for the gateway's session: its subscription survives a broker restart, so frames
+    # that nodes publish after the restart and before the gateway is back wait for it. No
+    # reading relies on the snapshot's messages: a node deletes a reading only after the
+    # gateway acknowledged it (after the SQLite commit), so what a crash loses is sent
+    # again. Mosquitto writes the file at a clean stop and every `autosave_interval_s`.
+    persistence: bool = True
+    autosave_interval_s: int = 1800
+    # Every packet bigger than this is refused and its connection closed, before Mosquitto
+    # reserves memory for it (see MAX_PACKET_SIZE).
+    max_packet_size: int = MAX_PACKET_SIZE
     # The user mosquitto drops to when started as root; it must be able to read the key
     # files (0600, owned by whoever ran `torpor pki`). None: the current user.
     user: str | None = None
@@ -76,19 +111,33 @@ def default_dynsec_plugin() -> str | None:
     return None
 
 
-def render_acl(gateway_cn: str, control: bool = False) -> str:
-    """`#` does not match `$`-topics, so the gateway's access to the dynamic-security
-    control API is granted explicitly (and only when that plugin is loaded)."""
+def render_acl(gateway_cn: str, control_cn: str | None = None,
+               refused: Iterable[str] = ()) -> str:
+    """`#` does not match `$`-topics, so the control identity's access to the dynamic-
+    security control API is granted explicitly (and only when that plugin is loaded).
+
+    `refused` (quarantined devices): a `deny` line of their own comes before every pattern,
+    so the broker drops what they publish and delivers them nothing. Mosquitto 2.0 offers no
+    way to refuse their connection itself: with certificate identities it consults no
+    plugin's password check (where the dynamic-security plugin's disableClient acts)."""
     validate_device_id(gateway_cn)
-    return (
-        "# Generated by torpor: the gateway sees everything, a node only its own topics.\n"
-        "# `pattern` lines apply to every client; %u is the certificate CN (device id).\n"
-        f"user {gateway_cn}\n"
-        "topic readwrite #\n"
-        + (f"topic readwrite {CONTROL_TOPIC}/#\n" if control else "")
-        + "\n"
-        f"pattern readwrite {TOPIC_ROOT}/%u/#\n"
-    )
+    lines = [
+        "# Generated by torpor: the gateway sees everything, a node only its own topics.",
+        "# `pattern` lines apply to every client; %u is the certificate CN (device id).",
+        f"user {gateway_cn}",
+        "topic readwrite #",
+        "",
+    ]
+    if control_cn is not None:
+        validate_device_id(control_cn)
+        lines += [f"user {control_cn}", f"topic readwrite {CONTROL_TOPIC}/#", ""]
+    for device in sorted(set(refused)):
+        validate_device_id(device)
+        if device in (gateway_cn, control_cn):
+            raise BrokerError(f"refusing to refuse the gateway's own identity {device!r}")
+        lines += [f"user {device}", "topic deny #", ""]
+    lines.append(f"pattern readwrite {TOPIC_ROOT}/%u/#")
+    return "\n".join(lines) + "\n"
 
 
 def render_config(settings: BrokerSettings, pki: Pki, acl_path: Path, *, extra: str = "") -> str:
@@ -102,6 +151,10 @@ def render_config(settings: BrokerSettings, pki: Pki, acl_path: Path, *, extra: 
         f"acl_file {acl_path}",
         f"user {user}",
         f"persistence {'true' if settings.persistence else 'false'}",
+        f"persistence_location {acl_path.parent}/",
+        f"persistence_file {PERSISTENCE_NAME}",
+        f"autosave_interval {settings.autosave_interval_s}",
+        f"max_packet_size {settings.max_packet_size}",
         f"max_queued_messages {settings.max_queued_messages}",
         f"max_queued_bytes {settings.max_queued_bytes}",
         f"max_inflight_messages {settings.max_inflight_messages}",
@@ -117,19 +170,23 @@ def render_config(settings: BrokerSettings, pki: Pki, acl_path: Path, *, extra: 
     if settings.dynsec_plugin:
         lines += [
             f"plugin {settings.dynsec_plugin}",
-            f"plugin_opt_config_file {acl_path.parent / 'dynsec.json'}",
+            f"plugin_opt_config_file {acl_path.parent / DYNSEC_NAME}",
             "",
         ]
     lines += [
         # The only listener: no plaintext port exists.
         f"listener {settings.port} {settings.host}",
         "protocol mqtt",
-        f"cafile {pki.ca_pem}",
+        # Root and issuing CA once there is one (nodes send their certificate alone). Read
+        # at start only: Mosquitto 2.0 reloads certfile, keyfile and crlfile on SIGHUP.
+        f"cafile {pki.chain_pem}",
         f"certfile {server.cert_pem}",
         f"keyfile {server.key_pem}",
         f"crlfile {pki.crl_path}",
         "require_certificate true",
         "use_identity_as_username true",
+        # A client's id is its certificate's CN, whatever it asked for (see the module).
+        "use_username_as_clientid true",
         # Minimum version; TLS 1.3 is negotiated when the client offers it.
         "tls_version tlsv1.2",
         # Without it a TLS 1.3 connect took ~48 ms instead of ~3 ms here (Nagle + delayed
@@ -140,23 +197,58 @@ def render_config(settings: BrokerSettings, pki: Pki, acl_path: Path, *, extra: 
     return "\n".join(lines) + extra
 
 
+def write_private_text(path: Path, text: str) -> None:
+    """Write `path` mode 0600 whatever the umask, replacing it whole (never through a
+    file another user could have made readable)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def private_folder(folder: Path) -> Path:
+    """The broker's folder, 0700: its files name every key the broker reads."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    return folder
+
+
 def write_config(
-    settings: BrokerSettings, pki: Pki, folder: Path, *, extra: str = ""
+    settings: BrokerSettings, pki: Pki, folder: Path, *, extra: str = "",
+    refused: Iterable[str] = (), extra_acl: str = "",
 ) -> Path:
-    """Write mosquitto.conf and its ACL (and the dynsec state file if used) into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write mosquitto.conf and its ACL (and the dynsec state file if used) into `folder`,
+    every file 0600 in a 0700 folder. `extra_acl` goes at the ACL's end (benchmarks give
+    an observer of their own read access there)."""
+    private_folder(folder)
+    if not pki.has_control:
+        raise BrokerError(
+            f"no control certificate in {pki.path}: run `torpor pki gateway` again (it issues "
+            "the gateway's certificate and the control certificate its probes use)")
+    control = pki.control.cn
     acl = folder / ACL_NAME
-    acl.write_text(render_acl(pki.gateway.cn, control=bool(settings.dynsec_plugin)))
+    write_private_text(acl, render_acl(pki.gateway.cn, control if settings.dynsec_plugin else None,
+                                       refused) + extra_acl)
     if settings.dynsec_plugin:
-        write_dynsec_state(folder / "dynsec.json", pki.gateway.cn)
+        write_dynsec_state(folder / DYNSEC_NAME, control)
+    persisted = folder / PERSISTENCE_NAME
+    if persisted.exists():
+        os.chmod(persisted, 0o600)
     conf = folder / CONFIG_NAME
-    conf.write_text(render_config(settings, pki, acl, extra=extra))
+    write_private_text(conf, render_config(settings, pki, acl, extra=extra))
     return conf
 
 
-def write_dynsec_state(path: Path, gateway_cn: str) -> None:
-    """The dynamic-security plugin only serves `kickClient` here; authorisation stays with
-    the ACL file, which mosquitto consults first. Only the gateway may use its control API."""
+def write_dynsec_state(path: Path, control_cn: str) -> None:
+    """The dynamic-security plugin only serves to cut sessions here; authorisation stays with
+    the ACL file, which mosquitto consults first. Only the gateway's control identity may use
+    its control API."""
     import json
 
     state = {
@@ -164,7 +256,7 @@ def write_dynsec_state(path: Path, gateway_cn: str) -> None:
             "publishClientSend": True, "publishClientReceive": True,
             "subscribe": True, "unsubscribe": True,
         },
-        "clients": [{"username": gateway_cn, "roles": [{"rolename": "admin"}]}],
+        "clients": [{"username": control_cn, "roles": [{"rolename": "admin"}]}],
         "groups": [],
         "roles": [{
             "rolename": "admin",
@@ -175,7 +267,7 @@ def write_dynsec_state(path: Path, gateway_cn: str) -> None:
             ],
         }],
     }
-    path.write_text(json.dumps(state, indent=1))
+    write_private_text(path, json.dumps(state, indent=1))
 
 
 # --- a minimal MQTT 3.1.1 CONNECT, for health checks ------------------------------------
@@ -187,9 +279,10 @@ def _connect_packet(client_id: str, keepalive: int = 10) -> bytes:
 
 
 def client_ssl_context(pki: Pki, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-    """Client context trusting the fleet CA, presenting `cert` (default: the gateway's)."""
+    """Client context trusting the fleet CA, presenting `cert` (default: the gateway's
+    control certificate, which probes and the control API use: see the module)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca_pem))
-    creds = pki.gateway
+    creds = pki.control
     ctx.load_cert_chain(str(cert or creds.cert_pem), str(key or creds.key_pem))
     return ctx
 
@@ -237,6 +330,77 @@ async def async_mqtt_probe(host: str, port: int, ctx: ssl.SSLContext, timeout: f
     return await asyncio.wait_for(probe(), timeout)
 
 
+# --- the broker's complaints -----------------------------------------------------------
+
+# Mosquitto's stderr carries no level: these are the words of its errors and warnings
+# ("Error: ...", "OpenSSL Error[0]: ...", "Warning: ...", "Unable to ...", "... failed: ...",
+# "Client x already connected, closing old connection.", "... disconnected due to ...").
+_PROBLEM = re.compile(r"\b(error|warning|unable|failed|denied|refused|already connected|"
+                      r"due to|out of memory|oversize)\b", re.IGNORECASE)
+_NOISE = re.compile(r"^\S+: |\d+(\.\d+){3}(:\d+)?|\[[0-9a-f:]+\](:\d+)?")
+
+
+def is_broker_problem(line: str) -> bool:
+    """A Mosquitto log line that an operator must see (logged at warning level)."""
+    return bool(_PROBLEM.search(line))
+
+
+class _Repeats:
+    """The same complaint (addresses and time aside) is logged once per `every_s`, with a
+    count of what was held back: a device retrying with a bad certificate must not drown
+    the log, nor hide everything else."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self.every_s = every_s
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def admit(self, line: str) -> int | None:
+        key = _NOISE.sub("", line)
+        now = time.monotonic()
+        last, held = self._seen.get(key, (-1e9, 0))
+        if now - last < self.every_s:
+            self._seen[key] = (last, held + 1)
+            return None
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        return held
+
+
+def credential_problems(pki: Pki, now: dt.datetime | None = None) -> list[str]:
+    """What makes the broker refuse every client although it runs: an expired CRL (OpenSSL
+    then fails every handshake with only "certificate verify failed"), an expired or not
+    yet valid CA, server or gateway certificate."""
+    now = now or dt.datetime.now(dt.UTC)
+    found: list[str] = []
+    try:
+        crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        found.append(f"the CRL {pki.crl_path} cannot be read ({exc})")
+    else:
+        nxt = crl.next_update_utc
+        if nxt is not None and nxt <= now:
+            found.append(
+                f"the CRL {pki.crl_path} expired on {nxt:%Y-%m-%d %H:%M} UTC, so the broker "
+                f"refuses every certificate: run `torpor pki crl --dir {pki.path}` "
+                "(with the CA key) and start again")
+    for label, path in (("CA", pki.ca_pem), ("server", pki.path / "server.pem"),
+                        ("gateway", pki.path / "gateway.pem"),
+                        ("control", pki.path / "control.pem")):
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError):
+            found.append(f"the {label} certificate {path} is missing or unreadable")
+            continue
+        if cert.not_valid_after_utc <= now:
+            found.append(f"the {label} certificate {path} expired on "
+                         f"{cert.not_valid_after_utc:%Y-%m-%d} UTC")
+        elif cert.not_valid_before_utc > now:
+            found.append(f"the {label} certificate {path} is valid only from "
+                         f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (is the clock right?)")
+    return found
+
+
 # --- the supervisor ---------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -280,6 +444,8 @@ class BrokerSupervisor:
         self._stopping = False
         self._backoff = _Backoff()
         self.restarts = 0
+        self.last_probe_error = ""
+        self.refused: frozenset[str] = frozenset()  # quarantined devices (see set_refused)
 
     @property
     def pid(self) -> int | None:
@@ -288,7 +454,7 @@ class BrokerSupervisor:
     async def start(self, timeout: float = 10.0) -> None:
         self._stopping = False
         if not self.external:
-            write_config(self.settings, self.pki, self.config_dir)
+            write_config(self.settings, self.pki, self.config_dir, refused=self.refused)
             await self._spawn()
         await self.wait_healthy(timeout)
         if not self.external:
@@ -306,18 +472,26 @@ class BrokerSupervisor:
 
     async def _read_logs(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
+        limiter = _Repeats()
         while line := await proc.stderr.readline():
             text = line.decode(errors="replace").rstrip()
             self.logs.append(text)
             if self._on_log:
                 self._on_log(text)
-            log.debug("mosquitto: %s", text)
+            if is_broker_problem(text):
+                repeated = limiter.admit(text)
+                if repeated is not None:
+                    log.warning("mosquitto: %s%s", text,
+                                f" (and {repeated} more like it)" if repeated else "")
+            else:
+                log.debug("mosquitto: %s", text)
 
     async def healthy(self, timeout: float = 3.0) -> bool:
         try:
             ctx = client_ssl_context(self.pki)
             return await async_mqtt_probe(self.settings.host, self.settings.port, ctx, timeout) == 0
-        except (TimeoutError, OSError, ssl.SSLError, asyncio.IncompleteReadError):
+        except (TimeoutError, OSError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
+            self.last_probe_error = f"{type(exc).__name__}: {exc}"
             return False
 
     async def wait_healthy(self, timeout: float = 10.0) -> None:
@@ -332,9 +506,14 @@ class BrokerSupervisor:
             if await self.healthy(timeout=2.0):
                 return
             await asyncio.sleep(0.1)
+        causes = credential_problems(self.pki)
+        seen = [line for line in self.logs if is_broker_problem(line)][-3:]
         raise BrokerError(
             f"broker at {self.settings.host}:{self.settings.port} did not accept an mTLS "
-            f"connection within {timeout:.0f}s; check its log and the certificates in {self.pki.path}"
+            f"connection within {timeout:.0f}s: "
+            + ("; ".join(causes) if causes else "no expired credential found")
+            + (f"; last probe: {self.last_probe_error}" if self.last_probe_error else "")
+            + (f"; mosquitto said: {' | '.join(seen)}" if seen else "")
         )
 
     async def _watchdog(self) -> None:
@@ -383,6 +562,40 @@ class BrokerSupervisor:
             raise BrokerError("mosquitto is not running")
         os.kill(self.pid, signal.SIGHUP)
 
+    def save(self) -> bool:
+        """SIGUSR1: mosquitto writes its persistence file now (the gateway's session and
+        subscription), so that even a crash of the broker restores them. False when there
+        is no child to signal."""
+        if self.external or self.pid is None or not self.settings.persistence:
+            return False
+        os.kill(self.pid, signal.SIGUSR1)
+        return True
+
+    async def set_refused(self, devices: Iterable[str]) -> frozenset[str]:
+        """Make the broker refuse service to exactly `devices` (the quarantined ones):
+        rewrite the ACL, reload it, and cut the live sessions of the newly refused so they
+        come back under the new rules. Returns the newly refused. Supervised mode only: a
+        broker that systemd runs is reloaded by `systemctl reload`."""
+        wanted = frozenset(devices)
+        if wanted == self.refused:
+            return frozenset()
+        if self.external:
+            raise BrokerError("the broker is managed by systemd: it cannot be told to refuse "
+                              "quarantined devices from here")
+        added = wanted - self.refused
+        settings = self.settings
+        acl = render_acl(self.pki.gateway.cn,
+                         self.pki.control.cn if settings.dynsec_plugin else None, wanted)
+        write_private_text(self.config_dir / ACL_NAME, acl)
+        self.refused = wanted
+        self.reload()
+        await asyncio.sleep(0.2)  # mosquitto reloads at the top of its next loop
+        for device in sorted(added):
+            await kick(settings.host, settings.port, self.pki, device)
+        log.info("broker refuses %d quarantined device(s)%s", len(wanted),
+                 f"; newly: {', '.join(sorted(added))}" if added else "")
+        return added
+
     async def revoke_and_kick(self, device_id: str) -> list[int]:
         """Revoke the device's certificates, make the broker refuse new connections with
         them, and cut its live session now."""
@@ -408,7 +621,7 @@ async def kick(host: str, port: int, pki: Pki, device_id: str, timeout: float = 
     import aiomqtt
 
     validate_device_id(device_id)
-    if device_id == pki.gateway.cn:
+    if device_id in (pki.gateway.cn, pki.control.cn):
         raise BrokerError("refusing to kick the gateway's own identity")
     request = {"commands": [
         {"command": "createClient", "username": device_id, "correlationData": "create"},

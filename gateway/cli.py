@@ -1,7 +1,9 @@
-"""`torpor gateway run|status|config-example` and `torpor device add|list|show|release|revoke`.
+"""`torpor gateway run|status|config-example|backup|restore|config` and
+`torpor device add|list|show|release|revoke`.
 
 Exit codes: 0 success, 1 the gateway is not running (`status`), 2 an error the operator can
-act on (bad configuration, unknown device...).
+act on (bad configuration, unknown device, a restore target in use...), 3 a backup archive
+refused by `restore` (corrupt, truncated, checksum mismatch, unknown manifest version).
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_status)
     p = gsub.add_parser("config-example", help="print a configuration file with every default")
     p.set_defaults(func=_example)
+    from gateway.web import command as web_command  # `torpor gateway web`
+
+    web_command.register(gsub, config_arg, _config)
+    _register_ops(gsub, config_arg)
 
     dev = sub.add_parser("device", help="the device registry, and commands and configuration for devices")
     dsub = dev.add_subparsers(dest="device_command", metavar="ACTION", required=True)
@@ -250,7 +256,16 @@ def _show(args: argparse.Namespace) -> int:
     print(f"last seen:       {_when(dev.last_seen)}")
     print(f"last HELLO:      {_when(dev.last_hello_at)}")
     print(f"next wake:       {_when(dev.next_wake_at)}")
-    print(f"awake until:     {_when(dev.awake_until)}")
+    wakes = down.get("wakes") or {}
+    stay = wakes.get("awake_until")
+    if stay is not None and stay > time.time():
+        print(f"awake until:     {_when(stay)} (stay_awake: items are sent at once)")
+    else:
+        print(f"awake until:     {_when(dev.awake_until)}")
+    if dev.safe_mode:
+        print("safe mode:       yes (reports, takes OTA and configuration; runs no commands)")
+    if dev.clock_unset:
+        print("clock:           not set yet (readings corrected from its HELLO time)")
     print(f"firmware:        {'-' if dev.fw_version is None else dev.fw_version}")
     print(f"battery:         {'-' if dev.battery_mv is None else f'{dev.battery_mv} mV'}")
     print(f"rssi:            {'-' if dev.rssi is None else f'{dev.rssi} dBm'}")
@@ -390,6 +405,117 @@ def _wait_refused(cfg: gwconfig.GatewayConfig, pki: Any, device_id: str) -> bool
         time.sleep(0.1)
     raise BrokerError(f"the broker still accepts {device_id}'s certificate {RELOAD_WAIT_S:.0f}s "
                       "after the reload: check that its crlfile is the PKI's crl.pem")
+
+
+# ---------------------------------------------------------------- backup, restore, config
+
+def _register_ops(gsub: Any, config_arg: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = gsub.add_parser("backup", help="online backup: database, PKI folder and configuration "
+                        "in one archive with a manifest and checksums")
+    config_arg(p)
+    p.add_argument("file", nargs="?", default=None,
+                   help="the archive to write (.tar, .tar.gz, .tar.xz or .tar.bz2)")
+    p.add_argument("--rotate", metavar="DIR", default=None,
+                   help="write torpor-backup-YYYYMMDD-HHMMSS.tar.gz (UTC) into DIR instead")
+    p.add_argument("--keep", type=int, default=7,
+                   help="with --rotate: keep the newest N backups of DIR (default: 7)")
+    p.add_argument("--json", action="store_true", help="print the manifest")
+    p.set_defaults(func=_backup)
+    p = gsub.add_parser("restore", help="verify a backup archive and unpack it as a gateway "
+                        "folder that `torpor gateway run --config DIR/gateway.toml` resumes")
+    p.add_argument("file", help="the backup archive")
+    p.add_argument("--dir", required=True, help="the folder to restore into (new or empty)")
+    p.add_argument("--force", action="store_true",
+                   help="restore into a non-empty DIR, moving its content aside first")
+    p.set_defaults(func=_restore)
+    p = gsub.add_parser("config", help="show the effective configuration or set one key")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    q = csub.add_parser("show", help="the effective configuration, defaults filled in")
+    config_arg(q)
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--secrets", action="store_true",
+                   help="also print the web token, password hash and upstream password")
+    q.set_defaults(func=_config_show)
+    q = csub.add_parser("set", help="set SECTION.KEY=VALUE after validating the new file; the "
+                        "previous file is kept as gateway.toml.YYYYMMDD-HHMMSS")
+    config_arg(q)
+    q.add_argument("assignment", metavar="SECTION.KEY=VALUE",
+                   help="e.g. ingest.rate_limit_frames_per_min=600")
+    q.set_defaults(func=_config_set)
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from gateway.ops import backup
+
+    if (args.file is None) == (args.rotate is None):
+        return _fail("give either FILE or --rotate DIR")
+    try:
+        cfg = _config(args)
+        if args.rotate is not None:
+            result = backup.backup_rotating(cfg, Path(args.rotate), args.keep)
+        else:
+            result = backup.backup(cfg, Path(args.file))
+    except GatewayError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(result.manifest, indent=1))
+        return 0
+    m = result.manifest
+    counts = m["database"]["row_counts"]
+    print(f"backup:   {result.path} ({result.size} bytes, {len(m['files'])} files)")
+    print(f"database: snapshot at {m['captured']['db_snapshot_at']}, "
+          f"{counts.get('readings', 0)} readings, {counts.get('devices', 0)} devices")
+    for old in result.rotated_out:
+        print(f"rotated:  {old} deleted")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from gateway.ops import backup
+
+    try:
+        result = backup.restore(Path(args.file), Path(args.dir), force=args.force)
+    except backup.BackupError as exc:
+        print(f"torpor: error: {exc}", file=sys.stderr)
+        return backup.EXIT_TARGET if exc.code == "target" else backup.EXIT_REFUSED
+    except GatewayError as exc:
+        return _fail(str(exc))
+    print(f"restored: {result.dir} (backup of {result.manifest.get('created')})")
+    if result.replaced is not None:
+        print(f"previous: moved aside to {result.replaced}")
+    print(f"resume:   torpor gateway run --config {result.config}")
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from gateway.ops import config_ops
+
+    try:
+        cfg = _config(args)
+    except GatewayError as exc:
+        return _fail(str(exc))
+    doc = config_ops.show(cfg, secrets=args.secrets)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(f"# effective configuration of {doc.pop('source') or '-'} (defaults filled in)")
+    print(gwconfig.dumps(doc), end="")
+    return 0
+
+
+def _config_set(args: argparse.Namespace) -> int:
+    from gateway.ops import config_ops
+
+    path = Path(args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    try:
+        result = config_ops.set_key(path, args.assignment)
+    except GatewayError as exc:
+        return _fail(str(exc))
+    print(f"{result.section}.{result.key}: {result.old!r} -> {result.new!r} in {result.path}")
+    print(f"previous file kept as {result.backup}")
+    print("a running gateway applies it on SIGHUP (systemctl reload torpor-gateway)"
+          if result.live else "takes effect when the gateway restarts")
+    return 0
 
 
 def default_config_path() -> Path:

@@ -7,6 +7,8 @@ Relative paths are relative to the configuration file's folder.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from gateway.errors import ConfigError
 
 __all__ = [
     "BrokerConfig", "ConfigError", "DownlinkConfig", "GatewayConfig", "GatewaySection",
-    "IngestConfig", "MqttConfig", "UpstreamConfig", "load_config", "parse_config",
+    "IngestConfig", "MqttConfig", "PkiConfig", "UpstreamConfig", "WebConfig", "load_config", "parse_config",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -49,6 +51,9 @@ class BrokerConfig:
     user: str = ""  # user mosquitto drops to when started as root; default: the current user
     max_queued_messages: int = 100_000
     max_inflight_messages: int = 100
+    # Supervised mode: the broker also refuses service to quarantined devices (ACL deny and
+    # a cut session; see gateway.broker), so their frames no longer reach the gateway.
+    refuse_quarantined: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +120,62 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PkiConfig:
+    """What the gateway renews on its own and when (gateway.lifetimes). Renewal signs with
+    the key in the PKI directory: the issuing CA's, or the root's when it is kept there."""
+
+    renew: bool = True
+    check_interval_s: float = 3600.0
+    # The CRL the gateway issues lives this long and is re-issued once this fraction of
+    # its life has passed (Mosquitto refuses every client once nextUpdate has passed).
+    crl_days: float = 30.0
+    crl_renew_at: float = 0.5
+    # Certificates are re-issued this many days before they expire, for this long.
+    server_days: float = 825.0
+    server_lead_days: float = 30.0
+    gateway_days: float = 825.0
+    gateway_lead_days: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The operator's web page and JSON API (gateway.web)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # any non-loopback address needs token or password_hash
+    port: int = 8080
+    # A bearer token for the API and the login form (at least 16 characters)...
+    token: str = ""
+    # ...and/or a password, stored as `torpor gateway web --hash-password` prints it.
+    password_hash: str = ""
+    tls_cert: str = ""  # both or neither: HTTPS when set
+    tls_key: str = ""
+    page_size: int = 50  # fleet page rows
+    session_hours: float = 12.0
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.token or self.password_hash) or not self.loopback
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# scrypt$<n>$<r>$<p>$<salt hex>$<hash hex> (gateway.web.auth.hash_password)
+_PASSWORD_HASH = re.compile(r"scrypt\$\d+\$\d+\$\d+\$[0-9a-f]{16,}\$[0-9a-f]{32,}")
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     gateway: GatewaySection = GatewaySection()
     broker: BrokerConfig = BrokerConfig()
@@ -122,6 +183,8 @@ class GatewayConfig:
     ingest: IngestConfig = IngestConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     downlink: DownlinkConfig = DownlinkConfig()  # delivery to sleeping nodes (gateway.downlink)
+    pki: PkiConfig = PkiConfig()  # credential renewal and expiry events (gateway.lifetimes)
+    web: WebConfig = WebConfig()  # the operator's web page and API (gateway.web)
     source: str = ""  # the file it was read from
 
     @property
@@ -163,12 +226,15 @@ _SECTIONS: dict[str, type[Any]] = {
     "ingest": IngestConfig,
     "upstream": UpstreamConfig,
     "downlink": DownlinkConfig,
+    "pki": PkiConfig,
+    "web": WebConfig,
 }
 # Keys holding file or folder paths: resolved against the config file's folder.
 _PATH_KEYS = {
     ("gateway", "data_dir"), ("gateway", "db"), ("broker", "pki_dir"), ("broker", "mosquitto"),
     ("broker", "config_dir"), ("mqtt", "cert"), ("mqtt", "key"), ("mqtt", "ca"),
     ("upstream", "ca"), ("upstream", "cert"), ("upstream", "key"),
+    ("web", "tls_cert"), ("web", "tls_key"),
 }
 # (section, key) -> smallest allowed value
 _MINIMA: dict[tuple[str, str], float] = {
@@ -200,13 +266,26 @@ _MINIMA: dict[tuple[str, str], float] = {
     ("downlink", "window_reserve_ms"): 0,
     ("downlink", "grace_s"): 0.0,
     ("downlink", "sweep_interval_s"): 0.05,
+    ("pki", "check_interval_s"): 0.1,
+    ("pki", "crl_days"): 0.0001,
+    ("pki", "crl_renew_at"): 0.01,
+    ("pki", "server_days"): 0.0001,
+    ("pki", "server_lead_days"): 0.0,
+    ("pki", "gateway_days"): 0.0001,
+    ("pki", "gateway_lead_days"): 0.0,
+    ("web", "port"): 0,  # 0: any free port (tests)
+    ("web", "page_size"): 1,
+    ("web", "session_hours"): 0.01,
 }
 _MAXIMA: dict[tuple[str, str], float] = {
     ("broker", "port"): 65535,
     ("mqtt", "port"): 65535,
     ("upstream", "port"): 65535,
     ("upstream", "qos"): 1,
+    ("web", "port"): 65535,
+    ("web", "page_size"): 1000,
     ("ingest", "deadletter_raw_max_bytes"): proto.MAX_FRAME,  # all of any frame
+    ("pki", "crl_renew_at"): 0.95,
 }
 
 
@@ -277,6 +356,11 @@ def _cross_check(cfg: GatewayConfig) -> None:
             f"letters of deadletter_raw_max_bytes = {ing.deadletter_raw_max_bytes}")
     if cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
         raise ConfigError("[mqtt] reconnect_max_s: smaller than reconnect_min_s")
+    for what in ("server", "gateway"):
+        days, lead = getattr(cfg.pki, f"{what}_days"), getattr(cfg.pki, f"{what}_lead_days")
+        if lead >= days:
+            raise ConfigError(f"[pki] {what}_lead_days: {lead:g} is not shorter than "
+                              f"{what}_days = {days:g} (a new certificate would be due at once)")
     up = cfg.upstream
     if up.reconnect_max_s < up.reconnect_min_s:
         raise ConfigError("[upstream] reconnect_max_s: smaller than reconnect_min_s")
@@ -288,6 +372,21 @@ def _cross_check(cfg: GatewayConfig) -> None:
             raise ConfigError(f"[upstream] {key}: {topic!r} must contain {{device}}")
         if "+" in topic or "#" in topic:
             raise ConfigError(f"[upstream] {key}: {topic!r} must not contain MQTT wildcards")
+    _check_web(cfg.web)
+
+
+def _check_web(web: WebConfig) -> None:
+    if web.token and len(web.token) < 16:
+        raise ConfigError("[web] token: at least 16 characters (e.g. `openssl rand -hex 16`)")
+    if web.password_hash and not _PASSWORD_HASH.fullmatch(web.password_hash):
+        raise ConfigError("[web] password_hash: not a hash made by "
+                          "`torpor gateway web --hash-password`")
+    if bool(web.tls_cert) != bool(web.tls_key):
+        raise ConfigError("[web] tls_key: tls_cert and tls_key are set together or not at all")
+    if web.enabled and not web.loopback and not (web.token or web.password_hash):
+        raise ConfigError(
+            f"[web] host: {web.host!r} is not a loopback address; set [web] password_hash or "
+            "token so that only the operator can log in (or bind to 127.0.0.1)")
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -320,3 +419,95 @@ def example() -> str:
             lines.append(f"# {f.name} = {text}")
         lines.append("")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- writing the file
+# `torpor gateway config show|set` and `torpor gateway restore` (gateway.ops.config_ops,
+# gateway.ops.backup) read and write the file through these.
+
+def as_dict(cfg: GatewayConfig) -> dict[str, dict[str, Any]]:
+    """The effective configuration, every key of every section (defaults included)."""
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in _SECTIONS}
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal for a configuration value (bool, int, float or string)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, int | float):
+        return repr(value)
+    raise ConfigError(f"cannot write {value!r} as a configuration value")
+
+
+def dumps(data: dict[str, dict[str, Any]]) -> str:
+    """A TOML document of sections of plain keys (what the configuration holds)."""
+    out: list[str] = []
+    for name, table in data.items():
+        out.append(f"[{name}]")
+        out.extend(f"{key} = {toml_value(value)}" for key, value in table.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def key_type(section: str, key: str) -> Any:
+    """The type hint of `[section] key`; ConfigError naming it when there is no such key."""
+    cls = _SECTIONS.get(section)
+    if cls is None:
+        raise ConfigError(f"[{section}]: unknown section (known: {', '.join(_SECTIONS)})")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    if key not in known:
+        raise ConfigError(f"[{section}] {key}: unknown key (known: {', '.join(sorted(known))})")
+    return hints[key]
+
+
+def parse_value(section: str, key: str, text: str) -> Any:
+    """The value `text` (as typed on a command line) for `[section] key`, checked like the
+    file's: `600`, `0.5`, `true`, `debug`, or a TOML literal such as `"a b"`."""
+    hint = key_type(section, key)
+    try:
+        value: Any = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: a string
+    if hint is str or typing.get_origin(hint) is Literal:
+        value = text if not isinstance(value, str) else value
+    return _check(section, key, hint, value)
+
+
+_SECTION_LINE = re.compile(r"^\s*\[\s*([A-Za-z0-9_-]+)\s*\]\s*(#.*)?$")
+
+
+def set_in_text(text: str, section: str, key: str, value: Any) -> str:
+    """`text` (a configuration file) with `[section] key` set to `value`: the key's line is
+    replaced where it is, or added at the end of its section (the section at the end of
+    the file when it is missing); comments and the other lines are kept as they are."""
+    line_re = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    new = f"{key} = {toml_value(value)}"
+    lines = text.splitlines()
+    current = ""
+    last_in_section = -1
+    for i, line in enumerate(lines):
+        m = _SECTION_LINE.match(line)
+        if m:
+            current = m.group(1)
+            continue
+        if current == section:
+            if line_re.match(line):
+                lines[i] = new
+                return "\n".join(lines) + "\n"
+            if line.strip() and not line.lstrip().startswith("#"):
+                last_in_section = i
+    if last_in_section >= 0:
+        lines.insert(last_in_section + 1, new)
+    else:
+        header = next((i for i, line in enumerate(lines)
+                       if (m := _SECTION_LINE.match(line)) and m.group(1) == section), None)
+        if header is not None:
+            lines.insert(header + 1, new)
+        else:
+            if lines and lines[-1].strip():
+                lines.append("")
+            lines.extend([f"[{section}]", new])
+    return "\n".join(lines) + "\n"

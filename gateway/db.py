@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +62,18 @@ def register_store(migrate: Callable[[sqlite3.Connection], None]) -> None:
         _extra_stores.append(migrate)
 
 
+def _create_private(path: Path) -> None:
+    """A new database file is made 0600 (its folder 0700) before SQLite opens it: SQLite
+    gives the WAL and SHM files the database file's mode, so all three stay private
+    whatever the umask. An existing file and folder are left as the operator set them."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+        os.chmod(path.parent, 0o700)
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 def connect(path: str | Path, *, readonly: bool = False,
             autocheckpoint: bool = True) -> sqlite3.Connection:
     """A connection with the gateway's pragmas and explicit transactions (autocommit mode:
@@ -73,7 +87,7 @@ def connect(path: str | Path, *, readonly: bool = False,
                 timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
             )
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(path)
             conn = sqlite3.connect(
                 path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
                 check_same_thread=False,
@@ -249,3 +263,63 @@ def open_db(path: str | Path) -> sqlite3.Connection:
         conn.close()
         raise DatabaseError(f"cannot migrate the database {path}: {exc}") from exc
     return conn
+
+
+def backup_to(source: str | Path, dest: str | Path) -> None:
+    """An online copy of the database at `source` into the new file `dest` (0600), with
+    SQLite's backup API in one step: one read transaction, so the copy is the database as
+    of a single commit, and in WAL mode the gateway's writers keep committing meanwhile.
+    The copy is left in rollback-journal mode, one self-contained file."""
+    dest = Path(dest)
+    fd = os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    try:
+        src = sqlite3.connect(f"file:{Path(source)}?mode=ro", uri=True,
+                              timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            dst = sqlite3.connect(dest)
+            try:
+                src.backup(dst, pages=-1)
+                dst.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    except sqlite3.Error as exc:
+        dest.unlink(missing_ok=True)
+        raise DatabaseError(f"cannot back up the database {source}: {exc}") from exc
+
+
+def integrity_check(path: str | Path) -> list[str]:
+    """`PRAGMA integrity_check` of a database file opened read-only: [] when it is sound,
+    else SQLite's complaints."""
+    try:
+        conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+        try:
+            rows = [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall()]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return [str(exc)]
+    return [] if rows == ["ok"] else rows
+
+
+def describe(path: str | Path) -> tuple[dict[str, int], dict[str, int]]:
+    """(schema version per store, row count per table) of a database file, read-only."""
+    conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+    try:
+        versions: dict[str, int] = {}
+        has_migrations = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'"
+        ).fetchone()
+        if has_migrations:
+            versions = {str(s): int(v) for s, v in
+                        conn.execute("SELECT store, version FROM schema_migrations ORDER BY store")}
+        tables = [str(r[0]) for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' "
+            "ORDER BY name")]
+        counts = {t: int(conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0])
+                  for t in tables}
+    finally:
+        conn.close()
+    return versions, counts

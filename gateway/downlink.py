@@ -44,6 +44,8 @@ _STEPS = (
         last_bytes INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID;
     """,
+    # A stay_awake delivered: until then the node listens, and items go at once.
+    "ALTER TABLE downlink_wakes ADD COLUMN awake_until REAL;",
 )
 
 
@@ -60,6 +62,7 @@ class DownlinkConfig:
     window_reserve_ms: int = 100  # kept for the ACK and SLEEP_NOW
     grace_s: float = 30.0  # a HELLO later than the expected wake + this counts missed wakes
     sweep_interval_s: float = 60.0  # how often expired items are marked expired
+    awake_poll_s: float = 0.5  # how often items queued for a node under stay_awake are sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,7 @@ class WakePlan:
     frames: tuple[bytes, ...] = ()
     ids: tuple[int, ...] = ()
     left: int = 0
+    awake_s: int = 0  # a stay_awake among the frames: no SLEEP_NOW, the node stays this long
 
     @property
     def bytes(self) -> int:
@@ -89,6 +93,7 @@ class WakeStats:
     max_delivered: int
     last_left: int
     last_bytes: int
+    awake_until: float | None = None
 
     @property
     def listen_window(self) -> tuple[float, float] | None:
@@ -122,7 +127,7 @@ class Metrics:
 def wake_stats(conn: sqlite3.Connection, device: str) -> WakeStats | None:
     row = conn.execute(
         "SELECT device, wakes, missed_wakes, last_hello_at, expected_at, interval_s, window_ms,"
-        " delivered_total, last_delivered, max_delivered, last_left, last_bytes "
+        " delivered_total, last_delivered, max_delivered, last_left, last_bytes, awake_until "
         "FROM downlink_wakes WHERE device=?", (device,)).fetchone()
     return WakeStats(*row) if row else None
 
@@ -140,14 +145,23 @@ def _encode(item: q.Item, conn: sqlite3.Connection, now: float) -> bytes:
         assert item.op is not None
         # ttl_s on the wire is what is left of it (0: none), capped to the field's u16.
         ttl = 0 if item.expires_at is None else max(1, min(0xFFFF, int(item.expires_at - now)))
+        # expires_at on our clock, which the node's follows: it refuses the command once
+        # that time has passed when it arrives (ttl_s says what was left when it was sent).
+        expires = 0 if item.expires_at is None else min(0xFFFFFFFF, int(item.expires_at))
         return proto.encode_command(proto.Command(
             item.command_id, item.command_id, proto.CommandOp(item.op), item.args,
-            item.priority, ttl, item.data))
+            item.priority, ttl, item.data, expires))
     if item.kind == proto.SHADOW_DELTA:
         assert item.config_version is not None
         return proto.encode_shadow_delta(proto.ShadowDelta(
             item.command_id, item.config_version, q.shadow_entries(conn, item.device)))
     return item.data
+
+
+def _stay_awake_s(item: q.Item) -> int:
+    if item.kind == proto.COMMAND and item.op == proto.CommandOp.STAY_AWAKE and item.args:
+        return max(0, item.args[0])
+    return 0
 
 
 class Downlink:
@@ -189,7 +203,8 @@ class Downlink:
         # The node already runs this configuration (its report may have been lost).
         q.record_report(conn, device, hello.config_version, (), now)
         items = q.pending(conn, device)
-        interval = hello.next_wake_s or limits.wake_interval_s
+        # The node is away until it next connects (which may be several sampling wakes).
+        interval = hello.next_listen_s or hello.next_wake_s or limits.wake_interval_s
         budget = limits.budget_bytes_per_min * interval / 60.0
         if hello.awake_window_ms <= 0:
             room = 0
@@ -200,6 +215,7 @@ class Downlink:
         spent = 0
         left = 0
         full = False
+        awake_s = 0
         for it in items:
             if it.attempts >= cfg.max_attempts:
                 q.retire(conn, device, it.command_id, q.FAILED, now, result="undelivered",
@@ -224,21 +240,57 @@ class Downlink:
             spent += len(frame)
             kind = it.kind_name
             self.metrics.by_kind[kind] = self.metrics.by_kind.get(kind, 0) + 1
+            awake_s = max(awake_s, _stay_awake_s(it))
         q.mark_sent(conn, device, ids, now)
-        self._record_wake(conn, device, hello, now, len(frames), left, spent)
+        self._record_wake(conn, device, hello, now, len(frames), left, spent, awake_s)
         self.metrics.frames += len(frames)
         self.metrics.bytes += spent
         if frames:
             log.info("[%s] delivering %d item(s), %d B, %d left", device, len(frames), spent,
                      left, extra={"device_id": device})
-        return WakePlan(tuple(frames), tuple(ids), left)
+        return WakePlan(tuple(frames), tuple(ids), left, awake_s)
+
+    def plan_awake(self, conn: sqlite3.Connection, now: float) -> list[tuple[str, WakePlan]]:
+        """Items queued for nodes under a stay_awake, to send at once (inside the caller's
+        transaction): the node is connected and listening, so nothing waits for a wake.
+        Each item is sent once here; an unanswered one goes again at the next HELLO."""
+        out: list[tuple[str, WakePlan]] = []
+        rows = conn.execute("SELECT device FROM downlink_wakes WHERE awake_until > ?",
+                            (now,)).fetchall()
+        for (device,) in rows:
+            q.expire(conn, now, device)
+            frames: list[bytes] = []
+            ids: list[int] = []
+            awake_s = 0
+            for it in q.pending(conn, device):
+                if it.attempts:
+                    continue  # sent in this stay already (or an earlier wake): awaits its result
+                frame = _encode(it, conn, now)
+                frames.append(frame)
+                ids.append(it.command_id)
+                awake_s = max(awake_s, _stay_awake_s(it))
+            if not frames:
+                continue
+            q.mark_sent(conn, device, ids, now)
+            if awake_s:
+                conn.execute("UPDATE downlink_wakes SET awake_until=max(awake_until, ?) "
+                             "WHERE device=?", (now + awake_s, device))
+            self.metrics.frames += len(frames)
+            log.info("[%s] awake: delivering %d item(s) at once", device, len(frames),
+                     extra={"device_id": device})
+            out.append((device, WakePlan(tuple(frames), tuple(ids), 0, awake_s)))
+        return out
 
     def _record_wake(self, conn: sqlite3.Connection, device: str, hello: proto.Hello,
-                     now: float, delivered: int, left: int, spent: int) -> None:
+                     now: float, delivered: int, left: int, spent: int,
+                     awake_s: int = 0) -> None:
         prev = conn.execute(
             "SELECT expected_at, interval_s FROM downlink_wakes WHERE device=?",
             (device,)).fetchone()
         missed = 0
+        # When it next connects, which with send_every > 1 is not its next sampling wake.
+        interval = hello.next_listen_s or hello.next_wake_s
+        listen = interval + awake_s if interval else 0  # a stay, then its own schedule
         if prev is not None:
             missed = missed_wakes(prev[0], prev[1], now, self.cfg.grace_s)
             if missed:
@@ -247,17 +299,19 @@ class Downlink:
         conn.execute(
             "INSERT INTO downlink_wakes(device, wakes, missed_wakes, last_hello_at, expected_at,"
             " interval_s, window_ms, delivered_total, last_delivered, max_delivered, last_left,"
-            " last_bytes) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device) DO "
+            " last_bytes, awake_until) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(device) DO "
             "UPDATE SET wakes=wakes+1, missed_wakes=missed_wakes+excluded.missed_wakes, "
             "last_hello_at=excluded.last_hello_at, expected_at=excluded.expected_at, "
             "interval_s=excluded.interval_s, window_ms=excluded.window_ms, "
             "delivered_total=delivered_total+excluded.delivered_total, "
             "last_delivered=excluded.last_delivered, "
             "max_delivered=max(max_delivered, excluded.max_delivered), "
-            "last_left=excluded.last_left, last_bytes=excluded.last_bytes",
-            (device, missed, now, now + hello.next_wake_s if hello.next_wake_s else None,
-             hello.next_wake_s or None, hello.awake_window_ms, delivered, delivered, delivered,
-             left, spent))
+            "last_left=excluded.last_left, last_bytes=excluded.last_bytes, "
+            "awake_until=excluded.awake_until",
+            (device, missed, now, now + listen if listen else None,
+             interval or None, hello.awake_window_ms, delivered, delivered, delivered,
+             left, spent, now + awake_s if awake_s else None))
 
     def handle_up(self, conn: sqlite3.Connection,
                   frames: Sequence[tuple[str, proto.CommandResult | proto.ShadowReport]],
@@ -266,6 +320,8 @@ class Downlink:
         for device, f in frames:
             if isinstance(f, proto.CommandResult):
                 outcome = q.record_result(conn, device, f, now)
+                if outcome == "retired":
+                    self._stay_result(conn, device, f, now)
                 if outcome == "retired":
                     self.metrics.results += 1
                     log.info("[%s] command %d: %s%s", device, f.command_id,
@@ -282,6 +338,17 @@ class Downlink:
                 if q.record_report(conn, device, f.config_version, f.entries, now):
                     log.info("[%s] configuration v%d applied", device, f.config_version,
                              extra={"device_id": device})
+
+    def _stay_result(self, conn: sqlite3.Connection, device: str, f: proto.CommandResult,
+                     now: float) -> None:
+        # A stay_awake runs from when the node ran it; one it refused (safe mode, bad
+        # arguments) keeps nobody awake, so nothing more is sent at once.
+        it = q.get(conn, device, f.command_id)
+        stay = _stay_awake_s(it)
+        if not stay:
+            return
+        until = now + stay if f.status == proto.ResultStatus.OK else None
+        conn.execute("UPDATE downlink_wakes SET awake_until=? WHERE device=?", (until, device))
 
     # ------------------------------------------------------------ housekeeping
     def sweep(self, conn: sqlite3.Connection, now: float | None = None) -> int:

@@ -45,7 +45,7 @@ DOWNLINK_QOS = 1
 _UP_TYPES = frozenset({
     proto.HELLO, proto.BURST, proto.COMMAND_RESULT, proto.SHADOW_REPORT, proto.OTA_STATUS,
 })
-_DETAIL_MAX = 64
+_DETAIL_MAX = proto.ERROR_DETAIL_MAX
 _UNCONFIRMED_MAX = 65536  # answers remembered for drain(); older ones are let go
 _SAMPLED_MAX = 100_000  # (device, reason) pairs remembered for dead-letter sampling
 STATUS_REFRESH_S = 0.5
@@ -336,11 +336,7 @@ class Ingest:
             frame = proto.decode(payload)
         except proto.ProtocolError as exc:
             problem = str(exc)
-            code = (proto.ErrorCode.UNSUPPORTED_VERSION if "version" in exc.reason
-                    else proto.ErrorCode.TOO_LARGE if "exceeds the maximum" in exc.reason
-                    and exc.frame == "frame" else
-                    proto.ErrorCode.UNKNOWN_FRAME if "unknown frame type" in exc.reason
-                    else proto.ErrorCode.MALFORMED)
+            code = exc.code
         else:
             if payload[1] not in _UP_TYPES:
                 problem = f"{type(frame).__name__} is a gateway-to-node frame"
@@ -503,6 +499,8 @@ class Ingest:
         ota_frames = [(d.device, o) for d in devs for o in d.ota]
         upstream: list[Queued] = []
         plans: list[WakePlan] = []
+        if any(b.node_clock for _, b in bursts):
+            bursts = self._to_gateway_clock(bursts, hellos, now)
         result = readings.commit_bursts(
             self.conn, bursts, self.states, now=now, in_transaction=True,
             low_water=[(d, h.first_id) for d, h in hellos if h.first_id])
@@ -557,6 +555,16 @@ class Ingest:
         for name, reason in st.quarantine.items():
             registry.quarantine(self.conn, name, reason, now=now)
 
+    def _to_gateway_clock(self, bursts: list[tuple[str, proto.Burst]],
+                          hellos: list[tuple[str, proto.Hello]],
+                          now: float) -> list[tuple[str, proto.Burst]]:
+        # A node that does not know the time yet stamps on its own count; its HELLO's time
+        # against our receipt of it (this batch's, or the registry's last) gives the shift.
+        offsets = registry.clock_offsets(
+            self.conn, {d for d, b in bursts if b.node_clock} - {d for d, _ in hellos})
+        offsets.update((d, now - h.time) for d, h in hellos)
+        return readings.to_gateway_clock(bursts, offsets)
+
     def _quarantine(self, device: str, reason: str, pending: dict[str, str]) -> None:
         if device not in pending:
             pending[device] = reason
@@ -592,10 +600,10 @@ class Ingest:
                         proto.Ack(a.msg_id, a.cumulative, a.selective)), SESSION_QOS))
                 elif r.kind == 1:
                     hello = dev.hellos[r.index]
-                    left = 0
+                    left = awake = 0
                     if plans:
                         plan = plans[h + r.index]
-                        extra, left = list(plan.frames), plan.left
+                        extra, left, awake = list(plan.frames), plan.left, plan.awake_s
                     else:
                         try:
                             extra = self.on_hello(dev.device, hello)
@@ -605,11 +613,13 @@ class Ingest:
                             extra = []
                     st = result.state(dev.device) or readings.DedupState()
                     out.append((down, proto.encode_ack(proto.Ack(
-                        hello.msg_id, st.hwm, st.selective(), int(now) & 0xFFFFFFFF,
+                        # Rounded: the node sets its clock from it (whole seconds).
+                        hello.msg_id, st.hwm, st.selective(), int(now + 0.5) & 0xFFFFFFFF,
                         min(len(extra), 255))), SESSION_QOS))
                     out.extend((down, f, DOWNLINK_QOS) for f in extra)
-                    out.append((down, proto.encode_sleep_now(
-                        proto.SleepNow(hello.msg_id, 0, min(left, 255))), SESSION_QOS))
+                    if not awake:  # under a stay_awake the node listens on; no SLEEP_NOW
+                        out.append((down, proto.encode_sleep_now(
+                            proto.SleepNow(hello.msg_id, 0, min(left, 255))), SESSION_QOS))
                 else:
                     out.extend((down, f, SESSION_QOS) for f in r.frames)
             b += len(dev.bursts)
@@ -652,6 +662,9 @@ class Ingest:
                 offer(message.topic.value, bytes(message.payload))
         writer = self.writer or db.Writer("ingest-db")
         committer = asyncio.create_task(self._commit_loop(writer), name="ingest-commit")
+        awake = None
+        if self.downlink is not None:
+            awake = asyncio.create_task(self._awake_loop(writer), name="ingest-awake")
         try:
             await client.subscribe(topics.UP_ALL, qos=1)
             log.info("ingesting %s", topics.UP_ALL)
@@ -663,6 +676,10 @@ class Ingest:
         finally:
             paho.on_message = client._on_message
             self._accepting = False
+            if awake is not None:
+                awake.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await awake
             committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await committer
@@ -738,6 +755,25 @@ class Ingest:
                 out = await asyncio.shield(self._inflight)
                 self._inflight = None
                 self._publish(out)
+
+    async def _awake_loop(self, writer: db.Writer) -> None:
+        """Items queued for a node under stay_awake go out at once, not at its next wake."""
+        assert self.downlink is not None
+        while True:
+            await asyncio.sleep(max(0.05, self.downlink.cfg.awake_poll_s))
+            try:
+                out = await writer.run(self._plan_awake)
+            except sqlite3.Error as exc:
+                log.error("delivery to awake nodes failed (retried): %s", exc)
+                continue
+            if out:
+                self._publish(out)
+
+    def _plan_awake(self) -> Outgoing:
+        assert self.downlink is not None
+        with db.transaction(self.conn):
+            plans = self.downlink.plan_awake(self.conn, self.clock())
+        return [(topics.down(d), f, DOWNLINK_QOS) for d, p in plans for f in p.frames]
 
     def _publish(self, out: Outgoing) -> None:
         """Queue the answers on the connection's publisher and write them at once,

@@ -26,6 +26,7 @@ the gateway's work per burst:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from gateway.broker import MAX_PACKET_SIZE
+
+log = logging.getLogger(__name__)
+
 READ_SIZE = 65536
 WRITE_SIZE = 65536
 _SUCCESS = ReasonCode(PacketTypes.PUBACK)  # "Success": the only PUBACK of MQTT 3.1.1
@@ -68,6 +73,7 @@ class Publisher:
         self._paho = paho
         self.inflight: dict[int, Any] = {}
         self.on_ack: Callable[[Any], None] | None = None
+        self.oversized = 0  # packets dropped unread for exceeding the bound
 
     def publish(self, topic: bytes, payload: bytes, token: Any = None, qos: int = 1) -> bool:
         """Queue one PUBLISH (QoS 1, or 0: no packet id, nothing tracked); False when the
@@ -115,10 +121,12 @@ def _fixed_header(command: int, remaining: int) -> bytes:
             return bytes(out)
 
 
-def lean(client: aiomqtt.Client, received: Received | None = None) -> Publisher:
+def lean(client: aiomqtt.Client, received: Received | None = None,
+         max_packet: int = MAX_PACKET_SIZE) -> Publisher:
     """Take over the busy packets of a connected MQTT 3.1.1 client (see the module) and
     return its `Publisher`; once per connection, later calls return the same publisher.
-    `received(topic, payload)`: where QoS 0 and 1 messages go instead of `on_message`."""
+    `received(topic, payload)`: where QoS 0 and 1 messages go instead of `on_message`.
+    A packet longer than `max_packet` (remaining length) is dropped unread."""
     paho = client._client
     publisher: Publisher | None = getattr(paho, "_torpor_publisher", None)
     if publisher is not None:
@@ -128,15 +136,25 @@ def lean(client: aiomqtt.Client, received: Received | None = None) -> Publisher:
     if paho._sock is None:
         raise aiomqtt.MqttError("disconnected from the broker")
     publisher = paho._torpor_publisher = Publisher(paho)  # type: ignore[attr-defined]
-    paho._packet_read = _reader(paho, received, publisher)  # type: ignore[method-assign]
+    paho._packet_read = _reader(paho, received, publisher, max_packet)  # type: ignore[method-assign]
     paho._packet_write = _joined_writer(paho)  # type: ignore[method-assign]
     return publisher
 
 
-def _reader(paho: Any, received: Received | None, publisher: Publisher) -> Any:
-    """paho's `_packet_read`, splitting everything one `recv` returns (see the module)."""
+def _reader(paho: Any, received: Received | None, publisher: Publisher,
+            max_packet: int = MAX_PACKET_SIZE) -> Any:
+    """paho's `_packet_read`, splitting everything one `recv` returns (see the module).
+
+    Bounded and linear: a packet whose announced remaining length exceeds `max_packet` is
+    never buffered. Its first bytes (topic and packet id, at most 65,539) are read so a QoS 1
+    PUBLISH can be acknowledged (else the broker would send it again on every reconnect),
+    and the rest is discarded as it arrives. The start of a packet whose rest has not
+    arrived is kept in a bytearray that grows in place, and parsed only once the bytes it
+    needs are there, so each byte is copied a bounded number of times."""
     own_read = paho._packet_read
-    held = b""  # the start of a packet whose rest has not arrived
+    held = bytearray()  # the start of a packet whose rest has not arrived
+    need = 0  # how many bytes `held` must have before parsing can go on
+    skip = 0  # bytes of an oversized packet still to be discarded
     sock = paho._sock
 
     def to_paho(command: int, body: bytes) -> MQTTErrorCode:
@@ -157,11 +175,11 @@ def _reader(paho: Any, received: Received | None, publisher: Publisher) -> Any:
         return rc
 
     def packet_read() -> MQTTErrorCode:
-        nonlocal held, sock
+        nonlocal held, need, skip, sock
         if paho._in_packet["command"]:
             return own_read()  # type: ignore[no-any-return]  # paho began it: paho ends it
         if paho._sock is not sock:  # a new connection on the same client
-            sock, held = paho._sock, b""
+            sock, held, need, skip = paho._sock, bytearray(), 0, 0
         try:
             data = paho._sock_recv(READ_SIZE)
         except BlockingIOError:
@@ -172,10 +190,19 @@ def _reader(paho: Any, received: Received | None, publisher: Publisher) -> Any:
         if not data:
             return MQTT_ERR_CONN_LOST
         paho._last_bytes_received = time_func()
+        if skip:
+            if len(data) <= skip:
+                skip -= len(data)
+                return MQTT_ERR_SUCCESS
+            data, skip = data[skip:], 0
         if held:
-            data = held + data
+            held += data
+            if len(held) < need:
+                return MQTT_ERR_SUCCESS
+            data, held = bytes(held), bytearray()
         end = len(data)
         pos = 0
+        need = 0
         acks = paho._out_packet
         queued = len(acks)
         rc = MQTT_ERR_SUCCESS
@@ -192,20 +219,35 @@ def _reader(paho: Any, received: Received | None, publisher: Publisher) -> Any:
                         break
                     if start - pos > 4:
                         paho._easy_log(MQTT_LOG_ERR, "remaining length of more than 4 bytes")
-                        held = b""
+                        held = bytearray()
                         return MQTT_ERR_PROTOCOL
                     size |= (data[start] & 0x7F) << shift
                     shift += 7
                     if not data[start] & 0x80:
                         break
                 if start >= end:
+                    need = end - pos + 1
                     break
             start += 1
             stop = start + size
+            kind = command & 0xF0
+            if size > max_packet:
+                # Read the topic and packet id, no more, then let the rest go by.
+                head = start + 2
+                if kind == PUBLISH and head <= end:
+                    head += data[start] << 8 | data[start + 1]
+                    head += 2 if (command >> 1) & 3 == 1 else 0
+                if head > end:
+                    need = head - pos
+                    break
+                _oversized(paho, publisher, command, data[start:head], size, max_packet)
+                pos = min(stop, end)
+                skip = stop - pos
+                continue
             if stop > end:
+                need = stop - pos
                 break
             pos = stop
-            kind = command & 0xF0
             if kind == PUBLISH and received is not None and size >= 4 and not paho._manual_ack:
                 qos = (command >> 1) & 3
                 topic_end = start + 2 + (data[start] << 8 | data[start + 1])
@@ -234,14 +276,35 @@ def _reader(paho: Any, received: Received | None, publisher: Publisher) -> Any:
                 continue
             rc = to_paho(command, data[start:stop])
             if rc != MQTT_ERR_SUCCESS or paho._sock is not sock:
-                held = b""
+                held = bytearray()
                 return rc
-        held = data[pos:]
+        if pos < end:
+            held = bytearray(data[pos:] if pos else data)
+            need = max(need, 2)
         if len(acks) > queued:
             paho.loop_write()
         return rc
 
     return packet_read
+
+
+def _oversized(paho: Any, publisher: Publisher, command: int, head: bytes, size: int,
+               limit: int) -> None:
+    """A packet over the bound: count it, acknowledge it if it is a QoS 1 PUBLISH (so it
+    is not sent again), and say which topic it came on."""
+    publisher.oversized += 1
+    topic = "?"
+    if command & 0xF0 == PUBLISH and len(head) >= 2:
+        end = 2 + (head[0] << 8 | head[1])
+        topic = head[2:end].decode("utf-8", "replace")
+        if (command >> 1) & 3 == 1 and len(head) >= end + 2:
+            mid = head[end] << 8 | head[end + 1]
+            paho._out_packet.append({"command": PUBACK, "mid": mid, "qos": 1, "pos": 0,
+                                     "to_process": 4, "info": None,
+                                     "packet": bytes((PUBACK, 2, mid >> 8, mid & 0xFF))})
+    device = topic.split("/")[1] if topic.count("/") == 2 else ""
+    log.warning("dropped a packet of %d bytes on %r: over the %d-byte bound", size, topic[:80],
+                limit, extra={"device_id": device} if device else None)
 
 
 def _joined_writer(paho: Any) -> Any:

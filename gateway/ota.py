@@ -205,8 +205,9 @@ def get_image(conn: sqlite3.Connection, image_id: int) -> Image:
 # ---------------------------------------------------------------- framing
 def chunk_size_for(limits: proto.ClassLimits) -> int:
     """The biggest chunk (a multiple of 16) whose OTA_CHUNK frame fits max_message."""
-    empty = len(proto.encode_ota_chunk(proto.OtaChunk(0xFFFFFFFF, 0xFFFFFFFF, 0xFFFF, b"")))
-    room = min(limits.max_message - empty - 4, 2048)  # 4: the data field's length may grow
+    top = proto.MSG_ID_MAX
+    empty = len(proto.encode_ota_chunk(proto.OtaChunk(top, top, 0xFFFF, b"")))
+    room = min(limits.max_message - empty - 4, proto.OTA_CHUNK_DATA_MAX)  # 4: the length may grow
     return max(64, room // 16 * 16)
 
 
@@ -236,7 +237,7 @@ class Plan:
 def wire_plan(img: Image, limits: proto.ClassLimits) -> Plan:
     cs = chunk_size_for(limits)
     frame = proto.encode_ota_manifest(proto.OtaManifest(
-        0xFFFFFFFF, img.version, len(img.stream), cs, img.manifest, img.signature))
+        proto.MSG_ID_MAX, img.version, len(img.stream), cs, img.manifest, img.signature))
     if len(frame) <= limits.max_message:
         return Plan(cs, True, b"")
     # The manifest does not fit one frame of this class: it leads the chunk stream.

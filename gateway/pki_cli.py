@@ -7,7 +7,15 @@ import json
 from typing import Any
 
 from gateway.errors import GatewayError, PkiError
-from gateway.pki import DEFAULT_GATEWAY_CN, DEVICE_DAYS, DeviceCredentials, Pki
+from gateway.pki import (
+    CRL_DAYS,
+    DEFAULT_GATEWAY_CN,
+    DEVICE_DAYS,
+    ISSUING_DAYS,
+    DeviceCredentials,
+    Lifetime,
+    Pki,
+)
 
 
 def register(sub: Any) -> None:
@@ -24,9 +32,22 @@ def register(sub: Any) -> None:
     p = action("init", "create the fleet CA (ECDSA P-256) and an empty CRL")
     p.set_defaults(func=_init)
 
+    p = action("issuing", "make (or renew) the online issuing CA with the root key; it then "
+                          "signs certificates and the CRL so the gateway renews them itself")
+    p.add_argument("--days", type=int, default=ISSUING_DAYS, help="validity in days")
+    p.set_defaults(func=_issuing)
+
+    p = action("status", "every credential's end of validity with its days left")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--soonest", type=int, default=5, metavar="N",
+                   help="how many of the devices expiring soonest to list (default: 5)")
+    p.set_defaults(func=_status)
+
     p = action("server", "issue the broker's server certificate")
-    p.add_argument("--san", default="localhost,127.0.0.1,::1",
-                   help="comma-separated DNS names and IP addresses nodes connect to")
+    # Either form: `--san a --san b` or `--san a,b` (or both); each value adds names.
+    p.add_argument("--san", action="append", default=None, metavar="NAMES",
+                   help="DNS names and IP addresses nodes connect to: repeat the flag or give "
+                        "a comma-separated list (default: localhost,127.0.0.1,::1)")
     p.set_defaults(func=_server)
 
     p = action("gateway", "issue the gateway service's client certificate")
@@ -49,7 +70,9 @@ def register(sub: Any) -> None:
     target.add_argument("--serial", help="hexadecimal serial of one certificate")
     p.set_defaults(func=_revoke)
 
-    p = action("crl", "re-issue the CRL (it expires after a year; the broker then refuses everyone)")
+    p = action("crl", "re-issue the CRL (once it expires the broker refuses everyone; "
+                      "the gateway renews it on its own)")
+    p.add_argument("--days", type=float, default=CRL_DAYS, help="validity in days")
     p.set_defaults(func=_crl)
 
     p = action("list", "list every certificate issued")
@@ -77,9 +100,20 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
+
+
+def san_list(values: list[str] | None) -> list[str]:
+    """Every name of every `--san` (repeated flags and comma lists alike), in order, once."""
+    if not values:
+        return list(DEFAULT_SANS)
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    return list(dict.fromkeys(names))
+
+
 def _server(args: argparse.Namespace) -> int:
     try:
-        creds = _pki(args).issue_server(args.san.split(","))
+        creds = _pki(args).issue_server(san_list(args.san))
     except GatewayError as exc:
         return _fail(exc)
     print(f"issued server certificate {creds.cert_pem} (serial {creds.serial:x})")
@@ -144,7 +178,9 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def _crl(args: argparse.Namespace) -> int:
     try:
-        path = _pki(args).write_crl()
+        if args.days <= 0:
+            raise PkiError(f"--days must be positive, not {args.days}")
+        path = _pki(args).write_crl(days=args.days)
     except GatewayError as exc:
         return _fail(exc)
     print(f"wrote {path}")
@@ -163,4 +199,46 @@ def _list(args: argparse.Namespace) -> int:
     for r in records:
         revoked = f"{r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "-"
         print(f"{r.serial_hex:<42} {r.kind:<8} {r.cn:<32} {r.not_after:%Y-%m-%d} {revoked}")
+    return 0
+
+
+def _issuing(args: argparse.Namespace) -> int:
+    try:
+        pki = _pki(args)
+        path = pki.init_issuing(args.days)
+    except GatewayError as exc:
+        return _fail(exc)
+    print(f"made issuing CA {path}; it now signs certificates and the CRL")
+    print(f"restart the broker so that it trusts it (its cafile is now {pki.chain_pem})")
+    if pki.legacy_root:
+        print("the root was re-certified to allow an issuing CA: nodes provisioned before hold "
+              "the old root, so the root keeps signing the broker's certificate until every node "
+              "holds the new ca.der (see the PKI guide)")
+    return 0
+
+
+def _when(life: Lifetime) -> str:
+    days = life.days_left
+    mark = "EXPIRED" if days <= 0 else ("!" if days <= 30 else "")
+    return f"{life.not_after:%Y-%m-%d %H:%M}  {days:>9.1f} {mark}".rstrip()
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        if args.soonest < 0:
+            raise PkiError(f"--soonest must be 0 or more, not {args.soonest}")
+        st = _pki(args).status(soonest=args.soonest)
+    except GatewayError as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps(st.to_json(), indent=1))
+        return 0
+    print(f"{'CREDENTIAL':<11} {'SUBJECT':<24} {'SERIAL':<12} {'NOT AFTER (UTC)':<16}  DAYS LEFT")
+    for life in st.credentials:
+        serial = life.serial[:12] or "-"
+        print(f"{life.name:<11} {life.subject[:24]:<24} {serial:<12} {_when(life)}")
+    print(f"devices: {st.devices_total} with a valid certificate, {st.devices_expiring} "
+          f"expire within {st.within_days:g} days")
+    for life in st.devices:
+        print(f"  {life.subject:<32} {life.serial[:12]:<12} {_when(life)}")
     return 0

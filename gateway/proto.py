@@ -7,19 +7,27 @@ Generated from shared/protocol/torpor.toml by `torpor proto gen`: generated, do 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
-from itertools import accumulate
-from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar
-
-Buffer = bytes | bytearray | memoryview
-_E = TypeVar("_E", bound=IntEnum)
+from itertools import accumulate, pairwise
+from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 MAJOR = 1
-MINOR = 1
-VERSION_BYTE = 0x11
+MINOR = 2
+VERSION_BYTE = 0x12
 HEADER_SIZE = 6
 MAX_FRAME = 4096
+# largest encoding of any frame the spec defines (each frame class's MAX_SIZE)
+LARGEST_FRAME = 3579
+# message ids are the header's u32: 0..MSG_ID_MAX
+MSG_ID_MAX = 0xFFFFFFFF
+# [bootloader] version: an image's manifest names the lowest it needs (min_bootloader)
+BOOTLOADER_VERSION = 1
+# largest signed manifest an image may carry (OTA_MANIFEST's manifest field)
+MAX_MANIFEST = 3072
 _U32 = struct.Struct('<I')
 _RANGES: dict[str, tuple[int, int]] = {
     'u8': (0, 255),
@@ -31,14 +39,22 @@ _RANGES: dict[str, tuple[int, int]] = {
 }
 
 
-class ProtocolError(ValueError):
-    """A frame could not be decoded or encoded; names the frame and the byte offset."""
+Buffer = bytes | bytearray | memoryview
+_E = TypeVar("_E", bound=IntEnum)
 
-    def __init__(self, frame: str, offset: int, reason: str) -> None:
+
+class ProtocolError(ValueError):
+    """A frame could not be decoded or encoded; names the frame and the byte offset.
+
+    `code` is the ErrorCode an ERROR frame answering this failure carries: MALFORMED
+    unless the header already tells (UNSUPPORTED_VERSION, TOO_LARGE, UNKNOWN_FRAME)."""
+
+    def __init__(self, frame: str, offset: int, reason: str, code: ErrorCode | None = None) -> None:
         super().__init__(f"{frame} at byte {offset}: {reason}")
         self.frame = frame
         self.offset = offset
         self.reason = reason
+        self.code = ErrorCode.MALFORMED if code is None else code
 
 
 _HDR = struct.Struct("<BBI")
@@ -51,11 +67,13 @@ def _header(buf: Buffer, n: int, ftype: int, name: str) -> tuple[int, int]:
     if n < HEADER_SIZE:
         raise ProtocolError(name, n, "truncated header")
     if n > MAX_FRAME:
-        raise ProtocolError(name, MAX_FRAME, f"frame of {n} bytes exceeds the maximum {MAX_FRAME}")
+        raise ProtocolError(name, MAX_FRAME, f"frame of {n} bytes exceeds the maximum {MAX_FRAME}",
+                            ErrorCode.TOO_LARGE)
     ver, got, msg_id = _HDR.unpack_from(buf, 0)
     if ver >> 4 != MAJOR:
         raise ProtocolError(
-            name, 0, f"unsupported protocol version {ver >> 4}.{ver & 15} (this side speaks {MAJOR}.x)"
+            name, 0, f"unsupported protocol version {ver >> 4}.{ver & 15} (this side speaks {MAJOR}.x)",
+            ErrorCode.UNSUPPORTED_VERSION,
         )
     if got != ftype:
         raise ProtocolError(name, 1, f"frame type {got} is not {name} ({ftype})")
@@ -90,11 +108,16 @@ def _put_uvarint(out: bytearray, v: int) -> None:
     out.append(v)
 
 
-def _zigzag_varints(out: bytearray, deltas: list[int]) -> None:
+def _zigzag_varints(out: bytearray, deltas: list[int], name: str, what: str) -> None:
     zz = [(d << 1) ^ (d >> 63) for d in deltas]
     if not zz or max(zz) < 0x80:
         out += bytes(zz)
         return
+    if max(zz) > 0xFFFFFFFF:
+        # a varint carries at most 32 bits: the decoder refuses more
+        worst = max(deltas, key=abs)
+        raise ProtocolError(name, len(out), f"readings: {what} difference {worst} does not fit "
+                            "a 32-bit zigzag varint")
     for v in zz:
         _put_uvarint(out, v)
 
@@ -249,7 +272,7 @@ def _encode_series(
     ts = series.timestamps
     if interval:
         if ts[-1] - ts[0] != (count - 1) * interval or any(
-            b - a != interval for a, b in zip(ts, ts[1:])
+            b - a != interval for a, b in pairwise(ts)
         ):
             raise ProtocolError(name, len(out), "readings: timestamps are not `interval` apart")
     for i, (lo, hi) in enumerate(ranges):
@@ -261,10 +284,10 @@ def _encode_series(
     out.append(count)
     out += _U32.pack(ts[0])
     out += first.pack(*(c[0] for c in series.columns))
-    for col in series.columns:
-        _zigzag_varints(out, [b - a for a, b in zip(col, col[1:])])
+    for i, col in enumerate(series.columns):
+        _zigzag_varints(out, [b - a for a, b in pairwise(col)], name, f"column {i}")
     if not interval:
-        _zigzag_varints(out, [b - a for a, b in zip(ts, ts[1:])])
+        _zigzag_varints(out, [b - a for a, b in pairwise(ts)], name, "timestamp")
 
 
 def _tlv_head(buf: Buffer, off: int, n: int, name: str) -> tuple[int, int, int]:
@@ -502,7 +525,7 @@ class Hello:
     """HELLO (up): A node woke and reports its state; the gateway answers with ACK, queued downlink, SLEEP_NOW."""
 
     FRAME_TYPE: ClassVar[int] = 1
-    MAX_SIZE: ClassVar[int] = 65
+    MAX_SIZE: ClassVar[int] = 74
     msg_id: int
     fw_version: int
     boot_cause: BootCause
@@ -522,6 +545,8 @@ class Hello:
     boots_without_send: int = 0
     mcu_temp: float = 0.0
     first_id: int = 0
+    next_listen_s: int = 0
+    clock_unset: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,11 +554,12 @@ class Burst:
     """BURST (up): Readings of one schema; the header's message id is the first reading's, the rest follow consecutively."""
 
     FRAME_TYPE: ClassVar[int] = 2
-    MAX_SIZE: ClassVar[int] = 3576
+    MAX_SIZE: ClassVar[int] = 3579
     msg_id: int
     schema: int
     interval: int
     readings: Series
+    node_clock: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -554,7 +580,7 @@ class Command:
     """COMMAND (down): An operation for the node; idempotent by command id."""
 
     FRAME_TYPE: ClassVar[int] = 4
-    MAX_SIZE: ClassVar[int] = 308
+    MAX_SIZE: ClassVar[int] = 314
     msg_id: int
     command_id: int
     op: CommandOp
@@ -562,6 +588,7 @@ class Command:
     priority: int
     ttl_s: int
     data: bytes = b''
+    expires_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -605,7 +632,7 @@ class OtaManifest:
     """OTA_MANIFEST (down): A signed firmware manifest; chunks follow on this and later wakes."""
 
     FRAME_TYPE: ClassVar[int] = 8
-    MAX_SIZE: ClassVar[int] = 2131
+    MAX_SIZE: ClassVar[int] = 3155
     msg_id: int
     version: int
     total_size: int
@@ -663,6 +690,21 @@ class Error:
     detail: str = ''
 
 
+# largest length of each bounded field (bytes for bytes/str, items for arrays and series)
+BURST_READINGS_MAX = 255
+ACK_SELECTIVE_MAX = 64
+COMMAND_ARGS_MAX = 8
+COMMAND_DATA_MAX = 256
+COMMAND_RESULT_DETAIL_MAX = 48
+COMMAND_RESULT_VALUES_MAX = 8
+SHADOW_REPORT_ENTRIES_MAX = 16
+SHADOW_DELTA_ENTRIES_MAX = 16
+OTA_MANIFEST_MANIFEST_MAX = 3072
+OTA_MANIFEST_SIGNATURE_MAX = 64
+OTA_CHUNK_DATA_MAX = 2048
+OTA_STATUS_DETAIL_MAX = 48
+ERROR_DETAIL_MAX = 64
+
 Frame = Hello | Burst | Ack | Command | CommandResult | ShadowReport | ShadowDelta | OtaManifest | OtaChunk | OtaStatus | SleepNow | Error
 HELLO = 1
 BURST = 2
@@ -686,6 +728,8 @@ _S_HELLO_T15 = struct.Struct('<B')
 _S_HELLO_T16 = struct.Struct('<B')
 _S_HELLO_T17 = struct.Struct('<f')
 _S_HELLO_T18 = struct.Struct('<I')
+_S_HELLO_T19 = struct.Struct('<I')
+_S_HELLO_T20 = struct.Struct('<B')
 
 
 def decode_hello(buf: Buffer) -> Hello:
@@ -706,6 +750,8 @@ def decode_hello(buf: Buffer) -> Hello:
     v_boots_without_send = 0
     v_mcu_temp = 0.0
     v_first_id = 0
+    v_next_listen_s = 0
+    v_clock_unset = False
     last = 0
     while off < n:
         tag, voff, tl = _tlv_head(buf, off, n, "HELLO")
@@ -733,10 +779,16 @@ def decode_hello(buf: Buffer) -> Hello:
         elif tag == 18:
             x = _fixed_tlv(_S_HELLO_T18, buf, voff, tl, "HELLO", "first_id")
             v_first_id = x
+        elif tag == 19:
+            x = _fixed_tlv(_S_HELLO_T19, buf, voff, tl, "HELLO", "next_listen_s")
+            v_next_listen_s = x
+        elif tag == 20:
+            x = _fixed_tlv(_S_HELLO_T20, buf, voff, tl, "HELLO", "clock_unset")
+            v_clock_unset = _bool(x, "HELLO", voff, "clock_unset")
         elif minor <= MINOR:
             raise ProtocolError("HELLO", off, f"unknown field tag {tag}")
         off = voff + tl
-    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id)
+    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset)
 
 
 def encode_hello(f: Hello) -> bytes:
@@ -793,9 +845,20 @@ def encode_hello(f: Hello) -> bytes:
             _put_tlv(out, 18, _S_HELLO_T18.pack(f.first_id))
         except (struct.error, OverflowError, TypeError):
             raise _pack_error("HELLO", out, (("first_id", "u32", f.first_id),)) from None
+    if f.next_listen_s != 0:
+        try:
+            _put_tlv(out, 19, _S_HELLO_T19.pack(f.next_listen_s))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("next_listen_s", "u32", f.next_listen_s),)) from None
+    if f.clock_unset != False:
+        try:
+            _put_tlv(out, 20, _S_HELLO_T20.pack(1 if f.clock_unset else 0))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("clock_unset", "bool", f.clock_unset),)) from None
     return bytes(out)
 
 _S_BURST_0 = struct.Struct('<BH')
+_S_BURST_T4 = struct.Struct('<B')
 
 
 def decode_burst(buf: Buffer) -> Burst:
@@ -808,9 +871,20 @@ def decode_burst(buf: Buffer) -> Burst:
     v_schema, v_interval = _S_BURST_0.unpack_from(buf, off)
     off += 3
     v_readings, off = _decode_series(buf, off, n, "BURST", v_schema, v_interval, 255, minor)
-    if off != n and minor <= MINOR:
-        raise ProtocolError("BURST", off, f"{n - off} trailing bytes")
-    return Burst(msg_id, v_schema, v_interval, v_readings)
+    v_node_clock = False
+    last = 0
+    while off < n:
+        tag, voff, tl = _tlv_head(buf, off, n, "BURST")
+        if tag <= last:
+            raise ProtocolError("BURST", off, f"field tag {tag} repeated or out of order")
+        last = tag
+        if tag == 4:
+            x = _fixed_tlv(_S_BURST_T4, buf, voff, tl, "BURST", "node_clock")
+            v_node_clock = _bool(x, "BURST", voff, "node_clock")
+        elif minor <= MINOR:
+            raise ProtocolError("BURST", off, f"unknown field tag {tag}")
+        off = voff + tl
+    return Burst(msg_id, v_schema, v_interval, v_readings, v_node_clock)
 
 
 def encode_burst(f: Burst) -> bytes:
@@ -825,6 +899,11 @@ def encode_burst(f: Burst) -> bytes:
     except (struct.error, OverflowError, TypeError):
         raise _pack_error("BURST", out, (("schema", "u8", f.schema), ("interval", "u16", f.interval),)) from None
     _encode_series(out, "BURST", f.schema, f.interval, f.readings, 255)
+    if f.node_clock != False:
+        try:
+            _put_tlv(out, 4, _S_BURST_T4.pack(1 if f.node_clock else 0))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("BURST", out, (("node_clock", "bool", f.node_clock),)) from None
     return bytes(out)
 
 _S_ACK_0 = struct.Struct('<I')
@@ -897,6 +976,7 @@ def encode_ack(f: Ack) -> bytes:
 
 _S_COMMAND_0 = struct.Struct('<IB')
 _S_COMMAND_2 = struct.Struct('<BH')
+_S_COMMAND_T7 = struct.Struct('<I')
 
 
 def decode_command(buf: Buffer) -> Command:
@@ -918,6 +998,7 @@ def decode_command(buf: Buffer) -> Command:
     v_priority, v_ttl_s = _S_COMMAND_2.unpack_from(buf, off)
     off += 3
     v_data = b''
+    v_expires_at = 0
     last = 0
     while off < n:
         tag, voff, tl = _tlv_head(buf, off, n, "COMMAND")
@@ -932,10 +1013,13 @@ def decode_command(buf: Buffer) -> Command:
             off += ln
             if off != voff + tl:
                 raise ProtocolError("COMMAND", off, "data: length does not match its value")
+        elif tag == 7:
+            x = _fixed_tlv(_S_COMMAND_T7, buf, voff, tl, "COMMAND", "expires_at")
+            v_expires_at = x
         elif minor <= MINOR:
             raise ProtocolError("COMMAND", off, f"unknown field tag {tag}")
         off = voff + tl
-    return Command(msg_id, v_command_id, v_op, v_args, v_priority, v_ttl_s, v_data)
+    return Command(msg_id, v_command_id, v_op, v_args, v_priority, v_ttl_s, v_data, v_expires_at)
 
 
 def encode_command(f: Command) -> bytes:
@@ -966,6 +1050,11 @@ def encode_command(f: Command) -> bytes:
         tmp = bytearray()
         _put_bytes(tmp, f.data, "COMMAND", "data", 256)
         _put_tlv(out, 6, bytes(tmp))
+    if f.expires_at != 0:
+        try:
+            _put_tlv(out, 7, _S_COMMAND_T7.pack(f.expires_at))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("COMMAND", out, (("expires_at", "u32", f.expires_at),)) from None
     return bytes(out)
 
 _S_COMMAND_RESULT_0 = struct.Struct('<IB')
@@ -1150,7 +1239,7 @@ def decode_ota_manifest(buf: Buffer) -> OtaManifest:
         raise ProtocolError("OTA_MANIFEST", n, f"truncated (needs 10 bytes of fields at {off})")
     v_version, v_total_size, v_chunk_size = _S_OTA_MANIFEST_0.unpack_from(buf, off)
     off += 10
-    ln, off = _length(buf, off, n, "OTA_MANIFEST", "manifest", 2048)
+    ln, off = _length(buf, off, n, "OTA_MANIFEST", "manifest", 3072)
     _need(off, ln, n, "OTA_MANIFEST", "manifest")
     v_manifest = bytes(buf[off:off + ln])
     off += ln
@@ -1174,7 +1263,7 @@ def encode_ota_manifest(f: OtaManifest) -> bytes:
         out += _S_OTA_MANIFEST_0.pack(f.version, f.total_size, f.chunk_size)
     except (struct.error, OverflowError, TypeError):
         raise _pack_error("OTA_MANIFEST", out, (("version", "u32", f.version), ("total_size", "u32", f.total_size), ("chunk_size", "u16", f.chunk_size),)) from None
-    _put_bytes(out, f.manifest, "OTA_MANIFEST", "manifest", 2048)
+    _put_bytes(out, f.manifest, "OTA_MANIFEST", "manifest", 3072)
     _put_bytes(out, f.signature, "OTA_MANIFEST", "signature", 64)
     return bytes(out)
 
@@ -1414,7 +1503,7 @@ def decode(buf: Buffer) -> Frame:
         raise ProtocolError("frame", len(buf), "truncated header")
     fn = _DECODERS.get(buf[1])
     if fn is None:
-        raise ProtocolError("frame", 1, f"unknown frame type {buf[1]}")
+        raise ProtocolError("frame", 1, f"unknown frame type {buf[1]}", ErrorCode.UNKNOWN_FRAME)
     return fn(buf)
 
 

@@ -95,7 +95,12 @@ _STEPS = (
 
 
 class QueueError(GatewayError):
-    """A downlink queue operation was refused; the message says why."""
+    """A downlink queue operation was refused; the message says why, and `field` names the
+    argument it concerns when there is one (priority, ttl_s, args, ...)."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class BadArguments(QueueError):
@@ -247,9 +252,9 @@ def check_args(op: proto.CommandOp, args: Sequence[object]) -> tuple[int, ...]:
 
 def _check_common(priority: int, ttl_s: float | None) -> None:
     if not 0 <= priority <= MAX_PRIORITY:
-        raise QueueError(f"priority {priority} is out of range 0..{MAX_PRIORITY}")
+        raise QueueError(f"priority {priority} is out of range 0..{MAX_PRIORITY}", "priority")
     if ttl_s is not None and ttl_s <= 0:
-        raise QueueError(f"ttl {ttl_s:g}s must be positive (or none)")
+        raise QueueError(f"ttl {ttl_s:g}s must be positive (or none)", "ttl_s")
 
 
 def _active_count(conn: sqlite3.Connection, device: str) -> int:

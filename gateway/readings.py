@@ -14,6 +14,7 @@ ingest near 3,000 bursts/s. `iter_readings` reads them back one reading at a tim
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 import struct
@@ -28,14 +29,14 @@ from gateway import db, proto
 log = logging.getLogger(__name__)
 
 STORE = "readings"
-MAX_SELECTIVE = 64  # the ACK frame's bound
+MAX_SELECTIVE = proto.ACK_SELECTIVE_MAX  # the ACK frame's bound
 # Reading ids are the frame header's u32 message ids. Id 0 is no reading's (a node's
 # first id is 1, and a fresh device's hwm of 0 means "nothing committed"), and ids do not
 # wrap: a BURST whose ids would run past ID_MAX is refused whole (gateway.ingest answers
 # ERROR malformed and dead-letters it). At one reading a second a node takes 136 years to
 # get there; wrapping would make every comparison of the dedup state modular for a case
 # no real node meets, while refusing keeps every stored id and every ACK field in u32.
-ID_MAX = 0xFFFFFFFF
+ID_MAX = proto.MSG_ID_MAX
 # Ranges kept above the hwm per device. Past it the oldest gap is given up (the node
 # dropped those readings long ago); the cost is one warning, never a duplicate.
 MAX_RANGES = 256
@@ -479,6 +480,28 @@ def commit_bursts(
     return result
 
 
+def to_gateway_clock(batch: Sequence[tuple[str, proto.Burst]],
+                     offsets: dict[str, float]) -> list[tuple[str, proto.Burst]]:
+    """The bursts of `batch`, with those stamped on a node's unset clock (node_clock)
+    moved to gateway time by that node's offset (receipt minus node time of its HELLO).
+    A burst whose device has no offset yet keeps its stamps (and a warning)."""
+    out: list[tuple[str, proto.Burst]] = []
+    for device, burst in batch:
+        if burst.node_clock:
+            off = offsets.get(device)
+            if off is None:
+                log.warning("%s: burst %d stamped on the node's unset clock and no HELLO time "
+                            "to correct it", device, burst.msg_id, extra={"device_id": device})
+            else:
+                shift = round(off)
+                series = proto.Series(
+                    tuple(max(0, min(0xFFFFFFFF, t + shift)) for t in burst.readings.timestamps),
+                    burst.readings.columns)
+                burst = dataclasses.replace(burst, readings=series, node_clock=False)
+        out.append((device, burst))
+    return out
+
+
 def stats(conn: sqlite3.Connection, device: str) -> tuple[int, int, int]:
     """(hwm, committed ids above it, readings stored) of a device."""
     st = load_state(conn, device)
@@ -529,4 +552,38 @@ def fetch(conn: sqlite3.Connection, device: str, limit: int = 100) -> list[tuple
             if len(out) >= limit:
                 return out
             out.append((first + k, columns[0][k], schema, *(c[k] for c in columns[1:])))
+    return out
+
+
+# A run spans one burst of one wake; runs that began this long before a range's start are
+# read too, in case their later readings fall inside it.
+RUN_SPAN_S = 86_400
+
+
+def columns_between(conn: sqlite3.Connection, device: str, since: float,
+                    until: float) -> dict[int, list[list[int]]]:
+    """A device's readings sampled in [since, until], column by column: schema ->
+    [times, v0, v1, ...], in time order."""
+    out: dict[int, list[list[int]]] = {}
+    runs = conn.execute(
+        "SELECT msg_id, count, schema, layout, data FROM reading_runs WHERE device=? "
+        "AND ts >= ? AND ts <= ? ORDER BY msg_id", (device, int(since) - RUN_SPAN_S, int(until)))
+    for _first, count, schema, codes, data in runs:
+        columns = unpack(codes, count, data)
+        cols = out.setdefault(schema, [[] for _ in columns])
+        if len(cols) != len(columns):  # a run of an unknown schema's other width
+            continue
+        stamps = columns[0]
+        if since <= min(stamps) and max(stamps) <= until:
+            for dst, src in zip(cols, columns, strict=True):
+                dst.extend(src)
+        else:
+            keep = [k for k, t in enumerate(stamps) if since <= t <= until]
+            for dst, src in zip(cols, columns, strict=True):
+                dst.extend(src[k] for k in keep)
+    for schema, cols in out.items():
+        ts = cols[0]
+        if any(a > b for a, b in zip(ts, ts[1:], strict=False)):  # ids out of time order
+            order = sorted(range(len(ts)), key=ts.__getitem__)
+            out[schema] = [[c[k] for k in order] for c in cols]
     return out

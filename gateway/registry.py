@@ -32,7 +32,7 @@ CLASSES = tuple(proto.DEVICE_CLASSES)
 _HELLO_COLUMNS = (
     "fw_version", "boot_cause", "battery_mv", "rssi", "free_mem", "queue_depth", "dropped",
     "next_wake_s", "awake_window_ms", "node_time", "config_version", "ota_state",
-    "ota_reason", "safe_mode", "boots_without_send", "mcu_temp",
+    "ota_reason", "safe_mode", "boots_without_send", "mcu_temp", "next_listen_s", "clock_unset",
 )
 
 _STEPS = (
@@ -84,6 +84,11 @@ _STEPS = (
     CREATE TRIGGER devices_removed AFTER DELETE ON devices
     BEGIN UPDATE registry_version SET version = version + 1 WHERE id = 1; END;
     """,
+    # Protocol 1.2: when the node next connects, and whether its clock was set.
+    """
+    ALTER TABLE devices ADD COLUMN next_listen_s INTEGER;
+    ALTER TABLE devices ADD COLUMN clock_unset INTEGER;
+    """,
 )
 
 
@@ -120,6 +125,8 @@ class Device:
     safe_mode: int | None = None
     boots_without_send: int | None = None
     mcu_temp: float | None = None
+    next_listen_s: int | None = None
+    clock_unset: int | None = None
 
     @property
     def limits(self) -> proto.ClassLimits:
@@ -252,8 +259,20 @@ def hello_row(device_id: str, hello: proto.Hello, now: float) -> tuple[Any, ...]
         hello.free_mem, hello.queue_depth, hello.dropped, hello.next_wake_s,
         hello.awake_window_ms, hello.time, hello.config_version, hello.ota_state.name.lower(),
         hello.ota_reason.name.lower(), int(hello.safe_mode), hello.boots_without_send,
-        hello.mcu_temp, device_id,
+        hello.mcu_temp, hello.next_listen_s or None, int(hello.clock_unset), device_id,
     )
+
+
+def clock_offsets(conn: sqlite3.Connection, devices: Iterable[str]) -> dict[str, float]:
+    """Gateway receipt time minus node time of each device's last HELLO: what turns a
+    reading stamped on the node's unset clock into gateway time."""
+    out: dict[str, float] = {}
+    for d in devices:
+        row = conn.execute("SELECT last_hello_at - node_time FROM devices WHERE id=? AND "
+                           "last_hello_at IS NOT NULL AND node_time IS NOT NULL", (d,)).fetchone()
+        if row is not None:
+            out[d] = float(row[0])
+    return out
 
 
 def record_hellos(conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]], now: float) -> None:
@@ -270,3 +289,26 @@ def record_hellos(conn: sqlite3.Connection, rows: Iterable[tuple[Any, ...]], now
         "WHERE id=? AND status=?",
         [(ACTIVE, now, r[-1], PROVISIONED) for r in rows],
     )
+
+
+def page(conn: sqlite3.Connection, *, status: str | None = None, text: str = "",
+         offset: int = 0, limit: int = 50) -> tuple[list[Device], int]:
+    """One page of devices by id, filtered by status and by a substring of the id, status
+    reason or firmware version; and how many devices match in all."""
+    if status is not None and status not in STATUSES:
+        raise RegistryError(f"unknown status {status!r}: one of {', '.join(STATUSES)}")
+    where: list[str] = []
+    params: list[Any] = []
+    if status is not None:
+        where.append("status=?")
+        params.append(status)
+    if text:
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where.append("(id LIKE ? ESCAPE '\\' OR status_reason LIKE ? ESCAPE '\\' "
+                     "OR CAST(fw_version AS TEXT) = ?)")
+        params += [pattern, pattern, text]
+    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    total = int(conn.execute("SELECT count(*) FROM devices" + clause, params).fetchone()[0])
+    rows = conn.execute(_SELECT + clause + " ORDER BY id LIMIT ? OFFSET ?",
+                        (*params, limit, offset)).fetchall()
+    return [Device(*r) for r in rows], total

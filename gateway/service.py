@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -23,7 +25,7 @@ from typing import Any
 
 import aiomqtt
 
-from gateway import db, deadletter, readings, registry
+from gateway import db, deadletter, lifetimes, readings, registry
 from gateway.config import GatewayConfig
 from gateway.downlink import Downlink, DownlinkConfig
 from gateway.errors import ConfigError, GatewayError
@@ -32,6 +34,7 @@ from gateway.ota import OtaHandler
 from gateway.outbox import Queued
 
 log = logging.getLogger(__name__)
+db.register_store(lifetimes.migrate)  # credential_events (gateway.lifetimes)
 
 STORE = "service"
 _STEPS = (
@@ -74,6 +77,8 @@ class Status:
     dead_letters: int
     outbox_depth: int | None
     detail: dict[str, Any]
+    # The newest expiry warnings and renewals (gateway.lifetimes), newest first.
+    credential_events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -121,6 +126,7 @@ def read_status(conn: sqlite3.Connection, now: float | None = None) -> Status:
         readings_total=readings.total(conn),
         readings_per_min=float(detail.get("readings_per_min", 0.0)) if running else 0.0,
         dead_letters=deadletter.count(conn), outbox_depth=outbox_depth, detail=detail,
+        credential_events=[e.as_dict() for e in lifetimes.recent(conn, 10)],
     )
 
 
@@ -141,19 +147,55 @@ class Service:
         self.broker: Any = None
         self.relay: Any = None
         self.mqtt_connected = False
+        self._session_saved = False
         self.restarts: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._started = time.time()
         self._last_total = 0
         self._last_t = time.monotonic()
         self._rate = 0.0
+        self.credentials: dict[str, Any] = {}  # days left per credential (gateway.lifetimes)
 
     def stop(self) -> None:
         self._stop.set()
 
+    def reload(self) -> None:
+        """SIGHUP: read the configuration file again. A file that does not validate is
+        refused with the error naming the key, and the running configuration is kept; of
+        a valid one, the keys that can change live are applied and the others are logged
+        as waiting for a restart (gateway.ops.config_ops.LIVE_KEYS)."""
+        from gateway.config import load_config
+        from gateway.ops import config_ops
+
+        if not self.cfg.source:
+            log.warning("SIGHUP: the configuration was not read from a file; nothing to reload")
+            return
+        try:
+            new = load_config(self.cfg.source)
+        except ConfigError as exc:
+            log.error("configuration reload refused, the running configuration is kept: %s", exc)
+            return
+        plan = config_ops.plan_reload(self.cfg, new)
+        self.cfg = plan.applied
+        if self.ingest is not None:
+            self.ingest.cfg = plan.applied.ingest
+        self.downlink.cfg = plan.applied.downlink
+        logging.getLogger().setLevel(plan.applied.gateway.log_level.upper())
+        for c in plan.live:
+            log.info("configuration reloaded: %s = %r (was %r)", c.name, c.new, c.old)
+        for c in plan.restart:
+            log.warning("configuration: %s = %r (was %r) takes effect only after a restart",
+                        c.name, c.new, c.old)
+        if not plan.live and not plan.restart:
+            log.info("configuration reloaded from %s: no change", self.cfg.source)
+
     # ------------------------------------------------------------ supervisor
     async def run(self) -> None:
         cfg = self.cfg
+        if cfg.web.enabled:  # before anything starts: a bad certificate stops it, named
+            from gateway.web import server as web_server
+
+            web_server.preflight(cfg.web)
         self.conn = db.open_db(cfg.db_path)
         # Once the tasks run, self.conn is used on the writer thread only: by ingest, the
         # status and the downlink sweeps, one after the other. One connection, so that
@@ -166,6 +208,8 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
             if cfg.broker.mode == "supervised":
@@ -187,18 +231,26 @@ class Service:
                 self._supervise("checkpoint", lambda: db.checkpoint_loop(cfg.db_path)))
             tasks["downlink"] = asyncio.create_task(
                 self._supervise("downlink", self._sweep_loop))
+            if (cfg.pki_dir / "ca.pem").exists():
+                tasks["lifetimes"] = asyncio.create_task(
+                    self._supervise("lifetimes", self._lifetimes_loop))
+            if cfg.web.enabled:  # the operator's page and API (gateway.web)
+                from gateway.web import server as web_server
+
+                tasks["web"] = asyncio.create_task(
+                    self._supervise("web", lambda: web_server.serve(cfg)))
             log.info("gateway running (database %s, pid %d)", cfg.db_path, os.getpid())
             await self._stop.wait()
             log.info("shutting down")
         finally:
             # Ingest first: it stops taking frames, commits and answers what it holds.
-            for name in ("ingest", "relay", "status", "downlink", "checkpoint"):
+            for name in ("ingest", "web", "relay", "status", "downlink", "lifetimes", "checkpoint"):
                 task = tasks.get(name)
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
             if self.broker is not None:
@@ -244,6 +296,9 @@ class Service:
             os.environ["PATH"] = f"{Path(b.mosquitto).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.broker = gwbroker.BrokerSupervisor(
             Pki(self.cfg.pki_dir), self.cfg.broker_config_dir, settings)
+        if self.conn is not None and b.refuse_quarantined:  # refused from the start
+            self.broker.refused = frozenset(
+                d.id for d in registry.list_devices(self.conn, registry.QUARANTINED))
         await self.broker.start()
 
     def _tls(self) -> ssl.SSLContext:
@@ -277,10 +332,20 @@ class Service:
             nodelay(client)
             self.mqtt_connected = True
             log.info("connected to the broker at %s:%d", self.cfg.mqtt_host, self.cfg.mqtt_port)
+            # `torpor gateway status` reads the status row: say so now, not at the next tick
+            # (it said "disconnected" for up to status_interval_s after the log said connected).
+            self._status_now()
             try:
                 await self.ingest.run(client)
             finally:
                 self.mqtt_connected = False
+                self._status_now()
+
+    def _status_now(self) -> None:
+        """Write the status row on the writer thread without waiting for it."""
+        if self.writer is not None and not self._stop.is_set():
+            future = self.writer.submit(self._write_status, "running")
+            future.add_done_callback(_log_status_failure)
 
     def _notify_relay(self, items: list[Queued]) -> None:
         if self.relay is not None:
@@ -292,6 +357,34 @@ class Service:
         while True:
             await asyncio.sleep(interval)
             await self.writer.run(self._status_tick)
+            await self._refuse_quarantined()
+            self._save_session()
+
+    def _save_session(self) -> None:
+        """Once per connection, a status interval after it (its subscription is made by
+        then), the supervised broker writes the gateway's session to its persistence file:
+        a broker crash then restores it, and frames sent before the gateway is back wait."""
+        if not self.mqtt_connected:
+            self._session_saved = False
+        elif not self._session_saved and self.broker is not None:
+            self._session_saved = True
+            self.broker.save()
+
+    async def _refuse_quarantined(self) -> None:
+        """The supervised broker refuses service to quarantined devices (gateway.broker):
+        whoever quarantined or released one (ingest, `torpor device release`), the registry
+        says so and this follows within a status interval."""
+        broker = self.broker
+        if (broker is None or broker.external or self.writer is None or self.conn is None
+                or not self.cfg.broker.refuse_quarantined):
+            return
+        conn = self.conn
+        wanted = await self.writer.run(
+            lambda: {d.id for d in registry.list_devices(conn, registry.QUARANTINED)})
+        try:
+            await broker.set_refused(wanted)
+        except (GatewayError, OSError) as exc:
+            log.warning("could not make the broker refuse quarantined devices: %s", exc)
 
     def _status_tick(self) -> None:
         assert self.conn is not None
@@ -306,6 +399,42 @@ class Service:
         while True:
             await self.writer.run(self.downlink.sweep, conn)
             await asyncio.sleep(self.downlink.cfg.sweep_interval_s)
+
+    async def _lifetimes_loop(self) -> None:
+        """Renew what is due (CRL, server, gateway and control certificates), reload the
+        broker when its files changed, and raise expiry events (gateway.lifetimes)."""
+        from gateway.pki import Pki
+
+        assert self.writer is not None and self.conn is not None
+        conn, cfg = self.conn, self.cfg
+        pki = Pki(cfg.pki_dir)
+        while True:
+            report = None
+            if cfg.pki.renew:
+                report = await asyncio.to_thread(lifetimes.renew_due, pki, cfg.pki)
+                if report.broker_files_changed:
+                    self._reload_broker()
+            status = await asyncio.to_thread(pki.status)
+            now = time.time()
+            record = functools.partial(
+                lifetimes.record, conn, status, report, upstream=cfg.upstream,
+                gateway_id=cfg.mqtt.client_id, now=now)
+            _, queued = await self.writer.run(record)
+            self._notify_relay(queued)
+            self.credentials = lifetimes.summary(status)
+            await asyncio.sleep(cfg.pki.check_interval_s)
+
+    def _reload_broker(self) -> None:
+        """SIGHUP: Mosquitto reloads its certificate, key and CRL and keeps live sessions."""
+        broker = self.broker
+        if broker is None or broker.external:
+            log.warning("renewed the broker's certificate or CRL: reload the broker "
+                        "(`systemctl reload mosquitto`) so that it uses them")
+            return
+        try:
+            broker.reload()
+        except GatewayError as exc:
+            log.warning("could not reload the broker after a renewal: %s", exc)
 
     def _write_status(self, state: str) -> None:
         assert self.conn is not None
@@ -327,6 +456,8 @@ class Service:
             detail["broker_restarts"] = self.broker.restarts
         if self.relay is not None:
             detail["relay_connected"] = bool(self.relay.connected)
+        if self.credentials:
+            detail["credentials_days_left"] = self.credentials
         with db.transaction(self.conn):
             self.conn.execute(
                 "INSERT INTO gateway_status(id, pid, started_at, updated_at, state, interval_s, "
@@ -336,6 +467,11 @@ class Service:
                 (os.getpid(), self._started, now, state, self.cfg.gateway.status_interval_s,
                  json.dumps(detail, default=str)),
             )
+
+
+def _log_status_failure(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("could not write the gateway status: %s", future.exception())
 
 
 def run(cfg: GatewayConfig, *, on_hello: HelloHook = no_downlink) -> None:

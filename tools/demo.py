@@ -32,7 +32,9 @@ import aiomqtt
 import cbor2
 
 from tools.progress import ProgressLine
+from tools.sim.field import FieldModel, add_field_args, fields_from_args, with_outage_share
 from tools.sim.fleet import Fleet, FleetConfig, FleetSummary, Progress, check_store, format_summary
+from tools.sim.profiles import ProfileError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ class DemoError(Exception):
     """The demo could not start (no mosquitto, a child died...)."""
 
 
+DEMO_PROFILES = "esp32,esp32s3,esp32c3,pico_w,pico2_w"
+
+
 @dataclass(frozen=True, slots=True)
 class DemoOptions:
     nodes: int = 20
@@ -77,6 +82,7 @@ class DemoOptions:
     dir: Path | None = None
     keep: bool = False
     live: bool = True
+    fields: tuple[FieldModel, ...] = ()  # board profiles dealt round the nodes (() = ideal)
 
 
 @dataclass(slots=True)
@@ -399,7 +405,7 @@ class Demo:
                 broker_host="127.0.0.1", broker_port=gw_port, db_path=self.gw_db,
                 time_scale=opts.time_scale, wakes=opts.wakes, duration_s=opts.duration_s,
                 power_cuts=opts.power_cuts, sample_interval_s=opts.sample_interval_s,
-                send_every=opts.send_every,
+                send_every=opts.send_every, fields=opts.fields,
             )
             self.fleet = Fleet(cfg)
             await asyncio.to_thread(self.fleet.provision)
@@ -507,7 +513,9 @@ def register(sub: Any) -> None:
     p.add_argument("--keep", action="store_true", help="keep the directory (logs, DB, node flash)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no live progress")
-    p.set_defaults(func=_demo)
+    add_field_args(p, several=True)
+    # The demo's fleet mixes every real board (see docs/board-profiles.md).
+    p.set_defaults(func=_demo, board_profile=DEMO_PROFILES)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -515,8 +523,13 @@ def _demo(args: argparse.Namespace) -> int:
     from tools.sim.node import SimError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        fields = with_outage_share(fields_from_args(args, int(time.time() * 1000)), args.nodes,
+                                   args.outage_share)
+    except (ProfileError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
     opts = DemoOptions(
-        nodes=args.nodes, wakes=args.wakes, duration_s=args.duration, time_scale=args.time_scale,
+        fields=tuple(fields), nodes=args.nodes, wakes=args.wakes, duration_s=args.duration, time_scale=args.time_scale,
         sample_interval_s=args.sample_interval, power_cuts=args.power_cuts,
         upstream_format=args.format, dir=Path(args.dir) if args.dir else None, keep=args.keep,
         live=not args.quiet,

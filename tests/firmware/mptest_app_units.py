@@ -152,7 +152,7 @@ def test_commands_are_idempotent_by_id():
     st = state.State(sim, sim.FS_ROOT)
     fx = commands.Effects()
     buf = bytearray(128)
-    cmd = (1, 9, proto.COMMAND_OP_SET_INTERVAL, [300], 1, 60, b"")
+    cmd = (1, 9, proto.COMMAND_OP_SET_INTERVAL, [300], 1, 60, b"", 0)
     n = commands.execute(cmd, c, st, sim, fx, buf, st.msg_id())
     r = proto.decode(buf[:n])[1]
     mpunit.eq((r[proto.COMMAND_RESULT_STATUS], r[proto.COMMAND_RESULT_VALUES]), (proto.RESULT_STATUS_OK, [300]))
@@ -162,11 +162,11 @@ def test_commands_are_idempotent_by_id():
     st2 = state.State(sim, sim.FS_ROOT)
     n = commands.execute(cmd, c, st2, sim, fx, buf, st2.msg_id())
     mpunit.eq(proto.decode(buf[:n])[1][proto.COMMAND_RESULT_STATUS], proto.RESULT_STATUS_DUPLICATE)
-    n = commands.execute((1, 10, proto.COMMAND_OP_STAY_AWAKE, [5], 1, 60, b""), c, st, sim, fx, buf, 5)
+    n = commands.execute((1, 10, proto.COMMAND_OP_STAY_AWAKE, [5], 1, 60, b"", 0), c, st, sim, fx, buf, 5)
     mpunit.eq(fx.stay_awake_ms, 5000)
-    n = commands.execute((1, 11, proto.COMMAND_OP_REBOOT, [], 1, 60, b""), c, st, sim, fx, buf, 6)
+    n = commands.execute((1, 11, proto.COMMAND_OP_REBOOT, [], 1, 60, b"", 0), c, st, sim, fx, buf, 6)
     mpunit.eq(fx.reboot, True)
-    n = commands.execute((1, 12, proto.COMMAND_OP_SET_THRESHOLDS, [1], 1, 60, b""), c, st, sim, fx, buf, 7)
+    n = commands.execute((1, 12, proto.COMMAND_OP_SET_THRESHOLDS, [1], 1, 60, b"", 0), c, st, sim, fx, buf, 7)
     mpunit.eq(proto.decode(buf[:n])[1][proto.COMMAND_RESULT_STATUS], proto.RESULT_STATUS_BAD_ARGS)
 
 
@@ -189,13 +189,14 @@ def test_sleep_lands_on_the_grid_and_hints_shorten_it():
 
 def _plain_fields(p):
     # What the wake takes from ACK / SLEEP_NOW in place, or None when it leaves the frame to
-    # the codec (the same checks as Wake._on_down; 11 and 10 are _ACK_FIXED and
-    # _SLEEP_NOW_FIXED, constants the module does not export).
+    # the codec (the same reads as Wake._on_down, through the generated in-place reader).
+    end = proto.in_place(p)
     t = p[1] if len(p) > 1 else 0
-    if t == proto.ACK and app._plain(p, 11, app._ACK_OPTIONAL) and p[10] == 0:
-        return (app._u32(p, 6), [])
-    if t == proto.SLEEP_NOW and app._plain(p, 10, app._SLEEP_NOW_OPTIONAL):
-        return (app._u32(p, 6), p[12] if len(p) == 13 else 0)
+    if end and t == proto.ACK:
+        return (app._u32(p, proto.ACK_AT_CUMULATIVE), [])
+    if end and t == proto.SLEEP_NOW:
+        o = proto.opt_at(p, end, proto.SLEEP_NOW_TAG_PENDING)
+        return (app._u32(p, proto.SLEEP_NOW_AT_SLEEP_S), p[o] if o else 0)
     return None
 
 
@@ -258,6 +259,7 @@ def test_on_down_reads_ack_and_sleep_now_without_the_codec_objects():
 
     w = app.Wake()
     w.q = Q()
+    w.st = state.State(sim, sim.FS_ROOT)
     buf = bytearray(proto.MAX_ACK)
     ack = memoryview(bytearray(buf[: proto.encode_ack(buf, 1, 64, [], 1767225600, 0)]))
     sleep = memoryview(bytearray(buf[: proto.encode_sleep_now(buf, 1, 0, 4)]))

@@ -244,3 +244,84 @@ def test_boot_overhead_figures(fleet: Fleet) -> None:
     print(f"\nbootloader ms on the unix port: normal median {statistics.median(normal)} "
           f"({normal}), trial median {statistics.median(trial)} ({trial})")
     assert normal and trial
+
+
+# A new image's main that finds the network down on its first `n` trial boots: it ends
+# each of them cleanly, telling the bootloader so (as the app does when its send fails),
+# then reaches the gateway and confirms.
+OUTAGE = r'''
+import os
+import board
+import slots
+slot, ver, trial = slots.running()
+print("RUN v%d slot=%s trial=%d" % (ver, slot, trial))
+if trial:
+    mark = os.getenv("TORPOR_SIM_DIR") + "/outage"
+    try:
+        with open(mark) as f:
+            n = int(f.read())
+    except OSError:
+        n = 0
+    if n < OUTAGE_BOOTS:
+        with open(mark, "w") as f:
+            f.write(str(n + 1))
+        slots.trial_no_network()
+        print("NO NETWORK")
+    else:
+        slots.confirm()
+        print("CONFIRMED v%d" % ver)
+board.deep_sleep(1000)
+'''
+
+
+def test_a_trial_across_an_outage_is_kept_and_a_crash_still_reverts(fleet: Fleet) -> None:
+    node = fleet.node("n-outage", fleet.image(1))
+    stage(node, fleet.image(2, OUTAGE.replace("OUTAGE_BOOTS", "3")))
+    node.run_sync(6)
+    # Three trial boots without the gateway are not held against the image; the fourth
+    # reaches it and confirms.
+    assert lines(node, "RUN v2") == ["RUN v2 slot=b trial=1"] * 4 + ["RUN v2 slot=b trial=0"]
+    assert lines(node, "NO NETWORK") == ["NO NETWORK"] * 3
+    assert lines(node, "CONFIRMED") == ["CONFIRMED v2"]
+    assert not lines(node, "boot: revert")
+
+
+def test_a_trial_whose_outage_outlasts_its_budget_is_reverted(fleet: Fleet) -> None:
+    node = fleet.node("n-long-outage", fleet.image(1, DRIVER.replace(
+        "slots.set_trial()", "slots.set_trial(1, 2)")))
+    stage(node, fleet.image(2, OUTAGE.replace("OUTAGE_BOOTS", "99")))
+    node.run_sync(6)
+    assert lines(node, "NO NETWORK") == ["NO NETWORK"] * 3
+    assert lines(node, "boot: revert v2 in slot b: reason 9")  # health_check
+    assert lines(node, "RUN v1")[-1] == "RUN v1 slot=a trial=0 check=0 ota=5 reason=9"
+
+
+_CORRUPT = """
+import os
+d = '/flash/fw/{slot}'
+for name in os.listdir(d):
+    if name.endswith('.mpy'):
+        with open(d + '/' + name, 'ab') as f:
+            f.write(b'\\x00')
+"""
+
+
+def test_a_confirmed_slot_that_fails_its_check_falls_back_to_the_other(fleet: Fleet) -> None:
+    node = fleet.node("n-fallback", fleet.image(1))
+    stage(node, fleet.image(2))
+    node.run_sync(3)
+    assert lines(node, "RUN")[-1] == "RUN v2 slot=b trial=0 check=0 ota=4 reason=0"
+    (node.dir / "stage" / image.MANIFEST).unlink()  # nothing more to install
+    on_flash(node, _CORRUPT.format(slot="b"))
+    summary = node.run_sync(2)
+    assert [r.kind for r in summary.runs] == ["sleep", "sleep"]
+    assert lines(node, "boot: confirmed slot b does not check out")
+    assert lines(node, "boot: falling back to slot a v1")
+    # v1 runs, confirmed, reporting the fall-back (reverted, the check's reason).
+    assert lines(node, "RUN")[-2:] == ["RUN v1 slot=a trial=0 check=0 ota=5 reason=3"] * 2
+    # Neither slot verifies: the node runs nothing and sleeps until repaired.
+    on_flash(node, _CORRUPT.format(slot="a"))
+    summary = node.run_sync(1)
+    assert summary.runs[0].kind == "sleep"
+    assert runs(node)[-1].count("RUN") == 0
+    assert "boot: no verified image" in runs(node)[-1]

@@ -47,15 +47,17 @@ def test_update_over_many_small_wakes_ends_confirmed_and_replay_is_refused(
         img = ota.import_image(conn, images.build(2))
         cid = ota.create_campaign(conn, img.id, ["s1"], abort_threshold=100)
 
-    async def until_done(cid: int, limit: int) -> int:
-        for n in range(1, limit + 1):
+    async def until_done(cid: int, limit: int | None = None) -> int:
+        n = 0
+        while n < (limit or wake_bound(stack, cid)):
+            n += 1
             await node.wake()
             with stack.db() as conn:
                 if ota.get_campaign(conn, cid).status != ota.RUNNING:
-                    return n
-        return limit
+                    break
+        return n
 
-    wakes = asyncio.run(until_done(cid, 90))
+    wakes = asyncio.run(until_done(cid))
     with stack.db() as conn:
         c = ota.get_campaign(conn, cid)
         fw = conn.execute("SELECT fw_version FROM devices WHERE id='s1'").fetchone()[0]
@@ -73,6 +75,22 @@ def test_update_over_many_small_wakes_ends_confirmed_and_replay_is_refused(
         d = ota.get_campaign(conn, cid2).devices[0]
     assert (d.status, d.reason) == (ota.REFUSED, "downgrade")
     assert "boot: slot b v2 trial=0" in last_run(node)
+
+
+# Wakes beyond the download: the trial boot, the crash's revert and restart, the wake whose
+# HELLO reports the outcome, and a few lost to a slow moment.
+SETTLE_WAKES = 10
+# Whatever the image's size, no campaign in these tests may take more wakes than this.
+MAX_WAKES = 400
+
+
+def wake_bound(stack: Stack, cid: int) -> int:
+    """How many wakes a campaign may take: at the sensor class's budget a node takes one
+    chunk a wake, so the largest download's chunk count (set by the firmware's size, which
+    grows) plus the wakes that settle the outcome; bounded."""
+    with stack.db() as conn:
+        chunks = max((d.chunks for d in ota.get_campaign(conn, cid).devices), default=0)
+    return min(MAX_WAKES, chunks + SETTLE_WAKES)
 
 
 def last_run(node: StackNode) -> str:
@@ -133,7 +151,9 @@ def test_each_refusal_keeps_the_running_image_and_reaches_the_gateway(
                                   abort_threshold=100, overrides=ids)
 
     async def run() -> None:
-        for _ in range(80):
+        wakes = 0
+        while wakes < wake_bound(stack, cid):
+            wakes += 1
             await asyncio.gather(*(n.wake() for n in nodes))
             with stack.db() as conn:
                 if ota.get_campaign(conn, cid).status != ota.RUNNING:

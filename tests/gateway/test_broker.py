@@ -65,11 +65,15 @@ def test_rendered_config(broker: RunningBroker) -> None:
     assert conf.count("\nlistener ") == 1 and f"listener {broker.port} 127.0.0.1" in conf
     for expected in ("require_certificate true", "use_identity_as_username true",
                      "allow_anonymous false", "set_tcp_nodelay true", "tls_version tlsv1.2",
-                     "max_queued_messages 100000", "persistence false", "log_dest stderr"):
+                     "max_queued_messages 100000", "persistence true", "log_dest stderr",
+                     "use_username_as_clientid true",
+                     f"max_packet_size {gwbroker.MAX_PACKET_SIZE}"):
         assert expected in conf
     assert lines["crlfile"].endswith("crl.pem") and lines["cafile"].endswith("ca.pem")
     acl = (broker.config_path.parent / "acl").read_text()
     assert "user torpor-gateway\ntopic readwrite #\n" in acl
+    if broker.settings.dynsec_plugin:
+        assert f"user torpor-control\ntopic readwrite {gwbroker.CONTROL_TOPIC}/#\n" in acl
     assert "pattern readwrite torpor/%u/#" in acl
 
 
@@ -331,3 +335,178 @@ def test_micropython_mtls_handshake_with_der(broker: RunningBroker, pki: Pki, ke
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "CONNACK 32 0" in proc.stdout
     assert "as node-1 (p2, c1, k60, u'node-1')" in broker.logs
+
+
+def test_expired_crl_is_named_and_broker_errors_reach_the_log_as_warnings(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With an expired CRL Mosquitto runs but fails every handshake with only "certificate
+    verify failed", at its own error level: the supervisor names the cause, and Mosquitto's
+    errors reach the gateway's log at warning level (once per kind, not once per client)."""
+    pki.write_crl(days=0)  # next update: now
+    time.sleep(1.1)
+    settings = gwbroker.BrokerSettings(port=free_port())
+    sup = gwbroker.BrokerSupervisor(pki, tmp_path / "broker", settings)
+
+    async def main() -> str:
+        try:
+            await sup.start(timeout=3.0)
+        except gwbroker.BrokerError as exc:
+            return str(exc)
+        finally:
+            await sup.stop()
+        raise AssertionError("the broker accepted the gateway with an expired CRL")
+
+    with caplog.at_level("DEBUG", logger="gateway.broker"):
+        message = asyncio.run(main())
+    assert "CRL" in message and "expired on" in message and "torpor pki crl" in message, message
+    warned = [r.getMessage() for r in caplog.records
+              if r.name == "gateway.broker" and r.levelname == "WARNING"]
+    assert any("certificate verify failed" in w for w in warned), warned
+    # Many probes failed the same way; a few warnings say so, not one per probe.
+    probes = sum("certificate verify failed" in line for line in sup.logs)
+    assert probes > len([w for w in warned if "certificate verify failed" in w]), (probes, warned)
+
+
+def test_broker_problem_lines() -> None:
+    for line in ("2026-01-01T00:00:00: OpenSSL Error[0]: error:0A000086:SSL routines::"
+                 "certificate verify failed",
+                 "2026-01-01T00:00:00: Error: Unable to open log file",
+                 "2026-01-01T00:00:00: Client n1 disconnected due to oversize packet."):
+        assert gwbroker.is_broker_problem(line), line
+    for line in ("2026-01-01T00:00:00: New connection from 127.0.0.1:5 on port 8883.",
+                 "2026-01-01T00:00:00: Client n1 disconnected.",
+                 "2026-01-01T00:00:00: mosquitto version 2.0.11 running"):
+        assert not gwbroker.is_broker_problem(line), line
+
+
+def test_packet_size_bound_follows_the_spec_and_larger_publishes_are_refused(
+    broker: RunningBroker, pki: Pki
+) -> None:
+    """The largest frame on the longest topic goes through; a larger PUBLISH closes the
+    sender's connection and reaches nobody (mosquitto_pub, which Torpor shares no code with)."""
+    import shutil
+    import subprocess
+
+    from gateway import proto
+
+    if shutil.which("mosquitto_pub") is None:
+        pytest.skip("mosquitto-clients is not installed (`make mosquitto`)")
+    assert gwbroker.MAX_PACKET_SIZE == proto.MAX_FRAME + gwbroker.MAX_TOPIC + gwbroker.MQTT_OVERHEAD
+    longest = "d" * 32
+    dev = pki.issue_device(longest)
+    topic = f"torpor/{longest}/status"
+    assert len(topic) == gwbroker.MAX_TOPIC
+
+    def pub(payload: Path) -> int:
+        return subprocess.run(
+            ["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "--cafile",
+             str(pki.ca_pem), "--cert", str(dev.cert_pem), "--key", str(dev.key_pem),
+             "-i", longest, "-t", topic, "-q", "1", "-f", str(payload)],
+            capture_output=True, timeout=30).returncode
+
+    largest = pki.path / "largest.bin"
+    largest.write_bytes(b"\x01" * proto.MAX_FRAME)
+    larger = pki.path / "larger.bin"
+    larger.write_bytes(b"\x02" * gwbroker.MAX_PACKET_SIZE)
+
+    async def main() -> tuple[list[bytes], int, int]:
+        async with mqtt_client(broker) as gw:
+            await gw.subscribe(topic, qos=1)
+            ok = await asyncio.to_thread(pub, largest)
+            bad = await asyncio.to_thread(pub, larger)
+            got = [p for _, p in await _drain(gw, 1.0)]
+        return got, ok, bad
+
+    got, ok, bad = asyncio.run(main())
+    assert ok == 0 and bad != 0, (ok, bad)
+    assert got == [b"\x01" * proto.MAX_FRAME]
+
+
+def test_supervisor_refuses_service_to_quarantined_devices(pki: Pki, tmp_path: Path) -> None:
+    """Mosquitto 2.0 cannot refuse a certificate-identified client's connection short of
+    revocation, so a quarantined device's session is cut and, when it comes back, nothing
+    it publishes gets through and nothing reaches it, until it is released."""
+    settings = gwbroker.BrokerSettings(port=free_port())
+    node = pki.issue_device("n1")
+    sup = gwbroker.BrokerSupervisor(pki, tmp_path / "broker", settings)
+
+    class Broker:  # what mqtt_client needs of a broker
+        host, port, tls = settings.host, settings.port, True
+
+    Broker.pki = pki  # type: ignore[attr-defined]
+
+    async def round_trip(gw: aiomqtt.Client, payload: bytes) -> tuple[bool, bool]:
+        """(the gateway got n1's publish, n1 got the gateway's)"""
+        async with mqtt_client(Broker, node) as c:  # type: ignore[arg-type]
+            await c.subscribe("torpor/n1/down", qos=1)
+            await c.publish("torpor/n1/up", payload, qos=1)
+            await gw.publish("torpor/n1/down", payload, qos=1)
+            up = [p for _, p in await _drain(gw, 0.7)]
+            down = [p for _, p in await _drain(c, 0.7)]
+        return payload in up, payload in down
+
+    async def main() -> None:
+        await sup.start()
+        try:
+            async with mqtt_client(Broker) as gw:  # type: ignore[arg-type]
+                await gw.subscribe("torpor/+/up", qos=1)
+                assert await round_trip(gw, b"before") == (True, True)
+                async with mqtt_client(Broker, node) as live:  # type: ignore[arg-type]
+                    await live.subscribe("torpor/n1/down", qos=1)
+                    assert await sup.set_refused({"n1"}) == {"n1"}
+                    with pytest.raises(aiomqtt.MqttError):  # its live session was cut
+                        async with asyncio.timeout(3):
+                            await _drain(live, 3.0)
+                            await live.publish("torpor/n1/up", b"x", qos=1)
+                assert await round_trip(gw, b"quarantined") == (False, False)
+                assert await sup.set_refused(set()) == set()
+                assert await round_trip(gw, b"released") == (True, True)
+        finally:
+            await sup.stop()
+
+    asyncio.run(main())
+    assert "user n1\ntopic deny #" not in (tmp_path / "broker" / "acl").read_text()
+
+
+def test_the_gateway_session_survives_a_broker_crash_once_saved(pki: Pki, tmp_path: Path) -> None:
+    """The service asks the supervised broker to save its persistence file once the gateway
+    is subscribed; after a SIGKILL and the supervisor's restart, a node's frame published
+    before the gateway is back waits in the gateway's session."""
+    settings = gwbroker.BrokerSettings(port=free_port())
+    node = pki.issue_device("n1")
+    sup = gwbroker.BrokerSupervisor(pki, tmp_path / "broker", settings)
+
+    class Broker:  # what mqtt_client needs of a broker
+        host, port, tls = settings.host, settings.port, True
+
+    Broker.pki = pki  # type: ignore[attr-defined]
+
+    async def main() -> list[bytes]:
+        await sup.start()
+        try:
+            async with mqtt_client(Broker, clean_session=False) as gw:  # type: ignore[arg-type]
+                await gw.subscribe("torpor/+/up", qos=1)
+                assert sup.save()
+                saved = tmp_path / "broker" / gwbroker.PERSISTENCE_NAME
+                async with asyncio.timeout(5):  # mosquitto logs first, then writes
+                    while not saved.exists():
+                        await asyncio.sleep(0.05)
+                pid = sup.pid
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                async with asyncio.timeout(15):
+                    while sup.restarts == 0:
+                        await asyncio.sleep(0.05)
+                async with mqtt_client(Broker, node) as c:  # type: ignore[arg-type]
+                    await c.publish("torpor/n1/up", b"while away", qos=1)
+        except aiomqtt.MqttError:
+            pass  # the gateway's connection went with the broker
+        try:
+            async with mqtt_client(Broker, clean_session=False) as gw:  # type: ignore[arg-type]
+                return [p for _, p in await _drain(gw, 1.5)]
+        finally:
+            await sup.stop()
+
+    got = asyncio.run(main())
+    assert got == [b"while away"], "\n".join(sup.logs)

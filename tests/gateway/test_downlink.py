@@ -156,7 +156,7 @@ async def test_kill_9_between_send_and_result_neither_loses_nor_duplicates(
     db_path = tmp_path / "data" / "gateway.db"
     pki = provision(broker, tmp_path, "n1")
     conn = db.open_db(db_path)
-    cid = q.enqueue_command(conn, "n1", "stay_awake", [5])
+    cid = q.enqueue_command(conn, "n1", "set_interval", [120])
     conn.close()
     log = tmp_path / "gateway.log"
     proc = start_gateway(config, log)

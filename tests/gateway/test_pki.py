@@ -30,13 +30,13 @@ def _cn(cert: x509.Certificate) -> str:
     return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
 
 
-def test_ca_is_p256_self_signed_pathlen_0(pki: Pki) -> None:
+def test_ca_is_p256_self_signed_pathlen_1(pki: Pki) -> None:
     ca = _cert(pki.ca_pem)
     assert ca.issuer == ca.subject
     pub = ca.public_key()
     assert isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name == "secp256r1"
     bc = ca.extensions.get_extension_for_class(x509.BasicConstraints)
-    assert bc.critical and bc.value.ca and bc.value.path_length == 0
+    assert bc.critical and bc.value.ca and bc.value.path_length == 1  # room for the issuing CA
     ca.verify_directly_issued_by(ca)
 
 
@@ -140,7 +140,8 @@ def test_list_shows_every_certificate(pki: Pki) -> None:
     pki.revoke("node-2")
     rows = {(r.kind, r.cn): r for r in pki.list()}
     assert set(rows) == {("ca", "Torpor fleet CA"), ("server", "torpor-broker"),
-                         ("gateway", "torpor-gateway"), ("device", "node-1"), ("device", "node-2")}
+                         ("gateway", "torpor-gateway"), ("control", "torpor-control"),
+                         ("device", "node-1"), ("device", "node-2")}
     assert rows[("device", "node-2")].revoked_at is not None
     assert rows[("device", "node-1")].revoked_at is None
 
@@ -154,7 +155,7 @@ def test_offline_ca_key_dir(tmp_path: Path) -> None:
     with pytest.raises(PkiError, match="--ca-key-dir"):
         Pki(tmp_path / "pki").issue_device("node-1")
     # ...but listing still works.
-    assert len(Pki(tmp_path / "pki").list()) == 2
+    assert len(Pki(tmp_path / "pki").list()) == 3  # CA, gateway and its control certificate
 
 
 def test_init_twice_refused(pki: Pki) -> None:
@@ -202,3 +203,43 @@ def test_cli_missing_offline_key(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert torpor(["pki", "gateway", *d]) == 2
     assert "--ca-key-dir" in capsys.readouterr().err
     assert torpor(["pki", "gateway", *d, "--ca-key-dir", str(tmp_path / "usb")]) == 0
+
+
+@pytest.mark.parametrize("flags", [
+    ["--san", "localhost", "--san", "127.0.0.1", "--san", "gw.lan"],
+    ["--san", "localhost,127.0.0.1,gw.lan"],
+    ["--san", "localhost,127.0.0.1", "--san", "gw.lan"],
+])
+def test_server_san_takes_repeated_flags_and_comma_lists(tmp_path: Path, flags: list[str]) -> None:
+    d = str(tmp_path / "pki")
+    assert torpor(["pki", "init", "--dir", d]) == 0
+    assert torpor(["pki", "server", "--dir", d, *flags]) == 0
+    sans = _cert(Pki(d).server.cert_pem).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost", "gw.lan"]
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+
+
+def test_pki_commands_leave_private_files(tmp_path: Path) -> None:
+    """Keys 0600, the rest no more than 0644, in 0700 folders, after every `pki` command."""
+    d = tmp_path / "pki"
+    for argv in (["init"], ["server"], ["gateway"], ["device", "n1"], ["revoke", "n1"],
+                 ["crl"]):
+        assert torpor(["pki", *argv[:1], *argv[1:], "--dir", str(d)]) == 0, argv
+        for path in [d, *d.rglob("*")]:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if path.is_dir():
+                assert mode == 0o700, (argv, path, oct(mode))
+            elif path.suffix in (".key",) or path.name in ("key.pem", "key.der"):
+                assert mode == 0o600, (argv, path, oct(mode))
+            else:
+                assert mode & 0o133 == 0, (argv, path, oct(mode))
+
+
+def test_gateway_and_control_names_are_never_device_ids(pki: Pki) -> None:
+    """The broker makes every client id its certificate's CN: a device named like the
+    gateway or its control identity would share their sessions."""
+    assert pki.control.cn == "torpor-control" and pki.gateway.cn == "torpor-gateway"
+    for name in ("torpor-gateway", "torpor-control"):
+        with pytest.raises(PkiError, match="name of the gateway"):
+            pki.issue_device(name)

@@ -370,9 +370,12 @@ def test_kill_9_mid_stream_loses_nothing(
 def test_tls_upstream_with_client_certificate(
     broker_factory: Callable[..., RunningBroker], tmp_path: Path
 ) -> None:
-    upstream = broker_factory()  # TLS, its own fleet CA; the gateway certificate logs in
+    # TLS, its own fleet CA; a client certificate of its own logs in (the collector has the
+    # gateway's, and the broker gives every connection of one certificate the same id).
+    upstream = broker_factory(extra_acl="\nuser relay-1\ntopic write upstream/#\n")
     assert upstream.pki is not None
-    gw = upstream.pki.gateway
+    creds = upstream.pki.issue_device("relay-1")
+    gw = replace(upstream.pki.gateway, cert_pem=creds.cert_pem, key_pem=creds.key_pem)
     db = tmp_path / "gw.db"
     fill(db, 50)
 

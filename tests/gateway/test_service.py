@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -203,3 +204,53 @@ def test_sigterm_shuts_down_cleanly_and_status_reports(broker: RunningBroker, tm
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=30)
     assert out.returncode == 1 and "not running" in out.stdout
     assert os.path.exists(db_path)
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.iterdir()]
+            if not p.name.startswith(".")}
+
+
+def test_status_says_connected_at_once_and_every_file_is_private(tmp_path: Path) -> None:
+    """`torpor gateway status` right after the log says connected (not at the next status
+    tick, 60 s away here); the database with its WAL and SHM, and the supervised broker's
+    configuration, ACL, dynamic-security and persistence files are 0600 in 0700 folders."""
+    from tests.fixtures.broker import free_port, make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[gateway]\ndata_dir = "{tmp_path / "data"}"\nstatus_interval_s = 60\n'
+        f'log_level = "info"\n[broker]\nmode = "supervised"\nport = {free_port()}\n'
+        f'pki_dir = "{pki.path}"\n')
+    log = tmp_path / "gateway.log"
+    os.umask(old := os.umask(0o022))  # the usual umask: the files must not depend on it
+    proc = start_gateway(config, log)
+    try:
+        deadline = time.monotonic() + 20
+        while "connected to the broker" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        while True:
+            out = subprocess.run(
+                [sys.executable, "-m", "tools.cli", "gateway", "status", "--config", str(config)],
+                capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+            if "mqtt:           connected" in out.stdout:
+                break
+            assert time.monotonic() - t0 < 5, out.stdout + out.stderr
+        print(f"status said connected {time.monotonic() - t0:.2f} s after the log")
+        data = _modes(tmp_path / "data")
+        assert data["data"] == 0o700 and data["gateway.db"] == 0o600, data
+        assert data["gateway.db-wal"] == 0o600 and data["gateway.db-shm"] == 0o600, data
+        broker_dir = tmp_path / "data" / "broker"
+        for name, mode in _modes(broker_dir).items():
+            assert mode == (0o700 if name == "broker" else 0o600), (name, oct(mode))
+        assert {"mosquitto.conf", "acl", "dynsec.json"} <= set(_modes(broker_dir))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
+    # The broker saved its persistence file at its clean stop: private too.
+    broker_modes = _modes(tmp_path / "data" / "broker")
+    assert broker_modes.get("mosquitto.db") == 0o600, broker_modes
+    assert old == os.umask(old)

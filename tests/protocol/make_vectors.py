@@ -33,17 +33,19 @@ def plain(v: Any) -> Any:
 def frames() -> list[Any]:
     hello = p.Hello(1, 12, p.BootCause.TIMER, 3650, -72, 81234, 64, 3, 300, 1500, 1_767_225_600,
                     p.DeviceClass.SENSOR, config_version=4, ota_state=p.OtaState.CONFIRMED,
-                    mcu_temp=31.5, first_id=1001)
+                    mcu_temp=31.5, first_id=1001, next_listen_s=3000)
     irregular = p.Series((1_767_225_600, 1_767_225_661, 1_767_225_719),
                          ((-1250, -1249, -1300), (9990, 10000, 9800), (2900, 2899, 2899)))
     return [
         hello,
         p.Hello(2, 1, p.BootCause.POWER_ON, 4100, 0, 200000, 0, 0, 60, 1000, 0,
-                p.DeviceClass.MONITOR, safe_mode=True, boots_without_send=5),
+                p.DeviceClass.MONITOR, safe_mode=True, boots_without_send=5, clock_unset=True),
         workload(),
         p.Burst(70000, p.SCHEMA_ENV3, 0, irregular),
+        p.Burst(70003, p.SCHEMA_ENV3, 0, irregular, node_clock=True),
         p.Ack(9, 1064, (1066, 1070), time=1_767_229_000, pending=2),
-        p.Command(10, 501, p.CommandOp.SET_THRESHOLDS, (3000, -500, 8000), 7, 3600),
+        p.Command(10, 501, p.CommandOp.SET_THRESHOLDS, (3000, -500, 8000), 7, 3600,
+                  expires_at=1_767_232_600),
         p.Command(11, 502, p.CommandOp.PING, (), 0, 60, data=b"\x00\x01hello"),
         p.CommandResult(5, 501, p.ResultStatus.OK, code=0, detail="applied", values=(3000,)),
         p.CommandResult(6, 502, p.ResultStatus.DUPLICATE),

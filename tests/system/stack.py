@@ -74,8 +74,8 @@ def _exists(p):
         return False
 
 
-def execute(cmd, cfg, st, board, effects, buf, msg_id):
-    n = _real_execute(cmd, cfg, st, board, effects, buf, msg_id)
+def execute(cmd, cfg, st, board, effects, buf, msg_id, *more):
+    n = _real_execute(cmd, cfg, st, board, effects, buf, msg_id, *more)
     with open(_DIR + '/exec.log', 'a') as f:
         f.write('%d %d %d\\n' % (cmd[proto.COMMAND_COMMAND_ID], cmd[proto.COMMAND_OP], buf[10]))
     if _exists(_DIR + '/hold'):
@@ -254,16 +254,19 @@ class Stack:
 
     # ---- nodes ----
     def add_node(self, device_id: str, seed: int, *, device_class: str = "sensor",
+                 time_scale: float = 0, start_ms: int | None = START_MS,
                  **config: Any) -> StackNode:
         """Register `device_id` with a certificate through the CLI and provision a sim node
-        with it. `config` overrides firmware config.json keys (send_every, ...)."""
+        with it. `config` overrides firmware config.json keys (send_every, ...).
+        time_scale=1 and start_ms=None run the node in real time, on the gateway's clock."""
         self.cli("device", "add", device_id, "--class", device_class, "--issue-cert")
         creds = Pki(self.pki.path).device_credentials(device_id)
         hooks = self.root / "nodes" / f"{device_id}.hooks"
         hooks.mkdir(parents=True, exist_ok=True)
         (hooks / "lib").mkdir(exist_ok=True)
         (hooks / "lib" / "commands.py").write_text(_HOOK)
-        sim = SimNode(self.root / "nodes" / device_id, seed=seed, time_scale=0, start_ms=START_MS,
+        sim = SimNode(self.root / "nodes" / device_id, seed=seed, time_scale=time_scale,
+                      start_ms=start_ms,
                       extra_path=(str(hooks / "lib"),), env={"TORPOR_HOOK_DIR": str(hooks)},
                       awake_limit_s=60.0)
         cfg: dict[str, Any] = {

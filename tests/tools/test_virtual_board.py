@@ -173,3 +173,23 @@ def test_mip_reaches_the_network(vboard: VirtualBoard) -> None:
     out = p.stdout + p.stderr
     assert "Installing aioble" in out and "to /lib" in out
     assert "could not enter raw repl" not in out and "TransportError" not in out
+
+
+def test_profile_board_starts_cold_and_its_watchdog_resets_it(tmp_path: Path) -> None:
+    from tools.sim.field import FieldModel
+
+    field = FieldModel.named("esp32")
+    with VirtualBoard(tmp_path / "node", time_scale=100, field=field) as b:
+        p = mpremote(b.port, "exec", "import board, gc; print('T', board.time(), gc.mem_free() + gc.mem_alloc())")
+        assert p.returncode == 0, p.stderr
+        _, t, heap = p.stdout.split()
+        # Power-on: the RTC reads 2000-01-01; the heap is the profile's, scaled for 64 bits.
+        assert 946_684_800 <= int(t) < 946_684_800 + 120
+        assert int(heap) <= field.profile.heap_for_unix_port() + 64 * 1024
+        # Armed and never fed: the board resets with cause WATCHDOG, flash kept.
+        p = mpremote(b.port, "exec", "--no-follow", "with open('kept', 'w') as f: f.write('1')\nimport board; board.watchdog_start(300)")
+        assert p.returncode == 0, p.stderr
+        time.sleep(1.5)
+        # `resume`: no soft reset of its own, so the boot cause is the watchdog's.
+        p = mpremote(b.port, "resume", "exec", "import board; print('C', board.boot_cause(), open('kept').read())")
+        assert "C 2 1" in p.stdout, p.stdout + p.stderr

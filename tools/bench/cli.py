@@ -8,7 +8,7 @@ from typing import Any
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="run a benchmark and print its figures")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-    from tools.bench import downlink, fuzz, node, protocol
+    from tools.bench import downlink, energy, fuzz, node, protocol
     from tools.bench import gateway as gateway_bench
     from tools.bench import ota as ota_bench
     from tools.bench import transport as transport_bench
@@ -20,3 +20,4 @@ def register(sub: Any) -> None:
     ota_bench.register(bsub)
     fuzz.register(bsub)
     transport_bench.register(bsub)
+    energy.register(bsub)

@@ -114,7 +114,11 @@ class Mosquitto:
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.pki is not None:
             settings = gwbroker.BrokerSettings(host="127.0.0.1", port=self.port, dynsec_plugin=None)
-            conf = gwbroker.write_config(settings, self.pki, self.folder)
+            # The baseline subscriber has an identity of its own: the broker gives every
+            # connection its certificate's CN as client id, so with the gateway's it would
+            # take the gateway's session.
+            conf = gwbroker.write_config(settings, self.pki, self.folder,
+                                         extra_acl=f"\nuser {BARE_ID}\ntopic read torpor/+/bare\n")
         else:
             conf = self.folder / "mosquitto.conf"
             conf.write_text(
@@ -293,8 +297,8 @@ def _run_workers(specs: list[WorkerSpec], deadline_s: float,
 
 def bare_subscriber(host: str, port: int, ca: str, cert: str, key: str, expected: int,
                     deadline_s: float, ready: Any, go: Any, results: Any) -> None:
-    """The baseline: an aiomqtt client with the gateway's identity and client settings
-    that subscribes to every node's baseline leaf (torpor/+/bare, as the gateway does to
+    """The baseline: an aiomqtt client with the gateway's client settings (and an identity
+    of its own) that subscribes to every node's baseline leaf (torpor/+/bare, as the gateway does to
     torpor/+/up) at QoS 1 and only counts frames."""
     import aiomqtt
 
@@ -352,10 +356,13 @@ def _rate(results: list[dict[str, Any]]) -> float:
     return sum(r["count"] for r in results) / span if span > 0 else 0.0
 
 
+BARE_ID = "torpor-bench-bare"
+
+
 def _bare_round(scale: Scale, shares: list[tuple[Identity, ...]], base: dict[str, Any],
                 gwc: Any, broker: Mosquitto, ca: str, expected: int) -> dict[str, float]:
     """The baseline: the same bursts from the same identities, counted by a bare aiomqtt
-    subscriber with the gateway's certificate."""
+    subscriber with a certificate of its own (BARE_ID)."""
     specs = [WorkerSpec("burst", devices=s, frames=scale.frames_per_device, leaf="bare",
                         window=scale.window, **base) for s in shares]
     bare = (bare_subscriber, "127.0.0.1", broker.port, ca, str(gwc.cert_pem),
@@ -468,7 +475,7 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
         #    rounds' medians. The baseline's frames go to another leaf of the same topic
         #    tree (torpor/<id>/bare, which the gateway does not subscribe to), so the
         #    gateway can run throughout without seeing them.
-        gwc = pki.gateway
+        gwc = pki.issue_device(BARE_ID)
         gw.start()
         progress = Progress(gw.db_path)
         try:

@@ -8,6 +8,9 @@ not installed) and the gateway's own codec and client (`gateway.transport`). Sce
 - send_qos0: N QoS 0 PUBLISHes, ended by one QoS 1 PUBLISH whose PUBACK fences them;
 - send_qos1: N QoS 1 PUBLISHes with at most `window` unacknowledged (the relay's
   upstream connection), until the last PUBACK.
+The broker binds every client id to its certificate's CN, so one identity holds one
+connection at a time: the timed client is the gateway's identity, and the untimed filler
+of a receive run is a node (NODE_ID) publishing on its own topic.
 Each figure is the median over rounds; in every round each scenario runs every candidate
 once, in an order that rotates round by round, so they share the machine's noise. CPU is
 this process's (the candidate's; nothing else runs here while it is timed) and the
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import importlib.metadata
 import json
@@ -35,8 +39,9 @@ from typing import Any
 
 CANDIDATES = ("aiomqtt", "gmqtt", "torpor")
 SCENARIOS = ("receive_qos1", "send_qos0", "send_qos1")
-TOPIC = "torpor/bench-0001/up"
-SINK = "bench/sink/bench-0001"
+NODE_ID = "bench-0001"
+TOPIC = f"torpor/{NODE_ID}/up"
+SINK = f"bench/sink/{NODE_ID}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +69,7 @@ class Target:
     payload: bytes
     messages: int
     window: int
+    node_ctx: ssl.SSLContext  # NODE_ID's certificate: the receive runs' filler
 
 
 Run = Callable[[Target, str], Awaitable[None]]
@@ -112,7 +118,7 @@ async def torpor_receive(t: Target, session: str) -> None:
 async def torpor_send(t: Target, qos: int) -> None:
     from gateway.transport.client import MqttClient
 
-    async with MqttClient(_torpor_options(t, f"{t.client_id}-send", True)) as client:
+    async with MqttClient(_torpor_options(t, t.client_id, True)) as client:
         start = time.monotonic()
         if qos == 0:
             for _ in range(t.messages):
@@ -143,7 +149,7 @@ async def aiomqtt_receive(t: Target, session: str) -> None:
 
 
 async def aiomqtt_send(t: Target, qos: int) -> None:
-    async with _aiomqtt_client(t, f"{t.client_id}-send", True) as client:
+    async with _aiomqtt_client(t, t.client_id, True) as client:
         start = time.monotonic()
         if qos == 0:
             for _ in range(t.messages):
@@ -220,7 +226,7 @@ async def gmqtt_send(t: Target, qos: int) -> None:
     gmqtt = _gmqtt()
     constants = importlib.import_module("gmqtt.mqtt.constants")
     storage = _gmqtt_window_storage(t.window)
-    client = gmqtt.Client(f"{t.client_id}-send", persistent_storage=storage, logger=_quiet())
+    client = gmqtt.Client(t.client_id, persistent_storage=storage, logger=_quiet())
     await client.connect(t.host, t.port, ssl=t.ctx, version=constants.MQTTv311)
     start = time.monotonic()
     if qos == 0:
@@ -271,14 +277,17 @@ RUNS: dict[str, dict[str, Callable[[Target, str], Awaitable[None]]]] = {
 
 async def _prepare_session(t: Target, session: str, n: int) -> None:
     """A persistent session subscribed to TOPIC with `n` QoS 1 messages queued for it
-    (published by the gateway's client, untimed)."""
+    (published by the node NODE_ID through the gateway's client, untimed)."""
     from gateway.transport.client import MqttClient
 
     sub = MqttClient(_torpor_options(t, session, False))
     await sub.connect()
     await sub.subscribe((TOPIC, 1))
     await sub.disconnect()
-    async with MqttClient(_torpor_options(t, f"{session}-fill", True)) as filler:
+    # The filler must not present the subscriber's certificate: the broker would give it
+    # the same client id, and its clean session would wipe the one just prepared.
+    node = dataclasses.replace(t, ctx=t.node_ctx)
+    async with MqttClient(_torpor_options(node, NODE_ID, True)) as filler:
         futs = [await filler.start_publish(TOPIC, t.payload) for _ in range(n)]
         await asyncio.gather(*futs)
 
@@ -290,12 +299,13 @@ async def _drop_session(t: Target, session: str) -> None:
         pass
 
 
-async def _one(t: Target, candidate: str, scenario: str, tag: str, broker_pid: int | None,
+async def _one(t: Target, candidate: str, scenario: str, broker_pid: int | None,
                deadline_s: float) -> dict[str, float]:
     from tools.bench.gateway import _cpu_s
 
     run = RUNS[candidate][scenario]
-    session = f"bench-{candidate}-{tag}"
+    # the client id asked for; the broker gives the certificate's CN whatever is asked
+    session = t.client_id
     if scenario == "receive_qos1":
         await _prepare_session(t, session, t.messages)
     _STARTED.clear()
@@ -340,17 +350,16 @@ async def _measure(scale: Scale, t: Target, broker_pid: int | None,
     runs: dict[str, dict[str, list[dict[str, float]]]] = {
         c: {s: [] for s in SCENARIOS} for c in candidates}
     if scale.warmup:
-        warm = Target(t.host, t.port, t.ctx, t.client_id, t.payload,
-                      max(100, t.messages // 10), t.window)
+        warm = dataclasses.replace(t, messages=max(100, t.messages // 10))
         for c in candidates:
             for s in SCENARIOS:
-                await _one(warm, c, s, "warm", broker_pid, scale.deadline_s)
+                await _one(warm, c, s, broker_pid, scale.deadline_s)
     for r in range(scale.rounds):
         k = r % len(candidates)
         order = candidates[k:] + candidates[:k]
         for s in SCENARIOS:
             for c in order:
-                runs[c][s].append(await _one(t, c, s, f"r{r}", broker_pid, scale.deadline_s))
+                runs[c][s].append(await _one(t, c, s, broker_pid, scale.deadline_s))
     return runs
 
 
@@ -370,6 +379,7 @@ def measure(scale: Scale = Scale(), payload: bytes | None = None) -> dict[str, A
         pki.init_ca()
         pki.issue_server(["localhost", "127.0.0.1"])
         gw = pki.issue_gateway()
+        node = pki.issue_device(NODE_ID)
         broker = Mosquitto(tmp / "broker", pki)
         try:
             broker.start()
@@ -377,8 +387,10 @@ def measure(scale: Scale = Scale(), payload: bytes | None = None) -> dict[str, A
             raise BenchError(str(exc)) from exc
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca_pem))
         ctx.load_cert_chain(str(gw.cert_pem), str(gw.key_pem))
+        node_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca_pem))
+        node_ctx.load_cert_chain(str(node.cert_pem), str(node.key_pem))
         target = Target("127.0.0.1", broker.port, ctx, gw.cn, payload, scale.messages,
-                        scale.window)
+                        scale.window, node_ctx)
         runs = asyncio.run(_measure(scale, target, broker.pid, candidates))
     finally:
         if broker is not None:

@@ -22,6 +22,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from gateway import proto
 from tools import venvbin
 from tools.fw import keys
 
@@ -40,10 +41,10 @@ BOARD_ARCH: dict[str, str | None] = {
 }
 # Modules of the bootloader, installed once with it and never shipped in an image.
 BOOTLOADER_MODULES = frozenset(
-    {"boot", "bootstate", "slots", "trusted_keys", "ed25519", "sha512", "fleet_keys"}
+    {"boot", "bootstate", "bootwire", "slots", "trusted_keys", "ed25519", "sha512", "fleet_keys"}
 )
-BOOTLOADER_VERSION = 1  # the version of firmware/bootstate.py's BOOTLOADER_VERSION
-MAX_MANIFEST = 2048  # the OTA_MANIFEST frame's manifest field
+BOOTLOADER_VERSION = proto.BOOTLOADER_VERSION  # the bootloader an image needs at least
+MAX_MANIFEST = proto.MAX_MANIFEST  # the OTA_MANIFEST frame's manifest field
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 SLOTS = ("a", "b")

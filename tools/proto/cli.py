@@ -10,7 +10,7 @@ def register(sub: Any) -> None:
     proto = sub.add_parser("proto", help="protocol spec: generate codecs and docs, check drift")
     psub = proto.add_subparsers(dest="proto_command", metavar="ACTION", required=True)
     gen = psub.add_parser("gen", help="regenerate every file made from the spec (firmware/proto.py, "
-                          "wire.py, op_args.py, gateway/proto.py, docs/protocol.md)")
+                          "wire.py, bootwire.py, op_args.py, boards/_boot_cause.py, gateway/proto.py, docs/protocol.md)")
     gen.set_defaults(func=_gen)
     check = psub.add_parser("check", help="exit 1 if any generated file differs from the spec")
     check.set_defaults(func=_check)

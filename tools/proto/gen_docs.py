@@ -80,6 +80,41 @@ def generate(spec: Spec) -> str:
         p("")
         p(f"- `{e.name}`: " + ", ".join(f"{k} = {v}" for k, v in e.values))
     p("")
+    p("## Errors")
+    p("")
+    p("A decoder that refuses a frame says which `error_code` an ERROR frame answering it carries "
+      "(`ProtocolError.code` on both sides): `unsupported_version` for another major version, "
+      "`too_large` for a frame over the maximum, `unknown_frame` for an unknown frame type, "
+      "`malformed` for anything else.")
+    p("")
+    p("## Limits and versions")
+    p("")
+    p("| constant | value | from |")
+    p("|---|---|---|")
+    p(f"| MAX_FRAME | {spec.max_frame} | `protocol.max_frame`: no decoder takes a larger frame |")
+    p(f"| LARGEST_FRAME | {spec.largest_frame} | the largest encoding of any frame below |")
+    p(f"| MSG_ID_MAX | 0x{spec.msg_id_max:X} | the header's u32 message id; ids do not wrap |")
+    p(f"| MAX_MANIFEST | {spec.max_manifest} | OTA_MANIFEST's `manifest` field: the largest "
+      "signed manifest an image may carry |")
+    p(f"| BOOTLOADER_VERSION | {spec.bootloader_version} | `bootloader.version`: an image's "
+      "manifest names the lowest it needs |")
+    if spec.in_place:
+        p("")
+        p("## Read in place")
+        p("")
+        p("The node reads these frames straight from its receive buffer when they have their plain "
+          "shape: the header with this major version, arrays empty, then only the frame's optional "
+          "fields, each at most once, in tag order, at the size below. Any other shape goes to the "
+          "decoder, which accepts or refuses it.")
+        p("")
+        for name in spec.in_place:
+            lay = spec.in_place_layout(spec.frame(name))
+            at = ", ".join(f"`{f}` at {o}" for f, o in lay.at)
+            empty = ", ".join(f"`{f}` count 0 at {o}" for f, o in lay.empty)
+            opt = ", ".join(f"`{f}` (tag {t}, {n} byte{'s' if n > 1 else ''})" for f, t, n in lay.optional)
+            p(f"- {name}: {at}" + (f"; {empty}" if empty else "")
+              + f"; optional fields from byte {lay.end}" + (f": {opt}" if opt else "") + ".")
+    p("")
     p("## Command arguments")
     p("")
     p("What each `command_op` carries in a COMMAND's `args` (i32 each, in this order). Arguments "

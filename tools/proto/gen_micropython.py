@@ -7,6 +7,8 @@ Decoders return tuples (indices are generated constants) and raise only Protocol
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tools.proto.emit import Lines, fixed_groups
 from tools.proto.spec import (
     HEADER_SIZE,
@@ -16,249 +18,17 @@ from tools.proto.spec import (
     Field,
     Frame,
     Spec,
+    SpecError,
     varint_size,
 )
 
-PREAMBLE = '''\
-class ProtocolError(ValueError):
-    pass
+RUNTIME = Path(__file__).with_name("runtime_micropython.py")
+_BODY = "# ---- runtime (copied) ----\n"
 
 
-def _err(name, off, why):
-    return ProtocolError("%s at byte %d: %s" % (name, off, why))
-
-
-def _header(buf, n, ftype, name):
-    if n < HEADER_SIZE:
-        raise _err(name, n, "truncated header")
-    if n > MAX_FRAME:
-        raise _err(name, MAX_FRAME, "frame too large")
-    v = buf[0]
-    if v >> 4 != MAJOR:
-        raise _err(name, 0, "unsupported protocol version %d.%d" % (v >> 4, v & 15))
-    if buf[1] != ftype:
-        raise _err(name, 1, "frame type %d is not %s" % (buf[1], name))
-    return v & 15
-
-
-def _msg_id(buf):
-    return buf[2] | buf[3] << 8 | buf[4] << 16 | buf[5] << 24
-
-
-def _put_header(buf, ftype, msg_id):
-    buf[0] = VERSION_BYTE
-    buf[1] = ftype
-    buf[2] = msg_id & 0xFF
-    buf[3] = (msg_id >> 8) & 0xFF
-    buf[4] = (msg_id >> 16) & 0xFF
-    buf[5] = (msg_id >> 24) & 0xFF
-
-
-def _uv(buf, off, n, name):
-    # returns the value; the new offset is left in _pos[0] (no tuple per call)
-    r = 0
-    s = 0
-    while True:
-        if off >= n:
-            raise _err(name, off, "truncated varint")
-        b = buf[off]
-        off += 1
-        r |= (b & 0x7F) << s
-        if b < 0x80:
-            if b == 0 and s:
-                raise _err(name, off - 1, "overlong varint")
-            break
-        s += 7
-        if s >= 35:
-            raise _err(name, off, "varint longer than 5 bytes")
-    if r > 0xFFFFFFFF:
-        raise _err(name, off, "varint exceeds 32 bits")
-    _pos[0] = off
-    return r
-
-
-_pos = [0]
-
-
-def _put_uv(buf, off, v):
-    while v >= 0x80:
-        buf[off] = (v & 0x7F) | 0x80
-        v >>= 7
-        off += 1
-    buf[off] = v
-    return off + 1
-
-
-def _uv_size(v):
-    n = 1
-    while v >= 0x80:
-        v >>= 7
-        n += 1
-    return n
-
-
-def _need(off, size, n, name, field):
-    if off + size > n:
-        raise _err(name, n, field + ": truncated")
-
-
-def _length(buf, off, n, name, field, limit):
-    ln = _uv(buf, off, n, name)
-    if ln > limit:
-        raise _err(name, off, "%s: length %d exceeds the maximum %d" % (field, ln, limit))
-    return ln
-
-
-def _enum(v, valid, name, off, field):
-    if v not in valid:
-        raise _err(name, off, "%s: %d is not a valid value" % (field, v))
-    return v
-
-
-def _bool(v, name, off, field):
-    if v > 1:
-        raise _err(name, off, field + ": not a bool")
-    return v == 1
-
-
-def _text(buf, off, ln, name, field):
-    try:
-        return str(bytes(buf[off:off + ln]), "utf-8")
-    except Exception:
-        raise _err(name, off, field + ": not UTF-8")
-
-
-def _put_raw(buf, off, data, limit, name, field):
-    n = len(data)
-    if n > limit:
-        raise _err(name, off, "%s: %d bytes exceeds the maximum %d" % (field, n, limit))
-    off = _put_uv(buf, off, n)
-    buf[off:off + n] = data
-    return off + n
-
-
-def _fixed_tlv(fmt, size, buf, off, ln, name, field):
-    if ln != size:
-        raise _err(name, off, "%s: length %d, expected %d" % (field, ln, size))
-    return struct.unpack_from(fmt, buf, off)[0]
-
-
-def _put_zz(buf, off, d):
-    z = (d << 1) if d >= 0 else ((-d) << 1) - 1
-    while z >= 0x80:
-        buf[off] = (z & 0x7F) | 0x80
-        z >>= 7
-        off += 1
-    buf[off] = z
-    return off + 1
-
-
-def _rd(recs, p, width, signed):
-    if width == 1:
-        v = recs[p]
-    elif width == 2:
-        v = recs[p] | recs[p + 1] << 8
-    else:
-        v = recs[p] | recs[p + 1] << 8 | recs[p + 2] << 16 | recs[p + 3] << 24
-    if signed and v >= 1 << (8 * width - 1):
-        v -= 1 << (8 * width)
-    return v
-
-
-def _dt(recs, p, q):
-    # seconds between two u32 timestamps, from 16-bit halves so a 32-bit port needs no big int
-    return ((recs[q + 2] | recs[q + 3] << 8) - (recs[p + 2] | recs[p + 3] << 8)) * 65536 + (
-        (recs[q] | recs[q + 1] << 8) - (recs[p] | recs[p + 1] << 8))
-
-
-def _encode_series(buf, off, name, schema, interval, recs, count, limit):
-    entry = _SCHEMA_COLS.get(schema)
-    if entry is None:
-        raise _err(name, off, "unknown sensor schema %d" % schema)
-    if count < 1 or count > limit:
-        raise _err(name, off, "readings: count %d outside 1..%d" % (count, limit))
-    rs, cols = entry
-    regular = interval != 0
-    if regular:
-        p = 0
-        for _ in range(count - 1):
-            if _dt(recs, p, p + rs) != interval:
-                regular = False
-                break
-            p += rs
-    ipos = off - 2
-    if not regular:
-        buf[ipos] = 0
-        buf[ipos + 1] = 0
-    buf[off] = count
-    buf[off + 1:off + rs + 1] = recs[0:rs]
-    off += rs + 1
-    for co, width, signed in cols:
-        prev = _rd(recs, co, width, signed)
-        p = co + rs
-        for _ in range(count - 1):
-            v = _rd(recs, p, width, signed)
-            off = _put_zz(buf, off, v - prev)
-            prev = v
-            p += rs
-    if not regular:
-        p = 0
-        for _ in range(count - 1):
-            off = _put_zz(buf, off, _dt(recs, p, p + rs))
-            p += rs
-    return off
-
-
-def _decode_series(buf, off, n, name, schema, interval, limit):
-    entry = _SCHEMA_COLS.get(schema)
-    if entry is None:
-        raise _err(name, off, "unknown sensor schema %d" % schema)
-    rs, cols = entry
-    _need(off, rs + 1, n, name, "readings")
-    count = buf[off]
-    if count < 1 or count > limit:
-        raise _err(name, off, "readings: count %d outside 1..%d" % (count, limit))
-    t0 = struct.unpack_from("<I", buf, off + 1)[0]
-    base = off + 1
-    off += rs + 1
-    columns = []
-    for co, width, signed in cols:
-        v = _rd(buf, base + co, width, signed)
-        lo = -(1 << (8 * width - 1)) if signed else 0
-        hi = (1 << (8 * width - 1)) - 1 if signed else (1 << (8 * width)) - 1
-        col = [v]
-        for _ in range(count - 1):
-            z = _uv(buf, off, n, name)
-            off = _pos[0]
-            v += (z >> 1) ^ -(z & 1)
-            if v < lo or v > hi:
-                raise _err(name, off, "readings: value leaves its type's range")
-            col.append(v)
-        columns.append(col)
-    ts = [t0]
-    t = t0
-    for _ in range(count - 1):
-        if interval:
-            t += interval
-        else:
-            z = _uv(buf, off, n, name)
-            off = _pos[0]
-            t += (z >> 1) ^ -(z & 1)
-        if t < 0 or t > 0xFFFFFFFF:
-            raise _err(name, off, "readings: timestamp leaves u32")
-        ts.append(t)
-    _pos[0] = off
-    return (ts, columns)
-
-
-def _tlv(buf, off, n, name):
-    tag = buf[off]
-    ln = _uv(buf, off + 1, n, name)
-    if _pos[0] + ln > n:
-        raise _err(name, off, "field tag %d: truncated" % tag)
-    _pos[1] = tag
-    return ln
-'''
+def runtime_body() -> str:
+    """runtime_micropython.py below its runtime marker, as copied into firmware/proto.py."""
+    return RUNTIME.read_text(encoding="utf-8").split(_BODY, 1)[1].strip("\n")
 
 
 def _c(name: str) -> str:
@@ -358,6 +128,52 @@ def generate_wire(spec: Spec) -> str:
     return "\n".join(w.lines) + "\n"
 
 
+# Enums the bootloader needs, in firmware/bootwire.py, under their bare value names.
+BOOT_ENUMS = ("boot_cause", "ota_state", "ota_reason")
+
+
+def generate_bootwire(spec: Spec) -> str:
+    """firmware/bootwire.py: what the bootloader needs of the spec (its version, the manifest
+    limit, boot causes, OTA states and reasons). It is installed with the bootloader, which
+    cannot import proto.py or wire.py: those live in the image it checks. Values go by their
+    bare names (IDLE, BAD_HASH), the names bootstate and the board modules export: every new
+    name is a string interned on the node's heap for good."""
+    w = Lines()
+    w("# Torpor wire facts for the bootloader (MicroPython firmware).")
+    w(f"# Generated from {SPEC_REL} by `torpor proto gen`: generated, do not edit.")
+    w("# Installed with the bootloader (not in an image): the same values as in proto.py.")
+    w("from micropython import const")
+    w()
+    w("# [bootloader] version: an image's manifest names the lowest it needs (min_bootloader)")
+    w(f"BOOTLOADER_VERSION = const({spec.bootloader_version})")
+    w("# largest signed manifest an image may carry (OTA_MANIFEST's manifest field)")
+    w(f"MAX_MANIFEST = const({spec.max_manifest})")
+    seen: dict[str, str] = {}
+    for name in BOOT_ENUMS:
+        w()
+        w(f"# enum {name}")
+        for k, v in spec.enum(name).values:
+            if k in seen:
+                raise SpecError(f"enums.{name}.values: '{k}' is also a value of {seen[k]} "
+                                "(bootwire.py names them alike)")
+            seen[k] = name
+            w(f"{_c(k)} = const({v})")
+    return "\n".join(w.lines) + "\n"
+
+
+def generate_boot_cause(spec: Spec) -> str:
+    """boards/_boot_cause.py: the boot_cause enum under the names of the Board API, for the
+    board modules (installed with them, importable wherever a board module is)."""
+    w = Lines()
+    w("# Torpor boot causes for the board modules (MicroPython): the protocol's boot_cause enum.")
+    w(f"# Generated from {SPEC_REL} by `torpor proto gen`: generated, do not edit.")
+    w("from micropython import const")
+    w()
+    for k, v in spec.enum("boot_cause").values:
+        w(f"{_c(k)} = const({v})")
+    return "\n".join(w.lines) + "\n"
+
+
 def generate(spec: Spec) -> str:
     w = Lines()
     w("# Torpor wire protocol codec for MicroPython (the firmware).")
@@ -399,7 +215,7 @@ def generate(spec: Spec) -> str:
             w(f"{fr.name}_{_c(f.name)} = const({i})")
     w()
     w()
-    w(PREAMBLE.replace("_pos = [0]", "_pos = [0, 0]").rstrip("\n"))
+    w(runtime_body())
     for fr in spec.frames:
         _gen_encode(w, spec, fr)
         _gen_decode(w, spec, fr)
@@ -417,9 +233,63 @@ def generate(spec: Spec) -> str:
     w('raise _err("frame", len(buf), "truncated header")', 2)
     w("fn = _DECODERS.get(buf[1])", 1)
     w("if fn is None:", 1)
-    w('raise _err("frame", 1, "unknown frame type %d" % buf[1])', 2)
+    w('raise _err("frame", 1, "unknown frame type %d" % buf[1], ERROR_CODE_UNKNOWN_FRAME)', 2)
     w("return buf[1], fn(buf)", 1)
+    _gen_in_place(w, spec)
     return "\n".join(w.lines) + "\n"
+
+
+
+
+def _gen_in_place(w: Lines, spec: Spec) -> None:
+    """Frames of [in_place]: offsets of their fields and a check of the plain shape, so the
+    node reads them from its receive buffer without the tuple and lists of decode_*.
+    Few names: each module-level name is an entry in the module's dict on the node's heap."""
+    if not spec.in_place:
+        return
+    w()
+    w()
+    w("# Frames read in place (the spec's [in_place]). When end = in_place(p) is not 0, p is a")
+    w("# plain frame of type p[1]: required field X at <FRAME>_AT_X, optional field Y at")
+    w("# opt_at(p, end, <FRAME>_TAG_Y). Any other frame goes to decode(), which accepts or refuses it.")
+    for name in spec.in_place:
+        lay = spec.in_place_layout(spec.frame(name))
+        for fname, off in lay.at:
+            w(f"{name}_AT_{_c(fname)} = const({off})")
+        for fname, tag, _size in lay.optional:
+            w(f"{name}_TAG_{_c(fname)} = const({tag})")
+    w()
+    w()
+    w("def in_place(p):")
+    w("# 0, or where the optional fields of plain frame p start (see above)", 1)
+    w("n = len(p)", 1)
+    w("if n < HEADER_SIZE or n > MAX_FRAME or p[0] >> 4 != MAJOR:", 1)
+    w("return 0", 2)
+    w("t = p[1]", 1)
+    for k, name in enumerate(spec.in_place):
+        lay = spec.in_place_layout(spec.frame(name))
+        w(f"{'if' if k == 0 else 'elif'} t == {name}:", 1)
+        w(f"end = {lay.end}", 2)
+        pairs = "".join(f"\\x{tag:02x}\\x{size:02x}" for _f, tag, size in lay.optional)
+        w(f'opt = b"{pairs}"  # (tag, size) of each optional field', 2)
+        cond = "n < end" + "".join(f" or p[{off}]" for _f, off in lay.empty)
+        w(f"if {cond}:{'  # ' + ', '.join(f for f, _o in lay.empty) + ': empty' if lay.empty else ''}", 2)
+        w("return 0", 3)
+    w("else:", 1)
+    w("return 0", 2)
+    w("off = end", 1)
+    w("j = 0", 1)
+    w("while off < n:", 1)
+    w("if off + 2 > n:", 2)
+    w("return 0", 3)
+    w("tag = p[off]", 2)
+    w("while j < len(opt) and opt[j] != tag:", 2)
+    w("j += 2", 3)
+    w("if j == len(opt) or p[off + 1] != opt[j + 1] or off + 2 + opt[j + 1] > n:", 2)
+    w("return 0", 3)
+    w("j += 2", 2)
+    w("off += 2 + p[off + 1]", 2)
+    w("return end", 1)
 
 
 def _value_size_expr(spec: Spec, f: Field) -> str:

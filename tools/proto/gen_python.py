@@ -7,271 +7,23 @@ with no Python-level loop per reading.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tools.proto.emit import Lines, fixed_groups
 from tools.proto.spec import HEADER_SIZE, INT_RANGES, SCALARS, SPEC_REL, Field, Frame, Spec
 
-PREAMBLE = '''\
-from __future__ import annotations
-
-import struct
-from dataclasses import dataclass
-from enum import IntEnum
-from itertools import accumulate
-from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar
-
-Buffer = bytes | bytearray | memoryview
-_E = TypeVar("_E", bound=IntEnum)
+RUNTIME = Path(__file__).with_name("runtime_python.py")
+_IMPORTS = "# ---- imports (copied) ----\n"
+_STAND_INS = "# ---- stand-ins for the generated module (not copied) ----\n"
+_BODY = "# ---- runtime (copied) ----\n"
 
 
-class ProtocolError(ValueError):
-    """A frame could not be decoded or encoded; names the frame and the byte offset."""
-
-    def __init__(self, frame: str, offset: int, reason: str) -> None:
-        super().__init__(f"{frame} at byte {offset}: {reason}")
-        self.frame = frame
-        self.offset = offset
-        self.reason = reason
-
-
-_HDR = struct.Struct("<BBI")
-# A one-byte zigzag varint (below 0x80) -> its signed value as a two's complement byte:
-# memoryview.cast("b") then gives the differences without a Python call per reading.
-_ZZ_BYTE = bytes(((b >> 1) ^ -(b & 1)) & 0xFF for b in range(128)) + bytes(128)
-
-
-def _header(buf: Buffer, n: int, ftype: int, name: str) -> tuple[int, int]:
-    if n < HEADER_SIZE:
-        raise ProtocolError(name, n, "truncated header")
-    if n > MAX_FRAME:
-        raise ProtocolError(name, MAX_FRAME, f"frame of {n} bytes exceeds the maximum {MAX_FRAME}")
-    ver, got, msg_id = _HDR.unpack_from(buf, 0)
-    if ver >> 4 != MAJOR:
-        raise ProtocolError(
-            name, 0, f"unsupported protocol version {ver >> 4}.{ver & 15} (this side speaks {MAJOR}.x)"
-        )
-    if got != ftype:
-        raise ProtocolError(name, 1, f"frame type {got} is not {name} ({ftype})")
-    return ver & 15, msg_id
-
-
-def _uvarint(buf: Buffer, off: int, n: int, name: str) -> tuple[int, int]:
-    result = 0
-    shift = 0
-    while True:
-        if off >= n:
-            raise ProtocolError(name, off, "truncated varint")
-        b = buf[off]
-        off += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            if b == 0 and shift:
-                raise ProtocolError(name, off - 1, "overlong varint")
-            break
-        shift += 7
-        if shift >= 35:
-            raise ProtocolError(name, off, "varint longer than 5 bytes")
-    if result > 0xFFFFFFFF:
-        raise ProtocolError(name, off, "varint exceeds 32 bits")
-    return result, off
-
-
-def _put_uvarint(out: bytearray, v: int) -> None:
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-
-
-def _zigzag_varints(out: bytearray, deltas: list[int]) -> None:
-    zz = [(d << 1) ^ (d >> 63) for d in deltas]
-    if not zz or max(zz) < 0x80:
-        out += bytes(zz)
-        return
-    for v in zz:
-        _put_uvarint(out, v)
-
-
-def _length(buf: Buffer, off: int, n: int, name: str, field: str, limit: int) -> tuple[int, int]:
-    ln, off = _uvarint(buf, off, n, name)
-    if ln > limit:
-        raise ProtocolError(name, off, f"{field}: length {ln} exceeds the maximum {limit}")
-    return ln, off
-
-
-def _need(off: int, size: int, n: int, name: str, field: str) -> None:
-    if off + size > n:
-        raise ProtocolError(name, n, f"{field}: truncated (needs {size} bytes at {off})")
-
-
-def _text(buf: Buffer, off: int, ln: int, name: str, field: str) -> str:
-    try:
-        return bytes(buf[off:off + ln]).decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError(name, off, f"{field}: not UTF-8") from None
-
-
-def _put_text(out: bytearray, value: str, name: str, field: str, limit: int) -> None:
-    raw = value.encode("utf-8")
-    if len(raw) > limit:
-        raise ProtocolError(name, len(out), f"{field}: {len(raw)} bytes exceeds the maximum {limit}")
-    _put_uvarint(out, len(raw))
-    out += raw
-
-
-def _put_bytes(out: bytearray, value: Buffer, name: str, field: str, limit: int) -> None:
-    if len(value) > limit:
-        raise ProtocolError(name, len(out), f"{field}: {len(value)} bytes exceeds the maximum {limit}")
-    _put_uvarint(out, len(value))
-    out += value
-
-
-def _enum(cls: type[_E], value: int, name: str, off: int, field: str) -> _E:
-    try:
-        return cls(value)
-    except ValueError:
-        raise ProtocolError(name, off, f"{field}: {value} is not a {cls.__name__}") from None
-
-
-def _bool(value: int, name: str, off: int, field: str) -> bool:
-    if value > 1:
-        raise ProtocolError(name, off, f"{field}: {value} is not a bool (0 or 1)")
-    return value == 1
-
-
-def _fixed_tlv(s: struct.Struct, buf: Buffer, off: int, ln: int, name: str, field: str) -> int:
-    if ln != s.size:
-        raise ProtocolError(name, off, f"{field}: length {ln}, expected {s.size}")
-    return s.unpack_from(buf, off)[0]  # type: ignore[no-any-return]
-
-
-def _pack_error(name: str, out: bytearray, checks: tuple[tuple[str, str, object], ...]) -> ProtocolError:
-    for field, ftype, value in checks:
-        lo, hi = _RANGES.get(ftype, (None, None))
-        if lo is not None and hi is not None:
-            if not isinstance(value, int) or not lo <= value <= hi:
-                return ProtocolError(name, len(out), f"{field}: {value!r} does not fit {ftype}")
-        elif ftype == "f32":
-            try:
-                struct.pack("<f", value)
-            except (struct.error, OverflowError, TypeError):
-                return ProtocolError(name, len(out), f"{field}: {value!r} does not fit f32")
-    return ProtocolError(name, len(out), "a value does not fit its field")
-
-
-@dataclass(frozen=True, slots=True)
-class Series:
-    """Readings of one schema: timestamps (unix s) and one column per measurement."""
-
-    timestamps: tuple[int, ...]
-    columns: tuple[tuple[int, ...], ...]
-
-    def __len__(self) -> int:
-        return len(self.timestamps)
-
-    def rows(self) -> list[tuple[int, ...]]:
-        return list(zip(self.timestamps, *self.columns, strict=True))
-
-
-def _decode_series(
-    buf: Buffer, off: int, n: int, name: str, schema: int, interval: int, limit: int, minor: int
-) -> tuple[Series, int]:
-    info = _SCHEMAS.get(schema)
-    if info is None:
-        raise ProtocolError(name, off, f"unknown sensor schema {schema}")
-    first, ranges = info
-    ncols = len(ranges)
-    _need(off, 5 + first.size, n, name, "readings")
-    count = buf[off]
-    if count == 0 or count > limit:
-        raise ProtocolError(name, off, f"readings: count {count} outside 1..{limit}")
-    (t0,) = _U32.unpack_from(buf, off + 1)
-    row0 = first.unpack_from(buf, off + 5)
-    off += 5 + first.size
-    m = count - 1
-    nstreams = ncols + (1 if interval == 0 else 0)
-    rest = n - off
-    streams: list[Iterable[int]] = []
-    fast = False
-    if rest == m * nstreams or (minor > MINOR and rest > m * nstreams):
-        # Every difference fits one varint byte: no Python loop per reading.
-        block = bytes(buf[off:off + m * nstreams])
-        if block.isascii():  # every byte below 0x80
-            diffs = memoryview(block.translate(_ZZ_BYTE)).cast("b")
-            streams = [diffs[i * m:(i + 1) * m] for i in range(nstreams)]
-            off += m * nstreams
-            fast = True
-    if not fast:
-        for _ in range(nstreams):
-            col = []
-            for _ in range(m):
-                v, off = _uvarint(buf, off, n, name)
-                col.append((v >> 1) ^ -(v & 1))
-            streams.append(col)
-    columns = []
-    for i, (lo, hi) in enumerate(ranges):
-        col_t = tuple(accumulate(streams[i], initial=row0[i]))
-        # one-byte steps move at most 64 per reading: skip the range scan when that is safe
-        if not (fast and lo + 64 * m <= row0[i] <= hi - 64 * m):
-            if min(col_t) < lo or max(col_t) > hi:
-                raise ProtocolError(name, off, f"readings: column {i} leaves its type's range")
-        columns.append(col_t)
-    if interval:
-        timestamps = tuple(range(t0, t0 + count * interval, interval))
-        bad = timestamps[-1] > 0xFFFFFFFF
-    else:
-        timestamps = tuple(accumulate(streams[ncols], initial=t0))
-        bad = min(timestamps) < 0 or max(timestamps) > 0xFFFFFFFF
-    if bad:
-        raise ProtocolError(name, off, "readings: timestamp leaves u32")
-    return Series(timestamps, tuple(columns)), off
-
-
-def _encode_series(
-    out: bytearray, name: str, schema: int, interval: int, series: Series, limit: int
-) -> None:
-    info = _SCHEMAS.get(schema)
-    if info is None:
-        raise ProtocolError(name, len(out), f"unknown sensor schema {schema}")
-    first, ranges = info
-    count = len(series.timestamps)
-    if not 1 <= count <= limit:
-        raise ProtocolError(name, len(out), f"readings: count {count} outside 1..{limit}")
-    if len(series.columns) != len(ranges) or any(len(c) != count for c in series.columns):
-        raise ProtocolError(name, len(out), "readings: columns do not match the schema")
-    ts = series.timestamps
-    if interval:
-        if ts[-1] - ts[0] != (count - 1) * interval or any(
-            b - a != interval for a, b in zip(ts, ts[1:])
-        ):
-            raise ProtocolError(name, len(out), "readings: timestamps are not `interval` apart")
-    for i, (lo, hi) in enumerate(ranges):
-        col = series.columns[i]
-        if min(col) < lo or max(col) > hi:
-            raise ProtocolError(name, len(out), f"readings: column {i} leaves its type's range")
-    if min(ts) < 0 or max(ts) > 0xFFFFFFFF:
-        raise ProtocolError(name, len(out), "readings: timestamp leaves u32")
-    out.append(count)
-    out += _U32.pack(ts[0])
-    out += first.pack(*(c[0] for c in series.columns))
-    for col in series.columns:
-        _zigzag_varints(out, [b - a for a, b in zip(col, col[1:])])
-    if not interval:
-        _zigzag_varints(out, [b - a for a, b in zip(ts, ts[1:])])
-
-
-def _tlv_head(buf: Buffer, off: int, n: int, name: str) -> tuple[int, int, int]:
-    tag = buf[off]
-    ln, voff = _uvarint(buf, off + 1, n, name)
-    if voff + ln > n:
-        raise ProtocolError(name, off, f"field tag {tag}: truncated (length {ln})")
-    return tag, voff, ln
-
-
-def _put_tlv(out: bytearray, tag: int, value: bytes) -> None:
-    out.append(tag)
-    _put_uvarint(out, len(value))
-    out += value
-'''
+def runtime_parts() -> tuple[str, str]:
+    """(imports, runtime body) of runtime_python.py, as copied into gateway/proto.py."""
+    text = RUNTIME.read_text(encoding="utf-8")
+    imports = text.split(_IMPORTS, 1)[1].split(_STAND_INS, 1)[0]
+    body = text.split(_BODY, 1)[1]
+    return imports.strip("\n"), body.strip("\n")
 
 
 def pascal(name: str) -> str:
@@ -321,22 +73,32 @@ def generate(spec: Spec) -> str:
     w('"""')
     w()
     w("# ruff: noqa")
-    w(PREAMBLE.rstrip("\n").split("\n\n\nclass ProtocolError")[0])
+    imports, body = runtime_parts()
+    w(imports)
+    w("from collections.abc import Callable, Sequence")
+    w("from typing import Any, ClassVar")
     w()
     w(f"MAJOR = {spec.major}")
     w(f"MINOR = {spec.minor}")
     w(f"VERSION_BYTE = 0x{spec.version_byte:02X}")
     w(f"HEADER_SIZE = {HEADER_SIZE}")
     w(f"MAX_FRAME = {spec.max_frame}")
+    w("# largest encoding of any frame the spec defines (each frame class's MAX_SIZE)")
+    w(f"LARGEST_FRAME = {spec.largest_frame}")
+    w("# message ids are the header's u32: 0..MSG_ID_MAX")
+    w(f"MSG_ID_MAX = 0x{spec.msg_id_max:X}")
+    w("# [bootloader] version: an image's manifest names the lowest it needs (min_bootloader)")
+    w(f"BOOTLOADER_VERSION = {spec.bootloader_version}")
+    w("# largest signed manifest an image may carry (OTA_MANIFEST's manifest field)")
+    w(f"MAX_MANIFEST = {spec.max_manifest}")
     w("_U32 = struct.Struct('<I')")
     w("_RANGES: dict[str, tuple[int, int]] = {")
     for t, (lo, hi) in INT_RANGES.items():
         w(f"    {t!r}: ({lo}, {hi}),")
     w("}")
     w()
-    rest = "class ProtocolError" + PREAMBLE.split("\n\n\nclass ProtocolError", 1)[1]
     w()
-    w(rest.rstrip("\n"))
+    w(body)
     w()
 
     # enums
@@ -429,6 +191,12 @@ def generate(spec: Spec) -> str:
         w()
 
     w()
+    w("# largest length of each bounded field (bytes for bytes/str, items for arrays and series)")
+    for fr in spec.frames:
+        for f in fr.fields:
+            if f.max is not None:
+                w(f"{fr.name}_{f.name.upper()}_MAX = {f.max}")
+    w()
     w("Frame = " + " | ".join(fr.camel for fr in spec.frames))
     for fr in spec.frames:
         w(f"{fr.name} = {fr.id}")
@@ -457,7 +225,7 @@ def generate(spec: Spec) -> str:
     w('raise ProtocolError("frame", len(buf), "truncated header")', 2)
     w("fn = _DECODERS.get(buf[1])", 1)
     w("if fn is None:", 1)
-    w('raise ProtocolError("frame", 1, f"unknown frame type {buf[1]}")', 2)
+    w('raise ProtocolError("frame", 1, f"unknown frame type {buf[1]}", ErrorCode.UNKNOWN_FRAME)', 2)
     w("return fn(buf)", 1)
     w()
     w()

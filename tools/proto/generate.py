@@ -11,6 +11,8 @@ from tools.proto.spec import ROOT, Spec, load
 TARGETS: dict[str, Callable[[Spec], str]] = {
     "firmware/proto.py": gen_micropython.generate,
     "firmware/wire.py": gen_micropython.generate_wire,
+    "firmware/bootwire.py": gen_micropython.generate_bootwire,
+    "boards/_boot_cause.py": gen_micropython.generate_boot_cause,
     "firmware/op_args.py": gen_micropython.generate_op_args,
     "gateway/proto.py": gen_python.generate,
     "docs/protocol.md": gen_docs.generate,

@@ -181,6 +181,21 @@ class Command:
 
 
 @dataclass(frozen=True, slots=True)
+class InPlace:
+    """A frame read in place when plain: its fixed required fields at fixed offsets, its
+    arrays empty (a one-byte count of 0), then only its optional fields, each at its size."""
+
+    at: tuple[tuple[str, int], ...]  # (field, offset) of each fixed required field
+    empty: tuple[tuple[str, int], ...]  # (field, offset) of each array's count byte, 0 when plain
+    end: int  # where the optional fields start
+    optional: tuple[tuple[str, int, int], ...]  # (field, tag, size)
+
+
+# error_code values a decoder raises with, by the kind of failure
+ERROR_CODES = ("malformed", "unknown_frame", "unsupported_version", "too_large")
+
+
+@dataclass(frozen=True, slots=True)
 class Spec:
     major: int
     minor: int
@@ -191,10 +206,44 @@ class Spec:
     records: tuple[Record, ...]
     frames: tuple[Frame, ...]
     commands: tuple[Command, ...]
+    bootloader_version: int
+    in_place: tuple[str, ...]
 
     @property
     def version_byte(self) -> int:
         return self.major << 4 | self.minor
+
+    @property
+    def msg_id_max(self) -> int:
+        """Largest message id: the header's u32."""
+        return INT_RANGES["u32"][1]
+
+    @property
+    def max_manifest(self) -> int:
+        """Largest signed manifest an image may carry: OTA_MANIFEST's manifest field."""
+        f = next(f for f in self.frame("OTA_MANIFEST").fields if f.name == "manifest")
+        assert f.max is not None
+        return f.max
+
+    @property
+    def largest_frame(self) -> int:
+        """Largest encoding of any frame the spec defines (at most max_frame)."""
+        return max(self.max_frame_size(fr) for fr in self.frames)
+
+    def in_place_layout(self, frame: Frame) -> InPlace:
+        """Where a frame named in [in_place] keeps its fields when it has its plain shape."""
+        at: list[tuple[str, int]] = []
+        empty: list[tuple[str, int]] = []
+        off = HEADER_SIZE
+        for f in frame.required:
+            if f.fixed:
+                at.append((f.name, off))
+                off += SCALARS[f.type][1]
+            else:
+                empty.append((f.name, off))
+                off += 1
+        opt = tuple((f.name, f.tag, SCALARS[f.type][1]) for f in frame.optional)
+        return InPlace(tuple(at), tuple(empty), off, opt)
 
     def enum(self, name: str) -> Enum:
         return next(e for e in self.enums if e.name == name)
@@ -392,6 +441,29 @@ def _commands(raw: dict[str, Any], enums: dict[str, Enum],
     return tuple(out)
 
 
+def _in_place(raw: dict[str, Any], frames: list[Frame]) -> tuple[str, ...]:
+    """[in_place] frames: downlink frames the node reads from its receive buffer without
+    decoding them, when they have their plain shape (see InPlace)."""
+    table = raw.get("in_place", {})
+    if not isinstance(table, dict) or set(table) - {"frames"}:
+        raise SpecError("in_place: a table with only the key 'frames'")
+    names = table.get("frames", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SpecError("in_place.frames: a list of frame names")
+    by_name = {f.name: f for f in frames}
+    for n in names:
+        fr = by_name.get(n)
+        if fr is None:
+            raise SpecError(f"in_place.frames: unknown frame {n!r}")
+        if fr.direction == "up":
+            raise SpecError(f"in_place.frames: {n} is not read by the node")
+        if any(not f.fixed and f.type != "array" for f in fr.required):
+            raise SpecError(f"in_place.frames: {n} has a required field neither fixed nor an array")
+        if any(not f.fixed for f in fr.optional):
+            raise SpecError(f"in_place.frames: {n} has an optional field that is not fixed-size")
+    return tuple(names)
+
+
 def load(path: Path = SPEC_PATH) -> Spec:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -468,8 +540,21 @@ def load(path: Path = SPEC_PATH) -> Spec:
     if len(set(ids)) != len(ids):
         raise SpecError("frames: duplicate frame id")
     commands = _commands(raw, enums, frames)
+    missing = [c for c in ERROR_CODES if c not in dict(enums.get("error_code", Enum("", ())).values)]
+    if missing:
+        raise SpecError(f"enums.error_code: decoders need the value(s) {', '.join(missing)}")
+    if "boot_cause" not in enums:
+        raise SpecError("enums.boot_cause: missing (the Board API's boot causes)")
+    boot = _req(raw, "bootloader", "spec", dict)
+    bootloader_version = _req(boot, "version", "bootloader", int)
+    if not 1 <= bootloader_version <= 0xFFFF:
+        raise SpecError("bootloader.version: must be 1..65535")
+    in_place = _in_place(raw, frames)
+    if not any(f.name == "OTA_MANIFEST" and any(g.name == "manifest" and g.type == "bytes"
+                                                for g in f.fields) for f in frames):
+        raise SpecError("frames: needs OTA_MANIFEST with a bytes field 'manifest' (MAX_MANIFEST)")
     spec = Spec(major, minor, max_frame, tuple(classes), tuple(schemas), tuple(enums.values()),
-                tuple(records.values()), tuple(frames), commands)
+                tuple(records.values()), tuple(frames), commands, bootloader_version, in_place)
     for fr in spec.frames:
         if spec.max_frame_size(fr) > max_frame:
             raise SpecError(f"frames.{fr.name}: can exceed protocol.max_frame "

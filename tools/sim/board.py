@@ -38,6 +38,8 @@ import tty
 from pathlib import Path
 from typing import Any
 
+from gateway.proto import BootCause
+from tools.sim.field import FieldModel, add_field_args, fields_from_args
 from tools.sim.node import BOARDS_DIR, BoardModel, micropython_binary
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,12 @@ HELD_LIMIT = 4096
 # Output kept for a reader that is not there, like a USB CDC buffer; older bytes are dropped.
 OUT_LIMIT = 256 * 1024
 
-POWER_ON, TIMER, WATCHDOG, CRASH, SOFT_RESET, EXTERNAL_RESET = range(6)
+# Boot causes: the protocol's boot_cause enum (the sim board module exports the same).
+POWER_ON = int(BootCause.POWER_ON)
+TIMER = int(BootCause.TIMER)
+CRASH = int(BootCause.CRASH)
+SOFT_RESET = int(BootCause.SOFT_RESET)
+WATCHDOG = int(BootCause.WATCHDOG)
 EXIT_DEEP_SLEEP = 75
 EXIT_RESET = 76
 EXIT_SOFT_RESET = 77
@@ -306,6 +313,7 @@ class VirtualBoard:
         time_scale: float = 1.0,
         heap: str = "512K",
         block_count: int = 512,
+        field: FieldModel | None = None,
     ) -> None:
         if node_dir is None:
             self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
@@ -333,6 +341,17 @@ class VirtualBoard:
             self.seed = 1 if seed is None else seed
             model = BoardModel(seed=self.seed, block_count=block_count)
             cfg_path.write_text(json.dumps(model.to_json()))
+        self.field = field
+        self._rtc_offset_ms: int | None = None  # node RTC minus true time (profile boards)
+        if field is not None:
+            cfg = json.loads(cfg_path.read_text())
+            cfg.update(field.sim_json(self.seed))
+            cfg_path.write_text(json.dumps(cfg))
+            if field.profile.heap_for_unix_port():
+                # The agent and REPL plumbing are the sim's own; the 512K default covers them.
+                self.heap = str(field.profile.heap_for_unix_port() + 64 * 1024)
+        self._wdt_deadline: float | None = None
+        self._wdt_ms = 0
         self.nonce = secrets.token_hex(8).encode()
         self._master = -1
         self._slave = -1
@@ -439,11 +458,16 @@ class VirtualBoard:
                     pass
 
     def _write_state(self, cause: int) -> None:
-        state = {
+        state: dict[str, Any] = {
             "vt_ms": int(time.time() * 1000) + self._vt_offset_ms,
             "cause": cause,
             "runs": self.boots,
         }
+        cold = self.field.profile.cold_boot_ms if self.field is not None else None
+        if cold is not None:
+            if cause == POWER_ON or self._rtc_offset_ms is None:
+                self._rtc_offset_ms = cold - state["vt_ms"]  # the RTC starts cold
+            state["rtc_ms"] = state["vt_ms"] + self._rtc_offset_ms
         tmp = self.dir / "simfiles" / "state.json.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.dir / "simfiles" / "state.json")
@@ -451,6 +475,8 @@ class VirtualBoard:
     def _boot(self, cause: int, *, run_main: bool, soft: bool) -> None:
         """Start a fresh child (RAM lost); run boot.py and, in friendly mode, main.py."""
         self._kill_child()
+        self._wdt_deadline = None
+        self._wdt_ms = 0
         if cause in (POWER_ON,):
             for name in ("rtc.bin", "clock.json"):
                 (self.dir / "simfiles" / name).unlink(missing_ok=True)
@@ -591,6 +617,12 @@ class VirtualBoard:
         verb, _, arg = line.partition(" ")
         if verb == "sleep":
             self._sleep_ms = max(int(arg or 0), 0)
+            self._wdt_deadline = None  # deep sleep stops the chip's watchdog
+        elif verb == "wdt":
+            self._wdt_ms = max(int(arg or 0), 1)
+            self._wdt_deadline = time.monotonic() + self._wdt_ms / 1000.0
+        elif verb == "feed" and self._wdt_ms:
+            self._wdt_deadline = time.monotonic() + self._wdt_ms / 1000.0
 
     def _token(self, kind: bytes) -> None:
         if kind == b"R":
@@ -638,6 +670,10 @@ class VirtualBoard:
             self.sleeps += 1
             delay = self._sleep_ms / 1000.0 / self.time_scale if self.time_scale > 0 else 0.0
             self._vt_offset_ms += self._sleep_ms - int(delay * 1000)
+            if self._rtc_offset_ms is not None and self.field is not None:
+                # The RTC counted the sleep at its own rate: fast or slow by the drift.
+                drift = self.field.drift_ppm(self.seed)
+                self._rtc_offset_ms += int(self._sleep_ms * drift / 1e6)
             self._wake_cause, self._sleep_until = TIMER, time.monotonic() + delay
             return
         # A Ctrl-C that came too late to interrupt the program keeps main.py from running
@@ -818,6 +854,8 @@ class VirtualBoard:
                 timeout = 0.2 if self._out else 1.0
                 if self._sleep_until is not None:
                     timeout = min(timeout, max(self._sleep_until - time.monotonic(), 0.0))
+                if self._wdt_deadline is not None:
+                    timeout = min(timeout, max(self._wdt_deadline - time.monotonic(), 0.0))
                 for key, _ in sel.select(timeout):
                     if key.data == "pty":
                         try:
@@ -851,6 +889,12 @@ class VirtualBoard:
                             os.read(self._wake_r, 64)
                         except BlockingIOError:
                             pass
+                if self._wdt_deadline is not None and time.monotonic() >= self._wdt_deadline:
+                    # Not fed in time: the chip resets, as after a hard reset but with
+                    # cause WATCHDOG; RAM is lost, RTC memory and flash are kept.
+                    log.info("virtual board: watchdog reset")
+                    self.mode = FRIENDLY
+                    self._boot(WATCHDOG, run_main=True, soft=False)
                 if self._sleep_until is not None and time.monotonic() >= self._sleep_until:
                     self._sleep_until = None
                     self.mode = FRIENDLY
@@ -881,17 +925,21 @@ def register(actions: Any) -> None:
     )
     p.add_argument("--heap", default="512K", help="MicroPython heap size (default 512K)")
     p.add_argument("--link", default=None, help="also make this symlink to the pty (e.g. ./board.tty)")
+    add_field_args(p)
     p.set_defaults(func=_board_cmd)
 
 
 def _board_cmd(args: Any) -> int:
     from tools.cli import CliError
     from tools.sim.node import SimError
+    from tools.sim.profiles import ProfileError
 
     try:
-        board = VirtualBoard(args.dir, seed=args.seed, time_scale=args.time_scale, heap=args.heap)
+        field = fields_from_args(args, int(time.time() * 1000))[0]
+        board = VirtualBoard(args.dir, seed=args.seed, time_scale=args.time_scale, heap=args.heap,
+                             field=field)
         board.start()
-    except (SimError, VirtualBoardError) as exc:
+    except (SimError, VirtualBoardError, ProfileError) as exc:
         raise CliError(str(exc)) from exc
     link = Path(args.link) if args.link else None
     if link is not None:

@@ -82,6 +82,9 @@ def _register_node(actions: Any) -> None:
     prov.add_argument("--sample-interval", type=int, default=60,
                       help="seconds between wakes (default 60)")
     node.add_argument("--json", action="store_true", help="print the summary as JSON")
+    from tools.sim.field import add_field_args
+
+    add_field_args(node)
     node.set_defaults(func=_node)
 
 
@@ -137,9 +140,13 @@ def _provision(args: argparse.Namespace, node: Any) -> str:
 
 
 def _node(args: argparse.Namespace) -> int:
+    import time
+
     from tools.cli import CliError
     from tools.progress import ProgressLine
+    from tools.sim.field import fields_from_args
     from tools.sim.node import FIRMWARE_DIR, RunRecord, SimError, SimNode, problem_text
+    from tools.sim.profiles import ProfileError
 
     if not args.entry.endswith(".py"):
         mod = FIRMWARE_DIR / (args.entry.replace(".", "/"))
@@ -148,12 +155,14 @@ def _node(args: argparse.Namespace) -> int:
                 f"no firmware module {args.entry!r} in firmware/; pass --entry with a module or script"
             )
     try:
+        start = args.start_ms if args.start_ms is not None else int(time.time() * 1000)
         node = SimNode(
             args.dir,
             seed=args.seed,
             time_scale=args.time_scale,
             entry=args.entry,
             start_ms=args.start_ms,
+            field=fields_from_args(args, start)[0],
         )
         if args.gateway_config or args.gateway:
             _provision(args, node)
@@ -165,6 +174,8 @@ def _node(args: argparse.Namespace) -> int:
             )
         if args.cycles == 0:
             return 0
+        log_path = node.dir / "node.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
         first = node.runs_done
         with ProgressLine("wakes", args.cycles) as bar:
             failed = 0
@@ -179,9 +190,10 @@ def _node(args: argparse.Namespace) -> int:
 
             summary = node.run_sync(args.cycles, power_cuts=args.power_cuts,
                                     wall_limit_s=args.wall_limit, on_run=on_run)
-    except SimError as exc:
+    except (SimError, ProfileError) as exc:
         raise CliError(str(exc)) from exc
     data = summary.as_dict()
+    data.update(_energy(log_path, offset))
     if args.json:
         print(json.dumps(data))
     else:
@@ -195,3 +207,20 @@ def _node(args: argparse.Namespace) -> int:
             print(f"  {count:4}x  {text}", file=sys.stderr)
         return 1
     return 0
+
+
+def _energy(log_path: Any, offset: int) -> dict[str, Any]:
+    # This run's energy ledgers (L lines of the node log) added up, by phase.
+    from tools.sim.field import parse_ledger
+
+    phases: dict[str, float] = {}
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        for raw in f.read().decode("utf-8", "replace").splitlines():
+            book = parse_ledger(raw)
+            for ph, (_ms, uah) in (book or {}).items():
+                phases[ph] = phases.get(ph, 0.0) + uah
+    return {
+        "energy_uah": round(sum(phases.values()), 3),
+        "energy_phases_uah": {k: round(v, 3) for k, v in phases.items()},
+    }

@@ -33,6 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from tools.progress import ProgressLine
+from tools.sim.field import (
+    FieldModel,
+    add_field_args,
+    fields_from_args,
+    parse_ledger,
+    with_outage_share,
+)
 from tools.sim.node import (
     BOARDS_DIR,
     RunSummary,
@@ -109,6 +116,7 @@ class FleetConfig:
     seed: int = 1
     max_concurrent: int = 0  # wakes running at once; 0: 8 per CPU
     start_ms: int | None = None  # virtual clock of the first node (default: now)
+    fields: tuple[FieldModel, ...] = ()  # board profiles, dealt round the nodes (default ideal)
 
     def node_ids(self) -> list[str]:
         width = max(3, len(str(self.nodes)))
@@ -153,6 +161,7 @@ class NodeState:
     log_offset: int = 0
     # Error lines and failed-send warnings of its wakes (level and time stripped): counts.
     problems: Counter[str] = field(default_factory=Counter)
+    energy: dict[str, list[float]] = field(default_factory=dict)  # phase -> [ms, uAh] (L lines)
 
     @property
     def acked(self) -> int:
@@ -207,6 +216,9 @@ class FleetSummary:
     kinds: dict[str, int]
     # The most frequent error lines of the nodes' logs, with counts: why a run failed.
     problems: tuple[tuple[str, int], ...] = ()
+    # The nodes' energy ledgers added up: phase -> {"ms": ..., "uah": ...}, and the total.
+    energy_phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    energy_uah: float = 0.0
 
     @property
     def bytes_per_reading(self) -> float | None:
@@ -315,6 +327,7 @@ class Fleet:
                 # The virtual clocks keep the stagger, so node i starts i/N periods later.
                 start_ms=start + int(stagger * cfg.time_scale * 1000),
                 awake_limit_s=max(30.0, cfg.awake_budget_ms / 1000 * 4),
+                field=cfg.fields[i % len(cfg.fields)] if cfg.fields else None,
             )
             self.states.append(NodeState(device_id, node, self.rng.randint(lo, hi), stagger))
         # Power cuts land on random nodes; each waits for a wake long enough to be cut.
@@ -414,6 +427,11 @@ class Fleet:
                 st.send_failures += 1
             elif raw.startswith("E "):
                 st.error_lines += 1
+            elif (book := parse_ledger(raw)) is not None:
+                for ph, (ms, uah) in book.items():
+                    e = st.energy.setdefault(ph, [0.0, 0.0])
+                    e[0] += ms
+                    e[1] += uah
 
     async def _wake(self, st: NodeState) -> RunSummary:
         assert self._sem is not None
@@ -557,7 +575,20 @@ class Fleet:
             duplicates_in_store=dups,
             kinds=dict(kinds),
             problems=tuple(problems.most_common(TOP_PROBLEMS)),
+            **_energy(s),
         )
+
+
+def _energy(states: list[NodeState]) -> dict[str, Any]:
+    phases: dict[str, dict[str, float]] = {}
+    for st in states:
+        for ph, (ms, uah) in st.energy.items():
+            e = phases.setdefault(ph, {"ms": 0.0, "uah": 0.0})
+            e["ms"] += ms
+            e["uah"] += uah
+    for e in phases.values():
+        e["uah"] = round(e["uah"], 3)
+    return {"energy_phases": phases, "energy_uah": round(sum(e["uah"] for e in phases.values()), 3)}
 
 
 # ---- provisioning of sim nodes (the fleet's, and `torpor sim node`'s) -------------------
@@ -690,6 +721,7 @@ def register(actions: Any) -> None:
     p.add_argument("--max-concurrent", type=int, default=0,
                    help="wakes running at once (default 8 per CPU)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_field_args(p, several=True)
     p.set_defaults(func=_fleet)
 
 
@@ -752,7 +784,19 @@ def fleet_config_from_args(args: argparse.Namespace) -> FleetConfig:
         duration_s=args.duration, power_cuts=args.power_cuts,
         sample_interval_s=args.sample_interval, send_every=_parse_send_every(args.send_every),
         prefix=args.prefix, seed=args.seed, max_concurrent=args.max_concurrent,
+        fields=tuple(_fields(args)),
     )
+
+
+def _fields(args: argparse.Namespace) -> list[FieldModel]:
+    from tools.sim.profiles import ProfileError
+
+    try:
+        # Outage windows count from the fleet's start (its virtual clock starts now).
+        fields = fields_from_args(args, int(time.time() * 1000))
+        return with_outage_share(fields, args.nodes, args.outage_share)
+    except (ProfileError, ValueError) as exc:
+        raise FleetError(str(exc)) from exc
 
 
 def format_summary(s: FleetSummary) -> list[str]:
@@ -783,6 +827,9 @@ def format_summary(s: FleetSummary) -> list[str]:
         f"simulator {num(s.self_cpu_ms_per_wake, ' ms')}",
         f"wall time             {s.wall_s:g} s",
     ]
+    if s.energy_phases:
+        split = ", ".join(f"{k} {v['uah']:g}" for k, v in s.energy_phases.items())
+        lines.append(f"energy (ledgers)      {s.energy_uah:g} uAh: {split}")
     return lines
 
 

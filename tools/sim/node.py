@@ -31,7 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.proto import BootCause
 from tools import venvbin
+from tools.sim.field import (
+    FieldModel,
+    book_lost_wake,
+    cold_rtc_ms,
+    compile_firmware,
+    next_clocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +48,10 @@ FIRMWARE_DIR = ROOT / "firmware"
 BOARDS_DIR = ROOT / "boards"
 
 # Boot causes (the protocol's boot_cause enum, as exported by every board module).
-POWER_ON, TIMER, WATCHDOG, CRASH, SOFT_RESET, EXTERNAL_RESET, BROWNOUT = range(7)
-CAUSE_NAMES = ("POWER_ON", "TIMER", "WATCHDOG", "CRASH", "SOFT_RESET", "EXTERNAL_RESET", "BROWNOUT")
+POWER_ON, TIMER, WATCHDOG, CRASH, SOFT_RESET, EXTERNAL_RESET, BROWNOUT = (
+    int(c) for c in (BootCause.POWER_ON, BootCause.TIMER, BootCause.WATCHDOG, BootCause.CRASH,
+                     BootCause.SOFT_RESET, BootCause.EXTERNAL_RESET, BootCause.BROWNOUT))
+CAUSE_NAMES = {int(c): c.name for c in BootCause}
 
 EXIT_DEEP_SLEEP = 75
 EXIT_SOFT_RESET = 76
@@ -241,6 +251,7 @@ class SimNode:
         start_ms: int | None = None,
         awake_limit_s: float = 120.0,
         env: dict[str, str] | None = None,
+        field: FieldModel | None = None,
     ) -> None:
         if time_scale < 0:
             raise SimError("time scale must be >= 0")
@@ -252,7 +263,10 @@ class SimNode:
         self.env = env or {}
         self.binary = micropython_binary()
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.field = field
+        self._clock_rng = random.Random((seed or 1) * 7 + 3)
         self.model = self._load_model(seed, model)
+        self._apply_field()
         self._state = self._load_state(start_ms)
 
     # ---- node directory ----
@@ -296,9 +310,28 @@ class SimNode:
         path = self.dir / "state.json"
         if path.exists():
             state = json.loads(path.read_text())
-            return {k: int(state[k]) for k in ("vt_ms", "cause", "runs")}
+            out = {k: int(state[k]) for k in ("vt_ms", "cause", "runs")}
+            if state.get("rtc_ms") is not None:
+                out["rtc_ms"] = int(state["rtc_ms"])
+            elif (rtc := cold_rtc_ms(self._sim_cfg, out["vt_ms"])) is not None:
+                out["rtc_ms"] = rtc  # a profile given to an old node dir: its RTC starts cold
+            return out
         vt = start_ms if start_ms is not None else int(time.time() * 1000)
-        return {"vt_ms": vt, "cause": POWER_ON, "runs": 0}
+        fresh = {"vt_ms": vt, "cause": POWER_ON, "runs": 0}
+        rtc = cold_rtc_ms(self._sim_cfg, vt)
+        if rtc is not None:
+            fresh["rtc_ms"] = rtc  # a new node powers on with the profile's cold clock
+        return fresh
+
+    def _apply_field(self) -> None:
+        # The field model lives in sim.json (boards/sim.py reads it); a node dir takes the
+        # profile it is run with, so one dir can be replayed under several profiles.
+        cfg_path = self.dir / "sim.json"
+        cfg = json.loads(cfg_path.read_text())
+        if self.field is not None:
+            cfg.update(self.field.sim_json(self.model.seed))
+            self._write_json("sim.json", cfg)
+        self._sim_cfg: dict[str, Any] = cfg
 
     def _write_json(self, name: str, obj: dict[str, Any]) -> None:
         tmp = self.dir / (name + ".tmp")
@@ -316,13 +349,19 @@ class SimNode:
         return self._state["runs"]
 
     def _argv(self) -> list[str]:
+        argv = [self.binary]
+        if self.field is not None and self.field.profile.heap_for_unix_port():
+            argv += ["-X", f"heapsize={self.field.profile.heap_for_unix_port()}"]
         if self.entry.endswith(".py"):
-            return [self.binary, str(Path(self.entry).resolve())]
-        return [self.binary, "-m", self.entry]
+            return [*argv, str(Path(self.entry).resolve())]
+        return [*argv, "-m", self.entry]
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         path = [".frozen", str(self.dir / "lib"), *self.extra_path, str(FIRMWARE_DIR), str(BOARDS_DIR)]
+        if self.field is not None and self.field.real:
+            # Under a real board's profile the firmware runs compiled, as on the chip.
+            path.insert(path.index(str(FIRMWARE_DIR)), str(compile_firmware(FIRMWARE_DIR, self.dir / "mpy")))
         env["MICROPYPATH"] = ":".join(path)
         env["TORPOR_SIM_DIR"] = str(self.dir)
         env.update(self.env)
@@ -354,6 +393,9 @@ class SimNode:
         RTC memory and the clock correction lost (flash keeps everything)."""
         self._power_lost()
         self._state["cause"] = POWER_ON
+        rtc = cold_rtc_ms(self._sim_cfg, self._state["vt_ms"])
+        if rtc is not None:
+            self._state["rtc_ms"] = rtc
         self._write_json("state.json", self._state)
 
     def _power_lost(self) -> None:
@@ -505,17 +547,21 @@ class SimNode:
         sleep_ms = run.sleep_ms if kind == "sleep" and run.sleep_ms else 0
         if NEXT_CAUSE.get(kind) == POWER_ON:
             self._power_lost()
+        if kind != "sleep":
+            book_lost_wake(self.dir, self._sim_cfg, kind, awake_ms, logf)
         logf.write(f"--- run {index} ended: {kind} rc={rc} awake={awake_ms}ms sleep={sleep_ms}ms\n")
         logf.flush()
         record = RunRecord(
             index=index, cause=cause, kind=kind, returncode=rc, awake_ms=awake_ms,
             sleep_ms=sleep_ms, problems=tuple(run.problems), sent=run.sent,
         )
-        self._state = {
-            "vt_ms": vt0 + awake_ms + sleep_ms,
-            "cause": NEXT_CAUSE.get(kind, CRASH),
-            "runs": index + 1,
-        }
+        vt, rtc = next_clocks(
+            self._sim_cfg, self._state, awake_ms=awake_ms, skip_ms=int(run.extra.get("skip_ms", 0)),
+            sleep_ms=sleep_ms, power_lost=NEXT_CAUSE.get(kind) == POWER_ON, rng=self._clock_rng,
+        )
+        self._state = {"vt_ms": vt, "cause": NEXT_CAUSE.get(kind, CRASH), "runs": index + 1}
+        if rtc is not None:
+            self._state["rtc_ms"] = rtc
         self._write_json("state.json", self._state)
         return record, stopped
 
@@ -533,6 +579,8 @@ class SimNode:
                 run.wdt_fed_at = now
             elif verb == "reset":
                 run.reset_seen = True
+            elif verb == "skip":
+                run.extra["skip_ms"] = max(int(arg or 0), 0)
             return
         run.lines += 1
         if text.strip():

@@ -1,0 +1,288 @@
+# The node's device credentials as two slots, rotated like an A/B firmware update: the
+# confirmed pair, and a new pair made on the node that is used on trial and kept only after
+# a session with it succeeds. docs/credentials.md has the state table and the power-cut
+# argument; this module is that table.
+#
+# Layout (under `root`, "certs" on a board): generation 0 is the provisioned pair at the
+# paths config.json names (certs/cert.der, certs/key.der); generation g >= 1 lives in
+# certs/k<g>/. One record, certs/creds.json, says which generation is confirmed and which
+# is new; it is replaced atomically (write creds.tmp, rename over creds.json), and every file
+# it names is complete before the record names it. A slot the record does not name is
+# deleted when the record is loaded, so a cut between two steps leaves only debris that the
+# next boot clears, never a record that names a missing file.
+import json
+import os
+from binascii import hexlify
+from hashlib import sha256
+
+import csr
+from micropython import const
+
+# States of the record ("st").
+ST_IDLE = const(0)  # only the confirmed pair
+ST_KEYED = const(1)  # a new key is on flash; its CSR goes up each wake until a certificate comes
+ST_TRIAL = const(2)  # the new pair has its certificate; the next connects use it, on trial
+
+# Outcomes kept for the app to report (until it calls reported()). They become values of a
+# protocol enum when the uplink frame for rotations is added to the spec.
+NO_OUTCOME = const(0)
+ROTATED = const(1)  # a session with the new pair succeeded: it is now the confirmed one
+REFUSED = const(2)  # the broker refused the new pair (TLS alert or CONNACK 4/5): dropped
+NO_SESSION = const(3)  # MAX_TRIES trial connects ended with no session (cuts, resets, network)
+MISMATCH = const(4)  # the delivered certificate does not carry the new key: refused
+ABORTED = const(5)  # the gateway cancelled the rotation
+REPROVISIONED = const(6)  # certs/cert.der was replaced by provisioning: its pair wins
+
+# Trial connects started (counted before each one) before an unconfirmed pair is dropped.
+MAX_TRIES = const(3)
+
+RECORD = "creds.json"
+_TMP = "creds.tmp"
+
+
+class CredsError(ValueError):
+    def __init__(self, code, why):
+        super().__init__(why)
+        self.code = code
+
+
+def _exists(path):
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write(path, data):
+    # littlefs commits a file on close: after a cut it is absent or whole, never partial.
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _digest(path):
+    try:
+        return hexlify(sha256(_read(path)).digest()[:8]).decode()
+    except OSError:
+        return ""
+
+
+class Credentials:
+    def __init__(self, root="certs", cert0=None, key0=None):
+        self.root = root.rstrip("/")
+        self.cert0 = cert0 or self.root + "/cert.der"
+        self.key0 = key0 or self.root + "/key.der"
+        self.rec = self._fresh()
+        self.load()
+
+    # ---- paths ----------------------------------------------------------------------
+
+    def _dir(self, gen):
+        return "%s/k%d" % (self.root, gen)
+
+    def cert_path(self, gen):
+        return self.cert0 if gen == 0 else self._dir(gen) + "/cert.der"
+
+    def key_path(self, gen):
+        return self.key0 if gen == 0 else self._dir(gen) + "/key.der"
+
+    # ---- the record -----------------------------------------------------------------
+
+    def _fresh(self, outcome=NO_OUTCOME):
+        # p0: a digest of the provisioned certificate, to notice a re-provisioning.
+        return {"cur": 0, "new": 0, "st": ST_IDLE, "tries": 0, "out": outcome, "p0": _digest(self.cert0), "seq": 0}
+
+    def _save(self, rec):
+        rec["seq"] += 1
+        tmp = self.root + "/" + _TMP
+        _write(tmp, json.dumps(rec).encode())
+        # littlefs renames atomically: the old record or the new one, never a mix.
+        os.rename(tmp, self.root + "/" + RECORD)
+        self.rec = rec
+
+    def load(self):
+        """Read the record (a fresh one if none or unreadable), clear debris; the record."""
+        _remove(self.root + "/" + _TMP)
+        rec = None
+        try:
+            rec = json.loads(_read(self.root + "/" + RECORD))
+            for k in ("cur", "new", "st", "tries", "out", "p0", "seq"):
+                rec[k]  # noqa: B018  (a missing key makes the record unreadable)
+        except (OSError, ValueError, KeyError, TypeError):
+            rec = None
+        if rec is None:
+            rec = self._fresh()
+            # Atomic renames make this unreachable short of flash corruption. Without a
+            # record, the provisioned pair if it is there, else the newest complete pair.
+            if not _exists(self.cert0):
+                rec["cur"] = self._newest_complete()
+        elif rec["cur"] and _exists(self.cert0) and _digest(self.cert0) != rec["p0"]:
+            # Provisioning wrote a new pair over a rotated node: the operator's pair wins.
+            rec = self._fresh(REPROVISIONED)
+            self._save(rec)
+        self.rec = rec
+        self._sweep()
+        return rec
+
+    def _sweep(self):
+        # Delete every slot the record does not name (the end of a step cut short).
+        keep = (self.rec["cur"], self.rec["new"] if self.rec["st"] != ST_IDLE else -1)
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return
+        for name in names:
+            if name[:1] == "k" and name[1:].isdigit() and int(name[1:]) not in keep:
+                self._drop(int(name[1:]))
+        if 0 not in keep:
+            _remove(self.cert0)
+            _remove(self.key0)
+
+    def _newest_complete(self):
+        best = 0
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return 0
+        for name in names:
+            if name[:1] == "k" and name[1:].isdigit():
+                g = int(name[1:])
+                if g > best and _exists(self.cert_path(g)) and _exists(self.key_path(g)):
+                    best = g
+        return best
+
+    def _drop(self, gen):
+        if gen == 0:
+            return  # the provisioned pair goes only once another pair is confirmed
+        d = self._dir(gen)
+        _remove(d + "/cert.der")
+        _remove(d + "/key.der")
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+    # ---- what the app asks ----------------------------------------------------------
+
+    @property
+    def state(self):
+        return self.rec["st"]
+
+    def outcome(self):
+        """The last rotation's outcome (NO_OUTCOME once reported)."""
+        return self.rec["out"]
+
+    def reported(self):
+        if self.rec["out"] != NO_OUTCOME:
+            rec = dict(self.rec)
+            rec["out"] = NO_OUTCOME
+            self._save(rec)
+
+    def confirmed(self):
+        """(cert path, key path) of the confirmed pair."""
+        g = self.rec["cur"]
+        return self.cert_path(g), self.key_path(g)
+
+    def new_key_der(self):
+        """The new key's DER (state ST_KEYED or ST_TRIAL): the app rebuilds the CSR from it."""
+        if self.rec["st"] == ST_IDLE:
+            raise CredsError(NO_OUTCOME, "no rotation in progress")
+        return _read(self.key_path(self.rec["new"]))
+
+    def for_connect(self):
+        """(cert path, key path, on_trial) for this connect. On trial the attempt is
+        counted first, so a trial pair that kills the node is dropped after MAX_TRIES."""
+        rec = self.rec
+        if rec["st"] != ST_TRIAL:
+            return self.confirmed() + (False,)
+        if rec["tries"] >= MAX_TRIES:
+            self._fall_back(NO_SESSION)
+            return self.confirmed() + (False,)
+        rec = dict(rec)
+        rec["tries"] += 1
+        self._save(rec)
+        g = rec["new"]
+        return self.cert_path(g), self.key_path(g), True
+
+    # ---- steps of a rotation ---------------------------------------------------------
+
+    def begin(self, key_der):
+        """Store a new key (csr.private_key_der) and enter ST_KEYED. A rotation already in
+        progress is replaced: its key is dropped, never reused."""
+        csr.private_key_from_der(key_der)  # refuse anything but a P-256 key in our layout
+        rec = dict(self.rec)
+        if rec["st"] != ST_IDLE:
+            rec["st"] = ST_IDLE
+            self._save(rec)
+            self._drop(rec["new"])
+        g = rec["cur"] + 1
+        self._drop(g)  # debris of an earlier failed rotation
+        try:
+            os.mkdir(self._dir(g))
+        except OSError:
+            pass
+        _write(self.key_path(g), key_der)
+        rec = dict(self.rec)
+        rec.update(new=g, st=ST_KEYED, tries=0)
+        self._save(rec)
+
+    def install(self, cert_der):
+        """Take the certificate issued for the new key and enter ST_TRIAL. A certificate that
+        does not carry the new key's public key is refused (MISMATCH) and changes nothing."""
+        rec = self.rec
+        if rec["st"] == ST_IDLE:
+            raise CredsError(NO_OUTCOME, "no rotation in progress")
+        key = _read(self.key_path(rec["new"]))
+        pub = key[-65:]  # private_key_der ends with the uncompressed public point
+        if csr.spki(pub) not in cert_der or cert_der[:1] != b"\x30":
+            raise CredsError(MISMATCH, "certificate is not for the new key")
+        _write(self.cert_path(rec["new"]), cert_der)
+        rec = dict(rec)
+        rec.update(st=ST_TRIAL, tries=0)
+        self._save(rec)
+
+    def session_ok(self):
+        """A session with the trial pair succeeded (CONNACK 0): it becomes the confirmed
+        pair and the old one is deleted. Call before anything else in the session."""
+        rec = self.rec
+        if rec["st"] != ST_TRIAL:
+            return
+        old = rec["cur"]
+        rec = dict(rec)
+        rec.update(cur=rec["new"], new=0, st=ST_IDLE, tries=0, out=ROTATED)
+        self._save(rec)
+        if old == 0:
+            _remove(self.cert0)
+            _remove(self.key0)
+        else:
+            self._drop(old)
+
+    def session_refused(self):
+        """The broker refused the trial pair (TLS handshake or CONNACK 4/5): drop it and
+        connect again with the confirmed pair. A network failure is not a refusal: the
+        trial stays, bounded by MAX_TRIES."""
+        if self.rec["st"] == ST_TRIAL:
+            self._fall_back(REFUSED)
+
+    def abort(self):
+        if self.rec["st"] != ST_IDLE:
+            self._fall_back(ABORTED)
+
+    def _fall_back(self, outcome):
+        new = self.rec["new"]
+        rec = dict(self.rec)
+        rec.update(new=0, st=ST_IDLE, tries=0, out=outcome)
+        self._save(rec)
+        self._drop(new)

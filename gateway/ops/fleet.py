@@ -1,0 +1,219 @@
+"""What the operator sees of the fleet and of one device."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import deadletter, downlink, proto, readings, registry
+from gateway import queue as q
+
+SPARK_POINTS = 24  # battery readings behind a fleet row's sparkline
+MAX_CHART_POINTS = 600  # a chart's series are averaged down to this many points
+GRACE_S = 30.0  # a node later than this past its expected wake is overdue
+
+
+class NotFound(LookupError):
+    """No such device (the message names it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetRow:
+    id: str
+    device_class: str
+    status: str
+    status_reason: str
+    last_seen: float | None
+    next_listen_at: float | None
+    overdue_wakes: int
+    battery_mv: int | None
+    battery: tuple[tuple[int, int], ...]  # (time, mV), oldest first
+    queued: int
+    fw_version: int | None
+    ota_state: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {name: getattr(self, name) for name in self.__slots__}
+        d["battery"] = [list(p) for p in self.battery]
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPage:
+    rows: tuple[FleetRow, ...]
+    total: int  # devices matching the filter
+    offset: int
+    limit: int
+    counts: dict[str, int]  # every device by status
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"devices": [r.as_dict() for r in self.rows], "total": self.total,
+                "offset": self.offset, "limit": self.limit, "counts": self.counts}
+
+
+def _battery_index(schema: int) -> int | None:
+    info = proto.SCHEMAS.get(schema)
+    if info is None:
+        return None
+    for i, m in enumerate(info[1]):
+        if m.name == "battery":
+            return i
+    return None
+
+
+def _battery_points(rows: list[tuple[int, ...]]) -> tuple[tuple[int, int], ...]:
+    """(time, mV) of readings (msg_id, ts, schema, v...) that carry a battery value."""
+    out = []
+    for r in rows:
+        i = _battery_index(int(r[2]))
+        if i is not None and 3 + i < len(r):
+            out.append((int(r[1]), int(r[3 + i])))
+    out.sort()
+    return tuple(out)
+
+
+def next_listen(dev: registry.Device, wakes: downlink.WakeStats | None) -> float | None:
+    if wakes is not None and wakes.listen_window is not None:
+        return wakes.listen_window[0]
+    return dev.next_wake_at
+
+
+def _row(conn: sqlite3.Connection, dev: registry.Device, now: float) -> FleetRow:
+    wakes = downlink.wake_stats(conn, dev.id)
+    at = next_listen(dev, wakes)
+    overdue = downlink.missed_wakes(at, wakes.interval_s if wakes else dev.next_wake_s, now,
+                                    GRACE_S)
+    return FleetRow(
+        id=dev.id, device_class=dev.device_class, status=dev.status,
+        status_reason=dev.status_reason, last_seen=dev.last_seen, next_listen_at=at,
+        overdue_wakes=overdue, battery_mv=dev.battery_mv,
+        battery=_battery_points(readings.fetch(conn, dev.id, SPARK_POINTS)),
+        queued=len(q.pending(conn, dev.id)), fw_version=dev.fw_version, ota_state=dev.ota_state,
+    )
+
+
+def fleet(conn: sqlite3.Connection, *, status: str | None = None, text: str = "",
+          offset: int = 0, limit: int = 50, now: float | None = None) -> FleetPage:
+    """One page of the fleet, filtered by status and text (see registry.page)."""
+    now = time.time() if now is None else now
+    devices, total = registry.page(conn, status=status, text=text, offset=offset, limit=limit)
+    return FleetPage(tuple(_row(conn, d, now) for d in devices), total, offset, limit,
+                     registry.counts(conn))
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    device: registry.Device
+    row: FleetRow
+    wakes: downlink.WakeStats | None
+    readings_stored: int
+    pending: tuple[q.Item, ...]
+    history: tuple[q.Item, ...]
+    config: tuple[q.ConfigState, ...]
+    dead_letters: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device.as_dict(), "summary": self.row.as_dict(),
+            "wakes": self.wakes.as_dict() if self.wakes else None,
+            "readings_stored": self.readings_stored,
+            "pending": [i.as_dict() for i in self.pending],
+            "history": [i.as_dict() for i in self.history],
+            "config": [{n: getattr(c, n) for n in c.__slots__} for c in self.config],
+            "dead_letters": self.dead_letters,
+        }
+
+
+def device(conn: sqlite3.Connection, device_id: str, *, now: float | None = None,
+           history: int = 20) -> DeviceView:
+    now = time.time() if now is None else now
+    dev = registry.find(conn, device_id)
+    if dev is None:
+        raise NotFound(f"no device {device_id!r}")
+    return DeviceView(
+        device=dev, row=_row(conn, dev, now), wakes=downlink.wake_stats(conn, device_id),
+        readings_stored=readings.stats(conn, device_id)[2],
+        pending=tuple(q.pending(conn, device_id)),
+        history=tuple(q.history(conn, device_id, history)),
+        config=tuple(q.config_state(conn, device_id)),
+        dead_letters=deadletter.count(conn, device_id),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """One measurement over a time range, averaged down to at most MAX_CHART_POINTS."""
+
+    name: str
+    unit: str
+    points: tuple[tuple[float, float], ...]  # (time, value in unit)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingsView:
+    device: str
+    since: float
+    until: float
+    count: int  # readings in the range (before averaging)
+    series: tuple[Series, ...]
+    latest_at: float | None  # the device's newest reading, in or out of the range
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "since": self.since, "until": self.until,
+                "count": self.count, "latest_at": self.latest_at,
+                "series": [{"name": s.name, "unit": s.unit, "points": [list(p) for p in s.points]}
+                           for s in self.series]}
+
+
+def _downsample(ts: Sequence[float], vs: Sequence[float], scale: float,
+                n: int) -> tuple[tuple[float, float], ...]:
+    """(time, value * scale) points, averaged in `n` buckets of consecutive readings when
+    there are more than `n`."""
+    if len(ts) <= n:
+        return tuple((float(t), v * scale) for t, v in zip(ts, vs, strict=True))
+    out = []
+    step = len(ts) / n
+    for b in range(n):
+        lo, hi = int(b * step), max(int((b + 1) * step), int(b * step) + 1)
+        k = hi - lo
+        out.append((sum(ts[lo:hi]) / k, sum(vs[lo:hi]) / k * scale))
+    return tuple(out)
+
+
+def device_readings(conn: sqlite3.Connection, device_id: str, since: float, until: float,
+                    *, points: int = MAX_CHART_POINTS) -> ReadingsView:
+    """The device's readings in [since, until], one series per measurement, in the spec's
+    units (raw values times the measurement's scale)."""
+    if registry.find(conn, device_id) is None:
+        raise NotFound(f"no device {device_id!r}")
+    by_schema = readings.columns_between(conn, device_id, since, until)
+    # name -> (unit, scale, times, raw values)
+    by_name: dict[str, tuple[str, float, list[int], list[float]]] = {}
+    count = 0
+    for schema, cols in by_schema.items():
+        info = proto.SCHEMAS.get(schema)
+        if info is None:
+            continue
+        count += len(cols[0])
+        for i, m in enumerate(info[1]):
+            if 1 + i < len(cols):
+                unit, scale, ts, vs = by_name.setdefault(m.name, (m.unit, m.scale, [], []))
+                ts.extend(cols[0])
+                if m.scale == scale:
+                    vs.extend(cols[1 + i])
+                else:  # the same measurement at another scale in another schema
+                    vs.extend(v * m.scale / scale for v in cols[1 + i])
+    if len(by_schema) > 1:  # several schemas: put each measurement back in time order
+        for name, (unit, scale, ts, vs) in list(by_name.items()):
+            pairs = sorted(zip(ts, vs, strict=True))
+            by_name[name] = (unit, scale, [p[0] for p in pairs], [p[1] for p in pairs])
+    latest = readings.fetch(conn, device_id, 1)
+    return ReadingsView(
+        device=device_id, since=since, until=until, count=count,
+        series=tuple(Series(name, unit, _downsample(ts, vs, scale, points))
+                     for name, (unit, scale, ts, vs) in by_name.items()),
+        latest_at=float(latest[0][1]) if latest else None,
+    )

@@ -1,0 +1,91 @@
+"""The OpenAPI description of /api/v1, served at /api/v1/openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import registry
+
+_ERROR = {"description": "bad request: `field` names the input at fault",
+          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_DEVICE = {"name": "device", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _ok(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
+
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "Torpor gateway API", "version": "1",
+             "description": "The data the gateway's web page shows, and the operator's actions. "
+                            "Authenticate with `Authorization: Bearer <token>` or a login session "
+                            "(then send X-CSRF-Token on changes)."},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                            "session": {"type": "apiKey", "in": "cookie", "name": "torpor_session"}},
+        "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {
+            "error": {"type": "string"}, "field": {"type": "string", "nullable": True}}}},
+    },
+    "security": [{"bearer": []}, {"session": []}],
+    "paths": {
+        "/api/v1/devices": {"get": {
+            "summary": "Devices, one page, filtered", "parameters": [
+                {"name": "status", "in": "query", "schema": {"type": "string",
+                                                             "enum": list(registry.STATUSES)}},
+                {"name": "q", "in": "query", "schema": {"type": "string"},
+                 "description": "substring of the id or status reason, or a firmware version"},
+                {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                            "maximum": 1000}}],
+            "responses": {"200": _ok("devices, total matching, counts by status"), "400": _ERROR}}},
+        "/api/v1/devices/{device}": {"get": {
+            "summary": "One device: state, wakes, pending downlink, results, configuration",
+            "parameters": [_DEVICE], "responses": {"200": _ok("the device"), "404": _ERROR}}},
+        "/api/v1/devices/{device}/readings": {"get": {
+            "summary": "Readings over a time range, one series per measurement",
+            "parameters": [_DEVICE,
+                           {"name": "since", "in": "query", "schema": {"type": "number"},
+                            "description": "unix seconds (default: until - 1 day)"},
+                           {"name": "until", "in": "query", "schema": {"type": "number"},
+                            "description": "unix seconds (default: now)"},
+                           {"name": "points", "in": "query", "schema": {"type": "integer"},
+                            "description": "series are averaged down to this many points"}],
+            "responses": {"200": _ok("series"), "400": _ERROR, "404": _ERROR}}},
+        "/api/v1/devices/{device}/commands": {"post": {
+            "summary": "Queue a command (checked as `torpor device command` checks it)",
+            "parameters": [_DEVICE],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["op"], "properties": {
+                    "op": {"type": "string"}, "args": {"type": "array", "items": {"type": "integer"}},
+                    "priority": {"type": "integer"}, "ttl_s": {"type": "integer",
+                                                               "nullable": True}}}}}},
+            "responses": {"201": _ok("the queued item's id"), "400": _ERROR, "409": _ERROR}}},
+        "/api/v1/devices/{device}/config": {"post": {
+            "summary": "Set desired configuration (delivered as one SHADOW_DELTA at the next wake)",
+            "parameters": [_DEVICE],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["values"], "properties": {
+                    "values": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "priority": {"type": "integer"}}}}}},
+            "responses": {"201": _ok("the new configuration version"), "400": _ERROR}}},
+        "/api/v1/devices/{device}/commands/{command_id}": {"delete": {
+            "summary": "Cancel a queued or sent item",
+            "parameters": [_DEVICE, {"name": "command_id", "in": "path", "required": True,
+                                     "schema": {"type": "integer"}}],
+            "responses": {"200": _ok("the item"), "409": _ERROR}}},
+        "/api/v1/devices/{device}/release": {"post": {
+            "summary": "Release a quarantined device", "parameters": [_DEVICE],
+            "responses": {"200": _ok("the device"), "400": _ERROR}}},
+        "/api/v1/deadletters": {"get": {
+            "summary": "Dead letters, newest first, and refused-frame counts",
+            "parameters": [{"name": "device", "in": "query", "schema": {"type": "string"}},
+                           {"name": "limit", "in": "query", "schema": {"type": "integer"}}],
+            "responses": {"200": _ok("letters")}}},
+        "/api/v1/health": {"get": {"summary": "Gateway, outbox and upstream health",
+                                   "responses": {"200": _ok("health")}}},
+        "/api/v1/events": {"get": {
+            "summary": "Server-sent events: `fleet` when devices, readings or queues change",
+            "responses": {"200": {"description": "text/event-stream"}}}},
+    },
+}

@@ -1,0 +1,264 @@
+"""HTML for the operator's pages: plain server-rendered markup, inline style, no script or
+font from anywhere else, so the page works with no internet access."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterable
+from html import escape
+from urllib.parse import quote, urlencode
+
+from gateway import queue as q
+from gateway import registry
+from gateway.ops import fleet as ofleet
+from gateway.ops import health as ohealth
+from gateway.web import svg
+
+RANGES = {"1h": 3600, "6h": 6 * 3600, "1d": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
+
+_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#f6f7f9}
+header{background:#234;color:#fff;padding:8px 16px;display:flex;gap:16px;align-items:center}
+header a{color:#fff;text-decoration:none}header .sp{flex:1}
+main{padding:12px 16px}table{border-collapse:collapse;background:#fff;width:100%}
+th,td{border-bottom:1px solid #e3e5e8;padding:4px 8px;text-align:left;vertical-align:middle}
+th{background:#eef0f3}.st-active{color:#186}.st-quarantined{color:#b50}.st-revoked,
+.st-decommissioned{color:#888}.late{color:#c22}.msg{padding:6px 10px;background:#ffd;
+border:1px solid #dd8;margin-bottom:8px}.err{background:#fdd;border-color:#d88}
+section{margin-bottom:18px}form.inline{display:inline}dl{display:grid;
+grid-template-columns:max-content auto;gap:2px 12px}dt{color:#555}
+.pager a{margin:0 4px}
+"""
+
+
+def when(t: float | None, now: float | None = None) -> str:
+    if t is None:
+        return "never"
+    now = time.time() if now is None else now
+    d = t - now
+    text = dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    span = abs(d)
+    rel = (f"{span:.0f}s" if span < 120 else f"{span / 60:.0f} min" if span < 7200
+           else f"{span / 3600:.1f} h" if span < 172800 else f"{span / 86400:.1f} d")
+    return f"{text} ({'in ' + rel if d > 0 else rel + ' ago'})"
+
+
+def layout(title: str, body: str, *, csrf: str, logged_in: bool, msg: str = "",
+           error: bool = False, script: str = "") -> str:
+    logout = (f'<form class="inline" method="post" action="/logout">'
+              f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
+              f'<button>Log out</button></form>') if logged_in else ""
+    note = f'<div class="msg{" err" if error else ""}" role="status">{escape(msg)}</div>' if msg else ""
+    js = f"<script>{script}</script>" if script else ""
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f'<meta name="csrf-token" content="{escape(csrf)}">'
+            f"<title>{escape(title)} · Torpor</title><style>{_STYLE}</style></head><body>"
+            f'<header><strong>Torpor</strong><a href="/">Fleet</a><a href="/deadletters">'
+            f'Dead letters</a><a href="/health">Health</a><span class="sp"></span>{logout}'
+            f"</header><main>{note}<h1>{escape(title)}</h1>{body}</main>{js}</body></html>")
+
+
+# The fleet page asks the API's event stream for changes and reloads its table rows.
+FLEET_SCRIPT = """
+(function(){if(!window.EventSource)return;var es=new EventSource('/api/v1/events');
+es.addEventListener('fleet',function(){var u=new URL(location.href);u.searchParams.set('rows','1');
+fetch(u,{credentials:'same-origin'}).then(function(r){return r.ok?r.text():null}).then(function(t){
+if(t!==null){document.getElementById('fleet-rows').innerHTML=t;}});});})();
+"""
+
+
+def fleet_rows(page: ofleet.FleetPage, now: float) -> str:
+    out = []
+    for r in page.rows:
+        listen = when(r.next_listen_at, now)
+        if r.overdue_wakes:
+            listen = f'<span class="late">{escape(listen)}, {r.overdue_wakes} missed</span>'
+        else:
+            listen = escape(listen)
+        batt = "" if r.battery_mv is None else f"{r.battery_mv} mV "
+        spark = svg.sparkline([(float(t), float(v)) for t, v in r.battery],
+                              label=f"battery of {r.id}")
+        out.append(
+            f'<tr data-device="{escape(r.id)}"><td><a href="/devices/{quote(r.id)}">{escape(r.id)}'
+            f'</a></td><td class="st-{escape(r.status)}" title="{escape(r.status_reason)}">'
+            f"{escape(r.status)}</td><td>{escape(when(r.last_seen, now))}</td><td>{listen}</td>"
+            f"<td>{batt}{spark}</td><td>{r.queued}</td>"
+            f"<td>{'' if r.fw_version is None else r.fw_version}</td>"
+            f"<td>{escape(r.ota_state or '')}</td></tr>")
+    if not out:
+        out.append('<tr><td colspan="8">no device matches</td></tr>')
+    return "".join(out)
+
+
+def fleet(page: ofleet.FleetPage, *, status: str | None, text: str, now: float) -> str:
+    opts = "".join(
+        f'<option value="{s}"{" selected" if s == status else ""}>{s} '
+        f"({page.counts.get(s, 0)})</option>" for s in registry.STATUSES)
+    filters = (f'<form method="get" action="/" class="filters"><label>Status <select name="status">'
+               f'<option value="">any ({sum(page.counts.values())})</option>{opts}</select></label> '
+               f'<label>Search <input name="q" value="{escape(text)}" placeholder="device id">'
+               f"</label> <button>Filter</button></form>")
+    pages = []
+    base = {k: v for k, v in (("status", status or ""), ("q", text)) if v}
+    if page.offset > 0:
+        prev = max(0, page.offset - page.limit)
+        pages.append(f'<a rel="prev" href="/?{urlencode({**base, "offset": prev})}">previous</a>')
+    last = min(page.offset + page.limit, page.total)
+    pages.append(f"{page.offset + 1 if page.total else 0}–{last} of {page.total}")
+    if last < page.total:
+        pages.append(f'<a rel="next" href="/?{urlencode({**base, "offset": last})}">next</a>')
+    pager = f'<p class="pager">{" ".join(pages)}</p>'
+    table = ('<table id="fleet"><thead><tr><th>Device</th><th>Status</th><th>Last seen</th>'
+             "<th>Next listening</th><th>Battery</th><th>Queued</th><th>Firmware</th>"
+             f'<th>OTA</th></tr></thead><tbody id="fleet-rows">{fleet_rows(page, now)}'
+             "</tbody></table>")
+    return filters + pager + table + pager
+
+
+def _items(items: Iterable[q.Item], device: str, csrf: str, cancel: bool, now: float) -> str:
+    rows = []
+    for it in items:
+        act = ""
+        if cancel:
+            act = (f'<form class="inline" method="post" action="/devices/{quote(device)}/commands/'
+                   f'{it.command_id}/cancel"><input type="hidden" name="csrf" value="{escape(csrf)}">'
+                   f"<button>Cancel</button></form>")
+        result = escape(" ".join(str(x) for x in (it.result_status, it.result_code,
+                                                  it.result_detail) if x not in (None, "")))
+        rows.append(f'<tr data-command-id="{it.command_id}"><td>{it.command_id}</td>'
+                    f"<td>{escape(it.what)}</td><td>{escape(it.status)}</td><td>{it.priority}</td>"
+                    f"<td>{escape(when(it.created_at, now))}</td><td>{it.attempts}</td>"
+                    f"<td>{result}</td><td>{act}</td></tr>")
+    if not rows:
+        return "<p>none</p>"
+    return ("<table><thead><tr><th>Id</th><th>What</th><th>Status</th><th>Priority</th>"
+            "<th>Queued</th><th>Tries</th><th>Result</th><th></th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>")
+
+
+def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: str,
+           now: float) -> str:
+    d = view.device
+    r = view.row
+    listen = when(r.next_listen_at, now)
+    lands = ("at its first HELLO" if r.next_listen_at is None
+             else f"when it next listens: {listen}")
+    if r.overdue_wakes:
+        lands += f" (overdue: {r.overdue_wakes} missed wakes)"
+    facts = [
+        ("Status", f'<span class="st-{escape(d.status)}">{escape(d.status)}</span> '
+                   f"{escape(d.status_reason)}"),
+        ("Class", escape(d.device_class)), ("Last seen", escape(when(d.last_seen, now))),
+        ("Next listening", escape(listen)), ("Battery", f"{d.battery_mv} mV" if d.battery_mv else "–"),
+        ("RSSI", f"{d.rssi} dBm" if d.rssi is not None else "–"),
+        ("Firmware", escape(str(d.fw_version or "–"))), ("OTA", escape(d.ota_state or "–")),
+        ("Boot cause", escape(d.boot_cause or "–")), ("Readings stored", str(view.readings_stored)),
+        ("Dead letters", f'<a href="/deadletters?device={quote(d.id)}">{view.dead_letters}</a>'),
+    ]
+    if view.wakes is not None:
+        w = view.wakes
+        facts.append(("Wakes", f"{w.wakes} seen, {w.missed_wakes} missed; interval "
+                               f"{w.interval_s or '?'} s, window {w.window_ms or '?'} ms"))
+    dl = "<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
+    if d.status == registry.QUARANTINED:
+        dl += (f'<form method="post" action="/devices/{quote(d.id)}/release">'
+               f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
+               f"<button>Release from quarantine</button></form>")
+    ranges = " ".join(
+        (f"<strong>{k}</strong>" if k == rng else f'<a href="?range={k}">{k}</a>') for k in RANGES)
+    charts = "".join(svg.chart(s.name, s.unit, s.points, rv.since, rv.until) for s in rv.series)
+    if rv.series and rv.until < now - 60:
+        charts = (f"<p>No readings in the last {rng}: showing the {rng} up to its newest reading"
+                  f" ({escape(when(rv.until, now))}).</p>" + charts)
+    if rv.series and rv.until > now + 60:
+        charts = (f"<p>Its newest reading is stamped {escape(when(rv.until, now))}, ahead of the "
+                  "gateway's clock: the chart runs to it.</p>" + charts)
+    if not rv.series:
+        charts = svg.chart("readings", "", [], rv.since, rv.until)
+        if rv.latest_at is not None:
+            charts += f"<p>Its newest reading is from {escape(when(rv.latest_at, now))}.</p>"
+    rssi = ("<p>RSSI: last HELLO reported "
+            f"{d.rssi} dBm; the gateway keeps no RSSI history yet.</p>" if d.rssi is not None else "")
+    ops = "".join(f'<option value="{o}">{o}</option>' for o in q.OPS)
+    form = (f'<form method="post" action="/devices/{quote(d.id)}/commands" id="queue-command">'
+            f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
+            f'<label>Command <select name="op">{ops}</select></label> '
+            f'<label>Arguments <input name="args" placeholder="e.g. 300" size="12"></label> '
+            f'<label>Priority <input name="priority" type="number" min="0" max="{q.MAX_PRIORITY}" '
+            f'value="{q.DEFAULT_PRIORITY}" size="4"></label> '
+            f'<label>TTL (s) <input name="ttl_s" type="number" min="1" value="{q.DEFAULT_TTL_S}" '
+            f'size="8"></label> <button>Queue</button></form>')
+    done = [it for it in view.history if it.status not in q.ACTIVE]
+    cfg_rows = "".join(
+        f"<tr><td>{escape(c.key)}</td><td>{c.value}</td><td>v{c.version}</td>"
+        f"<td>{'yes' if c.applied else 'pending'}</td>"
+        f"<td>{'' if c.reported_value is None else c.reported_value}</td></tr>" for c in view.config)
+    cfg = ("<table><thead><tr><th>Key</th><th>Desired</th><th>Version</th><th>Applied</th>"
+           f"<th>Reported</th></tr></thead><tbody>{cfg_rows}</tbody></table>" if cfg_rows
+           else "<p>no configuration set</p>")
+    cfg += f"<p>Configuration version the node reported: {d.config_version or 0}</p>"
+    keys = "".join(f'<option value="{k}">{k}</option>' for k in q.CONFIG_KEYS)
+    cfg += (f'<form method="post" action="/devices/{quote(d.id)}/config" id="set-config">'
+            f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
+            f'<label>Key <select name="key">{keys}</select></label> '
+            f'<label>Value <input name="value" type="number" required size="10"></label> '
+            f"<button>Set</button></form>")
+    return (f"<section>{dl}</section>"
+            f'<section><h2>Readings</h2><p class="ranges">Range: {ranges} · {rv.count} readings'
+            f"</p>{charts}{rssi}</section>"
+            f"<section><h2>Pending downlink</h2><p>Lands {escape(lands)}.</p>"
+            f"{_items(view.pending, d.id, csrf, True, now)}{form}</section>"
+            f"<section><h2>Command results</h2>"
+            f"{_items(done, d.id, csrf, False, now)}</section>"
+            f"<section><h2>Configuration</h2>{cfg}</section>")
+
+
+def dead_letters(dl: ohealth.DeadLetters, now: float) -> str:
+    rows = "".join(
+        f"<tr><td>{x.id}</td><td>{escape(x.device)}</td><td>{escape(when(x.at, now))}</td>"
+        f"<td>{escape(x.reason)}</td><td>{escape(x.detail)}</td><td>{x.raw_len} B</td>"
+        f"<td><code>{x.raw[:32].hex()}{'…' if len(x.raw) > 32 else ''}</code></td></tr>"
+        for x in dl.letters)
+    refused = "".join(
+        f"<tr><td>{escape(c.device)}</td><td>{escape(c.reason)}</td><td>{c.frames}</td>"
+        f"<td>{c.stored}</td><td>{escape(when(c.last_at, now))}</td></tr>" for c in dl.refused)
+    return (f"<p>{dl.total} dead letters stored; the newest {len(dl.letters)} below.</p>"
+            "<table><thead><tr><th>Id</th><th>Device</th><th>At</th><th>Reason</th><th>Detail</th>"
+            f"<th>Size</th><th>Frame</th></tr></thead><tbody>{rows}</tbody></table>"
+            "<h2>Refused frames</h2><table><thead><tr><th>Device</th><th>Reason</th><th>Frames</th>"
+            f"<th>Stored</th><th>Last</th></tr></thead><tbody>{refused}</tbody></table>")
+
+
+def health(h: ohealth.Health, now: float) -> str:
+    st = h.status
+    o = h.outbox
+    up = "not running" if o.upstream_connected is None else (
+        "connected" if o.upstream_connected else "disconnected")
+    gw = [("State", escape(st.state)), ("Running", "yes" if st.running else "no"),
+          ("Started", escape(when(st.started_at, now))),
+          ("Status written", escape(when(st.updated_at, now))),
+          ("Broker connection", "yes" if st.detail.get("mqtt_connected") else "no"),
+          ("Devices", escape(", ".join(f"{k} {v}" for k, v in sorted(st.devices.items())) or "none")),
+          ("Seen in the last 10 min", str(st.seen_recently)),
+          ("Readings", f"{st.readings_total} stored, {st.readings_per_min:.0f}/min"),
+          ("Task restarts", escape(str(st.detail.get("restarts", {}))))]
+    ob = [("Upstream", up), ("Depth", str(o.depth)),
+          ("Oldest", "–" if o.oldest_age_s is None else f"{o.oldest_age_s:.0f} s old"),
+          ("Enqueued", str(o.enqueued)), ("Delivered", str(o.delivered)),
+          ("Dropped (full)", str(o.dropped_full)), ("Dropped (age)", str(o.dropped_age))]
+
+    def dl(facts: list[tuple[str, str]]) -> str:
+        return "<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
+
+    return (f"<section><h2>Gateway</h2>{dl(gw)}</section><section><h2>Outbox and upstream</h2>"
+            f"{dl(ob)}</section><section><h2>Dead letters</h2><p>{h.dead_letters} stored "
+            f'({h.dead_letter_bytes} bytes): <a href="/deadletters">see them</a></p></section>')
+
+
+def login(*, csrf: str, error: str = "", token: bool, password: bool) -> str:
+    what = " or ".join(x for x, on in (("password", password), ("token", token)) if on)
+    return (f'<form method="post" action="/login"><input type="hidden" name="csrf" '
+            f'value="{escape(csrf)}"><label>Operator {what} <input type="password" name="secret" '
+            f'autofocus required></label> <button>Log in</button></form>')

@@ -1,0 +1,61 @@
+"""`torpor bench energy --quick --json`: one live calibration run of the firmware on a board
+profile against Mosquitto (mutual TLS) and the gateway, every board's figures from it. The
+figures are printed (-s), never held to their targets here; the test checks that they are
+there, positive and consistent: phases add up to each wake's total, both baselines present."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.bench.energy import BOARDS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_energy_quick_json() -> None:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}:/usr/sbin"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "bench", "energy", "--quick", "--json"],
+        capture_output=True, text=True, timeout=180, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fig = json.loads(proc.stdout)
+    print(json.dumps(fig["targets"], indent=1))
+    assert "never a measurement of a real chip" in fig["model"]
+    assert "heapsize" in fig["heap_method"]
+    assert set(fig["boards"]) == set(BOARDS)
+    assert any(e["live"] for e in fig["boards"].values())
+    for name, e in fig["boards"].items():
+        print(name, {k: e[k] for k in ("uah_per_sampling_wake", "uah_per_sending_wake",
+                                       "battery_years_2aa_5min", "ratio_to_connect_per_reading")})
+        for key in ("uah_per_sampling_wake", "uah_per_sending_wake", "average_ua_5min", "average_ua_1min",
+                    "battery_years_2aa_5min", "battery_years_2aa_1min", "battery_years_18650_5min",
+                    "battery_years_18650_1min", "ratio_to_connect_per_reading",
+                    "baseline_connect_per_reading_ua_5min", "baseline_send_every_1_ua_5min"):
+            assert e[key] > 0, (name, key)
+        assert e["uah_per_sending_wake"] > e["uah_per_sampling_wake"]
+        assert isinstance(e["heap_ok"], bool)
+        assert e["heap_peak_bytes"]["sending_wake_tls"] > 0
+        assert e["heap_peak_bytes"]["ed25519_verify"] > 0
+        for variant in ("as_run", "fast_reconnect", "fast_reconnect_psk"):
+            v = e["variants"][variant]
+            for wake in ("sampling_wake", "sending_wake"):
+                assert sum(v["phases"][wake].values()) == pytest.approx(v[f"uah_per_{wake}"], abs=0.01)
+            # Both baselines draw more than Torpor batching a reading per hour.
+            assert v["baseline_connect_per_reading_ua_5min"] > v["average_ua_5min"]
+            assert v["baseline_send_every_1_ua_5min"] > v["average_ua_5min"]
+            assert v["battery_years_2aa_5min"] > v["battery_years_2aa_1min"]
+        assert set(e["phases"]["sending_wake"]) >= {"boot", "assoc", "tls", "publish"}
+    live = [e for e in fig["boards"].values() if e["live"]]
+    for e in live:
+        m = e["measured"]
+        assert m["sending_wakes"] >= 1 and m["sampling_wakes"] >= 1 and m["tls_ms"] > 0
+    for key in ("as_run", "fast_reconnect_psk", "every_heap_ok"):
+        assert key in fig["targets"]
