@@ -118,6 +118,21 @@ def read_log(node: SimNode) -> NodeLog:
     return NodeLog(readings, timings, text)
 
 
+def node_clock_ids(text: str) -> set[int]:
+    """Ids of the readings a node logged while its clock was its own count: from each
+    power-on until the gateway's time set it."""
+    out: set[int] = set()
+    unset = False
+    for line in text.splitlines():
+        if line.startswith("--- run ") and " cause=POWER_ON " in line:
+            unset = True
+        elif "clock set from the gateway" in line:
+            unset = False
+        elif unset and line.startswith("R id="):
+            out.add(int(line.split()[1][3:]))
+    return out
+
+
 # ---- the test gateway --------------------------------------------------------------------
 
 @dataclass(slots=True)

@@ -32,7 +32,7 @@ import pytest
 from gateway import db, readings, registry
 from gateway.pki import DeviceCredentials, Pki
 from gateway.service import read_status
-from tests.firmware.test_node_cycle import START_MS, provision, read_log
+from tests.firmware.test_node_cycle import START_MS, node_clock_ids, provision, read_log
 from tests.fixtures.broker import RunningBroker
 from tests.mpharness import micropython_binary
 from tools.sim.node import SimNode
@@ -388,18 +388,3 @@ def test_20_gateway_kills_and_an_upstream_outage_lose_and_duplicate_nothing(
     # within its window (the broker kept the gateway's session) or resent on a later wake.
     assert len(in_session_kills) >= 5, f"only {len(in_session_kills)} kills hit a node's session"
     assert got.connects >= 2, "the consumer never saw the upstream outage"
-
-
-def node_clock_ids(text: str) -> set[int]:
-    """Ids of the readings a node logged while its clock was its own count: from each
-    power-on until the gateway's time set it."""
-    out: set[int] = set()
-    unset = False
-    for line in text.splitlines():
-        if line.startswith("--- run ") and " cause=POWER_ON " in line:
-            unset = True
-        elif "clock set from the gateway" in line:
-            unset = False
-        elif unset and line.startswith("R id="):
-            out.add(int(line.split()[1][3:]))
-    return out
