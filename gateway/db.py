@@ -47,6 +47,7 @@ STORE_MODULES: tuple[str, ...] = (
     "gateway.queue",
     "gateway.downlink",
     "gateway.ota",
+    "gateway.store.rotations",
 )
 
 _extra_stores: list[Callable[[sqlite3.Connection], None]] = []
