@@ -82,7 +82,7 @@ def execute(cmd, cfg, st, board, effects, buf, msg_id, safe=False):
         import rotate
 
         if op == proto.COMMAND_OP_ROTATE_KEY:
-            status, detail = rotate.rotate_key(cfg, args[0])
+            status, detail = rotate.rotate_key(cfg, args[0], board)
         else:
             status, detail = rotate.install_cert(cfg, args[0], args[1], args[2], cmd[proto.COMMAND_DATA])
         values = (args[0],)

@@ -116,7 +116,7 @@ def reported(cfg):
 
 # ---- commands (commands.execute calls these; results as (status, detail)) -------------
 
-def rotate_key(cfg, rid):
+def rotate_key(cfg, rid, board=None):
     """Make a new key and its CSR for rotation `rid` (kept on flash before the result).
     The same rotation again keeps the key it has: the request is the same bytes."""
     import proto
@@ -129,9 +129,15 @@ def rotate_key(cfg, rid):
     import csr
     import p256
 
+    # Seconds of big-int work on a board: the watchdog is fed between the steps.
     d = p256.generate()
     pub = p256.public_key(d)
-    c.begin(csr.private_key_der(d, pub), rid, csr.request(cfg.device_id, d, pub))
+    if board is not None:
+        board.watchdog_feed()
+    req = csr.request(cfg.device_id, d, pub)
+    if board is not None:
+        board.watchdog_feed()
+    c.begin(csr.private_key_der(d, pub), rid, req)
     return proto.RESULT_STATUS_OK, ""
 
 

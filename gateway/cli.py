@@ -332,6 +332,9 @@ def _revoke(args: argparse.Namespace) -> int:
                 with db.transaction(conn):
                     registry.set_status(conn, dev.id, registry.REVOKED, "revoked by the operator",
                                         now=now)
+                    from gateway.store import rotations
+
+                    rotations.cancel_open(conn, dev.id, "the device was revoked", now)
                     enqueue_events(conn, cfg.upstream, [(dev.id, "revoked", {
                         "serials": [format(s, "x") for s in serials]})], now)
             broker_pid = _broker_pid(cfg, conn)

@@ -235,9 +235,12 @@ def set_pieces(conn: sqlite3.Connection, rotation: int, pieces: Sequence[int],
 
 def confirmed(conn: sqlite3.Connection, rotation: int, revoke: Iterable[str], outcome: str,
               now: float) -> None:
+    serials = ",".join(revoke)
+    # Nothing left to revoke (the old certificate is revoked already): done at once.
     conn.execute("UPDATE rotations SET state=?, revoke=?, outcome=?, confirmed_at=?, "
-                 "updated_at=? WHERE id=?",
-                 (CONFIRMED, ",".join(revoke), outcome, now, now, rotation))
+                 "updated_at=?, finished_at=? WHERE id=?",
+                 (CONFIRMED if serials else DONE, serials, outcome, now, now,
+                  None if serials else now, rotation))
 
 
 def end(conn: sqlite3.Connection, rotation: int, state: str, outcome: str, detail: str,
@@ -249,6 +252,19 @@ def end(conn: sqlite3.Connection, rotation: int, state: str, outcome: str, detai
     conn.execute("UPDATE rotations SET state=?, outcome=?, detail=?, revoke=?, finished_at=?, "
                  "updated_at=? WHERE id=?",
                  (state, outcome, detail[:500], ",".join(revoke), now, now, rotation))
+
+
+def cancel_open(conn: sqlite3.Connection, device: str, why: str, now: float) -> list[int]:
+    """End the device's rotation in progress (the device is revoked or decommissioned);
+    its certificates are revoked by whoever revokes the device. Returns the ids ended."""
+    ids = [r[0] for r in conn.execute(
+        f"SELECT id FROM rotations WHERE device=? AND state IN ({','.join('?' * len(OPEN))})",
+        (device, *OPEN))]
+    for rid in ids:
+        conn.execute("UPDATE rotations SET state=?, detail=?, revoke='', finished_at=?, "
+                     "updated_at=? WHERE id=?", (CANCELLED, why[:500], now, now, rid))
+        event(conn, device, rid, CANCELLED, why, now)
+    return ids
 
 
 def revocations_done(conn: sqlite3.Connection, rotation: int, serials: Iterable[str],
