@@ -32,7 +32,7 @@ from gateway import queue as q
 from gateway.pki import Pki
 from gateway.store import rotations as rs
 from tests.mpharness import micropython_binary
-from tests.system.stack import Stack, StackNode, kill_node_process
+from tests.system.stack import ROOT, Stack, StackNode, kill_node_process
 
 pytestmark = [
     pytest.mark.skipif(micropython_binary() is None, reason="no MicroPython unix port"),
@@ -75,6 +75,27 @@ async def wake_ok(node: StackNode) -> str:
     assert summary.kinds.get("sleep") == 1, summary.as_dict()
     assert "connected in" in text and "send failed" not in text and "no ACK" not in text, text
     return text
+
+
+def flash_read(node: StackNode, path: str) -> bytes | None:
+    """A file of the node's flash (None if absent), read from its littlefs image while the
+    node sleeps, with the same simflash the sim board mounts."""
+    sim = node.sim
+    code = (
+        "import os, simflash, binascii\n"
+        f"simflash.mount({str(sim.dir / 'flash.img')!r}, '/flash', {sim.model.block_size}, "
+        f"{sim.model.block_count})\n"
+        "try:\n"
+        f"    f = open('/flash/' + {path!r}, 'rb')\n"
+        "    print(binascii.hexlify(f.read()).decode())\n"
+        "except OSError:\n"
+        "    print('-')\n"
+    )
+    proc = subprocess.run([sim.binary, "-c", code], capture_output=True, text=True, timeout=30,
+                          env=dict(os.environ, MICROPYPATH=f".frozen:{ROOT / 'boards'}"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout.strip()
+    return None if out == "-" else bytes.fromhex(out)
 
 
 def rotation(stack: Stack, rid: int) -> rs.Rotation:
@@ -188,6 +209,19 @@ def test_rotation_over_the_air_old_certificate_revoked_only_after_use(stack: Sta
         assert set(rot.revoked) == old and rot.outcome == "rotated"
         assert old <= revoked(stack) and rot.new_serial not in revoked(stack)
         assert valid_serials(stack, "n1") == {rot.new_serial}
+        # On the node: the new pair alone, its key never left it; a signature made with it
+        # verifies under the issued certificate's key; the provisioned pair is gone.
+        key_der = flash_read(node, "certs/k1/key.der")
+        assert key_der is not None and flash_read(node, "certs/key.der") is None
+        assert flash_read(node, "certs/k1/cert.der") == cert.public_bytes(der)
+        node_key = serialization.load_der_private_key(key_der, password=None)
+        assert isinstance(node_key, ec.EllipticCurvePrivateKey)
+        sig = node_key.sign(b"torpor", ec.ECDSA(hashes.SHA256()))
+        pub_key = cert.public_key()
+        assert isinstance(pub_key, ec.EllipticCurvePublicKey)
+        pub_key.verify(sig, b"torpor", ec.ECDSA(hashes.SHA256()))
+        # The node's own signature (its CSR, made on the node) verifies under it too.
+        pub_key.verify(req.signature, req.tbs_certrequest_bytes, ec.ECDSA(hashes.SHA256()))
         # The broker refuses the old certificate now; the node keeps working with the new.
         creds = stack.pki.device_credentials("n1")  # newest record: key is not on this side
         old_dir = stack.pki.path / "devices" / "n1" / next(iter(old))
