@@ -16,7 +16,6 @@ import os
 from binascii import hexlify
 from hashlib import sha256
 
-import csr
 from micropython import const
 
 # States of the record ("st").
@@ -180,11 +179,7 @@ class Credentials:
             _remove(self.cert0)
             _remove(self.key0)
         if self.rec["st"] == ST_TRIAL:
-            # Pieces left by a cut between install() and their removal.
-            d = self._dir(self.rec["new"])
-            for name in os.listdir(d):
-                if name[:1] == "p":
-                    _remove(d + "/" + name)
+            self._tidy(self.rec["new"])  # what a cut left between install() and its tidying
 
     def _newest_complete(self):
         best = 0
@@ -276,6 +271,8 @@ class Credentials:
         """Store a new key (csr.private_key_der), and its request if given, for rotation
         `rid`, and enter ST_KEYED. A rotation already in progress is replaced: its key is
         dropped, never reused."""
+        import csr  # csr and p256 load only in the wakes that make or install a pair
+
         csr.private_key_from_der(key_der)  # refuse anything but a P-256 key in our layout
         rec = dict(self.rec)
         if rec["st"] != ST_IDLE:
@@ -333,8 +330,6 @@ class Credentials:
             for name in got.values():  # a wrong certificate: let it come again whole
                 _remove(d + "/" + name)
             raise
-        for name in got.values():
-            _remove(d + "/" + name)
         return True
 
     def install(self, cert_der):
@@ -345,12 +340,26 @@ class Credentials:
             raise CredsError(NO_OUTCOME, "no rotation in progress")
         key = _read(self.key_path(rec["new"]))
         pub = key[-65:]  # private_key_der ends with the uncompressed public point
+        import csr
+
         if csr.spki(pub) not in cert_der or cert_der[:1] != b"\x30":
             raise CredsError(MISMATCH, "certificate is not for the new key")
         _write(self.cert_path(rec["new"]), cert_der)
         rec = dict(rec)
         rec.update(st=ST_TRIAL, tries=0)
         self._save(rec)
+        self._tidy(rec["new"])
+
+    def _tidy(self, gen):
+        # The request and the pieces are needless once the certificate is installed.
+        d = self._dir(gen)
+        try:
+            names = os.listdir(d)
+        except OSError:
+            return
+        for name in names:
+            if name[:1] == "p" or name == "csr.der":
+                _remove(d + "/" + name)
 
     def session_ok(self):
         """A session with the trial pair succeeded (CONNACK 0): it becomes the confirmed

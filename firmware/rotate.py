@@ -8,7 +8,6 @@
 import os
 
 import mqtt
-from micropython import const
 
 _RECORD = "creds.json"
 
@@ -21,7 +20,7 @@ _csr_sent = False
 # Refusals of the trial pair: the broker's TLS alert (a certificate it does not accept:
 # revoked, unknown issuer, expired) or CONNACK "bad user name or password"/"not authorized".
 # A timeout or a dropped connection is the network's: the trial stays (bounded by tries).
-_REFUSALS = (mqtt.TLS_FAILED, const(4), const(5))
+_REFUSALS = (mqtt.TLS_FAILED, 4, 5)
 
 
 def _root(cfg):

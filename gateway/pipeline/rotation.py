@@ -38,7 +38,10 @@ from gateway.store import rotations as rs
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 86400.0  # a failed rotation is started again by the lead time after this
+# The lead time starts a device's next rotation at least this long after its last one ended:
+# a failed one is retried daily, and a new certificate that is itself within the lead time
+# (clamped by an issuing CA near its end) does not make a rotation loop.
+RETRY_AFTER_S = 86400.0
 # Room in an install_cert COMMAND besides its data: header, ids, args, priority, TTL.
 _PIECE_OVERHEAD = 64
 UPSTREAM_KIND = "rotation"

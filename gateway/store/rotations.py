@@ -173,10 +173,10 @@ def with_revocations(conn: sqlite3.Connection) -> list[Rotation]:
 
 
 def last_ended(conn: sqlite3.Connection) -> dict[str, float]:
-    """device -> when its latest failed or cancelled rotation ended."""
+    """device -> when its latest rotation ended (done, failed or cancelled)."""
     return {r[0]: float(r[1]) for r in conn.execute(
-        "SELECT device, max(finished_at) FROM rotations WHERE state IN (?, ?) GROUP BY device",
-        (FAILED, CANCELLED))}
+        "SELECT device, max(finished_at) FROM rotations WHERE state IN (?, ?, ?) AND "
+        "finished_at IS NOT NULL GROUP BY device", (DONE, FAILED, CANCELLED))}
 
 
 def open_devices(conn: sqlite3.Connection) -> set[str]:

@@ -133,7 +133,9 @@ def test_each_refusal_keeps_the_running_image_and_reaches_the_gateway(
                                   abort_threshold=100, overrides=ids)
 
     async def run() -> None:
-        for _ in range(80):
+        # The whole image at one chunk a wake (the sensor class): about 80 KB, 80 wakes;
+        # the loop ends as soon as the campaign does.
+        for _ in range(120):
             await asyncio.gather(*(n.wake() for n in nodes))
             with stack.db() as conn:
                 if ota.get_campaign(conn, cid).status != ota.RUNNING:
