@@ -275,10 +275,12 @@ def test_fallback_when_the_new_certificate_is_refused(stack: Stack) -> None:
 
 # ---------------------------------------------------------------- power cuts
 
-@pytest.mark.parametrize("cut", ["rotate_key", "first_piece", "last_piece"])
+@pytest.mark.parametrize("cut", ["rotate_key", "first_piece", "last_piece", "trial_session"])
 def test_power_cut_at_each_step_leaves_a_node_that_connects(stack: Stack, cut: str) -> None:
     """SIGKILL the node right after the step's command ran and its effect is on flash
     (before its result is sent); every later wake connects, and the rotation completes.
+    trial_session: in the first session with the new pair, once the node has kept it and
+    told the gateway, at a ping that wake runs.
     tests/firmware/test_creds_powercut.py cuts at every flash operation of the same steps."""
     async def main() -> None:
         stack.start()
@@ -292,6 +294,10 @@ def test_power_cut_at_each_step_leaves_a_node_that_connects(stack: Stack, cut: s
         rot = rotation(stack, rid)
         if cut == "rotate_key":
             at = rot.command_id
+        elif cut == "trial_session":
+            await wake_ok(node)  # the pieces: on trial from the next connect
+            out = stack.cli("device", "send", "n3", "ping", "1").stdout
+            at = int(out.split("queued command ")[1].split()[0])
         else:
             assert len(rot.pieces) >= 2, rot  # the certificate comes in pieces
             at = rot.pieces[0] if cut == "first_piece" else rot.pieces[-1]
@@ -303,7 +309,10 @@ def test_power_cut_at_each_step_leaves_a_node_that_connects(stack: Stack, cut: s
         kill_node_process(pid)
         summary = await run
         assert summary.runs[-1].kind == "killed", summary.as_dict()
-        assert revoked(stack).isdisjoint(old)
+        if cut == "trial_session":
+            assert "new credentials kept" in node.log_text()  # cut after keeping the pair
+        else:
+            assert revoked(stack).isdisjoint(old)
         # From here every wake reaches the gateway, and the rotation finishes.
         for _ in range(4):
             await wake_ok(node)
