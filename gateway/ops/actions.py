@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from gateway import proto, registry
 from gateway import queue as q
 from gateway.errors import GatewayError
+from gateway.store.rotations import RotationError, refuse_own_op
 
 
 class ActionError(GatewayError):
@@ -36,7 +37,8 @@ def queue_command(conn: sqlite3.Connection, device: str, op: str, args: Sequence
         raise ActionError(f"no device {device!r}", "device")
     try:
         cop = q.parse_op(op)
-    except q.QueueError as exc:
+        refuse_own_op(cop)
+    except (q.QueueError, RotationError) as exc:
         raise ActionError(str(exc), "op") from None
     try:
         checked = q.check_args(cop, args)

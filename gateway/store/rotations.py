@@ -82,6 +82,19 @@ class RotationError(GatewayError):
     """A rotation was refused; the message says why."""
 
 
+# The ops only a rotation sends: queued by hand, a node would make a key for a rotation the
+# gateway never asked for and send its request every wake, refused each time.
+OWN_OPS = frozenset({"rotate_key", "install_cert"})
+
+
+def refuse_own_op(op: object) -> None:
+    """RotationError when `op` (a name or a CommandOp) is one only a rotation sends."""
+    name = op.lower() if isinstance(op, str) else getattr(op, "name", str(op)).lower()
+    if name in OWN_OPS:
+        raise RotationError(f"{name} is sent by a key rotation only: use `torpor device "
+                            "rotate <id>`")
+
+
 def migrate(conn: sqlite3.Connection) -> None:
     db.apply(conn, STORE, _STEPS)
 

@@ -386,6 +386,9 @@ def test_bad_certificate_requests_are_refused_with_a_dead_letter(stack: Stack,
         assert pub(stack, "b2", csr_frame(rid2, csr_for("b2")), tmp_path).returncode == 0
         await until(lambda: "quarantined" in letters("b2"), "quarantined device refused")
         assert rotation(stack, rid2).state == rs.REQUESTED
+        # The rotation's own commands cannot be queued by hand.
+        out = stack.cli("device", "send", "b1", "rotate_key", "5", check=False)
+        assert out.returncode != 0 and "torpor device rotate" in out.stderr, out.stderr
         # Nor can a quarantined or revoked device be asked to rotate.
         assert stack.cli("device", "rotate", "b2", check=False).returncode != 0
         stack.cli("device", "revoke", "b3")
