@@ -358,16 +358,12 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def _rotate(args: argparse.Namespace) -> int:
     """Queue a rotation: a rotate_key command waits for the node's next wake."""
-    from gateway.pki import Pki
-    from gateway.store import rotations
+    from gateway.ops import actions
 
     try:
         cfg, conn = _open(args)
         try:
-            old = [r.serial_hex for r in Pki(cfg.pki_dir).device_records(
-                args.device_id, include_revoked=False)]
-            with db.transaction(conn):
-                rot = rotations.request(conn, args.device_id, "operator", old)
+            rot = actions.rotate_key(conn, cfg.pki_dir, args.device_id)
         finally:
             conn.close()
     except GatewayError as exc:

@@ -21,7 +21,8 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -33,7 +34,6 @@ from gateway import queue as q
 from gateway.config import PkiConfig, UpstreamConfig
 from gateway.errors import GatewayError
 from gateway.outbox import Queued
-from gateway.pki import Pki
 from gateway.store import rotations as rs
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,21 @@ _PIECE_OVERHEAD = 64
 UPSTREAM_KIND = "rotation"
 
 Event = tuple[str, str, dict[str, Any]]  # (device, kind, fields) for upstream
+
+
+class Pki(Protocol):
+    """What rotation needs of the fleet PKI (gateway.pki.Pki; the service passes it in)."""
+
+    path: Path
+
+    def device_records(self, device_id: str, include_revoked: bool = True) -> Sequence[Any]: ...
+
+    def issue_device_for_key(self, device_id: str, public_key: ec.EllipticCurvePublicKey,
+                             days: float = ...) -> x509.Certificate: ...
+
+    def revoke(self, target: str | int) -> list[int]: ...
+
+    def status(self) -> Any: ...
 
 
 @dataclass(slots=True)
