@@ -35,6 +35,10 @@ REPROVISIONED = const(6)  # certs/cert.der was replaced by provisioning: its pai
 
 # Trial connects started (counted before each one) before an unconfirmed pair is dropped.
 MAX_TRIES = const(3)
+# Requests sent for one key with no certificate coming back before the node gives the
+# rotation up (ABORTED, reported): a gateway that lost or ended the rotation would otherwise
+# get the same refused request every wake. The gateway starts a new one when it wants to.
+MAX_REQUESTS = const(24)
 
 RECORD = "creds.json"
 _TMP = "creds.tmp"
@@ -291,6 +295,20 @@ class Credentials:
         rec = dict(self.rec)
         rec.update(new=g, st=ST_KEYED, tries=0, rid=rid)
         self._save(rec)
+
+    def request_sent(self):
+        """Count one CSR_UP of the key waiting for its certificate (ST_KEYED); past
+        MAX_REQUESTS the rotation is given up (ABORTED). Returns False then."""
+        rec = self.rec
+        if rec["st"] != ST_KEYED:
+            return False
+        if rec["tries"] >= MAX_REQUESTS:
+            self._fall_back(ABORTED)
+            return False
+        rec = dict(rec)
+        rec["tries"] += 1
+        self._save(rec)
+        return True
 
     def put_piece(self, rid, offset, total, data):
         """Keep one piece of the certificate for rotation `rid` (bytes offset.. of total);
