@@ -458,6 +458,7 @@ class Service:
 
     def _start_due(self, conn: sqlite3.Connection) -> list[int]:
         with db.transaction(conn):
+            self.rotation.sweep(conn)  # what the queue gave up on ends first
             return list(self.rotation.start_due(conn))
 
     def _reload_broker(self) -> None:

@@ -348,6 +348,41 @@ class RotationHandler:
                      extra={"device_id": rot.device})
         return fresh > 0
 
+    def sweep(self, conn: sqlite3.Connection, now: float | None = None) -> list[int]:
+        """End rotations whose items the queue gave up on (expired, failed, cancelled): a
+        rotate_key the node never answered, or a piece that never arrived or that the node
+        refused. The new certificate, if any, is revoked; the node, still waiting, gives up
+        by itself (creds.MAX_REQUESTS). Returns the rotation ids ended."""
+        now = self.clock() if now is None else now
+        dead = (q.EXPIRED, q.FAILED, q.CANCELLED)
+        ended = []
+        for state in (rs.REQUESTED, rs.ISSUED):
+            for rot in rs.in_state(conn, state):
+                ids = (rot.command_id,) if state == rs.REQUESTED else rot.pieces
+                gone = []
+                for cid in ids:
+                    if cid is None:
+                        continue
+                    try:
+                        it = q.get(conn, rot.device, cid)
+                    except q.QueueError:
+                        gone.append(f"{cid} missing")
+                        continue
+                    if it.status in dead:
+                        gone.append(f"{it.what.split()[0]} {it.status}")
+                if not gone:
+                    continue
+                why = f"{gone[0]}: the node did not take it"
+                self._cancel_items(conn, rot, now)
+                rs.end(conn, rot.id, rs.FAILED, "", why,
+                       [rot.new_serial] if rot.new_serial else [], now)
+                rs.event(conn, rot.device, rot.id, rs.FAILED, why, now)
+                self.metrics.failed += 1
+                log.warning("[%s] rotation %d failed: %s", rot.device, rot.id, why,
+                            extra={"device_id": rot.device})
+                ended.append(rot.id)
+        return ended
+
     def start_due(self, conn: sqlite3.Connection, now: float | None = None) -> list[int]:
         """Start a rotation for every served device whose newest certificate expires within
         the lead time (device_rotate_lead_days) and that has none in progress; returns the

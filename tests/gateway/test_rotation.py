@@ -133,3 +133,28 @@ def test_confirmed_by_the_new_serial_only(env: tuple[sqlite3.Connection, Pki, In
         registry.quarantine(conn, "d1", "test", now=NOW)
     with pytest.raises(rs.RotationError, match="quarantined"):
         rs.request(conn, "d1", "operator", now=NOW)
+
+
+def test_items_the_queue_gave_up_on_end_the_rotation(
+        env: tuple[sqlite3.Connection, Pki, Ingest, RotationHandler]) -> None:
+    conn, pki, ingest, handler = env
+    with db.transaction(conn):
+        rot = rs.request(conn, "d1", "operator", now=NOW)
+    assert handler.sweep(conn, NOW) == []
+    # The node never woke within the rotate_key's TTL.
+    q.expire(conn, NOW + rs.ROTATE_TTL_S + 1)
+    assert handler.sweep(conn, NOW + rs.ROTATE_TTL_S + 2) == [rot.id]
+    ended = rs.get(conn, rot.id)
+    assert ended is not None and ended.state == rs.FAILED and "expired" in ended.detail
+    # A certificate piece that failed: the rotation ends and its certificate is revoked.
+    with db.transaction(conn):
+        rot = rs.request(conn, "d1", "operator", now=NOW)
+    ingest.process([(UP, csr_up(rot.id, csr_for("d1", ec.generate_private_key(ec.SECP256R1()))))])
+    handler.work(conn, NOW)
+    rot = rs.get(conn, rot.id)  # type: ignore[assignment]
+    with db.transaction(conn):
+        q.retire(conn, "d1", rot.pieces[0], q.FAILED, NOW, result="undelivered")
+        assert handler.sweep(conn, NOW) == [rot.id]
+    assert {q.get(conn, "d1", c).status for c in rot.pieces} == {q.FAILED, q.CANCELLED}
+    assert handler.work(conn, NOW)[0]
+    assert int(rot.new_serial or "0", 16) in pki.revoked_serials()
