@@ -530,9 +530,11 @@ class Ingest:
             self.ota.handle(self.conn, ota_frames, hellos, now)
         csrs = [(d.device, f, raw) for d in devs for f, raw in d.csrs]
         if self.rotation is not None and (csrs or any(h.cred_rotation for _, h in hellos)):
-            events = self.rotation.handle(self.conn, csrs, hellos, now)
-            if events and self.upstream is not None:
-                upstream += queue_events(self.conn, self.upstream, events, now)
+            done = self.rotation.handle(self.conn, csrs, hellos, now)
+            self._dead_bytes += done.dead_bytes  # refused requests, dead-lettered there
+            self.metrics.dead_letters += done.dead_letters
+            if done.events and self.upstream is not None:
+                upstream += queue_events(self.conn, self.upstream, done.events, now)
         if self.downlink is not None:
             if answers:
                 self.downlink.handle_up(self.conn, answers, now)

@@ -76,6 +76,15 @@ class Metrics:
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class Handled:
+    """What `handle` did that ingest accounts for: upstream events, dead letters."""
+
+    events: list[Event] = field(default_factory=list)
+    dead_letters: int = 0
+    dead_bytes: int = 0
+
+
 class CsrRefused(GatewayError):
     """A CSR_UP that is refused: `reason` is the dead letter's reason."""
 
@@ -108,29 +117,30 @@ class RotationHandler:
     # ------------------------------------------------------------ ingest hooks
     def handle(self, conn: sqlite3.Connection,
                csrs: Sequence[tuple[str, proto.CsrUp, bytes]],
-               hellos: Sequence[tuple[str, proto.Hello]], now: float) -> list[Event]:
-        """CSR_UP frames and HELLOs, inside ingest's transaction; returns upstream events.
-        A refused request is dead-lettered here; one device's failure never fails the batch."""
-        events: list[Event] = []
+               hellos: Sequence[tuple[str, proto.Hello]], now: float) -> Handled:
+        """CSR_UP frames and HELLOs, inside ingest's transaction. A refused request is
+        dead-lettered here; one device's failure never fails the batch."""
+        out = Handled()
+        events = out.events
         for device, frame, raw in csrs:
             self.metrics.requests += 1
             conn.execute("SAVEPOINT rotation_csr")
             try:
                 events += self._csr(conn, device, frame, now)
-            except CsrRefused as exc:
+            except Exception as exc:  # CsrRefused, or a defect: the frame is a dead letter
                 conn.execute("ROLLBACK TO rotation_csr")
+                if not isinstance(exc, CsrRefused):
+                    log.exception("[%s] handling a CSR_UP raised", device,
+                                  extra={"device_id": device})
+                    exc = CsrRefused("csr_error", f"{type(exc).__name__}: {exc}")
                 events += self._refuse(conn, device, frame.rotation, exc, raw, now)
-            except Exception as exc:  # a defect: the frame is kept as a dead letter
-                conn.execute("ROLLBACK TO rotation_csr")
-                log.exception("[%s] handling a CSR_UP raised", device, extra={"device_id": device})
-                events += self._refuse(conn, device, frame.rotation,
-                                       CsrRefused("csr_error", f"{type(exc).__name__}: {exc}"),
-                                       raw, now)
+                out.dead_letters += 1
+                out.dead_bytes += deadletter.row_size(device, exc.reason, str(exc)[:500], len(raw))
             conn.execute("RELEASE rotation_csr")
         for device, hello in hellos:
             if hello.cred_rotation or hello.cred_outcome:
                 events += self._hello(conn, device, hello, now)
-        return events
+        return out
 
     def refused_unserved(self, conn: sqlite3.Connection, rows: Sequence[tuple[str, str]],
                          now: float) -> list[Event]:
