@@ -709,11 +709,18 @@ class Pki:
         return self.issue_device(device_id, days)
 
     def device_credentials(self, device_id: str) -> DeviceCredentials:
-        """The newest unrevoked credentials of a device."""
+        """The newest unrevoked credentials of a device whose key is here: a certificate
+        issued for a key a node made itself (rotated over the air) has none."""
         records = self.device_records(device_id, include_revoked=False)
         if not records:
             raise PkiError(f"device {device_id!r} has no valid certificate")
-        rec: CertRecord = max(records, key=lambda r: r.not_before)
+        here = [r for r in records if ((self.path / r.path).parent / "key.der").exists()]
+        if not here:
+            raise PkiError(
+                f"device {device_id!r} holds the only key of its valid certificate (rotated "
+                f"over the air); to provision it again, issue a new pair with `torpor pki "
+                f"rotate {device_id}`")
+        rec: CertRecord = max(here, key=lambda r: r.not_before)
         folder = (self.path / rec.path).parent
         return DeviceCredentials(
             device_id=device_id, serial=rec.serial, not_after=rec.not_after,
