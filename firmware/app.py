@@ -230,6 +230,7 @@ class Wake:
         import commands  # only wakes that send pay for these imports
         import mqtt
         import proto  # noqa: F401 - the codec: loaded here so that import= counts it
+        import rotate
 
         self.import_alloc = gc.mem_alloc() - a
         self.effects = commands.Effects()
@@ -252,7 +253,9 @@ class Wake:
         try:
             self._radio_up(budget)
             board.watchdog_feed()
-            ctx = mqtt.make_tls_context(cfg.read_file("cert"), cfg.read_file("key"), cfg.read_file("ca"))
+            # The device pair, or a new one on trial (rotate.py, docs/credentials.md).
+            cert, key = rotate.pair(cfg)
+            ctx = mqtt.make_tls_context(cert, key, cfg.read_file("ca"))
             client = mqtt.MQTTClient(
                 cfg.device_id, cfg.broker_host, cfg.broker_port, ssl=ctx,
                 server_hostname=cfg.server_hostname or None, keepalive=cfg.keepalive_s,
@@ -267,17 +270,16 @@ class Wake:
             need = max(1, min(self.q.depth, MAX_READINGS)) * RECORD_SIZE
             self.recs = client.spare(need) or bytearray(need)
             a = gc.mem_alloc()
-            # A Will for crashes and lost links only: a planned sleep ends with DISCONNECT.
             try:
-                client.connect(self._step_end(budget), will=(status, b"lost", 1, False))
-            except OSError:
-                if not st.broker_ip:
+                self._connect(client, budget, status)
+            except OSError as e:
+                if not rotate.refused(cfg, e):
                     raise
-                # The cached address failed: resolve the name again, once.
-                log.info("cached broker address failed; resolving %s", cfg.broker_host)
-                st.broker_ip = b""
-                client.addr = None
-                client.connect(self._step_end(budget), will=(status, b"lost", 1, False))
+                # The new pair was refused: the confirmed one, in this same wake.
+                cert, key = rotate.pair(cfg)
+                client.ssl = mqtt.make_tls_context(cert, key, cfg.read_file("ca"))
+                self._connect(client, budget, status)
+            rotate.connected(cfg)
             st.broker_ip = client.ip
             board.watchdog_feed()
             self.tls_alloc = gc.mem_alloc() - a
@@ -299,6 +301,7 @@ class Wake:
             t3 = time.ticks_ms()
             budget = self._listen(client, budget)
             ota.after_window(client, self)
+            rotate.after_window(client, self)
             client.wait_pubacks(budget)
             # Every result, old or from this window, reached the broker.
             if st.has_results():
@@ -308,6 +311,8 @@ class Wake:
             self.session_ok = self.q.floor >= self.sent_top or not self.sent
             if not self.session_ok:
                 log.warn("no ACK for readings up to id %d", self.sent_top)
+            elif self.stop or self.acked:
+                rotate.reported(cfg)  # the HELLO that told the outcome was answered
         except OSError as e:
             log.warn("send failed (%s): %s", why, e)
         finally:
@@ -329,6 +334,19 @@ class Wake:
             log.info("retry after %d s (failures=%d)", st.next_try - self.now, st.fails)
             if ota.trial_unreached():
                 log.info("trial image: gateway out of reach, not held against it")
+
+    def _connect(self, client, budget, status):
+        # A Will for crashes and lost links only: a planned sleep ends with DISCONNECT.
+        try:
+            client.connect(self._step_end(budget), will=(status, b"lost", 1, False))
+        except OSError:
+            if not self.st.broker_ip:
+                raise
+            # The cached address failed: resolve the name again, once.
+            log.info("cached broker address failed; resolving %s", self.cfg.broker_host)
+            self.st.broker_ip = b""
+            client.addr = None
+            client.connect(self._step_end(budget), will=(status, b"lost", 1, False))
 
     def _step_end(self, budget):
         # The end of one step the watchdog is not fed in (radio, TLS + MQTT connect): the
@@ -371,6 +389,7 @@ class Wake:
 
     def _publish_hello(self, client, budget):
         import proto  # loaded by send()
+        import rotate
 
         cfg = self.cfg
         st = self.st
@@ -386,7 +405,7 @@ class Wake:
             # Every id up to the queue's floor is acknowledged or was dropped here: the
             # gateway stops waiting for the dropped ones.
             first_id=self.q.floor + 1, next_listen_s=self.next_listen_s(sleep_s),
-            clock_unset=not st.clock_set,
+            clock_unset=not st.clock_set, **rotate.hello_kw(cfg),
         )
         client.publish_out(self.up_topic, n, 1, False, budget)
 
@@ -544,6 +563,7 @@ class Wake:
         return 0
 
     def _on_ack(self, cumulative, selective, t=0):
+        self.acked = True
         if t:
             self._set_clock(t)
         if ota.on_ack() and self.st.safe:

@@ -76,6 +76,16 @@ def execute(cmd, cfg, st, board, effects, buf, msg_id, safe=False):
         values = (args[0],)
     elif op == proto.COMMAND_OP_REBOOT:
         effects.reboot = True
+    elif op == proto.COMMAND_OP_ROTATE_KEY or op == proto.COMMAND_OP_INSTALL_CERT:
+        # Device-key rotation (rotate.py): a new key and its request on flash, or one
+        # piece of the certificate issued for it. Both are safe to run again.
+        import rotate
+
+        if op == proto.COMMAND_OP_ROTATE_KEY:
+            status, detail = rotate.rotate_key(cfg, args[0], board)
+        else:
+            status, detail = rotate.install_cert(cfg, args[0], args[1], args[2], cmd[proto.COMMAND_DATA])
+        values = (args[0],)
     elif op == proto.COMMAND_OP_SYNC_TIME:
         # The spec's table checked the argument's range; the node's own rule checks that it
         # is a plausible time.

@@ -5,7 +5,8 @@
 #
 # Layout (under `root`, "certs" on a board): generation 0 is the provisioned pair at the
 # paths config.json names (certs/cert.der, certs/key.der); generation g >= 1 lives in
-# certs/k<g>/. One record, certs/creds.json, says which generation is confirmed and which
+# certs/k<g>/ (key.der, then csr.der, the certificate's pieces p<offset> as they arrive over
+# the air, and cert.der once whole). One record, certs/creds.json, says which generation is confirmed and which
 # is new; it is replaced atomically (write creds.tmp, rename over creds.json), and every file
 # it names is complete before the record names it. A slot the record does not name is
 # deleted when the record is loaded, so a cut between two steps leaves only debris that the
@@ -15,7 +16,6 @@ import os
 from binascii import hexlify
 from hashlib import sha256
 
-import csr
 from micropython import const
 
 # States of the record ("st").
@@ -35,6 +35,10 @@ REPROVISIONED = const(6)  # certs/cert.der was replaced by provisioning: its pai
 
 # Trial connects started (counted before each one) before an unconfirmed pair is dropped.
 MAX_TRIES = const(3)
+# Requests sent for one key with no certificate coming back before the node gives the
+# rotation up (ABORTED, reported): a gateway that lost or ended the rotation would otherwise
+# get the same refused request every wake. The gateway starts a new one when it wants to.
+MAX_REQUESTS = const(24)
 
 RECORD = "creds.json"
 _TMP = "creds.tmp"
@@ -79,6 +83,31 @@ def _digest(path):
         return ""
 
 
+def _tl(der, i):
+    # (tag, body start, body length) of the DER element at i.
+    n = der[i + 1]
+    if n < 0x80:
+        return der[i], i + 2, n
+    k = n & 0x7F
+    ln = 0
+    for j in range(k):
+        ln = (ln << 8) | der[i + 2 + j]
+    return der[i], i + 2 + k, ln
+
+
+def cert_serial(der):
+    """The serial number of a DER certificate, as its INTEGER's bytes (big-endian)."""
+    _, i, _ = _tl(der, 0)  # Certificate
+    _, i, _ = _tl(der, i)  # TBSCertificate
+    t, j, n = _tl(der, i)
+    if t == 0xA0:  # [0] version
+        i = j + n
+    t, j, n = _tl(der, i)
+    if t != 0x02:
+        raise CredsError(NO_OUTCOME, "not a certificate")
+    return bytes(der[j : j + n])
+
+
 class Credentials:
     def __init__(self, root="certs", cert0=None, key0=None):
         self.root = root.rstrip("/")
@@ -102,7 +131,9 @@ class Credentials:
 
     def _fresh(self, outcome=NO_OUTCOME):
         # p0: a digest of the provisioned certificate, to notice a re-provisioning.
-        return {"cur": 0, "new": 0, "st": ST_IDLE, "tries": 0, "out": outcome, "p0": _digest(self.cert0), "seq": 0}
+        # rid: the rotation (the gateway's rotate_key) that "new" and "out" belong to.
+        return {"cur": 0, "new": 0, "st": ST_IDLE, "tries": 0, "out": outcome, "p0": _digest(self.cert0), "seq": 0,
+                "rid": 0}
 
     def _save(self, rec):
         rec["seq"] += 1
@@ -120,6 +151,8 @@ class Credentials:
             rec = json.loads(_read(self.root + "/" + RECORD))
             for k in ("cur", "new", "st", "tries", "out", "p0", "seq"):
                 rec[k]  # noqa: B018  (a missing key makes the record unreadable)
+            if "rid" not in rec:
+                rec["rid"] = 0  # a record from before rotations over the air
         except (OSError, ValueError, KeyError, TypeError):
             rec = None
         if rec is None:
@@ -149,6 +182,8 @@ class Credentials:
         if 0 not in keep:
             _remove(self.cert0)
             _remove(self.key0)
+        if self.rec["st"] == ST_TRIAL:
+            self._tidy(self.rec["new"])  # what a cut left between install() and its tidying
 
     def _newest_complete(self):
         best = 0
@@ -167,8 +202,12 @@ class Credentials:
         if gen == 0:
             return  # the provisioned pair goes only once another pair is confirmed
         d = self._dir(gen)
-        _remove(d + "/cert.der")
-        _remove(d + "/key.der")
+        try:
+            names = os.listdir(d)
+        except OSError:
+            names = ()
+        for name in names:
+            _remove(d + "/" + name)
         try:
             os.rmdir(d)
         except OSError:
@@ -218,9 +257,26 @@ class Credentials:
 
     # ---- steps of a rotation ---------------------------------------------------------
 
-    def begin(self, key_der):
-        """Store a new key (csr.private_key_der) and enter ST_KEYED. A rotation already in
-        progress is replaced: its key is dropped, never reused."""
+    @property
+    def rotation(self):
+        """The rotation id the new pair (or the last outcome) belongs to (0: none)."""
+        return self.rec["rid"]
+
+    def csr_der(self):
+        """The stored certificate request of the rotation in progress (None if none)."""
+        if self.rec["st"] == ST_IDLE:
+            return None
+        try:
+            return _read(self._dir(self.rec["new"]) + "/csr.der")
+        except OSError:
+            return None
+
+    def begin(self, key_der, rid=0, csr_der=None):
+        """Store a new key (csr.private_key_der), and its request if given, for rotation
+        `rid`, and enter ST_KEYED. A rotation already in progress is replaced: its key is
+        dropped, never reused."""
+        import csr  # csr and p256 load only in the wakes that make or install a pair
+
         csr.private_key_from_der(key_der)  # refuse anything but a P-256 key in our layout
         rec = dict(self.rec)
         if rec["st"] != ST_IDLE:
@@ -234,9 +290,65 @@ class Credentials:
         except OSError:
             pass
         _write(self.key_path(g), key_der)
+        if csr_der is not None:
+            _write(self._dir(g) + "/csr.der", csr_der)
         rec = dict(self.rec)
-        rec.update(new=g, st=ST_KEYED, tries=0)
+        rec.update(new=g, st=ST_KEYED, tries=0, rid=rid)
         self._save(rec)
+
+    def request_sent(self):
+        """Count one CSR_UP of the key waiting for its certificate (ST_KEYED); past
+        MAX_REQUESTS the rotation is given up (ABORTED). Returns False then."""
+        rec = self.rec
+        if rec["st"] != ST_KEYED:
+            return False
+        if rec["tries"] >= MAX_REQUESTS:
+            self._fall_back(ABORTED)
+            return False
+        rec = dict(rec)
+        rec["tries"] += 1
+        self._save(rec)
+        return True
+
+    def put_piece(self, rid, offset, total, data):
+        """Keep one piece of the certificate for rotation `rid` (bytes offset.. of total);
+        once the pieces cover it, install() it. Returns True when installed (or already
+        past ST_KEYED for this rotation). Each piece is a file of its own, whole or absent
+        after a cut, so a piece delivered again only rewrites the same bytes."""
+        rec = self.rec
+        if rec["st"] == ST_IDLE or rid != rec["rid"]:
+            raise CredsError(NO_OUTCOME, "no rotation %d in progress" % rid)
+        if rec["st"] == ST_TRIAL:
+            return True
+        if not 0 <= offset < total or offset + len(data) > total or not data:
+            raise CredsError(NO_OUTCOME, "piece %d+%d outside %d bytes" % (offset, len(data), total))
+        d = self._dir(rec["new"])
+        _write("%s/p%d" % (d, offset), data)
+        # Contiguous cover from 0 to total, from the pieces on flash.
+        got = {}
+        for name in os.listdir(d):
+            if name[:1] == "p" and name[1:].isdigit():
+                got[int(name[1:])] = name
+        at = 0
+        parts = []
+        while at < total:
+            name = got.get(at)
+            if name is None:
+                return False
+            part = _read(d + "/" + name)
+            if not part:
+                return False
+            parts.append(part)
+            at += len(part)
+        if at != total:
+            raise CredsError(MISMATCH, "pieces overrun the certificate's length")
+        try:
+            self.install(b"".join(parts))
+        except CredsError:
+            for name in got.values():  # a wrong certificate: let it come again whole
+                _remove(d + "/" + name)
+            raise
+        return True
 
     def install(self, cert_der):
         """Take the certificate issued for the new key and enter ST_TRIAL. A certificate that
@@ -246,12 +358,26 @@ class Credentials:
             raise CredsError(NO_OUTCOME, "no rotation in progress")
         key = _read(self.key_path(rec["new"]))
         pub = key[-65:]  # private_key_der ends with the uncompressed public point
+        import csr
+
         if csr.spki(pub) not in cert_der or cert_der[:1] != b"\x30":
             raise CredsError(MISMATCH, "certificate is not for the new key")
         _write(self.cert_path(rec["new"]), cert_der)
         rec = dict(rec)
         rec.update(st=ST_TRIAL, tries=0)
         self._save(rec)
+        self._tidy(rec["new"])
+
+    def _tidy(self, gen):
+        # The request and the pieces are needless once the certificate is installed.
+        d = self._dir(gen)
+        try:
+            names = os.listdir(d)
+        except OSError:
+            return
+        for name in names:
+            if name[:1] == "p" or name == "csr.der":
+                _remove(d + "/" + name)
 
     def session_ok(self):
         """A session with the trial pair succeeded (CONNACK 0): it becomes the confirmed

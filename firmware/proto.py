@@ -6,14 +6,14 @@ from micropython import const
 import struct
 
 MAJOR = const(1)
-MINOR = const(2)
-VERSION_BYTE = const(0x12)
+MINOR = const(3)
+VERSION_BYTE = const(0x13)
 HEADER_SIZE = const(6)
 MAX_FRAME = const(4096)
 
 # frame types and their largest encoding
 HELLO = const(1)
-MAX_HELLO = const(74)
+MAX_HELLO = const(106)
 BURST = const(2)
 MAX_BURST = const(3579)
 ACK = const(3)
@@ -36,6 +36,8 @@ SLEEP_NOW = const(11)
 MAX_SLEEP_NOW = const(13)
 ERROR = const(12)
 MAX_ERROR = const(78)
+CSR_UP = const(13)
+MAX_CSR_UP = const(524)
 
 # enum device_class
 DEVICE_CLASS_SENSOR = const(0)
@@ -60,7 +62,9 @@ COMMAND_OP_SET_THRESHOLDS = const(2)
 COMMAND_OP_STAY_AWAKE = const(3)
 COMMAND_OP_REBOOT = const(4)
 COMMAND_OP_SYNC_TIME = const(5)
-_E_COMMAND_OP = (0, 1, 2, 3, 4, 5,)
+COMMAND_OP_ROTATE_KEY = const(6)
+COMMAND_OP_INSTALL_CERT = const(7)
+_E_COMMAND_OP = (0, 1, 2, 3, 4, 5, 6, 7,)
 # enum result_status
 RESULT_STATUS_OK = const(0)
 RESULT_STATUS_DUPLICATE = const(1)
@@ -107,6 +111,15 @@ OTA_REASON_CRASHED = const(10)
 OTA_REASON_NO_SPACE = const(11)
 OTA_REASON_BAD_MANIFEST = const(12)
 _E_OTA_REASON = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,)
+# enum cred_outcome
+CRED_OUTCOME_NONE = const(0)
+CRED_OUTCOME_ROTATED = const(1)
+CRED_OUTCOME_REFUSED = const(2)
+CRED_OUTCOME_NO_SESSION = const(3)
+CRED_OUTCOME_MISMATCH = const(4)
+CRED_OUTCOME_ABORTED = const(5)
+CRED_OUTCOME_REPROVISIONED = const(6)
+_E_CRED_OUTCOME = (0, 1, 2, 3, 4, 5, 6,)
 # enum error_code
 ERROR_CODE_MALFORMED = const(1)
 ERROR_CODE_UNKNOWN_FRAME = const(2)
@@ -158,6 +171,9 @@ HELLO_MCU_TEMP = const(17)
 HELLO_FIRST_ID = const(18)
 HELLO_NEXT_LISTEN_S = const(19)
 HELLO_CLOCK_UNSET = const(20)
+HELLO_CERT_SERIAL = const(21)
+HELLO_CRED_OUTCOME = const(22)
+HELLO_CRED_ROTATION = const(23)
 BURST_SCHEMA = const(1)
 BURST_INTERVAL = const(2)
 BURST_READINGS = const(3)
@@ -200,6 +216,8 @@ SLEEP_NOW_PENDING = const(2)
 ERROR_CODE = const(1)
 ERROR_REF = const(2)
 ERROR_DETAIL = const(3)
+CSR_UP_ROTATION = const(1)
+CSR_UP_CSR = const(2)
 
 
 class ProtocolError(ValueError):
@@ -457,7 +475,7 @@ def opt_at(p, off, tag):
     return 0
 
 
-def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class, config_version=0, ota_state=0, ota_reason=0, safe_mode=False, boots_without_send=0, mcu_temp=0.0, first_id=0, next_listen_s=0, clock_unset=False):
+def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class, config_version=0, ota_state=0, ota_reason=0, safe_mode=False, boots_without_send=0, mcu_temp=0.0, first_id=0, next_listen_s=0, clock_unset=False, cert_serial=b'', cred_outcome=0, cred_rotation=0):
     _put_header(buf, HELLO, msg_id)
     off = 6
     struct.pack_into("<IBHbIHIIHIB", buf, off, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class)
@@ -507,6 +525,20 @@ def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem
         buf[off + 1] = 1
         struct.pack_into("<B", buf, off + 2, clock_unset)
         off += 3
+    if cert_serial != b'':
+        buf[off] = 21
+        off = _put_uv(buf, off + 1, _uv_size(len(cert_serial)) + len(cert_serial))
+        off = _put_raw(buf, off, cert_serial, 20, "HELLO", "cert_serial")
+    if cred_outcome != 0:
+        buf[off] = 22
+        buf[off + 1] = 1
+        struct.pack_into("<B", buf, off + 2, cred_outcome)
+        off += 3
+    if cred_rotation != 0:
+        buf[off] = 23
+        buf[off + 1] = 4
+        struct.pack_into("<I", buf, off + 2, cred_rotation)
+        off += 6
     return off
 
 
@@ -529,6 +561,9 @@ def decode_hello(buf):
     v_first_id = 0
     v_next_listen_s = 0
     v_clock_unset = False
+    v_cert_serial = b''
+    v_cred_outcome = 0
+    v_cred_rotation = 0
     last = 0
     while off < n:
         tl = _tlv(buf, off, n, "HELLO")
@@ -559,10 +594,24 @@ def decode_hello(buf):
         elif tag == 20:
             v_clock_unset = _fixed_tlv("<B", 1, buf, voff, tl, "HELLO", "clock_unset")
             v_clock_unset = _bool(v_clock_unset, "HELLO", voff, "clock_unset")
+        elif tag == 21:
+            off = voff
+            ln = _length(buf, off, voff + tl, "HELLO", "cert_serial", 20)
+            off = _pos[0]
+            _need(off, ln, voff + tl, "HELLO", "cert_serial")
+            v_cert_serial = buf[off:off + ln]
+            off += ln
+            if off != voff + tl:
+                raise _err("HELLO", off, "cert_serial: length does not match its value")
+        elif tag == 22:
+            v_cred_outcome = _fixed_tlv("<B", 1, buf, voff, tl, "HELLO", "cred_outcome")
+            _enum(v_cred_outcome, _E_CRED_OUTCOME, "HELLO", voff, "cred_outcome")
+        elif tag == 23:
+            v_cred_rotation = _fixed_tlv("<I", 4, buf, voff, tl, "HELLO", "cred_rotation")
         elif minor <= MINOR:
             raise _err("HELLO", off, "unknown field tag %d" % tag)
         off = voff + tl
-    return (_msg_id(buf), v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset)
+    return (_msg_id(buf), v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation)
 
 
 def encode_burst(buf, msg_id, schema, interval, recs, count, node_clock=False):
@@ -1078,6 +1127,33 @@ def decode_error(buf):
     return (_msg_id(buf), v_code, v_ref, v_detail)
 
 
+def encode_csr_up(buf, msg_id, rotation, csr):
+    _put_header(buf, CSR_UP, msg_id)
+    off = 6
+    struct.pack_into("<I", buf, off, rotation)
+    off += 4
+    off = _put_raw(buf, off, csr, 512, "CSR_UP", "csr")
+    return off
+
+
+def decode_csr_up(buf):
+    n = len(buf)
+    minor = _header(buf, n, CSR_UP, "CSR_UP")
+    buf = memoryview(buf)
+    off = 6
+    _need(off, 4, n, "CSR_UP", "rotation")
+    v_rotation, = struct.unpack_from("<I", buf, off)
+    off += 4
+    ln = _length(buf, off, n, "CSR_UP", "csr", 512)
+    off = _pos[0]
+    _need(off, ln, n, "CSR_UP", "csr")
+    v_csr = buf[off:off + ln]
+    off += ln
+    if off != n and minor <= MINOR:
+        raise _err("CSR_UP", off, "%d trailing bytes" % (n - off))
+    return (_msg_id(buf), v_rotation, v_csr)
+
+
 _DECODERS = {
     1: decode_hello,
     2: decode_burst,
@@ -1091,6 +1167,7 @@ _DECODERS = {
     10: decode_ota_status,
     11: decode_sleep_now,
     12: decode_error,
+    13: decode_csr_up,
 }
 
 

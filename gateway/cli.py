@@ -87,6 +87,13 @@ def register(sub: Any) -> None:
                    help="[broker] mode = external: the mosquitto process to reload "
                    f"(default: `systemctl reload {EXTERNAL_BROKER_UNIT}`)")
     p.set_defaults(func=_revoke)
+    p = dsub.add_parser(
+        "rotate", help="rotate a device's key over the air: the node makes a new key, the "
+        "gateway certifies it and revokes the old certificate once the new one is in use")
+    config_arg(p)
+    p.add_argument("device_id", help="the device's id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_rotate)
     # Downlink to sleeping nodes: send, config, cancel (gateway/downlink_cli.py).
     downlink_cli.register(dsub, config_arg)
     # The edge rules: `device group`, `gateway rules check`, `gateway alerts`.
@@ -245,13 +252,17 @@ def _show(args: argparse.Namespace) -> int:
             letters = deadletter.list_recent(conn, dev.id, limit=5)
             nletters = deadletter.count(conn, dev.id)
             down = downlink_cli.gather(conn, dev.id)
+            from gateway.store import rotations
+
+            rots = rotations.of_device(conn, dev.id, limit=1)
         finally:
             conn.close()
     except GatewayError as exc:
         return _fail(str(exc))
     if args.json:
         doc = dev.as_dict() | {"ack_cumulative": hwm, "committed_above": above,
-                               "readings": total, "dead_letters": nletters, "downlink": down}
+                               "readings": total, "dead_letters": nletters, "downlink": down,
+                               "rotation": rots[0].as_dict() if rots else None}
         print(json.dumps(doc, indent=1))
         return 0
     print(f"device:          {dev.id} ({dev.device_class})")
@@ -277,6 +288,11 @@ def _show(args: argparse.Namespace) -> int:
     print(f"queue / dropped: {dev.queue_depth if dev.queue_depth is not None else '-'} / "
           f"{dev.dropped if dev.dropped is not None else '-'}")
     print(f"readings:        {total} stored, acknowledged up to id {hwm} (+{above} above)")
+    if rots:
+        r = rots[0]
+        print(f"key rotation:    {r.id} {r.state}" + (f" (new certificate {r.new_serial})"
+                                                      if r.new_serial else "")
+              + (f" {r.outcome}" if r.outcome else "") + (f": {r.detail}" if r.detail else ""))
     print(f"dead letters:    {nletters}")
     for letter in letters:
         print(f"  {_when(letter.at)}  {letter.reason}: {letter.detail}")
@@ -320,6 +336,9 @@ def _revoke(args: argparse.Namespace) -> int:
                 with db.transaction(conn):
                     registry.set_status(conn, dev.id, registry.REVOKED, "revoked by the operator",
                                         now=now)
+                    from gateway.store import rotations
+
+                    rotations.cancel_open(conn, dev.id, "the device was revoked", now)
                     enqueue_events(conn, cfg.upstream, [(dev.id, "revoked", {
                         "serials": [format(s, "x") for s in serials]})], now)
             broker_pid = _broker_pid(cfg, conn)
@@ -338,6 +357,26 @@ def _revoke(args: argparse.Namespace) -> int:
     print("broker: reloaded, new connections "
           + ("refused" if refused else "refused once the reload is done (not checked: no key)"))
     print("broker: live sessions cut")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    """Queue a rotation: a rotate_key command waits for the node's next wake."""
+    from gateway.ops import actions
+
+    try:
+        cfg, conn = _open(args)
+        try:
+            rot = actions.rotate_key(conn, cfg.pki_dir, args.device_id)
+        finally:
+            conn.close()
+    except GatewayError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(rot.as_dict(), indent=1))
+        return 0
+    print(f"{rot.device}: rotation {rot.id} queued (command {rot.command_id}); the node makes "
+          "its new key at its next wake")
     return 0
 
 

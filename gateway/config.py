@@ -136,6 +136,14 @@ class PkiConfig:
     server_lead_days: float = 30.0
     gateway_days: float = 825.0
     gateway_lead_days: float = 30.0
+    # Device keys rotated over the air (gateway.pipeline.rotation): a rotation starts this
+    # many days before a device certificate expires (or by `torpor device rotate`), and the
+    # certificate it issues lives device_days. rotation_poll_s: how soon an accepted
+    # request is issued and a replaced certificate revoked.
+    rotate_devices: bool = True
+    device_rotate_lead_days: float = 30.0
+    device_days: float = 3650.0
+    rotation_poll_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +313,9 @@ _MINIMA: dict[tuple[str, str], float] = {
     ("downlink", "grace_s"): 0.0,
     ("downlink", "sweep_interval_s"): 0.05,
     ("pki", "check_interval_s"): 0.1,
+    ("pki", "device_rotate_lead_days"): 0.0,
+    ("pki", "device_days"): 0.0001,
+    ("pki", "rotation_poll_s"): 0.05,
     ("pki", "crl_days"): 0.0001,
     ("pki", "crl_renew_at"): 0.01,
     ("pki", "server_days"): 0.0001,

@@ -50,6 +50,7 @@ STORE_MODULES: tuple[str, ...] = (
     "gateway.store.alerts",
     "gateway.store.groups",
     "gateway.store.hass",
+    "gateway.store.rotations",
 )
 
 _extra_stores: list[Callable[[sqlite3.Connection], None]] = []

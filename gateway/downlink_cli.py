@@ -93,6 +93,9 @@ def _run(args: argparse.Namespace, body: Any) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     def body(conn: sqlite3.Connection) -> int:
+        from gateway.store.rotations import refuse_own_op
+
+        refuse_own_op(args.op)
         cmd_args = [_int(f"{args.op}: argument {i + 1}", a) for i, a in enumerate(args.args)]
         try:
             data = bytes.fromhex(args.data)

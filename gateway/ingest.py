@@ -17,7 +17,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
@@ -26,6 +26,9 @@ from gateway.config import IngestConfig, UpstreamConfig
 from gateway.downlink import Downlink, WakePlan
 from gateway.ota import OtaHandler
 from gateway.outbox import Queued
+
+if TYPE_CHECKING:
+    from gateway.pipeline.rotation import RotationHandler
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ DOWNLINK_QOS = 1
 
 _UP_TYPES = frozenset({
     proto.HELLO, proto.BURST, proto.COMMAND_RESULT, proto.SHADOW_REPORT, proto.OTA_STATUS,
+    proto.CSR_UP,
 })
 _DETAIL_MAX = proto.ERROR_DETAIL_MAX
 _UNCONFIRMED_MAX = 65536  # answers remembered for drain(); older ones are let go
@@ -118,6 +122,7 @@ class _Dev:
     hellos: list[proto.Hello] = field(default_factory=list)
     answers: list[proto.CommandResult | proto.ShadowReport] = field(default_factory=list)
     ota: list[proto.OtaStatus] = field(default_factory=list)
+    csrs: list[tuple[proto.CsrUp, bytes]] = field(default_factory=list)
     replies: list[_Reply] = field(default_factory=list)
     payloads: list[bytes] = field(default_factory=list)  # the frames to be written
     failed: str = ""  # why handling its frames raised
@@ -132,6 +137,7 @@ class _Stage:
     counts: dict[tuple[str, str], list[int]]  # (device, reason) -> [frames, bytes, stored]
     quarantine: dict[str, str]
     seen: dict[str, float] = field(default_factory=dict)
+    csr_refused: list[tuple[str, str]] = field(default_factory=list)  # (device, its status)
 
     def dev(self, device: str) -> _Dev:
         d = self.devs.get(device)
@@ -169,6 +175,7 @@ class Ingest:
         on_hello: HelloHook = no_downlink,
         downlink: Downlink | None = None,
         ota: OtaHandler | None = None,
+        rotation: RotationHandler | None = None,
         on_committed: Callable[[list[Queued]], None] | None = None,
         clock: Callable[[], float] = time.time,
         writer: db.Writer | None = None,
@@ -188,6 +195,8 @@ class Ingest:
         self.downlink = downlink
         # OTA_STATUS frames and HELLOs' OTA outcomes (gateway.ota), before downlink planning.
         self.ota = ota
+        # CSR_UP frames and HELLOs' rotation fields (gateway.pipeline.rotation).
+        self.rotation = rotation
         self.on_committed = on_committed
         self.on_commit = on_commit  # on_commit(seconds) after each commit (metrics)
         self.clock = clock
@@ -309,7 +318,13 @@ class Ingest:
         status = self._status_of(device, now)
         if status is None or status not in registry.SERVED:
             reason = "not_provisioned" if status is None else status
-            self._dead(st, device, reason, "", payload, now, sample=True)
+            # A certificate request from a device that is not served is always kept, with
+            # an event: a rotation never re-admits a revoked or quarantined device.
+            csr = len(payload) > 1 and payload[1] == proto.CSR_UP and self.rotation is not None
+            if csr:
+                st.csr_refused.append((device, reason))
+            self._dead(st, device, reason, "certificate request" if csr else "", payload, now,
+                       sample=not csr)
             if status is None or status == registry.PROVISIONED:
                 st.dev(device).replies.append(_Reply(2, frames=[_error(
                     proto.ErrorCode.NOT_PROVISIONED, _ref(payload), "not provisioned")]))
@@ -372,6 +387,8 @@ class Ingest:
             dev.answers.append(frame)
         elif self.ota is not None and isinstance(frame, proto.OtaStatus):
             dev.ota.append(frame)
+        elif self.rotation is not None and isinstance(frame, proto.CsrUp):
+            dev.csrs.append((frame, payload))
         else:
             # Up frames served by later modules (command results, shadow, OTA status).
             dev.payloads.pop()
@@ -516,6 +533,13 @@ class Ingest:
                 (d, "hello", hello_fields(h)) for d, h in hellos], now)
         if self.ota is not None and (ota_frames or hellos):
             self.ota.handle(self.conn, ota_frames, hellos, now)
+        csrs = [(d.device, f, raw) for d in devs for f, raw in d.csrs]
+        if self.rotation is not None and (csrs or any(h.cred_rotation for _, h in hellos)):
+            done = self.rotation.handle(self.conn, csrs, hellos, now)
+            self._dead_bytes += done.dead_bytes  # refused requests, dead-lettered there
+            self.metrics.dead_letters += done.dead_letters
+            if done.events and self.upstream is not None:
+                upstream += queue_events(self.conn, self.upstream, done.events, now)
         if self.downlink is not None:
             if answers:
                 self.downlink.handle_up(self.conn, answers, now)
@@ -554,6 +578,10 @@ class Ingest:
         if counts:
             deadletter.count_refused(self.conn, [
                 (d, r, c[0], c[1], c[2], now) for (d, r), c in counts.items()])
+        if self.rotation is not None and st.csr_refused:
+            events = self.rotation.refused_unserved(self.conn, st.csr_refused, now)
+            if self.upstream is not None:
+                w.events += queue_events(self.conn, self.upstream, events, now)
         if self.upstream is not None and st.quarantine:
             w.events += queue_events(self.conn, self.upstream, [
                 (d, "quarantined", {"reason": r}) for d, r in st.quarantine.items()], now)

@@ -547,20 +547,32 @@ class Pki:
         *,
         by_root: bool = False,
     ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        return self._certify(cn, days, eku, key.public_key(), sans, by_root=by_root), key
+
+    def _certify(
+        self,
+        cn: str,
+        days: float,
+        eku: x509.ObjectIdentifier,
+        public_key: ec.EllipticCurvePublicKey,
+        sans: Sequence[x509.GeneralName] = (),
+        *,
+        by_root: bool = False,
+    ) -> x509.Certificate:
         if days <= 0:
             raise PkiError(f"validity must be positive, not {days} days")
         if by_root:
             ca_cert, ca_key = self._load_ca()
         else:
             ca_cert, ca_key, _ = self._signer()
-        key = ec.generate_private_key(ec.SECP256R1())
         now = self.now()
         not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
             .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE)
             .not_valid_after(not_after)
@@ -581,7 +593,7 @@ class Pki:
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-        return builder.sign(ca_key, hashes.SHA256()), key
+        return builder.sign(ca_key, hashes.SHA256())
 
     def issue_server(self, sans: Iterable[str], cn: str = DEFAULT_SERVER_CN, days: float = SERVER_DAYS) -> Credentials:
         """The broker's certificate; nodes check it against `sans` (DNS names and IPs)."""
@@ -670,6 +682,25 @@ class Pki:
                  extra={"device_id": device_id})
         return creds
 
+    def issue_device_for_key(self, device_id: str, public_key: ec.EllipticCurvePublicKey,
+                             days: float = DEVICE_DAYS) -> x509.Certificate:
+        """A device certificate for a key the node made itself (from its certificate
+        request): the private key never reaches this side. Earlier certificates of the
+        device stay valid until revoked (gateway.pipeline.rotation revokes them once the
+        node has connected with this one)."""
+        validate_device_id(device_id)
+        if not self.device_records(device_id, include_revoked=False):
+            raise PkiError(f"device {device_id!r} has no valid certificate to rotate")
+        cert = self._certify(device_id, days, ExtendedKeyUsageOID.CLIENT_AUTH, public_key)
+        folder = self.path / "devices" / device_id / format(cert.serial_number, "x")
+        private_dir(folder, within=self.path)
+        write_public(folder / "cert.pem", cert.public_bytes(serialization.Encoding.PEM))
+        write_public(folder / "cert.der", cert.public_bytes(serialization.Encoding.DER))
+        self._record(cert, "device", folder / "cert.pem", issuer=_issuer_kind(cert))
+        log.info("issued certificate %x for device %s from its own key", cert.serial_number,
+                 device_id, extra={"device_id": device_id})
+        return cert
+
     def rotate(self, device_id: str, days: int = DEVICE_DAYS) -> DeviceCredentials:
         """Issue a new certificate for a known device; revoke the old one once it is in use."""
         validate_device_id(device_id)
@@ -678,11 +709,18 @@ class Pki:
         return self.issue_device(device_id, days)
 
     def device_credentials(self, device_id: str) -> DeviceCredentials:
-        """The newest unrevoked credentials of a device."""
+        """The newest unrevoked credentials of a device whose key is here: a certificate
+        issued for a key a node made itself (rotated over the air) has none."""
         records = self.device_records(device_id, include_revoked=False)
         if not records:
             raise PkiError(f"device {device_id!r} has no valid certificate")
-        rec: CertRecord = max(records, key=lambda r: r.not_before)
+        here = [r for r in records if ((self.path / r.path).parent / "key.der").exists()]
+        if not here:
+            raise PkiError(
+                f"device {device_id!r} holds the only key of its valid certificate (rotated "
+                f"over the air); to provision it again, issue a new pair with `torpor pki "
+                f"rotate {device_id}`")
+        rec: CertRecord = max(here, key=lambda r: r.not_before)
         folder = (self.path / rec.path).parent
         return DeviceCredentials(
             device_id=device_id, serial=rec.serial, not_after=rec.not_after,

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 MAJOR = 1
-MINOR = 2
-VERSION_BYTE = 0x12
+MINOR = 3
+VERSION_BYTE = 0x13
 HEADER_SIZE = 6
 MAX_FRAME = 4096
 # largest encoding of any frame the spec defines (each frame class's MAX_SIZE)
@@ -329,6 +329,8 @@ class CommandOp(IntEnum):
     STAY_AWAKE = 3
     REBOOT = 4
     SYNC_TIME = 5
+    ROTATE_KEY = 6
+    INSTALL_CERT = 7
 
 
 class ResultStatus(IntEnum):
@@ -379,6 +381,16 @@ class OtaReason(IntEnum):
     CRASHED = 10
     NO_SPACE = 11
     BAD_MANIFEST = 12
+
+
+class CredOutcome(IntEnum):
+    NONE = 0
+    ROTATED = 1
+    REFUSED = 2
+    NO_SESSION = 3
+    MISMATCH = 4
+    ABORTED = 5
+    REPROVISIONED = 6
 
 
 class ErrorCode(IntEnum):
@@ -463,6 +475,16 @@ OP_ARGS: dict[CommandOp, CommandArgs] = {
         CommandOp.SYNC_TIME, "set the node's clock", 1, (
             CommandArg('time', 0, 2147483647, 'unix seconds'),
         ), 'sync_time TIME'),
+    CommandOp.ROTATE_KEY: CommandArgs(
+        CommandOp.ROTATE_KEY, 'make a new device key on the node and send its certificate request (CSR_UP) for this rotation', 1, (
+            CommandArg('rotation', 1, 2147483647, ''),
+        ), 'rotate_key ROTATION'),
+    CommandOp.INSTALL_CERT: CommandArgs(
+        CommandOp.INSTALL_CERT, "one piece of the certificate issued for a rotation's key: bytes offset.. of total, in `data`", 3, (
+            CommandArg('rotation', 1, 2147483647, ''),
+            CommandArg('offset', 0, 4095, 'bytes'),
+            CommandArg('total', 1, 4096, 'bytes'),
+        ), 'install_cert ROTATION OFFSET TOTAL'),
 }
 
 
@@ -525,7 +547,7 @@ class Hello:
     """HELLO (up): A node woke and reports its state; the gateway answers with ACK, queued downlink, SLEEP_NOW."""
 
     FRAME_TYPE: ClassVar[int] = 1
-    MAX_SIZE: ClassVar[int] = 74
+    MAX_SIZE: ClassVar[int] = 106
     msg_id: int
     fw_version: int
     boot_cause: BootCause
@@ -547,6 +569,9 @@ class Hello:
     first_id: int = 0
     next_listen_s: int = 0
     clock_unset: bool = False
+    cert_serial: bytes = b''
+    cred_outcome: CredOutcome = CredOutcome.NONE
+    cred_rotation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -690,7 +715,19 @@ class Error:
     detail: str = ''
 
 
+@dataclass(frozen=True, slots=True)
+class CsrUp:
+    """CSR_UP (up): A PKCS#10 certificate request for a key the node made for a rotation; sent each sending wake until the certificate arrives."""
+
+    FRAME_TYPE: ClassVar[int] = 13
+    MAX_SIZE: ClassVar[int] = 524
+    msg_id: int
+    rotation: int
+    csr: bytes
+
+
 # largest length of each bounded field (bytes for bytes/str, items for arrays and series)
+HELLO_CERT_SERIAL_MAX = 20
 BURST_READINGS_MAX = 255
 ACK_SELECTIVE_MAX = 64
 COMMAND_ARGS_MAX = 8
@@ -704,8 +741,9 @@ OTA_MANIFEST_SIGNATURE_MAX = 64
 OTA_CHUNK_DATA_MAX = 2048
 OTA_STATUS_DETAIL_MAX = 48
 ERROR_DETAIL_MAX = 64
+CSR_UP_CSR_MAX = 512
 
-Frame = Hello | Burst | Ack | Command | CommandResult | ShadowReport | ShadowDelta | OtaManifest | OtaChunk | OtaStatus | SleepNow | Error
+Frame = Hello | Burst | Ack | Command | CommandResult | ShadowReport | ShadowDelta | OtaManifest | OtaChunk | OtaStatus | SleepNow | Error | CsrUp
 HELLO = 1
 BURST = 2
 ACK = 3
@@ -718,6 +756,7 @@ OTA_CHUNK = 9
 OTA_STATUS = 10
 SLEEP_NOW = 11
 ERROR = 12
+CSR_UP = 13
 
 
 _S_HELLO_0 = struct.Struct('<IBHbIHIIHIB')
@@ -730,6 +769,8 @@ _S_HELLO_T17 = struct.Struct('<f')
 _S_HELLO_T18 = struct.Struct('<I')
 _S_HELLO_T19 = struct.Struct('<I')
 _S_HELLO_T20 = struct.Struct('<B')
+_S_HELLO_T22 = struct.Struct('<B')
+_S_HELLO_T23 = struct.Struct('<I')
 
 
 def decode_hello(buf: Buffer) -> Hello:
@@ -752,6 +793,9 @@ def decode_hello(buf: Buffer) -> Hello:
     v_first_id = 0
     v_next_listen_s = 0
     v_clock_unset = False
+    v_cert_serial = b''
+    v_cred_outcome = CredOutcome.NONE
+    v_cred_rotation = 0
     last = 0
     while off < n:
         tag, voff, tl = _tlv_head(buf, off, n, "HELLO")
@@ -785,10 +829,24 @@ def decode_hello(buf: Buffer) -> Hello:
         elif tag == 20:
             x = _fixed_tlv(_S_HELLO_T20, buf, voff, tl, "HELLO", "clock_unset")
             v_clock_unset = _bool(x, "HELLO", voff, "clock_unset")
+        elif tag == 21:
+            off = voff
+            ln, off = _length(buf, off, voff + tl, "HELLO", "cert_serial", 20)
+            _need(off, ln, voff + tl, "HELLO", "cert_serial")
+            v_cert_serial = bytes(buf[off:off + ln])
+            off += ln
+            if off != voff + tl:
+                raise ProtocolError("HELLO", off, "cert_serial: length does not match its value")
+        elif tag == 22:
+            x = _fixed_tlv(_S_HELLO_T22, buf, voff, tl, "HELLO", "cred_outcome")
+            v_cred_outcome = _enum(CredOutcome, x, "HELLO", voff, "cred_outcome")
+        elif tag == 23:
+            x = _fixed_tlv(_S_HELLO_T23, buf, voff, tl, "HELLO", "cred_rotation")
+            v_cred_rotation = x
         elif minor <= MINOR:
             raise ProtocolError("HELLO", off, f"unknown field tag {tag}")
         off = voff + tl
-    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset)
+    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation)
 
 
 def encode_hello(f: Hello) -> bytes:
@@ -855,6 +913,22 @@ def encode_hello(f: Hello) -> bytes:
             _put_tlv(out, 20, _S_HELLO_T20.pack(1 if f.clock_unset else 0))
         except (struct.error, OverflowError, TypeError):
             raise _pack_error("HELLO", out, (("clock_unset", "bool", f.clock_unset),)) from None
+    if f.cert_serial != b'':
+        tmp = bytearray()
+        _put_bytes(tmp, f.cert_serial, "HELLO", "cert_serial", 20)
+        _put_tlv(out, 21, bytes(tmp))
+    if f.cred_outcome != CredOutcome.NONE:
+        if f.cred_outcome not in CredOutcome._value2member_map_:
+            raise ProtocolError("HELLO", len(out), f"cred_outcome: {f.cred_outcome!r} is not a CredOutcome")
+        try:
+            _put_tlv(out, 22, _S_HELLO_T22.pack(f.cred_outcome))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("cred_outcome", "enum", f.cred_outcome),)) from None
+    if f.cred_rotation != 0:
+        try:
+            _put_tlv(out, 23, _S_HELLO_T23.pack(f.cred_rotation))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("cred_rotation", "u32", f.cred_rotation),)) from None
     return bytes(out)
 
 _S_BURST_0 = struct.Struct('<BH')
@@ -1467,6 +1541,41 @@ def encode_error(f: Error) -> bytes:
         _put_tlv(out, 3, bytes(tmp))
     return bytes(out)
 
+_S_CSR_UP_0 = struct.Struct('<I')
+
+
+def decode_csr_up(buf: Buffer) -> CsrUp:
+    """Decode a CSR_UP frame."""
+    n = len(buf)
+    minor, msg_id = _header(buf, n, 13, "CSR_UP")
+    off = 6
+    if off + 4 > n:
+        raise ProtocolError("CSR_UP", n, f"truncated (needs 4 bytes of fields at {off})")
+    v_rotation, = _S_CSR_UP_0.unpack_from(buf, off)
+    off += 4
+    ln, off = _length(buf, off, n, "CSR_UP", "csr", 512)
+    _need(off, ln, n, "CSR_UP", "csr")
+    v_csr = bytes(buf[off:off + ln])
+    off += ln
+    if off != n and minor <= MINOR:
+        raise ProtocolError("CSR_UP", off, f"{n - off} trailing bytes")
+    return CsrUp(msg_id, v_rotation, v_csr)
+
+
+def encode_csr_up(f: CsrUp) -> bytes:
+    """Encode a CSR_UP frame."""
+    out = bytearray()
+    try:
+        out += _HDR.pack(VERSION_BYTE, 13, f.msg_id)
+    except (struct.error, TypeError):
+        raise ProtocolError("CSR_UP", 2, f"msg_id: {f.msg_id!r} does not fit u32") from None
+    try:
+        out += _S_CSR_UP_0.pack(f.rotation)
+    except (struct.error, OverflowError, TypeError):
+        raise _pack_error("CSR_UP", out, (("rotation", "u32", f.rotation),)) from None
+    _put_bytes(out, f.csr, "CSR_UP", "csr", 512)
+    return bytes(out)
+
 _DECODERS: dict[int, Callable[[Buffer], Frame]] = {
     1: decode_hello,
     2: decode_burst,
@@ -1480,6 +1589,7 @@ _DECODERS: dict[int, Callable[[Buffer], Frame]] = {
     10: decode_ota_status,
     11: decode_sleep_now,
     12: decode_error,
+    13: decode_csr_up,
 }
 _ENCODERS: dict[type, Callable[[Any], bytes]] = {
     Hello: encode_hello,
@@ -1494,6 +1604,7 @@ _ENCODERS: dict[type, Callable[[Any], bytes]] = {
     OtaStatus: encode_ota_status,
     SleepNow: encode_sleep_now,
     Error: encode_error,
+    CsrUp: encode_csr_up,
 }
 
 

@@ -160,6 +160,9 @@ class Service:
         self._rate = 0.0
         self.credentials: dict[str, Any] = {}  # days left per credential (gateway.lifetimes)
         self.live = self._live_metrics()  # what /metrics exports of this process
+        self.rotation: Any = None  # gateway.pipeline.rotation.RotationHandler
+        # The PKI folder has one writer at a time in this process (renewals, rotations).
+        self._pki_lock = asyncio.Lock()
 
     def stop(self) -> None:
         self._stop.set()
@@ -232,10 +235,16 @@ class Service:
         try:
             if cfg.broker.mode == "supervised":
                 await self._start_broker()
+            has_pki = (cfg.pki_dir / "ca.pem").exists()
+            if has_pki:  # device keys rotated over the air (gateway.pipeline.rotation)
+                from gateway.pipeline.rotation import RotationHandler
+                from gateway.pki import Pki
+
+                self.rotation = RotationHandler(Pki(cfg.pki_dir), cfg.pki, cfg.upstream)
             self.ingest = Ingest(
                 self.conn, cfg.ingest, upstream=cfg.upstream, on_hello=self.on_hello,
                 downlink=self.downlink, ota=OtaHandler(), on_committed=self._notify_relay,
-                writer=writer, on_commit=self.live.observe_commit,
+                writer=writer, on_commit=self.live.observe_commit, rotation=self.rotation,
             )
             self._write_status("running")
             tasks["ingest"] = asyncio.create_task(self._supervise("ingest", self._ingest))
@@ -261,9 +270,11 @@ class Service:
                 hass = HassPublisher(cfg, self.conn, writer, notify=self._notify_relay,
                                      connects=lambda: self.relay.connects if self.relay else 0)
                 tasks["hass"] = asyncio.create_task(self._supervise("hass", hass.run))
-            if (cfg.pki_dir / "ca.pem").exists():
+            if has_pki:
                 tasks["lifetimes"] = asyncio.create_task(
                     self._supervise("lifetimes", self._lifetimes_loop))
+                tasks["rotation"] = asyncio.create_task(
+                    self._supervise("rotation", self._rotation_loop))
             if cfg.web.enabled:  # the operator's page and API (gateway.web)
                 from gateway.web import server as web_server
 
@@ -275,7 +286,7 @@ class Service:
         finally:
             # Ingest first: it stops taking frames, commits and answers what it holds.
             for name in ("ingest", "web", "rules", "hass", "relay", "status", "downlink",
-                         "lifetimes", "checkpoint"):
+                         "lifetimes", "rotation", "checkpoint"):
                 task = tasks.get(name)
                 if task is not None:
                     task.cancel()
@@ -442,7 +453,8 @@ class Service:
         while True:
             report = None
             if cfg.pki.renew:
-                report = await asyncio.to_thread(lifetimes.renew_due, pki, cfg.pki)
+                async with self._pki_lock:
+                    report = await asyncio.to_thread(lifetimes.renew_due, pki, cfg.pki)
                 if report.broker_files_changed:
                     self._reload_broker()
             status = await asyncio.to_thread(pki.status)
@@ -454,6 +466,30 @@ class Service:
             self._notify_relay(queued)
             self.credentials = lifetimes.summary(status)
             await asyncio.sleep(cfg.pki.check_interval_s)
+
+    async def _rotation_loop(self) -> None:
+        """Issue certificates for accepted requests, revoke replaced certificates (then
+        reload the broker), and start rotations before device certificates expire."""
+        assert self.writer is not None and self.conn is not None and self.rotation is not None
+        conn, rotation = self.conn, self.rotation
+        due_at = 0.0
+        while True:
+            async with self._pki_lock:
+                changed, queued = await self.writer.run(rotation.work, conn)
+                if time.monotonic() >= due_at:
+                    due_at = time.monotonic() + self.cfg.pki.check_interval_s
+                    started = await self.writer.run(self._start_due, conn)
+                    if started:
+                        log.info("%d device key rotation(s) started before expiry", len(started))
+            self._notify_relay(queued)
+            if changed:
+                self._reload_broker()
+            await asyncio.sleep(self.cfg.pki.rotation_poll_s)
+
+    def _start_due(self, conn: sqlite3.Connection) -> list[int]:
+        with db.transaction(conn):
+            self.rotation.sweep(conn)  # what the queue gave up on ends first
+            return list(self.rotation.start_due(conn))
 
     def _reload_broker(self) -> None:
         """SIGHUP: Mosquitto reloads its certificate, key and CRL and keeps live sessions."""

@@ -1,4 +1,5 @@
-"""Operator actions on devices: queue a command, cancel an item, release a quarantine.
+"""Operator actions on devices: queue a command, cancel an item, release a quarantine, rotate
+a key over the air.
 
 Commands are checked by the same code as `torpor device command` (gateway.queue), so the
 web page and the CLI refuse the same things with the same messages."""
@@ -8,10 +9,13 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from gateway import proto, registry
+from gateway import db, proto, registry
 from gateway import queue as q
 from gateway.errors import GatewayError
+from gateway.store import rotations
+from gateway.store.rotations import RotationError, refuse_own_op
 
 
 class ActionError(GatewayError):
@@ -36,7 +40,8 @@ def queue_command(conn: sqlite3.Connection, device: str, op: str, args: Sequence
         raise ActionError(f"no device {device!r}", "device")
     try:
         cop = q.parse_op(op)
-    except q.QueueError as exc:
+        refuse_own_op(cop)
+    except (q.QueueError, RotationError) as exc:
         raise ActionError(str(exc), "op") from None
     try:
         checked = q.check_args(cop, args)
@@ -91,4 +96,19 @@ def release(conn: sqlite3.Connection, device: str) -> registry.Device:
     try:
         return registry.release(conn, device)
     except registry.RegistryError as exc:
+        raise ActionError(str(exc), "device") from None
+
+
+def rotate_key(conn: sqlite3.Connection, pki_dir: Path, device: str) -> rotations.Rotation:
+    """Start a key rotation of `device` over the air (its own transaction): the node makes
+    the key at its next wake; the certificates valid now are revoked once it uses the new one."""
+    from gateway.pki import Pki
+
+    try:
+        old = [r.serial_hex for r in Pki(pki_dir).device_records(device, include_revoked=False)]
+        with db.transaction(conn):
+            return rotations.request(conn, device, "operator", old)
+    except registry.RegistryError as exc:
+        raise ActionError(str(exc), "device") from None
+    except rotations.RotationError as exc:
         raise ActionError(str(exc), "device") from None

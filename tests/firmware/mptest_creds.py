@@ -154,3 +154,17 @@ def test_lost_record_after_a_rotation_keeps_the_rotated_pair():
     os.remove(root + "/creds.json")
     c = creds.Credentials(root)
     mpunit.eq(_pair(c, c.for_connect()), (cert, key))
+
+
+def test_a_request_that_never_gets_a_certificate_is_given_up():
+    root, c = _node()
+    key, _pub = _new_key()
+    c.begin(key, 9, b"request")
+    mpunit.eq(c.csr_der(), b"request")
+    sent = 0
+    while c.request_sent():
+        sent += 1
+    mpunit.eq(sent, creds.MAX_REQUESTS)
+    mpunit.eq((c.state, c.outcome(), c.rotation), (creds.ST_IDLE, creds.ABORTED, 9))
+    mpunit.eq(_pair(c, c.for_connect()), (OLD_CERT, OLD_KEY))
+    mpunit.eq(sorted(os.listdir(root)), ["cert.der", "creds.json", "key.der"])

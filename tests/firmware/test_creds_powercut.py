@@ -51,15 +51,26 @@ def say(s):
     if not bdev.dead:
         sys.stdout.write(s + "\\n")
 mode, key, cert = sys.argv[2], rd(sys.argv[3]), rd(sys.argv[4])
+def pieces(c):
+    # As the gateway sends it over the air: install_cert pieces, the last one installs.
+    half = len(cert) // 2
+    c.put_piece(7, 0, len(cert), cert[:half])
+    c.put_piece(7, half, len(cert), cert[half:])
 try:
     c = creds.Credentials("/flash/certs")
-    c.begin(key)
+    if mode == "pieces":
+        c.begin(key, 7, b"0" * 230)  # a request's size
+    else:
+        c.begin(key)
     say("begun")
-    c.install(cert)
+    if mode == "pieces":
+        pieces(c)
+    else:
+        c.install(cert)
     say("installed")
     c.for_connect()
     say("trial")
-    if mode == "keep":
+    if mode != "drop":
         c.session_ok()
         say("kept")
     else:
@@ -86,11 +97,13 @@ mode, key, cert = sys.argv[2], rd(sys.argv[3]), rd(sys.argv[4])
 c = creds.Credentials("/flash/certs")
 cp, kp, trial = c.for_connect()
 print("NOW", h(cp), h(kp), c.state)
-if mode == "keep":
+if mode != "drop":
     if c.state == creds.ST_IDLE and not trial and rd(kp) != key:
-        c.begin(key)  # the rotation never started (or its start was cut): start again
+        c.begin(key, 7, b"0" * 230)  # the rotation never started (or its start was cut): again
     if c.state == creds.ST_KEYED:
-        c.install(cert)
+        half = len(cert) // 2
+        c.put_piece(c.rotation, 0, len(cert), cert[:half])  # the gateway sends every piece again
+        c.put_piece(c.rotation, half, len(cert), cert[half:])
     if c.state == creds.ST_TRIAL:
         c.for_connect()
         c.session_ok()
@@ -99,6 +112,9 @@ elif c.state != creds.ST_IDLE:
 cp, kp, trial = c.for_connect()
 print("END", h(cp), h(kp), c.state)
 print("LS", " ".join(sorted(os.listdir("/flash/certs"))))
+for name in os.listdir("/flash/certs"):
+    if name[:1] == "k" and name[1:].isdigit():
+        print("LSK", " ".join(sorted(os.listdir("/flash/certs/" + name))))
 """
 
 
@@ -139,7 +155,7 @@ def _run(code: str, *args: str, tear: int | None = None) -> subprocess.Completed
     return subprocess.run([binary, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("mode", ["keep", "drop"])
+@pytest.mark.parametrize("mode", ["keep", "drop", "pieces"])
 def test_a_cut_at_every_flash_operation_leaves_a_pair_that_connects(
     mode: str, pki: Pki, tmp_path: Path
 ) -> None:
@@ -155,8 +171,8 @@ def test_a_cut_at_every_flash_operation_leaves_a_pair_that_connects(
     assert proc.returncode == 0, proc.stderr
     old_pair = (_sha(old_cert), _sha(old_key))
     new_pair = (_sha(new_cert), _sha(new_key))
-    want_end = new_pair if mode == "keep" else old_pair
-    want_ls = "k1" if mode == "keep" else "cert.der key.der"
+    want_end = old_pair if mode == "drop" else new_pair
+    want_ls = "cert.der key.der" if mode == "drop" else "k1"
     args = (mode, str(files["key"]), str(files["cert"]))
 
     cuts = 0
@@ -185,6 +201,8 @@ def test_a_cut_at_every_flash_operation_leaves_a_pair_that_connects(
         assert end == want_end, where
         # Nothing but the pair in use (and the record, once one was written) stays on flash.
         assert " ".join(x for x in lines["LS"] if x != "creds.json") == want_ls, where
+        if mode != "drop":  # the new pair's folder holds the pair alone
+            assert lines["LSK"] == ["cert.der", "key.der"], where
     else:
         pytest.fail(f"the rotation did not finish within {MAX_OPS} flash operations")
     assert cuts > 10, cuts  # the rotation really was cut at many points

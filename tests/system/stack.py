@@ -50,6 +50,7 @@ START_TIMEOUT_S = 20.0
 # execution is appended to exec.log ("<command id> <op> <result status>"), and when a `hold`
 # file exists the node writes `held` ("<pid> <command id>") after the command ran and its
 # result was recorded, then waits (at most 30 s) for `release` before it publishes the result.
+# A `hold` file naming a command id holds at that command only.
 _HOOK = """\
 # Written by the system tests: the real commands module plus an execution record.
 import os
@@ -78,7 +79,11 @@ def execute(cmd, cfg, st, board, effects, buf, msg_id, *more):
     n = _real_execute(cmd, cfg, st, board, effects, buf, msg_id, *more)
     with open(_DIR + '/exec.log', 'a') as f:
         f.write('%d %d %d\\n' % (cmd[proto.COMMAND_COMMAND_ID], cmd[proto.COMMAND_OP], buf[10]))
+    want = None
     if _exists(_DIR + '/hold'):
+        with open(_DIR + '/hold') as f:
+            want = f.read().strip()
+    if want is not None and (not want or int(want) == cmd[proto.COMMAND_COMMAND_ID]):
         os.unlink(_DIR + '/hold')
         with open('/proc/self/stat') as f:
             pid = f.read().split()[0]
@@ -127,11 +132,12 @@ class StackNode:
             return []
         return [Execution(*map(int, line.split())) for line in path.read_text().splitlines() if line]
 
-    def hold_next(self) -> None:
-        """Pause the node after the next command it executes, before it reports."""
+    def hold_next(self, command_id: int | None = None) -> None:
+        """Pause the node after the next command it executes (or after command
+        `command_id`), before it reports."""
         for name in ("held", "release"):
             (self.hooks / name).unlink(missing_ok=True)
-        (self.hooks / "hold").write_text("")
+        (self.hooks / "hold").write_text("" if command_id is None else str(command_id))
 
     async def wait_held(self, timeout: float = 20.0) -> tuple[int, int]:
         """(pid of the paused node process, command id it executed)."""

@@ -1,0 +1,169 @@
+# Device-key rotation over the air, the node's side of the wake: which pair a connect uses
+# (the trial pair, and the confirmed one when the broker refuses it), the rotate_key and
+# install_cert commands, CSR_UP, and what the HELLO tells the gateway. The two slots and
+# their power-cut rules are creds.py; docs/credentials.md tells the whole story.
+#
+# A node that never rotated has no record (certs/creds.json): it connects with the pair
+# config.json names and never loads creds, csr or p256 (about 10 KB of bytecode).
+import os
+
+import mqtt
+
+_RECORD = "creds.json"
+
+_c = None  # creds.Credentials, once loaded this wake
+_used = None  # the certificate DER this session connected with
+_trial = False
+_told = 0  # the outcome this session's HELLO carried (cleared once the gateway has it)
+_csr_sent = False
+
+# Refusals of the trial pair: the broker's TLS alert (a certificate it does not accept:
+# revoked, unknown issuer, expired) or CONNACK "bad user name or password"/"not authorized".
+# A timeout or a dropped connection is the network's: the trial stays (bounded by tries).
+_REFUSALS = (mqtt.TLS_FAILED, 4, 5)
+
+
+def _root(cfg):
+    p = cfg.path("cert")
+    return p[: p.rfind("/")] if "/" in p else "."
+
+
+def _has_record(cfg):
+    try:
+        os.stat(_root(cfg) + "/" + _RECORD)
+        return True
+    except OSError:
+        return False
+
+
+def creds(cfg):
+    """The node's Credentials, loaded once per wake (this sweeps what a cut left)."""
+    global _c
+    if _c is None:
+        import creds as c
+
+        _c = c.Credentials(_root(cfg), cfg.path("cert"), cfg.path("key"))
+    return _c
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def pair(cfg):
+    """(certificate DER, key DER) for this connect: the trial pair while one is on trial."""
+    global _used, _trial
+    if not _has_record(cfg):
+        _used, _trial = cfg.read_file("cert"), False
+        return _used, cfg.read_file("key")
+    cp, kp, _trial = creds(cfg).for_connect()
+    _used = _read(cp)
+    return _used, _read(kp)
+
+
+def refused(cfg, err):
+    """The connect failed with `err`: True when it was the trial pair the broker refused,
+    which is then dropped (the next pair() is the confirmed one)."""
+    global _trial
+    if not _trial or getattr(err, "code", None) not in _REFUSALS:
+        return False
+    import log
+
+    log.warn("new credentials refused (%s): back to the confirmed pair", err)
+    creds(cfg).session_refused()
+    _trial = False
+    return True
+
+
+def connected(cfg):
+    """CONNACK 0: a trial pair becomes the confirmed one (the old one is deleted)."""
+    global _trial
+    if _trial:
+        creds(cfg).session_ok()
+        _trial = False
+        import log
+
+        log.info("new credentials kept")
+
+
+def hello_kw(cfg):
+    """The HELLO's cert_serial, cred_outcome and cred_rotation: told while a rotation is
+    under way or its outcome is unreported (else none: the fields stay off the air)."""
+    global _told
+    if _c is None and not _has_record(cfg):
+        return {}
+    c = creds(cfg)
+    out = c.outcome()
+    if c.state == 0 and not out:
+        return {}
+    import creds as cm
+
+    _told = out
+    try:
+        serial = cm.cert_serial(_used) if _used else b""
+    except (cm.CredsError, IndexError):
+        serial = b""
+    return {"cert_serial": serial, "cred_outcome": out, "cred_rotation": c.rotation}
+
+
+def reported(cfg):
+    """The gateway acknowledged the HELLO that carried the outcome: stop telling it."""
+    if _told and _c is not None and _c.outcome() == _told:
+        _c.reported()
+
+
+# ---- commands (commands.execute calls these; results as (status, detail)) -------------
+
+def rotate_key(cfg, rid, board=None):
+    """Make a new key and its CSR for rotation `rid` (kept on flash before the result).
+    The same rotation again keeps the key it has: the request is the same bytes."""
+    import proto
+
+    c = creds(cfg)
+    if c.rotation == rid:
+        if c.state != 0:
+            return proto.RESULT_STATUS_OK, ""
+        return proto.RESULT_STATUS_REFUSED, "rotation already ended"
+    import csr
+    import p256
+
+    # Seconds of big-int work on a board: the watchdog is fed between the steps.
+    d = p256.generate()
+    pub = p256.public_key(d)
+    if board is not None:
+        board.watchdog_feed()
+    req = csr.request(cfg.device_id, d, pub)
+    if board is not None:
+        board.watchdog_feed()
+    c.begin(csr.private_key_der(d, pub), rid, req)
+    return proto.RESULT_STATUS_OK, ""
+
+
+def install_cert(cfg, rid, offset, total, data):
+    """One piece of the certificate for rotation `rid`; installed once whole."""
+    import creds as cm
+    import proto
+
+    try:
+        done = creds(cfg).put_piece(rid, offset, total, bytes(data))
+    except cm.CredsError as e:
+        return proto.RESULT_STATUS_REFUSED if e.code != cm.MISMATCH else proto.RESULT_STATUS_ERROR, str(e)[:48]
+    return proto.RESULT_STATUS_OK, "installed" if done else ""
+
+
+def after_window(client, w):
+    """While a new key waits for its certificate, its request goes up once a session (at
+    the end of the window: a certificate arriving in it makes it needless)."""
+    global _csr_sent
+    if _csr_sent or (_c is None and not _has_record(w.cfg)):
+        return
+    c = creds(w.cfg)
+    der = c.csr_der() if c.state == 1 else None
+    if der is None or not c.request_sent():
+        return  # request_sent() counts it before it goes, and gives up past the bound
+    import proto
+
+    n = proto.encode_csr_up(w.out, w.st.msg_id(), c.rotation, der)
+    client.publish_out(w.up_topic, n, 1)
+    _csr_sent = True
