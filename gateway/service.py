@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import ssl
 import time
@@ -295,9 +296,9 @@ class Service:
         # ACKs are many small QoS 1 publishes in flight at once (see gateway.relay.quiet).
         client.pending_calls_threshold = 1 << 30
         async with client:
-            from gateway.relay import nodelay
-
-            nodelay(client)
+            sock = client._client.socket()  # Nagle off (see gateway.mqtt)
+            if isinstance(sock, socket.socket):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.mqtt_connected = True
             log.info("connected to the broker at %s:%d", self.cfg.mqtt_host, self.cfg.mqtt_port)
             # `torpor gateway status` reads the status row: say so now, not at the next tick
