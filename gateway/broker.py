@@ -27,7 +27,6 @@ import shutil
 import signal
 import socket
 import ssl
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -39,6 +38,8 @@ from cryptography import x509
 from gateway import proto
 from gateway.errors import BrokerError
 from gateway.pki import DEVICE_ID_MAX, Pki, validate_device_id
+from gateway.transport import codec
+from gateway.transport.errors import MalformedPacket
 
 log = logging.getLogger(__name__)
 
@@ -270,12 +271,25 @@ def write_dynsec_state(path: Path, control_cn: str) -> None:
     write_private_text(path, json.dumps(state, indent=1))
 
 
-# --- a minimal MQTT 3.1.1 CONNECT, for health checks ------------------------------------
+# --- health checks: one CONNECT through the transport's codec -----------------------------
 
-def _connect_packet(client_id: str, keepalive: int = 10) -> bytes:
-    cid = client_id.encode()
-    body = b"\x00\x04MQTT\x04\x02" + struct.pack("!H", keepalive) + struct.pack("!H", len(cid)) + cid
-    return bytes([0x10, len(body)]) + body
+def probe_connect(client_id: str | None = None, keepalive: int = 10) -> bytes:
+    """The CONNECT a health check sends (a clean session under a unique client id)."""
+    cid = client_id or f"torpor-probe-{os.getpid()}-{time.monotonic_ns()}"
+    return codec.encode_connect(codec.Connect(cid, keepalive, clean_session=True))
+
+
+def _connack(data: bytes) -> int | None:
+    """The CONNACK return code once `data` holds the whole packet, else None."""
+    if len(data) < 4:
+        return None
+    try:
+        packet = codec.decode_packet(data[:4])
+    except MalformedPacket as exc:
+        raise ConnectionError(f"unexpected reply {data[:8]!r} to CONNECT: {exc}") from None
+    if not isinstance(packet, codec.ConnAck):
+        raise ConnectionError(f"unexpected reply {type(packet).__name__} to CONNECT")
+    return packet.return_code
 
 
 def client_ssl_context(pki: Pki, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
@@ -287,26 +301,31 @@ def client_ssl_context(pki: Pki, cert: Path | None = None, key: Path | None = No
     return ctx
 
 
-def mqtt_probe(host: str, port: int, ctx: ssl.SSLContext, timeout: float = 3.0,
+def mqtt_probe(host: str, port: int, ctx: ssl.SSLContext | None, timeout: float = 3.0,
                server_hostname: str | None = None) -> int:
-    """Blocking mTLS + MQTT CONNECT; returns the CONNACK code (0 = accepted).
-    Raises OSError/ssl.SSLError when the broker is down or refuses the handshake."""
+    """Blocking (m)TLS + MQTT CONNECT; returns the CONNACK code (0 = accepted). `ctx`
+    None: plain TCP (a test broker without TLS). Raises OSError/ssl.SSLError when the
+    broker is down or refuses the handshake, ConnectionError when it answers badly."""
     with socket.create_connection((host, port), timeout=timeout) as raw:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with ctx.wrap_socket(raw, server_hostname=server_hostname or host) as tls:
-            tls.settimeout(timeout)
-            tls.sendall(_connect_packet(f"torpor-probe-{os.getpid()}-{time.monotonic_ns()}"))
+        with contextlib.ExitStack() as stack:
+            sock: socket.socket = raw
+            if ctx is not None:
+                sock = stack.enter_context(
+                    ctx.wrap_socket(raw, server_hostname=server_hostname or host))
+            sock.settimeout(timeout)
+            sock.sendall(probe_connect())
             ack = b""
-            while len(ack) < 4:
-                chunk = tls.recv(4 - len(ack))
+            code = None
+            while code is None:
+                chunk = sock.recv(4 - len(ack))
                 if not chunk:
                     raise ConnectionError("broker closed the connection before CONNACK")
                 ack += chunk
-            if ack[0] != 0x20:
-                raise ConnectionError(f"unexpected reply {ack!r} to CONNECT")
+                code = _connack(ack)
             with contextlib.suppress(OSError):
-                tls.sendall(b"\xe0\x00")  # DISCONNECT
-            return ack[3]
+                sock.sendall(codec.DISCONNECT_BYTES)
+            return code
 
 
 async def async_mqtt_probe(host: str, port: int, ctx: ssl.SSLContext, timeout: float = 3.0) -> int:
@@ -314,14 +333,13 @@ async def async_mqtt_probe(host: str, port: int, ctx: ssl.SSLContext, timeout: f
     async def probe() -> int:
         reader, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=host)
         try:
-            writer.write(_connect_packet(f"torpor-probe-{os.getpid()}-{time.monotonic_ns()}"))
+            writer.write(probe_connect())
             await writer.drain()
-            ack = await reader.readexactly(4)
-            if ack[0] != 0x20:
-                raise ConnectionError(f"unexpected reply {ack!r} to CONNECT")
-            writer.write(b"\xe0\x00")
+            code = _connack(await reader.readexactly(4))
+            assert code is not None  # four bytes are a whole CONNACK or an error
+            writer.write(codec.DISCONNECT_BYTES)
             await writer.drain()
-            return ack[3]
+            return code
         finally:
             writer.close()
             with contextlib.suppress(OSError, ssl.SSLError):
@@ -618,7 +636,8 @@ async def kick(host: str, port: int, pki: Pki, device_id: str, timeout: float = 
     """
     import json
 
-    import aiomqtt
+    from gateway.transport.client import ClientOptions, MqttClient
+    from gateway.transport.errors import TransportError
 
     validate_device_id(device_id)
     if device_id in (pki.gateway.cn, pki.control.cn):
@@ -627,26 +646,27 @@ async def kick(host: str, port: int, pki: Pki, device_id: str, timeout: float = 
         {"command": "createClient", "username": device_id, "correlationData": "create"},
         {"command": "deleteClient", "username": device_id, "correlationData": "delete"},
     ]}
-    ctx = client_ssl_context(pki)
+    options = ClientOptions(host, port, f"torpor-kick-{os.getpid()}",
+                            ssl=client_ssl_context(pki), connect_timeout=timeout)
     try:
         async with asyncio.timeout(timeout):
-            async with aiomqtt.Client(
-                host, port, tls_context=ctx, identifier=f"torpor-kick-{os.getpid()}",
-            ) as client:
-                await client.subscribe(CONTROL_TOPIC + "/response", qos=1)
-                await client.publish(CONTROL_TOPIC, json.dumps(request), qos=1)
-                async for message in client.messages:
-                    reply = json.loads(bytes(message.payload))
+            async with MqttClient(options) as client:
+                await client.subscribe((CONTROL_TOPIC + "/response", 1), timeout=timeout)
+                await client.publish(CONTROL_TOPIC, json.dumps(request).encode(), qos=1)
+                async for message in client.messages():
+                    reply = json.loads(message.payload)
                     errors = [r["error"] for r in reply.get("responses", []) if r.get("error")]
                     if errors:
                         raise BrokerError(f"broker refused to disconnect {device_id}: {errors}")
                     log.info("disconnected live sessions of %s", device_id,
                              extra={"device_id": device_id})
                     return
+                raise BrokerError(f"the broker closed the control session before answering "
+                                  f"the request to disconnect {device_id}")
+    except TransportError as exc:
+        raise BrokerError(f"could not reach the broker at {host}:{port} to disconnect {device_id}: {exc}") from exc
     except TimeoutError:
         raise BrokerError(
             f"no reply from the broker's dynamic-security plugin within {timeout:.0f}s: is it "
             "loaded (BrokerSettings.dynsec_plugin)? Otherwise restart mosquitto to cut the session"
         ) from None
-    except aiomqtt.MqttError as exc:
-        raise BrokerError(f"could not reach the broker at {host}:{port} to disconnect {device_id}: {exc}") from exc

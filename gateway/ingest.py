@@ -19,13 +19,14 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiomqtt
-
-from gateway import db, deadletter, mqtt, proto, readings, registry, topics
+from gateway import db, deadletter, proto, readings, registry, topics
 from gateway.config import IngestConfig, UpstreamConfig
 from gateway.downlink import Downlink, WakePlan
 from gateway.ota import OtaHandler
 from gateway.outbox import Queued
+from gateway.transport.client import MqttClient
+from gateway.transport.codec import Oversized, Publish
+from gateway.transport.errors import ConnectionLost, ErrorCode, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ _UP_TYPES = frozenset({
     proto.HELLO, proto.BURST, proto.COMMAND_RESULT, proto.SHADOW_REPORT, proto.OTA_STATUS,
 })
 _DETAIL_MAX = proto.ERROR_DETAIL_MAX
-_UNCONFIRMED_MAX = 65536  # answers remembered for drain(); older ones are let go
 _SAMPLED_MAX = 100_000  # (device, reason) pairs remembered for dead-letter sampling
 STATUS_REFRESH_S = 0.5
 UNKNOWN_RECHECK_S = 1.0
@@ -204,9 +204,10 @@ class Ingest:
         self._more = asyncio.Event()  # set by every offer
         self._full = asyncio.Event()
         self._accepting = True
-        # The connection's publisher: its `inflight` are the answers not yet acknowledged
-        # by the broker (for drain()).
-        self._publisher: mqtt.Publisher | None = None
+        # The broker connection run() holds: its `inflight` are the QoS 1 answers not yet
+        # acknowledged by the broker (for drain()).
+        self._client: MqttClient | None = None
+        self.max_packet = 0  # the connection's packet bound, for the log
         self._inflight: asyncio.Future[Outgoing] | None = None
         self._oldest = 0.0  # time.monotonic() when the oldest pending frame arrived
         if self.upstream is not None:
@@ -639,42 +640,51 @@ class Ingest:
         if len(self._pending) >= self.cfg.batch_max_frames:
             self._full.set()
 
-    async def run(self, client: aiomqtt.Client) -> None:
-        """Subscribe and ingest until cancelled; on cancel, commit and answer what was
-        already received, wait for those publishes, then re-raise."""
-        # Frames straight from paho (gateway.mqtt.lean): aiomqtt's message iterator costs
-        # a Message object, a queue item and a task per frame, about as much CPU as the
-        # rest of ingest. The connection itself stays aiomqtt's; its end is `_disconnected`.
+    def on_message(self, message: Publish) -> None:
+        """The connection's `on_message`: every PUBLISH, as it is decoded."""
+        self.offer(message.topic, message.payload)
+
+    def on_oversized(self, dropped: Oversized) -> None:
+        """The connection's `on_oversized`: a frame over the packet bound, let go unread
+        (and acknowledged, so the broker does not send it again)."""
+        device = _device_of(dropped.topic)
+        log.warning("dropped a packet of %d bytes on %r: over the %d-byte bound",
+                    dropped.size, dropped.topic[:80], self.max_packet,
+                    extra={"device_id": device} if device else None)
+
+    async def run(self, client: MqttClient) -> None:
+        """Subscribe and ingest until cancelled or the connection ends (raising its
+        `ConnectionLost`); on either, commit and answer what was already received, wait
+        for those publishes, then re-raise. `client` is connected; frames go straight
+        from its decoder to `offer` (see `on_message`)."""
         self._accepting = True  # again, after a previous connection's run
-        paho = client._client
-        offer = self.offer
-
-        def on_message(_client: Any, _userdata: Any, message: Any) -> None:
-            offer(message.topic, message.payload)  # what lean() leaves to paho (QoS 2)
-
-        paho.on_message = on_message
-        self._publisher = mqtt.lean(client, received=offer)
-        # What paho read before the hooks above went to aiomqtt's queue: the persistent
-        # session's frames can come with the CONNACK.
-        while not client._queue.empty():
-            message = client._queue.get_nowait()
-            if isinstance(message.payload, bytes | bytearray):
-                offer(message.topic.value, bytes(message.payload))
+        self.max_packet = client.options.max_packet
+        # What the client queued before it was handed over: a persistent session's frames
+        # come with the CONNACK. receive() returns at once when the queue holds some.
+        if client.on_message is None:
+            while client.queued:
+                for message in await client.receive(client.queued):
+                    self.on_message(message)
+            client.on_message = self.on_message
+        if client.on_oversized is None:
+            client.on_oversized = self.on_oversized
+        self._client = client
         writer = self.writer or db.Writer("ingest-db")
         committer = asyncio.create_task(self._commit_loop(writer), name="ingest-commit")
         awake = None
         if self.downlink is not None:
             awake = asyncio.create_task(self._awake_loop(writer), name="ingest-awake")
+        closed = asyncio.ensure_future(client.wait_closed())
         try:
-            await client.subscribe(topics.UP_ALL, qos=1)
+            await client.subscribe((topics.UP_ALL, 1))
             log.info("ingesting %s", topics.UP_ALL)
-            lost = client._disconnected
-            await asyncio.wait((committer, lost), return_when=asyncio.FIRST_COMPLETED)
-            if not lost.done():
+            await asyncio.wait((committer, closed), return_when=asyncio.FIRST_COMPLETED)
+            if not closed.done():
                 committer.result()  # it only ever ends by failing
-            raise aiomqtt.MqttError("disconnected from the broker") from lost.exception()
+            raise closed.result() or ConnectionLost(ErrorCode.CONNECTION_LOST,
+                                                    "disconnected from the broker")
         finally:
-            paho.on_message = client._on_message
+            closed.cancel()
             self._accepting = False
             if awake is not None:
                 awake.cancel()
@@ -707,14 +717,9 @@ class Ingest:
             await asyncio.sleep(0.01)
 
     def _unconfirmed(self) -> int:
-        """How many answers still wait for the broker's PUBACK; the oldest are let go
-        past _UNCONFIRMED_MAX (their packet ids come round again)."""
-        if self._publisher is None:
-            return 0
-        waiting = self._publisher.inflight
-        while len(waiting) > _UNCONFIRMED_MAX:
-            del waiting[next(iter(waiting))]
-        return len(waiting)
+        """How many answers still wait for the broker's PUBACK."""
+        client = self._client
+        return client.inflight if client is not None and client.connected else 0
 
     async def _commit_loop(self, writer: db.Writer) -> None:
         """Group commit: one batch commits on the writer thread while the next one grows
@@ -776,20 +781,20 @@ class Ingest:
         return [(topics.down(d), f, DOWNLINK_QOS) for d, p in plans for f in p.frames]
 
     def _publish(self, out: Outgoing) -> None:
-        """Queue the answers on the connection's publisher and write them at once,
-        without waiting for each PUBACK (see gateway.mqtt). A lost answer costs nothing
-        durable: the node keeps its readings and sends them again."""
-        publisher = self._publisher
-        assert publisher is not None, "answers are published only while run() holds a connection"
-        self._unconfirmed()
+        """Write the answers on the connection at once, without waiting for each PUBACK
+        (they go out together, in one write, when the event loop next runs). A lost
+        answer costs nothing durable: the node keeps its readings and sends them again."""
+        client = self._client
+        assert client is not None, "answers are published only while run() holds a connection"
         m = self.metrics
         for topic, payload, qos in out:
-            if publisher.publish(topic.encode(), payload, qos=qos):
-                m.acks_sent += 1
-            else:
+            try:
+                client.publish_nowait(topic, payload, qos)
+            except TransportError as exc:
                 m.publish_errors += 1
-                log.warning("could not publish to %s: not connected", topic)
-        publisher.send()
+                log.warning("could not publish to %s: %s", topic, exc)
+            else:
+                m.acks_sent += 1
 
 
 def hello_fields(hello: proto.Hello) -> dict[str, Any]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import random
-import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
-import aiomqtt
-
-from gateway import mqtt
 from gateway.db import Writer
 from gateway.errors import ConfigError
 from gateway.formats import check_format
 from gateway.outbox import Counters, Outbox, Queued
+from gateway.transport.client import ClientOptions, MqttClient
+from gateway.transport.errors import ConnectionLost, ErrorCode, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +37,6 @@ DEFAULT_INFLIGHT: Final = 64
 FRESH_MAX: Final = 4096
 # Sent and not yet deleted, in windows: at most this many are sent again after a crash.
 UNDELETED_MAX: Final = 3
-
-
-def _not_window_noise(record: logging.LogRecord) -> bool:
-    # aiomqtt warns on every publish while more than 10 are pending: that is the window
-    # working as intended, not news.
-    return "pending publish calls" not in str(record.msg)
-
-
-mqtt_log = log.getChild("mqtt")
-mqtt_log.addFilter(_not_window_noise)
 
 
 class UpstreamLike(Protocol):
@@ -172,24 +161,6 @@ def tls_context(cfg: UpstreamLike) -> ssl.SSLContext | None:
     return ctx
 
 
-def quiet(client: aiomqtt.Client) -> aiomqtt.Client:
-    """No "pending publish calls" warning: aiomqtt counts its pending calls and builds a
-    log record on every publish once more than 10 are in flight, which for a gateway
-    keeping a window of publishes open costs more CPU than the publish itself."""
-    client.pending_calls_threshold = 1 << 30
-    return client
-
-
-def nodelay(client: aiomqtt.Client) -> None:
-    """Turn Nagle's algorithm off on a connected client's socket (paho leaves it on): an
-    ACK or PUBACK is one small write, and Nagle holds a small write back until the peer
-    acknowledges the previous one, which with delayed TCP ACKs adds milliseconds to each."""
-    sock = client._client.socket()
-    if isinstance(sock, socket.socket):  # ssl.SSLSocket included
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
@@ -199,7 +170,7 @@ def _describe(exc: BaseException) -> str:
 def _expected(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_expected(e) for e in exc.exceptions)
-    return isinstance(exc, aiomqtt.MqttError | OSError | TimeoutError)
+    return isinstance(exc, TransportError | OSError | TimeoutError)
 
 
 class Relay:
@@ -390,41 +361,30 @@ class Relay:
             delay = min(delay * 2, cfg.reconnect_max_s)
             self.reconnects += 1
 
-    def _client(self) -> aiomqtt.Client:
+    def _client(self) -> MqttClient:
         cfg = self.cfg
-        client = aiomqtt.Client(
+        password = _opt(cfg.password)
+        return MqttClient(ClientOptions(
             cfg.host,
             cfg.port,
-            username=_opt(cfg.username),
-            password=_opt(cfg.password),
-            identifier=cfg.client_id,
-            logger=mqtt_log,
+            cfg.client_id,
+            ssl=tls_context(cfg),
+            keepalive=self.keepalive_s,
             # The outbox is the session state: nothing needs to survive in the broker.
             clean_session=True,
-            keepalive=self.keepalive_s,
-            timeout=self.publish_timeout_s,
-            tls_context=tls_context(cfg),
-            # The window is the relay's own (`_pump`); a limit in paho (0: none) would only
-            # make it walk every message it holds on each PUBACK.
-            max_inflight_messages=0,
-        )
-        quiet(client)
-        return client
+            username=_opt(cfg.username),
+            password=password.encode() if password is not None else None,
+            # The window is the relay's own (`_pump`); the client's only must not be smaller.
+            max_inflight=max(self.inflight, 1),
+            connect_timeout=self.publish_timeout_s,
+        ))
 
     async def _session(self) -> None:
-        # A fresh client per connection: paho would otherwise resend its own unacknowledged
-        # messages on reconnect, on top of the outbox replay.
+        # A fresh client per connection: its packet ids and in-flight table start empty,
+        # and the outbox replay is the only resend after a reconnect.
         acked: list[int] = []
         client = self._client()
-        try:
-            await client.__aenter__()
-        except BaseException:
-            # A CONNECT that timed out leaves paho's socket open and watched: close it.
-            with contextlib.suppress(Exception):
-                client._client.disconnect()
-            raise
-        nodelay(client)
-        mqtt.lean(client)
+        await client.connect()
         self.connected = True
         self.connects += 1
         self.last_error = None
@@ -440,28 +400,26 @@ class Relay:
             # replay does not send them again.
             await self._flush(acked)
             with contextlib.suppress(Exception):
-                await client.__aexit__(None, None, None)
+                await client.disconnect()
 
     @staticmethod
-    async def _watch(client: aiomqtt.Client) -> None:
-        # Nothing is subscribed: the iterator only ends, with MqttError, on disconnection.
-        async for _ in client.messages:
-            pass
+    async def _watch(client: MqttClient) -> None:
+        # Nothing is subscribed: this only ends, with the reason, when the connection does.
+        error = await client.wait_closed()
+        raise error or ConnectionLost(ErrorCode.CONNECTION_LOST, "upstream connection closed")
 
-    async def _pump(self, client: aiomqtt.Client, acked: list[int]) -> None:
-        """Publish the outbox in order, at most `inflight` unacknowledged at once. QoS 1
-        goes through the connection's `gateway.mqtt.Publisher` (aiomqtt's publish() costs a
-        task, a future and a timeout per message, paho's a message object and locks); each
-        PUBACK hands back the outbox item to delete. QoS 0 goes through paho, which
-        reports each write through `on_publish`."""
+    async def _pump(self, client: MqttClient, acked: list[int]) -> None:
+        """Publish the outbox in order, at most `inflight` unacknowledged at once. Each
+        QoS 1 PUBLISH's future resolves on its PUBACK and hands back the outbox item to
+        delete; a QoS 0 PUBLISH counts as delivered once written. (QoS 2 in the settings
+        is sent as QoS 1: the outbox makes delivery at-least-once, and the consumers drop
+        duplicates by message id.)"""
         box = self._box()
         wake, acks = self._wake, self._acks
         assert wake is not None and acks is not None
-        paho = client._client
-        publisher = mqtt.lean(client)
         qos, window = self.cfg.qos, self.inflight
-        # packet id -> (outbox id, sent at), oldest first
-        sent: dict[int, tuple[int, float]] = publisher.inflight if qos else {}
+        # outbox id -> sent at, oldest first: the publishes awaiting their PUBACK
+        sent: dict[int, float] = {}
         room = self._room = asyncio.Event()
 
         def full() -> bool:
@@ -476,74 +434,64 @@ class Relay:
                 acks.set()
             return True
 
-        def done(entry: tuple[int, float]) -> None:
-            acked.append(entry[0])
+        def done(item_id: int) -> None:
+            acked.append(item_id)
             room.set()
             # A window's worth: delete now rather than at the timer.
             if len(acked) >= window:
                 acks.set()
 
-        def on_publish(_client: object, _userdata: object, mid: int, *_: object) -> None:
-            entry = sent.pop(mid, None)
-            if entry is not None:
-                done(entry)
+        def on_puback(fut: asyncio.Future[None], item_id: int) -> None:
+            # A failed future is a lost connection: _watch ends the session, and the
+            # item, still in the outbox, goes again on the next one.
+            if fut.cancelled() or fut.exception() is not None:
+                return
+            if sent.pop(item_id, None) is not None:
+                done(item_id)
 
         def overdue() -> float:
             """Seconds left for the oldest publish's PUBACK; raises past the limit."""
             if not sent:
                 return self.poll_s
-            left = next(iter(sent.values()))[1] + self.publish_timeout_s - time.monotonic()
+            left = next(iter(sent.values())) + self.publish_timeout_s - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no PUBACK within {self.publish_timeout_s:g}s")
             return left
 
-        publisher.on_ack = done
-        paho.on_publish = on_publish
-        try:
-            after = 0  # the outbox is replayed from its oldest item on every connection
-            self._fresh.clear()
-            self._behind = True
-            while True:
-                wake.clear()
-                items = self._take_fresh(after)
-                if not items and self._behind:
-                    items = await self._db(box.peek, self.batch, after)
-                    # Caught up unless the read came back full. Items handed over
-                    # meanwhile that it already covered are dropped by _take_fresh.
-                    self._behind = len(items) >= self.batch
-                if not items:
-                    left = min(self.poll_s, overdue())
-                    try:
+        after = 0  # the outbox is replayed from its oldest item on every connection
+        self._fresh.clear()
+        self._behind = True
+        while True:
+            wake.clear()
+            items = self._take_fresh(after)
+            if not items and self._behind:
+                items = await self._db(box.peek, self.batch, after)
+                # Caught up unless the read came back full. Items handed over
+                # meanwhile that it already covered are dropped by _take_fresh.
+                self._behind = len(items) >= self.batch
+            if not items:
+                left = min(self.poll_s, overdue())
+                try:
+                    async with asyncio.timeout(left):
+                        await wake.wait()
+                except TimeoutError:
+                    self._behind = True  # another process may have added items
+                continue
+            for q in items:
+                while full():
+                    room.clear()
+                    left = overdue()
+                    with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(left):
-                            await wake.wait()
-                    except TimeoutError:
-                        self._behind = True  # another process may have added items
-                    continue
-                for q in items:
-                    while full():
-                        publisher.send()
-                        room.clear()
-                        left = overdue()
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(left):
-                                await room.wait()
-                    if qos:
-                        if not publisher.publish(q.item.topic.encode(), q.item.payload,
-                                                 (q.id, time.monotonic())):
-                            raise aiomqtt.MqttError("could not publish upstream: not connected")
-                    else:
-                        info = paho.publish(q.item.topic, q.item.payload, qos=0)
-                        if info.rc != 0:
-                            raise aiomqtt.MqttCodeError(info.rc, "could not publish upstream")
-                        if info.is_published():  # reported before we could note it
-                            acked.append(q.id)
-                        else:
-                            sent[info.mid] = (q.id, time.monotonic())
-                    after = q.id
-                publisher.send()
-        finally:
-            publisher.on_ack = None
-            paho.on_publish = client._on_publish
+                            await room.wait()
+                if qos:
+                    fut = await client.start_publish(q.item.topic, q.item.payload)
+                    sent[q.id] = time.monotonic()
+                    fut.add_done_callback(functools.partial(on_puback, item_id=q.id))
+                else:
+                    await client.publish(q.item.topic, q.item.payload, qos=0)
+                    done(q.id)
+                after = q.id
 
     async def _flush_loop(self, acked: list[int]) -> None:
         # Deletes go in batches (one transaction each) every `flush_s` or once a window's

@@ -23,15 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
-
 from gateway import db, deadletter, lifetimes, readings, registry
+from gateway.broker import MAX_PACKET_SIZE
 from gateway.config import GatewayConfig
 from gateway.downlink import Downlink, DownlinkConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import HelloHook, Ingest, no_downlink
 from gateway.ota import OtaHandler
 from gateway.outbox import Queued
+from gateway.transport import codec
+from gateway.transport.client import ClientOptions, MqttClient
+from gateway.transport.errors import TransportError
 
 log = logging.getLogger(__name__)
 db.register_store(lifetimes.migrate)  # credential_events (gateway.lifetimes)
@@ -274,7 +276,7 @@ class Service:
                 if time.monotonic() - started > HEALTHY_RUN_S:
                     delay = BACKOFF_FIRST_S
                 self.restarts[name] = self.restarts.get(name, 0) + 1
-                if isinstance(exc, GatewayError | aiomqtt.MqttError | OSError):
+                if isinstance(exc, GatewayError | TransportError | OSError):
                     log.warning("%s failed: %s; restarting in %.1fs", name, exc, delay)
                 else:
                     log.exception("%s crashed; restarting in %.1fs", name, delay)
@@ -314,22 +316,21 @@ class Service:
     async def _ingest(self) -> None:
         assert self.ingest is not None
         m = self.cfg.mqtt
-        client = aiomqtt.Client(
-            self.cfg.mqtt_host, self.cfg.mqtt_port, identifier=m.client_id,
-            tls_context=self._tls(), keepalive=m.keepalive, timeout=m.connect_timeout_s,
+        client = MqttClient(ClientOptions(
+            self.cfg.mqtt_host, self.cfg.mqtt_port, m.client_id, ssl=self._tls(),
+            keepalive=m.keepalive, connect_timeout=m.connect_timeout_s,
             # A persistent session: frames published while the gateway restarts wait in
             # the broker instead of waiting for the nodes' next wake.
             clean_session=False,
-            # No limit in paho on answers in flight (0): with a limit set, paho walks every
-            # message it holds on each PUBACK. The batches bound what is in flight.
-            max_inflight_messages=0,
-        )
-        # ACKs are many small QoS 1 publishes in flight at once (see gateway.relay.quiet).
-        client.pending_calls_threshold = 1 << 30
+            # The broker's own bound, plus the fixed header it does not count; a bigger
+            # packet is let go unread and acknowledged (Ingest.on_oversized).
+            max_packet=MAX_PACKET_SIZE + codec.MAX_FIXED_HEADER, drop_oversized=True,
+            # Nothing limits the answers in flight but the batches that produce them.
+            max_inflight=65_000,
+            # Frames the broker sends with the CONNACK (the persistent session's) wait in
+            # the client's queue until Ingest.run() takes them and installs on_message.
+        ), on_oversized=self.ingest.on_oversized)
         async with client:
-            from gateway.relay import nodelay
-
-            nodelay(client)
             self.mqtt_connected = True
             log.info("connected to the broker at %s:%d", self.cfg.mqtt_host, self.cfg.mqtt_port)
             # `torpor gateway status` reads the status row: say so now, not at the next tick

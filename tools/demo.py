@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import cbor2
 
+from gateway.transport.client import ClientOptions, MqttClient
+from gateway.transport.errors import TransportError
 from tools.progress import ProgressLine
 from tools.sim.field import FieldModel, add_field_args, fields_from_args, with_outage_share
 from tools.sim.fleet import Fleet, FleetConfig, FleetSummary, Progress, check_store, format_summary
@@ -330,13 +331,13 @@ class Demo:
         raise DemoError(f"the gateway did not come up within {READY_TIMEOUT_S:.0f} s:\n{tail}")
 
     async def _subscribe(self, port: int, ready: asyncio.Event) -> None:
-        client = aiomqtt.Client("127.0.0.1", port, identifier="torpor-demo-upstream")
+        client = MqttClient(ClientOptions("127.0.0.1", port, "torpor-demo-upstream",
+                                          max_packet=16 << 20))
         async with client:
-            await client.subscribe(UPSTREAM_TOPIC, qos=1)
+            await client.subscribe((UPSTREAM_TOPIC, 1))
             ready.set()
-            async for m in client.messages:
-                if isinstance(m.payload, bytes | bytearray):
-                    self.upstream.add(str(m.topic), bytes(m.payload), self.opts.upstream_format)
+            async for m in client.messages():
+                self.upstream.add(m.topic, m.payload, self.opts.upstream_format)
 
     async def _settle(self, sampled: int) -> None:
         """Wait (bounded) until everything sampled is stored and relayed."""
@@ -440,7 +441,7 @@ class Demo:
                 loop.remove_signal_handler(sig)
             if sub_task is not None:
                 sub_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                with contextlib.suppress(asyncio.CancelledError, TransportError):
                     await sub_task
             await self._stop_children()
             if self.created_dir and not opts.keep:

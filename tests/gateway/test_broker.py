@@ -111,7 +111,7 @@ def test_device_cannot_use_the_control_api(broker: RunningBroker, pki: Pki) -> N
     n1, n2 = pki.issue_device("node-1"), pki.issue_device("node-2")
     victim = socket.create_connection((broker.host, broker.port))
     tls = _ctx(pki, n2.cert_pem, n2.key_pem).wrap_socket(victim, server_hostname=broker.host)
-    tls.sendall(gwbroker._connect_packet("node-2"))
+    tls.sendall(gwbroker.probe_connect("node-2"))
     assert tls.recv(4)[3] == 0
 
     async def main() -> list[tuple[str, bytes]]:
@@ -177,7 +177,7 @@ def test_revoked_refused_and_live_session_cut(broker: RunningBroker, pki: Pki) -
     for creds in (n1, n2):
         raw = socket.create_connection((broker.host, broker.port))
         s = _ctx(pki, creds.cert_pem, creds.key_pem).wrap_socket(raw, server_hostname=broker.host)
-        s.sendall(gwbroker._connect_packet(creds.device_id))
+        s.sendall(gwbroker.probe_connect(creds.device_id))
         assert s.recv(4)[3] == 0
         s.settimeout(5)
         lives.append(s)

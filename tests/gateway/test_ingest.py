@@ -18,7 +18,7 @@ from gateway.config import parse_config
 from gateway.ingest import Ingest
 from gateway.pki import Pki
 from gateway.service import Service
-from tests.fixtures.broker import RunningBroker, mqtt_client
+from tests.fixtures.broker import RunningBroker, mqtt_client, transport_client
 
 
 def aio(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -261,7 +261,7 @@ async def test_ingest_serves_again_on_its_next_connection(broker: RunningBroker,
     ingest = Ingest(conn, cfg.ingest)
     async with Node(broker, pki, "n1") as node:
         for k in range(2):
-            async with mqtt_client(broker, identifier=f"gw-{k}") as client:
+            async with transport_client(broker, client_id=f"gw-{k}") as client:
                 run = asyncio.create_task(ingest.run(client))
                 await asyncio.sleep(0.2)  # the subscription
                 await node.send(burst(1 + 64 * k))

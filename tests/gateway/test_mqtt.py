@@ -1,79 +1,114 @@
-"""The lean MQTT path (packet splitting reader, publisher, joined writes): the same bytes
-and callbacks as paho alone."""
+"""The gateway's busy MQTT paths on its own transport: answers written without waiting
+(`publish_nowait`), every message and PUBACK against a real Mosquitto, and the packet
+bound of the ingest connection (an oversized packet let go unread and acknowledged)."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import socket
+import time
+import tracemalloc
 from collections.abc import Callable
-from typing import Any
 
 import pytest
-from paho.mqtt.client import MQTT_ERR_AGAIN, MQTT_ERR_SUCCESS, CallbackAPIVersion, Client, MQTTv311
-from paho.mqtt.enums import MQTTErrorCode
 
-from gateway import broker as gwbroker
-from gateway import mqtt, proto
-from tests.fixtures.broker import RunningBroker, mqtt_client
+from gateway import proto
+from gateway.transport import codec
+from gateway.transport.client import MqttClient
+from gateway.transport.codec import Decoder, Oversized, Publish
+from tests.fixtures.broker import RunningBroker, transport_client
 
 
 def _publish(topic: bytes, payload: bytes, qos: int, mid: int = 0) -> bytes:
-    body = len(topic).to_bytes(2, "big") + topic + (mid.to_bytes(2, "big") if qos else b"") + payload
-    return mqtt._fixed_header(0x30 | qos << 1, len(body)) + body
+    return codec.encode_publish(topic, payload, qos, mid)
 
 
-def test_reader_splits_packets_however_the_bytes_arrive() -> None:
-    """Every packet whole, whatever the read boundaries: a byte at a time, then all at once."""
-    big = bytes(range(256)) * 70  # a three-byte remaining length
-    stream = b"".join([
-        _publish(b"t/a", b"one", 1, mid=7),
-        _publish(b"t/b", big, 0),
-        b"\x40\x02\x00\x05",  # PUBACK of the publisher's packet id 5
-        b"\xd0\x00",  # PINGRESP: paho's own handler
-        _publish(b"t/c", b"", 1, mid=8),
-    ])
-    for chunk in (1, 7, len(stream)):
-        a, b = socket.socketpair()
-        with a, b:
-            a.setblocking(False)
-            paho = Client(CallbackAPIVersion.VERSION2, protocol=MQTTv311)
-            paho._sock = a
-            paho._ping_t = 1.0
-            got: list[tuple[str, bytes]] = []
-            publisher = mqtt.Publisher(paho)
-            publisher.inflight[5] = "token"
-            tokens: list[str] = []
-            publisher.on_ack = tokens.append
-            read = mqtt._reader(paho, lambda t, p, into=got: into.append((t, p)), publisher,
-                                max_packet=1 << 20)
-            for i in range(0, len(stream), chunk):
-                b.sendall(stream[i:i + chunk])
-                while read() == MQTT_ERR_SUCCESS:
-                    pass
-            assert got == [("t/a", b"one"), ("t/b", big), ("t/c", b"")]
-            assert tokens == ["token"] and not publisher.inflight
-            assert paho._ping_t == 0  # the PINGRESP reached paho
-            b.setblocking(False)
-            assert b.recv(64) == b"\x40\x02\x00\x07\x40\x02\x00\x08"  # our PUBACKs
-            paho._sock = None
+def _drain(d: Decoder) -> list[Publish | Oversized]:
+    out: list[Publish | Oversized] = []
+    while (item := d.next_item()) is not None:
+        assert isinstance(item, Publish | Oversized)
+        out.append(item)
+    return out
 
 
-def test_reader_refuses_a_remaining_length_over_four_bytes() -> None:
-    a, b = socket.socketpair()
-    with a, b:
-        a.setblocking(False)
-        paho = Client(CallbackAPIVersion.VERSION2, protocol=MQTTv311)
-        paho._sock = a
-        read = mqtt._reader(paho, lambda t, p: None, mqtt.Publisher(paho))
-        b.sendall(b"\x30\xff\xff\xff\xff\x01")
-        assert read() == MQTTErrorCode.MQTT_ERR_PROTOCOL
-        b.close()
-        assert read() == MQTTErrorCode.MQTT_ERR_CONN_LOST  # end of stream
-        paho._sock = None
+def test_decoder_drops_an_oversized_packet_unread_and_the_stream_goes_on() -> None:
+    """The announced length is past the bound: nothing of it is kept beyond its topic and
+    packet id, and the packets behind it arrive."""
+    d = Decoder(4096, drop_oversized=True)
+    body_size = 16 * 1024 * 1024
+    topic_part = _publish(b"torpor/bad/up", b"", 1, mid=9)[2:]  # topic and packet id
+    header = b"\x32" + codec.encode_remaining_length(len(topic_part) + body_size)
+    got: list[Publish | Oversized] = []
+    tracemalloc.start()
+    try:
+        d.feed(header + topic_part)
+        got += _drain(d)
+        chunk = bytes(60_000)
+        left = body_size
+        while left:
+            n = min(left, len(chunk))
+            d.feed(chunk[:n])
+            left -= n
+            got += _drain(d)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    d.feed(_publish(b"torpor/good/up", b"fine", 1, mid=10))
+    got += _drain(d)
+    assert got == [Oversized(codec.PacketType.PUBLISH, len(header) + len(topic_part) + body_size,
+                             "torpor/bad/up", 1, 9),
+                   Publish("torpor/good/up", b"fine", 1, packet_id=10)]
+    assert peak < 1024 * 1024, peak  # 16 MB went by; a few reads' worth was held
+    assert d.buffered == 0
 
 
-def test_publisher_delivers_in_order_and_hands_back_every_token(
+def test_decoder_lets_an_announced_256_mb_go_without_reading_it() -> None:
+    d = Decoder(4096, drop_oversized=True)
+    # 256 MB announced (the four-byte maximum), then bytes that all belong to it.
+    d.feed(b"\x30\xff\xff\xff\x7f" + b"\x00\x03t/x" + bytes(1000))
+    assert _drain(d) == [Oversized(codec.PacketType.PUBLISH, 268_435_460, "t/x")]
+    assert d.buffered == 0
+
+
+def test_decoder_without_dropping_still_refuses_an_oversized_packet() -> None:
+    d = Decoder(4096)
+    with pytest.raises(codec.PacketTooLarge):
+        d.feed(b"\x30\xff\xff\xff\x7f")
+
+
+def test_decoder_split_anywhere_drops_the_same_packet() -> None:
+    """The oversized packet and its neighbours cut at every offset decode the same."""
+    stream = (_publish(b"a/1", b"x", 1, 1) + _publish(b"big/2", bytes(300), 1, 2)
+              + _publish(b"a/3", b"y", 0))
+    want = [Publish("a/1", b"x", 1, packet_id=1),
+            Oversized(codec.PacketType.PUBLISH, len(_publish(b"big/2", bytes(300), 1, 2)),
+                      "big/2", 1, 2),
+            Publish("a/3", b"y")]
+    for cut in range(1, len(stream)):
+        d = Decoder(64, drop_oversized=True)
+        got: list[Publish | Oversized] = []
+        for part in (stream[:cut], stream[cut:]):
+            d.feed(part)
+            got += _drain(d)
+        assert got == want, cut
+
+
+def test_decoder_cost_is_linear_in_a_packet_read_in_small_pieces() -> None:
+    """A packet arriving in many small reads is copied a bounded number of times.
+    Printed, not asserted: the time."""
+    size = 8 * 1024 * 1024
+    d = Decoder(2 * size)
+    packet = _publish(b"t/big", bytes(size), 0)
+    t0 = time.perf_counter()
+    got = []
+    for i in range(0, len(packet), 16384):
+        d.feed(packet[i:i + 16384])
+        got += _drain(d)
+    elapsed = time.perf_counter() - t0
+    assert got == [Publish("t/big", bytes(size))]
+    print(f"8 MB in 16 KB reads: {elapsed * 1000:.0f} ms")
+
+
+def test_publish_nowait_delivers_in_order_and_every_puback_arrives(
     broker_factory: Callable[..., RunningBroker],
 ) -> None:
     broker = broker_factory(tls=True)
@@ -83,215 +118,76 @@ def test_publisher_delivers_in_order_and_hands_back_every_token(
     sizes = [0, 1, 120, 122, 4000, proto.MAX_FRAME - 6]
     payloads = [b"%05d:" % i + bytes(sizes[i % len(sizes)]) for i in range(300)]
 
-    async def main() -> tuple[list[bytes], list[int], int]:
+    async def main() -> tuple[list[bytes], int, int]:
         got: list[bytes] = []
-        tokens: list[int] = []
         done = asyncio.Event()
+
+        def received(m: Publish) -> None:
+            got.append(m.payload)
+            if len(got) == len(payloads):
+                done.set()
+
         # Two identities: the broker gives every connection of one certificate one id.
-        async with mqtt_client(broker) as sink, mqtt_client(broker, node) as source:
-            await sink.subscribe("torpor/#", qos=1)
-
-            async def collect() -> None:
-                async for message in sink.messages:
-                    assert isinstance(message.payload, bytes)
-                    got.append(message.payload)
-                    if len(got) == len(payloads):
-                        done.set()
-
-            task = asyncio.create_task(collect())
-            publisher = mqtt.lean(source)
-            assert mqtt.lean(source) is publisher  # once per connection
-            publisher.on_ack = tokens.append
-            for i, payload in enumerate(payloads):
-                assert publisher.publish(b"torpor/n1/up", payload, i)
-                if i % 50 == 49:
-                    publisher.send()
-            publisher.send()
+        sink = transport_client(broker, max_packet=1 << 20)
+        sink.on_message = received
+        async with sink, transport_client(broker, node, max_inflight=1000) as source:
+            await sink.subscribe(("torpor/#", 1))
+            futures = [source.publish_nowait("torpor/n1/up", p, qos=1 if i % 3 else 0)
+                       for i, p in enumerate(payloads)]
             await asyncio.wait_for(done.wait(), 30)
-            for _ in range(500):
-                if len(tokens) == len(payloads):
-                    break
-                await asyncio.sleep(0.01)
-            task.cancel()
-            return got, tokens, len(publisher.inflight)
+            acks = [f for f in futures if f is not None]
+            await asyncio.wait_for(asyncio.gather(*acks), 30)
+            return got, len(acks), source.inflight
 
-    got, tokens, left = asyncio.run(main())
-    assert got == payloads
-    assert sorted(tokens) == list(range(len(payloads))) and left == 0
+    got, acked, left = asyncio.run(main())
+    # The QoS 1 ones in order; the broker may pass a QoS 0 one ahead of those it holds
+    # back for the subscriber's in-flight window.
+    assert [p for p in got if int(p[:5]) % 3] == [p for i, p in enumerate(payloads) if i % 3]
+    assert sorted(got) == payloads
+    assert acked == 200 and left == 0
 
 
-@pytest.mark.parametrize("tls", [True, False])
-def test_lean_client_gets_every_message_and_puback(
-    broker_factory: Callable[..., RunningBroker], tls: bool
+def test_an_oversized_message_is_dropped_acknowledged_and_not_sent_again(
+    broker_factory: Callable[..., RunningBroker],
 ) -> None:
-    broker = broker_factory(tls=tls)
-    n = 2000
+    """Over the client's bound: counted, reported with its topic, and PUBACKed, so the
+    persistent session does not hold it for the next connection; the next one arrives."""
+    broker = broker_factory(tls=False)
+    bound = 1024
 
-    async def main() -> tuple[list[bytes], set[int], int]:
+    async def main() -> tuple[list[Oversized], list[bytes], int, list[bytes]]:
+        dropped: list[Oversized] = []
         got: list[bytes] = []
-        acked: set[int] = set()
-        done = asyncio.Event()
-        async with mqtt_client(broker, max_inflight_messages=0) as client:
-            await client.subscribe("lean/#", qos=1)
+        arrived = asyncio.Event()
 
-            def received(topic: str, payload: bytes) -> None:
-                assert topic == f"lean/{int(payload) % 7}"
-                got.append(payload)
-                if len(got) == n:
-                    done.set()
+        def received(m: Publish) -> None:
+            got.append(m.payload)
+            arrived.set()
 
-            mqtt.lean(client, received=received)
-            paho = client._client
+        def client() -> MqttClient:
+            c = transport_client(broker, client_id="bounded", clean_session=False,
+                                 max_packet=bound, drop_oversized=True)
+            c.on_message = received
+            c.on_oversized = dropped.append
+            return c
 
-            def on_publish(_c: Any, _u: Any, mid: int, *_: Any) -> None:
-                acked.add(mid)
+        async with client() as c:
+            await c.subscribe(("big/#", 1))
+            async with transport_client(broker) as pub:
+                await pub.publish("big/1", bytes(4 * bound), qos=1)
+                await pub.publish("big/2", b"small", qos=1)
+            await asyncio.wait_for(arrived.wait(), 10)
+            count = c.oversized
+        again: list[bytes] = []
+        got_before = list(got)
+        got.clear()
+        async with client():
+            await asyncio.sleep(0.5)  # what the session still held would come now
+            again = list(got)
+        return dropped, got_before, count, again
 
-            paho.on_publish = on_publish
-            # Every third one at QoS 0; the rest arrive at QoS 1 and need our PUBACKs, or
-            # the broker stops at its in-flight limit.
-            infos = [paho.publish(f"lean/{i % 7}", b"%05d" % i, qos=0 if i % 3 == 0 else 1)
-                     for i in range(n)]
-            mids = {info.mid for i, info in enumerate(infos) if i % 3}
-            await asyncio.wait_for(done.wait(), 30)
-            for _ in range(500):
-                if acked >= mids:
-                    break
-                await asyncio.sleep(0.01)
-            assert acked >= mids
-            return got, acked, len(mids)
+    dropped, got, count, again = asyncio.run(main())
+    assert got == [b"small"] and count == 1
+    assert [(o.topic, o.qos) for o in dropped] == [("big/1", 1)] and dropped[0].size > bound
+    assert again == []
 
-    got, acked, sent = asyncio.run(main())
-    assert sorted(got) == [b"%05d" % i for i in range(n)]
-    assert sent == n - len(range(0, n, 3))  # every QoS 1 publish got its PUBACK
-
-
-class _Paho:
-    """What the joined writer uses of paho: the packet queue, `_sock_send`, the fallback."""
-
-    def __init__(self, accept: list[int]) -> None:
-        self._out_packet: collections.deque[dict[str, Any]] = collections.deque()
-        self.accept = accept  # bytes taken by each send; 0: the socket is full
-        self.wire = bytearray()
-        self.sends = 0
-        self.fallbacks = 0
-
-    def queue(self, command: int, data: bytes, qos: int = 1) -> None:
-        self._out_packet.append({"command": command, "mid": 0, "qos": qos, "pos": 0,
-                                 "to_process": len(data), "packet": data, "info": None})
-
-    def _sock_send(self, buf: bytes) -> int:
-        self.sends += 1
-        n = self.accept.pop(0) if self.accept else len(buf)
-        if n == 0:
-            raise BlockingIOError
-        self.wire += buf[:n]
-        return min(n, len(buf))
-
-    def _packet_write(self) -> MQTTErrorCode:
-        self.fallbacks += 1
-        while self._out_packet:
-            p = self._out_packet.popleft()
-            self.wire += p["packet"][p["pos"]:]
-        return MQTT_ERR_SUCCESS
-
-    def _easy_log(self, *args: Any) -> None:
-        pass
-
-
-def test_joined_writer_sends_packets_together_and_resumes_partial_writes() -> None:
-    packets = [bytes([0x40, 2, 0, i]) for i in range(1, 6)] + [b"\x32\x05abcde"]
-    fake = _Paho(accept=[7, 0, 3])  # part of the second packet, a full socket, then 3 bytes
-    for data in packets:
-        fake.queue(data[0], data)
-    write = mqtt._joined_writer(fake)
-    assert write() == MQTT_ERR_AGAIN  # 7 bytes out, then the socket is full
-    assert bytes(fake.wire) == b"".join(packets)[:7] and len(fake._out_packet) == 5
-    assert fake._out_packet[0]["pos"] == 3
-    assert write() == MQTT_ERR_SUCCESS
-    assert bytes(fake.wire) == b"".join(packets) and not fake._out_packet
-    assert fake.sends == 4 and fake.fallbacks == 0
-    # A QoS 0 PUBLISH or a DISCONNECT at the head goes to paho's own writer.
-    fake.queue(0x30, b"\x30\x03abc", qos=0)
-    fake.queue(0x40, b"\x40\x02\x00\x09")
-    assert write() == MQTT_ERR_SUCCESS and fake.fallbacks == 1 and not fake._out_packet
-
-
-def _lean_pair(max_packet: int = gwbroker.MAX_PACKET_SIZE) -> tuple[Any, Any, Any, list[tuple[str, bytes]], mqtt.Publisher]:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    paho = Client(CallbackAPIVersion.VERSION2, protocol=MQTTv311)
-    paho._sock = a
-    got: list[tuple[str, bytes]] = []
-    publisher = mqtt.Publisher(paho)
-    read = mqtt._reader(paho, lambda t, p: got.append((t, p)), publisher, max_packet)
-    return a, b, (paho, read), got, publisher
-
-
-def _drain_reads(read: Callable[[], MQTTErrorCode]) -> None:
-    while read() == MQTT_ERR_SUCCESS:
-        pass
-
-
-def test_reader_drops_an_oversized_packet_unread_and_acknowledges_it() -> None:
-    """The announced length is past the bound: nothing of it is kept beyond its topic and
-    packet id, it is acknowledged (no redelivery), and the packets behind it arrive."""
-    import tracemalloc
-
-    a, b, (paho, read), got, publisher = _lean_pair()
-    body_size = 16 * 1024 * 1024
-    head = _publish(b"torpor/bad/up", b"", 1, mid=9)  # topic and packet id, no payload yet
-    topic_part = head[2:]  # without the fixed header
-    header = mqtt._fixed_header(0x32, len(topic_part) + body_size)
-    with a, b:
-        b.setblocking(False)
-        tracemalloc.start()
-        try:
-            b.sendall(header + topic_part)
-            _drain_reads(read)
-            chunk = bytes(60_000)
-            left = body_size
-            while left:
-                n = min(left, len(chunk))
-                b.sendall(chunk[:n])
-                left -= n
-                _drain_reads(read)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        b.sendall(_publish(b"torpor/good/up", b"fine", 1, mid=10))
-        _drain_reads(read)
-        assert got == [("torpor/good/up", b"fine")]
-        assert publisher.oversized == 1
-        assert b.recv(64) == b"\x40\x02\x00\x09\x40\x02\x00\x0a"  # both acknowledged
-        assert peak < 1024 * 1024, peak  # 16 MB went by; a few reads' worth was held
-        paho._sock = None
-
-
-def test_reader_refuses_an_announced_256_mb_before_reading_it() -> None:
-    a, b, (paho, read), got, publisher = _lean_pair()
-    with a, b:
-        # 256 MB announced (the four-byte maximum), then the stream goes on with a packet
-        # that can never be reached: the connection stays, the reader just skips.
-        b.sendall(b"\x30\xff\xff\xff\x7f" + b"\x00\x03t/x" + bytes(1000))
-        _drain_reads(read)
-        assert publisher.oversized == 1 and got == []
-        paho._sock = None
-
-
-def test_reader_cost_is_linear_in_a_packet_read_in_small_pieces() -> None:
-    """A packet arriving in many small reads is copied a bounded number of times (the
-    reader used to join each read onto what it held). Printed, not asserted: the time."""
-    import time
-
-    size = 8 * 1024 * 1024
-    a, b, (paho, read), got, publisher = _lean_pair(max_packet=2 * size)
-    with a, b:
-        packet = _publish(b"t/big", bytes(size), 0)
-        t0 = time.perf_counter()
-        for i in range(0, len(packet), 16384):
-            b.sendall(packet[i:i + 16384])
-            _drain_reads(read)
-        elapsed = time.perf_counter() - t0
-        assert got == [("t/big", bytes(size))]
-        print(f"8 MB in 16 KB reads: {elapsed * 1000:.0f} ms")
-        paho._sock = None

@@ -142,17 +142,10 @@ class Mosquitto:
         raise BenchError("mosquitto did not accept a connection in time")
 
     def _probe(self) -> int:
-        import socket
-
         from gateway import broker as gwbroker
 
-        if self.pki is not None:
-            return gwbroker.mqtt_probe("127.0.0.1", self.port,
-                                       gwbroker.client_ssl_context(self.pki), 2.0)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as s:
-            s.sendall(gwbroker._connect_packet(f"probe-{time.monotonic_ns()}"))
-            ack = s.recv(4)
-            return ack[3] if len(ack) == 4 else -1
+        ctx = gwbroker.client_ssl_context(self.pki) if self.pki is not None else None
+        return gwbroker.mqtt_probe("127.0.0.1", self.port, ctx, 2.0)
 
     @property
     def pid(self) -> int | None:
