@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config as gwconfig
-from gateway import db, deadletter, downlink_cli, readings, registry
+from gateway import downlink_cli
 from gateway.errors import GatewayError
+from gateway.store import db, deadletter, readings
+from gateway.store import devices as registry
+from gateway.store import status as status_store
 
 DEFAULT_CONFIG = "/etc/torpor/gateway.toml"
 EXTERNAL_BROKER_UNIT = "torpor-mosquitto.service"
@@ -157,12 +160,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from gateway import service
-
     try:
         cfg, conn = _open(args)
         try:
-            st = service.read_status(conn)
+            st = status_store.read_status(conn)
         finally:
             conn.close()
     except GatewayError as exc:
@@ -339,11 +340,9 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def _broker_pid(cfg: gwconfig.GatewayConfig, conn: Any) -> int | None:
     """The supervised mosquitto's pid, from the running gateway's status."""
-    from gateway import service
-
     if cfg.broker.mode != "supervised":
         return None
-    st = service.read_status(conn)
+    st = status_store.read_status(conn)
     pid = st.detail.get("broker_pid") if st.running else None
     return int(pid) if pid else None
 

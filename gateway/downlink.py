@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway import db, proto
-from gateway import queue as q
+from gateway import proto
+from gateway.store import db, devices
+from gateway.store import downlink_queue as q
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +197,7 @@ class Downlink:
     def plan_one(self, conn: sqlite3.Connection, device: str, hello: proto.Hello,
                  now: float) -> WakePlan:
         cfg = self.cfg
-        row = conn.execute("SELECT class FROM devices WHERE id=?", (device,)).fetchone()
-        limits = proto.DEVICE_CLASSES[row[0] if row else "sensor"]
+        limits = proto.DEVICE_CLASSES[devices.class_of(conn, device) or "sensor"]
         self.metrics.plans += 1
         self.metrics.expired += q.expire(conn, now, device)
         # The node already runs this configuration (its report may have been lost).

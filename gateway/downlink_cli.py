@@ -14,7 +14,8 @@ import time
 from typing import Any
 
 from gateway import downlink, proto
-from gateway import queue as q
+from gateway.store import devices
+from gateway.store import downlink_queue as q
 
 _TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -144,11 +145,11 @@ def next_listen(conn: sqlite3.Connection, device: str) -> tuple[float, float] | 
     st = downlink.wake_stats(conn, device)
     if st is not None and st.listen_window is not None:
         return st.listen_window
-    row = conn.execute("SELECT next_wake_at, awake_window_ms FROM devices WHERE id=?",
-                       (device,)).fetchone()
-    if row is None or row[0] is None:
+    announced = devices.announced_wake(conn, device)
+    if announced is None:
         return None
-    return float(row[0]), float(row[0]) + (row[1] or 0) / 1000.0
+    at, window_ms = announced
+    return at, at + window_ms / 1000.0
 
 
 def _next_listen_text(conn: sqlite3.Connection, device: str) -> str:

@@ -20,8 +20,8 @@ from typing import Any, Final
 import cbor2
 
 from gateway.errors import ConfigError, GatewayError
-from gateway.outbox import OutboxItem
 from gateway.proto import SCHEMAS, Measurement, Series
+from gateway.store.outbox import OutboxItem
 
 FORMATS: Final = ("json", "json-rows", "senml-json", "senml-cbor")
 JSON_FORMATS: Final = ("json", "json-rows")  # the same events; readings in columns or rows

@@ -19,11 +19,13 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway import db, deadletter, proto, readings, registry, topics
+from gateway import proto, topics
 from gateway.config import IngestConfig, UpstreamConfig
 from gateway.downlink import Downlink, WakePlan
 from gateway.ota import OtaHandler
-from gateway.outbox import Queued
+from gateway.store import db, deadletter, readings
+from gateway.store import devices as registry
+from gateway.store.outbox import Queued
 from gateway.transport.client import MqttClient
 from gateway.transport.codec import Oversized, Publish
 from gateway.transport.errors import ConnectionLost, ErrorCode, TransportError
@@ -247,12 +249,12 @@ class Ingest:
         checked = self._unknown.get(device)
         if checked is not None and now - checked < UNKNOWN_RECHECK_S:
             return None
-        row = self.conn.execute("SELECT status FROM devices WHERE id=?", (device,)).fetchone()
-        if row is None:
+        found = registry.status_of(self.conn, device)
+        if found is None:
             self._unknown[device] = now
             return None
-        self._status[device] = row[0]
-        return str(row[0])
+        self._status[device] = found
+        return found
 
     def _guard(self, device: str, now: float) -> _Guard:
         g = self._guards.get(device)
@@ -573,7 +575,8 @@ class Ingest:
             device_log(device).warning("quarantined: %s", reason)
 
     def _enqueue_upstream(self, committed: list[readings.Committed], now: float) -> list[Queued]:
-        from gateway import formats, outbox
+        from gateway import formats
+        from gateway.store import outbox
 
         up = self.upstream
         assert up is not None
@@ -820,7 +823,8 @@ def queue_events(conn: sqlite3.Connection, upstream: UpstreamConfig | None,
     """`enqueue_events`, returning the queued items with their ids."""
     if upstream is None or not upstream.enabled:
         return []
-    from gateway import formats, outbox
+    from gateway import formats
+    from gateway.store import outbox
 
     return outbox.enqueue_queued(conn, [
         formats.event_item(device, kind, fields, topic_template=upstream.topic_events,

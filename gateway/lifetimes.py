@@ -1,8 +1,8 @@
 """Credential lifetimes: what the gateway renews on its own, and the events it raises.
 
-Owns the `credential_events` table: every expiry warning (30, 7 and 1 days before a
-credential lapses, each once per credential, so a restart does not repeat one) and every
-renewal the gateway made or failed to make. `torpor gateway status` and the status page
+Raises every expiry warning (30, 7 and 1 days before a credential lapses, each once per
+credential, so a restart does not repeat one) and records every renewal the gateway made
+or failed to make, in `credential_events` (gateway.store.events). `torpor gateway status` and the status page
 read it; each event also goes upstream like a device event.
 """
 
@@ -15,33 +15,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import db
 from gateway.config import PkiConfig, UpstreamConfig
 from gateway.errors import GatewayError
-from gateway.outbox import Queued
 from gateway.pki import BACKDATE, Lifetime, Pki, PkiStatus
+from gateway.store import db
+from gateway.store import events as events_store
+from gateway.store.events import CredentialEvent
+from gateway.store.outbox import Queued
 
 log = logging.getLogger(__name__)
-
-STORE = "lifetimes"
-_STEPS = (
-    """
-    CREATE TABLE credential_events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at REAL NOT NULL,               -- unix time it was raised
-        kind TEXT NOT NULL,             -- expiring | renewed | renewal_failed
-        credential TEXT NOT NULL,       -- Lifetime.key: name, subject, serial
-        name TEXT NOT NULL,             -- root_ca issuing_ca server gateway control crl crl_root device
-        subject TEXT NOT NULL,
-        not_after TEXT NOT NULL,        -- ISO 8601 UTC (a CRL's nextUpdate)
-        threshold_days INTEGER,         -- expiring: 30, 7 or 1
-        days_left REAL NOT NULL,
-        detail TEXT NOT NULL DEFAULT ''
-    );
-    CREATE UNIQUE INDEX credential_events_once
-        ON credential_events(credential, not_after, threshold_days) WHERE kind = 'expiring';
-    """,
-)
 
 # Days before the end of a credential's validity at which an `expiring` event is raised.
 THRESHOLDS_DAYS = (30, 7, 1)
@@ -51,30 +33,6 @@ UPSTREAM_KIND = "credential"
 BACKDATE_SLACK_DAYS = 1 / 24
 # A renewal that keeps failing (no key) is told once a day, not at every check.
 FAILED_REPEAT_S = 86400.0
-# The table keeps the newest rows only (a fleet's device warnings and years of renewals fit).
-MAX_ROWS = 10_000
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    db.apply(conn, STORE, _STEPS)
-
-
-@dataclass(frozen=True, slots=True)
-class CredentialEvent:
-    """One row of `credential_events` (also the upstream event's fields)."""
-
-    kind: str
-    credential: str
-    name: str
-    subject: str
-    not_after: str
-    threshold_days: int | None
-    days_left: float
-    detail: str = ""
-    at: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
 
 
 def crossed(lifetime: Lifetime) -> int | None:
@@ -181,10 +139,7 @@ def record(
         if report is not None:
             events += [_event("renewed", life, None, now) for life in report.renewed]
             for life, why in report.failed:
-                told_lately = conn.execute(
-                    "SELECT 1 FROM credential_events WHERE kind = 'renewal_failed' AND "
-                    "credential = ? AND at > ?", (life.key, now - FAILED_REPEAT_S)).fetchone()
-                if told_lately is None:
+                if not events_store.failed_lately(conn, life.key, now - FAILED_REPEAT_S):
                     events.append(_event("renewal_failed", life, None, now, why))
         fresh: list[CredentialEvent] = []
         for life in watched(status):
@@ -196,24 +151,13 @@ def record(
             told = False
             for t in sorted(t for t in THRESHOLDS_DAYS if t >= threshold and _applies(life, t)):
                 ev = _event("expiring", life, t, now)
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO credential_events(at, kind, credential, name, subject, "
-                    "not_after, threshold_days, days_left, detail) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (now, ev.kind, ev.credential, ev.name, ev.subject, ev.not_after,
-                     ev.threshold_days, ev.days_left, ev.detail))
-                if cur.rowcount and not told:
+                if events_store.add_once(conn, ev, now) and not told:
                     fresh.append(ev)
                     told = True
-        for ev in events:
-            conn.execute(
-                "INSERT INTO credential_events(at, kind, credential, name, subject, not_after, "
-                "threshold_days, days_left, detail) VALUES (?,?,?,?,?,?,?,?,?)",
-                (now, ev.kind, ev.credential, ev.name, ev.subject, ev.not_after,
-                 ev.threshold_days, ev.days_left, ev.detail))
+        events_store.add(conn, events, now)
         events = [*events, *fresh]
         if events:
-            conn.execute("DELETE FROM credential_events WHERE id <= "
-                         "(SELECT max(id) FROM credential_events) - ?", (MAX_ROWS,))
+            events_store.trim(conn)
         queued: list[Queued] = []
         if events and upstream is not None and upstream.enabled:
             from gateway.ingest import queue_events
@@ -240,13 +184,7 @@ def _event(kind: str, life: Lifetime, threshold: int | None, at: float,
 
 def recent(conn: sqlite3.Connection, limit: int = 20) -> list[CredentialEvent]:
     """The newest events first (an empty list before the gateway first ran)."""
-    try:
-        rows = conn.execute(
-            "SELECT kind, credential, name, subject, not_after, threshold_days, days_left, "
-            "detail, at FROM credential_events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-    except sqlite3.OperationalError:
-        return []
-    return [CredentialEvent(*row) for row in rows]
+    return events_store.recent(conn, limit)
 
 
 def summary(status: PkiStatus) -> dict[str, Any]:
@@ -259,6 +197,6 @@ def summary(status: PkiStatus) -> dict[str, Any]:
 
 
 __all__: Sequence[str] = (
-    "THRESHOLDS_DAYS", "CredentialEvent", "RenewalReport", "crossed", "migrate", "recent",
+    "THRESHOLDS_DAYS", "CredentialEvent", "RenewalReport", "crossed", "recent",
     "record", "renew_due", "summary",
 )

@@ -3,7 +3,7 @@ downlink queue, and the rollout that widens as devices confirm.
 
 The gateway stores signed images (built and signed elsewhere: it holds no private key),
 cuts each into chunks that fit the device class's max_message, and queues OTA_MANIFEST
-then a window of OTA_CHUNK frames per device through `gateway.queue.enqueue_frame` at a
+then a window of OTA_CHUNK frames per device through `gateway.store.downlink_queue.enqueue_frame` at a
 priority below commands; the downlink planner sends what fits each wake. The node's
 OTA_STATUS (`chunks` = wire index of the first chunk it still needs) retires what it has
 and tops the window up; its HELLO reports trial outcomes. docs/ota.md tells the whole
@@ -22,9 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway import db, proto
-from gateway import queue as q
+from gateway import proto
 from gateway.errors import GatewayError
+from gateway.store import db
+from gateway.store import downlink_queue as q
 
 log = logging.getLogger(__name__)
 

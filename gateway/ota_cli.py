@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import ota, proto
+from gateway.store import devices as devices_store
 
 _RATE = re.compile(r"^(\d+)(%?)$")
 _SPAN = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -54,9 +55,7 @@ def select_devices(conn: sqlite3.Connection, group: str | None,
             raise ota.OtaError("--devices names no device")
         return out
     assert group is not None
-    rows = conn.execute(
-        "SELECT id, class FROM devices WHERE status NOT IN ('revoked', 'decommissioned') "
-        "ORDER BY id").fetchall()
+    rows = devices_store.in_service(conn)
     if group == "all":
         out = [r[0] for r in rows]
     elif group in proto.DEVICE_CLASSES:

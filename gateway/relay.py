@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
-from gateway.db import Writer
 from gateway.errors import ConfigError
 from gateway.formats import check_format
-from gateway.outbox import Counters, Outbox, Queued
+from gateway.store import db
+from gateway.store.db import Writer
+from gateway.store.outbox import Counters, Outbox, Queued
 from gateway.transport.client import ClientOptions, MqttClient
 from gateway.transport.errors import ConnectionLost, ErrorCode, TransportError
 
@@ -304,7 +305,7 @@ class Relay:
             if self.writer is not None:
                 # The owner of a shared writer checkpoints (gateway.db.checkpoint_loop):
                 # a delete must not stall the writer thread with a checkpoint's fsync.
-                await self._db(self._outbox.conn.execute, "PRAGMA wal_autocheckpoint=0")
+                await self._db(db.no_autocheckpoint, self._outbox.conn)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._bounds_loop(), name="relay-bounds")
                 tg.create_task(self._connection_loop(), name="relay-connection")

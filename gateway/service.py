@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
-import json
 import logging
 import os
 import signal
@@ -19,117 +17,29 @@ import sqlite3
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import db, deadletter, lifetimes, readings, registry
+from gateway import lifetimes
 from gateway.broker import MAX_PACKET_SIZE
 from gateway.config import GatewayConfig
 from gateway.downlink import Downlink, DownlinkConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import HelloHook, Ingest, no_downlink
 from gateway.ota import OtaHandler
-from gateway.outbox import Queued
+from gateway.store import db, deadletter
+from gateway.store import devices as registry
+from gateway.store import status as status_store
+from gateway.store.outbox import Queued
 from gateway.transport import codec
 from gateway.transport.client import ClientOptions, MqttClient
 from gateway.transport.errors import TransportError
 
 log = logging.getLogger(__name__)
-db.register_store(lifetimes.migrate)  # credential_events (gateway.lifetimes)
 
-STORE = "service"
-_STEPS = (
-    """
-    CREATE TABLE gateway_status (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        pid INTEGER NOT NULL,
-        started_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        state TEXT NOT NULL,
-        interval_s REAL NOT NULL,
-        detail TEXT NOT NULL
-    );
-    """,
-)
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 HEALTHY_RUN_S = 30.0  # a task that ran this long starts its backoff afresh
-SEEN_RECENTLY_S = 600.0
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    db.apply(conn, STORE, _STEPS)
-
-
-@dataclass(frozen=True, slots=True)
-class Status:
-    """What `torpor gateway status` shows."""
-
-    running: bool
-    pid: int | None
-    state: str
-    started_at: float | None
-    updated_at: float | None
-    devices: dict[str, int]
-    seen_recently: int
-    last_seen: float | None
-    readings_total: int
-    readings_per_min: float
-    dead_letters: int
-    outbox_depth: int | None
-    detail: dict[str, Any]
-    # The newest expiry warnings and renewals (gateway.lifetimes), newest first.
-    credential_events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_status(conn: sqlite3.Connection, now: float | None = None) -> Status:
-    """The gateway's state from the database alone (works while it runs or not)."""
-    now = time.time() if now is None else now
-    row = conn.execute(
-        "SELECT pid, started_at, updated_at, state, interval_s, detail FROM gateway_status"
-    ).fetchone()
-    running = False
-    detail: dict[str, Any] = {}
-    pid = started = updated = None
-    state = "never started"
-    if row is not None:
-        pid, started, updated, state, interval, text = row
-        detail = json.loads(text)
-        fresh = now - updated <= max(3 * interval, 5.0)
-        running = state == "running" and fresh and _pid_alive(int(pid))
-        if state == "running" and not running:
-            state = "stopped (not shut down cleanly)"
-    last_seen = conn.execute("SELECT max(last_seen) FROM devices").fetchone()[0]
-    seen = conn.execute(
-        "SELECT count(*) FROM devices WHERE last_seen >= ?", (now - SEEN_RECENTLY_S,)
-    ).fetchone()[0]
-    outbox_depth: int | None
-    try:
-        outbox_depth = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
-    except sqlite3.OperationalError:
-        outbox_depth = None
-    return Status(
-        running=running, pid=pid, state=state, started_at=started, updated_at=updated,
-        devices=registry.counts(conn), seen_recently=int(seen), last_seen=last_seen,
-        readings_total=readings.total(conn),
-        readings_per_min=float(detail.get("readings_per_min", 0.0)) if running else 0.0,
-        dead_letters=deadletter.count(conn), outbox_depth=outbox_depth, detail=detail,
-        credential_events=[e.as_dict() for e in lifetimes.recent(conn, 10)],
-    )
 
 
 class Service:
@@ -204,7 +114,7 @@ class Service:
         # ingest's own writes do not look like another process's changes to it (it
         # reloads the registry when PRAGMA data_version moves). No commit of this process
         # checkpoints: the "checkpoint" task does, off the writer thread.
-        self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        db.no_autocheckpoint(self.conn)
         self.writer = writer = db.Writer()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -460,14 +370,9 @@ class Service:
         if self.credentials:
             detail["credentials_days_left"] = self.credentials
         with db.transaction(self.conn):
-            self.conn.execute(
-                "INSERT INTO gateway_status(id, pid, started_at, updated_at, state, interval_s, "
-                "detail) VALUES (1, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                "pid=excluded.pid, started_at=excluded.started_at, updated_at=excluded.updated_at,"
-                " state=excluded.state, interval_s=excluded.interval_s, detail=excluded.detail",
-                (os.getpid(), self._started, now, state, self.cfg.gateway.status_interval_s,
-                 json.dumps(detail, default=str)),
-            )
+            status_store.write(self.conn, pid=os.getpid(), started_at=self._started,
+                               updated_at=now, state=state,
+                               interval_s=self.cfg.gateway.status_interval_s, detail=detail)
 
 
 def _log_status_failure(future: Any) -> None:

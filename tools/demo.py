@@ -302,7 +302,8 @@ class Demo:
         return path
 
     async def _start_gateway(self, config: Path) -> None:
-        from gateway import db, service
+        from gateway.store import db
+        from gateway.store import status as status_store
 
         proc = await self._spawn(
             [sys.executable, "-m", "tools.cli", "gateway", "run", "--config", str(config)],
@@ -318,7 +319,7 @@ class Demo:
             try:
                 conn = db.connect(self.gw_db, readonly=True)
                 try:
-                    st = service.read_status(conn)
+                    st = status_store.read_status(conn)
                 finally:
                     conn.close()
             except (sqlite3.Error, Exception):  # the schema may be mid-migration
@@ -456,7 +457,7 @@ class Demo:
             return self.upstream.unique, lost
         # SenML carries no message ids: every stored reading's (device, time) must have
         # arrived (two readings may share a time after a power cut, so count stored rows).
-        from gateway import readings
+        from gateway.store import readings
 
         conn = sqlite3.connect(f"file:{self.gw_db}?mode=ro", uri=True, timeout=10)
         try:

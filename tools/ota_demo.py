@@ -179,7 +179,8 @@ class OtaDemo:
         return path
 
     def _start_gateway(self, config: Path, db_path: Path) -> None:
-        from gateway import db, service
+        from gateway.store import db
+        from gateway.store import status as status_store
 
         with open(self.dir / "gateway.log", "ab") as out:
             self.gateway = subprocess.Popen(
@@ -193,7 +194,7 @@ class OtaDemo:
             try:
                 conn = db.connect(db_path, readonly=True)
                 try:
-                    st = service.read_status(conn)
+                    st = status_store.read_status(conn)
                 finally:
                     conn.close()
             except Exception:  # the schema may be mid-migration
@@ -239,7 +240,8 @@ class OtaDemo:
         await asyncio.gather(*(self._wake(st, sem) for st in states))
 
     def _campaign(self, db_path: Path, cid: int) -> Any:
-        from gateway import db, ota
+        from gateway import ota
+        from gateway.store import db
 
         conn = db.connect(db_path, readonly=True)
         try:

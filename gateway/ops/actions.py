@@ -9,9 +9,10 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway import proto, registry
-from gateway import queue as q
+from gateway import proto
 from gateway.errors import GatewayError
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 
 
 class ActionError(GatewayError):

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config as gwconfig
-from gateway import db
 from gateway.errors import GatewayError
+from gateway.store import db
 
 FORMAT = "torpor-gateway-backup"
 MANIFEST_VERSION = 1

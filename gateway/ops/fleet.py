@@ -8,8 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import deadletter, downlink, proto, readings, registry
-from gateway import queue as q
+from gateway import downlink, proto
+from gateway.store import deadletter, readings
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 
 SPARK_POINTS = 24  # battery readings behind a fleet row's sparkline
 MAX_CHART_POINTS = 600  # a chart's series are averaged down to this many points

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from gateway import config as gwconfig
-from gateway import db, registry
 from gateway.ops import backup
 from gateway.pki import Pki
+from gateway.store import db
+from gateway.store import devices as registry
 from tests.fixtures.broker import make_pki
 
 

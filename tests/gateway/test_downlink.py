@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from gateway import db, downlink, proto, registry
-from gateway import queue as q
+from gateway import downlink, proto
+from gateway.store import db, devices
+from gateway.store import downlink_queue as q
 from tests.fixtures.broker import RunningBroker
 from tests.gateway.test_ingest import Node, aio, gateway_config, provision, running
 from tests.gateway.test_service import start_gateway, wait_running, write_config
@@ -101,7 +102,7 @@ async def test_queued_while_asleep_delivered_in_order_and_retired(
     capsys.readouterr()
     assert torpor(["device", "show", "n1", "--json", "--config", str(tmp_path / "gw.toml")]) == 0
     doc = json.loads(capsys.readouterr().out)
-    d = registry.get(conn, "n1")
+    d = devices.get(conn, "n1")
     assert d.last_hello_at is not None
     assert abs(doc["downlink"]["next_listen_at"] - (d.last_hello_at + 900)) < 1e-3
     assert abs(doc["downlink"]["next_listen_until"] - doc["downlink"]["next_listen_at"] - 2.0) < 1e-6
@@ -193,7 +194,7 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     cfg = tmp_path / "gw.toml"
     cfg.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n')
     conn = db.open_db(tmp_path / "data" / "gateway.db")
-    registry.add(conn, "n1", "monitor")
+    devices.add(conn, "n1", "monitor")
     c = ["--config", str(cfg)]
 
     def run(*argv: str) -> tuple[int, str, str]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway import db, downlink, proto, readings, registry
-from gateway import queue as q
+from gateway import downlink, proto
+from gateway.store import db, devices, readings
+from gateway.store import downlink_queue as q
 
 T = 1_796_000_000.0
 
@@ -39,18 +40,18 @@ def test_node_clock_bursts_move_by_the_hellos_offset_and_others_stay() -> None:
 
 def test_the_registry_gives_the_offset_of_the_last_hello(tmp_path: Path) -> None:
     conn = db.open_db(tmp_path / "g.db")
-    registry.add(conn, "n1")
+    devices.add(conn, "n1")
     with db.transaction(conn):
-        registry.record_hellos(conn, [registry.hello_row("n1", _hello(time=946_684_900,
+        devices.record_hellos(conn, [devices.hello_row("n1", _hello(time=946_684_900,
                                                                       clock_unset=True), T)], T)
-    assert registry.clock_offsets(conn, ["n1", "n2"]) == {"n1": T - 946_684_900}
-    dev = registry.get(conn, "n1")
+    assert devices.clock_offsets(conn, ["n1", "n2"]) == {"n1": T - 946_684_900}
+    dev = devices.get(conn, "n1")
     assert dev.clock_unset == 1
 
 
 def test_next_listen_sets_the_expected_wake_and_misses_are_counted_from_it(tmp_path: Path) -> None:
     conn = db.open_db(tmp_path / "g.db")
-    registry.add(conn, "n1")
+    devices.add(conn, "n1")
     dl = downlink.Downlink()
     with db.transaction(conn):
         dl.plan(conn, [("n1", _hello(next_wake_s=55, next_listen_s=595))], T)
@@ -72,7 +73,7 @@ def test_next_listen_sets_the_expected_wake_and_misses_are_counted_from_it(tmp_p
 
 def test_stay_awake_plans_no_sleep_and_items_queued_meanwhile_go_at_once(tmp_path: Path) -> None:
     conn = db.open_db(tmp_path / "g.db")
-    registry.add(conn, "n1")
+    devices.add(conn, "n1")
     dl = downlink.Downlink()
     stay = q.enqueue_command(conn, "n1", "stay_awake", [30], now=T)
     with db.transaction(conn):
@@ -94,7 +95,7 @@ def test_stay_awake_plans_no_sleep_and_items_queued_meanwhile_go_at_once(tmp_pat
 
 def test_a_command_carries_its_expiry_on_the_gateways_clock(tmp_path: Path) -> None:
     conn = db.open_db(tmp_path / "g.db")
-    registry.add(conn, "n1")
+    devices.add(conn, "n1")
     cid = q.enqueue_command(conn, "n1", "set_interval", [120], ttl_s=90, now=T)
     with db.transaction(conn):
         plan = downlink.Downlink().plan(conn, [("n1", _hello())], T + 30)[0]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db, proto, registry
+from gateway import proto
+from gateway.store import db, devices
 from tools.cli import build_parser, main
 
 
@@ -31,7 +32,7 @@ def test_device_add_list_show_release(config: Path, capsys: pytest.CaptureFixtur
     assert main(["device", "list", "--status", "quarantined", "--json", *c]) == 0
     assert json.loads(capsys.readouterr().out) == []
     conn = db.open_db(config.parent / "data" / "gateway.db")
-    registry.quarantine(conn, "n1", "3 malformed frames in 60s")
+    devices.quarantine(conn, "n1", "3 malformed frames in 60s")
     assert main(["device", "show", "n1", *c]) == 0
     assert "quarantined (3 malformed frames in 60s)" in capsys.readouterr().out
     assert main(["device", "release", "n1", *c]) == 0
@@ -74,7 +75,7 @@ def test_config_errors_and_status_of_a_stopped_gateway(tmp_path: Path, config: P
 
 def test_device_send_checks_arguments_before_queueing(config: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway import queue as q
+    from gateway.store import downlink_queue as q
 
     c = ["--config", str(config)]
     assert main(["device", "add", "n1", *c]) == 0

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db, deadletter, proto, readings, registry
+from gateway import proto
 from gateway.config import IngestConfig
 from gateway.downlink import Downlink
 from gateway.ingest import Ingest
+from gateway.store import db, deadletter, readings
+from gateway.store import devices as registry
 
 U32 = 0xFFFFFFFF
 

@@ -12,11 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from gateway import db, proto, readings, registry
+from gateway import proto
 from gateway.config import IngestConfig
 from gateway.downlink import Downlink
 from gateway.ingest import Ingest
 from gateway.ota import OtaHandler
+from gateway.store import db, devices, readings
 from tools.bench.fuzz import Corpus, mutate
 
 U32 = readings.ID_MAX
@@ -78,7 +79,7 @@ class IngestMachine(RuleBasedStateMachine):
         self.path = Path(self.dir.name) / "g.db"
         self.conn = db.open_db(self.path)
         for d in DEVICES:
-            registry.add(self.conn, d)
+            devices.add(self.conn, d)
         self.ingest = self._new_ingest()
         self.committed: dict[str, set[int]] = {d: set() for d in DEVICES}
         self.floor = dict.fromkeys(DEVICES, 0)

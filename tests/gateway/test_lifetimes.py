@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db, lifetimes, service
+from gateway import lifetimes
 from gateway.config import UpstreamConfig, parse_config
 from gateway.errors import ConfigError
 from gateway.pki import Pki
+from gateway.store import db
+from gateway.store import events as events_store
+from gateway.store import status as status_store
 
 
 class Clock:
@@ -38,7 +41,7 @@ def fleet(tmp_path: Path) -> tuple[Pki, Clock]:
     return pki, clock
 
 
-def _expiring(events: list[lifetimes.CredentialEvent]) -> list[tuple[str, str, int | None]]:
+def _expiring(events: list[events_store.CredentialEvent]) -> list[tuple[str, str, int | None]]:
     return sorted((e.name, e.subject, e.threshold_days) for e in events if e.kind == "expiring")
 
 
@@ -46,7 +49,7 @@ def test_each_threshold_is_raised_once_even_across_restarts(fleet: tuple[Pki, Cl
     pki, clock = fleet
     path = tmp_path / "gateway.db"
     conn = db.open_db(path)
-    lifetimes.migrate(conn)
+    events_store.migrate(conn)
 
     def check() -> list[tuple[str, str, int | None]]:
         events, _ = lifetimes.record(conn, pki.status(), now=time.time())
@@ -60,7 +63,7 @@ def test_each_threshold_is_raised_once_even_across_restarts(fleet: tuple[Pki, Cl
     assert check() == [("server", "torpor-broker", 30)]
     conn.close()  # the gateway restarts: nothing is said twice
     conn = db.open_db(path)
-    lifetimes.migrate(conn)
+    events_store.migrate(conn)
     assert check() == []
     clock.t += dt.timedelta(days=22)  # node-1 2 days, server 7 days left
     assert check() == [("device", "node-1", 7), ("server", "torpor-broker", 7)]
@@ -77,7 +80,7 @@ def test_a_late_look_tells_the_tightest_threshold_once(fleet: tuple[Pki, Clock],
     """A gateway that was off for weeks says "under 1 day" once, not 30, 7 and 1."""
     pki, clock = fleet
     conn = db.open_db(tmp_path / "gateway.db")
-    lifetimes.migrate(conn)
+    events_store.migrate(conn)
     clock.t += dt.timedelta(days=34, hours=12)
     events, _ = lifetimes.record(conn, pki.status(), now=time.time())
     assert _expiring(events) == [("device", "node-1", 1), ("server", "torpor-broker", 7)]
@@ -90,7 +93,7 @@ def test_a_renewed_credential_starts_afresh_and_events_go_upstream(
         fleet: tuple[Pki, Clock], tmp_path: Path) -> None:
     pki, clock = fleet
     conn = db.open_db(tmp_path / "gateway.db")
-    lifetimes.migrate(conn)
+    events_store.migrate(conn)
     up = UpstreamConfig(enabled=True, host="upstream.example")
     clock.t += dt.timedelta(days=34)  # server 6 days left
     events, queued = lifetimes.record(conn, pki.status(), upstream=up, gateway_id="gw-1",
@@ -111,7 +114,7 @@ def test_a_renewed_credential_starts_afresh_and_events_go_upstream(
     events, _ = lifetimes.record(conn, pki.status(), report, upstream=up, now=time.time())
     assert [(e.kind, e.name) for e in events] == [("renewed", "server")]
     assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 3
-    status = service.read_status(conn)
+    status = status_store.read_status(conn)
     assert [e["kind"] for e in status.credential_events][:2] == ["renewed", "expiring"]
     assert json.dumps(status.as_dict(), default=str)  # `torpor gateway status --json`
     conn.close()
@@ -143,7 +146,7 @@ def test_a_threshold_applies_only_to_a_credential_that_lived_longer(
     renewal keeps failing it reaches 7 and 1 days."""
     pki, clock = fleet
     conn = db.open_db(tmp_path / "gateway.db")
-    lifetimes.migrate(conn)
+    events_store.migrate(conn)
     pki.write_crl(days=30)
     pki.issue_server(["localhost"], days=400)
     pki.issue_device("node-1", days=400)
@@ -158,7 +161,7 @@ def test_a_failing_renewal_is_told_once_a_day_and_the_table_is_bounded(
         fleet: tuple[Pki, Clock], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pki, clock = fleet
     conn = db.open_db(tmp_path / "gateway.db")
-    lifetimes.migrate(conn)
+    events_store.migrate(conn)
     (pki.path / "issuing.key").unlink()  # the key is lost: nothing can be renewed
     cfg = parse_config({"pki": {"server_lead_days": 30, "server_days": 90}}).pki
     clock.t += dt.timedelta(days=20)  # server 20 days left: due
@@ -171,7 +174,7 @@ def test_a_failing_renewal_is_told_once_a_day_and_the_table_is_bounded(
         told += [e for e in events if e.kind == "renewal_failed"]
     assert [round((e.at - t0) / 3600) for e in told] == [0, 24]
     assert "issuing CA key" in told[0].detail
-    monkeypatch.setattr(lifetimes, "MAX_ROWS", 3)
+    monkeypatch.setattr(events_store, "MAX_ROWS", 3)
     lifetimes.record(conn, pki.status(), lifetimes.renew_due(pki, cfg), now=t0 + 48 * 3600)
     assert conn.execute("SELECT count(*) FROM credential_events").fetchone()[0] <= 4
     conn.close()

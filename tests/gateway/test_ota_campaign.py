@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db, ota, ota_cli, proto, registry
-from gateway import queue as q
+from gateway import ota, ota_cli, proto
+from gateway.store import db
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 from tools.cli import main as torpor
 from tools.fw import image, keys
 

@@ -23,12 +23,12 @@ import aiomqtt
 import pytest
 
 from gateway.config import UpstreamConfig
-from gateway.db import transaction
 from gateway.errors import ConfigError
 from gateway.formats import readings_payload
-from gateway.outbox import Outbox, OutboxItem, Queued, enqueue_queued
 from gateway.proto import SCHEMA_ENV3, Series
 from gateway.relay import UNDELETED_MAX, Relay, UpstreamSettings
+from gateway.store.db import transaction
+from gateway.store.outbox import Outbox, OutboxItem, Queued, enqueue_queued
 from tests.fixtures.broker import RunningBroker, free_port, mqtt_client
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import asyncio
 import threading
 from pathlib import Path
 
-from gateway import db, readings
+from gateway.store import db, readings
 from tests.fixtures.broker import RunningBroker
 from tests.gateway.test_ingest import Node, aio, burst, gateway_config, provision, running
 
@@ -81,23 +81,23 @@ def test_commits_without_autocheckpoint_leave_the_wal_to_checkpoint_loop(tmp_pat
 
 
 def test_registry_version_moves_with_statuses_only(tmp_path: Path) -> None:
-    from gateway import outbox, registry
+    from gateway.store import devices, outbox
 
     conn = db.open_db(tmp_path / "g.db")
-    v0 = registry.version(conn)
-    registry.add(conn, "r1")
-    v1 = registry.version(conn)
+    v0 = devices.version(conn)
+    devices.add(conn, "r1")
+    v1 = devices.version(conn)
     assert v1 > v0
     # Writes that do not change a status (seen times, the outbox) leave it alone, so
     # ingest does not reload every status after each relay delete.
     with db.transaction(conn):
-        registry.touch_many(conn, [(1.0, "r1")])
+        devices.touch_many(conn, [(1.0, "r1")])
     box = outbox.Outbox(tmp_path / "g.db")
     box.put([outbox.OutboxItem("t", b"x", 1.0, "r1", "readings")])
     box.delete([q.id for q in box.peek(10)])
     box.close()
-    assert registry.version(conn) == v1
+    assert devices.version(conn) == v1
     with db.transaction(conn):
-        registry.quarantine(conn, "r1", "test", now=2.0)
-    assert registry.version(conn) > v1
+        devices.quarantine(conn, "r1", "test", now=2.0)
+    assert devices.version(conn) > v1
     conn.close()

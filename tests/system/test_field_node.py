@@ -16,8 +16,9 @@ import re
 import time
 from typing import Any
 
-from gateway import downlink, readings
-from gateway import queue as q
+from gateway import downlink
+from gateway.store import downlink_queue as q
+from gateway.store import readings
 from tests.system.stack import Stack, StackNode
 from tests.system.test_sleeping_nodes import aio, item, send, until
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from gateway import downlink, proto
-from gateway import queue as q
+from gateway.store import downlink_queue as q
 from tests.mpharness import micropython_binary
 from tests.system.stack import Stack, StackNode, kill_node_process
 

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from gateway import db, ota, registry
+from gateway import ota
+from gateway.store import db, devices
 from tools.progress import ProgressLine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +88,7 @@ def test_ota_status_watch_follows_a_campaign_until_it_stops(tmp_path: Path) -> N
     (tmp_path / "gw").mkdir()
     dbp = tmp_path / "gw" / "gateway.db"
     conn = db.open_db(dbp)
-    registry.add_missing(conn, {"n1": "1a", "n2": "1b"})
+    devices.add_missing(conn, {"n1": "1a", "n2": "1b"})
     cid = ota.create_campaign(conn, ota.import_image(conn, img).id, ["n1", "n2"], rate=2)
     conn.close()
     watch = subprocess.Popen(

@@ -193,8 +193,8 @@ class Gateway:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, cwd=ROOT,
                                          stdin=subprocess.DEVNULL)
-        from gateway import db
-        from gateway.service import read_status
+        from gateway.store import db
+        from gateway.store.status import read_status
 
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -230,12 +230,12 @@ class Progress:
     """Readings committed and outbox depth, read from the gateway's database."""
 
     def __init__(self, db_path: Path) -> None:
-        from gateway import db
+        from gateway.store import db
 
         self.conn = db.connect(db_path, readonly=True)
 
     def read(self) -> tuple[int, int]:
-        from gateway import readings
+        from gateway.store import readings
 
         total = readings.total(self.conn)
         depth = int(self.conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
@@ -421,8 +421,9 @@ def _gateway_round(scale: Scale, shares: list[tuple[Identity, ...]], base: dict[
 
 def measure(scale: Scale = Scale(), workdir: Path | None = None,
             profile: Path | None = None, batch_ms: float | None = None) -> dict[str, Any]:
-    from gateway import db, registry
     from gateway.pki import Pki
+    from gateway.store import db
+    from gateway.store import devices as registry
 
     owned = workdir is None
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-gw-")) if workdir is None else workdir

@@ -13,9 +13,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import db, proto
+from gateway import proto
 from gateway.errors import GatewayError
 from gateway.pki import validate_device_id
+from gateway.store import db
 
 STORE = "registry"
 
@@ -312,3 +313,46 @@ def page(conn: sqlite3.Connection, *, status: str | None = None, text: str = "",
     rows = conn.execute(_SELECT + clause + " ORDER BY id LIMIT ? OFFSET ?",
                         (*params, limit, offset)).fetchall()
     return [Device(*r) for r in rows], total
+
+
+# --- reads other modules need (the only SQL on `devices` lives here) ----------------------
+
+def status_of(conn: sqlite3.Connection, device_id: str) -> str | None:
+    """The device's status, or None for an unknown device."""
+    row = conn.execute("SELECT status FROM devices WHERE id=?", (device_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def class_of(conn: sqlite3.Connection, device_id: str) -> str | None:
+    """The device's class, or None for an unknown device."""
+    row = conn.execute("SELECT class FROM devices WHERE id=?", (device_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def announced_wake(conn: sqlite3.Connection, device_id: str) -> tuple[float, int] | None:
+    """(next_wake_at, awake_window_ms) the node announced in its last HELLO, or None."""
+    row = conn.execute("SELECT next_wake_at, awake_window_ms FROM devices WHERE id=?",
+                       (device_id,)).fetchone()
+    if row is None or row[0] is None:
+        return None
+    return float(row[0]), int(row[1] or 0)
+
+
+def in_service(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(id, class) of every device neither revoked nor decommissioned, by id."""
+    rows = conn.execute(
+        "SELECT id, class FROM devices WHERE status NOT IN (?, ?) ORDER BY id",
+        (REVOKED, DECOMMISSIONED)).fetchall()
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+def last_seen(conn: sqlite3.Connection) -> float | None:
+    """When any device was last heard from."""
+    value = conn.execute("SELECT max(last_seen) FROM devices").fetchone()[0]
+    return None if value is None else float(value)
+
+
+def seen_since(conn: sqlite3.Connection, since: float) -> int:
+    """How many devices were heard from at or after `since`."""
+    return int(conn.execute("SELECT count(*) FROM devices WHERE last_seen >= ?",
+                            (since,)).fetchone()[0])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db
+from gateway.store import db
 
 
 def test_open_sets_wal_and_full_sync_and_migrates_every_store(tmp_path: Path) -> None:

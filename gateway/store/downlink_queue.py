@@ -16,8 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import db, proto
+from gateway import proto
 from gateway.errors import GatewayError
+from gateway.store import db
 
 STORE = "queue"
 

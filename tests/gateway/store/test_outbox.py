@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import db
 from gateway.errors import ConfigError
-from gateway.outbox import Counters, Dropped, Outbox, OutboxItem, enqueue, migrate
+from gateway.store import db
+from gateway.store.outbox import Counters, Dropped, Outbox, OutboxItem, enqueue, migrate
 
 
 def open_db(path: Path) -> sqlite3.Connection:

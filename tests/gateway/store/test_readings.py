@@ -7,7 +7,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import db, proto, readings
+from gateway import proto
+from gateway.store import db, readings
 
 
 def burst(first: int, n: int = 64) -> proto.Burst:

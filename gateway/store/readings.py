@@ -24,7 +24,8 @@ from functools import lru_cache
 from itertools import chain
 from typing import Any
 
-from gateway import db, proto
+from gateway import proto
+from gateway.store import db
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from gateway import db
 from gateway.errors import ConfigError
+from gateway.store import db
 
 COUNTER_NAMES: Final = ("enqueued", "delivered", "dropped_full", "dropped_age")
 DROP_POLICIES: Final = ("oldest", "newest")
@@ -215,3 +215,12 @@ class Outbox:
                 full = max(cur.rowcount, 0)
                 _bump(self.conn, "dropped_full", full)
         return Dropped(aged, full)
+
+
+def count(conn: sqlite3.Connection) -> int | None:
+    """Items waiting in the outbox, or None where the table does not exist (a database
+    from before the relay)."""
+    try:
+        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    except sqlite3.OperationalError:
+        return None

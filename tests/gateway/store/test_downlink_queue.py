@@ -10,8 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import db, downlink, proto, registry
-from gateway import queue as q
+from gateway import downlink, proto
+from gateway.store import db
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 
 T0 = 1_800_000_000.0
 

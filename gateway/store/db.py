@@ -39,12 +39,13 @@ T = TypeVar("T")
 # Store modules, each with `migrate(conn)`. A module that is not installed yet is skipped
 # so the stores can grow one at a time; order matters only for readability.
 STORE_MODULES: tuple[str, ...] = (
-    "gateway.registry",
-    "gateway.readings",
-    "gateway.deadletter",
-    "gateway.service",
-    "gateway.outbox",
-    "gateway.queue",
+    "gateway.store.devices",
+    "gateway.store.readings",
+    "gateway.store.deadletter",
+    "gateway.store.status",
+    "gateway.store.events",
+    "gateway.store.outbox",
+    "gateway.store.downlink_queue",
     "gateway.downlink",
     "gateway.ota",
 )
@@ -155,6 +156,12 @@ class Writer:
     def close(self) -> None:
         """Finish what was submitted, then stop the thread."""
         self._pool.shutdown(wait=True)
+
+
+def no_autocheckpoint(conn: sqlite3.Connection) -> None:
+    """Commits on `conn` never checkpoint: its owner runs `checkpoint_loop` instead, so a
+    commit does not stall on a checkpoint's fsync."""
+    conn.execute("PRAGMA wal_autocheckpoint=0")
 
 
 def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:

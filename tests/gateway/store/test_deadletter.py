@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway import db, deadletter
+from gateway.store import db, deadletter
 
 
 def test_a_letter_keeps_the_head_of_its_frame_and_its_length(tmp_path: Path) -> None:

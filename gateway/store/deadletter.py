@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from gateway import db
+from gateway.store import db
 
 STORE = "deadletter"
 DEFAULT_MAX_ROWS = 100_000
