@@ -197,7 +197,7 @@ def _add(args: argparse.Namespace) -> int:
         try:
             serial = None
             if args.issue_cert:
-                from gateway.pki import Pki
+                from gateway.security.pki import Pki
 
                 creds = Pki(cfg.pki_dir).issue_device(args.device_id)
                 serial = format(creds.serial, "x")
@@ -301,9 +301,9 @@ def _release(args: argparse.Namespace) -> int:
 def _revoke(args: argparse.Namespace) -> int:
     """Revoke the certificates (CRL rewritten), mark the device revoked and tell upstream
     in one transaction, make the broker reload the CRL, then cut the live session."""
-    from gateway import broker
     from gateway.ingest import enqueue_events
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
+    from gateway.transport import broker
 
     try:
         cfg, conn = _open(args)
@@ -381,8 +381,8 @@ def _wait_refused(cfg: gwconfig.GatewayConfig, pki: Any, device_id: str) -> bool
     handled at the top of mosquitto's next loop). False when the key is not at hand."""
     import ssl
 
-    from gateway import broker
     from gateway.errors import BrokerError
+    from gateway.transport import broker
 
     records = pki.device_records(device_id)
     if not records:

@@ -19,13 +19,14 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway import proto, topics
+from gateway import proto
 from gateway.config import IngestConfig, UpstreamConfig
 from gateway.downlink import Downlink, WakePlan
 from gateway.ota import OtaHandler
 from gateway.store import db, deadletter, readings
 from gateway.store import devices as registry
 from gateway.store.outbox import Queued
+from gateway.transport import topics
 from gateway.transport.client import MqttClient
 from gateway.transport.codec import Oversized, Publish
 from gateway.transport.errors import ConnectionLost, ErrorCode, TransportError

@@ -163,7 +163,7 @@ def import_image(conn: sqlite3.Connection, image_dir: Path, *, public_key: bytes
     """Store a signed image directory (manifest.json, manifest.sig, files). The gateway can
     check the files against the manifest, and the signature when given the public key; it
     cannot sign. The same image twice is stored once."""
-    from tools.fw import image as fw
+    from gateway.security import manifest as fw
 
     now = time.time() if now is None else now
     try:

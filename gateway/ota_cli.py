@@ -68,7 +68,9 @@ def select_devices(conn: sqlite3.Connection, group: str | None,
     return out
 
 
-def register(sub: Any) -> None:
+def register(sub: Any) -> Any:
+    """`torpor ota ...`; returns the `ota` subparsers, where tools add their own actions
+    (`torpor ota demo`)."""
     from gateway.cli import CONFIG_ENV, DEFAULT_CONFIG
 
     def config_arg(p: argparse.ArgumentParser) -> None:
@@ -116,24 +118,7 @@ def register(sub: Any) -> None:
     config_arg(p)
     p.add_argument("campaign", type=int, help="the campaign's number (see `torpor ota status`)")
     p.set_defaults(func=_cancel)
-    p = osub.add_parser(
-        "demo", help="a signed, staged campaign to sim nodes through the real gateway",
-        description="Build and sign v1 and v2 images with a throwaway key, start the gateway "
-        "with its Mosquitto, provision sim nodes booting through the bootloader on v1, roll v2 "
-        "out (first wave 25%, one more per confirmation; the last node gets a v2 that never "
-        "reaches the gateway and is reverted) and check the outcome. Exit code 0 when it is "
-        "the expected one, 1 when not, 2 when the demo cannot run.")
-    p.add_argument("--nodes", type=int, default=20, help="simulated nodes (default 20, at least 5)")
-    p.add_argument("--max-rounds", type=int, default=80,
-                   help="stop after this many wake rounds (default 80)")
-    p.add_argument("--duration", type=float, default=600.0,
-                   help="stop after this many seconds (default 600)")
-    p.add_argument("--dir", default=None,
-                   help="work in this (new or empty) directory instead of ./var/ota-demo/<time>")
-    p.add_argument("--keep", action="store_true", help="keep the directory (logs, DB, flash)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=_demo)
+    return osub
 
 
 def _run(args: argparse.Namespace, body: Any) -> int:
@@ -149,7 +134,7 @@ def _create(args: argparse.Namespace) -> int:
         timeout = parse_span(args.timeout)
         pub = None
         if args.pubkey is not None:
-            from tools.fw import keys
+            from gateway.security import manifest as keys
 
             try:
                 pub = keys.load_public(args.pubkey)
@@ -255,12 +240,6 @@ def print_campaign(c: ota.Campaign) -> None:
         prog = f"{d.progress}/{d.chunks}" if d.chunks else "-"
         why = d.reason + (f": {d.detail}" if d.detail else "")
         print(f"  {d.device:<20} {d.version:>5} {d.status:<12} {prog:>11}  {why}")
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from tools import ota_demo
-
-    return ota_demo.main(args)
 
 
 def _cancel(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from gateway.errors import GatewayError, PkiError
-from gateway.pki import (
+from gateway.security.pki import (
     CRL_DAYS,
     DEFAULT_GATEWAY_CN,
     DEVICE_DAYS,

@@ -20,18 +20,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from gateway import lifetimes
-from gateway.broker import MAX_PACKET_SIZE
 from gateway.config import GatewayConfig
 from gateway.downlink import Downlink, DownlinkConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import HelloHook, Ingest, no_downlink
 from gateway.ota import OtaHandler
+from gateway.security import lifetimes
 from gateway.store import db, deadletter
 from gateway.store import devices as registry
 from gateway.store import status as status_store
 from gateway.store.outbox import Queued
 from gateway.transport import codec
+from gateway.transport.broker import MAX_PACKET_SIZE
 from gateway.transport.client import ClientOptions, MqttClient
 from gateway.transport.errors import TransportError
 
@@ -195,8 +195,8 @@ class Service:
 
     # ------------------------------------------------------------ concerns
     async def _start_broker(self) -> None:
-        from gateway import broker as gwbroker
-        from gateway.pki import Pki
+        from gateway.security.pki import Pki
+        from gateway.transport import broker as gwbroker
 
         b = self.cfg.broker
         settings = gwbroker.BrokerSettings(
@@ -314,7 +314,7 @@ class Service:
     async def _lifetimes_loop(self) -> None:
         """Renew what is due (CRL, server, gateway and control certificates), reload the
         broker when its files changed, and raise expiry events (gateway.lifetimes)."""
-        from gateway.pki import Pki
+        from gateway.security.pki import Pki
 
         assert self.writer is not None and self.conn is not None
         conn, cfg = self.conn, self.cfg

@@ -135,7 +135,10 @@ def build_parser(groups: Sequence[str] = COMMAND_GROUPS) -> argparse.ArgumentPar
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in groups:
-        importlib.import_module(name).register(sub)
+        added = importlib.import_module(name).register(sub)
+        if name == "gateway.ota_cli":
+            # The gateway's CLI imports nothing from tools/: the demo joins from here.
+            importlib.import_module("tools.ota_demo").register(added)
     _describe_groups(parser, None)
     return parser
 

@@ -226,7 +226,7 @@ class Demo:
         self.created_dir = True
 
     def _make_pki(self) -> Path:
-        from gateway.pki import Pki
+        from gateway.security.pki import Pki
 
         pki = Pki(self.dir / "pki")
         pki.init_ca()
@@ -246,8 +246,8 @@ class Demo:
         return proc
 
     async def _start_upstream(self) -> int:
-        from gateway.broker import find_mosquitto
         from gateway.errors import BrokerError
+        from gateway.transport.broker import find_mosquitto
 
         try:
             mosquitto = find_mosquitto()

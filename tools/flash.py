@@ -359,7 +359,7 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 def check_credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool) -> None:
     """Refuse before anything is written: no fleet CA, or a device already provisioned."""
     from gateway.errors import GatewayError
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
     from gateway.store import db, devices  # noqa: F401  (registry registers its store)
 
     try:
@@ -386,7 +386,7 @@ def check_credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision:
 def credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool) -> tuple[bytes, bytes, bytes, str]:
     """Issue (or reuse) the device's credentials; refuse a device already provisioned."""
     from gateway.errors import GatewayError
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
 
     check_credentials(pki_dir, db_path, device_id, reprovision)
     try:

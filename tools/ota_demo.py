@@ -261,7 +261,7 @@ class OtaDemo:
             self._bar.update(settled, f"round {rnd}: campaign {c.status}: {text} (wakes {self.wakes})")
 
     async def run(self) -> OtaDemoResult | None:
-        from gateway.pki import Pki
+        from gateway.security.pki import Pki
         from tools.fw import image
 
         opts = self.opts
@@ -425,3 +425,25 @@ def main(args: argparse.Namespace) -> int:
     if result.interrupted:
         return 130
     return 0 if result.ok else 1
+
+
+def register(ota_sub: Any) -> None:
+    """`torpor ota demo`, under the gateway's `torpor ota`."""
+    p = ota_sub.add_parser(
+        "demo", help="a signed, staged campaign to sim nodes through the real gateway",
+        description="Build and sign v1 and v2 images with a throwaway key, start the gateway "
+        "with its Mosquitto, provision sim nodes booting through the bootloader on v1, roll v2 "
+        "out (first wave 25%, one more per confirmation; the last node gets a v2 that never "
+        "reaches the gateway and is reverted) and check the outcome. Exit code 0 when it is "
+        "the expected one, 1 when not, 2 when the demo cannot run.")
+    p.add_argument("--nodes", type=int, default=20, help="simulated nodes (default 20, at least 5)")
+    p.add_argument("--max-rounds", type=int, default=80,
+                   help="stop after this many wake rounds (default 80)")
+    p.add_argument("--duration", type=float, default=600.0,
+                   help="stop after this many seconds (default 600)")
+    p.add_argument("--dir", default=None,
+                   help="work in this (new or empty) directory instead of ./var/ota-demo/<time>")
+    p.add_argument("--keep", action="store_true", help="keep the directory (logs, DB, flash)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=main)

@@ -456,7 +456,7 @@ def _restored_config(original: bytes | None, manifest: dict[str, Any], target: P
 
 
 def _move(src: Path, dest: Path, mode: int, root: Path) -> None:
-    from gateway.pki import private_dir
+    from gateway.security.pki import private_dir
 
     private_dir(dest.parent, within=root)
     os.chmod(src, mode)
@@ -466,7 +466,7 @@ def _move(src: Path, dest: Path, mode: int, root: Path) -> None:
 
 
 def _write(dest: Path, data: bytes, mode: int, root: Path) -> None:
-    from gateway.pki import private_dir
+    from gateway.security.pki import private_dir
 
     private_dir(dest.parent, within=root)
     fd = os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)

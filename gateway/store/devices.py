@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway import proto
 from gateway.errors import GatewayError
-from gateway.pki import validate_device_id
+from gateway.security.pki import validate_device_id
 from gateway.store import db
 
 STORE = "registry"

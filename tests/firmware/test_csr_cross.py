@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.pki import Pki
+from gateway.security.pki import Pki
 from tests.fixtures.broker import RunningBroker, mqtt_client
 from tests.mpharness import run_micropython
 

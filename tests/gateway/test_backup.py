@@ -21,7 +21,7 @@ import pytest
 
 from gateway import config as gwconfig
 from gateway.ops import backup
-from gateway.pki import Pki
+from gateway.security.pki import Pki
 from gateway.store import db
 from gateway.store import devices as registry
 from tests.fixtures.broker import make_pki

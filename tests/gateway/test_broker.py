@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway import broker as gwbroker
-from gateway.pki import Pki
+from gateway.security.pki import Pki
+from gateway.transport import broker as gwbroker
 from tests.fixtures.broker import RunningBroker, free_port, make_pki, mqtt_client
 from tests.mpharness import run_micropython
 
@@ -357,11 +357,11 @@ def test_expired_crl_is_named_and_broker_errors_reach_the_log_as_warnings(
             await sup.stop()
         raise AssertionError("the broker accepted the gateway with an expired CRL")
 
-    with caplog.at_level("DEBUG", logger="gateway.broker"):
+    with caplog.at_level("DEBUG", logger="gateway.transport.broker"):
         message = asyncio.run(main())
     assert "CRL" in message and "expired on" in message and "torpor pki crl" in message, message
     warned = [r.getMessage() for r in caplog.records
-              if r.name == "gateway.broker" and r.levelname == "WARNING"]
+              if r.name == "gateway.transport.broker" and r.levelname == "WARNING"]
     assert any("certificate verify failed" in w for w in warned), warned
     # Many probes failed the same way; a few warnings say so, not one per probe.
     probes = sum("certificate verify failed" in line for line in sup.logs)

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from gateway import config as gwconfig
-from gateway import topics
 from gateway.errors import ConfigError
 from gateway.ops import config_ops
 from gateway.store import db, devices
+from gateway.transport import topics
 from tests.fixtures.broker import RunningBroker, mqtt_client
 from tests.gateway.test_service import burst, provision, start_gateway, wait_running, write_config
 

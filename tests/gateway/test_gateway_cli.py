@@ -46,7 +46,7 @@ def test_device_add_list_show_release(config: Path, capsys: pytest.CaptureFixtur
 
 
 def test_device_add_can_issue_the_certificate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
 
     pki = Pki(tmp_path / "pki")
     pki.init_ca()

@@ -13,13 +13,14 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from gateway import proto, topics
+from gateway import proto
 from gateway.config import parse_config
 from gateway.ingest import Ingest
-from gateway.pki import Pki
+from gateway.security.pki import Pki
 from gateway.service import Service
 from gateway.store import db, deadletter, readings
 from gateway.store import devices as registry
+from gateway.transport import topics
 from tests.fixtures.broker import RunningBroker, mqtt_client, transport_client
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import lifetimes
 from gateway.config import UpstreamConfig, parse_config
 from gateway.errors import ConfigError
-from gateway.pki import Pki
+from gateway.security import lifetimes
+from gateway.security.pki import Pki
 from gateway.store import db
 from gateway.store import events as events_store
 from gateway.store import status as status_store

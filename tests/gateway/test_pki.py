@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import PkiError
-from gateway.pki import Pki
+from gateway.security.pki import Pki
 from tools.cli import main as torpor
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from gateway import lifetimes
 from gateway.config import PkiConfig
 from gateway.errors import PkiError
-from gateway.pki import ISSUING_CN, Pki
+from gateway.security import lifetimes
+from gateway.security.pki import ISSUING_CN, Pki
 from tools.cli import main as torpor
 
 

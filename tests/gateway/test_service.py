@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway import proto, topics
-from gateway.pki import Pki
+from gateway import proto
+from gateway.security.pki import Pki
 from gateway.store import db, devices, readings
 from gateway.store.status import read_status
+from gateway.transport import topics
 from tests.fixtures.broker import RunningBroker, mqtt_client
 
 BURST_N = 32

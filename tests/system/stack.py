@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.pki import DeviceCredentials, Pki
+from gateway.security.pki import DeviceCredentials, Pki
 from gateway.store import db
 from tests.firmware.test_node_cycle import START_MS, NodeLog, provision, read_log
 from tests.fixtures.broker import RunningBroker, free_port, make_pki

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.pki import Pki
+from gateway.security.pki import Pki
 from gateway.store import db, devices, readings
 from tests.fixtures.broker import free_port
 from tools.sim.board import VirtualBoard

@@ -29,7 +29,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from gateway.pki import DeviceCredentials, Pki
+from gateway.security.pki import DeviceCredentials, Pki
 from gateway.store import db, devices, readings
 from gateway.store.status import read_status
 from tests.firmware.test_node_cycle import START_MS, provision, read_log

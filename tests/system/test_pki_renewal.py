@@ -23,7 +23,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from gateway.pki import Pki
+from gateway.security.pki import Pki
 from gateway.store import readings
 from tests.fixtures.broker import RunningBroker
 from tests.mpharness import micropython_binary

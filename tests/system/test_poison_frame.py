@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway import proto
-from gateway.pki import Pki
+from gateway.security.pki import Pki
 from gateway.store import deadletter, devices, readings
 from gateway.store.status import read_status
 from tests.mpharness import micropython_binary

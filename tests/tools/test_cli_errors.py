@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.pki import Pki
+from gateway.security.pki import Pki
 from gateway.store import db
 from gateway.store import devices as registry
 from tools.cli import EXIT_INTERRUPTED, EXIT_OPERATOR, EXIT_PIPE_CLOSED

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gateway.pki import Pki
+from gateway.security.pki import Pki
 from gateway.store import db, devices
 from tools.flash import Board
 from tools.sim.board import VirtualBoard

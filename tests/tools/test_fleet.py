@@ -21,7 +21,7 @@ import pytest
 
 from gateway import config as gwconfig
 from gateway import service
-from gateway.pki import Pki
+from gateway.security.pki import Pki
 from gateway.store import db
 from gateway.store import status as status_store
 from tests.fixtures.broker import RunningBroker

@@ -25,13 +25,14 @@ from typing import Any
 
 import aiomqtt
 
-from gateway import broker as gwbroker
-from gateway import downlink, proto, topics
-from gateway.pki import Pki
+from gateway import downlink, proto
+from gateway.security.pki import Pki
 from gateway.store import db
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
 from gateway.store import status as status_store
+from gateway.transport import broker as gwbroker
+from gateway.transport import topics
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_RSS_MB = 500.0

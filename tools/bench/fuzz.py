@@ -272,7 +272,7 @@ class _Process:
 
 
 def _start_broker(folder: Path, pki: Any, port: int) -> _Process:
-    from gateway import broker as gwbroker
+    from gateway.transport import broker as gwbroker
 
     folder.mkdir(parents=True, exist_ok=True)
     settings = gwbroker.BrokerSettings(host="127.0.0.1", port=port, dynsec_plugin=None)
@@ -560,7 +560,7 @@ async def _attack(names: list[str], ctxs: dict[str, ssl.SSLContext], port: int, 
 
 def measure(cfg: FuzzConfig = FuzzConfig(), workdir: Path | None = None) -> dict[str, Any]:
     """Run the fuzz and return its figures (see `table`) with `passed` and `failures`."""
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
     from gateway.store import db, deadletter, readings
     from gateway.store import devices as registry
     from gateway.store.status import read_status

@@ -109,7 +109,7 @@ class Mosquitto:
         self.log = folder / "mosquitto.log"
 
     def start(self) -> None:
-        from gateway import broker as gwbroker
+        from gateway.transport import broker as gwbroker
 
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.pki is not None:
@@ -142,7 +142,7 @@ class Mosquitto:
         raise BenchError("mosquitto did not accept a connection in time")
 
     def _probe(self) -> int:
-        from gateway import broker as gwbroker
+        from gateway.transport import broker as gwbroker
 
         ctx = gwbroker.client_ssl_context(self.pki) if self.pki is not None else None
         return gwbroker.mqtt_probe("127.0.0.1", self.port, ctx, 2.0)
@@ -421,7 +421,7 @@ def _gateway_round(scale: Scale, shares: list[tuple[Identity, ...]], base: dict[
 
 def measure(scale: Scale = Scale(), workdir: Path | None = None,
             profile: Path | None = None, batch_ms: float | None = None) -> dict[str, Any]:
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
     from gateway.store import db
     from gateway.store import devices as registry
 

@@ -599,7 +599,7 @@ def issue_credentials(
     """Per device: its certificate serial (hex) and the DER files for its flash, issued by
     the fleet PKI, or reused when the device has a valid certificate already."""
     from gateway.errors import GatewayError
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
 
     pki = Pki(pki_dir)
     if not pki.ca_pem.exists():

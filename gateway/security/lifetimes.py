@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway.config import PkiConfig, UpstreamConfig
 from gateway.errors import GatewayError
-from gateway.pki import BACKDATE, Lifetime, Pki, PkiStatus
+from gateway.security.pki import BACKDATE, Lifetime, Pki, PkiStatus
 from gateway.store import db
 from gateway.store import events as events_store
 from gateway.store.events import CredentialEvent

@@ -826,7 +826,7 @@ class Pki:
     def revoked_serials(self) -> set[int]:
         return {r.serial_number for crl in self.crls() for r in crl}
 
-    # --- renewal (gateway.lifetimes runs these) -----------------------------------------
+    # --- renewal (gateway.security.lifetimes runs these) -----------------------------------------
     def renew_server(self, days: float = SERVER_DAYS) -> Credentials:
         """A new server certificate with the current one's name and addresses."""
         old = x509.load_pem_x509_certificate(self.server.cert_pem.read_bytes())

@@ -37,7 +37,7 @@ from cryptography import x509
 
 from gateway import proto
 from gateway.errors import BrokerError
-from gateway.pki import DEVICE_ID_MAX, Pki, validate_device_id
+from gateway.security.pki import DEVICE_ID_MAX, Pki, validate_device_id
 from gateway.transport import codec
 from gateway.transport.errors import MalformedPacket
 
