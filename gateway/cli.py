@@ -282,7 +282,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _release(args: argparse.Namespace) -> int:
-    from gateway.ingest import enqueue_events
+    from gateway.pipeline.ingest import enqueue_events
 
     try:
         cfg, conn = _open(args)
@@ -301,7 +301,7 @@ def _release(args: argparse.Namespace) -> int:
 def _revoke(args: argparse.Namespace) -> int:
     """Revoke the certificates (CRL rewritten), mark the device revoked and tell upstream
     in one transaction, make the broker reload the CRL, then cut the live session."""
-    from gateway.ingest import enqueue_events
+    from gateway.pipeline.ingest import enqueue_events
     from gateway.security.pki import Pki
     from gateway.transport import broker
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway import proto
-from gateway.downlink import DownlinkConfig
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -25,6 +24,18 @@ __all__ = [
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class DownlinkConfig:
+    """How delivery spends a node's wake."""
+
+    max_attempts: int = 5  # deliveries without a result before an item fails
+    frame_cost_ms: int = 150  # awake-window time one item costs the node: receive, run, answer
+    window_reserve_ms: int = 100  # kept for the ACK and SLEEP_NOW
+    grace_s: float = 30.0  # a HELLO later than the expected wake + this counts missed wakes
+    sweep_interval_s: float = 60.0  # how often expired items are marked expired
+    awake_poll_s: float = 0.5  # how often items queued for a node under stay_awake are sent
 
 
 @dataclass(frozen=True, slots=True)

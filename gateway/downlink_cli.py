@@ -13,9 +13,10 @@ import sqlite3
 import time
 from typing import Any
 
-from gateway import downlink, proto
+from gateway import proto
 from gateway.store import devices
 from gateway.store import downlink_queue as q
+from gateway.store import wakes as wake_store
 
 _TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -142,7 +143,7 @@ def _cancel(args: argparse.Namespace) -> int:
 def next_listen(conn: sqlite3.Connection, device: str) -> tuple[float, float] | None:
     """(from, until) of the node's next expected listening window: its last HELLO plus the
     next_wake_s it announced, for awake_window_ms."""
-    st = downlink.wake_stats(conn, device)
+    st = wake_store.wake_stats(conn, device)
     if st is not None and st.listen_window is not None:
         return st.listen_window
     announced = devices.announced_wake(conn, device)
@@ -164,7 +165,7 @@ def _next_listen_text(conn: sqlite3.Connection, device: str) -> str:
 
 def gather(conn: sqlite3.Connection, device: str) -> dict[str, Any]:
     """The downlink part of `device show`, as data."""
-    st = downlink.wake_stats(conn, device)
+    st = wake_store.wake_stats(conn, device)
     w = next_listen(conn, device)
     return {
         "pending": [i.as_dict() for i in q.pending(conn, device)],

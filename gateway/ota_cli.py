@@ -14,8 +14,10 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from gateway import ota, proto
+from gateway import proto
+from gateway.ops import ota as ota_ops
 from gateway.store import devices as devices_store
+from gateway.store import ota_store
 
 _RATE = re.compile(r"^(\d+)(%?)$")
 _SPAN = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -25,14 +27,14 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 def parse_rate(text: str) -> tuple[int, bool]:
     m = _RATE.match(text.strip())
     if m is None or int(m.group(1)) < 1 or (m.group(2) and int(m.group(1)) > 100):
-        raise ota.OtaError(f"bad rate {text!r}: a device count (5) or a percentage (10%)")
+        raise ota_store.OtaError(f"bad rate {text!r}: a device count (5) or a percentage (10%)")
     return int(m.group(1)), bool(m.group(2))
 
 
 def parse_span(text: str) -> float:
     m = _SPAN.match(text.strip().lower())
     if m is None or float(m.group(1)) <= 0:
-        raise ota.OtaError(f"bad timeout {text!r}: seconds, or 30m, 12h, 7d")
+        raise ota_store.OtaError(f"bad timeout {text!r}: seconds, or 30m, 12h, 7d")
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
@@ -40,9 +42,9 @@ def parse_percent(text: str) -> float:
     try:
         v = float(text.strip().rstrip("%"))
     except ValueError:
-        raise ota.OtaError(f"bad abort threshold {text!r}: a percentage 0..100") from None
+        raise ota_store.OtaError(f"bad abort threshold {text!r}: a percentage 0..100") from None
     if not 0 <= v <= 100:
-        raise ota.OtaError(f"abort threshold {text!r} is out of range 0..100")
+        raise ota_store.OtaError(f"abort threshold {text!r} is out of range 0..100")
     return v
 
 
@@ -52,7 +54,7 @@ def select_devices(conn: sqlite3.Connection, group: str | None,
     if devices:
         out = [d.strip() for d in devices.split(",") if d.strip()]
         if not out:
-            raise ota.OtaError("--devices names no device")
+            raise ota_store.OtaError("--devices names no device")
         return out
     assert group is not None
     rows = devices_store.in_service(conn)
@@ -63,7 +65,7 @@ def select_devices(conn: sqlite3.Connection, group: str | None,
     else:
         out = [r[0] for r in rows if fnmatch.fnmatchcase(r[0], group)]
     if not out:
-        raise ota.OtaError(f"group {group!r} matches no device (a class, `all`, or a pattern "
+        raise ota_store.OtaError(f"group {group!r} matches no device (a class, `all`, or a pattern "
                            "like 'site1-*')")
     return out
 
@@ -139,24 +141,24 @@ def _create(args: argparse.Namespace) -> int:
             try:
                 pub = keys.load_public(args.pubkey)
             except Exception as exc:  # a bad key file of any kind
-                raise ota.OtaError(f"{args.pubkey}: not a public key ({exc})") from exc
-        img = ota.import_image(conn, args.image, public_key=pub)
+                raise ota_store.OtaError(f"{args.pubkey}: not a public key ({exc})") from exc
+        img = ota_ops.import_image(conn, args.image, public_key=pub)
         devices = select_devices(conn, args.group, args.devices)
         overrides: dict[str, int] = {}
         for spec in args.override:
             dev, sep, path = spec.partition("=")
             if not sep or not dev or not path:
-                raise ota.OtaError(f"bad --override {spec!r}: DEVICE=IMAGE_DIR")
-            overrides[dev] = ota.import_image(conn, Path(path), public_key=pub).id
-        cid = ota.create_campaign(conn, img.id, devices, rate=rate, rate_percent=pct,
+                raise ota_store.OtaError(f"bad --override {spec!r}: DEVICE=IMAGE_DIR")
+            overrides[dev] = ota_ops.import_image(conn, Path(path), public_key=pub).id
+        cid = ota_store.create_campaign(conn, img.id, devices, rate=rate, rate_percent=pct,
                                   abort_threshold=threshold, timeout_s=timeout,
                                   overrides=overrides)
-        c = ota.get_campaign(conn, cid)
+        c = ota_store.get_campaign(conn, cid)
         if args.json:
             print(json.dumps(c.as_dict(), indent=2))
         else:
             print(f"campaign {cid}: v{img.version} ({img.display}) to {len(devices)} device(s); "
-                  f"started {len(devices) - c.counts().get(ota.PENDING, 0)}")
+                  f"started {len(devices) - c.counts().get(ota_store.PENDING, 0)}")
         return 0
 
     return _run(args, body)
@@ -164,9 +166,9 @@ def _create(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     def body(conn: sqlite3.Connection) -> int:
-        ota.sweep(conn)
+        ota_store.sweep(conn)
         if args.campaign is None:
-            cs = ota.campaigns(conn)
+            cs = ota_store.campaigns(conn)
             if args.json:
                 print(json.dumps([c.as_dict() for c in cs], indent=2))
                 return 0
@@ -177,7 +179,7 @@ def _status(args: argparse.Namespace) -> int:
             return 0
         if args.watch:
             watch_campaign(conn, args.campaign, args.interval)
-        c = ota.get_campaign(conn, args.campaign)
+        c = ota_store.get_campaign(conn, args.campaign)
         if args.json:
             print(json.dumps(c.as_dict(), indent=2))
         else:
@@ -197,7 +199,7 @@ def watch_campaign(conn: sqlite3.Connection, campaign: int, interval_s: float) -
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
-    c = ota.get_campaign(conn, campaign)
+    c = ota_store.get_campaign(conn, campaign)
     total = len(c.devices)
     live = console.is_terminal
     bar = Progress(TextColumn(f"[bold]campaign {campaign}"), BarColumn(), MofNCompleteColumn(),
@@ -208,17 +210,17 @@ def watch_campaign(conn: sqlite3.Connection, campaign: int, interval_s: float) -
         bar.start()
     try:
         while True:
-            ota.sweep(conn)
-            c = ota.get_campaign(conn, campaign)
+            ota_store.sweep(conn)
+            c = ota_store.get_campaign(conn, campaign)
             counts = c.counts()
-            done = sum(counts.get(k, 0) for k in ota.TERMINAL)
+            done = sum(counts.get(k, 0) for k in ota_store.TERMINAL)
             text = f"{c.status}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
             if live:
                 bar.update(task, completed=done, status=text)
             elif text != last:
                 console.print(f"[campaign {campaign}] {done}/{total} settled, {text}", markup=False)
             last = text
-            if c.status != ota.RUNNING:
+            if c.status != ota_store.RUNNING:
                 return
             time.sleep(interval_s)
     finally:
@@ -226,12 +228,12 @@ def watch_campaign(conn: sqlite3.Connection, campaign: int, interval_s: float) -
             bar.stop()
 
 
-def summary_line(c: ota.Campaign) -> str:
+def summary_line(c: ota_store.Campaign) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(c.counts().items()))
     return f"campaign {c.id}: v{c.version} {c.status} ({counts}){' - ' + c.note if c.note else ''}"
 
 
-def print_campaign(c: ota.Campaign) -> None:
+def print_campaign(c: ota_store.Campaign) -> None:
     print(summary_line(c))
     rate = f"{c.rate}{'%' if c.rate_percent else ''}"
     print(f"  rate {rate}, abort above {c.abort_threshold:g}%, timeout {c.timeout_s:g}s")
@@ -244,7 +246,7 @@ def print_campaign(c: ota.Campaign) -> None:
 
 def _cancel(args: argparse.Namespace) -> int:
     def body(conn: sqlite3.Connection) -> int:
-        c = ota.cancel_campaign(conn, args.campaign)
+        c = ota_store.cancel_campaign(conn, args.campaign)
         print(summary_line(c))
         return 0
 

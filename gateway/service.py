@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.config import GatewayConfig
-from gateway.downlink import Downlink, DownlinkConfig
+from gateway.config import DownlinkConfig, GatewayConfig
 from gateway.errors import ConfigError, GatewayError
-from gateway.ingest import HelloHook, Ingest, no_downlink
-from gateway.ota import OtaHandler
+from gateway.pipeline.downlink import Downlink
+from gateway.pipeline.ingest import HelloHook, Ingest, no_downlink
+from gateway.pipeline.ota_delivery import OtaHandler
 from gateway.security import lifetimes
 from gateway.store import db, deadletter
 from gateway.store import devices as registry
@@ -134,7 +134,7 @@ class Service:
             self._write_status("running")
             tasks["ingest"] = asyncio.create_task(self._supervise("ingest", self._ingest))
             if cfg.upstream.enabled:
-                from gateway.relay import Relay
+                from gateway.pipeline.relay import Relay
 
                 self.relay = Relay(cfg.db_path, cfg.upstream, writer=writer)
                 tasks["relay"] = asyncio.create_task(self._supervise("relay", self.relay.run))

@@ -6,7 +6,7 @@ the gateway (`torpor gateway run`, its own Mosquitto with mutual TLS), N sim nod
 through the real bootloader with v1 confirmed, and a campaign created with the real CLI
 (`torpor ota campaign create`, first wave 25 %, one more device per confirmation). The nodes
 are class `controller` (2 KB frames, about 16 KB per wake: an image of about 50 KB arrives
-in four wakes; a sensor-class node takes about 50, docs/ota.md). Time is compressed to the
+in four wakes; a sensor-class node takes about 50, docs/ota_store.md). Time is compressed to the
 limit: a sleeping node is no process, its virtual clock jumps by the time it slept, and only
 nodes with an update in flight are woken, round after round, until the campaign ends.
 Exit code 0 when N-1 nodes confirmed v2 and the odd one reverted to v1 with reason
@@ -240,24 +240,23 @@ class OtaDemo:
         await asyncio.gather(*(self._wake(st, sem) for st in states))
 
     def _campaign(self, db_path: Path, cid: int) -> Any:
-        from gateway import ota
-        from gateway.store import db
+        from gateway.store import db, ota_store
 
         conn = db.connect(db_path, readonly=True)
         try:
-            return ota.get_campaign(conn, cid)
+            return ota_store.get_campaign(conn, cid)
         finally:
             conn.close()
 
     def _progress(self, rnd: int, c: Any) -> None:
-        from gateway import ota
+        from gateway.store import ota_store
 
         counts = c.counts()
         order = ("pending", "queued", "downloading", "verifying", "trial", "confirmed",
                  "reverted", "failed", "refused", "timed_out", "cancelled")
         text = ", ".join(f"{k} {counts[k]}" for k in order if counts.get(k))
         if self._bar is not None:
-            settled = sum(counts.get(k, 0) for k in ota.TERMINAL)
+            settled = sum(counts.get(k, 0) for k in ota_store.TERMINAL)
             self._bar.update(settled, f"round {rnd}: campaign {c.status}: {text} (wakes {self.wakes})")
 
     async def run(self) -> OtaDemoResult | None:
@@ -305,7 +304,7 @@ class OtaDemo:
                 "--pubkey", str(self.pubkey_path), "--override", f"{bad}={silent}")
             cid = int(out.split()[1].rstrip(":"))
             self.say(out.strip() + f"; {bad} gets v2-silent")
-            from gateway import ota
+            from gateway.store import ota_store
 
             by_id = {st.device_id: st for st in states}
             deadline = t0 + opts.duration_s
@@ -316,11 +315,11 @@ class OtaDemo:
                 self._bar = ProgressLine("ota", opts.nodes, unit="devices settled",
                                          interval_s=0).start()
             self._progress(rnd, c)
-            while (c.status == ota.RUNNING and rnd < opts.max_rounds
+            while (c.status == ota_store.RUNNING and rnd < opts.max_rounds
                    and time.monotonic() < deadline and not self.interrupted):
                 rnd += 1
                 # Devices with an update in flight wake; the rest sleep on.
-                todo = [by_id[d.device] for d in c.devices if d.status in ota.IN_FLIGHT]
+                todo = [by_id[d.device] for d in c.devices if d.status in ota_store.IN_FLIGHT]
                 if not todo:
                     todo = states
                 await self._round(todo)

@@ -160,7 +160,7 @@ def record(
             events_store.trim(conn)
         queued: list[Queued] = []
         if events and upstream is not None and upstream.enabled:
-            from gateway.ingest import queue_events
+            from gateway.pipeline.ingest import queue_events
 
             queued = queue_events(conn, upstream, [
                 (ev.subject if ev.name == "device" else gateway_id, UPSTREAM_KIND,

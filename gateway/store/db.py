@@ -46,8 +46,8 @@ STORE_MODULES: tuple[str, ...] = (
     "gateway.store.events",
     "gateway.store.outbox",
     "gateway.store.downlink_queue",
-    "gateway.downlink",
-    "gateway.ota",
+    "gateway.store.wakes",
+    "gateway.store.ota_store",
 )
 
 _extra_stores: list[Callable[[sqlite3.Connection], None]] = []
@@ -131,6 +131,20 @@ def atomic(conn: sqlite3.Connection) -> Iterator[None]:
     else:
         with transaction(conn):
             yield
+
+
+@contextmanager
+def savepoint(conn: sqlite3.Connection, name: str) -> Iterator[None]:
+    """A part of the caller's transaction that an exception undoes alone (then re-raised),
+    leaving the rest of the transaction as it was."""
+    conn.execute(f"SAVEPOINT {name}")
+    try:
+        yield
+    except BaseException:
+        conn.execute(f"ROLLBACK TO {name}")
+        conn.execute(f"RELEASE {name}")
+        raise
+    conn.execute(f"RELEASE {name}")
 
 
 class Writer:

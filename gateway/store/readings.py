@@ -33,7 +33,7 @@ STORE = "readings"
 MAX_SELECTIVE = proto.ACK_SELECTIVE_MAX  # the ACK frame's bound
 # Reading ids are the frame header's u32 message ids. Id 0 is no reading's (a node's
 # first id is 1, and a fresh device's hwm of 0 means "nothing committed"), and ids do not
-# wrap: a BURST whose ids would run past ID_MAX is refused whole (gateway.ingest answers
+# wrap: a BURST whose ids would run past ID_MAX is refused whole (gateway.pipeline.ingest answers
 # ERROR malformed and dead-letters it). At one reading a second a node takes 136 years to
 # get there; wrapping would make every comparison of the dedup state modular for a case
 # no real node meets, while refusing keeps every stored id and every ACK field in u32.

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from gateway import downlink, proto
+from gateway import proto
 from gateway.store import db, devices
 from gateway.store import downlink_queue as q
+from gateway.store import wakes as wake_store
 from tests.fixtures.broker import RunningBroker
 from tests.gateway.test_ingest import Node, aio, gateway_config, provision, running
 from tests.gateway.test_service import start_gateway, wait_running, write_config
@@ -132,7 +133,7 @@ async def test_expired_never_delivered_and_window_splits_across_wakes(
         await until(lambda: all(q.get(conn, "n1", i).status == q.DONE for i in ids))
     it = q.get(conn, "n1", stale)
     assert it.status == q.EXPIRED and it.attempts == 0 and it.delivered_at is None
-    st = downlink.wake_stats(conn, "n1")
+    st = wake_store.wake_stats(conn, "n1")
     assert st is not None and (st.wakes, st.max_delivered, st.delivered_total) == (4, 1, 3)
 
 

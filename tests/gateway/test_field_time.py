@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway import downlink, proto
+from gateway import proto
+from gateway.pipeline import downlink
 from gateway.store import db, devices, readings
 from gateway.store import downlink_queue as q
+from gateway.store import wakes as wake_store
 
 T = 1_796_000_000.0
 
@@ -55,19 +57,19 @@ def test_next_listen_sets_the_expected_wake_and_misses_are_counted_from_it(tmp_p
     dl = downlink.Downlink()
     with db.transaction(conn):
         dl.plan(conn, [("n1", _hello(next_wake_s=55, next_listen_s=595))], T)
-    st = downlink.wake_stats(conn, "n1")
+    st = wake_store.wake_stats(conn, "n1")
     assert st is not None and st.expected_at == T + 595 and st.interval_s == 595
     # On time (ten sampling wakes later): nothing missed; two listens later: two missed.
     with db.transaction(conn):
         dl.plan(conn, [("n1", _hello(next_listen_s=600))], T + 600)
     with db.transaction(conn):
         dl.plan(conn, [("n1", _hello(next_listen_s=600))], T + 600 + 3 * 600)
-    st = downlink.wake_stats(conn, "n1")
+    st = wake_store.wake_stats(conn, "n1")
     assert st is not None and st.missed_wakes == 2
     # A node of protocol 1.1 (no next_listen_s) is taken at its next_wake_s.
     with db.transaction(conn):
         dl.plan(conn, [("n1", _hello(next_wake_s=60))], T + 5000)
-    st = downlink.wake_stats(conn, "n1")
+    st = wake_store.wake_stats(conn, "n1")
     assert st is not None and st.interval_s == 60
 
 
@@ -79,7 +81,7 @@ def test_stay_awake_plans_no_sleep_and_items_queued_meanwhile_go_at_once(tmp_pat
     with db.transaction(conn):
         plan = dl.plan(conn, [("n1", _hello())], T)[0]
     assert plan.ids == (stay,) and plan.awake_s == 30
-    st = downlink.wake_stats(conn, "n1")
+    st = wake_store.wake_stats(conn, "n1")
     assert st is not None and st.awake_until == T + 30
     ping = q.enqueue_command(conn, "n1", "ping", now=T + 5)
     with db.transaction(conn):

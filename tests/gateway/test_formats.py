@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import ConfigError
-from gateway.formats import (
+from gateway.pipeline.formats import (
     FormatError,
     event_item,
     event_payload,

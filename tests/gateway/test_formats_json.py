@@ -10,8 +10,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import formats
-from gateway.formats import readings_payload
+from gateway.pipeline import formats
+from gateway.pipeline.formats import readings_payload
 from gateway.proto import SCHEMA_ENV3, SCHEMAS, Series
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from gateway import proto
 from gateway.config import parse_config
-from gateway.ingest import Ingest
+from gateway.pipeline.ingest import Ingest
 from gateway.security.pki import Pki
 from gateway.service import Service
 from gateway.store import db, deadletter, readings

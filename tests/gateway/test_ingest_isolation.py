@@ -11,8 +11,8 @@ import pytest
 
 from gateway import proto
 from gateway.config import IngestConfig
-from gateway.downlink import Downlink
-from gateway.ingest import Ingest
+from gateway.pipeline.downlink import Downlink
+from gateway.pipeline.ingest import Ingest
 from gateway.store import db, deadletter, readings
 from gateway.store import devices as registry
 

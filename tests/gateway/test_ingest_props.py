@@ -14,9 +14,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from gateway import proto
 from gateway.config import IngestConfig
-from gateway.downlink import Downlink
-from gateway.ingest import Ingest
-from gateway.ota import OtaHandler
+from gateway.pipeline.downlink import Downlink
+from gateway.pipeline.ingest import Ingest
+from gateway.pipeline.ota_delivery import OtaHandler
 from gateway.store import db, devices, readings
 from tools.bench.fuzz import Corpus, mutate
 

@@ -24,9 +24,9 @@ import pytest
 
 from gateway.config import UpstreamConfig
 from gateway.errors import ConfigError
-from gateway.formats import readings_payload
+from gateway.pipeline.formats import readings_payload
+from gateway.pipeline.relay import UNDELETED_MAX, Relay, UpstreamSettings
 from gateway.proto import SCHEMA_ENV3, Series
-from gateway.relay import UNDELETED_MAX, Relay, UpstreamSettings
 from gateway.store.db import transaction
 from gateway.store.outbox import Outbox, OutboxItem, Queued, enqueue_queued
 from tests.fixtures.broker import RunningBroker, free_port, mqtt_client
@@ -307,7 +307,7 @@ RELAY_SCRIPT = textwrap.dedent(
     """
     import asyncio, logging, sys
     logging.basicConfig(level=logging.INFO)
-    from gateway.relay import Relay, UpstreamSettings
+    from gateway.pipeline.relay import Relay, UpstreamSettings
     cfg = UpstreamSettings(enabled=True, host="127.0.0.1", port=int(sys.argv[2]), tls=False,
                            client_id="relay-proc", reconnect_min_s=0.1, reconnect_max_s=0.4)
     asyncio.run(Relay(sys.argv[1], cfg, inflight=32).run())

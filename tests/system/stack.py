@@ -219,7 +219,7 @@ class Stack:
         """Start the gateway and return once it is connected to the broker."""
         assert self.proc is None or self.proc.poll() is not None, "the gateway is running"
         # Up means subscribed: ingest logs this line once its subscription is granted.
-        ready = "INFO gateway.ingest: ingesting "
+        ready = "INFO gateway.pipeline.ingest: ingesting "
         before = self.log_text().count(ready)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(

@@ -25,7 +25,8 @@ from typing import Any
 
 import aiomqtt
 
-from gateway import downlink, proto
+from gateway import proto
+from gateway.pipeline import downlink
 from gateway.security.pki import Pki
 from gateway.store import db
 from gateway.store import devices as registry

@@ -60,7 +60,7 @@ def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Path) ->
     import sys
 
     path = tmp_path / "g.db"
-    code = "import sys; from gateway import db; db.open_db(sys.argv[1]).close()"
+    code = "import sys; from gateway.store import db; db.open_db(sys.argv[1]).close()"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stderr=subprocess.PIPE,
                               text=True) for _ in range(6)]
     errors = [p.communicate(timeout=60)[1] for p in procs]

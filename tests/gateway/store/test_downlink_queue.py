@@ -10,10 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import downlink, proto
+from gateway import proto
+from gateway.pipeline import downlink
 from gateway.store import db
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
+from gateway.store import wakes as wake_store
 
 T0 = 1_800_000_000.0
 
@@ -187,7 +189,7 @@ def test_wake_statistics_count_missed_wakes(conn: sqlite3.Connection) -> None:
     plan(conn, hello(next_wake_s=600), T0, dl)
     plan(conn, hello(next_wake_s=600), T0 + 620, dl)  # on time (within grace)
     plan(conn, hello(next_wake_s=600), T0 + 620 + 600 * 3 + 100, dl)  # missed 3
-    s = downlink.wake_stats(conn, "n1")
+    s = wake_store.wake_stats(conn, "n1")
     assert s is not None and s.wakes == 3 and s.missed_wakes == 3
     assert s.listen_window == (T0 + 620 + 1900 + 600, T0 + 620 + 1900 + 600 + 2.0)
     assert downlink.missed_wakes(100.0, 60, 100.0 + 30 + 60, 30) == 2

@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from gateway import downlink, proto
+from gateway import proto
+from gateway.pipeline import downlink
 from gateway.store import db, deadletter, readings
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q

@@ -21,8 +21,8 @@ from typing import Any
 
 from gateway import proto
 from gateway.config import IngestConfig, UpstreamConfig
-from gateway.downlink import Downlink, WakePlan
-from gateway.ota import OtaHandler
+from gateway.pipeline.downlink import Downlink, WakePlan
+from gateway.pipeline.ota_delivery import OtaHandler
 from gateway.store import db, deadletter, readings
 from gateway.store import devices as registry
 from gateway.store.outbox import Queued
@@ -214,7 +214,7 @@ class Ingest:
         self._inflight: asyncio.Future[Outgoing] | None = None
         self._oldest = 0.0  # time.monotonic() when the oldest pending frame arrived
         if self.upstream is not None:
-            from gateway import formats
+            from gateway.pipeline import formats
 
             formats.check_format(self.upstream.format)
 
@@ -435,18 +435,16 @@ class Ingest:
                 with db.transaction(self.conn):
                     before = registry.version(self.conn)
                     for dev in devs:
-                        self.conn.execute("SAVEPOINT device")
                         try:
-                            results.append(self._write([dev], now))
+                            with db.savepoint(self.conn, "device"):
+                                results.append(self._write([dev], now))
                         except (sqlite3.OperationalError, sqlite3.InterfaceError):
                             raise
                         except Exception as exc1:
-                            self.conn.execute("ROLLBACK TO device")
                             device_log(dev.device).exception(
                                 "its frames raised in ingest; dead-lettered, quarantined")
                             dev.failed = f"{type(exc1).__name__}: {exc1}"
                             failed.append(dev)
-                        self.conn.execute("RELEASE device")
                     w = _Written.empty()
                     self._write_common(st, failed, w, now)
                     after = registry.version(self.conn)
@@ -576,7 +574,7 @@ class Ingest:
             device_log(device).warning("quarantined: %s", reason)
 
     def _enqueue_upstream(self, committed: list[readings.Committed], now: float) -> list[Queued]:
-        from gateway import formats
+        from gateway.pipeline import formats
         from gateway.store import outbox
 
         up = self.upstream
@@ -824,7 +822,7 @@ def queue_events(conn: sqlite3.Connection, upstream: UpstreamConfig | None,
     """`enqueue_events`, returning the queued items with their ids."""
     if upstream is None or not upstream.enabled:
         return []
-    from gateway import formats
+    from gateway.pipeline import formats
     from gateway.store import outbox
 
     return outbox.enqueue_queued(conn, [

@@ -22,49 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import proto
-from gateway.store import db, devices
+from gateway.config import DownlinkConfig
+from gateway.store import db, devices, wakes
 from gateway.store import downlink_queue as q
 
 log = logging.getLogger(__name__)
-
-STORE = "downlink"
-_STEPS = (
-    """
-    CREATE TABLE downlink_wakes (
-        device TEXT PRIMARY KEY,
-        wakes INTEGER NOT NULL DEFAULT 0,
-        missed_wakes INTEGER NOT NULL DEFAULT 0,
-        last_hello_at REAL,
-        expected_at REAL,
-        interval_s INTEGER,
-        window_ms INTEGER,
-        delivered_total INTEGER NOT NULL DEFAULT 0,
-        last_delivered INTEGER NOT NULL DEFAULT 0,
-        max_delivered INTEGER NOT NULL DEFAULT 0,
-        last_left INTEGER NOT NULL DEFAULT 0,
-        last_bytes INTEGER NOT NULL DEFAULT 0
-    ) WITHOUT ROWID;
-    """,
-    # A stay_awake delivered: until then the node listens, and items go at once.
-    "ALTER TABLE downlink_wakes ADD COLUMN awake_until REAL;",
-)
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    db.apply(conn, STORE, _STEPS)
-
-
-@dataclass(frozen=True, slots=True)
-class DownlinkConfig:
-    """How delivery spends a node's wake."""
-
-    max_attempts: int = 5  # deliveries without a result before an item fails
-    frame_cost_ms: int = 150  # awake-window time one item costs the node: receive, run, answer
-    window_reserve_ms: int = 100  # kept for the ACK and SLEEP_NOW
-    grace_s: float = 30.0  # a HELLO later than the expected wake + this counts missed wakes
-    sweep_interval_s: float = 60.0  # how often expired items are marked expired
-    awake_poll_s: float = 0.5  # how often items queued for a node under stay_awake are sent
-
 
 @dataclass(frozen=True, slots=True)
 class WakePlan:
@@ -78,33 +40,6 @@ class WakePlan:
     @property
     def bytes(self) -> int:
         return sum(len(f) for f in self.frames)
-
-
-@dataclass(frozen=True, slots=True)
-class WakeStats:
-    device: str
-    wakes: int
-    missed_wakes: int
-    last_hello_at: float | None
-    expected_at: float | None
-    interval_s: int | None
-    window_ms: int | None
-    delivered_total: int
-    last_delivered: int
-    max_delivered: int
-    last_left: int
-    last_bytes: int
-    awake_until: float | None = None
-
-    @property
-    def listen_window(self) -> tuple[float, float] | None:
-        """(from, until): when the node is next expected to listen for downlink."""
-        if self.expected_at is None:
-            return None
-        return self.expected_at, self.expected_at + (self.window_ms or 0) / 1000.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
 
 
 @dataclass(slots=True)
@@ -123,14 +58,6 @@ class Metrics:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
-
-
-def wake_stats(conn: sqlite3.Connection, device: str) -> WakeStats | None:
-    row = conn.execute(
-        "SELECT device, wakes, missed_wakes, last_hello_at, expected_at, interval_s, window_ms,"
-        " delivered_total, last_delivered, max_delivered, last_left, last_bytes, awake_until "
-        "FROM downlink_wakes WHERE device=?", (device,)).fetchone()
-    return WakeStats(*row) if row else None
 
 
 def missed_wakes(expected_at: float | None, interval_s: int | None, now: float,
@@ -181,16 +108,14 @@ class Downlink:
         is rolled back to its savepoint and gives it no downlink, never failing the batch."""
         out: list[WakePlan] = []
         for device, hello in hellos:
-            conn.execute("SAVEPOINT downlink_plan")
             try:
-                plan = self.plan_one(conn, device, hello, now)
+                with db.savepoint(conn, "downlink_plan"):
+                    plan = self.plan_one(conn, device, hello, now)
             except Exception:  # never let one device's downlink fail the batch
-                conn.execute("ROLLBACK TO downlink_plan")
                 self.metrics.errors += 1
                 log.exception("[%s] downlink planning failed; no downlink this wake", device,
                               extra={"device_id": device})
                 plan = WakePlan()
-            conn.execute("RELEASE downlink_plan")
             out.append(plan)
         return out
 
@@ -255,9 +180,7 @@ class Downlink:
         transaction): the node is connected and listening, so nothing waits for a wake.
         Each item is sent once here; an unanswered one goes again at the next HELLO."""
         out: list[tuple[str, WakePlan]] = []
-        rows = conn.execute("SELECT device FROM downlink_wakes WHERE awake_until > ?",
-                            (now,)).fetchall()
-        for (device,) in rows:
+        for device in wakes.awake(conn, now):
             q.expire(conn, now, device)
             frames: list[bytes] = []
             ids: list[int] = []
@@ -273,8 +196,7 @@ class Downlink:
                 continue
             q.mark_sent(conn, device, ids, now)
             if awake_s:
-                conn.execute("UPDATE downlink_wakes SET awake_until=max(awake_until, ?) "
-                             "WHERE device=?", (now + awake_s, device))
+                wakes.extend_awake(conn, device, now + awake_s)
             self.metrics.frames += len(frames)
             log.info("[%s] awake: delivering %d item(s) at once", device, len(frames),
                      extra={"device_id": device})
@@ -284,34 +206,21 @@ class Downlink:
     def _record_wake(self, conn: sqlite3.Connection, device: str, hello: proto.Hello,
                      now: float, delivered: int, left: int, spent: int,
                      awake_s: int = 0) -> None:
-        prev = conn.execute(
-            "SELECT expected_at, interval_s FROM downlink_wakes WHERE device=?",
-            (device,)).fetchone()
+        prev = wakes.expected(conn, device)
         missed = 0
         # When it next connects, which with send_every > 1 is not its next sampling wake.
         interval = hello.next_listen_s or hello.next_wake_s
         listen = interval + awake_s if interval else 0  # a stay, then its own schedule
         if prev is not None:
-            missed = missed_wakes(prev[0], prev[1], now, self.cfg.grace_s)
-            if missed:
+            expected_at, expected_interval = prev
+            missed = missed_wakes(expected_at, expected_interval, now, self.cfg.grace_s)
+            if missed and expected_at is not None:
                 log.info("[%s] HELLO %.0fs after the expected wake: %d wake(s) missed", device,
-                         now - prev[0], missed, extra={"device_id": device})
-        conn.execute(
-            "INSERT INTO downlink_wakes(device, wakes, missed_wakes, last_hello_at, expected_at,"
-            " interval_s, window_ms, delivered_total, last_delivered, max_delivered, last_left,"
-            " last_bytes, awake_until) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(device) DO "
-            "UPDATE SET wakes=wakes+1, missed_wakes=missed_wakes+excluded.missed_wakes, "
-            "last_hello_at=excluded.last_hello_at, expected_at=excluded.expected_at, "
-            "interval_s=excluded.interval_s, window_ms=excluded.window_ms, "
-            "delivered_total=delivered_total+excluded.delivered_total, "
-            "last_delivered=excluded.last_delivered, "
-            "max_delivered=max(max_delivered, excluded.max_delivered), "
-            "last_left=excluded.last_left, last_bytes=excluded.last_bytes, "
-            "awake_until=excluded.awake_until",
-            (device, missed, now, now + listen if listen else None,
-             interval or None, hello.awake_window_ms, delivered, delivered, delivered,
-             left, spent, now + awake_s if awake_s else None))
+                         now - expected_at, missed, extra={"device_id": device})
+        wakes.record(conn, device, missed=missed, now=now,
+                     expected_at=now + listen if listen else None, interval_s=interval or None,
+                     window_ms=hello.awake_window_ms, delivered=delivered, left=left,
+                     spent=spent, awake_until=now + awake_s if awake_s else None)
 
     def handle_up(self, conn: sqlite3.Connection,
                   frames: Sequence[tuple[str, proto.CommandResult | proto.ShadowReport]],
@@ -348,7 +257,7 @@ class Downlink:
         if not stay:
             return
         until = now + stay if f.status == proto.ResultStatus.OK else None
-        conn.execute("UPDATE downlink_wakes SET awake_until=? WHERE device=?", (until, device))
+        wakes.set_awake(conn, device, until)
 
     # ------------------------------------------------------------ housekeeping
     def sweep(self, conn: sqlite3.Connection, now: float | None = None) -> int:

@@ -20,11 +20,11 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from gateway import proto
 from gateway.errors import GatewayError
 from gateway.store import db
+from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
 
 log = logging.getLogger(__name__)
@@ -158,35 +158,20 @@ class Campaign:
 
 
 # ---------------------------------------------------------------- images
-def import_image(conn: sqlite3.Connection, image_dir: Path, *, public_key: bytes | None = None,
-                 now: float | None = None) -> Image:
-    """Store a signed image directory (manifest.json, manifest.sig, files). The gateway can
-    check the files against the manifest, and the signature when given the public key; it
-    cannot sign. The same image twice is stored once."""
-    from gateway.security import manifest as fw
-
-    now = time.time() if now is None else now
-    try:
-        m = fw.verify_image(image_dir, public_key) if public_key else fw.read_manifest(image_dir)
-        fw.check_files(image_dir, m)
-        sig = (image_dir / fw.SIGNATURE).read_bytes()
-    except fw.ImageError as exc:
-        raise OtaError(f"{image_dir}: {exc}") from exc
-    except OSError as exc:
-        raise OtaError(f"{image_dir}: image is not signed ({exc.strerror})") from exc
-    if len(sig) != 64:
-        raise OtaError(f"{image_dir}: {fw.SIGNATURE} is {len(sig)} bytes, not 64")
-    manifest = (image_dir / fw.MANIFEST).read_bytes()
-    stream = b"".join((image_dir / f.path).read_bytes() for f in m.files)
-    digest = hashlib.sha256(manifest + sig).hexdigest()
+def add_image(conn: sqlite3.Connection, *, version: int, board: str, display: str,
+              key_id: str, manifest: bytes, signature: bytes, stream: bytes, source: str,
+              now: float) -> Image:
+    """Store a verified image (see gateway.ops.ota.import_image); the same image twice is
+    stored once."""
+    digest = hashlib.sha256(manifest + signature).hexdigest()
     row = conn.execute("SELECT id FROM ota_images WHERE sha256=?", (digest,)).fetchone()
     if row is None:
         with db.atomic(conn):
             cur = conn.execute(
                 "INSERT INTO ota_images(version, board, display, key_id, manifest, signature, "
                 "stream, sha256, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (m.version, m.board, m.display, m.key_id, manifest, sig, stream, digest,
-                 str(image_dir), now))
+                (version, board, display, key_id, manifest, signature, stream, digest,
+                 source, now))
             image_id = int(cur.lastrowid or 0)
     else:
         image_id = int(row[0])
@@ -257,14 +242,14 @@ def _chunk_frame(img: Image, plan: Plan, index: int) -> bytes:
 
 
 # ---------------------------------------------------------------- helpers
-def _limits(conn: sqlite3.Connection, device: str) -> proto.ClassLimits:
-    row = conn.execute("SELECT class FROM devices WHERE id=?", (device,)).fetchone()
-    if row is None:
+def limits_of(conn: sqlite3.Connection, device: str) -> proto.ClassLimits:
+    device_class = registry.class_of(conn, device)
+    if device_class is None:
         raise OtaError(f"no device {device!r} in the registry (see `torpor device list`)")
-    return proto.DEVICE_CLASSES[row[0]]
+    return proto.DEVICE_CLASSES[device_class]
 
 
-def _ota_items(conn: sqlite3.Connection, device: str) -> list[tuple[q.Item, int, int]]:
+def ota_items(conn: sqlite3.Connection, device: str) -> list[tuple[q.Item, int, int]]:
     """Active OTA items of a device: (item, version, chunk index or -1 for the manifest)."""
     out = []
     for it in q.pending(conn, device):
@@ -279,8 +264,8 @@ def _ota_items(conn: sqlite3.Connection, device: str) -> list[tuple[q.Item, int,
     return out
 
 
-def _clear_items(conn: sqlite3.Connection, device: str, now: float, done: bool) -> None:
-    for it, _, _ in _ota_items(conn, device):
+def clear_items(conn: sqlite3.Connection, device: str, now: float, done: bool) -> None:
+    for it, _, _ in ota_items(conn, device):
         if done:
             q.retire(conn, device, it.command_id, q.DONE, now, result="ota_done")
         else:
@@ -291,12 +276,12 @@ def _window(limits: proto.ClassLimits) -> int:
     return max(1, min(WINDOW, limits.max_downlink // 4))
 
 
-def _fill(conn: sqlite3.Connection, device: str, img: Image, plan: Plan, progress: int,
+def fill(conn: sqlite3.Connection, device: str, img: Image, plan: Plan, progress: int,
           ttl_s: float | None, now: float, manifest: bool) -> None:
     """Retire what the node has, queue the manifest (if asked) and the next window."""
-    limits = _limits(conn, device)
+    limits = limits_of(conn, device)
     have: set[int] = set()
-    for it, version, index in _ota_items(conn, device):
+    for it, version, index in ota_items(conn, device):
         if version != img.version:
             q.cancel(conn, device, it.command_id, now=now)
         elif index >= 0 and index < progress:
@@ -318,7 +303,7 @@ def _fill(conn: sqlite3.Connection, device: str, img: Image, plan: Plan, progres
                 break  # commands fill the queue: chunks follow once they leave
 
 
-def _set(conn: sqlite3.Connection, campaign: int, device: str, now: float, **cols: object) -> None:
+def set_device(conn: sqlite3.Connection, campaign: int, device: str, now: float, **cols: object) -> None:
     if cols.get("status") in TERMINAL:
         cols["finished_at"] = now
     sets = ", ".join(f"{k}=?" for k in cols)
@@ -351,11 +336,11 @@ def create_campaign(
     with db.atomic(conn):
         img = get_image(conn, image_id)
         for d in devs:
-            row = conn.execute("SELECT status FROM devices WHERE id=?", (d,)).fetchone()
-            if row is None:
+            status = registry.status_of(conn, d)
+            if status is None:
                 raise OtaError(f"no device {d!r} in the registry (see `torpor device list`)")
-            if row[0] in ("revoked", "decommissioned"):
-                raise OtaError(f"device {d!r} is {row[0]}: it will not connect again")
+            if status in (registry.REVOKED, registry.DECOMMISSIONED):
+                raise OtaError(f"device {d!r} is {status}: it will not connect again")
             busy = conn.execute(
                 "SELECT campaign FROM ota_devices WHERE device=? AND status IN "
                 f"({','.join('?' * (len(IN_FLIGHT) + 1))})", (d, PENDING, *IN_FLIGHT)).fetchone()
@@ -371,24 +356,24 @@ def create_campaign(
             "INSERT INTO ota_devices(campaign, device, image_id, seq, status, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             [(cid, d, overrides.get(d, img.id), i, PENDING, now) for i, d in enumerate(devs)])
-        _advance(conn, cid, now)
+        advance(conn, cid, now)
     log.info("campaign %d: image v%d to %d device(s), rate %d%s", cid, img.version, len(devs),
              rate, "%" if rate_percent else "")
     return cid
 
 
-def _start(conn: sqlite3.Connection, cid: int, device: str, image_id: int, timeout_s: float,
+def start_device(conn: sqlite3.Connection, cid: int, device: str, image_id: int, timeout_s: float,
            now: float) -> None:
     img = get_image(conn, image_id)
-    plan = wire_plan(img, _limits(conn, device))
-    _set(conn, cid, device, now, status=QUEUED, chunk_size=plan.chunk_size,
+    plan = wire_plan(img, limits_of(conn, device))
+    set_device(conn, cid, device, now, status=QUEUED, chunk_size=plan.chunk_size,
          prefix=plan.prefix_chunks(), chunks=plan.total(img), progress=0, started_at=now)
-    _fill(conn, device, img, plan, 0, timeout_s, now, manifest=True)
+    fill(conn, device, img, plan, 0, timeout_s, now, manifest=True)
     log.info("[%s] campaign %d: v%d queued, %d chunks of %d B", device, cid, img.version,
              plan.total(img), plan.chunk_size, extra={"device_id": device})
 
 
-def _advance(conn: sqlite3.Connection, cid: int, now: float) -> None:
+def advance(conn: sqlite3.Connection, cid: int, now: float) -> None:
     """Timeouts, the abort rule, widening and completion of one running campaign."""
     row = conn.execute(
         "SELECT status, rate, rate_percent, abort_threshold, timeout_s FROM ota_campaigns "
@@ -399,8 +384,8 @@ def _advance(conn: sqlite3.Connection, cid: int, now: float) -> None:
     for (device,) in conn.execute(
             "SELECT device FROM ota_devices WHERE campaign=? AND status IN (?, ?, ?, ?) AND "
             "started_at <= ?", (cid, *IN_FLIGHT, now - timeout_s)).fetchall():
-        _clear_items(conn, device, now, done=False)
-        _set(conn, cid, device, now, status=TIMED_OUT, reason="timeout",
+        clear_items(conn, device, now, done=False)
+        set_device(conn, cid, device, now, status=TIMED_OUT, reason="timeout",
              detail=f"not confirmed within {timeout_s:g}s")
         log.warning("[%s] campaign %d: timed out", device, cid, extra={"device_id": device})
     rows = conn.execute("SELECT device, image_id, status FROM ota_devices WHERE campaign=? "
@@ -413,8 +398,8 @@ def _advance(conn: sqlite3.Connection, cid: int, now: float) -> None:
         # Stop widening; downloads not yet on trial stop too. Trials still report.
         for device, _, status in rows:
             if status in (PENDING, QUEUED, DOWNLOADING, VERIFYING):
-                _clear_items(conn, device, now, done=False)
-                _set(conn, cid, device, now, status=CANCELLED, reason="aborted")
+                clear_items(conn, device, now, done=False)
+                set_device(conn, cid, device, now, status=CANCELLED, reason="aborted")
         conn.execute("UPDATE ota_campaigns SET status=?, updated_at=?, finished_at=?, note=? "
                      "WHERE id=?", (ABORTED, now, now,
                                     f"{bad} of {len(started)} started devices failed "
@@ -428,7 +413,7 @@ def _advance(conn: sqlite3.Connection, cid: int, now: float) -> None:
         if len(started) >= allowed:
             break
         if status == PENDING:
-            _start(conn, cid, device, image_id, timeout_s, now)
+            start_device(conn, cid, device, image_id, timeout_s, now)
             started.append((device, image_id, QUEUED))
     if all(r[2] in TERMINAL for r in conn.execute(
             "SELECT device, image_id, status FROM ota_devices WHERE campaign=?", (cid,))):
@@ -445,7 +430,7 @@ def sweep(conn: sqlite3.Connection, now: float | None = None) -> None:
     with db.atomic(conn):
         for (cid,) in conn.execute("SELECT id FROM ota_campaigns WHERE status=?",
                                    (RUNNING,)).fetchall():
-            _advance(conn, int(cid), now)
+            advance(conn, int(cid), now)
 
 
 def cancel_campaign(conn: sqlite3.Connection, cid: int, *, now: float | None = None) -> Campaign:
@@ -458,8 +443,8 @@ def cancel_campaign(conn: sqlite3.Connection, cid: int, *, now: float | None = N
             raise OtaError(f"campaign {cid} is already {c.status}")
         for d in c.devices:
             if d.status in (PENDING, QUEUED, DOWNLOADING, VERIFYING):
-                _clear_items(conn, d.device, now, done=False)
-                _set(conn, cid, d.device, now, status=CANCELLED, reason="cancelled")
+                clear_items(conn, d.device, now, done=False)
+                set_device(conn, cid, d.device, now, status=CANCELLED, reason="cancelled")
         conn.execute("UPDATE ota_campaigns SET status=?, updated_at=?, finished_at=?, note=? "
                      "WHERE id=?", (CANCELLED, now, now, "cancelled by the operator", cid))
     return get_campaign(conn, cid)
@@ -486,11 +471,8 @@ def campaigns(conn: sqlite3.Connection) -> list[Campaign]:
             for r in conn.execute("SELECT id FROM ota_campaigns ORDER BY id")]
 
 
-# ---------------------------------------------------------------- the node's answers
-_REASONS = {r.value: r.name.lower() for r in proto.OtaReason}
-
-
-def _active(conn: sqlite3.Connection, device: str) -> tuple[int, str, Image, int] | None:
+# ---------------------------------------------------------------- a device's update
+def active(conn: sqlite3.Connection, device: str) -> tuple[int, str, Image, int] | None:
     """(campaign, status, image, progress) of the device's update in progress, if any."""
     row = conn.execute(
         "SELECT campaign, status, image_id, progress FROM ota_devices WHERE device=? AND "
@@ -500,120 +482,16 @@ def _active(conn: sqlite3.Connection, device: str) -> tuple[int, str, Image, int
     return int(row[0]), row[1], get_image(conn, int(row[2])), int(row[3])
 
 
-def _plan_of(conn: sqlite3.Connection, device: str, img: Image) -> Plan:
-    return wire_plan(img, _limits(conn, device))
+def plan_of(conn: sqlite3.Connection, device: str, img: Image) -> Plan:
+    return wire_plan(img, limits_of(conn, device))
 
 
-def _timeout(conn: sqlite3.Connection, cid: int) -> float:
+def timeout_of(conn: sqlite3.Connection, cid: int) -> float:
     return float(conn.execute("SELECT timeout_s FROM ota_campaigns WHERE id=?",
                               (cid,)).fetchone()[0])
 
 
-class OtaHandler:
-    """Ingest's hook: OTA_STATUS frames and HELLOs, inside its commit transaction."""
-
-    def __init__(self) -> None:
-        self.statuses = 0
-        self.changes = 0
-        self.errors = 0
-
-    def handle(self, conn: sqlite3.Connection,
-               statuses: Sequence[tuple[str, proto.OtaStatus]],
-               hellos: Sequence[tuple[str, proto.Hello]], now: float) -> None:
-        """Never fails the caller's batch: an error rolls back the OTA part only."""
-        conn.execute("SAVEPOINT ota_handle")
-        try:
-            self._handle(conn, statuses, hellos, now)
-        except Exception:
-            conn.execute("ROLLBACK TO ota_handle")
-            self.errors += 1
-            log.exception("OTA handling failed for this batch")
-        conn.execute("RELEASE ota_handle")
-
-    def _handle(self, conn: sqlite3.Connection,
-                statuses: Sequence[tuple[str, proto.OtaStatus]],
-                hellos: Sequence[tuple[str, proto.Hello]], now: float) -> None:
-        touched: set[int] = set()
-        for device, st in statuses:
-            self.statuses += 1
-            cid = self._status(conn, device, st, now)
-            if cid:
-                touched.add(cid)
-        for device, hello in hellos:
-            cid = self._hello(conn, device, hello, now)
-            if cid:
-                touched.add(cid)
-        for cid in touched:
-            _advance(conn, cid, now)
-        if hellos:
-            # Timeouts of devices that stopped waking; cheap when no campaign runs.
-            for (cid,) in conn.execute("SELECT id FROM ota_campaigns WHERE status=?",
-                                       (RUNNING,)).fetchall():
-                if cid not in touched:
-                    _advance(conn, int(cid), now)
-
-    def _finish(self, conn: sqlite3.Connection, cid: int, device: str, status: str,
-                now: float, reason: str = "", detail: str = "") -> None:
-        _clear_items(conn, device, now, done=status in (TRIAL, CONFIRMED))
-        _set(conn, cid, device, now, status=status, reason=reason, detail=detail)
-        self.changes += 1
-        log.log(logging.INFO if status in (TRIAL, CONFIRMED) else logging.WARNING,
-                "[%s] campaign %d: %s%s", device, cid, status,
-                f" ({reason}{': ' + detail if detail else ''})" if reason else "",
-                extra={"device_id": device})
-
-    def _status(self, conn: sqlite3.Connection, device: str, st: proto.OtaStatus,
-                now: float) -> int:
-        act = _active(conn, device)
-        if act is None or act[2].version != st.version:
-            log.info("[%s] OTA status for v%d (%s) outside any running update", device,
-                     st.version, st.state.name.lower(), extra={"device_id": device})
-            return 0
-        cid, status, img, _ = act
-        reason = _REASONS.get(int(st.reason), str(int(st.reason))) if st.reason else ""
-        s = st.state
-        if s in (proto.OtaState.DOWNLOADING, proto.OtaState.IDLE, proto.OtaState.VERIFYING):
-            if status == TRIAL:
-                return 0  # a late progress report
-            plan = _plan_of(conn, device, img)
-            progress = min(st.chunks, plan.total(img))
-            new = VERIFYING if progress >= plan.total(img) else DOWNLOADING
-            if s == proto.OtaState.IDLE:
-                new, progress = QUEUED, 0  # the node has no manifest for it: start over
-            _set(conn, cid, device, now, status=new, progress=progress)
-            _fill(conn, device, img, plan, progress, _timeout(conn, cid), now,
-                  manifest=s == proto.OtaState.IDLE)
-            return cid
-        if s == proto.OtaState.TRIAL:
-            self._finish(conn, cid, device, TRIAL, now)
-            _set(conn, cid, device, now, progress=st.chunks)
-        elif s == proto.OtaState.CONFIRMED:
-            self._finish(conn, cid, device, CONFIRMED, now)
-        elif s == proto.OtaState.REVERTED:
-            self._finish(conn, cid, device, REVERTED, now, reason or "reverted", st.detail)
-        elif s == proto.OtaState.REFUSED:
-            self._finish(conn, cid, device, REFUSED, now, reason or "refused", st.detail)
-        else:
-            self._finish(conn, cid, device, FAILED, now, reason or "failed", st.detail)
-        return cid
-
-    def _hello(self, conn: sqlite3.Connection, device: str, hello: proto.Hello,
-               now: float) -> int:
-        act = _active(conn, device)
-        if act is None:
-            return 0
-        cid, status, img, progress = act
-        if hello.ota_state == proto.OtaState.REVERTED and status == TRIAL:
-            reason = _REASONS.get(int(hello.ota_reason), "reverted")
-            self._finish(conn, cid, device, REVERTED, now, reason,
-                         f"running v{hello.fw_version}")
-            return cid
-        if status == TRIAL and hello.fw_version == img.version and (
-                hello.ota_state in (proto.OtaState.CONFIRMED, proto.OtaState.IDLE)):
-            self._finish(conn, cid, device, CONFIRMED, now)  # its OTA_STATUS went missing
-            return cid
-        if status in (QUEUED, DOWNLOADING, VERIFYING) and not _ota_items(conn, device):
-            # Items expired or failed in the queue (a node that slept through them): resend.
-            _fill(conn, device, img, _plan_of(conn, device, img), progress,
-                  _timeout(conn, cid), now, manifest=status == QUEUED)
-        return 0
+def running_campaigns(conn: sqlite3.Connection) -> list[int]:
+    """The ids of the campaigns still running."""
+    return [int(r[0]) for r in conn.execute("SELECT id FROM ota_campaigns WHERE status=?",
+                                            (RUNNING,)).fetchall()]

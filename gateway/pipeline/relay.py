@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
 from gateway.errors import ConfigError
-from gateway.formats import check_format
+from gateway.pipeline.formats import check_format
 from gateway.store import db
 from gateway.store.db import Writer
 from gateway.store.outbox import Counters, Outbox, Queued
