@@ -49,11 +49,11 @@ class Service:
                  downlink: DownlinkConfig | None = None) -> None:
         self.cfg = cfg
         self.on_hello = on_hello
-        # Queued commands and configuration for sleeping nodes (gateway.downlink); an
+        # Queued commands and configuration for sleeping nodes (gateway.pipeline.downlink); an
         # explicit `downlink` overrides the configuration file's [downlink] section.
         self.downlink = Downlink(downlink or cfg.downlink)
         self.conn: sqlite3.Connection | None = None
-        # Every database write of the process runs on this one thread (gateway.db.Writer).
+        # Every database write of the process runs on this one thread (gateway.store.db.Writer).
         self.writer: db.Writer | None = None
         self.ingest: Ingest | None = None
         self.broker: Any = None
@@ -66,7 +66,7 @@ class Service:
         self._last_total = 0
         self._last_t = time.monotonic()
         self._rate = 0.0
-        self.credentials: dict[str, Any] = {}  # days left per credential (gateway.lifetimes)
+        self.credentials: dict[str, Any] = {}  # days left per credential (gateway.security.lifetimes)
 
     def stop(self) -> None:
         self._stop.set()
@@ -282,7 +282,7 @@ class Service:
             self.broker.save()
 
     async def _refuse_quarantined(self) -> None:
-        """The supervised broker refuses service to quarantined devices (gateway.broker):
+        """The supervised broker refuses service to quarantined devices (gateway.transport.broker):
         whoever quarantined or released one (ingest, `torpor device release`), the registry
         says so and this follows within a status interval."""
         broker = self.broker
@@ -304,7 +304,7 @@ class Service:
             deadletter.prune(self.conn, self.cfg.gateway.deadletter_max_rows)
 
     async def _sweep_loop(self) -> None:
-        """Expire downlink items past their TTL (gateway.downlink) on the writer thread."""
+        """Expire downlink items past their TTL (gateway.pipeline.downlink) on the writer thread."""
         assert self.writer is not None and self.conn is not None
         conn = self.conn
         while True:
@@ -313,7 +313,7 @@ class Service:
 
     async def _lifetimes_loop(self) -> None:
         """Renew what is due (CRL, server, gateway and control certificates), reload the
-        broker when its files changed, and raise expiry events (gateway.lifetimes)."""
+        broker when its files changed, and raise expiry events (gateway.security.lifetimes)."""
         from gateway.security.pki import Pki
 
         assert self.writer is not None and self.conn is not None

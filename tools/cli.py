@@ -32,9 +32,9 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "tools.sim.cli",
     "tools.flash",
     "tools.hil",
-    "gateway.pki_cli",
-    "gateway.cli",
-    "gateway.ota_cli",
+    "gateway.cli.pki",
+    "gateway.cli.main",
+    "gateway.cli.ota",
     "tools.fw.cli",
     "tools.demo",
 )
@@ -136,7 +136,7 @@ def build_parser(groups: Sequence[str] = COMMAND_GROUPS) -> argparse.ArgumentPar
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in groups:
         added = importlib.import_module(name).register(sub)
-        if name == "gateway.ota_cli":
+        if name == "gateway.cli.ota":
             # The gateway's CLI imports nothing from tools/: the demo joins from here.
             importlib.import_module("tools.ota_demo").register(added)
     _describe_groups(parser, None)

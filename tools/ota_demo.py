@@ -398,7 +398,7 @@ def format_result(r: OtaDemoResult) -> list[str]:
     return lines
 
 
-# ---- `torpor ota demo` (its arguments are in gateway/ota_cli.py) --------------------------
+# ---- `torpor ota demo` (its arguments are in gateway/cli/ota.py) --------------------------
 
 def main(args: argparse.Namespace) -> int:
     from tools.fw.image import ImageError

@@ -1,6 +1,6 @@
 """Operator actions on devices: queue a command, cancel an item, release a quarantine.
 
-Commands are checked by the same code as `torpor device command` (gateway.queue), so the
+Commands are checked by the same code as `torpor device command` (gateway.store.downlink_queue), so the
 web page and the CLI refuse the same things with the same messages."""
 
 from __future__ import annotations

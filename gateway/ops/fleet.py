@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import proto
-from gateway.pipeline import downlink
 from gateway.store import deadletter, readings
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
@@ -88,7 +87,7 @@ def next_listen(dev: registry.Device, wakes: wake_store.WakeStats | None) -> flo
 def _row(conn: sqlite3.Connection, dev: registry.Device, now: float) -> FleetRow:
     wakes = wake_store.wake_stats(conn, dev.id)
     at = next_listen(dev, wakes)
-    overdue = downlink.missed_wakes(at, wakes.interval_s if wakes else dev.next_wake_s, now,
+    overdue = wake_store.missed_wakes(at, wakes.interval_s if wakes else dev.next_wake_s, now,
                                     GRACE_S)
     return FleetRow(
         id=dev.id, device_class=dev.device_class, status=dev.status,

@@ -38,6 +38,11 @@ class Health:
                 "dead_letters": self.dead_letters, "dead_letter_bytes": self.dead_letter_bytes}
 
 
+def status(conn: sqlite3.Connection, now: float | None = None) -> status_store.Status:
+    """The gateway's state from the database alone (works while it runs or not)."""
+    return status_store.read_status(conn, now)
+
+
 def health(conn: sqlite3.Connection, now: float | None = None) -> Health:
     now = time.time() if now is None else now
     st = status_store.read_status(conn, now)

@@ -60,14 +60,6 @@ class Metrics:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
-def missed_wakes(expected_at: float | None, interval_s: int | None, now: float,
-                 grace_s: float) -> int:
-    """Wakes the node was expected at (expected_at, + interval, ...) up to now - grace."""
-    if expected_at is None or not interval_s or now <= expected_at + grace_s:
-        return 0
-    return int((now - grace_s - expected_at) // interval_s) + 1
-
-
 def _encode(item: q.Item, conn: sqlite3.Connection, now: float) -> bytes:
     if item.kind == proto.COMMAND:
         assert item.op is not None
@@ -213,7 +205,7 @@ class Downlink:
         listen = interval + awake_s if interval else 0  # a stay, then its own schedule
         if prev is not None:
             expected_at, expected_interval = prev
-            missed = missed_wakes(expected_at, expected_interval, now, self.cfg.grace_s)
+            missed = wakes.missed_wakes(expected_at, expected_interval, now, self.cfg.grace_s)
             if missed and expected_at is not None:
                 log.info("[%s] HELLO %.0fs after the expected wake: %d wake(s) missed", device,
                          now - expected_at, missed, extra={"device_id": device})

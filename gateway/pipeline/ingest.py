@@ -15,13 +15,14 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import proto
 from gateway.config import IngestConfig, UpstreamConfig
 from gateway.pipeline.downlink import Downlink, WakePlan
+from gateway.pipeline.events import queue_events
 from gateway.pipeline.ota_delivery import OtaHandler
 from gateway.store import db, deadletter, readings
 from gateway.store import devices as registry
@@ -188,7 +189,8 @@ class Ingest:
         self.on_hello = on_hello
         # Downlink to sleeping nodes: planned in the commit transaction (replaces on_hello).
         self.downlink = downlink
-        # OTA_STATUS frames and HELLOs' OTA outcomes (gateway.ota), before downlink planning.
+        # OTA_STATUS frames and HELLOs' OTA outcomes (gateway.pipeline.ota_delivery), before
+        # downlink planning.
         self.ota = ota
         self.on_committed = on_committed
         self.clock = clock
@@ -807,29 +809,6 @@ def hello_fields(hello: proto.Hello) -> dict[str, Any]:
         "dropped": hello.dropped, "next_wake_s": hello.next_wake_s,
         "safe_mode": bool(hello.safe_mode),
     }
-
-
-def enqueue_events(conn: sqlite3.Connection, upstream: UpstreamConfig | None,
-                   events: Iterable[tuple[str, str, Mapping[str, Any]]], now: float) -> int:
-    """Device events (device, kind, fields) into the upstream outbox, inside the caller's
-    transaction, so an event is durable exactly when the change it reports is. Kinds:
-    hello and quarantined (ingest), released and revoked (`torpor device ...`)."""
-    return len(queue_events(conn, upstream, events, now))
-
-
-def queue_events(conn: sqlite3.Connection, upstream: UpstreamConfig | None,
-                 events: Iterable[tuple[str, str, Mapping[str, Any]]], now: float) -> list[Queued]:
-    """`enqueue_events`, returning the queued items with their ids."""
-    if upstream is None or not upstream.enabled:
-        return []
-    from gateway.pipeline import formats
-    from gateway.store import outbox
-
-    return outbox.enqueue_queued(conn, [
-        formats.event_item(device, kind, fields, topic_template=upstream.topic_events,
-                           fmt=upstream.format, created=now)
-        for device, kind, fields in events
-    ])
 
 
 def _device_of(topic: str) -> str:

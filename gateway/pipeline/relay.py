@@ -208,7 +208,7 @@ class Relay:
         self.connects = 0
         self.last_error: str | None = None
         self._outbox: Outbox | None = None
-        # The gateway's database writer thread (gateway.db.Writer), shared with ingest so
+        # The gateway's database writer thread (gateway.store.db.Writer), shared with ingest so
         # that the relay's deletes queue behind ingest's commits in-process instead of on
         # SQLite's lock; a private thread when None.
         self.writer = writer
@@ -303,7 +303,7 @@ class Relay:
                 )
             )
             if self.writer is not None:
-                # The owner of a shared writer checkpoints (gateway.db.checkpoint_loop):
+                # The owner of a shared writer checkpoints (gateway.store.db.checkpoint_loop):
                 # a delete must not stall the writer thread with a checkpoint's fsync.
                 await self._db(db.no_autocheckpoint, self._outbox.conn)
             async with asyncio.TaskGroup() as tg:

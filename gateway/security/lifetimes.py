@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway.config import PkiConfig, UpstreamConfig
 from gateway.errors import GatewayError
+from gateway.pipeline.events import queue_events
 from gateway.security.pki import BACKDATE, Lifetime, Pki, PkiStatus
 from gateway.store import db
 from gateway.store import events as events_store
@@ -160,8 +161,6 @@ def record(
             events_store.trim(conn)
         queued: list[Queued] = []
         if events and upstream is not None and upstream.enabled:
-            from gateway.pipeline.ingest import queue_events
-
             queued = queue_events(conn, upstream, [
                 (ev.subject if ev.name == "device" else gateway_id, UPSTREAM_KIND,
                  {k: v for k, v in ev.as_dict().items() if k != "at"})

@@ -33,18 +33,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import PkiError
+from gateway.store import devices as device_store
+from gateway.store.devices import DEVICE_ID_MAX as DEVICE_ID_MAX
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["ca", "issuing", "server", "gateway", "control", "device"]
 
-DEVICE_ID_MAX = 32
-DEVICE_ID_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{DEVICE_ID_MAX}}}")
 DEFAULT_GATEWAY_CN = "torpor-gateway"
 DEFAULT_SERVER_CN = "torpor-broker"
 # The gateway's short control connections (health probes, cutting a session) have their own
 # identity: the broker makes every client id its certificate's CN, so they would otherwise
-# replace the gateway's persistent session (see gateway.broker).
+# replace the gateway's persistent session (see gateway.transport.broker).
 DEFAULT_CONTROL_CN = "torpor-control"
 CA_CN = "Torpor fleet CA"
 ISSUING_CN = "Torpor issuing CA"
@@ -68,10 +68,8 @@ BACKDATE = dt.timedelta(minutes=5)
 
 def validate_device_id(device_id: str) -> str:
     """Device ids become MQTT usernames and topic segments: refuse anything else."""
-    if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
-        raise PkiError(
-            f"invalid device id {device_id!r}: use 1 to 32 characters from A-Z a-z 0-9 _ -"
-        )
+    if not device_store.is_device_id(device_id):
+        raise PkiError(device_store.bad_device_id(device_id))
     return device_id
 
 
@@ -695,7 +693,7 @@ class Pki:
     def revoke(self, target: str | int) -> list[int]:
         """Revoke a device (every unrevoked certificate with that CN) when `target` is a
         str, or one certificate when it is an int serial. Rewrites the CRL; returns the
-        serials newly revoked. The broker must reload the CRL (see gateway.broker).
+        serials newly revoked. The broker must reload the CRL (see gateway.transport.broker).
         With an issuing CA, a certificate the root signed earlier is revoked on the root's
         CRL, which needs the root key."""
         records = self.list()
@@ -735,7 +733,7 @@ class Pki:
     def write_crl(self, records: Sequence[CertRecord] | None = None, days: float = CRL_DAYS) -> Path:
         """(Re)issue the CRL from the index, signed by the issuing CA when there is one
         (then followed by the root's own CRL in crl.pem). The gateway renews it on its own
-        (gateway.lifetimes); by hand: `torpor pki crl`."""
+        (gateway.security.lifetimes); by hand: `torpor pki crl`."""
         ca_cert, ca_key, signer = self._signer()
         now = self.now()
         rows = self.list() if records is None else records

@@ -6,7 +6,7 @@ its frame (its original length is recorded), and the oldest letters go first whe
 table holds more than its byte or row bound. Frames refused only because of who sent
 them (a quarantined, revoked or unknown device, a device over its rate) are counted per
 device and reason in `dead_letter_counts`, and only sampled into `dead_letters` (see
-gateway.ingest), so a flooding node can neither fill the SD card nor hide its volume.
+gateway.pipeline.ingest), so a flooding node can neither fill the SD card nor hide its volume.
 """
 
 from __future__ import annotations

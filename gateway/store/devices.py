@@ -7,6 +7,7 @@ back; *revoked* and *decommissioned* devices are refused for good.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping
@@ -15,10 +16,12 @@ from typing import Any
 
 from gateway import proto
 from gateway.errors import GatewayError
-from gateway.security.pki import validate_device_id
 from gateway.store import db
 
 STORE = "registry"
+# Device ids become MQTT usernames, certificate subjects and topic segments.
+DEVICE_ID_MAX = 32
+DEVICE_ID_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{DEVICE_ID_MAX}}}")
 
 PROVISIONED = "provisioned"
 ACTIVE = "active"
@@ -143,6 +146,16 @@ _SELECT = (
 )
 
 
+def is_device_id(device_id: object) -> bool:
+    return isinstance(device_id, str) and DEVICE_ID_RE.fullmatch(device_id) is not None
+
+
+def bad_device_id(device_id: object) -> str:
+    """What is wrong with an id `is_device_id` refused."""
+    return (f"invalid device id {device_id!r}: use 1 to {DEVICE_ID_MAX} characters from "
+            "A-Z a-z 0-9 _ -")
+
+
 def migrate(conn: sqlite3.Connection) -> None:
     db.apply(conn, STORE, _STEPS)
 
@@ -150,10 +163,8 @@ def migrate(conn: sqlite3.Connection) -> None:
 def add(conn: sqlite3.Connection, device_id: str, device_class: str = "sensor",
         cert_serial: str | None = None, *, now: float | None = None) -> Device:
     """Register a device as provisioned."""
-    try:
-        validate_device_id(device_id)
-    except GatewayError as exc:
-        raise RegistryError(str(exc)) from None
+    if not is_device_id(device_id):
+        raise RegistryError(bad_device_id(device_id))
     if device_class not in proto.DEVICE_CLASSES:
         raise RegistryError(
             f"unknown device class {device_class!r}: one of {', '.join(CLASSES)}"

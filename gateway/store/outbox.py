@@ -22,7 +22,7 @@ COUNTER_NAMES: Final = ("enqueued", "delivered", "dropped_full", "dropped_age")
 DROP_POLICIES: Final = ("oldest", "newest")
 
 STORE: Final = "outbox"
-# Versioned steps (gateway.db.apply): step i brings the store to version i + 1.
+# Versioned steps (gateway.store.db.apply): step i brings the store to version i + 1.
 _STEPS: Final = (
     # AUTOINCREMENT: ids never come back after the table empties, so order by id is the
     # order of arrival and a reader's "after id N" cursor stays valid.

@@ -441,7 +441,7 @@ def commit_bursts(
     for device, burst in batch:
         n = len(burst.readings)
         problem = burst_problem(burst.msg_id, n)
-        if problem:  # the caller checks first (gateway.ingest); nothing past u32 is stored
+        if problem:  # the caller checks first (gateway.pipeline.ingest); nothing past u32 is stored
             raise IdRangeError(f"{device}: {problem}")
         st = state(device)
         lo, hi = burst.msg_id, burst.msg_id + n - 1

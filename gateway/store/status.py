@@ -52,7 +52,7 @@ class Status:
     dead_letters: int
     outbox_depth: int | None
     detail: dict[str, Any]
-    # The newest expiry warnings and renewals (gateway.lifetimes), newest first.
+    # The newest expiry warnings and renewals (gateway.security.lifetimes), newest first.
     credential_events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:

@@ -63,6 +63,14 @@ class WakeStats:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+def missed_wakes(expected_at: float | None, interval_s: int | None, now: float,
+                 grace_s: float) -> int:
+    """Wakes the node was expected at (expected_at, + interval, ...) up to now - grace."""
+    if expected_at is None or not interval_s or now <= expected_at + grace_s:
+        return 0
+    return int((now - grace_s - expected_at) // interval_s) + 1
+
+
 def wake_stats(conn: sqlite3.Connection, device: str) -> WakeStats | None:
     row = conn.execute(
         "SELECT device, wakes, missed_wakes, last_hello_at, expected_at, interval_s, window_ms,"

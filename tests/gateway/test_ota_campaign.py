@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import ota_cli, proto
+from gateway import proto
+from gateway.cli import ota as ota_cli
 from gateway.ops import ota as ota_ops
 from gateway.pipeline import ota_delivery
 from gateway.store import db, ota_store

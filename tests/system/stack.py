@@ -11,7 +11,7 @@ gateway as a process, and sim nodes running the real firmware, registered and pr
     await node.wake()                         # one boot of the node (HELLO, bursts, downlink)
     stack.cli("device", "send", "n1", "ping") # the real CLI in a process; CompletedProcess
     with stack.db() as conn: ...              # the gateway's SQLite file (read it, or queue
-                                              # through gateway.queue)
+                                              # through gateway.store.downlink_queue)
     stack.kill()  /  stack.stop()             # SIGKILL / SIGTERM the gateway; start() again
     stack.close()                             # stop the gateway (the `stack` fixture does it)
 

@@ -192,7 +192,7 @@ def test_wake_statistics_count_missed_wakes(conn: sqlite3.Connection) -> None:
     s = wake_store.wake_stats(conn, "n1")
     assert s is not None and s.wakes == 3 and s.missed_wakes == 3
     assert s.listen_window == (T0 + 620 + 1900 + 600, T0 + 620 + 1900 + 600 + 2.0)
-    assert downlink.missed_wakes(100.0, 60, 100.0 + 30 + 60, 30) == 2
+    assert wake_store.missed_wakes(100.0, 60, 100.0 + 30 + 60, 30) == 2
 
 
 def test_a_planning_failure_sends_nothing_and_keeps_the_batch(conn: sqlite3.Connection) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import proto
+from gateway.cli.common import CONFIG_ENV, DEFAULT_CONFIG, run_with_db
 from gateway.ops import ota as ota_ops
 from gateway.store import devices as devices_store
 from gateway.store import ota_store
@@ -73,8 +74,6 @@ def select_devices(conn: sqlite3.Connection, group: str | None,
 def register(sub: Any) -> Any:
     """`torpor ota ...`; returns the `ota` subparsers, where tools add their own actions
     (`torpor ota demo`)."""
-    from gateway.cli import CONFIG_ENV, DEFAULT_CONFIG
-
     def config_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", "-c", default=None,
                        help=f"gateway TOML file (default: ${CONFIG_ENV} or {DEFAULT_CONFIG})")
@@ -124,8 +123,6 @@ def register(sub: Any) -> Any:
 
 
 def _run(args: argparse.Namespace, body: Any) -> int:
-    from gateway.cli import run_with_db  # imported here: gateway.cli imports this module
-
     return run_with_db(args, body)
 
 

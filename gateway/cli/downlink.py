@@ -14,9 +14,9 @@ import time
 from typing import Any
 
 from gateway import proto
-from gateway.store import devices
+from gateway.cli.common import run_with_db, when
+from gateway.ops import downlink as downlink_ops
 from gateway.store import downlink_queue as q
-from gateway.store import wakes as wake_store
 
 _TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -88,8 +88,6 @@ def register(dsub: Any, config_arg: Any) -> None:
 
 
 def _run(args: argparse.Namespace, body: Any) -> int:
-    from gateway.cli import run_with_db  # imported here: gateway.cli imports this module
-
     return run_with_db(args, body)
 
 
@@ -140,62 +138,29 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- show / list
-def next_listen(conn: sqlite3.Connection, device: str) -> tuple[float, float] | None:
-    """(from, until) of the node's next expected listening window: its last HELLO plus the
-    next_wake_s it announced, for awake_window_ms."""
-    st = wake_store.wake_stats(conn, device)
-    if st is not None and st.listen_window is not None:
-        return st.listen_window
-    announced = devices.announced_wake(conn, device)
-    if announced is None:
-        return None
-    at, window_ms = announced
-    return at, at + window_ms / 1000.0
-
-
 def _next_listen_text(conn: sqlite3.Connection, device: str) -> str:
-    from gateway.cli import _when
-
-    w = next_listen(conn, device)
+    w = downlink_ops.next_listen(conn, device)
     if w is None:
         return "delivered at its first HELLO"
     late = " - overdue" if w[0] < time.time() else ""
-    return f"next expected to listen at {_when(w[0])}{late}"
-
-
-def gather(conn: sqlite3.Connection, device: str) -> dict[str, Any]:
-    """The downlink part of `device show`, as data."""
-    st = wake_store.wake_stats(conn, device)
-    w = next_listen(conn, device)
-    return {
-        "pending": [i.as_dict() for i in q.pending(conn, device)],
-        "recent": [i.as_dict() for i in q.history(conn, device, limit=5)
-                   if i.status not in q.ACTIVE],
-        "config": [{name: getattr(c, name) for name in c.__slots__}
-                   for c in q.config_state(conn, device)],
-        "wakes": st.as_dict() if st is not None else None,
-        "next_listen_at": w[0] if w else None,
-        "next_listen_until": w[1] if w else None,
-    }
+    return f"next expected to listen at {when(w[0])}{late}"
 
 
 def print_show(doc: dict[str, Any]) -> None:
-    from gateway.cli import _when
-
     w = doc["wakes"]
     at, until = doc["next_listen_at"], doc["next_listen_until"]
     if at is None:
         print("next listening:  unknown (no HELLO yet): queued items go at its first HELLO")
     else:
         overdue = "  OVERDUE" if at < time.time() else ""
-        print(f"next listening:  {_when(at)} for {until - at:.1f}s{overdue}")
+        print(f"next listening:  {when(at)} for {until - at:.1f}s{overdue}")
     if w is not None:
         avg = w["delivered_total"] / w["wakes"] if w["wakes"] else 0.0
         print(f"wakes:           {w['wakes']} seen, {w['missed_wakes']} missed; items per wake "
               f"last {w['last_delivered']}, max {w['max_delivered']}, mean {avg:.2f}")
     print(f"downlink:        {len(doc['pending'])} pending (delivery order)")
     for i in doc["pending"]:
-        exp = "never" if i["expires_at"] is None else _when(i["expires_at"])
+        exp = "never" if i["expires_at"] is None else when(i["expires_at"])
         print(f"  {i['command_id']:>10}  p{i['priority']:<3} {i['status']:<7} "
               f"tries {i['attempts']}  {i['what']:<28} expires {exp}")
     for i in doc["recent"]:
@@ -215,15 +180,12 @@ def list_args(p: argparse.ArgumentParser) -> None:
 
 
 def print_pending(conn: sqlite3.Connection, as_json: bool) -> int:
-    from gateway.cli import _when
-
-    counts = q.pending_counts(conn)
-    rows = [(d, n, next_listen(conn, d)) for d, n in sorted(counts.items())]
+    rows = downlink_ops.pending(conn)
     if as_json:
         print(json.dumps([{"device": d, "pending": n, "next_listen_at": w[0] if w else None}
                           for d, n, w in rows], indent=1))
         return 0
     print(f"{'DEVICE':<24} {'PENDING':>7}  NEXT LISTENING")
     for d, n, w in rows:
-        print(f"{d:<24} {n:>7}  {_when(w[0]) if w else 'at its first HELLO'}")
+        print(f"{d:<24} {n:>7}  {when(w[0]) if w else 'at its first HELLO'}")
     return 0

@@ -9,12 +9,9 @@ refused by `restore` (corrupt, truncated, checksum mismatch, unknown manifest ve
 from __future__ import annotations
 
 import argparse
-import asyncio
-import datetime as dt
 import json
 import logging
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -22,16 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config as gwconfig
-from gateway import downlink_cli
+from gateway.cli import downlink as downlink_cli
+from gateway.cli.common import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    fail,
+    load_config,
+    open_db,
+    when,
+)
 from gateway.errors import GatewayError
-from gateway.store import db, deadletter, readings
-from gateway.store import devices as registry
-from gateway.store import status as status_store
-
-DEFAULT_CONFIG = "/etc/torpor/gateway.toml"
-EXTERNAL_BROKER_UNIT = "torpor-mosquitto.service"
-RELOAD_WAIT_S = 5.0
-CONFIG_ENV = "TORPOR_CONFIG"
+from gateway.ops import devices as devices_ops
+from gateway.ops import downlink as downlink_ops
+from gateway.ops import health as health_ops
 
 
 def register(sub: Any) -> None:
@@ -53,7 +53,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_example)
     from gateway.web import command as web_command  # `torpor gateway web`
 
-    web_command.register(gsub, config_arg, _config)
+    web_command.register(gsub, config_arg, load_config)
     _register_ops(gsub, config_arg)
 
     dev = sub.add_parser("device", help="the device registry, and commands and configuration for devices")
@@ -62,13 +62,13 @@ def register(sub: Any) -> None:
     config_arg(p)
     p.add_argument("device_id", help="the device's id, its certificate's CN")
     p.add_argument("--class", dest="device_class", default="sensor",
-                   choices=registry.CLASSES, help="device class (default: sensor)")
+                   choices=devices_ops.CLASSES, help="device class (default: sensor)")
     p.add_argument("--issue-cert", action="store_true",
                    help="also issue its certificate from the fleet CA in [broker] pki_dir")
     p.set_defaults(func=_add)
     p = dsub.add_parser("list", help="list devices")
     config_arg(p)
-    p.add_argument("--status", choices=registry.STATUSES, default=None,
+    p.add_argument("--status", choices=devices_ops.STATUSES, default=None,
                    help="only devices in this state")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     downlink_cli.list_args(p)
@@ -88,64 +88,17 @@ def register(sub: Any) -> None:
     p.add_argument("device_id", help="the device's id")
     p.add_argument("--broker-pid", type=int, default=None,
                    help="[broker] mode = external: the mosquitto process to reload "
-                   f"(default: `systemctl reload {EXTERNAL_BROKER_UNIT}`)")
+                   f"(default: `systemctl reload {devices_ops.EXTERNAL_BROKER_UNIT}`)")
     p.set_defaults(func=_revoke)
-    # Downlink to sleeping nodes: send, config, cancel (gateway/downlink_cli.py).
+    # Downlink to sleeping nodes: send, config, cancel (gateway/cli/downlink.py).
     downlink_cli.register(dsub, config_arg)
-
-
-def _fail(message: str) -> int:
-    print(f"torpor: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _config(args: argparse.Namespace) -> gwconfig.GatewayConfig:
-    path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
-    return gwconfig.load_config(path)
-
-
-def _open(args: argparse.Namespace) -> Any:
-    cfg = _config(args)
-    return cfg, db.open_db(cfg.db_path)
-
-
-def run_with_db(args: argparse.Namespace, body: Callable[[sqlite3.Connection], int]) -> int:
-    """body(conn) on the configured gateway database; a GatewayError becomes exit code 2."""
-    try:
-        _cfg, conn = _open(args)
-        try:
-            return int(body(conn))
-        finally:
-            conn.close()
-    except GatewayError as exc:
-        return _fail(str(exc))
-
-
-def _when(t: float | None) -> str:
-    if t is None:
-        return "-"
-    ago = time.time() - t
-    stamp = dt.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds")
-    if ago >= 0:
-        return f"{stamp} ({_span(ago)} ago)"
-    return f"{stamp} (in {_span(-ago)})"
-
-
-def _span(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f}s"
-    if s < 7200:
-        return f"{s / 60:.0f}min"
-    if s < 172800:
-        return f"{s / 3600:.1f}h"
-    return f"{s / 86400:.1f}d"
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        cfg = _config(args)
+        cfg = load_config(args)
     except GatewayError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     logging.basicConfig(
         level=cfg.gateway.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -155,19 +108,19 @@ def _run(args: argparse.Namespace) -> int:
     try:
         service.run(cfg)
     except GatewayError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     try:
-        cfg, conn = _open(args)
+        cfg, conn = open_db(args)
         try:
-            st = status_store.read_status(conn)
+            st = health_ops.status(conn)
         finally:
             conn.close()
     except GatewayError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if args.json:
         print(json.dumps(st.as_dict(), indent=1, default=str))
     else:
@@ -179,7 +132,7 @@ def _status(args: argparse.Namespace) -> int:
         devices = ", ".join(f"{k} {v}" for k, v in sorted(st.devices.items())) or "none"
         print(f"devices:        {devices}")
         print(f"seen (10 min):  {st.seen_recently}")
-        print(f"last seen:      {_when(st.last_seen)}")
+        print(f"last seen:      {when(st.last_seen)}")
         print(f"readings:       {st.readings_total} stored, {st.readings_per_min:.0f}/min")
         print(f"dead letters:   {st.dead_letters}")
         print(f"outbox depth:   {'-' if st.outbox_depth is None else st.outbox_depth}")
@@ -193,35 +146,31 @@ def _example(args: argparse.Namespace) -> int:
 
 def _add(args: argparse.Namespace) -> int:
     try:
-        cfg, conn = _open(args)
+        cfg, conn = open_db(args)
         try:
-            serial = None
-            if args.issue_cert:
-                from gateway.security.pki import Pki
-
-                creds = Pki(cfg.pki_dir).issue_device(args.device_id)
-                serial = format(creds.serial, "x")
-            dev = registry.add(conn, args.device_id, args.device_class, serial)
+            added = devices_ops.add(conn, cfg, args.device_id, args.device_class,
+                                    issue_cert=args.issue_cert)
         finally:
             conn.close()
     except GatewayError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
+    dev = added.device
     print(f"{dev.id}: {dev.status} ({dev.device_class})"
-          + (f", certificate {serial}" if serial else ""))
+          + (f", certificate {added.serial}" if added.serial else ""))
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
     try:
-        _cfg, conn = _open(args)
+        _cfg, conn = open_db(args)
         try:
             if args.pending:
                 return downlink_cli.print_pending(conn, args.json)
-            devices = registry.list_devices(conn, args.status)
+            devices = devices_ops.listing(conn, args.status)
         finally:
             conn.close()
     except GatewayError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if args.json:
         print(json.dumps([d.as_dict() for d in devices], indent=1))
         return 0
@@ -229,23 +178,22 @@ def _list(args: argparse.Namespace) -> int:
     for d in devices:
         print(f"{d.id:<24} {d.device_class:<10} {d.status:<14} "
               f"{'-' if d.fw_version is None else d.fw_version:>6} "
-              f"{'-' if d.battery_mv is None else d.battery_mv:>6}  {_when(d.last_seen)}")
+              f"{'-' if d.battery_mv is None else d.battery_mv:>6}  {when(d.last_seen)}")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
     try:
-        _cfg, conn = _open(args)
+        _cfg, conn = open_db(args)
         try:
-            dev = registry.get(conn, args.device_id)
-            hwm, above, total = readings.stats(conn, dev.id)
-            letters = deadletter.list_recent(conn, dev.id, limit=5)
-            nletters = deadletter.count(conn, dev.id)
-            down = downlink_cli.gather(conn, dev.id)
+            shown = devices_ops.detail(conn, args.device_id)
+            down = downlink_ops.gather(conn, shown.device.id)
         finally:
             conn.close()
     except GatewayError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
+    dev, hwm, above, total = shown.device, shown.ack_cumulative, shown.committed_above, shown.readings
+    nletters, letters = shown.dead_letters, shown.recent_dead_letters
     if args.json:
         doc = dev.as_dict() | {"ack_cumulative": hwm, "committed_above": above,
                                "readings": total, "dead_letters": nletters, "downlink": down}
@@ -254,15 +202,15 @@ def _show(args: argparse.Namespace) -> int:
     print(f"device:          {dev.id} ({dev.device_class})")
     print(f"status:          {dev.status}" + (f" ({dev.status_reason})" if dev.status_reason else ""))
     print(f"certificate:     {dev.cert_serial or '-'}")
-    print(f"last seen:       {_when(dev.last_seen)}")
-    print(f"last HELLO:      {_when(dev.last_hello_at)}")
-    print(f"next wake:       {_when(dev.next_wake_at)}")
+    print(f"last seen:       {when(dev.last_seen)}")
+    print(f"last HELLO:      {when(dev.last_hello_at)}")
+    print(f"next wake:       {when(dev.next_wake_at)}")
     wakes = down.get("wakes") or {}
     stay = wakes.get("awake_until")
     if stay is not None and stay > time.time():
-        print(f"awake until:     {_when(stay)} (stay_awake: items are sent at once)")
+        print(f"awake until:     {when(stay)} (stay_awake: items are sent at once)")
     else:
-        print(f"awake until:     {_when(dev.awake_until)}")
+        print(f"awake until:     {when(dev.awake_until)}")
     if dev.safe_mode:
         print("safe mode:       yes (reports, takes OTA and configuration; runs no commands)")
     if dev.clock_unset:
@@ -276,134 +224,43 @@ def _show(args: argparse.Namespace) -> int:
     print(f"readings:        {total} stored, acknowledged up to id {hwm} (+{above} above)")
     print(f"dead letters:    {nletters}")
     for letter in letters:
-        print(f"  {_when(letter.at)}  {letter.reason}: {letter.detail}")
+        print(f"  {when(letter.at)}  {letter.reason}: {letter.detail}")
     downlink_cli.print_show(down)
     return 0
 
 
 def _release(args: argparse.Namespace) -> int:
-    from gateway.pipeline.ingest import enqueue_events
-
     try:
-        cfg, conn = _open(args)
+        cfg, conn = open_db(args)
         try:
-            with db.transaction(conn):
-                dev = registry.release(conn, args.device_id)
-                enqueue_events(conn, cfg.upstream, [(dev.id, "released", {})], time.time())
+            dev = devices_ops.release(conn, cfg, args.device_id)
         finally:
             conn.close()
     except GatewayError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print(f"{dev.id}: {dev.status}")
     return 0
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    """Revoke the certificates (CRL rewritten), mark the device revoked and tell upstream
-    in one transaction, make the broker reload the CRL, then cut the live session."""
-    from gateway.pipeline.ingest import enqueue_events
-    from gateway.security.pki import Pki
-    from gateway.transport import broker
-
     try:
-        cfg, conn = _open(args)
+        cfg, conn = open_db(args)
         try:
-            dev = registry.get(conn, args.device_id)
-            pki = Pki(cfg.pki_dir)
-            had_certs = bool(pki.device_records(dev.id))
-            serials = pki.revoke(dev.id) if had_certs else []
-            if serials or dev.status != registry.REVOKED:
-                now = time.time()
-                with db.transaction(conn):
-                    registry.set_status(conn, dev.id, registry.REVOKED, "revoked by the operator",
-                                        now=now)
-                    enqueue_events(conn, cfg.upstream, [(dev.id, "revoked", {
-                        "serials": [format(s, "x") for s in serials]})], now)
-            broker_pid = _broker_pid(cfg, conn)
+            revoked = devices_ops.revoke(conn, cfg, args.device_id, broker_pid=args.broker_pid)
         finally:
             conn.close()
-        names = ", ".join(format(s, "x") for s in serials) or "none new"
-        print(f"{dev.id}: revoked (certificates: {names})")
-        if cfg.broker.mode == "supervised" and broker_pid is None:
+        names = ", ".join(format(s, "x") for s in revoked.serials) or "none new"
+        print(f"{revoked.device.id}: revoked (certificates: {names})")
+        if not revoked.broker_running:
             print("broker: not running; it reads the new CRL when the gateway starts")
             return 0
-        _reload_broker(cfg.broker.mode, args.broker_pid or broker_pid)
-        refused = _wait_refused(cfg, pki, dev.id)
-        asyncio.run(broker.kick(cfg.mqtt_host, cfg.mqtt_port, pki, dev.id))
+        refused = devices_ops.cut_off(cfg, revoked)
     except GatewayError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print("broker: reloaded, new connections "
           + ("refused" if refused else "refused once the reload is done (not checked: no key)"))
     print("broker: live sessions cut")
     return 0
-
-
-def _broker_pid(cfg: gwconfig.GatewayConfig, conn: Any) -> int | None:
-    """The supervised mosquitto's pid, from the running gateway's status."""
-    if cfg.broker.mode != "supervised":
-        return None
-    st = status_store.read_status(conn)
-    pid = st.detail.get("broker_pid") if st.running else None
-    return int(pid) if pid else None
-
-
-def _reload_broker(mode: str, pid: int | None) -> None:
-    """SIGHUP: mosquitto re-reads the CRL and refuses the revoked certificates from now on."""
-    import shutil
-    import signal
-    import subprocess
-
-    from gateway.errors import BrokerError
-
-    if pid is not None:
-        comm = Path(f"/proc/{pid}/comm")
-        if comm.exists() and comm.read_text().strip() != "mosquitto":
-            raise BrokerError(f"process {pid} is not mosquitto; reload the broker yourself")
-        try:
-            os.kill(pid, signal.SIGHUP)
-        except OSError as exc:
-            raise BrokerError(f"could not signal mosquitto (pid {pid}): {exc}; the device is "
-                              "revoked, reload the broker yourself") from None
-        return
-    systemctl = shutil.which("systemctl")
-    if mode == "external" and systemctl:
-        done = subprocess.run([systemctl, "--no-ask-password", "reload", EXTERNAL_BROKER_UNIT],
-                              capture_output=True, text=True, timeout=30)
-        if done.returncode == 0:
-            return
-    raise BrokerError("the device is revoked but the broker was not reloaded: run "
-                      f"`systemctl reload {EXTERNAL_BROKER_UNIT}` (or pass --broker-pid), then "
-                      "`torpor device revoke` again to cut its live session")
-
-
-def _wait_refused(cfg: gwconfig.GatewayConfig, pki: Any, device_id: str) -> bool:
-    """Probe with the revoked certificate until the broker refuses it (the reload is
-    handled at the top of mosquitto's next loop). False when the key is not at hand."""
-    import ssl
-
-    from gateway.errors import BrokerError
-    from gateway.transport import broker
-
-    records = pki.device_records(device_id)
-    if not records:
-        time.sleep(0.5)
-        return False
-    folder = pki.path / Path(max(records, key=lambda r: r.not_before).path).parent
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    if not key.exists():
-        time.sleep(0.5)
-        return False
-    ctx = broker.client_ssl_context(pki, cert, key)
-    deadline = time.monotonic() + RELOAD_WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            if broker.mqtt_probe(cfg.mqtt_host, cfg.mqtt_port, ctx, timeout=2.0) != 0:
-                return True
-        except (OSError, ssl.SSLError, ConnectionError):
-            return True
-        time.sleep(0.1)
-    raise BrokerError(f"the broker still accepts {device_id}'s certificate {RELOAD_WAIT_S:.0f}s "
-                      "after the reload: check that its crlfile is the PKI's crl.pem")
 
 
 # ---------------------------------------------------------------- backup, restore, config
@@ -447,15 +304,15 @@ def _backup(args: argparse.Namespace) -> int:
     from gateway.ops import backup
 
     if (args.file is None) == (args.rotate is None):
-        return _fail("give either FILE or --rotate DIR")
+        return fail("give either FILE or --rotate DIR")
     try:
-        cfg = _config(args)
+        cfg = load_config(args)
         if args.rotate is not None:
             result = backup.backup_rotating(cfg, Path(args.rotate), args.keep)
         else:
             result = backup.backup(cfg, Path(args.file))
     except GatewayError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if args.json:
         print(json.dumps(result.manifest, indent=1))
         return 0
@@ -478,7 +335,7 @@ def _restore(args: argparse.Namespace) -> int:
         print(f"torpor: error: {exc}", file=sys.stderr)
         return backup.EXIT_TARGET if exc.code == "target" else backup.EXIT_REFUSED
     except GatewayError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print(f"restored: {result.dir} (backup of {result.manifest.get('created')})")
     if result.replaced is not None:
         print(f"previous: moved aside to {result.replaced}")
@@ -490,9 +347,9 @@ def _config_show(args: argparse.Namespace) -> int:
     from gateway.ops import config_ops
 
     try:
-        cfg = _config(args)
+        cfg = load_config(args)
     except GatewayError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     doc = config_ops.show(cfg, secrets=args.secrets)
     if args.json:
         print(json.dumps(doc, indent=1))
@@ -509,13 +366,9 @@ def _config_set(args: argparse.Namespace) -> int:
     try:
         result = config_ops.set_key(path, args.assignment)
     except GatewayError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print(f"{result.section}.{result.key}: {result.old!r} -> {result.new!r} in {result.path}")
     print(f"previous file kept as {result.backup}")
     print("a running gateway applies it on SIGHUP (systemctl reload torpor-gateway)"
           if result.live else "takes effect when the gateway restarts")
     return 0
-
-
-def default_config_path() -> Path:
-    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
