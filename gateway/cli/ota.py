@@ -7,18 +7,14 @@ device already updating, campaign not running).
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import re
 import sqlite3
 from pathlib import Path
 from typing import Any
 
-from gateway import proto
 from gateway.cli.common import CONFIG_ENV, DEFAULT_CONFIG, run_with_db
 from gateway.ops import ota as ota_ops
-from gateway.store import devices as devices_store
-from gateway.store import ota_store
 
 _RATE = re.compile(r"^(\d+)(%?)$")
 _SPAN = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -28,14 +24,14 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 def parse_rate(text: str) -> tuple[int, bool]:
     m = _RATE.match(text.strip())
     if m is None or int(m.group(1)) < 1 or (m.group(2) and int(m.group(1)) > 100):
-        raise ota_store.OtaError(f"bad rate {text!r}: a device count (5) or a percentage (10%)")
+        raise ota_ops.OtaError(f"bad rate {text!r}: a device count (5) or a percentage (10%)")
     return int(m.group(1)), bool(m.group(2))
 
 
 def parse_span(text: str) -> float:
     m = _SPAN.match(text.strip().lower())
     if m is None or float(m.group(1)) <= 0:
-        raise ota_store.OtaError(f"bad timeout {text!r}: seconds, or 30m, 12h, 7d")
+        raise ota_ops.OtaError(f"bad timeout {text!r}: seconds, or 30m, 12h, 7d")
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
@@ -43,32 +39,10 @@ def parse_percent(text: str) -> float:
     try:
         v = float(text.strip().rstrip("%"))
     except ValueError:
-        raise ota_store.OtaError(f"bad abort threshold {text!r}: a percentage 0..100") from None
+        raise ota_ops.OtaError(f"bad abort threshold {text!r}: a percentage 0..100") from None
     if not 0 <= v <= 100:
-        raise ota_store.OtaError(f"abort threshold {text!r} is out of range 0..100")
+        raise ota_ops.OtaError(f"abort threshold {text!r} is out of range 0..100")
     return v
-
-
-def select_devices(conn: sqlite3.Connection, group: str | None,
-                   devices: str | None) -> list[str]:
-    """--devices a,b,c, or --group: `all`, a device class, or a pattern over device ids."""
-    if devices:
-        out = [d.strip() for d in devices.split(",") if d.strip()]
-        if not out:
-            raise ota_store.OtaError("--devices names no device")
-        return out
-    assert group is not None
-    rows = devices_store.in_service(conn)
-    if group == "all":
-        out = [r[0] for r in rows]
-    elif group in proto.DEVICE_CLASSES:
-        out = [r[0] for r in rows if r[1] == group]
-    else:
-        out = [r[0] for r in rows if fnmatch.fnmatchcase(r[0], group)]
-    if not out:
-        raise ota_store.OtaError(f"group {group!r} matches no device (a class, `all`, or a pattern "
-                           "like 'site1-*')")
-    return out
 
 
 def register(sub: Any) -> Any:
@@ -131,31 +105,22 @@ def _create(args: argparse.Namespace) -> int:
         rate, pct = parse_rate(args.rate)
         threshold = parse_percent(args.abort_threshold)
         timeout = parse_span(args.timeout)
-        pub = None
-        if args.pubkey is not None:
-            from gateway.security import manifest as keys
-
-            try:
-                pub = keys.load_public(args.pubkey)
-            except Exception as exc:  # a bad key file of any kind
-                raise ota_store.OtaError(f"{args.pubkey}: not a public key ({exc})") from exc
-        img = ota_ops.import_image(conn, args.image, public_key=pub)
-        devices = select_devices(conn, args.group, args.devices)
-        overrides: dict[str, int] = {}
+        overrides: dict[str, Path] = {}
         for spec in args.override:
             dev, sep, path = spec.partition("=")
             if not sep or not dev or not path:
-                raise ota_store.OtaError(f"bad --override {spec!r}: DEVICE=IMAGE_DIR")
-            overrides[dev] = ota_ops.import_image(conn, Path(path), public_key=pub).id
-        cid = ota_store.create_campaign(conn, img.id, devices, rate=rate, rate_percent=pct,
-                                  abort_threshold=threshold, timeout_s=timeout,
-                                  overrides=overrides)
-        c = ota_store.get_campaign(conn, cid)
+                raise ota_ops.OtaError(f"bad --override {spec!r}: DEVICE=IMAGE_DIR")
+            overrides[dev] = Path(path)
+        c = ota_ops.create_campaign(
+            conn, args.image, group=args.group, devices=args.devices, rate=rate,
+            rate_percent=pct, abort_threshold=threshold, timeout_s=timeout,
+            pubkey=args.pubkey, overrides=overrides)
         if args.json:
             print(json.dumps(c.as_dict(), indent=2))
         else:
-            print(f"campaign {cid}: v{img.version} ({img.display}) to {len(devices)} device(s); "
-                  f"started {len(devices) - c.counts().get(ota_store.PENDING, 0)}")
+            img = c.image
+            print(f"campaign {c.id}: v{img.version} ({img.display}) to {len(c.devices)} "
+                  f"device(s); started {len(c.devices) - c.counts().get(ota_ops.PENDING, 0)}")
         return 0
 
     return _run(args, body)
@@ -163,9 +128,8 @@ def _create(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     def body(conn: sqlite3.Connection) -> int:
-        ota_store.sweep(conn)
         if args.campaign is None:
-            cs = ota_store.campaigns(conn)
+            cs = ota_ops.campaigns(conn)
             if args.json:
                 print(json.dumps([c.as_dict() for c in cs], indent=2))
                 return 0
@@ -176,7 +140,7 @@ def _status(args: argparse.Namespace) -> int:
             return 0
         if args.watch:
             watch_campaign(conn, args.campaign, args.interval)
-        c = ota_store.get_campaign(conn, args.campaign)
+        c = ota_ops.campaign(conn, args.campaign)
         if args.json:
             print(json.dumps(c.as_dict(), indent=2))
         else:
@@ -196,7 +160,7 @@ def watch_campaign(conn: sqlite3.Connection, campaign: int, interval_s: float) -
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
-    c = ota_store.get_campaign(conn, campaign)
+    c = ota_ops.campaign(conn, campaign)
     total = len(c.devices)
     live = console.is_terminal
     bar = Progress(TextColumn(f"[bold]campaign {campaign}"), BarColumn(), MofNCompleteColumn(),
@@ -207,17 +171,16 @@ def watch_campaign(conn: sqlite3.Connection, campaign: int, interval_s: float) -
         bar.start()
     try:
         while True:
-            ota_store.sweep(conn)
-            c = ota_store.get_campaign(conn, campaign)
+            c = ota_ops.campaign(conn, campaign)
             counts = c.counts()
-            done = sum(counts.get(k, 0) for k in ota_store.TERMINAL)
+            done = sum(counts.get(k, 0) for k in ota_ops.TERMINAL)
             text = f"{c.status}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
             if live:
                 bar.update(task, completed=done, status=text)
             elif text != last:
                 console.print(f"[campaign {campaign}] {done}/{total} settled, {text}", markup=False)
             last = text
-            if c.status != ota_store.RUNNING:
+            if c.status != ota_ops.RUNNING:
                 return
             time.sleep(interval_s)
     finally:
@@ -225,12 +188,12 @@ def watch_campaign(conn: sqlite3.Connection, campaign: int, interval_s: float) -
             bar.stop()
 
 
-def summary_line(c: ota_store.Campaign) -> str:
+def summary_line(c: ota_ops.Campaign) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(c.counts().items()))
     return f"campaign {c.id}: v{c.version} {c.status} ({counts}){' - ' + c.note if c.note else ''}"
 
 
-def print_campaign(c: ota_store.Campaign) -> None:
+def print_campaign(c: ota_ops.Campaign) -> None:
     print(summary_line(c))
     rate = f"{c.rate}{'%' if c.rate_percent else ''}"
     print(f"  rate {rate}, abort above {c.abort_threshold:g}%, timeout {c.timeout_s:g}s")
@@ -243,7 +206,7 @@ def print_campaign(c: ota_store.Campaign) -> None:
 
 def _cancel(args: argparse.Namespace) -> int:
     def body(conn: sqlite3.Connection) -> int:
-        c = ota_store.cancel_campaign(conn, args.campaign)
+        c = ota_ops.cancel_campaign(conn, args.campaign)
         print(summary_line(c))
         return 0
 
