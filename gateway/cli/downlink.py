@@ -16,7 +16,6 @@ from typing import Any
 from gateway import proto
 from gateway.cli.common import run_with_db, when
 from gateway.ops import downlink as downlink_ops
-from gateway.store import downlink_queue as q
 
 _TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -28,7 +27,7 @@ def parse_ttl(text: str) -> float | None:
         return None
     m = _TTL.match(text.strip().lower())
     if m is None or float(m.group(1)) <= 0:
-        raise q.QueueError(f"bad ttl {text!r}: a positive number of seconds, or 15m, 2h, 7d, none")
+        raise downlink_ops.QueueError(f"bad ttl {text!r}: a positive number of seconds, or 15m, 2h, 7d, none")
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
@@ -36,7 +35,7 @@ def _int(what: str, text: str) -> int:
     try:
         return int(text, 0)
     except ValueError:
-        raise q.QueueError(f"{what}: {text!r} is not an integer") from None
+        raise downlink_ops.QueueError(f"{what}: {text!r} is not an integer") from None
 
 
 def ops_help() -> str:
@@ -59,22 +58,22 @@ def register(dsub: Any, config_arg: Any) -> None:
                         epilog=ops_help())
     config_arg(p)
     p.add_argument("device_id", help="the device's id (see `torpor device list`)")
-    p.add_argument("op", help=f"one of {', '.join(q.OPS)} (see below)")
+    p.add_argument("op", help=f"one of {', '.join(downlink_ops.OPS)} (see below)")
     p.add_argument("args", nargs="*", help="the op's integer arguments (see below)")
-    p.add_argument("--priority", "-p", type=int, default=q.DEFAULT_PRIORITY,
-                   help=f"0..255, higher first (default {q.DEFAULT_PRIORITY})")
-    p.add_argument("--ttl", default=str(q.DEFAULT_TTL_S),
+    p.add_argument("--priority", "-p", type=int, default=downlink_ops.DEFAULT_PRIORITY,
+                   help=f"0..255, higher first (default {downlink_ops.DEFAULT_PRIORITY})")
+    p.add_argument("--ttl", default=str(downlink_ops.DEFAULT_TTL_S),
                    help="seconds (or 15m, 2h, 7d, none) before it expires undelivered "
-                   f"(default {q.DEFAULT_TTL_S // 3600}h)")
+                   f"(default {downlink_ops.DEFAULT_TTL_S // 3600}h)")
     p.add_argument("--data", default="", help="opaque payload, hex (at most 256 bytes)")
     p.set_defaults(func=_send)
     p = dsub.add_parser("config", help="set desired configuration (key=value ...)")
     config_arg(p)
     p.add_argument("device_id", help="the device's id (see `torpor device list`)")
     p.add_argument("values", nargs="+", metavar="KEY=VALUE",
-                   help=f"keys: {', '.join(q.CONFIG_KEYS)}")
-    p.add_argument("--priority", "-p", type=int, default=q.DEFAULT_PRIORITY,
-                   help=f"0..255, higher first (default {q.DEFAULT_PRIORITY})")
+                   help=f"keys: {', '.join(downlink_ops.CONFIG_KEYS)}")
+    p.add_argument("--priority", "-p", type=int, default=downlink_ops.DEFAULT_PRIORITY,
+                   help=f"0..255, higher first (default {downlink_ops.DEFAULT_PRIORITY})")
     p.add_argument("--ttl", default="none",
                    help="seconds (or 15m, 2h, 7d) before it expires unapplied "
                    "(default: none, kept until applied)")
@@ -97,14 +96,14 @@ def _send(args: argparse.Namespace) -> int:
         try:
             data = bytes.fromhex(args.data)
         except ValueError:
-            raise q.QueueError(f"--data: {args.data!r} is not hex") from None
+            raise downlink_ops.QueueError(f"--data: {args.data!r} is not hex") from None
         try:
-            cid = q.enqueue_command(conn, args.device_id, args.op, cmd_args, args.priority,
-                                    parse_ttl(args.ttl), data)
-        except q.BadArguments as exc:
-            raise q.BadArguments(f"{exc}; nothing queued (`torpor device send --help` lists "
-                                 "every op's arguments)") from None
-        print(f"{args.device_id}: queued command {cid} ({q.get(conn, args.device_id, cid).what}),"
+            cid, what = downlink_ops.send(conn, args.device_id, args.op, cmd_args,
+                                          args.priority, parse_ttl(args.ttl), data)
+        except downlink_ops.BadArguments as exc:
+            raise downlink_ops.BadArguments(f"{exc}; nothing queued (`torpor device send --help` "
+                                            "lists every op's arguments)") from None
+        print(f"{args.device_id}: queued command {cid} ({what}),"
               f" {_next_listen_text(conn, args.device_id)}")
         return 0
 
@@ -117,10 +116,11 @@ def _config(args: argparse.Namespace) -> int:
         for pair in args.values:
             key, sep, value = pair.partition("=")
             if not sep or not key:
-                raise q.QueueError(f"{pair!r}: expected KEY=VALUE")
-            q.parse_key(key)
+                raise downlink_ops.QueueError(f"{pair!r}: expected KEY=VALUE")
+            downlink_ops.parse_key(key)
             values[key] = _int(f"value of {key}", value)
-        version = q.set_config(conn, args.device_id, values, args.priority, parse_ttl(args.ttl))
+        version = downlink_ops.configure(conn, args.device_id, values, args.priority,
+                                         parse_ttl(args.ttl))
         print(f"{args.device_id}: desired configuration v{version} "
               f"({', '.join(args.values)}), {_next_listen_text(conn, args.device_id)}")
         return 0
@@ -130,7 +130,7 @@ def _config(args: argparse.Namespace) -> int:
 
 def _cancel(args: argparse.Namespace) -> int:
     def body(conn: sqlite3.Connection) -> int:
-        it = q.cancel(conn, args.device_id, args.command_id)
+        it = downlink_ops.cancel(conn, args.device_id, args.command_id)
         print(f"{args.device_id}: item {it.command_id} ({it.what}) cancelled")
         return 0
 

@@ -1,14 +1,38 @@
-"""What is queued for sleeping nodes and when they next listen, as data for the commands
-and the web page."""
+"""Downlink to sleeping nodes for the operator: queue a command or configuration, cancel
+an item, and what is queued and when each node next listens, as data."""
 
 from __future__ import annotations
 
 import sqlite3
 from typing import Any
 
+from gateway import proto
 from gateway.store import devices
 from gateway.store import downlink_queue as q
 from gateway.store import wakes as wake_store
+
+QueueError, BadArguments = q.QueueError, q.BadArguments
+OPS, CONFIG_KEYS = q.OPS, q.CONFIG_KEYS
+DEFAULT_PRIORITY, DEFAULT_TTL_S = q.DEFAULT_PRIORITY, q.DEFAULT_TTL_S
+parse_key = q.parse_key
+
+
+def send(conn: sqlite3.Connection, device: str, op: str, args: list[int], priority: int,
+         ttl_s: float | None, data: bytes = b"") -> tuple[int, str]:
+    """Queue a command; (its id, what it does in words)."""
+    cid = q.enqueue_command(conn, device, op, args, priority, ttl_s, data)
+    return cid, q.get(conn, device, cid).what
+
+
+def configure(conn: sqlite3.Connection, device: str,
+              values: dict[str | int | proto.ConfigKey, int], priority: int,
+              ttl_s: float | None) -> int:
+    """Desired configuration values; the configuration version that carries them."""
+    return q.set_config(conn, device, values, priority, ttl_s)
+
+
+def cancel(conn: sqlite3.Connection, device: str, command_id: int) -> q.Item:
+    return q.cancel(conn, device, command_id)
 
 
 def next_listen(conn: sqlite3.Connection, device: str) -> tuple[float, float] | None:
