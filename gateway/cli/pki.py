@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from gateway.errors import GatewayError, PkiError
-from gateway.security.pki import (
+from gateway.ops import pki as pki_ops
+from gateway.ops.pki import (
     CRL_DAYS,
     DEFAULT_GATEWAY_CN,
     DEVICE_DAYS,
     ISSUING_DAYS,
     DeviceCredentials,
     Lifetime,
-    Pki,
 )
 
 
@@ -80,8 +81,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_list)
 
 
-def _pki(args: argparse.Namespace) -> Pki:
-    return Pki(args.dir, args.ca_key_dir)
+def _where(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The PKI folder and the folder of the CA keys, when elsewhere."""
+    return Path(args.dir), Path(args.ca_key_dir) if args.ca_key_dir else None
 
 
 def _fail(exc: GatewayError) -> int:
@@ -93,7 +95,7 @@ def _fail(exc: GatewayError) -> int:
 
 def _init(args: argparse.Namespace) -> int:
     try:
-        path = _pki(args).init_ca()
+        path = pki_ops.init_ca(*_where(args))
     except GatewayError as exc:
         return _fail(exc)
     print(f"created CA {path}")
@@ -113,7 +115,7 @@ def san_list(values: list[str] | None) -> list[str]:
 
 def _server(args: argparse.Namespace) -> int:
     try:
-        creds = _pki(args).issue_server(san_list(args.san))
+        creds = pki_ops.issue_server(*_where(args), san_list(args.san))
     except GatewayError as exc:
         return _fail(exc)
     print(f"issued server certificate {creds.cert_pem} (serial {creds.serial:x})")
@@ -122,7 +124,7 @@ def _server(args: argparse.Namespace) -> int:
 
 def _gateway(args: argparse.Namespace) -> int:
     try:
-        creds = _pki(args).issue_gateway(args.cn)
+        creds = pki_ops.issue_gateway(*_where(args), args.cn)
     except GatewayError as exc:
         return _fail(exc)
     print(f"issued gateway certificate {creds.cert_pem} for {creds.cn} (serial {creds.serial:x})")
@@ -138,7 +140,7 @@ def _show_device(creds: DeviceCredentials) -> None:
 
 def _device(args: argparse.Namespace) -> int:
     try:
-        _show_device(_pki(args).issue_device(args.device_id, args.days))
+        _show_device(pki_ops.issue_device(*_where(args), args.device_id, args.days))
     except GatewayError as exc:
         return _fail(exc)
     return 0
@@ -146,7 +148,7 @@ def _device(args: argparse.Namespace) -> int:
 
 def _rotate(args: argparse.Namespace) -> int:
     try:
-        _show_device(_pki(args).rotate(args.device_id, args.days))
+        _show_device(pki_ops.rotate(*_where(args), args.device_id, args.days))
     except GatewayError as exc:
         return _fail(exc)
     print("revoke the old certificate once the node uses the new one: "
@@ -163,24 +165,21 @@ def _revoke(args: argparse.Namespace) -> int:
                 raise PkiError(f"--serial {args.serial!r} is not a hexadecimal number") from None
         else:
             target = args.device_id
-        pki = _pki(args)
-        serials = pki.revoke(target)
+        revoked = pki_ops.revoke(*_where(args), target)
     except GatewayError as exc:
         return _fail(exc)
-    for serial in serials:
+    for serial in revoked.serials:
         print(f"revoked {serial:x}")
-    if not serials:
+    if not revoked.serials:
         print("already revoked")
-    print(f"wrote {pki.crl_path}; reload the broker (SIGHUP / `systemctl reload mosquitto`) "
+    print(f"wrote {revoked.crl}; reload the broker (SIGHUP / `systemctl reload mosquitto`) "
           "so it refuses new connections")
     return 0
 
 
 def _crl(args: argparse.Namespace) -> int:
     try:
-        if args.days <= 0:
-            raise PkiError(f"--days must be positive, not {args.days}")
-        path = _pki(args).write_crl(days=args.days)
+        path = pki_ops.write_crl(*_where(args), days=args.days)
     except GatewayError as exc:
         return _fail(exc)
     print(f"wrote {path}")
@@ -189,7 +188,7 @@ def _crl(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     try:
-        records = _pki(args).list()
+        records = pki_ops.records(*_where(args))
     except GatewayError as exc:
         return _fail(exc)
     if args.json:
@@ -204,13 +203,12 @@ def _list(args: argparse.Namespace) -> int:
 
 def _issuing(args: argparse.Namespace) -> int:
     try:
-        pki = _pki(args)
-        path = pki.init_issuing(args.days)
+        made = pki_ops.init_issuing(*_where(args), args.days)
     except GatewayError as exc:
         return _fail(exc)
-    print(f"made issuing CA {path}; it now signs certificates and the CRL")
-    print(f"restart the broker so that it trusts it (its cafile is now {pki.chain_pem})")
-    if pki.legacy_root:
+    print(f"made issuing CA {made.path}; it now signs certificates and the CRL")
+    print(f"restart the broker so that it trusts it (its cafile is now {made.chain})")
+    if made.legacy_root:
         print("the root was re-certified to allow an issuing CA: nodes provisioned before hold "
               "the old root, so the root keeps signing the broker's certificate until every node "
               "holds the new ca.der (see the PKI guide)")
@@ -225,9 +223,7 @@ def _when(life: Lifetime) -> str:
 
 def _status(args: argparse.Namespace) -> int:
     try:
-        if args.soonest < 0:
-            raise PkiError(f"--soonest must be 0 or more, not {args.soonest}")
-        st = _pki(args).status(soonest=args.soonest)
+        st = pki_ops.status(*_where(args), soonest=args.soonest)
     except GatewayError as exc:
         return _fail(exc)
     if args.json:
