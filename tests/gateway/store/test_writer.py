@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gateway.store import db, readings
 from tests.fixtures.broker import RunningBroker
-from tests.gateway.test_ingest import Node, aio, burst, gateway_config, provision, running
+from tests.gateway.pipeline.test_ingest import Node, aio, burst, gateway_config, provision, running
 
 
 def test_writer_runs_every_call_on_one_thread_off_the_loop() -> None:

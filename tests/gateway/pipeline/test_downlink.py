@@ -17,7 +17,7 @@ from gateway.store import db, devices
 from gateway.store import downlink_queue as q
 from gateway.store import wakes as wake_store
 from tests.fixtures.broker import RunningBroker
-from tests.gateway.test_ingest import Node, aio, gateway_config, provision, running
+from tests.gateway.pipeline.test_ingest import Node, aio, gateway_config, provision, running
 from tests.gateway.test_service import start_gateway, wait_running, write_config
 from tools.cli import main as torpor
 

@@ -31,7 +31,7 @@ from gateway.store.db import transaction
 from gateway.store.outbox import Outbox, OutboxItem, Queued, enqueue_queued
 from tests.fixtures.broker import RunningBroker, free_port, mqtt_client
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TOPIC = "upstream/node-1/readings"
 
 
