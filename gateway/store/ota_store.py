@@ -1,13 +1,12 @@
-"""OTA delivery and staged campaigns: signed images, per-device downloads through the
-downlink queue, and the rollout that widens as devices confirm.
+"""Owns the `ota_*` tables: signed images, staged campaigns and each device's update,
+with the rollout that widens as devices confirm.
 
 The gateway stores signed images (built and signed elsewhere: it holds no private key),
 cuts each into chunks that fit the device class's max_message, and queues OTA_MANIFEST
-then a window of OTA_CHUNK frames per device through `gateway.store.downlink_queue.enqueue_frame` at a
-priority below commands; the downlink planner sends what fits each wake. The node's
-OTA_STATUS (`chunks` = wire index of the first chunk it still needs) retires what it has
-and tops the window up; its HELLO reports trial outcomes. docs/ota.md tells the whole
-story. This module owns the `ota_*` tables.
+then a window of OTA_CHUNK frames per device in the downlink queue at a priority below
+commands; the downlink planner sends what fits each wake. What the node reports in its
+wake moves its update on (gateway.pipeline.ota_delivery); importing an image checks it
+first (gateway.ops.ota). docs/ota.md tells the whole story.
 """
 
 from __future__ import annotations
