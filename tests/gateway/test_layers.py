@@ -6,7 +6,7 @@
 
 Every package may import itself and the shared base (gateway.config, gateway.errors,
 gateway.proto). Nothing in gateway/ imports tools/, only gateway/transport imports an MQTT
-library, and only gateway/store runs SQL.
+library, only gateway/store runs SQL, and only the commands print.
 """
 
 from __future__ import annotations
@@ -150,6 +150,18 @@ def test_only_the_store_runs_sql(module: str, tree: ast.Module) -> None:
               and node.value.lstrip().startswith(SQL_WORDS)):
             bad.append(f"{node.lineno}: {node.value.strip()[:40]!r}")
     assert not bad, f"{module} runs SQL outside gateway/store:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("module,tree", SOURCES, ids=[m for m, _ in SOURCES])
+def test_only_the_commands_print(module: str, tree: ast.Module) -> None:
+    """ops (and everything under them) return results; printing is the commands' job
+    (gateway/cli and `torpor gateway web`'s own command)."""
+    if _layer(module) == "cli" or module == "gateway.web.command":
+        return
+    bad = [f"{node.lineno}: print(...)" for node in ast.walk(tree)
+           if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+           and node.func.id == "print"]
+    assert not bad, f"{module} prints:\n" + "\n".join(bad)
 
 
 def test_the_checks_see_a_violation() -> None:
