@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway import proto
-from gateway.downlink import DownlinkConfig
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -26,6 +25,18 @@ __all__ = [
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class DownlinkConfig:
+    """How delivery spends a node's wake."""
+
+    max_attempts: int = 5  # deliveries without a result before an item fails
+    frame_cost_ms: int = 150  # awake-window time one item costs the node: receive, run, answer
+    window_reserve_ms: int = 100  # kept for the ACK and SLEEP_NOW
+    grace_s: float = 30.0  # a HELLO later than the expected wake + this counts missed wakes
+    sweep_interval_s: float = 60.0  # how often expired items are marked expired
+    awake_poll_s: float = 0.5  # how often items queued for a node under stay_awake are sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +64,7 @@ class BrokerConfig:
     max_queued_messages: int = 100_000
     max_inflight_messages: int = 100
     # Supervised mode: the broker also refuses service to quarantined devices (ACL deny and
-    # a cut session; see gateway.broker), so their frames no longer reach the gateway.
+    # a cut session; see gateway.transport.broker), so their frames no longer reach the gateway.
     refuse_quarantined: bool = True
 
 
@@ -78,7 +89,7 @@ class MqttConfig:
 class IngestConfig:
     batch_max_frames: int = 512
     # 0: commit as soon as the writer is free; under load a batch is what arrived during
-    # the previous commit (group commit, gateway.ingest), so lingering only adds latency.
+    # the previous commit (group commit, gateway.pipeline.ingest), so lingering only adds latency.
     batch_max_ms: float = 0.0
     # A node sends its bursts right after its HELLO: a batch that ends with a HELLO waits
     # up to this long for them, so one commit (one fsync) answers the whole wake.
@@ -86,7 +97,7 @@ class IngestConfig:
     malformed_threshold: int = 5
     malformed_window_s: float = 60.0
     rate_limit_frames_per_min: int = 600
-    # Dead letters (gateway.deadletter): each keeps at most this many bytes of its frame...
+    # Dead letters (gateway.store.deadletter): each keeps at most this many bytes of its frame...
     deadletter_raw_max_bytes: int = 256
     # ...and the table at most this many bytes in all (oldest letters go first).
     deadletter_max_bytes: int = 32 * 1024 * 1024
@@ -97,7 +108,7 @@ class IngestConfig:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    """Store-and-forward to an upstream broker (see gateway.relay)."""
+    """Store-and-forward to an upstream broker (see gateway.pipeline.relay)."""
 
     enabled: bool = False
     host: str = ""
@@ -122,7 +133,7 @@ class UpstreamConfig:
 
 @dataclass(frozen=True, slots=True)
 class PkiConfig:
-    """What the gateway renews on its own and when (gateway.lifetimes). Renewal signs with
+    """What the gateway renews on its own and when (gateway.security.lifetimes). Renewal signs with
     the key in the PKI directory: the issuing CA's, or the root's when it is kept there."""
 
     renew: bool = True
@@ -217,8 +228,8 @@ class GatewayConfig:
     mqtt: MqttConfig = MqttConfig()
     ingest: IngestConfig = IngestConfig()
     upstream: UpstreamConfig = UpstreamConfig()
-    downlink: DownlinkConfig = DownlinkConfig()  # delivery to sleeping nodes (gateway.downlink)
-    pki: PkiConfig = PkiConfig()  # credential renewal and expiry events (gateway.lifetimes)
+    downlink: DownlinkConfig = DownlinkConfig()  # delivery to sleeping nodes (gateway.pipeline.downlink)
+    pki: PkiConfig = PkiConfig()  # credential renewal and expiry events (gateway.security.lifetimes)
     web: WebConfig = WebConfig()  # the operator's web page and API (gateway.web)
     rules: RulesConfig = RulesConfig()  # edge rules and alerts (gateway.pipeline.rules)
     hass: HassConfig = HassConfig()  # Home Assistant discovery (gateway.pipeline.hass)

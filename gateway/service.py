@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
-import json
 import logging
 import os
 import signal
@@ -19,118 +17,32 @@ import sqlite3
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiomqtt
-
-from gateway import db, deadletter, lifetimes, readings, registry
-from gateway.config import GatewayConfig
-from gateway.downlink import Downlink, DownlinkConfig
+from gateway.config import DownlinkConfig, GatewayConfig
 from gateway.errors import ConfigError, GatewayError
-from gateway.ingest import HelloHook, Ingest, no_downlink
-from gateway.ota import OtaHandler
-from gateway.outbox import Queued
+from gateway.pipeline.downlink import Downlink
+from gateway.pipeline.ingest import HelloHook, Ingest, no_downlink
+from gateway.pipeline.ota_delivery import OtaHandler
+from gateway.security import lifetimes
+from gateway.store import db, deadletter
+from gateway.store import devices as registry
+from gateway.store import status as status_store
+from gateway.store.outbox import Queued
+from gateway.transport import codec
+from gateway.transport.broker import MAX_PACKET_SIZE
+from gateway.transport.client import ClientOptions, MqttClient
+from gateway.transport.errors import TransportError
 
 if TYPE_CHECKING:
     from gateway.ops.metrics import Live
 
 log = logging.getLogger(__name__)
-db.register_store(lifetimes.migrate)  # credential_events (gateway.lifetimes)
 
-STORE = "service"
-_STEPS = (
-    """
-    CREATE TABLE gateway_status (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        pid INTEGER NOT NULL,
-        started_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        state TEXT NOT NULL,
-        interval_s REAL NOT NULL,
-        detail TEXT NOT NULL
-    );
-    """,
-)
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 HEALTHY_RUN_S = 30.0  # a task that ran this long starts its backoff afresh
-SEEN_RECENTLY_S = 600.0
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    db.apply(conn, STORE, _STEPS)
-
-
-@dataclass(frozen=True, slots=True)
-class Status:
-    """What `torpor gateway status` shows."""
-
-    running: bool
-    pid: int | None
-    state: str
-    started_at: float | None
-    updated_at: float | None
-    devices: dict[str, int]
-    seen_recently: int
-    last_seen: float | None
-    readings_total: int
-    readings_per_min: float
-    dead_letters: int
-    outbox_depth: int | None
-    detail: dict[str, Any]
-    # The newest expiry warnings and renewals (gateway.lifetimes), newest first.
-    credential_events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_status(conn: sqlite3.Connection, now: float | None = None) -> Status:
-    """The gateway's state from the database alone (works while it runs or not)."""
-    now = time.time() if now is None else now
-    row = conn.execute(
-        "SELECT pid, started_at, updated_at, state, interval_s, detail FROM gateway_status"
-    ).fetchone()
-    running = False
-    detail: dict[str, Any] = {}
-    pid = started = updated = None
-    state = "never started"
-    if row is not None:
-        pid, started, updated, state, interval, text = row
-        detail = json.loads(text)
-        fresh = now - updated <= max(3 * interval, 5.0)
-        running = state == "running" and fresh and _pid_alive(int(pid))
-        if state == "running" and not running:
-            state = "stopped (not shut down cleanly)"
-    last_seen = conn.execute("SELECT max(last_seen) FROM devices").fetchone()[0]
-    seen = conn.execute(
-        "SELECT count(*) FROM devices WHERE last_seen >= ?", (now - SEEN_RECENTLY_S,)
-    ).fetchone()[0]
-    outbox_depth: int | None
-    try:
-        outbox_depth = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
-    except sqlite3.OperationalError:
-        outbox_depth = None
-    return Status(
-        running=running, pid=pid, state=state, started_at=started, updated_at=updated,
-        devices=registry.counts(conn), seen_recently=int(seen), last_seen=last_seen,
-        readings_total=readings.total(conn),
-        readings_per_min=float(detail.get("readings_per_min", 0.0)) if running else 0.0,
-        dead_letters=deadletter.count(conn), outbox_depth=outbox_depth, detail=detail,
-        credential_events=[e.as_dict() for e in lifetimes.recent(conn, 10)],
-    )
 
 
 class Service:
@@ -140,11 +52,11 @@ class Service:
                  downlink: DownlinkConfig | None = None) -> None:
         self.cfg = cfg
         self.on_hello = on_hello
-        # Queued commands and configuration for sleeping nodes (gateway.downlink); an
+        # Queued commands and configuration for sleeping nodes (gateway.pipeline.downlink); an
         # explicit `downlink` overrides the configuration file's [downlink] section.
         self.downlink = Downlink(downlink or cfg.downlink)
         self.conn: sqlite3.Connection | None = None
-        # Every database write of the process runs on this one thread (gateway.db.Writer).
+        # Every database write of the process runs on this one thread (gateway.store.db.Writer).
         self.writer: db.Writer | None = None
         self.ingest: Ingest | None = None
         self.broker: Any = None
@@ -158,7 +70,7 @@ class Service:
         self._last_total = 0
         self._last_t = time.monotonic()
         self._rate = 0.0
-        self.credentials: dict[str, Any] = {}  # days left per credential (gateway.lifetimes)
+        self.credentials: dict[str, Any] = {}  # days left per credential (gateway.security.lifetimes)
         self.live = self._live_metrics()  # what /metrics exports of this process
         self.rotation: Any = None  # gateway.pipeline.rotation.RotationHandler
         # The PKI folder has one writer at a time in this process (renewals, rotations).
@@ -223,7 +135,7 @@ class Service:
         # ingest's own writes do not look like another process's changes to it (it
         # reloads the registry when PRAGMA data_version moves). No commit of this process
         # checkpoints: the "checkpoint" task does, off the writer thread.
-        self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        db.no_autocheckpoint(self.conn)
         self.writer = writer = db.Writer()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -238,7 +150,7 @@ class Service:
             has_pki = (cfg.pki_dir / "ca.pem").exists()
             if has_pki:  # device keys rotated over the air (gateway.pipeline.rotation)
                 from gateway.pipeline.rotation import RotationHandler
-                from gateway.pki import Pki
+                from gateway.security.pki import Pki
 
                 self.rotation = RotationHandler(Pki(cfg.pki_dir), cfg.pki, cfg.upstream)
             self.ingest = Ingest(
@@ -249,7 +161,7 @@ class Service:
             self._write_status("running")
             tasks["ingest"] = asyncio.create_task(self._supervise("ingest", self._ingest))
             if cfg.upstream.enabled:
-                from gateway.relay import Relay
+                from gateway.pipeline.relay import Relay
 
                 self.relay = Relay(cfg.db_path, cfg.upstream, writer=writer)
                 tasks["relay"] = asyncio.create_task(self._supervise("relay", self.relay.run))
@@ -316,7 +228,7 @@ class Service:
                 if time.monotonic() - started > HEALTHY_RUN_S:
                     delay = BACKOFF_FIRST_S
                 self.restarts[name] = self.restarts.get(name, 0) + 1
-                if isinstance(exc, GatewayError | aiomqtt.MqttError | OSError):
+                if isinstance(exc, GatewayError | TransportError | OSError):
                     log.warning("%s failed: %s; restarting in %.1fs", name, exc, delay)
                 else:
                     log.exception("%s crashed; restarting in %.1fs", name, delay)
@@ -325,8 +237,8 @@ class Service:
 
     # ------------------------------------------------------------ concerns
     async def _start_broker(self) -> None:
-        from gateway import broker as gwbroker
-        from gateway.pki import Pki
+        from gateway.security.pki import Pki
+        from gateway.transport import broker as gwbroker
 
         b = self.cfg.broker
         settings = gwbroker.BrokerSettings(
@@ -356,22 +268,21 @@ class Service:
     async def _ingest(self) -> None:
         assert self.ingest is not None
         m = self.cfg.mqtt
-        client = aiomqtt.Client(
-            self.cfg.mqtt_host, self.cfg.mqtt_port, identifier=m.client_id,
-            tls_context=self._tls(), keepalive=m.keepalive, timeout=m.connect_timeout_s,
+        client = MqttClient(ClientOptions(
+            self.cfg.mqtt_host, self.cfg.mqtt_port, m.client_id, ssl=self._tls(),
+            keepalive=m.keepalive, connect_timeout=m.connect_timeout_s,
             # A persistent session: frames published while the gateway restarts wait in
             # the broker instead of waiting for the nodes' next wake.
             clean_session=False,
-            # No limit in paho on answers in flight (0): with a limit set, paho walks every
-            # message it holds on each PUBACK. The batches bound what is in flight.
-            max_inflight_messages=0,
-        )
-        # ACKs are many small QoS 1 publishes in flight at once (see gateway.relay.quiet).
-        client.pending_calls_threshold = 1 << 30
+            # The broker's own bound, plus the fixed header it does not count; a bigger
+            # packet is let go unread and acknowledged (Ingest.on_oversized).
+            max_packet=MAX_PACKET_SIZE + codec.MAX_FIXED_HEADER, drop_oversized=True,
+            # Nothing limits the answers in flight but the batches that produce them.
+            max_inflight=65_000,
+            # Frames the broker sends with the CONNACK (the persistent session's) wait in
+            # the client's queue until Ingest.run() takes them and installs on_message.
+        ), on_oversized=self.ingest.on_oversized)
         async with client:
-            from gateway.relay import nodelay
-
-            nodelay(client)
             self.mqtt_connected = True
             log.info("connected to the broker at %s:%d", self.cfg.mqtt_host, self.cfg.mqtt_port)
             # `torpor gateway status` reads the status row: say so now, not at the next tick
@@ -413,7 +324,7 @@ class Service:
             self.broker.save()
 
     async def _refuse_quarantined(self) -> None:
-        """The supervised broker refuses service to quarantined devices (gateway.broker):
+        """The supervised broker refuses service to quarantined devices (gateway.transport.broker):
         whoever quarantined or released one (ingest, `torpor device release`), the registry
         says so and this follows within a status interval."""
         broker = self.broker
@@ -435,7 +346,7 @@ class Service:
             deadletter.prune(self.conn, self.cfg.gateway.deadletter_max_rows)
 
     async def _sweep_loop(self) -> None:
-        """Expire downlink items past their TTL (gateway.downlink) on the writer thread."""
+        """Expire downlink items past their TTL (gateway.pipeline.downlink) on the writer thread."""
         assert self.writer is not None and self.conn is not None
         conn = self.conn
         while True:
@@ -444,8 +355,8 @@ class Service:
 
     async def _lifetimes_loop(self) -> None:
         """Renew what is due (CRL, server, gateway and control certificates), reload the
-        broker when its files changed, and raise expiry events (gateway.lifetimes)."""
-        from gateway.pki import Pki
+        broker when its files changed, and raise expiry events (gateway.security.lifetimes)."""
+        from gateway.security.pki import Pki
 
         assert self.writer is not None and self.conn is not None
         conn, cfg = self.conn, self.cfg
@@ -526,14 +437,9 @@ class Service:
         if self.credentials:
             detail["credentials_days_left"] = self.credentials
         with db.transaction(self.conn):
-            self.conn.execute(
-                "INSERT INTO gateway_status(id, pid, started_at, updated_at, state, interval_s, "
-                "detail) VALUES (1, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                "pid=excluded.pid, started_at=excluded.started_at, updated_at=excluded.updated_at,"
-                " state=excluded.state, interval_s=excluded.interval_s, detail=excluded.detail",
-                (os.getpid(), self._started, now, state, self.cfg.gateway.status_interval_s,
-                 json.dumps(detail, default=str)),
-            )
+            status_store.write(self.conn, pid=os.getpid(), started_at=self._started,
+                               updated_at=now, state=state,
+                               interval_s=self.cfg.gateway.status_interval_s, detail=detail)
 
 
 def _log_status_failure(future: Any) -> None:

@@ -32,9 +32,9 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "tools.sim.cli",
     "tools.flash",
     "tools.hil",
-    "gateway.pki_cli",
-    "gateway.cli",
-    "gateway.ota_cli",
+    "gateway.cli.pki",
+    "gateway.cli.main",
+    "gateway.cli.ota",
     "tools.fw.cli",
     "tools.demo",
 )
@@ -91,18 +91,19 @@ class TorporParser(argparse.ArgumentParser):
 def subcommands(parser: argparse.ArgumentParser) -> Iterator[tuple[str, str | None, Any]]:
     """(name, help, parser) of each subcommand of `parser`, in the order they were added.
 
-    argparse has no public way to list them: `_actions` and `_choices_actions` are the
-    attributes its own help output reads, unchanged since Python 2.7."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for choice in action._choices_actions:
+    argparse (the standard library, not a third party) has no public way to list them:
+    `_actions` and `_choices_actions` are the attributes its own help output reads,
+    unchanged since Python 2.7."""
+    for action in parser._actions:  # noqa: SLF001
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for choice in action._choices_actions:  # noqa: SLF001
                 yield choice.dest, choice.help, action.choices[choice.dest]
 
 
 def options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
     """Every argument of `parser` itself except --help and the subcommand slot."""
-    for action in parser._actions:
-        if not isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+    for action in parser._actions:  # noqa: SLF001  (see subcommands)
+        if not isinstance(action, argparse._HelpAction | argparse._SubParsersAction):  # noqa: SLF001
             yield action
 
 
@@ -134,7 +135,10 @@ def build_parser(groups: Sequence[str] = COMMAND_GROUPS) -> argparse.ArgumentPar
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in groups:
-        importlib.import_module(name).register(sub)
+        added = importlib.import_module(name).register(sub)
+        if name == "gateway.cli.ota":
+            # The gateway's CLI imports nothing from tools/: the demo joins from here.
+            importlib.import_module("tools.ota_demo").register(added)
     _describe_groups(parser, None)
     return parser
 

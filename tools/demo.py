@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import cbor2
 
+from gateway.transport.client import ClientOptions, MqttClient
+from gateway.transport.errors import TransportError
 from tools.progress import ProgressLine
 from tools.sim.field import FieldModel, add_field_args, fields_from_args, with_outage_share
 from tools.sim.fleet import Fleet, FleetConfig, FleetSummary, Progress, check_store, format_summary
@@ -227,7 +228,7 @@ class Demo:
         self.created_dir = True
 
     def _make_pki(self) -> Path:
-        from gateway.pki import Pki
+        from gateway.security.pki import Pki
 
         pki = Pki(self.dir / "pki")
         pki.init_ca()
@@ -247,8 +248,8 @@ class Demo:
         return proc
 
     async def _start_upstream(self) -> int:
-        from gateway.broker import find_mosquitto
         from gateway.errors import BrokerError
+        from gateway.transport.broker import find_mosquitto
 
         try:
             mosquitto = find_mosquitto()
@@ -308,7 +309,8 @@ class Demo:
         return path
 
     async def _start_gateway(self, config: Path) -> None:
-        from gateway import db, service
+        from gateway.store import db
+        from gateway.store import status as status_store
 
         proc = await self._spawn(
             [sys.executable, "-m", "tools.cli", "gateway", "run", "--config", str(config)],
@@ -324,7 +326,7 @@ class Demo:
             try:
                 conn = db.connect(self.gw_db, readonly=True)
                 try:
-                    st = service.read_status(conn)
+                    st = status_store.read_status(conn)
                 finally:
                     conn.close()
             except (sqlite3.Error, Exception):  # the schema may be mid-migration
@@ -350,13 +352,13 @@ class Demo:
         raise DemoError(f"the status page did not come up on port {port}:\n{tail}")
 
     async def _subscribe(self, port: int, ready: asyncio.Event) -> None:
-        client = aiomqtt.Client("127.0.0.1", port, identifier="torpor-demo-upstream")
+        client = MqttClient(ClientOptions("127.0.0.1", port, "torpor-demo-upstream",
+                                          max_packet=16 << 20))
         async with client:
-            await client.subscribe(UPSTREAM_TOPIC, qos=1)
+            await client.subscribe((UPSTREAM_TOPIC, 1))
             ready.set()
-            async for m in client.messages:
-                if isinstance(m.payload, bytes | bytearray):
-                    self.upstream.add(str(m.topic), bytes(m.payload), self.opts.upstream_format)
+            async for m in client.messages():
+                self.upstream.add(m.topic, m.payload, self.opts.upstream_format)
 
     async def _settle(self, sampled: int) -> None:
         """Wait (bounded) until everything sampled is stored and relayed."""
@@ -463,7 +465,7 @@ class Demo:
                 loop.remove_signal_handler(sig)
             if sub_task is not None:
                 sub_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                with contextlib.suppress(asyncio.CancelledError, TransportError):
                     await sub_task
             await self._stop_children()
             if self.created_dir and not opts.keep:
@@ -478,7 +480,7 @@ class Demo:
             return self.upstream.unique, lost
         # SenML carries no message ids: every stored reading's (device, time) must have
         # arrived (two readings may share a time after a power cut, so count stored rows).
-        from gateway import readings
+        from gateway.store import readings
 
         conn = sqlite3.connect(f"file:{self.gw_db}?mode=ro", uri=True, timeout=10)
         try:

@@ -358,9 +358,9 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 
 def check_credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool) -> None:
     """Refuse before anything is written: no fleet CA, or a device already provisioned."""
-    from gateway import db, registry  # noqa: F401  (registry registers its store)
     from gateway.errors import GatewayError
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
+    from gateway.store import db, devices  # noqa: F401  (registry registers its store)
 
     try:
         pki = Pki(pki_dir)
@@ -370,7 +370,7 @@ def check_credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision:
             return
         conn = db.open_db(db_path)
         try:
-            known = registry.find(conn, device_id)
+            known = devices.find(conn, device_id)
         finally:
             conn.close()
     except GatewayError as exc:
@@ -386,7 +386,7 @@ def check_credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision:
 def credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool) -> tuple[bytes, bytes, bytes, str]:
     """Issue (or reuse) the device's credentials; refuse a device already provisioned."""
     from gateway.errors import GatewayError
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
 
     check_credentials(pki_dir, db_path, device_id, reprovision)
     try:
@@ -405,7 +405,7 @@ def credentials(pki_dir: Path, db_path: Path, device_id: str, reprovision: bool)
 
 def committed_top(db_path: Path, device_id: str) -> int:
     """The highest reading id the gateway has committed for the device (0 if none)."""
-    from gateway import db, readings
+    from gateway.store import db, readings
 
     conn = db.open_db(db_path)
     try:
@@ -416,12 +416,12 @@ def committed_top(db_path: Path, device_id: str) -> int:
 
 
 def register_device(db_path: Path, device_id: str, serial: str) -> None:
-    from gateway import db, registry
+    from gateway.store import db, devices
 
     db_path.parent.mkdir(parents=True, exist_ok=True)
     conn = db.open_db(db_path)
     try:
-        registry.add_missing(conn, {device_id: serial})
+        devices.add_missing(conn, {device_id: serial})
     finally:
         conn.close()
 

@@ -6,7 +6,7 @@ the gateway (`torpor gateway run`, its own Mosquitto with mutual TLS), N sim nod
 through the real bootloader with v1 confirmed, and a campaign created with the real CLI
 (`torpor ota campaign create`, first wave 25 %, one more device per confirmation). The nodes
 are class `controller` (2 KB frames, about 16 KB per wake: an image of about 50 KB arrives
-in four wakes; a sensor-class node takes about 50, docs/ota.md). Time is compressed to the
+in four wakes; a sensor-class node takes about 50, docs/ota_store.md). Time is compressed to the
 limit: a sleeping node is no process, its virtual clock jumps by the time it slept, and only
 nodes with an update in flight are woken, round after round, until the campaign ends.
 Exit code 0 when N-1 nodes confirmed v2 and the odd one reverted to v1 with reason
@@ -179,7 +179,8 @@ class OtaDemo:
         return path
 
     def _start_gateway(self, config: Path, db_path: Path) -> None:
-        from gateway import db, service
+        from gateway.store import db
+        from gateway.store import status as status_store
 
         with open(self.dir / "gateway.log", "ab") as out:
             self.gateway = subprocess.Popen(
@@ -193,7 +194,7 @@ class OtaDemo:
             try:
                 conn = db.connect(db_path, readonly=True)
                 try:
-                    st = service.read_status(conn)
+                    st = status_store.read_status(conn)
                 finally:
                     conn.close()
             except Exception:  # the schema may be mid-migration
@@ -239,27 +240,27 @@ class OtaDemo:
         await asyncio.gather(*(self._wake(st, sem) for st in states))
 
     def _campaign(self, db_path: Path, cid: int) -> Any:
-        from gateway import db, ota
+        from gateway.store import db, ota_store
 
         conn = db.connect(db_path, readonly=True)
         try:
-            return ota.get_campaign(conn, cid)
+            return ota_store.get_campaign(conn, cid)
         finally:
             conn.close()
 
     def _progress(self, rnd: int, c: Any) -> None:
-        from gateway import ota
+        from gateway.store import ota_store
 
         counts = c.counts()
         order = ("pending", "queued", "downloading", "verifying", "trial", "confirmed",
                  "reverted", "failed", "refused", "timed_out", "cancelled")
         text = ", ".join(f"{k} {counts[k]}" for k in order if counts.get(k))
         if self._bar is not None:
-            settled = sum(counts.get(k, 0) for k in ota.TERMINAL)
+            settled = sum(counts.get(k, 0) for k in ota_store.TERMINAL)
             self._bar.update(settled, f"round {rnd}: campaign {c.status}: {text} (wakes {self.wakes})")
 
     async def run(self) -> OtaDemoResult | None:
-        from gateway.pki import Pki
+        from gateway.security.pki import Pki
         from tools.fw import image
 
         opts = self.opts
@@ -303,7 +304,7 @@ class OtaDemo:
                 "--pubkey", str(self.pubkey_path), "--override", f"{bad}={silent}")
             cid = int(out.split()[1].rstrip(":"))
             self.say(out.strip() + f"; {bad} gets v2-silent")
-            from gateway import ota
+            from gateway.store import ota_store
 
             by_id = {st.device_id: st for st in states}
             deadline = t0 + opts.duration_s
@@ -314,11 +315,11 @@ class OtaDemo:
                 self._bar = ProgressLine("ota", opts.nodes, unit="devices settled",
                                          interval_s=0).start()
             self._progress(rnd, c)
-            while (c.status == ota.RUNNING and rnd < opts.max_rounds
+            while (c.status == ota_store.RUNNING and rnd < opts.max_rounds
                    and time.monotonic() < deadline and not self.interrupted):
                 rnd += 1
                 # Devices with an update in flight wake; the rest sleep on.
-                todo = [by_id[d.device] for d in c.devices if d.status in ota.IN_FLIGHT]
+                todo = [by_id[d.device] for d in c.devices if d.status in ota_store.IN_FLIGHT]
                 if not todo:
                     todo = states
                 await self._round(todo)
@@ -397,7 +398,7 @@ def format_result(r: OtaDemoResult) -> list[str]:
     return lines
 
 
-# ---- `torpor ota demo` (its arguments are in gateway/ota_cli.py) --------------------------
+# ---- `torpor ota demo` (its arguments are in gateway/cli/ota.py) --------------------------
 
 def main(args: argparse.Namespace) -> int:
     from tools.fw.image import ImageError
@@ -423,3 +424,25 @@ def main(args: argparse.Namespace) -> int:
     if result.interrupted:
         return 130
     return 0 if result.ok else 1
+
+
+def register(ota_sub: Any) -> None:
+    """`torpor ota demo`, under the gateway's `torpor ota`."""
+    p = ota_sub.add_parser(
+        "demo", help="a signed, staged campaign to sim nodes through the real gateway",
+        description="Build and sign v1 and v2 images with a throwaway key, start the gateway "
+        "with its Mosquitto, provision sim nodes booting through the bootloader on v1, roll v2 "
+        "out (first wave 25%, one more per confirmation; the last node gets a v2 that never "
+        "reaches the gateway and is reverted) and check the outcome. Exit code 0 when it is "
+        "the expected one, 1 when not, 2 when the demo cannot run.")
+    p.add_argument("--nodes", type=int, default=20, help="simulated nodes (default 20, at least 5)")
+    p.add_argument("--max-rounds", type=int, default=80,
+                   help="stop after this many wake rounds (default 80)")
+    p.add_argument("--duration", type=float, default=600.0,
+                   help="stop after this many seconds (default 600)")
+    p.add_argument("--dir", default=None,
+                   help="work in this (new or empty) directory instead of ./var/ota-demo/<time>")
+    p.add_argument("--keep", action="store_true", help="keep the directory (logs, DB, flash)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=main)

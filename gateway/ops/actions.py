@@ -1,8 +1,8 @@
 """Operator actions on devices: queue a command, cancel an item, release a quarantine, rotate
 a key over the air.
 
-Commands are checked by the same code as `torpor device command` (gateway.queue), so the
-web page and the CLI refuse the same things with the same messages."""
+Commands are checked by the same code as `torpor device command` (gateway.store.downlink_queue), so
+the web page and the CLI refuse the same things with the same messages."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway import db, proto, registry
-from gateway import queue as q
+from gateway import proto
 from gateway.errors import GatewayError
-from gateway.store import rotations
+from gateway.store import db, rotations
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 from gateway.store.rotations import RotationError, refuse_own_op
 
 
@@ -102,7 +103,7 @@ def release(conn: sqlite3.Connection, device: str) -> registry.Device:
 def rotate_key(conn: sqlite3.Connection, pki_dir: Path, device: str) -> rotations.Rotation:
     """Start a key rotation of `device` over the air (its own transaction): the node makes
     the key at its next wake; the certificates valid now are revoked once it uses the new one."""
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
 
     try:
         old = [r.serial_hex for r in Pki(pki_dir).device_records(device, include_revoked=False)]

@@ -8,9 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import db
 from gateway.config import GatewayConfig
-from gateway.store import alerts
+from gateway.store import alerts, db
 from gateway.store.alerts import Alert
 
 STATES = ("open", "cleared")

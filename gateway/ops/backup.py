@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config as gwconfig
-from gateway import db
 from gateway.errors import GatewayError
+from gateway.store import db
 
 FORMAT = "torpor-gateway-backup"
 MANIFEST_VERSION = 1
@@ -477,7 +477,7 @@ def _restored_config(original: bytes | None, manifest: dict[str, Any], target: P
 
 
 def _move(src: Path, dest: Path, mode: int, root: Path) -> None:
-    from gateway.pki import private_dir
+    from gateway.security.pki import private_dir
 
     private_dir(dest.parent, within=root)
     os.chmod(src, mode)
@@ -487,7 +487,7 @@ def _move(src: Path, dest: Path, mode: int, root: Path) -> None:
 
 
 def _write(dest: Path, data: bytes, mode: int, root: Path) -> None:
-    from gateway.pki import private_dir
+    from gateway.security.pki import private_dir
 
     private_dir(dest.parent, within=root)
     fd = os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)

@@ -6,7 +6,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import ota
+from gateway.store import ota_store as ota
 
 # Device states in the order a device moves through them, then the ways it ends.
 STATES = (ota.PENDING, *ota.IN_FLIGHT, ota.CONFIRMED, *ota.BAD, ota.CANCELLED)

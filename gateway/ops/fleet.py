@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import deadletter, downlink, proto, readings, registry
-from gateway import queue as q
-from gateway.store import alerts, groups
+from gateway import proto
+from gateway.store import alerts, deadletter, groups, readings
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
+from gateway.store import wakes as wake_store
 
 SPARK_POINTS = 24  # battery readings behind a fleet row's sparkline
 MAX_CHART_POINTS = 600  # a chart's series are averaged down to this many points
@@ -78,7 +80,7 @@ def _battery_points(rows: list[tuple[int, ...]]) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def next_listen(dev: registry.Device, wakes: downlink.WakeStats | None) -> float | None:
+def next_listen(dev: registry.Device, wakes: wake_store.WakeStats | None) -> float | None:
     if wakes is not None and wakes.listen_window is not None:
         return wakes.listen_window[0]
     return dev.next_wake_at
@@ -86,9 +88,9 @@ def next_listen(dev: registry.Device, wakes: downlink.WakeStats | None) -> float
 
 def _row(conn: sqlite3.Connection, dev: registry.Device, now: float,
          open_alerts: dict[str, int] | None = None) -> FleetRow:
-    wakes = downlink.wake_stats(conn, dev.id)
+    wakes = wake_store.wake_stats(conn, dev.id)
     at = next_listen(dev, wakes)
-    overdue = downlink.missed_wakes(at, wakes.interval_s if wakes else dev.next_wake_s, now,
+    overdue = wake_store.missed_wakes(at, wakes.interval_s if wakes else dev.next_wake_s, now,
                                     GRACE_S)
     return FleetRow(
         id=dev.id, device_class=dev.device_class, status=dev.status,
@@ -115,7 +117,7 @@ def fleet(conn: sqlite3.Connection, *, status: str | None = None, text: str = ""
 class DeviceView:
     device: registry.Device
     row: FleetRow
-    wakes: downlink.WakeStats | None
+    wakes: wake_store.WakeStats | None
     readings_stored: int
     pending: tuple[q.Item, ...]
     history: tuple[q.Item, ...]
@@ -141,7 +143,7 @@ def device(conn: sqlite3.Connection, device_id: str, *, now: float | None = None
     if dev is None:
         raise NotFound(f"no device {device_id!r}")
     return DeviceView(
-        device=dev, row=_row(conn, dev, now), wakes=downlink.wake_stats(conn, device_id),
+        device=dev, row=_row(conn, dev, now), wakes=wake_store.wake_stats(conn, device_id),
         readings_stored=readings.stats(conn, device_id)[2],
         pending=tuple(q.pending(conn, device_id)),
         history=tuple(q.history(conn, device_id, history)),

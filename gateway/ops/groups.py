@@ -6,10 +6,10 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from gateway import db, registry
 from gateway.config import GatewayConfig
 from gateway.ops.actions import ActionError
-from gateway.store import groups
+from gateway.store import db, groups
+from gateway.store import devices as registry
 
 
 @dataclass(frozen=True, slots=True)

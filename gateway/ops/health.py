@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import deadletter, service
-from gateway.outbox import Outbox
+from gateway.store import deadletter
+from gateway.store import status as status_store
+from gateway.store.outbox import Outbox
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +28,7 @@ class OutboxHealth:
 
 @dataclass(frozen=True, slots=True)
 class Health:
-    status: service.Status
+    status: status_store.Status
     outbox: OutboxHealth
     dead_letters: int
     dead_letter_bytes: int
@@ -37,9 +38,14 @@ class Health:
                 "dead_letters": self.dead_letters, "dead_letter_bytes": self.dead_letter_bytes}
 
 
+def status(conn: sqlite3.Connection, now: float | None = None) -> status_store.Status:
+    """The gateway's state from the database alone (works while it runs or not)."""
+    return status_store.read_status(conn, now)
+
+
 def health(conn: sqlite3.Connection, now: float | None = None) -> Health:
     now = time.time() if now is None else now
-    st = service.read_status(conn, now)
+    st = status_store.read_status(conn, now)
     box = Outbox(conn)
     oldest = box.oldest()
     c = box.counters()

@@ -18,9 +18,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from gateway import deadletter, downlink, ota, registry, service
-from gateway import queue as q
-from gateway.outbox import Outbox
+from gateway.store import alerts, deadletter, wakes
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
+from gateway.store import ota_store as ota
+from gateway.store.outbox import Outbox
+from gateway.store.status import read_status
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # A commit is one fsync and a few statements: a millisecond on a fast disk, tens of them on
@@ -29,7 +32,7 @@ COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
                   5.0)
 GRACE_S = 30.0  # as the fleet page (gateway.ops.fleet.GRACE_S): past this a node is overdue
 
-# The running gateway's ingest counters (gateway.ingest.Metrics) exported as counters:
+# The running gateway's ingest counters (gateway.pipeline.ingest.Metrics) exported as counters:
 # (its field, metric name without _total, help).
 INGEST_COUNTERS = (
     ("frames", "torpor_ingest_frames", "Frames received from nodes"),
@@ -80,15 +83,6 @@ class Live:
         self.commit_seconds.observe(seconds)
 
 
-def open_alerts(conn: sqlite3.Connection) -> int:
-    """Alerts open now. The gateway keeps no alerts table yet, so this is 0 until one
-    exists; a table `alerts` with a `cleared_at` column is counted where it is NULL."""
-    cols = {r[1] for r in conn.execute("PRAGMA table_info(alerts)")}
-    if "cleared_at" not in cols:
-        return 0
-    return int(conn.execute("SELECT count(*) FROM alerts WHERE cleared_at IS NULL").fetchone()[0])
-
-
 def _gauge(name: str, doc: str, value: float | None) -> Iterable[Metric]:
     if value is not None:
         yield GaugeMetricFamily(name, doc, value=value)
@@ -113,7 +107,7 @@ class Scrape(Collector):
 
     def collect(self) -> Iterable[Metric]:
         conn, live, now = self.conn, self.live, self.now
-        st = service.read_status(conn, now)
+        st = read_status(conn, now)
         detail = st.detail if st.running else {}
         yield from self._counters(live)
         if live is not None:
@@ -125,7 +119,7 @@ class Scrape(Collector):
                   registry.counts(conn), registry.STATUSES)
         yield _by("torpor_downlink_items", "Downlink items by state", "state",
                   q.status_counts(conn), ("queued", "sent"))
-        overdue, missed = downlink.overdue(conn, now, GRACE_S)
+        overdue, missed = wakes.overdue(conn, now, GRACE_S)
         yield GaugeMetricFamily("torpor_devices_overdue",
                                 "Active devices past their expected wake", value=overdue)
         yield GaugeMetricFamily("torpor_missed_wakes",
@@ -134,7 +128,7 @@ class Scrape(Collector):
         yield from _gauge("torpor_battery_lowest_volts",
                           "Lowest battery voltage among served devices (last HELLO)",
                           None if low is None else low / 1000.0)
-        yield GaugeMetricFamily("torpor_alerts_open", "Alerts open", value=open_alerts(conn))
+        yield GaugeMetricFamily("torpor_alerts_open", "Alerts open", value=alerts.count_open(conn))
         camps, devs = ota.state_counts(conn)
         yield _by("torpor_ota_campaigns", "OTA campaigns by state", "state", camps,
                   (ota.RUNNING, ota.COMPLETED, ota.ABORTED, ota.CANCELLED))

@@ -1,0 +1,1 @@
+"""The supervised concerns: ingest and its answers, downlink, OTA delivery, relay, formats."""

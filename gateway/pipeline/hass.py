@@ -10,7 +10,7 @@ misses a wake and `online` when it is heard again; so a node that sleeps as plan
 shows unavailable and one that misses its wakes does. A revoked or decommissioned device's
 configs are removed (empty retained payloads).
 
-Every message is an outbox item (gateway.outbox), so it waits in the gateway while the
+Every message is an outbox item (gateway.store.outbox), so it waits in the gateway while the
 upstream broker is away and goes out in order.
 """
 
@@ -29,12 +29,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from gateway import db, proto, readings, registry
-from gateway import outbox as ob
+from gateway import proto
 from gateway.config import GatewayConfig
-from gateway.downlink import missed_wakes
-from gateway.store import alerts
+from gateway.store import alerts, db, readings
+from gateway.store import devices as registry
 from gateway.store import hass as store
+from gateway.store import outbox as ob
+from gateway.store.wakes import missed_wakes
 
 log = logging.getLogger(__name__)
 

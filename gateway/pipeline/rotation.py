@@ -29,12 +29,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway import deadletter, proto, registry
-from gateway import queue as q
+from gateway import proto
 from gateway.config import PkiConfig, UpstreamConfig
 from gateway.errors import GatewayError
-from gateway.outbox import Queued
+from gateway.pipeline.events import queue_events
+from gateway.store import db, deadletter
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 from gateway.store import rotations as rs
+from gateway.store.outbox import Queued
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ Event = tuple[str, str, dict[str, Any]]  # (device, kind, fields) for upstream
 
 
 class Pki(Protocol):
-    """What rotation needs of the fleet PKI (gateway.pki.Pki; the service passes it in)."""
+    """What rotation needs of the fleet PKI (gateway.security.pki.Pki; the service passes it in)."""
 
     path: Path
 
@@ -124,11 +127,10 @@ class RotationHandler:
         events = out.events
         for device, frame, raw in csrs:
             self.metrics.requests += 1
-            conn.execute("SAVEPOINT rotation_csr")
             try:
-                events += self._csr(conn, device, frame, now)
+                with db.savepoint(conn, "rotation_csr"):  # a refusal undoes this request alone
+                    events += self._csr(conn, device, frame, now)
             except Exception as exc:  # CsrRefused, or a defect: the frame is a dead letter
-                conn.execute("ROLLBACK TO rotation_csr")
                 if not isinstance(exc, CsrRefused):
                     log.exception("[%s] handling a CSR_UP raised", device,
                                   extra={"device_id": device})
@@ -136,7 +138,6 @@ class RotationHandler:
                 events += self._refuse(conn, device, frame.rotation, exc, raw, now)
                 out.dead_letters += 1
                 out.dead_bytes += deadletter.row_size(device, exc.reason, str(exc)[:500], len(raw))
-            conn.execute("RELEASE rotation_csr")
         for device, hello in hellos:
             if hello.cred_rotation or hello.cred_outcome:
                 events += self._hello(conn, device, hello, now)
@@ -284,9 +285,6 @@ class RotationHandler:
     def work(self, conn: sqlite3.Connection, now: float | None = None) -> tuple[bool, list[Queued]]:
         """Issue certificates for accepted requests and revoke what waits for it, in one
         transaction. Returns (the CRL changed: reload the broker, upstream items queued)."""
-        from gateway import db
-        from gateway.ingest import queue_events
-
         now = self.clock() if now is None else now
         events: list[Event] = []
         changed = False

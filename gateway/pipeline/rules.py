@@ -29,14 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from gateway import db, formats, ota, proto, readings, registry
-from gateway import outbox as ob
-from gateway import queue as q
+from gateway import proto
 from gateway.config import GatewayConfig, UpstreamConfig
-from gateway.downlink import missed_wakes
 from gateway.errors import ConfigError
-from gateway.store import alerts
+from gateway.pipeline import formats
+from gateway.store import alerts, db, readings
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 from gateway.store import groups as device_groups
+from gateway.store import ota_store as ota
+from gateway.store import outbox as ob
+from gateway.store.wakes import missed_wakes
 
 log = logging.getLogger(__name__)
 

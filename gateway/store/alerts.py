@@ -14,7 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any, Final
 
-from gateway import db
+from gateway.store import db
 
 STORE: Final = "alerts"
 _STEPS: Final = (

@@ -10,8 +10,8 @@ import re
 import sqlite3
 from typing import Final
 
-from gateway import db
 from gateway.errors import GatewayError
+from gateway.store import db
 
 STORE: Final = "groups"
 _STEPS: Final = (

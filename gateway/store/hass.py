@@ -12,7 +12,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Final
 
-from gateway import db
+from gateway.store import db
 
 STORE: Final = "hass"
 _STEPS: Final = (

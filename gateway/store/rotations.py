@@ -16,9 +16,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import db, registry
-from gateway import queue as q
 from gateway.errors import GatewayError
+from gateway.store import db
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 
 STORE = "rotations"
 

@@ -44,6 +44,7 @@ from gateway.transport.errors import (
 log = logging.getLogger(__name__)
 
 OnMessage = Callable[[Publish], None]
+OnOversized = Callable[[codec.Oversized], None]
 
 # Coalesced writes are flushed at once past this size, so a publisher that never yields
 # to the loop still hands bytes to the socket and meets its flow control.
@@ -81,6 +82,10 @@ class ClientOptions:
     max_inflight: int = 64
     max_queued: int = 10_000
     connect_timeout: float = 10.0
+    # A packet over `max_packet` ends the connection (False), or is let go unread and, as
+    # a QoS 1 PUBLISH, acknowledged so the broker does not send it again (True): see
+    # `MqttClient.on_oversized`.
+    drop_oversized: bool = False
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1 or self.max_inflight > 65_000:
@@ -129,12 +134,17 @@ class MqttClient:
     """See the module docstring. Use as `async with MqttClient(options) as client:` or
     call `connect()` and `disconnect()`."""
 
-    def __init__(self, options: ClientOptions, on_message: OnMessage | None = None) -> None:
+    def __init__(self, options: ClientOptions, on_message: OnMessage | None = None,
+                 on_oversized: OnOversized | None = None) -> None:
         self.options = options
         self.on_message = on_message
+        # Told of each packet dropped over the bound (with `drop_oversized`); default: a
+        # warning in the log. `oversized` counts them over the client's life.
+        self.on_oversized = on_oversized
+        self.oversized = 0
         self.session_present = False
         self._transport: asyncio.Transport | None = None
-        self._decoder = codec.Decoder(options.max_packet)
+        self._decoder = codec.Decoder(options.max_packet, options.drop_oversized)
         self._out = bytearray()
         self._flush_handle: asyncio.Handle | None = None
         self._connack: asyncio.Future[codec.ConnAck] | None = None
@@ -280,6 +290,30 @@ class MqttClient:
         except TimeoutError:
             raise TransportTimeout(f"no PUBACK for {topic} within {timeout:g}s") from None
 
+    def publish_nowait(self, topic: str, payload: bytes, qos: int = 0,
+                       retain: bool = False) -> asyncio.Future[None] | None:
+        """Write a PUBLISH now, without waiting for room in the in-flight window or for the
+        socket to drain: for a caller that bounds what it sends by other means (ingest
+        answers only what it just committed). Writes made in one pass of the event loop
+        go out together. QoS 1: returns the future its PUBACK resolves, counted in
+        `inflight` (its failure need not be retrieved). Raises `NotConnected` or the
+        connection's `ConnectionLost` when there is no connection."""
+        self._check_connected()
+        if qos == 0:
+            self._write(codec.publish_packet(self._topic(topic), payload, 0, 0, retain))
+            return None
+        if qos != 1:
+            raise EncodeError(f"this client publishes QoS 0 and 1, not QoS {qos!r}")
+        t = self._topic(topic)
+        pid = self._take_id()
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        fut.add_done_callback(_retrieve)
+        self._pending[pid] = fut
+        self._inflight += 1
+        self._write(codec.publish_packet(t, payload, 1, pid, retain))
+        return fut
+
     async def start_publish(self, topic: str, payload: bytes, qos: int = 1,
                             retain: bool = False) -> asyncio.Future[None]:
         """Write a QoS 1 PUBLISH once the in-flight window has room; return the future its
@@ -384,7 +418,7 @@ class MqttClient:
 
     def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = None
-        self._decoder = codec.Decoder(self.options.max_packet)
+        self._decoder = codec.Decoder(self.options.max_packet, self.options.drop_oversized)
         self._out = bytearray()
         self._flush_handle = None
         self._connected = False
@@ -510,13 +544,15 @@ class MqttClient:
         decoder = self._decoder
         try:
             decoder.feed(data)
-            packet = decoder.next_packet()
+            packet = decoder.next_item()
             while packet is not None:
                 if type(packet) is Publish:
                     self._on_publish(packet)
+                elif type(packet) is codec.Oversized:
+                    self._on_oversized(packet)
                 else:
-                    self._on_control(packet)
-                packet = decoder.next_packet()
+                    self._on_control(packet)  # type: ignore[arg-type]
+                packet = decoder.next_item()
         except MalformedPacket as exc:
             lost = ConnectionLost(exc.code, f"the broker sent a malformed packet: {exc}")
             lost.__cause__ = exc
@@ -554,6 +590,20 @@ class MqttClient:
             self._reading_paused = True
             if self._transport is not None:
                 self._transport.pause_reading()
+
+    def _on_oversized(self, o: codec.Oversized) -> None:
+        self.oversized += 1
+        if o.kind == codec.PacketType.PUBLISH and o.qos == 1 and o.packet_id:
+            self._out += codec.encode_puback(o.packet_id)  # else it comes again, forever
+        cb = self.on_oversized
+        if cb is None:
+            log.warning("dropped a packet of %d bytes on %r: over the %d-byte bound",
+                        o.size, o.topic[:80], self.options.max_packet)
+            return
+        try:
+            cb(o)
+        except Exception:
+            log.exception("on_oversized failed")
 
     def _wake_one(self) -> None:
         waiters = self._window_waiters
@@ -651,3 +701,9 @@ class MqttClient:
             self._closed.set_result(None)
         if self._error is not None and not self._closing:
             log.warning("MQTT connection to %s:%d lost: %s", o.host, o.port, err)
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """Mark a fire-and-forget future's failure as seen (no "never retrieved" warning)."""
+    if not fut.cancelled():
+        fut.exception()

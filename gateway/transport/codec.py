@@ -153,6 +153,21 @@ Packet: TypeAlias = (
     | Unsubscribe | UnsubAck | PingReq | PingResp | Disconnect
 )
 
+
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """A packet over a dropping `Decoder`'s bound, let go unread: what its first bytes
+    said. `size` is the whole packet as announced; `topic` (a PUBLISH's, decoded with
+    replacement characters) and `packet_id` (a QoS 1 or 2 PUBLISH's) are empty/0 when the
+    packet is of another type. The reader still owes a QoS 1 PUBLISH its PUBACK."""
+
+    kind: int  # PacketType value
+    size: int
+    topic: str = ""
+    qos: int = 0
+    packet_id: int = 0
+
+
 PINGREQ_BYTES: Final = b"\xc0\x00"
 PINGRESP_BYTES: Final = b"\xd0\x00"
 DISCONNECT_BYTES: Final = b"\xe0\x00"
@@ -642,14 +657,18 @@ class Decoder:
     The buffer is a bytearray read from an offset and compacted only once the consumed
     part is the larger half, so reading is amortized linear in the bytes fed, however they
     are chunked. `max_packet` bounds a whole packet (fixed header included); an announced
-    length above it raises `PacketTooLarge` as soon as the header is complete. After any
+    length above it raises `PacketTooLarge` as soon as the header is complete, or, with
+    `drop_oversized`, is let go: only its first bytes (a PUBLISH's topic and packet id) are
+    read, `next_item()` returns them as an `Oversized`, and the rest of the packet is
+    discarded as it is fed, never buffered; the stream stays in step. After any
     `MalformedPacket` the stream is out of step: the decoder re-raises the same error and
     the connection must be closed.
     """
 
-    __slots__ = ("max_packet", "_buf", "_pos", "_need", "_head", "_error")
+    __slots__ = ("max_packet", "drop_oversized", "_buf", "_pos", "_need", "_head", "_error",
+                 "_big", "_skip")
 
-    def __init__(self, max_packet: int) -> None:
+    def __init__(self, max_packet: int, drop_oversized: bool = False) -> None:
         if max_packet < 2:
             raise ValueError(f"max_packet {max_packet} is below the smallest MQTT packet (2 bytes)")
         self.max_packet = max_packet
@@ -658,6 +677,9 @@ class Decoder:
         self._need = 0  # whole size of the packet at _pos once its header is read, else 0
         self._head = 0  # its fixed header's size
         self._error: MalformedPacket | None = None
+        self.drop_oversized = drop_oversized
+        self._big = 0  # announced size of an oversized packet at _pos, being dropped
+        self._skip = 0  # bytes of a dropped packet still to come, to discard
 
     @property
     def buffered(self) -> int:
@@ -669,8 +691,14 @@ class Decoder:
         right away if the packet being assembled announces too much."""
         if self._error is not None:
             raise self._error
+        if self._skip:
+            if len(data) <= self._skip:
+                self._skip -= len(data)
+                return
+            data = data[self._skip:]
+            self._skip = 0
         self._buf += data
-        if not self._need:
+        if not self._need and not self._big:
             self._header()
 
     def _header(self) -> bool:
@@ -699,6 +727,10 @@ class Decoder:
                 mult <<= 7
             head = i - pos
         if length + head > self.max_packet:
+            if self.drop_oversized:
+                self._big = length + head
+                self._head = head
+                return True
             self._error = PacketTooLarge(length + head, self.max_packet)
             raise self._error
         self._need = length + head
@@ -707,10 +739,21 @@ class Decoder:
 
     def next_packet(self) -> Packet | None:
         """The next whole packet, or None until more bytes are fed."""
+        item = self.next_item()
+        if isinstance(item, Oversized):
+            raise PacketTooLarge(item.size, self.max_packet)
+        return item
+
+    def next_item(self) -> Packet | Oversized | None:
+        """`next_packet`, with the packets a dropping decoder let go as `Oversized`."""
         if self._error is not None:
             raise self._error
+        if self._big:
+            return self._drop()
         if not self._need and not self._header():
             return None
+        if self._big:
+            return self._drop()
         buf, pos, need = self._buf, self._pos, self._need
         end = pos + need
         if len(buf) < end:
@@ -731,6 +774,33 @@ class Decoder:
         except MalformedPacket as exc:
             self._error = exc
             raise
+
+    def _drop(self) -> Oversized | None:
+        """The oversized packet at _pos, once the bytes that describe it are here."""
+        buf, pos, head, size = self._buf, self._pos, self._head, self._big
+        avail = len(buf) - pos
+        first = buf[pos]
+        kind, qos, topic, pid = first >> 4, (first >> 1) & 3, "", 0
+        if kind == PacketType.PUBLISH and size >= head + 2:
+            start = pos + head
+            if avail < head + 2:
+                return None
+            end = start + 2 + (buf[start] << 8 | buf[start + 1])
+            want = end - pos + (2 if qos else 0)
+            if want > size:  # a topic longer than the packet: nothing to trust in it
+                qos = 0
+                want = end = start
+            if avail < want:
+                return None  # at most 65,541 bytes wait for the topic and packet id
+            topic = bytes(buf[start + 2:end]).decode("utf-8", "replace")
+            if qos:
+                pid = buf[end] << 8 | buf[end + 1]
+        take = min(size, avail)
+        del buf[:pos + take]
+        self._pos = 0
+        self._skip = size - take
+        self._big = 0
+        return Oversized(kind, size, topic, qos, pid)
 
     def __iter__(self) -> Decoder:
         return self

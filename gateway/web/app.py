@@ -20,8 +20,6 @@ from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
-from gateway import queue as q
-from gateway import readings, registry
 from gateway.config import WebConfig
 from gateway.ops import actions, fleet
 from gateway.ops import alerts as oalerts
@@ -29,6 +27,9 @@ from gateway.ops import campaigns as ocampaigns
 from gateway.ops import groups as ogroups
 from gateway.ops import health as ohealth
 from gateway.ops import metrics as ometrics
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
+from gateway.store import readings
 from gateway.web import auth, openapi, pages
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ def _web(args: argparse.Namespace, load: Callable[[argparse.Namespace], Any]) ->
         cfg = load(args)
         logging.basicConfig(level=cfg.gateway.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        from gateway import db
+        from gateway.store import db
         from gateway.web import server
 
         db.open_db(cfg.db_path).close()  # create and migrate, as the gateway would

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway import registry
+from gateway.store import devices as registry
 
 _ERROR = {"description": "bad request: `field` names the input at fault",
           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}

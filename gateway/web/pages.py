@@ -9,11 +9,11 @@ from collections.abc import Iterable
 from html import escape
 from urllib.parse import quote, urlencode
 
-from gateway import queue as q
-from gateway import registry
 from gateway.ops import campaigns as ocampaigns
 from gateway.ops import fleet as ofleet
 from gateway.ops import health as ohealth
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 from gateway.web import svg
 
 RANGES = {"1h": 3600, "6h": 6 * 3600, "1d": 86400, "7d": 7 * 86400, "30d": 30 * 86400}

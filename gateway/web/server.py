@@ -10,10 +10,10 @@ import ssl
 
 from aiohttp import web
 
-from gateway import db
 from gateway.config import GatewayConfig, WebConfig
 from gateway.errors import ConfigError
 from gateway.ops.metrics import Live
+from gateway.store import db
 from gateway.web.app import make_app
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.pki import Pki
+from gateway.security.pki import Pki
 from tests.mpharness import micropython_binary, mp_env
 
 DEVICE = "node-7"

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.pki import Pki
+from gateway.security.pki import Pki
 from tests.fixtures.broker import RunningBroker, mqtt_client
 from tests.mpharness import run_micropython
 
@@ -62,7 +62,7 @@ def _node_makes_key(tmp_path: Path, device: str = DEVICE) -> dict[str, Any]:
 
 
 def _issue_from_csr(pki: Pki, csr: x509.CertificateSigningRequest, days: int = 30) -> x509.Certificate:
-    """What the fleet CA puts in a device certificate (gateway/pki.py), for the CSR's key."""
+    """What the fleet CA puts in a device certificate (gateway/security/pki.py), for the CSR's key."""
     ca = x509.load_pem_x509_certificate(pki.ca_pem.read_bytes())
     ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)

@@ -17,7 +17,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from gateway.pki import DeviceCredentials, Pki
+from gateway.security.pki import DeviceCredentials, Pki
 from tests.fixtures.broker import RunningBroker, make_pki, mqtt_client
 from tests.mpharness import micropython_binary, mp_env, run_micropython
 

@@ -20,7 +20,7 @@ import aiomqtt
 import pytest
 
 from gateway import proto
-from gateway.pki import DeviceCredentials
+from gateway.security.pki import DeviceCredentials
 from tests.fixtures.broker import RunningBroker, mqtt_client
 from tests.mpharness import micropython_binary, mp_env
 from tools.sim.node import SimNode

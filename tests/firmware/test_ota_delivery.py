@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import ota
+from gateway.ops import ota as ota_ops
+from gateway.store import ota_store
 from tests.fixtures.broker import RunningBroker
 from tests.system.stack import Stack, StackNode
 from tests.system.test_ota_campaign import Images, images  # noqa: F401 (fixture)
@@ -44,8 +45,8 @@ def test_update_over_many_small_wakes_ends_confirmed_and_replay_is_refused(
     node = sensor_node(stack, images, "s1", 11)
     asyncio.run(node.wake())
     with stack.db() as conn:
-        img = ota.import_image(conn, images.build(2))
-        cid = ota.create_campaign(conn, img.id, ["s1"], abort_threshold=100)
+        img = ota_ops.import_image(conn, images.build(2))
+        cid = ota_store.create_campaign(conn, img.id, ["s1"], abort_threshold=100)
 
     async def until_done(cid: int, limit: int | None = None) -> int:
         n = 0
@@ -53,15 +54,15 @@ def test_update_over_many_small_wakes_ends_confirmed_and_replay_is_refused(
             n += 1
             await node.wake()
             with stack.db() as conn:
-                if ota.get_campaign(conn, cid).status != ota.RUNNING:
+                if ota_store.get_campaign(conn, cid).status != ota_store.RUNNING:
                     break
         return n
 
     wakes = asyncio.run(until_done(cid))
     with stack.db() as conn:
-        c = ota.get_campaign(conn, cid)
+        c = ota_store.get_campaign(conn, cid)
         fw = conn.execute("SELECT fw_version FROM devices WHERE id='s1'").fetchone()[0]
-    assert c.devices[0].status == ota.CONFIRMED, (c, node.log_text()[-3000:])
+    assert c.devices[0].status == ota_store.CONFIRMED, (c, node.log_text()[-3000:])
     # 1 KB frames, about 1 KB of budget per 30 s wake: one chunk per wake.
     assert wakes > 20
     assert fw == 2
@@ -69,11 +70,11 @@ def test_update_over_many_small_wakes_ends_confirmed_and_replay_is_refused(
     assert "boot: slot b v2 trial=0" in node.log_text()
     # The same manifest again (a replay) is refused: versions never go down or repeat.
     with stack.db() as conn:
-        cid2 = ota.create_campaign(conn, img.id, ["s1"], abort_threshold=100)
+        cid2 = ota_store.create_campaign(conn, img.id, ["s1"], abort_threshold=100)
     asyncio.run(until_done(cid2, 3))
     with stack.db() as conn:
-        d = ota.get_campaign(conn, cid2).devices[0]
-    assert (d.status, d.reason) == (ota.REFUSED, "downgrade")
+        d = ota_store.get_campaign(conn, cid2).devices[0]
+    assert (d.status, d.reason) == (ota_store.REFUSED, "downgrade")
     assert "boot: slot b v2 trial=0" in last_run(node)
 
 
@@ -89,7 +90,7 @@ def wake_bound(stack: Stack, cid: int) -> int:
     chunk a wake, so the largest download's chunk count (set by the firmware's size, which
     grows) plus the wakes that settle the outcome; bounded."""
     with stack.db() as conn:
-        chunks = max((d.chunks for d in ota.get_campaign(conn, cid).devices), default=0)
+        chunks = max((d.chunks for d in ota_store.get_campaign(conn, cid).devices), default=0)
     return min(MAX_WAKES, chunks + SETTLE_WAKES)
 
 
@@ -136,7 +137,7 @@ def test_each_refusal_keeps_the_running_image_and_reaches_the_gateway(
              for i, name in enumerate(cases)]
     asyncio.run(wake_all(nodes))
     with stack.db() as conn:
-        ids = {name: ota.import_image(conn, path).id for name, path in cases.items()}
+        ids = {name: ota_ops.import_image(conn, path).id for name, path in cases.items()}
         # Data spoiled after signing, as a bad link or a bad store would: a flipped byte,
         # and a stream one byte short.
         stream = conn.execute("SELECT stream FROM ota_images WHERE id=?",
@@ -147,7 +148,7 @@ def test_each_refusal_keeps_the_running_image_and_reaches_the_gateway(
         stream = conn.execute("SELECT stream FROM ota_images WHERE id=?",
                               (ids["r-trunc"],)).fetchone()[0]
         conn.execute("UPDATE ota_images SET stream=? WHERE id=?", (stream[:-1], ids["r-trunc"]))
-        cid = ota.create_campaign(conn, ids["r-sig"], list(cases), rate=100, rate_percent=True,
+        cid = ota_store.create_campaign(conn, ids["r-sig"], list(cases), rate=100, rate_percent=True,
                                   abort_threshold=100, overrides=ids)
 
     async def run() -> None:
@@ -156,12 +157,12 @@ def test_each_refusal_keeps_the_running_image_and_reaches_the_gateway(
             wakes += 1
             await asyncio.gather(*(n.wake() for n in nodes))
             with stack.db() as conn:
-                if ota.get_campaign(conn, cid).status != ota.RUNNING:
+                if ota_store.get_campaign(conn, cid).status != ota_store.RUNNING:
                     return
 
     asyncio.run(run())
     with stack.db() as conn:
-        c = ota.get_campaign(conn, cid)
+        c = ota_store.get_campaign(conn, cid)
     got = {d.device: (d.status, d.reason) for d in c.devices}
     assert got == {
         "r-sig": ("refused", "bad_signature"),

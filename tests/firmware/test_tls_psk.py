@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from gateway import broker as gwbroker
-from gateway.pki import Pki
+from gateway.security.pki import Pki
+from gateway.transport import broker as gwbroker
 from tests.fixtures.broker import BROKERS_KEY, RunningBroker, free_port
 from tests.mpharness import run_micropython
 

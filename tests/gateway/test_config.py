@@ -58,7 +58,7 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
 
 
 def test_downlink_section_reaches_the_service(tmp_path: Path) -> None:
-    from gateway.downlink import DownlinkConfig
+    from gateway.config import DownlinkConfig
     from gateway.service import Service
 
     (tmp_path / "g.toml").write_text(

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from gateway import config as gwconfig
-from gateway import db, registry, topics
 from gateway.errors import ConfigError
 from gateway.ops import config_ops
+from gateway.store import db, devices
+from gateway.transport import topics
 from tests.fixtures.broker import RunningBroker, mqtt_client
 from tests.gateway.test_service import burst, provision, start_gateway, wait_running, write_config
 
@@ -140,13 +141,13 @@ def test_sighup_reloads_a_good_file_and_refuses_a_bad_one(broker: RunningBroker,
             asyncio.run(send(8))
             conn = db.open_db(db_path)
             try:
-                dev = registry.get(conn, "r1")
+                dev = devices.get(conn, "r1")
             finally:
                 conn.close()
-            if dev.status == registry.QUARANTINED:
+            if dev.status == devices.QUARANTINED:
                 break
             time.sleep(0.2)
-        assert dev is not None and dev.status == registry.QUARANTINED, dev
+        assert dev is not None and dev.status == devices.QUARANTINED, dev
         assert "over 5 frames/min" in (dev.status_reason or "")
 
         # A bad file: refused, the key named, the gateway still running on the old values.

@@ -21,10 +21,12 @@ from typing import Any
 
 import pytest
 
-from gateway import db, proto, registry
+from gateway import proto
 from gateway.config import parse_config
+from gateway.store import db
+from gateway.store import devices as registry
 from tests.fixtures.broker import RunningBroker
-from tests.gateway.test_ingest import Node, aio, provision, running
+from tests.gateway.pipeline.test_ingest import Node, aio, provision, running
 from tests.gateway.test_rules import Sender, until
 
 # ---------------------------------------------------------------- Home Assistant's schema

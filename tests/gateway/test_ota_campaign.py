@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db, ota, ota_cli, proto, registry
-from gateway import queue as q
+from gateway import proto
+from gateway.cli import ota as ota_cli
+from gateway.ops import ota as ota_ops
+from gateway.pipeline import ota_delivery
+from gateway.store import db, ota_store
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 from tools.cli import main as torpor
 from tools.fw import image, keys
 
@@ -44,13 +49,13 @@ def ota_items(conn: sqlite3.Connection, device: str) -> list[q.Item]:
 
 
 def states(conn: sqlite3.Connection, cid: int) -> dict[str, str]:
-    return {d.device: d.status for d in ota.get_campaign(conn, cid).devices}
+    return {d.device: d.status for d in ota_store.get_campaign(conn, cid).devices}
 
 
 def status(conn: sqlite3.Connection, device: str, version: int, state: proto.OtaState,
            chunks: int = 0, reason: proto.OtaReason = proto.OtaReason.NONE,
            now: float = T0 + 10) -> None:
-    h = ota.OtaHandler()
+    h = ota_delivery.OtaHandler()
     with db.transaction(conn):
         h.handle(conn, [(device, proto.OtaStatus(1, version, state, chunks, reason))], [], now)
     assert h.errors == 0
@@ -61,7 +66,7 @@ def hello(conn: sqlite3.Connection, device: str, fw: int,
           reason: proto.OtaReason = proto.OtaReason.NONE, now: float = T0 + 10) -> None:
     frame = proto.Hello(1, fw, proto.BootCause.TIMER, 3300, -60, 40_000, 0, 0, 600, 2000,
                         int(now), proto.DeviceClass.SENSOR, 0, state, reason)
-    h = ota.OtaHandler()
+    h = ota_delivery.OtaHandler()
     with db.transaction(conn):
         h.handle(conn, [], [("s0" if device is None else device, frame)], now)
     assert h.errors == 0
@@ -70,10 +75,10 @@ def hello(conn: sqlite3.Connection, device: str, fw: int,
 # ---------------------------------------------------------------- image and framing
 def test_chunking_puts_the_manifest_in_the_stream_when_it_does_not_fit(
         conn: sqlite3.Connection, signed: tuple[Path, Path, bytes]) -> None:
-    img = ota.import_image(conn, signed[0], public_key=signed[2], now=T0)
-    assert ota.import_image(conn, signed[0], now=T0).id == img.id  # stored once
+    img = ota_ops.import_image(conn, signed[0], public_key=signed[2], now=T0)
+    assert ota_ops.import_image(conn, signed[0], now=T0).id == img.id  # stored once
     sensor = proto.DEVICE_CLASSES["sensor"]
-    plan = ota.wire_plan(img, sensor)
+    plan = ota_store.wire_plan(img, sensor)
     assert plan.chunk_size % 16 == 0 and plan.chunk_size > 512
     # A real signed manifest is over 1 KB: it leads the stream, u16 length first.
     assert len(img.manifest) > 1000 and not plan.inline
@@ -84,27 +89,27 @@ def test_chunking_puts_the_manifest_in_the_stream_when_it_does_not_fit(
     # The image's first chunk starts at the next index, not inside the manifest's last one.
     assert chunks[plan.prefix_chunks()] == img.stream[:plan.chunk_size]
     for i in range(plan.total(img)):
-        assert len(ota._chunk_frame(img, plan, i)) <= sensor.max_message
-    frame = proto.decode(ota._manifest_frame(img, plan))
+        assert len(ota_store._chunk_frame(img, plan, i)) <= sensor.max_message
+    frame = proto.decode(ota_store._manifest_frame(img, plan))
     assert isinstance(frame, proto.OtaManifest) and frame.manifest == b""
     assert frame.signature == img.signature and frame.total_size == len(img.stream)
     # A class with longer frames takes the manifest inline and no prefix.
-    big = ota.wire_plan(img, proto.DEVICE_CLASSES["gateway"])
+    big = ota_store.wire_plan(img, proto.DEVICE_CLASSES["gateway"])
     assert big.inline and big.prefix == b"" and big.prefix_chunks() == 0
-    m = proto.decode(ota._manifest_frame(img, big))
+    m = proto.decode(ota_store._manifest_frame(img, big))
     assert isinstance(m, proto.OtaManifest) and m.manifest == img.manifest
-    assert len(ota._manifest_frame(img, big)) <= proto.DEVICE_CLASSES["gateway"].max_message
+    assert len(ota_store._manifest_frame(img, big)) <= proto.DEVICE_CLASSES["gateway"].max_message
 
 
 def test_import_refuses_unsigned_or_altered_images(
         conn: sqlite3.Connection, signed: tuple[Path, Path, bytes], tmp_path: Path) -> None:
     unsigned = tmp_path / "unsigned"
     image.build_image("sim", 3, unsigned)
-    with pytest.raises(ota.OtaError, match="not signed"):
-        ota.import_image(conn, unsigned)
+    with pytest.raises(ota_store.OtaError, match="not signed"):
+        ota_ops.import_image(conn, unsigned)
     other = keys.keygen(tmp_path / "other")
-    with pytest.raises(ota.OtaError, match="signed by key"):
-        ota.import_image(conn, signed[0], public_key=keys.load_public(other.public))
+    with pytest.raises(ota_store.OtaError, match="signed by key"):
+        ota_ops.import_image(conn, signed[0], public_key=keys.load_public(other.public))
 
 
 # ---------------------------------------------------------------- parsing
@@ -117,7 +122,7 @@ def test_rate_parses_counts_and_percentages(text: str, want: tuple[int, bool]) -
 
 @pytest.mark.parametrize("text", ["0", "0%", "101%", "-1", "x", "5%%", "1.5", ""])
 def test_bad_rates_are_refused(text: str) -> None:
-    with pytest.raises(ota.OtaError, match="bad rate"):
+    with pytest.raises(ota_store.OtaError, match="bad rate"):
         ota_cli.parse_rate(text)
 
 
@@ -127,19 +132,19 @@ def test_spans_and_thresholds() -> None:
     assert ota_cli.parse_span("12h") == 43200
     assert ota_cli.parse_span("7d") == 7 * 86400
     for bad in ("0", "1w", "-5m", "soon"):
-        with pytest.raises(ota.OtaError):
+        with pytest.raises(ota_store.OtaError):
             ota_cli.parse_span(bad)
     assert ota_cli.parse_percent("25%") == 25.0
     for bad in ("101", "-1", "many"):
-        with pytest.raises(ota.OtaError):
+        with pytest.raises(ota_store.OtaError):
             ota_cli.parse_percent(bad)
 
 
 # ---------------------------------------------------------------- the rollout
 def campaign(conn: sqlite3.Connection, signed: tuple[Path, Path, bytes], devices: list[str],
              **kw: object) -> int:
-    img = ota.import_image(conn, signed[0], now=T0)
-    return ota.create_campaign(conn, img.id, devices, now=T0, **kw)  # type: ignore[arg-type]
+    img = ota_ops.import_image(conn, signed[0], now=T0)
+    return ota_store.create_campaign(conn, img.id, devices, now=T0, **kw)  # type: ignore[arg-type]
 
 
 def test_first_wave_then_one_more_per_confirmation(
@@ -150,8 +155,8 @@ def test_first_wave_then_one_more_per_confirmation(
     assert states(conn, cid) == {"s0": "queued", "s1": "queued", "s2": "pending",
                                  "s3": "pending", "s4": "pending"}
     items = ota_items(conn, "s0")
-    assert items[0].kind == proto.OTA_MANIFEST and items[0].priority == ota.OTA_PRIORITY
-    assert len(items) == 1 + ota._window(proto.DEVICE_CLASSES["sensor"])
+    assert items[0].kind == proto.OTA_MANIFEST and items[0].priority == ota_store.OTA_PRIORITY
+    assert len(items) == 1 + ota_store._window(proto.DEVICE_CLASSES["sensor"])
     assert ota_items(conn, "s2") == []
     # A trial widens nothing; a confirmation starts one more device.
     status(conn, "s0", 2, proto.OtaState.TRIAL, 60)
@@ -161,8 +166,8 @@ def test_first_wave_then_one_more_per_confirmation(
                                  "s3": "pending", "s4": "pending"}
     # A failure starts nobody (1 of 3 started = 33 %, under the 50 % threshold).
     status(conn, "s1", 2, proto.OtaState.FAILED, reason=proto.OtaReason.BAD_HASH)
-    c = ota.get_campaign(conn, cid)
-    assert c.status == ota.RUNNING and c.counts() == {"confirmed": 1, "failed": 1,
+    c = ota_store.get_campaign(conn, cid)
+    assert c.status == ota_store.RUNNING and c.counts() == {"confirmed": 1, "failed": 1,
                                                       "queued": 1, "pending": 2}
     assert next(d for d in c.devices if d.device == "s1").reason == "bad_hash"
 
@@ -174,8 +179,8 @@ def test_abort_threshold_cancels_what_has_not_reached_trial(
     status(conn, "s0", 2, proto.OtaState.REFUSED, reason=proto.OtaReason.DOWNGRADE)
     # 1 of 3 started failed: 33 % > 30 %: aborted. s2 (downloading) and s3 (pending) are
     # cancelled and their items leave the queue; s1's trial still reports.
-    c = ota.get_campaign(conn, cid)
-    assert c.status == ota.ABORTED and "1 of 3" in c.note
+    c = ota_store.get_campaign(conn, cid)
+    assert c.status == ota_store.ABORTED and "1 of 3" in c.note
     assert states(conn, cid) == {"s0": "refused", "s1": "trial", "s2": "cancelled",
                                  "s3": "cancelled"}
     assert all(ota_items(conn, d) == [] for d in ("s0", "s1", "s2", "s3"))
@@ -184,15 +189,15 @@ def test_abort_threshold_cancels_what_has_not_reached_trial(
 def test_timeout_marks_devices_timed_out(
         conn: sqlite3.Connection, signed: tuple[Path, Path, bytes]) -> None:
     cid = campaign(conn, signed, ["s0", "s1"], rate=1, timeout_s=3600, abort_threshold=100)
-    ota.sweep(conn, now=T0 + 3599)
+    ota_store.sweep(conn, now=T0 + 3599)
     assert states(conn, cid) == {"s0": "queued", "s1": "pending"}
-    ota.sweep(conn, now=T0 + 3601)
-    c = ota.get_campaign(conn, cid)
+    ota_store.sweep(conn, now=T0 + 3601)
+    c = ota_store.get_campaign(conn, cid)
     d0 = c.devices[0]
     assert (d0.status, d0.reason) == ("timed_out", "timeout") and d0.finished_at == T0 + 3601
     assert ota_items(conn, "s0") == []
     # The next device does not start on a timeout (only confirmations widen).
-    assert c.devices[1].status == "pending" and c.status == ota.RUNNING
+    assert c.devices[1].status == "pending" and c.status == ota_store.RUNNING
 
 
 def test_cancel_dequeues_pending_items_and_keeps_trials(
@@ -200,14 +205,14 @@ def test_cancel_dequeues_pending_items_and_keeps_trials(
     cid = campaign(conn, signed, ["s0", "s1", "s2"], rate=2)
     status(conn, "s1", 2, proto.OtaState.TRIAL, 60)
     assert ota_items(conn, "s0")
-    c = ota.cancel_campaign(conn, cid, now=T0 + 20)
+    c = ota_store.cancel_campaign(conn, cid, now=T0 + 20)
     assert c.status == "cancelled"
     assert states(conn, cid) == {"s0": "cancelled", "s1": "trial", "s2": "cancelled"}
     assert ota_items(conn, "s0") == []
     cancelled = [it for it in q.history(conn, "s0") if it.kind in OTA_KINDS]
     assert cancelled and all(it.status == "cancelled" for it in cancelled)
-    with pytest.raises(ota.OtaError, match="already cancelled"):
-        ota.cancel_campaign(conn, cid)
+    with pytest.raises(ota_store.OtaError, match="already cancelled"):
+        ota_store.cancel_campaign(conn, cid)
     # The trial's outcome is still recorded.
     hello(conn, "s1", 1, proto.OtaState.REVERTED, proto.OtaReason.CRASHED)
     assert states(conn, cid)["s1"] == "reverted"
@@ -216,33 +221,33 @@ def test_cancel_dequeues_pending_items_and_keeps_trials(
 def test_device_states_follow_the_node(
         conn: sqlite3.Connection, signed: tuple[Path, Path, bytes]) -> None:
     cid = campaign(conn, signed, ["s0"], rate=1)
-    img = ota.get_image(conn, ota.get_campaign(conn, cid).image_id)
-    plan = ota.wire_plan(img, proto.DEVICE_CLASSES["sensor"])
+    img = ota_store.get_image(conn, ota_store.get_campaign(conn, cid).image_id)
+    plan = ota_store.wire_plan(img, proto.DEVICE_CLASSES["sensor"])
     total = plan.total(img)
     # Progress: chunks below the node's mark are retired, the window moves on.
     status(conn, "s0", 2, proto.OtaState.DOWNLOADING, 3)
-    d = ota.get_campaign(conn, cid).devices[0]
+    d = ota_store.get_campaign(conn, cid).devices[0]
     assert (d.status, d.progress, d.chunks) == ("downloading", 3, total)
     idx = [proto.decode(it.data).index for it in ota_items(conn, "s0")]  # type: ignore[union-attr]
-    assert idx == list(range(3, 3 + ota._window(proto.DEVICE_CLASSES["sensor"])))
+    assert idx == list(range(3, 3 + ota_store._window(proto.DEVICE_CLASSES["sensor"])))
     # A status for another version is ignored.
     status(conn, "s0", 7, proto.OtaState.DOWNLOADING, 9)
-    assert ota.get_campaign(conn, cid).devices[0].progress == 3
+    assert ota_store.get_campaign(conn, cid).devices[0].progress == 3
     # IDLE: the node lost its manifest: start over, manifest queued again.
     status(conn, "s0", 2, proto.OtaState.IDLE)
-    d = ota.get_campaign(conn, cid).devices[0]
+    d = ota_store.get_campaign(conn, cid).devices[0]
     assert (d.status, d.progress) == ("queued", 0)
     assert [it.kind for it in ota_items(conn, "s0")].count(proto.OTA_MANIFEST) == 1
     # All in: verifying; then trial (items retired, done), then confirmed by the HELLO of
     # the new image (its OTA_STATUS went missing).
     status(conn, "s0", 2, proto.OtaState.DOWNLOADING, total)
-    assert ota.get_campaign(conn, cid).devices[0].status == "verifying"
+    assert ota_store.get_campaign(conn, cid).devices[0].status == "verifying"
     status(conn, "s0", 2, proto.OtaState.TRIAL, total)
-    assert ota.get_campaign(conn, cid).devices[0].status == "trial"
+    assert ota_store.get_campaign(conn, cid).devices[0].status == "trial"
     assert ota_items(conn, "s0") == []
     hello(conn, "s0", 2, proto.OtaState.CONFIRMED)
-    c = ota.get_campaign(conn, cid)
-    assert c.devices[0].status == "confirmed" and c.status == ota.COMPLETED
+    c = ota_store.get_campaign(conn, cid)
+    assert c.devices[0].status == "confirmed" and c.status == ota_store.COMPLETED
 
 
 def test_revert_reported_in_hello_after_trial(
@@ -250,30 +255,30 @@ def test_revert_reported_in_hello_after_trial(
     cid = campaign(conn, signed, ["s0"], rate=1, abort_threshold=100)
     status(conn, "s0", 2, proto.OtaState.TRIAL, 60)
     hello(conn, "s0", 1, proto.OtaState.REVERTED, proto.OtaReason.HEALTH_CHECK)
-    c = ota.get_campaign(conn, cid)
+    c = ota_store.get_campaign(conn, cid)
     d = c.devices[0]
     assert (d.status, d.reason, d.detail) == ("reverted", "health_check", "running v1")
-    assert c.status == ota.COMPLETED
+    assert c.status == ota_store.COMPLETED
 
 
 def test_create_refuses_bad_requests(
         conn: sqlite3.Connection, signed: tuple[Path, Path, bytes]) -> None:
-    img = ota.import_image(conn, signed[0], now=T0)
-    with pytest.raises(ota.OtaError, match="no device 'nope'"):
-        ota.create_campaign(conn, img.id, ["s0", "nope"], now=T0)
-    with pytest.raises(ota.OtaError, match="at least one device"):
-        ota.create_campaign(conn, img.id, [], now=T0)
-    with pytest.raises(ota.OtaError, match="out of range"):
-        ota.create_campaign(conn, img.id, ["s0"], rate=101, rate_percent=True, now=T0)
-    with pytest.raises(ota.OtaError, match="not in the campaign"):
-        ota.create_campaign(conn, img.id, ["s0"], overrides={"s1": img.id}, now=T0)
-    cid = ota.create_campaign(conn, img.id, ["s0"], now=T0)
-    with pytest.raises(ota.OtaError, match=f"already updating in campaign {cid}"):
-        ota.create_campaign(conn, img.id, ["s1", "s0"], now=T0)
+    img = ota_ops.import_image(conn, signed[0], now=T0)
+    with pytest.raises(ota_store.OtaError, match="no device 'nope'"):
+        ota_store.create_campaign(conn, img.id, ["s0", "nope"], now=T0)
+    with pytest.raises(ota_store.OtaError, match="at least one device"):
+        ota_store.create_campaign(conn, img.id, [], now=T0)
+    with pytest.raises(ota_store.OtaError, match="out of range"):
+        ota_store.create_campaign(conn, img.id, ["s0"], rate=101, rate_percent=True, now=T0)
+    with pytest.raises(ota_store.OtaError, match="not in the campaign"):
+        ota_store.create_campaign(conn, img.id, ["s0"], overrides={"s1": img.id}, now=T0)
+    cid = ota_store.create_campaign(conn, img.id, ["s0"], now=T0)
+    with pytest.raises(ota_store.OtaError, match=f"already updating in campaign {cid}"):
+        ota_store.create_campaign(conn, img.id, ["s1", "s0"], now=T0)
     with db.transaction(conn):
         registry.set_status(conn, "s2", "revoked", now=T0)
-    with pytest.raises(ota.OtaError, match="revoked"):
-        ota.create_campaign(conn, img.id, ["s2"], now=T0)
+    with pytest.raises(ota_store.OtaError, match="revoked"):
+        ota_store.create_campaign(conn, img.id, ["s2"], now=T0)
 
 
 # ---------------------------------------------------------------- the CLI

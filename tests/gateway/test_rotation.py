@@ -14,12 +14,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway import db, deadletter, proto, registry
-from gateway import queue as q
-from gateway.downlink import Downlink
-from gateway.ingest import Ingest
+from gateway import proto
+from gateway.pipeline.downlink import Downlink
+from gateway.pipeline.ingest import Ingest
 from gateway.pipeline.rotation import RotationHandler
-from gateway.pki import Pki
+from gateway.security.pki import Pki
+from gateway.store import db, deadletter
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 from gateway.store import rotations as rs
 
 NOW = 1_800_000_000.0

@@ -20,13 +20,14 @@ from typing import Any
 
 import pytest
 
-from gateway import db, proto, readings, registry
-from gateway import queue as q
+from gateway import proto
 from gateway.config import parse_config
 from gateway.pipeline.rules import RulesError, forecast_days, load_rules, parse_rules
-from gateway.store import alerts
+from gateway.store import alerts, db, readings
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 from tests.fixtures.broker import RunningBroker
-from tests.gateway.test_ingest import Node, aio, provision, running
+from tests.gateway.pipeline.test_ingest import Node, aio, provision, running
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000
@@ -542,8 +543,8 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, bytes]
 
 def test_campaign_abort_is_told_once_and_credential_expiry_clears_on_renewal(
         tmp_path: Path, signed: tuple[Path, Path, bytes]) -> None:
-    from gateway import ota
     from gateway.pipeline.rules import Engine
+    from gateway.store import ota_store as ota
     from tests.gateway.test_ota_campaign import T0 as OTA_T0
     from tests.gateway.test_ota_campaign import campaign, status
 

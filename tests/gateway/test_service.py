@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway import db, proto, readings, registry, topics
-from gateway.pki import Pki
-from gateway.service import read_status
+from gateway import proto
+from gateway.security.pki import Pki
+from gateway.store import db, devices, readings
+from gateway.store.status import read_status
+from gateway.transport import topics
 from tests.fixtures.broker import RunningBroker, mqtt_client
 
 BURST_N = 32
@@ -52,7 +54,7 @@ def provision(pki: Pki, db_path: Path, *names: str) -> None:
     conn = db.open_db(db_path)
     for n in names:
         pki.issue_device(n)
-        registry.add(conn, n)
+        devices.add(conn, n)
     conn.close()
 
 

@@ -84,13 +84,14 @@ def test_proto_check_cli_exit_code() -> None:
 def test_command_table_reaches_both_runtimes_and_the_docs() -> None:
     """One table in the spec: the gateway's OP_ARGS, the node's OP_ARGS and the docs all
     carry it, and `device send --help` is built from it."""
-    from gateway import downlink_cli, proto
+    from gateway import proto
+    from gateway.cli import downlink
     from tools.proto import gen_micropython
 
     spec = load()
     text = gen_micropython.generate_op_args(spec)
     docs = (generate.ROOT / "docs" / "protocol.md").read_text()
-    helptext = downlink_cli.ops_help()
+    helptext = downlink.ops_help()
     assert [c.op for c in spec.commands] == [op.name.lower() for op in proto.OP_ARGS]
     for c in spec.commands:
         gw = proto.OP_ARGS[proto.CommandOp[c.op.upper()]]

@@ -11,7 +11,7 @@ gateway as a process, and sim nodes running the real firmware, registered and pr
     await node.wake()                         # one boot of the node (HELLO, bursts, downlink)
     stack.cli("device", "send", "n1", "ping") # the real CLI in a process; CompletedProcess
     with stack.db() as conn: ...              # the gateway's SQLite file (read it, or queue
-                                              # through gateway.queue)
+                                              # through gateway.store.downlink_queue)
     stack.kill()  /  stack.stop()             # SIGKILL / SIGTERM the gateway; start() again
     stack.close()                             # stop the gateway (the `stack` fixture does it)
 
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import db
-from gateway.pki import DeviceCredentials, Pki
+from gateway.security.pki import DeviceCredentials, Pki
+from gateway.store import db
 from tests.firmware.test_node_cycle import START_MS, NodeLog, provision, read_log
 from tests.fixtures.broker import RunningBroker, free_port, make_pki
 from tools.sim.node import RunSummary, SimNode
@@ -225,7 +225,7 @@ class Stack:
         """Start the gateway and return once it is connected to the broker."""
         assert self.proc is None or self.proc.poll() is not None, "the gateway is running"
         # Up means subscribed: ingest logs this line once its subscription is granted.
-        ready = "INFO gateway.ingest: ingesting "
+        ready = "INFO gateway.pipeline.ingest: ingesting "
         before = self.log_text().count(ready)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(

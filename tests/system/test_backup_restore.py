@@ -27,8 +27,10 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from gateway import db, proto, readings, topics
-from gateway.pki import Pki
+from gateway import proto
+from gateway.security.pki import Pki
+from gateway.store import db, readings
+from gateway.transport import topics
 from tests.firmware.test_node_cycle import node_clock_ids, read_log
 from tests.gateway.test_service import BURST_N, burst
 from tests.mpharness import micropython_binary

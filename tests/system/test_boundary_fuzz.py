@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import find_mosquitto
 from gateway.errors import GatewayError
+from gateway.transport.broker import find_mosquitto
 from tools.bench.fuzz import FuzzConfig, measure, table
 
 

@@ -28,8 +28,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway import proto, topics
-from gateway.pki import DeviceCredentials, Pki
+from gateway import proto
+from gateway.security.pki import DeviceCredentials, Pki
+from gateway.transport import topics
 from tests.firmware.test_node_cycle import read_log
 from tests.fixtures.broker import RunningBroker, free_port, make_pki
 from tests.mpharness import micropython_binary

@@ -12,7 +12,7 @@ import asyncio
 import json
 import re
 
-from gateway import queue as q
+from gateway.store import downlink_queue as q
 from tests.firmware.test_bootloader_sim import on_flash
 from tests.system.stack import Stack, StackNode
 from tests.system.test_ota_campaign import Images, boot_node, campaign, images  # noqa: F401

@@ -16,22 +16,23 @@ import re
 import time
 from typing import Any
 
-from gateway import downlink, readings
-from gateway import queue as q
+from gateway.store import downlink_queue as q
+from gateway.store import readings
+from gateway.store import wakes as wake_store
 from tests.system.stack import Stack, StackNode
 from tests.system.test_sleeping_nodes import aio, item, send, until
 
 COLD_CLOCK_S = 946684800  # 2000-01-01: what an ESP32's RTC reads after power-on
 
 
-def _stats(stack: Stack, device: str) -> downlink.WakeStats | None:
+def _stats(stack: Stack, device: str) -> wake_store.WakeStats | None:
     with stack.db() as conn:
-        return downlink.wake_stats(conn, device)
+        return wake_store.wake_stats(conn, device)
 
 
-async def _watch(stack: Stack, device: str, task: asyncio.Task[Any]) -> list[downlink.WakeStats]:
+async def _watch(stack: Stack, device: str, task: asyncio.Task[Any]) -> list[wake_store.WakeStats]:
     """The device's wake statistics after each HELLO, until `task` ends."""
-    seen: list[downlink.WakeStats] = []
+    seen: list[wake_store.WakeStats] = []
     while True:
         st = _stats(stack, device)
         if st is not None and (not seen or st.wakes != seen[-1].wakes):
@@ -103,7 +104,7 @@ def test_next_listen_with_the_default_send_every_is_right(stack: Stack) -> None:
                               send_every=10, send_max_age_s=3600, align_s=0)
         run = asyncio.create_task(node.wake(21, wall_limit_s=120))
         watch = asyncio.create_task(_watch(stack, "f1", run))
-        await until(lambda: (_stats(stack, "f1") or downlink.WakeStats(
+        await until(lambda: (_stats(stack, "f1") or wake_store.WakeStats(
             "", 0, 0, None, None, None, None, 0, 0, 0, 0, 0)).wakes >= 1, "first HELLO", 60)
         await asyncio.sleep(4.0)  # two sampling wakes later: not overdue, not missed
         text = stack.cli("device", "show", "f1").stdout

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db, readings, registry
-from gateway.pki import Pki
+from gateway.security.pki import Pki
+from gateway.store import db, devices, readings
 from tests.fixtures.broker import free_port
 from tools.sim.board import VirtualBoard
 
@@ -36,7 +36,7 @@ def stored(db_path: Path) -> tuple[list[int], str]:
     conn = db.open_db(db_path)
     try:
         ids = [int(r[1]) for r in readings.iter_readings(conn, DEVICE)]
-        dev = registry.find(conn, DEVICE)
+        dev = devices.find(conn, DEVICE)
         return ids, dev.status if dev is not None else ""
     finally:
         conn.close()

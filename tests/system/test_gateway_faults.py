@@ -29,9 +29,9 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from gateway import db, readings, registry
-from gateway.pki import DeviceCredentials, Pki
-from gateway.service import read_status
+from gateway.security.pki import DeviceCredentials, Pki
+from gateway.store import db, devices, readings
+from gateway.store.status import read_status
 from tests.firmware.test_node_cycle import START_MS, node_clock_ids, provision, read_log
 from tests.fixtures.broker import RunningBroker
 from tests.mpharness import micropython_binary
@@ -139,7 +139,7 @@ class Gateway:
             for n in names:
                 if issue:
                     creds[n] = pki.issue_device(n)
-                registry.add(conn, n)
+                devices.add(conn, n)
         return creds
 
 

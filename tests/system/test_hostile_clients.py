@@ -28,8 +28,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from gateway import proto, topics
-from gateway.pki import DeviceCredentials, Pki
+from gateway import proto
+from gateway.security.pki import DeviceCredentials, Pki
+from gateway.transport import topics
 from tests.fixtures.broker import RunningBroker
 from tests.system.test_gateway_faults import Gateway, gateway_config, stored
 

@@ -27,11 +27,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway import deadletter, proto, registry, service
-from gateway import queue as q
+from gateway import proto
 from gateway.errors import PkiError
-from gateway.pki import Pki
+from gateway.security.pki import Pki
+from gateway.store import deadletter
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 from gateway.store import rotations as rs
+from gateway.store.status import read_status
 from tests.mpharness import micropython_binary
 from tests.system.stack import ROOT, Stack, StackNode, kill_node_process
 
@@ -150,7 +153,7 @@ def csr_frame(rid: int, der: bytes, msg_id: int = 0x7000_0001) -> bytes:
 
 def broker_reload(stack: Stack) -> None:
     with stack.db() as conn:
-        pid = service.read_status(conn).detail.get("broker_pid")
+        pid = read_status(conn).detail.get("broker_pid")
     assert pid, "the gateway reports no supervised broker"
     os.kill(int(pid), signal.SIGHUP)
 
@@ -380,7 +383,7 @@ def test_bad_certificate_requests_are_refused_with_a_dead_letter(stack: Stack,
 
         # A quarantined device: refused with a dead letter and an event, never issued.
         with stack.db() as conn:
-            from gateway import db
+            from gateway.store import db
 
             with db.transaction(conn):
                 registry.quarantine(conn, "b2", "test", now=time.time())

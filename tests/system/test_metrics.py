@@ -11,8 +11,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import queue as q
-from gateway import readings
+from gateway.store import downlink_queue as q
+from gateway.store import readings
 from tests.fixtures.broker import free_port
 from tests.system.stack import Stack
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import find_mosquitto
 from gateway.errors import GatewayError
+from gateway.transport.broker import find_mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -23,8 +23,8 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from gateway import readings
-from gateway.pki import Pki
+from gateway.security.pki import Pki
+from gateway.store import readings
 from tests.fixtures.broker import RunningBroker
 from tests.mpharness import micropython_binary
 from tests.system.stack import Stack

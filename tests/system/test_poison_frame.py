@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import deadletter, proto, readings, registry
-from gateway.pki import Pki
-from gateway.service import read_status
+from gateway import proto
+from gateway.security.pki import Pki
+from gateway.store import deadletter, devices, readings
+from gateway.store.status import read_status
 from tests.mpharness import micropython_binary
 from tests.system.stack import Stack, StackNode
 from tools.bench.fuzz import FuzzConfig, NodeStats, tls_context, well_behaved_node
@@ -213,7 +214,7 @@ def test_the_poison_burst_is_refused_and_the_others_keep_their_acks(
         letters = deadletter.list_recent(conn, evil)
         assert len(letters) == 3 and all(d.reason == "malformed" and d.raw == poison()
                                          for d in letters)
-        assert registry.get(conn, evil).status in registry.SERVED  # 3 < the threshold (5)
+        assert devices.get(conn, evil).status in devices.SERVED  # 3 < the threshold (5)
     assert ingest_restarts(stack) == 0
     assert "Traceback" not in stack.log_text()
 

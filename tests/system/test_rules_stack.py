@@ -14,8 +14,8 @@ from collections.abc import Callable
 import pytest
 
 from gateway import proto
-from gateway import queue as q
 from gateway.store import alerts
+from gateway.store import downlink_queue as q
 from tests.mpharness import micropython_binary
 from tests.system.stack import Stack
 

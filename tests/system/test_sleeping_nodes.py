@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from gateway import downlink, proto
-from gateway import queue as q
+from gateway import proto
+from gateway.store import downlink_queue as q
+from gateway.store import wakes as wake_store
 from tests.mpharness import micropython_binary
 from tests.system.stack import Stack, StackNode, kill_node_process
 
@@ -253,14 +254,14 @@ def test_device_show_predicts_the_next_listening_time_within_one_interval(stack:
         seen: list[dict[str, Any]] = []
         while not run.done():
             with stack.db() as conn:
-                st = downlink.wake_stats(conn, "n7")
+                st = wake_store.wake_stats(conn, "n7")
             if st is not None and (not seen or st.wakes != seen[-1]["wakes"]):
                 seen.append(st.as_dict())
             await asyncio.sleep(0.05)
         await run
         await hellos_seen(stack, "n7", 4)
         with stack.db() as conn:
-            st = downlink.wake_stats(conn, "n7")
+            st = wake_store.wake_stats(conn, "n7")
         assert st is not None
         if st.wakes != seen[-1]["wakes"]:
             seen.append(st.as_dict())

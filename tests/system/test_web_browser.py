@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import queue as q
+from gateway.store import downlink_queue as q
 from tests.fixtures.broker import free_port
 from tests.system.cdp import chromium, find_chromium, png_pixels
 from tests.system.stack import Stack
@@ -55,7 +55,7 @@ def test_fleet_device_chart_and_a_queued_command_in_chromium(stack: Stack, tmp_p
         for node in nodes:
             await node.wake(2)
         with stack.db() as conn:
-            from gateway import readings
+            from gateway.store import readings
 
             await _until(lambda: readings.count_rows(conn, "web-1") > 0, "readings stored")
         _wait_http(base + "/api/v1/health")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db, registry
-from gateway.pki import Pki
+from gateway.security.pki import Pki
+from gateway.store import db
+from gateway.store import devices as registry
 from tools.cli import EXIT_INTERRUPTED, EXIT_OPERATOR, EXIT_PIPE_CLOSED
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gateway import db, registry
-from gateway.pki import Pki
+from gateway.security.pki import Pki
+from gateway.store import db, devices
 from tools.flash import Board
 from tools.sim.board import VirtualBoard
 
@@ -34,7 +34,7 @@ def test_flash_provisions_a_virtual_board(tmp_path: Path) -> None:
         assert "verified SHA-256" in p.stdout and "first boot" in p.stdout
         # the device is registered and has a certificate
         conn = db.open_db(dbp)
-        dev = registry.get(conn, "node-7")
+        dev = devices.get(conn, "node-7")
         conn.close()
         creds = pki.device_credentials("node-7")
         assert dev.cert_serial == format(creds.serial, "x")

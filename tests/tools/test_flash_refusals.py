@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db, registry
-from gateway.pki import Pki
+from gateway.security.pki import Pki
+from gateway.store import db, devices
 from tools.flash import Board
 from tools.sim.board import VirtualBoard
 
@@ -67,7 +67,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VirtualBoa
     Pki(tmp / "pki").init_ca()
     # The device "known" is registered already.
     conn = db.open_db(tmp / "gw.db")
-    registry.add_missing(conn, {"known": "1a"})
+    devices.add_missing(conn, {"known": "1a"})
     conn.close()
     with VirtualBoard(tmp / "node", time_scale=1000) as b:
         # Files that a --format would erase: the board's "firmware" and its data.

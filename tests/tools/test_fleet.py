@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 
 from gateway import config as gwconfig
-from gateway import db, service
-from gateway.pki import Pki
+from gateway import service
+from gateway.security.pki import Pki
+from gateway.store import db
+from gateway.store import status as status_store
 from tests.fixtures.broker import RunningBroker
 from tests.mpharness import micropython_binary
 from tools.sim.fleet import Fleet, FleetConfig, FleetSummary, format_summary
@@ -151,7 +153,7 @@ def test_fleet_cli_reports_and_errors(tmp_path: Path) -> None:
                 with contextlib.suppress(Exception):
                     conn = db.connect(gw.db_path, readonly=True)
                     try:
-                        if service.read_status(conn).detail.get("mqtt_connected"):
+                        if status_store.read_status(conn).detail.get("mqtt_connected"):
                             break
                     finally:
                         conn.close()

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from gateway import db, ota, registry
+from gateway.ops import ota as ota_ops
+from gateway.store import db, devices, ota_store
 from tools.progress import ProgressLine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,8 +88,8 @@ def test_ota_status_watch_follows_a_campaign_until_it_stops(tmp_path: Path) -> N
     (tmp_path / "gw").mkdir()
     dbp = tmp_path / "gw" / "gateway.db"
     conn = db.open_db(dbp)
-    registry.add_missing(conn, {"n1": "1a", "n2": "1b"})
-    cid = ota.create_campaign(conn, ota.import_image(conn, img).id, ["n1", "n2"], rate=2)
+    devices.add_missing(conn, {"n1": "1a", "n2": "1b"})
+    cid = ota_store.create_campaign(conn, ota_ops.import_image(conn, img).id, ["n1", "n2"], rate=2)
     conn.close()
     watch = subprocess.Popen(
         [TORPOR, "ota", "status", str(cid), "--config", str(conf), "--watch", "--interval", "0.2"],
@@ -102,7 +103,7 @@ def test_ota_status_watch_follows_a_campaign_until_it_stops(tmp_path: Path) -> N
         first = watch.stderr.readline()
         assert watch.poll() is None, watch.communicate()
         conn = db.open_db(dbp)
-        ota.cancel_campaign(conn, cid)
+        ota_store.cancel_campaign(conn, cid)
         conn.close()
         out, err = watch.communicate(timeout=60)
         err = first + err

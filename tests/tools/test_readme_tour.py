@@ -148,7 +148,8 @@ def _spec(t: Tour, c: str) -> None:
 
 def _gateway_up(t: Tour, c: str) -> None:
     proc = t.start(c, "gateway.log")
-    from gateway import db, service
+    from gateway.store import db
+    from gateway.store import status as status_store
 
     dbp = t.cwd / "var" / "gw" / "gateway.db"
     deadline = time.monotonic() + 40
@@ -158,7 +159,7 @@ def _gateway_up(t: Tour, c: str) -> None:
             with contextlib.suppress(sqlite3.Error, Exception):
                 conn = db.connect(dbp, readonly=True)
                 try:
-                    st = service.read_status(conn)
+                    st = status_store.read_status(conn)
                 finally:
                     conn.close()
                 if st.running and st.detail.get("mqtt_connected"):

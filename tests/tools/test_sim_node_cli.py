@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.pki import Pki
+from gateway.security.pki import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -25,10 +25,15 @@ from typing import Any
 
 import aiomqtt
 
-from gateway import broker as gwbroker
-from gateway import db, downlink, proto, registry, service, topics
-from gateway import queue as q
-from gateway.pki import Pki
+from gateway import proto
+from gateway.pipeline import downlink
+from gateway.security.pki import Pki
+from gateway.store import db
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
+from gateway.store import status as status_store
+from gateway.transport import broker as gwbroker
+from gateway.transport import topics
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_RSS_MB = 500.0
@@ -118,7 +123,7 @@ def _wait_gateway(db_path: Path, proc: subprocess.Popen[bytes], timeout: float =
             raise RuntimeError("the gateway exited at start")
         conn = db.connect(db_path)
         try:
-            st = service.read_status(conn)
+            st = status_store.read_status(conn)
             if st.running and st.detail.get("mqtt_connected"):
                 return
         finally:

@@ -272,7 +272,7 @@ class _Process:
 
 
 def _start_broker(folder: Path, pki: Any, port: int) -> _Process:
-    from gateway import broker as gwbroker
+    from gateway.transport import broker as gwbroker
 
     folder.mkdir(parents=True, exist_ok=True)
     settings = gwbroker.BrokerSettings(host="127.0.0.1", port=port, dynsec_plugin=None)
@@ -292,8 +292,8 @@ def _start_broker(folder: Path, pki: Any, port: int) -> _Process:
 
 
 def _start_gateway(folder: Path, pki: Any, port: int, cfg: FuzzConfig) -> _Process:
-    from gateway import db
-    from gateway.service import read_status
+    from gateway.store import db
+    from gateway.store.status import read_status
 
     config = folder / "gateway.toml"
     config.write_text(
@@ -439,8 +439,9 @@ async def _attack(names: list[str], ctxs: dict[str, ssl.SSLContext], port: int, 
     what the gateway has taken in (its status row): a fuzzer far ahead of the gateway
     would learn of a quarantine only thousands of frames later, and those frames would
     be refused before the decoder saw them."""
-    from gateway import db, registry
-    from gateway.service import read_status
+    from gateway.store import db
+    from gateway.store import devices as registry
+    from gateway.store.status import read_status
 
     status = db.connect(db_path, readonly=True)
     taken = [0]
@@ -559,9 +560,10 @@ async def _attack(names: list[str], ctxs: dict[str, ssl.SSLContext], port: int, 
 
 def measure(cfg: FuzzConfig = FuzzConfig(), workdir: Path | None = None) -> dict[str, Any]:
     """Run the fuzz and return its figures (see `table`) with `passed` and `failures`."""
-    from gateway import db, deadletter, readings, registry
-    from gateway.pki import Pki
-    from gateway.service import read_status
+    from gateway.security.pki import Pki
+    from gateway.store import db, deadletter, readings
+    from gateway.store import devices as registry
+    from gateway.store.status import read_status
 
     owned = workdir is None
     tmp = Path(tempfile.mkdtemp(prefix="torpor-fuzz-")) if workdir is None else workdir

@@ -109,7 +109,7 @@ class Mosquitto:
         self.log = folder / "mosquitto.log"
 
     def start(self) -> None:
-        from gateway import broker as gwbroker
+        from gateway.transport import broker as gwbroker
 
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.pki is not None:
@@ -142,17 +142,10 @@ class Mosquitto:
         raise BenchError("mosquitto did not accept a connection in time")
 
     def _probe(self) -> int:
-        import socket
+        from gateway.transport import broker as gwbroker
 
-        from gateway import broker as gwbroker
-
-        if self.pki is not None:
-            return gwbroker.mqtt_probe("127.0.0.1", self.port,
-                                       gwbroker.client_ssl_context(self.pki), 2.0)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as s:
-            s.sendall(gwbroker._connect_packet(f"probe-{time.monotonic_ns()}"))
-            ack = s.recv(4)
-            return ack[3] if len(ack) == 4 else -1
+        ctx = gwbroker.client_ssl_context(self.pki) if self.pki is not None else None
+        return gwbroker.mqtt_probe("127.0.0.1", self.port, ctx, 2.0)
 
     @property
     def pid(self) -> int | None:
@@ -200,8 +193,8 @@ class Gateway:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, cwd=ROOT,
                                          stdin=subprocess.DEVNULL)
-        from gateway import db
-        from gateway.service import read_status
+        from gateway.store import db
+        from gateway.store.status import read_status
 
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -237,12 +230,12 @@ class Progress:
     """Readings committed and outbox depth, read from the gateway's database."""
 
     def __init__(self, db_path: Path) -> None:
-        from gateway import db
+        from gateway.store import db
 
         self.conn = db.connect(db_path, readonly=True)
 
     def read(self) -> tuple[int, int]:
-        from gateway import readings
+        from gateway.store import readings
 
         total = readings.total(self.conn)
         depth = int(self.conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
@@ -428,8 +421,9 @@ def _gateway_round(scale: Scale, shares: list[tuple[Identity, ...]], base: dict[
 
 def measure(scale: Scale = Scale(), workdir: Path | None = None,
             profile: Path | None = None, batch_ms: float | None = None) -> dict[str, Any]:
-    from gateway import db, registry
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
+    from gateway.store import db
+    from gateway.store import devices as registry
 
     owned = workdir is None
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-gw-")) if workdir is None else workdir

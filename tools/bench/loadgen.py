@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gateway.proto as p
-from gateway import topics
-from gateway.transport import codec
+from gateway.transport import codec, topics
 from gateway.transport.errors import MalformedPacket
 from tools.bench.protocol import workload
 

@@ -36,11 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import broker as gwbroker
-from gateway import db, readings, registry
 from gateway import proto as gwproto
-from gateway.pki import Pki
-from gateway.service import read_status
+from gateway.security.pki import Pki
+from gateway.store import db, readings
+from gateway.store import devices as registry
+from gateway.store.status import read_status
+from gateway.transport import broker as gwbroker
 from tools.sim.node import BOARDS_DIR, FIRMWARE_DIR, ROOT, SimNode, micropython_binary
 
 FLOOR_SCRIPT = Path(__file__).with_name("node_floor.py")

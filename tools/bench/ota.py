@@ -2,7 +2,7 @@
 
 Measured: the firmware's Ed25519 verify on the unix port (tools/bench/ed25519.py, with its
 ESP32 estimate and how it is made) and the image sizes of real sim and ESP32 builds.
-Computed from the gateway's own rules (gateway.ota chunking, gateway.downlink budget):
+Computed from the gateway's own rules (gateway.store.ota_store chunking, gateway.pipeline.downlink budget):
 wakes and bytes on air to deliver 100 KB at the sensor class's limits. The per-frame
 overhead model: MQTT PUBLISH (fixed header, topic, packet id) and its PUBACK, each in one
 TLS 1.3 record (5-byte header, 1-byte content type, 16-byte AEAD tag).
@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gateway import ota, proto
-from gateway.downlink import DownlinkConfig
+from gateway import proto
+from gateway.config import DownlinkConfig
+from gateway.store import ota_store
 
 TLS_RECORD = 5 + 1 + 16
 PENDING_WAKE_S = 30  # firmware/app.py: a node told "more pending" wakes again after this
@@ -54,7 +55,7 @@ def figures(measure_crypto: bool = True) -> dict[str, Any]:
             out[f"image_bytes_{board}"] = m.total_size
             out[f"manifest_bytes_{board}"] = len(m.to_bytes())
     limits = proto.DEVICE_CLASSES["sensor"]
-    cs = ota.chunk_size_for(limits)
+    cs = ota_store.chunk_size_for(limits)
     chunks = math.ceil(IMAGE_100KB / cs) + math.ceil((2 + out["manifest_bytes_sim"]) / cs)
     frame = len(proto.encode_ota_chunk(proto.OtaChunk(1, 2, 1, bytes(cs))))
     # The planner's rule: room in the window, and bytes within budget_bytes_per_min over

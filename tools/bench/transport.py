@@ -364,7 +364,7 @@ async def _measure(scale: Scale, t: Target, broker_pid: int | None,
 
 
 def measure(scale: Scale = Scale(), payload: bytes | None = None) -> dict[str, Any]:
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
     from tools.bench.gateway import BenchError as GatewayBenchError
     from tools.bench.gateway import Mosquitto
     from tools.bench.loadgen import Frames

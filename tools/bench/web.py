@@ -88,7 +88,9 @@ def fill(db_path: Path, names: list[str], load: set[str], months: list[str], sca
     the readings stored. The load generator's devices get no readings here (their message
     ids start at 1 in the benchmark)."""
     import gateway.proto as p
-    from gateway import db, downlink, readings, registry
+    from gateway.pipeline import downlink
+    from gateway.store import db, readings
+    from gateway.store import devices as registry
 
     def hello(k: int) -> p.Hello:
         return p.Hello(1, 7, p.BootCause.TIMER, 3300 - k % 700, -55 - k % 30, 40_000, 0, 0, 300,
@@ -225,7 +227,7 @@ def _ms(v: float | None) -> float | None:
 
 
 def measure(scale: Scale = Scale(), workdir: Path | None = None) -> dict[str, Any]:
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
 
     owned = workdir is None
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-web-")) if workdir is None else workdir

@@ -9,20 +9,27 @@ The bootloader's own modules are not part of an image: OTA never replaces the bo
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway import proto
+# The manifest model is the gateway's (it verifies images); re-exported for the build tools.
+from gateway.security.manifest import BOOTLOADER_VERSION as BOOTLOADER_VERSION
+from gateway.security.manifest import MANIFEST as MANIFEST
+from gateway.security.manifest import MAX_MANIFEST as MAX_MANIFEST
+from gateway.security.manifest import SIGNATURE as SIGNATURE
+from gateway.security.manifest import FileEntry as FileEntry
+from gateway.security.manifest import ImageError as ImageError
+from gateway.security.manifest import Manifest as Manifest
+from gateway.security.manifest import check_files as check_files
+from gateway.security.manifest import read_manifest as read_manifest
+from gateway.security.manifest import verify_image as verify_image
 from tools import venvbin
 from tools.fw import keys
 
@@ -43,70 +50,9 @@ BOARD_ARCH: dict[str, str | None] = {
 BOOTLOADER_MODULES = frozenset(
     {"boot", "bootstate", "bootwire", "slots", "trusted_keys", "ed25519", "sha512", "fleet_keys"}
 )
-BOOTLOADER_VERSION = proto.BOOTLOADER_VERSION  # the bootloader an image needs at least
-MAX_MANIFEST = proto.MAX_MANIFEST  # the OTA_MANIFEST frame's manifest field
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
 SLOTS = ("a", "b")
 
 _IMPORT_RE = re.compile(r"^\s*(?:import|from)\s+([A-Za-z_][A-Za-z0-9_]*)", re.MULTILINE)
-
-
-class ImageError(Exception):
-    """An image cannot be built, signed, verified or installed; the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class FileEntry:
-    path: str
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    version: int
-    display: str
-    board: str
-    files: tuple[FileEntry, ...]
-    min_bootloader: int = 1
-    key_id: str = ""
-
-    def to_bytes(self) -> bytes:
-        obj = {
-            "board": self.board,
-            "display": self.display,
-            "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in self.files],
-            "key_id": self.key_id,
-            "min_bootloader": self.min_bootloader,
-            "version": self.version,
-        }
-        return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-    @property
-    def total_size(self) -> int:
-        return sum(f.size for f in self.files)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Manifest:
-        try:
-            obj: dict[str, Any] = json.loads(data)
-            files = tuple(
-                FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in obj["files"]
-            )
-            m = cls(
-                version=int(obj["version"]),
-                display=str(obj.get("display", "")),
-                board=str(obj["board"]),
-                files=files,
-                min_bootloader=int(obj.get("min_bootloader", 1)),
-                key_id=str(obj.get("key_id", "")),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ImageError(f"manifest is malformed: {exc}") from exc
-        if m.to_bytes() != data:
-            raise ImageError("manifest is not canonical JSON (sorted keys, no spaces)")
-        return m
 
 
 def mpy_cross_binary() -> str:
@@ -210,15 +156,6 @@ def build_image(
     return manifest
 
 
-def read_manifest(image_dir: Path) -> Manifest:
-    path = image_dir / MANIFEST
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageError(f"{image_dir} is not an image directory (no {MANIFEST})") from exc
-    return Manifest.from_bytes(data)
-
-
 def sign_image(image_dir: Path, private_key: Ed25519PrivateKey) -> Manifest:
     """Set the manifest's key id, rewrite it and sign its exact bytes."""
     manifest = read_manifest(image_dir)
@@ -228,34 +165,6 @@ def sign_image(image_dir: Path, private_key: Ed25519PrivateKey) -> Manifest:
     data = manifest.to_bytes()
     (image_dir / MANIFEST).write_bytes(data)
     (image_dir / SIGNATURE).write_bytes(private_key.sign(data))
-    return manifest
-
-
-def check_files(image_dir: Path, manifest: Manifest) -> None:
-    for f in manifest.files:
-        path = image_dir / f.path
-        if not path.exists():
-            raise ImageError(f"missing file {f.path}")
-        data = path.read_bytes()
-        if len(data) != f.size or hashlib.sha256(data).hexdigest() != f.sha256:
-            raise ImageError(f"file {f.path} does not match the manifest (size or SHA-256)")
-
-
-def verify_image(image_dir: Path, public_key: bytes) -> Manifest:
-    """Check what the bootloader checks: key id, signature, every file's size and hash."""
-    manifest = read_manifest(image_dir)
-    try:
-        sig = (image_dir / SIGNATURE).read_bytes()
-    except OSError as exc:
-        raise ImageError(f"image is not signed (no {SIGNATURE})") from exc
-    kid = keys.key_id(public_key)
-    if manifest.key_id != kid:
-        raise ImageError(f"manifest is signed by key {manifest.key_id or '(none)'}, not {kid}")
-    try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(sig, (image_dir / MANIFEST).read_bytes())
-    except InvalidSignature as exc:
-        raise ImageError("manifest signature does not verify") from exc
-    check_files(image_dir, manifest)
     return manifest
 
 

@@ -8,22 +8,23 @@ the raw 32-byte key.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+# The key model is the gateway's (it verifies signatures); re-exported for the build tools.
+from gateway.security.manifest import KeyFileError as KeyFileError
+from gateway.security.manifest import key_id as key_id
+from gateway.security.manifest import load_public as load_public
+from gateway.security.manifest import public_raw as public_raw
 
 PRIVATE_NAME = "firmware-signing.key"
 PUBLIC_NAME = "firmware-signing.pub"
 FLEET_KEYS_NAME = "fleet_keys.py"
-
-
-class KeyFileError(Exception):
-    """A key file is missing, malformed or too widely readable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,14 +33,6 @@ class KeyPaths:
     public: Path
     fleet_keys: Path
     key_id: str
-
-
-def key_id(public_raw: bytes) -> str:
-    return hashlib.sha256(public_raw).hexdigest()[:8]
-
-
-def public_raw(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def fleet_keys_source(keys: dict[str, bytes]) -> str:
@@ -91,26 +84,3 @@ def load_private(path: Path) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{path} is not an Ed25519 key")
     return key
-
-
-def load_public(path: Path) -> bytes:
-    """A raw 32-byte public key from a .pub file (hex) or a PEM public key."""
-    try:
-        text = path.read_text().strip()
-    except (OSError, UnicodeError) as exc:
-        raise KeyFileError(f"cannot read public key {path}") from exc
-    if text.startswith("-----BEGIN"):
-        try:
-            key = serialization.load_pem_public_key(text.encode())
-        except ValueError as exc:
-            raise KeyFileError(f"{path} is not a PEM public key") from exc
-        if not isinstance(key, Ed25519PublicKey):
-            raise KeyFileError(f"{path} is not an Ed25519 key")
-        return public_raw(key)
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError as exc:
-        raise KeyFileError(f"{path} is not a hex public key") from exc
-    if len(raw) != 32:
-        raise KeyFileError(f"{path} holds {len(raw)} bytes, an Ed25519 public key has 32")
-    return raw

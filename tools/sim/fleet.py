@@ -599,7 +599,7 @@ def issue_credentials(
     """Per device: its certificate serial (hex) and the DER files for its flash, issued by
     the fleet PKI, or reused when the device has a valid certificate already."""
     from gateway.errors import GatewayError
-    from gateway.pki import Pki
+    from gateway.security.pki import Pki
 
     pki = Pki(pki_dir)
     if not pki.ca_pem.exists():
@@ -622,8 +622,9 @@ def issue_credentials(
 
 def register_devices(db_path: Path, serials: dict[str, str], device_class: str) -> None:
     """Register the devices in the gateway's registry (those not there yet)."""
-    from gateway import db, registry
     from gateway.errors import GatewayError
+    from gateway.store import db
+    from gateway.store import devices as registry
 
     try:
         conn = db.open_db(db_path)
@@ -664,7 +665,7 @@ def write_node_flash(
 def check_store(db_path: Path, sampled: dict[str, set[int]]) -> tuple[int, int, int]:
     """(readings of these devices in the gateway's store, sampled readings missing from it,
     extra copies of stored readings) — read-only, while the gateway may be running."""
-    from gateway import readings
+    from gateway.store import readings
 
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     try:

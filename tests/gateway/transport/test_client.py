@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from gateway import broker as gwbroker
-from gateway.pki import Credentials, DeviceCredentials, Pki
+from gateway.security.pki import Credentials, DeviceCredentials, Pki
+from gateway.transport import broker as gwbroker
 from gateway.transport import codec
 from gateway.transport.client import ClientOptions, MqttClient
 from gateway.transport.codec import Publish

@@ -6,8 +6,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from gateway import db, deadletter, downlink, proto, readings, registry
-from gateway import queue as q
+from gateway import proto
+from gateway.pipeline import downlink
+from gateway.store import db, deadletter, readings
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 
 INTERVAL_S = 300
 

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway import db, readings, registry
-from gateway import queue as q
 from gateway.config import WebConfig
+from gateway.store import db, readings
+from gateway.store import devices as registry
+from gateway.store import downlink_queue as q
 from gateway.web.app import make_app
 from gateway.web.auth import hash_password
 from tests.gateway.web.fleetdb import burst, fill

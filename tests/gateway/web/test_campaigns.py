@@ -1,5 +1,6 @@
 """The Campaigns page, its API and the campaign metrics, on a real SQLite file with a real
-signed sim image and a campaign moved by real OTA_STATUS frames through gateway.ota."""
+signed sim image and a campaign moved by real OTA_STATUS frames through the gateway's
+OTA delivery."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import db, ota, proto
+from gateway import proto
 from gateway.config import WebConfig
+from gateway.ops import ota as ota_ops
+from gateway.pipeline.ota_delivery import OtaHandler
+from gateway.store import db
+from gateway.store import ota_store as ota
 from gateway.web.app import make_app
 from tests.gateway.web.fleetdb import fill
 from tools.fw import image, keys
@@ -30,7 +35,7 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
 
 def _status(conn: object, device: str, state: proto.OtaState, chunks: int = 0,
             reason: proto.OtaReason = proto.OtaReason.NONE) -> None:
-    h = ota.OtaHandler()
+    h = OtaHandler()
     with db.transaction(conn):  # type: ignore[arg-type]
         h.handle(conn, [(device, proto.OtaStatus(1, 8, state, chunks, reason))], [],  # type: ignore[arg-type]
                  time.time())
@@ -41,7 +46,7 @@ def test_campaign_progress_per_state(tmp_path: Path, signed: tuple[Path, bytes])
     path = tmp_path / "gateway.db"
     ids = fill(path, devices=8, readings_per_device=0)
     conn = db.open_db(path)
-    img = ota.import_image(conn, signed[0], public_key=signed[1])
+    img = ota_ops.import_image(conn, signed[0], public_key=signed[1])
     served = [d for d in ids if d != "node-001"]  # node-001 is quarantined
     first = ota.create_campaign(conn, img.id, served[:2], rate=2)
     ota.cancel_campaign(conn, first)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway import db, readings
 from gateway.config import WebConfig
+from gateway.store import db, readings
 from gateway.web.app import Charts, make_app
 from tests.gateway.web.fleetdb import burst, fill
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import db
 from gateway.config import WebConfig
 from gateway.ops import fleet, metrics
+from gateway.store import db
 from gateway.web.app import make_app
 from tests.gateway.web.fleetdb import fill
 

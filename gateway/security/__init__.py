@@ -1,0 +1,1 @@
+"""Security: the fleet PKI, credential lifetimes and the signed firmware manifest model."""
