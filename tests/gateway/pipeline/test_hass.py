@@ -27,7 +27,7 @@ from gateway.store import db
 from gateway.store import devices as registry
 from tests.fixtures.broker import RunningBroker
 from tests.gateway.pipeline.test_ingest import Node, aio, provision, running
-from tests.gateway.test_rules import Sender, until
+from tests.gateway.pipeline.test_rules import Sender, until
 
 # ---------------------------------------------------------------- Home Assistant's schema
 # From Home Assistant's MQTT documentation: the discovery topic, the abbreviations it

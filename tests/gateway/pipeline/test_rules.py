@@ -29,7 +29,7 @@ from gateway.store import downlink_queue as q
 from tests.fixtures.broker import RunningBroker
 from tests.gateway.pipeline.test_ingest import Node, aio, provision, running
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 T0 = 1_700_000_000
 DAY = 86_400
 
