@@ -481,7 +481,7 @@ class TickResult:
 
 class Engine:
     """The rules in force and their state. Every method runs on the database writer
-    thread (gateway.db.Writer) with the gateway's connection."""
+    thread (gateway.store.db.Writer) with the gateway's connection."""
 
     def __init__(self, ruleset: RuleSet, *, upstream: UpstreamConfig | None = None,
                  gateway_id: str = "torpor-gateway", grace_s: float = 30.0,
