@@ -80,6 +80,7 @@ class Wake:
     cause = 0
     safe = False
     now = 0  # unix s at boot
+    clock_t0 = 0  # the clock at t0, unix ms
     period = 60
     mv = 0
     alarm = False
@@ -112,6 +113,7 @@ class Wake:
         self.cfg = cfg = config.Config(board.FS_ROOT)
         self.st = st = state.State(board, board.FS_ROOT)
         self.now = board.time()
+        self.clock_t0 = board.time_ms() - _ms_since(self.t0)
         # Armed before anything that can hang (flash, sensors, radio, DNS, TLS); under the
         # bootloader this re-arms the watchdog it started for its checks.
         try:
@@ -563,6 +565,7 @@ class Wake:
             log.warn("gateway time %d refused: not a plausible time", t)
             return
         self.now += step  # the wake's start, on the clock it now keeps
+        self.clock_t0 = board.time_ms() - _ms_since(self.t0)
         if not was or step > 2 or step < -2:
             log.info("clock set from the gateway: %d s step", step)
 
@@ -577,7 +580,8 @@ class Wake:
     def plan_sleep(self):
         """Milliseconds to sleep: to the next grid point, or what the gateway asked."""
         elapsed = _ms_since(self.t0)
-        now_ms = self.now * 1000 + elapsed
+        # In ms: from the clock's whole seconds every wake landed up to 1 s late.
+        now_ms = self.clock_t0 + elapsed
         if self.sleep_req:
             ms = self.sleep_req * 1000
         else:
