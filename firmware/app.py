@@ -186,8 +186,9 @@ class Wake:
         temp = max(-32768, min(32767, temp))
         hum = max(0, min(65535, hum))
         # On the grid when the wake is on time (a regular burst packs small), the true time
-        # otherwise: a late wake's reading is stamped when it was taken.
-        ts = self.now
+        # otherwise: a late wake's reading is stamped when it was taken. Read at the sample,
+        # not at boot: the boot and the app's start before it would stamp it early.
+        ts = ((board.time_ms() + 500) // 1000) & 0xFFFFFFFF
         g = self.slot(ts)
         if -1 <= g - ts <= 1:
             ts = g
