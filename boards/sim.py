@@ -517,7 +517,7 @@ def _world_acquire():
         f.write(_dir)
     waited = _time.ticks_diff(_time.ticks_ms(), t0)
     _skip_ms -= waited
-    _phase_t = _time.ticks_add(_phase_t, waited)
+    _phase_t = _time.ticks_ms()  # the wait is not booked to the phase
     _world_held = True
     if waited > 0:
         _control("froze %d" % waited)
