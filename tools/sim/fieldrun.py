@@ -630,7 +630,8 @@ def _field(args: argparse.Namespace) -> int:
         )
         if opts.nodes < 1 or opts.days <= 0 or opts.time_scale <= 0:
             raise FieldRunError("--nodes, --days and --time-scale must be positive")
-        result = asyncio.run(FieldRun(opts).run())
+        runner = FieldRun(opts)
+        result = asyncio.run(runner.run())
     except (ProfileError, ValueError, SimError) as exc:
         raise CliError(str(exc)) from exc
     if result is None:
@@ -639,5 +640,8 @@ def _field(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict()))
     else:
         print("\n".join(format_result(result)))
+    if runner.interrupted:
+        print("torpor sim field: interrupted (the figures cover the days that ran)", file=sys.stderr)
+        return 130
     return 0 if result.ok else 1
 
