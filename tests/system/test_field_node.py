@@ -183,7 +183,7 @@ def test_a_command_expired_by_the_gateways_time_is_not_run(stack: Stack) -> None
         # A window long enough to hold the node in its first command past the second's TTL.
         # The controller class's downlink budget: after a cold boot the next wake may be
         # seconds away, and a sensor's budget for that holds one command.
-        node = stack.add_node("f3", seed=23, device_class="controller", awake_window_ms=8000,
+        node = stack.add_node("f3", seed=23, device_class="controller", awake_window_ms=20000,
                               awake_budget_ms=30000)
         first = send(stack, "f3", "ping", flags=("--priority", "5"))
         # Long enough to reach the node through a cold association and TLS handshake, on a
@@ -211,8 +211,11 @@ def test_a_command_expired_by_the_gateways_time_is_not_run(stack: Stack) -> None
 def test_readings_after_a_cold_boot_are_stored_at_their_true_time(stack: Stack) -> None:
     async def main() -> None:
         stack.start()
+        # In real time against the gateway's real clock, so on the kind board: a profile's
+        # charged delays would move the node's true time ahead of the gateway's. The field
+        # run (test_field_month.py) holds stamps to the true time on the hostile board.
         node = stack.add_node("f4", seed=24, time_scale=1, start_ms=None, sample_interval_s=3,
-                              send_every=3, align_s=3)
+                              send_every=3, align_s=3, field=FieldModel.named("ideal"))
         _cold_clock(node)
         await node.wake(7, wall_limit_s=120)
         # The last wake's sleep is not waited for by the sim: wait for real time to reach
