@@ -80,6 +80,7 @@ class Wake:
     cause = 0
     safe = False
     now = 0  # unix s at boot
+    clock_t0 = 0  # the clock at t0, unix ms
     period = 60
     mv = 0
     alarm = False
@@ -112,6 +113,7 @@ class Wake:
         self.cfg = cfg = config.Config(board.FS_ROOT)
         self.st = st = state.State(board, board.FS_ROOT)
         self.now = board.time()
+        self.clock_t0 = board.time_ms() - _ms_since(self.t0)
         # Armed before anything that can hang (flash, sensors, radio, DNS, TLS); under the
         # bootloader this re-arms the watchdog it started for its checks.
         try:
@@ -184,8 +186,9 @@ class Wake:
         temp = max(-32768, min(32767, temp))
         hum = max(0, min(65535, hum))
         # On the grid when the wake is on time (a regular burst packs small), the true time
-        # otherwise: a late wake's reading is stamped when it was taken.
-        ts = self.now
+        # otherwise: a late wake's reading is stamped when it was taken. Read at the sample,
+        # not at boot: the boot and the app's start before it would stamp it early.
+        ts = ((board.time_ms() + 500) // 1000) & 0xFFFFFFFF
         g = self.slot(ts)
         if -1 <= g - ts <= 1:
             ts = g
@@ -583,6 +586,7 @@ class Wake:
             log.warn("gateway time %d refused: not a plausible time", t)
             return
         self.now += step  # the wake's start, on the clock it now keeps
+        self.clock_t0 = board.time_ms() - _ms_since(self.t0)
         if not was or step > 2 or step < -2:
             log.info("clock set from the gateway: %d s step", step)
 
@@ -597,7 +601,8 @@ class Wake:
     def plan_sleep(self):
         """Milliseconds to sleep: to the next grid point, or what the gateway asked."""
         elapsed = _ms_since(self.t0)
-        now_ms = self.now * 1000 + elapsed
+        # In ms: from the clock's whole seconds every wake landed up to 1 s late.
+        now_ms = self.clock_t0 + elapsed
         if self.sleep_req:
             ms = self.sleep_req * 1000
         else:
@@ -640,10 +645,14 @@ def _report(w, sleep_ms, a0):
     )
 
 
-def run():
+def run(t0=None):
+    """One wake; t0 is its start in ticks when the caller took it before importing this
+    module (the awake budget then counts the imports)."""
     gc.collect()
     a0 = gc.mem_alloc()
     w = Wake()
+    if t0 is not None:
+        w.t0 = t0
     sleep_ms = CONFIG_ERROR_SLEEP_S * 1000
     completed = False
     try:

@@ -176,6 +176,7 @@ def test_sleep_lands_on_the_grid_and_hints_shorten_it():
     w.cfg = config.Config(sim.FS_ROOT)
     w.period = 60
     w.now = 1767225600 + 59  # woke a second early for the :01:00 slot
+    w.clock_t0 = w.now * 1000
     mpunit.eq(w.slot(w.now), 1767225660)
     mpunit.eq(w.slot(1767225600 + 61), 1767225660)
     ms = w.plan_sleep()
