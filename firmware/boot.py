@@ -27,66 +27,158 @@ def _log(msg):
     print("boot: " + msg)
 
 
-def _recover(root):
-    # No state record (never provisioned, or lost): take the newest slot that checks out
-    # completely and confirm it; its version becomes the floor.
-    best = None
-    for slot in ("a", "b"):
-        reason, m = slots.check(root, slot, True)
-        if not reason and (best is None or m["version"] > best[1]):
-            best = (slot, m["version"])
-    if best is None:
-        return None
-    st = bootstate.new(best[0], best[1])
-    bootstate.save(root, st)
-    _log("recovered state: slot %s v%d" % best)
-    return st
+# ---- the decision table -------------------------------------------------------------
+# Which image a boot starts is read from this table, in MCUboot's manner (its swap tables and
+# the states of its design notes): the first row whose conditions all hold gives the action.
+# A condition is (fact, value); a fact a row does not name does not matter to it. Facts come
+# from the state record and the boot cause, or from checking a slot; a check runs only when
+# a row asks for it, so the other slot is checked only once the confirmed one failed.
+# docs/bootloader.md prints this table (tools/fw/boot_table.py; a test fails on drift). The
+# comment after each fact and action is its text there.
+
+# facts
+F_RECORD = const(0)  # a valid state record is on flash
+F_ANY_OK = const(1)  # a slot passes the full check (signature, sizes, hashes)
+F_TRIAL = const(2)  # the record names a slot on trial
+F_CRASH = const(3)  # the trial has started a boot and this boot's cause is a crash or watchdog reset
+F_USED = const(4)  # the trial's boots are used: `tboots` - `nonet` >= `max`
+F_OUTAGE = const(5)  # the trial's outage budget is used: `nonet` > `nmax`
+F_TRIAL_OK = const(6)  # the trial slot passes the full check and holds version `tver`
+F_ACTIVE_OK = const(7)  # the confirmed slot passes its boot check (signature, or its seal on a timer wake; sizes) and holds version `ver`
+F_OTHER_OK = const(8)  # the other slot passes the full check
+
+# actions
+RECOVER = const(0)  # write a new record confirming the newest slot that passes the full check, then read the table again
+REVERT = const(1)  # end the trial (`ota` = reverted, with the reason), save, then read the table again
+START_TRIAL = const(2)  # count the trial boot (`tboots` + 1) and save it before the trial image starts, then start it
+START_ACTIVE = const(3)  # start the confirmed slot
+FALL_BACK = const(4)  # the other slot becomes the confirmed one (`floor` unchanged; `ota` = reverted with the reason), save, start it
+SLEEP = const(5)  # start nothing: deep sleep an hour and try again
+
+_CHECKS = const(-1)  # reason: the one the failed check gave
+
+TABLE = (
+    # (conditions), action, ota_reason
+    (((F_RECORD, 0), (F_ANY_OK, 1)), RECOVER, bootstate.NONE),
+    (((F_RECORD, 0), (F_ANY_OK, 0)), SLEEP, bootstate.NONE),
+    (((F_TRIAL, 1), (F_CRASH, 1)), REVERT, bootstate.CRASHED),
+    (((F_TRIAL, 1), (F_USED, 1)), REVERT, bootstate.HEALTH_CHECK),
+    (((F_TRIAL, 1), (F_OUTAGE, 1)), REVERT, bootstate.HEALTH_CHECK),
+    (((F_TRIAL, 1), (F_TRIAL_OK, 0)), REVERT, _CHECKS),
+    (((F_TRIAL, 1), (F_TRIAL_OK, 1)), START_TRIAL, bootstate.NONE),
+    (((F_TRIAL, 0), (F_ACTIVE_OK, 1)), START_ACTIVE, bootstate.NONE),
+    (((F_TRIAL, 0), (F_ACTIVE_OK, 0), (F_OTHER_OK, 1)), FALL_BACK, _CHECKS),
+    (((F_TRIAL, 0), (F_ACTIVE_OK, 0), (F_OTHER_OK, 0)), SLEEP, bootstate.NONE),
+)
+
+
+class _Boot:
+    # The facts of one boot, each found once, when a row first asks for it.
+
+    def __init__(self, root, cause):
+        self.root = root
+        self.cause = cause
+        self.st = bootstate.load(root)
+        self.known = {}
+        self.reason = bootstate.NONE  # of the last failed check
+        self.found = ("", 0)  # (slot, version) the last passed check found
+
+    def fact(self, f):
+        v = self.known.get(f)
+        if v is None:
+            v = self.known[f] = self._find(f)
+        return v
+
+    def _check(self, role, slot, full, version=0, use_seal=False):
+        reason, m = slots.check(self.root, slot, full, use_seal=use_seal)
+        if not reason and version and m["version"] != version:
+            reason = bootstate.BAD_MANIFEST
+        if reason:
+            _log("%s slot %s does not check out: reason %d" % (role, slot, reason))
+            self.reason = reason
+            return 0
+        self.found = (slot, m["version"])
+        return 1
+
+    def _find(self, f):
+        st = self.st
+        if f == F_RECORD:
+            return 0 if st is None else 1
+        if f == F_ANY_OK:
+            best = None
+            for slot in ("a", "b"):
+                if self._check("recovery", slot, True) and (best is None or self.found[1] > best[1]):
+                    best = self.found
+            if best is None:
+                return 0
+            self.found = best
+            return 1
+        if f == F_TRIAL:
+            return 1 if st["trial"] else 0
+        if f == F_CRASH:
+            return 1 if bootstate.crash_reset(st, self.cause) else 0
+        if f == F_USED:
+            return 1 if bootstate.boots_used(st) else 0
+        if f == F_OUTAGE:
+            return 1 if bootstate.outage_used(st) else 0
+        if f == F_TRIAL_OK:
+            return self._check("trial", st["trial"], True, st["tver"])
+        if f == F_ACTIVE_OK:
+            # A wake from deep sleep (the common boot of a battery node) takes the signature
+            # from the slot's seal when (key, signature, manifest) are the bytes verified
+            # before; any other boot cause verifies it again.
+            return self._check("confirmed", st["active"], False, st["ver"], self.cause == board.TIMER)
+        # F_OTHER_OK: the image before the last update, say
+        return self._check("other", bootstate.other(st["active"]), True)
+
+    def row(self):
+        for conds, action, reason in TABLE:
+            for f, want in conds:
+                if self.fact(f) != want:
+                    break
+            else:
+                return action, self.reason if reason == _CHECKS else reason
+        return SLEEP, bootstate.NONE  # not reached: the last rows cover every record
 
 
 def choose(root, cause):
-    """(slot, version, on_trial) to start, after applying the trial rules; None if none."""
-    st = bootstate.load(root)
-    if st is None:
-        st = _recover(root)
-        if st is None:
-            return None
-    if st["trial"]:
-        reason = bootstate.trial_verdict(st, cause)
-        if not reason:
-            reason, m = slots.check(root, st["trial"], True)
-            if not reason and m["version"] != st["tver"]:
-                reason = bootstate.BAD_MANIFEST
-        if reason:
+    """(slot, version, on_trial) to start, as the table says; None to start nothing."""
+    b = _Boot(root, cause)
+    # A revert or a recovery changes the record, and the table is read again: at most one
+    # of each comes before a start, a fall-back or a sleep.
+    for _ in range(3):
+        action, reason = b.row()
+        st = b.st
+        if action == RECOVER:
+            slot, version = b.found
+            b.st = bootstate.new(slot, version)
+            bootstate.save(root, b.st)
+            _log("recovered state: slot %s v%d" % (slot, version))
+        elif action == REVERT:
             _log("revert v%d in slot %s: reason %d" % (st["tver"], st["trial"], reason))
             bootstate.revert(st, reason)
             bootstate.save(root, st)
-        else:
+        elif action == START_TRIAL:
             # Counted before the trial image runs: a trial boot that never gets to confirm
             # (reset, power cut, crash) is seen at the next boot.
             bootstate.count_trial_boot(st)
             bootstate.save(root, st)
             _keep_report(st)
             return st["trial"], st["tver"], True
-    # A wake from deep sleep (the common boot of a battery node) takes the signature from
-    # the slot's seal when (key, signature, manifest) are the bytes verified before; any
-    # other boot cause verifies it again.
-    reason, m = slots.check(root, st["active"], False, use_seal=cause == board.TIMER)
-    if reason or m["version"] != st["ver"]:
-        _log("confirmed slot %s does not check out: reason %d" % (st["active"], reason))
-        # The other slot (the image before the last update, say) runs if it verifies
-        # completely; only when neither does the node sleep and retry.
-        alt = bootstate.other(st["active"])
-        r2, m2 = slots.check(root, alt, True)
-        if r2:
-            _log("slot %s does not check out either: reason %d" % (alt, r2))
+        elif action == START_ACTIVE:
+            _keep_report(st)
+            return st["active"], st["ver"], False
+        elif action == FALL_BACK:
+            slot, version = b.found
+            _log("falling back to slot %s v%d" % (slot, version))
+            bootstate.fall_back(st, slot, version, reason or bootstate.BAD_MANIFEST)
+            bootstate.save(root, st)
+            _keep_report(st)
+            return slot, version, False
+        else:
             return None
-        _log("falling back to slot %s v%d" % (alt, m2["version"]))
-        bootstate.fall_back(st, alt, m2["version"], reason or bootstate.BAD_MANIFEST)
-        bootstate.save(root, st)
-        _keep_report(st)
-        return alt, m2["version"], False
-    _keep_report(st)
-    return st["active"], st["ver"], False
+        b.known = {}  # the record changed: every fact is found again
+    return None
 
 
 def _keep_report(st):
@@ -144,4 +236,7 @@ def run():
         _crashed(root, slot, exc)
 
 
-run()
+# Started as the bootloader: `import boot` from the flash's /boot.py, or `micropython -m boot`
+# on the sim board. The table's tests load this file under another name and call choose().
+if __name__ == "boot" or __name__ == "__main__":
+    run()

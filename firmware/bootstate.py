@@ -182,16 +182,23 @@ def set_trial(st, slot, version, max_boots=1, outage_boots=OUTAGE_BOOTS):
     st["rver"] = version
 
 
-def trial_verdict(st, cause):
-    """At boot with a trial pending: NONE if the trial image may start (again), else the
-    reason to revert it: it crashed or hung (a watchdog, at once), or used its boots
-    unconfirmed. A boot the image ended cleanly but could not reach the gateway (the
-    network was down: no_network()) is not held against it, up to `nmax` of them."""
-    if st["tboots"] > 0 and (cause == _CAUSE_CRASH or cause == _CAUSE_WATCHDOG):
-        return CRASHED
-    if st["tboots"] - st["nonet"] >= st["max"] or st["nonet"] > st["nmax"]:
-        return HEALTH_CHECK
-    return NONE
+# What the bootloader's decision table (boot.py) reads from a record with a trial pending.
+
+def crash_reset(st, cause):
+    """The trial image has started a boot and this boot's cause says it crashed or hung (a
+    watchdog reset): reverted at once."""
+    return st["tboots"] > 0 and (cause == _CAUSE_CRASH or cause == _CAUSE_WATCHDOG)
+
+
+def boots_used(st):
+    """The trial has used its boots without confirming. A boot the image ended cleanly but
+    could not reach the gateway (the network was down: no_network()) is not held against
+    it; outage_used() bounds those."""
+    return st["tboots"] - st["nonet"] >= st["max"]
+
+
+def outage_used(st):
+    return st["nonet"] > st["nmax"]
 
 
 def no_network(st):
