@@ -1105,8 +1105,9 @@ def decode(buf):
 
 
 # Frames read in place (the spec's [in_place]). When end = in_place(p) is not 0, p is a
-# plain frame of type p[1]: required field X at <FRAME>_AT_X, optional field Y at
-# opt_at(p, end, <FRAME>_TAG_Y). Any other frame goes to decode(), which accepts or refuses it.
+# plain frame of type p[1] and read_<frame>(p, end) gives its fixed fields; required field X
+# sits at <FRAME>_AT_X, optional field Y at opt_at(p, end, <FRAME>_TAG_Y). Any other frame
+# goes to decode(), which accepts or refuses it.
 ACK_AT_CUMULATIVE = const(6)
 ACK_TAG_TIME = const(3)
 ACK_TAG_PENDING = const(4)
@@ -1145,3 +1146,19 @@ def in_place(p):
         j += 2
         off += 2 + p[off + 1]
     return end
+
+
+def read_ack(p, end):
+    # ACK read in place (end = in_place(p)): (cumulative, time, pending); an absent optional field has its default
+    o = opt_at(p, end, 3)
+    v_time = _rd(p, o, 4, False) if o else 0
+    o = opt_at(p, end, 4)
+    v_pending = _rd(p, o, 1, False) if o else 0
+    return (_rd(p, 6, 4, False), v_time, v_pending)
+
+
+def read_sleep_now(p, end):
+    # SLEEP_NOW read in place (end = in_place(p)): (sleep_s, pending); an absent optional field has its default
+    o = opt_at(p, end, 2)
+    v_pending = _rd(p, o, 1, False) if o else 0
+    return (_rd(p, 6, 4, False), v_pending)
