@@ -1,8 +1,9 @@
-# The bootloader: what a node runs first. It reads the state record, reverts a failed trial,
-# checks the image it is about to start and starts it: that slot's directory goes first on
-# sys.path and `main` is imported from it. docs/bootloader.md has the states and the
-# power-cut analysis. Checks per boot: the confirmed image gets its manifest signature and
-# file sizes checked; a trial image (first boots of a new version) gets every hash checked.
+# The bootloader: what a node runs first. Its decision table (TABLE below) says, from the
+# state record, the boot cause and the slots' checks, which image starts (or a revert, a
+# fall-back, a sleep); the started slot's directory goes first on sys.path and `main` is
+# imported from it. docs/bootloader.md prints the table and has the power-cut analysis.
+# Checks per boot: the confirmed image gets its manifest signature and file sizes checked;
+# a trial image (first boots of a new version) gets every hash checked.
 import gc
 
 # Heap bytes in use before anything of Torpor loads: the app's memory report counts the whole
