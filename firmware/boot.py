@@ -35,41 +35,42 @@ def _log(msg):
 # from the state record and the boot cause, or from checking a slot; a check runs only when
 # a row asks for it, so the other slot is checked only once the confirmed one failed.
 # docs/bootloader.md prints this table (tools/fw/boot_table.py; a test fails on drift). The
-# comment after each fact and action is its text there.
+# comment after each fact and action is its text there. Facts and actions are compile-time
+# constants (underscored): they cost no heap.
 
 # facts
-F_RECORD = const(0)  # a valid state record is on flash
-F_ANY_OK = const(1)  # a slot passes the full check (signature, sizes, hashes)
-F_TRIAL = const(2)  # the record names a slot on trial
-F_CRASH = const(3)  # the trial has started a boot and this boot's cause is a crash or watchdog reset
-F_USED = const(4)  # the trial's boots are used: `tboots` - `nonet` >= `max`
-F_OUTAGE = const(5)  # the trial's outage budget is used: `nonet` > `nmax`
-F_TRIAL_OK = const(6)  # the trial slot passes the full check and holds version `tver`
-F_ACTIVE_OK = const(7)  # the confirmed slot passes its boot check (signature, or its seal on a timer wake; sizes) and holds version `ver`
-F_OTHER_OK = const(8)  # the other slot passes the full check
+_F_RECORD = const(0)  # a valid state record is on flash
+_F_ANY_OK = const(1)  # a slot passes the full check (signature, sizes, hashes)
+_F_TRIAL = const(2)  # the record names a slot on trial
+_F_CRASH = const(3)  # the trial has started a boot and this boot's cause is a crash or watchdog reset
+_F_USED = const(4)  # the trial's boots are used: `tboots` - `nonet` >= `max`
+_F_OUTAGE = const(5)  # the trial's outage budget is used: `nonet` > `nmax`
+_F_TRIAL_OK = const(6)  # the trial slot passes the full check and holds version `tver`
+_F_ACTIVE_OK = const(7)  # the confirmed slot passes its boot check (signature, or its seal on a timer wake; sizes) and holds version `ver`
+_F_OTHER_OK = const(8)  # the other slot passes the full check
 
 # actions
-RECOVER = const(0)  # write a new record confirming the newest slot that passes the full check, then read the table again
-REVERT = const(1)  # end the trial (`ota` = reverted, with the reason), save, then read the table again
-START_TRIAL = const(2)  # count the trial boot (`tboots` + 1) and save it before the trial image starts, then start it
-START_ACTIVE = const(3)  # start the confirmed slot
-FALL_BACK = const(4)  # the other slot becomes the confirmed one (`floor` unchanged; `ota` = reverted with the reason), save, start it
-SLEEP = const(5)  # start nothing: deep sleep an hour and try again
+_RECOVER = const(0)  # write a new record confirming the newest slot that passes the full check, then read the table again
+_REVERT = const(1)  # end the trial (`ota` = reverted, with the reason), save, then read the table again
+_START_TRIAL = const(2)  # count the trial boot (`tboots` + 1) and save it before the trial image starts, then start it
+_START_ACTIVE = const(3)  # start the confirmed slot
+_FALL_BACK = const(4)  # the other slot becomes the confirmed one (`floor` unchanged; `ota` = reverted with the reason), save, start it
+_SLEEP = const(5)  # start nothing: deep sleep an hour and try again
 
 _CHECKS = const(-1)  # reason: the one the failed check gave
 
 TABLE = (
     # (conditions), action, ota_reason
-    (((F_RECORD, 0), (F_ANY_OK, 1)), RECOVER, bootstate.NONE),
-    (((F_RECORD, 0), (F_ANY_OK, 0)), SLEEP, bootstate.NONE),
-    (((F_TRIAL, 1), (F_CRASH, 1)), REVERT, bootstate.CRASHED),
-    (((F_TRIAL, 1), (F_USED, 1)), REVERT, bootstate.HEALTH_CHECK),
-    (((F_TRIAL, 1), (F_OUTAGE, 1)), REVERT, bootstate.HEALTH_CHECK),
-    (((F_TRIAL, 1), (F_TRIAL_OK, 0)), REVERT, _CHECKS),
-    (((F_TRIAL, 1), (F_TRIAL_OK, 1)), START_TRIAL, bootstate.NONE),
-    (((F_TRIAL, 0), (F_ACTIVE_OK, 1)), START_ACTIVE, bootstate.NONE),
-    (((F_TRIAL, 0), (F_ACTIVE_OK, 0), (F_OTHER_OK, 1)), FALL_BACK, _CHECKS),
-    (((F_TRIAL, 0), (F_ACTIVE_OK, 0), (F_OTHER_OK, 0)), SLEEP, bootstate.NONE),
+    (((_F_RECORD, 0), (_F_ANY_OK, 1)), _RECOVER, bootstate.NONE),
+    (((_F_RECORD, 0), (_F_ANY_OK, 0)), _SLEEP, bootstate.NONE),
+    (((_F_TRIAL, 1), (_F_CRASH, 1)), _REVERT, bootstate.CRASHED),
+    (((_F_TRIAL, 1), (_F_USED, 1)), _REVERT, bootstate.HEALTH_CHECK),
+    (((_F_TRIAL, 1), (_F_OUTAGE, 1)), _REVERT, bootstate.HEALTH_CHECK),
+    (((_F_TRIAL, 1), (_F_TRIAL_OK, 0)), _REVERT, _CHECKS),
+    (((_F_TRIAL, 1), (_F_TRIAL_OK, 1)), _START_TRIAL, bootstate.NONE),
+    (((_F_TRIAL, 0), (_F_ACTIVE_OK, 1)), _START_ACTIVE, bootstate.NONE),
+    (((_F_TRIAL, 0), (_F_ACTIVE_OK, 0), (_F_OTHER_OK, 1)), _FALL_BACK, _CHECKS),
+    (((_F_TRIAL, 0), (_F_ACTIVE_OK, 0), (_F_OTHER_OK, 0)), _SLEEP, bootstate.NONE),
 )
 
 
@@ -103,9 +104,9 @@ class _Boot:
 
     def _find(self, f):
         st = self.st
-        if f == F_RECORD:
+        if f == _F_RECORD:
             return 0 if st is None else 1
-        if f == F_ANY_OK:
+        if f == _F_ANY_OK:
             best = None
             for slot in ("a", "b"):
                 if self._check("recovery", slot, True) and (best is None or self.found[1] > best[1]):
@@ -114,22 +115,22 @@ class _Boot:
                 return 0
             self.found = best
             return 1
-        if f == F_TRIAL:
+        if f == _F_TRIAL:
             return 1 if st["trial"] else 0
-        if f == F_CRASH:
+        if f == _F_CRASH:
             return 1 if bootstate.crash_reset(st, self.cause) else 0
-        if f == F_USED:
+        if f == _F_USED:
             return 1 if bootstate.boots_used(st) else 0
-        if f == F_OUTAGE:
+        if f == _F_OUTAGE:
             return 1 if bootstate.outage_used(st) else 0
-        if f == F_TRIAL_OK:
+        if f == _F_TRIAL_OK:
             return self._check("trial", st["trial"], True, st["tver"])
-        if f == F_ACTIVE_OK:
+        if f == _F_ACTIVE_OK:
             # A wake from deep sleep (the common boot of a battery node) takes the signature
             # from the slot's seal when (key, signature, manifest) are the bytes verified
             # before; any other boot cause verifies it again.
             return self._check("confirmed", st["active"], False, st["ver"], self.cause == board.TIMER)
-        # F_OTHER_OK: the image before the last update, say
+        # _F_OTHER_OK: the image before the last update, say
         return self._check("other", bootstate.other(st["active"]), True)
 
     def row(self):
@@ -139,7 +140,7 @@ class _Boot:
                     break
             else:
                 return action, self.reason if reason == _CHECKS else reason
-        return SLEEP, bootstate.NONE  # not reached: the last rows cover every record
+        return _SLEEP, bootstate.NONE  # not reached: the last rows cover every record
 
 
 def choose(root, cause):
@@ -150,26 +151,26 @@ def choose(root, cause):
     for _ in range(3):
         action, reason = b.row()
         st = b.st
-        if action == RECOVER:
+        if action == _RECOVER:
             slot, version = b.found
             b.st = bootstate.new(slot, version)
             bootstate.save(root, b.st)
             _log("recovered state: slot %s v%d" % (slot, version))
-        elif action == REVERT:
+        elif action == _REVERT:
             _log("revert v%d in slot %s: reason %d" % (st["tver"], st["trial"], reason))
             bootstate.revert(st, reason)
             bootstate.save(root, st)
-        elif action == START_TRIAL:
+        elif action == _START_TRIAL:
             # Counted before the trial image runs: a trial boot that never gets to confirm
             # (reset, power cut, crash) is seen at the next boot.
             bootstate.count_trial_boot(st)
             bootstate.save(root, st)
             _keep_report(st)
             return st["trial"], st["tver"], True
-        elif action == START_ACTIVE:
+        elif action == _START_ACTIVE:
             _keep_report(st)
             return st["active"], st["ver"], False
-        elif action == FALL_BACK:
+        elif action == _FALL_BACK:
             slot, version = b.found
             _log("falling back to slot %s v%d" % (slot, version))
             bootstate.fall_back(st, slot, version, reason or bootstate.BAD_MANIFEST)
@@ -211,6 +212,7 @@ def _no_mtime():
 
 
 def run():
+    global TABLE, _Boot, choose
     t0 = time.ticks_ms()
     bootstate.alloc0 = _ALLOC0
     board.init()
@@ -219,6 +221,9 @@ def run():
     if root == "/":
         _no_mtime()
     picked = choose(root, board.boot_cause())
+    # The table and its walk are done with: their code and objects leave the heap before
+    # the image runs.
+    del TABLE, _Boot, choose
     if picked is None:
         _log("no verified image")
         board.deep_sleep(NO_IMAGE_SLEEP_MS)

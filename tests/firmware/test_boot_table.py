@@ -24,7 +24,7 @@ def test_the_doc_prints_the_table_of_the_code() -> None:
 def test_the_table_reads_every_fact_and_action_with_its_text() -> None:
     t = boot_table.read(boot_table.BOOT_PY.read_text())
     assert len(t.rows) == 10
-    assert {a.name for a in t.actions} == {"RECOVER", "REVERT", "START_TRIAL", "START_ACTIVE", "FALL_BACK", "SLEEP"}
+    assert {a.name for a in t.actions} == {"_RECOVER", "_REVERT", "_START_TRIAL", "_START_ACTIVE", "_FALL_BACK", "_SLEEP"}
     with pytest.raises(boot_table.TableError):
         boot_table.read("TABLE = ((((F_X, 1),), START, NONE),)\n")  # F_X is no fact
 
