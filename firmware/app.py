@@ -37,9 +37,10 @@ _TOPIC_SLACK = const(96)  # MQTT header + topic in front of a frame in the trans
 # A sending wake's listening states (Wake.listening): the awake window runs; the gateway said
 # SLEEP_NOW (the node leaves as soon as every published reading is acknowledged); an
 # operator's stay_awake holds the node connected until the stay ends, SLEEP_NOW or not.
-WINDOW = const(0)
-RELEASED = const(1)
-STAYING = const(2)
+# Compile-time constants, like every underscored const: they take no heap.
+_WINDOW = const(0)
+_RELEASED = const(1)
+_STAYING = const(2)
 
 # The send path's buffers are made once per sending wake, in send(); a wake that only
 # samples never pays for them. Frames are built straight into the MQTT client's transmit
@@ -84,17 +85,13 @@ class Deadline:
     def __init__(self, t0, ms):
         self.at = time.ticks_add(t0, max(0, ms))
 
-    def before(self, t):
-        """t, or the deadline when that comes first."""
-        return _earlier(t, self.at)
-
     def step(self):
         """The end of a step the watchdog is not fed in (radio, TLS + MQTT connect): the
         deadline, or sooner on a board whose watchdog cannot wait that long (RP2: 8.4 s),
         so that a dead network fails the step instead of resetting the node."""
         wdt = getattr(board, "WDT_MAX_MS", 0)
         if wdt:
-            return self.before(time.ticks_add(time.ticks_ms(), wdt - 1000))
+            return _earlier(time.ticks_add(time.ticks_ms(), wdt - 1000), self.at)
         return self.at
 
 
@@ -113,8 +110,7 @@ class Wake:
     sent = 0  # readings published this wake
     sent_top = 0  # highest reading id published
     session_ok = False
-    client = None  # the MQTT client of a sending wake, from connect() to close()
-    listening = WINDOW
+    listening = _WINDOW
     sleep_req = 0
     hint = 0
     effects = None  # commands.Effects of a sending wake
@@ -266,18 +262,19 @@ class Wake:
         dl = Deadline(self.t0, self.cfg.awake_budget_ms - WRAP_UP_MS)
         self.session_ok = False
         self.hint = 0
+        client = None
         try:
-            self.connect(dl)
-            self.publish(dl)
-            self.listen(dl)
+            client = self.connect(dl)
+            self.publish(client, dl)
+            self.listen(client, dl)
         except OSError as e:
             log.warn("send failed (%s): %s", why, e)
         finally:
-            self.close()
-        self._next_try()
+            self.close(client)
 
     def connect(self, dl):
-        """Radio up, TLS + MQTT session, subscription sent."""
+        """Radio up, TLS + MQTT session, subscription sent: the client. A client whose
+        session does not open is hung up here (close() gets none)."""
         import mqtt  # loaded by send()
 
         cfg = self.cfg
@@ -293,7 +290,7 @@ class Wake:
         self._radio_up(dl)
         board.watchdog_feed()
         ctx = mqtt.make_tls_context(cfg.read_file("cert"), cfg.read_file("key"), cfg.read_file("ca"))
-        self.client = client = mqtt.MQTTClient(
+        client = mqtt.MQTTClient(
             cfg.device_id, cfg.broker_host, cfg.broker_port, ssl=ctx,
             server_hostname=cfg.server_hostname or None, keepalive=cfg.keepalive_s,
             # The gateway holds downlink for a sleeping node (it is the store), so the
@@ -307,30 +304,36 @@ class Wake:
         need = max(1, min(self.q.depth, MAX_READINGS)) * RECORD_SIZE
         self.recs = client.spare(need) or bytearray(need)
         a = gc.mem_alloc()
-        # A Will for crashes and lost links only: a planned sleep ends with DISCONNECT.
         try:
-            client.connect(dl.step(), will=(status, b"lost", 1, False))
-        except OSError:
-            if not st.broker_ip:
-                raise
-            # The cached address failed: resolve the name again, once.
-            log.info("cached broker address failed; resolving %s", cfg.broker_host)
-            st.broker_ip = b""
-            client.addr = None
-            client.connect(dl.step(), will=(status, b"lost", 1, False))
-        st.broker_ip = client.ip
-        board.watchdog_feed()
-        self.tls_alloc = gc.mem_alloc() - a
-        self.bytes_conn = client.bytes_out + client.bytes_in
-        # The SUBACK is taken after the publishes: its round trip overlaps them.
-        client.subscribe(down, 1, dl.at, False)
+            # A Will for crashes and lost links only: a planned sleep ends with DISCONNECT.
+            try:
+                client.connect(dl.step(), will=(status, b"lost", 1, False))
+            except OSError:
+                if not st.broker_ip:
+                    raise
+                # The cached address failed: resolve the name again, once.
+                log.info("cached broker address failed; resolving %s", cfg.broker_host)
+                st.broker_ip = b""
+                client.addr = None
+                client.connect(dl.step(), will=(status, b"lost", 1, False))
+            st.broker_ip = client.ip
+            board.watchdog_feed()
+            self.tls_alloc = gc.mem_alloc() - a
+            self.bytes_conn = client.bytes_out + client.bytes_in
+            # The SUBACK is taken after the publishes: its round trip overlaps them.
+            client.subscribe(down, 1, dl.at, False)
+        except BaseException:
+            client.disconnect()
+            self.bytes_out = client.bytes_out
+            self.bytes_in = client.bytes_in
+            raise
         self.ms_connect = _ms_since(t1)
         log.info("connected in %d ms", self.ms_connect)
+        return client
 
-    def publish(self, dl):
+    def publish(self, client, dl):
         """HELLO, the results still to report, the bursts; then the SUBACK."""
         t2 = time.ticks_ms()
-        client = self.client
         st = self.st
         self._publish_hello(client, dl)
         # state.bin is read only when results wait (RTC memory says whether any do).
@@ -342,30 +345,29 @@ class Wake:
         client.suback(dl.at)
         self.ms_publish = _ms_since(t2)
 
-    def listen(self, dl):
+    def listen(self, client, dl):
         """ACKs and downlink until the gateway lets the node go (SLEEP_NOW, every published
         reading acknowledged) or the window ends; a stay_awake holds it until the stay ends.
         Then the OTA report and the PUBACKs of what the node published."""
         t3 = time.ticks_ms()
-        client = self.client
         st = self.st
         window = time.ticks_add(t3, self.cfg.awake_window_ms)
-        stay = window  # when the stay_awake in force ends (state STAYING sets it)
+        stay = window  # when the stay_awake in force ends (state _STAYING sets it)
         while True:
             now = time.ticks_ms()
             if self.effects.stay_awake_ms:
                 # An operator asked for it: it overrides the window, SLEEP_NOW and the budget.
                 stay = time.ticks_add(now, self.effects.stay_awake_ms)
                 self.effects.stay_awake_ms = 0
-                self.listening = STAYING
+                self.listening = _STAYING
                 dl.at = time.ticks_add(stay, self.cfg.awake_budget_ms)
                 log.info("staying awake for %d ms", time.ticks_diff(stay, now))
-            if self.listening == STAYING:
+            if self.listening == _STAYING:
                 end = stay
-            elif self.listening == RELEASED and self.all_acked():
+            elif self.listening == _RELEASED and (self.q.floor >= self.sent_top or not self.sent):
                 break
             else:
-                end = dl.before(window)
+                end = _earlier(window, dl.at)
             if time.ticks_diff(end, now) <= 0:
                 break  # the window (or the budget, or the stay) is over
             m = client.wait_payload(_earlier(end, time.ticks_add(now, WDT_SLICE_MS)))
@@ -379,25 +381,18 @@ class Wake:
             st.results_delivered(len(st.results))
         self.ms_wait = _ms_since(t3)
         # Done when every published reading is acknowledged (or none was sent).
-        self.session_ok = self.all_acked()
+        self.session_ok = self.q.floor >= self.sent_top or not self.sent
         if not self.session_ok:
             log.warn("no ACK for readings up to id %d", self.sent_top)
 
-    def all_acked(self):
-        return self.q.floor >= self.sent_top or not self.sent
-
-    def close(self):
-        """DISCONNECT (whatever state the session is in) and radio down."""
-        client = self.client
+    def close(self, client):
+        """DISCONNECT (from whatever step after connect the send reached), radio down; a
+        session that ended as planned clears the backoff, any other doubles it."""
         if client is not None:
             client.disconnect()
             self.bytes_out = client.bytes_out
             self.bytes_in = client.bytes_in
-            self.client = None
         board.radio_down()
-
-    def _next_try(self):
-        # A session that ended as planned clears the backoff; any other doubles it.
         st = self.st
         if self.session_ok:
             st.fails = 0
@@ -496,7 +491,11 @@ class Wake:
             after = first + count - 1
             self.sent += count
             self.sent_top = after
-            self._drain(client)
+            # Downlink that arrived while publishing is handled now: the inbox never fills.
+            m = client.wait_payload(time.ticks_ms())
+            while m is not None:
+                self._on_down(client, m)
+                m = client.wait_payload(time.ticks_ms())
         # More than MAX_BURSTS worth queued: ask for an early wake.
         if self.q.read_run(self.recs, after):
             self.hint = 1
@@ -521,14 +520,6 @@ class Wake:
             o = i * RECORD_SIZE
             struct.pack_into("<I", self.recs, o, (_u32(self.recs, o) + st.sync_off) & 0xFFFFFFFF)
         return count, False
-
-    def _drain(self, client):
-        # Handle downlink that arrived while publishing, so the client's inbox never fills.
-        while True:
-            m = client.wait_payload(time.ticks_ms())
-            if m is None:
-                return
-            self._on_down(client, m)
 
     def _on_down(self, client, payload):
         import proto  # loaded by send()
@@ -616,8 +607,8 @@ class Wake:
         self.sleep_req = sleep_s
         if pending:
             self.hint = 1
-        if self.listening == WINDOW:
-            self.listening = RELEASED
+        if self.listening == _WINDOW:
+            self.listening = _RELEASED
 
     # ---- plan sleep ----------------------------------------------------------------
     def plan_sleep(self):

@@ -118,11 +118,15 @@ class _Boot:
         if f == _F_TRIAL:
             return 1 if st["trial"] else 0
         if f == _F_CRASH:
-            return 1 if bootstate.crash_reset(st, self.cause) else 0
+            # A crash cause before the first trial boot is the old image's, not the trial's.
+            c = self.cause
+            return 1 if st["tboots"] > 0 and (c == board.CRASH or c == board.WATCHDOG) else 0
         if f == _F_USED:
-            return 1 if bootstate.boots_used(st) else 0
+            # A boot that ended cleanly without reaching the gateway (bootstate.no_network)
+            # is not held against the trial; _F_OUTAGE bounds those.
+            return 1 if st["tboots"] - st["nonet"] >= st["max"] else 0
         if f == _F_OUTAGE:
-            return 1 if bootstate.outage_used(st) else 0
+            return 1 if st["nonet"] > st["nmax"] else 0
         if f == _F_TRIAL_OK:
             return self._check("trial", st["trial"], True, st["tver"])
         if f == _F_ACTIVE_OK:
@@ -158,12 +162,12 @@ def choose(root, cause):
             _log("recovered state: slot %s v%d" % (slot, version))
         elif action == _REVERT:
             _log("revert v%d in slot %s: reason %d" % (st["tver"], st["trial"], reason))
-            bootstate.revert(st, reason)
+            _revert(st, reason)
             bootstate.save(root, st)
         elif action == _START_TRIAL:
             # Counted before the trial image runs: a trial boot that never gets to confirm
             # (reset, power cut, crash) is seen at the next boot.
-            bootstate.count_trial_boot(st)
+            st["tboots"] += 1
             bootstate.save(root, st)
             _keep_report(st)
             return st["trial"], st["tver"], True
@@ -173,7 +177,7 @@ def choose(root, cause):
         elif action == _FALL_BACK:
             slot, version = b.found
             _log("falling back to slot %s v%d" % (slot, version))
-            bootstate.fall_back(st, slot, version, reason or bootstate.BAD_MANIFEST)
+            _fall_back(st, slot, version, reason or bootstate.BAD_MANIFEST)
             bootstate.save(root, st)
             _keep_report(st)
             return slot, version, False
@@ -181,6 +185,60 @@ def choose(root, cause):
             return None
         b.known = {}  # the record changed: every fact is found again
     return None
+
+
+# ---- the transitions only the bootloader makes (pure: the caller saves the record) ----
+
+def _revert(st, reason):
+    st["rver"] = st["tver"]
+    st["trial"] = ""
+    st["tver"] = 0
+    st["tboots"] = 0
+    st["nonet"] = 0
+    st["ota"] = bootstate.REVERTED
+    st["reason"] = reason
+
+
+def _fall_back(st, slot, version, reason):
+    """The confirmed slot failed its check at boot and `slot` (the other one) verifies:
+    it becomes the confirmed image. The floor stays: no update may go below it."""
+    st["rver"] = st["ver"]
+    st["active"] = slot
+    st["ver"] = version
+    st["trial"] = ""
+    st["tver"] = 0
+    st["tboots"] = 0
+    st["nonet"] = 0
+    st["ota"] = bootstate.REVERTED
+    st["reason"] = reason
+
+
+def _remount_without_mtime(bdev, point="/", progsize=0):
+    """Mount the littlefs on `bdev` at `point` again, without modification times.
+
+    The ESP32 and RP2 ports mount "/" with mtime on: littlefs then stores a timestamp
+    attribute with every file commit, flash wear that nothing on a node reads. Safe at boot
+    because nothing is open (the port compiled boot.py and each imported .mpy fully before
+    running it); cost: one littlefs mount (superblock read). `progsize` must be the port's
+    (RP2: 256; 0 keeps the default). Returns False and changes nothing when the block device
+    holds no littlefs (a FAT filesystem, say)."""
+    import os
+
+    import vfs
+
+    try:
+        # The port stubs declare VfsLfs2 abstract; the real class is not (hence the ignores).
+        fs = vfs.VfsLfs2(bdev, progsize=progsize, mtime=False) if progsize else vfs.VfsLfs2(bdev, mtime=False)  # type: ignore[abstract]
+    except OSError:
+        return False
+    vfs.umount(point)
+    try:
+        vfs.mount(fs, point)
+    except OSError:
+        vfs.mount(vfs.VfsLfs2(bdev), point)  # type: ignore[abstract]  # back as the port had it
+        raise
+    os.chdir(point)
+    return True
 
 
 def _keep_report(st):
@@ -193,7 +251,7 @@ def _crashed(root, slot, exc):
     sys.print_exception(exc)
     st = bootstate.load(root)
     if st is not None and st["trial"] == slot:
-        bootstate.revert(st, bootstate.CRASHED)
+        _revert(st, bootstate.CRASHED)
         bootstate.save(root, st)
         _log("trial crashed, reverted")
         board.reset()
@@ -206,13 +264,13 @@ def _no_mtime():
     try:
         bdev = board.flash_block_device()
         if bdev is not None:
-            bootstate.remount_without_mtime(bdev, "/", 256 if sys.platform == "rp2" else 0)
+            _remount_without_mtime(bdev, "/", 256 if sys.platform == "rp2" else 0)
     except Exception as exc:  # never let a mount option stop the boot
         _log("mtime remount skipped: %r" % (exc,))
 
 
 def run():
-    global TABLE, _Boot, choose
+    global TABLE, _Boot, choose, _fall_back
     t0 = time.ticks_ms()
     bootstate.alloc0 = _ALLOC0
     board.init()
@@ -223,7 +281,7 @@ def run():
     picked = choose(root, board.boot_cause())
     # The table and its walk are done with: their code and objects leave the heap before
     # the image runs.
-    del TABLE, _Boot, choose
+    del TABLE, _Boot, choose, _fall_back
     if picked is None:
         _log("no verified image")
         board.deep_sleep(NO_IMAGE_SLEEP_MS)

@@ -102,6 +102,8 @@ record(none=True)
 row(2)
 flip("a")
 flip("b")
+record(trial=True)
+row(0, board.CRASH)  # a crash cause before the first trial boot is the old image's
 record(trial=True, tboots=1)
 row(3, board.CRASH)
 record(trial=True, tboots=1)
@@ -127,6 +129,7 @@ print("DONE")
 EXPECT = [
     "ROW 1 ('b', 2, False) ('b', 2, '', 0, 0, 0)",
     "ROW 2 None None",
+    "ROW 0 ('b', 2, True) ('a', 1, 'b', 1, 3, 0)",  # row 7: the trial starts
     "ROW 3 ('a', 1, False) ('a', 1, '', 0, 5, 10)",  # reverted, crashed
     "ROW 4 ('a', 1, False) ('a', 1, '', 0, 5, 9)",  # reverted, health_check
     "ROW 5 ('a', 1, False) ('a', 1, '', 0, 5, 9)",
