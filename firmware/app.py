@@ -355,6 +355,8 @@ class Wake:
         """ACKs and downlink until the gateway lets the node go (SLEEP_NOW, every published
         reading acknowledged) or the window ends; a stay_awake holds it until the stay ends.
         Then the OTA report and the PUBACKs of what the node published."""
+        import rotate  # loaded by send()
+
         t3 = time.ticks_ms()
         st = self.st
         window = time.ticks_add(t3, self.cfg.awake_window_ms)
