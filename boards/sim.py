@@ -56,6 +56,7 @@ _phase = "boot"
 _phase_t = 0  # ticks when the open phase started
 _tls = None
 _booted = False
+_world_held = False  # this node holds the field's radio (see _world_acquire)
 
 
 def _path(name):
@@ -224,7 +225,11 @@ def sensors_at(seed, t_ms):
 
 def read_sensors():
     """(temperature in 0.01 degC, relative humidity in 0.01 %RH) at the virtual time."""
-    return sensors_at(_seed(), virtual_ms())
+    t = virtual_ms()
+    if _field and _field.get("truth"):
+        # The true sampling time, for a fleet run's verdict on stored timestamps.
+        sys.stdout.write("V s %d\n" % t)
+    return sensors_at(_seed(), t)
 
 
 def rssi_at(seed, t_ms):
@@ -380,6 +385,8 @@ def _charge(name, ms, mode, wait=True):
     _skip_ms += ms - waited
     _book(name, ms, _ma(mode))
     _phase_t = _time.ticks_ms()
+    if _world_held:
+        _world_publish()
 
 
 def ledger():
@@ -448,6 +455,7 @@ def radio_up(ssid, password, deadline_ms, hint=None):
         radio_down()
         return False
     _charge("assoc", need, "assoc")
+    _world_acquire()
     if _phase == "boot" or _phase == "sample":
         phase("publish")
     return good
@@ -460,6 +468,73 @@ def radio_down():
         _battery_account()
         _radio = False
         _battery_account()
+    _world_release()
+
+
+# ---- the field's shared clock (a fleet in compressed time against one gateway) ----
+# Each sim node keeps its own virtual time; the gateway has one clock. With a "world" in
+# sim.json ({"lock": dir, "clock": file}), a node that has joined the network takes the
+# field's radio (one node at a time) and, while it holds it, the gateway's clock is this
+# node's true time: the clock file holds (virtual - host) milliseconds, which the gateway's
+# clock adds to the host's (tools/sim/vclock.py). Waiting for the radio is a simulator
+# artefact: the node's clocks and ledger stand still meanwhile.
+
+def _world():
+    w = _field.get("world") if _field else None
+    return w if w else None
+
+
+def _host_ms():
+    return _time.time_ns() // 1000000
+
+
+def _world_publish():
+    w = _world()
+    tmp = w["clock"] + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("%d\n" % (virtual_ms() - _host_ms()))
+    os.rename(tmp, w["clock"])
+
+
+def _world_acquire():
+    global _world_held, _skip_ms, _phase_t
+    w = _world()
+    if w is None or _world_held:
+        return
+    t0 = _time.ticks_ms()
+    fed = t0
+    while True:
+        try:
+            os.mkdir(w["lock"])
+            break
+        except OSError:
+            _time.sleep_ms(2)
+            now = _time.ticks_ms()
+            if _wdt_ms and _time.ticks_diff(now, fed) > 500:
+                _control("feed")  # the node's time stands still: so does its watchdog
+                fed = now
+    with open(w["lock"] + "/owner", "w") as f:
+        f.write(_dir)
+    waited = _time.ticks_diff(_time.ticks_ms(), t0)
+    _skip_ms -= waited
+    _phase_t = _time.ticks_ms()  # the wait is not booked to the phase
+    _world_held = True
+    if waited > 0:
+        _control("froze %d" % waited)
+    _world_publish()
+
+
+def _world_release():
+    global _world_held
+    if not _world_held:
+        return
+    _world_held = False
+    w = _world()
+    try:
+        os.remove(w["lock"] + "/owner")
+    except OSError:
+        pass
+    os.rmdir(w["lock"])
 
 
 class _SimTls:
@@ -628,6 +703,8 @@ def set_time(seconds):
     global _clock_offset_ms
     _clock_offset_ms = seconds * 1000 - _rtc_ms()
     _write_json("clock.json", {"offset_ms": _clock_offset_ms})
+    if _field and _field.get("truth"):
+        sys.stdout.write("V c %d\n" % virtual_ms())
 
 
 # ---- LED, button, watchdog, reset ----

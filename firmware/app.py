@@ -34,7 +34,13 @@ WDT_MARGIN_MS = const(5000)
 WDT_SLICE_MS = const(1000)  # a listen longer than the budget (stay_awake) feeds this often
 _TOPIC_SLACK = const(96)  # MQTT header + topic in front of a frame in the transmit buffer
 
-STOP = const(1)
+# A sending wake's listening states (Wake.listening): the awake window runs; the gateway said
+# SLEEP_NOW (the node leaves as soon as every published reading is acknowledged); an
+# operator's stay_awake holds the node connected until the stay ends, SLEEP_NOW or not.
+# Compile-time constants, like every underscored const: they take no heap.
+_WINDOW = const(0)
+_RELEASED = const(1)
+_STAYING = const(2)
 
 # The send path's buffers are made once per sending wake, in send(); a wake that only
 # samples never pays for them. Frames are built straight into the MQTT client's transmit
@@ -71,6 +77,24 @@ def _earlier(a, b):
     return a if time.ticks_diff(a, b) <= 0 else b
 
 
+class Deadline:
+    """The one end every step of a sending wake works to (radio, connect, publish, listen,
+    PUBACKs). `at` is a time.ticks_ms() value, the form the MQTT client takes; a stay_awake
+    moves it."""
+
+    def __init__(self, t0, ms):
+        self.at = time.ticks_add(t0, max(0, ms))
+
+    def step(self):
+        """The end of a step the watchdog is not fed in (radio, TLS + MQTT connect): the
+        deadline, or sooner on a board whose watchdog cannot wait that long (RP2: 8.4 s),
+        so that a dead network fails the step instead of resetting the node."""
+        wdt = getattr(board, "WDT_MAX_MS", 0)
+        if wdt:
+            return _earlier(time.ticks_add(time.ticks_ms(), wdt - 1000), self.at)
+        return self.at
+
+
 class Wake:
     # Defaults live on the class: a wake stores on the instance only what it changes, so a
     # sampling wake does not grow an instance dict of thirty entries.
@@ -80,13 +104,14 @@ class Wake:
     cause = 0
     safe = False
     now = 0  # unix s at boot
+    clock_t0 = 0  # the clock at t0, unix ms
     period = 60
     mv = 0
     alarm = False
     sent = 0  # readings published this wake
     sent_top = 0  # highest reading id published
-    acked = False
     session_ok = False
+    listening = _WINDOW
     sleep_req = 0
     hint = 0
     effects = None  # commands.Effects of a sending wake
@@ -98,7 +123,6 @@ class Wake:
     bytes_out = bytes_in = 0
     bytes_conn = 0  # TLS handshake + CONNECT/CONNACK, both directions
     bytes_burst = 0  # BURST publishes as written to the socket (TLS records included)
-    stop = False  # SLEEP_NOW arrived
     tls_alloc = 0
     import_alloc = 0
 
@@ -112,6 +136,7 @@ class Wake:
         self.cfg = cfg = config.Config(board.FS_ROOT)
         self.st = st = state.State(board, board.FS_ROOT)
         self.now = board.time()
+        self.clock_t0 = board.time_ms() - _ms_since(self.t0)
         # Armed before anything that can hang (flash, sensors, radio, DNS, TLS); under the
         # bootloader this re-arms the watchdog it started for its checks.
         try:
@@ -184,8 +209,9 @@ class Wake:
         temp = max(-32768, min(32767, temp))
         hum = max(0, min(65535, hum))
         # On the grid when the wake is on time (a regular burst packs small), the true time
-        # otherwise: a late wake's reading is stamped when it was taken.
-        ts = self.now
+        # otherwise: a late wake's reading is stamped when it was taken. Read at the sample,
+        # not at boot: the boot and the app's start before it would stamp it early.
+        ts = ((board.time_ms() + 500) // 1000) & 0xFFFFFFFF
         g = self.slot(ts)
         if -1 <= g - ts <= 1:
             ts = g
@@ -224,22 +250,41 @@ class Wake:
             return "age"
         return None
 
-    # ---- send ----------------------------------------------------------------------
+    # ---- send: connect -> publish -> listen -> close -----------------------------------
     def send(self, why):
         a = gc.mem_alloc()
         import commands  # only wakes that send pay for these imports
-        import mqtt
-        import proto  # noqa: F401 - the codec: loaded here so that import= counts it
-        import rotate
+        import mqtt  # noqa: F401 - loaded here so that import= counts it
+        import proto  # noqa: F401 - the codec, likewise
+        import rotate  # noqa: F401 - key rotation (docs/credentials.md), likewise
 
         self.import_alloc = gc.mem_alloc() - a
         self.effects = commands.Effects()
+        # Every step works to one end: the budget counts from the wake's start and keeps
+        # WRAP_UP_MS for closing the session, the report and going to sleep, so a dead
+        # network costs the budget, no more.
+        dl = Deadline(self.t0, self.cfg.awake_budget_ms - WRAP_UP_MS)
+        self.session_ok = False
+        self.hint = 0
+        client = None
+        try:
+            client = self.connect(dl)
+            self.publish(client, dl)
+            self.listen(client, dl)
+        except OSError as e:
+            log.warn("send failed (%s): %s", why, e)
+        finally:
+            self.close(client)
+
+    def connect(self, dl):
+        """Radio up, TLS + MQTT session, subscription sent: the client. A client whose
+        session does not open is hung up here (close() gets none)."""
+        import mqtt  # loaded by send()
+        import rotate
+
         cfg = self.cfg
         st = self.st
         t1 = time.ticks_ms()
-        # The budget counts from the wake's start, and keeps WRAP_UP_MS for closing the
-        # session, the report and going to sleep: a dead network costs the budget, no more.
-        budget = time.ticks_add(self.t0, max(0, cfg.awake_budget_ms - WRAP_UP_MS))
         size = wire.CLASS_LIMITS[cfg.device_class][0]
         dev = memoryview(cfg.device_id)
         # torpor/<device id>/{up,down,status}
@@ -247,80 +292,119 @@ class Wake:
         self.up_topic = _topic(topics, 0, dev, b"up")
         down = _topic(topics, len(self.up_topic), dev, b"down")
         status = _topic(topics, len(self.up_topic) + len(down), dev, b"status")
-        client = None
-        self.session_ok = False
-        self.hint = 0
+        self._radio_up(dl)
+        board.watchdog_feed()
+        # The device pair, or a new one on trial (rotate.py, docs/credentials.md).
+        cert, key = rotate.pair(cfg)
+        ctx = mqtt.make_tls_context(cert, key, cfg.read_file("ca"))
+        client = mqtt.MQTTClient(
+            cfg.device_id, cfg.broker_host, cfg.broker_port, ssl=ctx,
+            server_hostname=cfg.server_hostname or None, keepalive=cfg.keepalive_s,
+            # The gateway holds downlink for a sleeping node (it is the store), so the
+            # broker keeps no session: no stale frames of an earlier window arrive.
+            clean_session=True, max_packet=size + _TOPIC_SLACK, headroom=_TOPIC_SLACK,
+            addr=st.broker_ip or None,
+        )
+        self.out = client.out
+        # Room for what is queued now (a burst holds at most MAX_READINGS): 64 readings
+        # take 640 bytes, which the receive buffer has while no packet is in it.
+        need = max(1, min(self.q.depth, MAX_READINGS)) * RECORD_SIZE
+        self.recs = client.spare(need) or bytearray(need)
+        a = gc.mem_alloc()
         try:
-            self._radio_up(budget)
-            board.watchdog_feed()
-            # The device pair, or a new one on trial (rotate.py, docs/credentials.md).
-            cert, key = rotate.pair(cfg)
-            ctx = mqtt.make_tls_context(cert, key, cfg.read_file("ca"))
-            client = mqtt.MQTTClient(
-                cfg.device_id, cfg.broker_host, cfg.broker_port, ssl=ctx,
-                server_hostname=cfg.server_hostname or None, keepalive=cfg.keepalive_s,
-                # The gateway holds downlink for a sleeping node (it is the store), so the
-                # broker keeps no session: no stale frames of an earlier window arrive.
-                clean_session=True, max_packet=size + _TOPIC_SLACK, headroom=_TOPIC_SLACK,
-                addr=st.broker_ip or None,
-            )
-            self.out = client.out
-            # Room for what is queued now (a burst holds at most MAX_READINGS): 64 readings
-            # take 640 bytes, which the receive buffer has while no packet is in it.
-            need = max(1, min(self.q.depth, MAX_READINGS)) * RECORD_SIZE
-            self.recs = client.spare(need) or bytearray(need)
-            a = gc.mem_alloc()
             try:
-                self._connect(client, budget, status)
+                self._open(client, dl, status)
             except OSError as e:
                 if not rotate.refused(cfg, e):
                     raise
                 # The new pair was refused: the confirmed one, in this same wake.
                 cert, key = rotate.pair(cfg)
                 client.ssl = mqtt.make_tls_context(cert, key, cfg.read_file("ca"))
-                self._connect(client, budget, status)
+                self._open(client, dl, status)
             rotate.connected(cfg)
             st.broker_ip = client.ip
             board.watchdog_feed()
             self.tls_alloc = gc.mem_alloc() - a
             self.bytes_conn = client.bytes_out + client.bytes_in
             # The SUBACK is taken after the publishes: its round trip overlaps them.
-            client.subscribe(down, 1, budget, False)
-            self.ms_connect = _ms_since(t1)
-            log.info("connected in %d ms", self.ms_connect)
-            t2 = time.ticks_ms()
-            self._publish_hello(client, budget)
-            # state.bin is read only when results wait (RTC memory says whether any do).
-            if st.has_results():
-                for r in st.results:
-                    client.publish(self.up_topic, r, 1, False, budget)
-            if not self.safe:
-                self._publish_bursts(client, budget)
-            client.suback(budget)
-            self.ms_publish = _ms_since(t2)
-            t3 = time.ticks_ms()
-            budget = self._listen(client, budget)
-            ota.after_window(client, self)
-            rotate.after_window(client, self)
-            client.wait_pubacks(budget)
-            # Every result, old or from this window, reached the broker.
-            if st.has_results():
-                st.results_delivered(len(st.results))
-            self.ms_wait = _ms_since(t3)
-            # Done when every published reading is acknowledged (or none was sent).
-            self.session_ok = self.q.floor >= self.sent_top or not self.sent
-            if not self.session_ok:
-                log.warn("no ACK for readings up to id %d", self.sent_top)
-            elif self.stop or self.acked:
-                rotate.reported(cfg)  # the HELLO that told the outcome was answered
-        except OSError as e:
-            log.warn("send failed (%s): %s", why, e)
-        finally:
-            if client is not None:
-                client.disconnect()
-                self.bytes_out = client.bytes_out
-                self.bytes_in = client.bytes_in
-            board.radio_down()
+            client.subscribe(down, 1, dl.at, False)
+        except BaseException:
+            client.disconnect()
+            self.bytes_out = client.bytes_out
+            self.bytes_in = client.bytes_in
+            raise
+        self.ms_connect = _ms_since(t1)
+        log.info("connected in %d ms", self.ms_connect)
+        return client
+
+    def publish(self, client, dl):
+        """HELLO, the results still to report, the bursts; then the SUBACK."""
+        t2 = time.ticks_ms()
+        st = self.st
+        self._publish_hello(client, dl)
+        # state.bin is read only when results wait (RTC memory says whether any do).
+        if st.has_results():
+            for r in st.results:
+                client.publish(self.up_topic, r, 1, False, dl.at)
+        if not self.safe:
+            self._publish_bursts(client, dl)
+        client.suback(dl.at)
+        self.ms_publish = _ms_since(t2)
+
+    def listen(self, client, dl):
+        """ACKs and downlink until the gateway lets the node go (SLEEP_NOW, every published
+        reading acknowledged) or the window ends; a stay_awake holds it until the stay ends.
+        Then the OTA report and the PUBACKs of what the node published."""
+        import rotate  # loaded by send()
+
+        t3 = time.ticks_ms()
+        st = self.st
+        window = time.ticks_add(t3, self.cfg.awake_window_ms)
+        stay = window  # when the stay_awake in force ends (state _STAYING sets it)
+        while True:
+            now = time.ticks_ms()
+            if self.effects.stay_awake_ms:
+                # An operator asked for it: it overrides the window, SLEEP_NOW and the budget.
+                stay = time.ticks_add(now, self.effects.stay_awake_ms)
+                self.effects.stay_awake_ms = 0
+                self.listening = _STAYING
+                dl.at = time.ticks_add(stay, self.cfg.awake_budget_ms)
+                log.info("staying awake for %d ms", time.ticks_diff(stay, now))
+            if self.listening == _STAYING:
+                end = stay
+            elif self.listening == _RELEASED and (self.q.floor >= self.sent_top or not self.sent):
+                break
+            else:
+                end = _earlier(window, dl.at)
+            if time.ticks_diff(end, now) <= 0:
+                break  # the window (or the budget, or the stay) is over
+            m = client.wait_payload(_earlier(end, time.ticks_add(now, WDT_SLICE_MS)))
+            board.watchdog_feed()
+            if m is not None:
+                self._on_down(client, m)
+        ota.after_window(client, self)
+        rotate.after_window(client, self)
+        client.wait_pubacks(dl.at)
+        # Every result, old or from this window, reached the broker.
+        if st.has_results():
+            st.results_delivered(len(st.results))
+        self.ms_wait = _ms_since(t3)
+        # Done when every published reading is acknowledged (or none was sent).
+        self.session_ok = self.q.floor >= self.sent_top or not self.sent
+        if not self.session_ok:
+            log.warn("no ACK for readings up to id %d", self.sent_top)
+        elif self.listening == _RELEASED or self.acked:
+            rotate.reported(self.cfg)  # the HELLO that told the outcome was answered
+
+    def close(self, client):
+        """DISCONNECT (from whatever step after connect the send reached), radio down; a
+        session that ended as planned clears the backoff, any other doubles it."""
+        if client is not None:
+            client.disconnect()
+            self.bytes_out = client.bytes_out
+            self.bytes_in = client.bytes_in
+        board.radio_down()
+        st = self.st
         if self.session_ok:
             st.fails = 0
             st.next_try = 0
@@ -335,34 +419,26 @@ class Wake:
             if ota.trial_unreached():
                 log.info("trial image: gateway out of reach, not held against it")
 
-    def _connect(self, client, budget, status):
+    def _open(self, client, dl, status):
         # A Will for crashes and lost links only: a planned sleep ends with DISCONNECT.
+        st = self.st
         try:
-            client.connect(self._step_end(budget), will=(status, b"lost", 1, False))
+            client.connect(dl.step(), will=(status, b"lost", 1, False))
         except OSError:
-            if not self.st.broker_ip:
+            if not st.broker_ip:
                 raise
             # The cached address failed: resolve the name again, once.
             log.info("cached broker address failed; resolving %s", self.cfg.broker_host)
-            self.st.broker_ip = b""
+            st.broker_ip = b""
             client.addr = None
-            client.connect(self._step_end(budget), will=(status, b"lost", 1, False))
+            client.connect(dl.step(), will=(status, b"lost", 1, False))
 
-    def _step_end(self, budget):
-        # The end of one step the watchdog is not fed in (radio, TLS + MQTT connect): the
-        # budget, or sooner on a board whose watchdog cannot wait that long (RP2: 8.4 s), so
-        # that a dead network fails the step instead of resetting the node.
-        wdt = getattr(board, "WDT_MAX_MS", 0)
-        if wdt and wdt < self.cfg.awake_budget_ms + WDT_MARGIN_MS:
-            return _earlier(budget, time.ticks_add(time.ticks_ms(), wdt - 1000))
-        return budget
-
-    def _radio_up(self, budget):
+    def _radio_up(self, dl):
         # The last association's channel and BSSID (RTC memory) make it a fast one; a board
         # that keeps no hint answers True and gets none back.
         cfg = self.cfg
         st = self.st
-        ms = max(0, time.ticks_diff(self._step_end(budget), time.ticks_ms()))
+        ms = max(0, time.ticks_diff(dl.step(), time.ticks_ms()))
         hint = st.wifi_hint()
         if hint is None:
             r = board.radio_up(cfg.wifi_ssid, cfg.wifi_password, ms)
@@ -387,7 +463,7 @@ class Wake:
         k = min(cfg.send_every, 1 + (cfg.send_max_age_s + p - 1) // p)
         return sleep_s + (max(1, k) - 1) * p
 
-    def _publish_hello(self, client, budget):
+    def _publish_hello(self, client, dl):
         import proto  # loaded by send()
         import rotate
 
@@ -407,9 +483,9 @@ class Wake:
             first_id=self.q.floor + 1, next_listen_s=self.next_listen_s(sleep_s),
             clock_unset=not st.clock_set, **rotate.hello_kw(cfg),
         )
-        client.publish_out(self.up_topic, n, 1, False, budget)
+        client.publish_out(self.up_topic, n, 1, False, dl.at)
 
-    def _publish_bursts(self, client, budget):
+    def _publish_bursts(self, client, dl):
         import proto  # loaded by send()
 
         after = 0
@@ -436,12 +512,16 @@ class Wake:
                     # Did not fit the class's max_message: fewer readings in this burst.
                     count = count * 3 // 4
             b0 = client.bytes_out
-            client.publish_out(self.up_topic, n, 1, False, budget)
+            client.publish_out(self.up_topic, n, 1, False, dl.at)
             self.bytes_burst += client.bytes_out - b0
             after = first + count - 1
             self.sent += count
             self.sent_top = after
-            self._drain(client)
+            # Downlink that arrived while publishing is handled now: the inbox never fills.
+            m = client.wait_payload(time.ticks_ms())
+            while m is not None:
+                self._on_down(client, m)
+                m = client.wait_payload(time.ticks_ms())
         # More than MAX_BURSTS worth queued: ask for an early wake.
         if self.q.read_run(self.recs, after):
             self.hint = 1
@@ -467,65 +547,30 @@ class Wake:
             struct.pack_into("<I", self.recs, o, (_u32(self.recs, o) + st.sync_off) & 0xFFFFFFFF)
         return count, False
 
-    def _drain(self, client):
-        # Handle downlink that arrived while publishing, so the client's inbox never fills.
-        while True:
-            m = client.wait_payload(time.ticks_ms())
-            if m is None:
-                return
-            self._on_down(client, m)
-
-    def _listen(self, client, budget):
-        """Until SLEEP_NOW with every published reading acknowledged (the gateway may say
-        SLEEP_NOW in answer to HELLO, before the bursts' ACK), or the window ends. A
-        stay_awake keeps the node connected and listening until it ends, SLEEP_NOW or not.
-        Returns the budget left for closing the session."""
-        window = time.ticks_add(time.ticks_ms(), self.cfg.awake_window_ms)
-        awake = None  # when the stay_awake in force ends
-        while True:
-            now = time.ticks_ms()
-            if self.effects.stay_awake_ms:
-                # An operator asked for it: it overrides the window and the budget.
-                awake = time.ticks_add(now, self.effects.stay_awake_ms)
-                self.effects.stay_awake_ms = 0
-                budget = time.ticks_add(awake, self.cfg.awake_budget_ms)
-                log.info("staying awake for %d ms", time.ticks_diff(awake, now))
-            if awake is None:
-                if self.stop and (self.q.floor >= self.sent_top or not self.sent):
-                    return budget
-                end = _earlier(window, budget)
-            else:
-                end = awake
-            if time.ticks_diff(end, now) <= 0:
-                return budget  # the window (or the budget, or the stay) is over
-            m = client.wait_payload(_earlier(end, time.ticks_add(now, WDT_SLICE_MS)))
-            board.watchdog_feed()
-            if m is not None:
-                self._on_down(client, m)
-
     def _on_down(self, client, payload):
         import proto  # loaded by send()
 
         # payload is a view into the client's receive buffer. OTA frames are rare and
         # large, and their fields go to the slot code: they get a copy of their own.
         t = payload[1] if len(payload) > 1 else 0
-        # ACK and SLEEP_NOW come in every sending wake: read in place when plain (the decoder
-        # builds a tuple, a list and views for them, about 600 bytes).
+        # ACK and SLEEP_NOW come in every sending wake: read in place when plain, with the
+        # generated readers (the decoder builds a tuple, a list and views for them).
         end = proto.in_place(payload)
         if end and t == proto.ACK:
-            o = proto.opt_at(payload, end, proto.ACK_TAG_TIME)
-            self._on_ack(_u32(payload, proto.ACK_AT_CUMULATIVE), (), _u32(payload, o) if o else 0)
-            return 0
+            cumulative, clock, _ = proto.read_ack(payload, end)
+            self._on_ack(cumulative, (), clock)
+            return
         if end and t == proto.SLEEP_NOW:
-            o = proto.opt_at(payload, end, proto.SLEEP_NOW_TAG_PENDING)
-            return self._on_sleep_now(_u32(payload, proto.SLEEP_NOW_AT_SLEEP_S), payload[o] if o else 0)
+            sleep_s, pending = proto.read_sleep_now(payload, end)
+            self._on_sleep_now(sleep_s, pending)
+            return
         if t == proto.OTA_MANIFEST or t == proto.OTA_CHUNK:  # no tuple per packet
             payload = bytes(payload)
         try:
             ftype, f = proto.decode(payload)
         except proto.ProtocolError as e:
             log.warn("bad downlink frame: %s", e)
-            return 0
+            return
         if ftype == proto.ACK:
             self._on_ack(f[proto.ACK_CUMULATIVE], f[proto.ACK_SELECTIVE], f[proto.ACK_TIME])
         elif ftype == proto.COMMAND:
@@ -553,14 +598,13 @@ class Wake:
             n = proto.encode_shadow_report(self.out, self.st.msg_id(), self.cfg.version, self.cfg.report())
             client.publish_out(self.up_topic, n, 1)
         elif ftype == proto.SLEEP_NOW:
-            return self._on_sleep_now(f[proto.SLEEP_NOW_SLEEP_S], f[proto.SLEEP_NOW_PENDING])
+            self._on_sleep_now(f[proto.SLEEP_NOW_SLEEP_S], f[proto.SLEEP_NOW_PENDING])
         elif ftype == proto.ERROR:
             log.warn("gateway error code=%d ref=%d %s", f[proto.ERROR_CODE], f[proto.ERROR_REF], f[proto.ERROR_DETAIL])
         elif ftype == proto.OTA_MANIFEST or ftype == proto.OTA_CHUNK:
             ota.on_frame(ftype, f, self)
         else:
             log.info("downlink frame type %d not handled by the app", ftype)
-        return 0
 
     def _on_ack(self, cumulative, selective, t=0):
         self.acked = True
@@ -583,6 +627,7 @@ class Wake:
             log.warn("gateway time %d refused: not a plausible time", t)
             return
         self.now += step  # the wake's start, on the clock it now keeps
+        self.clock_t0 = board.time_ms() - _ms_since(self.t0)
         if not was or step > 2 or step < -2:
             log.info("clock set from the gateway: %d s step", step)
 
@@ -590,14 +635,15 @@ class Wake:
         self.sleep_req = sleep_s
         if pending:
             self.hint = 1
-        self.stop = True
-        return STOP
+        if self.listening == _WINDOW:
+            self.listening = _RELEASED
 
     # ---- plan sleep ----------------------------------------------------------------
     def plan_sleep(self):
         """Milliseconds to sleep: to the next grid point, or what the gateway asked."""
         elapsed = _ms_since(self.t0)
-        now_ms = self.now * 1000 + elapsed
+        # In ms: from the clock's whole seconds every wake landed up to 1 s late.
+        now_ms = self.clock_t0 + elapsed
         if self.sleep_req:
             ms = self.sleep_req * 1000
         else:
@@ -640,10 +686,14 @@ def _report(w, sleep_ms, a0):
     )
 
 
-def run():
+def run(t0=None):
+    """One wake; t0 is its start in ticks when the caller took it before importing this
+    module (the awake budget then counts the imports)."""
     gc.collect()
     a0 = gc.mem_alloc()
     w = Wake()
+    if t0 is not None:
+        w.t0 = t0
     sleep_ms = CONFIG_ERROR_SLEEP_S * 1000
     completed = False
     try:

@@ -33,9 +33,6 @@ CRASHED = bootwire.CRASHED
 NO_SPACE = bootwire.NO_SPACE
 BAD_MANIFEST = bootwire.BAD_MANIFEST
 
-# Boot causes of the Board API that mean "the trial image crashed or hung".
-_CAUSE_WATCHDOG = bootwire.WATCHDOG
-_CAUSE_CRASH = bootwire.CRASH
 # What the bootloader needs is copied above: the module's own table of every value need not
 # stay on the heap for the whole wake.
 del bootwire
@@ -142,33 +139,9 @@ def save(root, st):
     os.rename(tmp, d + "/state.json")
 
 
-def remount_without_mtime(bdev, point="/", progsize=0):
-    """Mount the littlefs on `bdev` at `point` again, without modification times.
-
-    The ESP32 and RP2 ports mount "/" with mtime on: littlefs then stores a timestamp
-    attribute with every file commit, flash wear that nothing on a node reads. Safe at boot
-    because nothing is open (the port compiled boot.py and each imported .mpy fully before
-    running it); cost: one littlefs mount (superblock read). `progsize` must be the port's
-    (RP2: 256; 0 keeps the default). Returns False and changes nothing when the block device
-    holds no littlefs (a FAT filesystem, say)."""
-    import vfs
-
-    try:
-        # The port stubs declare VfsLfs2 abstract; the real class is not (hence the ignores).
-        fs = vfs.VfsLfs2(bdev, progsize=progsize, mtime=False) if progsize else vfs.VfsLfs2(bdev, mtime=False)  # type: ignore[abstract]
-    except OSError:
-        return False
-    vfs.umount(point)
-    try:
-        vfs.mount(fs, point)
-    except OSError:
-        vfs.mount(vfs.VfsLfs2(bdev), point)  # type: ignore[abstract]  # back as the port had it
-        raise
-    os.chdir(point)
-    return True
-
-
 # ---- transitions (pure: they change the dict; the caller saves it) ----
+# Those only the bootloader makes (count a trial boot, revert, fall back) are boot.py's: the
+# app's wake does not keep their code on its heap.
 
 def set_trial(st, slot, version, max_boots=1, outage_boots=OUTAGE_BOOTS):
     st["trial"] = slot
@@ -182,36 +155,10 @@ def set_trial(st, slot, version, max_boots=1, outage_boots=OUTAGE_BOOTS):
     st["rver"] = version
 
 
-def trial_verdict(st, cause):
-    """At boot with a trial pending: NONE if the trial image may start (again), else the
-    reason to revert it: it crashed or hung (a watchdog, at once), or used its boots
-    unconfirmed. A boot the image ended cleanly but could not reach the gateway (the
-    network was down: no_network()) is not held against it, up to `nmax` of them."""
-    if st["tboots"] > 0 and (cause == _CAUSE_CRASH or cause == _CAUSE_WATCHDOG):
-        return CRASHED
-    if st["tboots"] - st["nonet"] >= st["max"] or st["nonet"] > st["nmax"]:
-        return HEALTH_CHECK
-    return NONE
-
-
 def no_network(st):
     """The trial boot that is running ended its wake cleanly without reaching the gateway."""
     if st["nonet"] < st["tboots"]:
         st["nonet"] += 1
-
-
-def count_trial_boot(st):
-    st["tboots"] += 1
-
-
-def revert(st, reason):
-    st["rver"] = st["tver"]
-    st["trial"] = ""
-    st["tver"] = 0
-    st["tboots"] = 0
-    st["nonet"] = 0
-    st["ota"] = REVERTED
-    st["reason"] = reason
 
 
 def confirm(st):
@@ -230,20 +177,6 @@ def confirm(st):
     st["ota"] = CONFIRMED
     st["reason"] = NONE
     return True
-
-
-def fall_back(st, slot, version, reason):
-    """The confirmed slot failed its check at boot and `slot` (the other one) verifies:
-    it becomes the confirmed image. The floor stays: no update may go below it."""
-    st["rver"] = st["ver"]
-    st["active"] = slot
-    st["ver"] = version
-    st["trial"] = ""
-    st["tver"] = 0
-    st["tboots"] = 0
-    st["nonet"] = 0
-    st["ota"] = REVERTED
-    st["reason"] = reason
 
 
 def clear_report(st):

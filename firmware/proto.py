@@ -1182,13 +1182,14 @@ def decode(buf):
 
 
 # Frames read in place (the spec's [in_place]). When end = in_place(p) is not 0, p is a
-# plain frame of type p[1]: required field X at <FRAME>_AT_X, optional field Y at
-# opt_at(p, end, <FRAME>_TAG_Y). Any other frame goes to decode(), which accepts or refuses it.
-ACK_AT_CUMULATIVE = const(6)
-ACK_TAG_TIME = const(3)
-ACK_TAG_PENDING = const(4)
-SLEEP_NOW_AT_SLEEP_S = const(6)
-SLEEP_NOW_TAG_PENDING = const(2)
+# plain frame of type p[1] and read_<frame>(p, end) gives its fixed fields: required field X
+# at _<FRAME>_AT_X, optional field Y at opt_at(p, end, _<FRAME>_TAG_Y). Any other frame goes
+# to decode(), which accepts or refuses it. (Underscored: compile-time constants, no heap.)
+_ACK_AT_CUMULATIVE = const(6)
+_ACK_TAG_TIME = const(3)
+_ACK_TAG_PENDING = const(4)
+_SLEEP_NOW_AT_SLEEP_S = const(6)
+_SLEEP_NOW_TAG_PENDING = const(2)
 
 
 def in_place(p):
@@ -1222,3 +1223,19 @@ def in_place(p):
         j += 2
         off += 2 + p[off + 1]
     return end
+
+
+def read_ack(p, end):
+    # ACK read in place (end = in_place(p)): (cumulative, time, pending); an absent optional field has its default
+    o = opt_at(p, end, _ACK_TAG_TIME)
+    v_time = _rd(p, o, 4, False) if o else 0
+    o = opt_at(p, end, _ACK_TAG_PENDING)
+    v_pending = _rd(p, o, 1, False) if o else 0
+    return (_rd(p, _ACK_AT_CUMULATIVE, 4, False), v_time, v_pending)
+
+
+def read_sleep_now(p, end):
+    # SLEEP_NOW read in place (end = in_place(p)): (sleep_s, pending); an absent optional field has its default
+    o = opt_at(p, end, _SLEEP_NOW_TAG_PENDING)
+    v_pending = _rd(p, o, 1, False) if o else 0
+    return (_rd(p, _SLEEP_NOW_AT_SLEEP_S, 4, False), v_pending)

@@ -176,6 +176,7 @@ def test_sleep_lands_on_the_grid_and_hints_shorten_it():
     w.cfg = config.Config(sim.FS_ROOT)
     w.period = 60
     w.now = 1767225600 + 59  # woke a second early for the :01:00 slot
+    w.clock_t0 = w.now * 1000
     mpunit.eq(w.slot(w.now), 1767225660)
     mpunit.eq(w.slot(1767225600 + 61), 1767225660)
     ms = w.plan_sleep()
@@ -189,14 +190,13 @@ def test_sleep_lands_on_the_grid_and_hints_shorten_it():
 
 def _plain_fields(p):
     # What the wake takes from ACK / SLEEP_NOW in place, or None when it leaves the frame to
-    # the codec (the same reads as Wake._on_down, through the generated in-place reader).
+    # the codec (the same reads as Wake._on_down, through the generated in-place readers).
     end = proto.in_place(p)
     t = p[1] if len(p) > 1 else 0
     if end and t == proto.ACK:
-        return (app._u32(p, proto.ACK_AT_CUMULATIVE), [])
+        return (proto.read_ack(p, end)[0], [])
     if end and t == proto.SLEEP_NOW:
-        o = proto.opt_at(p, end, proto.SLEEP_NOW_TAG_PENDING)
-        return (app._u32(p, proto.SLEEP_NOW_AT_SLEEP_S), p[o] if o else 0)
+        return proto.read_sleep_now(p, end)
     return None
 
 
@@ -267,8 +267,8 @@ def test_on_down_reads_ack_and_sleep_now_without_the_codec_objects():
     mpunit.eq((w.q.floor, w.q.sel), (64, ()))
     gc.collect()
     a = gc.mem_alloc()
-    mpunit.eq(w._on_down(None, sleep), app.STOP)
+    w._on_down(None, sleep)
     used = gc.mem_alloc() - a
-    mpunit.eq((w.sleep_req, w.hint, w.stop), (0, 1, True))
+    mpunit.eq((w.sleep_req, w.hint, w.listening), (0, 1, 1))  # listening: RELEASED
     print("mem_alloc SLEEP_NOW read in place:", used)
     assert used < 128, used  # the instance dict takes the three fields; the codec took 160+

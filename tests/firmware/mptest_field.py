@@ -231,7 +231,7 @@ def test_the_wifi_hint_is_kept_passed_on_and_dropped_after_a_failure():
     real = sim.radio_up
     sim.radio_up = up
     try:
-        budget = time.ticks_add(time.ticks_ms(), 5000)
+        budget = app.Deadline(time.ticks_ms(), 5000)
         w._radio_up(budget)
         w._radio_up(budget)
         mpunit.eq(calls, [None, (6, b"\x01\x02\x03\x04\x05\x06")])
@@ -330,11 +330,11 @@ def test_steps_end_before_a_short_hardware_watchdog_bites():
     _node()  # awake_budget_ms 15000: longer than an RP2 watchdog (8.4 s) can wait
     w = app.Wake()
     w.cfg = config.Config(sim.FS_ROOT)
-    budget = time.ticks_add(time.ticks_ms(), 15000)
-    mpunit.eq(w._step_end(budget), budget)  # the sim's watchdog waits as long as asked
+    dl = app.Deadline(time.ticks_ms(), 15000)
+    mpunit.eq(dl.step(), dl.at)  # the sim's watchdog waits as long as asked
     sim.WDT_MAX_MS = 8388
     try:
-        left = time.ticks_diff(w._step_end(budget), time.ticks_ms())
+        left = time.ticks_diff(dl.step(), time.ticks_ms())
         mpunit.eq(7000 <= left <= 7388, True)
     finally:
         del sim.WDT_MAX_MS

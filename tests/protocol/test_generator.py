@@ -135,10 +135,11 @@ def _raw() -> dict[str, Any]:
     return tomllib.loads(SPEC_PATH.read_text())
 
 
-def _consts(rel: str) -> dict[str, int]:
-    """NAME = const(N) lines of a generated MicroPython module."""
+def _consts(rel: str, private: bool = False) -> dict[str, int]:
+    """NAME = const(N) lines of a generated MicroPython module (and _NAME ones: private)."""
     text = (generate.ROOT / rel).read_text()
-    return {m[1]: int(m[2], 0) for m in re.finditer(r"^([A-Z][A-Z0-9_]*) = const\((-?\w+)\)$", text, re.M)}
+    name = r"_?[A-Z][A-Z0-9_]*" if private else r"[A-Z][A-Z0-9_]*"
+    return {m[1]: int(m[2], 0) for m in re.finditer(rf"^({name}) = const\((-?\w+)\)$", text, re.M)}
 
 
 def _frame(raw: dict[str, Any], name: str) -> dict[str, Any]:
@@ -186,12 +187,13 @@ def test_emitted_constants_match_the_spec() -> None:
 
 
 def test_in_place_offsets_point_at_the_fields_the_gateway_encodes() -> None:
-    """firmware/proto.py's ACK_AT_*/SLEEP_NOW_AT_* and *_TAG_* read the values back out of
-    frames the gateway's codec wrote, with and without each optional field."""
+    """firmware/proto.py's _ACK_AT_*/_SLEEP_NOW_AT_* and *_TAG_* (what its read_ack and
+    read_sleep_now read) find the values in frames the gateway's codec wrote, with and
+    without each optional field."""
     from gateway import proto
 
     raw = _raw()
-    node = _consts("firmware/proto.py")
+    node = {k[1:]: v for k, v in _consts("firmware/proto.py", private=True).items() if k[0] == "_"}
     assert raw["in_place"]["frames"] == ["ACK", "SLEEP_NOW"]
     assert node["ACK_TAG_TIME"] == _field(raw, "ACK", "time")["tag"]
     assert node["ACK_TAG_PENDING"] == _field(raw, "ACK", "pending")["tag"]

@@ -41,6 +41,7 @@ from gateway.security.pki import DeviceCredentials, Pki
 from gateway.store import db
 from tests.firmware.test_node_cycle import START_MS, NodeLog, provision, read_log
 from tests.fixtures.broker import RunningBroker, free_port, make_pki
+from tools.sim.field import FieldModel
 from tools.sim.node import RunSummary, SimNode
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,6 +176,8 @@ class Stack:
         self.log_path = root / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.nodes: dict[str, StackNode] = {}
+        # The board profile of the nodes add_node makes (None: the kind sim board).
+        self.field: FieldModel | None = None
         self._write_config(dict(downlink or {}), {"batch_max_ms": 2,
                                                    "rate_limit_frames_per_min": 100_000,
                                                    **(ingest or {})})
@@ -261,7 +264,7 @@ class Stack:
     # ---- nodes ----
     def add_node(self, device_id: str, seed: int, *, device_class: str = "sensor",
                  time_scale: float = 0, start_ms: int | None = START_MS,
-                 **config: Any) -> StackNode:
+                 field: FieldModel | None = None, **config: Any) -> StackNode:
         """Register `device_id` with a certificate through the CLI and provision a sim node
         with it. `config` overrides firmware config.json keys (send_every, ...).
         time_scale=1 and start_ms=None run the node in real time, on the gateway's clock."""
@@ -274,7 +277,7 @@ class Stack:
         sim = SimNode(self.root / "nodes" / device_id, seed=seed, time_scale=time_scale,
                       start_ms=start_ms,
                       extra_path=(str(hooks / "lib"),), env={"TORPOR_HOOK_DIR": str(hooks)},
-                      awake_limit_s=60.0)
+                      awake_limit_s=60.0, field=field or self.field)
         cfg: dict[str, Any] = {
             "device_id": device_id, "broker_host": self.host, "broker_port": self.port,
             "server_hostname": "localhost", "sample_interval_s": 60, "send_every": 1,

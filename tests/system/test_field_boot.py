@@ -12,11 +12,23 @@ import asyncio
 import json
 import re
 
+import pytest
+
 from gateway.store import downlink_queue as q
 from tests.firmware.test_bootloader_sim import on_flash
 from tests.system.stack import Stack, StackNode
 from tests.system.test_ota_campaign import Images, boot_node, campaign, images  # noqa: F401
 from tests.system.test_sleeping_nodes import aio, item, send, show, until
+from tools.sim.field import FieldModel
+
+# On the hostile sim board: an ESP32-C3's cold clock, drift, association and TLS times
+# (charged at a tenth in real time), heap and watchdog.
+HOSTILE = FieldModel.named("esp32c3", awake_scale=10.0)
+
+
+@pytest.fixture(autouse=True)
+def _hostile_board(stack: Stack) -> None:
+    stack.field = HOSTILE
 
 _CORRUPT = """
 import os

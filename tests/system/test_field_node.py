@@ -16,13 +16,26 @@ import re
 import time
 from typing import Any
 
+import pytest
+
 from gateway.store import downlink_queue as q
 from gateway.store import readings
 from gateway.store import wakes as wake_store
 from tests.system.stack import Stack, StackNode
 from tests.system.test_sleeping_nodes import aio, item, send, until
+from tools.sim.field import FieldModel
 
 COLD_CLOCK_S = 946684800  # 2000-01-01: what an ESP32's RTC reads after power-on
+
+
+# On the hostile sim board: an ESP32-C3's cold clock, drift, association and TLS times
+# (charged at a tenth in real time), heap and watchdog.
+HOSTILE = FieldModel.named("esp32c3", awake_scale=10.0)
+
+
+@pytest.fixture(autouse=True)
+def _hostile_board(stack: Stack) -> None:
+    stack.field = HOSTILE
 
 
 def _stats(stack: Stack, device: str) -> wake_store.WakeStats | None:
@@ -169,13 +182,20 @@ def test_a_command_expired_by_the_gateways_time_is_not_run(stack: Stack) -> None
     async def main() -> None:
         stack.start()
         # A window long enough to hold the node in its first command past the second's TTL.
-        node = stack.add_node("f3", seed=23, awake_window_ms=8000, awake_budget_ms=15000)
+        # The controller class's downlink budget: after a cold boot the next wake may be
+        # seconds away, and a sensor's budget for that holds one command.
+        node = stack.add_node("f3", seed=23, device_class="controller", awake_window_ms=20000,
+                              awake_budget_ms=30000)
         first = send(stack, "f3", "ping", flags=("--priority", "5"))
-        late = send(stack, "f3", "set_interval", 120, flags=("--ttl", "3"))
+        # Long enough to reach the node through a cold association and TLS handshake, on a
+        # loaded machine too.
+        late = send(stack, "f3", "set_interval", 120, flags=("--ttl", "12"))
+        sent_at = time.monotonic()
         node.hold_next()  # the node stops inside the first command...
         run = asyncio.create_task(node.wake())
         await until(lambda: (node.hooks / "held").exists(), "first command held", 30)
-        await asyncio.sleep(3.5)  # ...until the second one's TTL has passed
+        # ...until the second one's TTL has passed
+        await asyncio.sleep(max(0.5, sent_at + 12.5 - time.monotonic()))
         (node.hooks / "release").write_text("")
         await run
         await until(lambda: item(stack, "f3", late).status not in q.ACTIVE, "late answered")
@@ -192,8 +212,11 @@ def test_a_command_expired_by_the_gateways_time_is_not_run(stack: Stack) -> None
 def test_readings_after_a_cold_boot_are_stored_at_their_true_time(stack: Stack) -> None:
     async def main() -> None:
         stack.start()
+        # In real time against the gateway's real clock, so on the kind board: a profile's
+        # charged delays would move the node's true time ahead of the gateway's. The field
+        # run (test_field_month.py) holds stamps to the true time on the hostile board.
         node = stack.add_node("f4", seed=24, time_scale=1, start_ms=None, sample_interval_s=3,
-                              send_every=3, align_s=3)
+                              send_every=3, align_s=3, field=FieldModel.named("ideal"))
         _cold_clock(node)
         await node.wake(7, wall_limit_s=120)
         # The last wake's sleep is not waited for by the sim: wait for real time to reach

@@ -250,14 +250,15 @@ def _gen_in_place(w: Lines, spec: Spec) -> None:
     w()
     w()
     w("# Frames read in place (the spec's [in_place]). When end = in_place(p) is not 0, p is a")
-    w("# plain frame of type p[1]: required field X at <FRAME>_AT_X, optional field Y at")
-    w("# opt_at(p, end, <FRAME>_TAG_Y). Any other frame goes to decode(), which accepts or refuses it.")
+    w("# plain frame of type p[1] and read_<frame>(p, end) gives its fixed fields: required field X")
+    w("# at _<FRAME>_AT_X, optional field Y at opt_at(p, end, _<FRAME>_TAG_Y). Any other frame goes")
+    w("# to decode(), which accepts or refuses it. (Underscored: compile-time constants, no heap.)")
     for name in spec.in_place:
         lay = spec.in_place_layout(spec.frame(name))
         for fname, off in lay.at:
-            w(f"{name}_AT_{_c(fname)} = const({off})")
+            w(f"_{name}_AT_{_c(fname)} = const({off})")
         for fname, tag, _size in lay.optional:
-            w(f"{name}_TAG_{_c(fname)} = const({tag})")
+            w(f"_{name}_TAG_{_c(fname)} = const({tag})")
     w()
     w()
     w("def in_place(p):")
@@ -290,6 +291,39 @@ def _gen_in_place(w: Lines, spec: Spec) -> None:
     w("j += 2", 2)
     w("off += 2 + p[off + 1]", 2)
     w("return end", 1)
+    for name in spec.in_place:
+        _gen_read_in_place(w, spec, spec.frame(name))
+
+
+def _gen_read_in_place(w: Lines, spec: Spec, fr: Frame) -> None:
+    """read_<frame>(p, end): the fixed fields of a frame in_place() passed, as a tuple in spec
+    order (optional ones at their default when absent): one small tuple per frame, where the
+    decoder builds a tuple, a list and views."""
+    fields = [f for f in fr.fields if f.fixed]
+    for f in fields:
+        if f.type == "f32":
+            raise SpecError(f"in_place.frames: {fr.name}.{f.name} is a float, which the node does not read in place")
+
+    def value(f: Field, off: str) -> str:
+        size = SCALARS[f.type][1]
+        v = f"_rd(p, {off}, {size}, {f.type.startswith('i')})"
+        return f"{v} != 0" if f.type == "bool" else v
+
+    w()
+    w()
+    w(f"def read_{fr.snake}(p, end):")
+    names = ", ".join(f.name for f in fields)
+    w(f"# {fr.name} read in place (end = in_place(p)): ({names}); an absent optional field has its default", 1)
+    out = []
+    for f in fields:
+        if f.optional:
+            w(f"o = opt_at(p, end, _{fr.name}_TAG_{_c(f.name)})", 1)
+            default = int(f.default or 0) if f.type != "bool" else bool(f.default)
+            w(f"v_{f.name} = {value(f, 'o')} if o else {default!r}", 1)
+            out.append(f"v_{f.name}")
+        else:
+            out.append(value(f, f"_{fr.name}_AT_{_c(f.name)}"))
+    w(f"return ({', '.join(out)}{',' if len(out) == 1 else ''})", 1)
 
 
 def _value_size_expr(spec: Spec, f: Field) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 # module path -> registers one `torpor sim <action>` parser
-SIM_ACTIONS: tuple[str, ...] = ("tools.sim.board", "tools.sim.fleet")
+SIM_ACTIONS: tuple[str, ...] = ("tools.sim.board", "tools.sim.fleet", "tools.sim.fieldrun")
 
 
 def register(sub: Any) -> None:

@@ -29,6 +29,10 @@ class FieldModel:
     assoc_fail_rate: float = 0.0
     outages: tuple[tuple[int, int], ...] = ()
     awake_scale: float = 1.0
+    # A fleet run against one gateway in compressed time: the field's radio lock and clock
+    # file (boards/sim.py), and whether the board logs the true sampling and sync times.
+    world: tuple[str, str] | None = None
+    truth: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.assoc_fail_rate <= 1.0:
@@ -60,6 +64,8 @@ class FieldModel:
                 "outages": [list(w) for w in self.outages],
                 "awake_scale": self.awake_scale,
                 "drift_ppm": self.drift_ppm(seed),
+                "world": {"lock": self.world[0], "clock": self.world[1]} if self.world else None,
+                "truth": self.truth,
             },
         }
 
@@ -139,7 +145,7 @@ def add_field_args(p: Any, *, several: bool = False) -> None:
     p.add_argument(
         "--board-profile", default=DEFAULT_PROFILE, metavar="NAME" + (",NAME..." if several else ""),
         help="board profile from boards/profiles.toml (esp32, esp32s3, esp32c3, pico_w, pico2_w; "
-             f"'ideal' is the kind simulator){'; several are dealt round the nodes' if several else ''} "
+             f"'ideal' is the kind simulator){'; several are dealt round the nodes, mixed: every real board' if several else ''} "
              f"(default {DEFAULT_PROFILE})",
     )
     p.add_argument("--assoc-fail-rate", type=float, default=0.0,
@@ -170,6 +176,10 @@ def fields_from_args(args: Any, start_ms: int) -> list[FieldModel]:
             raise ProfileError(f"--outage {text!r}: the window must end after it starts")
         outages.append((start_ms + int(lo * 3600_000), start_ms + int(hi * 3600_000)))
     names = [n.strip() for n in str(args.board_profile).split(",") if n.strip()]
+    if names == ["mixed"]:
+        from tools.sim.profiles import profile_names
+
+        names = [n for n in profile_names() if n != "ideal"]
     if not names:
         raise ProfileError("--board-profile: give at least one profile name")
     try:

@@ -398,6 +398,30 @@ class SimNode:
             self._state["rtc_ms"] = rtc
         self._write_json("state.json", self._state)
 
+    def _release_world(self) -> None:
+        # A node that died holding the field's radio (a power cut, the watchdog) lets go.
+        world = self._sim_cfg.get("field", {}).get("world")
+        if not world:
+            return
+        lock = Path(world["lock"])
+        try:
+            owner = (lock / "owner").read_text()
+        except OSError:
+            return
+        if owner == str(self.dir):
+            (lock / "owner").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                lock.rmdir()
+
+    def battery_swap(self, off_at_ms: int, on_at_ms: int) -> None:
+        """Between two runs: the battery comes out at off_at_ms (virtual) and a fresh one goes
+        in at on_at_ms; the next boot is a power-on at on_at_ms with a cold clock."""
+        if on_at_ms < off_at_ms:
+            raise SimError("a battery goes in after the old one came out")
+        self._state["vt_ms"] = on_at_ms
+        (self.dir / "battery.json").unlink(missing_ok=True)
+        self.power_cycle()
+
     def _power_lost(self) -> None:
         # What a real chip loses with its supply: RTC memory and the RTC's time correction.
         for name in ("rtc.bin", "clock.json"):
@@ -545,6 +569,7 @@ class SimNode:
             last = f": {run.last_line}" if kind == "crash" and run.last_line else ""
             run.problems.append(f"E 0 wake ended in {kind} (exit {rc}){last}")
         sleep_ms = run.sleep_ms if kind == "sleep" and run.sleep_ms else 0
+        self._release_world()
         if NEXT_CAUSE.get(kind) == POWER_ON:
             self._power_lost()
         if kind != "sleep":
@@ -580,7 +605,8 @@ class SimNode:
             elif verb == "reset":
                 run.reset_seen = True
             elif verb == "skip":
-                run.extra["skip_ms"] = max(int(arg or 0), 0)
+                # Negative when the node's time stood still (waiting for the field's radio).
+                run.extra["skip_ms"] = int(arg or 0)
             return
         run.lines += 1
         if text.strip():

@@ -66,6 +66,7 @@ def rtc_memory_write(data):
     global _rtc
     _rtc = bytes(data)
 def time(): return 1767225600
+def time_ms(): return 1767225600000
 def set_time(s): pass
 def led(on): pass
 def button(): return False
