@@ -401,8 +401,7 @@ class FieldRun:
         return path
 
     async def _start_gateway(self, config: Path, clock: Path, db_path: Path) -> None:
-        from gateway import service
-        from gateway.store import db
+        from gateway.store import db, status
 
         with open(self.dir / "gateway.log", "ab") as out:
             proc = await asyncio.create_subprocess_exec(
@@ -420,7 +419,7 @@ class FieldRun:
             try:
                 conn = db.connect(db_path, readonly=True)
                 try:
-                    st = service.read_status(conn)
+                    st = status.read_status(conn)
                 finally:
                     conn.close()
             except Exception:  # noqa: BLE001 - the schema may be mid-migration
