@@ -16,6 +16,7 @@ import pytest
 
 from gateway.store import downlink_queue as q
 from tests.firmware.test_bootloader_sim import on_flash
+from tests.firmware.test_ota_delivery import wake_bound
 from tests.system.stack import Stack, StackNode
 from tests.system.test_ota_campaign import Images, boot_node, campaign, images  # noqa: F401
 from tests.system.test_sleeping_nodes import aio, item, send, show, until
@@ -62,7 +63,9 @@ def test_a_trial_across_an_outage_is_kept_then_a_bad_slot_falls_back(
         await node.wake()
         stack.cli("ota", "campaign", "create", "--image", str(images.build(2)), "--devices",
                   "fb1", "--rate", "1", "--timeout", "1h", "--pubkey", str(images.pubkey_path))
-        for _ in range(40):  # download; the wake that finishes it resets into the trial
+        # The download, a chunk a wake (the image's size sets it); the wake that finishes it
+        # resets into the trial.
+        for _ in range(wake_bound(stack, 1)):
             s = await node.wake()
             if s.runs[-1].kind == "soft_reset":
                 break
