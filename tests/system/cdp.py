@@ -8,7 +8,9 @@ import base64
 import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
@@ -130,9 +132,13 @@ class Browser:
 @contextlib.asynccontextmanager
 async def chromium(binary: str, timeout: float = 30.0) -> AsyncIterator[Browser]:
     """A headless Chromium with a new empty profile, and a CDP connection to it."""
-    with tempfile.TemporaryDirectory(prefix="torpor-chromium-") as profile:
+    # Chromium's helper processes may still write to the profile after the browser exits:
+    # they are stopped as one process group, and what they leave does not fail the test.
+    with tempfile.TemporaryDirectory(prefix="torpor-chromium-",
+                                     ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
         try:
             port_file = Path(profile) / "DevToolsActivePort"
             deadline = time.monotonic() + timeout
@@ -152,12 +158,16 @@ async def chromium(binary: str, timeout: float = 30.0) -> AsyncIterator[Browser]
                 finally:
                     await browser.close()
         finally:
-            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # helpers that outlived the browser
 
 
 def png_pixels(png: bytes) -> tuple[int, int, int, bytes]:
