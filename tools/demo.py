@@ -191,6 +191,25 @@ def _is_mosquitto(pid: int) -> bool:
         return False
 
 
+async def stop_children(procs: list[asyncio.subprocess.Process], broker_pid: int | None) -> None:
+    """Stop what a run started, newest first (the gateway stops its own Mosquitto before the
+    upstream broker goes); one that outlasts STOP_TIMEOUT_S is killed. A gateway that had to
+    be killed leaves its broker behind: that one is ended by its pid."""
+    for proc in reversed(procs):
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+    if broker_pid is not None and _is_mosquitto(broker_pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(broker_pid, signal.SIGTERM)
+
+
 class Demo:
     def __init__(self, opts: DemoOptions) -> None:
         self.opts = opts
@@ -377,22 +396,7 @@ class Demo:
             await asyncio.sleep(0.2)
 
     async def _stop_children(self) -> None:
-        # The gateway first (it stops its own Mosquitto), then the upstream broker.
-        for proc in reversed(self.procs):
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    await proc.wait()
-        # A gateway that had to be killed leaves its broker behind: end it by its pid.
-        pid = self.broker_pid
-        if pid is not None and _is_mosquitto(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGTERM)
+        await stop_children(self.procs, self.broker_pid)
 
     def _interrupt(self) -> None:
         self.interrupted = True

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -432,25 +430,9 @@ class FieldRun:
         raise FieldRunError(f"the gateway did not come up within {READY_TIMEOUT_S:.0f} s:\n{tail}")
 
     async def _stop_children(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    await proc.wait()
-        pid = self.broker_pid
-        if pid is not None:
-            try:
-                alive = Path(f"/proc/{pid}/comm").read_text().strip() == "mosquitto"
-            except OSError:
-                alive = False
-            if alive:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGTERM)
+        from tools.demo import stop_children
+
+        await stop_children(self.procs, self.broker_pid)
 
     def _interrupt(self) -> None:
         self.interrupted = True
