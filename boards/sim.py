@@ -569,6 +569,9 @@ class _SimContext:
             object.__setattr__(self, name, value)
         else:
             setattr(self._ctx, name, value)
+            if name == "psk_key" and _prof and _prof.get("tls_psk_ms"):
+                # No certificate, no ECDHE: the profile's (modelled) PSK handshake.
+                object.__setattr__(self, "_ms", _prof["tls_psk_ms"])
 
     def __getattr__(self, name):
         return getattr(self._ctx, name)

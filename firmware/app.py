@@ -42,6 +42,12 @@ _WINDOW = const(0)
 _RELEASED = const(1)
 _STAYING = const(2)
 
+# How a sending wake's session was authenticated (the "T" line's session=): the device
+# certificate, the session key, or the certificate after the session key was refused.
+_CERT = const(0)
+_PSK = const(1)
+_FALLBACK = const(2)
+
 # The send path's buffers are made once per sending wake, in send(); a wake that only
 # samples never pays for them. Frames are built straight into the MQTT client's transmit
 # buffer, behind room for the PUBLISH header (client.out, client.publish_out); the readings
@@ -111,6 +117,7 @@ class Wake:
     sent = 0  # readings published this wake
     sent_top = 0  # highest reading id published
     session_ok = False
+    session = _CERT
     listening = _WINDOW
     sleep_req = 0
     hint = 0
@@ -256,6 +263,7 @@ class Wake:
         import commands  # only wakes that send pay for these imports
         import mqtt  # noqa: F401 - loaded here so that import= counts it
         import proto  # noqa: F401 - the codec, likewise
+        import psk  # noqa: F401 - session keys (docs/session-keys.md), likewise
         import rotate  # noqa: F401 - key rotation (docs/credentials.md), likewise
 
         self.import_alloc = gc.mem_alloc() - a
@@ -280,6 +288,7 @@ class Wake:
         """Radio up, TLS + MQTT session, subscription sent: the client. A client whose
         session does not open is hung up here (close() gets none)."""
         import mqtt  # loaded by send()
+        import psk
         import rotate
 
         cfg = self.cfg
@@ -294,11 +303,19 @@ class Wake:
         status = _topic(topics, len(self.up_topic) + len(down), dev, b"status")
         self._radio_up(dl)
         board.watchdog_feed()
-        # The device pair, or a new one on trial (rotate.py, docs/credentials.md).
-        cert, key = rotate.pair(cfg)
-        ctx = mqtt.make_tls_context(cert, key, cfg.read_file("ca"))
+        # Routine sends take the session key when the node holds one and no certificate
+        # rotation needs the certificate path (docs/session-keys.md); otherwise the device
+        # pair, or a new one on trial (rotate.py, docs/credentials.md).
+        sk = None if rotate.busy(cfg) else psk.load(cfg)
+        if sk is not None:
+            ctx = psk.context(cfg, sk[2])
+            port = sk[1]
+        else:
+            cert, key = rotate.pair(cfg)
+            ctx = mqtt.make_tls_context(cert, key, cfg.read_file("ca"))
+            port = cfg.broker_port
         client = mqtt.MQTTClient(
-            cfg.device_id, cfg.broker_host, cfg.broker_port, ssl=ctx,
+            cfg.device_id, cfg.broker_host, port, ssl=ctx,
             server_hostname=cfg.server_hostname or None, keepalive=cfg.keepalive_s,
             # The gateway holds downlink for a sleeping node (it is the store), so the
             # broker keeps no session: no stale frames of an earlier window arrive.
@@ -312,15 +329,24 @@ class Wake:
         self.recs = client.spare(need) or bytearray(need)
         a = gc.mem_alloc()
         try:
-            try:
-                self._open(client, dl, status)
-            except OSError as e:
-                if not rotate.refused(cfg, e):
-                    raise
-                # The new pair was refused: the confirmed one, in this same wake.
-                cert, key = rotate.pair(cfg)
-                client.ssl = mqtt.make_tls_context(cert, key, cfg.read_file("ca"))
-                self._open(client, dl, status)
+            if sk is None:
+                self._open_cert(client, dl, status)
+            else:
+                self.session = _PSK
+                try:
+                    self._open(client, dl, status)
+                except OSError as e:
+                    # Refused (or unreachable): the certificate, in this same wake.
+                    log.warn("session key %d refused (%s): falling back to the certificate", sk[0], e)
+                    self.session = _FALLBACK
+                    cert, key = rotate.pair(cfg)
+                    client.ssl = mqtt.make_tls_context(cert, key, cfg.read_file("ca"))
+                    client.port = cfg.broker_port
+                    self._open_cert(client, dl, status)
+                    if psk.refusal(e):
+                        # The broker no longer holds this key (rotated, revoked, lost): the
+                        # next routine sends use the certificate until a new key comes.
+                        psk.drop(cfg)
             rotate.connected(cfg)
             st.broker_ip = client.ip
             board.watchdog_feed()
@@ -418,6 +444,20 @@ class Wake:
             log.info("retry after %d s (failures=%d)", st.next_try - self.now, st.fails)
             if ota.trial_unreached():
                 log.info("trial image: gateway out of reach, not held against it")
+
+    def _open_cert(self, client, dl, status):
+        import mqtt  # loaded by send()
+        import rotate
+
+        try:
+            self._open(client, dl, status)
+        except OSError as e:
+            if not rotate.refused(self.cfg, e):
+                raise
+            # The new pair was refused: the confirmed one, in this same wake.
+            cert, key = rotate.pair(self.cfg)
+            client.ssl = mqtt.make_tls_context(cert, key, self.cfg.read_file("ca"))
+            self._open(client, dl, status)
 
     def _open(self, client, dl, status):
         # A Will for crashes and lost links only: a planned sleep ends with DISCONNECT.
@@ -670,7 +710,7 @@ def _report(w, sleep_ms, a0):
         " publish=", w.ms_publish, " wait=", w.ms_wait, " total=", _ms_since(w.t0),
         " bytes_out=", w.bytes_out, " bytes_in=", w.bytes_in, " sent=", w.sent,
         " depth=", w.q.depth if w.q else 0, " sleep=", sleep_ms, " conn_bytes=", w.bytes_conn,
-        " burst_bytes=", w.bytes_burst, sep="",
+        " burst_bytes=", w.bytes_burst, " session=", w.session, sep="",
     )
     # Bytes allocated during the wake (no collection runs in between on a roomy heap): the
     # TLS handshake and code loaded during the wake (mqtt) are shown apart from the wake's

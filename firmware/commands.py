@@ -86,6 +86,14 @@ def execute(cmd, cfg, st, board, effects, buf, msg_id, safe=False):
         else:
             status, detail = rotate.install_cert(cfg, args[0], args[1], args[2], cmd[proto.COMMAND_DATA])
         values = (args[0],)
+    elif op == proto.COMMAND_OP_INSTALL_PSK:
+        # A session key for routine sends (psk.py): stored power-safe, the same key again
+        # is a no-op.
+        import psk
+
+        if not psk.install(cfg, args[0], args[1], cmd[proto.COMMAND_DATA]):
+            status, detail = proto.RESULT_STATUS_BAD_ARGS, "key must be 32 bytes"
+        values = (args[0],)
     elif op == proto.COMMAND_OP_SYNC_TIME:
         # The spec's table checked the argument's range; the node's own rule checks that it
         # is a plausible time.

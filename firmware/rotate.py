@@ -46,6 +46,15 @@ def creds(cfg):
     return _c
 
 
+def busy(cfg):
+    """A certificate rotation is under way or its outcome unreported: the session must
+    use the certificate path (the trial pair is confirmed only by connecting with it)."""
+    if _c is None and not _has_record(cfg):
+        return False
+    c = creds(cfg)
+    return c.state != 0 or bool(c.outcome())
+
+
 def _read(path):
     with open(path, "rb") as f:
         return f.read()

@@ -66,6 +66,9 @@ class BrokerConfig:
     # Supervised mode: the broker also refuses service to quarantined devices (ACL deny and
     # a cut session; see gateway.transport.broker), so their frames no longer reach the gateway.
     refuse_quarantined: bool = True
+    # A second listener for TLS-PSK routine sessions (docs/session-keys.md), supervised
+    # mode only; 0: none, every session uses the device certificate.
+    psk_port: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +158,10 @@ class PkiConfig:
     device_rotate_lead_days: float = 30.0
     device_days: float = 3650.0
     rotation_poll_s: float = 1.0
+    # TLS-PSK session keys (docs/session-keys.md; with [broker] psk_port): a key lives
+    # session_key_days and is replaced session_key_lead_days before that.
+    session_key_days: float = 7.0
+    session_key_lead_days: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +305,9 @@ _MINIMA: dict[tuple[str, str], float] = {
     ("gateway", "status_interval_s"): 0.1,
     ("gateway", "deadletter_max_rows"): 1,
     ("broker", "port"): 1,
+    ("broker", "psk_port"): 0,
+    ("pki", "session_key_days"): 0.0001,
+    ("pki", "session_key_lead_days"): 0.0,
     ("mqtt", "port"): 0,
     ("mqtt", "keepalive"): 5,
     ("mqtt", "connect_timeout_s"): 0.1,
@@ -344,6 +354,7 @@ _MINIMA: dict[tuple[str, str], float] = {
 }
 _MAXIMA: dict[tuple[str, str], float] = {
     ("broker", "port"): 65535,
+    ("broker", "psk_port"): 65535,
     ("mqtt", "port"): 65535,
     ("upstream", "port"): 65535,
     ("upstream", "qos"): 1,
@@ -414,6 +425,8 @@ def parse_config(data: dict[str, Any], base: Path | None = None, source: str = "
 
 
 def _cross_check(cfg: GatewayConfig) -> None:
+    if cfg.broker.psk_port and cfg.broker.psk_port == cfg.broker.port:
+        raise ConfigError("[broker] psk_port: must differ from [broker] port")
     ing = cfg.ingest
     if ing.deadletter_max_bytes < 16 * ing.deadletter_raw_max_bytes:
         raise ConfigError(

@@ -331,6 +331,7 @@ class CommandOp(IntEnum):
     SYNC_TIME = 5
     ROTATE_KEY = 6
     INSTALL_CERT = 7
+    INSTALL_PSK = 12
 
 
 class ResultStatus(IntEnum):
@@ -485,6 +486,11 @@ OP_ARGS: dict[CommandOp, CommandArgs] = {
             CommandArg('offset', 0, 4095, 'bytes'),
             CommandArg('total', 1, 4096, 'bytes'),
         ), 'install_cert ROTATION OFFSET TOTAL'),
+    CommandOp.INSTALL_PSK: CommandArgs(
+        CommandOp.INSTALL_PSK, 'a TLS-PSK session key for routine sends, 32 bytes in `data`; sent only while the device has no key on the broker, so only over a certificate-authenticated session (docs/session-keys.md)', 2, (
+            CommandArg('key_id', 1, 2147483647, ''),
+            CommandArg('port', 1, 65535, ''),
+        ), 'install_psk KEY_ID PORT'),
 }
 
 

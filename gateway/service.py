@@ -187,6 +187,9 @@ class Service:
                     self._supervise("lifetimes", self._lifetimes_loop))
                 tasks["rotation"] = asyncio.create_task(
                     self._supervise("rotation", self._rotation_loop))
+            if has_pki and self.broker is not None and cfg.broker.psk_port:
+                tasks["session_keys"] = asyncio.create_task(
+                    self._supervise("session_keys", self._session_keys_loop))
             if cfg.web.enabled:  # the operator's page and API (gateway.web)
                 from gateway.web import server as web_server
 
@@ -198,7 +201,7 @@ class Service:
         finally:
             # Ingest first: it stops taking frames, commits and answers what it holds.
             for name in ("ingest", "web", "rules", "hass", "relay", "status", "downlink",
-                         "lifetimes", "rotation", "checkpoint"):
+                         "lifetimes", "rotation", "session_keys", "checkpoint"):
                 task = tasks.get(name)
                 if task is not None:
                     task.cancel()
@@ -244,7 +247,7 @@ class Service:
         settings = gwbroker.BrokerSettings(
             host=b.host, port=b.port, user=b.user or None,
             max_queued_messages=b.max_queued_messages,
-            max_inflight_messages=b.max_inflight_messages,
+            max_inflight_messages=b.max_inflight_messages, psk_port=b.psk_port,
         )
         if b.mosquitto:
             os.environ["PATH"] = f"{Path(b.mosquitto).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -253,6 +256,10 @@ class Service:
         if self.conn is not None and b.refuse_quarantined:  # refused from the start
             self.broker.refused = frozenset(
                 d.id for d in registry.list_devices(self.conn, registry.QUARANTINED))
+        if self.conn is not None and b.psk_port:  # the session keys in force (docs/session-keys.md)
+            from gateway.store import session_keys
+
+            self.broker.session_keys = session_keys.broker_keys(self.conn)
         await self.broker.start()
 
     def _tls(self) -> ssl.SSLContext:
@@ -395,6 +402,25 @@ class Service:
             self._notify_relay(queued)
             if changed:
                 self._reload_broker()
+            await asyncio.sleep(self.cfg.pki.rotation_poll_s)
+
+    async def _session_keys_loop(self) -> None:
+        """TLS-PSK session keys (gateway.pipeline.session_keys): bookkeeping, then the
+        broker's psk_file (reload, sessions of withdrawn keys cut), then new keys queued
+        for devices the broker holds none for."""
+        from gateway.pipeline.session_keys import SessionKeys
+
+        assert self.writer is not None and self.conn is not None and self.broker is not None
+        conn, broker = self.conn, self.broker
+        keys = SessionKeys(self.cfg.broker.psk_port, self.cfg.pki)
+        while True:
+            want = await self.writer.run(keys.plan, conn)
+            if want != broker.session_keys:
+                gone = await broker.set_session_keys(want)
+                log.info("broker holds %d session key(s)%s", len(want),
+                         f"; withdrawn and cut: {', '.join(gone)}" if gone else "")
+            keys.broker_applied(broker.session_keys)
+            await self.writer.run(keys.issue, conn)
             await asyncio.sleep(self.cfg.pki.rotation_poll_s)
 
     def _start_due(self, conn: sqlite3.Connection) -> list[int]:

@@ -23,7 +23,7 @@ from gateway import config as gwconfig
 from gateway.errors import BrokerError
 from gateway.pipeline.events import enqueue_events
 from gateway.security.pki import Pki
-from gateway.store import db, deadletter, readings, rotations
+from gateway.store import db, deadletter, readings, rotations, session_keys
 from gateway.store import devices as registry
 from gateway.store import status as status_store
 from gateway.transport import broker
@@ -113,8 +113,12 @@ def revoke(conn: sqlite3.Connection, cfg: gwconfig.GatewayConfig, device_id: str
                                 now=now)
             # A rotation under way would certify a new key of a revoked device: cancel it.
             rotations.cancel_open(conn, dev.id, "the device was revoked", now)
+            # Its session key opens nothing from the next broker reload on.
+            session_keys.remove(conn, dev.id)
             enqueue_events(conn, cfg.upstream, [(dev.id, "revoked", {
                 "serials": [format(s, "x") for s in serials]})], now)
+    if cfg.broker.psk_port and cfg.broker.mode == "supervised":
+        broker.write_psk(cfg.broker_config_dir, pki, session_keys.broker_keys(conn))
     running_pid = _broker_pid(cfg, conn)
     running = not (cfg.broker.mode == "supervised" and running_pid is None)
     return Revoked(registry.get(conn, device_id), tuple(serials), broker_pid or running_pid,
@@ -122,8 +126,9 @@ def revoke(conn: sqlite3.Connection, cfg: gwconfig.GatewayConfig, device_id: str
 
 
 def cut_off(cfg: gwconfig.GatewayConfig, revoked: Revoked) -> bool:
-    """Make the running broker reload the CRL, wait until it refuses the certificate, then
-    cut the device's live sessions. Whether the refusal was seen (False: the device's key
+    """Make the running broker reload the CRL (and the psk_file without the device's
+    session key), wait until it refuses the certificate, then cut the device's live
+    sessions, certificate or session key alike. Whether the refusal was seen (False: the device's key
     is not at hand to check with). Raises BrokerError when the broker cannot be reloaded."""
     pki = Pki(cfg.pki_dir)
     _reload_broker(cfg.broker.mode, revoked.broker_pid)

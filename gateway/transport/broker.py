@@ -29,7 +29,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 TOPIC_ROOT = "torpor"
 CONFIG_NAME = "mosquitto.conf"
 ACL_NAME = "acl"
+PSK_NAME = "psk_keys"  # identity:hex-key lines for the PSK listener (docs/session-keys.md)
+PSK_HINT = "torpor"
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 DYNSEC_NAME = "dynsec.json"
 PERSISTENCE_NAME = "mosquitto.db"
@@ -101,6 +103,9 @@ class BrokerSettings:
     # Loaded only to cut a revoked node's live session (see `kick`): SIGHUP makes mosquitto
     # refuse new connections with a revoked certificate but leaves live sessions alone.
     dynsec_plugin: str | None = field(default_factory=lambda: default_dynsec_plugin())
+    # A second listener for TLS-PSK routine sessions (0: none). Its identities are device
+    # ids and become usernames, so the ACL's pattern holds them to their own topics.
+    psk_port: int = 0
 
 
 def default_dynsec_plugin() -> str | None:
@@ -195,7 +200,49 @@ def render_config(settings: BrokerSettings, pki: Pki, acl_path: Path, *, extra: 
         "set_tcp_nodelay true",
         "",
     ]
+    if settings.psk_port:
+        lines += [
+            # Session keys the gateway issued over certificate sessions; reloaded on SIGHUP.
+            f"psk_file {acl_path.parent / PSK_NAME}",
+            f"listener {settings.psk_port} {settings.host}",
+            "protocol mqtt",
+            f"psk_hint {PSK_HINT}",
+            "use_identity_as_username true",
+            "use_username_as_clientid true",
+            "tls_version tlsv1.2",
+            "set_tcp_nodelay true",
+            "",
+        ]
     return "\n".join(lines) + extra
+
+
+def render_psk(keys: Mapping[str, bytes], reserved: Iterable[str] = (),
+               refused: Iterable[str] = ()) -> str:
+    """The psk_file: one `identity:hex key` line per device. `reserved` (the gateway's own
+    identities, which the ACL lets see everything) can never hold a key; `refused`
+    (quarantined devices) are left out, so their key no longer opens a session."""
+    skip = frozenset(refused)
+    banned = frozenset(reserved)
+    lines = []
+    for device in sorted(keys):
+        validate_device_id(device)
+        if device in banned:
+            raise BrokerError(f"refusing a session key for the gateway's own identity {device!r}")
+        key = keys[device]
+        if len(key) < 16:
+            raise BrokerError(f"session key of {device!r} is {len(key)} bytes; at least 16")
+        if device not in skip:
+            lines.append(f"{device}:{key.hex()}")
+    return "".join(line + "\n" for line in lines)
+
+
+def write_psk(folder: Path, pki: Pki, keys: Mapping[str, bytes],
+              refused: Iterable[str] = ()) -> Path:
+    """Write the psk_file (0600) that the PSK listener reads at start and on SIGHUP."""
+    reserved = [pki.gateway.cn] + ([pki.control.cn] if pki.has_control else [])
+    path = private_folder(folder) / PSK_NAME
+    write_private_text(path, render_psk(keys, reserved, refused))
+    return path
 
 
 def write_private_text(path: Path, text: str) -> None:
@@ -238,6 +285,8 @@ def write_config(
                                        refused) + extra_acl)
     if settings.dynsec_plugin:
         write_dynsec_state(folder / DYNSEC_NAME, control)
+    if settings.psk_port and not (folder / PSK_NAME).exists():
+        write_psk(folder, pki, {})
     persisted = folder / PERSISTENCE_NAME
     if persisted.exists():
         os.chmod(persisted, 0o600)
@@ -464,6 +513,7 @@ class BrokerSupervisor:
         self.restarts = 0
         self.last_probe_error = ""
         self.refused: frozenset[str] = frozenset()  # quarantined devices (see set_refused)
+        self.session_keys: dict[str, bytes] = {}  # the psk_file's keys (see set_session_keys)
 
     @property
     def pid(self) -> int | None:
@@ -473,6 +523,8 @@ class BrokerSupervisor:
         self._stopping = False
         if not self.external:
             write_config(self.settings, self.pki, self.config_dir, refused=self.refused)
+            if self.settings.psk_port:
+                write_psk(self.config_dir, self.pki, self.session_keys, self.refused)
             await self._spawn()
         await self.wait_healthy(timeout)
         if not self.external:
@@ -606,6 +658,8 @@ class BrokerSupervisor:
                          self.pki.control.cn if settings.dynsec_plugin else None, wanted)
         write_private_text(self.config_dir / ACL_NAME, acl)
         self.refused = wanted
+        if settings.psk_port:  # a quarantined device's session key opens nothing either
+            write_psk(self.config_dir, self.pki, self.session_keys, wanted)
         self.reload()
         await asyncio.sleep(0.2)  # mosquitto reloads at the top of its next loop
         for device in sorted(added):
@@ -613,6 +667,24 @@ class BrokerSupervisor:
         log.info("broker refuses %d quarantined device(s)%s", len(wanted),
                  f"; newly: {', '.join(sorted(added))}" if added else "")
         return added
+
+    async def set_session_keys(self, keys: Mapping[str, bytes]) -> list[str]:
+        """Make the PSK listener accept exactly `keys` (device -> key): rewrite the psk_file,
+        reload, and cut the live sessions of every device whose key went away or changed,
+        so none stays in on a key it no longer holds. Returns those devices; raises
+        BrokerError when one could not be cut (the caller retries)."""
+        if self.external or not self.settings.psk_port:
+            raise BrokerError("session keys need the supervised broker with [broker] psk_port")
+        new = dict(keys)
+        gone = sorted(d for d, k in self.session_keys.items() if new.get(d) != k)
+        write_psk(self.config_dir, self.pki, new, self.refused)
+        self.reload()
+        await asyncio.sleep(0.2)  # mosquitto reloads at the top of its next loop
+        for device in gone:
+            await kick(self.settings.host, self.settings.port, self.pki, device)
+        # Only now: a failed cut leaves the old set here, so the next call cuts again.
+        self.session_keys = new
+        return gone
 
     async def revoke_and_kick(self, device_id: str) -> list[int]:
         """Revoke the device's certificates, make the broker refuse new connections with

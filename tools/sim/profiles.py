@@ -37,6 +37,10 @@ class ProfileError(Exception):
 
 # key -> (type, minimum for a real board, maximum). `ideal` may go down to 0 where noted by
 # IDEAL_ZERO. Bounds reject absurd values (a typo of a unit, a sign), not unusual boards.
+# A TLS-PSK handshake has no public-key operation: in the unix port it took about 1/40 of
+# the node CPU of a mutual-TLS one with P-256 certificates (docs/credentials.md,
+# tests/firmware/test_tls_psk.py). The profiles' PSK handshake is that share of theirs.
+PSK_CPU_FRACTION = 1 / 40
 _NUM = (int, float)
 FIELDS: dict[str, tuple[type | tuple[type, ...], float, float]] = {
     "gc_heap_wifi_bytes": (int, 16 * 1024, 8 * 1024 * 1024),
@@ -111,6 +115,12 @@ class BoardProfile:
             return self.tls_handshake_accel_ms
         return self.tls_handshake_ms
 
+    @property
+    def tls_psk_ms(self) -> int:
+        """A TLS-PSK handshake as the firmware meets it: a model, the mutual-TLS handshake
+        scaled by the node CPU ratio measured in the unix port (PSK_CPU_FRACTION)."""
+        return max(1, round(self.tls_ms * PSK_CPU_FRACTION))
+
     def heap_for_unix_port(self) -> int:
         """`-X heapsize=` for the unix port (bytes); 0 for no limit (ideal)."""
         if self.gc_heap_wifi_bytes == 0:
@@ -121,6 +131,7 @@ class BoardProfile:
         doc = asdict(self)
         doc["cold_boot_ms"] = self.cold_boot_ms
         doc["tls_ms"] = self.tls_ms
+        doc["tls_psk_ms"] = self.tls_psk_ms
         return doc
 
 
