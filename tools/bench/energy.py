@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tools.bench import session_energy
 from tools.bench.energy_model import (
     CAPACITY_2AA_MAH,
     CAPACITY_18650_MAH,
@@ -342,6 +343,9 @@ def measure(quick: bool = False) -> dict[str, Any]:
         with stack(tmp / "heap", devices) as st:
             tls_peak = heap_tls_wake(tmp / "heap", st, cal, "energy-heap")
         ed_peak = heap_ed25519(tmp, max(p.gc_heap_wifi_bytes for p in boards))
+        # Routine-send session set-up, mutual TLS against TLS-PSK (tools/bench/session_energy.py).
+        session = session_energy.measure(tmp / "session-keys", profiles[session_energy.BOARD],
+                                         AWAKE_SCALE)
     cal_shape, cal_measured = shape_from_ledgers(cal, live[cal.name]["ledgers"])
     heap = {"sending_wake_tls": tls_peak, "ota_chunk_wake": None, "ed25519_verify": ed_peak}
     out_boards: dict[str, Any] = {}
@@ -376,6 +380,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
         "variants": dict(VARIANTS),
         "boards": out_boards,
         "targets": targets(out_boards),
+        "session_keys": session,
         "wall_s": round(time.monotonic() - t0, 1),
     }
 
@@ -425,6 +430,8 @@ def table(fig: dict[str, Any]) -> str:
         )
     rows.append(f"  every heap_ok: {t['every_heap_ok']} (target: true)")
     rows.append("")
+    if "session_keys" in fig:
+        rows += session_energy.table_rows(fig["session_keys"]) + [""]
     for key in ("model", "method", "heap_method", "pico_note"):
         rows.append(f"{key}: {fig[key]}")
     rows.append(f"wall: {fig['wall_s']} s")
