@@ -307,10 +307,11 @@ class Wake:
         # rotation needs the certificate path (docs/session-keys.md); otherwise the device
         # pair, or a new one on trial (rotate.py, docs/credentials.md).
         sk = None if rotate.busy(cfg) else psk.load(cfg)
-        if sk is not None:
-            ctx = psk.context(cfg, sk[2])
+        ctx = None if sk is None else psk.context(cfg, sk[2])
+        if ctx is not None:
             port = sk[1]
         else:
+            sk = None
             cert, key = rotate.pair(cfg)
             ctx = mqtt.make_tls_context(cert, key, cfg.read_file("ca"))
             port = cfg.broker_port

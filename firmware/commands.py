@@ -91,7 +91,9 @@ def execute(cmd, cfg, st, board, effects, buf, msg_id, safe=False):
         # is a no-op.
         import psk
 
-        if not psk.install(cfg, args[0], args[1], cmd[proto.COMMAND_DATA]):
+        if not psk.supported(cfg):
+            status, detail = proto.RESULT_STATUS_UNKNOWN_OP, "no TLS-PSK in this build"
+        elif not psk.install(cfg, args[0], args[1], cmd[proto.COMMAND_DATA]):
             status, detail = proto.RESULT_STATUS_BAD_ARGS, "key must be 32 bytes"
         values = (args[0],)
     elif op == proto.COMMAND_OP_SYNC_TIME:
