@@ -209,7 +209,8 @@ def _show(args: argparse.Namespace) -> int:
     if args.json:
         doc = dev.as_dict() | {"ack_cumulative": hwm, "committed_above": above,
                                "readings": total, "dead_letters": nletters, "downlink": down,
-                               "rotation": rot.as_dict() if rot else None}
+                               "rotation": rot.as_dict() if rot else None,
+                               "session_key": _session_key(shown.session_key)}
         print(json.dumps(doc, indent=1))
         return 0
     print(f"device:          {dev.id} ({dev.device_class})")
@@ -240,11 +241,24 @@ def _show(args: argparse.Namespace) -> int:
         print(f"key rotation:    {r.id} {r.state}" + (f" (new certificate {r.new_serial})"
                                                       if r.new_serial else "")
               + (f" {r.outcome}" if r.outcome else "") + (f": {r.detail}" if r.detail else ""))
+    psk = _session_key(shown.session_key)
+    if psk is not None:
+        left = psk["days_left"]
+        print(f"session key:     {psk['key_id']} {psk['state']}"
+              + ("" if left is None else f", {left:.1f} days left"))
     print(f"dead letters:    {nletters}")
     for letter in letters:
         print(f"  {when(letter.at)}  {letter.reason}: {letter.detail}")
     downlink_cli.print_show(down)
     return 0
+
+
+def _session_key(k: Any) -> dict[str, Any] | None:
+    """The TLS-PSK session key's id, state and days left (never the key itself)."""
+    if k is None:
+        return None
+    left = k.days_left(time.time()) if k.state == "active" else None
+    return {"key_id": k.key_id, "state": k.state, "days_left": None if left is None else round(left, 2)}
 
 
 def _release(args: argparse.Namespace) -> int:

@@ -62,6 +62,7 @@ class Detail:
     dead_letters: int
     recent_dead_letters: tuple[deadletter.DeadLetter, ...]
     rotation: rotations.Rotation | None = None  # the latest key rotation over the air
+    session_key: session_keys.SessionKey | None = None  # TLS-PSK (docs/session-keys.md)
 
 
 def listing(conn: sqlite3.Connection, status: str | None = None) -> list[registry.Device]:
@@ -75,7 +76,7 @@ def detail(conn: sqlite3.Connection, device_id: str, *, letters: int = 5) -> Det
     rots = rotations.of_device(conn, dev.id, limit=1)
     return Detail(dev, hwm, above, total, deadletter.count(conn, dev.id),
                   tuple(deadletter.list_recent(conn, dev.id, limit=letters)),
-                  rots[0] if rots else None)
+                  rots[0] if rots else None, session_keys.get(conn, dev.id))
 
 
 def add(conn: sqlite3.Connection, cfg: gwconfig.GatewayConfig, device_id: str,

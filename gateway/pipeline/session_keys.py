@@ -17,7 +17,10 @@ The service runs one pass at a time (`plan`, then the broker, then `issue`):
   every device whose key went away (gateway.transport.broker.set_session_keys), then tells
   this module which devices the broker now holds keys for (`broker_applied`).
 - `issue` (a transaction): a fresh key for every served device that has spoken to the
-  gateway, has no key and holds none on the broker.
+  gateway, has no key, holds none on the broker and has no certificate rotation open.
+
+While a device's certificate is rotated, it holds no key either: the rotation's commands
+and its certificate request then travel on certificate sessions only.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 
 from gateway import proto
 from gateway.config import PkiConfig
-from gateway.store import db
+from gateway.store import db, rotations
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
 from gateway.store import session_keys as sk
@@ -79,13 +82,19 @@ class SessionKeys:
         lead = min(self.cfg.session_key_lead_days * 86400.0, life / 2)
         with db.transaction(conn):
             status = registry.statuses(conn)
+            rotating = rotations.open_devices(conn)
             for row in sk.every(conn):
                 served = status.get(row.device) in registry.SERVED
-                if not served:
+                if not served or row.device in rotating:
+                    # A device no longer served loses its key; so does one whose certificate
+                    # is being rotated, so that rotate_key, CSR_UP and install_cert travel
+                    # on certificate sessions only (a new key follows the rotation).
                     sk.remove(conn, row.device)
                     self.metrics.withdrawn += 1
-                    log.info("[%s] session key withdrawn: the device is %s", row.device,
-                             status.get(row.device, "gone"), extra={"device_id": row.device})
+                    why = "a certificate rotation is under way" if served else \
+                        f"the device is {status.get(row.device, 'gone')}"
+                    log.info("[%s] session key withdrawn: %s", row.device, why,
+                             extra={"device_id": row.device})
                     if row.state == sk.QUEUED and row.command_id is not None:
                         self._cancel(conn, row.device, row.command_id, now)
                 elif row.state == sk.QUEUED:
@@ -144,9 +153,10 @@ class SessionKeys:
         out = []
         with db.transaction(conn):
             have = {r.device for r in sk.every(conn)}
+            rotating = rotations.open_devices(conn)
             for dev in registry.list_devices(conn):
                 if (dev.status not in registry.SERVED or dev.last_hello_at is None
-                        or dev.id in have or dev.id in self.on_broker):
+                        or dev.id in have or dev.id in self.on_broker or dev.id in rotating):
                     continue
                 key = secrets.token_bytes(KEY_BYTES)
                 kid = secrets.randbelow(KEY_ID_MAX) + 1

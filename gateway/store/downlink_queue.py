@@ -151,7 +151,9 @@ class Item:
 
     def as_dict(self) -> dict[str, object]:
         d = {name: getattr(self, name) for name in self.__slots__}
-        d["data"] = self.data.hex()
+        # A session key is a secret: operators and the web API see that it went, not what.
+        d["data"] = "" if self.op == proto.CommandOp.INSTALL_PSK and self.kind == proto.COMMAND \
+            else self.data.hex()
         d["kind"] = self.kind_name
         d["what"] = self.what
         return d

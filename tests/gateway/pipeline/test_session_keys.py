@@ -19,7 +19,7 @@ from gateway.pipeline.downlink import Downlink
 from gateway.pipeline.ingest import Ingest
 from gateway.pipeline.session_keys import SessionKeys
 from gateway.security.pki import Pki
-from gateway.store import db
+from gateway.store import db, rotations
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
 from gateway.store import session_keys as sk
@@ -154,3 +154,22 @@ def test_the_psk_file_never_holds_the_gateways_identity(tmp_path: Path) -> None:
     assert "use_identity_as_username true" in psk_part and "require_certificate" not in psk_part
     assert "\npsk_file " not in broker.render_config(broker.BrokerSettings(dynsec_plugin=None), pki,
                                                   tmp_path / "b" / "acl")
+
+
+def test_a_certificate_rotation_takes_the_key_away_until_it_ends(
+        env: tuple[sqlite3.Connection, Ingest, SessionKeys]) -> None:
+    conn, ingest, keys = env
+    ingest.process([hello("d1")])
+    keys.issue(conn, NOW)
+    row = sk.get(conn, "d1")
+    assert row is not None
+    ingest.process([result("d1", row.command_id or 0, proto.ResultStatus.OK)])
+    assert set(keys.plan(conn, NOW)) == {"d1"}
+    with db.transaction(conn):
+        rot = rotations.request(conn, "d1", "operator", now=NOW)
+    assert keys.plan(conn, NOW) == {}
+    keys.broker_applied({})
+    assert keys.issue(conn, NOW) == []
+    with db.transaction(conn):
+        rotations.end(conn, rot.id, rotations.FAILED, "", "test", [], NOW)
+    assert keys.issue(conn, NOW) == ["d1"]
