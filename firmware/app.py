@@ -335,7 +335,8 @@ class Wake:
             else:
                 self.session = _PSK
                 try:
-                    self._open(client, dl, status)
+                    # Not _open: a refused key is no reason to resolve the name again.
+                    client.connect(dl.step(), will=(status, b"lost", 1, False))
                 except OSError as e:
                     # Refused (or unreachable): the certificate, in this same wake.
                     log.warn("session key %d refused (%s): falling back to the certificate", sk[0], e)
