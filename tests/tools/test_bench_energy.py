@@ -23,7 +23,7 @@ def test_bench_energy_quick_json() -> None:
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}:/usr/sbin"
     proc = subprocess.run(
         [sys.executable, "-m", "tools.cli", "bench", "energy", "--quick", "--json"],
-        capture_output=True, text=True, timeout=180, cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     fig = json.loads(proc.stdout)
