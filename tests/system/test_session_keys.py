@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from gateway import proto
-from gateway.store import readings
+from gateway.store import db, readings
+from gateway.store import devices as registry
 from gateway.store import session_keys as sk
 from tests.fixtures.broker import free_port
 from tests.mpharness import micropython_binary
@@ -246,5 +247,30 @@ def test_revoking_the_device_cuts_a_live_psk_session_and_refuses_its_key(stack: 
         assert psk_pub(stack, "n1", k.key).returncode != 0
         assert key_of(stack, "n1") is None
         print(f"\nrevoke command to PSK session cut: {cut_s:.2f}s")
+
+    aio(main())
+
+
+def test_a_quarantined_device_loses_its_key_and_gets_a_new_one_when_released(stack: Stack) -> None:
+    async def main() -> None:
+        stack.start()
+        node = stack.add_node("n1", seed=9)
+        await until_psk_node(stack, node)
+        k = key_of(stack, "n1")
+        assert k is not None and psk_pub(stack, "n1", k.key).returncode == 0
+        # Quarantined as ingest does it (the registry), the broker follows within seconds.
+        with stack.db() as conn, db.transaction(conn):
+            registry.quarantine(conn, "n1", "test: hostile frames")
+        await until(lambda: psk_pub(stack, "n1", k.key).returncode != 0, "the key refused")
+        await until(lambda: key_of(stack, "n1") is None, "the key row dropped")
+        stack.cli("device", "release", "n1")
+        # Released: its key is gone, so the next wake falls back to the certificate and
+        # receives a new key; the one after is on PSK again.
+        assert (await wake_ok(node))["session"] == FALLBACK
+        await until(lambda: (n := key_of(stack, "n1")) is not None and n.state == sk.ACTIVE,
+                    "a new key active")
+        assert (await wake_ok(node))["session"] == PSK
+        new = key_of(stack, "n1")
+        assert new is not None and new.key != k.key
 
     aio(main())
