@@ -118,6 +118,7 @@ class Wake:
     sent_top = 0  # highest reading id published
     session_ok = False
     session = _CERT
+    psk_id = 0  # the session key the node holds after connecting (the HELLO tells it)
     listening = _WINDOW
     sleep_req = 0
     hint = 0
@@ -347,8 +348,11 @@ class Wake:
                     self._open_cert(client, dl, status)
                     if psk.refusal(e):
                         # The broker no longer holds this key (rotated, revoked, lost): the
-                        # next routine sends use the certificate until a new key comes.
+                        # next routine sends use the certificate until a new key comes, and
+                        # the HELLO tells the gateway the node holds none.
                         psk.drop(cfg)
+                        sk = None
+            self.psk_id = sk[0] if sk is not None else 0
             rotate.connected(cfg)
             st.broker_ip = client.ip
             board.watchdog_feed()
@@ -523,7 +527,7 @@ class Wake:
             # Every id up to the queue's floor is acknowledged or was dropped here: the
             # gateway stops waiting for the dropped ones.
             first_id=self.q.floor + 1, next_listen_s=self.next_listen_s(sleep_s),
-            clock_unset=not st.clock_set, **rotate.hello_kw(cfg),
+            clock_unset=not st.clock_set, session_key=self.psk_id, **rotate.hello_kw(cfg),
         )
         client.publish_out(self.up_topic, n, 1, False, dl.at)
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 MAJOR = 1
-MINOR = 3
-VERSION_BYTE = 0x13
+MINOR = 4
+VERSION_BYTE = 0x14
 HEADER_SIZE = 6
 MAX_FRAME = 4096
 # largest encoding of any frame the spec defines (each frame class's MAX_SIZE)
@@ -553,7 +553,7 @@ class Hello:
     """HELLO (up): A node woke and reports its state; the gateway answers with ACK, queued downlink, SLEEP_NOW."""
 
     FRAME_TYPE: ClassVar[int] = 1
-    MAX_SIZE: ClassVar[int] = 106
+    MAX_SIZE: ClassVar[int] = 112
     msg_id: int
     fw_version: int
     boot_cause: BootCause
@@ -578,6 +578,7 @@ class Hello:
     cert_serial: bytes = b''
     cred_outcome: CredOutcome = CredOutcome.NONE
     cred_rotation: int = 0
+    session_key: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -777,6 +778,7 @@ _S_HELLO_T19 = struct.Struct('<I')
 _S_HELLO_T20 = struct.Struct('<B')
 _S_HELLO_T22 = struct.Struct('<B')
 _S_HELLO_T23 = struct.Struct('<I')
+_S_HELLO_T32 = struct.Struct('<I')
 
 
 def decode_hello(buf: Buffer) -> Hello:
@@ -802,6 +804,7 @@ def decode_hello(buf: Buffer) -> Hello:
     v_cert_serial = b''
     v_cred_outcome = CredOutcome.NONE
     v_cred_rotation = 0
+    v_session_key = 0
     last = 0
     while off < n:
         tag, voff, tl = _tlv_head(buf, off, n, "HELLO")
@@ -849,10 +852,13 @@ def decode_hello(buf: Buffer) -> Hello:
         elif tag == 23:
             x = _fixed_tlv(_S_HELLO_T23, buf, voff, tl, "HELLO", "cred_rotation")
             v_cred_rotation = x
+        elif tag == 32:
+            x = _fixed_tlv(_S_HELLO_T32, buf, voff, tl, "HELLO", "session_key")
+            v_session_key = x
         elif minor <= MINOR:
             raise ProtocolError("HELLO", off, f"unknown field tag {tag}")
         off = voff + tl
-    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation)
+    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation, v_session_key)
 
 
 def encode_hello(f: Hello) -> bytes:
@@ -935,6 +941,11 @@ def encode_hello(f: Hello) -> bytes:
             _put_tlv(out, 23, _S_HELLO_T23.pack(f.cred_rotation))
         except (struct.error, OverflowError, TypeError):
             raise _pack_error("HELLO", out, (("cred_rotation", "u32", f.cred_rotation),)) from None
+    if f.session_key != 0:
+        try:
+            _put_tlv(out, 32, _S_HELLO_T32.pack(f.session_key))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("session_key", "u32", f.session_key),)) from None
     return bytes(out)
 
 _S_BURST_0 = struct.Struct('<BH')

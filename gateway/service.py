@@ -73,6 +73,7 @@ class Service:
         self.credentials: dict[str, Any] = {}  # days left per credential (gateway.security.lifetimes)
         self.live = self._live_metrics()  # what /metrics exports of this process
         self.rotation: Any = None  # gateway.pipeline.rotation.RotationHandler
+        self.session_keys: Any = None  # gateway.pipeline.session_keys.SessionKeys
         # The PKI folder has one writer at a time in this process (renewals, rotations).
         self._pki_lock = asyncio.Lock()
 
@@ -153,10 +154,15 @@ class Service:
                 from gateway.security.pki import Pki
 
                 self.rotation = RotationHandler(Pki(cfg.pki_dir), cfg.pki, cfg.upstream)
+            if has_pki and self.broker is not None and cfg.broker.psk_port:
+                from gateway.pipeline.session_keys import SessionKeys
+
+                self.session_keys = SessionKeys(cfg.broker.psk_port, cfg.pki)
             self.ingest = Ingest(
                 self.conn, cfg.ingest, upstream=cfg.upstream, on_hello=self.on_hello,
                 downlink=self.downlink, ota=OtaHandler(), on_committed=self._notify_relay,
                 writer=writer, on_commit=self.live.observe_commit, rotation=self.rotation,
+                session_keys=self.session_keys,
             )
             self._write_status("running")
             tasks["ingest"] = asyncio.create_task(self._supervise("ingest", self._ingest))
@@ -187,7 +193,7 @@ class Service:
                     self._supervise("lifetimes", self._lifetimes_loop))
                 tasks["rotation"] = asyncio.create_task(
                     self._supervise("rotation", self._rotation_loop))
-            if has_pki and self.broker is not None and cfg.broker.psk_port:
+            if self.session_keys is not None:
                 tasks["session_keys"] = asyncio.create_task(
                     self._supervise("session_keys", self._session_keys_loop))
             if cfg.web.enabled:  # the operator's page and API (gateway.web)
@@ -408,11 +414,9 @@ class Service:
         """TLS-PSK session keys (gateway.pipeline.session_keys): bookkeeping, then the
         broker's psk_file (reload, sessions of withdrawn keys cut), then new keys queued
         for devices the broker holds none for."""
-        from gateway.pipeline.session_keys import SessionKeys
-
         assert self.writer is not None and self.conn is not None and self.broker is not None
-        conn, broker = self.conn, self.broker
-        keys = SessionKeys(self.cfg.broker.psk_port, self.cfg.pki)
+        assert self.session_keys is not None
+        conn, broker, keys = self.conn, self.broker, self.session_keys
         while True:
             want = await self.writer.run(keys.plan, conn)
             if want != broker.session_keys:

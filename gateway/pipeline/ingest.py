@@ -34,6 +34,7 @@ from gateway.transport.errors import ConnectionLost, ErrorCode, TransportError
 
 if TYPE_CHECKING:
     from gateway.pipeline.rotation import RotationHandler
+    from gateway.pipeline.session_keys import SessionKeys
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ class Ingest:
         downlink: Downlink | None = None,
         ota: OtaHandler | None = None,
         rotation: RotationHandler | None = None,
+        session_keys: SessionKeys | None = None,
         on_committed: Callable[[list[Queued]], None] | None = None,
         clock: Callable[[], float] = time.time,
         writer: db.Writer | None = None,
@@ -202,6 +204,7 @@ class Ingest:
         self.ota = ota
         # CSR_UP frames and HELLOs' rotation fields (gateway.pipeline.rotation).
         self.rotation = rotation
+        self.session_keys = session_keys  # HELLOs' session_key (gateway.pipeline.session_keys)
         self.on_committed = on_committed
         self.on_commit = on_commit  # on_commit(seconds) after each commit (metrics)
         self.clock = clock
@@ -544,6 +547,8 @@ class Ingest:
             self.metrics.dead_letters += done.dead_letters
             if done.events and self.upstream is not None:
                 upstream += queue_events(self.conn, self.upstream, done.events, now)
+        if self.session_keys is not None and hellos:
+            self.session_keys.observe(self.conn, hellos, now)
         if self.downlink is not None:
             if answers:
                 self.downlink.handle_up(self.conn, answers, now)

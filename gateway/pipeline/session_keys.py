@@ -29,7 +29,7 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gateway import proto
@@ -55,6 +55,7 @@ class Metrics:
     renewed: int = 0
     withdrawn: int = 0
     undelivered: int = 0
+    replaced: int = 0  # the node said it holds another key (or none)
     by_device: dict[str, str] = field(default_factory=dict)
 
 
@@ -83,6 +84,8 @@ class SessionKeys:
         with db.transaction(conn):
             status = registry.statuses(conn)
             rotating = rotations.open_devices(conn)
+            awake = {d.id for d in registry.list_devices(conn)
+                     if d.awake_until is not None and d.awake_until > now}
             for row in sk.every(conn):
                 served = status.get(row.device) in registry.SERVED
                 if not served or row.device in rotating:
@@ -99,8 +102,10 @@ class SessionKeys:
                         self._cancel(conn, row.device, row.command_id, now)
                 elif row.state == sk.QUEUED:
                     self._delivery(conn, row, now, life)
-                elif row.state == sk.ACTIVE and row.expires_at is not None \
-                        and now >= row.expires_at - lead:
+                elif row.device in awake:
+                    continue  # renewal and replacement cut sessions: not in a node's window
+                elif row.state == sk.STALE or (row.state == sk.ACTIVE and row.expires_at is not None
+                                               and now >= row.expires_at - lead):
                     # Renewal starts by taking the old key off the broker: the new one is
                     # queued only once no session can be opened with it (module doc).
                     sk.remove(conn, row.device)
@@ -144,6 +149,27 @@ class SessionKeys:
                 q.cancel(conn, device, cid, now=now)
         except q.QueueError:
             pass
+
+    # ------------------------------------------------------------ ingest hook
+    def observe(self, conn: sqlite3.Connection, hellos: Sequence[tuple[str, proto.Hello]],
+                now: float) -> None:
+        """HELLOs, inside ingest's transaction: a device whose active key is not the one
+        its node says it holds (it dropped a refused key, lost its flash, or the database
+        was restored) has that key withdrawn; the next passes replace it over the
+        certificate. Nothing is issued here: the broker may still hold the old key."""
+        for device, hello in hellos:
+            row = sk.get(conn, device)
+            if row is None or row.state != sk.ACTIVE or hello.session_key == row.key_id:
+                continue
+            if row.active_at is not None and row.active_at >= now:
+                continue
+            # Withdrawn by `plan` once the node sleeps: the cut that goes with it would end
+            # the session this HELLO came on.
+            sk.stale(conn, device)
+            self.metrics.replaced += 1
+            log.info("[%s] the node holds session key %d, not %d: replaced over the "
+                     "certificate once it sleeps", device, hello.session_key, row.key_id,
+                     extra={"device_id": device})
 
     # ------------------------------------------------------------ issue
     def issue(self, conn: sqlite3.Connection, now: float | None = None) -> list[str]:

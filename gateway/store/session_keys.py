@@ -3,7 +3,9 @@
 
 A key is QUEUED while its install_psk command waits in the downlink queue (the broker
 does not know it yet), ACTIVE once the node has stored it (the broker's psk_file holds
-it), UNSUPPORTED when the node's firmware does not know the command (asked again later).
+it), STALE when the node's HELLO names another key (still on the broker until the node
+sleeps), UNSUPPORTED when the node's firmware does not know the command (asked again
+later).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ STORE = "session_keys"
 
 QUEUED = "queued"
 ACTIVE = "active"
+STALE = "stale"  # the node says it holds another key: withdrawn once the node sleeps
 UNSUPPORTED = "unsupported"
-STATES = (QUEUED, ACTIVE, UNSUPPORTED)
+STATES = (QUEUED, ACTIVE, STALE, UNSUPPORTED)
+ON_BROKER = (ACTIVE, STALE)
 
 _STEPS = (
     """
@@ -88,6 +92,11 @@ def activate(conn: sqlite3.Connection, device: str, now: float, expires_at: floa
                  (ACTIVE, now, expires_at, device))
 
 
+def stale(conn: sqlite3.Connection, device: str) -> None:
+    conn.execute("UPDATE session_keys SET state=? WHERE device=? AND state=?",
+                 (STALE, device, ACTIVE))
+
+
 def unsupported(conn: sqlite3.Connection, device: str, retry_at: float) -> None:
     """The node does not know install_psk: no key, asked again after `retry_at`."""
     conn.execute("UPDATE session_keys SET state=?, key=x'', expires_at=? WHERE device=?",
@@ -99,8 +108,8 @@ def remove(conn: sqlite3.Connection, device: str) -> bool:
 
 
 def broker_keys(conn: sqlite3.Connection) -> dict[str, bytes]:
-    """What the broker's psk_file must hold: the ACTIVE keys of served devices (a revoked
+    """What the broker's psk_file must hold: the ACTIVE and STALE keys of served devices (a revoked
     or quarantined device's key opens nothing, whatever its row says)."""
     status = registry.statuses(conn)
-    rows = conn.execute("SELECT device, key FROM session_keys WHERE state=?", (ACTIVE,))
+    rows = conn.execute("SELECT device, key FROM session_keys WHERE state IN (?, ?)", ON_BROKER)
     return {r[0]: bytes(r[1]) for r in rows if status.get(r[0]) in registry.SERVED}

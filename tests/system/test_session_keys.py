@@ -97,15 +97,31 @@ def stored(stack: Stack, device: str) -> tuple[int, int]:
     return rows, total
 
 
+async def key_in_force(stack: Stack, device: str) -> sk.SessionKey:
+    """Wait until the node's newly stored key is on the broker (the gateway activates it
+    within a poll and reloads the broker): a sim node's next wake follows at once, a real
+    node's minutes later."""
+    await until(lambda: (n := key_of(stack, device)) is not None and n.state == sk.ACTIVE,
+                "the key active")
+    k = key_of(stack, device)
+    assert k is not None
+    await until(lambda: psk_pub(stack, device, k.key).returncode == 0, "the broker takes the key")
+    return k
+
+
 async def until_psk_node(stack: Stack, node: StackNode, wakes: int = 5) -> list[int]:
     """Wake the node until a wake's session is the PSK one; the sessions seen."""
     seen = []
     for _ in range(wakes):
+        ran = len([e for e in node.executions() if e.op == INSTALL_PSK])
         t = await wake_ok(node)
         seen.append(t["session"])
         if t["session"] == PSK:
             return seen
-        await until(lambda: key_of(stack, node.id) is not None, "a session key queued")
+        if len([e for e in node.executions() if e.op == INSTALL_PSK]) > ran:
+            await key_in_force(stack, node.id)
+        else:
+            await until(lambda: key_of(stack, node.id) is not None, "a session key queued")
     raise AssertionError(f"no PSK session in {wakes} wakes ({seen}):\n{stack.log_text()[-4000:]}")
 
 
@@ -168,8 +184,15 @@ def test_a_wrong_key_is_refused_and_the_node_falls_back_to_its_certificate(stack
         text = node.log_text()[before:]
         assert t["session"] == FALLBACK, text
         assert f"session key {k.key_id} refused" in text, text
-        # The refused key is dropped: the next routine send goes straight to the certificate.
+        # The refused key is dropped and the HELLO said so: once the node sleeps, the gateway
+        # withdraws the key it no longer holds and queues a new one.
+        await until(lambda: (n := key_of(stack, "n1")) is not None and n.key_id != k.key_id,
+                    "a new key queued", timeout=20)
+        # The next routine send goes straight to the certificate and receives it; the one
+        # after is on PSK again.
         assert (await wake_ok(node))["session"] == CERT
+        await key_in_force(stack, "n1")
+        assert (await wake_ok(node))["session"] == PSK
         logged = node.log().readings
         rows, total = stored(stack, "n1")
         assert rows == total == len(logged), (rows, total, len(logged))
@@ -198,8 +221,7 @@ def test_the_key_is_renewed_before_it_lapses_over_the_certificate(tmp_path: Path
         # The node's old key is refused: the certificate carries the wake and the new key.
         t = await wake_ok(node)
         assert t["session"] == FALLBACK
-        await until(lambda: (k := key_of(s, "n1")) is not None and k.state == sk.ACTIVE,
-                    "the new key active")
+        await key_in_force(s, "n1")
         assert (await wake_ok(node))["session"] == PSK
         new = key_of(s, "n1")
         assert new is not None and new.key != old.key
@@ -267,8 +289,7 @@ def test_a_quarantined_device_loses_its_key_and_gets_a_new_one_when_released(sta
         # Released: its key is gone, so the next wake falls back to the certificate and
         # receives a new key; the one after is on PSK again.
         assert (await wake_ok(node))["session"] == FALLBACK
-        await until(lambda: (n := key_of(stack, "n1")) is not None and n.state == sk.ACTIVE,
-                    "a new key active")
+        await key_in_force(stack, "n1")
         assert (await wake_ok(node))["session"] == PSK
         new = key_of(stack, "n1")
         assert new is not None and new.key != k.key

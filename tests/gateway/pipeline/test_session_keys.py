@@ -36,17 +36,17 @@ def env(tmp_path: Path) -> Iterator[tuple[sqlite3.Connection, Ingest, SessionKey
         for d in ("d1", "d2"):
             registry.add(conn, d, now=NOW)
     keys = SessionKeys(8884, PkiConfig(session_key_days=7.0, session_key_lead_days=1.0))
-    ingest = Ingest(conn, downlink=Downlink(clock=lambda: NOW), clock=lambda: NOW)
+    ingest = Ingest(conn, downlink=Downlink(clock=lambda: NOW), session_keys=keys, clock=lambda: NOW)
     try:
         yield conn, ingest, keys
     finally:
         conn.close()
 
 
-def hello(device: str) -> tuple[str, bytes]:
+def hello(device: str, session_key: int = 0) -> tuple[str, bytes]:
     return f"torpor/{device}/up", proto.encode_hello(proto.Hello(
         7, 3, proto.BootCause.TIMER, 3300, -60, 40_000, 0, 0, 900, 800, 1_700_000_000,
-        proto.DeviceClass.SENSOR))
+        proto.DeviceClass.SENSOR, session_key=session_key))
 
 
 def result(device: str, cid: int, status: proto.ResultStatus) -> tuple[str, bytes]:
@@ -173,3 +173,26 @@ def test_a_certificate_rotation_takes_the_key_away_until_it_ends(
     with db.transaction(conn):
         rotations.end(conn, rot.id, rotations.FAILED, "", "test", [], NOW)
     assert keys.issue(conn, NOW) == ["d1"]
+
+
+def test_a_key_the_node_no_longer_holds_is_replaced_once_it_sleeps(
+        env: tuple[sqlite3.Connection, Ingest, SessionKeys]) -> None:
+    conn, ingest, keys = env
+    ingest.process([hello("d1")])
+    keys.issue(conn, NOW)
+    row = sk.get(conn, "d1")
+    assert row is not None
+    ingest.process([result("d1", row.command_id or 0, proto.ResultStatus.OK)])
+    keys.broker_applied(keys.plan(conn, NOW))
+    later = NOW + 60
+    ingest.clock = lambda: later
+    ingest.process([hello("d1", session_key=row.key_id)])  # holds it: nothing changes
+    assert sk.get(conn, "d1").state == sk.ACTIVE  # type: ignore[union-attr]
+    ingest.process([hello("d1")])  # holds none (dropped after a refusal)
+    assert sk.get(conn, "d1").state == sk.STALE  # type: ignore[union-attr]
+    # Still on the broker while the node listens (a cut would end its session) ...
+    assert keys.plan(conn, later) == {"d1": row.key}
+    # ... withdrawn once its window is over, then a new key follows.
+    assert keys.plan(conn, later + 5) == {}
+    keys.broker_applied({})
+    assert keys.issue(conn, later + 5) == ["d1"]
