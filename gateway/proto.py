@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 MAJOR = 1
-MINOR = 3
-VERSION_BYTE = 0x13
+MINOR = 4
+VERSION_BYTE = 0x14
 HEADER_SIZE = 6
 MAX_FRAME = 4096
 # largest encoding of any frame the spec defines (each frame class's MAX_SIZE)
@@ -331,6 +331,7 @@ class CommandOp(IntEnum):
     SYNC_TIME = 5
     ROTATE_KEY = 6
     INSTALL_CERT = 7
+    SET_KEYS = 8
 
 
 class ResultStatus(IntEnum):
@@ -485,6 +486,12 @@ OP_ARGS: dict[CommandOp, CommandArgs] = {
             CommandArg('offset', 0, 4095, 'bytes'),
             CommandArg('total', 1, 4096, 'bytes'),
         ), 'install_cert ROTATION OFFSET TOTAL'),
+    CommandOp.SET_KEYS: CommandArgs(
+        CommandOp.SET_KEYS, "one piece of a signed firmware key list: bytes offset.. of total (the list's canonical JSON, then its 64-byte Ed25519 signature), in `data`", 3, (
+            CommandArg('seq', 1, 2147483647, ''),
+            CommandArg('offset', 0, 2047, 'bytes'),
+            CommandArg('total', 65, 2048, 'bytes'),
+        ), 'set_keys SEQ OFFSET TOTAL'),
 }
 
 
@@ -547,7 +554,7 @@ class Hello:
     """HELLO (up): A node woke and reports its state; the gateway answers with ACK, queued downlink, SLEEP_NOW."""
 
     FRAME_TYPE: ClassVar[int] = 1
-    MAX_SIZE: ClassVar[int] = 106
+    MAX_SIZE: ClassVar[int] = 112
     msg_id: int
     fw_version: int
     boot_cause: BootCause
@@ -572,6 +579,7 @@ class Hello:
     cert_serial: bytes = b''
     cred_outcome: CredOutcome = CredOutcome.NONE
     cred_rotation: int = 0
+    keys_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -771,6 +779,7 @@ _S_HELLO_T19 = struct.Struct('<I')
 _S_HELLO_T20 = struct.Struct('<B')
 _S_HELLO_T22 = struct.Struct('<B')
 _S_HELLO_T23 = struct.Struct('<I')
+_S_HELLO_T24 = struct.Struct('<I')
 
 
 def decode_hello(buf: Buffer) -> Hello:
@@ -796,6 +805,7 @@ def decode_hello(buf: Buffer) -> Hello:
     v_cert_serial = b''
     v_cred_outcome = CredOutcome.NONE
     v_cred_rotation = 0
+    v_keys_seq = 0
     last = 0
     while off < n:
         tag, voff, tl = _tlv_head(buf, off, n, "HELLO")
@@ -843,10 +853,13 @@ def decode_hello(buf: Buffer) -> Hello:
         elif tag == 23:
             x = _fixed_tlv(_S_HELLO_T23, buf, voff, tl, "HELLO", "cred_rotation")
             v_cred_rotation = x
+        elif tag == 24:
+            x = _fixed_tlv(_S_HELLO_T24, buf, voff, tl, "HELLO", "keys_seq")
+            v_keys_seq = x
         elif minor <= MINOR:
             raise ProtocolError("HELLO", off, f"unknown field tag {tag}")
         off = voff + tl
-    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation)
+    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation, v_keys_seq)
 
 
 def encode_hello(f: Hello) -> bytes:
@@ -929,6 +942,11 @@ def encode_hello(f: Hello) -> bytes:
             _put_tlv(out, 23, _S_HELLO_T23.pack(f.cred_rotation))
         except (struct.error, OverflowError, TypeError):
             raise _pack_error("HELLO", out, (("cred_rotation", "u32", f.cred_rotation),)) from None
+    if f.keys_seq != 0:
+        try:
+            _put_tlv(out, 24, _S_HELLO_T24.pack(f.keys_seq))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("keys_seq", "u32", f.keys_seq),)) from None
     return bytes(out)
 
 _S_BURST_0 = struct.Struct('<BH')

@@ -37,7 +37,7 @@ def _spec_with(tmp_path: Path, old: str, new: str) -> Path:
         ("max_message = 1024\nmax_queue = 4096", "max_message = 9000\nmax_queue = 4096",
          "classes.sensor.max_message: larger than protocol.max_frame"),
         ("[commands.reboot]", "[commands.reboots]", "commands: no entry for command_op reboot"),
-        ("install_cert = 7 }", "install_cert = 7, blink = 8 }", "commands: no entry for command_op blink"),
+        ("set_keys = 8 }", "set_keys = 8, blink = 9 }", "commands: no entry for command_op blink"),
         ('min = 0, max = 600, unit = "s"', 'min = 0, max = 2147483648, unit = "s"',
          "commands.stay_awake.args[0]: need -2147483648 <= min <= max <= 2147483647"),
         ('min = 0, max = 600, unit = "s"', 'min = 600, max = 0, unit = "s"',
