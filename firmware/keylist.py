@@ -107,9 +107,13 @@ def _apply(root, data, sig):
     if len(data) < 2:
         return proto.RESULT_STATUS_REFUSED, "bad_manifest"
     try:
-        new = json.loads(data)["keys"]
+        d = json.loads(data)
+        new = d["keys"]
+        signer = d["key_id"]
     except (ValueError, KeyError, TypeError):
         return proto.RESULT_STATUS_REFUSED, "bad_manifest"
+    if signer not in trusted_keys.keys(root):
+        return proto.RESULT_STATUS_REFUSED, "unknown_key"
     # The bootloader checks its images at every cold boot: a list that drops the key of one
     # it may boot next would leave the node nothing to start.
     for kid in _needed_keys(root):
