@@ -87,7 +87,7 @@ def _register_keys(actions: Any) -> None:
         p.add_argument("--gateway-config", "--config", "-c", dest="config", default=None,
                        help=f"gateway TOML: send through its store (default: ${CONFIG_ENV} "
                        "unless --out is given)")
-        add_targets(p, required=False)
+        add_targets(p, required=False)  # default: --all
         p.add_argument("--out", type=Path, default=None, metavar="FILE",
                        help="also write the signed list here (for `torpor ota keys push`)")
         p.add_argument("--current", type=Path, default=None, metavar="LIST_FILE",
@@ -148,8 +148,7 @@ def _keys_change(args: argparse.Namespace) -> int:
         print(f"key list seq {kl.seq} ({', '.join(kl.key_ids)}) signed by {kl.signer}: {args.out}")
         return 0
     if group is None and devices is None:
-        raise _fail(keys.KeyListError("say which devices get the list: --all, --group G or "
-                                      "--devices a,b (or only --out FILE to write it)"))
+        group = "all"  # a key list is fleet-wide by nature; --group/--devices narrow it
 
     def body(conn: Any) -> int:
         cur = keylists.current(conn)
