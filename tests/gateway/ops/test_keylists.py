@@ -154,3 +154,51 @@ def test_campaign_waits_for_the_key_list(conn: sqlite3.Connection, tmp_path: Pat
     hello(conn, "s0", 1)
     c = ota_ops.create_campaign(conn, v2, devices="s0")
     assert [d.device for d in c.devices] == ["s0"]
+
+
+def test_cli_sign_offline_then_push_from_the_gateway_host(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tools.cli import main as torpor
+
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f'[gateway]\ndata_dir = "{tmp_path / "data"}"\n')
+    c = db.open_db(tmp_path / "data" / "gateway.db")
+    registry.add(c, "s0", "sensor", now=T0)
+    c.close()
+    k1 = keys.keygen(tmp_path / "k1")
+    k2 = keys.keygen(tmp_path / "k2")
+
+    def run(*args: str) -> tuple[int, str]:
+        try:
+            code = torpor(list(args))
+        except SystemExit as exc:  # argparse
+            code = int(exc.code or 0)
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    env_free = ("--signing-key", str(k1.private))
+    # Signed on the build machine with no gateway at hand: only the file.
+    lst = tmp_path / "keylist.bin"
+    code, out = run("fw", "keys", "add", "--key", str(k2.public), *env_free, "--out", str(lst))
+    assert code == 0 and "key list seq 1" in out, out
+    kl, _data, _sig = keylist.split(lst.read_bytes())
+    assert kl.key_ids == tuple(sorted((k1.key_id, k2.key_id)))
+    # Sent from the gateway host: the first list is checked against the baked key.
+    code, out = run("ota", "keys", "push", str(lst), "--all", "--config", str(cfg))
+    assert code == 2 and "no key list yet" in out, out
+    code, out = run("ota", "keys", "push", str(lst), "--all", "--baked", str(k1.public),
+                    "--config", str(cfg))
+    assert code == 0 and "queued for 1 device(s)" in out, out
+    code, out = run("ota", "keys", "status", "--config", str(cfg))
+    assert code == 0 and f"s0                   seq 0 (baked: {k1.key_id}); seq 1 queued" in out, out
+    # Errors: an unknown key id, a signing key not trusted, a bad private key file.
+    code, out = run("fw", "keys", "retire", "deadbeef", "--signing-key", str(k2.private),
+                    "--gateway-config", str(cfg))
+    assert code != 0 and "deadbeef is not in key list seq 1" in out, out
+    k3 = keys.keygen(tmp_path / "k3")
+    code, out = run("fw", "keys", "add", "--key", str(k2.public), "--signing-key",
+                    str(k3.private), "--gateway-config", str(cfg))
+    assert code != 0 and f"signing key {k3.key_id} is not trusted" in out, out
+    code, out = run("fw", "keys", "add", "--key", str(k3.private.parent), "--signing-key",
+                    str(k3.public), "--gateway-config", str(cfg))
+    assert code != 0 and ("readable by others" in out or "not a PEM" in out), out
