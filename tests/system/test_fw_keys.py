@@ -27,6 +27,7 @@ from gateway.ops import keylists
 from gateway.ops import ota as ota_ops
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
+from gateway.store import ota_store
 from tests.system.stack import ROOT, Stack, StackNode
 from tests.system.test_ota_campaign import Images, boot_node, campaign
 from tools.fw import image, keys
@@ -82,9 +83,9 @@ def wake_until(node: StackNode, done: Callable[[], bool], rounds: int) -> None:
     asyncio.run(run())
 
 
-def campaign_device(stack: Stack, cid: int, device: str) -> dict[str, object]:
-    return next(d for d in campaign(stack, cid)["devices"]  # type: ignore[attr-defined]
-                if d["device"] == device)
+def campaign_device(stack: Stack, cid: int, device: str) -> ota_store.DeviceStatus:
+    with stack.db() as conn:
+        return next(d for d in ota_ops.campaign(conn, cid).devices if d.device == device)
 
 
 def test_key_rotation_end_to_end(stack: Stack, k1_images: Images, tmp_path: Path) -> None:
@@ -104,7 +105,7 @@ def test_key_rotation_end_to_end(stack: Stack, k1_images: Images, tmp_path: Path
               "--timeout", "1h")
     wake_until(node, lambda: campaign_over(stack, 1), 6)
     d = campaign_device(stack, 1, node.id)
-    assert (d["status"], d["reason"]) == ("refused", "unknown_key"), d
+    assert (d.status, d.reason) == ("refused", "unknown_key"), d
 
     # A list signed by a key the node does not trust, queued past the gateway's check.
     rogue = Ed25519PrivateKey.generate()
@@ -145,7 +146,7 @@ def test_key_rotation_end_to_end(stack: Stack, k1_images: Images, tmp_path: Path
     stack.cli("ota", "campaign", "create", "--image", str(v2), "--devices", node.id,
               "--timeout", "1h")
     wake_until(node, lambda: campaign_over(stack, 2), 20)
-    assert campaign_device(stack, 2, node.id)["status"] == "confirmed", campaign(stack, 2)
+    assert campaign_device(stack, 2, node.id).status == "confirmed", campaign(stack, 2)
     status = stack.cli("ota", "status", "2").stdout
     assert f"keys seq 1 ({','.join(sorted((k1_id, k2.key_id)))})" in status, status
 
