@@ -72,7 +72,8 @@ def _register_keys(actions: Any) -> None:
                 "add", help="trust one more firmware signing key",
                 description="Sign the next key list (the gateway's newest plus KEY) with a key "
                 "trusted now and queue it for devices through the gateway's store. Images "
-                "signed by the new key are accepted once a node reports the list.")
+                "signed by the new key are accepted once a node reports the list. Every device in "
+                "service gets it unless --group or --devices narrows it.")
             p.add_argument("--key", required=True, type=Path, metavar="DIR_OR_PUB",
                            help="the new public key: a .pub/PEM file or a `fw keygen` directory")
         else:
@@ -80,7 +81,8 @@ def _register_keys(actions: Any) -> None:
                 "retire", help="stop trusting a firmware signing key",
                 description="Sign the next key list (the gateway's newest without KEY_ID). "
                 "Refused for the last key, and for a key that signed an image a node runs or "
-                "is being updated to.")
+                "is being updated to. Every device in service gets it unless --group or --devices "
+                "narrows it.")
             p.add_argument("key_id", metavar="KEY_ID", help="8 hex digits (see `torpor ota keys status`)")
         p.add_argument("--signing-key", required=True, type=Path, metavar="PRIVATE_KEY",
                        help="a private key file trusted now (stays on this machine)")
