@@ -202,3 +202,6 @@ def test_cli_sign_offline_then_push_from_the_gateway_host(
     code, out = run("fw", "keys", "add", "--key", str(k3.private.parent), "--signing-key",
                     str(k3.public), "--gateway-config", str(cfg))
     assert code != 0 and ("readable by others" in out or "not a PEM" in out), out
+    # set_keys by hand would reach nodes unchecked: only a key list sends it.
+    code, out = run("device", "send", "s0", "set_keys", "1", "0", "100", "--config", str(cfg))
+    assert code == 2 and "torpor fw keys add|retire" in out, out
