@@ -527,7 +527,8 @@ class Wake:
             # Every id up to the queue's floor is acknowledged or was dropped here: the
             # gateway stops waiting for the dropped ones.
             first_id=self.q.floor + 1, next_listen_s=self.next_listen_s(sleep_s),
-            clock_unset=not st.clock_set, session_key=self.psk_id, **rotate.hello_kw(cfg),
+            clock_unset=not st.clock_set, session_key=self.psk_id,
+            keys_seq=ota.keys_seq(), **rotate.hello_kw(cfg),
         )
         client.publish_out(self.up_topic, n, 1, False, dl.at)
 

@@ -95,6 +95,11 @@ def execute(cmd, cfg, st, board, effects, buf, msg_id, safe=False):
             status, detail = proto.RESULT_STATUS_UNKNOWN_OP, "no TLS-PSK in this build"
         elif not psk.install(cfg, args[0], args[1], cmd[proto.COMMAND_DATA]):
             status, detail = proto.RESULT_STATUS_BAD_ARGS, "key must be 32 bytes"
+    elif op == proto.COMMAND_OP_SET_KEYS:
+        # One piece of a signed firmware key list (keylist.py); the last one applies it.
+        import keylist
+
+        status, detail = keylist.put_piece(args[0], args[1], args[2], cmd[proto.COMMAND_DATA])
         values = (args[0],)
     elif op == proto.COMMAND_OP_SYNC_TIME:
         # The spec's table checked the argument's range; the node's own rule checks that it

@@ -13,6 +13,7 @@ OP_ARGS = {
     proto.COMMAND_OP_SYNC_TIME: (1, (('time', 0, 2147483647, 'unix seconds'),)),
     proto.COMMAND_OP_ROTATE_KEY: (1, (('rotation', 1, 2147483647, ''),)),
     proto.COMMAND_OP_INSTALL_CERT: (3, (('rotation', 1, 2147483647, ''), ('offset', 0, 4095, 'bytes'), ('total', 1, 4096, 'bytes'),)),
+    proto.COMMAND_OP_SET_KEYS: (3, (('seq', 1, 2147483647, ''), ('offset', 0, 2047, 'bytes'), ('total', 65, 2048, 'bytes'),)),
     proto.COMMAND_OP_INSTALL_PSK: (2, (('key_id', 1, 2147483647, ''), ('port', 1, 65535, ''),)),
 }
 

@@ -114,6 +114,20 @@ def hello_state():
     return _hello
 
 
+def keys_seq():
+    """The HELLO's keys_seq: the applied firmware key list's seq (keylist.py), 0 for the
+    baked keys, found without reading a file when no list was ever applied."""
+    import bootstate  # loaded with slots
+    import trusted_keys
+
+    root = _where()
+    try:
+        os.stat(bootstate.boot_dir(root) + "/keys.json")
+    except OSError:
+        return 0
+    return trusted_keys.seq(root)
+
+
 def on_ack():
     """The gateway acknowledged this wake's HELLO. A trial image has reached it: keep it
     (True: this confirmed it). An outcome the HELLO carried (confirmed, reverted) is now on

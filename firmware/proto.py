@@ -13,7 +13,7 @@ MAX_FRAME = const(4096)
 
 # frame types and their largest encoding
 HELLO = const(1)
-MAX_HELLO = const(112)
+MAX_HELLO = const(118)
 BURST = const(2)
 MAX_BURST = const(3579)
 ACK = const(3)
@@ -64,8 +64,9 @@ COMMAND_OP_REBOOT = const(4)
 COMMAND_OP_SYNC_TIME = const(5)
 COMMAND_OP_ROTATE_KEY = const(6)
 COMMAND_OP_INSTALL_CERT = const(7)
+COMMAND_OP_SET_KEYS = const(8)
 COMMAND_OP_INSTALL_PSK = const(12)
-_E_COMMAND_OP = (0, 1, 2, 3, 4, 5, 6, 7, 12,)
+_E_COMMAND_OP = (0, 1, 2, 3, 4, 5, 6, 7, 8, 12,)
 # enum result_status
 RESULT_STATUS_OK = const(0)
 RESULT_STATUS_DUPLICATE = const(1)
@@ -175,7 +176,8 @@ HELLO_CLOCK_UNSET = const(20)
 HELLO_CERT_SERIAL = const(21)
 HELLO_CRED_OUTCOME = const(22)
 HELLO_CRED_ROTATION = const(23)
-HELLO_SESSION_KEY = const(24)
+HELLO_KEYS_SEQ = const(24)
+HELLO_SESSION_KEY = const(25)
 BURST_SCHEMA = const(1)
 BURST_INTERVAL = const(2)
 BURST_READINGS = const(3)
@@ -477,7 +479,7 @@ def opt_at(p, off, tag):
     return 0
 
 
-def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class, config_version=0, ota_state=0, ota_reason=0, safe_mode=False, boots_without_send=0, mcu_temp=0.0, first_id=0, next_listen_s=0, clock_unset=False, cert_serial=b'', cred_outcome=0, cred_rotation=0, session_key=0):
+def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class, config_version=0, ota_state=0, ota_reason=0, safe_mode=False, boots_without_send=0, mcu_temp=0.0, first_id=0, next_listen_s=0, clock_unset=False, cert_serial=b'', cred_outcome=0, cred_rotation=0, keys_seq=0, session_key=0):
     _put_header(buf, HELLO, msg_id)
     off = 6
     struct.pack_into("<IBHbIHIIHIB", buf, off, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class)
@@ -541,6 +543,11 @@ def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem
         buf[off + 1] = 4
         struct.pack_into("<I", buf, off + 2, cred_rotation)
         off += 6
+    if keys_seq != 0:
+        buf[off] = 24
+        buf[off + 1] = 4
+        struct.pack_into("<I", buf, off + 2, keys_seq)
+        off += 6
     if session_key != 0:
         buf[off] = 32
         buf[off + 1] = 4
@@ -571,6 +578,7 @@ def decode_hello(buf):
     v_cert_serial = b''
     v_cred_outcome = 0
     v_cred_rotation = 0
+    v_keys_seq = 0
     v_session_key = 0
     last = 0
     while off < n:
@@ -616,12 +624,14 @@ def decode_hello(buf):
             _enum(v_cred_outcome, _E_CRED_OUTCOME, "HELLO", voff, "cred_outcome")
         elif tag == 23:
             v_cred_rotation = _fixed_tlv("<I", 4, buf, voff, tl, "HELLO", "cred_rotation")
+        elif tag == 24:
+            v_keys_seq = _fixed_tlv("<I", 4, buf, voff, tl, "HELLO", "keys_seq")
         elif tag == 32:
             v_session_key = _fixed_tlv("<I", 4, buf, voff, tl, "HELLO", "session_key")
         elif minor <= MINOR:
             raise _err("HELLO", off, "unknown field tag %d" % tag)
         off = voff + tl
-    return (_msg_id(buf), v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation, v_session_key)
+    return (_msg_id(buf), v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation, v_keys_seq, v_session_key)
 
 
 def encode_burst(buf, msg_id, schema, interval, recs, count, node_clock=False):

@@ -331,6 +331,7 @@ class CommandOp(IntEnum):
     SYNC_TIME = 5
     ROTATE_KEY = 6
     INSTALL_CERT = 7
+    SET_KEYS = 8
     INSTALL_PSK = 12
 
 
@@ -486,6 +487,12 @@ OP_ARGS: dict[CommandOp, CommandArgs] = {
             CommandArg('offset', 0, 4095, 'bytes'),
             CommandArg('total', 1, 4096, 'bytes'),
         ), 'install_cert ROTATION OFFSET TOTAL'),
+    CommandOp.SET_KEYS: CommandArgs(
+        CommandOp.SET_KEYS, "one piece of a signed firmware key list: bytes offset.. of total (the list's canonical JSON, then its 64-byte Ed25519 signature), in `data`", 3, (
+            CommandArg('seq', 1, 2147483647, ''),
+            CommandArg('offset', 0, 2047, 'bytes'),
+            CommandArg('total', 65, 2048, 'bytes'),
+        ), 'set_keys SEQ OFFSET TOTAL'),
     CommandOp.INSTALL_PSK: CommandArgs(
         CommandOp.INSTALL_PSK, 'a TLS-PSK session key for routine sends, 32 bytes in `data`; sent only while the device has no key on the broker, so only over a certificate-authenticated session (docs/session-keys.md)', 2, (
             CommandArg('key_id', 1, 2147483647, ''),
@@ -553,7 +560,7 @@ class Hello:
     """HELLO (up): A node woke and reports its state; the gateway answers with ACK, queued downlink, SLEEP_NOW."""
 
     FRAME_TYPE: ClassVar[int] = 1
-    MAX_SIZE: ClassVar[int] = 112
+    MAX_SIZE: ClassVar[int] = 118
     msg_id: int
     fw_version: int
     boot_cause: BootCause
@@ -578,6 +585,7 @@ class Hello:
     cert_serial: bytes = b''
     cred_outcome: CredOutcome = CredOutcome.NONE
     cred_rotation: int = 0
+    keys_seq: int = 0
     session_key: int = 0
 
 
@@ -778,6 +786,7 @@ _S_HELLO_T19 = struct.Struct('<I')
 _S_HELLO_T20 = struct.Struct('<B')
 _S_HELLO_T22 = struct.Struct('<B')
 _S_HELLO_T23 = struct.Struct('<I')
+_S_HELLO_T24 = struct.Struct('<I')
 _S_HELLO_T32 = struct.Struct('<I')
 
 
@@ -804,6 +813,7 @@ def decode_hello(buf: Buffer) -> Hello:
     v_cert_serial = b''
     v_cred_outcome = CredOutcome.NONE
     v_cred_rotation = 0
+    v_keys_seq = 0
     v_session_key = 0
     last = 0
     while off < n:
@@ -852,13 +862,16 @@ def decode_hello(buf: Buffer) -> Hello:
         elif tag == 23:
             x = _fixed_tlv(_S_HELLO_T23, buf, voff, tl, "HELLO", "cred_rotation")
             v_cred_rotation = x
+        elif tag == 24:
+            x = _fixed_tlv(_S_HELLO_T24, buf, voff, tl, "HELLO", "keys_seq")
+            v_keys_seq = x
         elif tag == 32:
             x = _fixed_tlv(_S_HELLO_T32, buf, voff, tl, "HELLO", "session_key")
             v_session_key = x
         elif minor <= MINOR:
             raise ProtocolError("HELLO", off, f"unknown field tag {tag}")
         off = voff + tl
-    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation, v_session_key)
+    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation, v_keys_seq, v_session_key)
 
 
 def encode_hello(f: Hello) -> bytes:
@@ -941,6 +954,11 @@ def encode_hello(f: Hello) -> bytes:
             _put_tlv(out, 23, _S_HELLO_T23.pack(f.cred_rotation))
         except (struct.error, OverflowError, TypeError):
             raise _pack_error("HELLO", out, (("cred_rotation", "u32", f.cred_rotation),)) from None
+    if f.keys_seq != 0:
+        try:
+            _put_tlv(out, 24, _S_HELLO_T24.pack(f.keys_seq))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("keys_seq", "u32", f.keys_seq),)) from None
     if f.session_key != 0:
         try:
             _put_tlv(out, 32, _S_HELLO_T32.pack(f.session_key))

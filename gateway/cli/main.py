@@ -32,6 +32,7 @@ from gateway.errors import GatewayError
 from gateway.ops import devices as devices_ops
 from gateway.ops import downlink as downlink_ops
 from gateway.ops import health as health_ops
+from gateway.ops import keylists as keylists_ops
 
 
 def register(sub: Any) -> None:
@@ -199,6 +200,7 @@ def _show(args: argparse.Namespace) -> int:
         try:
             shown = devices_ops.detail(conn, args.device_id)
             down = downlink_ops.gather(conn, shown.device.id)
+            fw_keys = keylists_ops.node_status(conn, shown.device.id)
         finally:
             conn.close()
     except GatewayError as exc:
@@ -210,7 +212,8 @@ def _show(args: argparse.Namespace) -> int:
         doc = dev.as_dict() | {"ack_cumulative": hwm, "committed_above": above,
                                "readings": total, "dead_letters": nletters, "downlink": down,
                                "rotation": rot.as_dict() if rot else None,
-                               "session_key": _session_key(shown.session_key)}
+                               "session_key": _session_key(shown.session_key),
+                               "fw_keys": fw_keys.as_dict()}
         print(json.dumps(doc, indent=1))
         return 0
     print(f"device:          {dev.id} ({dev.device_class})")
@@ -230,6 +233,7 @@ def _show(args: argparse.Namespace) -> int:
     if dev.clock_unset:
         print("clock:           not set yet (readings corrected from its HELLO time)")
     print(f"firmware:        {'-' if dev.fw_version is None else dev.fw_version}")
+    print(f"firmware keys:   {fw_keys.line}")
     print(f"battery:         {'-' if dev.battery_mv is None else f'{dev.battery_mv} mV'}")
     print(f"rssi:            {'-' if dev.rssi is None else f'{dev.rssi} dBm'}")
     print(f"boot cause:      {dev.boot_cause or '-'}")

@@ -93,7 +93,96 @@ def register(sub: Any) -> Any:
     config_arg(p)
     p.add_argument("campaign", type=int, help="the campaign's number (see `torpor ota status`)")
     p.set_defaults(func=_cancel)
+    register_keys(osub, config_arg)
     return osub
+
+
+def add_targets(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """--all | --group | --devices, as `torpor ota campaign create` takes them."""
+    who = p.add_mutually_exclusive_group(required=required)
+    who.add_argument("--all", action="store_true", help="every device in service (= --group all)")
+    who.add_argument("--group", help="`all`, a device class, or a device id pattern ('site1-*')")
+    who.add_argument("--devices", help="comma-separated device ids")
+
+
+def targets(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(group, devices) from add_targets' options."""
+    return ("all" if args.all else args.group), args.devices
+
+
+def register_keys(osub: Any, config_arg: Any) -> None:
+    keys = osub.add_parser("keys", help="firmware key lists: send a signed list, see who holds which")
+    ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    p = ksub.add_parser(
+        "push", help="queue a signed key list (`torpor fw keys add|retire --out`) for devices",
+        description="Check a signed firmware key list against the newest this gateway sent and "
+        "queue it (with any earlier list a device lacks) as set_keys commands.")
+    config_arg(p)
+    p.add_argument("list", type=Path, metavar="LIST_FILE", help="signed key list file")
+    add_targets(p)
+    p.add_argument("--baked", action="append", default=[], type=Path, metavar="PUB",
+                   help="a public key the nodes were provisioned with (first list only; repeat)")
+    p.set_defaults(func=_keys_push)
+    p = ksub.add_parser("status", help="the key list (seq, key ids) each device holds")
+    config_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_keys_status)
+
+
+def print_pushed(r: Any) -> None:
+    what = (f"; adds {', '.join(r.added)}" if r.added else "") + (
+        f"; retires {', '.join(r.retired)}" if r.retired else "")
+    print(f"key list seq {r.seq} ({', '.join(r.key_ids)}){what}: queued for {len(r.queued)} "
+          f"device(s), {len(r.holding)} hold it already")
+    if r.unknown_images:
+        print(f"note: {len(r.unknown_images)} device(s) run a version this gateway holds no "
+              f"image of ({', '.join(r.unknown_images[:5])}): the node itself refuses a list "
+              "without its running image's key")
+    for dev, why in r.failed:
+        print(f"not queued for {dev}: {why}")
+
+
+def _keys_push(args: argparse.Namespace) -> int:
+    from gateway.ops import keylists
+
+    def body(conn: sqlite3.Connection) -> int:
+        try:
+            blob = args.list.read_bytes()
+        except OSError as exc:
+            raise keylists.KeyListRefused(f"cannot read {args.list}: {exc.strerror}") from exc
+        baked = keylists.load_keys(args.baked)
+        group, devices = targets(args)
+        r = keylists.push(conn, blob, group=group, devices=devices, baked=baked)
+        print_pushed(r)
+        return 2 if r.failed else 0
+
+    return _run(args, body)
+
+
+def print_keys(rows: list[Any], only_changing: bool = False) -> None:
+    by_seq: dict[tuple[int, str], int] = {}
+    for n in rows:
+        k = (n.held, ",".join(n.held_keys) if n.held_keys is not None else "?")
+        by_seq[k] = by_seq.get(k, 0) + 1
+    for (seq, keys), count in sorted(by_seq.items()):
+        print(f"key list seq {seq} ({'baked: ' if seq == 0 else ''}{keys}): {count} device(s)")
+    for n in rows:
+        if not only_changing or (n.pushed and n.outcome != "applied"):
+            print(f"  {n.device:<20} {n.line}")
+
+
+def _keys_status(args: argparse.Namespace) -> int:
+    from gateway.ops import keylists
+
+    def body(conn: sqlite3.Connection) -> int:
+        rows = keylists.fleet_status(conn)
+        if args.json:
+            print(json.dumps([n.as_dict() for n in rows], indent=2))
+        else:
+            print_keys(rows)
+        return 0
+
+    return _run(args, body)
 
 
 def _run(args: argparse.Namespace, body: Any) -> int:
@@ -129,6 +218,8 @@ def _create(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     def body(conn: sqlite3.Connection) -> int:
         if args.campaign is None:
+            from gateway.ops import keylists
+
             cs = ota_ops.campaigns(conn)
             if args.json:
                 print(json.dumps([c.as_dict() for c in cs], indent=2))
@@ -137,6 +228,9 @@ def _status(args: argparse.Namespace) -> int:
                 print("no campaigns")
             for c in cs:
                 print(summary_line(c))
+            if keylists.current(conn) is not None:
+                # Which firmware key list the nodes hold; those still receiving one by name.
+                print_keys(keylists.fleet_status(conn), only_changing=True)
             return 0
         if args.watch:
             watch_campaign(conn, args.campaign, args.interval)
@@ -144,7 +238,12 @@ def _status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(c.as_dict(), indent=2))
         else:
+            from gateway.ops import keylists
+
             print_campaign(c)
+            if keylists.current(conn) is not None:
+                for d in c.devices:
+                    print(f"  {d.device:<20} keys {keylists.node_status(conn, d.device).line}")
         return 0
 
     return _run(args, body)

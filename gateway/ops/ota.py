@@ -108,6 +108,11 @@ def create_campaign(
     targets = select_devices(conn, group, devices)
     pinned = {dev: import_image(conn, path, public_key=pub).id
               for dev, path in (overrides or {}).items()}
+    from gateway.ops import keylists  # it imports this module
+
+    keylists.check_campaign(conn, img.key_id, [d for d in targets if d not in pinned])
+    for dev, image_id in pinned.items():
+        keylists.check_campaign(conn, ota_store.get_image(conn, image_id).key_id, [dev])
     cid = ota_store.create_campaign(conn, img.id, targets, rate=rate, rate_percent=rate_percent,
                                     abort_threshold=abort_threshold, timeout_s=timeout_s,
                                     overrides=pinned)

@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from gateway import proto
-from gateway.store import db, ota_store
+from gateway.store import db, keylists, ota_store
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class OtaHandler:
             cid = self._status(conn, device, st, now)
             if cid:
                 touched.add(cid)
+        if hellos:  # which firmware key list each node holds (docs/ota.md)
+            keylists.note_held(conn, [(d, h.keys_seq) for d, h in hellos], now)
         for device, hello in hellos:
             cid = self._hello(conn, device, hello, now)
             if cid:

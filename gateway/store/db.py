@@ -53,6 +53,7 @@ STORE_MODULES: tuple[str, ...] = (
     "gateway.store.hass",
     "gateway.store.rotations",
     "gateway.store.session_keys",
+    "gateway.store.keylists",
 )
 
 _extra_stores: list[Callable[[sqlite3.Connection], None]] = []

@@ -520,3 +520,14 @@ def running_campaigns(conn: sqlite3.Connection) -> list[int]:
     """The ids of the campaigns still running."""
     return [int(r[0]) for r in conn.execute("SELECT id FROM ota_campaigns WHERE status=?",
                                             (RUNNING,)).fetchall()]
+
+
+def signing_keys(conn: sqlite3.Connection) -> tuple[list[tuple[int, str, str]], list[tuple[str, int, str]]]:
+    """Who signed what, for retiring a firmware key: (version, board, key id) of every stored
+    image, and (device, version, key id) of every update in flight."""
+    images = [(int(r[0]), str(r[1]), str(r[2])) for r in conn.execute(
+        "SELECT version, board, key_id FROM ota_images ORDER BY version")]
+    flying = [(str(r[0]), int(r[1]), str(r[2])) for r in conn.execute(
+        "SELECT d.device, i.version, i.key_id FROM ota_devices d JOIN ota_images i "
+        "ON i.id = d.image_id WHERE d.status IN (?, ?, ?, ?)", IN_FLIGHT)]
+    return images, flying

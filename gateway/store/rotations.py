@@ -94,6 +94,9 @@ def refuse_own_op(op: object) -> None:
     if name in OWN_OPS:
         raise RotationError(f"{name} is sent by a key rotation only: use `torpor device "
                             "rotate <id>`")
+    if name == "set_keys":  # pieces of a firmware key list the gateway checked first
+        raise RotationError("set_keys is sent by a firmware key list only: use `torpor fw "
+                            "keys add|retire` or `torpor ota keys push`")
 
 
 def migrate(conn: sqlite3.Connection) -> None:

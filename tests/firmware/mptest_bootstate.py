@@ -55,6 +55,11 @@ KEYLIST_BY_K2 = (
     b"Rc\xfb|\xad\xda\xc6\x8fA\x12'\x10j\x93\xf4\xf7\x04\xb6\x7fHj\x1e\x97\xde\xaeN\xca\x06\xeb\xe0\x1f\x98\xbco\xd0\xc0\xce`\xb1t\xd6\x94~\xadK\x16]SA\x1dH\xfb\xfe\xba\xedl\xf4U/\xf2\xfa\xbf\xdc\t",
 )
 
+# Firmware key lists (JSON, then signature) by the same test keys: list 1, signed by key 1,
+# adds key 2; list 2, signed by key 2, retires key 1.
+KL_ADD = b'{"key_id":"21fe31df","keys":{"21fe31df":"d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a","39f713d0":"3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"},"seq":1}\x9aU\xf6S\x83\xcd\xb1(\xbb?1xY\x8a\xd7&"O\xb4\xafW\x0c\r\xe6\xa7\x91Y\xdfC\xd9\xcf\x86v\x1f\x80\x06%P\xae\x85\xad>^\xccB\x0ez\x0c\xa5[\xab\t5\x9bW=\xcc\xcc\x19\xc0]\xfd\xd4\x00'
+KL_RETIRE = b'{"key_id":"39f713d0","keys":{"39f713d0":"3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"},"seq":2}\xa2\xe9\x8f\xcaz| \xca\xbf\xddo\x82T\x1a\xf1Sm"\x99\xf7\xea_2\xd4jgG\x18\xfeSZeH\xb4\x1d\x85\xea\x93\xd5g\x85\xae5s\xfb[i\xbb\x83|\xf7%\xad\x11b\xd0\xadUa\x13mf\x88\x05'
+
 
 def stream():
     # The OTA stream: the manifest's files (sorted by path) back to back.
@@ -384,6 +389,51 @@ def test_key_list_update_adds_and_retires_keys():
     # The running image (signed by the retired key) no longer checks out, by design: a
     # rotation ships a re-signed image before retiring the old key (docs/bootloader.md).
     mpunit.eq(slots.check(MNT, "a", False)[0], bootstate.UNKNOWN_KEY)
+
+
+def _pieces(blob, seq, size, order):
+    # set_keys pieces of `blob` as the gateway cuts them, put in `order`; the last answer.
+    import keylist
+
+    offs = list(range(0, len(blob), size))
+    out = None
+    for i in order(len(offs)):
+        out = keylist.put_piece(seq, offs[i], len(blob), blob[offs[i]:offs[i] + size], MNT)
+    return out
+
+
+def test_set_keys_pieces_apply_a_list_and_keep_the_running_key():
+    import proto
+
+    fresh()
+    provision("a", V1)  # the running image, signed by key 1
+    # Retiring key 1 by a list signed by key 2, which is not trusted yet: unknown_key.
+    mpunit.eq(_pieces(KL_RETIRE, 2, 100, range), (proto.RESULT_STATUS_REFUSED, "unknown_key"))
+    mpunit.eq(trusted_keys.seq(MNT), 0)
+    # Key 2 added, its pieces arriving out of order (a lost one sent again next wake).
+    mpunit.eq(_pieces(KL_ADD, 1, 64, lambda n: [2, 0] + list(range(3, n)) + [1]),
+              (proto.RESULT_STATUS_OK, "applied"))
+    mpunit.eq(trusted_keys.seq(MNT), 1)
+    mpunit.eq(sorted(trusted_keys.keys(MNT)), [K1_ID, K2_ID])
+    mpunit.eq(os.listdir(MNT + "/kl"), [])  # the pieces are gone once applied
+    # A piece of the list held again is harmless; an older seq is a downgrade.
+    import keylist
+
+    mpunit.eq(keylist.put_piece(1, 0, len(KL_ADD), KL_ADD[:64], MNT), (proto.RESULT_STATUS_OK, "held"))
+    mpunit.eq(keylist.put_piece(1, 0, 10, b"x", MNT)[1], "held")
+    # Retiring key 1 while the running image is signed by it: refused, nothing changes.
+    mpunit.eq(_pieces(KL_RETIRE, 2, 100, range),
+              (proto.RESULT_STATUS_REFUSED, "retires %s of the running image" % K1_ID))
+    mpunit.eq(trusted_keys.seq(MNT), 1)
+    # Once the node runs an image signed by key 2, key 1 can go.
+    download(V2_K2)
+    mpunit.eq(slots.finish(), 2)
+    st = bootstate.load(MNT)
+    st["active"], st["ver"] = "b", 2
+    bootstate.save(MNT, st)
+    mpunit.eq(_pieces(KL_RETIRE, 2, 100, range), (proto.RESULT_STATUS_OK, "applied"))
+    mpunit.eq(list(trusted_keys.keys(MNT)), [K2_ID])
+    mpunit.eq(keylist.put_piece(1, 0, len(KL_ADD), KL_ADD[:64], MNT)[0], proto.RESULT_STATUS_REFUSED)
 
 
 def test_remount_without_mtime_keeps_files_and_stops_timestamps():

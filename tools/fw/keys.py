@@ -16,6 +16,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.security.keylist import KeyList as KeyList
+from gateway.security.keylist import KeyListError as KeyListError
+from gateway.security.keylist import split as split
+
 # The key model is the gateway's (it verifies signatures); re-exported for the build tools.
 from gateway.security.manifest import KeyFileError as KeyFileError
 from gateway.security.manifest import key_id as key_id
@@ -84,3 +88,44 @@ def load_private(path: Path) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{path} is not an Ed25519 key")
     return key
+
+
+# ---------------------------------------------------------------- key lists
+# A signed key list replaces the set of keys nodes trust (gateway.security.keylist holds
+# the model; firmware/trusted_keys.py applies it). These make the next one on the build
+# machine, where the private key lives.
+LIST_NAME = "keylist.bin"  # a list file: canonical JSON, then the 64-byte signature
+
+
+def public_of(path: Path) -> bytes:
+    """The raw public key from a .pub/PEM file, or from a key directory (`fw keygen --out`)."""
+    return load_public(path / PUBLIC_NAME if path.is_dir() else path)
+
+
+def next_list(current: dict[str, bytes], seq: int, signing_key: Ed25519PrivateKey, *,
+              add: bytes | None = None, retire: str | None = None) -> tuple[KeyList, bytes]:
+    """(list, signed blob) following `current` (the keys trusted now, at `seq`): one key
+    added or one retired, signed by `signing_key`, which must be trusted now."""
+    signer = key_id(public_raw(signing_key.public_key()))
+    if signer not in current:
+        raise KeyListError(f"signing key {signer} is not trusted by key list seq {seq} "
+                           f"({', '.join(sorted(current))}): nodes would refuse the list")
+    keys = dict(current)
+    if add is not None:
+        kid = key_id(add)
+        if kid in keys:
+            raise KeyListError(f"key {kid} is trusted already (key list seq {seq})")
+        keys[kid] = add
+    if retire is not None:
+        if retire not in keys:
+            raise KeyListError(f"key {retire} is not in key list seq {seq} "
+                               f"({', '.join(sorted(current))})")
+        if len(keys) == 1:
+            raise KeyListError(f"key {retire} is the last trusted key: retiring it is refused "
+                               "(add its successor first)")
+        del keys[retire]
+    kl = KeyList(seq + 1, signer, keys)
+    data = kl.to_bytes()
+    blob = data + signing_key.sign(data)
+    split(blob)  # the same checks as the gateway's and the node's (size, shape)
+    return kl, blob
