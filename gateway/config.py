@@ -129,6 +129,9 @@ class UpstreamConfig:
     drop_policy: Literal["oldest"] = "oldest"
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
+    # The relay runs in a process of its own (gateway.pipeline.relay_process), on another
+    # core than ingest; false keeps it a task of the gateway's process.
+    process: bool = True
 
 
 @dataclass(frozen=True, slots=True)

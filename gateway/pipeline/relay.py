@@ -190,6 +190,7 @@ class Relay:
         publish_timeout_s: float = 15.0,
         keepalive_s: int = 30,
         writer: Writer | None = None,
+        autocheckpoint: bool | None = None,
     ) -> None:
         if cfg.enabled:
             validate(cfg)
@@ -213,6 +214,9 @@ class Relay:
         # SQLite's lock; a private thread when None.
         self.writer = writer
         self._pool: Writer | None = None
+        # Whoever checkpoints the database (gateway.store.db.checkpoint_loop) turns the
+        # relay's own checkpoints off; by default the owner of a shared writer does.
+        self.autocheckpoint = writer is None if autocheckpoint is None else autocheckpoint
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._acks: asyncio.Event | None = None
@@ -302,7 +306,7 @@ class Relay:
                     drop_policy=cfg.drop_policy,
                 )
             )
-            if self.writer is not None:
+            if not self.autocheckpoint:
                 # The owner of a shared writer checkpoints (gateway.store.db.checkpoint_loop):
                 # a delete must not stall the writer thread with a checkpoint's fsync.
                 await self._db(db.no_autocheckpoint, self._outbox.conn)
