@@ -186,11 +186,12 @@ class MqttConn:
 # --- frames ----------------------------------------------------------------------------
 
 class Frames:
-    """Valid BURST frames with the protocol benchmark's realistic 64 readings: per burst
-    only the header's msg id and the timestamps move on."""
+    """Valid BURST frames with the protocol benchmark's series (64 readings unless told:
+    a node's batch, see docs/benchmarks.md): per burst only the header's msg id and the
+    timestamps move on."""
 
-    def __init__(self) -> None:
-        self.base = workload()
+    def __init__(self, n: int = 64) -> None:
+        self.base = workload(n=n)
         self.n = len(self.base.readings)
 
     def burst(self, msg_id: int) -> bytes:
@@ -240,6 +241,7 @@ class WorkerSpec:
     upstream_port: int = 0  # paced: also subscribe to the upstream broker (plain MQTT)
     leaf: str = "up"  # burst: publish to torpor/<id>/<leaf> (the baseline's: "bare")
     subscribe_down: bool = True
+    readings: int = 64  # readings per BURST frame
 
 
 def _ctx(ca: str, ident: Identity) -> ssl.SSLContext:
@@ -299,7 +301,7 @@ async def _connect_all(spec: WorkerSpec, on_message: Callable[[str], OnMessage] 
 
 
 async def _burst(spec: WorkerSpec, ready: Any, go: Any) -> dict[str, Any]:
-    frames = Frames()
+    frames = Frames(spec.readings)
     acks = [0]
 
     def counter(device: str) -> OnMessage:
@@ -351,7 +353,7 @@ def _msg_id(payload: bytes) -> int:
 
 
 async def _paced(spec: WorkerSpec, ready: Any, go: Any) -> dict[str, Any]:
-    frames = Frames()
+    frames = Frames(spec.readings)
     published: dict[tuple[str, int], float] = {}
     ack_lat: list[float] = []
     up_lat: list[float] = []
@@ -419,7 +421,7 @@ async def _paced(spec: WorkerSpec, ready: Any, go: Any) -> dict[str, Any]:
 async def _sessions(spec: WorkerSpec) -> dict[str, Any]:
     """`concurrency` loops, each taking identities round-robin from its own share, so no
     identity is connected twice at once (the broker would cut the older session)."""
-    frames = Frames()
+    frames = Frames(spec.readings)
     ctxs = {i.device: _ctx(spec.ca, i) for i in spec.devices}
     ids = {i.device: spec.next_id.get(i.device, 1) for i in spec.devices}
     hello_ids = {i.device: 1 for i in spec.devices}
