@@ -470,10 +470,15 @@ class Relay:
             wake.clear()
             items = self._take_fresh(after)
             if not items and self._behind:
+                # Cleared before the read, so that a wake-up during it (an item committed
+                # after the read's snapshot) sets it again instead of being lost until
+                # the next poll.
+                self._behind = False
                 items = await self._db(box.peek, self.batch, after)
                 # Caught up unless the read came back full. Items handed over
                 # meanwhile that it already covered are dropped by _take_fresh.
-                self._behind = len(items) >= self.batch
+                if len(items) >= self.batch:
+                    self._behind = True
             if not items:
                 left = min(self.poll_s, overdue())
                 try:
