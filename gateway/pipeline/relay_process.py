@@ -120,7 +120,11 @@ class RelayProcess:
             buf += data
             *lines, buf = buf.split(b"\n")
             for line in lines[-1:]:  # only the latest state matters
-                connected, connects, relayed = (int(x) for x in line.split())
+                try:
+                    connected, connects, relayed = (int(x) for x in line.split())
+                except ValueError:
+                    log.warning("upstream relay process: unreadable status %r", line[:80])
+                    continue
                 self.connected, self.connects, self.relayed = bool(connected), connects, relayed
 
 

@@ -62,6 +62,15 @@ def _stored(gw: Gateway) -> int:
         return readings.total(conn)
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie that its new parent has not reaped yet counts as ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def _outbox_depth(gw: Gateway) -> int:
     return int(gw.query("SELECT count(*) FROM outbox")[0][0])
 
@@ -155,9 +164,8 @@ def test_relay_process_killed_mid_load_loses_nothing(
         code = gw.stop()
     log = gw.log.read_text(errors="replace")
     assert code == 0, log[-4000:]
-    for pid in killed:  # no relay process outlives the test
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+    for pid in [*killed, detail["relay_pid"]]:  # no relay process outlives its gateway
+        assert not _alive(pid), pid
 
     # Stored exactly once: every reading of every burst sent, no id twice.
     total = 0
@@ -188,3 +196,29 @@ def test_relay_process_killed_mid_load_loses_nothing(
     assert extra <= KILLS * UNDELETED_MAX * DEFAULT_INFLIGHT, extra
     print(f"\n{total} readings stored once; {len(got.readings)} upstream messages for "
           f"{NODES * BURSTS} bursts ({extra} re-sent after {KILLS} relay kills)")
+
+
+def test_the_relay_process_ends_with_a_killed_gateway(
+        tmp_path: Path, pki: Pki, broker_factory: Any) -> None:
+    """SIGKILL to the gateway leaves no relay publishing beside the next one."""
+    broker: RunningBroker = broker_factory(pki)
+    up: RunningBroker = broker_factory(tls=False)
+    gw = Gateway(gateway_config(tmp_path, pki, broker_port=broker.port, external=True,
+                                upstream_port=up.port))
+    gw.register(pki, "relay-orphan-0")
+    gw.start()
+    try:
+        gw.wait_running()
+        deadline = time.monotonic() + 20
+        while not isinstance(_status(gw).get("relay_pid"), int):
+            assert time.monotonic() < deadline, _status(gw)
+            time.sleep(0.05)
+        pid = _status(gw)["relay_pid"]
+        assert _alive(pid)
+        gw.kill()
+        deadline = time.monotonic() + 5
+        while _alive(pid):
+            assert time.monotonic() < deadline, f"relay {pid} outlived its gateway"
+            time.sleep(0.02)
+    finally:
+        gw.stop()
