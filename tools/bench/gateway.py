@@ -346,6 +346,7 @@ def bare_subscriber(host: str, port: int, ca: str, cert: str, key: str, expected
                                   keepalive=30, max_inflight_messages=200) as client:
             await client.subscribe("torpor/+/bare", qos=1)
             ready.put(("ready", 1))
+            cpu0 = time.process_time()
             count = 0
             last = 0.0
             with contextlib.suppress(TimeoutError):
@@ -356,7 +357,7 @@ def bare_subscriber(host: str, port: int, ca: str, cert: str, key: str, expected
                             last = time.monotonic()
                             if count >= expected:
                                 break
-            return {"frames": count, "t_last": last}
+            return {"frames": count, "t_last": last, "cpu_s": time.process_time() - cpu0}
 
     try:
         results.put(asyncio.run(main()))
@@ -459,6 +460,7 @@ def _bare_round(scale: Scale, shares: list[tuple[Identity, ...]], base: dict[str
         raise BenchError(f"the bare subscriber saw {sub['frames']} of {sent} frames")
     return {
         "bare_fps": sub["frames"] / (sub["t_last"] - t0),
+        "bare_cpu_s": sub["cpu_s"],
         "loadgen_fps": sent / (max(g["t_end"] for g in gens) - t0),
         "broker_cpu_s_bare": _cpu_s(broker.pid) - cpu0,
     }
@@ -613,6 +615,9 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
             fig["bare_subscriber_frames_per_s"] = round(_median(rounds, "bare_fps"), 1)
             fig["loadgen_frames_per_s"] = round(_median(rounds, "loadgen_fps"), 1)
             fig["broker_cpu_s_bare"] = round(sum(r["broker_cpu_s_bare"] for r in rounds), 2)
+            # What the baseline itself costs per frame, to set beside the gateway's.
+            fig["bare_subscriber_cpu_us_per_frame"] = round(
+                1e6 * sum(r["bare_cpu_s"] for r in rounds) / sent)
             fig["ingest_frames_per_s"] = round(_median(rounds, "ingest_fps"), 1)
             fig["ingest_readings_per_s"] = round(
                 fig["ingest_frames_per_s"] * scale.readings_per_frame)
@@ -734,6 +739,7 @@ SECTIONS = (
         "broker_passthrough_readings_per_s", "ratio_to_broker", "ratio_to_broker_rounds",
         "bare_ratio_to_broker", "commit_only_readings_per_s", "loadgen_frames_per_s",
         "acks_at_nodes_before_disconnect", "gateway_cpu_s", "gateway_cpu_us_per_frame",
+        "bare_subscriber_cpu_us_per_frame", "broker_cpu_s_bare",
         "gateway_loop_cpu_us_per_frame", "broker_cpu_s",
         "upstream_broker_cpu_s", "ingest_elapsed_s")),
     ("latency at a fixed offered rate", (
