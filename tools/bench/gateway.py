@@ -410,6 +410,25 @@ def broker_subscriber(host: str, port: int, ca: str, cert: str, key: str, expect
             out_path.unlink()
 
 
+def fsync_latencies(folder: Path, count: int = 200) -> list[float]:
+    """The floor under every ACK: seconds per append + fsync of a file beside the
+    gateway's database (a WAL commit with synchronous=FULL is one such write and fsync)."""
+    path = folder / "fsync-probe"
+    out: list[float] = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        block = b"\0" * 4096
+        for _ in range(count):
+            t = time.perf_counter()
+            os.write(fd, block)
+            os.fsync(fd)
+            out.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return out
+
+
 def _split(items: list[Identity], n: int) -> list[tuple[Identity, ...]]:
     n = max(1, min(n, len(items)))
     return [tuple(items[k::n]) for k in range(n)]
@@ -641,7 +660,10 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
             fig["upstream_broker_cpu_s"] = round(cpu["upstream"], 2)
             fig["ingest_elapsed_s"] = round(sum(r["elapsed_s"] for r in rounds), 2)
 
-            # 3. latency at a fixed offered rate
+            # 3. latency at a fixed offered rate, and the disk's fsync beside it
+            syncs = fsync_latencies(gw.folder / "data")
+            fig["fsync_p50_ms"] = _ms(_pct(syncs, 0.5))
+            fig["fsync_p99_ms"] = _ms(_pct(syncs, 0.99))
             lat_devs = idents[:scale.latency_devices]
             rate = scale.latency_rate_readings_per_s / scale.readings_per_frame
             spec = WorkerSpec("paced", devices=tuple(lat_devs), rate=rate,
@@ -744,7 +766,7 @@ SECTIONS = (
         "upstream_broker_cpu_s", "ingest_elapsed_s")),
     ("latency at a fixed offered rate", (
         "latency_offered_readings_per_s", "latency_samples", "latency_p50_ms", "latency_p99_ms",
-        "latency_max_ms", "upstream_latency_samples", "upstream_latency_p50_ms",
+        "latency_max_ms", "fsync_p50_ms", "fsync_p99_ms", "upstream_latency_samples", "upstream_latency_p50_ms",
         "upstream_latency_p99_ms")),
     ("wake sessions", (
         "sessions_per_s", "bare_handshakes_per_s", "session_ratio", "session_ratio_rounds", "session_p50_ms",
