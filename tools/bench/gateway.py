@@ -607,7 +607,7 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
         try:
             rounds: list[dict[str, float]] = []
             next_id: dict[str, int] = {}
-            cpu = {"gw": 0.0, "loop": 0.0, "broker": 0.0, "upstream": 0.0}
+            cpu = {"gw": 0.0, "loop": 0.0, "children": 0.0, "broker": 0.0, "upstream": 0.0}
             acks_at_nodes = 0
             for _ in range(scale.rounds):
                 one = _bare_round(scale, shares, base, gwc, broker, ca, expected_frames)
@@ -618,9 +618,11 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
                 # The gateway's main thread runs the event loop (MQTT in and out, the
                 # relay's publishes); the rest is mostly the database writer thread.
                 cpu_loop0 = _cpu_s(gw.pid, gw.pid)
+                cpu_children0 = _tree_cpu_s(gw.pid) - _cpu_s(gw.pid)
                 got = _gateway_round(scale, shares, base, progress, next_id, expected_frames)
                 cpu["gw"] += _tree_cpu_s(gw.pid) - cpu_gw0
                 cpu["loop"] += _cpu_s(gw.pid, gw.pid) - cpu_loop0
+                cpu["children"] += _tree_cpu_s(gw.pid) - _cpu_s(gw.pid) - cpu_children0
                 cpu["broker"] += _cpu_s(broker.pid) - cpu_b0
                 cpu["upstream"] += _cpu_s(upstream.pid) - cpu_u0
                 acks_at_nodes += int(got.pop("acks"))
@@ -656,6 +658,8 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
             fig["gateway_cpu_s"] = round(cpu["gw"], 2)
             fig["gateway_cpu_us_per_frame"] = round(1e6 * cpu["gw"] / sent)
             fig["gateway_loop_cpu_us_per_frame"] = round(1e6 * cpu["loop"] / sent)
+            # The relay's own process (none with --relay-in-gateway).
+            fig["gateway_relay_process_cpu_us_per_frame"] = round(1e6 * cpu["children"] / sent)
             fig["broker_cpu_s"] = round(cpu["broker"], 2)
             fig["upstream_broker_cpu_s"] = round(cpu["upstream"], 2)
             fig["ingest_elapsed_s"] = round(sum(r["elapsed_s"] for r in rounds), 2)
@@ -762,7 +766,7 @@ SECTIONS = (
         "bare_ratio_to_broker", "commit_only_readings_per_s", "loadgen_frames_per_s",
         "acks_at_nodes_before_disconnect", "gateway_cpu_s", "gateway_cpu_us_per_frame",
         "bare_subscriber_cpu_us_per_frame", "broker_cpu_s_bare",
-        "gateway_loop_cpu_us_per_frame", "broker_cpu_s",
+        "gateway_loop_cpu_us_per_frame", "gateway_relay_process_cpu_us_per_frame", "broker_cpu_s",
         "upstream_broker_cpu_s", "ingest_elapsed_s")),
     ("latency at a fixed offered rate", (
         "latency_offered_readings_per_s", "latency_samples", "latency_p50_ms", "latency_p99_ms",
