@@ -51,6 +51,14 @@ WINDOW = 8  # unacknowledged PUBLISHes per node
 KILLS = 2
 
 
+def _config(tmp: Path, pki: Pki, broker: RunningBroker, up: RunningBroker) -> Path:
+    path = gateway_config(tmp, pki, broker_port=broker.port, external=True,
+                          upstream_port=up.port)
+    with path.open("a") as f:  # [upstream] is the file's last section
+        f.write("process = true\n")
+    return path
+
+
 def _status(gw: Gateway) -> dict[str, Any]:
     with contextlib.closing(db.connect(gw.db_path, readonly=True)) as conn:
         st = read_status(conn)
@@ -111,8 +119,7 @@ def test_relay_process_killed_mid_load_loses_nothing(
         tmp_path: Path, pki: Pki, broker_factory: Any) -> None:
     broker: RunningBroker = broker_factory(pki)
     up: RunningBroker = broker_factory(tls=False)
-    gw = Gateway(gateway_config(tmp_path, pki, broker_port=broker.port, external=True,
-                                upstream_port=up.port))
+    gw = Gateway(_config(tmp_path, pki, broker, up))
     names = [f"relay-kill-{i}" for i in range(NODES)]
     creds = gw.register(pki, *names)
     gw.start()
@@ -203,8 +210,7 @@ def test_the_relay_process_ends_with_a_killed_gateway(
     """SIGKILL to the gateway leaves no relay publishing beside the next one."""
     broker: RunningBroker = broker_factory(pki)
     up: RunningBroker = broker_factory(tls=False)
-    gw = Gateway(gateway_config(tmp_path, pki, broker_port=broker.port, external=True,
-                                upstream_port=up.port))
+    gw = Gateway(_config(tmp_path, pki, broker, up))
     gw.register(pki, "relay-orphan-0")
     gw.start()
     try:

@@ -208,7 +208,7 @@ class Gateway:
 
     def __init__(self, folder: Path, broker: Mosquitto, upstream: Mosquitto,
                  profile: Path | None = None, ingest: str = "",
-                 relay_process: bool = True) -> None:
+                 relay_process: bool = False) -> None:
         assert broker.pki is not None
         self.folder = folder
         self.db_path = folder / "data" / "gateway.db"
@@ -549,7 +549,7 @@ def _gateway_round(scale: Scale, shares: list[tuple[Identity, ...]], base: dict[
 
 def measure(scale: Scale = Scale(), workdir: Path | None = None,
             profile: Path | None = None, batch_ms: float | None = None,
-            relay_process: bool = True) -> dict[str, Any]:
+            relay_process: bool = False) -> dict[str, Any]:
     from gateway.security.pki import Pki
     from gateway.store import db
     from gateway.store import devices as registry
@@ -658,7 +658,7 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
             fig["gateway_cpu_s"] = round(cpu["gw"], 2)
             fig["gateway_cpu_us_per_frame"] = round(1e6 * cpu["gw"] / sent)
             fig["gateway_loop_cpu_us_per_frame"] = round(1e6 * cpu["loop"] / sent)
-            # The relay's own process (none with --relay-in-gateway).
+            # The relay's own process (none without --relay-process).
             fig["gateway_relay_process_cpu_us_per_frame"] = round(1e6 * cpu["children"] / sent)
             fig["broker_cpu_s"] = round(cpu["broker"], 2)
             fig["upstream_broker_cpu_s"] = round(cpu["upstream"], 2)
@@ -815,7 +815,7 @@ def run(args: argparse.Namespace) -> int:
                                     latency_devices=min(scale.latency_devices, args.devices))
     try:
         fig = measure(scale, profile=Path(args.profile).resolve() if args.profile else None,
-                      batch_ms=args.batch_ms, relay_process=not args.relay_in_gateway)
+                      batch_ms=args.batch_ms, relay_process=args.relay_process)
     except BenchError as exc:
         print(f"torpor: error: {exc}", file=sys.stderr)
         return 2
@@ -832,9 +832,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--readings-per-frame", type=int, default=0,
                         help=f"readings per BURST frame, a node's batch (default "
                              f"{READINGS_PER_BURST}; a node sends at most 255)")
-    parser.add_argument("--relay-in-gateway", action="store_true",
-                        help="run the upstream relay as a task of the gateway's process "
-                             "([upstream] process = false) instead of its own process")
+    parser.add_argument("--relay-process", action="store_true",
+                        help="run the upstream relay in a process of its own "
+                             "([upstream] process = true) instead of the gateway's")
     parser.add_argument("--profile", metavar="FILE", default=None,
                         help="run the gateway under cProfile and write its stats to FILE")
     parser.add_argument("--batch-ms", type=float, default=None,
