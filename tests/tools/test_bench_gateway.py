@@ -67,8 +67,9 @@ def test_figures_are_sane(figures: dict[str, float]) -> None:
     assert f["ingest_readings_per_s"] == pytest.approx(64 * f["ingest_frames_per_s"], rel=0.01)
     assert f["ratio_to_bare"] == pytest.approx(
         f["ingest_frames_per_s"] / f["bare_subscriber_frames_per_s"], rel=0.01)
+    # ratios are printed to 3 decimals: a small one is off by up to 0.0005 from rounding
     assert f["ratio_to_broker"] == pytest.approx(
-        f["ingest_frames_per_s"] / f["broker_passthrough_frames_per_s"], rel=0.01)
+        f["ingest_frames_per_s"] / f["broker_passthrough_frames_per_s"], rel=0.01, abs=6e-4)
     assert f["readings_per_frame"] == 64 and f["relay_process"] is False
     assert f["session_ratio"] == pytest.approx(
         f["sessions_per_s"] / f["bare_handshakes_per_s"], rel=0.01)
