@@ -40,6 +40,7 @@ class MqttError(Exception):
 
 # Every byte goes through the gateway's own MQTT codec: one encoder for the project.
 MAX_PACKET = codec.max_publish_packet(p.MAX_FRAME, 256)
+UPSTREAM_MAX_PACKET = 1 << 20
 
 
 def connect_packet(client_id: str, keepalive: int = 60, clean: bool = True) -> bytes:
@@ -58,7 +59,7 @@ def _topic(topic: bytes) -> codec.EncodedTopic:
 class _Stream(asyncio.Protocol):
     def __init__(self, conn: MqttConn) -> None:
         self.conn = conn
-        self.decoder = codec.Decoder(MAX_PACKET)
+        self.decoder = codec.Decoder(conn.max_packet)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -77,8 +78,10 @@ class MqttConn:
     """One MQTT connection. `on_message(topic, payload, arrival)` runs in the loop for
     every PUBLISH received; QoS 1 ones are acknowledged right away."""
 
-    def __init__(self, on_message: OnMessage | None = None) -> None:
+    def __init__(self, on_message: OnMessage | None = None,
+                 max_packet: int = MAX_PACKET) -> None:
         self.on_message = on_message
+        self.max_packet = max_packet
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self._connack: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -88,8 +91,9 @@ class MqttConn:
     @classmethod
     async def connect(cls, host: str, port: int, ssl_ctx: ssl.SSLContext | None,
                       client_id: str, *, on_message: OnMessage | None = None,
-                      keepalive: int = 60, timeout: float = CONNECT_TIMEOUT_S) -> MqttConn:
-        conn = cls(on_message)
+                      keepalive: int = 60, timeout: float = CONNECT_TIMEOUT_S,
+                      max_packet: int = MAX_PACKET) -> MqttConn:
+        conn = cls(on_message, max_packet)
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
             transport, _ = await loop.create_connection(
@@ -384,8 +388,11 @@ async def _paced(spec: WorkerSpec, ready: Any, go: Any) -> dict[str, Any]:
     conns = await _connect_all(spec, on_down)
     upstream: MqttConn | None = None
     if spec.upstream_port:
+        # The upstream copies are JSON, larger than a node's frames (about 8 kB for 255
+        # readings): the node-sized packet limit would drop the connection.
         upstream = await MqttConn.connect(spec.host, spec.upstream_port, None,
-                                          f"bench-upstream-{time.monotonic_ns()}", on_message=on_up)
+                                          f"bench-upstream-{time.monotonic_ns()}",
+                                          on_message=on_up, max_packet=UPSTREAM_MAX_PACKET)
         await upstream.subscribe("torpor/+/readings", 1)
     devs = list(conns)
     ids = {d: spec.next_id.get(d, 1) for d in devs}
