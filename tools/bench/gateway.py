@@ -659,7 +659,7 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
             fig["gateway_cpu_us_per_frame"] = round(1e6 * cpu["gw"] / sent)
             fig["gateway_loop_cpu_us_per_frame"] = round(1e6 * cpu["loop"] / sent)
             # The relay's own process (none without --relay-process).
-            fig["gateway_relay_process_cpu_us_per_frame"] = round(1e6 * cpu["children"] / sent)
+            fig["relay_process_cpu_us_per_frame"] = round(1e6 * cpu["children"] / sent)
             fig["broker_cpu_s"] = round(cpu["broker"], 2)
             fig["upstream_broker_cpu_s"] = round(cpu["upstream"], 2)
             fig["ingest_elapsed_s"] = round(sum(r["elapsed_s"] for r in rounds), 2)
@@ -766,7 +766,7 @@ SECTIONS = (
         "bare_ratio_to_broker", "commit_only_readings_per_s", "loadgen_frames_per_s",
         "acks_at_nodes_before_disconnect", "gateway_cpu_s", "gateway_cpu_us_per_frame",
         "bare_subscriber_cpu_us_per_frame", "broker_cpu_s_bare",
-        "gateway_loop_cpu_us_per_frame", "gateway_relay_process_cpu_us_per_frame", "broker_cpu_s",
+        "gateway_loop_cpu_us_per_frame", "relay_process_cpu_us_per_frame", "broker_cpu_s",
         "upstream_broker_cpu_s", "ingest_elapsed_s")),
     ("latency at a fixed offered rate", (
         "latency_offered_readings_per_s", "latency_samples", "latency_p50_ms", "latency_p99_ms",
