@@ -132,6 +132,10 @@ class UpstreamConfig:
     drop_policy: Literal["oldest"] = "oldest"
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
+    # Run the relay in a process of its own (gateway.pipeline.relay_process), on another
+    # core than ingest. Off by default: on a 2-core host with the broker beside it there
+    # is no idle core, and the process costs more CPU per frame (docs/gateway-layout.md).
+    process: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -166,7 +166,14 @@ class Service:
             )
             self._write_status("running")
             tasks["ingest"] = asyncio.create_task(self._supervise("ingest", self._ingest))
-            if cfg.upstream.enabled:
+            if cfg.upstream.enabled and cfg.upstream.process:
+                # Its own process, so that it runs on another core than ingest; the
+                # outbox is the only hand-over (gateway.pipeline.relay_process).
+                from gateway.pipeline.relay_process import RelayProcess
+
+                self.relay = RelayProcess(cfg.db_path, cfg.upstream)
+                tasks["relay"] = asyncio.create_task(self._supervise("relay", self.relay.run))
+            elif cfg.upstream.enabled:
                 from gateway.pipeline.relay import Relay
 
                 self.relay = Relay(cfg.db_path, cfg.upstream, writer=writer)
@@ -464,6 +471,8 @@ class Service:
             detail["broker_restarts"] = self.broker.restarts
         if self.relay is not None:
             detail["relay_connected"] = bool(self.relay.connected)
+            if getattr(self.relay, "pid", None) is not None:
+                detail["relay_pid"] = self.relay.pid
         if self.credentials:
             detail["credentials_days_left"] = self.credentials
         with db.transaction(self.conn):

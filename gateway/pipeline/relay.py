@@ -190,6 +190,7 @@ class Relay:
         publish_timeout_s: float = 15.0,
         keepalive_s: int = 30,
         writer: Writer | None = None,
+        autocheckpoint: bool | None = None,
     ) -> None:
         if cfg.enabled:
             validate(cfg)
@@ -213,6 +214,9 @@ class Relay:
         # SQLite's lock; a private thread when None.
         self.writer = writer
         self._pool: Writer | None = None
+        # Whoever checkpoints the database (gateway.store.db.checkpoint_loop) turns the
+        # relay's own checkpoints off; by default the owner of a shared writer does.
+        self.autocheckpoint = writer is None if autocheckpoint is None else autocheckpoint
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._acks: asyncio.Event | None = None
@@ -302,7 +306,7 @@ class Relay:
                     drop_policy=cfg.drop_policy,
                 )
             )
-            if self.writer is not None:
+            if not self.autocheckpoint:
                 # The owner of a shared writer checkpoints (gateway.store.db.checkpoint_loop):
                 # a delete must not stall the writer thread with a checkpoint's fsync.
                 await self._db(db.no_autocheckpoint, self._outbox.conn)
@@ -466,10 +470,15 @@ class Relay:
             wake.clear()
             items = self._take_fresh(after)
             if not items and self._behind:
+                # Cleared before the read, so that a wake-up during it (an item committed
+                # after the read's snapshot) sets it again instead of being lost until
+                # the next poll.
+                self._behind = False
                 items = await self._db(box.peek, self.batch, after)
                 # Caught up unless the read came back full. Items handed over
                 # meanwhile that it already covered are dropped by _take_fresh.
-                self._behind = len(items) >= self.batch
+                if len(items) >= self.batch:
+                    self._behind = True
             if not items:
                 left = min(self.poll_s, overdue())
                 try:

@@ -18,6 +18,7 @@ KEYS = (
     "ratio_to_bare", "latency_p50_ms", "latency_p99_ms", "upstream_latency_p50_ms",
     "upstream_latency_p99_ms", "sessions_per_s", "bare_handshakes_per_s", "session_ratio",
     "nodes_per_gateway_at_5min_wake", "broker_cpu_ms_per_handshake",
+    "broker_passthrough_frames_per_s", "ratio_to_broker", "bare_ratio_to_broker",
 )
 
 
@@ -40,6 +41,22 @@ def test_every_figure_is_reported(figures: dict[str, object]) -> None:
         assert key in figures, key
         assert isinstance(figures[key], int | float), (key, figures[key])
     assert set(figures["targets"]) <= set(figures)  # type: ignore[arg-type]
+    # every target is judged, met or not, in the run's own output
+    assert set(figures["targets_met"]) == set(figures["targets"])  # type: ignore[arg-type]
+    assert all(isinstance(v, bool) for v in figures["targets_met"].values())  # type: ignore[attr-defined]
+
+
+def test_targets_are_judged_against_their_rule() -> None:
+    from tools.bench.gateway import TARGETS, met
+
+    assert TARGETS["ingest_readings_per_s"] == ">= 1000000"
+    assert TARGETS["ratio_to_bare"] == ">= 1.0"
+    assert TARGETS["session_ratio"] == ">= 0.7"
+    got = met(TARGETS, {"ingest_readings_per_s": 999_999, "ratio_to_bare": 1.0,
+                        "latency_p99_ms": 10.0, "session_ratio": 0.71})
+    assert got == {"ingest_readings_per_s": False, "ratio_to_bare": True,
+                   "latency_p99_ms": False, "session_ratio": True}
+    assert met({"x": "< 10"}, {})["x"] is None
 
 
 def test_figures_are_sane(figures: dict[str, float]) -> None:
@@ -50,6 +67,10 @@ def test_figures_are_sane(figures: dict[str, float]) -> None:
     assert f["ingest_readings_per_s"] == pytest.approx(64 * f["ingest_frames_per_s"], rel=0.01)
     assert f["ratio_to_bare"] == pytest.approx(
         f["ingest_frames_per_s"] / f["bare_subscriber_frames_per_s"], rel=0.01)
+    # ratios are printed to 3 decimals: a small one is off by up to 0.0005 from rounding
+    assert f["ratio_to_broker"] == pytest.approx(
+        f["ingest_frames_per_s"] / f["broker_passthrough_frames_per_s"], rel=0.01, abs=6e-4)
+    assert f["readings_per_frame"] == 64 and f["relay_process"] is False
     assert f["session_ratio"] == pytest.approx(
         f["sessions_per_s"] / f["bare_handshakes_per_s"], rel=0.01)
     assert f["latency_p50_ms"] <= f["latency_p99_ms"] <= f["latency_max_ms"]

@@ -40,6 +40,7 @@ class MqttError(Exception):
 
 # Every byte goes through the gateway's own MQTT codec: one encoder for the project.
 MAX_PACKET = codec.max_publish_packet(p.MAX_FRAME, 256)
+UPSTREAM_MAX_PACKET = 1 << 20
 
 
 def connect_packet(client_id: str, keepalive: int = 60, clean: bool = True) -> bytes:
@@ -58,7 +59,7 @@ def _topic(topic: bytes) -> codec.EncodedTopic:
 class _Stream(asyncio.Protocol):
     def __init__(self, conn: MqttConn) -> None:
         self.conn = conn
-        self.decoder = codec.Decoder(MAX_PACKET)
+        self.decoder = codec.Decoder(conn.max_packet)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -77,8 +78,10 @@ class MqttConn:
     """One MQTT connection. `on_message(topic, payload, arrival)` runs in the loop for
     every PUBLISH received; QoS 1 ones are acknowledged right away."""
 
-    def __init__(self, on_message: OnMessage | None = None) -> None:
+    def __init__(self, on_message: OnMessage | None = None,
+                 max_packet: int = MAX_PACKET) -> None:
         self.on_message = on_message
+        self.max_packet = max_packet
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self._connack: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -88,8 +91,9 @@ class MqttConn:
     @classmethod
     async def connect(cls, host: str, port: int, ssl_ctx: ssl.SSLContext | None,
                       client_id: str, *, on_message: OnMessage | None = None,
-                      keepalive: int = 60, timeout: float = CONNECT_TIMEOUT_S) -> MqttConn:
-        conn = cls(on_message)
+                      keepalive: int = 60, timeout: float = CONNECT_TIMEOUT_S,
+                      max_packet: int = MAX_PACKET) -> MqttConn:
+        conn = cls(on_message, max_packet)
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
             transport, _ = await loop.create_connection(
@@ -186,11 +190,12 @@ class MqttConn:
 # --- frames ----------------------------------------------------------------------------
 
 class Frames:
-    """Valid BURST frames with the protocol benchmark's realistic 64 readings: per burst
-    only the header's msg id and the timestamps move on."""
+    """Valid BURST frames with the protocol benchmark's series (64 readings unless told:
+    a node's batch, see docs/benchmarks.md): per burst only the header's msg id and the
+    timestamps move on."""
 
-    def __init__(self) -> None:
-        self.base = workload()
+    def __init__(self, n: int = 64) -> None:
+        self.base = workload(n=n)
         self.n = len(self.base.readings)
 
     def burst(self, msg_id: int) -> bytes:
@@ -240,6 +245,7 @@ class WorkerSpec:
     upstream_port: int = 0  # paced: also subscribe to the upstream broker (plain MQTT)
     leaf: str = "up"  # burst: publish to torpor/<id>/<leaf> (the baseline's: "bare")
     subscribe_down: bool = True
+    readings: int = 64  # readings per BURST frame
 
 
 def _ctx(ca: str, ident: Identity) -> ssl.SSLContext:
@@ -299,7 +305,7 @@ async def _connect_all(spec: WorkerSpec, on_message: Callable[[str], OnMessage] 
 
 
 async def _burst(spec: WorkerSpec, ready: Any, go: Any) -> dict[str, Any]:
-    frames = Frames()
+    frames = Frames(spec.readings)
     acks = [0]
 
     def counter(device: str) -> OnMessage:
@@ -351,7 +357,7 @@ def _msg_id(payload: bytes) -> int:
 
 
 async def _paced(spec: WorkerSpec, ready: Any, go: Any) -> dict[str, Any]:
-    frames = Frames()
+    frames = Frames(spec.readings)
     published: dict[tuple[str, int], float] = {}
     ack_lat: list[float] = []
     up_lat: list[float] = []
@@ -382,8 +388,11 @@ async def _paced(spec: WorkerSpec, ready: Any, go: Any) -> dict[str, Any]:
     conns = await _connect_all(spec, on_down)
     upstream: MqttConn | None = None
     if spec.upstream_port:
+        # The upstream copies are JSON, larger than a node's frames (about 8 kB for 255
+        # readings): the node-sized packet limit would drop the connection.
         upstream = await MqttConn.connect(spec.host, spec.upstream_port, None,
-                                          f"bench-upstream-{time.monotonic_ns()}", on_message=on_up)
+                                          f"bench-upstream-{time.monotonic_ns()}",
+                                          on_message=on_up, max_packet=UPSTREAM_MAX_PACKET)
         await upstream.subscribe("torpor/+/readings", 1)
     devs = list(conns)
     ids = {d: spec.next_id.get(d, 1) for d in devs}
@@ -419,7 +428,7 @@ async def _paced(spec: WorkerSpec, ready: Any, go: Any) -> dict[str, Any]:
 async def _sessions(spec: WorkerSpec) -> dict[str, Any]:
     """`concurrency` loops, each taking identities round-robin from its own share, so no
     identity is connected twice at once (the broker would cut the older session)."""
-    frames = Frames()
+    frames = Frames(spec.readings)
     ctxs = {i.device: _ctx(spec.ca, i) for i in spec.devices}
     ids = {i.device: spec.next_id.get(i.device, 1) for i in spec.devices}
     hello_ids = {i.device: 1 for i in spec.devices}
