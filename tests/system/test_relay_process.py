@@ -222,7 +222,9 @@ def test_the_relay_process_ends_with_a_killed_gateway(
         pid = _status(gw)["relay_pid"]
         assert _alive(pid)
         gw.kill()
-        deadline = time.monotonic() + 5
+        # A liveness bound, not a speed one: under a loaded host SIGTERM delivery and the
+        # relay's own shutdown can take seconds.
+        deadline = time.monotonic() + 20
         while _alive(pid):
             assert time.monotonic() < deadline, f"relay {pid} outlived its gateway"
             time.sleep(0.02)
