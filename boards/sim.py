@@ -56,6 +56,7 @@ _phase = "boot"
 _phase_t = 0  # ticks when the open phase started
 _tls = None
 _booted = False
+_io0 = 0  # the block device's host time when the app's phases started (F line)
 _world_held = False  # this node holds the field's radio (see _world_acquire)
 
 
@@ -122,7 +123,7 @@ def init():
     # Once per process: the bootloader calls it, then the app again (a no-op then).
     global _bdev
     _load()
-    global _booted
+    global _booted, _io0
     if _bdev is None:
         _bdev = simflash.mount(
             _path("flash.img"),
@@ -137,6 +138,7 @@ def init():
         _booted = True
         _charge("boot", _prof["boot_ms"], "cpu", False)
         phase("sample")
+        _io0 = _bdev.io_us  # the mount above is the chip's boot, booked in boot_ms
         _install_tls()
 
 
@@ -599,8 +601,9 @@ def _flash_ms():
     # Chip time of this wake's flash writes: erases and 256-byte page programs.
     if not _prof or _bdev is None:
         return 0
+    # Not truncated to whole ms: one page (0.7 ms) is most sampling wakes' write.
     pages = (_bdev.prog_bytes + 255) // 256
-    return int(_bdev.erase_count * _prof["flash_erase_4k_ms"] + pages * _prof["flash_program_256_ms"])
+    return _bdev.erase_count * _prof["flash_erase_4k_ms"] + pages * _prof["flash_program_256_ms"]
 
 
 # The order phases are printed in; the firmware may mark others with phase().
@@ -614,7 +617,7 @@ def _ledger_line(sleep_ms):
     fl = _flash_ms()
     if fl:
         _book("flash", fl, _ma("cpu"))
-        _skip_ms += fl
+        _skip_ms += int(fl)
     if sleep_ms:
         ua = _prof["deep_sleep_ua"] if _prof else _cfg.get("sleep_ua", 10)
         _ledger["sleep"] = [sleep_ms, ua * sleep_ms / 3600000.0]
@@ -624,7 +627,7 @@ def _ledger_line(sleep_ms):
     for k in names:
         e = _ledger[k]
         total += e[1]
-        parts.append("%s=%d:%.3f" % (k, e[0], e[1]))
+        parts.append("%s=%d:%.3f" % (k, round(e[0]), e[1]))
     sys.stdout.write("L %s total=%.3f\n" % (" ".join(parts), total))
     return total
 
@@ -640,7 +643,10 @@ def deep_sleep(ms):
     global _radio
     if _bdev is not None:
         # Flash wear of this wake, for benchmarks: bytes programmed, blocks erased.
-        sys.stdout.write("F prog=%d erase=%d\n" % (_bdev.prog_bytes, _bdev.erase_count))
+        # read= bytes read, reads= block-device reads, io_us= host time in the Python block
+        # device (a chip's littlefs reads in C: benchmarks take it out of the CPU time).
+        sys.stdout.write("F prog=%d erase=%d read=%d reads=%d io_us=%d\n" % (
+            _bdev.prog_bytes, _bdev.erase_count, _bdev.read_bytes, _bdev.reads, _bdev.io_us - _io0))
     radio_down()
     total = _ledger_line(ms)
     _battery_account()

@@ -77,6 +77,21 @@ def _size(path):
         return -1
 
 
+def _sizes(d):
+    """{name: size} of the regular files in directory d, or None when the filesystem's
+    listing gives no sizes (then each file is stat'ed)."""
+    out = {}
+    try:
+        for e in os.ilistdir(d):
+            if len(e) < 4:
+                return None
+            if e[1] == 0x8000:  # a regular file; a directory of that name is no file
+                out[e[0]] = e[3]
+    except OSError:
+        return {}
+    return out
+
+
 def _name_ok(name):
     # Plain file names only: a signed manifest still must not reach outside its slot.
     if not name or len(name) > 40 or name[0] == "." or name.startswith("manifest."):
@@ -150,13 +165,17 @@ def check_files(d, m, full):
     """ota_reason for the files of manifest m in directory d: present, sizes, and with
     full=True their SHA-256."""
     global _buf
+    # Sizes from one listing of the slot: a stat per file walks the path and reads the
+    # directory's log again each time (on littlefs about 13 kB of flash reads per file,
+    # ~330 kB on every wake for an image of 30 files), the listing reads it once.
+    sizes = _sizes(d)
     for f in m["files"]:
-        p = d + "/" + f["path"]
-        n = _size(p)
+        n = sizes.get(f["path"], -1) if sizes is not None else _size(d + "/" + f["path"])
         if n < 0:
             return bootstate.MISSING_FILE
         if n != f["size"]:
             return bootstate.BAD_HASH
+    sizes = None
     if not full:
         return bootstate.NONE
     if _buf is None:

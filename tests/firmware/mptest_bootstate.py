@@ -368,6 +368,25 @@ def test_no_space():
     mpunit.eq(slots.check(MNT, "a", True)[0], bootstate.NONE)
 
 
+def test_boot_check_takes_sizes_from_one_listing():
+    # The check of every boot (full=False) reads the slot's sizes from one directory
+    # listing: a longer file, a missing one and a directory under a file's name are still
+    # refused as they were with a stat per file.
+    fresh()
+    provision("a", V1)
+    d = MNT + "/fw/a"
+    mpunit.eq(slots.check(MNT, "a", False)[0], bootstate.NONE)
+    mpunit.eq(slots._sizes(d), {n: len(FILES[n]) for n in FILES} | {"manifest.json": len(V1[0]), "manifest.sig": 64})
+    with open(d + "/app.mpy", "ab") as f:
+        f.write(b"x")
+    mpunit.eq(slots.check(MNT, "a", False)[0], bootstate.BAD_HASH)
+    os.remove(d + "/app.mpy")
+    mpunit.eq(slots.check(MNT, "a", False)[0], bootstate.MISSING_FILE)
+    os.mkdir(d + "/app.mpy")
+    mpunit.eq(slots.check(MNT, "a", False)[0], bootstate.MISSING_FILE)
+    mpunit.eq(slots._sizes(MNT + "/fw/none"), {})
+
+
 def test_key_list_update_adds_and_retires_keys():
     fresh()
     provision("a", V1)

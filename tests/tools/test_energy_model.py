@@ -10,11 +10,17 @@ import pytest
 from tools.bench.energy_model import (
     WakeShape,
     average_ua,
+    baseline_profile,
+    baseline_shape,
     battery_years,
     board_figures,
+    flash_read_ms,
     ledger_shape,
+    rtc_flash_ms,
+    sampling_wake,
     send_every_for,
     sending_wake,
+    with_power_cut_timer,
 )
 from tools.sim.profiles import get_profile, load_profiles
 
@@ -60,3 +66,28 @@ def test_shape_from_sim_ledgers() -> None:
     ]
     s = ledger_shape(books)
     assert s.sample_ms == 40 and s.session_ms == 200 and s.flash_ms_send == 4
+
+
+def test_filesystem_reads_rtc_file_and_the_baseline_are_charged_as_stated() -> None:
+    p = get_profile("esp32c3")
+    # 1,000 reads of 100 bytes: 1,000 x 10 us + 100 kB at 20 MB/s.
+    assert flash_read_ms(100_000, 1000) == pytest.approx(10.0 + 5.0)
+    shape = WakeShape(fs_read_ms_sample=15.0, fs_read_ms_send=30.0)
+    w = sampling_wake(p, shape)
+    assert w.phases["fs_read"] == pytest.approx(p.cpu_active_ma * 15.0 / 3600)
+    assert sending_wake(p, shape).phases["fs_read"] == pytest.approx(p.cpu_active_ma * 30.0 / 3600)
+    # RTC memory in flash: four 2 KB file writes a wake on the RP2 boards, none on the ESP32s.
+    pico = get_profile("pico_w")
+    assert rtc_flash_ms(pico) == pytest.approx(4 * (pico.flash_erase_4k_ms + 9 * pico.flash_program_256_ms))
+    assert rtc_flash_ms(p) == 0
+    # The connect-per-reading node boots as compiled firmware and reads only its sensor: it
+    # draws less per wake than Torpor's sending wake with the same association.
+    base = baseline_profile(p)
+    assert base.boot_ms < p.boot_ms
+    b = baseline_shape(shape, preset_wifi=True)
+    assert b.fs_read_ms_send == 0 and b.flash_ms_send == 0 and b.sample_ms < shape.sample_ms
+    assert sending_wake(base, b).uah < sending_wake(p, WakeShape(fs_read_ms_send=30.0)).uah
+    # A power-cut timer leaves the timer's own current between wakes.
+    cut = with_power_cut_timer(pico)
+    assert cut.deep_sleep_ua < 0.1
+    assert average_ua(cut, shape, 300, 12) < average_ua(pico, shape, 300, 12) / 5

@@ -145,7 +145,9 @@ def queue():
     return None
 measure("flashq", queue)
 
-import board, app
+# A provisioned node's app starts after boot.py, whose modules stay loaded (bootstate,
+# slots and what slots imports): the app's wakes find them there, as on a board.
+import board, bootstate, slots, app
 def wake(cause, every):
     board.CAUSE = cause
     cfg = json.loads(CONFIG_JSON)
