@@ -206,7 +206,7 @@ class SoakOptions:
     gateway_kills: int = 2
     broker_kills: int = 2
     # Starts at this share of the span and lasts these days: within the outbox's week.
-    upstream_outage: tuple[float, float] = (0.40, 3.0)
+    upstream_outage: tuple[float, float] | None = (0.40, 3.0)
     revoke_at: float | None = 0.5
     key_rotation_at: float | None = 0.6
     probe_period_s: float = 1.0  # real seconds between checks of every credential's validity
@@ -332,7 +332,7 @@ class Soak:
         the command judges the gateway's liveness by its heartbeat (half a real second is
         half a day at full scale), and an operator's command takes seconds, not days."""
         assert self.clock is not None
-        argv = [sys.executable, "-m", "tools.cli", *args]
+        argv = [sys.executable, "-m", "tools.sim.fakesleep", *args]
         was_running = self.clock.running
         self.clock.pause()
         try:
@@ -492,7 +492,7 @@ class Soak:
 
     async def _start_gateway(self) -> None:
         self.gateway = await self._spawn(
-            [sys.executable, "-m", "tools.cli", "gateway", "run", "--config", str(self.config)],
+            [sys.executable, "-m", "tools.sim.fakesleep", "gateway", "run", "--config", str(self.config)],
             "gateway.log", self.field_env())
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline and self.gateway.returncode is None:
@@ -567,8 +567,10 @@ class Soak:
             plan.append((((i + 1) / (o.gateway_kills + 1) - 0.07) * o.days, "gateway_kill"))
         for i in range(o.broker_kills):
             plan.append((((i + 1) / (o.broker_kills + 1) + 0.09) * o.days, "broker_kill"))
-        plan.append((o.upstream_outage[0] * o.days, "upstream_down"))
-        plan.append((o.upstream_outage[0] * o.days + o.upstream_outage[1], "upstream_up"))
+        if o.upstream_outage is not None:
+            share, days = o.upstream_outage
+            plan.append((share * o.days, "upstream_down"))
+            plan.append((share * o.days + days, "upstream_up"))
         if o.revoke_at is not None:
             plan.append((o.revoke_at * o.days, "revoke"))
         if o.key_rotation_at is not None:
@@ -980,6 +982,8 @@ def _soak(args: argparse.Namespace) -> int:
     from tools.cli import CliError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The soak's own upstream subscriber: the outage is scripted, its reconnects are not news.
+    logging.getLogger("gateway.transport.client").setLevel(logging.ERROR)
     opts = SoakOptions(
         years=args.years, nodes=args.nodes, sample_interval_s=int(args.wake_interval * 3600),
         wall_target_s=args.wall_target, wall_limit_s=args.wall_limit,

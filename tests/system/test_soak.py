@@ -1,0 +1,68 @@
+"""The soak, shortened to 90 days: sim nodes on board profiles against the real gateway and
+its Mosquitto, every part on one compressed clock through libfaketime, with lifetimes
+shortened so that the full run's checks apply (30-day device certificates rotated 10 days
+ahead, a 14-day CRL renewed at half its life), gateway kills, broker kills, an upstream
+outage and a revocation. And the negative control: without renewal the CRL really expires
+and the broker really refuses the nodes. `torpor soak --years 3` runs the full one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from tools.sim.soak import Soak, SoakError, SoakOptions, find_libfaketime, format_verdict
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _needs_libfaketime() -> None:
+    try:
+        find_libfaketime()
+    except SoakError as exc:
+        pytest.skip(str(exc))
+
+
+def test_ninety_days_renew_and_rotate_on_their_own_and_lose_nothing(tmp_path: Path) -> None:
+    opts = SoakOptions(
+        years=90 / 365, nodes=4, sample_interval_s=2 * 86400, wall_target_s=60.0,
+        wall_limit_s=240.0, device_days=30.0, crl_days=14.0, rotate_lead_days=10.0,
+        gateway_kills=1, broker_kills=1, upstream_outage=(0.45, 3.0), revoke_at=0.55,
+        key_rotation_at=0.7, seed=2, dir=tmp_path / "soak", keep=True, live=False,
+    )
+    v = asyncio.run(Soak(opts).run())
+    report = "\n".join(format_verdict(v))
+    assert v.ok, report
+    doc = v.as_dict()
+    assert {"lost", "duplicated", "refused_for_expiry", "rotations_done",
+            "operator_actions"} <= doc.keys()
+    json.dumps(doc)
+    assert v.lost == v.duplicated == v.refused_for_expiry == v.operator_actions == 0, report
+    assert v.rotations_min >= 2 and v.crl_renewals >= 10, report
+    assert v.revoked is not None and v.revoked_stays_out, report
+    assert v.probes > 20 and v.lapses == 0, report
+    kinds = [s["kind"] for s in v.scripted]
+    assert {"gateway_kill", "broker_kill", "upstream_down", "upstream_up", "revoke",
+            "key_rotation"} <= set(kinds), report
+    print(report)
+
+
+def test_without_renewal_the_crl_expires_and_the_broker_refuses_every_node(
+    tmp_path: Path,
+) -> None:
+    opts = SoakOptions(
+        years=30 / 365, nodes=3, sample_interval_s=2 * 86400, wall_target_s=30.0,
+        wall_limit_s=120.0, device_days=30.0, crl_days=10.0, rotate_lead_days=10.0,
+        renew=False, gateway_kills=0, broker_kills=0, upstream_outage=None, revoke_at=None,
+        key_rotation_at=None, seed=3, dir=tmp_path / "soak", keep=True, live=False,
+    )
+    v = asyncio.run(Soak(opts).run())
+    report = "\n".join(format_verdict(v))
+    assert not v.ok, report
+    assert v.crl_renewals == 0 and v.refused_for_expiry > 0, report
+    assert any("CRL has expired" in e for e in v.refusal_examples), report
+    # The broker really refused them: their readings stayed on the nodes.
+    assert v.tls_refused > 0 and v.lost > 0, report
