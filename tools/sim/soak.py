@@ -210,6 +210,7 @@ class SoakOptions:
     revoke_at: float | None = 0.5
     key_rotation_at: float | None = 0.6
     probe_period_s: float = 1.0  # real seconds between checks of every credential's validity
+    profiles: tuple[str, ...] = PROFILES  # board profiles dealt round the nodes
     min_rotations: int = 2
     min_crl_renewals: int = 10
     seed: int = 1
@@ -260,6 +261,7 @@ class SoakVerdict:
     rotations_done: dict[str, int]
     rotations_min: int
     crl_renewals: int
+    crl_renewal_events: int
     server_renewals: int
     gateway_renewals: int
     expiring_events: int
@@ -311,6 +313,7 @@ class Soak:
         self.upstream: Upstream | None = None
         self.probes = 0
         self.lapses: list[str] = []
+        self.crls_seen: set[str] = set()  # the issuing CA's CRLs seen, by lastUpdate
 
     def say(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -346,7 +349,7 @@ class Soak:
 
     # ---- setup ---------------------------------------------------------------------------
 
-    def _make_pki(self) -> Path:
+    def make_pki(self) -> Path:
         """A root (its key then taken offline), an issuing CA that outlives the soak, the
         broker's and the gateway's certificates."""
         from gateway.security.pki import Pki
@@ -361,7 +364,7 @@ class Soak:
         shutil.move(str(pki.ca_key), str(offline / pki.ca_key.name))
         return pki.path
 
-    def _issue_devices(self, device_ids: list[str]) -> None:
+    def issue_devices(self, device_ids: list[str]) -> None:
         """Short-lived device certificates and CRL (the fleet's provisioning reuses them)."""
         from gateway.security.pki import Pki
 
@@ -370,7 +373,7 @@ class Soak:
             pki.issue_device(d, days=self.opts.device_days)
         pki.write_crl(days=self.opts.crl_days)
 
-    def _gateway_config(self, port: int) -> Path:
+    def gateway_config(self, port: int) -> Path:
         o = self.opts
         path = self.dir / "gateway.toml"
         on = "true" if o.renew else "false"
@@ -416,7 +419,7 @@ class Soak:
         self.procs.append(proc)
         return proc
 
-    async def _start_upstream(self, port: int | None = None) -> int:
+    async def start_upstream(self, port: int | None = None) -> int:
         import getpass
 
         from gateway.errors import BrokerError
@@ -490,7 +493,7 @@ class Soak:
             return None, {}
         return st.pid, st.detail
 
-    async def _start_gateway(self) -> None:
+    async def start_gateway(self) -> None:
         self.gateway = await self._spawn(
             [sys.executable, "-m", "tools.sim.fakesleep", "gateway", "run", "--config", str(self.config)],
             "gateway.log", self.field_env())
@@ -522,8 +525,11 @@ class Soak:
         pki = Pki(self.pki_dir)
         try:
             records = pki.list()
+            crls = pki.crls()
         except Exception:  # noqa: BLE001 - the index is being rewritten: next round
             return
+        if crls:
+            self.crls_seen.add(crls[0].last_update_utc.isoformat())
         newest: dict[str, Any] = {}
         revoked_cns = {self.revoked} if self.revoked else set()
         for r in records:
@@ -605,7 +611,7 @@ class Soak:
                 os.kill(broker, signal.SIGKILL)
         await self.gateway.wait()
         t0 = time.monotonic()
-        await self._start_gateway()
+        await self.start_gateway()
         return f"killed; back in {time.monotonic() - t0:.1f} s (real)"
 
     async def _do_broker_kill(self) -> str:
@@ -632,7 +638,7 @@ class Soak:
         return "upstream broker stopped"
 
     async def _do_upstream_up(self) -> str:
-        await self._start_upstream(self.up_port)
+        await self.start_upstream(self.up_port)
         return "upstream broker back"
 
     async def _do_revoke(self) -> str:
@@ -691,15 +697,15 @@ class Soak:
         try:
             self.clock = clock = FieldClock(self.dir / "clock", o.time_scale)
             clock.start()
-            self.pki_dir = await asyncio.to_thread(self._make_pki)
-            self.up_port = await self._start_upstream()
+            self.pki_dir = await asyncio.to_thread(self.make_pki)
+            self.up_port = await self.start_upstream()
             ready = asyncio.Event()
             tasks.append(asyncio.create_task(self._subscribe(ready)))
             await asyncio.wait_for(ready.wait(), 10)
             port = free_port()
-            self.config = self._gateway_config(port)
+            self.config = self.gateway_config(port)
             self.db_path = self.dir / "gateway" / "gateway.db"
-            fields = [FieldModel.named(PROFILES[i % len(PROFILES)], awake_scale=o.awake_scale)
+            fields = [FieldModel.named(o.profiles[i % len(o.profiles)], awake_scale=o.awake_scale)
                       for i in range(o.nodes)]
             self.start_ms = start = int(clock.now_ms()) + 60_000
             cfg = FleetConfig(
@@ -711,8 +717,8 @@ class Soak:
                 seed=o.seed, start_ms=start, fields=tuple(fields), max_concurrent=o.nodes,
             )
             end = start + int(o.days * DAY_MS)
-            await asyncio.to_thread(self._issue_devices, cfg.node_ids())
-            await self._start_gateway()
+            await asyncio.to_thread(self.issue_devices, cfg.node_ids())
+            await self.start_gateway()
             self.fleet = fleet = SoakFleet(cfg, end, clock)
             await asyncio.to_thread(fleet.provision)
             for st in fleet.states:
@@ -830,7 +836,9 @@ class Soak:
         refusals = expired + self.lapses
         devices = [st.device_id for st in self.fleet.states if st.device_id != self.revoked]
         rot_min = min((rotations.get(d, 0) for d in devices), default=0)
-        crl = ev.get(("renewed", "crl"), 0)
+        # Every CRL the issuing CA signed after setup renews it: the gateway's scheduled
+        # renewals (its `renewed` events) and the CRLs a rotation's revocation writes.
+        crl = max(len(self.crls_seen) - 1, 0)
         operator = len(self.operator_actions) + operator_rot
         stays_out: bool | None = None if self.revoked is None else revoked_after == 0
         failures: list[str] = []
@@ -867,6 +875,7 @@ class Soak:
             lapses=len(self.lapses), probes=self.probes,
             refusal_examples=(refusals + refused)[:6], rotations_done=rotations,
             rotations_min=rot_min, crl_renewals=crl,
+            crl_renewal_events=ev.get(("renewed", "crl"), 0),
             server_renewals=ev.get(("renewed", "server"), 0),
             gateway_renewals=ev.get(("renewed", "gateway"), 0),
             expiring_events=sum(c for (k, _n), c in ev.items() if k == "expiring"),
@@ -915,7 +924,8 @@ def format_verdict(v: SoakVerdict) -> list[str]:
         f"verify rounds at the field's time); TLS refusals of served nodes {v.tls_refused}",
         *(f"    {e}" for e in v.refusal_examples),
         f"rotations done        min {v.rotations_min}: {rot}",
-        f"renewals              CRL {v.crl_renewals}, server {v.server_renewals}, gateway "
+        f"renewals              CRL {v.crl_renewals} seen re-issued ({v.crl_renewal_events} "
+        f"scheduled), server {v.server_renewals}, gateway "
         f"{v.gateway_renewals}; {v.expiring_events} expiry warnings",
         f"operator actions      {v.operator_actions}",
         f"revoked device        {v.revoked or 'none'}: "
