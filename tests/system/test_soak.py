@@ -44,8 +44,8 @@ PROFILES = ("esp32s3", "esp32c3", "pico_w", "pico2_w")
 
 def test_ninety_days_renew_and_rotate_on_their_own_and_lose_nothing(tmp_path: Path) -> None:
     opts = SoakOptions(
-        years=90 / 365, nodes=4, sample_interval_s=2 * 86400, wall_target_s=60.0,
-        wall_limit_s=240.0, device_days=30.0, crl_days=14.0, rotate_lead_days=10.0,
+        years=90 / 365, nodes=4, sample_interval_s=86400, send_every=(2, 2), wall_target_s=60.0,
+        wall_limit_s=300.0, device_days=30.0, crl_days=14.0, rotate_lead_days=10.0,
         gateway_kills=1, broker_kills=1, upstream_outage=(0.45, 3.0), revoke_at=0.55,
         key_rotation_at=0.7, profiles=PROFILES, seed=2, dir=tmp_path / "soak", keep=True,
         live=False,
@@ -71,7 +71,7 @@ def test_without_renewal_the_crl_expires_and_the_broker_refuses_every_node(
     tmp_path: Path,
 ) -> None:
     opts = SoakOptions(
-        years=30 / 365, nodes=3, sample_interval_s=2 * 86400, wall_target_s=30.0,
+        years=30 / 365, nodes=3, sample_interval_s=86400, send_every=(2, 2), wall_target_s=30.0,
         wall_limit_s=120.0, device_days=30.0, crl_days=10.0, rotate_lead_days=10.0,
         renew=False, gateway_kills=0, broker_kills=0, upstream_outage=None, revoke_at=None,
         key_rotation_at=None, profiles=PROFILES, seed=3, dir=tmp_path / "soak", keep=True,

@@ -192,8 +192,8 @@ class SoakFleet(FieldFleet):
 class SoakOptions:
     years: float = 3.0
     nodes: int = 10
-    sample_interval_s: int = 7 * 86400
-    send_every: tuple[int, int] = (1, 1)
+    sample_interval_s: int = 86400  # the protocol's longest (shared/protocol, config bounds)
+    send_every: tuple[int, int] = (7, 7)
     wall_target_s: float = 600.0  # the time scale is chosen so that the span takes this long
     wall_limit_s: float = 840.0  # no wake starts after this
     awake_scale: float = 20.0
@@ -725,8 +725,8 @@ class Soak:
                 st.node.env.update(faketime_env(self.lib, clock.path))
                 # The firmware compiled now, not at the first wake with the clock running.
                 await asyncio.to_thread(compile_firmware, FIRMWARE_DIR, st.node.dir / "mpy")
-            # The field runs at most half a wake interval past the earliest pending wake.
-            lead = o.sample_interval_s * 500.0
+            # The field runs at most one wake interval past the earliest pending wake.
+            lead = o.sample_interval_s * 1000.0
             clock.cap = lambda: fleet.virtual_low_ms() + lead
             self.say(f"torpor soak: gateway on 127.0.0.1:{port}, upstream on 127.0.0.1:"
                      f"{self.up_port}, all on the field's clock (libfaketime {self.lib}); "
@@ -967,8 +967,14 @@ def register(sub: Any) -> None:
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--years", type=float, default=3.0, help="virtual years (default 3)")
     p.add_argument("--nodes", type=int, default=10, help="sim nodes (default 10)")
-    p.add_argument("--wake-interval", type=float, default=168.0,
-                   help="hours between a node's wakes; each wake sends (default 168)")
+    p.add_argument("--wake-interval", type=float, default=24.0,
+                   help="hours between a node's wakes, at most 24: the protocol's bound on "
+                        "sample_interval_s (default 24)")
+    p.add_argument("--send-every", type=int, default=7,
+                   help="readings per send: a node connects every N wakes (default 7)")
+    p.add_argument("--profiles", default=",".join(PROFILES),
+                   help="board profiles dealt round the nodes, comma-separated "
+                        f"(default {','.join(PROFILES)})")
     p.add_argument("--wall-target", type=float, default=600.0,
                    help="real seconds the span should take; sets the time scale (default 600)")
     p.add_argument("--wall-limit", type=float, default=840.0,
@@ -996,13 +1002,18 @@ def _soak(args: argparse.Namespace) -> int:
     logging.getLogger("gateway.transport.client").setLevel(logging.ERROR)
     opts = SoakOptions(
         years=args.years, nodes=args.nodes, sample_interval_s=int(args.wake_interval * 3600),
+        send_every=(args.send_every, args.send_every),
+        profiles=tuple(p.strip() for p in args.profiles.split(",") if p.strip()),
         wall_target_s=args.wall_target, wall_limit_s=args.wall_limit,
         device_days=args.device_days, crl_days=args.crl_days,
         rotate_lead_days=args.rotate_lead_days, renew=not args.no_renew, seed=args.seed,
         dir=Path(args.dir) if args.dir else None, keep=args.keep, live=not args.quiet,
     )
-    if opts.nodes < 2 or opts.years <= 0 or opts.sample_interval_s <= 0:
-        raise CliError("--nodes must be at least 2, --years and --wake-interval positive")
+    if opts.nodes < 2 or opts.years <= 0 or not 0 < opts.sample_interval_s <= 86400:
+        raise CliError("--nodes must be at least 2, --years positive and --wake-interval "
+                       "between 0 and 24 hours")
+    if opts.send_every[0] < 1 or not opts.profiles:
+        raise CliError("--send-every must be at least 1 and --profiles name one at least")
     soak = Soak(opts)
     try:
         verdict = asyncio.run(soak.run())
