@@ -950,14 +950,15 @@ stays out. Scripted (not operator) events: gateway kill -9 and restarts, broker 
 an upstream outage, the revocation, a trusted firmware key rotation (recorded as
 "skipped: not available" where `torpor fw keys` does not exist).
 
-Time: the gateway and its Mosquitto run under libfaketime (package `faketime`)
-following the field's clock file; each node's run is shifted to the node's true time.
-OpenSSL and mbedTLS check validity at the field's time, so a credential nobody renews
+Time: the gateway, its Mosquitto, the nodes' MicroPython and the soak's `torpor`
+commands all run under libfaketime (package `faketime`) following one clock file that
+the soak moves forward. OpenSSL and mbedTLS check validity at the field's time, so a credential nobody renews
 expires for real (`--no-renew` shows it). The clock never moves back, never runs more
-than half a wake interval past the earliest pending wake, and runs at the host's pace
-while a command runs. Nodes wake rarely: this host runs about 2 sending wakes a second
-in all, so the default is a wake every 7 days (about 1,560 wakes in 3 years); rotation
-starts 60 days ahead to span several wakes. Limits: docs/soak.md.
+than a wake interval past the earliest pending wake, and runs at the host's pace while a
+command runs. Time budget: the protocol bounds a node's sleep to a day, so 3 years is
+1,095 wakes a node; this 2-core host runs about 2-3 wakes a second in all, so 10 nodes
+need about an hour and 15 minutes holds about 3 nodes (docs/soak.md). Nodes send every
+7th wake; rotation starts 60 days ahead to span several sends. Limits: docs/soak.md.
 Exit 0 when the verdict holds, 1 when it does not, 2 on a set-up error (e.g. no
 libfaketime)."""
 
