@@ -1,6 +1,6 @@
 """The soak, shortened to 90 days: sim nodes on board profiles against the real gateway and
 its Mosquitto, every part on one compressed clock through libfaketime, with lifetimes
-shortened so that the full run's checks apply (30-day device certificates rotated 10 days
+shortened so that the full run's checks apply (30-day device certificates rotated 14 days
 ahead, a 14-day CRL renewed at half its life), gateway kills, broker kills, an upstream
 outage and a revocation. And the negative control: without renewal the CRL really expires
 and the broker really refuses the nodes. `torpor soak --years 3` runs the full one."""
@@ -45,7 +45,7 @@ PROFILES = ("esp32s3", "esp32c3", "pico_w", "pico2_w")
 def test_ninety_days_renew_and_rotate_on_their_own_and_lose_nothing(tmp_path: Path) -> None:
     opts = SoakOptions(
         years=90 / 365, nodes=4, sample_interval_s=86400, send_every=(2, 2), wall_target_s=60.0,
-        wall_limit_s=300.0, device_days=30.0, crl_days=14.0, rotate_lead_days=10.0,
+        wall_limit_s=300.0, device_days=30.0, crl_days=14.0, rotate_lead_days=14.0,
         gateway_kills=1, broker_kills=1, upstream_outage=(0.45, 3.0), revoke_at=0.55,
         key_rotation_at=0.7, profiles=PROFILES, seed=2, dir=tmp_path / "soak", keep=True,
         live=False,

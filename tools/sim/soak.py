@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 YEAR_DAYS = 365.0
 READY_TIMEOUT_S = 60.0
 PROFILES = ("esp32", "esp32s3", "esp32c3", "pico_w", "pico2_w")
+BATTERY_MAH = 1_000_000
 # Where Debian and others put libfaketime (the multiarch folder varies).
 FAKETIME_GLOBS = (
     "/usr/lib/*/faketime/libfaketime.so.1",
@@ -516,8 +517,9 @@ class Soak:
     # ---- validity, checked by OpenSSL at the field's time ---------------------------------
 
     def _probe_once(self) -> None:
-        """`openssl verify` (the library Mosquitto checks with, not Torpor's code) of every
-        served device's newest certificate against the chain and the CRL the broker reads,
+        """`openssl verify` (the library Mosquitto checks with, not Torpor's code) of the
+        certificate every served device holds (its newest, but one a rotation issued and the
+        node has not yet connected with) against the chain and the CRL the broker reads,
         and of the broker's certificate, at the field's time. A failure is a lapse: the
         broker would refuse that device (or every node the broker)."""
         from gateway.security.pki import Pki
@@ -530,10 +532,22 @@ class Soak:
             return
         if crls:
             self.crls_seen.add(crls[0].last_update_utc.isoformat())
+        # A certificate a rotation issued is the node's only once it connected with it.
+        try:
+            conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
+            try:
+                pending = {str(row[0]).lower() for row in conn.execute(
+                    "SELECT new_serial FROM rotations WHERE new_serial IS NOT NULL AND state "
+                    "IN ('issued', 'failed', 'cancelled')")}
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return
         newest: dict[str, Any] = {}
         revoked_cns = {self.revoked} if self.revoked else set()
         for r in records:
-            if r.kind != "device" or r.cn in revoked_cns or r.revoked_at is not None:
+            if (r.kind != "device" or r.cn in revoked_cns or r.revoked_at is not None
+                    or r.serial_hex.lower() in pending):
                 continue
             if r.cn not in newest or r.not_before > newest[r.cn].not_before:
                 newest[r.cn] = r
@@ -723,6 +737,13 @@ class Soak:
             await asyncio.to_thread(fleet.provision)
             for st in fleet.states:
                 st.node.env.update(faketime_env(self.lib, clock.path))
+                # A battery that outlasts the span: a low battery stretches the node's sleep
+                # (its firmware's policy), and battery life is `torpor sim field`'s and the
+                # energy bench's concern, not this one's.
+                sim_json = st.node.dir / "sim.json"
+                cfg_doc = json.loads(sim_json.read_text())
+                cfg_doc["capacity_mah"] = BATTERY_MAH
+                sim_json.write_text(json.dumps(cfg_doc))
                 # The firmware compiled now, not at the first wake with the clock running.
                 await asyncio.to_thread(compile_firmware, FIRMWARE_DIR, st.node.dir / "mpy")
             # The field runs at most one wake interval past the earliest pending wake.
