@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test venv mosquitto chromium lint wasm
+.PHONY: demo test venv mosquitto chromium faketime lint wasm
 
 $(BIN)/torpor: pyproject.toml
 	@# Debian ships venv support in a separate package: install it when venv creation fails.
@@ -35,6 +35,13 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 
+faketime:
+	@# `torpor soak` runs the gateway, its Mosquitto and the sim nodes on one compressed clock
+	@# through libfaketime (tools/sim/soak.py, docs/soak.md).
+	@ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || \
+		ls /usr/lib/faketime/libfaketime.so.1 >/dev/null 2>&1 || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq faketime)
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict gateway tools
@@ -42,6 +49,6 @@ lint: venv
 demo: venv mosquitto
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/torpor demo
 
-test: venv mosquitto chromium lint
+test: venv mosquitto chromium faketime lint
 	$(BIN)/torpor proto check
 	PATH="$(CURDIR)/$(BIN):$$PATH:/usr/sbin" $(BIN)/pytest -n 2 -q

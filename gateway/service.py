@@ -71,6 +71,7 @@ class Service:
         self._last_t = time.monotonic()
         self._rate = 0.0
         self.credentials: dict[str, Any] = {}  # days left per credential (gateway.security.lifetimes)
+        self._boot_renewals: lifetimes.RenewalReport | None = None  # made before the broker started
         self.live = self._live_metrics()  # what /metrics exports of this process
         self.rotation: Any = None  # gateway.pipeline.rotation.RotationHandler
         self.session_keys: Any = None  # gateway.pipeline.session_keys.SessionKeys
@@ -264,6 +265,11 @@ class Service:
         )
         if b.mosquitto:
             os.environ["PATH"] = f"{Path(b.mosquitto).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        if self.cfg.pki.renew and (self.cfg.pki_dir / "ca.pem").exists():
+            # What lapsed while the gateway was off is renewed before the broker starts: a
+            # CRL past its nextUpdate makes Mosquitto refuse every client, this gateway too.
+            self._boot_renewals = await asyncio.to_thread(
+                lifetimes.renew_due, Pki(self.cfg.pki_dir), self.cfg.pki)
         self.broker = gwbroker.BrokerSupervisor(
             Pki(self.cfg.pki_dir), self.cfg.broker_config_dir, settings)
         if self.conn is not None and b.refuse_quarantined:  # refused from the start
@@ -386,6 +392,10 @@ class Service:
             if cfg.pki.renew:
                 async with self._pki_lock:
                     report = await asyncio.to_thread(lifetimes.renew_due, pki, cfg.pki)
+                boot, self._boot_renewals = self._boot_renewals, None
+                if boot is not None:  # recorded with the first check's
+                    report = lifetimes.RenewalReport(boot.renewed + report.renewed,
+                                                     boot.failed + report.failed)
                 if report.broker_files_changed:
                     self._reload_broker()
             status = await asyncio.to_thread(pki.status)

@@ -37,6 +37,7 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "gateway.cli.ota",
     "tools.fw.cli",
     "tools.demo",
+    "tools.sim.soak",
 )
 
 EXIT_OPERATOR = 2

@@ -343,8 +343,10 @@ class Ingest:
             dev.payloads.append(payload)
             return
         g = self._guard(device, now)
+        # A wall clock set back is no time passed (not a debt of frames that quarantines
+        # every device sending next).
         g.tokens = min(float(self.cfg.rate_limit_frames_per_min),
-                       g.tokens + (now - g.refilled) * self._rate)
+                       g.tokens + max(0.0, now - g.refilled) * self._rate)
         g.refilled = now
         if g.tokens < 1.0:
             reason = f"over {self.cfg.rate_limit_frames_per_min} frames/min"

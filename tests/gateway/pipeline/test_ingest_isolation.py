@@ -184,3 +184,18 @@ def test_config_errors_name_the_dead_letter_keys() -> None:
         parse_config({"ingest": {"deadletter_max_bytes": 4096, "deadletter_raw_max_bytes": 4096}})
     with pytest.raises(ConfigError, match=r"\[ingest\] deadletter_sample_s"):
         parse_config({"ingest": {"deadletter_sample_s": "often"}})
+
+
+def test_a_wall_clock_stepped_back_does_not_rate_limit_anyone(tmp_path: Path) -> None:
+    # The rate bucket refills with the time passed; a clock set back (NTP correcting a
+    # gateway that booted with a later date, an operator fixing the date) is no time
+    # passed, not an hour's worth of frames owed.
+    conn = setup(tmp_path, "node")
+    clock = [10_000.0]
+    ing = Ingest(conn, IngestConfig(rate_limit_frames_per_min=60), clock=lambda: clock[0])
+    for k in range(3):
+        out = ing.process([("torpor/node/up", burst(1 + 5 * k))])
+        assert decoded(out, "node") == [proto.Ack(1 + 5 * k, 5 + 5 * k, ())]
+        clock[0] += 10.0 if k else -3600.0
+    assert registry.status_of(conn, "node") in registry.SERVED
+    assert deadletter.count(conn, "node", "rate_limited") == 0

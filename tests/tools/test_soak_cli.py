@@ -1,0 +1,39 @@
+"""`torpor soak`'s refusals before anything starts: no libfaketime, a wake interval the
+protocol does not allow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.sim import soak
+from tools.sim.soak import SoakError, find_libfaketime, format_offset
+
+# The installed entry point (`python -m tools.cli` would load a second copy of the CLI
+# module, whose error class the command's own import does not see).
+TORPOR = str(Path(sys.executable).parent / "torpor")
+
+
+def test_without_libfaketime_the_soak_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(soak, "FAKETIME_GLOBS", ())
+    monkeypatch.delenv("TORPOR_LIBFAKETIME", raising=False)
+    with pytest.raises(SoakError, match=r"Debian package `faketime`"):
+        find_libfaketime()
+
+
+@pytest.mark.parametrize("args", [["--wake-interval", "48"], ["--nodes", "1"],
+                                  ["--send-every", "0"]])
+def test_bad_options_are_refused_with_exit_2(args: list[str]) -> None:
+    done = subprocess.run([TORPOR, "soak", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "torpor: error:" in done.stderr
+
+
+@pytest.mark.parametrize(("ms", "text"), [(0, "+0.000"), (1500, "+1.500"), (-250, "-0.250"),
+                                          (94_608_000_000, "+94608000.000")])
+def test_offsets_are_written_as_libfaketime_reads_them(ms: int, text: str) -> None:
+    assert format_offset(ms) == text

@@ -1,0 +1,1050 @@
+"""`torpor soak`: years of a fleet's credentials, time-compressed, with no one touching it.
+
+The field run's stack (tools/sim/fieldrun.py: the real gateway with its own Mosquitto under
+mutual TLS, sim nodes running the real firmware on board profiles, one field clock) lives
+YEARS of virtual time with short credentials (1-year device certificates, a 90-day CRL)
+through scripted disruptions: gateway kill -9 and restarts, broker kills, an upstream
+outage, a device revoked halfway, a trusted firmware key rotation with an OTA campaign
+signed by the new key. Renewals and device key rotations must happen on their own.
+
+One clock for every part that checks a certificate. The soak owns the field's clock: a file
+holding the offset from the host's clock, moved forward at the time scale and never back.
+The gateway, the Mosquitto it supervises, the sim nodes' MicroPython processes and every
+`torpor` command the soak runs are under libfaketime (LD_PRELOAD; Debian package
+`faketime`) reading that file, so OpenSSL in Mosquitto checks client certificates and the
+CRL's nextUpdate, Python's ssl in the gateway and mbedTLS in the nodes check the broker's
+certificate, all at the field's time. A credential nobody renews really expires:
+`--no-renew` (the negative control) shows the refusals.
+
+Verdict (docs/soak.md): no reading lost or duplicated in the gateway's store nor upstream;
+no connection refused for an expired credential; every device certificate (but the revoked
+device's) rotated at least twice; the CRL renewed at least 10 times; no operator action
+after setup; the revoked device stays out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tools.demo import Upstream
+from tools.sim.field import FieldModel, compile_firmware
+from tools.sim.fieldrun import DAY_MS, FieldFleet, FieldRunError, _Events
+from tools.sim.fleet import FleetConfig, FleetSummary
+from tools.sim.node import FIRMWARE_DIR, SimError
+
+log = logging.getLogger(__name__)
+
+YEAR_DAYS = 365.0
+READY_TIMEOUT_S = 60.0
+PROFILES = ("esp32", "esp32s3", "esp32c3", "pico_w", "pico2_w")
+BATTERY_MAH = 1_000_000
+# Where Debian and others put libfaketime (the multiarch folder varies).
+FAKETIME_GLOBS = (
+    "/usr/lib/*/faketime/libfaketime.so.1",
+    "/usr/lib/faketime/libfaketime.so.1",
+    "/usr/local/lib/faketime/libfaketime.so.1",
+    "/usr/lib64/faketime/libfaketime.so.1",
+)
+# What a TLS peer says when a certificate or CRL is out of its validity: Mosquitto's log
+# (OpenSSL's verify errors and alerts) and the nodes' (mbedTLS's messages).
+EXPIRY_PATTERNS = re.compile(
+    r"certificate has expired|CRL has expired|certificate expired|crl expired|"
+    r"validity has expired|certificate is not yet valid|CRL is not yet valid|"
+    r"validity starts in the future",
+    re.IGNORECASE,
+)
+
+
+class SoakError(SimError):
+    """The soak could not start (no libfaketime, no mosquitto, the gateway did not come up)."""
+
+
+def find_libfaketime() -> str:
+    env = os.environ.get("TORPOR_LIBFAKETIME")
+    if env and Path(env).is_file():
+        return env
+    for pattern in FAKETIME_GLOBS:
+        for path in sorted(glob.glob(pattern)):
+            return path
+    raise SoakError(
+        "torpor soak needs libfaketime so that Mosquitto's and the nodes' TLS check "
+        "certificates at the field's time: install the Debian package `faketime` "
+        "(apt-get install faketime; `make test` does), or set TORPOR_LIBFAKETIME to "
+        "libfaketime.so.1")
+
+
+def faketime_env(lib: str, clock_file: Path) -> dict[str, str]:
+    """The environment that puts a process on the field's time: the offset in the clock
+    file, read again at every call. Monotonic clocks stay the host's (timeouts, asyncio's
+    timers, the sim's pacing)."""
+    return {"LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": str(clock_file),
+            "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+def format_offset(offset_ms: float) -> str:
+    """An offset in libfaketime's relative form: seconds with a sign and a fraction."""
+    ms = int(offset_ms)
+    return f"{'-' if ms < 0 else '+'}{abs(ms) // 1000}.{abs(ms) % 1000:03d}"
+
+
+class FieldClock:
+    """The field's time: the host's clock at the start, then `scale` times faster while
+    running, at the host's pace while paused; never more than `cap()` (the fleet's
+    progress: a slow host slows the field down instead of letting credentials lapse
+    between two looks at them), never moved back. A thread of its own publishes it to the
+    file libfaketime reads, so a busy event loop cannot hold it still and then jump."""
+
+    def __init__(self, path: Path, scale: float) -> None:
+        self.path = path
+        self.scale = scale
+        self.running = False
+        self.cap: Callable[[], float] | None = None
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._anchor_mono = time.monotonic()
+        self._anchor_ms = time.time() * 1000.0
+        self._offset_ms = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.publish()
+
+    def _raw(self) -> float:
+        rate = self.scale if self.running else 1.0
+        return self._anchor_ms + (time.monotonic() - self._anchor_mono) * 1000.0 * rate
+
+    def now_ms(self) -> float:
+        with self._lock:
+            t = self._raw()
+            cap = self.cap() if self.cap is not None and self.running else None
+            if cap is not None and t > cap:
+                # Held at the cap: run on from there once the fleet catches up.
+                t = max(cap, self._anchor_ms)
+                self._anchor_ms, self._anchor_mono = t, time.monotonic()
+            return t
+
+    def _set_running(self, running: bool) -> None:
+        t = self.now_ms()
+        with self._lock:
+            self._anchor_ms, self._anchor_mono = t, time.monotonic()
+            self.running = running
+
+    def run(self) -> None:
+        self._set_running(True)
+
+    def pause(self) -> None:
+        self._set_running(False)
+        self.publish()
+
+    def publish(self) -> None:
+        t = self.now_ms()
+        with self._write_lock:
+            host = time.time() * 1000.0
+            self._offset_ms = max(t, host + self._offset_ms) - host
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(format_offset(self._offset_ms) + "\n")
+            os.replace(tmp, self.path)
+
+    def start(self, period_s: float = 0.01) -> None:
+        def loop() -> None:
+            while not self._stop.wait(period_s):
+                with contextlib.suppress(OSError):
+                    self.publish()
+
+        self._thread = threading.Thread(target=loop, name="field-clock", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class SoakFleet(FieldFleet):
+    """A field fleet paced by the field's clock (which pauses while an operator-style
+    command runs)."""
+
+    def __init__(self, cfg: FleetConfig, end_ms: int, clock: FieldClock) -> None:
+        super().__init__(cfg, end_ms, {d: _Events() for d in cfg.node_ids()})
+        self.clock = clock
+
+    def reference_ms(self) -> float:
+        return self.clock.now_ms()
+
+
+@dataclass(frozen=True, slots=True)
+class SoakOptions:
+    years: float = 3.0
+    nodes: int = 10
+    sample_interval_s: int = 86400  # the protocol's longest (shared/protocol, config bounds)
+    send_every: tuple[int, int] = (7, 7)
+    wall_target_s: float = 600.0  # the time scale is chosen so that the span takes this long
+    wall_limit_s: float = 840.0  # no wake starts after this
+    awake_scale: float = 20.0
+    device_days: float = 365.0
+    crl_days: float = 90.0
+    crl_renew_at: float = 0.5
+    rotate_lead_days: float = 60.0
+    check_interval_s: float = 0.25  # real seconds between the gateway's lifetime checks
+    renew: bool = True  # False: the negative control (no CRL, server or device renewal)
+    gateway_kills: int = 2
+    broker_kills: int = 2
+    # Starts at this share of the span and lasts these days: within the outbox's week.
+    upstream_outage: tuple[float, float] | None = (0.40, 3.0)
+    revoke_at: float | None = 0.5
+    key_rotation_at: float | None = 0.6
+    probe_period_s: float = 1.0  # real seconds between checks of every credential's validity
+    profiles: tuple[str, ...] = PROFILES  # board profiles dealt round the nodes
+    min_rotations: int = 2
+    min_crl_renewals: int = 10
+    seed: int = 1
+    dir: Path | None = None
+    keep: bool = False
+    live: bool = True
+
+    @property
+    def days(self) -> float:
+        return self.years * YEAR_DAYS
+
+    @property
+    def time_scale(self) -> float:
+        return self.days * 86400.0 / self.wall_target_s
+
+
+@dataclass(slots=True)
+class Scripted:
+    """One of the soak's own disruptions, as it happened."""
+
+    kind: str
+    at_day: float
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "at_day": round(self.at_day, 2), "detail": self.detail}
+
+
+@dataclass(slots=True)
+class SoakVerdict:
+    ok: bool
+    complete: bool
+    days: float
+    days_reached: float
+    sampled: int
+    stored: int
+    lost: int
+    duplicated: int
+    unknown: int
+    lost_upstream: int
+    duplicated_upstream: int
+    held_by_revoked: int
+    refused_for_expiry: int
+    tls_refused: int
+    lapses: int
+    probes: int
+    refusal_examples: list[str]
+    rotations_done: dict[str, int]
+    rotations_min: int
+    crl_renewals: int
+    crl_renewal_events: int
+    server_renewals: int
+    gateway_renewals: int
+    expiring_events: int
+    operator_actions: int
+    revoked: str | None
+    revoked_stays_out: bool | None
+    revoked_after: int
+    key_rotation: str
+    scripted: list[dict[str, Any]]
+    failures: list[str]
+    wakes: int
+    send_failures: int
+    time_scale: float
+    sample_interval_s: int
+    wall_s: float
+    dir: str
+    fleet: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+_TLS_REFUSED = re.compile(r"send failed.*TLS")
+
+
+class Soak:
+    def __init__(self, opts: SoakOptions) -> None:
+        self.opts = opts
+        self.dir = Path()
+        self.lib = ""
+        self.clock: FieldClock | None = None
+        self.gateway: asyncio.subprocess.Process | None = None
+        self.upstream_proc: asyncio.subprocess.Process | None = None
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.broker_pid: int | None = None
+        self.fleet: SoakFleet | None = None
+        self.scripted: list[Scripted] = []
+        # Commands run after setup that are not the soak's own scripted events: none are.
+        self.operator_actions: list[str] = []
+        self.key_rotation = "not run"
+        self.revoked: str | None = None
+        self.revoked_at_ms: int | None = None
+        self.interrupted = False
+        self.start_ms = 0
+        self.config = Path()
+        self.db_path = Path()
+        self.pki_dir = Path()
+        self.up_port = 0
+        self.upstream: Upstream | None = None
+        self.probes = 0
+        self.lapses: list[str] = []
+        self.crls_seen: set[str] = set()  # the issuing CA's CRLs seen, by lastUpdate
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    # ---- the field's clock --------------------------------------------------------------
+
+    def now_ms(self) -> float:
+        return self.clock.now_ms() if self.clock is not None else time.time() * 1000
+
+    def day(self) -> float:
+        return (self.now_ms() - self.start_ms) / DAY_MS if self.start_ms else 0.0
+
+    def field_env(self) -> dict[str, str]:
+        assert self.clock is not None
+        return {**os.environ, **faketime_env(self.lib, self.clock.path)}
+
+    async def torpor(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """A `torpor` command on the field's clock, which runs at the host's pace meanwhile:
+        the command judges the gateway's liveness by its heartbeat (half a real second is
+        half a day at full scale), and an operator's command takes seconds, not days."""
+        assert self.clock is not None
+        argv = [sys.executable, "-m", "tools.sim.fakesleep", *args]
+        was_running = self.clock.running
+        self.clock.pause()
+        try:
+            await asyncio.sleep(1.5)  # a heartbeat at the host's pace
+            return await asyncio.to_thread(
+                subprocess.run, argv, capture_output=True, text=True, timeout=timeout,
+                env=self.field_env(), cwd=self.dir)
+        finally:
+            if was_running:
+                self.clock.run()
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    def make_pki(self) -> Path:
+        """A root (its key then taken offline), an issuing CA that outlives the soak, the
+        broker's and the gateway's certificates."""
+        from gateway.security.pki import Pki
+
+        pki = Pki(self.dir / "pki")
+        pki.init_ca()
+        pki.init_issuing(days=int(self.opts.days + 2 * YEAR_DAYS))
+        pki.issue_server(["localhost", "127.0.0.1", "::1"])
+        pki.issue_gateway()
+        offline = self.dir / "offline-root"
+        offline.mkdir()
+        shutil.move(str(pki.ca_key), str(offline / pki.ca_key.name))
+        return pki.path
+
+    def issue_devices(self, device_ids: list[str]) -> None:
+        """Short-lived device certificates and CRL (the fleet's provisioning reuses them)."""
+        from gateway.security.pki import Pki
+
+        pki = Pki(self.pki_dir)
+        for d in device_ids:
+            pki.issue_device(d, days=self.opts.device_days)
+        pki.write_crl(days=self.opts.crl_days)
+
+    def gateway_config(self, port: int) -> Path:
+        o = self.opts
+        path = self.dir / "gateway.toml"
+        on = "true" if o.renew else "false"
+        path.write_text(
+            "# Generated by `torpor soak`.\n"
+            "[gateway]\n"
+            f'data_dir = "{self.dir / "gateway"}"\n'
+            'log_level = "info"\n'
+            "status_interval_s = 0.5\n"
+            "[broker]\n"
+            'mode = "supervised"\n'
+            'host = "127.0.0.1"\n'
+            f"port = {port}\n"
+            f'pki_dir = "{self.pki_dir}"\n'
+            "[pki]\n"
+            f"renew = {on}\n"
+            f"check_interval_s = {o.check_interval_s}\n"
+            f"crl_days = {o.crl_days}\n"
+            f"crl_renew_at = {o.crl_renew_at}\n"
+            f"rotate_devices = {on}\n"
+            f"device_rotate_lead_days = {o.rotate_lead_days}\n"
+            f"device_days = {o.device_days}\n"
+            "[upstream]\n"
+            "enabled = true\n"
+            'host = "127.0.0.1"\n'
+            f"port = {self.up_port}\n"
+            "tls = false\n"
+            'client_id = "torpor-soak-relay"\n'
+            'format = "json"\n'
+            # The soak's subscriber is back before the relay after an upstream restart.
+            "reconnect_min_s = 2.0\n"
+            "reconnect_max_s = 5.0\n"
+        )
+        return path
+
+    async def _spawn(self, argv: list[str], log_name: str,
+                     env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+        with open(self.dir / log_name, "ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, cwd=self.dir,
+                start_new_session=True, env=env,
+            )
+        self.procs.append(proc)
+        return proc
+
+    async def start_upstream(self, port: int | None = None) -> int:
+        import getpass
+
+        from gateway.errors import BrokerError
+        from gateway.transport.broker import find_mosquitto
+        from tools.demo import free_port
+
+        try:
+            mosquitto = find_mosquitto()
+        except BrokerError as exc:
+            raise SoakError(str(exc)) from exc
+        folder = self.dir / "upstream"
+        folder.mkdir(exist_ok=True)
+        for _attempt in range(10):
+            p = port or free_port()
+            conf = folder / "mosquitto.conf"
+            conf.write_text(
+                "# The soak's upstream broker: plain MQTT on loopback.\n"
+                f"listener {p} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
+                "persistence false\nmax_queued_messages 100000\nlog_dest stderr\n"
+                "log_type error\nlog_type warning\nlog_type notice\n"
+            )
+            proc = await self._spawn([mosquitto, "-c", str(conf)], "upstream/mosquitto.log")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and proc.returncode is None:
+                try:
+                    _r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", p), 1)
+                    w.close()
+                    self.upstream_proc = proc
+                    return p
+                except (OSError, TimeoutError):
+                    await asyncio.sleep(0.1)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            if port:
+                await asyncio.sleep(0.5)  # the port is still held: try it again
+        raise SoakError(f"the upstream mosquitto did not start (see {folder / 'mosquitto.log'})")
+
+    async def _subscribe(self, ready: asyncio.Event) -> None:
+        """Count what reaches upstream; reconnect through the upstream outage."""
+        from gateway.transport.client import ClientOptions, MqttClient
+        from tools.demo import UPSTREAM_TOPIC
+
+        assert self.upstream is not None
+        while True:
+            try:
+                client = MqttClient(ClientOptions("127.0.0.1", self.up_port,
+                                                  "torpor-soak-upstream", max_packet=16 << 20))
+                async with client:
+                    await client.subscribe((UPSTREAM_TOPIC, 1))
+                    ready.set()
+                    async for m in client.messages():
+                        self.upstream.add(m.topic, m.payload, "json")
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the upstream broker is down: try again
+                await asyncio.sleep(0.1)
+
+    def _status(self) -> tuple[int | None, dict[str, Any]]:
+        """(pid, detail) of the gateway's status row. Its heartbeat's freshness is not
+        judged: at full scale half a real second is half a day."""
+        from gateway.store import db, status
+
+        try:
+            conn = db.connect(self.db_path, readonly=True)
+            try:
+                st = status.read_status(conn, now=self.now_ms() / 1000)
+            finally:
+                conn.close()
+        except Exception:  # noqa: BLE001 - not created yet, or mid-migration
+            return None, {}
+        return st.pid, st.detail
+
+    async def start_gateway(self) -> None:
+        self.gateway = await self._spawn(
+            [sys.executable, "-m", "tools.sim.fakesleep", "gateway", "run", "--config", str(self.config)],
+            "gateway.log", self.field_env())
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline and self.gateway.returncode is None:
+            await asyncio.sleep(0.2)
+            pid, detail = self._status()
+            if pid == self.gateway.pid and detail.get("mqtt_connected"):
+                broker = detail.get("broker_pid")
+                self.broker_pid = int(broker) if isinstance(broker, int) else None
+                return
+        tail = (self.dir / "gateway.log").read_text(errors="replace")[-3000:]
+        raise SoakError(f"the gateway did not come up within {READY_TIMEOUT_S:.0f} s:\n{tail}")
+
+    def _current_broker_pid(self) -> int | None:
+        _pid, detail = self._status()
+        broker = detail.get("broker_pid")
+        return int(broker) if isinstance(broker, int) else self.broker_pid
+
+    # ---- validity, checked by OpenSSL at the field's time ---------------------------------
+
+    def _probe_once(self) -> None:
+        """`openssl verify` (the library Mosquitto checks with, not Torpor's code) of the
+        certificate every served device holds (its newest, but one a rotation issued and the
+        node has not yet connected with) against the chain and the CRL the broker reads,
+        and of the broker's certificate, at the field's time. A failure is a lapse: the
+        broker would refuse that device (or every node the broker)."""
+        from gateway.security.pki import Pki
+
+        pki = Pki(self.pki_dir)
+        try:
+            records = pki.list()
+            crls = pki.crls()
+        except Exception:  # noqa: BLE001 - the index is being rewritten: next round
+            return
+        if crls:
+            self.crls_seen.add(crls[0].last_update_utc.isoformat())
+        # A certificate a rotation issued is the node's only once it connected with it.
+        try:
+            conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
+            try:
+                pending = {str(row[0]).lower() for row in conn.execute(
+                    "SELECT new_serial FROM rotations WHERE new_serial IS NOT NULL AND state "
+                    "IN ('issued', 'failed', 'cancelled')")}
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return
+        newest: dict[str, Any] = {}
+        revoked_cns = {self.revoked} if self.revoked else set()
+        for r in records:
+            if (r.kind != "device" or r.cn in revoked_cns or r.revoked_at is not None
+                    or r.serial_hex.lower() in pending):
+                continue
+            if r.cn not in newest or r.not_before > newest[r.cn].not_before:
+                newest[r.cn] = r
+        at = str(int(self.now_ms() / 1000))
+        base = ["openssl", "verify", "-attime", at, "-CAfile", str(pki.chain_pem)]
+        checks = [
+            (base + ["-crl_check_all", "-CRLfile", str(pki.crl_path), "-purpose", "sslclient"],
+             [str(self.pki_dir / r.path) for r in newest.values()]),
+            (base + ["-purpose", "sslserver"], [str(self.pki_dir / "server.pem")]),
+        ]
+        self.probes += 1
+        for argv, certs in checks:
+            if not certs:
+                continue
+            try:
+                done = subprocess.run(argv + certs, capture_output=True, text=True, timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            text = done.stdout + done.stderr
+            if done.returncode != 0 and EXPIRY_PATTERNS.search(text):
+                day = self.day()
+                for line in text.splitlines():
+                    if EXPIRY_PATTERNS.search(line):
+                        self.lapses.append(f"day {day:.1f}: {line.strip()[:200]}")
+
+    async def _probe(self) -> None:
+        while True:
+            await asyncio.to_thread(self._probe_once)
+            await asyncio.sleep(self.opts.probe_period_s)
+
+    # ---- the scripted disruptions ----------------------------------------------------------
+
+    def _schedule(self) -> list[tuple[float, str]]:
+        o = self.opts
+        plan: list[tuple[float, str]] = []
+        for i in range(o.gateway_kills):
+            plan.append((((i + 1) / (o.gateway_kills + 1) - 0.07) * o.days, "gateway_kill"))
+        for i in range(o.broker_kills):
+            plan.append((((i + 1) / (o.broker_kills + 1) + 0.09) * o.days, "broker_kill"))
+        if o.upstream_outage is not None:
+            share, days = o.upstream_outage
+            plan.append((share * o.days, "upstream_down"))
+            plan.append((share * o.days + days, "upstream_up"))
+        if o.revoke_at is not None:
+            plan.append((o.revoke_at * o.days, "revoke"))
+        if o.key_rotation_at is not None:
+            plan.append((o.key_rotation_at * o.days, "key_rotation"))
+        return sorted(plan)
+
+    async def _script(self) -> None:
+        plan = self._schedule()
+        while plan:
+            if plan[0][0] > self.day():
+                await asyncio.sleep(0.02)
+                continue
+            _due, kind = plan.pop(0)
+            at = self.day()
+            try:
+                detail = await getattr(self, f"_do_{kind}")()
+            except Exception as exc:  # noqa: BLE001 - recorded; the verdict names it
+                detail = f"failed: {exc}"
+                log.warning("soak step %s failed: %s", kind, exc)
+            self.scripted.append(Scripted(kind, at, detail))
+            if self.opts.live:
+                self.say(f"torpor soak: day {at:.1f}: {kind}: {detail}")
+
+    async def _do_gateway_kill(self) -> str:
+        """A power cut of the gateway host: the gateway and its broker, kill -9."""
+        assert self.gateway is not None
+        broker = self._current_broker_pid()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.gateway.pid, signal.SIGKILL)
+        if broker is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(broker, signal.SIGKILL)
+        await self.gateway.wait()
+        t0 = time.monotonic()
+        await self.start_gateway()
+        return f"killed; back in {time.monotonic() - t0:.1f} s (real)"
+
+    async def _do_broker_kill(self) -> str:
+        pid = self._current_broker_pid()
+        if pid is None:
+            return "failed: no broker pid"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(150):
+            await asyncio.sleep(0.2)
+            new = self._current_broker_pid()
+            if new is not None and new != pid:
+                self.broker_pid = new
+                return f"mosquitto {pid} killed; the gateway restarted it"
+        return f"mosquitto {pid} killed; not seen restarted"
+
+    async def _do_upstream_down(self) -> str:
+        proc = self.upstream_proc
+        if proc is None:
+            return "failed: no upstream broker"
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        await proc.wait()
+        return "upstream broker stopped"
+
+    async def _do_upstream_up(self) -> str:
+        await self.start_upstream(self.up_port)
+        return "upstream broker back"
+
+    async def _do_revoke(self) -> str:
+        assert self.fleet is not None
+        device = self.fleet.states[-1].device_id
+        self.revoked = device
+        self.revoked_at_ms = int(self.now_ms())
+        errors: list[str] = []
+        for _attempt in range(3):
+            r = await self.torpor("device", "revoke", "--config", str(self.config), device)
+            if r.returncode == 0:
+                done = "; ".join(r.stdout.strip().splitlines()[1:])
+                return f"{device}: {done}" + (f" (after: {' | '.join(errors)})" if errors else "")
+            errors.append((r.stderr or r.stdout).strip()[-300:])
+        return f"failed: {' | '.join(errors)}"
+
+    async def _do_key_rotation(self) -> str:
+        probe = await self.torpor("fw", "keys", "--help", timeout=60)
+        if probe.returncode != 0:
+            self.key_rotation = "skipped: not available"
+            return self.key_rotation
+        keys = self.dir / "fwkeys"
+        steps = [
+            ("fw", "keygen", "--out", str(keys / "new")),
+            ("fw", "keys", "add", "--key", str(keys / "new"), "--signing-key",
+             str(keys / "old" / "private.pem"), "--gateway-config", str(self.config), "--all"),
+        ]
+        for argv in steps:
+            r = await self.torpor(*argv)
+            if r.returncode != 0:
+                self.key_rotation = (f"failed: torpor {' '.join(argv[:3])}: "
+                                     f"{(r.stderr or r.stdout).strip()[-300:]}")
+                return self.key_rotation
+        # The campaign signed with the new key follows once `torpor fw keys` is merged
+        # (docs/soak.md): until then this branch is not reached.
+        self.key_rotation = "failed: the campaign with the new key is not wired yet"
+        return self.key_rotation
+
+    # ---- the run ---------------------------------------------------------------------------
+
+    async def run(self) -> SoakVerdict:
+        from tools.demo import free_port, stop_children, work_dir
+
+        o = self.opts
+        self.lib = find_libfaketime()
+        if shutil.which("openssl") is None:
+            raise SoakError("torpor soak needs the `openssl` command (Debian package openssl)")
+        self.dir = work_dir(o.dir, "soak")
+        self.say(f"torpor soak: working in {self.dir}")
+        self.upstream = Upstream()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._interrupt)
+        t_wall = time.monotonic()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            self.clock = clock = FieldClock(self.dir / "clock", o.time_scale)
+            clock.start()
+            self.pki_dir = await asyncio.to_thread(self.make_pki)
+            self.up_port = await self.start_upstream()
+            ready = asyncio.Event()
+            tasks.append(asyncio.create_task(self._subscribe(ready)))
+            await asyncio.wait_for(ready.wait(), 10)
+            port = free_port()
+            self.config = self.gateway_config(port)
+            self.db_path = self.dir / "gateway" / "gateway.db"
+            fields = [FieldModel.named(o.profiles[i % len(o.profiles)], awake_scale=o.awake_scale)
+                      for i in range(o.nodes)]
+            self.start_ms = start = int(clock.now_ms()) + 60_000
+            cfg = FleetConfig(
+                nodes=o.nodes, dir=self.dir / "nodes", pki_dir=self.pki_dir,
+                broker_host="127.0.0.1", broker_port=port, db_path=self.db_path,
+                time_scale=o.time_scale, wakes=1 << 30, duration_s=o.wall_limit_s,
+                sample_interval_s=o.sample_interval_s, send_every=o.send_every,
+                awake_window_ms=3000, awake_budget_ms=15000,
+                seed=o.seed, start_ms=start, fields=tuple(fields), max_concurrent=o.nodes,
+            )
+            end = start + int(o.days * DAY_MS)
+            await asyncio.to_thread(self.issue_devices, cfg.node_ids())
+            await self.start_gateway()
+            self.fleet = fleet = SoakFleet(cfg, end, clock)
+            await asyncio.to_thread(fleet.provision)
+            for st in fleet.states:
+                st.node.env.update(faketime_env(self.lib, clock.path))
+                # A battery that outlasts the span: a low battery stretches the node's sleep
+                # (its firmware's policy), and battery life is `torpor sim field`'s and the
+                # energy bench's concern, not this one's.
+                sim_json = st.node.dir / "sim.json"
+                cfg_doc = json.loads(sim_json.read_text())
+                cfg_doc["capacity_mah"] = BATTERY_MAH
+                sim_json.write_text(json.dumps(cfg_doc))
+                # The firmware compiled now, not at the first wake with the clock running.
+                await asyncio.to_thread(compile_firmware, FIRMWARE_DIR, st.node.dir / "mpy")
+            # The field runs at most one wake interval past the earliest pending wake.
+            lead = o.sample_interval_s * 1000.0
+            clock.cap = lambda: fleet.virtual_low_ms() + lead
+            self.say(f"torpor soak: gateway on 127.0.0.1:{port}, upstream on 127.0.0.1:"
+                     f"{self.up_port}, all on the field's clock (libfaketime {self.lib}); "
+                     f"{o.nodes} nodes waking every {o.sample_interval_s / 3600:g} h for "
+                     f"{o.years:g} years ({o.days:g} days) at time x{o.time_scale:.0f}; device "
+                     f"certificates {o.device_days:g} days, CRL {o.crl_days:g} days; renewal "
+                     f"{'on' if o.renew else 'OFF (negative control)'}")
+            # The field's clock starts a minute before the nodes' first wake.
+            while clock.now_ms() < start - 60_000:
+                await asyncio.sleep(0.01)
+            clock.run()
+            tasks.append(asyncio.create_task(self._probe()))
+            script = asyncio.create_task(self._script())
+            tasks.append(script)
+            last = [0.0]
+
+            def show(p: Any) -> None:
+                if not o.live or time.monotonic() - last[0] < 10:
+                    return
+                last[0] = time.monotonic()
+                self.say(f"  day {self.day():7.1f}  wakes {p.wakes}  sampled {p.sampled}  "
+                         f"acked {p.acked}  on nodes {p.queued}  errors {p.errors}  "
+                         f"wall {time.monotonic() - t_wall:.0f} s")
+
+            summary = await fleet.run(show)
+            clock.pause()
+            await self._settle()
+            reached = (min(min(st.node.virtual_ms, end) for st in fleet.states) - start) / DAY_MS
+            return await asyncio.to_thread(self.judge, summary, reached,
+                                           round(time.monotonic() - t_wall, 1))
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            for task in reversed(tasks):
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if self.db_path.exists():
+                self.broker_pid = self._current_broker_pid()
+            await stop_children(self.procs, self.broker_pid)
+            if self.clock is not None:
+                self.clock.stop()
+            if not o.keep:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _interrupt(self) -> None:
+        self.interrupted = True
+        if self.fleet is not None:
+            self.fleet.stop(drain=False)
+
+    async def _settle(self) -> None:
+        """Bounded: until the outbox is empty and upstream has what the store has."""
+        from tools.demo import _db_figures
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            stored, depth = _db_figures(self.db_path)
+            assert self.upstream is not None
+            if depth == 0 and self.upstream.unique >= stored:
+                return
+            await asyncio.sleep(0.3)
+
+    # ---- the verdict -----------------------------------------------------------------------
+
+    def judge(self, summary: FleetSummary, reached: float, wall_s: float) -> SoakVerdict:
+        from gateway.store import readings
+
+        o = self.opts
+        assert self.fleet is not None and self.upstream is not None
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
+        sampled = stored = lost = dups = unknown = held = revoked_after = lost_up = 0
+        rotations: dict[str, int] = {}
+        try:
+            for st in self.fleet.states:
+                copies: dict[int, list[int]] = {}
+                for row in readings.iter_readings(conn, st.device_id):
+                    copies.setdefault(int(row[1]), []).append(int(row[2]))
+                ids = set(st.sampled)
+                sampled += len(ids)
+                stored += sum(len(v) for v in copies.values())
+                dups += sum(len(v) - 1 for v in copies.values())
+                unknown += len(copies.keys() - ids)
+                missing = ids - copies.keys()
+                if st.device_id == self.revoked:
+                    # What the node still held when it was revoked, and all it sampled
+                    # after, stays on it: that is the revocation working. A reading stamped
+                    # a day after the revocation got in.
+                    held += len(missing)
+                    if self.revoked_at_ms is not None:
+                        revoked_after = sum(1 for v in copies.values() for t in v
+                                            if t * 1000 > self.revoked_at_ms + DAY_MS)
+                else:
+                    lost += len(missing)
+                    seen = self.upstream.seen.get(st.device_id)
+                    lost_up += len(set(copies) - set(seen or ()))
+            for dev, n in conn.execute(
+                    "SELECT device, count(*) FROM rotations WHERE state='done' GROUP BY device"):
+                rotations[str(dev)] = int(n)
+            operator_rot = int(conn.execute(
+                "SELECT count(*) FROM rotations WHERE reason != 'expiry'").fetchone()[0])
+            ev = {(str(k), str(n)): int(c) for k, n, c in conn.execute(
+                "SELECT kind, name, count(*) FROM credential_events GROUP BY kind, name")}
+        finally:
+            conn.close()
+        expired, refused = self._node_refusals()
+        refusals = expired + self.lapses
+        devices = [st.device_id for st in self.fleet.states if st.device_id != self.revoked]
+        rot_min = min((rotations.get(d, 0) for d in devices), default=0)
+        # Every CRL the issuing CA signed after setup renews it: the gateway's scheduled
+        # renewals (its `renewed` events) and the CRLs a rotation's revocation writes.
+        crl = max(len(self.crls_seen) - 1, 0)
+        operator = len(self.operator_actions) + operator_rot
+        stays_out: bool | None = None if self.revoked is None else revoked_after == 0
+        failures: list[str] = []
+        complete = reached >= o.days - 1e-6
+        if not complete:
+            failures.append(f"only {reached:g} of {o.days:g} days ran")
+        if lost or lost_up:
+            failures.append(f"{lost} readings lost in the store, {lost_up} upstream")
+        if dups or unknown:
+            failures.append(f"{dups} duplicated, {unknown} unknown readings in the store")
+        if refusals:
+            failures.append(f"{len(expired)} node connections refused for an expired "
+                            f"credential, {len(self.lapses)} lapses seen by openssl verify")
+        if refused:
+            failures.append(f"{len(refused)} TLS refusals of served nodes")
+        if rot_min < o.min_rotations:
+            failures.append(f"a device certificate rotated {rot_min} times "
+                            f"(at least {o.min_rotations} asked)")
+        if crl < o.min_crl_renewals:
+            failures.append(f"the CRL renewed {crl} times (at least {o.min_crl_renewals} asked)")
+        if operator:
+            failures.append(f"{operator} operator actions after setup")
+        if stays_out is False:
+            failures.append(f"the revoked device {self.revoked} got {revoked_after} readings in")
+        failures += [f"scripted {s.kind}: {s.detail}" for s in self.scripted
+                     if s.detail.startswith("failed")]
+        if not self.key_rotation.startswith(("done", "skipped")):
+            failures.append(f"trusted key rotation: {self.key_rotation}")
+        return SoakVerdict(
+            ok=not failures, complete=complete, days=o.days, days_reached=round(reached, 2),
+            sampled=sampled, stored=stored, lost=lost, duplicated=dups, unknown=unknown,
+            lost_upstream=lost_up, duplicated_upstream=self.upstream.duplicates,
+            held_by_revoked=held, refused_for_expiry=len(refusals), tls_refused=len(refused),
+            lapses=len(self.lapses), probes=self.probes,
+            refusal_examples=(refusals + refused)[:6], rotations_done=rotations,
+            rotations_min=rot_min, crl_renewals=crl,
+            crl_renewal_events=ev.get(("renewed", "crl"), 0),
+            server_renewals=ev.get(("renewed", "server"), 0),
+            gateway_renewals=ev.get(("renewed", "gateway"), 0),
+            expiring_events=sum(c for (k, _n), c in ev.items() if k == "expiring"),
+            operator_actions=operator, revoked=self.revoked, revoked_stays_out=stays_out,
+            revoked_after=revoked_after, key_rotation=self.key_rotation,
+            scripted=[s.as_dict() for s in self.scripted], failures=failures,
+            wakes=summary.wakes, send_failures=summary.send_failures,
+            time_scale=round(o.time_scale), sample_interval_s=o.sample_interval_s,
+            wall_s=wall_s, dir=str(self.dir), fleet=summary.as_dict(),
+        )
+
+    def _node_refusals(self) -> tuple[list[str], list[str]]:
+        """From the logs of every node but the revoked one: (connections the node's TLS
+        refused for the broker's certificate out of its validity, connections the broker
+        refused in the TLS handshake). On this stack the broker refuses a served node's
+        certificate only when it or the CRL is out of validity; mbedTLS does not tell
+        the alert's kind, so the openssl probe says which."""
+        assert self.fleet is not None
+        expired: list[str] = []
+        refused: list[str] = []
+        for st in self.fleet.states:
+            if st.device_id == self.revoked:
+                continue
+            path = st.node.dir / "node.log"
+            with contextlib.suppress(OSError), open(path, errors="replace") as f:
+                for line in f:
+                    if EXPIRY_PATTERNS.search(line):
+                        expired.append(f"{st.device_id}: {line.strip()[:200]}")
+                    elif _TLS_REFUSED.search(line):
+                        refused.append(f"{st.device_id}: {line.strip()[:200]}")
+        return expired, refused
+
+
+def format_verdict(v: SoakVerdict) -> list[str]:
+    rot = ", ".join(f"{d} {n}" for d, n in sorted(v.rotations_done.items())) or "none"
+    lines = [
+        "",
+        f"soak                  {v.days:g} days asked, {v.days_reached:g} reached; time "
+        f"x{v.time_scale}; a wake every {v.sample_interval_s / 3600:g} h; wall {v.wall_s:g} s",
+        f"readings              sampled {v.sampled}, stored {v.stored}: lost {v.lost}, "
+        f"duplicated {v.duplicated}, unknown {v.unknown}; upstream lost {v.lost_upstream}, "
+        f"duplicated {v.duplicated_upstream} (at-least-once); held by the revoked device "
+        f"{v.held_by_revoked}",
+        f"wakes                 {v.wakes}, {v.send_failures} failed sends (retried)",
+        f"refused for expiry    {v.refused_for_expiry} ({v.lapses} lapses in {v.probes} openssl "
+        f"verify rounds at the field's time); TLS refusals of served nodes {v.tls_refused}",
+        *(f"    {e}" for e in v.refusal_examples),
+        f"rotations done        min {v.rotations_min}: {rot}",
+        f"renewals              CRL {v.crl_renewals} seen re-issued ({v.crl_renewal_events} "
+        f"scheduled), server {v.server_renewals}, gateway "
+        f"{v.gateway_renewals}; {v.expiring_events} expiry warnings",
+        f"operator actions      {v.operator_actions}",
+        f"revoked device        {v.revoked or 'none'}: "
+        + ("stays out" if v.revoked_stays_out else
+           "not revoked" if v.revoked_stays_out is None else f"{v.revoked_after} readings got in"),
+        f"trusted key rotation  {v.key_rotation}",
+        "scripted              " + "; ".join(f"day {s['at_day']:g} {s['kind']}" for s in v.scripted),
+    ]
+    lines += [f"  FAILED: {f}" for f in v.failures]
+    lines.append("VERDICT: OK" if v.ok else "VERDICT: FAILED")
+    return lines
+
+
+HELP = """\
+Run a fleet of sim nodes on board profiles (the real firmware in the MicroPython unix
+port) against the real gateway and its Mosquitto (mutual TLS) for YEARS of virtual time,
+with 1-year device certificates and a 90-day CRL, and judge whether credentials lived on
+their own: 0 readings lost and 0 duplicated (store and upstream); no connection refused
+for an expired credential; every device certificate rotated at least twice; the CRL
+renewed at least 10 times; no operator action after setup; a device revoked halfway
+stays out. Scripted (not operator) events: gateway kill -9 and restarts, broker kills,
+an upstream outage, the revocation, a trusted firmware key rotation (recorded as
+"skipped: not available" where `torpor fw keys` does not exist).
+
+Time: the gateway, its Mosquitto, the nodes' MicroPython and the soak's `torpor`
+commands all run under libfaketime (package `faketime`) following one clock file that
+the soak moves forward. OpenSSL and mbedTLS check validity at the field's time, so a credential nobody renews
+expires for real (`--no-renew` shows it). The clock never moves back, never runs more
+than a wake interval past the earliest pending wake, and runs at the host's pace while a
+command runs. Time budget: the protocol bounds a node's sleep to a day, so 3 years is
+1,095 wakes a node; this 2-core host runs about 2-3 wakes a second in all, so 10 nodes
+need about an hour and 15 minutes holds about 3 nodes (docs/soak.md). Nodes send every
+7th wake; rotation starts 60 days ahead to span several sends. Limits: docs/soak.md.
+Exit 0 when the verdict holds, 1 when it does not, 2 on a set-up error (e.g. no
+libfaketime)."""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("soak", help="years of credentials, time-compressed, with a verdict",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--years", type=float, default=3.0, help="virtual years (default 3)")
+    p.add_argument("--nodes", type=int, default=10, help="sim nodes (default 10)")
+    p.add_argument("--wake-interval", type=float, default=24.0,
+                   help="hours between a node's wakes, at most 24: the protocol's bound on "
+                        "sample_interval_s (default 24)")
+    p.add_argument("--send-every", type=int, default=7,
+                   help="readings per send: a node connects every N wakes (default 7)")
+    p.add_argument("--profiles", default=",".join(PROFILES),
+                   help="board profiles dealt round the nodes, comma-separated "
+                        f"(default {','.join(PROFILES)})")
+    p.add_argument("--wall-target", type=float, default=600.0,
+                   help="real seconds the span should take; sets the time scale (default 600)")
+    p.add_argument("--wall-limit", type=float, default=840.0,
+                   help="no wake starts after this many real seconds (default 840)")
+    p.add_argument("--device-days", type=float, default=365.0,
+                   help="device certificate lifetime (default 365)")
+    p.add_argument("--crl-days", type=float, default=90.0, help="CRL lifetime (default 90)")
+    p.add_argument("--rotate-lead-days", type=float, default=60.0,
+                   help="[pki] device_rotate_lead_days (default 60: several weekly wakes)")
+    p.add_argument("--no-renew", action="store_true",
+                   help="negative control: the gateway renews and rotates nothing")
+    p.add_argument("--seed", type=int, default=1, help="seed (default 1)")
+    p.add_argument("--dir", default=None, help="work in this new or empty directory")
+    p.add_argument("--keep", action="store_true", help="keep the directory (logs, DB, flash)")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_soak)
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from tools.cli import CliError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The soak's own upstream subscriber: the outage is scripted, its reconnects are not news.
+    logging.getLogger("gateway.transport.client").setLevel(logging.ERROR)
+    opts = SoakOptions(
+        years=args.years, nodes=args.nodes, sample_interval_s=int(args.wake_interval * 3600),
+        send_every=(args.send_every, args.send_every),
+        profiles=tuple(p.strip() for p in args.profiles.split(",") if p.strip()),
+        wall_target_s=args.wall_target, wall_limit_s=args.wall_limit,
+        device_days=args.device_days, crl_days=args.crl_days,
+        rotate_lead_days=args.rotate_lead_days, renew=not args.no_renew, seed=args.seed,
+        dir=Path(args.dir) if args.dir else None, keep=args.keep, live=not args.quiet,
+    )
+    if opts.nodes < 2 or opts.years <= 0 or not 0 < opts.sample_interval_s <= 86400:
+        raise CliError("--nodes must be at least 2, --years positive and --wake-interval "
+                       "between 0 and 24 hours")
+    if opts.send_every[0] < 1 or not opts.profiles:
+        raise CliError("--send-every must be at least 1 and --profiles name one at least")
+    soak = Soak(opts)
+    try:
+        verdict = asyncio.run(soak.run())
+    except (SimError, FieldRunError) as exc:
+        raise CliError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(verdict.as_dict()))
+    else:
+        print("\n".join(format_verdict(verdict)))
+    if soak.interrupted:
+        return 130
+    return 0 if verdict.ok else 1
