@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from tools.sim import soak
-from tools.sim.soak import SoakError, find_libfaketime, format_offset
+from tools.sim.soak import (
+    KEY_LIST_SHARE,
+    Soak,
+    SoakError,
+    SoakOptions,
+    find_libfaketime,
+    format_offset,
+)
 
 # The installed entry point (`python -m tools.cli` would load a second copy of the CLI
 # module, whose error class the command's own import does not see).
@@ -37,3 +44,15 @@ def test_bad_options_are_refused_with_exit_2(args: list[str]) -> None:
                                           (94_608_000_000, "+94608000.000")])
 def test_offsets_are_written_as_libfaketime_reads_them(ms: int, text: str) -> None:
     assert format_offset(ms) == text
+
+
+def test_the_key_rotation_follows_the_revocation_and_leaves_the_campaign_its_sends() -> None:
+    # The revoked device is left out of the key rotation only if it is revoked first; the
+    # campaign (about 11 sends at the sensor class, a send a week) needs field days after
+    # the key list's share of what is left.
+    o = SoakOptions()
+    plan = {kind: day for day, kind in Soak(o).schedule()}
+    assert plan["revoke"] < plan["key_rotation"]
+    left = o.days - plan["key_rotation"]
+    days_a_send = o.send_every[0] * o.sample_interval_s / 86400
+    assert (1 - KEY_LIST_SHARE) * left >= 11 * days_a_send

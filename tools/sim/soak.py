@@ -19,7 +19,8 @@ certificate, all at the field's time. A credential nobody renews really expires:
 Verdict (docs/soak.md): no reading lost or duplicated in the gateway's store nor upstream;
 no connection refused for an expired credential; every device certificate (but the revoked
 device's) rotated at least twice; the CRL renewed at least 10 times; no operator action
-after setup; the revoked device stays out.
+after setup; the revoked device stays out; the trusted key rotation done: every served
+node holds the new key list and confirmed the image signed by the new key.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ YEAR_DAYS = 365.0
 READY_TIMEOUT_S = 60.0
 PROFILES = ("esp32", "esp32s3", "esp32c3", "pico_w", "pico2_w")
 BATTERY_MAH = 1_000_000
+# The trusted key rotation: the served nodes have this share of the span left after the
+# step to report the new key list (a send every N wakes); the campaign gets the rest.
+KEY_LIST_SHARE = 0.4
 # Where Debian and others put libfaketime (the multiarch folder varies).
 FAKETIME_GLOBS = (
     "/usr/lib/*/faketime/libfaketime.so.1",
@@ -75,6 +79,10 @@ EXPIRY_PATTERNS = re.compile(
 
 class SoakError(SimError):
     """The soak could not start (no libfaketime, no mosquitto, the gateway did not come up)."""
+
+
+class SoakStepError(Exception):
+    """A part of a scripted step failed; the verdict names it."""
 
 
 def find_libfaketime() -> str:
@@ -271,6 +279,9 @@ class SoakVerdict:
     revoked_stays_out: bool | None
     revoked_after: int
     key_rotation: str
+    key_rotation_nodes: dict[str, dict[str, Any]]
+    campaign_id: int | None
+    campaign_confirmed: int
     scripted: list[dict[str, Any]]
     failures: list[str]
     wakes: int
@@ -303,6 +314,11 @@ class Soak:
         # Commands run after setup that are not the soak's own scripted events: none are.
         self.operator_actions: list[str] = []
         self.key_rotation = "not run"
+        self.old_key: Path | None = None  # the signing key baked into every node at setup
+        self.key_task: asyncio.Task[None] | None = None
+        self.key_rotation_nodes: dict[str, dict[str, Any]] = {}
+        self.campaign_id: int | None = None
+        self.campaign_confirmed = 0
         self.revoked: str | None = None
         self.revoked_at_ms: int | None = None
         self.interrupted = False
@@ -373,6 +389,24 @@ class Soak:
         for d in device_ids:
             pki.issue_device(d, days=self.opts.device_days)
         pki.write_crl(days=self.opts.crl_days)
+
+    def install_images(self, fleet: SoakFleet) -> None:
+        """The firmware signing key of the fleet ("old", made with `torpor fw keygen`'s
+        code) and v1 signed by it, installed into every node as its confirmed image with
+        the key baked into its bootloader: the nodes boot through the real bootloader,
+        which the trusted key rotation's campaign needs."""
+        from tools.fw import image
+        from tools.fw import keys as fw_keys
+
+        paths = fw_keys.keygen(self.dir / "fwkeys" / "old")
+        self.old_key = paths.private
+        v1 = self.dir / "images" / "v1"
+        image.build_image("sim", 1, v1, display="1-old-key")
+        image.sign_image(v1, fw_keys.load_private(paths.private))
+        public = fw_keys.load_public(paths.public)
+        for st in fleet.states:
+            image.install_sim(st.node.dir, v1, public_key=public)
+            st.node.entry = "boot"
 
     def gateway_config(self, port: int) -> Path:
         o = self.opts
@@ -580,7 +614,7 @@ class Soak:
 
     # ---- the scripted disruptions ----------------------------------------------------------
 
-    def _schedule(self) -> list[tuple[float, str]]:
+    def schedule(self) -> list[tuple[float, str]]:
         o = self.opts
         plan: list[tuple[float, str]] = []
         for i in range(o.gateway_kills):
@@ -598,7 +632,7 @@ class Soak:
         return sorted(plan)
 
     async def _script(self) -> None:
-        plan = self._schedule()
+        plan = self.schedule()
         while plan:
             if plan[0][0] > self.day():
                 await asyncio.sleep(0.02)
@@ -670,26 +704,148 @@ class Soak:
         return f"failed: {' | '.join(errors)}"
 
     async def _do_key_rotation(self) -> str:
+        """A trusted firmware key rotation, scripted: a new signing key, `torpor fw keys add`
+        signed by the old key (the one baked into every node at setup) to every served
+        device, then, once they all report the new list in their HELLO, an image signed by
+        the new key rolled out by `torpor ota campaign create`. It goes on in the
+        background (the rest of the script keeps its days); the verdict reads its end."""
         probe = await self.torpor("fw", "keys", "--help", timeout=60)
         if probe.returncode != 0:
             self.key_rotation = "skipped: not available"
             return self.key_rotation
-        keys = self.dir / "fwkeys"
-        steps = [
-            ("fw", "keygen", "--out", str(keys / "new")),
-            ("fw", "keys", "add", "--key", str(keys / "new"), "--signing-key",
-             str(keys / "old" / "private.pem"), "--gateway-config", str(self.config), "--all"),
-        ]
-        for argv in steps:
-            r = await self.torpor(*argv)
-            if r.returncode != 0:
-                self.key_rotation = (f"failed: torpor {' '.join(argv[:3])}: "
-                                     f"{(r.stderr or r.stdout).strip()[-300:]}")
-                return self.key_rotation
-        # The campaign signed with the new key follows once `torpor fw keys` is merged
-        # (docs/soak.md): until then this branch is not reached.
-        self.key_rotation = "failed: the campaign with the new key is not wired yet"
-        return self.key_rotation
+        if self.old_key is None:
+            self.key_rotation = "failed: the nodes were not provisioned with a baked key"
+            return self.key_rotation
+        self.key_rotation = "failed: still running when the span ended"
+        self.key_task = asyncio.create_task(self._key_rotation_flow(self.day()))
+        return "started: new key, its list to the served devices, then the campaign"
+
+    async def _run_step(self, what: str, *argv: str) -> subprocess.CompletedProcess[str]:
+        r = await self.torpor(*argv)
+        if r.returncode != 0:
+            raise SoakStepError(f"{what} (torpor {' '.join(argv[:3])}) exited {r.returncode}: "
+                                f"{(r.stderr or r.stdout).strip()[-300:]}")
+        return r
+
+    def _served(self) -> list[str]:
+        assert self.fleet is not None
+        return [st.device_id for st in self.fleet.states if st.device_id != self.revoked]
+
+    def _key_rotation_state(self, cid: int | None) -> tuple[int, dict[str, dict[str, Any]]]:
+        """(the gateway's newest key list seq, per served device: the seq it reports and its
+        campaign state), from the gateway's store."""
+        from gateway.ops import keylists
+        from gateway.ops import ota as ota_ops
+        from gateway.store import db
+
+        conn = db.connect(self.db_path, readonly=True)
+        try:
+            cur = keylists.current(conn)
+            rows: dict[str, dict[str, Any]] = {}
+            for d in self._served():
+                rows[d] = {"keys_seq": keylists.node_status(conn, d).held,
+                           "campaign": None, "reason": None}
+            if cid is not None:
+                for dev in ota_ops.campaign(conn, cid).devices:
+                    if dev.device in rows:
+                        rows[dev.device]["campaign"] = dev.status
+                        rows[dev.device]["reason"] = dev.reason or None
+            return (cur.seq if cur is not None else 0), rows
+        finally:
+            conn.close()
+
+    async def _wait_field(self, done: Callable[[], bool], until_day: float) -> bool:
+        """Until done() or the field's day passes until_day (or the fleet stops)."""
+        assert self.fleet is not None
+        while True:
+            try:
+                if await asyncio.to_thread(done):
+                    return True
+            except sqlite3.Error:
+                pass  # the store is busy: look again
+            if self.day() >= until_day or self.interrupted:
+                return False
+            await asyncio.sleep(0.2)
+
+    async def _key_rotation_flow(self, at: float) -> None:
+        try:
+            self.key_rotation = await self._key_rotation_steps(at)
+        except SoakStepError as exc:
+            self.key_rotation = f"failed: {exc}"
+        except Exception as exc:  # noqa: BLE001 - recorded; the verdict names it
+            self.key_rotation = f"failed: {type(exc).__name__}: {exc}"
+        if self.opts.live:
+            self.say(f"torpor soak: day {self.day():.1f}: key_rotation: {self.key_rotation}")
+
+    async def _key_rotation_steps(self, at: float) -> str:
+        from gateway.store import ota_store
+        from tools.fw import keys as fw_keys
+
+        assert self.old_key is not None
+        o = self.opts
+        served = self._served()
+        if not served:
+            raise SoakStepError("no served device")
+        devices = ",".join(served)
+        fwkeys = self.dir / "fwkeys"
+        new = fwkeys / "new"
+        await self._run_step("the new key", "fw", "keygen", "--out", str(new))
+        await self._run_step(
+            "the key list", "fw", "keys", "add", "--key", str(new), "--signing-key",
+            str(self.old_key), "--gateway-config", str(self.config), "--devices", devices)
+        seq, _rows = await asyncio.to_thread(self._key_rotation_state, None)
+        if seq < 1:
+            raise SoakStepError("the gateway holds no key list after `fw keys add`")
+        # The list goes out with each node's next send (every N wakes): a share of what
+        # is left of the span, the campaign gets the rest.
+        left = o.days - at
+        list_by = at + KEY_LIST_SHARE * left
+        self.key_rotation_nodes = {d: {"keys_seq": 0, "campaign": None, "reason": None}
+                                   for d in served}
+
+        def all_hold() -> bool:
+            _seq, rows = self._key_rotation_state(None)
+            self.key_rotation_nodes = rows
+            return all(r["keys_seq"] >= seq for r in rows.values())
+
+        if not await self._wait_field(all_hold, list_by):
+            late = sorted(d for d, r in self.key_rotation_nodes.items() if r["keys_seq"] < seq)
+            raise SoakStepError(f"key list seq {seq} not reported by {', '.join(late)} "
+                                f"within {list_by - at:.0f} field days")
+        holding = len(self.key_rotation_nodes)
+        listed_day = self.day()
+        v2 = self.dir / "images" / "v2"
+        await self._run_step("the image", "fw", "build", "--board", "sim", "--version", "2",
+                             "--display", "2-new-key", "--out", str(v2))
+        await self._run_step("its signature", "fw", "sign", "--key",
+                             str(new / fw_keys.PRIVATE_NAME), str(v2))
+        # The gateway's campaign clock is the field's: a device has what is left to confirm.
+        timeout_s = max(int((o.days - self.day() - 1.0) * 86400), 3600)
+        r = await self._run_step(
+            "the campaign", "ota", "campaign", "create", "--config", str(self.config),
+            "--image", str(v2), "--devices", devices, "--rate", "100%",
+            "--abort-threshold", "100", "--timeout", str(timeout_s), "--json")
+        cid = int(json.loads(r.stdout)["id"])
+        self.campaign_id = cid
+
+        def over() -> bool:
+            _seq, rows = self._key_rotation_state(cid)
+            self.key_rotation_nodes = rows
+            return all(r["campaign"] in ota_store.TERMINAL for r in rows.values())
+
+        ended = await self._wait_field(over, o.days - 0.5)
+        rows = self.key_rotation_nodes
+        self.campaign_confirmed = sum(1 for r in rows.values() if r["campaign"] == "confirmed")
+        summary = (f"key list seq {seq} held by {holding}/{len(served)} served nodes "
+                   f"(day {listed_day:.1f}); campaign {cid} (v2 signed by the new key) "
+                   f"confirmed by {self.campaign_confirmed}/{len(served)}")
+        if not ended:
+            raise SoakStepError(f"{summary}; still running at the span's end")
+        if self.campaign_confirmed < len(served):
+            bad = ", ".join(f"{d} {r['campaign']}" + (f" ({r['reason']})" if r["reason"] else "")
+                            for d, r in sorted(rows.items()) if r["campaign"] != "confirmed")
+            raise SoakStepError(f"{summary}: {bad}")
+        return f"done: {summary} by day {self.day():.1f}"
 
     # ---- the run ---------------------------------------------------------------------------
 
@@ -735,6 +891,8 @@ class Soak:
             await self.start_gateway()
             self.fleet = fleet = SoakFleet(cfg, end, clock)
             await asyncio.to_thread(fleet.provision)
+            if o.key_rotation_at is not None:
+                await asyncio.to_thread(self.install_images, fleet)
             for st in fleet.states:
                 st.node.env.update(faketime_env(self.lib, clock.path))
                 # A battery that outlasts the span: a low battery stretches the node's sleep
@@ -774,6 +932,15 @@ class Soak:
 
             summary = await fleet.run(show)
             clock.pause()
+            if self.key_task is not None and not self.key_task.done():
+                # The span ended first: what the nodes got so far is in the verdict.
+                self.key_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.key_task
+                with contextlib.suppress(Exception):
+                    _seq, rows = await asyncio.to_thread(self._key_rotation_state,
+                                                         self.campaign_id)
+                    self.key_rotation_nodes = rows
             await self._settle()
             reached = (min(min(st.node.virtual_ms, end) for st in fleet.states) - start) / DAY_MS
             return await asyncio.to_thread(self.judge, summary, reached,
@@ -781,6 +948,8 @@ class Soak:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            if self.key_task is not None:
+                tasks.append(self.key_task)
             for task in reversed(tasks):
                 if not task.done():
                     task.cancel()
@@ -902,6 +1071,8 @@ class Soak:
             expiring_events=sum(c for (k, _n), c in ev.items() if k == "expiring"),
             operator_actions=operator, revoked=self.revoked, revoked_stays_out=stays_out,
             revoked_after=revoked_after, key_rotation=self.key_rotation,
+            key_rotation_nodes=self.key_rotation_nodes, campaign_id=self.campaign_id,
+            campaign_confirmed=self.campaign_confirmed,
             scripted=[s.as_dict() for s in self.scripted], failures=failures,
             wakes=summary.wakes, send_failures=summary.send_failures,
             time_scale=round(o.time_scale), sample_interval_s=o.sample_interval_s,
@@ -953,6 +1124,9 @@ def format_verdict(v: SoakVerdict) -> list[str]:
         + ("stays out" if v.revoked_stays_out else
            "not revoked" if v.revoked_stays_out is None else f"{v.revoked_after} readings got in"),
         f"trusted key rotation  {v.key_rotation}",
+        *(f"    {d}: key list seq {r['keys_seq']}, campaign {r['campaign'] or 'not started'}"
+          + (f" ({r['reason']})" if r["reason"] else "")
+          for d, r in sorted(v.key_rotation_nodes.items())),
         "scripted              " + "; ".join(f"day {s['at_day']:g} {s['kind']}" for s in v.scripted),
     ]
     lines += [f"  FAILED: {f}" for f in v.failures]
