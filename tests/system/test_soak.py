@@ -60,10 +60,10 @@ def test_ninety_days_renew_and_rotate_on_their_own_and_lose_nothing(tmp_path: Pa
     opts = SoakOptions(
         years=90 / 365, nodes=3, sample_interval_s=86400, send_every=(2, 2), wall_target_s=60.0,
         wall_limit_s=720.0, device_days=30.0, crl_days=14.0, rotate_lead_days=14.0,
-        gateway_kills=1, broker_kills=1, upstream_outage=(0.45, 3.0), revoke_at=0.5,
-        # The list goes out at the next send and the campaign (about 90 chunks of 1 KB,
-        # about 8 a sending wake, a send every 2 days) needs about 25 field days.
-        key_rotation_at=0.55, profiles=ROTATION_PROFILES, seed=2, dir=tmp_path / "soak", keep=True,
+        gateway_kills=1, broker_kills=1, upstream_outage=(0.45, 3.0), revoke_at=0.55,
+        # Right after the revocation: the list takes a few sends and the campaign (about 90
+        # chunks of 1 KB, about 8 a sending wake, a send every 2 days) about 25 field days.
+        key_rotation_at=0.56, profiles=ROTATION_PROFILES, seed=2, dir=tmp_path / "soak", keep=True,
         live=False,
     )
     v = asyncio.run(Soak(opts).run())
