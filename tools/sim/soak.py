@@ -313,7 +313,10 @@ class Soak:
         self.scripted: list[Scripted] = []
         # Commands run after setup that are not the soak's own scripted events: none are.
         self.operator_actions: list[str] = []
-        self.key_rotation = "not run"
+        # Not scheduled is not a failure (the negative control has none); scheduled and not
+        # reached is.
+        self.key_rotation = ("not run" if opts.key_rotation_at is not None
+                             else "skipped: not scheduled")
         self.old_key: Path | None = None  # the signing key baked into every node at setup
         self.key_task: asyncio.Task[None] | None = None
         self.key_rotation_nodes: dict[str, dict[str, Any]] = {}
