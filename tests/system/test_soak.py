@@ -3,8 +3,9 @@ its Mosquitto, every part on one compressed clock through libfaketime, with life
 shortened so that the full run's checks apply (30-day device certificates rotated 14 days
 ahead, a 14-day CRL renewed at half its life), gateway kills, broker kills, an upstream
 outage, a revocation and a trusted firmware key rotation (a new key sent to the nodes in a
-signed key list, then a campaign of an image signed by it). And the negative control: without renewal the CRL really expires
-and the broker really refuses the nodes. `torpor soak --years 3` runs the full one."""
+signed key list, then a campaign of an image signed by it). And the negative control:
+without renewal the CRL really expires and the broker really refuses the nodes.
+`torpor soak --years 3` runs the full one."""
 
 from __future__ import annotations
 
