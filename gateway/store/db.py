@@ -52,6 +52,7 @@ STORE_MODULES: tuple[str, ...] = (
     "gateway.store.groups",
     "gateway.store.hass",
     "gateway.store.rotations",
+    "gateway.store.wake_log",
 )
 
 _extra_stores: list[Callable[[sqlite3.Connection], None]] = []
