@@ -292,7 +292,8 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
         f"<tr><td>{escape(c.key)}</td><td>{c.value}</td><td>v{c.version}</td>"
         f"<td>{'yes' if c.applied else 'pending'}</td>"
         f"<td>{'' if c.reported_value is None else c.reported_value}</td></tr>" for c in view.config)
-    cfg = ("<table><thead><tr><th>Key</th><th>Desired</th><th>Version</th><th>Applied</th>"
+    cfg = ('<table id="config"><thead>'
+           "<tr><th>Key</th><th>Desired</th><th>Version</th><th>Applied</th>"
            f"<th>Reported</th></tr></thead><tbody>{cfg_rows}</tbody></table>" if cfg_rows
            else "<p>no configuration set</p>")
     cfg += f"<p>Configuration version the node reported: {d.config_version or 0}</p>"
