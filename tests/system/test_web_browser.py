@@ -144,21 +144,21 @@ def test_fleet_device_chart_and_a_queued_command_in_chromium(stack: Stack, tmp_p
                 "document.querySelector('#set-config input[name=value]').value = '2';"
                 "document.querySelector('#set-config button').click(); true")
             note = await page.wait_for(
-                "(document.querySelector('.msg') || {}).textContent")
+                "((document.querySelector('.msg') || {}).textContent || '')"
+                ".includes('configuration') && document.querySelector('.msg').textContent")
             assert "configuration v1 queued: send_every = 2" in note, note
             with stack.db() as conn:
-                pending = q.pending(conn, "web-0")
-                assert [i.what for i in pending] == ["set_interval 120", "config v1"], pending
+                items = {i.what: i for i in q.pending(conn, "web-0")}
+                assert set(items) == {"set_interval 120", "config v1"}, items
                 assert [(c.key, c.value, c.applied) for c in q.config_state(conn, "web-0")] == [
                     ("send_every", 2, False)]
             # The node wakes, runs the command and applies the configuration; the page shows
             # both.
             await nodes[0].wake()
             with stack.db() as conn:
-                await _until(lambda: q.get(conn, "web-0", pending[0].command_id).status == q.DONE,
-                             "command retired")
-                await _until(lambda: q.get(conn, "web-0", pending[1].command_id).status == q.DONE,
-                             "configuration applied")
+                for what, item in items.items():
+                    await _until(lambda i=item: q.get(conn, "web-0", i.command_id).status == q.DONE,
+                                 f"{what} retired")
             await page.goto(base + "/devices/web-0")
             cfg = await page.eval(
                 "Array.from(document.querySelectorAll('#config tbody tr'))"
