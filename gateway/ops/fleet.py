@@ -46,14 +46,16 @@ class FleetRow:
     # engine's forecast, gateway.store.readings.battery_forecast): None without enough
     # readings, inf while the voltage does not fall.
     days_left: float | None = None
+    days_left_pending: bool = False  # not fitted yet (the request's fitting budget ran out)
 
     def as_dict(self) -> dict[str, Any]:
         d = {name: getattr(self, name) for name in self.__slots__}
         d["battery"] = [list(p) for p in self.battery]
         if self.days_left is not None and not math.isfinite(self.days_left):
             d["days_left"] = None  # JSON has no infinity: see days_left_trend
-        d["days_left_trend"] = ("unknown" if self.days_left is None else "falling"
-                                if math.isfinite(self.days_left) else "not falling")
+        d["days_left_trend"] = (
+            "pending" if self.days_left_pending else "unknown" if self.days_left is None
+            else "falling" if math.isfinite(self.days_left) else "not falling")
         return d
 
 
@@ -92,30 +94,44 @@ def _battery_points(rows: list[tuple[int, ...]]) -> tuple[tuple[int, int], ...]:
 
 
 FORECAST_EVERY_S = 3600.0  # a device's battery trend is fitted again at most this often
+FORECAST_BUDGET_S = 0.05  # fitting per page request; past it, rows show the last fit or wait
 FORECASTS_MAX = 20_000  # devices whose forecast is kept
 
 
 class Forecasts:
-    """Battery forecasts (readings.battery_forecast) by device, each fitted again once its
-    newest reading is FORECAST_EVERY_S newer than the one it was fitted at, as the rules
-    engine does: a trend over a week moves little in an hour, and a fleet page of a month
-    of one-a-minute readings per device would otherwise fit weeks of readings per row."""
+    """Battery forecasts (readings.battery_forecast) by device, each fitted again at most
+    once per FORECAST_EVERY_S: a trend over a week moves little in an hour, and one fit
+    reads up to a week of the device's readings (10,000 at one a minute). A request fits
+    for at most FORECAST_BUDGET_S (`begin` starts the clock); rows past it show their last
+    forecast, or none yet (`pending`), and the next view or live update fills them in."""
 
-    def __init__(self, size: int = FORECASTS_MAX) -> None:
+    def __init__(self, size: int = FORECASTS_MAX, every_s: float = FORECAST_EVERY_S,
+                 budget_s: float = FORECAST_BUDGET_S) -> None:
         self.size = size
-        self._fits: dict[str, tuple[float, float | None]] = {}
+        self.every_s = every_s
+        self.budget_s = budget_s
+        self._fits: dict[str, tuple[float, float | None]] = {}  # device -> (fitted at, days)
+        self._deadline = math.inf
         self.fits = 0
 
-    def days_left(self, conn: sqlite3.Connection, device: str, t_last: float) -> float | None:
+    def begin(self) -> None:
+        self._deadline = time.monotonic() + self.budget_s
+
+    def days_left(self, conn: sqlite3.Connection, device: str, t_last: float,
+                  now: float) -> tuple[float | None, bool]:
+        """(days left, True) or, past the request's budget, (the last fit or None, whether
+        there was one)."""
         hit = self._fits.get(device)
-        if hit is not None and 0 <= t_last - hit[0] < FORECAST_EVERY_S:
-            return hit[1]
+        if hit is not None and 0 <= now - hit[0] < self.every_s:
+            return hit[1], True
+        if time.monotonic() > self._deadline:
+            return (hit[1], True) if hit is not None else (None, False)
         days = readings.battery_forecast(conn, device, t_last)
         self.fits += 1
         if len(self._fits) >= self.size:
             self._fits.clear()
-        self._fits[device] = (t_last, days)
-        return days
+        self._fits[device] = (now, days)
+        return days, True
 
 
 def next_listen(dev: registry.Device, wakes: wake_store.WakeStats | None) -> float | None:
@@ -130,6 +146,12 @@ def _row(conn: sqlite3.Connection, dev: registry.Device, now: float,
     wakes = wake_store.wake_stats(conn, dev.id)
     at = next_listen(dev, wakes)
     battery = _battery_points(readings.fetch(conn, dev.id, SPARK_POINTS))
+    days: float | None = None
+    known = True
+    if battery and forecasts is not None:
+        days, known = forecasts.days_left(conn, dev.id, battery[-1][0], now)
+    elif battery:
+        days = readings.battery_forecast(conn, dev.id, battery[-1][0])
     overdue = wake_store.missed_wakes(at, wakes.interval_s if wakes else dev.next_wake_s, now,
                                     GRACE_S)
     return FleetRow(
@@ -140,9 +162,7 @@ def _row(conn: sqlite3.Connection, dev: registry.Device, now: float,
         queued=len(q.pending(conn, dev.id)), fw_version=dev.fw_version, ota_state=dev.ota_state,
         alerts=(alerts.open_devices(conn) if open_alerts is None else open_alerts).get(dev.id, 0),
         group=groups.group_of(conn, dev.id),
-        days_left=None if not battery else (
-            forecasts.days_left(conn, dev.id, battery[-1][0]) if forecasts is not None
-            else readings.battery_forecast(conn, dev.id, battery[-1][0])),
+        days_left=days, days_left_pending=not known,
     )
 
 
@@ -152,6 +172,8 @@ def fleet(conn: sqlite3.Connection, *, status: str | None = None, text: str = ""
     """One page of the fleet, filtered by status and text (see registry.page)."""
     now = time.time() if now is None else now
     devices, total = registry.page(conn, status=status, text=text, offset=offset, limit=limit)
+    if forecasts is not None:
+        forecasts.begin()
     open_alerts = alerts.open_devices(conn)
     return FleetPage(tuple(_row(conn, d, now, open_alerts, forecasts) for d in devices), total,
                      offset, limit, registry.counts(conn))
@@ -206,6 +228,8 @@ def device(conn: sqlite3.Connection, device_id: str, *, now: float | None = None
     dev = registry.find(conn, device_id)
     if dev is None:
         raise NotFound(f"no device {device_id!r}")
+    if forecasts is not None:
+        forecasts.begin()
     return DeviceView(
         device=dev, row=_row(conn, dev, now, forecasts=forecasts), wakes=wake_store.wake_stats(conn, device_id),
         readings_stored=readings.stats(conn, device_id)[2],

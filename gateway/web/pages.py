@@ -77,8 +77,23 @@ if(t!==null){document.getElementById('fleet-rows').innerHTML=t;}});});})();
 LOW_DAYS = 14.0  # a forecast under this many days is shown in red
 
 
-def _days_left(days: float | None) -> str:
-    """A fleet row's forecast cell: days, "not falling", or a dash without enough readings."""
+def _days_left_text(days: float | None, pending: bool) -> str:
+    if pending:
+        return "not fitted yet"
+    if days is None:
+        return f"– (fewer than {readings.FORECAST_MIN_POINTS} battery readings in a week)"
+    if not math.isfinite(days):
+        return "not falling"
+    return (f"{days:.1f} days (voltage trend of the last {readings.FORECAST_WINDOW_DAYS:g} "
+            f"days to {readings.FORECAST_EMPTY_MV:g} mV)")
+
+
+def _days_left(days: float | None, pending: bool = False) -> str:
+    """A fleet row's forecast cell: days, "not falling", or a dash without enough readings
+    (an ellipsis while it is still to be fitted)."""
+    if pending:
+        return ('<td class="days-left" data-days="pending" title="forecast not fitted yet: '
+                'shown at the next refresh">…</td>')
     if days is None:
         return '<td class="days-left" data-days="">–</td>'
     if not math.isfinite(days):
@@ -104,7 +119,7 @@ def fleet_rows(page: ofleet.FleetPage, now: float) -> str:
             f'<tr data-device="{escape(r.id)}"><td><a href="/devices/{quote(r.id)}">{escape(r.id)}'
             f'</a></td><td class="st-{escape(r.status)}" title="{escape(r.status_reason)}">'
             f"{escape(r.status)}</td><td>{escape(when(r.last_seen, now))}</td><td>{listen}</td>"
-            f"<td>{batt}{spark}</td>{_days_left(r.days_left)}<td>{r.queued}</td>"
+            f"<td>{batt}{spark}</td>{_days_left(r.days_left, r.days_left_pending)}<td>{r.queued}</td>"
             f"<td>{'' if r.fw_version is None else r.fw_version}</td>"
             f"<td>{escape(r.ota_state or '')}</td><td>{alerts}</td></tr>")
     if not out:
@@ -249,6 +264,7 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
                    f"{escape(d.status_reason)}"),
         ("Class", escape(d.device_class)), ("Last seen", escape(when(d.last_seen, now))),
         ("Next listening", escape(listen)), ("Battery", f"{d.battery_mv} mV" if d.battery_mv else "–"),
+        ("Battery days left", _days_left_text(r.days_left, r.days_left_pending)),
         ("RSSI", f"{d.rssi} dBm" if d.rssi is not None else "–"),
         ("Firmware", escape(str(d.fw_version or "–"))), ("OTA", escape(d.ota_state or "–")),
         ("Boot cause", escape(d.boot_cause or "–")), ("Readings stored", str(view.readings_stored)),

@@ -96,3 +96,34 @@ def test_a_chart_kept_up_to_date_equals_one_drawn_afresh(tmp_path: Path) -> None
     finally:
         w.close()
         r.close()
+
+
+def test_battery_forecasts_are_kept_and_bounded_per_request(tmp_path: Path) -> None:
+    """The fleet's days-left column is the rules engine's fit, refitted at most once per
+    FORECAST_EVERY_S per device, and a request fits only within its budget."""
+    import math
+
+    from gateway.ops import fleet
+
+    path = tmp_path / "gateway.db"
+    now = time.time()
+    fill(path, devices=6, readings_per_device=120, now=now)
+    conn = db.connect(path)
+    try:
+        none_yet = fleet.Forecasts(budget_s=0.0)
+        page = fleet.fleet(conn, now=now, forecasts=none_yet)
+        heard = [r for r in page.rows if r.battery]
+        assert heard and all(r.days_left_pending for r in heard) and none_yet.fits == 0
+        kept = fleet.Forecasts(budget_s=math.inf)
+        page = fleet.fleet(conn, now=now, forecasts=kept)
+        assert kept.fits == len(heard)
+        for r in page.rows:
+            if r.battery:
+                want = readings.battery_forecast(conn, r.id, r.battery[-1][0])
+                assert r.days_left == want and not r.days_left_pending
+        fleet.fleet(conn, now=now + 60, forecasts=kept)
+        assert kept.fits == len(heard)  # within the hour: kept
+        fleet.fleet(conn, now=now + fleet.FORECAST_EVERY_S + 1, forecasts=kept)
+        assert kept.fits == 2 * len(heard)
+    finally:
+        conn.close()
