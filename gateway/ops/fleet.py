@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sqlite3
 import time
@@ -72,6 +73,7 @@ class FleetPage:
                 "offset": self.offset, "limit": self.limit, "counts": self.counts}
 
 
+@functools.lru_cache(maxsize=64)
 def _battery_index(schema: int) -> int | None:
     info = proto.SCHEMAS.get(schema)
     if info is None:
