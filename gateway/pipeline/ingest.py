@@ -552,7 +552,7 @@ class Ingest:
         if hellos:
             registry.record_hellos(
                 self.conn, [registry.hello_row(d, h, now) for d, h in hellos], now)
-        wake_log.record(self.conn, hellos, _stored_by_device(devs, result), now)
+        wake_log.record(self.conn, hellos, [d.device for d in devs], result.committed, now)
         out = self._answers(devs, result, plans, now)
         return _Written(result, upstream, out, sum(len(b.readings) for _, b in bursts))
 
@@ -833,15 +833,6 @@ class Ingest:
                 log.warning("could not publish to %s: %s", topic, exc)
             else:
                 m.acks_sent += 1
-
-
-def _stored_by_device(devs: list[_Dev], result: readings.CommitResult) -> list[tuple[str, int]]:
-    """(device, readings stored now) of every device with frames in the batch: the wake log
-    (gateway.store.wake_log) adds them to each device's current wake."""
-    stored = dict.fromkeys((d.device for d in devs), 0)
-    for c in result.committed:
-        stored[c.device] = stored.get(c.device, 0) + len(c.series)
-    return list(stored.items())
 
 
 def hello_fields(hello: proto.Hello) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import proto
-from gateway.store import db
+from gateway.store import db, readings
 
 STORE = "wake_log"
 KEEP_WAKES = 1000  # per device: three and a half days at one wake in five minutes
@@ -99,10 +99,15 @@ _COLS = ("device, seq, at, node_time, boot_cause, battery_mv, rssi, queue_depth,
 
 
 def record(conn: sqlite3.Connection, hellos: Sequence[tuple[str, proto.Hello]],
-           frames: Iterable[tuple[str, int]], now: float) -> None:
-    """One committed batch: a new wake per HELLO, then (device, readings stored) of every
-    device that sent frames, added to its latest wake when that began at most WAKE_SPAN_S
-    ago. Older wakes of the devices that woke are pruned (KEEP_WAKES, KEEP_DAYS)."""
+           devices: Iterable[str], committed: Iterable[readings.Committed],
+           now: float) -> None:
+    """One committed batch: a new wake per HELLO; then, for every device that sent frames
+    in it (`devices`), the readings of `committed` (those stored now) are added to its
+    latest wake when that began at most WAKE_SPAN_S ago, and the wake's last frame is now.
+    Older wakes of the devices that woke are pruned (KEEP_WAKES, KEEP_DAYS)."""
+    stored = dict.fromkeys(devices, 0)
+    for c in committed:
+        stored[c.device] = stored.get(c.device, 0) + len(c.series)
     for device, h in hellos:
         row = conn.execute("SELECT max(seq) FROM wake_log WHERE device=?", (device,)).fetchone()
         seq = (row[0] or 0) + 1
@@ -119,7 +124,7 @@ def record(conn: sqlite3.Connection, hellos: Sequence[tuple[str, proto.Hello]],
     conn.executemany(
         "UPDATE wake_log SET readings=readings+?, last_frame_at=? WHERE device=? AND seq="
         "(SELECT max(seq) FROM wake_log WHERE device=?) AND at >= ?",
-        [(n, now, d, d, now - WAKE_SPAN_S) for d, n in frames])
+        [(n, now, d, d, now - WAKE_SPAN_S) for d, n in stored.items()])
 
 
 def of_device(conn: sqlite3.Connection, device: str, since: float | None = None,

@@ -48,7 +48,7 @@ def fill(path: Path, devices: int = 30, readings_per_device: int = 120,
             rows.append(registry.hello_row(d, h, now - 60))
         registry.record_hellos(conn, rows, now - 60)
         wake_log.record(conn, [(d, hello(now, 3300 - k % 400)) for k, d in enumerate(heard)],
-                        [], now - 60)
+                        [], [], now - 60)
         dl.plan(conn, [(d, hello(now, 3300)) for d in heard], now - 60)
     if readings_per_device:
         t0 = int(now) - 60 * readings_per_device
