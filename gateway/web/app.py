@@ -275,6 +275,22 @@ async def fleet_page(request: web.Request) -> web.Response:
                  script=pages.FLEET_SCRIPT)
 
 
+def _device_data(conn: sqlite3.Connection, st: State, device_id: str, now: float, span: float,
+                 ) -> tuple[fleet.DeviceView, fleet.ReadingsView, tuple[fleet.WakeLogEntry, ...]]:
+    """What the device page shows, in one trip to the database thread: each trip waits
+    for the interpreter, which ingest keeps busy when the page runs inside the gateway."""
+    view = fleet.device(conn, device_id, now=now, forecasts=st.forecasts)
+    rv = st.charts.view(conn, device_id, now - span, now)
+    latest = rv.latest_at
+    if latest is not None and (latest > now or (not rv.count and latest < now - span)):
+        # The range ends at the newest reading when that is not now: a node silent for
+        # longer than the range shows its last readings rather than an empty chart, and a
+        # node whose clock runs ahead of ours keeps its newest readings on the chart (the
+        # page says so).
+        rv = st.charts.view(conn, device_id, latest - span, latest)
+    return view, rv, fleet.device_wakes(conn, device_id, now - span, now)
+
+
 async def device_page(request: web.Request) -> web.Response:
     st = _state(request)
     device_id = request.match_info["device"]
@@ -283,16 +299,7 @@ async def device_page(request: web.Request) -> web.Response:
         raise BadRequest(f"range: {rng!r} is not one of {', '.join(pages.RANGES)}", "range")
     now = time.time()
     span = pages.RANGES[rng]
-    view = await st.db(fleet.device, device_id, now=now, forecasts=st.forecasts)
-    rv = await st.db(st.charts.view, device_id, now - span, now)
-    latest = rv.latest_at
-    if latest is not None and (latest > now or (not rv.count and latest < now - span)):
-        # The range ends at the newest reading when that is not now: a node silent for
-        # longer than the range shows its last readings rather than an empty chart, and a
-        # node whose clock runs ahead of ours keeps its newest readings on the chart (the
-        # page says so).
-        rv = await st.db(st.charts.view, device_id, latest - span, latest)
-    wakes = await st.db(fleet.device_wakes, device_id, now - span, now)
+    view, rv, wakes = await st.db(_device_data, st, device_id, now, span)
     return _html(request, f"Device {device_id}", pages.device(
         view, rv, rng, csrf=_csrf(request), now=now, wakes=wakes, wakes_since=now - span))
 
