@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -12,6 +14,8 @@ from gateway import proto
 from gateway.store import alerts, deadletter, groups, readings
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
+from gateway.store import rotations as rot
+from gateway.store import wake_log as wlog
 from gateway.store import wakes as wake_store
 
 SPARK_POINTS = 24  # battery readings behind a fleet row's sparkline
@@ -39,10 +43,20 @@ class FleetRow:
     ota_state: str | None
     alerts: int = 0  # open alerts (gateway.pipeline.rules)
     group: str | None = None  # the device's group (gateway.store.groups)
+    # Days until the battery's voltage trend reaches readings.FORECAST_EMPTY_MV (the rules
+    # engine's forecast, gateway.store.readings.battery_forecast): None without enough
+    # readings, inf while the voltage does not fall.
+    days_left: float | None = None
+    days_left_pending: bool = False  # not fitted yet (the request's fitting budget ran out)
 
     def as_dict(self) -> dict[str, Any]:
         d = {name: getattr(self, name) for name in self.__slots__}
         d["battery"] = [list(p) for p in self.battery]
+        if self.days_left is not None and not math.isfinite(self.days_left):
+            d["days_left"] = None  # JSON has no infinity: see days_left_trend
+        d["days_left_trend"] = (
+            "pending" if self.days_left_pending else "unknown" if self.days_left is None
+            else "falling" if math.isfinite(self.days_left) else "not falling")
         return d
 
 
@@ -59,6 +73,7 @@ class FleetPage:
                 "offset": self.offset, "limit": self.limit, "counts": self.counts}
 
 
+@functools.lru_cache(maxsize=64)
 def _battery_index(schema: int) -> int | None:
     info = proto.SCHEMAS.get(schema)
     if info is None:
@@ -80,6 +95,47 @@ def _battery_points(rows: list[tuple[int, ...]]) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+FORECAST_EVERY_S = 3600.0  # a device's battery trend is fitted again at most this often
+FORECAST_BUDGET_S = 0.05  # fitting per page request; past it, rows show the last fit or wait
+FORECASTS_MAX = 20_000  # devices whose forecast is kept
+
+
+class Forecasts:
+    """Battery forecasts (readings.battery_forecast) by device, each fitted again at most
+    once per FORECAST_EVERY_S: a trend over a week moves little in an hour, and one fit
+    reads up to a week of the device's readings (10,000 at one a minute). A request fits
+    for at most FORECAST_BUDGET_S (`begin` starts the clock); rows past it show their last
+    forecast, or none yet (`pending`), and the next view or live update fills them in."""
+
+    def __init__(self, size: int = FORECASTS_MAX, every_s: float = FORECAST_EVERY_S,
+                 budget_s: float = FORECAST_BUDGET_S) -> None:
+        self.size = size
+        self.every_s = every_s
+        self.budget_s = budget_s
+        self._fits: dict[str, tuple[float, float | None]] = {}  # device -> (fitted at, days)
+        self._deadline = math.inf
+        self.fits = 0
+
+    def begin(self) -> None:
+        self._deadline = time.monotonic() + self.budget_s
+
+    def days_left(self, conn: sqlite3.Connection, device: str, t_last: float,
+                  now: float) -> tuple[float | None, bool]:
+        """(days left, True) or, past the request's budget, (the last fit or None, whether
+        there was one)."""
+        hit = self._fits.get(device)
+        if hit is not None and 0 <= now - hit[0] < self.every_s:
+            return hit[1], True
+        if time.monotonic() > self._deadline:
+            return (hit[1], True) if hit is not None else (None, False)
+        days = readings.battery_forecast(conn, device, t_last)
+        self.fits += 1
+        if len(self._fits) >= self.size:
+            self._fits.clear()
+        self._fits[device] = (now, days)
+        return days, True
+
+
 def next_listen(dev: registry.Device, wakes: wake_store.WakeStats | None) -> float | None:
     if wakes is not None and wakes.listen_window is not None:
         return wakes.listen_window[0]
@@ -87,30 +143,42 @@ def next_listen(dev: registry.Device, wakes: wake_store.WakeStats | None) -> flo
 
 
 def _row(conn: sqlite3.Connection, dev: registry.Device, now: float,
-         open_alerts: dict[str, int] | None = None) -> FleetRow:
+         open_alerts: dict[str, int] | None = None,
+         forecasts: Forecasts | None = None) -> FleetRow:
     wakes = wake_store.wake_stats(conn, dev.id)
     at = next_listen(dev, wakes)
+    battery = _battery_points(readings.fetch(conn, dev.id, SPARK_POINTS))
+    days: float | None = None
+    known = True
+    if battery and forecasts is not None:
+        days, known = forecasts.days_left(conn, dev.id, battery[-1][0], now)
+    elif battery:
+        days = readings.battery_forecast(conn, dev.id, battery[-1][0])
     overdue = wake_store.missed_wakes(at, wakes.interval_s if wakes else dev.next_wake_s, now,
                                     GRACE_S)
     return FleetRow(
         id=dev.id, device_class=dev.device_class, status=dev.status,
         status_reason=dev.status_reason, last_seen=dev.last_seen, next_listen_at=at,
         overdue_wakes=overdue, battery_mv=dev.battery_mv,
-        battery=_battery_points(readings.fetch(conn, dev.id, SPARK_POINTS)),
+        battery=battery,
         queued=len(q.pending(conn, dev.id)), fw_version=dev.fw_version, ota_state=dev.ota_state,
         alerts=(alerts.open_devices(conn) if open_alerts is None else open_alerts).get(dev.id, 0),
         group=groups.group_of(conn, dev.id),
+        days_left=days, days_left_pending=not known,
     )
 
 
 def fleet(conn: sqlite3.Connection, *, status: str | None = None, text: str = "",
-          offset: int = 0, limit: int = 50, now: float | None = None) -> FleetPage:
+          offset: int = 0, limit: int = 50, now: float | None = None,
+          forecasts: Forecasts | None = None) -> FleetPage:
     """One page of the fleet, filtered by status and text (see registry.page)."""
     now = time.time() if now is None else now
     devices, total = registry.page(conn, status=status, text=text, offset=offset, limit=limit)
+    if forecasts is not None:
+        forecasts.begin()
     open_alerts = alerts.open_devices(conn)
-    return FleetPage(tuple(_row(conn, d, now, open_alerts) for d in devices), total, offset,
-                     limit, registry.counts(conn))
+    return FleetPage(tuple(_row(conn, d, now, open_alerts, forecasts) for d in devices), total,
+                     offset, limit, registry.counts(conn))
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +191,8 @@ class DeviceView:
     history: tuple[q.Item, ...]
     config: tuple[q.ConfigState, ...]
     dead_letters: int
+    wake_log: tuple[wlog.Wake, ...] = ()  # newest first (gateway.store.wake_log)
+    rotations: tuple[rot.Rotation, ...] = ()  # key rotations, newest first
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -133,23 +203,54 @@ class DeviceView:
             "history": [i.as_dict() for i in self.history],
             "config": [{n: getattr(c, n) for n in c.__slots__} for c in self.config],
             "dead_letters": self.dead_letters,
+            "wake_log": [w.as_dict() for w in self.wake_log],
+            "rotations": [_rotation_dict(r) for r in self.rotations],
         }
 
 
+def _rotation_dict(r: rot.Rotation) -> dict[str, Any]:
+    d = r.as_dict()
+    d.pop("csr", None)  # the request itself is the node's to keep out of listings
+    d["pending"] = r.state in rot.OPEN
+    return d
+
+
+# What the web layer names of the store's records (it reads the store only through ops).
+WakeLogEntry = wlog.Wake
+RotationEntry = rot.Rotation
+ROTATION_OPEN = rot.OPEN
+WAKE_HISTORY = 200  # wakes listed with a device (the charts read the log by range)
+ROTATION_HISTORY = 10
+
+
 def device(conn: sqlite3.Connection, device_id: str, *, now: float | None = None,
-           history: int = 20) -> DeviceView:
+           history: int = 20, wake_history: int = WAKE_HISTORY,
+           forecasts: Forecasts | None = None) -> DeviceView:
     now = time.time() if now is None else now
     dev = registry.find(conn, device_id)
     if dev is None:
         raise NotFound(f"no device {device_id!r}")
+    if forecasts is not None:
+        forecasts.begin()
     return DeviceView(
-        device=dev, row=_row(conn, dev, now), wakes=wake_store.wake_stats(conn, device_id),
+        device=dev, row=_row(conn, dev, now, forecasts=forecasts), wakes=wake_store.wake_stats(conn, device_id),
         readings_stored=readings.stats(conn, device_id)[2],
         pending=tuple(q.pending(conn, device_id)),
         history=tuple(q.history(conn, device_id, history)),
         config=tuple(q.config_state(conn, device_id)),
         dead_letters=deadletter.count(conn, device_id),
+        wake_log=tuple(wlog.of_device(conn, device_id, limit=wake_history)),
+        rotations=tuple(rot.of_device(conn, device_id, ROTATION_HISTORY)),
     )
+
+
+def device_wakes(conn: sqlite3.Connection, device_id: str, since: float,
+                 until: float) -> tuple[wlog.Wake, ...]:
+    """The device's logged wakes in [since, until], oldest first (for its charts)."""
+    if registry.find(conn, device_id) is None:
+        raise NotFound(f"no device {device_id!r}")
+    return tuple(w for w in reversed(wlog.of_device(conn, device_id, since))
+                 if w.at <= until)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,3 +327,30 @@ def device_readings(conn: sqlite3.Connection, device_id: str, since: float, unti
                      for name, (unit, scale, ts, vs) in by_name.items()),
         latest_at=float(latest[0][1]) if latest else None,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigView:
+    """A device's configuration: what the operator wants (desired, per key) against what the
+    node reported having applied (its config version, and each key's reported value)."""
+
+    device: str
+    reported_version: int
+    keys: tuple[q.ConfigState, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device, "reported_version": self.reported_version,
+            "desired": {c.key: c.value for c in self.keys},
+            "reported": {c.key: c.reported_value for c in self.keys
+                         if c.reported_value is not None},
+            "pending": [c.key for c in self.keys if not c.applied],
+            "keys": [{n: getattr(c, n) for n in c.__slots__} for c in self.keys],
+        }
+
+
+def device_config(conn: sqlite3.Connection, device_id: str) -> ConfigView:
+    dev = registry.find(conn, device_id)
+    if dev is None:
+        raise NotFound(f"no device {device_id!r}")
+    return ConfigView(device_id, dev.config_version or 0, tuple(q.config_state(conn, device_id)))

@@ -24,7 +24,7 @@ from gateway.config import IngestConfig, UpstreamConfig
 from gateway.pipeline.downlink import Downlink, WakePlan
 from gateway.pipeline.events import queue_events
 from gateway.pipeline.ota_delivery import OtaHandler
-from gateway.store import db, deadletter, readings
+from gateway.store import db, deadletter, readings, wake_log
 from gateway.store import devices as registry
 from gateway.store.outbox import Queued
 from gateway.transport import topics
@@ -559,6 +559,7 @@ class Ingest:
         if hellos:
             registry.record_hellos(
                 self.conn, [registry.hello_row(d, h, now) for d, h in hellos], now)
+        wake_log.record(self.conn, hellos, [d.device for d in devs], result.committed, now)
         out = self._answers(devs, result, plans, now)
         return _Written(result, upstream, out, sum(len(b.readings) for _, b in bursts))
 

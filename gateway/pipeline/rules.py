@@ -24,7 +24,7 @@ import re
 import sqlite3
 import time
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -140,9 +140,9 @@ class Rule:
     clear_above_mv: float | None = None
     forecast_days: float | None = None
     clear_days: float | None = None
-    window_days: float = 7.0
-    empty_mv: float = 3000.0
-    min_points: int = 6
+    window_days: float = readings.FORECAST_WINDOW_DAYS
+    empty_mv: float = readings.FORECAST_EMPTY_MV
+    min_points: int = readings.FORECAST_MIN_POINTS
     within_days: float = 7.0
     days: float = 0.0
 
@@ -403,9 +403,12 @@ def _battery(w: _Where, path: str, r: Mapping[str, Any]) -> dict[str, Any]:
         for key in ("clear_days", "window_days", "empty_mv", "min_points"):
             if key in r:
                 raise w.error(f"{path}.{key}", "goes with forecast_days")
-    kw["window_days"] = _number(w, f"{path}.window_days", r.get("window_days", 7.0), 0.001)
-    kw["empty_mv"] = _number(w, f"{path}.empty_mv", r.get("empty_mv", 3000.0), 0.0)
-    kw["min_points"] = _integer(w, f"{path}.min_points", r.get("min_points", 6), 2)
+    kw["window_days"] = _number(w, f"{path}.window_days",
+                                r.get("window_days", readings.FORECAST_WINDOW_DAYS), 0.001)
+    kw["empty_mv"] = _number(w, f"{path}.empty_mv",
+                             r.get("empty_mv", readings.FORECAST_EMPTY_MV), 0.0)
+    kw["min_points"] = _integer(w, f"{path}.min_points",
+                                r.get("min_points", readings.FORECAST_MIN_POINTS), 2)
     return kw
 
 
@@ -425,23 +428,8 @@ def load_rules(path: Path) -> RuleSet:
 
 
 # ------------------------------------------------------------------ battery forecast
-
-def forecast_days(times: Sequence[float], mv: Sequence[float], empty_mv: float) -> float | None:
-    """Days until the least-squares line through (time, mV) reaches `empty_mv`, from the
-    last time; None without two distinct times, inf when the voltage is not falling."""
-    n = len(times)
-    if n < 2 or len(mv) != n:
-        return None
-    mt = sum(times) / n
-    mv_mean = sum(mv) / n
-    sxx = sum((t - mt) ** 2 for t in times)
-    if sxx <= 0:
-        return None
-    slope = sum((t - mt) * (v - mv_mean) for t, v in zip(times, mv, strict=True)) / sxx
-    if slope >= 0:
-        return math.inf
-    now_mv = mv_mean + slope * (times[-1] - mt)
-    return max(0.0, (now_mv - empty_mv) / -slope / 86400.0)
+# The fit lives with the readings (gateway.store.readings), where the fleet page reads it too.
+forecast_days = readings.forecast_days
 
 
 # ------------------------------------------------------------------ the engine
@@ -698,21 +686,9 @@ class Engine:
 
     def _fit(self, conn: sqlite3.Connection, rule: Rule, device: str,
              t_last: int) -> float | None:
-        since = t_last - rule.window_days * 86400.0
-        times: list[float] = []
-        mv: list[float] = []
-        for schema, cols in readings.columns_between(conn, device, since, t_last).items():
-            info = proto.SCHEMAS.get(schema)
-            if info is None:
-                continue
-            for i, m in enumerate(info[1]):
-                if m.name == rule.measurement:
-                    times.extend(float(x) for x in cols[0])
-                    mv.extend(x * m.scale for x in cols[i + 1])
-        if len(times) < rule.min_points:
-            return None
-        order = sorted(range(len(times)), key=times.__getitem__)
-        return forecast_days([times[k] for k in order], [mv[k] for k in order], rule.empty_mv)
+        return readings.battery_forecast(conn, device, t_last, measurement=rule.measurement,
+                                         window_days=rule.window_days, empty_mv=rule.empty_mv,
+                                         min_points=rule.min_points)
 
     # ---- periodic conditions
     def devices(self, conn: sqlite3.Connection) -> list[registry.Schedule]:

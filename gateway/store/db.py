@@ -54,6 +54,7 @@ STORE_MODULES: tuple[str, ...] = (
     "gateway.store.rotations",
     "gateway.store.session_keys",
     "gateway.store.keylists",
+    "gateway.store.wake_log",
 )
 
 _extra_stores: list[Callable[[sqlite3.Connection], None]] = []

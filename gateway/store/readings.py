@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sqlite3
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -567,6 +568,28 @@ def latest_runs_after(conn: sqlite3.Connection, after: int
     return hi, [(int(r[0]), str(r[1]), int(r[2]), unpack(r[4], int(r[3]), r[5])) for r in rows]
 
 
+def device_runs(conn: sqlite3.Connection, device: str, *, after: int = 0,
+                since: float | None = None,
+                until: float | None = None) -> list[tuple[int, int, list[tuple[int, ...]]]]:
+    """The device's runs as (rowid, schema, [timestamps, v0, v1, ...]): those stored after
+    the run with rowid `after`, and with `since`/`until` only runs that may hold readings
+    sampled in that span (a run starting up to RUN_SPAN_S before `since` may). A reader that
+    keeps the largest rowid it got has seen every run of the device up to it (runs are
+    committed one transaction after another, with rowids growing), so asking again with
+    `after` set to it returns exactly the runs stored since."""
+    sql = ("SELECT rowid, schema, count, layout, data FROM reading_runs WHERE device=? "
+           "AND rowid > ?")
+    args: list[object] = [device, after]
+    if since is not None:
+        sql += " AND ts >= ?"
+        args.append(int(since) - RUN_SPAN_S)
+    if until is not None:
+        sql += " AND ts <= ?"
+        args.append(int(until))
+    return [(int(r[0]), int(r[1]), unpack(r[3], int(r[2]), r[4]))
+            for r in conn.execute(sql + " ORDER BY rowid", args)]
+
+
 def last_run_id(conn: sqlite3.Connection) -> int:
     """The rowid of the newest run (0: none): where a new reader's cursor starts."""
     return int(conn.execute("SELECT coalesce(max(rowid), 0) FROM reading_runs").fetchone()[0])
@@ -619,3 +642,63 @@ def columns_between(conn: sqlite3.Connection, device: str, since: float,
             order = sorted(range(len(ts)), key=ts.__getitem__)
             out[schema] = [[c[k] for k in order] for c in cols]
     return out
+
+
+# ------------------------------------------------------------------ battery forecast
+# The battery's days left, from its voltage trend: the rules engine's battery condition
+# (gateway.pipeline.rules, whose rules may set their own window and empty level) and the
+# operator's fleet page (these defaults) both read it here.
+FORECAST_EMPTY_MV = 3000.0
+FORECAST_WINDOW_DAYS = 7.0
+FORECAST_MIN_POINTS = 6
+
+
+def forecast_days(times: Sequence[float], mv: Sequence[float], empty_mv: float) -> float | None:
+    """Days until the least-squares line through (time, mV) reaches `empty_mv`, from the
+    last time; None without two distinct times, inf when the voltage is not falling."""
+    n = len(times)
+    if n < 2 or len(mv) != n:
+        return None
+    mt = sum(times) / n
+    mv_mean = sum(mv) / n
+    sxx = sum((t - mt) ** 2 for t in times)
+    if sxx <= 0:
+        return None
+    slope = sum((t - mt) * (v - mv_mean) for t, v in zip(times, mv, strict=True)) / sxx
+    if slope >= 0:
+        return math.inf
+    now_mv = mv_mean + slope * (times[-1] - mt)
+    return max(0.0, (now_mv - empty_mv) / -slope / 86400.0)
+
+
+def measurement_between(conn: sqlite3.Connection, device: str, measurement: str, since: float,
+                        until: float) -> tuple[list[float], list[float]]:
+    """(times, values in the spec's unit) of one measurement of a device in [since, until],
+    in time order, across every schema that carries it."""
+    times: list[float] = []
+    values: list[float] = []
+    for schema, cols in columns_between(conn, device, since, until).items():
+        info = proto.SCHEMAS.get(schema)
+        if info is None:
+            continue
+        for i, m in enumerate(info[1]):
+            if m.name == measurement and i + 1 < len(cols):
+                times.extend(float(x) for x in cols[0])
+                values.extend(x * m.scale for x in cols[i + 1])
+    if any(a > b for a, b in zip(times, times[1:], strict=False)):
+        order = sorted(range(len(times)), key=times.__getitem__)
+        times, values = [times[k] for k in order], [values[k] for k in order]
+    return times, values
+
+
+def battery_forecast(conn: sqlite3.Connection, device: str, t_last: float, *,
+                     measurement: str = "battery", window_days: float = FORECAST_WINDOW_DAYS,
+                     empty_mv: float = FORECAST_EMPTY_MV,
+                     min_points: int = FORECAST_MIN_POINTS) -> float | None:
+    """Days from `t_last` until the device's battery trend over the `window_days` before it
+    reaches `empty_mv` (forecast_days); None with fewer than `min_points` readings."""
+    times, mv = measurement_between(conn, device, measurement,
+                                    t_last - window_days * 86400.0, t_last)
+    if len(times) < min_points:
+        return None
+    return forecast_days(times, mv, empty_mv)

@@ -12,7 +12,6 @@ import json
 import logging
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
@@ -24,6 +23,7 @@ from gateway.config import WebConfig
 from gateway.ops import actions, fleet
 from gateway.ops import alerts as oalerts
 from gateway.ops import campaigns as ocampaigns
+from gateway.ops import charts as ocharts
 from gateway.ops import groups as ogroups
 from gateway.ops import health as ohealth
 from gateway.ops import metrics as ometrics
@@ -41,8 +41,6 @@ OPEN_PATHS = frozenset({"/login"})
 EVENT_POLL_S = 2.0
 EVENT_PING_S = 15.0
 MAX_LIMIT = 1000
-CHART_CACHE = 32  # device charts kept (gateway.web.app.Charts)
-CHART_MIN_AGE_S = 5.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -55,35 +53,6 @@ class BadRequest(Exception):
         self.status = status
 
 
-class Charts:
-    """Device charts as last drawn, by (device, range). One is drawn again as soon as the
-    device has stored another reading, or once the range has moved by one chart point
-    (at least CHART_MIN_AGE_S): reloading a 30-day page of a sleeping node, or several
-    operators looking at it, costs one averaging of its month per new burst, not per view."""
-
-    def __init__(self, size: int = CHART_CACHE) -> None:
-        self.size = size
-        self._charts: OrderedDict[tuple[str, str], tuple[int, float, fleet.ReadingsView]] = (
-            OrderedDict())
-
-    def get(self, device: str, rng: str, stored: int, now: float,
-            span: float) -> fleet.ReadingsView | None:
-        hit = self._charts.get((device, rng))
-        if hit is None or hit[0] != stored:
-            return None
-        if not 0 <= now - hit[1] < max(CHART_MIN_AGE_S, span / fleet.MAX_CHART_POINTS):
-            return None
-        self._charts.move_to_end((device, rng))
-        return hit[2]
-
-    def put(self, device: str, rng: str, stored: int, now: float,
-            view: fleet.ReadingsView) -> None:
-        self._charts[(device, rng)] = (stored, now, view)
-        self._charts.move_to_end((device, rng))
-        while len(self._charts) > self.size:
-            self._charts.popitem(last=False)
-
-
 @dataclass
 class State:
     cfg: WebConfig
@@ -93,7 +62,8 @@ class State:
     sessions: auth.Sessions = field(init=False)
     throttle: auth.Throttle = field(default_factory=auth.Throttle)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    charts: Charts = field(default_factory=Charts)
+    charts: ocharts.ChartCache = field(default_factory=ocharts.ChartCache)
+    forecasts: fleet.Forecasts = field(default_factory=fleet.Forecasts)
 
     def __post_init__(self) -> None:
         self.sessions = auth.Sessions(self.cfg.session_hours * 3600)
@@ -298,11 +268,27 @@ async def fleet_page(request: web.Request) -> web.Response:
     offset = _int(request, "offset", 0, 0, 10**9)
     now = time.time()
     page = await st.db(fleet.fleet, status=status, text=text, offset=offset,
-                       limit=st.cfg.page_size, now=now)
+                       limit=st.cfg.page_size, now=now, forecasts=st.forecasts)
     if request.query.get("rows") == "1":  # the live update's table body
         return web.Response(text=pages.fleet_rows(page, now), content_type="text/html")
     return _html(request, "Fleet", pages.fleet(page, status=status, text=text, now=now),
                  script=pages.FLEET_SCRIPT)
+
+
+def _device_data(conn: sqlite3.Connection, st: State, device_id: str, now: float, span: float,
+                 ) -> tuple[fleet.DeviceView, fleet.ReadingsView, tuple[fleet.WakeLogEntry, ...]]:
+    """What the device page shows, in one trip to the database thread: each trip waits
+    for the interpreter, which ingest keeps busy when the page runs inside the gateway."""
+    view = fleet.device(conn, device_id, now=now, forecasts=st.forecasts)
+    rv = st.charts.view(conn, device_id, now - span, now)
+    latest = rv.latest_at
+    if latest is not None and (latest > now or (not rv.count and latest < now - span)):
+        # The range ends at the newest reading when that is not now: a node silent for
+        # longer than the range shows its last readings rather than an empty chart, and a
+        # node whose clock runs ahead of ours keeps its newest readings on the chart (the
+        # page says so).
+        rv = st.charts.view(conn, device_id, latest - span, latest)
+    return view, rv, fleet.device_wakes(conn, device_id, now - span, now)
 
 
 async def device_page(request: web.Request) -> web.Response:
@@ -313,20 +299,9 @@ async def device_page(request: web.Request) -> web.Response:
         raise BadRequest(f"range: {rng!r} is not one of {', '.join(pages.RANGES)}", "range")
     now = time.time()
     span = pages.RANGES[rng]
-    view = await st.db(fleet.device, device_id, now=now)
-    rv = st.charts.get(device_id, rng, view.readings_stored, now, span)
-    if rv is None:
-        rv = await st.db(fleet.device_readings, device_id, now - span, now)
-        latest = rv.latest_at
-        if latest is not None and (latest > now or (not rv.count and latest < now - span)):
-            # The range ends at the newest reading when that is not now: a node silent for
-            # longer than the range shows its last readings rather than an empty chart, and a
-            # node whose clock runs ahead of ours keeps its newest readings on the chart (the
-            # page says so).
-            rv = await st.db(fleet.device_readings, device_id, latest - span, latest)
-        st.charts.put(device_id, rng, view.readings_stored, now, rv)
-    return _html(request, f"Device {device_id}", pages.device(view, rv, rng, csrf=_csrf(request),
-                                                              now=now))
+    view, rv, wakes = await st.db(_device_data, st, device_id, now, span)
+    return _html(request, f"Device {device_id}", pages.device(
+        view, rv, rng, csrf=_csrf(request), now=now, wakes=wakes, wakes_since=now - span))
 
 
 def _back(request: web.Request, device_id: str, msg: str,
@@ -508,12 +483,14 @@ async def api_devices(request: web.Request) -> web.Response:
     page = await st.db(fleet.fleet, status=_status(request),
                        text=request.query.get("q", "").strip(),
                        offset=_int(request, "offset", 0, 0, 10**9),
-                       limit=_int(request, "limit", st.cfg.page_size, 1, MAX_LIMIT))
+                       limit=_int(request, "limit", st.cfg.page_size, 1, MAX_LIMIT),
+                       forecasts=st.forecasts)
     return _json(page.as_dict())
 
 
 async def api_device(request: web.Request) -> web.Response:
-    view = await _state(request).db(fleet.device, request.match_info["device"])
+    st = _state(request)
+    view = await st.db(fleet.device, request.match_info["device"], forecasts=st.forecasts)
     return _json(view.as_dict())
 
 
@@ -583,6 +560,23 @@ async def api_config(request: web.Request) -> web.Response:
                                     priority=q.DEFAULT_PRIORITY if priority is None else priority)
     return _json({"device": done.device, "config_version": done.version,
                   "values": done.values}, 201)
+
+
+async def api_config_show(request: web.Request) -> web.Response:
+    view = await _state(request).db(fleet.device_config, request.match_info["device"])
+    return _json(view.as_dict())
+
+
+async def api_wakes(request: web.Request) -> web.Response:
+    now = time.time()
+    until = _float(request, "until", now)
+    since = _float(request, "since", until - 86400)
+    if since > until:
+        raise BadRequest("since: later than until", "since")
+    wakes = await _state(request).db(fleet.device_wakes, request.match_info["device"], since,
+                                     until)
+    return _json({"device": request.match_info["device"], "since": since, "until": until,
+                  "energy_reported": False, "wakes": [w.as_dict() for w in wakes]})
 
 
 async def api_cancel(request: web.Request) -> web.Response:
@@ -713,6 +707,8 @@ def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False,
     r.add_get("/api/v1/devices/{device}/readings", api_readings)
     r.add_post("/api/v1/devices/{device}/commands", api_queue)
     r.add_post("/api/v1/devices/{device}/config", api_config)
+    r.add_get("/api/v1/devices/{device}/config", api_config_show)
+    r.add_get("/api/v1/devices/{device}/wakes", api_wakes)
     r.add_delete("/api/v1/devices/{device}/commands/{command_id}", api_cancel)
     r.add_post("/api/v1/devices/{device}/release", api_release)
     r.add_put("/api/v1/devices/{device}/group", api_group)

@@ -30,7 +30,9 @@ DOCUMENT: dict[str, Any] = {
     "security": [{"bearer": []}, {"session": []}],
     "paths": {
         "/api/v1/devices": {"get": {
-            "summary": "Devices, one page, filtered", "parameters": [
+            "summary": "Devices, one page, filtered; each with its battery forecast "
+                       "(`days_left`, null when unknown or not falling: see `days_left_trend`)",
+            "parameters": [
                 {"name": "status", "in": "query", "schema": {"type": "string",
                                                              "enum": list(registry.STATUSES)}},
                 {"name": "q", "in": "query", "schema": {"type": "string"},
@@ -40,7 +42,8 @@ DOCUMENT: dict[str, Any] = {
                                                             "maximum": 1000}}],
             "responses": {"200": _ok("devices, total matching, counts by status"), "400": _ERROR}}},
         "/api/v1/devices/{device}": {"get": {
-            "summary": "One device: state, wakes, pending downlink, results, configuration",
+            "summary": "One device: state, wakes (`wake_log`, newest first), key rotations, "
+                       "pending downlink, results, configuration",
             "parameters": [_DEVICE], "responses": {"200": _ok("the device"), "404": _ERROR}}},
         "/api/v1/devices/{device}/readings": {"get": {
             "summary": "Readings over a time range, one series per measurement",
@@ -61,7 +64,22 @@ DOCUMENT: dict[str, Any] = {
                     "priority": {"type": "integer"}, "ttl_s": {"type": "integer",
                                                                "nullable": True}}}}}},
             "responses": {"201": _ok("the queued item's id"), "400": _ERROR, "409": _ERROR}}},
-        "/api/v1/devices/{device}/config": {"post": {
+        "/api/v1/devices/{device}/wakes": {"get": {
+            "summary": "The device's logged wakes in a time range, oldest first: cause, battery, "
+                       "RSSI, readings stored, time seen awake, OTA and key-rotation state "
+                       "(energy is not reported by the node: `energy_reported` is false)",
+            "parameters": [_DEVICE,
+                           {"name": "since", "in": "query", "schema": {"type": "number"},
+                            "description": "unix seconds (default: until - 1 day)"},
+                           {"name": "until", "in": "query", "schema": {"type": "number"},
+                            "description": "unix seconds (default: now)"}],
+            "responses": {"200": _ok("wakes"), "400": _ERROR, "404": _ERROR}}},
+        "/api/v1/devices/{device}/config": {"get": {
+            "summary": "Desired configuration against what the node reported (its config "
+                       "version, each key's reported value, the keys still pending)",
+            "parameters": [_DEVICE],
+            "responses": {"200": _ok("desired and reported configuration"), "404": _ERROR}},
+                                            "post": {
             "summary": "Set desired configuration (delivered as one SHADOW_DELTA at the next wake)",
             "parameters": [_DEVICE],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {

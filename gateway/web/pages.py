@@ -4,8 +4,9 @@ font from anywhere else, so the page works with no internet access."""
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from html import escape
 from urllib.parse import quote, urlencode
 
@@ -14,6 +15,7 @@ from gateway.ops import fleet as ofleet
 from gateway.ops import health as ohealth
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
+from gateway.store import readings
 from gateway.web import svg
 
 RANGES = {"1h": 3600, "6h": 6 * 3600, "1d": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
@@ -72,6 +74,35 @@ if(t!==null){document.getElementById('fleet-rows').innerHTML=t;}});});})();
 """
 
 
+LOW_DAYS = 14.0  # a forecast under this many days is shown in red
+
+
+def _days_left_text(days: float | None, pending: bool) -> str:
+    if pending:
+        return "not fitted yet"
+    if days is None:
+        return f"– (fewer than {readings.FORECAST_MIN_POINTS} battery readings in a week)"
+    if not math.isfinite(days):
+        return "not falling"
+    return (f"{days:.1f} days (voltage trend of the last {readings.FORECAST_WINDOW_DAYS:g} "
+            f"days to {readings.FORECAST_EMPTY_MV:g} mV)")
+
+
+def _days_left(days: float | None, pending: bool = False) -> str:
+    """A fleet row's forecast cell: days, "not falling", or a dash without enough readings
+    (an ellipsis while it is still to be fitted)."""
+    if pending:
+        return ('<td class="days-left" data-days="pending" title="forecast not fitted yet: '
+                'shown at the next refresh">…</td>')
+    if days is None:
+        return '<td class="days-left" data-days="">–</td>'
+    if not math.isfinite(days):
+        return '<td class="days-left" data-days="inf">not falling</td>'
+    text = f"{days:.1f} d" if days < 10 else f"{days:.0f} d"
+    cls = " late" if days < LOW_DAYS else ""
+    return f'<td class="days-left{cls}" data-days="{days:.2f}">{text}</td>'
+
+
 def fleet_rows(page: ofleet.FleetPage, now: float) -> str:
     out = []
     for r in page.rows:
@@ -88,11 +119,11 @@ def fleet_rows(page: ofleet.FleetPage, now: float) -> str:
             f'<tr data-device="{escape(r.id)}"><td><a href="/devices/{quote(r.id)}">{escape(r.id)}'
             f'</a></td><td class="st-{escape(r.status)}" title="{escape(r.status_reason)}">'
             f"{escape(r.status)}</td><td>{escape(when(r.last_seen, now))}</td><td>{listen}</td>"
-            f"<td>{batt}{spark}</td><td>{r.queued}</td>"
+            f"<td>{batt}{spark}</td>{_days_left(r.days_left, r.days_left_pending)}<td>{r.queued}</td>"
             f"<td>{'' if r.fw_version is None else r.fw_version}</td>"
             f"<td>{escape(r.ota_state or '')}</td><td>{alerts}</td></tr>")
     if not out:
-        out.append('<tr><td colspan="9">no device matches</td></tr>')
+        out.append('<tr><td colspan="10">no device matches</td></tr>')
     return "".join(out)
 
 
@@ -115,7 +146,10 @@ def fleet(page: ofleet.FleetPage, *, status: str | None, text: str, now: float) 
         pages.append(f'<a rel="next" href="/?{urlencode({**base, "offset": last})}">next</a>')
     pager = f'<p class="pager">{" ".join(pages)}</p>'
     table = ('<table id="fleet"><thead><tr><th>Device</th><th>Status</th><th>Last seen</th>'
-             "<th>Next listening</th><th>Battery</th><th>Queued</th><th>Firmware</th>"
+             "<th>Next listening</th><th>Battery</th>"
+             '<th title="days until the battery\'s voltage trend over the last '
+             f'{readings.FORECAST_WINDOW_DAYS:g} days reaches {readings.FORECAST_EMPTY_MV:g} mV">'
+             "Days left</th><th>Queued</th><th>Firmware</th>"
              f'<th>OTA</th><th>Alerts</th></tr></thead><tbody id="fleet-rows">{fleet_rows(page, now)}'
              "</tbody></table>")
     return filters + pager + table + pager
@@ -142,8 +176,82 @@ def _items(items: Iterable[q.Item], device: str, csrf: str, cancel: bool, now: f
             + "".join(rows) + "</tbody></table>")
 
 
+ENERGY_NOTE = (
+    "Energy per wake: not reported. The node's HELLO carries no awake time or energy "
+    "figure, and the gateway does not know which board a node is, so it draws no energy "
+    "model either. The chart shows instead how long the gateway saw each wake (from the "
+    "HELLO to the wake's last frame): a lower bound of the node's awake time, which does "
+    "not count its boot, Wi-Fi and TLS set-up.")
+
+
+def _wake_charts(wakes: Sequence[ofleet.WakeLogEntry], since: float, until: float) -> str:
+    """Battery, RSSI and awake time per wake, from the wake log."""
+    def pts(get: Callable[[ofleet.WakeLogEntry], float | None]) -> list[tuple[float, float]]:
+        out = []
+        for w in wakes:
+            v = get(w)
+            if v is not None:
+                out.append((w.at, float(v)))
+        return out
+
+    return (svg.chart("battery at wake", "mV", pts(lambda w: w.battery_mv), since, until,
+                      kind="wake", empty="no wake in this range")
+            + svg.chart("rssi", "dBm", pts(lambda w: w.rssi), since, until, kind="wake",
+                        empty="no wake in this range")
+            + svg.chart("awake seen by gateway", "s", pts(lambda w: w.seen_s), since, until,
+                        kind="wake", empty="no wake in this range")
+            + f'<p class="energy-note" id="energy-per-wake">{escape(ENERGY_NOTE)}</p>')
+
+
+def _wake_table(wakes: Sequence[ofleet.WakeLogEntry], now: float) -> str:
+    rows = []
+    for w in wakes:
+        ota = w.ota_state or ""
+        if w.ota_reason and w.ota_reason != "none":
+            ota += f" ({w.ota_reason})"
+        rot = ""
+        if w.cred_rotation:
+            rot = f"#{w.cred_rotation}" + (f" {w.cred_outcome}" if w.cred_outcome else "")
+        elif w.cred_outcome:
+            rot = w.cred_outcome
+        seen = "" if w.seen_s is None else f"{w.seen_s:.1f} s"
+        sent = f"{w.readings}" + ("" if w.queue_depth is None else f" of {w.queue_depth} queued")
+        safe = " safe mode" if w.safe_mode else ""
+        rows.append(
+            f'<tr data-wake="{w.seq}"><td>{escape(when(w.at, now))}</td>'
+            f"<td>{escape(w.boot_cause)}{safe}</td><td>{escape(sent)}</td>"
+            f"<td>{'' if w.rssi is None else f'{w.rssi} dBm'}</td>"
+            f"<td>{'' if w.battery_mv is None else f'{w.battery_mv} mV'}</td>"
+            f"<td>{seen}</td><td>not reported</td>"
+            f"<td>{'' if w.fw_version is None else w.fw_version}</td>"
+            f"<td>{escape(ota)}</td><td>{escape(rot)}</td></tr>")
+    if not rows:
+        return "<p>no wake logged yet</p>"
+    return ('<table id="wakes"><thead><tr><th>Woke</th><th>Cause</th><th>Readings stored</th>'
+            "<th>RSSI</th><th>Battery</th><th>Awake (seen)</th><th>Energy</th><th>Firmware</th>"
+            "<th>OTA</th><th>Key rotation</th></tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table>")
+
+
+def _rotations(rots: Sequence[ofleet.RotationEntry], now: float) -> str:
+    pending = [r for r in rots if r.state in ofleet.ROTATION_OPEN]
+    rows = "".join(
+        f'<tr data-rotation="{r.id}"><td>{r.id}</td><td>{escape(r.state)}</td>'
+        f"<td>{escape(r.reason)}</td><td>{escape(when(r.created_at, now))}</td>"
+        f"<td>{escape(when(r.updated_at, now))}</td>"
+        f"<td>{escape(' '.join(x for x in (r.outcome, r.detail) if x))}</td></tr>" for r in rots)
+    head = (f"<p>{len(pending)} pending (requested, certificate issued or awaiting revocation of "
+            "the old one).</p>" if pending else "<p>No key rotation pending.</p>")
+    if not rows:
+        return head
+    return (head + '<table id="rotations"><thead><tr><th>Rotation</th><th>State</th>'
+            "<th>Reason</th><th>Requested</th><th>Updated</th><th>Outcome</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>")
+
+
 def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: str,
-           now: float) -> str:
+           now: float, wakes: Sequence[ofleet.WakeLogEntry] = (),
+           wakes_since: float | None = None) -> str:
     d = view.device
     r = view.row
     listen = when(r.next_listen_at, now)
@@ -156,6 +264,7 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
                    f"{escape(d.status_reason)}"),
         ("Class", escape(d.device_class)), ("Last seen", escape(when(d.last_seen, now))),
         ("Next listening", escape(listen)), ("Battery", f"{d.battery_mv} mV" if d.battery_mv else "–"),
+        ("Battery days left", _days_left_text(r.days_left, r.days_left_pending)),
         ("RSSI", f"{d.rssi} dBm" if d.rssi is not None else "–"),
         ("Firmware", escape(str(d.fw_version or "–"))), ("OTA", escape(d.ota_state or "–")),
         ("Boot cause", escape(d.boot_cause or "–")), ("Readings stored", str(view.readings_stored)),
@@ -183,8 +292,8 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
         charts = svg.chart("readings", "", [], rv.since, rv.until)
         if rv.latest_at is not None:
             charts += f"<p>Its newest reading is from {escape(when(rv.latest_at, now))}.</p>"
-    rssi = ("<p>RSSI: last HELLO reported "
-            f"{d.rssi} dBm; the gateway keeps no RSSI history yet.</p>" if d.rssi is not None else "")
+    since = now - RANGES[rng] if wakes_since is None else wakes_since
+    wake_charts = _wake_charts(wakes, since, now)
     ops = "".join(f'<option value="{o}">{o}</option>' for o in q.OPS)
     form = (f'<form method="post" action="/devices/{quote(d.id)}/commands" id="queue-command">'
             f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
@@ -199,7 +308,8 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
         f"<tr><td>{escape(c.key)}</td><td>{c.value}</td><td>v{c.version}</td>"
         f"<td>{'yes' if c.applied else 'pending'}</td>"
         f"<td>{'' if c.reported_value is None else c.reported_value}</td></tr>" for c in view.config)
-    cfg = ("<table><thead><tr><th>Key</th><th>Desired</th><th>Version</th><th>Applied</th>"
+    cfg = ('<table id="config"><thead>'
+           "<tr><th>Key</th><th>Desired</th><th>Version</th><th>Applied</th>"
            f"<th>Reported</th></tr></thead><tbody>{cfg_rows}</tbody></table>" if cfg_rows
            else "<p>no configuration set</p>")
     cfg += f"<p>Configuration version the node reported: {d.config_version or 0}</p>"
@@ -211,7 +321,11 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
             f"<button>Set</button></form>")
     return (f"<section>{dl}</section>"
             f'<section><h2>Readings</h2><p class="ranges">Range: {ranges} · {rv.count} readings'
-            f"</p>{charts}{rssi}</section>"
+            f"</p>{charts}</section>"
+            f'<section><h2>Wakes</h2><p class="ranges">Range: {ranges} · {len(wakes)} wakes '
+            f"logged</p>{wake_charts}<h3>Latest wakes</h3>{_wake_table(view.wake_log, now)}"
+            "</section>"
+            f"<section><h2>Key rotations</h2>{_rotations(view.rotations, now)}</section>"
             f"<section><h2>Pending downlink</h2><p>Lands {escape(lands)}.</p>"
             f"{_items(view.pending, d.id, csrf, True, now)}{form}</section>"
             f"<section><h2>Command results</h2>"

@@ -43,11 +43,17 @@ def _when(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M")
 
 
+MARKS_MAX = 60  # a chart with at most this many points marks each of them
+
+
 def chart(name: str, unit: str, points: Sequence[tuple[float, float]], since: float,
-          until: float, *, width: int = 720, height: int = 180) -> str:
-    """A line chart with its value range and time range written on it."""
+          until: float, *, width: int = 720, height: int = 180, kind: str = "readings",
+          empty: str = "no readings in this range") -> str:
+    """A line chart with its value range and time range written on it; `kind` names what
+    its points are (readings, or wakes from the wake log)."""
     pad = 36.0
-    head = (f'<svg class="chart" data-series="{escape(name)}" width="{width}" height="{height}" '
+    head = (f'<svg class="chart" data-kind="{escape(kind)}" data-series="{escape(name)}" '
+            f'data-points="{len(points)}" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" role="img"><title>{escape(name)} ({escape(unit)})'
             f'</title><rect x="0" y="0" width="{width}" height="{height}" fill="#fff" '
             f'stroke="#ccc"/>')
@@ -57,12 +63,13 @@ def chart(name: str, unit: str, points: Sequence[tuple[float, float]], since: fl
             f'{_when(until)} UTC</text>')
     if not points:
         return (head + axes + f'<text x="{width / 2}" y="{height / 2}" font-size="12" '
-                f'text-anchor="middle" fill="#888">no readings in this range</text></svg>')
+                f'text-anchor="middle" fill="#888">{escape(empty)}</text></svg>')
     ys = [p[1] for p in points]
     xy = _scale(points, width, height, pad, (since, until))
     body = (f'<text x="{width - 4}" y="14" font-size="10" text-anchor="end">'
             f'min {min(ys):.2f} · max {max(ys):.2f} · last {ys[-1]:.2f}</text>'
             f'<path class="line" d="{_path(xy)}" fill="none" stroke="#26a" stroke-width="1.5"/>')
-    if len(xy) == 1:
-        body += f'<circle cx="{xy[0][0]:.1f}" cy="{xy[0][1]:.1f}" r="3" fill="#26a"/>'
+    if len(xy) <= MARKS_MAX:
+        body += "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#26a"/>'
+                        for x, y in xy)
     return head + axes + body + "</svg>"

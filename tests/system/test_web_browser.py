@@ -5,6 +5,7 @@ through a real Mosquitto, and a real SQLite file."""
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 import urllib.request
@@ -67,6 +68,22 @@ def test_fleet_device_chart_and_a_queued_command_in_chromium(stack: Stack, tmp_p
                 "Array.from(document.querySelectorAll('#fleet tbody tr[data-device]'))"
                 ".map(r => r.dataset.device)")
             assert rows == ["web-0", "web-1"], rows
+            # Each row has its battery days-left cell, showing what the API computes.
+            cells = await page.eval(
+                "Array.from(document.querySelectorAll('#fleet tbody tr[data-device]'))"
+                ".map(r => [r.querySelector('td.days-left').dataset.days,"
+                " r.querySelector('td.days-left').textContent])")
+            with urllib.request.urlopen(base + "/api/v1/devices") as r:
+                api = {d["id"]: d for d in json.load(r)["devices"]}
+            for (days, text), dev in zip(cells, ("web-0", "web-1"), strict=True):
+                want = api[dev]["days_left"]
+                trend = api[dev]["days_left_trend"]
+                if trend == "falling":
+                    assert abs(float(days) - want) < 0.01 and text.endswith(" d"), (days, want)
+                else:
+                    assert (days, text) == {"not falling": ("inf", "not falling"),
+                                            "pending": ("pending", "…"),
+                                            "unknown": ("", "–")}[trend], (days, text, trend)
             status = await page.eval("document.querySelector('tr[data-device=\"web-0\"] td:nth-child(2)').textContent")
             assert status == "active"
             # The device page draws its readings: an <svg> chart with a line in it.
@@ -78,6 +95,30 @@ def test_fleet_device_chart_and_a_queued_command_in_chromium(stack: Stack, tmp_p
             series = await page.eval(
                 "Array.from(document.querySelectorAll('svg.chart')).map(s => s.dataset.series)")
             assert {"temperature", "humidity", "battery"} <= set(series), series
+            # The wake charts are drawn from the node's logged HELLOs: a line through each.
+            wake_charts = await page.eval(
+                "Array.from(document.querySelectorAll('svg.chart[data-kind=wake]')).map(s =>"
+                " [s.dataset.series, +s.dataset.points,"
+                " (s.querySelector('path.line') || {getAttribute: () => ''}).getAttribute('d')])")
+            assert [c[0] for c in wake_charts] == ["battery at wake", "rssi",
+                                                   "awake seen by gateway"], wake_charts
+            for name, points, line in wake_charts:
+                assert points >= 2 and line.startswith("M") and "L" in line, (name, points)
+            wakes = await page.eval(
+                "Array.from(document.querySelectorAll('#wakes tbody tr'))"
+                ".map(r => Array.from(r.cells).map(c => c.textContent))")
+            assert len(wakes) >= 2, wakes
+            with stack.db() as conn:
+                from gateway.store import wake_log
+
+                logged = wake_log.of_device(conn, "web-0")
+            assert len(wakes) == len(logged)
+            for cells, w in zip(wakes, logged, strict=True):
+                assert cells[1].startswith(w.boot_cause) and cells[3] == f"{w.rssi} dBm"
+                assert cells[4] == f"{w.battery_mv} mV" and cells[6] == "not reported"
+            assert sum(w.readings for w in logged) > 0  # the bursts are counted to their wake
+            assert "not reported" in await page.eval(
+                "document.getElementById('energy-per-wake').textContent")
             # Queue a command through the page's form: it lands in the gateway's queue.
             await page.eval(
                 "document.querySelector('#queue-command select[name=op]').value = 'set_interval';"
@@ -97,12 +138,33 @@ def test_fleet_device_chart_and_a_queued_command_in_chromium(stack: Stack, tmp_p
             await page.wait_for("(document.querySelector('.msg.err') || {}).textContent")
             with stack.db() as conn:
                 assert len(q.pending(conn, "web-0")) == 1
-            # The node wakes, runs it; the page shows its result.
+            # A configuration change through the page's form: desired, pending, queued as
+            # the node's next SHADOW_DELTA.
+            await page.eval(
+                "document.querySelector('#set-config select[name=key]').value = 'send_every';"
+                "document.querySelector('#set-config input[name=value]').value = '2';"
+                "document.querySelector('#set-config button').click(); true")
+            note = await page.wait_for(
+                "((document.querySelector('.msg') || {}).textContent || '')"
+                ".includes('configuration') && document.querySelector('.msg').textContent")
+            assert "configuration v1 queued: send_every = 2" in note, note
+            with stack.db() as conn:
+                items = {i.what: i for i in q.pending(conn, "web-0")}
+                assert set(items) == {"set_interval 120", "config v1"}, items
+                assert [(c.key, c.value, c.applied) for c in q.config_state(conn, "web-0")] == [
+                    ("send_every", 2, False)]
+            # The node wakes, runs the command and applies the configuration; the page shows
+            # both.
             await nodes[0].wake()
             with stack.db() as conn:
-                await _until(lambda: q.get(conn, "web-0", pending[0].command_id).status == q.DONE,
-                             "command retired")
+                for what, item in items.items():
+                    await _until(lambda i=item: q.get(conn, "web-0", i.command_id).status == q.DONE,
+                                 f"{what} retired")
             await page.goto(base + "/devices/web-0")
+            cfg = await page.eval(
+                "Array.from(document.querySelectorAll('#config tbody tr'))"
+                ".map(r => Array.from(r.cells).map(c => c.textContent))")
+            assert cfg and cfg[0][:4] == ["send_every", "2", "v1", "yes"], cfg
             done = await page.eval(
                 f"document.querySelector('tr[data-command-id=\"{pending[0].command_id}\"]')"
                 ".textContent")

@@ -31,6 +31,8 @@ def test_bench_web_quick_json() -> None:
     for kind in ("fleet", "device_30d", "device_30d_live", "device_1d", "metrics"):
         assert fig[f"{kind}_samples"] >= 1
     assert fig["fleet_page_p50_ms"] <= fig["fleet_page_p99_ms"]
+    for key in ("device_30d_redraw_cpu_ms", "device_30d_redraw_cpu_ms_baseline"):
+        assert isinstance(fig[key], float) and fig[key] > 0, (key, fig[key])
     assert fig["devices"] == 500 and fig["month_device_readings"] == 3 * 1440
     assert fig["readings_prefilled"] == (500 - 8 - 2) * 4 + 2 * 3 * 1440
     assert fig["ingest_readings_per_s"] > 0 and fig["ingest_readings_per_s_polled"] > 0

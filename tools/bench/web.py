@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,11 +74,12 @@ class Scale:
     request_gap_s: float = 0.05  # between one page request and the next
     phase_deadline_s: float = 120.0
     warmup: bool = True  # one ingest round first, not counted
+    redraw_views: int = 10  # views timed for the redraw CPU figures, each way
 
 
 QUICK = Scale(devices=500, month_days=3, sparkline_readings=4, load_devices=8,
               frames_per_device=6, workers=1, rounds=1, latency_s=3.0, phase_deadline_s=30.0,
-              warmup=False)
+              warmup=False, redraw_views=3)
 
 
 # --- the database -------------------------------------------------------------------------
@@ -136,6 +138,55 @@ def fill(db_path: Path, names: list[str], load: set[str], months: list[str], sca
     finally:
         conn.close()
     return stored
+
+
+def redraw_cpu(db_path: Path, device: str, views: int = 10) -> dict[str, float]:
+    """CPU (this thread's time, so other jobs on the machine weigh little) of drawing the
+    30-day charts of `device` right after it stored a burst of 60 readings: the way the page
+    drew them before its charts were kept (every reading of the range averaged again,
+    gateway.ops.fleet.device_readings, the baseline) and with the kept chart
+    (gateway.ops.charts.ChartCache). Runs on a copy of the database."""
+    import gateway.proto as p
+    from gateway.ops import fleet as ofleet
+    from gateway.ops.charts import ChartCache
+    from gateway.store import db, readings
+
+    copy = db_path.with_name("redraw-cpu.db")
+    db.backup_to(db_path, copy)
+    conn = db.open_db(copy)
+    try:
+        next_id = readings.stats(conn, device)[0] + 1
+        kept = ChartCache()
+        out: dict[str, float] = {}
+        span = 30 * DAY_S
+        def baseline(now: float) -> ofleet.ReadingsView:
+            return ofleet.device_readings(conn, device, now - span, now)
+
+        def kept_view(now: float) -> ofleet.ReadingsView:
+            return kept.view(conn, device, now - span, now)
+
+        draws: tuple[tuple[str, Callable[[float], ofleet.ReadingsView]], ...] = (
+            ("device_30d_redraw_cpu_ms_baseline", baseline),
+            ("device_30d_redraw_cpu_ms", kept_view))
+        for name, draw in draws:
+            draw(time.time())  # the kept chart reads the month once, on its first view
+            took = []
+            for _ in range(views):
+                now = time.time()
+                ts = tuple(int(now) - 60 + i for i in range(60))
+                readings.commit_bursts(conn, [(device, p.Burst(
+                    next_id, p.SCHEMA_ENV3, 1, p.Series(ts, ((2000,) * 60, (4000,) * 60,
+                                                             (3300,) * 60))))], now=now)
+                next_id += 60
+                t = time.thread_time()
+                draw(now)
+                took.append(time.thread_time() - t)
+            out[name] = round(statistics.median(took) * 1000, 2)
+        return out
+    finally:
+        conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            copy.with_name(copy.name + suffix).unlink(missing_ok=True)
 
 
 # --- the page client ----------------------------------------------------------------------
@@ -267,6 +318,7 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None) -> dict[str, An
                                          time.time())
         live_ident = idents.pop()
         fig["fill_s"] = round(time.monotonic() - t_fill, 2)
+        fig.update(redraw_cpu(gw.db_path, live, scale.redraw_views))
         gw.start()
         _wait_http(base_url + "/api/v1/health", 20.0)
         fig["setup_s"] = round(time.monotonic() - t_setup, 2)
@@ -389,7 +441,8 @@ def _wait_http(url: str, timeout: float) -> None:
 SECTIONS = (
     ("pages while ingesting at half the gateway's rate", (
         "fleet_page_p99_ms", "fleet_page_p50_ms", "fleet_samples", "device_page_p99_ms",
-        "device_page_p50_ms", "device_30d_live_samples", "device_30d_p99_ms",
+        "device_page_p50_ms", "device_30d_live_samples", "device_30d_redraw_cpu_ms",
+        "device_30d_redraw_cpu_ms_baseline", "device_30d_p99_ms",
         "device_30d_p50_ms", "device_1d_p99_ms", "device_1d_p50_ms",
         "metrics_p99_ms", "metrics_p50_ms", "metrics_samples", "fleet_page_idle_p99_ms",
         "fleet_page_idle_p50_ms", "metrics_idle_p99_ms", "metrics_idle_p50_ms",

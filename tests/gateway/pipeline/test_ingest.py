@@ -18,7 +18,7 @@ from gateway.config import parse_config
 from gateway.pipeline.ingest import Ingest
 from gateway.security.pki import Pki
 from gateway.service import Service
-from gateway.store import db, deadletter, readings
+from gateway.store import db, deadletter, readings, wake_log
 from gateway.store import devices as registry
 from gateway.transport import topics
 from tests.fixtures.broker import RunningBroker, mqtt_client, transport_client
@@ -147,6 +147,12 @@ async def test_burst_stored_once_acked_and_duplicates_reacked(broker: RunningBro
     assert d.status == "active" and d.fw_version == 3 and d.next_wake_s == 900
     assert d.next_wake_at is not None and d.last_hello_at is not None
     assert abs(d.next_wake_at - d.last_hello_at - 900) < 1e-6
+    # The wake is logged with what its HELLO said and the readings it brought (not the
+    # duplicate send).
+    (w,) = wake_log.of_device(conn, "n1")
+    assert (w.boot_cause, w.battery_mv, w.rssi, w.fw_version, w.readings) == (
+        "timer", 3300, -60, 3, 192)
+    assert w.seen_s is not None and 0 <= w.seen_s < 30
 
 
 @aio

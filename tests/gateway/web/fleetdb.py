@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gateway import proto
 from gateway.pipeline import downlink
-from gateway.store import db, deadletter, readings
+from gateway.store import db, deadletter, readings, wake_log
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
 
@@ -47,6 +47,8 @@ def fill(path: Path, devices: int = 30, readings_per_device: int = 120,
             h = hello(now, 3300 - k % 400)
             rows.append(registry.hello_row(d, h, now - 60))
         registry.record_hellos(conn, rows, now - 60)
+        wake_log.record(conn, [(d, hello(now, 3300 - k % 400)) for k, d in enumerate(heard)],
+                        [], [], now - 60)
         dl.plan(conn, [(d, hello(now, 3300)) for d in heard], now - 60)
     if readings_per_device:
         t0 = int(now) - 60 * readings_per_device

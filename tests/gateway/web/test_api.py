@@ -124,6 +124,14 @@ async def test_device_show_and_readings_range(client: TestClient, dbpath: Path) 
     assert doc["count"] == 120 and len(doc["series"][0]["points"]) == 20
     r = await client.get("/api/v1/devices/nobody")
     assert r.status == 404 and (await r.json())["field"] == "device"
+    # Its wakes (one logged HELLO) and its battery forecast.
+    doc = await (await client.get("/api/v1/devices/node-000/wakes")).json()
+    assert doc["energy_reported"] is False
+    assert [(w["boot_cause"], w["battery_mv"], w["rssi"]) for w in doc["wakes"]] == [
+        ("timer", 3300, -61)]
+    doc = await (await client.get("/api/v1/devices", params={"q": "node-000"})).json()
+    assert doc["devices"][0]["days_left_trend"] == "falling"
+    assert 0.5 < doc["devices"][0]["days_left"] < 5
     r = await client.get("/api/v1/devices/node-000/readings", params={"since": "yesterday"})
     assert r.status == 400 and (await r.json())["field"] == "since"
 
@@ -215,8 +223,17 @@ async def test_pages_render(client: TestClient, dbpath: Path) -> None:  # type: 
     text = await r.text()
     assert 'id="fleet"' in text and "node-000" in text and "<svg" in text
     assert "http://" not in text.replace("http://www.w3.org", "")  # nothing fetched from elsewhere
+    # The battery forecast: 12 mV down over its two hours of readings, a couple of days.
+    row = text.split('data-device="node-000"')[1].split("</tr>")[0]
+    days = float(row.split('class="days-left late" data-days="')[1].split('"')[0])
+    assert 0.5 < days < 5, row
     text = await (await client.get("/devices/node-000?range=6h")).text()
     assert 'class="chart"' in text and 'class="line"' in text and "ping" in text
+    # The wake charts and history, from its one logged HELLO; energy said to be unreported.
+    for series in ("battery at wake", "rssi", "awake seen by gateway"):
+        assert f'data-kind="wake" data-series="{series}" data-points="1"' in text, series
+    assert 'id="wakes"' in text and "-61 dBm" in text and "not reported" in text
+    assert "No key rotation pending." in text
     text = await (await client.get("/devices/node-001")).text()
     assert "Release from quarantine" in text
     r = await client.get("/devices/node-000?range=1y")
@@ -319,6 +336,12 @@ async def test_set_configuration(client: TestClient, dbpath: Path) -> None:  # t
     text = await (await client.get("/devices/node-006")).text()
     assert "configuration v2 queued: send_every = 5" in text
     assert "send_every" in text and "pending" in text
+    # Desired against reported, through the API.
+    doc = await (await client.get(url)).json()
+    assert doc["desired"] == {"sample_interval_s": 120, "send_every": 5}
+    assert doc["reported"] == {} and doc["reported_version"] == 0
+    assert sorted(doc["pending"]) == ["sample_interval_s", "send_every"]
+    assert (await client.get("/api/v1/devices/nobody/config")).status == 404
 
 
 def test_a_flood_of_anonymous_sessions_does_not_log_the_operator_out() -> None:
