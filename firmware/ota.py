@@ -157,6 +157,14 @@ def on_frame(ftype, f, w):
         _refused(f[1], e.reason, e.detail)
     except OSError as e:
         _set_report(f[1], proto.OTA_STATE_FAILED, 0, proto.OTA_REASON_NO_SPACE, "flash: %s" % e)
+    except MemoryError:
+        # Out of heap says nothing about the update: never a refusal. Before the manifest
+        # has passed its check in this process nothing unchecked stays staged, and IDLE
+        # ("no manifest here") has the gateway send the manifest again. After it, the
+        # staging stands and the chunk comes again (no report: the gateway resends).
+        if not _begun:
+            _drop_staging()
+            _set_report(f[1], proto.OTA_STATE_IDLE, 0, 0, "heap")
 
 
 def _refused(version, reason, detail):
