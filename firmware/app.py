@@ -252,6 +252,8 @@ class Wake:
 
     # ---- send: connect -> publish -> listen -> close -----------------------------------
     def send(self, why):
+        # A manifest staged by an earlier wake is checked before the session takes the heap.
+        ota.check_staged()
         a = gc.mem_alloc()
         import commands  # only wakes that send pay for these imports
         import mqtt  # noqa: F401 - loaded here so that import= counts it

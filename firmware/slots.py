@@ -274,17 +274,18 @@ def _mkdirs(d):
             pass
 
 
-def begin(manifest, signature, chunk_size=1024):
+def begin(manifest, signature, chunk_size=1024, seal=None):
     """Start (or resume) writing the image of `manifest` into the inactive slot.
 
     Everything but the file contents is checked first (signature, key, board, version,
-    space); a refused manifest changes nothing. Returns (chunks received, chunk count)."""
+    space); a refused manifest changes nothing. Returns (chunks received, chunk count).
+    seal: a file as in check_manifest, taken for the signature when it matches."""
     global _s, _verified
     root = _where()
     st = _state_for_update(root)
     if len(manifest) > MAX_MANIFEST or chunk_size < 64 or chunk_size > 0xFFFF:
         raise Refused(bootstate.BAD_MANIFEST, "size")
-    reason, m = check_manifest(manifest, signature)
+    reason, m = check_manifest(manifest, signature, seal=seal, use_seal=seal is not None)
     if reason:
         raise Refused(reason, "manifest")
     v = m["version"]
