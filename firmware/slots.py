@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 
 import bootstate
 import trusted_keys
@@ -129,7 +130,13 @@ def check_manifest(data, signature, board_name=None, seal=None, use_seal=False):
         import ed25519
 
         verifies += 1
-        if not ed25519.verify(pk, bytes(data), bytes(signature)):
+        good = ed25519.verify(pk, bytes(data), bytes(signature))
+        # The verifier's code and tables leave the heap with this check: what follows it
+        # (the app after the bootloader, an OTA wake's session) needs the room.
+        del ed25519
+        for name in ("ed25519", "sha512"):
+            sys.modules.pop(name, None)
+        if not good:
             return bootstate.BAD_SIGNATURE, None
         if digest is not None:
             try:
