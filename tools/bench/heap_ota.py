@@ -21,7 +21,6 @@ import asyncio
 import json
 import re
 import shutil
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -109,14 +108,13 @@ def _progress(db_path: Path, cid: int) -> tuple[str, int, int]:
         conn.close()
 
 
-def _new_campaign(db_path: Path, imgs: OtaImages, device: str, last: int | None) -> int:
+def _new_campaign(db_path: Path, imgs: OtaImages, device: str) -> int:
+    """A fresh campaign for `device`, the one it was in (an earlier trial's) cancelled."""
     conn = db.open_db(db_path)
     try:
-        if last is not None:
-            try:
-                ota_store.cancel_campaign(conn, last)
-            except (ota_store.OtaError, sqlite3.Error):
-                pass
+        act = ota_store.active(conn, device)
+        if act is not None:
+            ota_store.cancel_campaign(conn, act[0])
         made = ops_ota.create_campaign(conn, imgs.v2, devices=device, rate=1,
                                        timeout_s=3600, pubkey=imgs.pubkey_path)
         return made.campaign.id
@@ -130,14 +128,13 @@ def ota_wake(tmp: Path, st: Any, p: BoardProfile, device: str, imgs: OtaImages,
     from tools.fw import image
 
     trials = [0]
-    last: list[int | None] = [None]
 
     def ok(heap: int) -> bool:
         # A trial whose wakes end short of the goal for another reason than the heap (a slow
         # moment of a shared machine) is run again, as for the TLS wake.
         for _ in range(2):
             trials[0] += 1
-            cid = last[0] = _new_campaign(st.db_path, imgs, device, last[0])
+            cid = _new_campaign(st.db_path, imgs, device)
             prefix = _progress(st.db_path, cid)[2]
             node = SimNode(tmp / f"ota-{p.name}-{trials[0]}", seed=7, time_scale=0,
                            start_ms=START_MS, field=field(p, heap))
