@@ -4,8 +4,8 @@ The OTA wake: a sim node on the board's profile and heap boots its signed v1 ima
 the bootloader, wakes, and takes a campaign's manifest and first chunks from the real gateway
 over mutual TLS: the manifest's Ed25519 check runs in the middle of that wake, next to the
 session and the frames. It fits a heap when the gateway hears the node report chunks of the
-image beyond the manifest (the manifest passed its check, and again in the next chunk wake's
-fresh process) with no MemoryError in the log.
+image beyond the manifest (it passed its check at the start of a wake, and the next chunk
+wake reopened the download by its seal) with no MemoryError in the log.
 Bisection as for the TLS wake (tools/bench/energy.py, `HEAP_METHOD`).
 
 The Ed25519 verify: import and one verify of the compiled firmware in a bare script, bisected
@@ -266,10 +266,11 @@ METHOD = (
     "OTA chunk wake: a sim node (sensor class) on each board's profile boots its signed v1 image "
     "through the bootloader and takes a campaign's manifest and chunks from the gateway over "
     "mutual TLS, a chunk a wake; it fits a heap when it reports image chunks beyond the manifest "
-    "(checked in the wake that completes it and again in the next chunk wake) with no "
-    f"MemoryError; bisection as above (minus {SIM_OVERHEAD_BYTES} bytes, divided by "
-    f"{WORD_FACTOR}). Ed25519 verify: import and one verify in a bare script, bisected on the "
-    f"unix port (divided by {WORD_FACTOR}) and on the 32-bit WebAssembly port at the chip's word "
-    "size where installed (`make wasm`); the larger figure is held against every board's heap."
+    "(checked at the start of the next sending wake, then reopened by its seal in the next "
+    f"chunk wake) with no MemoryError; bisection as above (minus {SIM_OVERHEAD_BYTES} bytes, "
+    f"divided by {WORD_FACTOR}). Ed25519 verify: import and one verify in a bare script, bisected "
+    f"on the unix port and divided by {WORD_FACTOR}, and also scaled by the ratio of the bytes the "
+    "same script allocates on the 32-bit WebAssembly port (the chip's word size; `make wasm`) to "
+    "those on the unix port; the larger figure is held against every board's heap."
 )
 
