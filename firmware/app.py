@@ -270,9 +270,13 @@ class Wake:
         # peak in the TLS handshake is then about 5 kB lower (energy bench bisection).
         gc.collect()
         a = gc.mem_alloc()
-        import commands  # only wakes that send pay for these imports
+        import ota  # only wakes that send pay for these imports
+
+        # A manifest staged by an earlier wake is checked before the rest of the send code
+        # and the session take the heap.
+        ota.check_staged()
+        import commands
         import mqtt  # noqa: F401 - loaded here so that import= counts it
-        import ota  # noqa: F401 - the OTA state machine, likewise
         import proto  # noqa: F401 - the codec, likewise
         import psk  # noqa: F401 - session keys (docs/session-keys.md), likewise
         import rotate  # noqa: F401 - key rotation (docs/credentials.md), likewise

@@ -92,7 +92,13 @@ class _Boot:
         return v
 
     def _check(self, role, slot, full, version=0, use_seal=False):
-        reason, m = slots.check(self.root, slot, full, use_seal=use_seal)
+        try:
+            reason, m = slots.check(self.root, slot, full, use_seal=use_seal)
+        except MemoryError:
+            # No verdict on the image: once more on a collected heap; a second one stops
+            # this boot (the next starts over) rather than refuse a good image.
+            gc.collect()
+            reason, m = slots.check(self.root, slot, full, use_seal=use_seal)
         if not reason and version and m["version"] != version:
             reason = bootstate.BAD_MANIFEST
         if reason:

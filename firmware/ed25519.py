@@ -18,6 +18,8 @@
 # Arithmetic is on Python ints (the ports' arbitrary-precision ints) modulo p = 2^255 - 19,
 # points in extended coordinates (X:Y:Z:T), one double-scalar multiplication with signed
 # sliding windows (w-NAF) over both scalars, and one inversion at the end.
+from array import array
+
 from sha512 import sha512
 
 _P = 2**255 - 19
@@ -159,8 +161,11 @@ def _table(x, y, w, affine):
 
 
 def _naf(n, w):
-    # Width-w NAF of n, least significant digit first, as a list of 256 small ints.
-    out = [0] * 256
+    # Width-w NAF of n, least significant digit first, as 256 signed bytes: one 256-byte
+    # block where a list of small ints takes 1 KB (2 KB on a 64-bit port). The verify runs
+    # in the middle of a wake (an OTA manifest next to received frames and the session's
+    # buffers), whose heap is fragmented: it must ask for no large block.
+    out = array("b", bytes(256))
     full = 1 << w
     half = full >> 1
     mask = full - 1
@@ -286,9 +291,13 @@ def _verify(public_key, message, signature):
 
 def verify(public_key, message, signature):
     """True if `signature` (64 bytes) is a valid Ed25519 signature of `message` under
-    `public_key` (32 bytes). Accepts bytes, bytearray or memoryview; never raises."""
+    `public_key` (32 bytes). Accepts bytes, bytearray or memoryview. Raises MemoryError
+    only: running out of heap says nothing about the signature, and a caller that took
+    it for a refusal would refuse a good update."""
     try:
         return _verify(public_key, message, signature)
+    except MemoryError:
+        raise
     except Exception:
         # Fail closed: anything malformed enough to raise is not a valid signature.
         return False

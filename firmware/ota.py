@@ -13,8 +13,10 @@ import slots
 from micropython import const
 
 RESERVE_MS = const(1500)  # of the awake budget, kept for answering and disconnecting
-_HDR = "/ota/hdr"  # {"v": version, "cs": chunk size, "sig": hex, "m": prefix chunks or -1}
+_HDR = "/ota/hdr"  # {"v": version, "cs": chunk size, "sig": hex, "m": prefix chunks or -1,
+#                     "ok": 1 once the manifest passed its check (check_staged)}
 _MAN = "/ota/man"  # u16 length + manifest: inline from the frame, or the stream's prefix
+_SEAL = "/ota/seal"  # the slot API's seal of the staged manifest once Ed25519 has verified it
 
 _root = None
 _report = None  # (version, state, chunks, reason, detail) to publish after the window
@@ -64,7 +66,7 @@ def _drop_staging():
     global _hdr, _begun
     _hdr = None
     _begun = False
-    for p in (_HDR, _MAN):
+    for p in (_HDR, _MAN, _SEAL):
         try:
             os.remove(_where() + p)
         except OSError:
@@ -171,6 +173,14 @@ def on_frame(ftype, f, w):
         _refused(f[1], e.reason, e.detail)
     except OSError as e:
         _set_report(f[1], proto.OTA_STATE_FAILED, 0, proto.OTA_REASON_NO_SPACE, "flash: %s" % e)
+    except MemoryError:
+        # Out of heap says nothing about the update: never a refusal. Before the manifest
+        # has passed its check in this process nothing unchecked stays staged, and IDLE
+        # ("no manifest here") has the gateway send the manifest again. After it, the
+        # staging stands and the chunk comes again (no report: the gateway resends).
+        if not _begun:
+            _drop_staging()
+            _set_report(f[1], proto.OTA_STATE_IDLE, 0, 0, "heap")
 
 
 def _refused(version, reason, detail):
@@ -189,7 +199,7 @@ def _low_battery(w):
 
 
 def _manifest(f, w):
-    global _hdr, _begun, _n
+    global _hdr
     import proto  # the codec: only a wake that sends gets here
 
     v = f[proto.OTA_MANIFEST_VERSION]
@@ -207,32 +217,67 @@ def _manifest(f, w):
         return
     _drop_staging()
     if man:
-        # Checked now: a refused manifest never gets staged.
-        _n = slots.begin(man, sig, cs)[1]
-        _begun = True
+        # Staged unchecked: check_staged() verifies it at the start of the next sending
+        # wake, on a heap that holds no session yet; nothing is written to the slot before.
         _write(_MAN, struct.pack("<H", len(man)) + bytes(man))
-        _hdr = {"v": v, "cs": cs, "sig": sh, "m": 0}
+        _hdr = {"v": v, "cs": cs, "sig": sh, "m": 0, "ok": 0}
     else:
         # Too big for the class's frames: it comes first in the chunk stream.
-        _hdr = {"v": v, "cs": cs, "sig": sh, "m": -1}
+        _hdr = {"v": v, "cs": cs, "sig": sh, "m": -1, "ok": 0}
         _write(_MAN, b"")
     _write(_HDR, json.dumps(_hdr))
     _progress(v)
 
 
 def _resume():
-    # Reopen the staged download in this process: the slot API checks the manifest again.
+    # Reopen the staged download in this process: the slot API checks the manifest again,
+    # its signature by the seal check_staged() left (no second Ed25519 amid a session).
     global _begun, _n
     if _begun:
         return True
     h = _hdr
+    if not h.get("ok", 1):
+        return False  # not checked yet: check_staged() comes first
     raw = _read(_MAN)
     if h["m"] < 0 or raw is None or len(raw) < 2:
         return False
     man = raw[2:2 + struct.unpack_from("<H", raw, 0)[0]]
-    _n = slots.begin(man, binascii.unhexlify(h["sig"]), h["cs"])[1]
+    _n = slots.begin(man, binascii.unhexlify(h["sig"]), h["cs"], _where() + _SEAL)[1]
     _begun = True
     return True
+
+
+def check_staged():
+    """At the start of a sending wake, before the radio: the check (Ed25519 and the rest)
+    of a manifest an earlier wake staged, on a heap that holds no session, frames or chunks
+    yet. The outcome goes into this wake's OTA_STATUS; a refused manifest is dropped."""
+    h = _load()
+    if h is None or h["m"] < 0 or h.get("ok", 1):
+        return
+    import gc
+
+    import proto  # the codec: only a wake that sends gets here
+
+    v = h["v"]
+    try:
+        h["ok"] = 1
+        if _resume():
+            _write(_HDR, json.dumps(h))
+            _progress(v)
+        else:
+            # Staging without its manifest (a cut write): have the manifest sent again.
+            _drop_staging()
+            _set_report(v, proto.OTA_STATE_IDLE, 0)
+    except slots.Refused as e:
+        _refused(v, e.reason, e.detail)
+    except OSError as e:
+        _drop_staging()
+        _set_report(v, proto.OTA_STATE_FAILED, 0, proto.OTA_REASON_NO_SPACE, "flash: %s" % e)
+    except MemoryError:
+        # Never a refusal: the manifest is sent again and checked in a later wake.
+        _drop_staging()
+        _set_report(v, proto.OTA_STATE_IDLE, 0, 0, "heap")
+    gc.collect()  # the verifier's garbage goes before the session's buffers come
 
 
 def _prefix_len():
@@ -246,7 +291,7 @@ def _next_index():
     if h["m"] < 0:
         return (_prefix_len() + h["cs"] - 1) // h["cs"] if _prefix_len() else 0
     if not _resume():
-        return 0
+        return h["m"]  # the manifest is here: the image's chunks once it passes its check
     k = slots.missing()
     if k < 0:
         return h["m"] + _n
@@ -280,7 +325,14 @@ def _chunk(f, w):
         return
     if i < h["m"]:
         return  # a prefix chunk again: already have it
-    _resume()
+    if not _resume():
+        if h.get("ok", 1):
+            # Checked once but its manifest is gone (a cut write): have it sent again.
+            _drop_staging()
+            _set_report(v, proto.OTA_STATE_IDLE, 0)
+            return
+        _progress(v)
+        return  # the manifest is not checked yet (next wake): the chunk comes again
     slots.write_chunk(i - h["m"], data)
     if slots.missing() >= 0:
         _progress(v)
@@ -318,8 +370,8 @@ def _prefix_chunk(h, i, data, v):
         _progress(v)
         return
     h["m"] = (need + cs - 1) // cs
+    h["ok"] = 0  # checked by check_staged() at the start of the next sending wake
     _begun = False
-    _resume()  # checks the manifest: a refusal drops the staging
     _write(_HDR, json.dumps(h))
     _progress(v)
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 
 import bootstate
 import trusted_keys
@@ -144,7 +145,13 @@ def check_manifest(data, signature, board_name=None, seal=None, use_seal=False):
         import ed25519
 
         verifies += 1
-        if not ed25519.verify(pk, bytes(data), bytes(signature)):
+        good = ed25519.verify(pk, bytes(data), bytes(signature))
+        # The verifier's code and tables leave the heap with this check: what follows it
+        # (the app after the bootloader, an OTA wake's session) needs the room.
+        del ed25519
+        for name in ("ed25519", "sha512"):
+            sys.modules.pop(name, None)
+        if not good:
             return bootstate.BAD_SIGNATURE, None
         if digest is not None:
             try:
@@ -293,17 +300,18 @@ def _mkdirs(d):
             pass
 
 
-def begin(manifest, signature, chunk_size=1024):
+def begin(manifest, signature, chunk_size=1024, seal=None):
     """Start (or resume) writing the image of `manifest` into the inactive slot.
 
     Everything but the file contents is checked first (signature, key, board, version,
-    space); a refused manifest changes nothing. Returns (chunks received, chunk count)."""
+    space); a refused manifest changes nothing. Returns (chunks received, chunk count).
+    seal: a file as in check_manifest, taken for the signature when it matches."""
     global _s, _verified
     root = _where()
     st = _state_for_update(root)
     if len(manifest) > MAX_MANIFEST or chunk_size < 64 or chunk_size > 0xFFFF:
         raise Refused(bootstate.BAD_MANIFEST, "size")
-    reason, m = check_manifest(manifest, signature)
+    reason, m = check_manifest(manifest, signature, seal=seal, use_seal=seal is not None)
     if reason:
         raise Refused(reason, "manifest")
     v = m["version"]

@@ -204,3 +204,54 @@ def test_verify_fits_a_64k_heap() -> None:
     proc = run_micropython(code, heapsize="64K", timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split()[0] == "True"
+
+
+# Fills the heap with `size`-byte buffers (held in a list made first), then lets go of
+# every `every`-th one: a heap whose free room is in holes of that size, as in the middle
+# of a wake. Prints the verify's result, or MemoryError.
+_CROWDED = """
+import gc
+from binascii import unhexlify
+from ed25519 import verify
+pk = unhexlify({pk!r})
+sig = unhexlify({sig!r})
+msg = bytes(600)
+hold = [None] * 4000
+n = 0
+try:
+    while n < 4000:
+        hold[n] = bytearray({size})
+        n += 1
+except MemoryError:
+    pass
+for i in range(0, n, {every}):
+    hold[i] = None
+gc.collect()
+try:
+    r = verify(pk, msg, sig)
+except MemoryError:
+    r = 'MemoryError'
+hold = None
+print(r)
+"""
+
+
+def _crowded(size: int, every: int) -> str:
+    key = Ed25519PrivateKey.from_private_bytes(bytes(32))
+    code = _CROWDED.format(pk=_raw(key).hex(), sig=key.sign(bytes(600)).hex(), size=size,
+                           every=every)
+    proc = run_micropython(code, heapsize="96K", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.split()[-1]
+
+
+def test_verify_needs_no_large_block_on_a_fragmented_heap() -> None:
+    # Half the heap free, in 1 KB holes only: a good signature still verifies (an OTA
+    # manifest is checked in the middle of a wake, on a heap fragmented like this).
+    assert _crowded(1000, 2) == "True"
+
+
+def test_running_out_of_heap_is_not_a_bad_signature() -> None:
+    # A few hundred bytes free: the verify cannot run, and says so with MemoryError
+    # rather than reporting the good signature as bad.
+    assert _crowded(256, 1000) == "MemoryError"

@@ -53,11 +53,6 @@ def _radio(node: StackNode, available: bool) -> None:
     path.write_text(json.dumps(cfg))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect on the ESP32-C3 profile's heap: in the wake that takes the manifest with "
-    "its first chunks, the Ed25519 check of the manifest can fail to allocate (2 KB, after "
-    "16 KB of frames), and the verifier reads the MemoryError as a bad signature, so the "
-    "campaign is refused in some runs"))
 def test_a_trial_across_an_outage_is_kept_then_a_bad_slot_falls_back(
         stack: Stack, images: Images) -> None:  # noqa: F811
     stack.start()

@@ -25,13 +25,12 @@ import asyncio
 import dataclasses
 import json
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from tools.bench import session_energy
+from tools.bench import heap_ota, session_energy
 from tools.bench.energy_model import (
     BASELINE_BOOT_FRACTION,
     CAPACITY_2AA_MAH,
@@ -59,8 +58,8 @@ from tools.bench.node import (
     provision,
     stack,
 )
-from tools.sim.field import FieldModel, compile_firmware, parse_ledger
-from tools.sim.node import FIRMWARE_DIR, SimNode, micropython_binary
+from tools.sim.field import FieldModel, parse_ledger
+from tools.sim.node import SimNode
 from tools.sim.profiles import SIM_OVERHEAD_BYTES, WORD_FACTOR, BoardProfile, load_profiles
 
 BOARDS = ("esp32", "esp32s3", "esp32c3", "pico_w", "pico2_w")
@@ -205,37 +204,6 @@ def heap_tls_wake(tmp: Path, st: Any, p: BoardProfile, device: str) -> int | Non
         return False
 
     return _bisect(ok, 8 * 1024, p.gc_heap_wifi_bytes)
-
-
-_ED_CODE = """
-import gc
-from binascii import unhexlify
-import ed25519
-pk = unhexlify(%(pk)r)
-msg = unhexlify(%(msg)r)
-sig = unhexlify(%(sig)r)
-gc.collect()
-print('OK' if ed25519.verify(pk, msg, sig) else 'BAD')
-"""
-
-
-def heap_ed25519(tmp: Path, hi: int) -> int | None:
-    """Peak heap of importing the firmware's Ed25519 (compiled) and one verify, chip bytes."""
-    from tools.bench.ed25519 import _signed_sample
-
-    pk, msg, sig, _ = _signed_sample()
-    code = _ED_CODE % {"pk": pk.hex(), "msg": msg.hex(), "sig": sig.hex()}
-    mpy = compile_firmware(FIRMWARE_DIR, tmp / "ed-mpy")
-
-    def ok(heap: int) -> bool:
-        proc = subprocess.run(
-            [micropython_binary(), "-X", f"heapsize={int(heap * WORD_FACTOR)}", "-c", code],
-            env={"MICROPYPATH": f"{mpy}:{FIRMWARE_DIR}", "PATH": "/usr/bin:/bin"},
-            capture_output=True, text=True, timeout=120,
-        )
-        return proc.returncode == 0 and "OK" in proc.stdout
-
-    return _bisect(ok, 2 * 1024, hi)
 
 
 # ---- figures ------------------------------------------------------------------------------
@@ -483,14 +451,19 @@ def measure(quick: bool = False) -> dict[str, Any]:
         tmp = Path(tmpname)
         live = live_ledgers(tmp, live_boards, wakes, 2)
         devices = ["energy-heap"]
+        heap_boards = [cal] if quick else boards
         with stack(tmp / "heap", devices) as st:
-            tls_peak = heap_tls_wake(tmp / "heap", st, cal, "energy-heap")
-        ed_peak = heap_ed25519(tmp, max(p.gc_heap_wifi_bytes for p in boards))
+            tls = {p.name: heap_tls_wake(tmp / "heap", st, p, "energy-heap") for p in heap_boards}
+            ota = heap_ota.measure(tmp / "heap", st, heap_boards, "energy-heap", _stub_profile)
         # Routine-send session set-up, mutual TLS against TLS-PSK (tools/bench/session_energy.py).
         session = session_energy.measure(tmp / "session-keys", profiles[session_energy.BOARD],
                                          AWAKE_SCALE)
     cal_shape, cal_measured = shape_from_ledgers(cal, live[cal.name]["ledgers"], live[cal.name]["flash"])
-    heap = {"sending_wake_tls": tls_peak, "ota_chunk_wake": None, "ed25519_verify": ed_peak}
+    heaps = {p.name: {
+        "sending_wake_tls": tls.get(p.name, tls[cal.name]),
+        "ota_chunk_wake": ota["ota_chunk_wake"].get(p.name, ota["ota_chunk_wake"][cal.name]),
+        "ed25519_verify": ota["ed25519_verify"],
+    } for p in boards}
     out_boards: dict[str, Any] = {}
     for p in boards:
         if p.name in live:
@@ -500,7 +473,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
             # Scaled from the calibration run: its app CPU, session and flash times, with this
             # board's own boot, association and TLS durations from its profile.
             shape, measured = cal_shape, {"scaled_from": cal.name}
-        out_boards[p.name] = board_entry(p, shape, measured, p.name in live, heap)
+        out_boards[p.name] = board_entry(p, shape, measured, p.name in live, heaps[p.name])
     return {
         "model": MODEL_NOTE,
         "method": (
@@ -522,11 +495,11 @@ def measure(quick: bool = False) -> dict[str, Any]:
             "Projections: those wakes repeated, with the profile's deep-sleep current between "
             "them, every reading upstream within 1 h."
         ),
-        "heap_method": HEAP_METHOD + (
-            f" Measured once on the {cal.name} profile (the code is the same on every board) and "
-            "held against each board's heap. The OTA chunk wake is not measured by this "
-            "benchmark (null): heap_ok is false until it is."
+        "heap_method": HEAP_METHOD + " " + heap_ota.METHOD + (
+            f" Quick: the wakes measured on the {cal.name} profile only and held against each "
+            "board's heap." if quick else " The wakes measured on each board's own profile."
         ),
+        "heap_ed25519": {k: v for k, v in ota.items() if k.startswith("ed25519")},
         "pico_note": PICO_NOTE,
         "variants": {**dict(VARIANTS), **{n: t for n, _, t in TIMER_VARIANTS}, **dict(BUILD_VARIANTS)},
         "boards": out_boards,
