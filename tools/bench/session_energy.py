@@ -28,6 +28,7 @@ from gateway.security.pki import Pki
 from gateway.store import db, session_keys
 from gateway.store import devices as registry
 from gateway.store.status import read_status
+from gateway.transport.broker import PSK_NAME
 from tools.bench.node import START_MS, BenchError, Stack, node_config, provision
 from tools.sim.field import FieldModel, parse_ledger
 from tools.sim.node import ROOT, SimNode
@@ -113,6 +114,31 @@ def _gateway(tmp: Path, devices: list[str]) -> tuple[subprocess.Popen[bytes], St
     return proc, Stack(pki, "127.0.0.1", port, log, db_path), psk_port
 
 
+def _settle(st: Stack, device: str, limit_s: float = 20.0) -> None:
+    """What a node's sleep gives the gateway: once the node holds a key, the broker's
+    psk_file lists it before the next wake. The sim's sleep takes no real time, and a
+    wake in the fraction of a second between install_psk and the broker's reload would
+    find its key refused (then replaced over the certificate, a few wakes later)."""
+    psk_file = st.db_path.parent / "broker" / PSK_NAME
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        conn = db.open_db(st.db_path)
+        try:
+            row = session_keys.get(conn, device)
+        finally:
+            conn.close()
+        if row is None or row.state != session_keys.ACTIVE:
+            return  # no key on the node yet (or none the broker is meant to hold)
+        try:
+            if any(line.split(":", 1)[0] == device
+                   for line in psk_file.read_text().splitlines()):
+                time.sleep(0.3)  # the broker's reload after the file's rewrite
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+
+
 def measure(tmp: Path, p: BoardProfile, awake_scale: float) -> dict[str, Any]:
     """Both paths on profile `p` in one run; the figures as a JSON-able dict."""
     t0 = time.monotonic()
@@ -132,6 +158,8 @@ def measure(tmp: Path, p: BoardProfile, awake_scale: float) -> dict[str, Any]:
                 before = len(_runs((node.dir / "node.log").read_text(errors="replace"))
                              if (node.dir / "node.log").exists() else [])
                 asyncio.run(node.run(1, wall_limit_s=60))
+                if path == "psk":
+                    _settle(st, device)
                 new = _runs((node.dir / "node.log").read_text(errors="replace"))[before:]
                 if before == 0:
                     continue
