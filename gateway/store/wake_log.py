@@ -226,8 +226,8 @@ def ledger_forecast(conn: sqlite3.Connection, device: str, model: EnergyModel, u
     sampling wake's, or the previous sending wake's when none sampled between. The drain
     is (sending wakes × their mean charge + sampling wakes × theirs + deep sleep for the
     rest of the span) over the span from the window's first HELLO to its last."""
-    rows = [w for w in reversed(of_device(conn, device, until - window_days * 86400.0))
-            if w.at <= until]
+    rows = sorted((w for w in of_device(conn, device, until - window_days * 86400.0)
+                   if w.at <= until), key=lambda w: (w.at, w.seq))
     facts = [w for w in rows if w.prev_awake_ms is not None]
     last = rows[-1] if rows else None
     if len(facts) < max(1, min_wakes) or last is None or not last.battery_mv:
