@@ -139,6 +139,8 @@ class Wake:
     bytes_burst = 0  # BURST publishes as written to the socket (TLS records included)
     tls_alloc = 0
     import_alloc = 0
+    t_radio = None  # ticks when the radio was asked up (None: not this wake)
+    radio_ms = 0  # from then to radio down: the next HELLO's prev_radio_ms
 
     def __init__(self):
         self.t0 = time.ticks_ms()
@@ -453,6 +455,8 @@ class Wake:
             self.bytes_out = client.bytes_out
             self.bytes_in = client.bytes_in
         board.radio_down()
+        if self.t_radio is not None:
+            self.radio_ms = _ms_since(self.t_radio)
         st = self.st
         if self.session_ok:
             st.fails = 0
@@ -501,7 +505,8 @@ class Wake:
         # that keeps no hint answers True and gets none back.
         cfg = self.cfg
         st = self.st
-        ms = max(0, time.ticks_diff(dl.step(), time.ticks_ms()))
+        self.t_radio = time.ticks_ms()
+        ms = max(0, time.ticks_diff(dl.step(), self.t_radio))
         hint = st.wifi_hint()
         if hint is None:
             r = board.radio_up(cfg.wifi_ssid, cfg.wifi_password, ms)
@@ -546,7 +551,8 @@ class Wake:
             # gateway stops waiting for the dropped ones.
             first_id=self.q.floor + 1, next_listen_s=self.next_listen_s(sleep_s),
             clock_unset=not st.clock_set, session_key=self.psk_id,
-            keys_seq=ota.keys_seq(), **rotate.hello_kw(cfg),
+            keys_seq=ota.keys_seq(), prev_awake_ms=st.prev_awake_ms,
+            prev_radio_ms=st.prev_radio_ms, prev_sent=bool(st.prev_sent), **rotate.hello_kw(cfg),
         )
         client.publish_out(self.up_topic, n, 1, False, dl.at)
 
@@ -788,6 +794,11 @@ def run(t0=None):
         if completed:
             st.finish_boot()
         st.last_wake = w.now
+        # This wake's energy facts for the next HELLO: its ticks until now (the report and
+        # the sleep call after this take a few ms), its radio time, whether it sent.
+        st.prev_awake_ms = _ms_since(w.t0)
+        st.prev_radio_ms = w.radio_ms
+        st.prev_sent = 0 if w.t_radio is None else 1
         st.save_rtc(w.q.snapshot(state.RTC_SIZE) if completed and w.q is not None else None)
     _report(w, sleep_ms, a0)
     if w.q is not None:

@@ -6,14 +6,14 @@ from micropython import const
 import struct
 
 MAJOR = const(1)
-MINOR = const(4)
-VERSION_BYTE = const(0x14)
+MINOR = const(5)
+VERSION_BYTE = const(0x15)
 HEADER_SIZE = const(6)
 MAX_FRAME = const(4096)
 
 # frame types and their largest encoding
 HELLO = const(1)
-MAX_HELLO = const(118)
+MAX_HELLO = const(133)
 BURST = const(2)
 MAX_BURST = const(3579)
 ACK = const(3)
@@ -178,6 +178,9 @@ HELLO_CRED_OUTCOME = const(22)
 HELLO_CRED_ROTATION = const(23)
 HELLO_KEYS_SEQ = const(24)
 HELLO_SESSION_KEY = const(25)
+HELLO_PREV_AWAKE_MS = const(26)
+HELLO_PREV_RADIO_MS = const(27)
+HELLO_PREV_SENT = const(28)
 BURST_SCHEMA = const(1)
 BURST_INTERVAL = const(2)
 BURST_READINGS = const(3)
@@ -479,7 +482,7 @@ def opt_at(p, off, tag):
     return 0
 
 
-def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class, config_version=0, ota_state=0, ota_reason=0, safe_mode=False, boots_without_send=0, mcu_temp=0.0, first_id=0, next_listen_s=0, clock_unset=False, cert_serial=b'', cred_outcome=0, cred_rotation=0, keys_seq=0, session_key=0):
+def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class, config_version=0, ota_state=0, ota_reason=0, safe_mode=False, boots_without_send=0, mcu_temp=0.0, first_id=0, next_listen_s=0, clock_unset=False, cert_serial=b'', cred_outcome=0, cred_rotation=0, keys_seq=0, session_key=0, prev_awake_ms=0, prev_radio_ms=0, prev_sent=False):
     _put_header(buf, HELLO, msg_id)
     off = 6
     struct.pack_into("<IBHbIHIIHIB", buf, off, fw_version, boot_cause, battery_mv, rssi, free_mem, queue_depth, dropped, next_wake_s, awake_window_ms, time, device_class)
@@ -553,6 +556,21 @@ def encode_hello(buf, msg_id, fw_version, boot_cause, battery_mv, rssi, free_mem
         buf[off + 1] = 4
         struct.pack_into("<I", buf, off + 2, session_key)
         off += 6
+    if prev_awake_ms != 0:
+        buf[off] = 33
+        buf[off + 1] = 4
+        struct.pack_into("<I", buf, off + 2, prev_awake_ms)
+        off += 6
+    if prev_radio_ms != 0:
+        buf[off] = 34
+        buf[off + 1] = 4
+        struct.pack_into("<I", buf, off + 2, prev_radio_ms)
+        off += 6
+    if prev_sent != False:
+        buf[off] = 35
+        buf[off + 1] = 1
+        struct.pack_into("<B", buf, off + 2, prev_sent)
+        off += 3
     return off
 
 
@@ -580,6 +598,9 @@ def decode_hello(buf):
     v_cred_rotation = 0
     v_keys_seq = 0
     v_session_key = 0
+    v_prev_awake_ms = 0
+    v_prev_radio_ms = 0
+    v_prev_sent = False
     last = 0
     while off < n:
         tl = _tlv(buf, off, n, "HELLO")
@@ -628,10 +649,17 @@ def decode_hello(buf):
             v_keys_seq = _fixed_tlv("<I", 4, buf, voff, tl, "HELLO", "keys_seq")
         elif tag == 32:
             v_session_key = _fixed_tlv("<I", 4, buf, voff, tl, "HELLO", "session_key")
+        elif tag == 33:
+            v_prev_awake_ms = _fixed_tlv("<I", 4, buf, voff, tl, "HELLO", "prev_awake_ms")
+        elif tag == 34:
+            v_prev_radio_ms = _fixed_tlv("<I", 4, buf, voff, tl, "HELLO", "prev_radio_ms")
+        elif tag == 35:
+            v_prev_sent = _fixed_tlv("<B", 1, buf, voff, tl, "HELLO", "prev_sent")
+            v_prev_sent = _bool(v_prev_sent, "HELLO", voff, "prev_sent")
         elif minor <= MINOR:
             raise _err("HELLO", off, "unknown field tag %d" % tag)
         off = voff + tl
-    return (_msg_id(buf), v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation, v_keys_seq, v_session_key)
+    return (_msg_id(buf), v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation, v_keys_seq, v_session_key, v_prev_awake_ms, v_prev_radio_ms, v_prev_sent)
 
 
 def encode_burst(buf, msg_id, schema, interval, recs, count, node_clock=False):

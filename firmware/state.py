@@ -7,11 +7,16 @@ import struct
 
 from micropython import const
 
-_RTC_MAGIC = const(0x54525333)  # "TRS3"
+_RTC_MAGIC = const(0x54525334)  # "TRS4"
 # ..., then the clock (set flag, epoch id, sync id, sync offset), the broker's cached
-# IPv4 address and the last Wi-Fi association (channel, BSSID): see the fields below.
-_RTC_FMT = "<IBHBIBIIIIBIIi4sB6sB"
-_RTC_SIZE = const(54)
+# IPv4 address, the last Wi-Fi association (channel, BSSID), safe mode and the last wake's
+# energy facts (awake ms, radio ms, sent): see the fields below.
+_RTC_FMT = "<IBHBIBIIIIBIIi4sB6sBIIB"
+_RTC_SIZE = const(63)
+# The layout before the energy facts (an image of an earlier release wrote it): read
+# without them, so an update keeps the clock, the queue's resume record and the counters.
+_RTC_MAGIC3 = const(0x54525333)  # "TRS3"
+_RTC_SIZE3 = const(54)
 RTC_SIZE = _RTC_SIZE  # room save_rtc() needs in front of what follows the fields
 
 _FL_MAGIC = const(0x54534631)  # "TSF1"
@@ -40,6 +45,11 @@ class State:
     next_try = 0  # unix s before which a failed send is not retried
     pending_hint = 0  # the gateway said more downlink is waiting
     last_wake = 0  # unix s of the previous wake
+    # The previous wake's energy facts, for the HELLO (docs/firmware.md, "Energy facts"):
+    # its ticks from the app's start to deep sleep, its radio-on time, whether it sent.
+    prev_awake_ms = 0
+    prev_radio_ms = 0
+    prev_sent = 0
     # The clock. After power-on the chip's clock counts from its cold-boot value (2000-01-01
     # on an ESP32); the gateway's time sets it (docs/firmware.md, "Time"). Readings with ids
     # from epoch_id up to sync_id - 1 were stamped before that, in the chip's count: they
@@ -100,7 +110,11 @@ class State:
     # ---- RTC memory ----
     def _load_rtc(self):
         raw = self._board.rtc_memory()
-        if len(raw) < _RTC_SIZE or _u32(raw, 0) != _RTC_MAGIC:
+        size = 0
+        if len(raw) >= _RTC_SIZE3:
+            magic = _u32(raw, 0)
+            size = _RTC_SIZE if magic == _RTC_MAGIC else _RTC_SIZE3 if magic == _RTC_MAGIC3 else 0
+        if not size or len(raw) < size:
             return
         # _RTC_FMT read field by field: no tuple
         self.boots_incomplete = raw[4]
@@ -120,6 +134,10 @@ class State:
         if self.wifi_channel:
             self.wifi_bssid = bytes(raw[47:53])
         self.safe = raw[53]
+        if size == _RTC_SIZE:
+            self.prev_awake_ms = _u32(raw, 54)
+            self.prev_radio_ms = _u32(raw, 58)
+            self.prev_sent = raw[62]
         self.rtc_valid = True
         # The results count is trusted only from a wake that completed: every change to
         # state.bin in it came before its last save_rtc().
@@ -131,8 +149,8 @@ class State:
                 self._msg_next = nxt
                 self._msg_hw = hw
                 self._msg_rtc = True
-        if len(raw) > _RTC_SIZE:
-            self.rtc_extra = memoryview(raw)[_RTC_SIZE:]
+        if len(raw) > size:
+            self.rtc_extra = memoryview(raw)[size:]
 
     def save_rtc(self, buf=None):
         """Write the RTC fields. buf: a bytearray whose first RTC_SIZE bytes are left for
@@ -149,6 +167,7 @@ class State:
             self.clock_set, self.epoch_id & 0xFFFFFFFF, self.sync_id & 0xFFFFFFFF,
             max(-0x80000000, min(0x7FFFFFFF, self.sync_off)), self.broker_ip,
             self.wifi_channel, self.wifi_bssid, self.safe,
+            self.prev_awake_ms, self.prev_radio_ms, self.prev_sent,
         )
         self._board.rtc_memory_write(buf)
 

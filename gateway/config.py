@@ -19,7 +19,8 @@ from gateway import proto
 from gateway.errors import ConfigError
 
 __all__ = [
-    "BrokerConfig", "ConfigError", "DownlinkConfig", "GatewayConfig", "GatewaySection",
+    "BrokerConfig", "ConfigError", "DownlinkConfig", "EnergyConfig", "EnergyModel",
+    "GatewayConfig", "GatewaySection",
     "HassConfig", "IngestConfig", "MqttConfig", "PkiConfig", "RulesConfig", "UpstreamConfig",
     "WebConfig", "load_config", "parse_config",
 ]
@@ -219,6 +220,76 @@ class HassConfig:
     grace_s: float = -1.0
 
 
+# The board profiles of the source tree the gateway runs from (docs/board-profiles.md).
+PROFILES_PATH = Path(__file__).resolve().parents[1] / "boards" / "profiles.toml"
+# What the energy model takes from a profile: the same currents the sim's ledger charges.
+_MODEL_KEYS = ("cpu_active_ma", "radio_listen_ma", "deep_sleep_ua", "boot_ms")
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyConfig:
+    """The energy model behind the device page's energy per wake and the battery forecast
+    from it (docs/web.md, "Energy per wake"): the board profile the fleet's nodes are."""
+
+    board: str = ""  # a profile in boards/profiles.toml ("": unknown, no energy figures)
+    profiles: str = ""  # default: boards/profiles.toml of the source tree
+    capacity_mah: float = 2500.0  # the battery: 2×AA alkaline, usable capacity
+    empty_mv: float = 2000.0  # the pack's voltage when the node stops (1.0 V a cell)
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyModel:
+    """A board's cited currents (boards/profiles.toml) and the battery: a wake's charge is
+    (the profile's boot + the node's awake ticks) × the CPU current + its radio-on ticks ×
+    the radio's listening current. A model on cited figures, never a measurement."""
+
+    board: str
+    cpu_active_ma: float
+    radio_listen_ma: float
+    deep_sleep_ua: float
+    boot_ms: float
+    capacity_mah: float = 2500.0
+    empty_mv: float = 2000.0
+
+    def wake_uah(self, awake_ms: float, radio_ms: float) -> float:
+        """µAh of one wake: mA × ms / 3600."""
+        return ((self.boot_ms + awake_ms) * self.cpu_active_ma
+                + radio_ms * self.radio_listen_ma) / 3600.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def energy_model(cfg: GatewayConfig) -> EnergyModel | None:
+    """The configured board's model, or None when [energy] board is not set. Raises
+    ConfigError naming the key when the profiles file or the board's figures are wrong."""
+    e = cfg.energy
+    if not e.board:
+        return None
+    path = Path(e.profiles) if e.profiles else PROFILES_PATH
+    try:
+        with open(path, "rb") as f:
+            profiles = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"[energy] profiles: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"[energy] profiles: {path}: {exc}") from None
+    prof = profiles.get(e.board)
+    if not isinstance(prof, dict):
+        known = ", ".join(sorted(k for k, v in profiles.items() if isinstance(v, dict)))
+        raise ConfigError(f"[energy] board: {e.board!r} is not a profile in {path} "
+                          f"(known: {known})")
+    figures: dict[str, float] = {}
+    for key in _MODEL_KEYS:
+        v = prof.get(key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise ConfigError(f"[energy] board: profile {e.board!r} in {path}: {key} is "
+                              f"missing or not a number ({v!r})")
+        figures[key] = float(v)
+    return EnergyModel(board=e.board, capacity_mah=e.capacity_mah, empty_mv=e.empty_mv,
+                       **figures)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -244,6 +315,7 @@ class GatewayConfig:
     web: WebConfig = WebConfig()  # the operator's web page and API (gateway.web)
     rules: RulesConfig = RulesConfig()  # edge rules and alerts (gateway.pipeline.rules)
     hass: HassConfig = HassConfig()  # Home Assistant discovery (gateway.pipeline.hass)
+    energy: EnergyConfig = EnergyConfig()  # the energy model (docs/web.md)
     source: str = ""  # the file it was read from
 
     @property
@@ -296,13 +368,14 @@ _SECTIONS: dict[str, type[Any]] = {
     "web": WebConfig,
     "rules": RulesConfig,
     "hass": HassConfig,
+    "energy": EnergyConfig,
 }
 # Keys holding file or folder paths: resolved against the config file's folder.
 _PATH_KEYS = {
     ("gateway", "data_dir"), ("gateway", "db"), ("broker", "pki_dir"), ("broker", "mosquitto"),
     ("broker", "config_dir"), ("mqtt", "cert"), ("mqtt", "key"), ("mqtt", "ca"),
     ("upstream", "ca"), ("upstream", "cert"), ("upstream", "key"),
-    ("web", "tls_cert"), ("web", "tls_key"), ("rules", "file"),
+    ("web", "tls_cert"), ("web", "tls_key"), ("rules", "file"), ("energy", "profiles"),
 }
 # (section, key) -> smallest allowed value
 _MINIMA: dict[tuple[str, str], float] = {
@@ -355,6 +428,8 @@ _MINIMA: dict[tuple[str, str], float] = {
     ("hass", "interval_s"): 0.05,
     ("hass", "scan_interval_s"): 0.05,
     ("hass", "grace_s"): -1.0,
+    ("energy", "capacity_mah"): 1.0,
+    ("energy", "empty_mv"): 0.0,
 }
 _MAXIMA: dict[tuple[str, str], float] = {
     ("broker", "port"): 65535,
@@ -456,6 +531,7 @@ def _cross_check(cfg: GatewayConfig) -> None:
             raise ConfigError(f"[upstream] {key}: {topic!r} must not contain MQTT wildcards")
     _check_web(cfg.web)
     _check_hass(cfg.hass)
+    energy_model(cfg)  # a board that is not in the profiles is refused at start
 
 
 _HASS_PREFIX = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 MAJOR = 1
-MINOR = 4
-VERSION_BYTE = 0x14
+MINOR = 5
+VERSION_BYTE = 0x15
 HEADER_SIZE = 6
 MAX_FRAME = 4096
 # largest encoding of any frame the spec defines (each frame class's MAX_SIZE)
@@ -560,7 +560,7 @@ class Hello:
     """HELLO (up): A node woke and reports its state; the gateway answers with ACK, queued downlink, SLEEP_NOW."""
 
     FRAME_TYPE: ClassVar[int] = 1
-    MAX_SIZE: ClassVar[int] = 118
+    MAX_SIZE: ClassVar[int] = 133
     msg_id: int
     fw_version: int
     boot_cause: BootCause
@@ -587,6 +587,9 @@ class Hello:
     cred_rotation: int = 0
     keys_seq: int = 0
     session_key: int = 0
+    prev_awake_ms: int = 0
+    prev_radio_ms: int = 0
+    prev_sent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -788,6 +791,9 @@ _S_HELLO_T22 = struct.Struct('<B')
 _S_HELLO_T23 = struct.Struct('<I')
 _S_HELLO_T24 = struct.Struct('<I')
 _S_HELLO_T32 = struct.Struct('<I')
+_S_HELLO_T33 = struct.Struct('<I')
+_S_HELLO_T34 = struct.Struct('<I')
+_S_HELLO_T35 = struct.Struct('<B')
 
 
 def decode_hello(buf: Buffer) -> Hello:
@@ -815,6 +821,9 @@ def decode_hello(buf: Buffer) -> Hello:
     v_cred_rotation = 0
     v_keys_seq = 0
     v_session_key = 0
+    v_prev_awake_ms = 0
+    v_prev_radio_ms = 0
+    v_prev_sent = False
     last = 0
     while off < n:
         tag, voff, tl = _tlv_head(buf, off, n, "HELLO")
@@ -868,10 +877,19 @@ def decode_hello(buf: Buffer) -> Hello:
         elif tag == 32:
             x = _fixed_tlv(_S_HELLO_T32, buf, voff, tl, "HELLO", "session_key")
             v_session_key = x
+        elif tag == 33:
+            x = _fixed_tlv(_S_HELLO_T33, buf, voff, tl, "HELLO", "prev_awake_ms")
+            v_prev_awake_ms = x
+        elif tag == 34:
+            x = _fixed_tlv(_S_HELLO_T34, buf, voff, tl, "HELLO", "prev_radio_ms")
+            v_prev_radio_ms = x
+        elif tag == 35:
+            x = _fixed_tlv(_S_HELLO_T35, buf, voff, tl, "HELLO", "prev_sent")
+            v_prev_sent = _bool(x, "HELLO", voff, "prev_sent")
         elif minor <= MINOR:
             raise ProtocolError("HELLO", off, f"unknown field tag {tag}")
         off = voff + tl
-    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation, v_keys_seq, v_session_key)
+    return Hello(msg_id, v_fw_version, v_boot_cause, v_battery_mv, v_rssi, v_free_mem, v_queue_depth, v_dropped, v_next_wake_s, v_awake_window_ms, v_time, v_device_class, v_config_version, v_ota_state, v_ota_reason, v_safe_mode, v_boots_without_send, v_mcu_temp, v_first_id, v_next_listen_s, v_clock_unset, v_cert_serial, v_cred_outcome, v_cred_rotation, v_keys_seq, v_session_key, v_prev_awake_ms, v_prev_radio_ms, v_prev_sent)
 
 
 def encode_hello(f: Hello) -> bytes:
@@ -964,6 +982,21 @@ def encode_hello(f: Hello) -> bytes:
             _put_tlv(out, 32, _S_HELLO_T32.pack(f.session_key))
         except (struct.error, OverflowError, TypeError):
             raise _pack_error("HELLO", out, (("session_key", "u32", f.session_key),)) from None
+    if f.prev_awake_ms != 0:
+        try:
+            _put_tlv(out, 33, _S_HELLO_T33.pack(f.prev_awake_ms))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("prev_awake_ms", "u32", f.prev_awake_ms),)) from None
+    if f.prev_radio_ms != 0:
+        try:
+            _put_tlv(out, 34, _S_HELLO_T34.pack(f.prev_radio_ms))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("prev_radio_ms", "u32", f.prev_radio_ms),)) from None
+    if f.prev_sent != False:
+        try:
+            _put_tlv(out, 35, _S_HELLO_T35.pack(1 if f.prev_sent else 0))
+        except (struct.error, OverflowError, TypeError):
+            raise _pack_error("HELLO", out, (("prev_sent", "bool", f.prev_sent),)) from None
     return bytes(out)
 
 _S_BURST_0 = struct.Struct('<BH')

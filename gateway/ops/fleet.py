@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import proto
+from gateway.config import EnergyModel
 from gateway.store import alerts, deadletter, groups, readings
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
@@ -48,6 +49,9 @@ class FleetRow:
     # readings, inf while the voltage does not fall.
     days_left: float | None = None
     days_left_pending: bool = False  # not fitted yet (the request's fitting budget ran out)
+    # What days_left comes from: "ledger" (the energy ledger of its wakes, where the board
+    # is known and enough wakes reported energy facts), "trend" (the voltage trend), or None.
+    days_left_source: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d = {name: getattr(self, name) for name in self.__slots__}
@@ -108,11 +112,13 @@ class Forecasts:
     forecast, or none yet (`pending`), and the next view or live update fills them in."""
 
     def __init__(self, size: int = FORECASTS_MAX, every_s: float = FORECAST_EVERY_S,
-                 budget_s: float = FORECAST_BUDGET_S) -> None:
+                 budget_s: float = FORECAST_BUDGET_S, energy: EnergyModel | None = None) -> None:
+        self.energy = energy  # the board's model: the ledger's forecast first, where it has one
         self.size = size
         self.every_s = every_s
         self.budget_s = budget_s
-        self._fits: dict[str, tuple[float, float | None]] = {}  # device -> (fitted at, days)
+        # device -> (fitted at, days, source)
+        self._fits: dict[str, tuple[float, float | None, str | None]] = {}
         self._deadline = math.inf
         self.fits = 0
 
@@ -120,20 +126,32 @@ class Forecasts:
         self._deadline = time.monotonic() + self.budget_s
 
     def days_left(self, conn: sqlite3.Connection, device: str, t_last: float,
-                  now: float) -> tuple[float | None, bool]:
-        """(days left, True) or, past the request's budget, (the last fit or None, whether
-        there was one)."""
+                  now: float) -> tuple[float | None, bool, str | None]:
+        """(days left, True, source) or, past the request's budget, (the last fit or None,
+        whether there was one, its source)."""
         hit = self._fits.get(device)
         if hit is not None and 0 <= now - hit[0] < self.every_s:
-            return hit[1], True
+            return hit[1], True, hit[2]
         if time.monotonic() > self._deadline:
-            return (hit[1], True) if hit is not None else (None, False)
-        days = readings.battery_forecast(conn, device, t_last)
+            return (hit[1], True, hit[2]) if hit is not None else (None, False, None)
+        days, source = forecast(conn, device, t_last, now, self.energy)
         self.fits += 1
         if len(self._fits) >= self.size:
             self._fits.clear()
-        self._fits[device] = (now, days)
-        return days, True
+        self._fits[device] = (now, days, source)
+        return days, True, source
+
+
+def forecast(conn: sqlite3.Connection, device: str, t_last: float, now: float,
+             energy: EnergyModel | None) -> tuple[float | None, str | None]:
+    """(days left, source): the energy ledger's forecast where the board is known and the
+    device's wakes reported enough energy facts, else its voltage trend's."""
+    if energy is not None:
+        led = wlog.ledger_forecast(conn, device, energy, now)
+        if led is not None:
+            return led.days, "ledger"
+    days = readings.battery_forecast(conn, device, t_last)
+    return days, None if days is None else "trend"
 
 
 def next_listen(dev: registry.Device, wakes: wake_store.WakeStats | None) -> float | None:
@@ -149,11 +167,12 @@ def _row(conn: sqlite3.Connection, dev: registry.Device, now: float,
     at = next_listen(dev, wakes)
     battery = _battery_points(readings.fetch(conn, dev.id, SPARK_POINTS))
     days: float | None = None
+    source: str | None = None
     known = True
     if battery and forecasts is not None:
-        days, known = forecasts.days_left(conn, dev.id, battery[-1][0], now)
+        days, known, source = forecasts.days_left(conn, dev.id, battery[-1][0], now)
     elif battery:
-        days = readings.battery_forecast(conn, dev.id, battery[-1][0])
+        days, source = forecast(conn, dev.id, battery[-1][0], now, None)
     overdue = wake_store.missed_wakes(at, wakes.interval_s if wakes else dev.next_wake_s, now,
                                     GRACE_S)
     return FleetRow(
@@ -164,7 +183,7 @@ def _row(conn: sqlite3.Connection, dev: registry.Device, now: float,
         queued=len(q.pending(conn, dev.id)), fw_version=dev.fw_version, ota_state=dev.ota_state,
         alerts=(alerts.open_devices(conn) if open_alerts is None else open_alerts).get(dev.id, 0),
         group=groups.group_of(conn, dev.id),
-        days_left=days, days_left_pending=not known,
+        days_left=days, days_left_pending=not known, days_left_source=source,
     )
 
 
@@ -251,6 +270,18 @@ def device_wakes(conn: sqlite3.Connection, device_id: str, since: float,
         raise NotFound(f"no device {device_id!r}")
     return tuple(w for w in reversed(wlog.of_device(conn, device_id, since))
                  if w.at <= until)
+
+
+LedgerForecast = wlog.LedgerForecast
+
+
+def device_ledger(conn: sqlite3.Connection, device_id: str, energy: EnergyModel | None,
+                  now: float) -> wlog.LedgerForecast | None:
+    """The device's battery forecast by the energy ledger of its wakes (None: no board
+    model, or too few wakes with energy facts)."""
+    if energy is None:
+        return None
+    return wlog.ledger_forecast(conn, device_id, energy, now)
 
 
 @dataclass(frozen=True, slots=True)

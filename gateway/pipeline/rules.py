@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from gateway import proto
-from gateway.config import GatewayConfig, UpstreamConfig
+from gateway.config import EnergyModel, GatewayConfig, UpstreamConfig, energy_model
 from gateway.errors import ConfigError
 from gateway.pipeline import formats
-from gateway.store import alerts, db, readings
+from gateway.store import alerts, db, readings, wake_log
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
 from gateway.store import groups as device_groups
@@ -473,8 +473,12 @@ class Engine:
 
     def __init__(self, ruleset: RuleSet, *, upstream: UpstreamConfig | None = None,
                  gateway_id: str = "torpor-gateway", grace_s: float = 30.0,
-                 credentials: Callable[[], Mapping[str, Any]] | None = None) -> None:
+                 credentials: Callable[[], Mapping[str, Any]] | None = None,
+                 energy: EnergyModel | None = None) -> None:
         self.ruleset = ruleset
+        # The board's energy model: a battery forecast by the energy ledger of a device's
+        # wakes where it has one, else by the voltage trend.
+        self.energy = energy
         self.upstream = upstream
         self.gateway_id = gateway_id
         self.grace_s = grace_s
@@ -686,6 +690,11 @@ class Engine:
 
     def _fit(self, conn: sqlite3.Connection, rule: Rule, device: str,
              t_last: int) -> float | None:
+        if self.energy is not None:
+            led = wake_log.ledger_forecast(conn, device, self.energy, time.time(),
+                                           window_days=rule.window_days, empty_mv=rule.empty_mv)
+            if led is not None:
+                return led.days
         return readings.battery_forecast(conn, device, t_last, measurement=rule.measurement,
                                          window_days=rule.window_days, empty_mv=rule.empty_mv,
                                          min_points=rule.min_points)
@@ -890,7 +899,8 @@ class Rules:
         self.notify = notify
         self.path = cfg.rules_path
         self.engine = Engine(RuleSet(), upstream=cfg.upstream, gateway_id=cfg.mqtt.client_id,
-                             grace_s=cfg.downlink.grace_s, credentials=credentials)
+                             grace_s=cfg.downlink.grace_s, credentials=credentials,
+                             energy=energy_model(cfg))
         self._mtime: float | None = None
         self._reload = True
         self.last_error: str | None = None

@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
-from gateway.config import WebConfig
+from gateway.config import EnergyModel, WebConfig
 from gateway.ops import actions, fleet
 from gateway.ops import alerts as oalerts
 from gateway.ops import campaigns as ocampaigns
@@ -63,10 +63,12 @@ class State:
     throttle: auth.Throttle = field(default_factory=auth.Throttle)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     charts: ocharts.ChartCache = field(default_factory=ocharts.ChartCache)
-    forecasts: fleet.Forecasts = field(default_factory=fleet.Forecasts)
+    energy: EnergyModel | None = None  # the board's energy model ([energy] board)
+    forecasts: fleet.Forecasts = field(init=False)
 
     def __post_init__(self) -> None:
         self.sessions = auth.Sessions(self.cfg.session_hours * 3600)
+        self.forecasts = fleet.Forecasts(energy=self.energy)
 
     async def db(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         async with self.lock:
@@ -276,7 +278,8 @@ async def fleet_page(request: web.Request) -> web.Response:
 
 
 def _device_data(conn: sqlite3.Connection, st: State, device_id: str, now: float, span: float,
-                 ) -> tuple[fleet.DeviceView, fleet.ReadingsView, tuple[fleet.WakeLogEntry, ...]]:
+                 ) -> tuple[fleet.DeviceView, fleet.ReadingsView, tuple[fleet.WakeLogEntry, ...],
+                            fleet.LedgerForecast | None]:
     """What the device page shows, in one trip to the database thread: each trip waits
     for the interpreter, which ingest keeps busy when the page runs inside the gateway."""
     view = fleet.device(conn, device_id, now=now, forecasts=st.forecasts)
@@ -288,7 +291,8 @@ def _device_data(conn: sqlite3.Connection, st: State, device_id: str, now: float
         # node whose clock runs ahead of ours keeps its newest readings on the chart (the
         # page says so).
         rv = st.charts.view(conn, device_id, latest - span, latest)
-    return view, rv, fleet.device_wakes(conn, device_id, now - span, now)
+    return (view, rv, fleet.device_wakes(conn, device_id, now - span, now),
+            fleet.device_ledger(conn, device_id, st.energy, now))
 
 
 async def device_page(request: web.Request) -> web.Response:
@@ -299,9 +303,10 @@ async def device_page(request: web.Request) -> web.Response:
         raise BadRequest(f"range: {rng!r} is not one of {', '.join(pages.RANGES)}", "range")
     now = time.time()
     span = pages.RANGES[rng]
-    view, rv, wakes = await st.db(_device_data, st, device_id, now, span)
+    view, rv, wakes, ledger = await st.db(_device_data, st, device_id, now, span)
     return _html(request, f"Device {device_id}", pages.device(
-        view, rv, rng, csrf=_csrf(request), now=now, wakes=wakes, wakes_since=now - span))
+        view, rv, rng, csrf=_csrf(request), now=now, wakes=wakes, wakes_since=now - span,
+        energy=st.energy, ledger=ledger))
 
 
 def _back(request: web.Request, device_id: str, msg: str,
@@ -573,10 +578,19 @@ async def api_wakes(request: web.Request) -> web.Response:
     since = _float(request, "since", until - 86400)
     if since > until:
         raise BadRequest("since: later than until", "since")
-    wakes = await _state(request).db(fleet.device_wakes, request.match_info["device"], since,
-                                     until)
+    st = _state(request)
+    wakes = await st.db(fleet.device_wakes, request.match_info["device"], since, until)
+    out = []
+    for w in wakes:
+        d = w.as_dict()
+        e = w.energy_uah(st.energy)
+        d["energy_uah"] = None if e is None else round(e, 3)
+        out.append(d)
+    # The energy figures are a model: the node's own times × the board's cited currents.
+    model = None if st.energy is None else {**st.energy.as_dict(), "kind": "model estimate"}
     return _json({"device": request.match_info["device"], "since": since, "until": until,
-                  "energy_reported": False, "wakes": [w.as_dict() for w in wakes]})
+                  "energy_reported": any(w.prev_awake_ms is not None for w in wakes),
+                  "energy_model": model, "wakes": out})
 
 
 async def api_cancel(request: web.Request) -> web.Response:
@@ -685,9 +699,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False,
-             live: ometrics.Live | None = None) -> web.Application:
+             live: ometrics.Live | None = None,
+             energy: EnergyModel | None = None) -> web.Application:
     app = web.Application(middlewares=[security_headers, errors, authenticate], client_max_size=64 * 1024)
-    app[STATE] = State(cfg, conn, tls, live)
+    app[STATE] = State(cfg, conn, tls, live, energy=energy)
     r = app.router
     r.add_get("/", fleet_page)
     r.add_get("/devices/{device}", device_page)

@@ -25,13 +25,42 @@ DOCUMENT: dict[str, Any] = {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
                             "session": {"type": "apiKey", "in": "cookie", "name": "torpor_session"}},
         "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {
-            "error": {"type": "string"}, "field": {"type": "string", "nullable": True}}}},
+            "error": {"type": "string"}, "field": {"type": "string", "nullable": True}}},
+            "Wakes": {"type": "object", "properties": {
+                "device": {"type": "string"}, "since": {"type": "number"},
+                "until": {"type": "number"}, "energy_reported": {"type": "boolean"},
+                "energy_model": {
+                    "type": "object", "nullable": True,
+                    "description": "the [energy] board's cited figures the estimates use; "
+                                   "`kind` is always \"model estimate\"",
+                    "properties": {
+                        "board": {"type": "string"}, "cpu_active_ma": {"type": "number"},
+                        "radio_listen_ma": {"type": "number"},
+                        "deep_sleep_ua": {"type": "number"}, "boot_ms": {"type": "number"},
+                        "capacity_mah": {"type": "number"}, "empty_mv": {"type": "number"},
+                        "kind": {"type": "string"}}},
+                "wakes": {"type": "array", "items": {"type": "object", "properties": {
+                    "seq": {"type": "integer"}, "at": {"type": "number"},
+                    "boot_cause": {"type": "string"},
+                    "battery_mv": {"type": "integer", "nullable": True},
+                    "rssi": {"type": "integer", "nullable": True},
+                    "readings": {"type": "integer"},
+                    "seen_s": {"type": "number", "nullable": True},
+                    "prev_awake_ms": {"type": "integer", "nullable": True},
+                    "prev_radio_ms": {"type": "integer", "nullable": True},
+                    "prev_sent": {"type": "integer", "nullable": True},
+                    "boots_without_send": {"type": "integer", "nullable": True},
+                    "energy_uah": {"type": "number", "nullable": True,
+                                   "description": "the previous wake's charge in µAh: a "
+                                                  "model estimate, not a measurement"}}}}}}},
     },
     "security": [{"bearer": []}, {"session": []}],
     "paths": {
         "/api/v1/devices": {"get": {
             "summary": "Devices, one page, filtered; each with its battery forecast "
-                       "(`days_left`, null when unknown or not falling: see `days_left_trend`)",
+                       "(`days_left`, null when unknown or not falling: see `days_left_trend`; "
+                       "`days_left_source`: `ledger`, the energy ledger of its wakes, or "
+                       "`trend`, the battery voltage trend)",
             "parameters": [
                 {"name": "status", "in": "query", "schema": {"type": "string",
                                                              "enum": list(registry.STATUSES)}},
@@ -66,14 +95,20 @@ DOCUMENT: dict[str, Any] = {
             "responses": {"201": _ok("the queued item's id"), "400": _ERROR, "409": _ERROR}}},
         "/api/v1/devices/{device}/wakes": {"get": {
             "summary": "The device's logged wakes in a time range, oldest first: cause, battery, "
-                       "RSSI, readings stored, time seen awake, OTA and key-rotation state "
-                       "(energy is not reported by the node: `energy_reported` is false)",
+                       "RSSI, readings stored, time seen awake, OTA and key-rotation state, and "
+                       "what each HELLO reported of the node's previous wake (`prev_awake_ms`, "
+                       "`prev_radio_ms`, `prev_sent`; null before protocol 1.5) with its "
+                       "`energy_uah`: a model estimate (those times × the `energy_model` "
+                       "board's cited currents, null without [energy] board), not a "
+                       "measurement. `energy_reported`: some wake in the range reported them",
             "parameters": [_DEVICE,
                            {"name": "since", "in": "query", "schema": {"type": "number"},
                             "description": "unix seconds (default: until - 1 day)"},
                            {"name": "until", "in": "query", "schema": {"type": "number"},
                             "description": "unix seconds (default: now)"}],
-            "responses": {"200": _ok("wakes"), "400": _ERROR, "404": _ERROR}}},
+            "responses": {"200": {"description": "wakes", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/Wakes"}}}},
+                          "400": _ERROR, "404": _ERROR}}},
         "/api/v1/devices/{device}/config": {"get": {
             "summary": "Desired configuration against what the node reported (its config "
                        "version, each key's reported value, the keys still pending)",

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from html import escape
 from urllib.parse import quote, urlencode
 
+from gateway.config import EnergyModel
 from gateway.ops import campaigns as ocampaigns
 from gateway.ops import fleet as ofleet
 from gateway.ops import health as ohealth
@@ -77,20 +78,26 @@ if(t!==null){document.getElementById('fleet-rows').innerHTML=t;}});});})();
 LOW_DAYS = 14.0  # a forecast under this many days is shown in red
 
 
-def _days_left_text(days: float | None, pending: bool) -> str:
+def _days_left_text(days: float | None, pending: bool, source: str | None = None) -> str:
     if pending:
         return "not fitted yet"
     if days is None:
         return f"– (fewer than {readings.FORECAST_MIN_POINTS} battery readings in a week)"
     if not math.isfinite(days):
         return "not falling"
+    if source == "ledger":
+        return (f"{days:.1f} days (energy ledger of its wakes: an estimate, see Energy "
+                "per wake below)")
     return (f"{days:.1f} days (voltage trend of the last {readings.FORECAST_WINDOW_DAYS:g} "
             f"days to {readings.FORECAST_EMPTY_MV:g} mV)")
 
 
-def _days_left(days: float | None, pending: bool = False) -> str:
+def _days_left(days: float | None, pending: bool = False, source: str | None = None) -> str:
     """A fleet row's forecast cell: days, "not falling", or a dash without enough readings
-    (an ellipsis while it is still to be fitted)."""
+    (an ellipsis while it is still to be fitted); `data-source` says what it comes from."""
+    if source is not None and not pending:
+        return _days_left(days).replace('class="days-left', f'data-source="{source}" '
+                                        'class="days-left', 1)
     if pending:
         return ('<td class="days-left" data-days="pending" title="forecast not fitted yet: '
                 'shown at the next refresh">…</td>')
@@ -119,7 +126,7 @@ def fleet_rows(page: ofleet.FleetPage, now: float) -> str:
             f'<tr data-device="{escape(r.id)}"><td><a href="/devices/{quote(r.id)}">{escape(r.id)}'
             f'</a></td><td class="st-{escape(r.status)}" title="{escape(r.status_reason)}">'
             f"{escape(r.status)}</td><td>{escape(when(r.last_seen, now))}</td><td>{listen}</td>"
-            f"<td>{batt}{spark}</td>{_days_left(r.days_left, r.days_left_pending)}<td>{r.queued}</td>"
+            f"<td>{batt}{spark}</td>{_days_left(r.days_left, r.days_left_pending, r.days_left_source)}<td>{r.queued}</td>"
             f"<td>{'' if r.fw_version is None else r.fw_version}</td>"
             f"<td>{escape(r.ota_state or '')}</td><td>{alerts}</td></tr>")
     if not out:
@@ -147,8 +154,9 @@ def fleet(page: ofleet.FleetPage, *, status: str | None, text: str, now: float) 
     pager = f'<p class="pager">{" ".join(pages)}</p>'
     table = ('<table id="fleet"><thead><tr><th>Device</th><th>Status</th><th>Last seen</th>'
              "<th>Next listening</th><th>Battery</th>"
-             '<th title="days until the battery\'s voltage trend over the last '
-             f'{readings.FORECAST_WINDOW_DAYS:g} days reaches {readings.FORECAST_EMPTY_MV:g} mV">'
+             '<th title="days until the battery is empty: by the energy ledger of its wakes '
+             "where the board is known (an estimate), else by its voltage trend over the last "
+             f'{readings.FORECAST_WINDOW_DAYS:g} days to {readings.FORECAST_EMPTY_MV:g} mV">'
              "Days left</th><th>Queued</th><th>Firmware</th>"
              f'<th>OTA</th><th>Alerts</th></tr></thead><tbody id="fleet-rows">{fleet_rows(page, now)}'
              "</tbody></table>")
@@ -176,16 +184,33 @@ def _items(items: Iterable[q.Item], device: str, csrf: str, cancel: bool, now: f
             + "".join(rows) + "</tbody></table>")
 
 
-ENERGY_NOTE = (
-    "Energy per wake: not reported. The node's HELLO carries no awake time or energy "
-    "figure, and the gateway does not know which board a node is, so it draws no energy "
-    "model either. The chart shows instead how long the gateway saw each wake (from the "
-    "HELLO to the wake's last frame): a lower bound of the node's awake time, which does "
-    "not count its boot, Wi-Fi and TLS set-up.")
+SEEN_NOTE = (
+    "\"Awake seen by gateway\" is the time from the HELLO to the wake's last frame as the "
+    "gateway received them: a lower bound of the awake time, without the boot, Wi-Fi and TLS "
+    "set-up before the HELLO.")
 
 
-def _wake_charts(wakes: Sequence[ofleet.WakeLogEntry], since: float, until: float) -> str:
-    """Battery, RSSI and awake time per wake, from the wake log."""
+def energy_note(energy: EnergyModel | None) -> str:
+    """What the energy per wake is, said on the page: a model, not a measurement."""
+    if energy is None:
+        return ("Energy per wake: no board profile is configured ([energy] board in "
+                "gateway.toml), so the gateway draws no energy model. The node reports its "
+                "previous wake's awake and radio-on times in each HELLO (firmware of protocol "
+                "1.5 or later); the wake table shows them.")
+    e = energy
+    return (f"Energy per wake is a model estimate, not a measurement: each HELLO reports the "
+            f"node's previous wake, its awake time (from the app's start to deep sleep) and "
+            f"radio-on time, counted by the node's own ticks; the gateway multiplies them by "
+            f"the cited currents of the {e.board} board profile (boards/profiles.toml, "
+            f"docs/board-profiles.md): CPU {e.cpu_active_ma:g} mA over the awake time plus "
+            f"the profile's {e.boot_ms:g} ms boot before the app, radio {e.radio_listen_ma:g} "
+            f"mA more while it is on. Each point is drawn at the HELLO that reported it. "
+            f"Wakes of firmware before protocol 1.5 report nothing and are not drawn.")
+
+
+def _wake_charts(wakes: Sequence[ofleet.WakeLogEntry], since: float, until: float,
+                 energy: EnergyModel | None = None) -> str:
+    """Battery, RSSI, awake time and energy per wake, from the wake log."""
     def pts(get: Callable[[ofleet.WakeLogEntry], float | None]) -> list[tuple[float, float]]:
         out = []
         for w in wakes:
@@ -194,16 +219,34 @@ def _wake_charts(wakes: Sequence[ofleet.WakeLogEntry], since: float, until: floa
                 out.append((w.at, float(v)))
         return out
 
+    energy_chart = ""
+    if energy is not None:
+        energy_chart = svg.chart(
+            "energy per wake (model estimate)", "µAh", pts(lambda w: w.energy_uah(energy)),
+            since, until, kind="wake", empty="no wake in this range reported its energy facts")
     return (svg.chart("battery at wake", "mV", pts(lambda w: w.battery_mv), since, until,
                       kind="wake", empty="no wake in this range")
             + svg.chart("rssi", "dBm", pts(lambda w: w.rssi), since, until, kind="wake",
                         empty="no wake in this range")
             + svg.chart("awake seen by gateway", "s", pts(lambda w: w.seen_s), since, until,
                         kind="wake", empty="no wake in this range")
-            + f'<p class="energy-note" id="energy-per-wake">{escape(ENERGY_NOTE)}</p>')
+            + energy_chart
+            + f'<p class="energy-note" id="energy-per-wake">{escape(energy_note(energy))}</p>'
+            + f"<p>{escape(SEEN_NOTE)}</p>")
 
 
-def _wake_table(wakes: Sequence[ofleet.WakeLogEntry], now: float) -> str:
+def _energy_cell(w: ofleet.WakeLogEntry, energy: EnergyModel | None) -> str:
+    """The previous wake's facts and, with a board model, its estimated charge."""
+    if w.prev_awake_ms is None:
+        return "not reported"
+    facts = (f"prev. wake {w.prev_awake_ms} ms awake, radio {w.prev_radio_ms or 0} ms"
+             + (", sent" if w.prev_sent else ", sampled only"))
+    e = w.energy_uah(energy)
+    return facts if e is None else f"{e:.1f} µAh est. ({facts})"
+
+
+def _wake_table(wakes: Sequence[ofleet.WakeLogEntry], now: float,
+                energy: EnergyModel | None = None) -> str:
     rows = []
     for w in wakes:
         ota = w.ota_state or ""
@@ -222,7 +265,7 @@ def _wake_table(wakes: Sequence[ofleet.WakeLogEntry], now: float) -> str:
             f"<td>{escape(w.boot_cause)}{safe}</td><td>{escape(sent)}</td>"
             f"<td>{'' if w.rssi is None else f'{w.rssi} dBm'}</td>"
             f"<td>{'' if w.battery_mv is None else f'{w.battery_mv} mV'}</td>"
-            f"<td>{seen}</td><td>not reported</td>"
+            f"<td>{seen}</td><td>{escape(_energy_cell(w, energy))}</td>"
             f"<td>{'' if w.fw_version is None else w.fw_version}</td>"
             f"<td>{escape(ota)}</td><td>{escape(rot)}</td></tr>")
     if not rows:
@@ -251,7 +294,8 @@ def _rotations(rots: Sequence[ofleet.RotationEntry], now: float) -> str:
 
 def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: str,
            now: float, wakes: Sequence[ofleet.WakeLogEntry] = (),
-           wakes_since: float | None = None) -> str:
+           wakes_since: float | None = None, energy: EnergyModel | None = None,
+           ledger: ofleet.LedgerForecast | None = None) -> str:
     d = view.device
     r = view.row
     listen = when(r.next_listen_at, now)
@@ -264,12 +308,21 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
                    f"{escape(d.status_reason)}"),
         ("Class", escape(d.device_class)), ("Last seen", escape(when(d.last_seen, now))),
         ("Next listening", escape(listen)), ("Battery", f"{d.battery_mv} mV" if d.battery_mv else "–"),
-        ("Battery days left", _days_left_text(r.days_left, r.days_left_pending)),
+        ("Battery days left", _days_left_text(r.days_left, r.days_left_pending,
+                                              r.days_left_source)),
         ("RSSI", f"{d.rssi} dBm" if d.rssi is not None else "–"),
         ("Firmware", escape(str(d.fw_version or "–"))), ("OTA", escape(d.ota_state or "–")),
         ("Boot cause", escape(d.boot_cause or "–")), ("Readings stored", str(view.readings_stored)),
         ("Dead letters", f'<a href="/deadletters?device={quote(d.id)}">{view.dead_letters}</a>'),
     ]
+    if ledger is not None:
+        facts.append(("Energy ledger", escape(
+            f"{ledger.drain_ua:.1f} µA average over {ledger.wakes} wakes in "
+            f"{ledger.span_s / 3600:.1f} h (sending wake {ledger.sending_uah:.1f} µAh"
+            + ("" if ledger.sampling_uah is None
+               else f", sampling wake {ledger.sampling_uah:.1f} µAh")
+            + f"); {ledger.left_mah:.0f} mAh left at {ledger.battery_mv} mV by the 2×AA "
+            "discharge curve: a model estimate, not a measurement")))
     if view.wakes is not None:
         w = view.wakes
         facts.append(("Wakes", f"{w.wakes} seen, {w.missed_wakes} missed; interval "
@@ -293,7 +346,7 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
         if rv.latest_at is not None:
             charts += f"<p>Its newest reading is from {escape(when(rv.latest_at, now))}.</p>"
     since = now - RANGES[rng] if wakes_since is None else wakes_since
-    wake_charts = _wake_charts(wakes, since, now)
+    wake_charts = _wake_charts(wakes, since, now, energy)
     ops = "".join(f'<option value="{o}">{o}</option>' for o in q.OPS)
     form = (f'<form method="post" action="/devices/{quote(d.id)}/commands" id="queue-command">'
             f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
@@ -323,7 +376,7 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
             f'<section><h2>Readings</h2><p class="ranges">Range: {ranges} · {rv.count} readings'
             f"</p>{charts}</section>"
             f'<section><h2>Wakes</h2><p class="ranges">Range: {ranges} · {len(wakes)} wakes '
-            f"logged</p>{wake_charts}<h3>Latest wakes</h3>{_wake_table(view.wake_log, now)}"
+            f"logged</p>{wake_charts}<h3>Latest wakes</h3>{_wake_table(view.wake_log, now, energy)}"
             "</section>"
             f"<section><h2>Key rotations</h2>{_rotations(view.rotations, now)}</section>"
             f"<section><h2>Pending downlink</h2><p>Lands {escape(lands)}.</p>"

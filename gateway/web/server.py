@@ -10,7 +10,7 @@ import ssl
 
 from aiohttp import web
 
-from gateway.config import GatewayConfig, WebConfig
+from gateway.config import GatewayConfig, WebConfig, energy_model
 from gateway.errors import ConfigError
 from gateway.ops.metrics import Live
 from gateway.store import db
@@ -58,7 +58,8 @@ async def serve(cfg: GatewayConfig, *, started: asyncio.Future[str] | None = Non
     check(web_cfg)
     ctx = tls_context(web_cfg)
     conn = db.connect(cfg.db_path)
-    runner = web.AppRunner(make_app(web_cfg, conn, tls=ctx is not None, live=live), access_log=None,
+    runner = web.AppRunner(make_app(web_cfg, conn, tls=ctx is not None, live=live,
+                                    energy=energy_model(cfg)), access_log=None,
                            shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
     try:

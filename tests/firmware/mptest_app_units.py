@@ -93,6 +93,33 @@ def test_state_rtc_and_flash_round_trip():
     mpunit.eq(state.State(sim, sim.FS_ROOT).results, [])
 
 
+def test_state_keeps_the_last_wakes_energy_facts_and_reads_the_earlier_layout():
+    import struct
+
+    _node(_cfg())
+    st = state.State(sim, sim.FS_ROOT)
+    mpunit.eq((st.prev_awake_ms, st.prev_radio_ms, st.prev_sent), (0, 0, 0))
+    st.prev_awake_ms = 4321
+    st.prev_radio_ms = 3170
+    st.prev_sent = 1
+    st.fails = 2
+    st.save_rtc(bytearray(state.RTC_SIZE) + b"resume")
+    st2 = state.State(sim, sim.FS_ROOT)
+    mpunit.eq((st2.prev_awake_ms, st2.prev_radio_ms, st2.prev_sent, st2.fails), (4321, 3170, 1, 2))
+    mpunit.eq(bytes(st2.rtc_extra), b"resume")
+    # RTC memory as an image of the release before (54 bytes, "TRS3") left it: its fields
+    # and resume record are read, the energy facts are unknown (0).
+    old = bytearray(54)
+    struct.pack_into("<IBHBIBIIIIBIIi4sB6sB", old, 0, 0x54525333, 0, 7, 1, 0, 0, 1767225000,
+                     0, 0, 0, 1, 5, 0, 0, b"\0\0\0\0", 0, b"", 0)
+    sim.rtc_memory_write(old + b"resume3")
+    st3 = state.State(sim, sim.FS_ROOT)
+    mpunit.eq((st3.rtc_valid, st3.boots_without_send, st3.fails, st3.last_wake, st3.clock_set,
+               st3.epoch_id), (True, 7, 1, 1767225000, 1, 5))
+    mpunit.eq((st3.prev_awake_ms, st3.prev_radio_ms, st3.prev_sent), (0, 0, 0))
+    mpunit.eq(bytes(st3.rtc_extra), b"resume3")
+
+
 def test_state_reads_state_bin_only_when_a_completed_wake_left_no_count():
     _node(_cfg())
     st = state.State(sim, sim.FS_ROOT)

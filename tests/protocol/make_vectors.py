@@ -40,6 +40,9 @@ def frames() -> list[Any]:
         hello,
         p.Hello(2, 1, p.BootCause.POWER_ON, 4100, 0, 200000, 0, 0, 60, 1000, 0,
                 p.DeviceClass.MONITOR, safe_mode=True, boots_without_send=5, clock_unset=True),
+        # 1.5: the previous wake's awake and radio-on times, and whether it sent.
+        p.Hello(3, 12, p.BootCause.TIMER, 2950, -80, 60000, 1, 0, 300, 1500, 1_767_225_900,
+                p.DeviceClass.SENSOR, prev_awake_ms=4321, prev_radio_ms=3170, prev_sent=True),
         workload(),
         p.Burst(70000, p.SCHEMA_ENV3, 0, irregular),
         p.Burst(70003, p.SCHEMA_ENV3, 0, irregular, node_clock=True),

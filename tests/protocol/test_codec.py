@@ -143,3 +143,25 @@ def test_series_values_outside_their_type_are_refused() -> None:
     with pytest.raises(p.ProtocolError, match="leaves its type's range"):
         p.decode(bytes(raw))
     assert struct.calcsize(p.RECORD_FORMATS[1]) == 10
+
+
+def test_hello_energy_facts_round_trip_and_a_1_4_hello_has_none() -> None:
+    """Protocol 1.5: the previous wake's awake and radio-on times and whether it sent travel
+    as tagged fields; a HELLO encoded before them decodes with their defaults (unknown)."""
+    h = p.Hello(3, 12, p.BootCause.TIMER, 2950, -80, 60000, 1, 0, 300, 1500, 1_767_225_900,
+                p.DeviceClass.SENSOR, prev_awake_ms=4321, prev_radio_ms=3170, prev_sent=True)
+    raw = p.encode(h)
+    assert p.decode(raw) == h
+    bare = p.encode(p.Hello(3, 12, p.BootCause.TIMER, 2950, -80, 60000, 1, 0, 300, 1500,
+                            1_767_225_900, p.DeviceClass.SENSOR))
+    assert len(raw) - len(bare) == 15  # tag, length, value: 6 + 6 + 3 bytes
+    # A HELLO of protocol 1.4, byte for byte as a 1.4 node sent it (its frozen vector).
+    old = p.decode(bytes.fromhex(
+        "1401020000000100000000041000400d03000000000000003c000000e80300000000040f0101100105"
+        "140101"))
+    assert isinstance(old, p.Hello)
+    assert (old.prev_awake_ms, old.prev_radio_ms, old.prev_sent) == (0, 0, False)
+    # Facts that do not fit their field are refused by the encoder, naming it.
+    with pytest.raises(p.ProtocolError, match="prev_awake_ms"):
+        p.encode(p.Hello(3, 12, p.BootCause.TIMER, 2950, -80, 60000, 1, 0, 300, 1500,
+                         1_767_225_900, p.DeviceClass.SENSOR, prev_awake_ms=1 << 32))

@@ -48,6 +48,9 @@ def test_fleet_device_chart_and_a_queued_command_in_chromium(stack: Stack, tmp_p
     port = free_port()
     with open(stack.config_path, "a") as f:
         f.write(f"[web]\nenabled = true\nhost = \"127.0.0.1\"\nport = {port}\n")
+        # The energy model: the nodes' own awake and radio times × the esp32 profile's
+        # cited currents.
+        f.write("[energy]\nboard = \"esp32\"\n")
     base = f"http://127.0.0.1:{port}"
 
     async def main() -> None:
@@ -55,6 +58,9 @@ def test_fleet_device_chart_and_a_queued_command_in_chromium(stack: Stack, tmp_p
         nodes = [stack.add_node(f"web-{i}", seed=20 + i, send_every=1) for i in range(2)]
         for node in nodes:
             await node.wake(2)
+        # A third wake of web-0: its second and third HELLOs report the wake before each
+        # (the first, after power-on, has nothing to report), two points of energy.
+        await nodes[0].wake()
         with stack.db() as conn:
             from gateway.store import readings
 
@@ -100,8 +106,9 @@ def test_fleet_device_chart_and_a_queued_command_in_chromium(stack: Stack, tmp_p
                 "Array.from(document.querySelectorAll('svg.chart[data-kind=wake]')).map(s =>"
                 " [s.dataset.series, +s.dataset.points,"
                 " (s.querySelector('path.line') || {getAttribute: () => ''}).getAttribute('d')])")
-            assert [c[0] for c in wake_charts] == ["battery at wake", "rssi",
-                                                   "awake seen by gateway"], wake_charts
+            assert [c[0] for c in wake_charts] == [
+                "battery at wake", "rssi", "awake seen by gateway",
+                "energy per wake (model estimate)"], wake_charts
             for name, points, line in wake_charts:
                 assert points >= 2 and line.startswith("M") and "L" in line, (name, points)
             wakes = await page.eval(
@@ -115,10 +122,28 @@ def test_fleet_device_chart_and_a_queued_command_in_chromium(stack: Stack, tmp_p
             assert len(wakes) == len(logged)
             for cells, w in zip(wakes, logged, strict=True):
                 assert cells[1].startswith(w.boot_cause) and cells[3] == f"{w.rssi} dBm"
-                assert cells[4] == f"{w.battery_mv} mV" and cells[6] == "not reported"
+                assert cells[4] == f"{w.battery_mv} mV"
+                if w.prev_awake_ms is None:
+                    assert cells[6] == "not reported", cells
+                else:
+                    assert cells[6].endswith(", sent)") and " µAh est. (" in cells[6], cells
             assert sum(w.readings for w in logged) > 0  # the bursts are counted to their wake
-            assert "not reported" in await page.eval(
-                "document.getElementById('energy-per-wake').textContent")
+            # The first wake after power-on has no previous wake; every later HELLO reports
+            # the one before it, as the node's ticks measured it: awake longer than its
+            # radio was on (the radio came up inside the wake), and it sent.
+            facts = [w for w in logged if w.prev_awake_ms is not None]
+            assert len(facts) == len(logged) - 1 >= 2, logged
+            for w in facts:
+                assert w.prev_awake_ms and w.prev_radio_ms and w.prev_sent == 1, w
+                assert 0 < w.prev_radio_ms < w.prev_awake_ms < 60_000, w
+            note = await page.eval("document.getElementById('energy-per-wake').textContent")
+            assert "model estimate, not a measurement" in note and "esp32" in note, note
+            with urllib.request.urlopen(base + "/api/v1/devices/web-0/wakes") as r:
+                api_wakes = json.load(r)
+            assert api_wakes["energy_reported"] is True
+            assert api_wakes["energy_model"]["board"] == "esp32"
+            e = [w["energy_uah"] for w in api_wakes["wakes"] if w["energy_uah"] is not None]
+            assert len(e) == len(facts) and all(x > 0 for x in e), api_wakes
             # Queue a command through the page's form: it lands in the gateway's queue.
             await page.eval(
                 "document.querySelector('#queue-command select[name=op]').value = 'set_interval';"

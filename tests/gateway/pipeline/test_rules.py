@@ -386,6 +386,56 @@ async def test_battery_level_and_forecast(broker: RunningBroker, tmp_path: Path)
         assert fc[0].value == pytest.approx(21.0)
 
 
+LEDGER_RULES = """
+[[rule]]
+name = "battery-forecast"
+condition = "battery"
+forecast_days = 30
+min_points = 5
+empty_mv = 2400
+"""
+
+
+@aio
+async def test_battery_forecast_by_the_energy_ledger_where_the_wakes_report_it(
+        broker: RunningBroker, tmp_path: Path) -> None:
+    """With [energy] board set, a node whose HELLOs report their wakes' energy facts is
+    forecast by the ledger: its voltage does not fall (the trend says "not falling"), but
+    eight 4-second wakes within seconds of each other drain a 2×AA pack at 2,450 mV in
+    well under 30 days. A node whose HELLOs report nothing keeps the voltage trend."""
+    pki = provision(broker, tmp_path, "led-1", "flat-1")
+    cfg = config(broker, tmp_path, rules=LEDGER_RULES, energy={"board": "esp32"})
+    path = cfg.db_path
+    async with running(cfg) as svc, Node(broker, pki, "led-1") as nl, \
+            Node(broker, pki, "flat-1") as nf:
+        led, flat = Sender(nl), Sender(nf)
+        for _ in range(8):
+            await nl.send(proto.encode_hello(proto.Hello(
+                1, 3, proto.BootCause.TIMER, 2450, -61, 40_000, 0, 0, 60, 800, T0,
+                proto.DeviceClass.SENSOR, prev_awake_ms=4000, prev_radio_ms=3000,
+                prev_sent=True)))
+            assert isinstance(await nl.recv(), proto.Ack)
+            while not isinstance(await nl.recv(), proto.SleepNow):
+                pass
+            await asyncio.sleep(0.05)
+            await flat.hello()
+        await led.burst(mv=[2450] * 6, step_s=DAY)
+        await flat.burst(mv=[2450] * 6, step_s=DAY)
+        await evaluated(svc)
+        fc = history(path, "battery-forecast")
+        assert [(a.device, a.open) for a in fc] == [("led-1", True)], fc
+        assert "battery forecast to reach 2400 mV in" in fc[0].message
+        with opened(path) as conn:
+            from gateway.config import energy_model
+            from gateway.store import wake_log
+
+            model = energy_model(cfg)
+            assert model is not None
+            led_fc = wake_log.ledger_forecast(conn, "led-1", model, time.time(),
+                                              empty_mv=2400)
+        assert led_fc is not None and fc[0].value == pytest.approx(led_fc.days, rel=0.05)
+
+
 @aio
 async def test_overdue_by_its_own_intervals_and_quarantine(broker: RunningBroker, tmp_path: Path) -> None:
     pki = provision(broker, tmp_path, "n1", "n2")

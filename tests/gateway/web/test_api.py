@@ -352,3 +352,63 @@ def test_a_flood_of_anonymous_sessions_does_not_log_the_operator_out() -> None:
     for _ in range(auth.MAX_SESSIONS * 2):
         sessions.new(logged_in=False)
     assert sessions.get(operator.id) is operator
+
+
+def test_energy_per_wake_in_the_api_page_and_fleet_with_a_board_model(dbpath: Path) -> None:
+    """With [energy] board set: each wake's reported facts and its µAh estimate in
+    /wakes, said to be a model; the device page's energy chart; the fleet's days left by
+    the energy ledger, and by the voltage trend for a device whose wakes report nothing."""
+    from gateway import proto
+    from gateway.config import EnergyConfig, EnergyModel, GatewayConfig, energy_model
+    from gateway.store import wake_log
+
+    model = energy_model(GatewayConfig(energy=EnergyConfig(board="esp32")))
+    assert isinstance(model, EnergyModel) and model.cpu_active_ma == 45.0
+    now = time.time()
+    conn = db.connect(dbpath)
+    for i in range(8):  # node-000 runs firmware of protocol 1.5: 8 HELLOs with facts
+        h = proto.Hello(1, 4, proto.BootCause.TIMER, 2900 - i, -60, 40_000, 0, 0, 60, 800,
+                        int(now), proto.DeviceClass.SENSOR, prev_awake_ms=4000 + 10 * i,
+                        prev_radio_ms=3000, prev_sent=True)
+        with db.transaction(conn):
+            wake_log.record(conn, [("node-000", h)], ["node-000"], [], now - 600 + 60 * i)
+    conn.close()
+
+    async def body() -> None:
+        conn = db.connect(dbpath)
+        c = TestClient(TestServer(make_app(WebConfig(enabled=True, page_size=10), conn,
+                                           energy=model)))
+        await c.start_server()
+        try:
+            doc = await (await c.get("/api/v1/devices/node-000/wakes")).json()
+            assert doc["energy_reported"] is True
+            assert doc["energy_model"]["board"] == "esp32"
+            assert doc["energy_model"]["kind"] == "model estimate"
+            facts = [w for w in doc["wakes"] if w["prev_awake_ms"] is not None]
+            assert len(facts) == 8
+            for w in facts:
+                want = ((650 + w["prev_awake_ms"]) * 45 + w["prev_radio_ms"] * 100) / 3600
+                assert w["energy_uah"] == pytest.approx(want, abs=0.001) and w["prev_sent"] == 1
+            assert all(w["energy_uah"] is None for w in doc["wakes"] if w["prev_awake_ms"] is None)
+            spec = await (await c.get("/api/v1/openapi.json")).json()
+            props = spec["components"]["schemas"]["Wakes"]["properties"]["wakes"]["items"]
+            assert "energy_uah" in props["properties"]
+            # The fleet: node-000 by the ledger, node-003 (no facts) by its voltage trend.
+            doc = await (await c.get("/api/v1/devices", params={"limit": "30"})).json()
+            rows = {d["id"]: d for d in doc["devices"]}
+            assert rows["node-000"]["days_left_source"] == "ledger", rows["node-000"]
+            assert rows["node-000"]["days_left"] > 0
+            assert rows["node-003"]["days_left_source"] == "trend", rows["node-003"]
+            # The device page: the energy chart with its points, and the model said so.
+            text = await (await c.get("/devices/node-000?range=1h")).text()
+            assert ('data-kind="wake" data-series="energy per wake (model estimate)" '
+                    'data-points="8"') in text
+            assert "model estimate, not a measurement" in text and "esp32" in text
+            assert "Energy ledger" in text and "µAh est." in text
+            fleet = await (await c.get("/")).text()
+            assert 'data-source="ledger"' in fleet
+        finally:
+            await c.close()
+            conn.close()
+
+    asyncio.run(asyncio.wait_for(body(), 60))
