@@ -11,6 +11,7 @@ import ipaddress
 import re
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from gateway import proto
 from gateway.errors import ConfigError
 
 __all__ = [
-    "BrokerConfig", "ConfigError", "DownlinkConfig", "EnergyConfig", "EnergyModel",
+    "BoardModels", "BrokerConfig", "ConfigError", "DownlinkConfig", "EnergyConfig", "EnergyModel",
     "GatewayConfig", "GatewaySection",
     "HassConfig", "IngestConfig", "MqttConfig", "PkiConfig", "RulesConfig", "UpstreamConfig",
     "WebConfig", "load_config", "parse_config",
@@ -229,9 +230,12 @@ _MODEL_KEYS = ("cpu_active_ma", "radio_listen_ma", "deep_sleep_ua", "boot_ms")
 @dataclass(frozen=True, slots=True)
 class EnergyConfig:
     """The energy model behind the device page's energy per wake and the battery forecast
-    from it (docs/web.md, "Energy per wake"): the board profile the fleet's nodes are."""
+    from it (docs/web.md, "Energy per wake"): each device's own board (`torpor device add
+    --board`), else this default board."""
 
-    board: str = ""  # a profile in boards/profiles.toml ("": unknown, no energy figures)
+    # The board of devices registered without one: a profile in boards/profiles.toml
+    # ("": unknown, no energy figures for them).
+    board: str = ""
     profiles: str = ""  # default: boards/profiles.toml of the source tree
     capacity_mah: float = 2500.0  # the battery: 2×AA alkaline, usable capacity
     empty_mv: float = 2000.0  # the pack's voltage when the node stops (1.0 V a cell)
@@ -260,12 +264,53 @@ class EnergyModel:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-def energy_model(cfg: GatewayConfig) -> EnergyModel | None:
-    """The configured board's model, or None when [energy] board is not set. Raises
-    ConfigError naming the key when the profiles file or the board's figures are wrong."""
+@dataclass(frozen=True, slots=True)
+class BoardModels:
+    """The board profiles the gateway knows (boards/profiles.toml): each board's readable
+    name and energy model. A device's own board (the registry's `board`) picks its model;
+    a device with none takes `default` ([energy] board; "": no energy figures)."""
+
+    default: str = ""
+    titles: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    models: Mapping[str, EnergyModel] = dataclasses.field(default_factory=dict)
+    path: str = ""  # the profiles file, for messages
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self.titles))
+
+    def energy(self, board: str | None) -> EnergyModel | None:
+        """The model of a device with this board (None or "": the default board's)."""
+        name = board or self.default
+        return self.models.get(name) if name else None
+
+    def title(self, board: str | None) -> str | None:
+        """The board's readable name ("ESP32-C3"), None for none or an unknown one."""
+        return self.titles.get(board) if board else None
+
+    def check(self, board: str) -> str:
+        """`board` if it is a profile, else ConfigError naming the known boards."""
+        if board not in self.titles:
+            raise ConfigError(f"unknown board {board!r}: one of {', '.join(self.names)} "
+                              f"(the profiles in {self.path})")
+        return board
+
+
+def _title(name: str, prof: Mapping[str, Any]) -> str:
+    """A profile's readable name: its description up to the first parenthesis
+    ("ESP32-C3 (MINI-1), ..." -> "ESP32-C3"), else the profile's name."""
+    desc = prof.get("description")
+    if isinstance(desc, str) and " (" in desc:
+        return desc.split(" (", 1)[0].strip() or name
+    return name
+
+
+def board_models(cfg: GatewayConfig) -> BoardModels:
+    """Every board profile's name and model, and [energy] board as the default. Raises
+    ConfigError naming the key when the profiles file cannot be read, [energy] board is
+    not a profile or its figures are wrong. Another profile without the model's figures
+    has a name but no energy model (its devices show no energy figures)."""
     e = cfg.energy
-    if not e.board:
-        return None
     path = Path(e.profiles) if e.profiles else PROFILES_PATH
     try:
         with open(path, "rb") as f:
@@ -274,20 +319,32 @@ def energy_model(cfg: GatewayConfig) -> EnergyModel | None:
         raise ConfigError(f"[energy] profiles: cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"[energy] profiles: {path}: {exc}") from None
-    prof = profiles.get(e.board)
-    if not isinstance(prof, dict):
-        known = ", ".join(sorted(k for k, v in profiles.items() if isinstance(v, dict)))
+    tables = {k: v for k, v in profiles.items() if isinstance(v, dict)}
+    if e.board and e.board not in tables:
         raise ConfigError(f"[energy] board: {e.board!r} is not a profile in {path} "
-                          f"(known: {known})")
-    figures: dict[str, float] = {}
-    for key in _MODEL_KEYS:
-        v = prof.get(key)
-        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-            raise ConfigError(f"[energy] board: profile {e.board!r} in {path}: {key} is "
-                              f"missing or not a number ({v!r})")
-        figures[key] = float(v)
-    return EnergyModel(board=e.board, capacity_mah=e.capacity_mah, empty_mv=e.empty_mv,
-                       **figures)
+                          f"(known: {', '.join(sorted(tables))})")
+    models: dict[str, EnergyModel] = {}
+    for name, prof in tables.items():
+        figures: dict[str, float] = {}
+        for key in _MODEL_KEYS:
+            v = prof.get(key)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                if name == e.board:
+                    raise ConfigError(f"[energy] board: profile {e.board!r} in {path}: {key} "
+                                      f"is missing or not a number ({v!r})")
+                break
+            figures[key] = float(v)
+        else:
+            models[name] = EnergyModel(board=name, capacity_mah=e.capacity_mah,
+                                       empty_mv=e.empty_mv, **figures)
+    return BoardModels(default=e.board, titles={k: _title(k, v) for k, v in tables.items()},
+                       models=models, path=str(path))
+
+
+def energy_model(cfg: GatewayConfig) -> EnergyModel | None:
+    """The configured default board's model, or None when [energy] board is not set.
+    Raises ConfigError as board_models does."""
+    return board_models(cfg).energy(None)
 
 
 def is_loopback(host: str) -> bool:
@@ -531,7 +588,7 @@ def _cross_check(cfg: GatewayConfig) -> None:
             raise ConfigError(f"[upstream] {key}: {topic!r} must not contain MQTT wildcards")
     _check_web(cfg.web)
     _check_hass(cfg.hass)
-    energy_model(cfg)  # a board that is not in the profiles is refused at start
+    board_models(cfg)  # a board that is not in the profiles is refused at start
 
 
 _HASS_PREFIX = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")

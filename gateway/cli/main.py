@@ -1,5 +1,5 @@
 """`torpor gateway run|status|config-example|backup|restore|config` and
-`torpor device add|list|show|release|revoke`.
+`torpor device add|list|show|board|release|revoke`.
 
 Exit codes: 0 success, 1 the gateway is not running (`status`), 2 an error the operator can
 act on (bad configuration, unknown device, a restore target in use...), 3 a backup archive
@@ -66,7 +66,17 @@ def register(sub: Any) -> None:
                    choices=devices_ops.CLASSES, help="device class (default: sensor)")
     p.add_argument("--issue-cert", action="store_true",
                    help="also issue its certificate from the fleet CA in [broker] pki_dir")
+    p.add_argument("--board", default=None, metavar="NAME",
+                   help="the device's board, a profile of boards/profiles.toml (esp32, "
+                   "esp32c3...): its energy model and its model upstream (default: none, "
+                   "[energy] board stands in)")
     p.set_defaults(func=_add)
+    p = dsub.add_parser("board", help="set a registered device's board (its energy model)")
+    config_arg(p)
+    p.add_argument("device_id", help="the device's id")
+    p.add_argument("board", metavar="NAME",
+                   help="a profile of boards/profiles.toml; \"\" for none")
+    p.set_defaults(func=_board)
     p = dsub.add_parser("list", help="list devices")
     config_arg(p)
     p.add_argument("--status", choices=devices_ops.STATUSES, default=None,
@@ -161,14 +171,28 @@ def _add(args: argparse.Namespace) -> int:
         cfg, conn = open_db(args)
         try:
             added = devices_ops.add(conn, cfg, args.device_id, args.device_class,
-                                    issue_cert=args.issue_cert)
+                                    issue_cert=args.issue_cert, board=args.board)
         finally:
             conn.close()
     except GatewayError as exc:
         return fail(str(exc))
     dev = added.device
-    print(f"{dev.id}: {dev.status} ({dev.device_class})"
+    print(f"{dev.id}: {dev.status} ({dev.device_class}"
+          + (f", board {dev.board}" if dev.board else "") + ")"
           + (f", certificate {added.serial}" if added.serial else ""))
+    return 0
+
+
+def _board(args: argparse.Namespace) -> int:
+    try:
+        cfg, conn = open_db(args)
+        try:
+            dev = devices_ops.set_board(conn, cfg, args.device_id, args.board)
+        finally:
+            conn.close()
+    except GatewayError as exc:
+        return fail(str(exc))
+    print(f"{dev.id}: board {dev.board or 'none ([energy] board stands in)'}")
     return 0
 
 
@@ -217,6 +241,7 @@ def _show(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=1))
         return 0
     print(f"device:          {dev.id} ({dev.device_class})")
+    print(f"board:           {dev.board or '-'}")
     print(f"status:          {dev.status}" + (f" ({dev.status_reason})" if dev.status_reason else ""))
     print(f"certificate:     {dev.cert_serial or '-'}")
     print(f"last seen:       {when(dev.last_seen)}")

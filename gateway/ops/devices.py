@@ -80,13 +80,25 @@ def detail(conn: sqlite3.Connection, device_id: str, *, letters: int = 5) -> Det
 
 
 def add(conn: sqlite3.Connection, cfg: gwconfig.GatewayConfig, device_id: str,
-        device_class: str = "sensor", *, issue_cert: bool = False) -> Added:
-    """Register a device, issuing its certificate first when asked."""
+        device_class: str = "sensor", *, issue_cert: bool = False,
+        board: str | None = None) -> Added:
+    """Register a device, issuing its certificate first when asked. `board` must be a
+    profile of the board profiles file (checked before anything is written)."""
+    if board:
+        gwconfig.board_models(cfg).check(board)
     serial = None
     if issue_cert:
         creds = Pki(cfg.pki_dir).issue_device(device_id)
         serial = format(creds.serial, "x")
-    return Added(registry.add(conn, device_id, device_class, serial), serial)
+    return Added(registry.add(conn, device_id, device_class, serial, board=board), serial)
+
+
+def set_board(conn: sqlite3.Connection, cfg: gwconfig.GatewayConfig, device_id: str,
+              board: str) -> registry.Device:
+    """Set the device's board ("": none, the default [energy] board stands in)."""
+    if board:
+        gwconfig.board_models(cfg).check(board)
+    return registry.set_board(conn, device_id, board or None)
 
 
 def release(conn: sqlite3.Connection, cfg: gwconfig.GatewayConfig,

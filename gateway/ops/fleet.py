@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import proto
-from gateway.config import EnergyModel
+from gateway.config import BoardModels, EnergyModel
 from gateway.store import alerts, deadletter, groups, readings
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
@@ -52,6 +52,7 @@ class FleetRow:
     # What days_left comes from: "ledger" (the energy ledger of its wakes, where the board
     # is known and enough wakes reported energy facts), "trend" (the voltage trend), or None.
     days_left_source: str | None = None
+    board: str | None = None  # the device's board (None: not known, [energy] board stands in)
 
     def as_dict(self) -> dict[str, Any]:
         d = {name: getattr(self, name) for name in self.__slots__}
@@ -112,8 +113,9 @@ class Forecasts:
     forecast, or none yet (`pending`), and the next view or live update fills them in."""
 
     def __init__(self, size: int = FORECASTS_MAX, every_s: float = FORECAST_EVERY_S,
-                 budget_s: float = FORECAST_BUDGET_S, energy: EnergyModel | None = None) -> None:
-        self.energy = energy  # the board's model: the ledger's forecast first, where it has one
+                 budget_s: float = FORECAST_BUDGET_S, energy: BoardModels | None = None) -> None:
+        # Each device's board's model: the ledger's forecast first, where it has one.
+        self.energy = energy
         self.size = size
         self.every_s = every_s
         self.budget_s = budget_s
@@ -142,12 +144,19 @@ class Forecasts:
         return days, True, source
 
 
+def device_model(conn: sqlite3.Connection, device: str,
+                 energy: BoardModels | None) -> EnergyModel | None:
+    """The energy model of the device's own board, else of the default board."""
+    return None if energy is None else energy.energy(registry.board_of(conn, device))
+
+
 def forecast(conn: sqlite3.Connection, device: str, t_last: float, now: float,
-             energy: EnergyModel | None) -> tuple[float | None, str | None]:
-    """(days left, source): the energy ledger's forecast where the board is known and the
-    device's wakes reported enough energy facts, else its voltage trend's."""
-    if energy is not None:
-        led = wlog.ledger_forecast(conn, device, energy, now)
+             energy: BoardModels | None) -> tuple[float | None, str | None]:
+    """(days left, source): the energy ledger's forecast where the device's board is known
+    and its wakes reported enough energy facts, else its voltage trend's."""
+    model = device_model(conn, device, energy)
+    if model is not None:
+        led = wlog.ledger_forecast(conn, device, model, now)
         if led is not None:
             return led.days, "ledger"
     days = readings.battery_forecast(conn, device, t_last)
@@ -184,6 +193,7 @@ def _row(conn: sqlite3.Connection, dev: registry.Device, now: float,
         alerts=(alerts.open_devices(conn) if open_alerts is None else open_alerts).get(dev.id, 0),
         group=groups.group_of(conn, dev.id),
         days_left=days, days_left_pending=not known, days_left_source=source,
+        board=dev.board,
     )
 
 
@@ -277,8 +287,8 @@ LedgerForecast = wlog.LedgerForecast
 
 def device_ledger(conn: sqlite3.Connection, device_id: str, energy: EnergyModel | None,
                   now: float) -> wlog.LedgerForecast | None:
-    """The device's battery forecast by the energy ledger of its wakes (None: no board
-    model, or too few wakes with energy facts)."""
+    """The device's battery forecast by the energy ledger of its wakes and its board's
+    model (None: no board model, or too few wakes with energy facts)."""
     if energy is None:
         return None
     return wlog.ledger_forecast(conn, device_id, energy, now)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from gateway import proto
-from gateway.config import EnergyModel, GatewayConfig, UpstreamConfig, energy_model
+from gateway.config import BoardModels, GatewayConfig, UpstreamConfig, board_models
 from gateway.errors import ConfigError
 from gateway.pipeline import formats
 from gateway.store import alerts, db, readings, wake_log
@@ -474,10 +474,11 @@ class Engine:
     def __init__(self, ruleset: RuleSet, *, upstream: UpstreamConfig | None = None,
                  gateway_id: str = "torpor-gateway", grace_s: float = 30.0,
                  credentials: Callable[[], Mapping[str, Any]] | None = None,
-                 energy: EnergyModel | None = None) -> None:
+                 energy: BoardModels | None = None) -> None:
         self.ruleset = ruleset
-        # The board's energy model: a battery forecast by the energy ledger of a device's
-        # wakes where it has one, else by the voltage trend.
+        # The boards' energy models: a battery forecast by the energy ledger of a device's
+        # wakes and its own board's model (else the default board's) where it has one,
+        # else by the voltage trend.
         self.energy = energy
         self.upstream = upstream
         self.gateway_id = gateway_id
@@ -690,8 +691,10 @@ class Engine:
 
     def _fit(self, conn: sqlite3.Connection, rule: Rule, device: str,
              t_last: int) -> float | None:
-        if self.energy is not None:
-            led = wake_log.ledger_forecast(conn, device, self.energy, time.time(),
+        model = (None if self.energy is None
+                 else self.energy.energy(registry.board_of(conn, device)))
+        if model is not None:
+            led = wake_log.ledger_forecast(conn, device, model, time.time(),
                                            window_days=rule.window_days, empty_mv=rule.empty_mv)
             if led is not None:
                 return led.days
@@ -900,7 +903,7 @@ class Rules:
         self.path = cfg.rules_path
         self.engine = Engine(RuleSet(), upstream=cfg.upstream, gateway_id=cfg.mqtt.client_id,
                              grace_s=cfg.downlink.grace_s, credentials=credentials,
-                             energy=energy_model(cfg))
+                             energy=board_models(cfg))
         self._mtime: float | None = None
         self._reload = True
         self.last_error: str | None = None

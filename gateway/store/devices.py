@@ -93,6 +93,11 @@ _STEPS = (
     ALTER TABLE devices ADD COLUMN next_listen_s INTEGER;
     ALTER TABLE devices ADD COLUMN clock_unset INTEGER;
     """,
+    # The device's board (a profile of boards/profiles.toml; NULL: not known, the
+    # gateway's [energy] board stands in): its energy model and its model name upstream.
+    """
+    ALTER TABLE devices ADD COLUMN board TEXT;
+    """,
 )
 
 
@@ -131,6 +136,7 @@ class Device:
     mcu_temp: float | None = None
     next_listen_s: int | None = None
     clock_unset: int | None = None
+    board: str | None = None
 
     @property
     def limits(self) -> proto.ClassLimits:
@@ -142,7 +148,7 @@ class Device:
 
 _SELECT = (
     "SELECT id, class, cert_serial, status, status_reason, created_at, status_at, last_seen, "
-    "last_hello_at, next_wake_at, awake_until, " + ", ".join(_HELLO_COLUMNS) + " FROM devices"
+    "last_hello_at, next_wake_at, awake_until, " + ", ".join(_HELLO_COLUMNS) + ", board FROM devices"
 )
 
 
@@ -161,8 +167,10 @@ def migrate(conn: sqlite3.Connection) -> None:
 
 
 def add(conn: sqlite3.Connection, device_id: str, device_class: str = "sensor",
-        cert_serial: str | None = None, *, now: float | None = None) -> Device:
-    """Register a device as provisioned."""
+        cert_serial: str | None = None, *, now: float | None = None,
+        board: str | None = None) -> Device:
+    """Register a device as provisioned. `board` is taken as given: the caller checks it
+    against the board profiles (gateway.config.BoardModels.check)."""
     if not is_device_id(device_id):
         raise RegistryError(bad_device_id(device_id))
     if device_class not in proto.DEVICE_CLASSES:
@@ -172,9 +180,9 @@ def add(conn: sqlite3.Connection, device_id: str, device_class: str = "sensor",
     t = time.time() if now is None else now
     try:
         conn.execute(
-            "INSERT INTO devices(id, class, cert_serial, status, created_at, status_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (device_id, device_class, cert_serial, PROVISIONED, t, t),
+            "INSERT INTO devices(id, class, cert_serial, status, created_at, status_at, board) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (device_id, device_class, cert_serial, PROVISIONED, t, t, board or None),
         )
     except sqlite3.IntegrityError:
         raise RegistryError(f"device {device_id!r} is already registered") from None
@@ -182,16 +190,29 @@ def add(conn: sqlite3.Connection, device_id: str, device_class: str = "sensor",
 
 
 def add_missing(conn: sqlite3.Connection, serials: Mapping[str, str], device_class: str = "sensor",
-                *, now: float | None = None) -> int:
+                *, now: float | None = None, boards: Mapping[str, str] | None = None) -> int:
     """Register, in one transaction, the devices of `serials` (id -> certificate serial) that
-    are not registered yet; returns how many were added."""
+    are not registered yet; returns how many were added. `boards` (id -> board) sets the
+    board of those it names, registered now or before (a board flashed is a fact)."""
     added = 0
+    boards = boards or {}
     with db.transaction(conn):
         for device_id, serial in serials.items():
             if find(conn, device_id) is None:
-                add(conn, device_id, device_class, serial, now=now)
+                add(conn, device_id, device_class, serial, now=now,
+                    board=boards.get(device_id))
                 added += 1
+            elif boards.get(device_id):
+                set_board(conn, device_id, boards[device_id])
     return added
+
+
+def set_board(conn: sqlite3.Connection, device_id: str, board: str | None) -> Device:
+    """Set (None: forget) the device's board, checked by the caller as for `add`."""
+    cur = conn.execute("UPDATE devices SET board=? WHERE id=?", (board or None, device_id))
+    if cur.rowcount == 0:
+        raise RegistryError(f"no device {device_id!r} in the registry (see `torpor device list`)")
+    return get(conn, device_id)
 
 
 def find(conn: sqlite3.Connection, device_id: str) -> Device | None:
@@ -386,6 +407,12 @@ def status_of(conn: sqlite3.Connection, device_id: str) -> str | None:
     """The device's status, or None for an unknown device."""
     row = conn.execute("SELECT status FROM devices WHERE id=?", (device_id,)).fetchone()
     return None if row is None else str(row[0])
+
+
+def board_of(conn: sqlite3.Connection, device_id: str) -> str | None:
+    """The device's board, or None for none or an unknown device."""
+    row = conn.execute("SELECT board FROM devices WHERE id=?", (device_id,)).fetchone()
+    return None if row is None or row[0] is None else str(row[0])
 
 
 def class_of(conn: sqlite3.Connection, device_id: str) -> str | None:

@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
-from gateway.config import EnergyModel, WebConfig
+from gateway.config import BoardModels, WebConfig
 from gateway.ops import actions, fleet
 from gateway.ops import alerts as oalerts
 from gateway.ops import campaigns as ocampaigns
@@ -63,7 +63,8 @@ class State:
     throttle: auth.Throttle = field(default_factory=auth.Throttle)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     charts: ocharts.ChartCache = field(default_factory=ocharts.ChartCache)
-    energy: EnergyModel | None = None  # the board's energy model ([energy] board)
+    # The boards' energy models: each device's own board's, else [energy] board's.
+    energy: BoardModels | None = None
     forecasts: fleet.Forecasts = field(init=False)
 
     def __post_init__(self) -> None:
@@ -291,8 +292,9 @@ def _device_data(conn: sqlite3.Connection, st: State, device_id: str, now: float
         # node whose clock runs ahead of ours keeps its newest readings on the chart (the
         # page says so).
         rv = st.charts.view(conn, device_id, latest - span, latest)
+    model = None if st.energy is None else st.energy.energy(view.device.board)
     return (view, rv, fleet.device_wakes(conn, device_id, now - span, now),
-            fleet.device_ledger(conn, device_id, st.energy, now))
+            fleet.device_ledger(conn, device_id, model, now))
 
 
 async def device_page(request: web.Request) -> web.Response:
@@ -304,9 +306,10 @@ async def device_page(request: web.Request) -> web.Response:
     now = time.time()
     span = pages.RANGES[rng]
     view, rv, wakes, ledger = await st.db(_device_data, st, device_id, now, span)
+    model = None if st.energy is None else st.energy.energy(view.device.board)
     return _html(request, f"Device {device_id}", pages.device(
         view, rv, rng, csrf=_csrf(request), now=now, wakes=wakes, wakes_since=now - span,
-        energy=st.energy, ledger=ledger))
+        energy=model, ledger=ledger))
 
 
 def _back(request: web.Request, device_id: str, msg: str,
@@ -579,16 +582,19 @@ async def api_wakes(request: web.Request) -> web.Response:
     if since > until:
         raise BadRequest("since: later than until", "since")
     st = _state(request)
-    wakes = await st.db(fleet.device_wakes, request.match_info["device"], since, until)
+    device = request.match_info["device"]
+    wakes, energy = await st.db(
+        lambda conn: (fleet.device_wakes(conn, device, since, until),
+                      fleet.device_model(conn, device, st.energy)))
     out = []
     for w in wakes:
         d = w.as_dict()
-        e = w.energy_uah(st.energy)
+        e = w.energy_uah(energy)
         d["energy_uah"] = None if e is None else round(e, 3)
         out.append(d)
-    # The energy figures are a model: the node's own times × the board's cited currents.
-    model = None if st.energy is None else {**st.energy.as_dict(), "kind": "model estimate"}
-    return _json({"device": request.match_info["device"], "since": since, "until": until,
+    # The energy figures are a model: the node's own times × its board's cited currents.
+    model = None if energy is None else {**energy.as_dict(), "kind": "model estimate"}
+    return _json({"device": device, "since": since, "until": until,
                   "energy_reported": any(w.prev_awake_ms is not None for w in wakes),
                   "energy_model": model, "wakes": out})
 
@@ -700,7 +706,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False,
              live: ometrics.Live | None = None,
-             energy: EnergyModel | None = None) -> web.Application:
+             energy: BoardModels | None = None) -> web.Application:
     app = web.Application(middlewares=[security_headers, errors, authenticate], client_max_size=64 * 1024)
     app[STATE] = State(cfg, conn, tls, live, energy=energy)
     r = app.router

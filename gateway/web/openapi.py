@@ -31,8 +31,9 @@ DOCUMENT: dict[str, Any] = {
                 "until": {"type": "number"}, "energy_reported": {"type": "boolean"},
                 "energy_model": {
                     "type": "object", "nullable": True,
-                    "description": "the [energy] board's cited figures the estimates use; "
-                                   "`kind` is always \"model estimate\"",
+                    "description": "the cited figures of the device's board (else of the "
+                                   "default, [energy] board) the estimates use; `kind` is "
+                                   "always \"model estimate\"",
                     "properties": {
                         "board": {"type": "string"}, "cpu_active_ma": {"type": "number"},
                         "radio_listen_ma": {"type": "number"},
@@ -52,7 +53,36 @@ DOCUMENT: dict[str, Any] = {
                     "boots_without_send": {"type": "integer", "nullable": True},
                     "energy_uah": {"type": "number", "nullable": True,
                                    "description": "the previous wake's charge in µAh: a "
-                                                  "model estimate, not a measurement"}}}}}}},
+                                                  "model estimate, not a measurement"}}}}}},
+            "DeviceRow": {"type": "object", "properties": {
+                "id": {"type": "string"}, "device_class": {"type": "string"},
+                "board": {"type": "string", "nullable": True,
+                          "description": "the device's board, a profile of "
+                                         "boards/profiles.toml; null: not known ([energy] "
+                                         "board stands in for its energy figures)"},
+                "status": {"type": "string", "enum": list(registry.STATUSES)},
+                "status_reason": {"type": "string"},
+                "last_seen": {"type": "number", "nullable": True},
+                "next_listen_at": {"type": "number", "nullable": True},
+                "overdue_wakes": {"type": "integer"},
+                "battery_mv": {"type": "integer", "nullable": True},
+                "battery": {"type": "array", "items": {"type": "array",
+                                                       "items": {"type": "integer"}}},
+                "queued": {"type": "integer"},
+                "fw_version": {"type": "integer", "nullable": True},
+                "ota_state": {"type": "string", "nullable": True},
+                "alerts": {"type": "integer"}, "group": {"type": "string", "nullable": True},
+                "days_left": {"type": "number", "nullable": True},
+                "days_left_pending": {"type": "boolean"},
+                "days_left_source": {"type": "string", "nullable": True,
+                                     "enum": ["ledger", "trend", None]},
+                "days_left_trend": {"type": "string"}}},
+            "Devices": {"type": "object", "properties": {
+                "devices": {"type": "array", "items": {"$ref": "#/components/schemas/DeviceRow"}},
+                "total": {"type": "integer"}, "offset": {"type": "integer"},
+                "limit": {"type": "integer"},
+                "counts": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+        },
     },
     "security": [{"bearer": []}, {"session": []}],
     "paths": {
@@ -69,9 +99,13 @@ DOCUMENT: dict[str, Any] = {
                 {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                             "maximum": 1000}}],
-            "responses": {"200": _ok("devices, total matching, counts by status"), "400": _ERROR}}},
+            "responses": {"200": {"description": "devices, total matching, counts by status",
+                                  "content": {"application/json": {"schema": {
+                                      "$ref": "#/components/schemas/Devices"}}}},
+                          "400": _ERROR}}},
         "/api/v1/devices/{device}": {"get": {
-            "summary": "One device: state, wakes (`wake_log`, newest first), key rotations, "
+            "summary": "One device: state and board (`device`, `summary`: a DeviceRow), "
+                       "wakes (`wake_log`, newest first), key rotations, "
                        "pending downlink, results, configuration",
             "parameters": [_DEVICE], "responses": {"200": _ok("the device"), "404": _ERROR}}},
         "/api/v1/devices/{device}/readings": {"get": {
@@ -99,7 +133,8 @@ DOCUMENT: dict[str, Any] = {
                        "what each HELLO reported of the node's previous wake (`prev_awake_ms`, "
                        "`prev_radio_ms`, `prev_sent`; null before protocol 1.5) with its "
                        "`energy_uah`: a model estimate (those times × the `energy_model` "
-                       "board's cited currents, null without [energy] board), not a "
+                       "board's cited currents: the device's board, else [energy] board; "
+                       "null without either), not a "
                        "measurement. `energy_reported`: some wake in the range reported them",
             "parameters": [_DEVICE,
                            {"name": "since", "in": "query", "schema": {"type": "number"},

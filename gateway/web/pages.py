@@ -193,8 +193,9 @@ SEEN_NOTE = (
 def energy_note(energy: EnergyModel | None) -> str:
     """What the energy per wake is, said on the page: a model, not a measurement."""
     if energy is None:
-        return ("Energy per wake: no board profile is configured ([energy] board in "
-                "gateway.toml), so the gateway draws no energy model. The node reports its "
+        return ("Energy per wake: the device has no board in the registry (`torpor device "
+                "board`) and no default board is configured ([energy] board in gateway.toml), "
+                "so the gateway draws no energy model. The node reports its "
                 "previous wake's awake and radio-on times in each HELLO (firmware of protocol "
                 "1.5 or later); the wake table shows them.")
     e = energy
@@ -306,7 +307,10 @@ def device(view: ofleet.DeviceView, rv: ofleet.ReadingsView, rng: str, *, csrf: 
     facts = [
         ("Status", f'<span class="st-{escape(d.status)}">{escape(d.status)}</span> '
                    f"{escape(d.status_reason)}"),
-        ("Class", escape(d.device_class)), ("Last seen", escape(when(d.last_seen, now))),
+        ("Class", escape(d.device_class)),
+        ("Board", escape(d.board) if d.board else
+         escape(f"– (the default, {energy.board})") if energy is not None else "–"),
+        ("Last seen", escape(when(d.last_seen, now))),
         ("Next listening", escape(listen)), ("Battery", f"{d.battery_mv} mV" if d.battery_mv else "–"),
         ("Battery days left", _days_left_text(r.days_left, r.days_left_pending,
                                               r.days_left_source)),

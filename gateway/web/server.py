@@ -10,7 +10,7 @@ import ssl
 
 from aiohttp import web
 
-from gateway.config import GatewayConfig, WebConfig, energy_model
+from gateway.config import GatewayConfig, WebConfig, board_models
 from gateway.errors import ConfigError
 from gateway.ops.metrics import Live
 from gateway.store import db
@@ -59,7 +59,7 @@ async def serve(cfg: GatewayConfig, *, started: asyncio.Future[str] | None = Non
     ctx = tls_context(web_cfg)
     conn = db.connect(cfg.db_path)
     runner = web.AppRunner(make_app(web_cfg, conn, tls=ctx is not None, live=live,
-                                    energy=energy_model(cfg)), access_log=None,
+                                    energy=board_models(cfg)), access_log=None,
                            shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
     try:

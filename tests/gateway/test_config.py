@@ -72,3 +72,27 @@ def test_downlink_section_reaches_the_service(tmp_path: Path) -> None:
                          ({"retries": 3}, "[downlink] retries: unknown key")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse_config({"downlink": doc})
+
+
+def test_board_models_of_the_profiles_file(tmp_path: Path) -> None:
+    """Every profile of boards/profiles.toml is a board with a readable name and an energy
+    model; [energy] board is the default of devices with none, and must be a profile."""
+    from gateway.config import board_models
+
+    models = board_models(parse_config({"energy": {"board": "pico_w"}}))
+    assert {"esp32", "esp32s3", "esp32c3", "pico_w", "pico2_w"} <= set(models.names)
+    assert models.title("esp32c3") == "ESP32-C3" and models.title("esp32") == "ESP32"
+    assert models.title("pico2_w") == "Raspberry Pi Pico 2 W" and models.title(None) is None
+    default, own = models.energy(None), models.energy("esp32s3")
+    assert default is not None and default.board == "pico_w"
+    assert own is not None and own.board == "esp32s3" and own.cpu_active_ma != default.cpu_active_ma
+    assert models.energy("gone") is None  # a board the profiles no longer have: no estimate
+    assert models.check("esp32") == "esp32"
+    with pytest.raises(ConfigError, match=r"unknown board 'esp8266': one of .*esp32c3"):
+        models.check("esp8266")
+    with pytest.raises(ConfigError, match=r"\[energy\] board: 'esp8266' is not a profile"):
+        parse_config({"energy": {"board": "esp8266"}})
+    # A profile without the model's figures is a board without an energy model.
+    (tmp_path / "p.toml").write_text('[a]\ndescription = "Board A (rev 2)"\ncpu_active_ma = 1.0\n')
+    few = board_models(parse_config({"energy": {"profiles": str(tmp_path / "p.toml")}}))
+    assert few.names == ("a",) and few.title("a") == "Board A" and few.energy("a") is None

@@ -57,6 +57,34 @@ def test_device_add_can_issue_the_certificate(tmp_path: Path, capsys: pytest.Cap
     assert f"certificate {serial}" in capsys.readouterr().out
 
 
+def test_device_board_from_add_and_board_and_refusals(config: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    c = ["--config", str(config)]
+    assert main(["device", "add", "n1", "--board", "esp32c3", *c]) == 0
+    assert "n1: provisioned (sensor, board esp32c3)" in capsys.readouterr().out
+    # An unknown board is refused before anything is written, naming the known ones.
+    assert main(["device", "add", "n2", "--board", "esp8266", *c]) == 2
+    err = capsys.readouterr().err
+    assert "unknown board 'esp8266'" in err
+    for board in ("esp32", "esp32s3", "esp32c3", "pico_w", "pico2_w"):
+        assert board in err
+    conn = db.open_db(config.parent / "data" / "gateway.db")
+    assert devices.find(conn, "n2") is None
+    conn.close()
+    assert main(["device", "board", "n1", "pico2_w", *c]) == 0
+    assert "n1: board pico2_w" in capsys.readouterr().out
+    assert main(["device", "board", "n1", "nope", *c]) == 2
+    assert "unknown board 'nope'" in capsys.readouterr().err
+    assert main(["device", "board", "zz", "esp32", *c]) == 2
+    assert "no device 'zz'" in capsys.readouterr().err
+    assert main(["device", "show", "n1", *c]) == 0
+    assert "board:           pico2_w" in capsys.readouterr().out
+    assert main(["device", "show", "n1", "--json", *c]) == 0
+    assert json.loads(capsys.readouterr().out)["board"] == "pico2_w"
+    assert main(["device", "board", "n1", "", *c]) == 0
+    assert "n1: board none" in capsys.readouterr().out
+
+
 def test_config_errors_and_status_of_a_stopped_gateway(tmp_path: Path, config: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.toml"

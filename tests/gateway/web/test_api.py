@@ -359,10 +359,11 @@ def test_energy_per_wake_in_the_api_page_and_fleet_with_a_board_model(dbpath: Pa
     /wakes, said to be a model; the device page's energy chart; the fleet's days left by
     the energy ledger, and by the voltage trend for a device whose wakes report nothing."""
     from gateway import proto
-    from gateway.config import EnergyConfig, EnergyModel, GatewayConfig, energy_model
+    from gateway.config import EnergyConfig, EnergyModel, GatewayConfig, board_models
     from gateway.store import wake_log
 
-    model = energy_model(GatewayConfig(energy=EnergyConfig(board="esp32")))
+    models = board_models(GatewayConfig(energy=EnergyConfig(board="esp32")))
+    model = models.energy(None)  # no device has a board: the default's model for all
     assert isinstance(model, EnergyModel) and model.cpu_active_ma == 45.0
     now = time.time()
     conn = db.connect(dbpath)
@@ -377,7 +378,7 @@ def test_energy_per_wake_in_the_api_page_and_fleet_with_a_board_model(dbpath: Pa
     async def body() -> None:
         conn = db.connect(dbpath)
         c = TestClient(TestServer(make_app(WebConfig(enabled=True, page_size=10), conn,
-                                           energy=model)))
+                                           energy=models)))
         await c.start_server()
         try:
             doc = await (await c.get("/api/v1/devices/node-000/wakes")).json()
@@ -407,6 +408,92 @@ def test_energy_per_wake_in_the_api_page_and_fleet_with_a_board_model(dbpath: Pa
             assert "Energy ledger" in text and "µAh est." in text
             fleet = await (await c.get("/")).text()
             assert 'data-source="ledger"' in fleet
+        finally:
+            await c.close()
+            conn.close()
+
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def _profile(board: str) -> dict[str, Any]:
+    """A board's figures, read from the profiles file itself."""
+    import tomllib
+
+    from gateway.config import PROFILES_PATH
+
+    with open(PROFILES_PATH, "rb") as f:
+        prof: dict[str, Any] = tomllib.load(f)[board]
+    return prof
+
+
+def test_each_device_is_estimated_by_its_own_boards_model(dbpath: Path) -> None:
+    """Two devices on two boards report the same facts of their wakes: each wake's µAh,
+    the ledger's days left and the device page follow the device's own board (an esp32
+    and an esp32c3 draw different currents); a device with no board, on a gateway with no
+    [energy] board, gets no estimate and keeps the voltage trend."""
+    from gateway import proto
+    from gateway.config import GatewayConfig, board_models
+    from gateway.store import wake_log
+
+    models = board_models(GatewayConfig())  # no [energy] board: no default
+    assert models.energy(None) is None
+    now = time.time()
+    conn = db.connect(dbpath)
+    registry.set_board(conn, "node-000", "esp32")
+    registry.set_board(conn, "node-003", "esp32c3")
+    for device in ("node-000", "node-003", "node-004"):
+        for i in range(8):  # the same facts for every device: 4 s awake, 3 s of radio
+            h = proto.Hello(1, 4, proto.BootCause.TIMER, 2900, -60, 40_000, 0, 0, 60, 800,
+                            int(now), proto.DeviceClass.SENSOR, prev_awake_ms=4000,
+                            prev_radio_ms=3000, prev_sent=True)
+            with db.transaction(conn):
+                wake_log.record(conn, [(device, h)], [device], [], now - 600 + 60 * i)
+    conn.close()
+
+    def want(board: str) -> float:
+        p = _profile(board)
+        return ((p["boot_ms"] + 4000) * p["cpu_active_ma"] + 3000 * p["radio_listen_ma"]) / 3600
+
+    async def body() -> None:
+        conn = db.connect(dbpath)
+        c = TestClient(TestServer(make_app(WebConfig(enabled=True, page_size=10), conn,
+                                           energy=models)))
+        await c.start_server()
+        try:
+            uah: dict[str, float] = {}
+            for device, board in (("node-000", "esp32"), ("node-003", "esp32c3")):
+                doc = await (await c.get(f"/api/v1/devices/{device}/wakes")).json()
+                assert doc["energy_model"]["board"] == board
+                facts = [w for w in doc["wakes"] if w["prev_awake_ms"] is not None]
+                assert len(facts) == 8
+                for w in facts:
+                    assert w["energy_uah"] == pytest.approx(want(board), abs=0.001)
+                uah[board] = facts[0]["energy_uah"]
+            assert uah["esp32"] == pytest.approx(141.458, abs=0.001)  # (650+4000)×45+3000×100
+            assert uah["esp32c3"] == pytest.approx(100.903, abs=0.001)  # (450+4000)×25+3000×84
+            doc = await (await c.get("/api/v1/devices/node-004/wakes")).json()
+            assert doc["energy_model"] is None
+            assert all(w["energy_uah"] is None for w in doc["wakes"])
+            # The fleet: the board of each device, days left by its own board's ledger.
+            doc = await (await c.get("/api/v1/devices", params={"limit": "30"})).json()
+            rows = {d["id"]: d for d in doc["devices"]}
+            assert (rows["node-000"]["board"], rows["node-003"]["board"],
+                    rows["node-004"]["board"]) == ("esp32", "esp32c3", None)
+            assert rows["node-000"]["days_left_source"] == "ledger"
+            assert rows["node-003"]["days_left_source"] == "ledger"
+            assert rows["node-004"]["days_left_source"] == "trend"
+            assert rows["node-000"]["days_left"] < rows["node-003"]["days_left"]
+            one = await (await c.get("/api/v1/devices/node-003")).json()
+            assert one["device"]["board"] == "esp32c3" and one["summary"]["board"] == "esp32c3"
+            spec = await (await c.get("/api/v1/openapi.json")).json()
+            row = spec["components"]["schemas"]["DeviceRow"]["properties"]
+            assert row["board"]["nullable"] is True
+            # The device page: its board among the facts, and its board's currents said.
+            text = await (await c.get("/devices/node-003?range=1h")).text()
+            assert "<dt>Board</dt><dd>esp32c3</dd>" in text
+            assert "the esp32c3 board profile" in text and "CPU 25 mA" in text
+            text = await (await c.get("/devices/node-004?range=1h")).text()
+            assert "<dt>Board</dt><dd>–</dd>" in text and "no board in the registry" in text
         finally:
             await c.close()
             conn.close()
