@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway import proto
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, board_models
 from gateway.store import alerts, db, readings
 from gateway.store import devices as registry
 from gateway.store import hass as store
@@ -122,13 +123,15 @@ class Discovery:
     def config_topic(self, component: str, device: str, object_id: str) -> str:
         return f"{self.prefix}/{component}/{node_id(device)}/{object_id}/config"
 
-    def device_block(self, device: str, device_class: str, fw_version: int | None) -> dict[str, Any]:
+    def device_block(self, device: str, device_class: str, fw_version: int | None,
+                     model: str | None = None) -> dict[str, Any]:
         block: dict[str, Any] = {
             "identifiers": [node_id(device)],
             "name": device,
             "manufacturer": MANUFACTURER,
-            # The wire does not carry the board: the model is the device class.
-            "model": f"Torpor {device_class} node",
+            # The wire does not carry the board: the registry's board names the model
+            # ("ESP32-C3"); a device registered without one shows its class.
+            "model": model or f"Torpor {device_class} node",
             "via_device": self.gateway_node,
         }
         if fw_version is not None:
@@ -153,9 +156,10 @@ class Discovery:
         return list(seen.values())
 
     def configs(self, device: str, device_class: str, fw_version: int | None,
-                schemas: tuple[int, ...], expire_after: int) -> list[tuple[str, dict[str, Any]]]:
+                schemas: tuple[int, ...], expire_after: int,
+                model: str | None = None) -> list[tuple[str, dict[str, Any]]]:
         t = self.topics(device)
-        dev = self.device_block(device, device_class, fw_version)
+        dev = self.device_block(device, device_class, fw_version, model)
         avail = {"availability_topic": t.availability, "payload_available": "online",
                  "payload_not_available": "offline"}
 
@@ -226,6 +230,7 @@ class HassPublisher:
         self._again: collections.deque[str] = collections.deque()
         h = cfg.hass
         self.disc = Discovery(h.prefix, h.state_topic, cfg.mqtt.client_id)
+        self.boards = board_models(cfg)  # each board's readable name, the devices' model
         self.grace_s = h.grace_s if h.grace_s >= 0 else cfg.downlink.grace_s
         self.known: dict[str, store.Announced] | None = None
         self.values: dict[str, dict[str, float | int]] = {}  # device -> latest values
@@ -347,12 +352,13 @@ class HassPublisher:
         if a is not None and expire and a.expire_after and (
                 a.expire_after >= expire >= a.expire_after / 2):
             expire = a.expire_after  # close enough: no new config
+        model = self.boards.title(d.board)
         changed = (a is None or a.expire_after != expire or a.fw_version != d.fw_version
-                   or a.schemas != all_schemas)
+                   or a.schemas != all_schemas or a.model != model)
         topics = self.disc.topics(d.id)
         if changed and expire:
             for topic, doc in self.disc.configs(d.id, d.device_class, d.fw_version, all_schemas,
-                                                expire):
+                                                expire, model):
                 self._item(out, topic, doc, d.id, now, retain=True)
         if not expire:
             return  # never heard: nothing to say yet
@@ -364,7 +370,7 @@ class HassPublisher:
                 self._item(out, topics.problem, "ON" if problem else "OFF", d.id, now,
                            retain=True)
             a = store.Announced(d.id, expire, d.fw_version, all_schemas, True,
-                                problem if a is None else a.problem, now)
+                                problem if a is None else a.problem, now, model)
             self.known[d.id] = a
             store.save(conn, a)
         if heard and d.last_hello_at is not None:
@@ -412,8 +418,7 @@ class HassPublisher:
                          extra={"device_id": device})
                 self._item(out, self.disc.topics(device).availability, "offline", device, now,
                            retain=True)
-                a = store.Announced(a.device, a.expire_after, a.fw_version, a.schemas, False,
-                                    a.problem, now)
+                a = dataclasses.replace(a, online=False, updated_at=now)
                 self.known[device] = a
                 store.save(conn, a)
 
@@ -428,7 +433,7 @@ class HassPublisher:
             if a is None or d is None or not a.expire_after:
                 continue
             for topic, doc in self.disc.configs(device, d.device_class, a.fw_version, a.schemas,
-                                                a.expire_after):
+                                                a.expire_after, a.model):
                 self._item(out, topic, doc, device, now, retain=True)
             t = self.disc.topics(device)
             self._item(out, t.availability, "online" if a.online else "offline", device, now,
@@ -467,7 +472,6 @@ class HassPublisher:
             if problem != a.problem:
                 self._item(out, self.disc.topics(device).problem, "ON" if problem else "OFF",
                            device, now, retain=True)
-                a = store.Announced(a.device, a.expire_after, a.fw_version, a.schemas, a.online,
-                                    problem, now)
+                a = dataclasses.replace(a, problem=problem, updated_at=now)
                 self.known[device] = a
                 store.save(conn, a)

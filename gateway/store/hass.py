@@ -2,8 +2,8 @@
 row per device with discovery published, and its reading cursor.
 
 The rows let a restarted gateway know which discovery configs are out there (to remove
-them when a device is decommissioned), which `expire_after` and firmware version they
-carry (to republish when those change) and whether the device was last said online.
+them when a device is decommissioned), which `expire_after`, firmware version and model
+they carry (to republish when those change) and whether the device was last said online.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ _STEPS: Final = (
         text TEXT NOT NULL DEFAULT ''
     ) WITHOUT ROWID;
     """,
+    # The device block's model (the device's board's name; NULL: the device class's).
+    """
+    ALTER TABLE hass_devices ADD COLUMN model TEXT;
+    """,
 )
 
 
@@ -44,6 +48,7 @@ class Announced:
     online: bool
     problem: bool
     updated_at: float
+    model: str | None = None  # the board's name announced as the model (None: none known)
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -55,24 +60,25 @@ def _row(r: tuple[object, ...]) -> Announced:
     schemas = tuple(int(s) for s in text.split(",") if s)
     return Announced(str(r[0]), int(r[1]),  # type: ignore[call-overload]
                      None if r[2] is None else int(r[2]),  # type: ignore[call-overload]
-                     schemas, bool(r[4]), bool(r[5]), float(r[6]))  # type: ignore[arg-type]
+                     schemas, bool(r[4]), bool(r[5]), float(r[6]),  # type: ignore[arg-type]
+                     None if r[7] is None else str(r[7]))
 
 
 def announced(conn: sqlite3.Connection) -> dict[str, Announced]:
     rows = conn.execute("SELECT device, expire_after, fw_version, schemas, online, problem, "
-                        "updated_at FROM hass_devices")
+                        "updated_at, model FROM hass_devices")
     return {str(r[0]): _row(r) for r in rows}
 
 
 def save(conn: sqlite3.Connection, a: Announced) -> None:
     conn.execute(
         "INSERT INTO hass_devices(device, expire_after, fw_version, schemas, online, problem, "
-        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device) DO UPDATE SET "
+        "updated_at, model) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device) DO UPDATE SET "
         "expire_after=excluded.expire_after, fw_version=excluded.fw_version, "
         "schemas=excluded.schemas, online=excluded.online, problem=excluded.problem, "
-        "updated_at=excluded.updated_at",
+        "updated_at=excluded.updated_at, model=excluded.model",
         (a.device, a.expire_after, a.fw_version, ",".join(map(str, a.schemas)), int(a.online),
-         int(a.problem), a.updated_at))
+         int(a.problem), a.updated_at, a.model))
 
 
 def forget(conn: sqlite3.Connection, device: str) -> None:

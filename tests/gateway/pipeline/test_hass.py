@@ -333,3 +333,50 @@ def test_wire_facts_come_from_the_spec() -> None:
     d = Discovery("homeassistant", "torpor/{device}/hass", "gw")
     objects = {o for _, o in d.objects((proto.SCHEMA_ENV3,))}
     assert {m.name for m in proto.SCHEMAS[proto.SCHEMA_ENV3][1]} <= objects
+
+
+@aio
+async def test_the_device_blocks_model_is_the_devices_board(
+        broker: RunningBroker, upstream: RunningBroker, tmp_path: Path) -> None:
+    """A device registered with its board shows the board's name as its model in Home
+    Assistant (its other device fields as before); one without a board shows its class;
+    a board set later republishes the configs with the new model."""
+    pki = provision(broker, tmp_path, "b1", "b2")
+    conn = db.open_db(tmp_path / "data" / "gateway.db")
+    registry.set_board(conn, "b1", "esp32c3")
+    conn.close()
+    cfg = config(broker, upstream, tmp_path)
+    live = Sub(upstream, "homeassistant/#")
+    temp = "homeassistant/sensor/torpor_{}/temperature/config"
+
+    def model(r: dict[str, str], device: str) -> str | None:
+        payload = r.get(temp.format(device))
+        return None if not payload else str(json.loads(payload)["device"]["model"])
+
+    async with running(cfg), Node(broker, pki, "b1") as n1, Node(broker, pki, "b2") as n2:
+        s1, s2 = Sender(n1), Sender(n2)
+        await s1.hello(next_wake_s=900)
+        await s1.burst([21.5])
+        await s2.hello(next_wake_s=900)
+        await s2.burst([19.0])
+        r = await settled(live, lambda r: model(r, "b1") is not None
+                          and model(r, "b2") is not None)
+        configs = retained(upstream, "homeassistant/#")
+        b1 = [check_discovery(t, p) for t, p in configs.items() if "torpor_b1/" in t]
+        assert len(b1) == 7 and {d["device"]["model"] for d in b1} == {"ESP32-C3"}
+        dev = b1[0]["device"]
+        assert (dev["identifiers"], dev["name"], dev["manufacturer"], dev["sw_version"],
+                dev["via_device"]) == (["torpor_b1"], "b1", "Torpor", "3",
+                                       "torpor_gateway_torpor-gateway")
+        assert model(r, "b2") == "Torpor sensor node"
+        # The operator names b2's board: its next wake announces the new model.
+        conn = db.open_db(cfg.db_path)
+        registry.set_board(conn, "b2", "pico2_w")
+        conn.close()
+        await s2.hello(next_wake_s=900)
+        r = await settled(live, lambda r: model(r, "b2") == "Raspberry Pi Pico 2 W")
+        configs = retained(upstream, "homeassistant/#")
+        b2 = [check_discovery(t, p) for t, p in configs.items() if "torpor_b2/" in t]
+        assert {d["device"]["model"] for d in b2} == {"Raspberry Pi Pico 2 W"}
+        assert model(r, "b1") == "ESP32-C3"
+    live.stop()
