@@ -415,13 +415,16 @@ def committed_top(db_path: Path, device_id: str) -> int:
     return max([st.hwm, *(hi for _, hi in st.ranges)])
 
 
-def register_device(db_path: Path, device_id: str, serial: str) -> None:
+def register_device(db_path: Path, device_id: str, serial: str, board: str | None = None) -> None:
+    """Register the device (if it is not yet) with the board just flashed: its energy model
+    and its model upstream. The sim board is no board profile: it is not recorded."""
     from gateway.store import db, devices
 
     db_path.parent.mkdir(parents=True, exist_ok=True)
     conn = db.open_db(db_path)
     try:
-        devices.add_missing(conn, {device_id: serial})
+        boards = {device_id: board} if board and BOARDS.get(board) is not None else None
+        devices.add_missing(conn, {device_id: serial}, boards=boards)
     finally:
         conn.close()
 
@@ -489,8 +492,9 @@ def flash(args: argparse.Namespace) -> int:
         if bad:
             raise FlashError(f"read-back SHA-256 differs for: {', '.join(bad)}", EXIT_VERIFY)
         print(f"verified SHA-256 of {len(files_out)} files")
-        register_device(Path(args.db), args.device_id, serial)
-        print(f"registered {args.device_id} (certificate {serial}) in {args.db}")
+        register_device(Path(args.db), args.device_id, serial, args.board)
+        board = f", board {args.board}" if BOARDS.get(args.board) is not None else ""
+        print(f"registered {args.device_id} (certificate {serial}{board}) in {args.db}")
         if args.log_seconds > 0:
             print(f"--- first boot ({args.log_seconds:g} s) ---")
             b.reset_and_follow(args.log_seconds, _echo)

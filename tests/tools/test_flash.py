@@ -38,6 +38,7 @@ def test_flash_provisions_a_virtual_board(tmp_path: Path) -> None:
         conn.close()
         creds = pki.device_credentials("node-7")
         assert dev.cert_serial == format(creds.serial, "x")
+        assert dev.board is None  # the sim board is no board profile
         # again: refused, then allowed with --reprovision
         p = torpor(*common, "--log-seconds", "0")
         assert p.returncode == 8 and "already provisioned" in p.stderr
@@ -61,6 +62,24 @@ def test_flash_provisions_a_virtual_board(tmp_path: Path) -> None:
             assert cfg["first_reading_id"] == 501
             assert board.sha256("/certs/cert.der") == hashlib.sha256(creds.cert_der.read_bytes()).digest()
             assert board.sha256("/certs/ca.der") == hashlib.sha256(creds.ca_der.read_bytes()).digest()
+
+
+def test_flash_registers_the_board_it_flashed(tmp_path: Path) -> None:
+    """What `torpor flash --board NAME` writes to the registry once the board is verified:
+    the device with that board, and on a reflash (--reprovision) the board flashed now."""
+    from tools.flash import register_device
+
+    dbp = tmp_path / "gw.db"
+    register_device(dbp, "n1", "ab", "esp32c3")
+    register_device(dbp, "n2", "cd", "sim")
+    conn = db.open_db(dbp)
+    assert (devices.get(conn, "n1").board, devices.get(conn, "n1").cert_serial) == ("esp32c3", "ab")
+    assert devices.get(conn, "n2").board is None
+    conn.close()
+    register_device(dbp, "n1", "ab", "pico2_w")  # the same id flashed onto another board
+    conn = db.open_db(dbp)
+    assert devices.get(conn, "n1").board == "pico2_w"
+    conn.close()
 
 
 def test_no_board_and_not_micropython(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from gateway.store import db
+from gateway.store import devices as registry
 from tests.tools.test_fleet import _check, _gateway_files, pytestmark, running_gateway
 from tools.sim.field import FieldModel, parse_ledger
 from tools.sim.fleet import Fleet, FleetConfig, FleetSummary
@@ -27,6 +29,12 @@ def test_mixed_profiles_fleet_stores_every_reading_and_adds_up_the_ledgers(tmp_p
     )
     fleet = Fleet(cfg)
     fleet.provision()
+    # Each node is registered with its profile as its board: the gateway's energy model
+    # for its wakes.
+    conn = db.open_db(gw.db_path)
+    assert {d.id: d.board for d in registry.list_devices(conn)} == dict(
+        zip(cfg.node_ids(), PROFILES, strict=True))
+    conn.close()
 
     async def main() -> FleetSummary:
         async with running_gateway(gw):

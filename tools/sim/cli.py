@@ -120,7 +120,8 @@ def _provision(args: argparse.Namespace, node: Any) -> str:
     device_id = args.device_id or Path(args.dir).resolve().name
     serial, files = issue_credentials(target.pki_dir, [device_id])[device_id]
     if target.db_path is not None:
-        register_devices(target.db_path, {device_id: serial}, Fleet.DEVICE_CLASS)
+        boards = {device_id: node.field.profile.name} if node.field is not None else None
+        register_devices(target.db_path, {device_id: serial}, Fleet.DEVICE_CLASS, boards)
     config = {
         "device_id": device_id,
         "broker_host": target.host,

@@ -357,8 +357,11 @@ class Fleet:
         """Certificates, registry entries and flash contents for every node (idempotent)."""
         creds = issue_credentials(self.cfg.pki_dir, [st.device_id for st in self.states])
         if self.cfg.db_path is not None:
+            # Each node's board profile is its board: the gateway's energy model for it.
+            boards = {st.device_id: st.node.field.profile.name for st in self.states
+                      if st.node.field is not None}
             register_devices(self.cfg.db_path, {d: serial for d, (serial, _) in creds.items()},
-                             self.DEVICE_CLASS)
+                             self.DEVICE_CLASS, boards)
         self._write_configs([(st, creds[st.device_id][1]) for st in self.states])
 
     def _write_configs(
@@ -620,8 +623,10 @@ def issue_credentials(
     return out
 
 
-def register_devices(db_path: Path, serials: dict[str, str], device_class: str) -> None:
-    """Register the devices in the gateway's registry (those not there yet)."""
+def register_devices(db_path: Path, serials: dict[str, str], device_class: str,
+                     boards: dict[str, str] | None = None) -> None:
+    """Register the devices in the gateway's registry (those not there yet), and set the
+    board (a profile name) of those `boards` names."""
     from gateway.errors import GatewayError
     from gateway.store import db
     from gateway.store import devices as registry
@@ -631,7 +636,7 @@ def register_devices(db_path: Path, serials: dict[str, str], device_class: str) 
     except GatewayError as exc:
         raise FleetError(str(exc)) from exc
     try:
-        registry.add_missing(conn, serials, device_class)
+        registry.add_missing(conn, serials, device_class, boards=boards)
     finally:
         conn.close()
 
