@@ -396,15 +396,22 @@ empty_mv = 2400
 """
 
 
+@pytest.mark.parametrize("board_of", ["gateway", "device"])
 @aio
 async def test_battery_forecast_by_the_energy_ledger_where_the_wakes_report_it(
-        broker: RunningBroker, tmp_path: Path) -> None:
-    """With [energy] board set, a node whose HELLOs report their wakes' energy facts is
+        broker: RunningBroker, tmp_path: Path, board_of: str) -> None:
+    """With the board known ([energy] board for the whole gateway, or the device's own
+    in the registry), a node whose HELLOs report their wakes' energy facts is
     forecast by the ledger: its voltage does not fall (the trend says "not falling"), but
     eight 4-second wakes within seconds of each other drain a 2×AA pack at 2,450 mV in
     well under 30 days. A node whose HELLOs report nothing keeps the voltage trend."""
     pki = provision(broker, tmp_path, "led-1", "flat-1")
-    cfg = config(broker, tmp_path, rules=LEDGER_RULES, energy={"board": "esp32"})
+    if board_of == "device":
+        conn = db.open_db(tmp_path / "data" / "gateway.db")
+        registry.set_board(conn, "led-1", "esp32")
+        conn.close()
+    cfg = config(broker, tmp_path, rules=LEDGER_RULES,
+                 energy={"board": "esp32"} if board_of == "gateway" else {})
     path = cfg.db_path
     async with running(cfg) as svc, Node(broker, pki, "led-1") as nl, \
             Node(broker, pki, "flat-1") as nf:
@@ -426,10 +433,11 @@ async def test_battery_forecast_by_the_energy_ledger_where_the_wakes_report_it(
         assert [(a.device, a.open) for a in fc] == [("led-1", True)], fc
         assert "battery forecast to reach 2400 mV in" in fc[0].message
         with opened(path) as conn:
-            from gateway.config import energy_model
+            from gateway.config import board_models
             from gateway.store import wake_log
 
-            model = energy_model(cfg)
+            model = board_models(cfg).energy(registry.board_of(conn, "led-1"))
+            assert model is not None and model.board == "esp32"
             assert model is not None
             led_fc = wake_log.ledger_forecast(conn, "led-1", model, time.time(),
                                               empty_mv=2400)
