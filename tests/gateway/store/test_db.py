@@ -19,7 +19,7 @@ def test_open_sets_wal_and_full_sync_and_migrates_every_store(tmp_path: Path) ->
     assert {"devices", "reading_runs", "dedup", "dead_letters", "gateway_status",
             "schema_migrations"} <= tables
     versions = dict(conn.execute("SELECT store, version FROM schema_migrations").fetchall())
-    assert versions["registry"] == 3 and versions["readings"] == 3
+    assert versions["registry"] == 4 and versions["readings"] == 3
     conn.close()
     # Reopening applies nothing twice.
     conn = db.open_db(tmp_path / "g.db")
