@@ -210,9 +210,10 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([d.as_dict() for d in devices], indent=1))
         return 0
-    print(f"{'DEVICE':<24} {'CLASS':<10} {'STATUS':<14} {'FW':>6} {'BATT':>6}  LAST SEEN")
+    print(f"{'DEVICE':<24} {'CLASS':<10} {'BOARD':<8} {'STATUS':<14} {'FW':>6} {'BATT':>6}  "
+          "LAST SEEN")
     for d in devices:
-        print(f"{d.id:<24} {d.device_class:<10} {d.status:<14} "
+        print(f"{d.id:<24} {d.device_class:<10} {d.board or '-':<8} {d.status:<14} "
               f"{'-' if d.fw_version is None else d.fw_version:>6} "
               f"{'-' if d.battery_mv is None else d.battery_mv:>6}  {when(d.last_seen)}")
     return 0

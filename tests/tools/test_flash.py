@@ -80,6 +80,12 @@ def test_flash_registers_the_board_it_flashed(tmp_path: Path) -> None:
     conn = db.open_db(dbp)
     assert devices.get(conn, "n1").board == "pico2_w"
     conn.close()
+    # Every board flash writes, but the sim, is a profile: its devices get energy figures.
+    from gateway.config import board_models, parse_config
+    from tools.flash import BOARDS
+
+    names = board_models(parse_config({})).names
+    assert {b for b, arch in BOARDS.items() if arch is not None} <= set(names)
 
 
 def test_no_board_and_not_micropython(tmp_path: Path) -> None:
