@@ -479,8 +479,7 @@ class Pki:
         if renewing:  # the chain files of the server and gateway name the issuing CA
             for kind in ("server", "gateway", "control"):
                 self._rechain(kind)
-        else:
-            self._write_root_crl(root, root_key)
+        self._write_root_crl(root, root_key)
         self.write_crl()
         log.info("issuing CA %x made under the root (valid until %s)", cert.serial_number,
                  f"{not_after:%Y-%m-%d}")
@@ -819,10 +818,14 @@ class Pki:
         """The root's CRL once an issuing CA signs the rest: it must outlive every client
         certificate the root signed (Mosquitto checks a client against its issuer's CRL),
         and it is re-signed only when the root key is mounted."""
-        rows = [r for r in (self.list() if records is None else records)
-                if r.issuer == "root" and r.kind not in ("ca", "issuing")]
+        signed = [r for r in (self.list() if records is None else records)
+                  if r.issuer == "root" and r.kind != "ca"]
+        rows = [r for r in signed if r.kind != "issuing"]
         now = self.now()
-        last = max((r.not_after for r in rows if r.revoked_at is None),
+        # Valid until the last certificate the root signed expires, the issuing CA included:
+        # a verifier that checks the whole chain needs the root's CRL as long as a chain
+        # through the issuing CA is valid, and only the offline root key can re-sign it.
+        last = max((r.not_after for r in signed if r.revoked_at is None),
                    default=now + dt.timedelta(days=CRL_DAYS))
         next_update = min(max(last + dt.timedelta(days=1), now + dt.timedelta(days=CRL_DAYS)),
                           root.not_valid_after_utc)

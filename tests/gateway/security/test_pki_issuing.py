@@ -244,3 +244,22 @@ def test_renewing_the_issuing_ca_keeps_what_it_signed_valid(tmp_path: Path) -> N
     assert chain[1] == second  # the broker sends the renewed issuing CA
     assert pki.chain_pem.read_bytes().endswith(pki.issuing_pem.read_bytes())
     assert pki.crls()[0].is_signature_valid(second.public_key())  # type: ignore[arg-type]
+
+
+def test_the_roots_crl_outlives_the_issuing_ca(tmp_path: Path) -> None:
+    """A verifier that checks the whole chain (OpenSSL's -crl_check_all) needs the root's CRL
+    while a chain through the issuing CA is valid; only the offline root key re-signs it, so
+    it must not lapse before the issuing CA does, nor after a renewal of it."""
+    clock = Clock()
+    pki = Pki(tmp_path / "pki", clock=clock)
+    pki.init_ca()
+    pki.init_issuing(days=3 * 365)
+    root_crl = pki.crls()[1]
+    assert root_crl.next_update_utc is not None
+    assert root_crl.next_update_utc >= _cert(pki.issuing_pem).not_valid_after_utc
+    clock.t += dt.timedelta(days=2 * 365)
+    pki.init_issuing(days=4 * 365)  # renewed with the root key mounted
+    root_crl = pki.crls()[1]
+    assert root_crl.next_update_utc is not None
+    assert root_crl.next_update_utc >= _cert(pki.issuing_pem).not_valid_after_utc
+    assert root_crl.is_signature_valid(_cert(pki.ca_pem).public_key())  # type: ignore[arg-type]
