@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def start_loopback_broker(
+    folder: Path, spawn: Callable[[list[str], str], Awaitable[asyncio.subprocess.Process]],
+    mosquitto: str, label: str, *, port: int | None = None, attempts: int = 5,
+) -> tuple[int, asyncio.subprocess.Process] | None:
+    """A plain MQTT broker on loopback, the cloud broker's stand-in of the demo and the soak:
+    its port and process once it accepts connections, or None when no attempt started (its
+    log is folder/mosquitto.log). `port`: that port again (after a restart), else a free one."""
+    for _attempt in range(attempts):
+        p = port or free_port()
+        conf = folder / "mosquitto.conf"
+        conf.write_text(
+            f"# {label}: plain MQTT on loopback.\n"
+            f"listener {p} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
+            "persistence false\nmax_queued_messages 100000\nlog_dest stderr\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+        )
+        proc = await spawn([mosquitto, "-c", str(conf)], f"{folder.name}/mosquitto.log")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.returncode is None:
+            try:
+                _r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", p), 1)
+                w.close()
+                return p, proc
+            except (OSError, TimeoutError):
+                await asyncio.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        if port:
+            await asyncio.sleep(0.5)  # the port is still held: try it again
+    return None
+
+
 def _db_figures(db_path: Path) -> tuple[int, int]:
     """(readings stored, outbox depth), read-only while the gateway runs."""
     if not db_path.exists():
@@ -276,27 +310,10 @@ class Demo:
             raise DemoError(str(exc)) from exc
         folder = self.dir / "upstream"
         folder.mkdir()
-        for _attempt in range(5):
-            port = free_port()
-            conf = folder / "mosquitto.conf"
-            conf.write_text(
-                "# The demo's upstream broker: plain MQTT on loopback (a cloud broker stand-in).\n"
-                f"listener {port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
-                "persistence false\nmax_queued_messages 100000\nlog_dest stderr\n"
-                "log_type error\nlog_type warning\nlog_type notice\n"
-            )
-            proc = await self._spawn([mosquitto, "-c", str(conf)], "upstream/mosquitto.log")
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and proc.returncode is None:
-                try:
-                    _r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
-                    w.close()
-                    return port
-                except (OSError, TimeoutError):
-                    await asyncio.sleep(0.1)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        started = await start_loopback_broker(folder, self._spawn, mosquitto,
+                                              "The demo's upstream broker (a cloud broker stand-in)")
+        if started is not None:
+            return started[0]
         raise DemoError(f"the upstream mosquitto did not start (see {folder / 'mosquitto.log'})")
 
     def _gateway_config(self, pki_dir: Path, port: int, up_port: int, web_port: int) -> Path:

@@ -462,11 +462,9 @@ class Soak:
         return proc
 
     async def start_upstream(self, port: int | None = None) -> int:
-        import getpass
-
         from gateway.errors import BrokerError
         from gateway.transport.broker import find_mosquitto
-        from tools.demo import free_port
+        from tools.demo import start_loopback_broker
 
         try:
             mosquitto = find_mosquitto()
@@ -474,30 +472,12 @@ class Soak:
             raise SoakError(str(exc)) from exc
         folder = self.dir / "upstream"
         folder.mkdir(exist_ok=True)
-        for _attempt in range(10):
-            p = port or free_port()
-            conf = folder / "mosquitto.conf"
-            conf.write_text(
-                "# The soak's upstream broker: plain MQTT on loopback.\n"
-                f"listener {p} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
-                "persistence false\nmax_queued_messages 100000\nlog_dest stderr\n"
-                "log_type error\nlog_type warning\nlog_type notice\n"
-            )
-            proc = await self._spawn([mosquitto, "-c", str(conf)], "upstream/mosquitto.log")
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and proc.returncode is None:
-                try:
-                    _r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", p), 1)
-                    w.close()
-                    self.upstream_proc = proc
-                    return p
-                except (OSError, TimeoutError):
-                    await asyncio.sleep(0.1)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            if port:
-                await asyncio.sleep(0.5)  # the port is still held: try it again
+        started = await start_loopback_broker(folder, self._spawn, mosquitto,
+                                              "The soak's upstream broker", port=port,
+                                              attempts=10)
+        if started is not None:
+            p, self.upstream_proc = started
+            return p
         raise SoakError(f"the upstream mosquitto did not start (see {folder / 'mosquitto.log'})")
 
     async def _subscribe(self, ready: asyncio.Event) -> None:
