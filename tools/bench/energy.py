@@ -166,21 +166,6 @@ def _stub_profile(p: BoardProfile, heap: int) -> FieldModel:
     return FieldModel(dataclasses.replace(p, gc_heap_wifi_bytes=heap), awake_scale=AWAKE_SCALE)
 
 
-def _bisect(ok: Any, lo: int, hi: int, step: int = 1024) -> int | None:
-    """The smallest heap (chip bytes, to `step`) in (lo, hi] for which ok(heap) holds."""
-    if not ok(hi):
-        return None
-    while hi - lo > step:
-        mid = (lo + hi) // 2 // step * step or step
-        if mid <= lo:
-            break
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
 def heap_tls_wake(tmp: Path, st: Any, p: BoardProfile, device: str) -> int | None:
     """Peak heap of a sending wake with its TLS handshake, in chip bytes (see HEAP_METHOD)."""
     trials = [0]
@@ -203,7 +188,7 @@ def heap_tls_wake(tmp: Path, st: Any, p: BoardProfile, device: str) -> int | Non
                 return True
         return False
 
-    return _bisect(ok, 8 * 1024, p.gc_heap_wifi_bytes)
+    return heap_ota.bisect(ok, 8 * 1024, p.gc_heap_wifi_bytes)
 
 
 # ---- figures ------------------------------------------------------------------------------
