@@ -99,7 +99,7 @@ def parse_wakes(log_text: str) -> list[Wake]:
 # ---- the stack: PKI, broker, gateway --------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -127,16 +127,22 @@ def _wait(what: str, check: Any, timeout: float, log: Path | None = None) -> Non
     raise BenchError(f"{what} did not come up within {timeout:.0f} s\n{tail}")
 
 
-@contextmanager
-def stack(tmp: Path, devices: list[str]) -> Iterator[Stack]:
-    """PKI, Mosquitto (mTLS) and the gateway, all stopped on exit."""
-    pki = Pki(tmp / "pki")
+def bench_pki(path: Path, devices: list[str]) -> Pki:
+    """A fleet CA with the broker's and the gateway's certificates and one per device."""
+    pki = Pki(path)
     pki.init_ca()
     pki.issue_server(["localhost", "127.0.0.1"])
     pki.issue_gateway()
     for d in devices:
         pki.issue_device(d)
-    port = _free_port()
+    return pki
+
+
+@contextmanager
+def stack(tmp: Path, devices: list[str]) -> Iterator[Stack]:
+    """PKI, Mosquitto (mTLS) and the gateway, all stopped on exit."""
+    pki = bench_pki(tmp / "pki", devices)
+    port = free_port()
     settings = gwbroker.BrokerSettings(host="127.0.0.1", port=port)
     conf = gwbroker.write_config(settings, pki, tmp / "broker")
     broker_log = tmp / "broker" / "mosquitto.log"

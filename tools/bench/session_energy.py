@@ -17,19 +17,25 @@ outside it (TCP, TLS and MQTT round trips), both at the profile's radio-on curre
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from gateway.security.pki import Pki
 from gateway.store import db, session_keys
 from gateway.store import devices as registry
 from gateway.store.status import read_status
 from gateway.transport.broker import PSK_NAME
-from tools.bench.node import START_MS, BenchError, Stack, node_config, provision
+from tools.bench.node import (
+    START_MS,
+    BenchError,
+    Stack,
+    bench_pki,
+    free_port,
+    node_config,
+    provision,
+)
 from tools.sim.field import FieldModel, parse_ledger
 from tools.sim.node import ROOT, SimNode
 from tools.sim.profiles import PSK_CPU_FRACTION, BoardProfile
@@ -39,12 +45,6 @@ ROUTINE_WAKES = 5
 TARGET_SETUP_FRACTION = 1 / 5  # PSK set-up at most this share of the mutual-TLS one
 PATHS = (("mtls", "energy-mtls"), ("psk", "energy-psk"))
 _SESSION = {0: "cert", 1: "psk", 2: "fallback"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _runs(text: str) -> list[dict[str, Any]]:
@@ -64,13 +64,8 @@ def _runs(text: str) -> list[dict[str, Any]]:
 
 
 def _gateway(tmp: Path, devices: list[str]) -> tuple[subprocess.Popen[bytes], Stack, int]:
-    pki = Pki(tmp / "pki")
-    pki.init_ca()
-    pki.issue_server(["localhost", "127.0.0.1"])
-    pki.issue_gateway()
-    for d in devices:
-        pki.issue_device(d)
-    port, psk_port = _free_port(), _free_port()
+    pki = bench_pki(tmp / "pki", devices)
+    port, psk_port = free_port(), free_port()
     data = tmp / "gateway"
     data.mkdir(parents=True)
     db_path = data / "gateway.db"
