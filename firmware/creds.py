@@ -28,12 +28,15 @@ ST_TRIAL = const(2)  # the new pair has its certificate; the next connects use i
 NO_OUTCOME = const(0)
 ROTATED = const(1)  # a session with the new pair succeeded: it is now the confirmed one
 REFUSED = const(2)  # the broker refused the new pair (TLS alert or CONNACK 4/5): dropped
-NO_SESSION = const(3)  # MAX_TRIES trial connects ended with no session (cuts, resets, network)
+NO_SESSION = const(3)  # MAX_TRIES trial connects ended with neither a session nor an answer (cuts, resets)
 MISMATCH = const(4)  # the delivered certificate does not carry the new key: refused
 ABORTED = const(5)  # the gateway cancelled the rotation
 REPROVISIONED = const(6)  # certs/cert.der was replaced by provisioning: its pair wins
 
-# Trial connects started (counted before each one) before an unconfirmed pair is dropped.
+# Trial connects started (counted before each one) before an unconfirmed pair is dropped. A
+# connect that fails for the network (no route, name, TCP, timeout) is given back
+# (session_unreached): only attempts that ended the process (a crash, a hang the watchdog
+# cut, a power cut) count, so a broker that is down only defers the trial.
 MAX_TRIES = const(3)
 # Requests sent for one key with no certificate coming back before the node gives the
 # rotation up (ABORTED, reported): a gateway that lost or ended the rotation would otherwise
@@ -398,9 +401,21 @@ class Credentials:
     def session_refused(self):
         """The broker refused the trial pair (TLS handshake or CONNACK 4/5): drop it and
         connect again with the confirmed pair. A network failure is not a refusal: the
-        trial stays, bounded by MAX_TRIES."""
+        trial stays (session_unreached)."""
         if self.rec["st"] == ST_TRIAL:
             self._fall_back(REFUSED)
+
+    def session_unreached(self):
+        """The trial connect failed before the broker answered (no route, name lookup, TCP
+        refused or reset, a timeout): nothing was learnt about the new pair, so the attempt
+        for_connect() counted is given back and the trial stays for the next send. Only
+        attempts that never came back here (a crash, a reset, a cut) reach MAX_TRIES."""
+        rec = self.rec
+        if rec["st"] != ST_TRIAL or rec["tries"] <= 0:
+            return
+        rec = dict(rec)
+        rec["tries"] -= 1
+        self._save(rec)
 
     def abort(self):
         if self.rec["st"] != ST_IDLE:

@@ -19,8 +19,17 @@ _csr_sent = False
 
 # Refusals of the trial pair: the broker's TLS alert (a certificate it does not accept:
 # revoked, unknown issuer, expired) or CONNACK "bad user name or password"/"not authorized".
-# A timeout or a dropped connection is the network's: the trial stays (bounded by tries).
-_REFUSALS = (mqtt.TLS_FAILED, 4, 5)
+# A timeout, a refused or reset TCP connection, a handshake the broker's end closed without
+# an alert (a broker going down) or a failed name lookup is the network's: the trial stays,
+# and the attempt is not counted against it (creds.session_unreached).
+_REFUSALS = (4, 5)
+
+
+def _refusal(err):
+    code = getattr(err, "code", None)
+    if code == mqtt.TLS_FAILED:
+        return getattr(err, "tls", 0) == mqtt.TLS_ALERT
+    return code in _REFUSALS
 
 
 def _root(cfg):
@@ -73,9 +82,18 @@ def pair(cfg):
 
 def refused(cfg, err):
     """The connect failed with `err`: True when it was the trial pair the broker refused,
-    which is then dropped (the next pair() is the confirmed one)."""
+    which is then dropped (the next pair() is the confirmed one). Any other failure of a
+    trial connect (no route, name lookup, TCP refused or reset, a timeout) says nothing
+    about the new pair: the attempt is given back and the trial waits for the next send."""
     global _trial
-    if not _trial or getattr(err, "code", None) not in _REFUSALS:
+    if not _trial:
+        return False
+    if not _refusal(err):
+        creds(cfg).session_unreached()
+        _trial = False  # this session goes no further; the next pair() counts afresh
+        import log
+
+        log.warn("new credentials not tried: broker not reached (%s)", err)
         return False
     import log
 

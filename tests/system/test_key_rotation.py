@@ -15,6 +15,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -276,6 +277,73 @@ def test_fallback_when_the_new_certificate_is_refused(stack: Stack) -> None:
         assert old <= revoked(stack)
 
     aio(main())
+
+
+def test_a_trial_waits_out_a_broker_that_is_down(stack: Stack) -> None:
+    """The broker down when the node first tries its new certificate (a gateway host
+    restarting): connection refused, then a listener that never answers (TLS timeouts).
+    Neither is a refusal of the certificate: the node keeps the new pair on trial, however
+    many sends that takes, and keeps it once the broker answers; the gateway never fails the
+    rotation."""
+    async def main() -> None:
+        stack.start()
+        node = stack.add_node("n6", seed=16, awake_budget_ms=4000)
+        await wake_ok(node)
+        old = valid_serials(stack, "n6")
+        rid = start(stack, "n6")
+        await wake_ok(node)  # rotate_key, CSR_UP
+        await until(lambda: rotation(stack, rid).state == rs.ISSUED, "certificate issued")
+        await wake_ok(node)  # the pieces: on trial from the next connect
+        stack.stop()  # the gateway and its broker: TCP connections to the port are refused
+        down = len(node.log_text())
+
+        def tries() -> int:  # sends that failed since the broker went down
+            return node.log_text()[down:].count("send failed")
+
+        async def fail_until(n: int) -> None:
+            for _ in range(40):  # the node backs off between failed sends: wakes, not sends
+                if tries() >= n:
+                    return
+                await node.wake()
+            raise AssertionError(f"fewer than {n} trial connects:\n{node.log_text()[-3000:]}")
+
+        await fail_until(2)
+        assert "refused or reset" in node.log_text()
+        # Something that accepts TCP and never answers: the TLS handshake times out.
+        silent = socket.socket()
+        silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        silent.bind((stack.host, stack.port))
+        silent.listen(8)
+        try:
+            await fail_until(creds_max_tries() + 2)
+        finally:
+            silent.close()
+        text = node.log_text()[down:]
+        assert "timed out" in text, text[-3000:]
+        assert "new credentials refused" not in text
+        assert text.count("new credentials not tried: broker not reached") == tries(), text
+        assert rotation(stack, rid).state == rs.ISSUED
+        stack.start()
+        before = len(node.log_text())
+        for _ in range(20):  # the node's backoff: the first wakes may not send
+            await node.wake()
+            if "connected in" in node.log_text()[before:]:
+                break
+        text = node.log_text()[before:]
+        assert "new credentials kept" in text, text[-3000:]
+        await until(lambda: rotation(stack, rid).state == rs.DONE, "old certificate revoked")
+        rot = rotation(stack, rid)
+        assert rot.outcome == "rotated" and set(rot.revoked) == old
+        assert valid_serials(stack, "n6") == {rot.new_serial}
+        await wake_ok(node)
+
+    aio(main())
+
+
+def creds_max_tries() -> int:
+    """firmware/creds.py's MAX_TRIES, read from the source the node runs."""
+    text = (ROOT / "firmware" / "creds.py").read_text()
+    return int(text.split("MAX_TRIES = const(")[1].split(")")[0])
 
 
 # ---------------------------------------------------------------- power cuts
