@@ -43,6 +43,10 @@ MAX_TRIES = const(3)
 # get the same refused request every wake. The gateway starts a new one when it wants to.
 MAX_REQUESTS = const(24)
 
+# SubjectPublicKeyInfo of a P-256 key up to its uncompressed point: SEQUENCE { SEQUENCE {
+# id-ecPublicKey, prime256v1 }, BIT STRING (0 unused bits) }; csr.spki() builds the same.
+_SPKI_P256 = b"\x30\x59\x30\x13\x06\x07\x2a\x86\x48\xce\x3d\x02\x01\x06\x08\x2a\x86\x48\xce\x3d\x03\x01\x07\x03\x42\x00"
+
 RECORD = "creds.json"
 _TMP = "creds.tmp"
 
@@ -361,9 +365,10 @@ class Credentials:
             raise CredsError(NO_OUTCOME, "no rotation in progress")
         key = _read(self.key_path(rec["new"]))
         pub = key[-65:]  # private_key_der ends with the uncompressed public point
-        import csr
-
-        if csr.spki(pub) not in cert_der or cert_der[:1] != b"\x30":
+        # The SubjectPublicKeyInfo written out (csr.spki's bytes) rather than importing csr,
+        # which loads p256: about 10 KB of bytecode the wake that takes the certificate's
+        # pieces cannot spare on a small heap (the ESP32 profile ran out of it here).
+        if pub[:1] != b"\x04" or _SPKI_P256 + pub not in cert_der or cert_der[:1] != b"\x30":
             raise CredsError(MISMATCH, "certificate is not for the new key")
         _write(self.cert_path(rec["new"]), cert_der)
         rec = dict(rec)

@@ -7,8 +7,6 @@
 # config.json names and never loads creds, csr or p256 (about 10 KB of bytecode).
 import os
 
-import mqtt
-
 _RECORD = "creds.json"
 
 _c = None  # creds.Credentials, once loaded this wake
@@ -26,6 +24,8 @@ _REFUSALS = (4, 5)
 
 
 def _refusal(err):
+    import mqtt  # loaded by the send path already; not at import (before_send runs first)
+
     code = getattr(err, "code", None)
     if code == mqtt.TLS_FAILED:
         return getattr(err, "tls", 0) == mqtt.TLS_ALERT
@@ -144,7 +144,10 @@ def reported(cfg):
 
 def rotate_key(cfg, rid, board=None):
     """Make a new key and its CSR for rotation `rid` (kept on flash before the result).
-    The same rotation again keeps the key it has: the request is the same bytes."""
+    The same rotation again keeps the key it has: the request is the same bytes. With the
+    session up the heap may be too small for the big-int work (the ESP32 profile): then the
+    rotation is noted on flash and the key is made at the start of the next sending wake,
+    before the session (before_send); the result says so."""
     import proto
 
     c = creds(cfg)
@@ -152,10 +155,82 @@ def rotate_key(cfg, rid, board=None):
         if c.state != 0:
             return proto.RESULT_STATUS_OK, ""
         return proto.RESULT_STATUS_REFUSED, "rotation already ended"
+    if _pending(cfg) == rid:
+        return proto.RESULT_STATUS_OK, _LATER
+    try:
+        _make_key(cfg, c, rid, board)
+        _clear_pending(cfg)
+    except MemoryError:
+        _unload(("csr", "p256"))
+        try:
+            _write_pending(cfg, rid)
+        except MemoryError:
+            return _no_heap()
+        _warn("rotation: no heap for the key with the session up: made at the next send")
+        return proto.RESULT_STATUS_OK, _LATER
+    finally:
+        _unload(("csr", "p256"))
+    return proto.RESULT_STATUS_OK, ""
+
+
+_PENDING = "/rotate.rid"  # a rotate_key whose key waits for the next sending wake
+_LATER = "key at next send"
+
+
+def _pending(cfg):
+    try:
+        with open(_root(cfg) + _PENDING) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def _write_pending(cfg, rid):
+    # Whole or absent after a cut (littlefs commits on close); absent means the command was
+    # not recorded either, and it comes again.
+    with open(_root(cfg) + _PENDING, "w") as f:
+        f.write(str(rid))
+
+
+def _clear_pending(cfg):
+    try:
+        os.remove(_root(cfg) + _PENDING)
+    except OSError:
+        pass
+
+
+def before_send(cfg, board):
+    """At the start of a sending wake, before the session and the send code take the heap:
+    the key of a rotate_key that found no room for it (rotate_key). Its request then goes
+    up at the end of this wake's window (after_window), as if made in the command."""
+    rid = _pending(cfg)
+    if not rid:
+        return
+    c = creds(cfg)
+    try:
+        if c.rotation != rid:
+            _make_key(cfg, c, rid, board)  # begin() replaces a rotation still in progress
+        _clear_pending(cfg)
+    except MemoryError:
+        _warn("rotation: no heap for the key before the session either: tried again")
+    finally:
+        _unload(("csr", "p256"))
+
+
+def _warn(text):
+    import log
+
+    try:
+        log.warn(text)
+    except MemoryError:
+        pass
+
+
+def _make_key(cfg, c, rid, board):
+    # Seconds of big-int work on a board: the watchdog is fed between the steps.
     import csr
     import p256
 
-    # Seconds of big-int work on a board: the watchdog is fed between the steps.
     d = p256.generate()
     pub = p256.public_key(d)
     if board is not None:
@@ -164,7 +239,31 @@ def rotate_key(cfg, rid, board=None):
     if board is not None:
         board.watchdog_feed()
     c.begin(csr.private_key_der(d, pub), rid, req)
-    return proto.RESULT_STATUS_OK, ""
+
+
+def _unload(names):
+    # p256 and csr are about 10 KB of bytecode and p256's table 1.5 KB: needed once a
+    # rotation, in this command only. Dropped from sys.modules they are garbage, and the
+    # rest of the wake (the results, the window, the close) gets the heap back: on the ESP32
+    # profile under the bootloader that wake ran out of heap in close() otherwise.
+    import gc
+    import sys
+
+    for n in names:
+        if n in sys.modules:
+            del sys.modules[n]
+    gc.collect()
+
+
+def _no_heap():
+    # Out of heap says nothing about the rotation: no result is kept or sent (None), so the
+    # gateway delivers the command again at the next send, on a heap this wake's garbage
+    # no longer fills. The pieces on flash and the record are whole either way.
+    import gc
+
+    gc.collect()
+    _warn("rotation: out of heap, the command comes again")
+    return None
 
 
 def install_cert(cfg, rid, offset, total, data):
@@ -174,6 +273,8 @@ def install_cert(cfg, rid, offset, total, data):
 
     try:
         done = creds(cfg).put_piece(rid, offset, total, bytes(data))
+    except MemoryError:
+        return _no_heap()
     except cm.CredsError as e:
         return proto.RESULT_STATUS_REFUSED if e.code != cm.MISMATCH else proto.RESULT_STATUS_ERROR, str(e)[:48]
     return proto.RESULT_STATUS_OK, "installed" if done else ""
