@@ -922,8 +922,9 @@ class Soak:
             await self.start_gateway()
             self.fleet = fleet = SoakFleet(cfg, end, clock)
             await asyncio.to_thread(fleet.provision)
-            if o.key_rotation_at is not None:
-                await asyncio.to_thread(self.install_images, fleet)
+            # Every node boots through the real bootloader, as a fielded one does (its heap
+            # is what the bootloader leaves), whether or not the key rotation is scheduled.
+            await asyncio.to_thread(self.install_images, fleet)
             for st in fleet.states:
                 st.node.env.update(faketime_env(self.lib, clock.path))
                 # A battery that outlasts the span: a low battery stretches the node's sleep
