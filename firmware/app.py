@@ -123,6 +123,7 @@ class Wake:
     sent = 0  # readings published this wake
     sent_top = 0  # highest reading id published
     session_ok = False
+    acked = False  # an ACK came this session (listen() reads it even when none did)
     session = _CERT
     psk_id = 0  # the session key the node holds after connecting (the HELLO tells it)
     listening = _WINDOW
