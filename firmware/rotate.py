@@ -17,10 +17,11 @@ _csr_sent = False
 
 # Refusals of the trial pair: the broker's TLS alert (a certificate it does not accept:
 # revoked, unknown issuer, expired) or CONNACK "bad user name or password"/"not authorized".
-# A timeout, a refused or reset TCP connection, a handshake the broker's end closed without
-# an alert (a broker going down) or a failed name lookup is the network's: the trial stays,
-# and the attempt is not counted against it (creds.session_unreached).
 _REFUSALS = (4, 5)
+# mbedtls's codes for a connection the other end closed or reset, or that failed to send or
+# receive: a broker going down mid-handshake (SSL_CONN_EOF, SSL_PEER_CLOSE_NOTIFY,
+# NET_CONN_RESET, NET_RECV_FAILED, NET_SEND_FAILED).
+_TLS_NET = (-0x7280, -0x7880, -0x0050, -0x004C, -0x004E)
 
 
 def _refusal(err):
@@ -30,6 +31,20 @@ def _refusal(err):
     if code == mqtt.TLS_FAILED:
         return getattr(err, "tls", 0) == mqtt.TLS_ALERT
     return code in _REFUSALS
+
+
+def _unreached(err):
+    # The broker never answered: a failed name lookup (an OSError of the port), a refused,
+    # reset or closed connection, a timeout. Anything else (a TLS failure of our own, out
+    # of memory in the handshake) counts against the trial, as a crash would.
+    import mqtt
+
+    code = getattr(err, "code", None)
+    if code is None:
+        return isinstance(err, OSError)
+    if code == mqtt.TLS_FAILED:
+        return getattr(err, "tls", 0) in _TLS_NET
+    return code == mqtt.NETWORK or code == mqtt.TIMEOUT or code == mqtt.CLOSED
 
 
 def _root(cfg):
@@ -82,18 +97,22 @@ def pair(cfg):
 
 def refused(cfg, err):
     """The connect failed with `err`: True when it was the trial pair the broker refused,
-    which is then dropped (the next pair() is the confirmed one). Any other failure of a
-    trial connect (no route, name lookup, TCP refused or reset, a timeout) says nothing
-    about the new pair: the attempt is given back and the trial waits for the next send."""
+    which is then dropped (the next pair() is the confirmed one). A failure before the
+    broker answered (name lookup, TCP refused or reset, a handshake closed without an
+    alert, a timeout) says nothing about the new pair: the attempt is given back and the
+    trial waits for the next send. Any other failure counts, bounded by creds.MAX_TRIES."""
     global _trial
     if not _trial:
         return False
     if not _refusal(err):
-        creds(cfg).session_unreached()
-        _trial = False  # this session goes no further; the next pair() counts afresh
         import log
 
-        log.warn("new credentials not tried: broker not reached (%s)", err)
+        _trial = False  # this session goes no further; the next pair() counts afresh
+        if _unreached(err):
+            creds(cfg).session_unreached()
+            log.warn("new credentials not tried: broker not reached (%s)", err)
+        else:
+            log.warn("new credentials: connect failed (%s), the attempt counts", err)
         return False
     import log
 
