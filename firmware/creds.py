@@ -247,20 +247,27 @@ class Credentials:
             raise CredsError(NO_OUTCOME, "no rotation in progress")
         return _read(self.key_path(self.rec["new"]))
 
-    def for_connect(self):
+    def for_connect(self, count=True):
         """(cert path, key path, on_trial) for this connect. On trial the attempt is
-        counted first, so a trial pair that kills the node is dropped after MAX_TRIES."""
+        counted first, so a trial pair that kills the node is dropped after MAX_TRIES.
+        count=False leaves the counting to count_try(), which must come before connecting
+        (the caller reads the pair in between)."""
         rec = self.rec
         if rec["st"] != ST_TRIAL:
             return self.confirmed() + (False,)
         if rec["tries"] >= MAX_TRIES:
             self._fall_back(NO_SESSION)
             return self.confirmed() + (False,)
-        rec = dict(rec)
-        rec["tries"] += 1
-        self._save(rec)
+        if count:
+            self.count_try()
         g = rec["new"]
         return self.cert_path(g), self.key_path(g), True
+
+    def count_try(self):
+        """Count one trial connect (record saved): before the connect it counts."""
+        rec = dict(self.rec)
+        rec["tries"] += 1
+        self._save(rec)
 
     # ---- steps of a rotation ---------------------------------------------------------
 
