@@ -85,12 +85,6 @@ def test_ninety_days_renew_and_rotate_on_their_own_and_lose_nothing(tmp_path: Pa
 
 # The wall limit bounds a loaded host's run.
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(strict=False, reason=(
-    "defect (docs/soak.md, What it found): on the ESP32 profile's heap the wake that first "
-    "connects with the rotated certificate can fail to allocate the TLS context "
-    "(MemoryError allocating 3,048 bytes with about 30 KB free, fragmented); the wake "
-    "crashes, three such wakes drop the new pair, and by then the old certificate has "
-    "expired. Seen in 1 of 2 runs on 2026-12-04; the rotation's other wakes hold."))
 def test_ninety_days_on_the_esp32_heap_rotate_keys_with_no_crash(tmp_path: Path) -> None:
     # Three ESP32 nodes (the last revoked), booting through the bootloader, rotating 30-day
     # certificates 14 days ahead through a gateway kill and a broker kill. On this profile's
