@@ -297,6 +297,7 @@ class SoakVerdict:
 
 
 _TLS_REFUSED = re.compile(r"send failed.*TLS")
+CRL_WATCH_S = 0.05  # real seconds between looks at the issuing CA's CRL (crl_renewals)
 
 
 class Soak:
@@ -628,6 +629,24 @@ class Soak:
             await asyncio.to_thread(self._probe_once)
             await asyncio.sleep(self.opts.probe_period_s)
 
+    def _crl_once(self) -> None:
+        from gateway.security.pki import Pki
+
+        try:
+            crls = Pki(self.pki_dir).crls()
+        except Exception:  # noqa: BLE001 - being rewritten: the next look sees it
+            return
+        if crls:
+            self.crls_seen.add(crls[0].last_update_utc.isoformat())
+
+    async def _watch_crls(self) -> None:
+        """Every CRL the issuing CA signs, seen by its lastUpdate: looked at 20 times a real
+        second, apart from the once-a-second `openssl verify` rounds, which at full scale
+        are more than a field day apart and merged CRLs signed between two of them."""
+        while True:
+            await asyncio.to_thread(self._crl_once)
+            await asyncio.sleep(CRL_WATCH_S)
+
     # ---- the scripted disruptions ----------------------------------------------------------
 
     def schedule(self) -> list[tuple[float, str]]:
@@ -958,6 +977,7 @@ class Soak:
                 await asyncio.sleep(0.01)
             clock.run()
             tasks.append(asyncio.create_task(self._probe()))
+            tasks.append(asyncio.create_task(self._watch_crls()))
             script = asyncio.create_task(self._script())
             tasks.append(script)
             last = [0.0]
