@@ -123,6 +123,7 @@ class Wake:
     sent = 0  # readings published this wake
     sent_top = 0  # highest reading id published
     session_ok = False
+    acked = False  # an ACK came this session (listen() reads it even when none did)
     session = _CERT
     psk_id = 0  # the session key the node holds after connecting (the HELLO tells it)
     listening = _WINDOW
@@ -277,11 +278,13 @@ class Wake:
         # A manifest staged by an earlier wake is checked before the rest of the send code
         # and the session take the heap.
         ota.check_staged()
+        import rotate  # key rotation (docs/credentials.md): counted in import= as the rest
+
+        rotate.before_send(self.cfg, board)  # a rotation's key that found no room in a session
         import commands
         import mqtt  # noqa: F401 - loaded here so that import= counts it
         import proto  # noqa: F401 - the codec, likewise
         import psk  # noqa: F401 - session keys (docs/session-keys.md), likewise
-        import rotate  # noqa: F401 - key rotation (docs/credentials.md), likewise
 
         self.import_alloc = gc.mem_alloc() - a
         self.effects = commands.Effects()
@@ -650,8 +653,10 @@ class Wake:
 
             n = commands.execute(f, self.cfg, self.st, board, self.effects, self.out, self.st.msg_id(),
                                  self.safe)
-            log.info("command %d op=%d -> status=%d", f[proto.COMMAND_COMMAND_ID], f[proto.COMMAND_OP], self.out[10])
-            client.publish_out(self.up_topic, n, 1)
+            if n:  # 0: out of heap, no result kept: the gateway sends it again
+                log.info("command %d op=%d -> status=%d", f[proto.COMMAND_COMMAND_ID], f[proto.COMMAND_OP],
+                         self.out[10])
+                client.publish_out(self.up_topic, n, 1)
         elif ftype == proto.SHADOW_DELTA:
             entries = []
             for key, value in f[proto.SHADOW_DELTA_ENTRIES]:
@@ -785,8 +790,14 @@ def run(t0=None):
     except config.ConfigError as e:
         log.error("%s", e)
     except Exception as e:
-        log.error("wake failed: %r", e)
-        sys.print_exception(e)
+        try:
+            log.error("wake failed: %r", e)
+            sys.print_exception(e)
+        except MemoryError:
+            # A heap too full to format the report: the wake must still reach its sleep (a
+            # crash here would count towards safe mode at every boot).
+            gc.collect()
+            print("E wake failed: MemoryError")
         if w.cfg is not None:
             sleep_ms = w.cfg.sample_interval_s * 1000
     st = w.st

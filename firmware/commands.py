@@ -30,15 +30,19 @@ def execute(cmd, cfg, st, board, effects, buf, msg_id, safe=False):
     """Run decoded COMMAND `cmd`; encode its COMMAND_RESULT into buf; returns the length.
 
     The result is recorded in `st` (durable) unless it is a duplicate report or a refusal
-    in safe mode (the command may run once the node has left it).
+    in safe mode (the command may run once the node has left it). Returns 0 (nothing to
+    send, nothing recorded) when a key rotation step ran out of heap: the gateway sends the
+    command again at the next send.
     """
     cid = cmd[proto.COMMAND_COMMAND_ID]
     if st.was_executed(cid):
         return _result(buf, msg_id, cid, proto.RESULT_STATUS_DUPLICATE)
-    if safe:
-        # Safe mode listens for a fix (OTA, configuration) and runs nothing else.
-        return _result(buf, msg_id, cid, proto.RESULT_STATUS_REFUSED, 0, "safe mode")
     op = cmd[proto.COMMAND_OP]
+    if safe and op != proto.COMMAND_OP_ROTATE_KEY and op != proto.COMMAND_OP_INSTALL_CERT:
+        # Safe mode listens for a fix (OTA, configuration) and runs nothing else but the
+        # upkeep of its certificate: one that expires locks the node out for good, safe
+        # mode and all (docs/credentials.md, "Safe mode").
+        return _result(buf, msg_id, cid, proto.RESULT_STATUS_REFUSED, 0, "safe mode")
     exp = cmd[proto.COMMAND_EXPIRES_AT]
     if exp and st.clock_set and board.time() >= exp:
         # Expired by the gateway's time (the clock was set from this window's ACK).
@@ -82,9 +86,12 @@ def execute(cmd, cfg, st, board, effects, buf, msg_id, safe=False):
         import rotate
 
         if op == proto.COMMAND_OP_ROTATE_KEY:
-            status, detail = rotate.rotate_key(cfg, args[0], board)
+            r = rotate.rotate_key(cfg, args[0], board)
         else:
-            status, detail = rotate.install_cert(cfg, args[0], args[1], args[2], cmd[proto.COMMAND_DATA])
+            r = rotate.install_cert(cfg, args[0], args[1], args[2], cmd[proto.COMMAND_DATA])
+        if r is None:
+            return 0  # out of heap: neither kept nor answered, so it comes again
+        status, detail = r
         values = (args[0],)
     elif op == proto.COMMAND_OP_INSTALL_PSK:
         # A session key for routine sends (psk.py): stored power-safe, the same key again

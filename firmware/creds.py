@@ -28,17 +28,24 @@ ST_TRIAL = const(2)  # the new pair has its certificate; the next connects use i
 NO_OUTCOME = const(0)
 ROTATED = const(1)  # a session with the new pair succeeded: it is now the confirmed one
 REFUSED = const(2)  # the broker refused the new pair (TLS alert or CONNACK 4/5): dropped
-NO_SESSION = const(3)  # MAX_TRIES trial connects ended with no session (cuts, resets, network)
+NO_SESSION = const(3)  # MAX_TRIES trial connects ended with neither a session nor an answer (cuts, resets)
 MISMATCH = const(4)  # the delivered certificate does not carry the new key: refused
 ABORTED = const(5)  # the gateway cancelled the rotation
 REPROVISIONED = const(6)  # certs/cert.der was replaced by provisioning: its pair wins
 
-# Trial connects started (counted before each one) before an unconfirmed pair is dropped.
+# Trial connects started (counted before each one) before an unconfirmed pair is dropped. A
+# connect that fails for the network (no route, name, TCP, timeout) is given back
+# (session_unreached): only attempts that ended the process (a crash, a hang the watchdog
+# cut, a power cut) count, so a broker that is down only defers the trial.
 MAX_TRIES = const(3)
 # Requests sent for one key with no certificate coming back before the node gives the
 # rotation up (ABORTED, reported): a gateway that lost or ended the rotation would otherwise
 # get the same refused request every wake. The gateway starts a new one when it wants to.
 MAX_REQUESTS = const(24)
+
+# SubjectPublicKeyInfo of a P-256 key up to its uncompressed point: SEQUENCE { SEQUENCE {
+# id-ecPublicKey, prime256v1 }, BIT STRING (0 unused bits) }; csr.spki() builds the same.
+_SPKI_P256 = b"\x30\x59\x30\x13\x06\x07\x2a\x86\x48\xce\x3d\x02\x01\x06\x08\x2a\x86\x48\xce\x3d\x03\x01\x07\x03\x42\x00"
 
 RECORD = "creds.json"
 _TMP = "creds.tmp"
@@ -240,20 +247,27 @@ class Credentials:
             raise CredsError(NO_OUTCOME, "no rotation in progress")
         return _read(self.key_path(self.rec["new"]))
 
-    def for_connect(self):
+    def for_connect(self, count=True):
         """(cert path, key path, on_trial) for this connect. On trial the attempt is
-        counted first, so a trial pair that kills the node is dropped after MAX_TRIES."""
+        counted first, so a trial pair that kills the node is dropped after MAX_TRIES.
+        count=False leaves the counting to count_try(), which must come before connecting
+        (the caller reads the pair in between)."""
         rec = self.rec
         if rec["st"] != ST_TRIAL:
             return self.confirmed() + (False,)
         if rec["tries"] >= MAX_TRIES:
             self._fall_back(NO_SESSION)
             return self.confirmed() + (False,)
-        rec = dict(rec)
-        rec["tries"] += 1
-        self._save(rec)
+        if count:
+            self.count_try()
         g = rec["new"]
         return self.cert_path(g), self.key_path(g), True
+
+    def count_try(self):
+        """Count one trial connect (record saved): before the connect it counts."""
+        rec = dict(self.rec)
+        rec["tries"] += 1
+        self._save(rec)
 
     # ---- steps of a rotation ---------------------------------------------------------
 
@@ -358,9 +372,10 @@ class Credentials:
             raise CredsError(NO_OUTCOME, "no rotation in progress")
         key = _read(self.key_path(rec["new"]))
         pub = key[-65:]  # private_key_der ends with the uncompressed public point
-        import csr
-
-        if csr.spki(pub) not in cert_der or cert_der[:1] != b"\x30":
+        # The SubjectPublicKeyInfo written out (csr.spki's bytes) rather than importing csr,
+        # which loads p256: about 10 KB of bytecode the wake that takes the certificate's
+        # pieces cannot spare on a small heap (the ESP32 profile ran out of it here).
+        if pub[:1] != b"\x04" or _SPKI_P256 + pub not in cert_der or cert_der[:1] != b"\x30":
             raise CredsError(MISMATCH, "certificate is not for the new key")
         _write(self.cert_path(rec["new"]), cert_der)
         rec = dict(rec)
@@ -398,9 +413,21 @@ class Credentials:
     def session_refused(self):
         """The broker refused the trial pair (TLS handshake or CONNACK 4/5): drop it and
         connect again with the confirmed pair. A network failure is not a refusal: the
-        trial stays, bounded by MAX_TRIES."""
+        trial stays (session_unreached)."""
         if self.rec["st"] == ST_TRIAL:
             self._fall_back(REFUSED)
+
+    def session_unreached(self):
+        """The trial connect failed before the broker answered (no route, name lookup, TCP
+        refused or reset, a timeout): nothing was learnt about the new pair, so the attempt
+        for_connect() counted is given back and the trial stays for the next send. Only
+        attempts that never came back here (a crash, a reset, a cut) reach MAX_TRIES."""
+        rec = self.rec
+        if rec["st"] != ST_TRIAL or rec["tries"] <= 0:
+            return
+        rec = dict(rec)
+        rec["tries"] -= 1
+        self._save(rec)
 
     def abort(self):
         if self.rec["st"] != ST_IDLE:

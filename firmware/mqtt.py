@@ -68,13 +68,24 @@ _CONNACK_NAMES = (
 )
 
 
-class MQTTError(OSError):
-    """A transport failure: `code` (see the module constants) and a readable `reason`."""
+# mbedtls's MBEDTLS_ERR_SSL_FATAL_ALERT_MESSAGE: the peer sent a fatal TLS alert, i.e. it
+# answered and refused (a certificate it does not accept, among others). Any other TLS
+# failure (the connection closed or reset mid-handshake, EOF) is not an answer.
+TLS_ALERT = const(-0x7780)
 
-    def __init__(self, code, reason):
+
+class MQTTError(OSError):
+    """A transport failure: `code` (see the module constants) and a readable `reason`;
+    `tls` is mbedtls's own error code for a TLS_FAILED that carried one (else 0)."""
+
+    tls = 0
+
+    def __init__(self, code, reason, tls=0):
         super().__init__("MQTT error %d: %s" % (code, reason))
         self.code = code
         self.reason = reason
+        if tls:
+            self.tls = tls
 
 
 def _ipv4(sockaddr):
@@ -788,7 +799,7 @@ class MQTTClient:
         a = e.args
         # mbedtls failures carry a negative code and the mbedtls error name.
         if a and isinstance(a[0], int) and a[0] < 0:
-            return MQTTError(TLS_FAILED, "TLS: %s" % (a[1] if len(a) > 1 else a[0]))
+            return MQTTError(TLS_FAILED, "TLS: %s" % (a[1] if len(a) > 1 else a[0]), a[0])
         if self._wire is not None and self._wire.err is not None:
             e = self._wire.err
         code = e.errno if isinstance(e.errno, int) else 0

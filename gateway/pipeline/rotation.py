@@ -357,17 +357,21 @@ class RotationHandler:
         return fresh > 0
 
     def sweep(self, conn: sqlite3.Connection, now: float | None = None) -> list[int]:
-        """End rotations whose items the queue gave up on (expired, failed, cancelled): a
-        rotate_key the node never answered, or a piece that never arrived or that the node
-        refused. The new certificate, if any, is revoked; the node, still waiting, gives up
-        by itself (creds.MAX_REQUESTS). Returns the rotation ids ended."""
+        """End rotations whose items the queue gave up on (failed, cancelled): a rotate_key
+        or a piece that the node refused or never answered over its deliveries. The new
+        certificate, if any, is revoked; the node, still waiting, gives up by itself
+        (creds.MAX_REQUESTS). An item that only expired (its TTL passed while the node
+        could not reach the broker, or did not wake) ends nothing: it is queued again with
+        a fresh TTL, so that a node back from an outage finds its rotation where it left
+        it. Returns the rotation ids ended."""
         now = self.clock() if now is None else now
-        dead = (q.EXPIRED, q.FAILED, q.CANCELLED)
+        dead = (q.FAILED, q.CANCELLED)
         ended = []
         for state in (rs.REQUESTED, rs.ISSUED):
             for rot in rs.in_state(conn, state):
                 ids = (rot.command_id,) if state == rs.REQUESTED else rot.pieces
                 gone = []
+                expired: list[q.Item] = []
                 for cid in ids:
                     if cid is None:
                         continue
@@ -378,7 +382,11 @@ class RotationHandler:
                         continue
                     if it.status in dead:
                         gone.append(f"{it.what.split()[0]} {it.status}")
+                    elif it.status == q.EXPIRED:
+                        expired.append(it)
                 if not gone:
+                    if expired:
+                        self._requeue(conn, rot, expired, now)
                     continue
                 why = f"{gone[0]}: the node did not take it"
                 self._cancel_items(conn, rot, now)
@@ -390,6 +398,25 @@ class RotationHandler:
                             extra={"device_id": rot.device})
                 ended.append(rot.id)
         return ended
+
+    def _requeue(self, conn: sqlite3.Connection, rot: rs.Rotation, items: Sequence[q.Item],
+                 now: float) -> None:
+        """The same commands again (same arguments and bytes: the node takes a repeat as
+        the same step), with a fresh TTL, in place of those that expired."""
+        swap: dict[int, int] = {}
+        for it in items:
+            assert it.op is not None
+            swap[it.command_id] = q.enqueue_command(
+                conn, rot.device, it.op, it.args, rs.ROTATE_PRIORITY, rs.ROTATE_TTL_S, it.data,
+                now=now)
+        if rot.state == rs.REQUESTED and rot.command_id in swap:
+            rs.set_command(conn, rot.id, swap[rot.command_id], now)
+        else:
+            rs.set_pieces(conn, rot.id, [swap.get(c, c) for c in rot.pieces], now)
+        what = ", ".join(f"{it.what.split()[0]} {it.command_id}" for it in items)
+        rs.event(conn, rot.device, rot.id, "requeued", f"{what} expired: queued again", now)
+        log.info("[%s] rotation %d: %s expired before the node took it; queued again",
+                 rot.device, rot.id, what, extra={"device_id": rot.device})
 
     def start_due(self, conn: sqlite3.Connection, now: float | None = None) -> list[int]:
         """Start a rotation for every served device whose newest certificate expires within

@@ -250,6 +250,12 @@ def set_pieces(conn: sqlite3.Connection, rotation: int, pieces: Sequence[int],
                  (",".join(map(str, pieces)), now, rotation))
 
 
+def set_command(conn: sqlite3.Connection, rotation: int, command_id: int, now: float) -> None:
+    """The rotate_key COMMAND that now carries the rotation (queued again after expiring)."""
+    conn.execute("UPDATE rotations SET command_id=?, updated_at=? WHERE id=?",
+                 (command_id, now, rotation))
+
+
 def confirmed(conn: sqlite3.Connection, rotation: int, revoke: Iterable[str], outcome: str,
               now: float) -> None:
     serials = ",".join(revoke)

@@ -1,6 +1,6 @@
 # The credential slots in MicroPython: a rotation kept after a good session, dropped after
-# a refusal, after MAX_TRIES trial connects without a session, or on a certificate for
-# another key; provisioning over a rotated node wins. Power cuts: test_creds_powercut.py.
+# a refusal, after MAX_TRIES trial connects that never came back (a connect that failed for
+# the network is given back), or on a certificate for another key; provisioning over a rotated node wins. Power cuts: test_creds_powercut.py.
 import os
 
 import creds
@@ -100,6 +100,34 @@ def test_trial_without_a_session_ends_after_max_tries():
     mpunit.eq(how[2], False)
     mpunit.eq(_pair(c, how), (OLD_CERT, OLD_KEY))
     mpunit.eq(c.outcome(), creds.NO_SESSION)
+
+
+def test_a_trial_connect_that_never_reached_the_broker_is_not_counted():
+    # The broker down (a gateway host restarting) at many sends in a row: each failed
+    # connect gives its attempt back, so the new pair stays on trial; then a session keeps it.
+    root, c = _node()
+    key, pub = _new_key()
+    c.begin(key)
+    cert = _cert_for(pub)
+    c.install(cert)
+    for _ in range(3 * creds.MAX_TRIES):
+        c = creds.Credentials(root)  # a new wake
+        how = c.for_connect()
+        mpunit.eq(how[2], True)
+        mpunit.eq(_pair(c, how), (cert, key))
+        c.session_unreached()
+    c = creds.Credentials(root)
+    mpunit.eq((c.state, c.rec["tries"], c.outcome()), (creds.ST_TRIAL, 0, creds.NO_OUTCOME))
+    # Attempts that never came back (resets, cuts) still end the trial after MAX_TRIES.
+    for _ in range(creds.MAX_TRIES):
+        assert creds.Credentials(root).for_connect()[2]
+    c = creds.Credentials(root)
+    mpunit.eq(c.for_connect()[2], False)
+    mpunit.eq(c.outcome(), creds.NO_SESSION)
+    # Given back outside a trial: nothing to give back, nothing written.
+    seq = c.rec["seq"]
+    c.session_unreached()
+    mpunit.eq(c.rec["seq"], seq)
 
 
 def test_certificate_for_another_key_is_refused():

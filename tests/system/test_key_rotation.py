@@ -12,9 +12,11 @@ the spec's codec.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +39,9 @@ from gateway.store import rotations as rs
 from gateway.store.status import read_status
 from tests.mpharness import micropython_binary
 from tests.system.stack import ROOT, Stack, StackNode, kill_node_process
+from tools.fw import image
+from tools.fw import keys as fw_keys
+from tools.sim.field import FieldModel
 
 pytestmark = [
     pytest.mark.skipif(micropython_binary() is None, reason="no MicroPython unix port"),
@@ -276,6 +281,284 @@ def test_fallback_when_the_new_certificate_is_refused(stack: Stack) -> None:
         assert old <= revoked(stack)
 
     aio(main())
+
+
+def test_a_trial_waits_out_a_broker_that_is_down(stack: Stack) -> None:
+    """The broker down when the node first tries its new certificate (a gateway host
+    restarting): connection refused, then a listener that never answers (TLS timeouts).
+    Neither is a refusal of the certificate: the node keeps the new pair on trial, however
+    many sends that takes, and keeps it once the broker answers; the gateway never fails the
+    rotation."""
+    async def main() -> None:
+        stack.start()
+        node = stack.add_node("n6", seed=16, awake_budget_ms=4000)
+        await wake_ok(node)
+        old = valid_serials(stack, "n6")
+        rid = start(stack, "n6")
+        await wake_ok(node)  # rotate_key, CSR_UP
+        await until(lambda: rotation(stack, rid).state == rs.ISSUED, "certificate issued")
+        await wake_ok(node)  # the pieces: on trial from the next connect
+        stack.stop()  # the gateway and its broker: TCP connections to the port are refused
+        down = len(node.log_text())
+
+        def tries() -> int:  # sends that failed since the broker went down
+            return node.log_text()[down:].count("send failed")
+
+        async def fail_until(n: int) -> None:
+            for _ in range(40):  # the node backs off between failed sends: wakes, not sends
+                if tries() >= n:
+                    return
+                await node.wake()
+            raise AssertionError(f"fewer than {n} trial connects:\n{node.log_text()[-3000:]}")
+
+        await fail_until(2)
+        assert "refused or reset" in node.log_text()
+        # Something that accepts TCP and never answers: the TLS handshake times out.
+        silent = socket.socket()
+        silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        silent.bind((stack.host, stack.port))
+        silent.listen(8)
+        try:
+            await fail_until(creds_max_tries() + 2)
+        finally:
+            silent.close()
+        text = node.log_text()[down:]
+        assert "timed out" in text, text[-3000:]
+        assert "new credentials refused" not in text
+        assert text.count("new credentials not tried: broker not reached") == tries(), text
+        assert rotation(stack, rid).state == rs.ISSUED
+        stack.start()
+        before = len(node.log_text())
+        for _ in range(20):  # the node's backoff: the first wakes may not send
+            await node.wake()
+            if "connected in" in node.log_text()[before:]:
+                break
+        text = node.log_text()[before:]
+        assert "new credentials kept" in text, text[-3000:]
+        await until(lambda: rotation(stack, rid).state == rs.DONE, "old certificate revoked")
+        rot = rotation(stack, rid)
+        assert rot.outcome == "rotated" and set(rot.revoked) == old
+        assert valid_serials(stack, "n6") == {rot.new_serial}
+        await wake_ok(node)
+
+    aio(main())
+
+
+def test_a_rotation_fits_the_esp32_heap_under_the_bootloader(stack: Stack, tmp_path: Path) -> None:
+    """On the ESP32 profile's heap (tools/sim/profiles.py), booting through the real
+    bootloader as a fielded node does, every wake of a rotation completes: the one that makes
+    the key (in the session when the heap has room, else noted and made at the start of the
+    next sending wake, before the session; p256 and csr are dropped after it) and the one
+    that takes the certificate's pieces (it loads neither). Before, these wakes ran out of
+    heap, crashed at every boot until safe mode, and the certificate expired."""
+    async def main() -> None:
+        paths = fw_keys.keygen(tmp_path / "fwkeys")
+        v1 = tmp_path / "v1"
+        image.build_image("sim", 1, v1, display="1")
+        image.sign_image(v1, fw_keys.load_private(paths.private))
+        stack.start()
+        node = stack.add_node("e1", seed=21, field=FieldModel.named("esp32"), send_every=2)
+        image.install_sim(node.sim.dir, v1, public_key=fw_keys.load_public(paths.public))
+        node.sim.entry = "boot"
+
+        async def send() -> str:
+            before = len(node.log_text())
+            for _ in range(4):  # a send every second wake
+                await node.wake()
+                text = node.log_text()[before:]
+                if "connected in" in text:
+                    break
+            assert "boot: slot a v1" in text, text
+            assert "connected in" in text and "send failed" not in text, text
+            return text
+
+        await send()
+        old = valid_serials(stack, "e1")
+        rid = start(stack, "e1")
+        await send()  # rotate_key: the key and CSR_UP, or the key noted for the next send
+        for _ in range(3):
+            with contextlib.suppress(AssertionError):
+                await until(lambda: rotation(stack, rid).state == rs.ISSUED, "issued", 5.0)
+                break
+            await send()  # the key made before the session, CSR_UP at the window's end
+        assert rotation(stack, rid).state == rs.ISSUED
+        await send()  # the pieces
+        text = await send()
+        assert "new credentials kept" in text, text
+        await until(lambda: rotation(stack, rid).state == rs.DONE, "old certificate revoked")
+        assert set(rotation(stack, rid).revoked) == old
+        await send()
+        log = node.log_text()
+        assert "MemoryError" not in log and "wake failed" not in log and " safe=1 " not in log, log
+        assert "the command comes again" not in log, log
+        # The heap figures of the sending wakes (docs/credentials.md, "Heap"), for `-s`.
+        for run in log.split("--- run ")[1:]:
+            if "connected in" in run:
+                what = ("rotate_key (key later)" if "made at the next send" in run else
+                        "rotate_key" if f"op={ROTATE_KEY} " in run else
+                        "install_cert" if f"op={INSTALL_CERT} " in run else
+                        "trial" if "new credentials kept" in run else "send")
+                print(what, next(ln for ln in run.splitlines() if ln.startswith("M ")))
+
+    aio(main())
+
+
+# Shadows firmware/creds.py on the node's path: the real module, unchanged, except that
+# while an `oom_once` file exists in the hook folder the next put_piece runs on a heap filled
+# to its last bytes, so the real code meets a real MemoryError (the file goes first).
+_OOM_ONCE = """
+import os
+import sys
+
+# The real module, imported as usual (its source compiled by the import, not copied here):
+# this folder leaves the path for that import, and the real module takes its place.
+_here = [p for p in sys.path if p.endswith('.hooks/lib')]
+_at = sys.path.index(_here[0])
+sys.path.remove(_here[0])
+del sys.modules['creds']
+try:
+    import creds as _real
+finally:
+    sys.path.insert(_at, _here[0])
+globals().update(_real.__dict__)
+
+_FLAG = os.getenv('TORPOR_HOOK_DIR') + '/oom_once'
+_real_put = Credentials.put_piece
+
+
+def _fill():
+    hog = []
+    for size in (4096, 512, 64, 16):
+        try:
+            while True:
+                hog.append(bytearray(size))
+        except MemoryError:
+            pass
+    return hog
+
+
+def _put(self, rid, offset, total, data):
+    try:
+        os.stat(_FLAG)
+    except OSError:
+        return _real_put(self, rid, offset, total, data)
+    os.remove(_FLAG)
+    hog = _fill()
+    try:
+        return _real_put(self, rid, offset, total, data)
+    finally:
+        hog = None
+
+
+Credentials.put_piece = _put
+"""
+
+
+def test_out_of_heap_taking_a_piece_is_retried_not_a_crash(stack: Stack) -> None:
+    """A certificate piece that meets a full heap (the ESP32 profile's, filled to its last
+    bytes for that one call) is neither kept nor answered: the wake goes on to its sleep
+    (no crash, nothing counted towards safe mode), the gateway sends the piece again at the
+    next send, and the rotation completes."""
+    async def main() -> None:
+        stack.start()
+        node = stack.add_node("m1", seed=17, field=FieldModel.named("esp32"))
+        # The execution record's commands hook compiles commands.py from source on this
+        # heap; this test reads the gateway's queue instead.
+        (node.hooks / "lib" / "commands.py").unlink()
+        (node.hooks / "lib" / "creds.py").write_text(_OOM_ONCE)
+        await wake_ok(node)
+        rid = start(stack, "m1")
+        await wake_ok(node)
+        await until(lambda: rotation(stack, rid).state == rs.ISSUED, "certificate issued")
+        pieces = rotation(stack, rid).pieces
+        assert len(pieces) >= 2
+        (node.hooks / "oom_once").write_text("")
+        text = await wake_ok(node)
+        assert "rotation: out of heap, the command comes again" in text, text
+        assert "wake failed" not in text and "MemoryError" not in text, text
+        with stack.db() as conn:
+            first = q.get(conn, "m1", pieces[0])
+        assert first.status in q.ACTIVE and first.result_status is None, first
+        # The next sends: the piece comes again and the certificate is tried and kept (the
+        # piece's file may have been whole on flash before the heap ran out: then the other
+        # piece completed the certificate, and the node, past that rotation, refuses the
+        # repeat; the power-cut test's cut after the last piece meets the same).
+        text = ""
+        for _ in range(3):
+            text += await wake_ok(node)
+            if rotation(stack, rid).state in (rs.CONFIRMED, rs.DONE):
+                break
+        assert "new credentials kept" in text and "out of heap" not in text, text
+        assert "wake failed" not in node.log_text() and " safe=1 " not in node.log_text()
+        def first_piece() -> q.Item:
+            with stack.db() as conn:
+                return q.get(conn, "m1", pieces[0])
+
+        await until(lambda: first_piece().status not in q.ACTIVE, "the piece answered")
+        assert first_piece().attempts == 2, first_piece()
+        await until(lambda: rotation(stack, rid).state == rs.DONE, "old certificate revoked")
+
+    aio(main())
+
+
+# Shadows firmware/commands.py: the real module, except that a ping with the tag 13 raises
+# outside safe mode, so two wakes in a row crash and the node enters its safe mode.
+_POISON = """
+import sys
+
+for _p in sys.path:
+    if _p.endswith('/firmware'):
+        with open(_p + '/commands.py') as _f:
+            exec(_f.read(), globals())
+        break
+
+_real = execute
+
+
+def execute(cmd, cfg, st, board, effects, buf, msg_id, safe=False):
+    if not safe and cmd[proto.COMMAND_OP] == proto.COMMAND_OP_PING and list(cmd[proto.COMMAND_ARGS]) == [13]:
+        raise RuntimeError('poisoned command')
+    return _real(cmd, cfg, st, board, effects, buf, msg_id, safe)
+"""
+
+
+def test_a_node_in_safe_mode_still_rotates_its_key(stack: Stack) -> None:
+    """Safe mode keeps a broken node reachable and runs nothing but a fix; its certificate's
+    upkeep is part of staying reachable (an expired certificate locks it out for good), so
+    rotate_key and install_cert run there while every other command is still refused."""
+    async def main() -> None:
+        stack.start()
+        node = stack.add_node("s1", seed=18, safe_mode_after=2)
+        (node.hooks / "lib" / "commands.py").write_text(_POISON)
+        stack.cli("device", "send", "s1", "ping", "13")
+        await node.wake(2)  # the command crashes both wakes
+        assert node.log_text().count("wake failed: RuntimeError('poisoned command'") == 2
+        old = valid_serials(stack, "s1")
+        rid = start(stack, "s1")
+        text = await wake_ok(node)  # safe mode from this boot: rotate_key, CSR_UP
+        assert " safe=1 " in text, text
+        assert f"op={ROTATE_KEY} -> status={int(proto.ResultStatus.OK)}" in text, text
+        await until(lambda: rotation(stack, rid).state == rs.ISSUED, "certificate issued")
+        text = await wake_ok(node)
+        assert " safe=1 " in text and f"op={INSTALL_CERT} -> status=0" in text, text
+        ping = int(stack.cli("device", "send", "s1", "ping").stdout.split("queued command ")[1]
+                   .split()[0])
+        text = await wake_ok(node)
+        assert " safe=1 " in text and "new credentials kept" in text, text
+        await until(lambda: rotation(stack, rid).state == rs.DONE, "old certificate revoked")
+        assert old <= revoked(stack)
+        with stack.db() as conn:
+            it = q.get(conn, "s1", ping)
+        assert (it.status, it.result_status, it.result_detail) == (q.FAILED, "refused",
+                                                                    "safe mode"), it
+
+    aio(main())
+
+
+def creds_max_tries() -> int:
+    """firmware/creds.py's MAX_TRIES, read from the source the node runs."""
+    text = (ROOT / "firmware" / "creds.py").read_text()
+    return int(text.split("MAX_TRIES = const(")[1].split(")")[0])
 
 
 # ---------------------------------------------------------------- power cuts

@@ -1,5 +1,5 @@
-"""`torpor soak`'s refusals before anything starts: no libfaketime, a wake interval the
-protocol does not allow."""
+"""`torpor soak`'s refusals before anything starts (no libfaketime, a wake interval the
+protocol does not allow), its schedule, and how its verdict reads the gateway's store."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway import proto
+from gateway.store import db, readings
 from tools.sim import soak
 from tools.sim.soak import (
     KEY_LIST_SHARE,
@@ -56,3 +58,31 @@ def test_the_key_rotation_follows_the_revocation_and_leaves_the_campaign_its_sen
     left = o.days - plan["key_rotation"]
     days_a_send = o.send_every[0] * o.sample_interval_s / 86400
     assert (1 - KEY_LIST_SHARE) * left >= 11 * days_a_send
+
+
+def _burst(first: int, ts: tuple[int, ...]) -> proto.Burst:
+    cols = (tuple(2000 for _ in ts), tuple(5000 for _ in ts), tuple(3700 for _ in ts))
+    return proto.Burst(first, proto.SCHEMA_ENV3, 0, proto.Series(ts, cols))
+
+
+def test_the_revoked_device_is_judged_by_what_the_gateway_committed_after(
+        tmp_path: Path) -> None:
+    # A reading sampled and stored before the revocation whose stamp runs ahead of the
+    # field's clock (the node's clock, set from the gateway's ACK, plus its wake's real
+    # duration at the time scale) is not one that got in: judged by the store's contents
+    # when `torpor device revoke` returned, not by stamps. One committed later is.
+    revoked_at = 1_800_000_000
+    s = Soak(SoakOptions())
+    s.db_path = tmp_path / "gateway.db"
+    conn = db.open_db(s.db_path)
+    try:
+        readings.commit_bursts(conn, [("sim-003", _burst(1, (revoked_at - 3600,
+                                                             revoked_at + 3 * 86400)))])
+        s.revoked, s.revoked_at_ms = "sim-003", revoked_at * 1000
+        s.revoked_ids = s.stored_ids("sim-003")  # what the revocation step reads
+        assert s.revoked_ids == {1, 2}
+        assert s.revoked_admitted(conn) == 0
+        readings.commit_bursts(conn, [("sim-003", _burst(3, (revoked_at + 60,)))])
+        assert s.revoked_admitted(conn) == 1
+    finally:
+        conn.close()

@@ -137,17 +137,58 @@ def test_confirmed_by_the_new_serial_only(env: tuple[sqlite3.Connection, Pki, In
         rs.request(conn, "d1", "operator", now=NOW)
 
 
+def test_items_that_expired_while_the_node_was_away_are_queued_again(
+        env: tuple[sqlite3.Connection, Pki, Ingest, RotationHandler]) -> None:
+    # A node that cannot reach the broker (a long outage, a gateway host off) for longer than
+    # the items' TTL: the rotation waits for it, it does not fail, and nothing is revoked.
+    conn, pki, ingest, handler = env
+    with db.transaction(conn):
+        rot = rs.request(conn, "d1", "operator", now=NOW)
+    first = rot.command_id
+    later = NOW + rs.ROTATE_TTL_S + 1
+    q.expire(conn, later)
+    with db.transaction(conn):
+        assert handler.sweep(conn, later) == []
+    again = rs.get(conn, rot.id)
+    assert again is not None and again.state == rs.REQUESTED and again.command_id != first
+    cmd = q.get(conn, "d1", again.command_id or 0)
+    assert (cmd.status, cmd.op, cmd.args) == (q.QUEUED, int(proto.CommandOp.ROTATE_KEY),
+                                              (rot.id,))
+    assert cmd.expires_at == later + rs.ROTATE_TTL_S
+    # The request comes; the certificate's pieces expire undelivered too: queued again, the
+    # same bytes, and the new certificate stays valid.
+    ingest.process([(UP, csr_up(rot.id, csr_for("d1", ec.generate_private_key(ec.SECP256R1()))))])
+    handler.work(conn, later)
+    issued = rs.get(conn, rot.id)
+    assert issued is not None and issued.state == rs.ISSUED
+    old_pieces = [q.get(conn, "d1", c) for c in issued.pieces]
+    latest = later + rs.ROTATE_TTL_S + 1
+    q.expire(conn, latest)
+    with db.transaction(conn):
+        assert handler.sweep(conn, latest) == []
+    now_rot = rs.get(conn, rot.id)
+    assert now_rot is not None and now_rot.state == rs.ISSUED
+    assert set(now_rot.pieces).isdisjoint(issued.pieces)
+    new_pieces = [q.get(conn, "d1", c) for c in now_rot.pieces]
+    assert [(p.args, p.data) for p in new_pieces] == [(p.args, p.data) for p in old_pieces]
+    assert all(p.status == q.QUEUED for p in new_pieces)
+    assert int(issued.new_serial or "0", 16) not in pki.revoked_serials()
+    kinds = [e.kind for e in rs.events(conn, "d1")]
+    assert kinds.count("requeued") == 2 and "failed" not in kinds
+
+
 def test_items_the_queue_gave_up_on_end_the_rotation(
         env: tuple[sqlite3.Connection, Pki, Ingest, RotationHandler]) -> None:
     conn, pki, ingest, handler = env
     with db.transaction(conn):
         rot = rs.request(conn, "d1", "operator", now=NOW)
     assert handler.sweep(conn, NOW) == []
-    # The node never woke within the rotate_key's TTL.
-    q.expire(conn, NOW + rs.ROTATE_TTL_S + 1)
-    assert handler.sweep(conn, NOW + rs.ROTATE_TTL_S + 2) == [rot.id]
+    # The rotate_key refused by the node: the rotation ends.
+    with db.transaction(conn):
+        q.retire(conn, "d1", rot.command_id or 0, q.FAILED, NOW, result="refused")
+        assert handler.sweep(conn, NOW) == [rot.id]
     ended = rs.get(conn, rot.id)
-    assert ended is not None and ended.state == rs.FAILED and "expired" in ended.detail
+    assert ended is not None and ended.state == rs.FAILED and "failed" in ended.detail
     # A certificate piece that failed: the rotation ends and its certificate is revoked.
     with db.transaction(conn):
         rot = rs.request(conn, "d1", "operator", now=NOW)
