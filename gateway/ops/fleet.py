@@ -179,7 +179,7 @@ def _summary(conn: sqlite3.Connection, dev: registry.Device,
     )
 
 
-KEPT_MAX = 20_000  # devices whose sparkline is kept
+KEPT_MAX = 5_000  # devices whose sparkline is kept (about 3 kB each)
 
 
 class Kept:
