@@ -6,13 +6,13 @@ import functools
 import math
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gateway import proto
 from gateway.config import BoardModels, EnergyModel
-from gateway.store import alerts, deadletter, groups, readings
+from gateway.store import alerts, deadletter, fleet_rows, groups, readings
 from gateway.store import devices as registry
 from gateway.store import downlink_queue as q
 from gateway.store import rotations as rot
@@ -89,7 +89,7 @@ def _battery_index(schema: int) -> int | None:
     return None
 
 
-def _battery_points(rows: list[tuple[int, ...]]) -> tuple[tuple[int, int], ...]:
+def _battery_points(rows: Sequence[tuple[int, ...]]) -> tuple[tuple[int, int], ...]:
     """(time, mV) of readings (msg_id, ts, schema, v...) that carry a battery value."""
     out = []
     for r in rows:
@@ -172,9 +172,21 @@ def next_listen(dev: registry.Device, wakes: wake_store.WakeStats | None) -> flo
 def _row(conn: sqlite3.Connection, dev: registry.Device, now: float,
          open_alerts: dict[str, int] | None = None,
          forecasts: Forecasts | None = None) -> FleetRow:
-    wakes = wake_store.wake_stats(conn, dev.id)
+    """One device's row, read on its own (the device page's summary)."""
+    return _summary(
+        conn, dev, wake_store.wake_stats(conn, dev.id),
+        _battery_points(readings.fetch(conn, dev.id, SPARK_POINTS)),
+        queued=len(q.pending(conn, dev.id)),
+        open_alerts=(alerts.open_devices(conn) if open_alerts is None
+                     else open_alerts).get(dev.id, 0),
+        group=groups.group_of(conn, dev.id), now=now, forecasts=forecasts)
+
+
+def _summary(conn: sqlite3.Connection, dev: registry.Device,
+             wakes: wake_store.WakeStats | None, battery: tuple[tuple[int, int], ...], *,
+             queued: int, open_alerts: int, group: str | None, now: float,
+             forecasts: Forecasts | None) -> FleetRow:
     at = next_listen(dev, wakes)
-    battery = _battery_points(readings.fetch(conn, dev.id, SPARK_POINTS))
     days: float | None = None
     source: str | None = None
     known = True
@@ -189,25 +201,86 @@ def _row(conn: sqlite3.Connection, dev: registry.Device, now: float,
         status_reason=dev.status_reason, last_seen=dev.last_seen, next_listen_at=at,
         overdue_wakes=overdue, battery_mv=dev.battery_mv,
         battery=battery,
-        queued=len(q.pending(conn, dev.id)), fw_version=dev.fw_version, ota_state=dev.ota_state,
-        alerts=(alerts.open_devices(conn) if open_alerts is None else open_alerts).get(dev.id, 0),
-        group=groups.group_of(conn, dev.id),
+        queued=queued, fw_version=dev.fw_version, ota_state=dev.ota_state,
+        alerts=open_alerts, group=group,
         days_left=days, days_left_pending=not known, days_left_source=source,
         board=dev.board,
     )
 
 
+KEPT_MAX = 5_000  # devices whose sparkline is kept (about 3 kB each)
+
+
+class Kept:
+    """What the fleet page keeps from one view to the next, each part for as long as what
+    it was made from is unchanged: a row's battery sparkline while the device stores no
+    reading (gateway.store.fleet_rows' readings_key says when it has), and the fleet's
+    counts by status while the registry's version stands (it moves whenever a device is
+    added, removed or changes status). A page of devices that sent nothing since it was
+    last drawn then reads and decodes none of their readings."""
+
+    def __init__(self, size: int = KEPT_MAX) -> None:
+        self.size = size
+        self._keys: dict[str, fleet_rows.Key] = {}
+        self._points: dict[str, tuple[tuple[int, int], ...]] = {}
+        self._counts: tuple[int, dict[str, int]] | None = None  # (registry version, counts)
+        self.decoded = 0  # sparklines made from readings (not kept ones)
+        self.counted = 0  # times the devices were counted by status
+
+    @property
+    def keys(self) -> Mapping[str, fleet_rows.Key]:
+        """device -> the readings_key its kept sparkline was made under."""
+        return self._keys
+
+    def points(self, row: fleet_rows.Row) -> tuple[tuple[int, int], ...]:
+        """The row's sparkline: the kept one, or made from the row's readings and kept."""
+        device = row.device.id
+        if row.newest is None:
+            return self._points[device]
+        points = _battery_points(row.newest)
+        self.decoded += 1
+        self._keys[device] = row.readings_key
+        self._points[device] = points
+        return points
+
+    def make_room(self, rows: int) -> None:
+        """Before a page of `rows`: forget every sparkline if the page could pass the bound
+        (never during a page, whose rows may be the kept ones)."""
+        if len(self._keys) + rows > self.size:
+            self._keys.clear()
+            self._points.clear()
+
+    def counts(self, conn: sqlite3.Connection) -> dict[str, int]:
+        """Devices by status (registry.counts), counted again when the registry moved."""
+        # The version is read first: counts read after it are at least as new, and a change
+        # between the two reads moves the version again, so the next view counts again.
+        version = registry.version(conn)
+        if self._counts is None or self._counts[0] != version:
+            self._counts = (version, registry.counts(conn))
+            self.counted += 1
+        return dict(self._counts[1])
+
+
 def fleet(conn: sqlite3.Connection, *, status: str | None = None, text: str = "",
           offset: int = 0, limit: int = 50, now: float | None = None,
-          forecasts: Forecasts | None = None) -> FleetPage:
-    """One page of the fleet, filtered by status and text (see registry.page)."""
+          forecasts: Forecasts | None = None, kept: Kept | None = None) -> FleetPage:
+    """One page of the fleet, filtered by status and text (see registry.page), in a few
+    queries whatever its size (gateway.store.fleet_rows); `kept` holds what the previous
+    views read that is still current."""
     now = time.time() if now is None else now
-    devices, total = registry.page(conn, status=status, text=text, offset=offset, limit=limit)
+    kept = Kept() if kept is None else kept
+    kept.make_room(limit)
+    found, total = fleet_rows.page(conn, status=status, text=text, offset=offset, limit=limit,
+                                   newest=SPARK_POINTS, kept=kept.keys)
+    counts = kept.counts(conn)
+    if total is None:  # no text filter: the status counts say how many match
+        total = counts.get(status, 0) if status is not None else sum(counts.values())
     if forecasts is not None:
         forecasts.begin()
-    open_alerts = alerts.open_devices(conn)
-    return FleetPage(tuple(_row(conn, d, now, open_alerts, forecasts) for d in devices), total,
-                     offset, limit, registry.counts(conn))
+    return FleetPage(tuple(_summary(conn, r.device, r.wakes, kept.points(r), queued=r.queued,
+                                    open_alerts=r.alerts, group=r.group, now=now,
+                                    forecasts=forecasts) for r in found),
+                     total, offset, limit, counts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -375,10 +375,10 @@ def schedules(conn: sqlite3.Connection, *, statuses: Iterable[str] | None = None
     return [Schedule(*r) for r in conn.execute(sql + " ORDER BY id", params)]
 
 
-def page(conn: sqlite3.Connection, *, status: str | None = None, text: str = "",
-         offset: int = 0, limit: int = 50) -> tuple[list[Device], int]:
-    """One page of devices by id, filtered by status and by a substring of the id, status
-    reason or firmware version; and how many devices match in all."""
+def page_query(status: str | None = None, text: str = "") -> tuple[str, str, list[Any]]:
+    """(SQL of one page of devices by id, SQL counting the devices that match, parameters):
+    `status` and a substring of the id, status reason or firmware version filter them. The
+    page's SQL ends in LIMIT ? OFFSET ?, whose values follow the parameters."""
     if status is not None and status not in STATUSES:
         raise RegistryError(f"unknown status {status!r}: one of {', '.join(STATUSES)}")
     where: list[str] = []
@@ -395,9 +395,17 @@ def page(conn: sqlite3.Connection, *, status: str | None = None, text: str = "",
                      "OR CAST(fw_version AS TEXT) = ?)")
         params += [pattern, pattern, text]
     clause = (" WHERE " + " AND ".join(where)) if where else ""
-    total = int(conn.execute("SELECT count(*) FROM devices" + clause, params).fetchone()[0])
-    rows = conn.execute(_SELECT + clause + " ORDER BY id LIMIT ? OFFSET ?",
-                        (*params, limit, offset)).fetchall()
+    return (_SELECT + clause + " ORDER BY id LIMIT ? OFFSET ?",
+            "SELECT count(*) FROM devices" + clause, params)
+
+
+def page(conn: sqlite3.Connection, *, status: str | None = None, text: str = "",
+         offset: int = 0, limit: int = 50) -> tuple[list[Device], int]:
+    """One page of devices by id, filtered by status and by a substring of the id, status
+    reason or firmware version; and how many devices match in all."""
+    sql, count_sql, params = page_query(status, text)
+    total = int(conn.execute(count_sql, params).fetchone()[0])
+    rows = conn.execute(sql, (*params, limit, offset)).fetchall()
     return [Device(*r) for r in rows], total
 
 

@@ -66,6 +66,7 @@ class State:
     # The boards' energy models: each device's own board's, else [energy] board's.
     energy: BoardModels | None = None
     forecasts: fleet.Forecasts = field(init=False)
+    kept: fleet.Kept = field(default_factory=fleet.Kept)  # the fleet page's, between views
 
     def __post_init__(self) -> None:
         self.sessions = auth.Sessions(self.cfg.session_hours * 3600)
@@ -271,7 +272,8 @@ async def fleet_page(request: web.Request) -> web.Response:
     offset = _int(request, "offset", 0, 0, 10**9)
     now = time.time()
     page = await st.db(fleet.fleet, status=status, text=text, offset=offset,
-                       limit=st.cfg.page_size, now=now, forecasts=st.forecasts)
+                       limit=st.cfg.page_size, now=now, forecasts=st.forecasts,
+                       kept=st.kept)
     if request.query.get("rows") == "1":  # the live update's table body
         return web.Response(text=pages.fleet_rows(page, now), content_type="text/html")
     return _html(request, "Fleet", pages.fleet(page, status=status, text=text, now=now),
@@ -492,7 +494,7 @@ async def api_devices(request: web.Request) -> web.Response:
                        text=request.query.get("q", "").strip(),
                        offset=_int(request, "offset", 0, 0, 10**9),
                        limit=_int(request, "limit", st.cfg.page_size, 1, MAX_LIMIT),
-                       forecasts=st.forecasts)
+                       forecasts=st.forecasts, kept=st.kept)
     return _json(page.as_dict())
 
 

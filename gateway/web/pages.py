@@ -4,6 +4,7 @@ font from anywhere else, so the page works with no internet access."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -110,6 +111,13 @@ def _days_left(days: float | None, pending: bool = False, source: str | None = N
     return f'<td class="days-left{cls}" data-days="{days:.2f}">{text}</td>'
 
 
+@functools.lru_cache(maxsize=1024)
+def _sparkline(device: str, battery: tuple[tuple[int, int], ...]) -> str:
+    """A fleet row's sparkline, drawn again only when its readings changed (a row is drawn
+    once a second while the page is open, and most rows' readings change far less often)."""
+    return svg.sparkline([(float(t), float(v)) for t, v in battery], label=f"battery of {device}")
+
+
 def fleet_rows(page: ofleet.FleetPage, now: float) -> str:
     out = []
     for r in page.rows:
@@ -119,8 +127,7 @@ def fleet_rows(page: ofleet.FleetPage, now: float) -> str:
         else:
             listen = escape(listen)
         batt = "" if r.battery_mv is None else f"{r.battery_mv} mV "
-        spark = svg.sparkline([(float(t), float(v)) for t, v in r.battery],
-                              label=f"battery of {r.id}")
+        spark = _sparkline(r.id, r.battery)
         alerts = f'<span class="late">{r.alerts} open</span>' if r.alerts else ""
         out.append(
             f'<tr data-device="{escape(r.id)}"><td><a href="/devices/{quote(r.id)}">{escape(r.id)}'
