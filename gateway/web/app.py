@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -73,8 +74,18 @@ class State:
         self.forecasts = fleet.Forecasts(energy=self.energy)
 
     async def db(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """`fn(conn, ...)` on a worker thread, one at a time. A cancelled caller (a closed
+        event stream, the server stopping) keeps the lock until the thread is done with the
+        connection: closing it under a running statement crashes the process."""
         async with self.lock:
-            return await asyncio.to_thread(fn, self.conn, *args, **kw)
+            work = asyncio.ensure_future(asyncio.to_thread(fn, self.conn, *args, **kw))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                while not work.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait([work])
+                raise
 
 
 STATE = web.AppKey("state", State)

@@ -14,7 +14,7 @@ from gateway.config import GatewayConfig, WebConfig, board_models
 from gateway.errors import ConfigError
 from gateway.ops.metrics import Live
 from gateway.store import db
-from gateway.web.app import make_app
+from gateway.web.app import STATE, make_app
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,8 @@ async def serve(cfg: GatewayConfig, *, started: asyncio.Future[str] | None = Non
     check(web_cfg)
     ctx = tls_context(web_cfg)
     conn = db.connect(cfg.db_path)
-    runner = web.AppRunner(make_app(web_cfg, conn, tls=ctx is not None, live=live,
-                                    energy=board_models(cfg)), access_log=None,
-                           shutdown_timeout=SHUTDOWN_S)
+    app = make_app(web_cfg, conn, tls=ctx is not None, live=live, energy=board_models(cfg))
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
     try:
         site = web.TCPSite(runner, web_cfg.host, web_cfg.port, ssl_context=ctx)
@@ -76,5 +75,6 @@ async def serve(cfg: GatewayConfig, *, started: asyncio.Future[str] | None = Non
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
-        with contextlib.suppress(Exception):
-            conn.close()
+        async with app[STATE].lock:  # a query a stopped request left running ends first
+            with contextlib.suppress(Exception):
+                conn.close()
