@@ -114,7 +114,10 @@ def read_log(node: SimNode) -> NodeLog:
             continue
         m = T_LINE.match(line)
         if m:
-            timings.append({k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())})
+            pairs = [kv.split("=", 1) for kv in m.group(1).split()]
+            if any(len(kv) != 2 or not kv[1].lstrip("-").isdigit() for kv in pairs):
+                continue  # a line a power cut ended half-printed: the wake's figures are lost
+            timings.append({k: int(v) for k, v in pairs})
     return NodeLog(readings, timings, text)
 
 
