@@ -515,12 +515,17 @@ async def api_device(request: web.Request) -> web.Response:
     return _json(view.as_dict())
 
 
-async def api_readings(request: web.Request) -> web.Response:
-    now = time.time()
-    until = _float(request, "until", now)
+def _time_range(request: web.Request) -> tuple[float, float]:
+    """`since` and `until` of a request (default: the last day), checked in order."""
+    until = _float(request, "until", time.time())
     since = _float(request, "since", until - 86400)
     if since > until:
         raise BadRequest("since: later than until", "since")
+    return since, until
+
+
+async def api_readings(request: web.Request) -> web.Response:
+    since, until = _time_range(request)
     points = _int(request, "points", fleet.MAX_CHART_POINTS, 1, 100_000)
     rv = await _state(request).db(fleet.device_readings, request.match_info["device"], since,
                                   until, points=points)
@@ -589,11 +594,7 @@ async def api_config_show(request: web.Request) -> web.Response:
 
 
 async def api_wakes(request: web.Request) -> web.Response:
-    now = time.time()
-    until = _float(request, "until", now)
-    since = _float(request, "since", until - 86400)
-    if since > until:
-        raise BadRequest("since: later than until", "since")
+    since, until = _time_range(request)
     st = _state(request)
     device = request.match_info["device"]
     wakes, energy = await st.db(
