@@ -25,6 +25,7 @@ from typing import Any
 
 from gateway.store import db, session_keys
 from gateway.store import devices as registry
+from gateway.store import downlink_queue as dq
 from gateway.store.status import read_status
 from gateway.transport.broker import PSK_NAME
 from tools.bench.node import (
@@ -110,28 +111,43 @@ def _gateway(tmp: Path, devices: list[str]) -> tuple[subprocess.Popen[bytes], St
 
 
 def _settle(st: Stack, device: str, limit_s: float = 20.0) -> None:
-    """What a node's sleep gives the gateway: once the node holds a key, the broker's
-    psk_file lists it before the next wake. The sim's sleep takes no real time, and a
-    wake in the fraction of a second between install_psk and the broker's reload would
-    find its key refused (then replaced over the certificate, a few wakes later)."""
+    """What a node's sleep gives the gateway before its next wake. The sim's sleep takes no
+    real time, so the bench waits for what the gateway does between two real wakes: a key
+    the node has stored is activated on the gateway's next pass and written to the broker's
+    psk_file (a wake before the broker's reload would find its key refused, then replaced
+    over the certificate a few wakes later); a stale key leaves the broker once the node's
+    awake window has passed, and a fresh key is queued on a later pass. Returns when the
+    next wake finds a settled state: a key queued and not yet delivered, or an active key
+    the broker holds."""
     psk_file = st.db_path.parent / "broker" / PSK_NAME
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         conn = db.open_db(st.db_path)
         try:
             row = session_keys.get(conn, device)
+            delivered = False
+            if row is not None and row.state == session_keys.QUEUED \
+                    and row.command_id is not None:
+                try:
+                    delivered = dq.get(conn, device, row.command_id).status not in dq.ACTIVE
+                except dq.QueueError:
+                    delivered = True  # the row goes on the next pass
         finally:
             conn.close()
-        if row is None or row.state != session_keys.ACTIVE:
-            return  # no key on the node yet (or none the broker is meant to hold)
-        try:
-            if any(line.split(":", 1)[0] == device
-                   for line in psk_file.read_text().splitlines()):
-                time.sleep(0.3)  # the broker's reload after the file's rewrite
-                return
-        except FileNotFoundError:
-            pass
+        if row is not None and (row.state == session_keys.UNSUPPORTED or (
+                row.state == session_keys.QUEUED and not delivered)):
+            return
+        if row is not None and row.state == session_keys.ACTIVE:
+            try:
+                if any(line.split(":", 1)[0] == device
+                       for line in psk_file.read_text().splitlines()):
+                    time.sleep(0.3)  # the broker's reload after the file's rewrite
+                    return
+            except FileNotFoundError:
+                pass
         time.sleep(0.05)
+    raise BenchError(f"{device}: the gateway's session key did not settle in {limit_s:g} s "
+                     f"(state {row.state if row else None})")
 
 
 def measure(tmp: Path, p: BoardProfile, awake_scale: float) -> dict[str, Any]:
