@@ -170,17 +170,22 @@ def free_port() -> int:
 async def start_loopback_broker(
     folder: Path, spawn: Callable[[list[str], str], Awaitable[asyncio.subprocess.Process]],
     mosquitto: str, label: str, *, port: int | None = None, attempts: int = 5,
+    persistence: bool = False,
 ) -> tuple[int, asyncio.subprocess.Process] | None:
     """A plain MQTT broker on loopback, the cloud broker's stand-in of the demo and the soak:
     its port and process once it accepts connections, or None when no attempt started (its
-    log is folder/mosquitto.log). `port`: that port again (after a restart), else a free one."""
+    log is folder/mosquitto.log). `port`: that port again (after a restart), else a free one.
+    `persistence`: sessions and their queued messages survive a stop (in `folder`), as a
+    cloud broker's do."""
     for _attempt in range(attempts):
         p = port or free_port()
         conf = folder / "mosquitto.conf"
         conf.write_text(
             f"# {label}: plain MQTT on loopback.\n"
             f"listener {p} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
-            "persistence false\nmax_queued_messages 100000\nlog_dest stderr\n"
+            + (f"persistence true\npersistence_location {folder}/\n" if persistence
+               else "persistence false\n")
+            + "max_queued_messages 100000\nlog_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )
         proc = await spawn([mosquitto, "-c", str(conf)], f"{folder.name}/mosquitto.log")

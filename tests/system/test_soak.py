@@ -85,11 +85,6 @@ def test_ninety_days_renew_and_rotate_on_their_own_and_lose_nothing(tmp_path: Pa
 
 # The wall limit bounds a loaded host's run.
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(strict=False, reason=(
-    "not yet explained (docs/soak.md, Limits): on a loaded host a run lost 2 readings "
-    "upstream after the scripted upstream outage, with none lost in the store; whether the "
-    "relay or the soak's own subscriber of an upstream broker without persistence lost them "
-    "is not told apart yet"))
 def test_ninety_days_on_the_esp32_heap_rotate_keys_with_no_crash(tmp_path: Path) -> None:
     # Three ESP32 nodes (the last revoked), booting through the bootloader, rotating 30-day
     # certificates 14 days ahead through a gateway kill and a broker kill. On this profile's

@@ -478,9 +478,11 @@ class Soak:
             raise SoakError(str(exc)) from exc
         folder = self.dir / "upstream"
         folder.mkdir(exist_ok=True)
+        # Persistent, as a cloud broker is: what it acknowledged to the relay and had not
+        # yet passed to the soak's subscriber outlives the scripted outage's stop.
         started = await start_loopback_broker(folder, self._spawn, mosquitto,
                                               "The soak's upstream broker", port=port,
-                                              attempts=10)
+                                              attempts=10, persistence=True)
         if started is not None:
             p, self.upstream_proc = started
             return p
@@ -494,8 +496,11 @@ class Soak:
         assert self.upstream is not None
         while True:
             try:
+                # A persistent session: messages published while it is away (or queued for
+                # it when the broker stopped) are delivered when it is back.
                 client = MqttClient(ClientOptions("127.0.0.1", self.up_port,
-                                                  "torpor-soak-upstream", max_packet=16 << 20))
+                                                  "torpor-soak-upstream", max_packet=16 << 20,
+                                                  clean_session=False))
                 async with client:
                     await client.subscribe((UPSTREAM_TOPIC, 1))
                     ready.set()
