@@ -3,6 +3,7 @@ protocol does not allow), its schedule, and how its verdict reads the gateway's 
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ from tools.sim.soak import (
     format_offset,
 )
 
+
+def soak_args(argv: list[str]) -> SoakOptions:
+    parser = argparse.ArgumentParser()
+    soak.register(parser.add_subparsers())
+    return soak.options_from(parser.parse_args(["soak", *argv]))
+
+
 # The installed entry point (`python -m tools.cli` would load a second copy of the CLI
 # module, whose error class the command's own import does not see).
 TORPOR = str(Path(sys.executable).parent / "torpor")
@@ -34,12 +42,29 @@ def test_without_libfaketime_the_soak_names_the_package(monkeypatch: pytest.Monk
 
 
 @pytest.mark.parametrize("args", [["--wake-interval", "48"], ["--nodes", "1"],
-                                  ["--send-every", "0"]])
+                                  ["--send-every", "0"], ["--revoke-at", "1.5"],
+                                  ["--key-rotation-at", "soon"], ["--upstream-outage", "0.4"],
+                                  ["--upstream-outage", "0.4:-1"], ["--gateway-kills", "-1"]])
 def test_bad_options_are_refused_with_exit_2(args: list[str]) -> None:
     done = subprocess.run([TORPOR, "soak", *args],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "torpor: error:" in done.stderr
+    assert args[0] in done.stderr or args[0] == "--nodes" or args[0] == "--send-every" \
+        or args[0] == "--wake-interval", done.stderr
+
+
+def test_the_events_are_placed_from_the_command_line() -> None:
+    # What the CI test sets in SoakOptions, an operator sets on the command line.
+    args = soak_args(["--revoke-at", "0.55", "--key-rotation-at", "none",
+                      "--upstream-outage", "0.45:3", "--gateway-kills", "1",
+                      "--broker-kills", "0"])
+    plan = [kind for _day, kind in Soak(args).schedule()]
+    assert "key_rotation" not in plan and "broker_kill" not in plan
+    assert plan.count("gateway_kill") == 1 and "revoke" in plan and "upstream_down" in plan
+    days = {kind: day for day, kind in Soak(args).schedule()}
+    assert days["revoke"] == pytest.approx(0.55 * args.days)
+    assert days["upstream_down"] == pytest.approx(0.45 * args.days)
 
 
 @pytest.mark.parametrize(("ms", "text"), [(0, "+0.000"), (1500, "+1.500"), (-250, "-0.250"),

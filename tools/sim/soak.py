@@ -1201,9 +1201,10 @@ the soak moves forward. OpenSSL and mbedTLS check validity at the field's time, 
 expires for real (`--no-renew` shows it). The clock never moves back, never runs more
 than a wake interval past the earliest pending wake, and runs at the host's pace while a
 command runs. Time budget: the protocol bounds a node's sleep to a day, so 3 years is
-1,095 wakes a node; this 2-core host runs about 2-3 wakes a second in all, so 10 nodes
-need about an hour and 15 minutes holds about 3 nodes (docs/soak.md). Nodes send every
-7th wake; rotation starts 60 days ahead to span several sends. Limits: docs/soak.md.
+1,095 wakes a node, 10,950 for 10 nodes: about 75 ms of CPU each for the node's
+MicroPython alone, so the 15 minutes hold 10 nodes only on a host with its 2 cores free
+(docs/soak.md, "The time budget"). Nodes send every 7th wake; rotation starts 60 days
+ahead to span several sends. Limits: docs/soak.md.
 Exit 0 when the verdict holds, 1 when it does not, 2 on a set-up error (e.g. no
 libfaketime)."""
 
@@ -1232,6 +1233,19 @@ def register(sub: Any) -> None:
                    help="[pki] device_rotate_lead_days (default 60: several weekly wakes)")
     p.add_argument("--no-renew", action="store_true",
                    help="negative control: the gateway renews and rotates nothing")
+    p.add_argument("--gateway-kills", type=int, default=2,
+                   help="gateway kill -9 and restarts, spread over the span (default 2)")
+    p.add_argument("--broker-kills", type=int, default=2,
+                   help="broker kill -9 (the gateway restarts it), spread over the span "
+                        "(default 2)")
+    p.add_argument("--upstream-outage", default="0.40:3", metavar="SHARE:DAYS|none",
+                   help="the upstream broker stopped at this share of the span for DAYS "
+                        "field days (default 0.40:3)")
+    p.add_argument("--revoke-at", default="0.5", metavar="SHARE|none",
+                   help="revoke the last node at this share of the span (default 0.5)")
+    p.add_argument("--key-rotation-at", default="0.6", metavar="SHARE|none",
+                   help="trusted firmware key rotation and its campaign at this share of "
+                        "the span (default 0.6)")
     p.add_argument("--seed", type=int, default=1, help="seed (default 1)")
     p.add_argument("--dir", default=None, help="work in this new or empty directory")
     p.add_argument("--keep", action="store_true", help="keep the directory (logs, DB, flash)")
@@ -1240,12 +1254,44 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_soak)
 
 
-def _soak(args: argparse.Namespace) -> int:
+def _share(option: str, text: str) -> float | None:
+    """A share of the span (0..1) or None for `none`: the options that place an event."""
     from tools.cli import CliError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # The soak's own upstream subscriber: the outage is scripted, its reconnects are not news.
-    logging.getLogger("gateway.transport.client").setLevel(logging.ERROR)
+    if text.strip().lower() == "none":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0.0 <= v < 1.0:
+        raise CliError(f"{option}: {text!r} is not a share of the span in [0, 1) or none")
+    return v
+
+
+def _outage(text: str) -> tuple[float, float] | None:
+    from tools.cli import CliError
+
+    if text.strip().lower() == "none":
+        return None
+    share, sep, days = text.partition(":")
+    start = _share("--upstream-outage", share)
+    try:
+        length = float(days) if sep else -1.0
+    except ValueError:
+        length = -1.0
+    if start is None or length <= 0:
+        raise CliError(f"--upstream-outage: {text!r} is not SHARE:DAYS (e.g. 0.40:3) or none")
+    return start, length
+
+
+def options_from(args: argparse.Namespace) -> SoakOptions:
+    """The soak's options from its command line, checked (CliError names the option)."""
+    from tools.cli import CliError
+
+    if args.gateway_kills < 0 or args.broker_kills < 0:
+        raise CliError("--gateway-kills and --broker-kills must be 0 or more")
+
     opts = SoakOptions(
         years=args.years, nodes=args.nodes, sample_interval_s=int(args.wake_interval * 3600),
         send_every=(args.send_every, args.send_every),
@@ -1253,6 +1299,10 @@ def _soak(args: argparse.Namespace) -> int:
         wall_target_s=args.wall_target, wall_limit_s=args.wall_limit,
         device_days=args.device_days, crl_days=args.crl_days,
         rotate_lead_days=args.rotate_lead_days, renew=not args.no_renew, seed=args.seed,
+        gateway_kills=args.gateway_kills, broker_kills=args.broker_kills,
+        upstream_outage=_outage(args.upstream_outage),
+        revoke_at=_share("--revoke-at", args.revoke_at),
+        key_rotation_at=_share("--key-rotation-at", args.key_rotation_at),
         dir=Path(args.dir) if args.dir else None, keep=args.keep, live=not args.quiet,
     )
     if opts.nodes < 2 or opts.years <= 0 or not 0 < opts.sample_interval_s <= 86400:
@@ -1260,6 +1310,16 @@ def _soak(args: argparse.Namespace) -> int:
                        "between 0 and 24 hours")
     if opts.send_every[0] < 1 or not opts.profiles:
         raise CliError("--send-every must be at least 1 and --profiles name one at least")
+    return opts
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from tools.cli import CliError
+
+    opts = options_from(args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The soak's own upstream subscriber: the outage is scripted, its reconnects are not news.
+    logging.getLogger("gateway.transport.client").setLevel(logging.ERROR)
     soak = Soak(opts)
     try:
         verdict = asyncio.run(soak.run())
