@@ -1,7 +1,8 @@
 """The wake's GC heap at a chip's word size: the same firmware on the 32-bit WebAssembly port.
 
 MicroPython's WebAssembly port (npm `@micropython/micropython-webassembly-pyscript`, run with
-Node.js; `make wasm` installs it into build/wasm) is a 32-bit MicroPython: its objects have a
+Node.js; `make wasm`, part of `make test`, installs it into build/wasm through
+tools/sim/wasm_port.py) is a 32-bit MicroPython: its objects have a
 chip's size. It has no sockets or TLS, so it runs what can run there: the wire codec, the
 flash queue, and whole wakes with the radio stubbed (a sampling wake, and a sending wake whose
 association fails). Each workload runs the firmware compiled with mpy-cross, in one driver
@@ -23,11 +24,7 @@ from typing import Any
 from gateway.proto import BootCause
 from tools.sim.field import compile_firmware
 from tools.sim.node import FIRMWARE_DIR, micropython_binary
-
-ROOT = Path(__file__).resolve().parents[2]
-WASM_DIR = ROOT / "build" / "wasm"
-PACKAGE = "@micropython/micropython-webassembly-pyscript"
-PORT_SCRIPT = WASM_DIR / "node_modules" / PACKAGE / "micropython.mjs"
+from tools.sim.wasm_port import PACKAGE, VERSION, port_script
 
 
 class WasmError(Exception):
@@ -35,11 +32,12 @@ class WasmError(Exception):
 
 
 def wasm_port() -> Path:
-    if not PORT_SCRIPT.exists():
-        raise WasmError(f"the MicroPython WebAssembly port is not installed: run `make wasm` ({PACKAGE})")
+    script = port_script()
+    if not script.exists():
+        raise WasmError(f"the MicroPython WebAssembly port is not installed: run `make wasm` ({PACKAGE}@{VERSION})")
     if shutil.which("node") is None:
-        raise WasmError("Node.js (`node`) is not on PATH")
-    return PORT_SCRIPT
+        raise WasmError("Node.js (`node`) is not on PATH: run `make wasm`, which installs Debian's nodejs")
+    return script
 
 
 # The board the wake runs on in both ports: RTC memory and the clock in memory, sensors
