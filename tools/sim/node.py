@@ -360,8 +360,11 @@ class SimNode:
         env = dict(os.environ)
         path = [".frozen", str(self.dir / "lib"), *self.extra_path, str(FIRMWARE_DIR), str(BOARDS_DIR)]
         if self.field is not None and self.field.real:
-            # Under a real board's profile the firmware runs compiled, as on the chip.
+            # Under a real board's profile the firmware runs compiled, as on the chip, and so
+            # do the board modules the bootloader imports before the image's: compiling the
+            # sim board from source at every boot charged its heap and CPU to the wake.
             path.insert(path.index(str(FIRMWARE_DIR)), str(compile_firmware(FIRMWARE_DIR, self.dir / "mpy")))
+            path.insert(path.index(str(BOARDS_DIR)), str(compile_firmware(BOARDS_DIR, self.dir / "mpy-boards")))
         env["MICROPYPATH"] = ":".join(path)
         env["TORPOR_SIM_DIR"] = str(self.dir)
         env.update(self.env)
