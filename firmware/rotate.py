@@ -177,14 +177,16 @@ def rotate_key(cfg, rid, board=None):
     before the session (before_send); the result says so."""
     import proto
 
-    c = creds(cfg)
-    if c.rotation == rid:
-        if c.state != 0:
-            return proto.RESULT_STATUS_OK, ""
-        return proto.RESULT_STATUS_REFUSED, "rotation already ended"
     if _pending(cfg) == rid:
         return proto.RESULT_STATUS_OK, _LATER
     try:
+        # Loading the credentials' code can itself find no room with the session up (a
+        # 1,280-byte block on a fragmented ESP32 heap): deferred like the key.
+        c = creds(cfg)
+        if c.rotation == rid:
+            if c.state != 0:
+                return proto.RESULT_STATUS_OK, ""
+            return proto.RESULT_STATUS_REFUSED, "rotation already ended"
         _make_key(cfg, c, rid, board)
         _clear_pending(cfg)
     except MemoryError:
@@ -233,8 +235,8 @@ def before_send(cfg, board):
     rid = _pending(cfg)
     if not rid:
         return
-    c = creds(cfg)
     try:
+        c = creds(cfg)
         if c.rotation != rid:
             _make_key(cfg, c, rid, board)  # begin() replaces a rotation still in progress
         _clear_pending(cfg)
