@@ -27,6 +27,10 @@ BACKOFF_BASE_S = const(30)
 BACKOFF_MAX_S = const(3600)
 CONFIG_ERROR_SLEEP_S = const(3600)
 WRAP_UP_MS = const(100)  # of the awake budget: closing the session, the report, sleep
+# Held from before the send code loads until the TLS context is made, then let go: the
+# context's one block (about 3 KB on the 64-bit unix port) then finds a hole on a heap the
+# imports, a rotation's records and a session key left fragmented with 30 KB free.
+TLS_ROOM = const(4096)
 # The hardware watchdog bites at the awake budget plus this: the bootloader before the app
 # and the wrap-up after the budget. Only the wake cycle feeds it, at each of its steps.
 WDT_MARGIN_MS = const(5000)
@@ -133,6 +137,7 @@ class Wake:
     out = None  # the client's transmit buffer after the header room: frames are built here
     recs = None  # the readings of one burst, as stored (RECORD_ENV3 each)
     up_topic = None
+    tls_room = None  # the TLS context's room (TLS_ROOM), held from send() to the context
     # timings (ms) and wire figures for the "T" line
     ms_boot = ms_sample = ms_connect = ms_publish = ms_wait = 0
     bytes_out = bytes_in = 0
@@ -281,6 +286,7 @@ class Wake:
         import rotate  # key rotation (docs/credentials.md): counted in import= as the rest
 
         rotate.before_send(self.cfg, board)  # a rotation's key that found no room in a session
+        self.tls_room = bytearray(TLS_ROOM)
         import commands
         import mqtt  # noqa: F401 - loaded here so that import= counts it
         import proto  # noqa: F401 - the codec, likewise
@@ -303,6 +309,12 @@ class Wake:
             log.warn("send failed (%s): %s", why, e)
         finally:
             self.close(client)
+
+    def _room(self):
+        # The TLS context is made next: the room held for it since send() began is freed.
+        if self.tls_room is not None:
+            self.tls_room = None
+            gc.collect()
 
     def connect(self, dl):
         """Radio up, TLS + MQTT session, subscription sent: the client. A client whose
@@ -327,13 +339,17 @@ class Wake:
         # rotation needs the certificate path (docs/session-keys.md); otherwise the device
         # pair, or a new one on trial (rotate.py, docs/credentials.md).
         sk = None if rotate.busy(cfg) else psk.load(cfg)
+        if sk is not None:
+            self._room()
         ctx = None if sk is None else psk.context(cfg, sk[2])
         if ctx is not None:
             port = sk[1]
         else:
             sk = None
             cert, key = rotate.pair(cfg)
-            ctx = mqtt.make_tls_context(cert, key, cfg.read_file("ca"))
+            ca = cfg.read_file("ca")
+            self._room()
+            ctx = mqtt.make_tls_context(cert, key, ca)
             port = cfg.broker_port
         client = mqtt.MQTTClient(
             cfg.device_id, cfg.broker_host, port, ssl=ctx,
