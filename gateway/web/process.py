@@ -75,13 +75,14 @@ class WebProcess:
             raise WebProcessError(f"the web page's process {proc.pid} exited with code {code}")
         finally:
             self.pid = None
+            # SIGTERM first: the socket's end of file would tell the child its gateway died.
+            if proc is not None and proc.returncode is None:
+                await child_process.stop(proc, STOP_WAIT_S)
             if writer is not None:
                 writer.close()
             else:
                 parent.close()
             child.close()
-            if proc is not None and proc.returncode is None:
-                await child_process.stop(proc, STOP_WAIT_S)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while line := await reader.readline():

@@ -44,3 +44,4 @@ def test_bench_web_quick_json() -> None:
         # The page phase offers the fixed rate, whatever the ingest phase measured.
         assert got["latency_offered_readings_per_s"] == 20 * 64
         assert got["latency_sent_frames_per_s"] > 0 and got["latency_ingested_frames_per_s"] > 0
+        assert 0 < got["latency_stored_fraction"] <= 1
