@@ -187,8 +187,8 @@ class WebConfig:
     session_hours: float = 12.0
     # Serve it from a child process of the gateway's (gateway.web.process), with its own
     # interpreter, so that a page waits for neither ingest's interpreter lock nor its
-    # event loop (docs/web.md, "In its own process").
-    process: bool = False
+    # event loop (docs/web.md, "In its own process"; false: a task of the gateway's).
+    process: bool = True
 
     @property
     def loopback(self) -> bool:
