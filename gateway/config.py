@@ -185,6 +185,10 @@ class WebConfig:
     tls_key: str = ""
     page_size: int = 50  # fleet page rows
     session_hours: float = 12.0
+    # Serve it from a child process of the gateway's (gateway.web.process), with its own
+    # interpreter, so that a page waits for neither ingest's interpreter lock nor its
+    # event loop (docs/web.md, "In its own process"; false: a task of the gateway's).
+    process: bool = True
 
     @property
     def loopback(self) -> bool:
@@ -617,6 +621,19 @@ def _check_web(web: WebConfig) -> None:
         raise ConfigError(
             f"[web] host: {web.host!r} is not a loopback address; set [web] password_hash or "
             "token so that only the operator can log in (or bind to 127.0.0.1)")
+
+
+def as_plain(cfg: GatewayConfig) -> dict[str, Any]:
+    """The validated configuration as plain JSON data, for a child process of the gateway
+    (`from_plain` reads it back there, without validating it again)."""
+    plain: dict[str, Any] = {name: dataclasses.asdict(getattr(cfg, name)) for name in _SECTIONS}
+    plain["source"] = cfg.source
+    return plain
+
+
+def from_plain(plain: dict[str, Any]) -> GatewayConfig:
+    sections = {name: cls(**plain[name]) for name, cls in _SECTIONS.items() if name in plain}
+    return GatewayConfig(**sections, source=str(plain.get("source", "")))
 
 
 def load_config(path: str | Path) -> GatewayConfig:

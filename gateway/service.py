@@ -61,6 +61,7 @@ class Service:
         self.ingest: Ingest | None = None
         self.broker: Any = None
         self.relay: Any = None
+        self.web: Any = None  # gateway.web.process.WebProcess, with [web] process = true
         self.rules: Any = None  # gateway.pipeline.rules.Rules
         self.mqtt_connected = False
         self._session_saved = False
@@ -204,7 +205,14 @@ class Service:
             if self.session_keys is not None:
                 tasks["session_keys"] = asyncio.create_task(
                     self._supervise("session_keys", self._session_keys_loop))
-            if cfg.web.enabled:  # the operator's page and API (gateway.web)
+            if cfg.web.enabled and cfg.web.process:
+                # Its own process, so that a page waits neither for ingest's interpreter
+                # lock nor for its event loop (gateway.web.process).
+                from gateway.web.process import WebProcess
+
+                self.web = WebProcess(cfg, self.live)
+                tasks["web"] = asyncio.create_task(self._supervise("web", self.web.run))
+            elif cfg.web.enabled:  # the operator's page and API (gateway.web)
                 from gateway.web import server as web_server
 
                 tasks["web"] = asyncio.create_task(
@@ -483,6 +491,8 @@ class Service:
             detail["relay_connected"] = bool(self.relay.connected)
             if getattr(self.relay, "pid", None) is not None:
                 detail["relay_pid"] = self.relay.pid
+        if self.web is not None and self.web.pid is not None:
+            detail["web_pid"] = self.web.pid
         if self.credentials:
             detail["credentials_days_left"] = self.credentials
         with db.transaction(self.conn):

@@ -30,6 +30,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # an SD card, seconds only when something is wrong.
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                   5.0)
+COMMIT_METRIC = "torpor_ingest_commit_seconds"
+COMMIT_HELP = "Time to write and commit one ingest batch"
 GRACE_S = 30.0  # as the fleet page (gateway.ops.fleet.GRACE_S): past this a node is overdue
 
 # The running gateway's ingest counters (gateway.pipeline.ingest.Metrics) exported as counters:
@@ -71,16 +73,55 @@ class Live:
     status row says."""
 
     commit_seconds: Histogram = field(default_factory=lambda: Histogram(
-        "torpor_ingest_commit_seconds", "Time to write and commit one ingest batch",
-        buckets=COMMIT_BUCKETS, registry=None))
+        COMMIT_METRIC, COMMIT_HELP, buckets=COMMIT_BUCKETS, registry=None))
     ingest: Callable[[], Mapping[str, Any] | None] = lambda: None
     downlink: Callable[[], Mapping[str, Any] | None] = lambda: None
     broker_connected: Callable[[], bool | None] = lambda: None
     upstream_connected: Callable[[], bool | None] = lambda: None
     credentials: Callable[[], Mapping[str, Any] | None] = lambda: None
 
+    # Set in a copy made from another process's `snapshot()`: the histogram's samples as
+    # that process had them (then `commit_seconds` is unused).
+    commit_samples: list[tuple[str, dict[str, str], float]] | None = None
+
     def observe_commit(self, seconds: float) -> None:
         self.commit_seconds.observe(seconds)
+
+    def histograms(self) -> Iterable[Metric]:
+        if self.commit_samples is None:
+            yield from self.commit_seconds.collect()
+            return
+        m = Metric(COMMIT_METRIC, COMMIT_HELP, "histogram")
+        for name, labels, value in self.commit_samples:
+            m.add_sample(name, labels, value)
+        yield m
+
+    def snapshot(self) -> dict[str, Any]:
+        """What this process knows, as JSON: for the web page served by a child process
+        (gateway.web.process), which asks for it at each scrape."""
+        return {
+            "ingest": _plain(self.ingest()), "downlink": _plain(self.downlink()),
+            "broker_connected": self.broker_connected(),
+            "upstream_connected": self.upstream_connected(),
+            "credentials": _plain(self.credentials()),
+            "commit_samples": [[s.name, s.labels, s.value]
+                               for m in self.histograms() for s in m.samples],
+        }
+
+    @classmethod
+    def from_snapshot(cls, snap: Mapping[str, Any]) -> Live:
+        return cls(
+            ingest=lambda: snap.get("ingest"), downlink=lambda: snap.get("downlink"),
+            broker_connected=lambda: snap.get("broker_connected"),
+            upstream_connected=lambda: snap.get("upstream_connected"),
+            credentials=lambda: snap.get("credentials"),
+            commit_samples=[(str(n), dict(lab), float(v))
+                            for n, lab, v in snap.get("commit_samples", ())],
+        )
+
+
+def _plain(m: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if m is None else dict(m)
 
 
 def _gauge(name: str, doc: str, value: float | None) -> Iterable[Metric]:
@@ -111,7 +152,7 @@ class Scrape(Collector):
         detail = st.detail if st.running else {}
         yield from self._counters(live)
         if live is not None:
-            yield from live.commit_seconds.collect()
+            yield from live.histograms()
         yield GaugeMetricFamily("torpor_gateway_running", "1 while the gateway service runs",
                                 value=1.0 if (live is not None or st.running) else 0.0)
 

@@ -20,21 +20,17 @@ closes (the parent died), so no relay outlives its gateway.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
-import os
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from gateway import child_process
 from gateway.config import UpstreamConfig
 from gateway.errors import GatewayError
 from gateway.pipeline.relay import Relay
@@ -79,18 +75,11 @@ class RelayProcess:
         parent, child = socket.socketpair()
         proc: asyncio.subprocess.Process | None = None
         try:
-            level = logging.getLogger("gateway").getEffectiveLevel()
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway.pipeline.relay_process",
-                "--fd", str(child.fileno()), "--log-level", str(level),
-                "--parent", str(os.getpid()),
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
-            )
-            child.close()
+            hello = {"db_path": str(self.db_path), "upstream": dataclasses.asdict(self.cfg)}
+            proc = await child_process.spawn("gateway.pipeline.relay_process", parent, child,
+                                             hello)
             self.pid = proc.pid
             self.starts += 1
-            hello = {"db_path": str(self.db_path), "upstream": dataclasses.asdict(self.cfg)}
-            parent.sendall(json.dumps(hello).encode() + b"\n")
             parent.setblocking(False)
             self._sock = parent
             log.info("upstream relay process %d started", proc.pid)
@@ -108,7 +97,7 @@ class RelayProcess:
             parent.close()
             child.close()
             if proc is not None and proc.returncode is None:
-                await _stop(proc)
+                await child_process.stop(proc, STOP_WAIT_S)
 
     async def _read_status(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -128,38 +117,10 @@ class RelayProcess:
                 self.connected, self.connects, self.relayed = bool(connected), connects, relayed
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    """SIGTERM lets the child delete what upstream acknowledged; SIGKILL after a while
-    costs only resends."""
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        async with asyncio.timeout(STOP_WAIT_S):
-            await proc.wait()
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-
-
 # ------------------------------------------------------------------ the child
 
-def _read_hello(sock: socket.socket) -> dict[str, Any]:
-    buf = b""
-    while b"\n" not in buf:
-        data = sock.recv(65536)
-        if not data:
-            raise RelayProcessError("the gateway closed the relay's socket before its settings")
-        buf += data
-    # Wake-ups sent right after the settings need no answer: the relay reads the outbox
-    # when it starts.
-    line = buf.split(b"\n", 1)[0]
-    hello: dict[str, Any] = json.loads(line)
-    return hello
-
-
 async def _serve(sock: socket.socket) -> None:
-    hello = _read_hello(sock)
+    hello = child_process.read_hello(sock, "relay")
     cfg = UpstreamConfig(**hello["upstream"])
     # The parent checkpoints (gateway.store.db.checkpoint_loop): the relay's deletes must
     # not run a checkpoint's fsync of their own.
@@ -204,38 +165,8 @@ async def _serve(sock: socket.socket) -> None:
         pass
 
 
-def _die_with_parent(parent: int) -> None:
-    """A gateway killed with SIGKILL must not leave its relay publishing beside the next
-    gateway's: Linux sends us SIGTERM the moment the parent dies (the socket's EOF says
-    so too, a little later, and elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-    if parent and os.getppid() != parent:  # it died before the line above
-        sys.exit(0)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.pipeline.relay_process")
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--log-level", type=int, default=logging.WARNING)
-    parser.add_argument("--parent", type=int, default=0, help="the gateway's pid")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format=f"%(asctime)s relay[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
-    # Ctrl-C in a terminal reaches the whole process group: the gateway stops its relay.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(args.parent)
-    sock = socket.socket(fileno=args.fd)
-    try:
-        asyncio.run(_serve(sock))
-    finally:
-        sock.close()
-    return 0
+    return child_process.main("gateway.pipeline.relay_process", "relay", _serve, argv)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ EVENT_POLL_S = 2.0
 EVENT_PING_S = 15.0
 MAX_LIMIT = 1000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+LiveSource = Callable[[], Awaitable[ometrics.Live | None]]
 
 
 class BadRequest(Exception):
@@ -60,6 +61,8 @@ class State:
     conn: sqlite3.Connection
     tls: bool = False
     live: ometrics.Live | None = None  # the running gateway's own metrics, when inside it
+    # ...or, served by the gateway's child process (gateway.web.process), asked of it
+    live_source: LiveSource | None = None
     sessions: auth.Sessions = field(init=False)
     throttle: auth.Throttle = field(default_factory=auth.Throttle)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -714,15 +717,16 @@ async def api_events(request: web.Request) -> web.StreamResponse:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus metrics (gateway.ops.metrics), under the same login rule as the page."""
     st = _state(request)
-    body = await st.db(ometrics.render, st.live)
+    live = st.live if st.live_source is None else await st.live_source()
+    body = await st.db(ometrics.render, live)
     return web.Response(body=body, headers={"Content-Type": ometrics.CONTENT_TYPE})
 
 
 def make_app(cfg: WebConfig, conn: sqlite3.Connection, *, tls: bool = False,
-             live: ometrics.Live | None = None,
+             live: ometrics.Live | None = None, live_source: LiveSource | None = None,
              energy: BoardModels | None = None) -> web.Application:
     app = web.Application(middlewares=[security_headers, errors, authenticate], client_max_size=64 * 1024)
-    app[STATE] = State(cfg, conn, tls, live, energy=energy)
+    app[STATE] = State(cfg, conn, tls, live, live_source, energy=energy)
     r = app.router
     r.add_get("/", fleet_page)
     r.add_get("/devices/{device}", device_page)

@@ -14,7 +14,7 @@ from gateway.config import GatewayConfig, WebConfig, board_models
 from gateway.errors import ConfigError
 from gateway.ops.metrics import Live
 from gateway.store import db
-from gateway.web.app import STATE, make_app
+from gateway.web.app import STATE, LiveSource, make_app
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,16 @@ def preflight(cfg: WebConfig) -> None:
 
 
 async def serve(cfg: GatewayConfig, *, started: asyncio.Future[str] | None = None,
-                live: Live | None = None) -> None:
+                live: Live | None = None, live_source: LiveSource | None = None) -> None:
     """Serve until cancelled; `started` gets the URL once listening. `live`: the running
-    gateway's own metrics, when served inside it."""
+    gateway's own metrics, when served inside it; `live_source`: how to ask for them, when
+    served by its child process."""
     web_cfg = cfg.web
     check(web_cfg)
     ctx = tls_context(web_cfg)
     conn = db.connect(cfg.db_path)
-    app = make_app(web_cfg, conn, tls=ctx is not None, live=live, energy=board_models(cfg))
+    app = make_app(web_cfg, conn, tls=ctx is not None, live=live, live_source=live_source,
+                   energy=board_models(cfg))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
     try:

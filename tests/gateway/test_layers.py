@@ -19,7 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 GATEWAY = ROOT / "gateway"
 
-BASE = {"gateway.config", "gateway.errors", "gateway.proto"}
+# child_process: how the supervisor's child processes (the relay, in pipeline; the web page,
+# in web) start, stop and end with their gateway; neither layer may import the other's.
+BASE = {"gateway.config", "gateway.errors", "gateway.proto", "gateway.child_process"}
 # layer -> the layers its modules may import (besides itself and BASE).
 ALLOWED: dict[str, set[str]] = {
     "base": set(),
@@ -99,7 +101,8 @@ def test_the_layers_are_packages() -> None:
     for layer in ("store", "transport", "pipeline", "security", "ops", "cli", "web"):
         assert (GATEWAY / layer / "__init__.py").exists(), layer
     flat = sorted(p.name for p in GATEWAY.glob("*.py"))
-    assert flat == ["__init__.py", "config.py", "errors.py", "proto.py", "service.py"], flat
+    assert flat == ["__init__.py", "child_process.py", "config.py", "errors.py", "proto.py",
+                    "service.py"], flat
 
 
 @pytest.mark.parametrize("module,tree", SOURCES, ids=[m for m, _ in SOURCES])

@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.store import downlink_queue as q
@@ -43,10 +44,14 @@ def _one(m: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **la
     return m[name][tuple(sorted(labels.items()))]
 
 
-def test_metrics_match_what_the_gateway_ingested(stack: Stack) -> None:
+# In the gateway's process the page reads its counters in memory; from its own process
+# (`[web] process = true`) it asks the gateway for them at each scrape.
+@pytest.mark.parametrize("process", [False, True], ids=["in-process", "web-process"])
+def test_metrics_match_what_the_gateway_ingested(stack: Stack, process: bool) -> None:
     port = free_port()
     with open(stack.config_path, "a") as f:
-        f.write(f"[web]\nenabled = true\nhost = \"127.0.0.1\"\nport = {port}\n")
+        f.write(f"[web]\nenabled = true\nhost = \"127.0.0.1\"\nport = {port}\n"
+                f"process = {'true' if process else 'false'}\n")
     url = f"http://127.0.0.1:{port}/metrics"
 
     async def main() -> None:

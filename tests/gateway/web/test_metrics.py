@@ -67,6 +67,32 @@ def test_store_gauges_agree_with_the_fleet_page(tmp_path: Path) -> None:
     assert m[("torpor_broker_up", ())] == 0
 
 
+def test_a_snapshot_exports_what_the_live_metrics_do(tmp_path: Path) -> None:
+    """A page in the gateway's child process scrapes the gateway's counters and histogram
+    from `Live.snapshot()`, sent as JSON: the same samples as the gateway's own."""
+    import json
+
+    path = tmp_path / "gateway.db"
+    fill(path, devices=5, now=time.time())
+    live = metrics.Live(ingest=lambda: {"frames": 7, "readings_stored": 300, "batches": 3},
+                        downlink=lambda: {"results": 2}, broker_connected=lambda: True,
+                        credentials=lambda: {"crl": 12.5})
+    for s in (0.0004, 0.003, 0.2):
+        live.observe_commit(s)
+    copy = metrics.Live.from_snapshot(json.loads(json.dumps(live.snapshot())))
+    conn = db.connect(path)
+    try:
+        now = time.time()
+        mine = _samples(metrics.render(conn, live, now).decode())
+        theirs = _samples(metrics.render(conn, copy, now).decode())
+    finally:
+        conn.close()
+    assert theirs == mine
+    assert mine[("torpor_ingest_readings_total", ())] == 300
+    assert mine[("torpor_ingest_commit_seconds_bucket", (("le", "0.005"),))] == 2
+    assert mine[("torpor_credential_expiry_seconds", (("credential", "crl"),))] == 12.5 * 86400
+
+
 def test_a_scrape_of_ten_thousand_devices_is_cheap(tmp_path: Path) -> None:
     path = tmp_path / "gateway.db"
     fill(path, devices=10_000, readings_per_device=0)

@@ -39,11 +39,23 @@ def test_defaults_bind_loopback_without_login() -> None:
     ({"tls_cert": "cert.pem"}, "[web] tls_key"),
     ({"port": 70000}, "[web] port"),
     ({"colour": "blue"}, "[web] colour"),
+    ({"process": "yes"}, "[web] process"),
+    ({"process": 1}, "[web] process"),
 ])
 def test_bad_web_config_names_the_key(web: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config({"web": web})
     assert str(err.value).startswith(key), str(err.value)
+
+
+def test_process_mode_survives_the_trip_to_the_child() -> None:
+    """The child process gets the validated configuration as JSON and reads back the same."""
+    from gateway.config import as_plain, from_plain
+
+    cfg = parse_config({"web": {"enabled": True, "process": True, "port": 0, "token": TOKEN},
+                        "gateway": {"data_dir": "/srv/torpor"}}, source="gateway.toml")
+    back = from_plain(json.loads(json.dumps(as_plain(cfg))))
+    assert back == cfg and back.web.process and back.db_path == cfg.db_path
 
 
 def test_non_loopback_with_a_login_is_accepted() -> None:
