@@ -278,6 +278,14 @@ class Wake:
         # A manifest staged by an earlier wake is checked before the rest of the send code
         # and the session take the heap.
         ota.check_staged()
+        # Likewise a firmware key list an earlier wake staged (keylist.py): checked and
+        # applied now, its result sent in this wake. The module leaves the heap after it.
+        import keylist
+
+        if keylist.staged():
+            keylist.apply_staged(self.st)
+        del keylist
+        sys.modules.pop("keylist", None)
         import rotate  # key rotation (docs/credentials.md): counted in import= as the rest
 
         rotate.before_send(self.cfg, board)  # a rotation's key that found no room in a session
@@ -653,7 +661,9 @@ class Wake:
 
             n = commands.execute(f, self.cfg, self.st, board, self.effects, self.out, self.st.msg_id(),
                                  self.safe)
-            if n:  # 0: out of heap, no result kept: the gateway sends it again
+            if self.effects.pending:
+                self.hint = 1  # a key list staged: the next wake checks it and answers
+            if n:  # 0: no result now (out of heap, or a key list staged): it comes later
                 log.info("command %d op=%d -> status=%d", f[proto.COMMAND_COMMAND_ID], f[proto.COMMAND_OP],
                          self.out[10])
                 client.publish_out(self.up_topic, n, 1)
