@@ -280,12 +280,12 @@ class Wake:
         ota.check_staged()
         # Likewise a firmware key list an earlier wake staged (keylist.py): checked and
         # applied now, its result sent in this wake. The module leaves the heap after it.
-        import keylist
+        if _keys_staged():
+            import keylist
 
-        if keylist.staged():
             keylist.apply_staged(self.st)
-        del keylist
-        sys.modules.pop("keylist", None)
+            del keylist
+            sys.modules.pop("keylist", None)
         import rotate  # key rotation (docs/credentials.md): counted in import= as the rest
 
         rotate.before_send(self.cfg, board)  # a rotation's key that found no room in a session
@@ -749,6 +749,21 @@ class Wake:
         if self.hint or (self.st is not None and self.st.pending_hint):
             ms = min(ms, PENDING_WAKE_S * 1000)
         return ms
+
+
+def _keys_staged(root=None):
+    """A firmware key list waits for its check: keylist.py's marker kl/L<seq>.<command id>,
+    found without loading keylist (about 3 KB a sending wake would carry into TLS)."""
+    import os
+
+    try:
+        names = os.listdir((root or board.FS_ROOT) + "/kl")
+    except OSError:
+        return False
+    for n in names:
+        if n[0] == "L":
+            return True
+    return False
 
 
 def _report(w, sleep_ms, a0):

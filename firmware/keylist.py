@@ -8,7 +8,8 @@
 # pieces cover it, and that piece's command is not answered in its wake. The check (the
 # staged images' manifests, Ed25519) and the replacement of the trusted list run at the
 # start of the next sending wake, before the session takes the heap (apply_staged, as
-# ota.check_staged does for a manifest); its outcome is that command's result.
+# ota.check_staged does for a manifest); its outcome is that command's result. The app
+# looks for a marker without loading this module (app._keys_staged): keep the two in step.
 import os
 
 _DIR = "/kl"
@@ -123,18 +124,6 @@ def put_piece(seq, offset, total, data, root=None, command_id=0):
     # it comes again and stages the list then.
     open(d + "/" + mark, "wb").close()
     return None
-
-
-def staged(root=None):
-    """True when a list waits for its check (a sending wake then runs apply_staged)."""
-    try:
-        names = os.listdir((root or _root()).rstrip("/") + _DIR)
-    except OSError:
-        return False
-    for n in names:
-        if n.startswith(_MARK):
-            return True
-    return False
 
 
 def apply_staged(st, root=None):

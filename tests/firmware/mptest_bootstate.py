@@ -422,6 +422,14 @@ class _Rtc:
         self.m = bytes(buf)
 
 
+def _staged():
+    # A list waits for its check (what the app looks for: app._keys_staged).
+    try:
+        return any(n.startswith("L") for n in os.listdir(MNT + "/kl"))
+    except OSError:
+        return False
+
+
 def _state():
     import state
 
@@ -478,7 +486,7 @@ def test_set_keys_pieces_stage_a_list_and_the_next_wake_applies_it():
     mpunit.eq(_pieces(KL_ADD, 1, 64, range, 40), None)
     assert "ed25519" not in sys.modules
     mpunit.eq(trusted_keys.seq(MNT), 0)
-    mpunit.eq(keylist.staged(MNT), True)
+    mpunit.eq(_staged(), True)
     # The same piece delivered again before the check is still not answered.
     last = (len(KL_ADD) - 1) // 64 * 64
     cid = 40 + last // 64
@@ -487,7 +495,7 @@ def test_set_keys_pieces_stage_a_list_and_the_next_wake_applies_it():
     mpunit.eq(keylist.apply_staged(st, MNT), 1)
     mpunit.eq(_answers(st, 1), [(cid, proto.RESULT_STATUS_OK, "applied", (1,))])
     assert "ed25519" not in sys.modules  # the verifier left the heap with the check
-    mpunit.eq(keylist.staged(MNT), False)
+    mpunit.eq(_staged(), False)
     mpunit.eq(os.listdir(MNT + "/kl"), [])  # the pieces are gone once applied
     mpunit.eq(sorted(trusted_keys.keys(MNT)), [K1_ID, K2_ID])
     mpunit.eq(keylist.apply_staged(st, MNT), 0)
@@ -600,7 +608,7 @@ def test_a_cut_at_every_flash_write_of_a_key_list_leaves_the_old_list_or_the_new
         else:
             # The list was in place before its answer was: the piece again says so.
             mpunit.eq(answered[last], (proto.RESULT_STATUS_OK, "held"))
-        mpunit.eq(keylist.staged(MNT), False)
+        mpunit.eq(_staged(), False)
     assert done and cuts >= 30, (done, cuts)
 
 
