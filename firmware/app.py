@@ -269,6 +269,15 @@ class Wake:
 
     # ---- send: connect -> publish -> listen -> close -----------------------------------
     def send(self, why):
+        # A firmware key list an earlier wake staged (keylist.py) is checked and applied
+        # before anything of the send loads, as an OTA manifest's check is below; its
+        # result goes up in this wake. keylist leaves, its garbage goes with what follows.
+        if _keys_staged():
+            import keylist
+
+            keylist.apply_staged(self.st)
+            del keylist
+            sys.modules.pop("keylist", None)
         # The boot and sample's garbage goes before ~50 kB of send code loads: the heap's
         # peak in the TLS handshake is then about 5 kB lower (energy bench bisection).
         gc.collect()
@@ -278,14 +287,6 @@ class Wake:
         # A manifest staged by an earlier wake is checked before the rest of the send code
         # and the session take the heap.
         ota.check_staged()
-        # Likewise a firmware key list an earlier wake staged (keylist.py): checked and
-        # applied now, its result sent in this wake. The module leaves the heap after it.
-        if _keys_staged():
-            import keylist
-
-            keylist.apply_staged(self.st)
-            del keylist
-            sys.modules.pop("keylist", None)
         import rotate  # key rotation (docs/credentials.md): counted in import= as the rest
 
         rotate.before_send(self.cfg, board)  # a rotation's key that found no room in a session
