@@ -165,10 +165,12 @@ def apply_staged(st, root=None):
             _remove(d, os.listdir(d), lambda n: n.startswith(tag))
         except (MemoryError, OSError) as e:
             # Never a refusal: the pieces stay, the last one comes again and stages the list.
+            # A later list waits for it (it may be signed by a key this one brings).
             gc.collect()
             import log
 
             log.warn("key list seq %d not checked (%s): it comes again", seq, e)
+            break
     import sys
 
     for m in ("ed25519", "sha512"):  # the verifier leaves the heap before the session
