@@ -269,10 +269,10 @@ class Wake:
 
     # ---- send: connect -> publish -> listen -> close -----------------------------------
     def send(self, why):
-        # A firmware key list an earlier wake staged (keylist.py) is checked and applied
-        # before anything of the send loads, as an OTA manifest's check is below; its
-        # result goes up in this wake. keylist leaves, its garbage goes with what follows.
-        if _keys_staged():
+        if self.st.pending_hint:
+            # The last wake may have staged a firmware key list (keylist.py; it asks for
+            # this early wake): checked and applied before anything of the send loads, its
+            # result sent in this wake. keylist leaves; its garbage goes with what follows.
             import keylist
 
             keylist.apply_staged(self.st)
@@ -750,21 +750,6 @@ class Wake:
         if self.hint or (self.st is not None and self.st.pending_hint):
             ms = min(ms, PENDING_WAKE_S * 1000)
         return ms
-
-
-def _keys_staged(root=None):
-    """A firmware key list waits for its check: keylist.py's marker kl/L<seq>.<command id>,
-    found without loading keylist (about 3 KB a sending wake would carry into TLS)."""
-    import os
-
-    try:
-        names = os.listdir((root or board.FS_ROOT) + "/kl")
-    except OSError:
-        return False
-    for n in names:
-        if n[0] == "L":
-            return True
-    return False
 
 
 def _report(w, sleep_ms, a0):

@@ -9,7 +9,8 @@
 # staged images' manifests, Ed25519) and the replacement of the trusted list run at the
 # start of the next sending wake, before the session takes the heap (apply_staged, as
 # ota.check_staged does for a manifest); its outcome is that command's result. The app
-# looks for a marker without loading this module (app._keys_staged): keep the two in step.
+# runs apply_staged in a wake the last one hinted (it asks for one); a list whose hint a
+# failed session lost waits for its last piece to come again, which hints anew.
 import os
 
 _DIR = "/kl"

@@ -214,11 +214,11 @@ def test_set_keys_runs_in_safe_mode_and_its_last_piece_waits_for_the_next_wake()
     # The last piece stages the list: no answer, nothing recorded, the next wake comes soon.
     last = (1, 22, proto.COMMAND_OP_SET_KEYS, [1, 60, len(blob)], 1, 60, blob[60:], 0)
     mpunit.eq(commands.execute(last, c, st, sim, fx, buf, 3, True), 0)
-    mpunit.eq((fx.pending, st.was_executed(22), app._keys_staged()), (True, False, True))
+    mpunit.eq((fx.pending, st.was_executed(22)), (True, False))
     # The next sending wake's start: the check, and the answer of command 22.
     st2 = state.State(sim, sim.FS_ROOT)
     mpunit.eq(keylist.apply_staged(st2), 1)
-    mpunit.eq(app._keys_staged(), False)
+    mpunit.eq(keylist.apply_staged(st2), 0)
     r = proto.decode(st2.results[-1])[1]
     mpunit.eq((r[proto.COMMAND_RESULT_COMMAND_ID], r[proto.COMMAND_RESULT_STATUS], r[proto.COMMAND_RESULT_DETAIL]),
               (22, proto.RESULT_STATUS_REFUSED, "unknown_key"))

@@ -423,7 +423,7 @@ class _Rtc:
 
 
 def _staged():
-    # A list waits for its check (what the app looks for: app._keys_staged).
+    # A list waits for its check (keylist's marker).
     try:
         return any(n.startswith("L") for n in os.listdir(MNT + "/kl"))
     except OSError:
