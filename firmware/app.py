@@ -274,6 +274,15 @@ class Wake:
 
     # ---- send: connect -> publish -> listen -> close -----------------------------------
     def send(self, why):
+        if self.st.pending_hint:
+            # The last wake may have staged a firmware key list (keylist.py; it asks for
+            # this early wake): checked and applied before anything of the send loads, its
+            # result sent in this wake. keylist leaves; its garbage goes with what follows.
+            import keylist
+
+            keylist.apply_staged(self.st)
+            del keylist
+            sys.modules.pop("keylist", None)
         # The boot and sample's garbage goes before ~50 kB of send code loads: the heap's
         # peak in the TLS handshake is then about 5 kB lower (energy bench bisection).
         gc.collect()
@@ -669,7 +678,9 @@ class Wake:
 
             n = commands.execute(f, self.cfg, self.st, board, self.effects, self.out, self.st.msg_id(),
                                  self.safe)
-            if n:  # 0: out of heap, no result kept: the gateway sends it again
+            if self.effects.pending:
+                self.hint = 1  # a key list staged: the next wake checks it and answers
+            if n:  # 0: no result now (out of heap, or a key list staged): it comes later
                 log.info("command %d op=%d -> status=%d", f[proto.COMMAND_COMMAND_ID], f[proto.COMMAND_OP],
                          self.out[10])
                 client.publish_out(self.up_topic, n, 1)

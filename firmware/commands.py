@@ -20,6 +20,7 @@ class Effects:
     # Defaults on the class: a wake without commands stores nothing on the instance.
     stay_awake_ms = 0
     reboot = False
+    pending = False  # something staged is answered at the next sending wake: come back soon
 
 
 def _result(buf, msg_id, command_id, status, code=0, detail="", values=()):
@@ -31,17 +32,20 @@ def execute(cmd, cfg, st, board, effects, buf, msg_id, safe=False):
 
     The result is recorded in `st` (durable) unless it is a duplicate report or a refusal
     in safe mode (the command may run once the node has left it). Returns 0 (nothing to
-    send, nothing recorded) when a key rotation step ran out of heap: the gateway sends the
-    command again at the next send.
+    send, nothing recorded) when a key rotation step ran out of heap (the gateway sends the
+    command again at the next send) or when the last piece of a key list staged it (its
+    result is recorded at the start of the next sending wake: keylist.apply_staged).
     """
     cid = cmd[proto.COMMAND_COMMAND_ID]
     if st.was_executed(cid):
         return _result(buf, msg_id, cid, proto.RESULT_STATUS_DUPLICATE)
     op = cmd[proto.COMMAND_OP]
-    if safe and op != proto.COMMAND_OP_ROTATE_KEY and op != proto.COMMAND_OP_INSTALL_CERT:
+    if safe and op != proto.COMMAND_OP_ROTATE_KEY and op != proto.COMMAND_OP_INSTALL_CERT \
+            and op != proto.COMMAND_OP_SET_KEYS:
         # Safe mode listens for a fix (OTA, configuration) and runs nothing else but the
-        # upkeep of its certificate: one that expires locks the node out for good, safe
-        # mode and all (docs/credentials.md, "Safe mode").
+        # upkeep of its certificate (one that expires locks the node out for good, safe
+        # mode and all: docs/credentials.md, "Safe mode") and of its firmware keys (a fix
+        # signed by a new key needs them: docs/ota.md, "Firmware signing keys").
         return _result(buf, msg_id, cid, proto.RESULT_STATUS_REFUSED, 0, "safe mode")
     exp = cmd[proto.COMMAND_EXPIRES_AT]
     if exp and st.clock_set and board.time() >= exp:
@@ -103,10 +107,16 @@ def execute(cmd, cfg, st, board, effects, buf, msg_id, safe=False):
         elif not psk.install(cfg, args[0], args[1], cmd[proto.COMMAND_DATA]):
             status, detail = proto.RESULT_STATUS_BAD_ARGS, "key must be 32 bytes"
     elif op == proto.COMMAND_OP_SET_KEYS:
-        # One piece of a signed firmware key list (keylist.py); the last one applies it.
+        # One piece of a signed firmware key list (keylist.py). The last one stages the
+        # list: its check and its answer come at the start of the next sending wake, which
+        # the pending hint brings early.
         import keylist
 
-        status, detail = keylist.put_piece(args[0], args[1], args[2], cmd[proto.COMMAND_DATA])
+        r = keylist.put_piece(args[0], args[1], args[2], cmd[proto.COMMAND_DATA], None, cid)
+        if r is None:
+            effects.pending = True
+            return 0
+        status, detail = r
         values = (args[0],)
     elif op == proto.COMMAND_OP_SYNC_TIME:
         # The spec's table checked the argument's range; the node's own rule checks that it

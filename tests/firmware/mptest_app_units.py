@@ -173,12 +173,14 @@ def test_msg_ids_come_from_rtc_memory_between_reservations():
     mpunit.eq(st4.msg_id() > c, True)
 
 
-def test_commands_are_idempotent_by_id():
+def _for_commands():
+    # A node's configuration, state, effects and result buffer, as a wake runs commands.
     _node(_cfg())
-    c = config.Config(sim.FS_ROOT)
-    st = state.State(sim, sim.FS_ROOT)
-    fx = commands.Effects()
-    buf = bytearray(128)
+    return config.Config(sim.FS_ROOT), state.State(sim, sim.FS_ROOT), commands.Effects(), bytearray(128)
+
+
+def test_commands_are_idempotent_by_id():
+    c, st, fx, buf = _for_commands()
     cmd = (1, 9, proto.COMMAND_OP_SET_INTERVAL, [300], 1, 60, b"", 0)
     n = commands.execute(cmd, c, st, sim, fx, buf, st.msg_id())
     r = proto.decode(buf[:n])[1]
@@ -195,6 +197,33 @@ def test_commands_are_idempotent_by_id():
     mpunit.eq(fx.reboot, True)
     n = commands.execute((1, 12, proto.COMMAND_OP_SET_THRESHOLDS, [1], 1, 60, b"", 0), c, st, sim, fx, buf, 7)
     mpunit.eq(proto.decode(buf[:n])[1][proto.COMMAND_RESULT_STATUS], proto.RESULT_STATUS_BAD_ARGS)
+
+
+def test_set_keys_runs_in_safe_mode_and_its_last_piece_waits_for_the_next_wake():
+    import keylist
+
+    c, st, fx, buf = _for_commands()
+    blob = b'{"key_id":"0badc0de","keys":{},"seq":1}' + bytes(64)
+    # Safe mode: a ping is refused, a key list's piece is taken.
+    n = commands.execute((1, 20, proto.COMMAND_OP_PING, [], 1, 60, b"", 0), c, st, sim, fx, buf, 1, True)
+    mpunit.eq(proto.decode(buf[:n])[1][proto.COMMAND_RESULT_DETAIL], "safe mode")
+    piece = (1, 21, proto.COMMAND_OP_SET_KEYS, [1, 0, len(blob)], 1, 60, blob[:60], 0)
+    n = commands.execute(piece, c, st, sim, fx, buf, 2, True)
+    r = proto.decode(buf[:n])[1]
+    mpunit.eq((r[proto.COMMAND_RESULT_STATUS], fx.pending), (proto.RESULT_STATUS_OK, False))
+    # The last piece stages the list: no answer, nothing recorded, the next wake comes soon.
+    last = (1, 22, proto.COMMAND_OP_SET_KEYS, [1, 60, len(blob)], 1, 60, blob[60:], 0)
+    mpunit.eq(commands.execute(last, c, st, sim, fx, buf, 3, True), 0)
+    mpunit.eq((fx.pending, st.was_executed(22)), (True, False))
+    # The next sending wake's start: the check, and the answer of command 22.
+    st2 = state.State(sim, sim.FS_ROOT)
+    mpunit.eq(keylist.apply_staged(st2), 1)
+    mpunit.eq(keylist.apply_staged(st2), 0)
+    r = proto.decode(st2.results[-1])[1]
+    mpunit.eq((r[proto.COMMAND_RESULT_COMMAND_ID], r[proto.COMMAND_RESULT_STATUS], r[proto.COMMAND_RESULT_DETAIL]),
+              (22, proto.RESULT_STATUS_REFUSED, "unknown_key"))
+    n = commands.execute(last, c, st2, sim, fx, buf, 4, True)
+    mpunit.eq(proto.decode(buf[:n])[1][proto.COMMAND_RESULT_STATUS], proto.RESULT_STATUS_DUPLICATE)
 
 
 def test_sleep_lands_on_the_grid_and_hints_shorten_it():

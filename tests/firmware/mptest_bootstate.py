@@ -410,49 +410,206 @@ def test_key_list_update_adds_and_retires_keys():
     mpunit.eq(slots.check(MNT, "a", False)[0], bootstate.UNKNOWN_KEY)
 
 
-def _pieces(blob, seq, size, order):
-    # set_keys pieces of `blob` as the gateway cuts them, put in `order`; the last answer.
+class _Rtc:
+    # RTC memory for state.State, as a board keeps it between wakes.
+    def __init__(self):
+        self.m = b""
+
+    def rtc_memory(self):
+        return self.m
+
+    def rtc_memory_write(self, buf):
+        self.m = bytes(buf)
+
+
+def _staged():
+    # A list waits for its check (keylist's marker).
+    try:
+        return any(n.startswith("L") for n in os.listdir(MNT + "/kl"))
+    except OSError:
+        return False
+
+
+def _state():
+    import state
+
+    return state.State(_Rtc(), MNT)
+
+
+def _pieces(blob, seq, size, order, cid=1):
+    # set_keys pieces of `blob` as the gateway cuts them (command ids cid, cid+1, ...), put
+    # in `order`; the last answer (None: the list is staged, answered by apply_staged).
     import keylist
 
     offs = list(range(0, len(blob), size))
     out = None
     for i in order(len(offs)):
-        out = keylist.put_piece(seq, offs[i], len(blob), blob[offs[i]:offs[i] + size], MNT)
+        out = keylist.put_piece(seq, offs[i], len(blob), blob[offs[i]:offs[i] + size], MNT, cid + i)
     return out
 
 
-def test_set_keys_pieces_apply_a_list_and_keep_the_running_key():
+def _answers(st, n):
+    # (command id, status, detail, values) of the last n results the node keeps to send.
+    import proto
+
+    out = []
+    for r in st.results[-n:]:
+        f = proto.decode(r)[1]
+        out.append((f[proto.COMMAND_RESULT_COMMAND_ID], f[proto.COMMAND_RESULT_STATUS],
+                    f[proto.COMMAND_RESULT_DETAIL], tuple(f[proto.COMMAND_RESULT_VALUES])))
+    return out
+
+
+def _stage_and_apply(blob, seq, size, order=range, cid=1):
+    # The wake that takes the pieces, then the start of the next sending wake: the
+    # answer to the command whose piece completed the list.
+    import keylist
+
+    last = cid + list(order(len(range(0, len(blob), size))))[-1]
+    mpunit.eq(_pieces(blob, seq, size, order, cid), None)
+    st = _state()
+    mpunit.eq(keylist.apply_staged(st, MNT), 1)
+    got = _answers(st, 1)[0]
+    mpunit.eq((got[0], got[3]), (last, (seq,)))
+    return got[1], got[2]
+
+
+def test_set_keys_pieces_stage_a_list_and_the_next_wake_applies_it():
+    import keylist
+    import proto
+
+    fresh()
+    provision("a", V1)  # the running image, signed by key 1
+    # The last piece only stages the list: no check, no verifier loaded, the list as it was.
+    for m in ("ed25519", "sha512"):
+        sys.modules.pop(m, None)
+    mpunit.eq(_pieces(KL_ADD, 1, 64, range, 40), None)
+    assert "ed25519" not in sys.modules
+    mpunit.eq(trusted_keys.seq(MNT), 0)
+    mpunit.eq(_staged(), True)
+    # The same piece delivered again before the check is still not answered.
+    last = (len(KL_ADD) - 1) // 64 * 64
+    cid = 40 + last // 64
+    mpunit.eq(keylist.put_piece(1, last, len(KL_ADD), KL_ADD[last:], MNT, cid), None)
+    st = _state()
+    mpunit.eq(keylist.apply_staged(st, MNT), 1)
+    mpunit.eq(_answers(st, 1), [(cid, proto.RESULT_STATUS_OK, "applied", (1,))])
+    assert "ed25519" not in sys.modules  # the verifier left the heap with the check
+    mpunit.eq(_staged(), False)
+    mpunit.eq(os.listdir(MNT + "/kl"), [])  # the pieces are gone once applied
+    mpunit.eq(sorted(trusted_keys.keys(MNT)), [K1_ID, K2_ID])
+    mpunit.eq(keylist.apply_staged(st, MNT), 0)
+
+
+def test_set_keys_refusals_come_with_the_next_wake():
+    import keylist
     import proto
 
     fresh()
     provision("a", V1)  # the running image, signed by key 1
     # Retiring key 1 by a list signed by key 2, which is not trusted yet: unknown_key.
-    mpunit.eq(_pieces(KL_RETIRE, 2, 100, range), (proto.RESULT_STATUS_REFUSED, "unknown_key"))
+    mpunit.eq(_stage_and_apply(KL_RETIRE, 2, 100), (proto.RESULT_STATUS_REFUSED, "unknown_key"))
     mpunit.eq(trusted_keys.seq(MNT), 0)
+    mpunit.eq(os.listdir(MNT + "/kl"), [])  # a refused list leaves nothing
     # Key 2 added, its pieces arriving out of order (a lost one sent again next wake).
-    mpunit.eq(_pieces(KL_ADD, 1, 64, lambda n: [2, 0] + list(range(3, n)) + [1]),
+    mpunit.eq(_stage_and_apply(KL_ADD, 1, 64, lambda n: [2, 0] + list(range(3, n)) + [1], 10),
               (proto.RESULT_STATUS_OK, "applied"))
     mpunit.eq(trusted_keys.seq(MNT), 1)
-    mpunit.eq(sorted(trusted_keys.keys(MNT)), [K1_ID, K2_ID])
-    mpunit.eq(os.listdir(MNT + "/kl"), [])  # the pieces are gone once applied
     # A piece of the list held again is harmless; an older seq is a downgrade.
-    import keylist
-
     mpunit.eq(keylist.put_piece(1, 0, len(KL_ADD), KL_ADD[:64], MNT), (proto.RESULT_STATUS_OK, "held"))
     mpunit.eq(keylist.put_piece(1, 0, 10, b"x", MNT)[1], "held")
+    bad = bytearray(KL_RETIRE)  # its signature broken
+    bad[-1] ^= 1
     # Retiring key 1 while the running image is signed by it: refused, nothing changes.
-    mpunit.eq(_pieces(KL_RETIRE, 2, 100, range),
+    mpunit.eq(_stage_and_apply(KL_RETIRE, 2, 100, cid=15),
               (proto.RESULT_STATUS_REFUSED, "retires %s of the running image" % K1_ID))
     mpunit.eq(trusted_keys.seq(MNT), 1)
-    # Once the node runs an image signed by key 2, key 1 can go.
+    # Once the node runs an image signed by key 2, key 1 can go; not with a bad signature.
     download(V2_K2)
     mpunit.eq(slots.finish(), 2)
     st = bootstate.load(MNT)
     st["active"], st["ver"] = "b", 2
     bootstate.save(MNT, st)
-    mpunit.eq(_pieces(KL_RETIRE, 2, 100, range), (proto.RESULT_STATUS_OK, "applied"))
+    mpunit.eq(_stage_and_apply(bytes(bad), 2, 100, cid=20), (proto.RESULT_STATUS_REFUSED, "bad_signature"))
+    mpunit.eq(trusted_keys.seq(MNT), 1)
+    mpunit.eq(_stage_and_apply(KL_RETIRE, 2, 100, cid=30), (proto.RESULT_STATUS_OK, "applied"))
     mpunit.eq(list(trusted_keys.keys(MNT)), [K2_ID])
     mpunit.eq(keylist.put_piece(1, 0, len(KL_ADD), KL_ADD[:64], MNT)[0], proto.RESULT_STATUS_REFUSED)
+
+
+def test_two_lists_in_one_wake_apply_in_order():
+    # A node that lacks lists 1 and 2 gets both in one wake; list 2 is signed by key 2,
+    # which only list 1 brings: the check takes them in seq order.
+    import keylist
+    import proto
+
+    fresh()
+    provision("b", V2_K2)  # running an image signed by key 2 (installed, not downloaded)
+    mpunit.eq(_pieces(KL_ADD, 1, 100, range, 1), None)
+    mpunit.eq(_pieces(KL_RETIRE, 2, 100, range, 10), None)
+    s = _state()
+    mpunit.eq(keylist.apply_staged(s, MNT), 2)
+    mpunit.eq([a[:3] for a in _answers(s, 2)],
+              [(3, proto.RESULT_STATUS_OK, "applied"), (11, proto.RESULT_STATUS_OK, "applied")])
+    mpunit.eq(list(trusted_keys.keys(MNT)), [K2_ID])
+
+
+def test_a_cut_at_every_flash_write_of_a_key_list_leaves_the_old_list_or_the_new():
+    # From the first piece to the answer, the flash cut at each write in turn; after the
+    # cut the node boots again, the gateway sends again what was not answered (a piece
+    # whose answer was not recorded), and the next wake's check runs. The trusted list is
+    # always the old one or the new one, whole, and the list ends applied and answered once.
+    import keylist
+    import proto
+
+    size = 64
+    offs = list(range(0, len(KL_ADD), size))
+    cuts = 0
+    for n in range(400):
+        fresh("cut.bin")
+        provision("a", V1)
+        bdev = remount("cut.bin")
+        bdev.tear_after(n, n + 1)
+        answered = {}
+        done = False
+        try:
+            for i, off in enumerate(offs):  # the wake that takes the pieces
+                r = keylist.put_piece(1, off, len(KL_ADD), KL_ADD[off:off + size], MNT, 1 + i)
+                if r is not None:
+                    answered[1 + i] = r
+            st = _state()  # the next sending wake's start
+            keylist.apply_staged(st, MNT)  # it logs a flash error and leaves the list
+            done = not bdev.dead
+        except (simflash.PowerCut, OSError):
+            if not bdev.dead:
+                raise
+        cuts += not done
+        bdev.dead = True
+        remount("cut.bin")
+        mpunit.eq(trusted_keys.seq(MNT) in (0, 1), True)
+        mpunit.eq(sorted(trusted_keys.keys(MNT)) in ([K1_ID], [K1_ID, K2_ID]), True)
+        if done:
+            break
+        # After the cut: the gateway sends again every piece not answered (a result the
+        # cut kept is in state.bin), then a sending wake checks what is staged.
+        st = _state()
+        for i, off in enumerate(offs):
+            cid = 1 + i
+            if st.was_executed(cid) or (cid in answered and cid != len(offs)):
+                continue
+            r = keylist.put_piece(1, off, len(KL_ADD), KL_ADD[off:off + size], MNT, cid)
+            if r is not None:
+                answered[cid] = r
+        keylist.apply_staged(st, MNT)
+        mpunit.eq(trusted_keys.seq(MNT), 1)
+        last = len(offs)
+        if st.was_executed(last):
+            mpunit.eq(_answers(st, 1)[0][:3], (last, proto.RESULT_STATUS_OK, "applied"))
+        else:
+            # The list was in place before its answer was: the piece again says so.
+            mpunit.eq(answered[last], (proto.RESULT_STATUS_OK, "held"))
+        mpunit.eq(_staged(), False)
+    assert done and cuts >= 30, (done, cuts)
 
 
 def test_remount_without_mtime_keeps_files_and_stops_timestamps():

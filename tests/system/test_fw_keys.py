@@ -31,6 +31,7 @@ from gateway.store import ota_store
 from tests.system.stack import ROOT, Stack, StackNode
 from tests.system.test_ota_campaign import Images, boot_node, campaign
 from tools.fw import image, keys
+from tools.sim.field import FieldModel
 
 
 @pytest.fixture
@@ -174,3 +175,52 @@ def test_key_rotation_end_to_end(stack: Stack, k1_images: Images, tmp_path: Path
     with stack.db() as conn:
         dev = registry.find(conn, node.id)
     assert dev is not None and dev.fw_version == 2
+
+
+def test_a_key_list_fits_the_esp32_heap_under_the_bootloader(stack: Stack, k1_images: Images,
+                                                             tmp_path: Path) -> None:
+    """On the ESP32 profile's heap (tools/sim/profiles.py), booting through the real
+    bootloader as a fielded node does, the wake that takes a key list's last piece and the
+    wake that checks and applies it both complete. Before, the last piece's wake checked the
+    list with the session up, ran out of heap, crashed at every boot until safe mode, and
+    safe mode refused the list."""
+    images = k1_images
+    stack.start()
+    node = stack.add_node("ek0", seed=23, field=FieldModel.named("esp32"), send_every=2)
+    image.install_sim(node.sim.dir, images.build(1), public_key=images.public)
+    node.sim.entry = "boot"
+    k1_priv = images.root / "keys" / keys.PRIVATE_NAME
+    k2 = keys.keygen(tmp_path / "k2")
+
+    async def send() -> str:
+        before = len(node.log_text())
+        text = ""
+        for _ in range(4):  # a send every second wake, or the pending hint's early one
+            await node.wake()
+            text = node.log_text()[before:]
+            if "connected in" in text:
+                break
+        assert "boot: slot a v1" in text and "connected in" in text, text
+        return text
+
+    async def main() -> None:
+        await send()  # registered, on v1
+        torpor(stack, "fw", "keys", "add", "--key", str(k2.private.parent), "--signing-key",
+               str(k1_priv), "--all")
+        for _ in range(4):
+            await send()
+            if held_seq(stack, node.id) == 1:
+                break
+
+    asyncio.run(asyncio.wait_for(main(), 240))
+    h = held(stack, node.id)
+    assert h["keys_seq"] == 1 and h["push"] == "applied", h
+    log = node.log_text()
+    assert "MemoryError" not in log and "wake failed" not in log and " safe=1 " not in log, log
+    assert "firmware key list seq 1 applied" in log, log
+    # The heap figures of the sending wakes (docs/ota.md, "Firmware signing keys"), for `-s`.
+    for run in log.split("--- run ")[1:]:
+        if "connected in" in run:
+            what = ("apply" if "key list seq 1 applied" in run else
+                    "pieces" if f"op={int(proto.CommandOp.SET_KEYS)} " in run else "send")
+            print(what, next(ln for ln in run.splitlines() if ln.startswith("M ")))
