@@ -100,6 +100,9 @@ for name, data in MODS.items():
         f.write(bytes.fromhex(data))
 with open("flash/config.json", "w") as f:
     f.write(CONFIG_JSON)
+# The modules' bytes leave the heap once on "flash": they are most of it on the unix port.
+del MODS, name, data
+gc.collect()
 sys.path.insert(0, "lib")
 out = []
 def fig(name, v):
