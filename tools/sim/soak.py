@@ -265,6 +265,10 @@ class SoakVerdict:
     unknown: int
     lost_upstream: int
     duplicated_upstream: int
+    # Of lost_upstream: what the outbox dropped by its bounds (age, size), by design, and
+    # what it still held when the run ended (relayed late, not lost).
+    dropped_upstream: int
+    left_in_outbox: int
     held_by_revoked: int
     refused_for_expiry: int
     tls_refused: int
@@ -454,6 +458,11 @@ class Soak:
             # The soak's subscriber is back before the relay after an upstream restart.
             "reconnect_min_s = 2.0\n"
             "reconnect_max_s = 5.0\n"
+            # The relay's reconnect waits (above) are real seconds: days of field time at
+            # full scale (7 field days are about 4 real seconds). The default age limit
+            # would drop readings queued at the upstream outage's start for a wait the
+            # field never had; the soak's limit is a real month, past the 3-day outage.
+            "outbox_max_age_s = 2592000\n"
         )
         return path
 
@@ -1063,6 +1072,7 @@ class Soak:
             for dev, n in conn.execute(
                     "SELECT device, count(*) FROM rotations WHERE state='done' GROUP BY device"):
                 rotations[str(dev)] = int(n)
+            dropped_up, left_up = _outbox_figures(conn)
             operator_rot = int(conn.execute(
                 "SELECT count(*) FROM rotations WHERE reason != 'expiry'").fetchone()[0])
             ev = {(str(k), str(n)): int(c) for k, n, c in conn.execute(
@@ -1084,7 +1094,9 @@ class Soak:
         if not complete:
             failures.append(f"only {reached:g} of {o.days:g} days ran")
         if lost or lost_up:
-            failures.append(f"{lost} readings lost in the store, {lost_up} upstream")
+            why = (f" ({dropped_up} items dropped by the outbox's bounds, {left_up} still "
+                   "queued at the end)" if dropped_up or left_up else "")
+            failures.append(f"{lost} readings lost in the store, {lost_up} upstream{why}")
         if dups or unknown:
             failures.append(f"{dups} duplicated, {unknown} unknown readings in the store")
         if refusals:
@@ -1111,6 +1123,7 @@ class Soak:
             ok=not failures, complete=complete, days=o.days, days_reached=round(reached, 2),
             sampled=sampled, stored=stored, lost=lost, duplicated=dups, unknown=unknown,
             lost_upstream=lost_up, duplicated_upstream=self.upstream.duplicates,
+            dropped_upstream=dropped_up, left_in_outbox=left_up,
             held_by_revoked=held, refused_for_expiry=len(refusals), tls_refused=len(refused),
             lapses=len(self.lapses), probes=self.probes,
             refusal_examples=(refusals + refused)[:6], rotations_done=rotations,
@@ -1151,6 +1164,18 @@ class Soak:
         return expired, refused
 
 
+def _outbox_figures(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(items the outbox dropped by its bounds, items still in it) from the gateway's store."""
+    from gateway.store import outbox
+
+    try:
+        box = outbox.Outbox(conn)
+        c = box.counters()
+        return c.dropped_age + c.dropped_full, box.depth()
+    except sqlite3.Error:
+        return 0, 0
+
+
 def format_verdict(v: SoakVerdict) -> list[str]:
     rot = ", ".join(f"{d} {n}" for d, n in sorted(v.rotations_done.items())) or "none"
     lines = [
@@ -1159,7 +1184,8 @@ def format_verdict(v: SoakVerdict) -> list[str]:
         f"x{v.time_scale}; a wake every {v.sample_interval_s / 3600:g} h; wall {v.wall_s:g} s",
         f"readings              sampled {v.sampled}, stored {v.stored}: lost {v.lost}, "
         f"duplicated {v.duplicated}, unknown {v.unknown}; upstream lost {v.lost_upstream}, "
-        f"duplicated {v.duplicated_upstream} (at-least-once); held by the revoked device "
+        f"duplicated {v.duplicated_upstream} (at-least-once), outbox drops {v.dropped_upstream}, "
+        f"left {v.left_in_outbox}; held by the revoked device "
         f"{v.held_by_revoked}",
         f"wakes                 {v.wakes}, {v.send_failures} failed sends (retried)",
         f"refused for expiry    {v.refused_for_expiry} ({v.lapses} lapses in {v.probes} openssl "
