@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,18 @@ class Progress:
 
 
 # --- the load processes -----------------------------------------------------------------
+
+def stop_run(gw: Gateway | None, brokers: Iterable[Mosquitto | None], tmp: Path,
+             owned: bool) -> None:
+    """A bench run's end: its gateway, then its brokers, then the folder it made (`owned`)."""
+    if gw is not None:
+        gw.stop()
+    for b in brokers:
+        if b is not None:
+            b.stop()
+    if owned:
+        shutil.rmtree(tmp, ignore_errors=True)
+
 
 def _run_workers(specs: list[WorkerSpec], deadline_s: float,
                  extra: list[tuple[Any, ...]] | None = None,
@@ -741,13 +754,7 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
         finally:
             progress.close()
     finally:
-        if gw is not None:
-            gw.stop()
-        for b in (broker, upstream):
-            if b is not None:
-                b.stop()
-        if owned:
-            shutil.rmtree(tmp, ignore_errors=True)
+        stop_run(gw, (broker, upstream), tmp, owned)
     fig["cpus"] = os.cpu_count()
     # The machine may be shared: the 1-minute load average says how busy it was.
     fig["load_average_end"] = round(os.getloadavg()[0], 2)

@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from tools.bench.gateway import (
     _pct,
     _run_workers,
     _split,
+    stop_run,
 )
 from tools.bench.gateway import Scale as GatewayScale
 from tools.bench.loadgen import Identity, WorkerSpec
@@ -357,13 +357,7 @@ def measure(scale: Scale = Scale(), workdir: Path | None = None,
             got["load_average"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
             fig["modes"][mode] = got
     finally:
-        if gw is not None:
-            gw.stop()
-        for b in (broker, upstream):
-            if b is not None:
-                b.stop()
-        if owned:
-            shutil.rmtree(tmp, ignore_errors=True)
+        stop_run(gw, (broker, upstream), tmp, owned)
     fig["cpus"] = os.cpu_count()
     fig["targets"] = TARGETS
     return fig
