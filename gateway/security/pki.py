@@ -203,6 +203,16 @@ class PkiStatus:
         }
 
 
+def crl_number(crl: x509.CertificateRevocationList | None) -> int:
+    """The CRL's number (RFC 5280 5.2.3), 0 for none or one signed without it."""
+    if crl is None:
+        return 0
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return 0
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
@@ -774,8 +784,11 @@ class Pki:
         ca_cert, ca_key, signer = self._signer()
         now = self.now()
         rows = self.list() if records is None else records
+        current = self._current_crl()
         crl = self._sign_crl(ca_cert, ca_key, [r for r in rows if r.issuer == signer],
-                             now + dt.timedelta(days=days), after=self._last_update(0))
+                             now + dt.timedelta(days=days),
+                             after=None if current is None else current.last_update_utc,
+                             number=crl_number(current) + 1)
         body = crl.public_bytes(serialization.Encoding.PEM)
         if signer == "issuing" and self.root_crl_path.exists():
             body += self.root_crl_path.read_bytes()
@@ -784,7 +797,8 @@ class Pki:
 
     def _sign_crl(self, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
                   rows: Iterable[CertRecord], next_update: dt.datetime,
-                  after: dt.datetime | None = None) -> x509.CertificateRevocationList:
+                  after: dt.datetime | None = None,
+                  number: int = 1) -> x509.CertificateRevocationList:
         # Mosquitto adds each reloaded CRL to those it holds and OpenSSL uses the valid one
         # with the latest lastUpdate (the first on a tie): a new CRL must be strictly later
         # than the one before it, or a revocation made in the same second could be missed.
@@ -802,6 +816,9 @@ class Pki:
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                 critical=False,
             )
+            # RFC 5280 5.2.3: each CRL an issuer signs carries a number one above the last,
+            # so that a reader can tell every re-issue apart, even two in the same second.
+            .add_extension(x509.CRLNumber(number), critical=False)
         )
         for r in rows:
             if r.revoked_at is not None:
@@ -829,22 +846,27 @@ class Pki:
                    default=now + dt.timedelta(days=CRL_DAYS))
         next_update = min(max(last + dt.timedelta(days=1), now + dt.timedelta(days=CRL_DAYS)),
                           root.not_valid_after_utc)
-        after = None
+        current = None
         if self.root_crl_path.exists():
             with contextlib.suppress(ValueError):
-                after = x509.load_pem_x509_crl(self.root_crl_path.read_bytes()).last_update_utc
-        crl = self._sign_crl(root, key, rows, next_update, after=after)
+                current = x509.load_pem_x509_crl(self.root_crl_path.read_bytes())
+        # Before the issuing CA existed, the root's CRL was crl.pem: its numbers go on.
+        earlier = self._current_crl()
+        if earlier is not None and earlier.issuer != root.subject:
+            earlier = None
+        crl = self._sign_crl(root, key, rows, next_update,
+                             after=None if current is None else current.last_update_utc,
+                             number=max(crl_number(current), crl_number(earlier)) + 1)
         write_public(self.root_crl_path, crl.public_bytes(serialization.Encoding.PEM))
 
-    def _last_update(self, index: int) -> dt.datetime | None:
-        """lastUpdate of the signing CA's current CRL (None when there is none yet)."""
+    def _current_crl(self) -> x509.CertificateRevocationList | None:
+        """The signing CA's current CRL (None when there is none yet or it is unreadable)."""
         if not self.crl_path.exists():
             return None
         try:
-            crls = self.crls()
+            return self.crls()[0]
         except PkiError:
             return None
-        return crls[index].last_update_utc if len(crls) > index else None
 
     def crls(self) -> builtins.list[x509.CertificateRevocationList]:
         """Every CRL in crl.pem, the signing CA's first."""

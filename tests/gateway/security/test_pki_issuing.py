@@ -13,7 +13,7 @@ from cryptography import x509
 from gateway.config import PkiConfig
 from gateway.errors import PkiError
 from gateway.security import lifetimes
-from gateway.security.pki import ISSUING_CN, Pki
+from gateway.security.pki import ISSUING_CN, Pki, crl_number
 from tools.cli import main as torpor
 
 
@@ -199,17 +199,25 @@ def test_renewal_is_a_table_of_lead_times(tmp_path: Path) -> None:
 
 def test_each_new_crl_is_later_than_the_one_before(tmp_path: Path) -> None:
     """The broker keeps every CRL it reloaded and uses the one with the latest lastUpdate:
-    two CRLs in one second (a renewal, then a revocation) must not tie."""
+    two CRLs in one second (a renewal, then a revocation) must not tie. Each carries its
+    RFC 5280 CRL number, one above the one before; the root's CRL counts on its own."""
     pki = _fleet(tmp_path / "pki")
+    root_first = crl_number(pki.crls()[0])
     pki.init_issuing()
+    root_number = crl_number(pki.crls()[1])
     pki.issue_device("node-1")
-    stamps = []
+    stamps, numbers = [], []
     for _ in range(3):
         pki.write_crl(days=1)
         stamps.append(pki.crls()[0].last_update_utc)
+        numbers.append(crl_number(pki.crls()[0]))
     pki.revoke("node-1")
     stamps.append(pki.crls()[0].last_update_utc)
+    numbers.append(crl_number(pki.crls()[0]))
     assert stamps == sorted(set(stamps)), stamps
+    assert numbers == list(range(numbers[0], numbers[0] + 4)) and numbers[0] >= 1, numbers
+    assert root_first >= 1 and root_number > root_first
+    assert crl_number(pki.crls()[1]) == root_number  # the root key was not used again
 
 
 def test_a_crl_is_never_dated_in_the_future(tmp_path: Path) -> None:
