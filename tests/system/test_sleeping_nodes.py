@@ -256,7 +256,10 @@ def test_device_show_predicts_the_next_listening_time_within_one_interval(stack:
         stack.start()
         node = stack.add_node("n7", seed=9, time_scale=1, start_ms=None, sample_interval_s=3,
                               align_s=0)
-        run = asyncio.create_task(node.wake(4, wall_limit_s=60))
+        # When each wake began (its process started): the run's end less its awake time.
+        began: list[float] = []
+        run = asyncio.create_task(node.sim.run(
+            4, wall_limit_s=60, on_run=lambda r: began.append(time.time() - r.awake_ms / 1000)))
         seen: list[dict[str, Any]] = []
         while not run.done():
             with stack.db() as conn:
@@ -272,10 +275,14 @@ def test_device_show_predicts_the_next_listening_time_within_one_interval(stack:
         if st.wakes != seen[-1]["wakes"]:
             seen.append(st.as_dict())
         assert len(seen) >= 3, seen
-        # The node wakes on its grid: the prediction is off by the awake time only.
-        errors = [b["last_hello_at"] - a["expected_at"] for a, b in zip(seen, seen[1:], strict=False)
-                  if b["wakes"] == a["wakes"] + 1]
-        assert errors and all(abs(e) <= 3.0 for e in errors), (errors, seen)
+        # The node wakes on its grid: the prediction is off by the time a wake takes to
+        # reach its HELLO (boot, association, TLS), long on a loaded host. So it is held
+        # against the moment the wake began, and the HELLO must come after that moment.
+        assert len(began) == 4 and all(s["wakes"] <= 4 for s in seen), (began, seen)
+        errors = [began[b["wakes"] - 1] - a["expected_at"]
+                  for a, b in zip(seen, seen[1:], strict=False) if b["wakes"] == a["wakes"] + 1]
+        assert errors and all(abs(e) <= 3.0 for e in errors), (errors, seen, began)
+        assert all(s["last_hello_at"] >= began[s["wakes"] - 1] for s in seen), (seen, began)
         assert all(s["missed_wakes"] == 0 for s in seen), seen
         doc = show(stack, "n7")["downlink"]
         assert doc["next_listen_until"] - doc["next_listen_at"] == pytest.approx(3.0)

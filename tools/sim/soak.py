@@ -305,7 +305,7 @@ class SoakVerdict:
 
 
 _TLS_REFUSED = re.compile(r"send failed.*TLS")
-CRL_WATCH_S = 0.05  # real seconds between looks at the issuing CA's CRL (crl_renewals)
+CRL_WATCH_S = 0.5  # real seconds between looks at the issuing CA's CRL (crl_renewals)
 
 
 class Soak:
@@ -347,7 +347,7 @@ class Soak:
         self.upstream: Upstream | None = None
         self.probes = 0
         self.lapses: list[str] = []
-        self.crls_seen: set[str] = set()  # the issuing CA's CRLs seen, by lastUpdate
+        self.crls_seen: set[int] = set()  # the issuing CA's CRLs seen, by CRL number
 
     def say(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -563,7 +563,7 @@ class Soak:
         node has not yet connected with) against the chain and the CRL the broker reads,
         and of the broker's certificate, at the field's time. A failure is a lapse: the
         broker would refuse that device (or every node the broker)."""
-        from gateway.security.pki import Pki
+        from gateway.security.pki import Pki, crl_number
 
         pki = Pki(self.pki_dir)
         try:
@@ -572,7 +572,7 @@ class Soak:
         except Exception:  # noqa: BLE001 - the index is being rewritten: next round
             return
         if crls:
-            self.crls_seen.add(crls[0].last_update_utc.isoformat())
+            self.crls_seen.add(crl_number(crls[0]))
         # A certificate a rotation issued is the node's only once it connected with it.
         try:
             conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
@@ -628,19 +628,19 @@ class Soak:
             await asyncio.sleep(self.opts.probe_period_s)
 
     def _crl_once(self) -> None:
-        from gateway.security.pki import Pki
+        from gateway.security.pki import Pki, crl_number
 
         try:
             crls = Pki(self.pki_dir).crls()
         except Exception:  # noqa: BLE001 - being rewritten: the next look sees it
             return
         if crls:
-            self.crls_seen.add(crls[0].last_update_utc.isoformat())
+            self.crls_seen.add(crl_number(crls[0]))
 
     async def _watch_crls(self) -> None:
-        """Every CRL the issuing CA signs, seen by its lastUpdate: looked at 20 times a real
-        second, apart from the once-a-second `openssl verify` rounds, which at full scale
-        are more than a field day apart and merged CRLs signed between two of them."""
+        """The issuing CA's CRL, looked at twice a real second apart from the once-a-second
+        `openssl verify` rounds (more than a field day apart at full scale): its number
+        counts the re-issues, those signed between two looks too."""
         while True:
             await asyncio.to_thread(self._crl_once)
             await asyncio.sleep(CRL_WATCH_S)
@@ -870,6 +870,9 @@ class Soak:
                                 f"within {list_by - at:.0f} field days")
         holding = len(self.key_rotation_nodes)
         listed_day = self.day()
+        # A device revoked while the list went out is no longer the campaign's.
+        served = [d for d in served if d in self._served()]
+        devices = ",".join(served)
         v2 = self.dir / "images" / "v2"
         await self._run_step("the image", "fw", "build", "--board", "sim", "--version", "2",
                              "--display", "2-new-key", "--out", str(v2))
@@ -1085,7 +1088,8 @@ class Soak:
         rot_min = min((rotations.get(d, 0) for d in devices), default=0)
         # Every CRL the issuing CA signed after setup renews it: the gateway's scheduled
         # renewals (its `renewed` events) and the CRLs a rotation's revocation writes.
-        crl = max(len(self.crls_seen) - 1, 0)
+        # Numbered one up each time: a re-issue between two looks still counts.
+        crl = max(self.crls_seen) - min(self.crls_seen) if self.crls_seen else 0
         operator = len(self.operator_actions) + operator_rot
         stays_out: bool | None = (None if self.revoked is None
                                   else self.revoked_ids is not None and revoked_after == 0)
