@@ -291,7 +291,7 @@ class Wake:
 
         # A manifest staged by an earlier wake is checked before the rest of the send code
         # and the session take the heap.
-        ota.check_staged()
+        ota.check_staged(self.cfg)
         import rotate  # key rotation (docs/credentials.md): counted in import= as the rest
 
         rotate.before_send(self.cfg, board)  # a rotation's key that found no room in a session
@@ -652,8 +652,10 @@ class Wake:
         import ota  # loaded by send()
         import proto  # loaded by send()
 
-        # payload is a view into the client's receive buffer. OTA frames are rare and
-        # large, and their fields go to the slot code: they get a copy of their own.
+        # payload is a view into the client's receive buffer, good until the client reads
+        # again. OTA frames are read in place too: their fields reach flash (or a copy)
+        # before on_frame returns, and a 1 KB copy of each could find no block of that
+        # size in the heap a session leaves.
         t = payload[1] if len(payload) > 1 else 0
         # ACK and SLEEP_NOW come in every sending wake: read in place when plain, with the
         # generated readers (the decoder builds a tuple, a list and views for them).
@@ -666,20 +668,29 @@ class Wake:
             sleep_s, pending = proto.read_sleep_now(payload, end)
             self._on_sleep_now(sleep_s, pending)
             return
-        if t == proto.OTA_MANIFEST or t == proto.OTA_CHUNK:  # no tuple per packet
-            payload = bytes(payload)
         try:
             ftype, f = proto.decode(payload)
         except proto.ProtocolError as e:
             log.warn("bad downlink frame: %s", e)
+            return
+        except MemoryError:
+            # A frame is a downlink item the gateway delivers again until it is answered:
+            # one that finds no room now comes in a later wake, and this wake goes on.
+            log.warn("downlink frame type %d: out of heap, it comes again", t)
             return
         if ftype == proto.ACK:
             self._on_ack(f[proto.ACK_CUMULATIVE], f[proto.ACK_SELECTIVE], f[proto.ACK_TIME])
         elif ftype == proto.COMMAND:
             import commands  # loaded by send()
 
-            n = commands.execute(f, self.cfg, self.st, board, self.effects, self.out, self.st.msg_id(),
-                                 self.safe)
+            try:
+                n = commands.execute(f, self.cfg, self.st, board, self.effects, self.out,
+                                     self.st.msg_id(), self.safe)
+            except MemoryError:
+                # Unanswered, it comes again at a later send (as after a lost result); the
+                # wake goes on to its ACKs and its sleep.
+                log.warn("command %d: out of heap, it comes again", f[proto.COMMAND_COMMAND_ID])
+                return
             if self.effects.pending:
                 self.hint = 1  # a key list staged: the next wake checks it and answers
             if n:  # 0: no result now (out of heap, or a key list staged): it comes later

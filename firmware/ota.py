@@ -25,6 +25,7 @@ _begun = False  # slots.begin() ran in this process for the staged manifest
 _n = 0  # chunks of the image (without the manifest prefix)
 _acked = False
 _hello = (0, 0)
+_reboot = False  # the download ended in this wake: reboot into its trial image
 
 
 def _where():
@@ -38,10 +39,10 @@ def _where():
 
 def configure(root):
     """Another flash root (tests)."""
-    global _root, _report, _hdr, _begun, _acked
+    global _root, _report, _hdr, _begun, _acked, _reboot
     _root = root
     _report = _hdr = None
-    _begun = _acked = False
+    _begun = _acked = _reboot = False
 
 
 def _read(path):
@@ -60,6 +61,21 @@ def _write(path, data, mode="wb"):
         pass
     with open(root + path, mode) as f:
         f.write(data)
+
+
+def _size(path):
+    try:
+        return os.stat(_where() + path)[6]
+    except OSError:
+        return 0
+
+
+def _head(path, n):
+    try:
+        with open(_where() + path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
 
 
 def _drop_staging():
@@ -174,13 +190,26 @@ def on_frame(ftype, f, w):
     except OSError as e:
         _set_report(f[1], proto.OTA_STATE_FAILED, 0, proto.OTA_REASON_NO_SPACE, "flash: %s" % e)
     except MemoryError:
-        # Out of heap says nothing about the update: never a refusal. Before the manifest
-        # has passed its check in this process nothing unchecked stays staged, and IDLE
-        # ("no manifest here") has the gateway send the manifest again. After it, the
-        # staging stands and the chunk comes again (no report: the gateway resends).
-        if not _begun:
-            _drop_staging()
-            _set_report(f[1], proto.OTA_STATE_IDLE, 0, 0, "heap")
+        # Out of heap says nothing about the update: never a refusal, and the frame comes
+        # again. A stream prefix collected in order so far stays: it is on flash, and it
+        # is checked as a whole before anything reaches the slot. So does a download whose
+        # manifest passed its check (no report: the gateway resends the chunk). Only an
+        # unchecked manifest is dropped, and IDLE ("no manifest here") has the gateway
+        # send it again.
+        import log
+
+        log.warn("OTA frame %d: out of heap, it comes again", ftype)
+        h = _hdr
+        if _begun:
+            return
+        if h is not None and h["v"] == f[1]:
+            if h["m"] < 0:
+                _progress(f[1])  # the prefix so far stays; its next index costs a stat
+                return
+            if h.get("ok", 1):
+                return  # checked in an earlier wake: it stays, the chunk comes again
+        _drop_staging()
+        _set_report(f[1], proto.OTA_STATE_IDLE, 0, 0, "heap")
 
 
 def _refused(version, reason, detail):
@@ -247,49 +276,61 @@ def _resume():
     return True
 
 
-def check_staged():
+def check_staged(cfg):
     """At the start of a sending wake, before the radio: the check (Ed25519 and the rest)
     of a manifest an earlier wake staged, on a heap that holds no session, frames or chunks
-    yet. The outcome goes into this wake's OTA_STATUS; a refused manifest is dropped."""
+    yet. The outcome goes into this wake's OTA_STATUS; a refused manifest is dropped. A
+    download whose manifest passed its check in an earlier wake is reopened here too: the
+    manifest read back and parsed takes blocks of its size, which a heap with a session up
+    may no longer have."""
     h = _load()
-    if h is None or h["m"] < 0 or h.get("ok", 1):
+    if h is None or h["m"] < 0:
         return
     import gc
 
     import proto  # the codec: only a wake that sends gets here
 
     v = h["v"]
+    checked = h.get("ok", 1)
     try:
-        h["ok"] = 1
-        if _resume():
-            _write(_HDR, json.dumps(h))
-            _progress(v)
+        if checked:
+            # False (its manifest gone): the first chunk has it sent again.
+            if _resume() and h.get("done"):
+                _finish(h, cfg)  # every chunk in: the check that found no room last wake
         else:
-            # Staging without its manifest (a cut write): have the manifest sent again.
-            _drop_staging()
-            _set_report(v, proto.OTA_STATE_IDLE, 0)
+            h["ok"] = 1
+            if _resume():
+                _write(_HDR, json.dumps(h))
+                _progress(v)
+            else:
+                # Staging without its manifest (a cut write): have the manifest sent again.
+                _drop_staging()
+                _set_report(v, proto.OTA_STATE_IDLE, 0)
     except slots.Refused as e:
         _refused(v, e.reason, e.detail)
     except OSError as e:
         _drop_staging()
         _set_report(v, proto.OTA_STATE_FAILED, 0, proto.OTA_REASON_NO_SPACE, "flash: %s" % e)
     except MemoryError:
-        # Never a refusal: the manifest is sent again and checked in a later wake.
-        _drop_staging()
-        _set_report(v, proto.OTA_STATE_IDLE, 0, 0, "heap")
+        # Never a refusal. Checked in an earlier wake: a chunk reopens it. Unchecked: the
+        # manifest is sent again and checked in a later wake.
+        if not checked:
+            _drop_staging()
+            _set_report(v, proto.OTA_STATE_IDLE, 0, 0, "heap")
     gc.collect()  # the verifier's garbage goes before the session's buffers come
 
 
 def _prefix_len():
-    raw = _read(_MAN)
-    return 0 if raw is None else len(raw)
+    # Its size on flash: the prefix grows a chunk at a time, and reading it whole to
+    # measure it took a block of its size from a heap a session already holds.
+    return _size(_MAN)
 
 
 def _next_index():
     # Wire index of the first chunk the node still needs.
     h = _hdr
     if h["m"] < 0:
-        return (_prefix_len() + h["cs"] - 1) // h["cs"] if _prefix_len() else 0
+        return _prefix_len() // h["cs"]
     if not _resume():
         return h["m"]  # the manifest is here: the image's chunks once it passes its check
     k = slots.missing()
@@ -333,17 +374,35 @@ def _chunk(f, w):
             return
         _progress(v)
         return  # the manifest is not checked yet (next wake): the chunk comes again
+    if h.get("done"):
+        return  # every chunk is in: the next sending wake checks the slot
     slots.write_chunk(i - h["m"], data)
     if slots.missing() >= 0:
         _progress(v)
         return
+    try:
+        _finish(h, w.cfg)
+    except MemoryError:
+        # The whole-slot check (Ed25519 among it) found no room beside the session: it
+        # runs at the start of the next sending wake (check_staged), before the radio.
+        h["done"] = 1
+        _write(_HDR, json.dumps(h))
+        _set_report(v, proto.OTA_STATE_DOWNLOADING, h["m"] + _n)
+        return
+    w.effects.reboot = True
+
+
+def _finish(h, cfg):
+    global _reboot
+    import proto  # the codec: only a wake that sends gets here
+
     n = h["m"] + _n
     slots.finish()
-    slots.set_trial(1, w.cfg.trial_outage_boots)
+    slots.set_trial(1, cfg.trial_outage_boots)
     # The download is over: the slot and the bootloader's record hold everything now.
     _drop_staging()
-    _set_report(v, proto.OTA_STATE_TRIAL, n)
-    w.effects.reboot = True
+    _set_report(h["v"], proto.OTA_STATE_TRIAL, n)
+    _reboot = True
 
 
 def _prefix_chunk(h, i, data, v):
@@ -352,7 +411,8 @@ def _prefix_chunk(h, i, data, v):
 
     cs = h["cs"]
     have = _prefix_len()
-    if i * cs != have:
+    at = have - i * cs  # where this chunk's bytes go on: 0 but after an append cut short
+    if at < 0 or at >= max(len(data), 1):
         _progress(v)
         return  # in order only: the prefix has no resume map of its own
     if i == 0:
@@ -362,11 +422,12 @@ def _prefix_chunk(h, i, data, v):
         if need - 2 > slots.MAX_MANIFEST:
             raise slots.Refused(proto.OTA_REASON_BAD_MANIFEST, "manifest size")
     else:
-        need = 2 + struct.unpack_from("<H", _read(_MAN), 0)[0]
-    if len(data) != min(cs, need - have):
+        need = 2 + struct.unpack_from("<H", _head(_MAN, 2), 0)[0]
+    if len(data) != min(cs, need - i * cs):
         raise slots.Refused(proto.OTA_REASON_TRUNCATED, "chunk %d has %d bytes" % (i, len(data)))
-    _write(_MAN, data, "ab")
-    if have + len(data) < need:
+    _write(_MAN, data[at:] if at else data, "ab")
+    have += len(data) - at
+    if have < need:
         _progress(v)
         return
     h["m"] = (need + cs - 1) // cs
@@ -381,6 +442,8 @@ def after_window(client, w):
     global _report
     import proto  # the codec: only a wake that sends gets here
 
+    if _reboot:
+        w.effects.reboot = True  # into the trial image the download ended with
     r = _report
     if r is None:
         return
