@@ -70,8 +70,8 @@ _F_TRIAL = const(2)  # the record names a slot on trial
 _F_CRASH = const(3)  # the trial has started a boot and this boot's cause is a crash or watchdog reset
 _F_USED = const(4)  # the trial's boots are used: `tboots` - `nonet` >= `max`
 _F_OUTAGE = const(5)  # the trial's outage budget is used: `nonet` > `nmax`
-_F_TRIAL_OK = const(6)  # the trial slot passes the full check and holds version `tver`
-_F_ACTIVE_OK = const(7)  # the confirmed slot passes its boot check (signature, or its seal on a timer wake; sizes) and holds version `ver`
+_F_TRIAL_OK = const(6)  # the trial slot passes the full check (the signature from its seal when it matches) and holds version `tver`
+_F_ACTIVE_OK = const(7)  # the confirmed slot passes its boot check (signature, or its seal on a timer wake or the app's soft reset; sizes) and holds version `ver`
 _F_OTHER_OK = const(8)  # the other slot passes the full check
 
 # actions
@@ -159,12 +159,16 @@ class _Boot:
         if f == _F_OUTAGE:
             return 1 if st["nonet"] > st["nmax"] else 0
         if f == _F_TRIAL_OK:
-            return self._check("trial", st["trial"], True, st["tver"])
+            # Every file hashed; the signature from the seal the update's own check left
+            # moments before the trial was set, when it matches (docs/bootloader.md).
+            return self._check("trial", st["trial"], True, st["tver"], True)
         if f == _F_ACTIVE_OK:
-            # A wake from deep sleep (the common boot of a battery node) takes the signature
-            # from the slot's seal when (key, signature, manifest) are the bytes verified
-            # before; any other boot cause verifies it again.
-            return self._check("confirmed", st["active"], False, st["ver"], self.cause == board.TIMER)
+            # A wake from deep sleep (the common boot of a battery node) and a reset the app
+            # asked for take the signature from the slot's seal when (key, signature,
+            # manifest) are the bytes verified before; any other boot cause verifies it again.
+            c = self.cause
+            return self._check("confirmed", st["active"], False, st["ver"],
+                               c == board.TIMER or c == board.SOFT_RESET)
         # _F_OTHER_OK: the image before the last update, say
         return self._check("other", bootstate.other(st["active"]), True)
 

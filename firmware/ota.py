@@ -25,7 +25,7 @@ _begun = False  # slots.begin() ran in this process for the staged manifest
 _n = 0  # chunks of the image (without the manifest prefix)
 _acked = False
 _hello = (0, 0)
-_reboot = False  # the download ended in this wake: reboot into its trial image
+_reboot = False  # a check passed at this wake's start (restart_due), or the download ended
 
 
 def _where():
@@ -283,6 +283,7 @@ def check_staged(cfg):
     download whose manifest passed its check in an earlier wake is reopened here too: the
     manifest read back and parsed takes blocks of its size, which a heap with a session up
     may no longer have."""
+    global _reboot
     h = _load()
     if h is None or h["m"] < 0:
         return
@@ -302,6 +303,7 @@ def check_staged(cfg):
             if _resume():
                 _write(_HDR, json.dumps(h))
                 _progress(v)
+                _reboot = True  # a fresh heap for the session (restart_due)
             else:
                 # Staging without its manifest (a cut write): have the manifest sent again.
                 _drop_staging()
@@ -318,6 +320,15 @@ def check_staged(cfg):
             _drop_staging()
             _set_report(v, proto.OTA_STATE_IDLE, 0, 0, "heap")
     gc.collect()  # the verifier's garbage goes before the session's buffers come
+
+
+def restart_due():
+    """check_staged passed a check with Ed25519 at this wake's start (a staged manifest,
+    or the whole slot once every chunk is in, which set the trial): the wake should
+    restart now, before the send code and the session load on a heap the verifier left
+    fragmented. The next boot sends on a fresh heap. Its progress report, lost with the
+    restart, is no loss: the gateway's next chunks find the download reopened."""
+    return _reboot
 
 
 def _prefix_len():
@@ -394,11 +405,13 @@ def _chunk(f, w):
 
 def _finish(h, cfg):
     global _reboot
+    import log
     import proto  # the codec: only a wake that sends gets here
 
     n = h["m"] + _n
     slots.finish()
     slots.set_trial(1, cfg.trial_outage_boots)
+    log.info("OTA: v%d in, checked whole: trial set", h["v"])
     # The download is over: the slot and the bootloader's record hold everything now.
     _drop_staging()
     _set_report(h["v"], proto.OTA_STATE_TRIAL, n)

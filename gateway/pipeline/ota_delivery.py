@@ -113,7 +113,15 @@ class OtaHandler:
         if act is None:
             return 0
         cid, status, img, progress = act
-        if hello.ota_state == proto.OtaState.REVERTED and status == ota_store.TRIAL:
+        if status == ota_store.VERIFYING and hello.fw_version == img.version:
+            # Every chunk was in and the node's whole-image check, left for the start of a
+            # later wake for want of heap, set the trial and restarted into it before it
+            # could report: the trial image's HELLO says so.
+            self._finish(conn, cid, device, ota_store.TRIAL, now)
+            status = ota_store.TRIAL
+        if hello.ota_state == proto.OtaState.REVERTED and (
+                status == ota_store.TRIAL
+                or (status == ota_store.VERIFYING and hello.fw_version != img.version)):
             reason = _REASONS.get(int(hello.ota_reason), "reverted")
             self._finish(conn, cid, device, ota_store.REVERTED, now, reason,
                          f"running v{hello.fw_version}")

@@ -261,6 +261,30 @@ def test_revert_reported_in_hello_after_trial(
     assert c.status == ota_store.COMPLETED
 
 
+def test_a_trial_set_without_its_report_is_known_by_the_trial_images_hello(
+        conn: sqlite3.Connection, signed: tuple[Path, Path, bytes]) -> None:
+    """A node whose whole-image check found no heap beside a session runs it at the start
+    of a later wake and restarts into the trial before it reports: every chunk in
+    (verifying), then the HELLO of the new image, then its confirmation. A revert after
+    such a trial comes in the old image's HELLO."""
+    cid = campaign(conn, signed, ["s0", "s1"], rate=2, abort_threshold=100)
+    img = ota_store.get_image(conn, ota_store.get_campaign(conn, cid).image_id)
+    total = ota_store.wire_plan(img, proto.DEVICE_CLASSES["sensor"]).total(img)
+    for dev in ("s0", "s1"):
+        status(conn, dev, 2, proto.OtaState.DOWNLOADING, total)
+    assert states(conn, cid) == {"s0": "verifying", "s1": "verifying"}
+    # An old image's HELLO with nothing to report changes nothing.
+    hello(conn, "s0", 1, proto.OtaState.IDLE)
+    assert states(conn, cid)["s0"] == "verifying"
+    hello(conn, "s0", 2, proto.OtaState.TRIAL)
+    assert states(conn, cid)["s0"] == "trial" and ota_items(conn, "s0") == []
+    status(conn, "s0", 2, proto.OtaState.CONFIRMED)
+    hello(conn, "s1", 1, proto.OtaState.REVERTED, proto.OtaReason.HEALTH_CHECK)
+    c = ota_store.get_campaign(conn, cid)
+    got = {d.device: (d.status, d.reason) for d in c.devices}
+    assert got == {"s0": ("confirmed", ""), "s1": ("reverted", "health_check")}, got
+
+
 def test_create_refuses_bad_requests(
         conn: sqlite3.Connection, signed: tuple[Path, Path, bytes]) -> None:
     img = ota_ops.import_image(conn, signed[0], now=T0)
