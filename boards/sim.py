@@ -52,6 +52,12 @@ _prof = None  # the profile's figures (dict), or None
 _field = None  # failure rate, outage windows, time compression, this node's drift
 _skip_ms = 0  # time charged to this run but not waited in real time (boot, flash, compression)
 _ledger = None  # phase -> [ms, uAh] of this wake
+# Room the board's own bookkeeping takes back when the radio goes down (the energy ledger,
+# the battery, the field's radio lock): taken at init, out of SIM_OVERHEAD_BYTES, so that
+# the simulator's Python never competes with the firmware for a block on the chip's heap.
+# Without it, an ESP32-profile node's session-end found no 752-byte block there.
+_SIM_ROOM = const(2048)
+_sim_room = None
 _phase = "boot"
 _phase_t = 0  # ticks when the open phase started
 _tls = None
@@ -121,10 +127,11 @@ def virtual_ms():
 
 def init():
     # Once per process: the bootloader calls it, then the app again (a no-op then).
-    global _bdev
+    global _bdev, _sim_room
     _load()
     global _booted, _io0
     if _bdev is None:
+        _sim_room = bytearray(_SIM_ROOM)
         _bdev = simflash.mount(
             _path("flash.img"),
             FS_ROOT,
@@ -464,7 +471,8 @@ def radio_up(ssid, password, deadline_ms, hint=None):
 
 
 def radio_down():
-    global _radio
+    global _radio, _sim_room
+    _sim_room = None  # the board's bookkeeping below finds its room (see _SIM_ROOM)
     if _radio:
         _close_phase()
         _battery_account()

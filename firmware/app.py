@@ -138,8 +138,7 @@ class Wake:
     recs = None  # the readings of one burst, as stored (RECORD_ENV3 each)
     up_topic = None
     tls_room = None  # the TLS context's room (TLS_ROOM), held from send() to the context
-    bufs = None  # the MQTT client's receive and transmit buffers, taken early in send()
-    restart = False  # reset into the trial image an OTA download ended with, at once
+    restart = False  # reset at once: an OTA check with Ed25519 ran at the start (ota.restart_due)
     # timings (ms) and wire figures for the "T" line
     ms_boot = ms_sample = ms_connect = ms_publish = ms_wait = 0
     bytes_out = bytes_in = 0
@@ -289,14 +288,6 @@ class Wake:
         # peak in the TLS handshake is then about 5 kB lower (energy bench bisection).
         gc.collect()
         a = gc.mem_alloc()
-        # Room for the TLS context, and the client's two packet buffers, taken before the
-        # send code loads: on the ESP32 profile a boot whose bootloader ran the full image
-        # check (power-on, a trial) found no block of 1,120 bytes for the buffers at
-        # connect, with 35 KB free, and a trial image was reverted for it.
-        self.tls_room = bytearray(TLS_ROOM)
-        size = wire.CLASS_LIMITS[self.cfg.device_class][0] + _TOPIC_SLACK
-        self.bufs = (bytearray(size), bytearray(size))
-        room = gc.mem_alloc() - a  # not code: import= leaves it out
         import ota  # only wakes that send pay for these imports
 
         # A manifest staged by an earlier wake is checked before the rest of the send code
@@ -311,6 +302,9 @@ class Wake:
         import rotate  # key rotation (docs/credentials.md): counted in import= as the rest
 
         rotate.before_send(self.cfg, board)  # a rotation's key that found no room in a session
+        room = gc.mem_alloc()
+        self.tls_room = bytearray(TLS_ROOM)
+        room = gc.mem_alloc() - room  # not code: import= leaves it out
         import commands
         import mqtt  # noqa: F401 - loaded here so that import= counts it
         import proto  # noqa: F401 - the codec, likewise
@@ -375,16 +369,14 @@ class Wake:
             self._room()
             ctx = mqtt.make_tls_context(cert, key, ca)
             port = cfg.broker_port
-        bufs = self.bufs or (None, None)
         client = mqtt.MQTTClient(
             cfg.device_id, cfg.broker_host, port, ssl=ctx,
             server_hostname=cfg.server_hostname or None, keepalive=cfg.keepalive_s,
             # The gateway holds downlink for a sleeping node (it is the store), so the
             # broker keeps no session: no stale frames of an earlier window arrive.
             clean_session=True, max_packet=size + _TOPIC_SLACK, headroom=_TOPIC_SLACK,
-            addr=st.broker_ip or None, rbuf=bufs[0], tbuf=bufs[1],
+            addr=st.broker_ip or None,
         )
-        self.bufs = None  # the client's own now
         self.out = client.out
         # Room for what is queued now (a burst holds at most MAX_READINGS): 64 readings
         # take 640 bytes, which the receive buffer has while no packet is in it.
@@ -496,7 +488,12 @@ class Wake:
         import ota  # loaded by send()
 
         if client is not None:
-            client.disconnect()
+            try:
+                client.disconnect()
+            except MemoryError:
+                # No heap left for the courtesy: the link is dropped, the broker's Will
+                # says "lost", and the session's outcome stands as it is.
+                client.close()
             self.bytes_out = client.bytes_out
             self.bytes_in = client.bytes_in
         board.radio_down()
