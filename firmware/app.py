@@ -28,8 +28,9 @@ BACKOFF_MAX_S = const(3600)
 CONFIG_ERROR_SLEEP_S = const(3600)
 WRAP_UP_MS = const(100)  # of the awake budget: closing the session, the report, sleep
 # Held from before the send code loads until the TLS context is made, then let go: the
-# context's one block (about 3 KB on the 64-bit unix port) then finds a hole on a heap the
-# imports, a rotation's records and a session key left fragmented with 30 KB free.
+# context's one block (about 3 KB on the 64-bit unix port), and the MQTT client's two packet
+# buffers made right after it (the room holds them too), then find a hole on a heap the
+# imports, a rotation's records and a session key left fragmented with 20-30 KB free.
 TLS_ROOM = const(4096)
 # The hardware watchdog bites at the awake budget plus this: the bootloader before the app
 # and the wrap-up after the budget. Only the wake cycle feeds it, at each of its steps.
@@ -303,7 +304,9 @@ class Wake:
 
         rotate.before_send(self.cfg, board)  # a rotation's key that found no room in a session
         room = gc.mem_alloc()
-        self.tls_room = bytearray(TLS_ROOM)
+        # With the client's two packet buffers: they are made right after the context.
+        size = wire.CLASS_LIMITS[self.cfg.device_class][0] + _TOPIC_SLACK
+        self.tls_room = bytearray(TLS_ROOM + 2 * size)
         room = gc.mem_alloc() - room  # not code: import= leaves it out
         import commands
         import mqtt  # noqa: F401 - loaded here so that import= counts it
