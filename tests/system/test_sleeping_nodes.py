@@ -278,10 +278,15 @@ def test_device_show_predicts_the_next_listening_time_within_one_interval(stack:
         # The node wakes on its grid: the prediction is off by the time a wake takes to
         # reach its HELLO (boot, association, TLS), long on a loaded host. So it is held
         # against the moment the wake began, and the HELLO must come after that moment.
+        # The first wake announces its next listen before the gateway's ACK sets its clock,
+        # and its grid moves with that step: its prediction is held to two intervals, the
+        # others to one.
         assert len(began) == 4 and all(s["wakes"] <= 4 for s in seen), (began, seen)
-        errors = [began[b["wakes"] - 1] - a["expected_at"]
-                  for a, b in zip(seen, seen[1:], strict=False) if b["wakes"] == a["wakes"] + 1]
-        assert errors and all(abs(e) <= 3.0 for e in errors), (errors, seen, began)
+        errors = {b["wakes"]: began[b["wakes"] - 1] - a["expected_at"]
+                  for a, b in zip(seen, seen[1:], strict=False) if b["wakes"] == a["wakes"] + 1}
+        later = [e for w, e in errors.items() if w > 2]
+        assert later and all(abs(e) <= 3.0 for e in later), (errors, seen, began)
+        assert abs(errors.get(2, 0.0)) <= 6.0, (errors, seen, began)
         assert all(s["last_hello_at"] >= began[s["wakes"] - 1] for s in seen), (seen, began)
         assert all(s["missed_wakes"] == 0 for s in seen), seen
         doc = show(stack, "n7")["downlink"]
