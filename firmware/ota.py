@@ -45,10 +45,10 @@ def configure(root):
     _begun = _acked = _reboot = False
 
 
-def _read(path):
+def _read(path, n=-1):
     try:
         with open(_where() + path, "rb") as f:
-            return f.read()
+            return f.read(n)
     except OSError:
         return None
 
@@ -68,14 +68,6 @@ def _size(path):
         return os.stat(_where() + path)[6]
     except OSError:
         return 0
-
-
-def _head(path, n):
-    try:
-        with open(_where() + path, "rb") as f:
-            return f.read(n)
-    except OSError:
-        return b""
 
 
 def _drop_staging():
@@ -435,7 +427,7 @@ def _prefix_chunk(h, i, data, v):
         if need - 2 > slots.MAX_MANIFEST:
             raise slots.Refused(proto.OTA_REASON_BAD_MANIFEST, "manifest size")
     else:
-        need = 2 + struct.unpack_from("<H", _head(_MAN, 2), 0)[0]
+        need = 2 + struct.unpack_from("<H", _read(_MAN, 2), 0)[0]
     if len(data) != min(cs, need - i * cs):
         raise slots.Refused(proto.OTA_REASON_TRUNCATED, "chunk %d has %d bytes" % (i, len(data)))
     _write(_MAN, data[at:] if at else data, "ab")
@@ -455,8 +447,6 @@ def after_window(client, w):
     global _report
     import proto  # the codec: only a wake that sends gets here
 
-    if _reboot:
-        w.effects.reboot = True  # into the trial image the download ended with
     r = _report
     if r is None:
         return

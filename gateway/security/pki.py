@@ -784,11 +784,8 @@ class Pki:
         ca_cert, ca_key, signer = self._signer()
         now = self.now()
         rows = self.list() if records is None else records
-        current = self._current_crl()
         crl = self._sign_crl(ca_cert, ca_key, [r for r in rows if r.issuer == signer],
-                             now + dt.timedelta(days=days),
-                             after=None if current is None else current.last_update_utc,
-                             number=crl_number(current) + 1)
+                             now + dt.timedelta(days=days), self._current_crl())
         body = crl.public_bytes(serialization.Encoding.PEM)
         if signer == "issuing" and self.root_crl_path.exists():
             body += self.root_crl_path.read_bytes()
@@ -797,14 +794,19 @@ class Pki:
 
     def _sign_crl(self, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
                   rows: Iterable[CertRecord], next_update: dt.datetime,
-                  after: dt.datetime | None = None,
-                  number: int = 1) -> x509.CertificateRevocationList:
+                  previous: x509.CertificateRevocationList | None = None,
+                  number: int | None = None) -> x509.CertificateRevocationList:
+        # previous: the issuer's CRL this one replaces; number: its CRL number (by default
+        # one above previous's).
         # Mosquitto adds each reloaded CRL to those it holds and OpenSSL uses the valid one
         # with the latest lastUpdate (the first on a tie): a new CRL must be strictly later
         # than the one before it, or a revocation made in the same second could be missed.
         # Never past now, though: a CRL from the future is refused like an expired one.
         now = self.now()
         last_update = now - BACKDATE
+        after = None if previous is None else previous.last_update_utc
+        if number is None:
+            number = crl_number(previous) + 1
         if after is not None and last_update <= after:
             last_update = min(after + dt.timedelta(seconds=1), now)
         builder = (
@@ -854,9 +856,8 @@ class Pki:
         earlier = self._current_crl()
         if earlier is not None and earlier.issuer != root.subject:
             earlier = None
-        crl = self._sign_crl(root, key, rows, next_update,
-                             after=None if current is None else current.last_update_utc,
-                             number=max(crl_number(current), crl_number(earlier)) + 1)
+        crl = self._sign_crl(root, key, rows, next_update, current,
+                             max(crl_number(current), crl_number(earlier)) + 1)
         write_public(self.root_crl_path, crl.public_bytes(serialization.Encoding.PEM))
 
     def _current_crl(self) -> x509.CertificateRevocationList | None:

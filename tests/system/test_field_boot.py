@@ -16,7 +16,7 @@ import pytest
 
 from gateway.store import downlink_queue as q
 from tests.firmware.test_bootloader_sim import on_flash
-from tests.firmware.test_ota_delivery import wake_bound
+from tests.firmware.test_ota_delivery import last_run, wake_bound
 from tests.system.stack import Stack, StackNode
 from tests.system.test_ota_campaign import Images, boot_node, campaign, images  # noqa: F401
 from tests.system.test_sleeping_nodes import aio, item, send, show, until
@@ -67,8 +67,7 @@ def test_a_trial_across_an_outage_is_kept_then_a_bad_slot_falls_back(
         # resets into the trial (a wake that checked the manifest at its start resets too).
         for _ in range(wake_bound(stack, 1)):
             s = await node.wake()
-            last = re.split(r"^--- run \d+ cause=", node.log_text(), flags=re.M)[-1]
-            if s.runs[-1].kind == "soft_reset" and "trial set" in last:
+            if s.runs[-1].kind == "soft_reset" and "trial set" in last_run(node):
                 break
         else:
             raise AssertionError(node.log_text()[-3000:])

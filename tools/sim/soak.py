@@ -563,16 +563,13 @@ class Soak:
         node has not yet connected with) against the chain and the CRL the broker reads,
         and of the broker's certificate, at the field's time. A failure is a lapse: the
         broker would refuse that device (or every node the broker)."""
-        from gateway.security.pki import Pki, crl_number
+        from gateway.security.pki import Pki
 
         pki = Pki(self.pki_dir)
         try:
             records = pki.list()
-            crls = pki.crls()
         except Exception:  # noqa: BLE001 - the index is being rewritten: next round
             return
-        if crls:
-            self.crls_seen.add(crl_number(crls[0]))
         # A certificate a rotation issued is the node's only once it connected with it.
         try:
             conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
@@ -638,9 +635,8 @@ class Soak:
             self.crls_seen.add(crl_number(crls[0]))
 
     async def _watch_crls(self) -> None:
-        """The issuing CA's CRL, looked at twice a real second apart from the once-a-second
-        `openssl verify` rounds (more than a field day apart at full scale): its number
-        counts the re-issues, those signed between two looks too."""
+        """The issuing CA's CRL, looked at twice a real second: its number counts the
+        re-issues, those signed between two looks too."""
         while True:
             await asyncio.to_thread(self._crl_once)
             await asyncio.sleep(CRL_WATCH_S)
